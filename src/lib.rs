@@ -1,0 +1,18 @@
+//! ostp — a small, fast, trustworthy OSTP tunnel.
+//!
+//! Layout (each module's own doc says what it owns):
+//! - [`proto`]   — the sans-IO protocol core: handshake, crypto, packet protection, reliability,
+//!   streams, timers. Bytes and `now` in; datagrams, events and the next timeout out.
+//! - [`tunnel`]  — the data plane: the mio event loops (server and client) that drive the core,
+//!   SOCKS5 / HTTP proxy front end, outbound connections, DNS pool, destination guard.
+//! - [`users`]   — the user table shared by the API and the tunnel, and its durable state file.
+//! - [`api`]     — the Management REST API (tiny_http worker pool, routes, auth).
+//! - [`config`]  — `config.json`: parsing, defaults, validation.
+//! - [`control`] — the channel + waker through which the API and signals reach the event loop.
+//! - [`keys`]    — access keys and tokens: generation, validation, masking, constant-time compare.
+//! - [`share_link`] — `ostp://KEY@HOST:PORT` links.
+//! - [`signals`] — SIGTERM/SIGINT/SIGHUP handling (the one module allowed `unsafe`).
+//! - [`cli`]     — command-line parsing and the top-level commands.
+#![deny(unsafe_code)]
+
+pub mod proto;
