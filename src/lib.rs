@@ -15,4 +15,7 @@
 //! - [`cli`]     — command-line parsing and the top-level commands.
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod keys;
 pub mod proto;
+pub mod share_link;

@@ -1,0 +1,806 @@
+//! `config.json`: the typed server and client configurations, their defaults, and validation
+//! with errors that name the file, the field and what is wrong. Parsing goes through
+//! `serde_json::Value` and a small field walker so that unknown fields and wrong types are
+//! reported with the full field path (`api.bind`, `access_keys[2].limit_bytes`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::keys;
+
+/// Default UDP port of the tunnel.
+pub const DEFAULT_PORT: u16 = 50000;
+/// Default API bind address (loopback: an empty token is allowed only there).
+pub const DEFAULT_API_BIND: &str = "127.0.0.1:9090";
+/// Default local proxy address of the client (SOCKS5 and HTTP on one port).
+pub const DEFAULT_SOCKS5_BIND: &str = "127.0.0.1:1088";
+/// Default total number of tunnel sessions a server accepts.
+pub const DEFAULT_MAX_SESSIONS: u32 = 1024;
+/// Default number of simultaneous sessions per user.
+pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 16;
+/// Most sessions a client may spread its streams over.
+pub const MAX_MUX_SESSIONS: u32 = 16;
+
+/// A configuration problem: which file, which field, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted field path, empty for whole-file problems.
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.problem)
+        } else {
+            write!(
+                f,
+                "{}: field `{}`: {}",
+                self.file.display(),
+                self.field,
+                self.problem
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A whole configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Config {
+    Server(ServerConfig),
+    Client(ClientConfig),
+}
+
+/// One access key declared in `config.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessKeyEntry {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
+}
+
+/// The `api` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    pub token: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: false,
+            bind: DEFAULT_API_BIND.parse().expect("valid default"),
+            token: String::new(),
+        }
+    }
+}
+
+/// A server configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// The file this came from (for messages and SIGHUP reloads).
+    pub path: PathBuf,
+    /// UDP addresses the tunnel listens on.
+    pub listen: Vec<SocketAddr>,
+    pub access_keys: Vec<AccessKeyEntry>,
+    pub api: ApiConfig,
+    /// Host put into share links and client configs; `None` = the API request's `Host`.
+    pub public_host: Option<String>,
+    /// Runtime state (API-created users, counters).
+    pub state_file: PathBuf,
+    pub log_level: log::LevelFilter,
+    /// Let clients reach loopback/private/link-local destinations (off by default).
+    pub allow_private_destinations: bool,
+    pub max_sessions: u32,
+    pub max_sessions_per_user: u32,
+}
+
+impl ServerConfig {
+    /// The tunnel port put into share links: the first listen address's port.
+    pub fn tunnel_port(&self) -> u16 {
+        self.listen
+            .first()
+            .map(|a| a.port())
+            .unwrap_or(DEFAULT_PORT)
+    }
+}
+
+/// `tun` block of a client config (not supported by this build; must stay disabled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TunConfig {
+    pub enable: bool,
+    pub dns: String,
+}
+
+/// `turn` block of a client config (not supported by this build; must stay disabled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TurnConfig {
+    pub enabled: bool,
+}
+
+/// `mux` block: spread streams over several sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MuxConfig {
+    pub enabled: bool,
+    pub sessions: u32,
+}
+
+/// A client configuration — exactly the `data` object of `GET /api/subscribe/{key}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientConfig {
+    pub mode: &'static str,
+    /// `host:port` of the server (name, IPv4 or bracketed IPv6).
+    pub server: String,
+    pub access_key: String,
+    /// Local proxy address (SOCKS5 and HTTP on one port).
+    pub socks5_bind: String,
+    pub tun: TunConfig,
+    pub turn: TurnConfig,
+    pub mux: MuxConfig,
+    pub debug: bool,
+}
+
+impl ClientConfig {
+    /// The client config handed out for `key` on `server` (`host:port`).
+    pub fn for_server(server: String, access_key: String) -> ClientConfig {
+        ClientConfig {
+            mode: "client",
+            server,
+            access_key,
+            socks5_bind: DEFAULT_SOCKS5_BIND.to_string(),
+            tun: TunConfig {
+                enable: false,
+                dns: "1.1.1.1".to_string(),
+            },
+            turn: TurnConfig { enabled: false },
+            mux: MuxConfig {
+                enabled: false,
+                sessions: 1,
+            },
+            debug: false,
+        }
+    }
+
+    /// How many tunnel sessions the client keeps.
+    pub fn session_count(&self) -> u32 {
+        if self.mux.enabled {
+            self.mux.sessions.clamp(1, MAX_MUX_SESSIONS)
+        } else {
+            1
+        }
+    }
+
+    /// Splits `server` into host (without brackets) and port.
+    pub fn server_host_port(&self) -> Option<(String, u16)> {
+        split_host_port(&self.server)
+    }
+}
+
+/// Splits `host:port` / `[v6]:port` into host (without brackets) and a non-zero port.
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        (h, after.strip_prefix(':')?)
+    } else {
+        let (h, p) = s.rsplit_once(':')?;
+        if h.contains(':') {
+            return None; // unbracketed IPv6
+        }
+        (h, p)
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        field: String::new(),
+        problem: format!("cannot read the file: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text; `path` is used for messages and relative paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        field: String::new(),
+        problem: format!("not valid JSON: {e}"),
+    })?;
+    let ctx = Ctx { file: path };
+    let Value::Object(map) = value else {
+        return Err(ctx.err("", "the file must contain a JSON object"));
+    };
+    let mut obj = Obj::new(&ctx, "", map);
+    let mode = obj.req_str("mode")?;
+    match mode.as_str() {
+        "server" => parse_server(&ctx, obj).map(Config::Server),
+        "client" => parse_client(obj).map(Config::Client),
+        other => Err(ctx.err(
+            "mode",
+            &format!("must be \"server\" or \"client\", not {other:?}"),
+        )),
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: &str, problem: &str) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            field: field.to_string(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// A JSON object being consumed field by field; leftovers are "unknown field" errors.
+struct Obj<'a> {
+    ctx: &'a Ctx<'a>,
+    prefix: String,
+    map: Map<String, Value>,
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl<'a> Obj<'a> {
+    fn new(ctx: &'a Ctx<'a>, prefix: &str, map: Map<String, Value>) -> Self {
+        Obj {
+            ctx,
+            prefix: prefix.to_string(),
+            map,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    fn err(&self, name: &str, problem: &str) -> ConfigError {
+        self.ctx.err(&self.path(name), problem)
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.map.remove(name)
+    }
+
+    fn opt_str(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.take(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.err(name, &format!("must be a string, not {}", type_name(&v)))),
+        }
+    }
+
+    fn req_str(&mut self, name: &str) -> Result<String, ConfigError> {
+        self.opt_str(name)?
+            .ok_or_else(|| self.err(name, "is required (a string)"))
+    }
+
+    fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.take(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(v) => Err(self.err(
+                name,
+                &format!("must be true or false, not {}", type_name(&v)),
+            )),
+        }
+    }
+
+    fn opt_u64(&mut self, name: &str) -> Result<Option<u64>, ConfigError> {
+        match self.take(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| self.err(name, &format!("must be a whole number ≥ 0, not {n}"))),
+            Some(v) => Err(self.err(
+                name,
+                &format!("must be a whole number ≥ 0, not {}", type_name(&v)),
+            )),
+        }
+    }
+
+    fn opt_obj(&mut self, name: &str) -> Result<Option<Obj<'a>>, ConfigError> {
+        match self.take(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(Obj::new(self.ctx, &self.path(name), m))),
+            Some(v) => Err(self.err(name, &format!("must be an object, not {}", type_name(&v)))),
+        }
+    }
+
+    /// Fails on the first field nobody consumed.
+    fn finish(self) -> Result<(), ConfigError> {
+        if let Some(name) = self.map.keys().next() {
+            return Err(self.err(
+                name,
+                "unknown field (check the spelling; see config.json.example)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_socket_addr(obj: &Obj, field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        obj.ctx.err(
+            field,
+            &format!(
+                "{s:?} is not an IP address with a port (like \"0.0.0.0:{DEFAULT_PORT}\" or \"[::]:{DEFAULT_PORT}\")"
+            ),
+        )
+    })
+}
+
+fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
+    let listen = match obj.take("listen") {
+        None | Some(Value::Null) => {
+            vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))]
+        }
+        Some(Value::String(s)) => vec![parse_socket_addr(&obj, "listen", &s)?],
+        Some(Value::Array(items)) => {
+            let mut out = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                let field = format!("listen[{i}]");
+                let Value::String(s) = item else {
+                    return Err(ctx.err(
+                        &field,
+                        &format!("must be a string, not {}", type_name(&item)),
+                    ));
+                };
+                let addr = parse_socket_addr(&obj, &field, &s)?;
+                if out.contains(&addr) {
+                    return Err(ctx.err(&field, &format!("{addr} is listed twice")));
+                }
+                out.push(addr);
+            }
+            if out.is_empty() {
+                return Err(ctx.err("listen", "the list is empty; give at least one host:port"));
+            }
+            out
+        }
+        Some(v) => {
+            return Err(ctx.err(
+                "listen",
+                &format!(
+                    "must be a \"host:port\" string or a list of them, not {}",
+                    type_name(&v)
+                ),
+            ));
+        }
+    };
+    if let Some(a) = listen.iter().find(|a| a.port() == 0) {
+        return Err(ctx.err("listen", &format!("{a}: the port must not be 0")));
+    }
+
+    let mut access_keys: Vec<AccessKeyEntry> = Vec::new();
+    match obj.take("access_keys") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.into_iter().enumerate() {
+                let field = format!("access_keys[{i}]");
+                let entry = match item {
+                    Value::String(key) => AccessKeyEntry {
+                        key,
+                        name: None,
+                        limit_bytes: None,
+                    },
+                    Value::Object(m) => {
+                        let mut e = Obj::new(ctx, &field, m);
+                        let key = e.req_str("key")?;
+                        let name = e.opt_str("name")?;
+                        let limit_bytes = e.opt_u64("limit_bytes")?;
+                        e.finish()?;
+                        AccessKeyEntry {
+                            key,
+                            name,
+                            limit_bytes,
+                        }
+                    }
+                    other => {
+                        return Err(ctx.err(
+                            &field,
+                            &format!(
+                                "must be a key string or an object {{\"key\", \"name\", \"limit_bytes\"}}, not {}",
+                                type_name(&other)
+                            ),
+                        ));
+                    }
+                };
+                keys::validate_key(&entry.key).map_err(|e| ctx.err(&field, &e.to_string()))?;
+                if access_keys.iter().any(|k| k.key == entry.key) {
+                    return Err(ctx.err(
+                        &field,
+                        &format!("the key {} is listed twice", keys::mask(&entry.key)),
+                    ));
+                }
+                access_keys.push(entry);
+            }
+        }
+        Some(v) => {
+            return Err(ctx.err(
+                "access_keys",
+                &format!("must be a list, not {}", type_name(&v)),
+            ));
+        }
+    }
+
+    let mut api = ApiConfig::default();
+    if let Some(mut a) = obj.opt_obj("api")? {
+        if let Some(b) = a.opt_bool("enabled")? {
+            api.enabled = b;
+        }
+        if let Some(b) = a.opt_str("bind")? {
+            api.bind = parse_socket_addr(&a, "api.bind", &b)?;
+        }
+        if let Some(t) = a.opt_str("token")? {
+            api.token = t;
+        }
+        a.finish()?;
+    }
+    if api.enabled && api.token.is_empty() && !api.bind.ip().is_loopback() {
+        return Err(ctx.err(
+            "api.token",
+            &format!(
+                "is empty while api.bind is {} (not a loopback address): an open API would let anyone on the \
+                 network manage users. Set a token, or bind the API to 127.0.0.1",
+                api.bind
+            ),
+        ));
+    }
+    let public_host = obj.opt_str("public_host")?.filter(|h| !h.trim().is_empty());
+    if let Some(h) = &public_host {
+        let bare = h.trim_start_matches('[').trim_end_matches(']');
+        if bare.contains(['/', '@', ' ', '?', '#']) || bare.is_empty() {
+            return Err(ctx.err(
+                "public_host",
+                &format!("{h:?} is not a host name or IP address"),
+            ));
+        }
+    }
+
+    let state_file = match obj.opt_str("state_file")? {
+        Some(s) if s.trim().is_empty() => {
+            return Err(ctx.err("state_file", "must not be empty"));
+        }
+        Some(s) => resolve_beside(ctx.file, Path::new(&s)),
+        None => default_state_file(ctx.file),
+    };
+
+    let log_level = match obj.opt_str("log_level")? {
+        None => log::LevelFilter::Info,
+        Some(s) => parse_level(&s).ok_or_else(|| {
+            ctx.err(
+                "log_level",
+                &format!("{s:?} is not one of off, error, warn, info, debug, trace"),
+            )
+        })?,
+    };
+    let allow_private_destinations = obj.opt_bool("allow_private_destinations")?.unwrap_or(false);
+    let max_sessions = bounded_u32(&mut obj, "max_sessions", DEFAULT_MAX_SESSIONS, 1, 1_000_000)?;
+    let max_sessions_per_user = bounded_u32(
+        &mut obj,
+        "max_sessions_per_user",
+        DEFAULT_MAX_SESSIONS_PER_USER,
+        1,
+        10_000,
+    )?;
+    obj.finish()?;
+    Ok(ServerConfig {
+        path: ctx.file.to_path_buf(),
+        listen,
+        access_keys,
+        api,
+        public_host,
+        state_file,
+        log_level,
+        allow_private_destinations,
+        max_sessions,
+        max_sessions_per_user,
+    })
+}
+
+fn bounded_u32(
+    obj: &mut Obj,
+    name: &str,
+    default: u32,
+    min: u32,
+    max: u32,
+) -> Result<u32, ConfigError> {
+    match obj.opt_u64(name)? {
+        None => Ok(default),
+        Some(v) if v >= u64::from(min) && v <= u64::from(max) => Ok(v as u32),
+        Some(v) => Err(obj.err(name, &format!("{v} is out of range {min}..={max}"))),
+    }
+}
+
+fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
+    let server = obj.req_str("server")?;
+    if split_host_port(&server).is_none() {
+        return Err(obj.err(
+            "server",
+            &format!("{server:?} is not host:port (like \"example.com:{DEFAULT_PORT}\" or \"[2001:db8::1]:{DEFAULT_PORT}\")"),
+        ));
+    }
+    let access_key = obj.req_str("access_key")?;
+    keys::validate_key(&access_key).map_err(|e| obj.err("access_key", &e.to_string()))?;
+    let socks5_bind = obj
+        .opt_str("socks5_bind")?
+        .unwrap_or_else(|| DEFAULT_SOCKS5_BIND.to_string());
+    parse_socket_addr(&obj, "socks5_bind", &socks5_bind)?;
+
+    let mut cfg = ClientConfig::for_server(server, access_key);
+    cfg.socks5_bind = socks5_bind;
+    if let Some(mut t) = obj.opt_obj("tun")? {
+        if let Some(b) = t.opt_bool("enable")? {
+            cfg.tun.enable = b;
+        }
+        if let Some(d) = t.opt_str("dns")? {
+            cfg.tun.dns = d;
+        }
+        t.finish()?;
+    }
+    if let Some(mut t) = obj.opt_obj("turn")? {
+        if let Some(b) = t.opt_bool("enabled")? {
+            cfg.turn.enabled = b;
+        }
+        t.finish()?;
+    }
+    if let Some(mut m) = obj.opt_obj("mux")? {
+        if let Some(b) = m.opt_bool("enabled")? {
+            cfg.mux.enabled = b;
+        }
+        cfg.mux.sessions = bounded_u32(&mut m, "sessions", 1, 1, MAX_MUX_SESSIONS)?;
+        m.finish()?;
+    }
+    if let Some(d) = obj.opt_bool("debug")? {
+        cfg.debug = d;
+    }
+    obj.finish()?;
+    Ok(cfg)
+}
+
+/// Parses a log level name (case-insensitive).
+pub fn parse_level(s: &str) -> Option<log::LevelFilter> {
+    s.trim().parse().ok()
+}
+
+/// `rel` interpreted relative to the directory of `config` (absolute paths are kept).
+fn resolve_beside(config: &Path, rel: &Path) -> PathBuf {
+    if rel.is_absolute() {
+        return rel.to_path_buf();
+    }
+    match config.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(rel),
+        _ => rel.to_path_buf(),
+    }
+}
+
+/// The default state file: `<config stem>.state.json` beside the config file.
+pub fn default_state_file(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "config".to_string());
+    resolve_beside(config, Path::new(&format!("{stem}.state.json")))
+}
+
+/// A fresh server config as JSON text (for `--init server` and the first run).
+pub fn server_template(access_key: &str, api_token: &str) -> String {
+    let v = serde_json::json!({
+        "mode": "server",
+        "listen": format!("0.0.0.0:{DEFAULT_PORT}"),
+        "access_keys": [access_key],
+        "api": { "enabled": true, "bind": DEFAULT_API_BIND, "token": api_token },
+        "public_host": "",
+        "log_level": "info",
+        "allow_private_destinations": false,
+        "max_sessions": DEFAULT_MAX_SESSIONS,
+        "max_sessions_per_user": DEFAULT_MAX_SESSIONS_PER_USER
+    });
+    let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// A client config as JSON text (for `--init client`).
+pub fn client_template(server: &str, access_key: &str) -> String {
+    let cfg = ClientConfig::for_server(server.to_string(), access_key.to_string());
+    let mut s = serde_json::to_string_pretty(&cfg).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "c8a6fde902b4e23910cde882b7cf1612";
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/ostp/config.json"), text)
+    }
+
+    fn server(text: &str) -> ServerConfig {
+        match p(text).unwrap() {
+            Config::Server(s) => s,
+            Config::Client(_) => panic!("expected server"),
+        }
+    }
+
+    #[test]
+    fn spec_example_parses_with_defaults() {
+        let s = server(&format!(
+            r#"{{ "mode": "server", "listen": "0.0.0.0:50000", "access_keys": ["{KEY}"], "api": {{ "enabled": true, "bind": "127.0.0.1:9090", "token": "your-secret-api-token" }} }}"#
+        ));
+        assert_eq!(s.listen, vec!["0.0.0.0:50000".parse().unwrap()]);
+        assert_eq!(s.access_keys[0].key, KEY);
+        assert!(s.api.enabled);
+        assert_eq!(s.api.token, "your-secret-api-token");
+        assert_eq!(s.state_file, PathBuf::from("/etc/ostp/config.state.json"));
+        assert_eq!(s.log_level, log::LevelFilter::Info);
+        assert!(!s.allow_private_destinations);
+        assert_eq!(s.tunnel_port(), 50000);
+    }
+
+    #[test]
+    fn listen_list_and_key_objects() {
+        let s = server(&format!(
+            r#"{{ "mode": "server", "listen": ["0.0.0.0:5000", "[::]:5000"],
+                 "access_keys": [{{"key": "{KEY}", "name": "alice", "limit_bytes": 1000}}],
+                 "state_file": "state/s.json", "public_host": "vpn.example.com", "log_level": "DEBUG" }}"#
+        ));
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(s.access_keys[0].name.as_deref(), Some("alice"));
+        assert_eq!(s.access_keys[0].limit_bytes, Some(1000));
+        assert_eq!(s.state_file, PathBuf::from("/etc/ostp/state/s.json"));
+        assert_eq!(s.public_host.as_deref(), Some("vpn.example.com"));
+        assert_eq!(s.log_level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let e = p(r#"{"mode": "server", "lisen": "0.0.0.0:1"}"#).unwrap_err();
+        assert_eq!(e.field, "lisen");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/ostp/config.json: field `lisen`: unknown field")
+        );
+
+        let e = p(r#"{"mode": "server", "api": {"bind": "nowhere"}}"#).unwrap_err();
+        assert_eq!(e.field, "api.bind");
+
+        let e = p(r#"{"mode": "server", "api": {"enabled": "yes"}}"#).unwrap_err();
+        assert_eq!(e.field, "api.enabled");
+        assert!(e.problem.contains("true or false"));
+
+        let e = p(r#"{"mode": "server", "access_keys": ["short"]}"#).unwrap_err();
+        assert_eq!(e.field, "access_keys[0]");
+
+        let e = p(&format!(
+            r#"{{"mode": "server", "access_keys": [{{"key": "{KEY}", "limit_bytes": -1}}]}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "access_keys[0].limit_bytes");
+
+        let e = p(&format!(
+            r#"{{"mode": "server", "access_keys": ["{KEY}", "{KEY}"]}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "access_keys[1]");
+        assert!(
+            !e.to_string().contains(KEY),
+            "full key must not appear in messages"
+        );
+
+        let e = p(r#"{"mode": "relay"}"#).unwrap_err();
+        assert_eq!(e.field, "mode");
+        let e = p(r#"[1]"#).unwrap_err();
+        assert_eq!(e.field, "");
+        let e = p(r#"{"mode": "server""#).unwrap_err();
+        assert!(e.problem.contains("not valid JSON"));
+    }
+
+    #[test]
+    fn open_api_only_on_loopback() {
+        assert!(
+            p(r#"{"mode": "server", "api": {"enabled": true, "bind": "127.0.0.1:9090"}}"#).is_ok()
+        );
+        assert!(p(r#"{"mode": "server", "api": {"enabled": true, "bind": "[::1]:9090"}}"#).is_ok());
+        let e = p(r#"{"mode": "server", "api": {"enabled": true, "bind": "0.0.0.0:9090"}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "api.token");
+        assert!(p(r#"{"mode": "server", "api": {"enabled": true, "bind": "0.0.0.0:9090", "token": "x"}}"#).is_ok());
+    }
+
+    #[test]
+    fn client_config_round_trips_through_the_subscribe_shape() {
+        let cfg = ClientConfig::for_server("example.com:50000".into(), KEY.into());
+        let text = serde_json::to_string(&cfg).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let expected = serde_json::json!({
+            "mode": "client",
+            "server": "example.com:50000",
+            "access_key": KEY,
+            "socks5_bind": "127.0.0.1:1088",
+            "tun": {"enable": false, "dns": "1.1.1.1"},
+            "turn": {"enabled": false},
+            "mux": {"enabled": false, "sessions": 1},
+            "debug": false
+        });
+        assert_eq!(v, expected);
+        match p(&text).unwrap() {
+            Config::Client(c) => assert_eq!(c, cfg),
+            Config::Server(_) => panic!("expected client"),
+        }
+        let e = p(&format!(
+            r#"{{"mode":"client","server":"h:1","access_key":"{KEY}","extra":1}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "extra");
+        let e = p(&format!(
+            r#"{{"mode":"client","server":"h","access_key":"{KEY}"}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "server");
+        let e = p(&format!(
+            r#"{{"mode":"client","server":"h:1","access_key":"{KEY}","mux":{{"sessions":99}}}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "mux.sessions");
+    }
+
+    #[test]
+    fn templates_parse() {
+        let s = server(&server_template(KEY, "tok"));
+        assert!(s.api.enabled);
+        assert_eq!(s.public_host, None);
+        assert!(matches!(
+            p(&client_template("[::1]:5", KEY)).unwrap(),
+            Config::Client(_)
+        ));
+    }
+
+    #[test]
+    fn host_port_splitting() {
+        assert_eq!(split_host_port("a.b:1"), Some(("a.b".into(), 1)));
+        assert_eq!(split_host_port("[::1]:443"), Some(("::1".into(), 443)));
+        assert_eq!(split_host_port("::1:443"), None);
+        assert_eq!(split_host_port("a:0"), None);
+        assert_eq!(split_host_port(":5"), None);
+    }
+}
