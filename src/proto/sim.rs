@@ -419,7 +419,10 @@ mod tests {
         assert!(link.send(t0, &[0; 1000]));
         assert!(!link.send(t0, &[0; 1000]), "queue full");
         assert_eq!(link.stats().dropped_queue, 1);
-        assert_eq!(link.next_event_time(), Some(t0 + Duration::from_micros(1000)));
+        assert_eq!(
+            link.next_event_time(),
+            Some(t0 + Duration::from_micros(1000))
+        );
         let last = t0 + Duration::from_micros(3000);
         let mut n = 0;
         while link.recv(last).is_some() {
@@ -445,6 +448,9 @@ mod tests {
         let s = link.stats().clone();
         assert!((400..600).contains(&s.dropped_random), "{s:?}");
         assert!(s.duplicated > 100);
-        assert_eq!(link.in_transit() as u64, 1000 - s.dropped_random + s.duplicated);
+        assert_eq!(
+            link.in_transit() as u64,
+            1000 - s.dropped_random + s.duplicated
+        );
     }
 }
