@@ -1,0 +1,394 @@
+//! Data packet protection: rotating lookup tokens, hidden packet numbers, AEAD, padding.
+//!
+//! Wire layout of a data packet (all bytes look random):
+//! ```text
+//! 0..8        token  = 8 bytes of PRF(token_key[dir], pn)   (identifies session and pn)
+//! 8..n-16     ChaCha20-Poly1305(key[dir][pn >> 32], nonce = pn LE || 0^4, aad = token)
+//!             of: transport frames || 0x00 padding
+//! n-16..n     Poly1305 tag
+//! ```
+//! The packet number is never written: the receiver precomputes the tokens of a window of
+//! expected packet numbers ([`TokenWindow`]) and finds session and pn with one hash lookup.
+
+use super::crypto::{
+    AeadError, Key32, PacketAead, TAG_LEN, generation_of, label, prf_labeled, token_block,
+};
+use super::rng::Drbg;
+
+/// Bytes of the lookup token at the start of every data packet.
+pub const TOKEN_LEN: usize = 8;
+/// Bytes a data packet adds around the transport payload (token + tag).
+pub const DATA_OVERHEAD: usize = TOKEN_LEN + TAG_LEN;
+/// Smallest valid data packet: token, one payload byte, tag.
+pub const MIN_DATA_PACKET: usize = DATA_OVERHEAD + 1;
+/// A session is closed before its packet numbers reach this value.
+pub const MAX_PACKET_NUMBER: u64 = 1 << 62;
+
+/// Which way a packet travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server.
+    ClientToServer,
+    /// Server to client.
+    ServerToClient,
+}
+
+impl Direction {
+    fn key_label(self) -> &'static [u8; 8] {
+        match self {
+            Direction::ClientToServer => label::C2S_KEY,
+            Direction::ServerToClient => label::S2C_KEY,
+        }
+    }
+
+    fn token_label(self) -> &'static [u8; 8] {
+        match self {
+            Direction::ClientToServer => label::C2S_TOKEN,
+            Direction::ServerToClient => label::S2C_TOKEN,
+        }
+    }
+}
+
+/// How transport payloads are padded before encryption.
+///
+/// Padded length = `round_up(len, bucket) + uniform(0..=random_max)`, capped at the MTU budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PaddingPolicy {
+    /// Round payload lengths up to a multiple of this (1 = no rounding).
+    pub bucket: u16,
+    /// Add up to this many random extra bytes.
+    pub random_max: u16,
+}
+
+impl PaddingPolicy {
+    /// No padding at all: payload sizes are visible exactly.
+    pub const OFF: PaddingPolicy = PaddingPolicy {
+        bucket: 1,
+        random_max: 0,
+    };
+
+    /// Padded plaintext length for a payload of `len` bytes, at most `cap`.
+    pub fn padded_len(&self, len: usize, cap: usize, rng: &mut Drbg) -> usize {
+        let bucket = usize::from(self.bucket.max(1));
+        let mut padded = len.div_ceil(bucket) * bucket;
+        if self.random_max > 0 {
+            padded += rng.up_to(u32::from(self.random_max)) as usize;
+        }
+        padded.clamp(len, cap.max(len))
+    }
+}
+
+impl Default for PaddingPolicy {
+    fn default() -> Self {
+        PaddingPolicy {
+            bucket: 32,
+            random_max: 48,
+        }
+    }
+}
+
+/// Per-direction key material derived from the session secret.
+struct DirectionKeys {
+    key_base: Key32,
+    direction: Direction,
+    generation: u32,
+    aead: PacketAead,
+    token_key: Key32,
+}
+
+impl DirectionKeys {
+    fn new(secret: &Key32, direction: Direction) -> Self {
+        DirectionKeys {
+            key_base: *secret,
+            direction,
+            generation: 0,
+            aead: PacketAead::new(&prf_labeled(secret, direction.key_label(), 0)),
+            token_key: prf_labeled(secret, direction.token_label(), 0),
+        }
+    }
+
+    /// The AEAD for `pn`'s key generation (implicit re-key every 2^32 packets).
+    fn aead_for(&mut self, pn: u64) -> &PacketAead {
+        let generation = generation_of(pn);
+        if generation != self.generation {
+            let key = prf_labeled(
+                &self.key_base,
+                self.direction.key_label(),
+                u64::from(generation),
+            );
+            self.aead = PacketAead::new(&key);
+            self.generation = generation;
+        }
+        &self.aead
+    }
+}
+
+/// Caches one ChaCha20 block of tokens (eight consecutive packet numbers).
+struct TokenCache {
+    key: Key32,
+    /// `pn / 8` of the cached block, `u64::MAX` when empty.
+    block_id: u64,
+    tokens: [u64; 8],
+}
+
+impl TokenCache {
+    fn new(key: Key32) -> Self {
+        TokenCache {
+            key,
+            block_id: u64::MAX,
+            tokens: [0; 8],
+        }
+    }
+
+    fn token(&mut self, pn: u64) -> u64 {
+        let id = pn / 8;
+        if id != self.block_id {
+            self.tokens = token_block(&self.key, generation_of(pn), (pn as u32) / 8);
+            self.block_id = id;
+        }
+        self.tokens[(pn % 8) as usize]
+    }
+}
+
+/// Protects outgoing packets of one direction.
+pub struct Sealer {
+    keys: DirectionKeys,
+    tokens: TokenCache,
+}
+
+impl Sealer {
+    /// Sender state for `direction` from the session secret.
+    pub fn new(secret: &Key32, direction: Direction) -> Self {
+        let keys = DirectionKeys::new(secret, direction);
+        let tokens = TokenCache::new(keys.token_key);
+        Sealer { keys, tokens }
+    }
+
+    /// Seals in place: `packet[TOKEN_LEN..TOKEN_LEN + plaintext_len]` holds the padded plaintext;
+    /// writes token and tag around it and returns the datagram length.
+    /// Returns `None` if the buffer is too small.
+    pub fn seal(&mut self, pn: u64, packet: &mut [u8], plaintext_len: usize) -> Option<usize> {
+        let total = plaintext_len.checked_add(DATA_OVERHEAD)?;
+        if packet.len() < total {
+            return None;
+        }
+        let token = self.tokens.token(pn).to_le_bytes();
+        let (head, rest) = packet.split_at_mut(TOKEN_LEN);
+        head.copy_from_slice(&token);
+        let (body, tail) = rest.split_at_mut(plaintext_len);
+        let tag = self.keys.aead_for(pn).seal(pn, &token, body);
+        tail[..TAG_LEN].copy_from_slice(&tag);
+        Some(total)
+    }
+}
+
+/// Opens incoming packets of one direction (the pn comes from the token lookup).
+pub struct Opener {
+    keys: DirectionKeys,
+}
+
+impl Opener {
+    /// Receiver state for `direction` from the session secret.
+    pub fn new(secret: &Key32, direction: Direction) -> Self {
+        Opener {
+            keys: DirectionKeys::new(secret, direction),
+        }
+    }
+
+    /// The token key (for building the receive [`TokenWindow`]).
+    pub fn token_key(&self) -> &Key32 {
+        &self.keys.token_key
+    }
+
+    /// Decrypts `packet` in place; on success returns the plaintext range `TOKEN_LEN..len-16`.
+    pub fn open(
+        &mut self,
+        pn: u64,
+        packet: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, AeadError> {
+        if packet.len() < MIN_DATA_PACKET {
+            return Err(AeadError);
+        }
+        let end = packet.len() - TAG_LEN;
+        let (head, rest) = packet.split_at_mut(TOKEN_LEN);
+        let (body, tag) = rest.split_at_mut(end - TOKEN_LEN);
+        let mut tag_bytes = [0u8; TAG_LEN];
+        tag_bytes.copy_from_slice(tag);
+        self.keys.aead_for(pn).open(pn, head, body, &tag_bytes)?;
+        Ok(TOKEN_LEN..end)
+    }
+}
+
+/// Where a [`TokenWindow`] registers the tokens it expects (the server's global session table,
+/// or the client's own small map).
+pub trait TokenSink {
+    /// Start accepting `token` as packet number `pn` of this session.
+    fn insert_token(&mut self, token: u64, pn: u64);
+    /// Stop accepting `token` (it was used, or slid out of the window).
+    fn remove_token(&mut self, token: u64, pn: u64);
+}
+
+/// The set of packet numbers a receiver currently accepts, with their precomputed tokens.
+///
+/// Covers `base .. base + size`, where `base = highest_received + 1 - behind` (clamped at 0):
+/// `behind` slots for reordered packets, `size - behind` slots of look-ahead for losses.
+pub struct TokenWindow {
+    cache: TokenCache,
+    ring: Box<[u64]>,
+    /// Bit per ring slot: token still registered (not yet received).
+    live: Box<[u64]>,
+    base: u64,
+    behind: u64,
+}
+
+impl TokenWindow {
+    /// Creates the window `0..size` and registers its tokens with `sink`.
+    pub fn new(token_key: Key32, size: usize, behind: usize, sink: &mut impl TokenSink) -> Self {
+        let size = size.max(16).next_power_of_two();
+        let behind = (behind as u64).min(size as u64 / 2);
+        let mut w = TokenWindow {
+            cache: TokenCache::new(token_key),
+            ring: vec![0; size].into_boxed_slice(),
+            live: vec![0; size.div_ceil(64)].into_boxed_slice(),
+            base: 0,
+            behind,
+        };
+        for pn in 0..size as u64 {
+            w.add(pn, sink);
+        }
+        w
+    }
+
+    fn size(&self) -> u64 {
+        self.ring.len() as u64
+    }
+
+    fn slot(&self, pn: u64) -> (usize, usize, u64) {
+        let i = (pn % self.size()) as usize;
+        (i, i / 64, 1u64 << (i % 64))
+    }
+
+    fn add(&mut self, pn: u64, sink: &mut impl TokenSink) {
+        let token = self.cache.token(pn);
+        let (i, w, m) = self.slot(pn);
+        self.ring[i] = token;
+        self.live[w] |= m;
+        sink.insert_token(token, pn);
+    }
+
+    fn drop_slot(&mut self, pn: u64, sink: &mut impl TokenSink) {
+        let (i, w, m) = self.slot(pn);
+        if self.live[w] & m != 0 {
+            self.live[w] &= !m;
+            sink.remove_token(self.ring[i], pn);
+        }
+    }
+
+    /// Lowest packet number still accepted.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Records that `pn` authenticated: unregisters its token (so a replay misses) and slides the
+    /// window forward if `pn` is the new highest.
+    pub fn received(&mut self, pn: u64, sink: &mut impl TokenSink) {
+        if pn < self.base || pn >= self.base + self.size() {
+            return;
+        }
+        self.drop_slot(pn, sink);
+        let new_base = (pn + 1).saturating_sub(self.behind);
+        if new_base <= self.base {
+            return;
+        }
+        let old_end = self.base + self.size();
+        let drop_to = new_base.min(old_end);
+        for old in self.base..drop_to {
+            self.drop_slot(old, sink);
+        }
+        let new_end = new_base + self.size();
+        let add_from = old_end.max(new_base);
+        self.base = new_base;
+        for fresh in add_from..new_end {
+            self.add(fresh, sink);
+        }
+    }
+
+    /// Unregisters every live token (session teardown).
+    pub fn clear(&mut self, sink: &mut impl TokenSink) {
+        for pn in self.base..self.base + self.size() {
+            self.drop_slot(pn, sink);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct MapSink(HashMap<u64, u64>);
+    impl TokenSink for MapSink {
+        fn insert_token(&mut self, token: u64, pn: u64) {
+            self.0.insert(token, pn);
+        }
+        fn remove_token(&mut self, token: u64, pn: u64) {
+            if self.0.get(&token) == Some(&pn) {
+                self.0.remove(&token);
+            }
+        }
+    }
+
+    #[test]
+    fn seal_then_lookup_then_open() {
+        let secret = [5u8; 32];
+        let mut tx = Sealer::new(&secret, Direction::ClientToServer);
+        let mut rx = Opener::new(&secret, Direction::ClientToServer);
+        let mut sink = MapSink::default();
+        let mut window = TokenWindow::new(*rx.token_key(), 64, 16, &mut sink);
+        for pn in [0u64, 1, 2, 7, 5, 40] {
+            let mut buf = [0u8; 100];
+            buf[TOKEN_LEN..TOKEN_LEN + 10].copy_from_slice(b"0123456789");
+            let n = tx.seal(pn, &mut buf, 10).unwrap();
+            let token = u64::from_le_bytes(buf[..8].try_into().unwrap());
+            let found = *sink.0.get(&token).expect("token registered");
+            assert_eq!(found, pn);
+            let range = rx.open(found, &mut buf[..n]).unwrap();
+            assert_eq!(&buf[range], b"0123456789");
+            window.received(found, &mut sink);
+            assert!(!sink.0.contains_key(&token), "used token must be gone");
+        }
+        // window slid: base = 41 - 16
+        assert_eq!(window.base(), 25);
+        assert_eq!(sink.0.len(), 63, "25..89 registered except the received 40");
+    }
+
+    #[test]
+    fn window_never_exceeds_its_size_and_jumps_reset() {
+        let mut sink = MapSink::default();
+        let mut window = TokenWindow::new([1; 32], 32, 8, &mut sink);
+        assert_eq!(sink.0.len(), 32);
+        window.received(31, &mut sink);
+        assert!(sink.0.len() <= 32);
+        window.received(31 + 30, &mut sink);
+        assert!(sink.0.len() <= 32);
+        window.clear(&mut sink);
+        assert!(sink.0.is_empty());
+    }
+
+    #[test]
+    fn padding_policy_bounds() {
+        let mut rng = Drbg::new([0; 32]);
+        let p = PaddingPolicy {
+            bucket: 32,
+            random_max: 10,
+        };
+        for len in [0usize, 1, 31, 32, 33, 1000] {
+            let padded = p.padded_len(len, 1100, &mut rng);
+            assert!(padded >= len && padded <= 1100);
+            assert!(padded >= len.div_ceil(32) * 32 || padded == 1100);
+        }
+        assert_eq!(PaddingPolicy::OFF.padded_len(17, 100, &mut rng), 17);
+        assert_eq!(p.padded_len(1099, 1100, &mut rng), 1100);
+    }
+}
