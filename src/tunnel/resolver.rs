@@ -1,0 +1,420 @@
+//! A small DNS resolver pool for the event loop: a few threads calling the system resolver
+//! (`std::net::ToSocketAddrs`, i.e. `getaddrinfo`), fed through a bounded queue, reporting back
+//! through a bounded channel plus a `mio::Waker` so the loop wakes up to collect results.
+//!
+//! - [`Resolver::lookup`] never blocks: IP literals are answered immediately (fast path, no thread
+//!   involved); a full queue is an immediate [`SubmitError::QueueFull`].
+//! - Each request carries a caller token (`u64`) returned with its [`Resolved`] result.
+//! - There is no per-request timeout here: `getaddrinfo` cannot be cancelled. The caller keeps its
+//!   own deadline per token and ignores late results.
+//! - Memory is bounded: at most `queue_capacity` queued requests, one in flight per thread, and
+//!   `queue_capacity + threads` undelivered results (workers wait when the loop does not drain).
+//! - [`Resolver::shutdown`] (also run on drop) closes the queue and joins the threads; a thread
+//!   stuck in `getaddrinfo` delays it by at most the system resolver's own timeout.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use mio::Waker;
+
+use super::target::MAX_DOMAIN_LEN;
+
+/// Most addresses kept from one lookup.
+pub const MAX_ADDRESSES: usize = 16;
+
+/// Why a lookup produced no addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolveError {
+    /// The name does not exist or has no addresses.
+    NotFound,
+    /// The resolver failed (temporary failure, no network, invalid name…); the text says why.
+    Failed(String),
+}
+
+impl fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("name not found"),
+            Self::Failed(why) => write!(f, "resolution failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ResolveError {}
+
+/// Why a lookup could not be submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The request queue is full; refuse the client (or retry later).
+    QueueFull,
+    /// The pool has been shut down.
+    ShutDown,
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::QueueFull => "resolver queue full",
+            Self::ShutDown => "resolver shut down",
+        })
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// The outcome of a pooled lookup, tagged with the caller's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The token given to [`Resolver::lookup`].
+    pub token: u64,
+    /// Addresses in system-resolver order (at most [`MAX_ADDRESSES`]), or why there are none.
+    pub result: Result<Vec<SocketAddr>, ResolveError>,
+}
+
+/// What [`Resolver::lookup`] did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The host was an IP literal: here is the address, nothing was queued.
+    Ready(SocketAddr),
+    /// Queued; a [`Resolved`] with the same token will arrive via [`Resolver::try_recv`].
+    Pending,
+}
+
+struct Job {
+    token: u64,
+    host: String,
+    port: u16,
+}
+
+/// The resolver pool. Owned by the event loop thread.
+pub struct Resolver {
+    jobs: Option<SyncSender<Job>>,
+    results: Receiver<Resolved>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolver")
+            .field("threads", &self.threads.len())
+            .field("open", &self.jobs.is_some())
+            .finish()
+    }
+}
+
+impl Resolver {
+    /// Starts `threads` workers (clamped to 1..=16) with a queue of `queue_capacity` requests
+    /// (at least 1). `waker` is woken after every result is posted.
+    pub fn new(threads: usize, queue_capacity: usize, waker: Arc<Waker>) -> io::Result<Self> {
+        let threads = threads.clamp(1, 16);
+        let queue_capacity = queue_capacity.max(1);
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(queue_capacity);
+        let (result_tx, results) = mpsc::sync_channel::<Resolved>(queue_capacity + threads);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let job_rx = Arc::clone(&job_rx);
+            let result_tx = result_tx.clone();
+            let waker = Arc::clone(&waker);
+            let worker_stop = Arc::clone(&stop);
+            let spawned = std::thread::Builder::new()
+                .name(format!("ostp-dns-{i}"))
+                .stack_size(128 * 1024)
+                .spawn(move || worker(&job_rx, &result_tx, &waker, &worker_stop));
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    drop(job_tx);
+                    for handle in handles {
+                        let _ = handle.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self {
+            jobs: Some(job_tx),
+            results,
+            threads: handles,
+            stop,
+        })
+    }
+
+    /// Resolves `host:port`. IP literals (bare or bracketed IPv6) are answered at once; names are
+    /// queued for the pool. Never blocks.
+    pub fn lookup(&self, token: u64, host: &str, port: u16) -> Result<Lookup, SubmitError> {
+        if let Some(ip) = ip_literal(host) {
+            return Ok(Lookup::Ready(SocketAddr::new(ip, port)));
+        }
+        let jobs = self.jobs.as_ref().ok_or(SubmitError::ShutDown)?;
+        let job = Job {
+            token,
+            host: host.to_owned(),
+            port,
+        };
+        match jobs.try_send(job) {
+            Ok(()) => Ok(Lookup::Pending),
+            Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::ShutDown),
+        }
+    }
+
+    /// Takes one finished lookup, if any. Call until `None` after the waker fires.
+    pub fn try_recv(&self) -> Option<Resolved> {
+        self.results.try_recv().ok()
+    }
+
+    /// Stops accepting requests, lets the workers finish their current lookup (queued ones are
+    /// skipped), and joins them. Undelivered results are discarded.
+    pub fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.jobs = None;
+        // Unblock workers waiting for room in the result channel.
+        while self.results.try_recv().is_ok() {}
+        for handle in self.threads.drain(..) {
+            // Keep draining so no worker waits forever on a full result channel.
+            while !handle.is_finished() {
+                while self.results.try_recv().is_ok() {}
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn ip_literal(host: &str) -> Option<IpAddr> {
+    let inner = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    inner.parse().ok()
+}
+
+fn worker(
+    jobs: &Mutex<Receiver<Job>>,
+    results: &SyncSender<Resolved>,
+    waker: &Waker,
+    stop: &AtomicBool,
+) {
+    loop {
+        let job = {
+            let Ok(guard) = jobs.lock() else { return };
+            match guard.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        if stop.load(Ordering::Relaxed) {
+            return; // Shutting down: skip the queued remainder.
+        }
+        let result = resolve_blocking(&job.host, job.port);
+        if results
+            .send(Resolved {
+                token: job.token,
+                result,
+            })
+            .is_err()
+        {
+            return;
+        }
+        if let Err(e) = waker.wake() {
+            log::warn!("resolver: waking the event loop failed: {e}");
+        }
+    }
+}
+
+/// One blocking lookup through the system resolver.
+pub fn resolve_blocking(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+    if host.is_empty() || host.len() > MAX_DOMAIN_LEN || host.contains('\0') {
+        return Err(ResolveError::NotFound);
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(addrs) => {
+            let mut out: Vec<SocketAddr> = Vec::new();
+            for addr in addrs {
+                if !out.contains(&addr) {
+                    out.push(addr);
+                }
+                if out.len() == MAX_ADDRESSES {
+                    break;
+                }
+            }
+            if out.is_empty() {
+                Err(ResolveError::NotFound)
+            } else {
+                Ok(out)
+            }
+        }
+        Err(e) => Err(classify_error(&e)),
+    }
+}
+
+/// std only exposes `gai_strerror` text; map the "no such name" family to `NotFound`.
+fn classify_error(e: &io::Error) -> ResolveError {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    let not_found = [
+        "not known",             // glibc EAI_NONAME "Name or service not known"
+        "no address associated", // glibc EAI_NODATA
+        "does not resolve",      // musl EAI_NONAME "Name does not resolve"
+        "nodename nor servname", // BSD / macOS
+        "no such host",
+    ];
+    if not_found.iter().any(|needle| lower.contains(needle)) {
+        ResolveError::NotFound
+    } else {
+        ResolveError::Failed(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Events, Poll, Token};
+    use std::time::{Duration, Instant};
+
+    const WAKE: Token = Token(7);
+
+    fn pool(threads: usize, capacity: usize) -> (Poll, Resolver) {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
+        (poll, Resolver::new(threads, capacity, waker).unwrap())
+    }
+
+    /// Polls until `count` results arrived (each preceded by a waker event), or panics after 20 s.
+    fn collect(poll: &mut Poll, resolver: &Resolver, count: usize) -> Vec<Resolved> {
+        let mut events = Events::with_capacity(8);
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.len() < count {
+            assert!(Instant::now() < deadline, "timed out waiting for results");
+            poll.poll(&mut events, Some(Duration::from_millis(200)))
+                .unwrap();
+            if events.iter().any(|e| e.token() == WAKE) {
+                while let Some(r) = resolver.try_recv() {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn ip_literals_take_the_fast_path() {
+        let (_poll, resolver) = pool(1, 1);
+        assert_eq!(
+            resolver.lookup(1, "127.0.0.1", 80),
+            Ok(Lookup::Ready("127.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            resolver.lookup(2, "[::1]", 443),
+            Ok(Lookup::Ready("[::1]:443".parse().unwrap()))
+        );
+        assert_eq!(
+            resolver.lookup(3, "2001:db8::1", 1),
+            Ok(Lookup::Ready("[2001:db8::1]:1".parse().unwrap()))
+        );
+        assert_eq!(resolver.try_recv(), None);
+    }
+
+    #[test]
+    fn localhost_resolves_and_waker_fires() {
+        let (mut poll, resolver) = pool(2, 4);
+        assert_eq!(resolver.lookup(42, "localhost", 8080), Ok(Lookup::Pending));
+        let results = collect(&mut poll, &resolver, 1);
+        assert_eq!(results[0].token, 42);
+        let addrs = results[0].result.clone().expect("localhost resolves");
+        assert!(!addrs.is_empty());
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 8080),
+            "{addrs:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_names_error() {
+        let (mut poll, resolver) = pool(2, 4);
+        // `.invalid` is reserved (RFC 2606) and never resolves.
+        resolver.lookup(1, "no-such-host.invalid", 80).unwrap();
+        resolver.lookup(2, "bad..name", 80).unwrap();
+        let mut results = collect(&mut poll, &resolver, 2);
+        results.sort_by_key(|r| r.token);
+        assert_eq!(results[0].token, 1);
+        assert_eq!(results[1].token, 2);
+        for r in &results {
+            assert!(r.result.is_err(), "{r:?}");
+        }
+        assert_eq!(resolve_blocking("", 80), Err(ResolveError::NotFound));
+        assert_eq!(resolve_blocking("a\0b", 80), Err(ResolveError::NotFound));
+        assert_eq!(
+            resolve_blocking(&"a".repeat(MAX_DOMAIN_LEN + 1), 80),
+            Err(ResolveError::NotFound)
+        );
+    }
+
+    #[test]
+    fn full_queue_is_refused_immediately_and_shutdown_joins() {
+        let (mut poll, mut resolver) = pool(1, 2);
+        let started = Instant::now();
+        let mut accepted = 0;
+        let mut refused = 0;
+        for token in 0..50 {
+            match resolver.lookup(token, "localhost", 1) {
+                Ok(Lookup::Pending) => accepted += 1,
+                Err(SubmitError::QueueFull) => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "lookup must not block"
+        );
+        assert!(
+            refused > 0,
+            "a 2-slot queue cannot take 50 requests at once"
+        );
+        assert!(accepted >= 2);
+        let results = collect(&mut poll, &resolver, accepted);
+        assert_eq!(results.len(), accepted);
+        resolver.shutdown();
+        assert!(resolver.threads.is_empty());
+        assert_eq!(
+            resolver.lookup(9, "localhost", 1),
+            Err(SubmitError::ShutDown)
+        );
+        // Literals still work after shutdown (no thread needed).
+        assert!(matches!(
+            resolver.lookup(9, "1.2.3.4", 1),
+            Ok(Lookup::Ready(_))
+        ));
+    }
+
+    #[test]
+    fn error_text_classification() {
+        let nf =
+            io::Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(classify_error(&nf), ResolveError::NotFound);
+        let musl = io::Error::other("failed to lookup address information: Name does not resolve");
+        assert_eq!(classify_error(&musl), ResolveError::NotFound);
+        let temp = io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        assert!(matches!(classify_error(&temp), ResolveError::Failed(_)));
+    }
+}
