@@ -29,7 +29,6 @@ const SOCKS_VERSION: u8 = 0x05;
 const METHOD_NO_AUTH: u8 = 0x00;
 const METHOD_NONE_ACCEPTABLE: u8 = 0xFF;
 const CMD_CONNECT: u8 = 0x01;
-const CMD_BIND: u8 = 0x02;
 const CMD_UDP_ASSOCIATE: u8 = 0x03;
 const ATYP_IPV4: u8 = 0x01;
 const ATYP_DOMAIN: u8 = 0x03;
@@ -955,7 +954,7 @@ mod tests {
 
     #[test]
     fn socks5_bind_and_unknown_command_not_supported() {
-        for command in [CMD_BIND, 0x09] {
+        for command in [0x02, 0x09] {
             let mut input = vec![5, 1, 0];
             input.extend_from_slice(&[5, command, 0, 1, 1, 2, 3, 4, 0, 80]);
             let (reply, error) = failed(ProxyFront::new().feed(&input));
