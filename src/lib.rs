@@ -19,3 +19,4 @@ pub mod config;
 pub mod keys;
 pub mod proto;
 pub mod share_link;
+pub mod tunnel;
