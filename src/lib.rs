@@ -20,3 +20,5 @@ pub mod keys;
 pub mod proto;
 pub mod share_link;
 pub mod tunnel;
+pub mod users;
+pub mod control;
