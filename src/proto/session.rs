@@ -1,0 +1,230 @@
+//! A protected session: packet protection (keys, tokens, replay window, padding) around the
+//! transport's `Transport` state machine. Shared by the server endpoint and the client.
+
+use std::time::Instant;
+
+use super::crypto::Key32;
+use super::packet::{
+    DATA_OVERHEAD, Direction, MAX_PACKET_NUMBER, MIN_DATA_PACKET, Opener, PaddingPolicy, Sealer, TOKEN_LEN,
+    TokenSink, TokenWindow,
+};
+use super::replay::ReplayWindow;
+use super::rng::Drbg;
+use super::transport::{CloseReason, Side, Transport, TransportConfig, TransportEvent};
+
+/// Smallest datagram size a peer may announce.
+pub const MIN_DATAGRAM: usize = 576;
+/// Largest datagram size either side produces.
+pub const MAX_DATAGRAM: usize = 1500;
+
+/// Packet-protection settings shared by client and server.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Largest UDP payload this side sends or accepts (the MTU budget).
+    pub max_datagram: usize,
+    /// Padding of data packets.
+    pub padding: PaddingPolicy,
+    /// Packet numbers whose tokens are precomputed per session (power of two, ≥ 16).
+    pub token_window: usize,
+    /// Of those, how many lie behind the highest received packet (reordering tolerance).
+    pub token_behind: usize,
+    /// Transport settings (`max_payload` is overwritten with the MTU budget minus overhead).
+    pub transport: TransportConfig,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_datagram: 1350,
+            padding: PaddingPolicy::default(),
+            token_window: 512,
+            token_behind: 128,
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// Why an incoming data packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketError {
+    /// Shorter than a minimal data packet or longer than the MTU budget.
+    BadLength,
+    /// Packet number already received or too old.
+    Replay,
+    /// AEAD authentication failed.
+    Auth,
+    /// The transport rejected the payload (protocol violation; the transport closes the session).
+    Transport,
+}
+
+/// Counters of the packet protection layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SecureStats {
+    /// Data packets sent.
+    pub packets_sent: u64,
+    /// Data packets received and authenticated.
+    pub packets_received: u64,
+    /// UDP payload bytes sent (data packets).
+    pub bytes_sent: u64,
+    /// UDP payload bytes received (authenticated data packets).
+    pub bytes_received: u64,
+    /// Packets dropped by the replay window.
+    pub replays_dropped: u64,
+    /// Packets whose token matched but which failed authentication.
+    pub auth_failures: u64,
+}
+
+/// One protected session.
+pub struct Session {
+    transport: Transport,
+    sealer: Sealer,
+    opener: Opener,
+    rx_tokens: TokenWindow,
+    replay: ReplayWindow,
+    padding: PaddingPolicy,
+    rng: Drbg,
+    max_datagram: usize,
+    max_payload: usize,
+    stats: SecureStats,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("max_datagram", &self.max_datagram).field("stats", &self.stats).finish()
+    }
+}
+
+impl Session {
+    /// Creates a session from the handshake's secret. `max_datagram` is the negotiated size.
+    /// The receive tokens are registered with `sink`.
+    pub fn new(
+        secret: &Key32,
+        side: Side,
+        config: &SessionConfig,
+        max_datagram: usize,
+        now: Instant,
+        rng_seed: [u8; 32],
+        sink: &mut impl TokenSink,
+    ) -> Self {
+        let (tx_dir, rx_dir) = match side {
+            Side::Client => (Direction::ClientToServer, Direction::ServerToClient),
+            Side::Server => (Direction::ServerToClient, Direction::ClientToServer),
+        };
+        let max_datagram = max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM);
+        let max_payload = max_datagram - DATA_OVERHEAD;
+        let mut transport_config = config.transport.clone();
+        transport_config.max_payload = max_payload;
+        let opener = Opener::new(secret, rx_dir);
+        let rx_tokens = TokenWindow::new(*opener.token_key(), config.token_window, config.token_behind, sink);
+        Session {
+            transport: Transport::new(transport_config, side, now),
+            sealer: Sealer::new(secret, tx_dir),
+            opener,
+            rx_tokens,
+            replay: ReplayWindow::new(),
+            padding: config.padding,
+            rng: Drbg::new(rng_seed),
+            max_datagram,
+            max_payload,
+            stats: SecureStats::default(),
+        }
+    }
+
+    /// Handles a data packet whose token resolved to packet number `pn` (decrypts in place).
+    /// Replay is checked before decryption and recorded after authentication.
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        pn: u64,
+        packet: &mut [u8],
+        sink: &mut impl TokenSink,
+    ) -> Result<(), PacketError> {
+        if packet.len() < MIN_DATA_PACKET || packet.len() > self.max_datagram.max(MAX_DATAGRAM) {
+            return Err(PacketError::BadLength);
+        }
+        if !self.replay.check(pn) {
+            self.stats.replays_dropped += 1;
+            return Err(PacketError::Replay);
+        }
+        let range = match self.opener.open(pn, packet) {
+            Ok(range) => range,
+            Err(_) => {
+                self.stats.auth_failures += 1;
+                return Err(PacketError::Auth);
+            }
+        };
+        self.replay.mark(pn);
+        self.rx_tokens.received(pn, sink);
+        self.stats.packets_received += 1;
+        self.stats.bytes_received += packet.len() as u64;
+        let payload = packet.get(range).ok_or(PacketError::BadLength)?;
+        self.transport.handle_payload(now, pn, payload).map_err(|_| PacketError::Transport)
+    }
+
+    /// Writes the next protected datagram into `buf` (which should hold `max_datagram()` bytes).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let budget = buf.len().min(self.max_datagram).checked_sub(DATA_OVERHEAD)?;
+        let payload_cap = budget.min(self.max_payload);
+        let (pn, len) = self.transport.poll_transmit(now, &mut buf[TOKEN_LEN..TOKEN_LEN + payload_cap])?;
+        if pn >= MAX_PACKET_NUMBER {
+            self.transport.close(now, CloseReason::Internal);
+            return None;
+        }
+        let padded = self.padding.padded_len(len, payload_cap, &mut self.rng);
+        buf[TOKEN_LEN + len..TOKEN_LEN + padded].fill(0);
+        let total = self.sealer.seal(pn, buf, padded)?;
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += total as u64;
+        Some(total)
+    }
+
+    /// Earliest instant at which [`Session::handle_timeout`] must run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.transport.poll_timeout()
+    }
+
+    /// Runs the transport's timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.transport.handle_timeout(now);
+    }
+
+    /// Next transport event (stream opened/readable/writable/finished/reset, datagram, closed).
+    pub fn poll_event(&mut self) -> Option<TransportEvent> {
+        self.transport.poll_event()
+    }
+
+    /// Starts a graceful close with `reason` (sent to the peer).
+    pub fn close(&mut self, now: Instant, reason: CloseReason) {
+        self.transport.close(now, reason);
+    }
+
+    /// True once the transport finished closing.
+    pub fn is_closed(&self) -> bool {
+        self.transport.is_closed()
+    }
+
+    /// The transport (read access: stats, per-stream accounting).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The transport (stream operations: open/accept/answer/write/read/finish/reset/datagrams).
+    pub fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.transport
+    }
+
+    /// Packet protection counters.
+    pub fn secure_stats(&self) -> SecureStats {
+        self.stats
+    }
+
+    /// Negotiated maximum datagram size.
+    pub fn max_datagram(&self) -> usize {
+        self.max_datagram
+    }
+
+    /// Unregisters all receive tokens (called when the session is dropped).
+    pub fn release_tokens(&mut self, sink: &mut impl TokenSink) {
+        self.rx_tokens.clear(sink);
+    }
+}
