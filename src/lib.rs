@@ -22,3 +22,4 @@ pub mod share_link;
 pub mod tunnel;
 pub mod users;
 pub mod control;
+pub mod api;

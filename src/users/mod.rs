@@ -323,11 +323,8 @@ impl UserTable {
 
     /// Every key with its id (for the tunnel's handshake table).
     pub fn all_keys(&self) -> Vec<(UserId, String)> {
-        let mut v: Vec<(UserId, String)> = self
-            .users
-            .values()
-            .map(|u| (u.id, u.key.clone()))
-            .collect();
+        let mut v: Vec<(UserId, String)> =
+            self.users.values().map(|u| (u.id, u.key.clone())).collect();
         v.sort_unstable_by_key(|(id, _)| *id);
         v
     }
@@ -590,7 +587,10 @@ mod tests {
     fn create_delete_and_ids_are_never_reused() {
         let mut t = UserTable::new();
         let a = t.create(K1.into(), None, None, 5).unwrap();
-        assert_eq!(t.create(K1.into(), None, None, 5), Err(TableError::KeyExists));
+        assert_eq!(
+            t.create(K1.into(), None, None, 5),
+            Err(TableError::KeyExists)
+        );
         assert_eq!(t.delete(K1), Ok(a));
         assert_eq!(t.delete(K1), Err(TableError::NotFound));
         let b = t.create(K1.into(), None, None, 6).unwrap();
@@ -647,7 +647,11 @@ mod tests {
         let g2 = t.generation();
         t.touch(id, 9);
         t.session_closed(id);
-        assert_eq!(t.generation(), g2, "live-only updates do not dirty the state");
+        assert_eq!(
+            t.generation(),
+            g2,
+            "live-only updates do not dirty the state"
+        );
         assert_eq!(t.snapshot().generation, g2);
     }
 
@@ -709,7 +713,10 @@ mod tests {
         let ch = t.apply_config(&[entry(K1, None, Some(9))], 0);
         assert_eq!(ch.changed, vec![id]);
         let u = t.get(id).unwrap();
-        assert_eq!((u.source, u.limit_bytes, u.bytes_up), (Source::Config, Some(9), 3));
+        assert_eq!(
+            (u.source, u.limit_bytes, u.bytes_up),
+            (Source::Config, Some(9), 3)
+        );
         assert_eq!(t.delete(K1), Err(TableError::ConfigDeclared));
     }
 

@@ -1,0 +1,93 @@
+//! Bearer-token authentication of API requests, compared in constant time.
+//!
+//! With an empty configured token the API is open: every request is accepted whatever its
+//! `Authorization` header says (config.rs allows that only on a loopback bind). With a token
+//! set, a request needs exactly one `Authorization: Bearer <token>` header (scheme
+//! case-insensitive); anything else is 401 with `WWW-Authenticate: Bearer`.
+
+use super::errors::ApiError;
+use super::http::Request;
+use crate::keys;
+
+const CHALLENGE: &str = "Bearer realm=\"ostp\"";
+const CHALLENGE_INVALID: &str = "Bearer realm=\"ostp\", error=\"invalid_token\"";
+
+/// Checks the request against the configured token.
+pub fn check(request: &Request, token: &str) -> Result<(), ApiError> {
+    if token.is_empty() {
+        return Ok(());
+    }
+    let mut values = request.headers_named("authorization");
+    let Some(value) = values.next() else {
+        return Err(ApiError::unauthorized(
+            "missing Authorization header; send \"Authorization: Bearer <token>\"",
+            CHALLENGE,
+        ));
+    };
+    if values.next().is_some() {
+        return Err(ApiError::unauthorized(
+            "more than one Authorization header",
+            CHALLENGE,
+        ));
+    }
+    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::unauthorized(
+            "the Authorization scheme must be Bearer",
+            CHALLENGE,
+        ));
+    }
+    let presented = credentials.trim_matches(' ');
+    if presented.is_empty() {
+        return Err(ApiError::unauthorized(
+            "the Bearer token is empty",
+            CHALLENGE,
+        ));
+    }
+    if !keys::ct_eq(presented.as_bytes(), token.as_bytes()) {
+        return Err(ApiError::unauthorized("invalid token", CHALLENGE_INVALID));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::http::parse_head;
+
+    fn req(headers: &str) -> Request {
+        let text = format!("GET /api/users HTTP/1.1\r\n{headers}\r\n");
+        Request {
+            head: parse_head(text.as_bytes()).unwrap().unwrap().0,
+            body: vec![],
+        }
+    }
+
+    #[test]
+    fn token_rules() {
+        assert!(check(&req("Authorization: Bearer sekret\r\n"), "sekret").is_ok());
+        assert!(check(&req("Authorization: bearer sekret\r\n"), "sekret").is_ok());
+        for bad in [
+            "",
+            "Authorization: Bearer\r\n",
+            "Authorization: Bearer \r\n",
+            "Authorization: Basic sekret\r\n",
+            "Authorization: sekret\r\n",
+            "Authorization: Bearer sekre\r\n",
+            "Authorization: Bearer sekret2\r\n",
+            "Authorization: Bearer sekret\r\nAuthorization: Bearer sekret\r\n",
+        ] {
+            let e = check(&req(bad), "sekret").unwrap_err();
+            assert_eq!(e.status, 401, "{bad:?}");
+            assert!(e.www_authenticate.unwrap().starts_with("Bearer"));
+            assert!(!e.message.contains("sekret"));
+        }
+    }
+
+    #[test]
+    fn open_api_ignores_the_header() {
+        assert!(check(&req(""), "").is_ok());
+        assert!(check(&req("Authorization: Bearer whatever\r\n"), "").is_ok());
+        assert!(check(&req("Authorization: garbage\r\n"), "").is_ok());
+    }
+}

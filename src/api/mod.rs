@@ -1,0 +1,133 @@
+//! The Management REST API: start/stop, the shared handler context, and the wiring between
+//! the network front end ([`server`]: one mio thread, bounded connections, fixed worker pool),
+//! routing ([`routes`]), authentication ([`auth`]), the subscribe endpoint ([`subscribe`]) and
+//! JSON errors ([`errors`]). See `docs/api.md` for the user-facing reference.
+
+pub mod auth;
+pub mod errors;
+pub mod http;
+pub mod routes;
+pub mod server;
+pub mod subscribe;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::ServerConfig;
+use crate::control::ControlSender;
+use crate::keys;
+use crate::users::{Persister, SharedUsers};
+
+pub use server::Limits;
+
+/// Everything a handler needs.
+pub struct ApiContext {
+    pub config: Arc<ServerConfig>,
+    pub users: SharedUsers,
+    pub persister: Persister,
+    pub control: ControlSender,
+    pub started_at: Instant,
+    /// The configured token (empty = open API).
+    pub token: String,
+    /// The address the API actually listens on.
+    pub local_addr: SocketAddr,
+}
+
+/// Starting the API failed.
+#[derive(Debug)]
+pub enum ApiStartError {
+    /// The bind address could not be bound (in use, no permission, ...).
+    Bind { addr: SocketAddr, error: io::Error },
+    /// Threads or the poller could not be created.
+    Io(io::Error),
+}
+
+impl fmt::Display for ApiStartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiStartError::Bind { addr, error } => {
+                write!(f, "cannot listen for the API on {addr}: {error}")
+            }
+            ApiStartError::Io(e) => write!(f, "cannot start the API: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiStartError {}
+
+/// The running API; [`ApiHandle::shutdown`] (or drop) stops it.
+pub struct ApiHandle {
+    front: server::Front,
+}
+
+impl ApiHandle {
+    /// The address the API listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.front.local_addr
+    }
+
+    /// Stops accepting, closes connections and joins the threads.
+    pub fn shutdown(mut self) {
+        self.front.shutdown();
+    }
+}
+
+/// Starts the API on `config.api.bind` with the default [`Limits`].
+pub fn start(
+    config: Arc<ServerConfig>,
+    users: SharedUsers,
+    persister: Persister,
+    control: ControlSender,
+    started_at: Instant,
+) -> Result<ApiHandle, ApiStartError> {
+    start_with_limits(
+        config,
+        users,
+        persister,
+        control,
+        started_at,
+        Limits::default(),
+    )
+}
+
+/// Starts the API with explicit limits (tests use small timeouts).
+pub fn start_with_limits(
+    config: Arc<ServerConfig>,
+    users: SharedUsers,
+    persister: Persister,
+    control: ControlSender,
+    started_at: Instant,
+    limits: Limits,
+) -> Result<ApiHandle, ApiStartError> {
+    let addr = config.api.bind;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|error| ApiStartError::Bind { addr, error })?;
+    let local_addr = listener.local_addr().map_err(ApiStartError::Io)?;
+    let ctx = Arc::new(ApiContext {
+        token: config.api.token.clone(),
+        config,
+        users,
+        persister,
+        control,
+        started_at,
+        local_addr,
+    });
+    let auth_text = if ctx.token.is_empty() {
+        "no token (open API)".to_string()
+    } else {
+        format!("token {}", keys::mask(&ctx.token))
+    };
+    let front = server::start(listener, limits.clone(), move |req| {
+        routes::handle(&ctx, req)
+    })
+    .map_err(ApiStartError::Io)?;
+    log::info!(
+        "api: listening on http://{local_addr} ({auth_text}; at most {} connections, {} workers)",
+        limits.max_connections,
+        limits.workers
+    );
+    Ok(ApiHandle { front })
+}

@@ -1,0 +1,455 @@
+//! The routing table (path + method → handler, 404 / 405 with `Allow`) and the user and
+//! status handlers. Handlers lock the user table only for in-memory work, make every change
+//! durable (via the `Persister`) before answering, then notify the tunnel loop.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::errors::ApiError;
+use super::http::{Request, Response};
+use super::{ApiContext, auth, subscribe};
+use crate::control::ControlMsg;
+use crate::keys;
+use crate::users::persist::lock_users;
+use crate::users::{TableError, User, UserId, now_unix};
+
+/// Longest accepted user name (characters).
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// A resolved API path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Status,
+    Users,
+    User(&'a str),
+    UserLimit(&'a str),
+    UserReset(&'a str),
+    Subscribe(&'a str),
+}
+
+impl Route<'_> {
+    /// The methods this path supports (the `Allow` header of a 405).
+    pub fn allow(self) -> &'static str {
+        match self {
+            Route::Status | Route::Subscribe(_) => "GET",
+            Route::Users => "GET, POST",
+            Route::User(_) => "GET, DELETE",
+            Route::UserLimit(_) => "PUT",
+            Route::UserReset(_) => "POST",
+        }
+    }
+
+    fn needs_token(self) -> bool {
+        !matches!(self, Route::Subscribe(_))
+    }
+}
+
+/// Maps a path (without query) to a route.
+pub fn resolve(path: &str) -> Option<Route<'_>> {
+    let rest = path.strip_prefix("/api/")?;
+    let mut parts = rest.split('/');
+    let route = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("server"), Some("status"), None, None) => Route::Status,
+        (Some("users"), None, None, None) => Route::Users,
+        (Some("users"), Some(k), None, None) if !k.is_empty() => Route::User(k),
+        (Some("users"), Some(k), Some("limit"), None) if !k.is_empty() => Route::UserLimit(k),
+        (Some("users"), Some(k), Some("reset"), None) if !k.is_empty() => Route::UserReset(k),
+        (Some("subscribe"), Some(k), None, None) if !k.is_empty() => Route::Subscribe(k),
+        _ => return None,
+    };
+    Some(route)
+}
+
+/// Answers one request.
+pub fn handle(ctx: &ApiContext, request: &Request) -> Response {
+    match dispatch(ctx, request) {
+        Ok(r) => r,
+        Err(e) => e.to_response(),
+    }
+}
+
+fn dispatch(ctx: &ApiContext, request: &Request) -> Result<Response, ApiError> {
+    let Some(route) = resolve(request.path()) else {
+        return Err(ApiError::not_found("no such endpoint"));
+    };
+    if route.needs_token() {
+        auth::check(request, &ctx.token)?;
+    }
+    let method = request.method();
+    match (route, method) {
+        (Route::Status, "GET") => Ok(status(ctx)),
+        (Route::Users, "GET") => Ok(list_users(ctx)),
+        (Route::Users, "POST") => create_user(ctx, &request.body),
+        (Route::User(k), "GET") => get_user(ctx, k),
+        (Route::User(k), "DELETE") => delete_user(ctx, k),
+        (Route::UserLimit(k), "PUT") => set_limit(ctx, k, &request.body),
+        (Route::UserReset(k), "POST") => reset_user(ctx, k),
+        (Route::Subscribe(k), "GET") => subscribe::handle(ctx, request, k),
+        (route, _) => {
+            let e = ApiError::method_not_allowed(method, route.allow());
+            Err(if matches!(route, Route::Subscribe(_)) {
+                e.for_subscribe()
+            } else {
+                e
+            })
+        }
+    }
+}
+
+/// A user as it appears in `GET /api/users` (spec fields first, then additive ones).
+#[derive(Debug, Clone, Serialize)]
+pub struct UserView {
+    pub key: String,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub connections: u64,
+    pub limit_bytes: Option<u64>,
+    pub name: Option<String>,
+    pub source: &'static str,
+    pub online_sessions: u32,
+    pub last_seen: Option<u64>,
+    pub created_at: u64,
+}
+
+impl UserView {
+    pub fn of(u: &User) -> UserView {
+        UserView {
+            key: u.key.clone(),
+            bytes_up: u.bytes_up,
+            bytes_down: u.bytes_down,
+            connections: u.connections,
+            limit_bytes: u.limit_bytes,
+            name: u.name.clone(),
+            source: u.source.as_str(),
+            online_sessions: u.online_sessions,
+            last_seen: u.last_seen,
+            created_at: u.created_at,
+        }
+    }
+}
+
+fn status(ctx: &ApiContext) -> Response {
+    #[derive(Serialize)]
+    struct Status {
+        version: &'static str,
+        uptime_seconds: u64,
+        total_users: usize,
+        status: &'static str,
+        online_sessions: u64,
+        listen: Vec<String>,
+        api_bind: String,
+    }
+    let (total_users, online_sessions) = {
+        let t = lock_users(&ctx.users);
+        (t.len(), t.online_sessions())
+    };
+    Response::json(
+        200,
+        &Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: ctx.started_at.elapsed().as_secs(),
+            total_users,
+            status: "running",
+            online_sessions,
+            listen: ctx.config.listen.iter().map(|a| a.to_string()).collect(),
+            api_bind: ctx.local_addr.to_string(),
+        },
+    )
+}
+
+fn list_users(ctx: &ApiContext) -> Response {
+    #[derive(Serialize)]
+    struct List {
+        users: Vec<UserView>,
+    }
+    let users: Vec<UserView> = {
+        let t = lock_users(&ctx.users);
+        t.list().into_iter().map(UserView::of).collect()
+    };
+    Response::json(200, &List { users })
+}
+
+/// Validates a key taken from the path.
+fn path_key(key: &str) -> Result<&str, ApiError> {
+    keys::validate_key(key)
+        .map(|()| key)
+        .map_err(|e| ApiError::bad_request(format!("invalid key in the path: {e}")))
+}
+
+fn not_found_user() -> ApiError {
+    ApiError::not_found("no user with this key")
+}
+
+fn get_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
+    let key = path_key(key)?;
+    let view = lock_users(&ctx.users).get_by_key(key).map(UserView::of);
+    view.map(|v| Response::json(200, &v))
+        .ok_or_else(not_found_user)
+}
+
+/// Parses a body as a JSON object, whatever the Content-Type says.
+/// `None` for an empty (or whitespace-only) body when `allow_empty`.
+pub fn json_object(body: &[u8], allow_empty: bool) -> Result<Option<Map<String, Value>>, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the request body is not valid UTF-8"))?;
+    if text.trim().is_empty() {
+        return if allow_empty {
+            Ok(None)
+        } else {
+            Err(ApiError::bad_request(
+                "the request body is empty; expected a JSON object",
+            ))
+        };
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(Some(m)),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn reject_unknown_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        let shown: String = k.chars().take(40).collect();
+        return Err(ApiError::bad_request(format!(
+            "unknown field {shown:?}; allowed fields: {}",
+            allowed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `limit_bytes`: a whole number ≥ 0 or null.
+fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => n.as_u64().map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "limit_bytes must be a whole number of bytes ≥ 0 (or null), not {n}"
+            ))
+        }),
+        _ => Err(ApiError::bad_request(
+            "limit_bytes must be a whole number of bytes ≥ 0 (or null)",
+        )),
+    }
+}
+
+fn persist_and_notify(ctx: &ApiContext, generation: u64, msg: ControlMsg) -> Result<(), ApiError> {
+    ctx.control.send(msg);
+    ctx.persister.persist_generation(generation).map_err(|e| {
+        log::error!("api: {e}");
+        ApiError::internal(
+            "the change was applied in memory but could not be saved to the state file; see the server log",
+        )
+    })
+}
+
+fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
+    let map = json_object(body, true)?.unwrap_or_default();
+    reject_unknown_fields(&map, &["key", "limit_bytes", "name"])?;
+    let custom_key = match map.get("key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => {
+            keys::validate_key(s).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Some(s.clone())
+        }
+        Some(_) => return Err(ApiError::bad_request("key must be a string")),
+    };
+    let limit_bytes = match map.get("limit_bytes") {
+        None => None,
+        Some(v) => limit_value(v)?,
+    };
+    let name = match map.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            if s.chars().count() > MAX_NAME_CHARS || s.chars().any(char::is_control) {
+                return Err(ApiError::bad_request(format!(
+                    "name must be at most {MAX_NAME_CHARS} characters without control characters"
+                )));
+            }
+            Some(s.clone())
+        }
+        Some(_) => return Err(ApiError::bad_request("name must be a string")),
+    };
+
+    let generated = custom_key.is_none();
+    let mut attempts = 0;
+    let (id, key, generation): (UserId, String, u64) = loop {
+        let key = match &custom_key {
+            Some(k) => k.clone(),
+            None => keys::generate_key().map_err(|e| ApiError::internal(e.to_string()))?,
+        };
+        let mut t = lock_users(&ctx.users);
+        match t.create(key.clone(), name.clone(), limit_bytes, now_unix()) {
+            Ok(id) => break (id, key, t.generation()),
+            Err(TableError::KeyExists) if generated && attempts < 3 => attempts += 1,
+            Err(TableError::KeyExists) => {
+                return Err(ApiError::conflict("a user with this key already exists"));
+            }
+            Err(e) => return Err(ApiError::new(503, e.to_string())),
+        }
+    };
+    log::info!(
+        "api: created user {} (limit {})",
+        keys::mask(&key),
+        limit_text(limit_bytes)
+    );
+    persist_and_notify(ctx, generation, ControlMsg::UserAdded(id))?;
+
+    #[derive(Serialize)]
+    struct Created {
+        key: String,
+        created: bool,
+        limit_bytes: Option<u64>,
+        name: Option<String>,
+    }
+    Ok(Response::json(
+        200,
+        &Created {
+            key,
+            created: true,
+            limit_bytes,
+            name,
+        },
+    ))
+}
+
+fn limit_text(limit: Option<u64>) -> String {
+    limit.map_or_else(|| "none".to_string(), |l| format!("{l} bytes"))
+}
+
+fn delete_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
+    let key = path_key(key)?;
+    let (id, generation) = {
+        let mut t = lock_users(&ctx.users);
+        match t.delete(key) {
+            Ok(id) => (id, t.generation()),
+            Err(TableError::ConfigDeclared) => {
+                return Err(ApiError::conflict(
+                    "this key is declared in config.json; remove it from config.json and reload the server (SIGHUP) to delete it",
+                ));
+            }
+            Err(_) => return Err(not_found_user()),
+        }
+    };
+    log::info!("api: deleted user {}", keys::mask(key));
+    persist_and_notify(ctx, generation, ControlMsg::UserRemoved(id))?;
+    Ok(Response::json(
+        200,
+        &serde_json::json!({"key": key, "deleted": true}),
+    ))
+}
+
+fn set_limit(ctx: &ApiContext, key: &str, body: &[u8]) -> Result<Response, ApiError> {
+    let key = path_key(key)?;
+    let map = json_object(body, false)?.unwrap_or_default();
+    reject_unknown_fields(&map, &["limit_bytes"])?;
+    let limit = match map.get("limit_bytes") {
+        Some(v) => limit_value(v)?,
+        None => {
+            return Err(ApiError::bad_request(
+                "the field limit_bytes is required (a whole number of bytes, or null to remove the limit)",
+            ));
+        }
+    };
+    let (id, generation, view) = {
+        let mut t = lock_users(&ctx.users);
+        let id = t.set_limit(key, limit).map_err(|_| not_found_user())?;
+        let view = t.get(id).map(UserView::of);
+        (id, t.generation(), view)
+    };
+    log::info!(
+        "api: set the limit of user {} to {}",
+        keys::mask(key),
+        limit_text(limit)
+    );
+    persist_and_notify(ctx, generation, ControlMsg::UserChanged(id))?;
+    view.map(|v| Response::json(200, &v))
+        .ok_or_else(not_found_user)
+}
+
+fn reset_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
+    let key = path_key(key)?;
+    let (id, generation, view) = {
+        let mut t = lock_users(&ctx.users);
+        let id = t.reset(key).map_err(|_| not_found_user())?;
+        let view = t.get(id).map(UserView::of);
+        (id, t.generation(), view)
+    };
+    log::info!("api: reset the counters of user {}", keys::mask(key));
+    persist_and_notify(ctx, generation, ControlMsg::UserChanged(id))?;
+    view.map(|v| Response::json(200, &v))
+        .ok_or_else(not_found_user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve() {
+        assert_eq!(resolve("/api/server/status"), Some(Route::Status));
+        assert_eq!(resolve("/api/users"), Some(Route::Users));
+        assert_eq!(resolve("/api/users/abc"), Some(Route::User("abc")));
+        assert_eq!(
+            resolve("/api/users/abc/limit"),
+            Some(Route::UserLimit("abc"))
+        );
+        assert_eq!(
+            resolve("/api/users/abc/reset"),
+            Some(Route::UserReset("abc"))
+        );
+        assert_eq!(resolve("/api/subscribe/abc"), Some(Route::Subscribe("abc")));
+        for bad in [
+            "/",
+            "/api",
+            "/api/",
+            "/api/users/",
+            "/api/users//limit",
+            "/api/users/a/b",
+            "/api/users/a/limit/x",
+            "/api/server",
+            "/api/subscribe/",
+            "/apix/users",
+        ] {
+            assert_eq!(resolve(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn body_parsing() {
+        assert_eq!(json_object(b"  ", true), Ok(None));
+        assert_eq!(json_object(b"", false).unwrap_err().status, 400);
+        assert_eq!(json_object(b"\xff", true).unwrap_err().status, 400);
+        assert_eq!(json_object(b"[1]", true).unwrap_err().status, 400);
+        assert_eq!(json_object(b"{", true).unwrap_err().status, 400);
+        let deep = "[".repeat(100_000);
+        assert_eq!(json_object(deep.as_bytes(), true).unwrap_err().status, 400);
+        assert!(json_object(b"{\"a\":1}", true).unwrap().is_some());
+    }
+
+    #[test]
+    fn limit_values() {
+        assert_eq!(limit_value(&serde_json::json!(null)), Ok(None));
+        assert_eq!(limit_value(&serde_json::json!(0)), Ok(Some(0)));
+        assert_eq!(
+            limit_value(&serde_json::json!(u64::MAX)),
+            Ok(Some(u64::MAX))
+        );
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!(1.5),
+            serde_json::json!(1e3),
+            serde_json::json!("5"),
+            serde_json::json!(true),
+            serde_json::json!([1]),
+        ] {
+            assert_eq!(limit_value(&bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+}
