@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of the ostp tunnel on loopback, with same-run baselines.
+#
+#   bash benches/tunnel.sh
+#
+# Builds release, starts the bulk_http example (HTTP origin), an ostp server + client, and (when
+# available) shadowsocks-libev (ss-server + ss-local, chacha20-ietf-poly1305), then prints a
+# markdown table: single-stream download MB/s (ostp / direct / shadowsocks), CPU seconds per GB
+# of server and client, TTFB median, idle and peak RSS, 100 concurrent streams, server RSS with
+# 1,000 idle sessions, and goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
+# 1 % and 5 % loss. Every section is independent: a failing one prints "n/a" and the run goes on.
+#
+# Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
+# TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (30), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
+# OSTP_BIN (use this ostp binary instead of building one), CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
+
+set -u
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+SIZE_MB=${SIZE_MB:-300}
+STREAMS=${STREAMS:-100}
+STREAM_MB=${STREAM_MB:-5}
+TTFB_N=${TTFB_N:-21}
+IDLE_SESSIONS=${IDLE_SESSIONS:-1000}
+LOSSY_MB=${LOSSY_MB:-30}
+LOSSY_MAX_S=${LOSSY_MAX_S:-60}
+CURL_MAX_S=${CURL_MAX_S:-120}
+
+OSTP=${OSTP_BIN:-$TARGET/release/ostp}
+BULK="$TARGET/release/examples/bulk_http"
+RELAY="$TARGET/release/examples/lossy_relay"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ostp-bench.XXXXXX")
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+PIDS=()
+
+log() { echo "[bench] $*" >&2; }
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+port_in_use() {
+    local hex
+    hex=$(printf ':%04X ' "$1")
+    grep -q "$hex" /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6 2>/dev/null
+}
+
+USED_PORTS=" "
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        if ! port_in_use "$p" && [[ $USED_PORTS != *" $p "* ]]; then
+            USED_PORTS+="$p "
+            echo "$p"
+            return
+        fi
+    done
+}
+
+# wait_tcp PORT [SECONDS]: until something accepts on 127.0.0.1:PORT.
+wait_tcp() {
+    local port=$1 deadline=$((SECONDS + ${2:-10}))
+    while ((SECONDS < deadline)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+# start NAME CMD...: runs CMD in the background (stderr to $WORK/NAME.log); sets STARTED_PID.
+start() {
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+stop() {
+    local pid=${1:-}
+    [[ -z $pid ]] && return
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
+
+# cpu_ticks PID: utime + stime in clock ticks.
+cpu_ticks() {
+    [[ -r /proc/$1/stat ]] || { echo ""; return; }
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+# mem_mb PID FIELD (VmRSS | VmHWM) in MB with one decimal.
+mem_mb() {
+    [[ -r /proc/$1/status ]] || { echo "n/a"; return; }
+    awk -v f="$2:" '$1 == f {printf "%.1f", $2 / 1024; found=1} END {if (!found) print "n/a"}' "/proc/$1/status"
+}
+
+# cpu_per_gb TICKS_BEFORE TICKS_AFTER BYTES
+cpu_per_gb() {
+    if [[ -z $1 || -z $2 || -z $3 || $3 == 0 ]]; then
+        echo "n/a"
+        return
+    fi
+    awk -v a="$1" -v b="$2" -v n="$3" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz / (n / 1e9)}'
+}
+
+# download PROXY_ARGS... -- URL EXPECTED_BYTES: prints "bytes seconds" or nothing on failure.
+download() {
+    local args=() url bytes out
+    while [[ $1 != -- ]]; do
+        args+=("$1")
+        shift
+    done
+    shift
+    url=$1 bytes=$2
+    out=$(curl -s -o /dev/null --max-time "$CURL_MAX_S" "${args[@]}" -w '%{size_download} %{time_total}' "$url") || return 1
+    [[ ${out%% *} == "$bytes" ]] || return 1
+    echo "$out"
+}
+
+mbps() { awk -v b="$1" -v t="$2" 'BEGIN {if (t > 0) printf "%.1f", b / t / 1e6; else print "n/a"}'; }
+
+# single_stream LABEL SERVER_PID CLIENT_PID PROXY_ARGS...: sets SS_MBPS, SS_CPU_SERVER, SS_CPU_CLIENT.
+single_stream() {
+    local label=$1 spid=$2 cpid=$3
+    shift 3
+    local bytes=$((SIZE_MB * 1000 * 1000)) s0 c0 s1 c1 out
+    SS_MBPS=n/a SS_CPU_SERVER=n/a SS_CPU_CLIENT=n/a
+    s0=$([[ -n $spid ]] && cpu_ticks "$spid")
+    c0=$([[ -n $cpid ]] && cpu_ticks "$cpid")
+    if out=$(download "$@" -- "http://127.0.0.1:$BULK_PORT/bytes/$bytes" "$bytes"); then
+        s1=$([[ -n $spid ]] && cpu_ticks "$spid")
+        c1=$([[ -n $cpid ]] && cpu_ticks "$cpid")
+        SS_MBPS=$(mbps $out)
+        [[ -n $spid ]] && SS_CPU_SERVER=$(cpu_per_gb "$s0" "$s1" "$bytes")
+        [[ -n $cpid ]] && SS_CPU_CLIENT=$(cpu_per_gb "$c0" "$c1" "$bytes")
+        log "$label: single stream $SIZE_MB MB at $SS_MBPS MB/s"
+    else
+        log "$label: single-stream download failed"
+    fi
+}
+
+# ttfb_median PROXY_ARGS...: median of TTFB_N time_starttransfer for GET / (milliseconds).
+ttfb_median() {
+    local i t samples=()
+    for ((i = 0; i < TTFB_N; i++)); do
+        t=$(curl -s -o /dev/null --max-time 10 "$@" -w '%{time_starttransfer}' "http://127.0.0.1:$BULK_PORT/") || return 1
+        samples+=("$t")
+    done
+    printf '%s\n' "${samples[@]}" | sort -g | awk '{a[NR] = $1} END {printf "%.2f", a[int((NR + 1) / 2)] * 1000}'
+}
+
+# concurrent PROXY_ARGS...: aggregate MB/s of STREAMS parallel downloads of STREAM_MB each.
+concurrent() {
+    local bytes=$((STREAM_MB * 1000 * 1000)) i start end ok=0 pids=()
+    start=$(date +%s.%N)
+    for ((i = 0; i < STREAMS; i++)); do
+        curl -s -o /dev/null --max-time "$CURL_MAX_S" "$@" -w '%{size_download}\n' \
+            "http://127.0.0.1:$BULK_PORT/bytes/$bytes" >"$WORK/conc.$i" 2>/dev/null &
+        pids+=($!)
+    done
+    for i in "${pids[@]}"; do
+        wait "$i"
+    done
+    end=$(date +%s.%N)
+    for ((i = 0; i < STREAMS; i++)); do
+        [[ $(cat "$WORK/conc.$i" 2>/dev/null) == "$bytes" ]] && ok=$((ok + 1))
+    done
+    rm -f "$WORK"/conc.*
+    if ((ok != STREAMS)); then
+        log "concurrent: only $ok/$STREAMS streams completed"
+        echo "n/a"
+        return
+    fi
+    awk -v n="$((bytes * STREAMS))" -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", n / (b - a) / 1e6}'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "n/a"}'; }
+
+hex16() { od -An -tx1 -N16 /dev/urandom | tr -d ' \n'; }
+
+# write_client_config FILE SERVER_PORT SOCKS_PORT
+write_client_config() {
+    cat >"$1" <<EOF
+{"mode":"client","server":"127.0.0.1:$2","access_key":"$ACCESS_KEY","socks5_bind":"127.0.0.1:$3","tun":{"enable":false,"dns":"1.1.1.1"},"turn":{"enabled":false},"mux":{"enabled":false,"sessions":1},"debug":false}
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+if [[ -z ${NO_BUILD:-} ]]; then
+    log "building release (examples, then the ostp binary)"
+    (cd "$ROOT" && cargo build --release --example bulk_http --example lossy_relay) >&2 ||
+        log "building the examples failed"
+    if [[ -z ${OSTP_BIN:-} ]] && ! (cd "$ROOT" && cargo build --release --bin ostp) >&2; then
+        log "building ostp failed: tunnel sections will be n/a"
+        OSTP="$WORK/missing-ostp" # never run a stale binary
+    fi
+fi
+if [[ ! -x $BULK ]]; then
+    echo "bulk_http example not built ($BULK); nothing can be measured" >&2
+    exit 1
+fi
+
+# ---------------------------------------------------------------------------------------------
+# origin server
+
+start bulk "$BULK" --listen 127.0.0.1:0
+BULK_PID=$STARTED_PID
+for _ in $(seq 50); do
+    [[ -s $WORK/bulk.out ]] && break
+    sleep 0.1
+done
+BULK_PORT=$(head -n1 "$WORK/bulk.out" 2>/dev/null)
+if [[ -z $BULK_PORT ]] || ! wait_tcp "$BULK_PORT" 5; then
+    echo "bulk_http did not start" >&2
+    exit 1
+fi
+log "bulk_http on 127.0.0.1:$BULK_PORT (pid $BULK_PID)"
+
+# Results default to n/a.
+for k in direct ostp ss; do
+    declare "MBPS_$k=n/a" "TTFB_$k=n/a" "CONC_$k=n/a" "CPUS_$k=n/a" "CPUC_$k=n/a"
+    declare "RSS_IDLE_S_$k=n/a" "RSS_IDLE_C_$k=n/a" "RSS_PEAK_S_$k=n/a" "RSS_PEAK_C_$k=n/a"
+done
+IDLE_SESSIONS_RSS=n/a
+LOSSY_1=n/a
+LOSSY_5=n/a
+
+# ---------------------------------------------------------------------------------------------
+# direct baseline
+
+single_stream direct "" ""
+MBPS_direct=$SS_MBPS
+TTFB_direct=$(ttfb_median) || TTFB_direct=n/a
+CONC_direct=$(concurrent)
+log "direct: ttfb $TTFB_direct ms, $STREAMS streams $CONC_direct MB/s"
+
+# ---------------------------------------------------------------------------------------------
+# ostp
+
+ACCESS_KEY=$(hex16)
+API_TOKEN="t$(hex16)"
+OSTP_PORT=$(free_port)
+API_PORT=$(free_port)
+SOCKS_PORT=$(free_port)
+SERVER_PID=""
+CLIENT_PID=""
+if [[ -x $OSTP ]]; then
+    cat >"$WORK/server.json" <<EOF
+{"mode":"server","listen":"127.0.0.1:$OSTP_PORT","access_keys":["$ACCESS_KEY"],"api":{"enabled":true,"bind":"127.0.0.1:$API_PORT","token":"$API_TOKEN"},"allow_private_destinations":true}
+EOF
+    write_client_config "$WORK/client.json" "$OSTP_PORT" "$SOCKS_PORT"
+    start ostp-server "$OSTP" --config "$WORK/server.json"
+    SERVER_PID=$STARTED_PID
+    sleep 0.3
+    start ostp-client "$OSTP" --config "$WORK/client.json"
+    CLIENT_PID=$STARTED_PID
+    if wait_tcp "$SOCKS_PORT" 10 && alive "$SERVER_PID" && alive "$CLIENT_PID"; then
+        sleep 0.5
+        RSS_IDLE_S_ostp=$(mem_mb "$SERVER_PID" VmRSS)
+        RSS_IDLE_C_ostp=$(mem_mb "$CLIENT_PID" VmRSS)
+        PROXY=(--socks5-hostname "127.0.0.1:$SOCKS_PORT")
+        single_stream ostp "$SERVER_PID" "$CLIENT_PID" "${PROXY[@]}"
+        MBPS_ostp=$SS_MBPS CPUS_ostp=$SS_CPU_SERVER CPUC_ostp=$SS_CPU_CLIENT
+        TTFB_ostp=$(ttfb_median "${PROXY[@]}") || TTFB_ostp=n/a
+        CONC_ostp=$(concurrent "${PROXY[@]}")
+        log "ostp: ttfb $TTFB_ostp ms, $STREAMS streams $CONC_ostp MB/s"
+        RSS_PEAK_S_ostp=$(mem_mb "$SERVER_PID" VmHWM)
+        RSS_PEAK_C_ostp=$(mem_mb "$CLIENT_PID" VmHWM)
+    else
+        log "ostp server/client did not come up (see $WORK/ostp-*.log):"
+        tail -n 5 "$WORK/ostp-server.log" "$WORK/ostp-client.log" >&2 2>/dev/null
+    fi
+
+    # 1,000 idle sessions (hidden client flag; n/a when unsupported).
+    if alive "$SERVER_PID"; then
+        write_client_config "$WORK/idle.json" "$OSTP_PORT" "$(free_port)"
+        start ostp-idle "$OSTP" --bench-idle-sessions "$IDLE_SESSIONS" --config "$WORK/idle.json"
+        IDLE_PID=$STARTED_PID
+        sleep 2
+        if alive "$IDLE_PID"; then
+            # Let the sessions settle (up to 15 s), then sample the server.
+            sleep "${IDLE_SETTLE_S:-8}"
+            if alive "$IDLE_PID" && alive "$SERVER_PID"; then
+                IDLE_SESSIONS_RSS=$(mem_mb "$SERVER_PID" VmRSS)
+            fi
+        else
+            log "ostp --bench-idle-sessions unsupported or failed"
+        fi
+        stop "$IDLE_PID"
+    fi
+
+    # Goodput through the lossy relay: 100 Mbit/s, 25 ms each way (50 ms RTT), 1 % / 5 % loss.
+    if [[ -x $RELAY ]] && alive "$SERVER_PID"; then
+        for loss in 1 5; do
+            relay_port=$(free_port)
+            lossy_socks=$(free_port)
+            start "relay-$loss" "$RELAY" --listen "127.0.0.1:$relay_port" --upstream "127.0.0.1:$OSTP_PORT" \
+                --rate-mbit 100 --delay-ms 25 --loss "0.0$loss" --seed 1
+            relay_pid=$STARTED_PID
+            write_client_config "$WORK/lossy-$loss.json" "$relay_port" "$lossy_socks"
+            start "lossy-client-$loss" "$OSTP" --config "$WORK/lossy-$loss.json"
+            lossy_client=$STARTED_PID
+            result=n/a
+            if wait_tcp "$lossy_socks" 10 && alive "$relay_pid"; then
+                bytes=$((LOSSY_MB * 1000 * 1000))
+                if out=$(CURL_MAX_S=$LOSSY_MAX_S download --socks5-hostname "127.0.0.1:$lossy_socks" -- \
+                    "http://127.0.0.1:$BULK_PORT/bytes/$bytes" "$bytes"); then
+                    result=$(mbps $out)
+                fi
+            fi
+            log "lossy $loss %: $result MB/s"
+            declare "LOSSY_$loss=$result"
+            stop "$lossy_client"
+            stop "$relay_pid"
+        done
+    fi
+else
+    log "no ostp binary at $OSTP: tunnel sections are n/a"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# shadowsocks-libev baseline
+
+if [[ -z ${SKIP_SS:-} ]]; then
+    if ! command -v ss-server >/dev/null || ! command -v ss-local >/dev/null; then
+        if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+            log "installing shadowsocks-libev (apt-get)"
+            timeout 300 apt-get install -y -qq shadowsocks-libev >/dev/null 2>&1 ||
+                { timeout 120 apt-get update -qq >/dev/null 2>&1 &&
+                    timeout 300 apt-get install -y -qq shadowsocks-libev >/dev/null 2>&1; } ||
+                log "could not install shadowsocks-libev"
+        fi
+    fi
+    if command -v ss-server >/dev/null && command -v ss-local >/dev/null; then
+        SS_PORT=$(free_port)
+        SS_LOCAL=$(free_port)
+        SS_PASS=$(hex16)
+        start ss-server ss-server -s 127.0.0.1 -p "$SS_PORT" -k "$SS_PASS" -m chacha20-ietf-poly1305
+        SSS_PID=$STARTED_PID
+        start ss-local ss-local -s 127.0.0.1 -p "$SS_PORT" -b 127.0.0.1 -l "$SS_LOCAL" -k "$SS_PASS" \
+            -m chacha20-ietf-poly1305
+        SSL_PID=$STARTED_PID
+        if wait_tcp "$SS_LOCAL" 10 && alive "$SSS_PID"; then
+            sleep 0.3
+            RSS_IDLE_S_ss=$(mem_mb "$SSS_PID" VmRSS)
+            RSS_IDLE_C_ss=$(mem_mb "$SSL_PID" VmRSS)
+            PROXY=(--socks5-hostname "127.0.0.1:$SS_LOCAL")
+            single_stream shadowsocks "$SSS_PID" "$SSL_PID" "${PROXY[@]}"
+            MBPS_ss=$SS_MBPS CPUS_ss=$SS_CPU_SERVER CPUC_ss=$SS_CPU_CLIENT
+            TTFB_ss=$(ttfb_median "${PROXY[@]}") || TTFB_ss=n/a
+            CONC_ss=$(concurrent "${PROXY[@]}")
+            log "shadowsocks: ttfb $TTFB_ss ms, $STREAMS streams $CONC_ss MB/s"
+            RSS_PEAK_S_ss=$(mem_mb "$SSS_PID" VmHWM)
+            RSS_PEAK_C_ss=$(mem_mb "$SSL_PID" VmHWM)
+        else
+            log "shadowsocks did not come up"
+        fi
+        stop "$SSL_PID"
+        stop "$SSS_PID"
+    else
+        log "shadowsocks-libev not available: its column is n/a"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+echo
+echo "## ostp tunnel benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, loopback)"
+echo
+echo "Single stream: $SIZE_MB MB; concurrent: $STREAMS × $STREAM_MB MB; TTFB: median of $TTFB_N \`GET /\`."
+echo
+echo "| metric | ostp | direct | shadowsocks-libev | ostp / direct | ostp / ss |"
+echo "|---|---:|---:|---:|---:|---:|"
+row() { echo "| $1 | $2 | $3 | $4 | $5 | $6 |"; }
+row "single-stream download (MB/s)" "$MBPS_ostp" "$MBPS_direct" "$MBPS_ss" \
+    "$(ratio "$MBPS_ostp" "$MBPS_direct")" "$(ratio "$MBPS_ostp" "$MBPS_ss")"
+row "$STREAMS concurrent streams, aggregate (MB/s)" "$CONC_ostp" "$CONC_direct" "$CONC_ss" \
+    "$(ratio "$CONC_ostp" "$CONC_direct")" "$(ratio "$CONC_ostp" "$CONC_ss")"
+row "TTFB median (ms)" "$TTFB_ostp" "$TTFB_direct" "$TTFB_ss" \
+    "$(ratio "$TTFB_ostp" "$TTFB_direct")" "$(ratio "$TTFB_ostp" "$TTFB_ss")"
+row "server CPU (s per GB)" "$CPUS_ostp" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_ostp" "$CPUS_ss")"
+row "client CPU (s per GB)" "$CPUC_ostp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_ostp" "$CPUC_ss")"
+row "server RSS idle / peak (MB)" "$RSS_IDLE_S_ostp / $RSS_PEAK_S_ostp" "–" "$RSS_IDLE_S_ss / $RSS_PEAK_S_ss" "–" "–"
+row "client RSS idle / peak (MB)" "$RSS_IDLE_C_ostp / $RSS_PEAK_C_ostp" "–" "$RSS_IDLE_C_ss / $RSS_PEAK_C_ss" "–" "–"
+row "server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_SESSIONS_RSS" "–" "–" "–" "–"
+row "goodput 100 Mbit/s, 50 ms RTT, 1 % loss (MB/s; link max 12.5)" "$LOSSY_1" "–" "–" "–" "–"
+row "goodput 100 Mbit/s, 50 ms RTT, 5 % loss (MB/s; link max 12.5)" "$LOSSY_5" "–" "–" "–" "–"
