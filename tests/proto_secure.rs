@@ -1,0 +1,262 @@
+//! Secure-layer behaviour of the endpoints: who gets a reply, who gets silence, caps, rate limits,
+//! tag rotation, and the key derivations' separation properties.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ostp::proto::endpoint::{
+    ClientConfig, ClientEvent, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SocketIndex, UserId,
+    UserState,
+};
+use ostp::proto::handshake::{self, RefuseReason};
+use ostp::proto::psk::{self, UserKeys};
+
+const KEY: &str = "secure-test-key-ABCDEFGHIJ";
+const UNIX: u64 = 1_800_000_000;
+
+fn addr() -> SocketAddr {
+    "203.0.113.5:6000".parse().unwrap()
+}
+
+fn server_with(config: ServerConfig) -> ServerEndpoint {
+    let mut s = ServerEndpoint::new(config, [11; 32]);
+    s.set_user(UserId(1), KEY, UserState::Active).unwrap();
+    s
+}
+
+fn server() -> ServerEndpoint {
+    server_with(ServerConfig::default())
+}
+
+/// Sends the client's first hello to the server; returns the server's answer, if any.
+fn hello_exchange(
+    server: &mut ServerEndpoint,
+    client: &mut ClientSession,
+    now: Instant,
+    server_unix: u64,
+) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 2048];
+    let n = client.poll_transmit(now, &mut buf).expect("client sends a hello");
+    server.handle_datagram(now, server_unix, SocketIndex(0), addr(), &mut buf[..n]);
+    let t = server.poll_transmit(now, &mut buf)?;
+    assert_eq!(t.to, addr());
+    Some(buf[..t.len].to_vec())
+}
+
+fn client(key: &str, now: Instant, unix: u64, seed: u8) -> ClientSession {
+    ClientSession::connect(ClientConfig::default(), key, now, unix, [seed; 32]).unwrap()
+}
+
+#[test]
+fn valid_hello_connects_and_learns_clock_offset() {
+    let now = Instant::now();
+    let mut s = server();
+    let mut c = client(KEY, now, UNIX - 30, 1);
+    let mut reply = hello_exchange(&mut s, &mut c, now, UNIX).expect("reply");
+    c.handle_datagram(now, &mut reply);
+    assert!(c.is_connected());
+    assert!(matches!(c.poll_event(), Some(ClientEvent::Connected)));
+    assert_eq!(c.server_clock_offset(), Some(30));
+    assert_eq!(s.session_count(), 1);
+    assert!(matches!(s.poll_event(), Some(EndpointEvent::SessionEstablished { user: UserId(1), .. })));
+}
+
+#[test]
+fn wrong_key_gets_silence() {
+    let now = Instant::now();
+    let mut s = server();
+    let mut c = client("some-other-key-ABCDEFGHIJ", now, UNIX, 2);
+    assert!(hello_exchange(&mut s, &mut c, now, UNIX).is_none());
+    assert_eq!(s.stats().dropped_unknown, 1);
+    assert_eq!(s.session_count(), 0);
+}
+
+#[test]
+fn stale_and_future_timestamps_get_silence_within_window_connects() {
+    let now = Instant::now();
+    for (skew, accepted) in [(-121i64, false), (121, false), (-300, false), (-119, true), (119, true), (0, true)] {
+        let mut s = server();
+        let client_unix = UNIX.saturating_add_signed(skew);
+        let mut c = client(KEY, now, client_unix, 3);
+        let got = hello_exchange(&mut s, &mut c, now, UNIX);
+        assert_eq!(got.is_some(), accepted, "skew {skew}");
+    }
+}
+
+#[test]
+fn replayed_hello_gets_silence_even_from_another_address() {
+    let now = Instant::now();
+    let mut s = server();
+    let mut c = client(KEY, now, UNIX, 4);
+    let mut buf = vec![0u8; 2048];
+    let n = c.poll_transmit(now, &mut buf).unwrap();
+    let hello = buf[..n].to_vec();
+    let mut first = hello.clone();
+    s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut first);
+    assert!(s.poll_transmit(now, &mut buf).is_some());
+    for (i, from) in ["203.0.113.5:6000", "198.51.100.9:1"].iter().enumerate() {
+        let mut replay = hello.clone();
+        s.handle_datagram(now + Duration::from_secs(i as u64), UNIX + 10, SocketIndex(1), from.parse().unwrap(), &mut replay);
+        assert!(s.poll_transmit(now, &mut buf).is_none(), "replay must get silence");
+    }
+    assert_eq!(s.stats().hello_replays, 2);
+    assert_eq!(s.session_count(), 1);
+}
+
+#[test]
+fn deleted_user_gets_silence_and_sessions_close() {
+    let now = Instant::now();
+    let mut s = server();
+    let mut c = client(KEY, now, UNIX, 5);
+    let mut reply = hello_exchange(&mut s, &mut c, now, UNIX).unwrap();
+    c.handle_datagram(now, &mut reply);
+    assert!(s.remove_user(now, UserId(1)));
+    assert_eq!(s.hello_tag_count(), 0);
+    let mut c2 = client(KEY, now, UNIX, 6);
+    assert!(hello_exchange(&mut s, &mut c2, now, UNIX).is_none(), "deleted user gets silence");
+}
+
+#[test]
+fn refused_user_gets_authenticated_refusal() {
+    let now = Instant::now();
+    let mut s = server();
+    s.set_user_state(UserId(1), UserState::Refused(RefuseReason::QuotaExceeded));
+    let mut c = client(KEY, now, UNIX, 7);
+    let mut reply = hello_exchange(&mut s, &mut c, now, UNIX).expect("refusal is sent");
+    // A tampered refusal is ignored...
+    let mut tampered = reply.clone();
+    tampered[30] ^= 0x40;
+    c.handle_datagram(now, &mut tampered);
+    assert!(c.poll_event().is_none());
+    // ...the authentic one is reported.
+    c.handle_datagram(now, &mut reply);
+    match c.poll_event() {
+        Some(ClientEvent::Refused { reason, retry_after_secs }) => {
+            assert_eq!(reason, RefuseReason::QuotaExceeded);
+            assert_eq!(retry_after_secs, 60);
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    assert!(c.is_finished());
+    assert_eq!(s.session_count(), 0);
+    // A refusal for one user cannot be opened by a client of another user.
+    let mut other = client("another-user-key-ABCDEFGHIJ", now, UNIX, 8);
+    other.handle_datagram(now, &mut reply);
+    assert!(other.poll_event().is_none());
+}
+
+#[test]
+fn per_user_cap_refuses_but_evicts_unconfirmed_first() {
+    let now = Instant::now();
+    let config = ServerConfig { max_sessions_per_user: 2, ..ServerConfig::default() };
+    let mut s = server_with(config);
+    // Three handshakes whose replies are "lost" (never confirmed by client traffic): the cap is
+    // reached, but the oldest unconfirmed session makes room, so a retrying client never locks out.
+    for seed in 0..3 {
+        let mut c = client(KEY, now, UNIX, 20 + seed);
+        let reply = hello_exchange(&mut s, &mut c, now, UNIX).expect("accepted");
+        assert!(!reply.is_empty());
+    }
+    assert_eq!(s.session_count(), 2);
+    assert_eq!(s.stats().refusals_sent, 0);
+}
+
+#[test]
+fn global_cap_and_rate_limit() {
+    let now = Instant::now();
+    let config = ServerConfig { handshake_rate: 1, handshake_burst: 3, ..ServerConfig::default() };
+    let mut s = server_with(config);
+    let mut answered = 0;
+    for seed in 0..6 {
+        let mut c = client(KEY, now, UNIX, 40 + seed);
+        if hello_exchange(&mut s, &mut c, now, UNIX).is_some() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 3, "burst of 3, then silence");
+    // Clients pick a random slot, so two of them can collide (counted as a replay): either way silence.
+    let stats = s.stats();
+    assert_eq!(stats.hello_rate_limited + stats.hello_replays, 3);
+    assert!(stats.hello_rate_limited >= 1);
+    // After two seconds, two more tokens.
+    let later = now + Duration::from_secs(2);
+    let mut c = client(KEY, later, UNIX + 2, 60);
+    assert!(hello_exchange(&mut s, &mut c, later, UNIX + 2).is_some());
+}
+
+#[test]
+fn hello_tags_rotate_with_epochs_and_stay_bounded() {
+    let now = Instant::now();
+    let mut s = server();
+    let mut buf = [0u8; 8];
+    s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf);
+    assert_eq!(s.hello_tag_count(), 3 * 16);
+    for step in 1..10u64 {
+        s.handle_datagram(now, UNIX + step * 120, SocketIndex(0), addr(), &mut buf);
+        assert_eq!(s.hello_tag_count(), 3 * 16);
+    }
+    // A client far in the future relative to the old clock still connects at the new time.
+    let mut c = client(KEY, now, UNIX + 9 * 120, 70);
+    assert!(hello_exchange(&mut s, &mut c, now, UNIX + 9 * 120).is_some());
+    // The server epoch never goes back: a clock step back does not re-register old tags.
+    s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf);
+    assert_eq!(s.hello_tag_count(), 3 * 16);
+}
+
+#[test]
+fn lost_reply_client_retries_with_a_new_hello_and_connects() {
+    let now = Instant::now();
+    let mut s = server();
+    let mut c = client(KEY, now, UNIX, 80);
+    let mut buf = vec![0u8; 2048];
+    let n = c.poll_transmit(now, &mut buf).unwrap();
+    let first = buf[..n].to_vec();
+    s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf[..n]);
+    assert!(s.poll_transmit(now, &mut buf).is_some()); // reply lost
+    let retry_at = c.poll_timeout().unwrap();
+    assert_eq!(retry_at, now + Duration::from_secs(1));
+    c.handle_timeout(retry_at);
+    let n = c.poll_transmit(retry_at, &mut buf).expect("retry hello");
+    assert_ne!(&buf[..8], &first[..8], "a retry is a new hello with a new tag");
+    s.handle_datagram(retry_at, UNIX + 1, SocketIndex(0), addr(), &mut buf[..n]);
+    let t = s.poll_transmit(retry_at, &mut buf).unwrap();
+    c.handle_datagram(retry_at, &mut buf[..t.len]);
+    assert!(c.is_connected());
+}
+
+#[test]
+fn handshake_times_out_with_silence() {
+    let now = Instant::now();
+    let mut c = client(KEY, now, UNIX, 90);
+    let mut buf = vec![0u8; 2048];
+    let mut hellos = 0;
+    let mut t = now;
+    while !c.is_finished() {
+        while c.poll_transmit(t, &mut buf).is_some() {
+            hellos += 1;
+        }
+        t = c.poll_timeout().unwrap();
+        c.handle_timeout(t);
+    }
+    assert!(matches!(c.poll_event(), Some(ClientEvent::HandshakeTimeout)));
+    assert!(t <= now + Duration::from_secs(30));
+    assert!((5..=10).contains(&hellos), "backoff 1,2,4,8,8.. gives a handful of hellos: {hellos}");
+}
+
+#[test]
+fn psk_and_tags_are_per_user_and_per_slot() {
+    let a = UserKeys::from_access_key(KEY).unwrap();
+    let b = UserKeys::from_access_key("secure-test-key-ABCDEFGHIK").unwrap();
+    assert_ne!(a.psk, b.psk);
+    assert_ne!(a.tag_key, a.hello_key);
+    let e = handshake::epoch_of(UNIX);
+    let mut tags = std::collections::HashSet::new();
+    for k in [&a, &b] {
+        for epoch in e - 1..=e + 1 {
+            for slot in 0..16 {
+                assert!(tags.insert(handshake::hello_tag(&k.tag_key, epoch, slot)));
+            }
+        }
+    }
+    assert!(psk::derive_psk("too-short").is_err());
+}
