@@ -1,0 +1,499 @@
+//! Congestion control: delivery-rate estimation and a BBR(v1)-style model-based controller.
+//!
+//! The controller estimates the bottleneck bandwidth (windowed max of delivery-rate samples over
+//! 10 round trips) and the minimum RTT (windowed min over 10 s), and derives a pacing rate
+//! (`gain × bandwidth`) and a congestion window (`gain × bandwidth × min_rtt`). Random packet
+//! loss does not reduce either estimate directly, so throughput does not collapse on lossy
+//! paths the way loss-based controllers (NewReno, CUBIC) do. All arithmetic is integer.
+
+use std::time::{Duration, Instant};
+
+/// Gains are fixed-point with this denominator.
+const GAIN_UNIT: u64 = 1000;
+/// 2/ln(2): startup doubles the sending rate every round trip.
+const HIGH_GAIN: u64 = 2885;
+const DRAIN_GAIN: u64 = GAIN_UNIT * GAIN_UNIT / HIGH_GAIN;
+const PROBE_BW_CWND_GAIN: u64 = 2000;
+const PROBE_BW_GAINS: [u64; 8] = [1250, 750, 1000, 1000, 1000, 1000, 1000, 1000];
+/// Bandwidth filter window, in round trips.
+const BW_WINDOW_ROUNDS: u64 = 10;
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
+/// Minimum congestion window, in packets.
+const MIN_CWND_PACKETS: u64 = 4;
+/// Startup ends after this many rounds without 25 % bandwidth growth.
+const FULL_BW_ROUNDS: u32 = 3;
+
+/// Delivery state captured when a packet is sent (draft-cheng-iccrg-delivery-rate-estimation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliverySnapshot {
+    pub delivered: u64,
+    pub delivered_time: Instant,
+    pub first_sent_time: Instant,
+    pub app_limited: bool,
+    pub sent_time: Instant,
+}
+
+impl DeliverySnapshot {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            delivered: 0,
+            delivered_time: now,
+            first_sent_time: now,
+            app_limited: false,
+            sent_time: now,
+        }
+    }
+}
+
+/// One delivery-rate sample computed from an ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSample {
+    /// Bytes per second.
+    pub delivery_rate: u64,
+    pub is_app_limited: bool,
+    /// `delivered` of the most recently sent packet acknowledged (for round counting).
+    pub prior_delivered: u64,
+}
+
+/// Connection-wide delivery-rate estimator.
+#[derive(Debug, Clone)]
+pub struct DeliveryRate {
+    delivered: u64,
+    delivered_time: Instant,
+    first_sent_time: Instant,
+    /// Non-zero while the sender is application-limited: the `delivered` value that ends it.
+    app_limited_until: u64,
+    // Sample under construction for the current ACK.
+    sample: Option<DeliverySnapshot>,
+}
+
+impl DeliveryRate {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            delivered: 0,
+            delivered_time: now,
+            first_sent_time: now,
+            app_limited_until: 0,
+            sample: None,
+        }
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Snapshot for a packet being sent at `now` with `bytes_in_flight` before it.
+    pub fn on_sent(&mut self, now: Instant, bytes_in_flight: u64) -> DeliverySnapshot {
+        if bytes_in_flight == 0 {
+            self.first_sent_time = now;
+            self.delivered_time = now;
+        }
+        DeliverySnapshot {
+            delivered: self.delivered,
+            delivered_time: self.delivered_time,
+            first_sent_time: self.first_sent_time,
+            app_limited: self.app_limited_until != 0,
+            sent_time: now,
+        }
+    }
+
+    /// The sender has nothing to send although the window would allow it.
+    pub fn on_app_limited(&mut self, bytes_in_flight: u64) {
+        self.app_limited_until = (self.delivered + bytes_in_flight).max(1);
+    }
+
+    pub fn on_acked(&mut self, now: Instant, snap: &DeliverySnapshot, bytes: u64) {
+        self.delivered += bytes;
+        self.delivered_time = now;
+        let newer = match &self.sample {
+            None => true,
+            Some(s) => snap.delivered > s.delivered || snap.sent_time > s.sent_time,
+        };
+        if newer {
+            self.sample = Some(*snap);
+            self.first_sent_time = snap.sent_time;
+        }
+    }
+
+    /// Finishes the sample for one ACK frame.
+    pub fn take_sample(&mut self, min_rtt: Option<Duration>) -> Option<RateSample> {
+        let snap = self.sample.take()?;
+        if self.app_limited_until != 0 && self.delivered > self.app_limited_until {
+            self.app_limited_until = 0;
+        }
+        let send_elapsed = snap
+            .sent_time
+            .saturating_duration_since(snap.first_sent_time);
+        let ack_elapsed = self
+            .delivered_time
+            .saturating_duration_since(snap.delivered_time);
+        let interval = send_elapsed.max(ack_elapsed);
+        if interval.is_zero() || min_rtt.is_some_and(|m| interval < m) {
+            return None;
+        }
+        let bytes = self.delivered - snap.delivered;
+        let rate = u128::from(bytes) * 1_000_000_000 / interval.as_nanos().max(1);
+        Some(RateSample {
+            delivery_rate: rate.min(u128::from(u64::MAX)) as u64,
+            is_app_limited: snap.app_limited,
+            prior_delivered: snap.delivered,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BbrState {
+    Startup,
+    Drain,
+    ProbeBw,
+    ProbeRtt,
+}
+
+/// What the controller needs to know about one processed ACK frame.
+#[derive(Debug, Clone, Copy)]
+pub struct AckEvent {
+    pub now: Instant,
+    pub bytes_acked: u64,
+    pub bytes_in_flight: u64,
+    pub rtt_sample: Option<Duration>,
+    pub rate: Option<RateSample>,
+    pub delivered: u64,
+}
+
+/// BBR-style congestion controller.
+#[derive(Debug, Clone)]
+pub struct Bbr {
+    mss: u64,
+    state: BbrState,
+    bw_slots: [(u64, u64); BW_WINDOW_ROUNDS as usize],
+    btl_bw: u64,
+    min_rtt: Option<Duration>,
+    min_rtt_stamp: Instant,
+    round_count: u64,
+    next_round_delivered: u64,
+    full_bw: u64,
+    full_bw_count: u32,
+    filled_pipe: bool,
+    cycle_index: usize,
+    cycle_stamp: Instant,
+    probe_rtt_done: Option<Instant>,
+    probe_rtt_round_done: bool,
+    prior_cwnd: u64,
+    pacing_gain: u64,
+    cwnd_gain: u64,
+    cwnd: u64,
+    pacing_rate: u64,
+    initial_cwnd: u64,
+}
+
+impl Bbr {
+    pub fn new(now: Instant, mss: usize, initial_cwnd_packets: u64, initial_rtt: Duration) -> Self {
+        let mss = mss as u64;
+        let initial_cwnd = initial_cwnd_packets.max(MIN_CWND_PACKETS) * mss;
+        let rtt_ns = initial_rtt.as_nanos().max(1);
+        let pacing_rate = (u128::from(initial_cwnd) * 1_000_000_000 * u128::from(HIGH_GAIN)
+            / u128::from(GAIN_UNIT)
+            / rtt_ns) as u64;
+        Self {
+            mss,
+            state: BbrState::Startup,
+            bw_slots: [(0, 0); BW_WINDOW_ROUNDS as usize],
+            btl_bw: 0,
+            min_rtt: None,
+            min_rtt_stamp: now,
+            round_count: 0,
+            next_round_delivered: 0,
+            full_bw: 0,
+            full_bw_count: 0,
+            filled_pipe: false,
+            cycle_index: 0,
+            cycle_stamp: now,
+            probe_rtt_done: None,
+            probe_rtt_round_done: false,
+            prior_cwnd: initial_cwnd,
+            pacing_gain: HIGH_GAIN,
+            cwnd_gain: HIGH_GAIN,
+            cwnd: initial_cwnd,
+            pacing_rate: pacing_rate.max(1),
+            initial_cwnd,
+        }
+    }
+
+    pub fn cwnd(&self) -> u64 {
+        self.cwnd
+    }
+
+    /// Bytes per second.
+    pub fn pacing_rate(&self) -> u64 {
+        self.pacing_rate
+    }
+
+    /// Bottleneck bandwidth estimate, bytes per second.
+    pub fn bandwidth(&self) -> u64 {
+        self.btl_bw
+    }
+
+    pub fn state(&self) -> BbrState {
+        self.state
+    }
+
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
+    }
+
+    fn bdp(&self, gain: u64) -> Option<u64> {
+        let rtt = self.min_rtt?;
+        if self.btl_bw == 0 {
+            return None;
+        }
+        let bdp = u128::from(self.btl_bw) * rtt.as_nanos() / 1_000_000_000;
+        Some((bdp * u128::from(gain) / u128::from(GAIN_UNIT)).min(u128::from(u64::MAX / 2)) as u64)
+    }
+
+    fn min_cwnd(&self) -> u64 {
+        MIN_CWND_PACKETS * self.mss
+    }
+
+    pub fn on_ack(&mut self, ev: &AckEvent) {
+        let round_start = match ev.rate {
+            Some(r) if r.prior_delivered >= self.next_round_delivered => {
+                self.next_round_delivered = ev.delivered;
+                self.round_count += 1;
+                true
+            }
+            _ => false,
+        };
+        if let Some(r) = ev.rate {
+            if !r.is_app_limited || r.delivery_rate >= self.btl_bw {
+                self.update_bw(r.delivery_rate);
+            }
+        }
+        self.update_cycle_phase(ev);
+        if round_start {
+            self.check_full_pipe(ev.rate.is_some_and(|r| r.is_app_limited));
+        }
+        self.check_drain(ev);
+        self.update_min_rtt(ev, round_start);
+        self.set_pacing_rate();
+        self.set_cwnd(ev);
+    }
+
+    fn update_bw(&mut self, rate: u64) {
+        let slot = &mut self.bw_slots[(self.round_count % BW_WINDOW_ROUNDS) as usize];
+        if slot.0 != self.round_count {
+            *slot = (self.round_count, rate);
+        } else {
+            slot.1 = slot.1.max(rate);
+        }
+        let round = self.round_count;
+        self.btl_bw = self
+            .bw_slots
+            .iter()
+            .filter(|(r, _)| round - r < BW_WINDOW_ROUNDS)
+            .map(|&(_, bw)| bw)
+            .max()
+            .unwrap_or(rate);
+    }
+
+    fn update_cycle_phase(&mut self, ev: &AckEvent) {
+        if self.state != BbrState::ProbeBw {
+            return;
+        }
+        let Some(min_rtt) = self.min_rtt else { return };
+        let elapsed = ev.now.saturating_duration_since(self.cycle_stamp) > min_rtt;
+        let gain = self.pacing_gain;
+        let advance = if gain > GAIN_UNIT {
+            elapsed && self.bdp(gain).is_none_or(|t| ev.bytes_in_flight >= t)
+        } else if gain < GAIN_UNIT {
+            elapsed || self.bdp(GAIN_UNIT).is_some_and(|t| ev.bytes_in_flight <= t)
+        } else {
+            elapsed
+        };
+        if advance {
+            self.cycle_index = (self.cycle_index + 1) % PROBE_BW_GAINS.len();
+            self.cycle_stamp = ev.now;
+            self.pacing_gain = PROBE_BW_GAINS[self.cycle_index];
+        }
+    }
+
+    fn check_full_pipe(&mut self, app_limited: bool) {
+        if self.filled_pipe || app_limited {
+            return;
+        }
+        if self.btl_bw >= self.full_bw * 5 / 4 {
+            self.full_bw = self.btl_bw;
+            self.full_bw_count = 0;
+            return;
+        }
+        self.full_bw_count += 1;
+        if self.full_bw_count >= FULL_BW_ROUNDS {
+            self.filled_pipe = true;
+        }
+    }
+
+    fn check_drain(&mut self, ev: &AckEvent) {
+        if self.state == BbrState::Startup && self.filled_pipe {
+            self.state = BbrState::Drain;
+            self.pacing_gain = DRAIN_GAIN;
+            self.cwnd_gain = HIGH_GAIN;
+        }
+        if self.state == BbrState::Drain
+            && self.bdp(GAIN_UNIT).is_none_or(|b| ev.bytes_in_flight <= b)
+        {
+            self.enter_probe_bw(ev.now);
+        }
+    }
+
+    fn enter_probe_bw(&mut self, now: Instant) {
+        self.state = BbrState::ProbeBw;
+        self.cwnd_gain = PROBE_BW_CWND_GAIN;
+        // Deterministic start phase (not the probing one), as the core has no RNG here.
+        self.cycle_index = 2;
+        self.pacing_gain = PROBE_BW_GAINS[self.cycle_index];
+        self.cycle_stamp = now;
+    }
+
+    fn update_min_rtt(&mut self, ev: &AckEvent, round_start: bool) {
+        let expired = ev.now.saturating_duration_since(self.min_rtt_stamp) > MIN_RTT_WINDOW;
+        if let Some(rtt) = ev.rtt_sample {
+            if self.min_rtt.is_none_or(|m| rtt <= m) || expired {
+                self.min_rtt = Some(rtt);
+                self.min_rtt_stamp = ev.now;
+            }
+        }
+        if expired && self.state != BbrState::ProbeRtt && self.min_rtt.is_some() {
+            self.state = BbrState::ProbeRtt;
+            self.pacing_gain = GAIN_UNIT;
+            self.cwnd_gain = GAIN_UNIT;
+            self.prior_cwnd = self.cwnd;
+            self.probe_rtt_done = None;
+        }
+        if self.state == BbrState::ProbeRtt {
+            match self.probe_rtt_done {
+                None if ev.bytes_in_flight <= self.min_cwnd() => {
+                    self.probe_rtt_done = Some(ev.now + PROBE_RTT_DURATION);
+                    self.probe_rtt_round_done = false;
+                    self.next_round_delivered = ev.delivered;
+                }
+                Some(done) => {
+                    if round_start {
+                        self.probe_rtt_round_done = true;
+                    }
+                    if self.probe_rtt_round_done && ev.now >= done {
+                        self.min_rtt_stamp = ev.now;
+                        self.cwnd = self.cwnd.max(self.prior_cwnd);
+                        if self.filled_pipe {
+                            self.enter_probe_bw(ev.now);
+                        } else {
+                            self.state = BbrState::Startup;
+                            self.pacing_gain = HIGH_GAIN;
+                            self.cwnd_gain = HIGH_GAIN;
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn set_pacing_rate(&mut self) {
+        if self.btl_bw == 0 {
+            return;
+        }
+        let rate =
+            (u128::from(self.btl_bw) * u128::from(self.pacing_gain) / u128::from(GAIN_UNIT)) as u64;
+        if self.filled_pipe || rate > self.pacing_rate {
+            self.pacing_rate = rate.max(1);
+        }
+    }
+
+    fn set_cwnd(&mut self, ev: &AckEvent) {
+        if let Some(bdp) = self.bdp(self.cwnd_gain) {
+            let target = bdp + 3 * self.mss;
+            if self.filled_pipe {
+                self.cwnd = (self.cwnd + ev.bytes_acked).min(target);
+            } else if self.cwnd < target || ev.delivered < self.initial_cwnd {
+                self.cwnd += ev.bytes_acked;
+            }
+        } else {
+            self.cwnd += ev.bytes_acked;
+        }
+        self.cwnd = self.cwnd.max(self.min_cwnd());
+        if self.state == BbrState::ProbeRtt {
+            self.cwnd = self.cwnd.min(self.min_cwnd());
+        }
+    }
+
+    /// Probe timeout: the path may have changed; keep the model but restart from a small
+    /// window so the burst after an outage stays bounded.
+    pub fn on_pto(&mut self) {
+        self.prior_cwnd = self.prior_cwnd.max(self.cwnd);
+        self.cwnd = self.min_cwnd();
+    }
+
+    /// After a PTO, the first ACK restores the window saved before it.
+    pub fn on_recovered(&mut self) {
+        self.cwnd = self.cwnd.max(self.prior_cwnd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_rate_from_acks() {
+        let t0 = Instant::now();
+        let mut d = DeliveryRate::new(t0);
+        let snaps: Vec<_> = (0..10)
+            .map(|i| d.on_sent(t0 + Duration::from_millis(i), i * 1000))
+            .collect();
+        // All ten acked 50 ms after the first was sent: 10 kB over max(9 ms, 50 ms) = 200 kB/s.
+        let t_ack = t0 + Duration::from_millis(50);
+        for s in &snaps {
+            d.on_acked(t_ack, s, 1000);
+        }
+        let s = d.take_sample(None).unwrap();
+        assert_eq!(s.delivery_rate, 200_000);
+        assert!(!s.is_app_limited);
+    }
+
+    #[test]
+    fn startup_grows_then_settles_at_bdp() {
+        let t0 = Instant::now();
+        let mss = 1200u64;
+        let mut bbr = Bbr::new(t0, mss as usize, 10, Duration::from_millis(100));
+        let rtt = Duration::from_millis(50);
+        let bw = 1_250_000u64; // 10 Mbit/s
+        let mut delivered = 0;
+        let mut now = t0;
+        for round in 0..40 {
+            now += rtt;
+            delivered += bw / 20;
+            bbr.on_ack(&AckEvent {
+                now,
+                bytes_acked: bw / 20,
+                bytes_in_flight: bw / 20,
+                rtt_sample: Some(rtt),
+                rate: Some(RateSample {
+                    delivery_rate: bw,
+                    is_app_limited: false,
+                    prior_delivered: delivered - bw / 20,
+                }),
+                delivered,
+            });
+            if round > 10 {
+                assert_ne!(bbr.state(), BbrState::Startup);
+            }
+        }
+        assert_eq!(bbr.bandwidth(), bw);
+        let bdp = bw / 20;
+        assert!(
+            bbr.cwnd() <= 2 * bdp + 3 * mss && bbr.cwnd() >= bdp,
+            "{}",
+            bbr.cwnd()
+        );
+        assert!(bbr.pacing_rate() >= bw * 3 / 4 && bbr.pacing_rate() <= bw * 5 / 4);
+    }
+}

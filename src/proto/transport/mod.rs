@@ -1,0 +1,1787 @@
+//! The reliable multiplexed transport of OSTP: a sans-IO state machine that turns application
+//! stream writes and unreliable datagrams into transport payloads (sequences of frames), and
+//! received payloads back into ordered stream data and events.
+//!
+//! It owns reliability (selective-repeat ARQ with SACK ranges, RACK-style loss detection, probe
+//! timeouts with exponential backoff), congestion control (BBR-style, pacing), per-stream and
+//! per-session flow control, stream lifecycle (open with a destination, open result, data,
+//! half-close, reset), keepalive, idle timeout and graceful close. Packet protection
+//! (encryption, packet-number hiding, padding) belongs to the layer below, which hands us
+//! authenticated payloads with their packet numbers and asks us for the next payload to send.
+//!
+//! Nothing here reads the clock, touches sockets or allocates per packet on the data path.
+//! Every buffer is bounded by [`TransportConfig`].
+
+mod codes;
+mod congestion;
+mod dest;
+mod flow;
+pub mod frame;
+mod pacing;
+mod ranges;
+mod recovery;
+mod ring;
+mod stream;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub use codes::{CloseReason, OpenResult, ResetReason};
+pub use congestion::BbrState;
+pub use dest::Destination;
+pub use frame::FrameError;
+pub use stream::StreamId;
+
+use congestion::{AckEvent, Bbr, DeliveryRate};
+use flow::{RecvWindow, SendCredit};
+use frame::{AckFrame, Frame, Reader, Writer};
+use pacing::Pacer;
+use ranges::RangeSet;
+use recovery::{
+    MAX_ACK_DELAY, MAX_PTO, PACKET_THRESHOLD, PacketState, RttEstimator, SentFrame, SentLog,
+    SentPacket,
+};
+use stream::{FinState, OpenState, RecvError, Stream};
+
+/// Stream window every endpoint may assume before the peer's SETTINGS arrive.
+pub const INITIAL_STREAM_WINDOW: u64 = 64 * 1024;
+/// Session window every endpoint may assume before the peer's SETTINGS arrive.
+pub const INITIAL_SESSION_WINDOW: u64 = 256 * 1024;
+/// Concurrent streams every endpoint may open before the peer's SETTINGS arrive.
+pub const INITIAL_MAX_STREAMS: u64 = 16;
+/// Smallest `max_payload` the transport works with.
+pub const MIN_PAYLOAD: usize = 512;
+/// Send an ACK after this many ack-eliciting packets (or after [`recovery::MAX_ACK_DELAY`]).
+const ACK_ELICITING_THRESHOLD: u32 = 2;
+/// ACK ranges written per ACK frame.
+const MAX_ACK_RANGES_SENT: usize = 32;
+/// Received packet-number ranges remembered for ACKs (oldest dropped first).
+const RECV_PN_RANGES: usize = 64;
+/// How many times a closing endpoint repeats CLOSE in answer to incoming packets.
+const MAX_CLOSE_REPEATS: u32 = 4;
+/// Room kept free for the ACK frame when checking whether a datagram fits a packet.
+const DATAGRAM_HEADROOM: usize = 64;
+
+/// Which end of the session this is. Client-opened stream ids are even, server-opened odd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// Limits and timers. Defaults suit a router: memory per session is bounded by the windows.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// Bytes of frames per packet (the secure layer passes MTU minus its overhead).
+    pub max_payload: usize,
+    /// Receive window per stream (bytes the peer may send beyond what we read).
+    pub stream_window: u64,
+    /// Receive window for the whole session (all streams together).
+    pub session_window: u64,
+    /// Concurrent streams the peer may have open towards us.
+    pub max_streams: u64,
+    /// Send buffer per stream: `stream_write` accepts at most this much unacknowledged data.
+    pub send_buffer: usize,
+    /// Close the session when nothing was received for this long.
+    pub idle_timeout: Duration,
+    /// Send a PING when nothing was sent for this long.
+    pub keepalive_interval: Duration,
+    /// RTT assumed before the first sample.
+    pub initial_rtt: Duration,
+    /// Datagrams queued for sending, and received datagram events pending, at most.
+    pub max_datagram_queue: usize,
+    /// Reassembly gaps tolerated per stream before packets are dropped unacknowledged.
+    pub max_recv_ranges: usize,
+    /// Initial congestion window in packets.
+    pub initial_cwnd_packets: u64,
+    /// Sent packets tracked at most (bounds in-flight bookkeeping).
+    pub max_tracked_packets: usize,
+    /// Burst allowed by the pacer after idle.
+    pub pacing_burst: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: 1200,
+            stream_window: 1024 * 1024,
+            session_window: 2 * 1024 * 1024,
+            max_streams: 128,
+            send_buffer: 1024 * 1024,
+            idle_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(15),
+            initial_rtt: Duration::from_millis(100),
+            max_datagram_queue: 64,
+            max_recv_ranges: 512,
+            initial_cwnd_packets: 32,
+            max_tracked_packets: 16 * 1024,
+            pacing_burst: Duration::from_millis(2),
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Clamps values to what the protocol needs (windows not below the initial values, etc.).
+    fn sanitized(mut self) -> Self {
+        self.max_payload = self.max_payload.clamp(MIN_PAYLOAD, 65_000);
+        self.stream_window = self.stream_window.clamp(INITIAL_STREAM_WINDOW, 1 << 30);
+        self.session_window = self
+            .session_window
+            .clamp(INITIAL_SESSION_WINDOW.max(self.stream_window), 1 << 32);
+        self.max_streams = self.max_streams.clamp(INITIAL_MAX_STREAMS, 1 << 16);
+        self.send_buffer = self.send_buffer.clamp(4096, 1 << 30);
+        self.max_datagram_queue = self.max_datagram_queue.clamp(1, 4096);
+        self.max_recv_ranges = self.max_recv_ranges.clamp(8, 1 << 16);
+        self.initial_cwnd_packets = self.initial_cwnd_packets.clamp(4, 1024);
+        self.max_tracked_packets = self.max_tracked_packets.clamp(64, 1 << 20);
+        self
+    }
+}
+
+/// Something the application should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// The peer opened a stream towards `dest`; answer with [`Transport::answer_open`].
+    StreamOpened {
+        id: StreamId,
+        dest: Destination,
+    },
+    /// The peer answered our open.
+    StreamOpenResult {
+        id: StreamId,
+        result: OpenResult,
+    },
+    StreamReadable {
+        id: StreamId,
+    },
+    StreamWritable {
+        id: StreamId,
+    },
+    /// The peer finished its direction; all its data is available to read.
+    StreamFinished {
+        id: StreamId,
+    },
+    StreamReset {
+        id: StreamId,
+        reason: ResetReason,
+    },
+    /// More streams may be opened (after `open_stream` returned `TooManyStreams`).
+    StreamsAvailable,
+    Datagram {
+        dest: Destination,
+        data: Vec<u8>,
+    },
+    Closed {
+        reason: CloseReason,
+        by_peer: bool,
+    },
+}
+
+/// A received payload was invalid; the session is closing with `ProtocolViolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportError {
+    Frame(FrameError),
+    /// ACK for a packet number never sent.
+    InvalidAck,
+    /// Data beyond a stream or session window.
+    FlowControl,
+    /// Data or reset inconsistent with a stream's final size.
+    FinalSize,
+    /// The peer used a stream id it may not use.
+    StreamLimit,
+    /// A frame that is not allowed in this state or direction.
+    UnexpectedFrame,
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "transport protocol violation: {self:?}")
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+impl From<FrameError> for TransportError {
+    fn from(e: FrameError) -> Self {
+        TransportError::Frame(e)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamError {
+    /// No such stream was ever opened.
+    UnknownStream,
+    /// The stream finished and was cleaned up.
+    Closed,
+    /// The stream was reset.
+    Reset(ResetReason),
+    /// Nothing to read right now (not finished).
+    Blocked,
+    /// The write side was already finished.
+    Finished,
+    /// The peer's stream limit is reached; wait for `StreamsAvailable`.
+    TooManyStreams,
+    /// The stream is not in a state that allows this call.
+    InvalidState,
+    /// The session is closed or closing.
+    SessionClosed,
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramError {
+    TooLarge,
+    QueueFull,
+    SessionClosed,
+}
+
+impl std::fmt::Display for DatagramError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::error::Error for DatagramError {}
+
+/// Counters and estimates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    pub smoothed_rtt: Duration,
+    pub min_rtt: Duration,
+    pub rtt_var: Duration,
+    pub cwnd: u64,
+    pub bytes_in_flight: u64,
+    /// Bytes per second.
+    pub pacing_rate: u64,
+    /// Bytes per second.
+    pub bandwidth_estimate: u64,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub packets_lost: u64,
+    /// Received packets dropped unacknowledged for lack of reassembly state.
+    pub packets_dropped: u64,
+    pub pto_count: u64,
+    /// Stream bytes sent for the first time / sent again.
+    pub stream_bytes_sent: u64,
+    pub stream_bytes_retransmitted: u64,
+    /// Stream bytes delivered to the application.
+    pub stream_bytes_received: u64,
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub datagrams_dropped: u64,
+    pub streams_open: u64,
+    /// Bytes held in stream receive buffers (what an unread application costs).
+    pub recv_buffered: u64,
+    /// Bytes held in stream send buffers.
+    pub send_buffered: u64,
+}
+
+/// Per-stream accounting (for charging users).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    pub send_buffered: u64,
+    pub recv_buffered: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Closing {
+        reason: CloseReason,
+        deadline: Instant,
+    },
+    Closed,
+}
+
+/// Outcome of applying one frame.
+enum FrameOutcome {
+    Continue,
+    /// Stop processing this payload and do not acknowledge it (resource limit).
+    DropPacket,
+    /// A CLOSE was received; ignore the rest.
+    Closed,
+}
+
+/// The transport state machine of one session.
+#[derive(Debug)]
+pub struct Transport {
+    config: TransportConfig,
+    side: Side,
+    state: State,
+    last_now: Instant,
+
+    // Sending and recovery.
+    next_pn: u64,
+    sent: SentLog,
+    largest_acked: Option<u64>,
+    bytes_in_flight: u64,
+    rtt: RttEstimator,
+    pto_count: u32,
+    loss_time: Option<Instant>,
+    last_ack_eliciting_sent: Option<Instant>,
+    last_sent: Instant,
+    cc: Bbr,
+    rate: DeliveryRate,
+    pacer: Pacer,
+    lost_scratch: Vec<SentFrame>,
+
+    // Receiving and ACK generation.
+    recv_pns: RangeSet,
+    largest_recv: Option<(u64, Instant)>,
+    ack_needed: bool,
+    ack_immediate: bool,
+    ack_deadline: Option<Instant>,
+    eliciting_since_ack: u32,
+    last_recv: Instant,
+
+    // Streams.
+    streams: HashMap<u64, Stream>,
+    send_queue: VecDeque<u64>,
+    control_queue: VecDeque<u64>,
+    next_local_seq: u64,
+    peer_max_streams: u64,
+    next_peer_seq: u64,
+    local_max_streams: u64,
+    peer_stream_window: u64,
+    open_blocked: bool,
+
+    // Session flow control and control frames.
+    send_credit: SendCredit,
+    recv_window: RecvWindow,
+    settings_pending: bool,
+    max_data_pending: bool,
+    max_streams_pending: bool,
+    ping_pending: bool,
+    close_pending: bool,
+    close_repeats: u32,
+    close_text: Vec<u8>,
+
+    // Datagrams and events.
+    datagrams_out: VecDeque<(Destination, Vec<u8>)>,
+    datagram_events: usize,
+    events: VecDeque<TransportEvent>,
+
+    stats: TransportStats,
+}
+
+impl Transport {
+    pub fn new(config: TransportConfig, side: Side, now: Instant) -> Self {
+        let config = config.sanitized();
+        let cc = Bbr::new(
+            now,
+            config.max_payload,
+            config.initial_cwnd_packets,
+            config.initial_rtt,
+        );
+        Self {
+            side,
+            state: State::Open,
+            last_now: now,
+            next_pn: 0,
+            sent: SentLog::new(),
+            largest_acked: None,
+            bytes_in_flight: 0,
+            rtt: RttEstimator::new(config.initial_rtt),
+            pto_count: 0,
+            loss_time: None,
+            last_ack_eliciting_sent: None,
+            last_sent: now,
+            cc,
+            rate: DeliveryRate::new(now),
+            pacer: Pacer::new(now, config.pacing_burst),
+            lost_scratch: Vec::new(),
+            recv_pns: RangeSet::new(RECV_PN_RANGES),
+            largest_recv: None,
+            ack_needed: false,
+            ack_immediate: false,
+            ack_deadline: None,
+            eliciting_since_ack: 0,
+            last_recv: now,
+            streams: HashMap::new(),
+            send_queue: VecDeque::new(),
+            control_queue: VecDeque::new(),
+            next_local_seq: 0,
+            peer_max_streams: INITIAL_MAX_STREAMS,
+            next_peer_seq: 0,
+            local_max_streams: config.max_streams,
+            peer_stream_window: INITIAL_STREAM_WINDOW,
+            open_blocked: false,
+            send_credit: SendCredit::new(INITIAL_SESSION_WINDOW),
+            recv_window: RecvWindow::new(config.session_window),
+            settings_pending: true,
+            max_data_pending: false,
+            max_streams_pending: false,
+            ping_pending: false,
+            close_pending: false,
+            close_repeats: 0,
+            close_text: Vec::new(),
+            datagrams_out: VecDeque::new(),
+            datagram_events: 0,
+            events: VecDeque::new(),
+            stats: TransportStats::default(),
+            config,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    pub fn config(&self) -> &TransportConfig {
+        &self.config
+    }
+
+    // ------------------------------------------------------------------ receiving
+
+    /// Processes the authenticated, decrypted payload of packet `pn` (the secure layer already
+    /// rejected replays). On error the session is closing with `ProtocolViolation`.
+    pub fn handle_payload(
+        &mut self,
+        now: Instant,
+        pn: u64,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
+        self.last_now = now;
+        match self.state {
+            State::Closed => return Ok(()),
+            State::Closing { .. } => {
+                if self.close_repeats < MAX_CLOSE_REPEATS {
+                    self.close_pending = true;
+                }
+                return Ok(());
+            }
+            State::Open => {}
+        }
+        let mut reader = Reader::new(payload);
+        let mut ack_eliciting = false;
+        while !reader.is_empty() {
+            let frame = match frame::parse_frame(&mut reader) {
+                Ok(f) => f,
+                Err(e) => return Err(self.violation(now, e.into())),
+            };
+            if !matches!(frame, Frame::Padding | Frame::Ack(_) | Frame::Close { .. }) {
+                ack_eliciting = true;
+            }
+            match self.apply_frame(now, frame) {
+                Ok(FrameOutcome::Continue) => {}
+                Ok(FrameOutcome::DropPacket) => {
+                    self.stats.packets_dropped += 1;
+                    return Ok(());
+                }
+                Ok(FrameOutcome::Closed) => return Ok(()),
+                Err(e) => return Err(self.violation(now, e)),
+            }
+        }
+        self.stats.packets_received += 1;
+        self.last_recv = now;
+        self.on_packet_received(now, pn, ack_eliciting);
+        Ok(())
+    }
+
+    fn on_packet_received(&mut self, now: Instant, pn: u64, ack_eliciting: bool) {
+        let in_order = match self.largest_recv {
+            None => pn == 0,
+            Some((largest, _)) => pn == largest + 1,
+        };
+        if self.largest_recv.is_none_or(|(l, _)| pn > l) {
+            self.largest_recv = Some((pn, now));
+        }
+        self.recv_pns.insert_evicting_lowest(pn..pn + 1);
+        if !ack_eliciting {
+            return;
+        }
+        self.ack_needed = true;
+        self.eliciting_since_ack += 1;
+        if !in_order || self.eliciting_since_ack >= ACK_ELICITING_THRESHOLD {
+            self.ack_immediate = true;
+        } else if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + MAX_ACK_DELAY);
+        }
+    }
+
+    fn violation(&mut self, now: Instant, error: TransportError) -> TransportError {
+        log::debug!("transport: closing on protocol violation {error:?}");
+        self.close_inner(now, CloseReason::ProtocolViolation, b"");
+        error
+    }
+
+    fn apply_frame(
+        &mut self,
+        now: Instant,
+        frame: Frame<'_>,
+    ) -> Result<FrameOutcome, TransportError> {
+        match frame {
+            Frame::Padding | Frame::Ping => {}
+            Frame::Ack(ack) => self.on_ack_frame(now, &ack)?,
+            Frame::StreamOpen { id, dest } => self.on_stream_open(StreamId(id), dest)?,
+            Frame::OpenOk { id } => self.on_open_ok(StreamId(id))?,
+            Frame::ResetStream {
+                id,
+                reason,
+                final_size,
+            } => self.on_reset_stream(StreamId(id), reason, final_size)?,
+            Frame::MaxData(max) => {
+                if self.send_credit.raise(max) {
+                    self.requeue_all_sendable();
+                }
+            }
+            Frame::MaxStreamData { id, max } => {
+                let credit = self.send_credit.available();
+                if let Some(s) = self.stream_for_frame(StreamId(id))? {
+                    if max > s.send.max_data {
+                        s.send.max_data = max;
+                        if s.send.has_sendable(credit) && !s.is_reset() && !s.in_send_queue {
+                            s.in_send_queue = true;
+                            self.send_queue.push_back(id);
+                        }
+                    }
+                }
+            }
+            Frame::MaxStreams(n) => self.raise_peer_max_streams(n),
+            Frame::Settings {
+                stream_window,
+                session_window,
+                max_streams,
+            } => self.on_settings(stream_window, session_window, max_streams),
+            Frame::Datagram { dest, data } => {
+                if self.datagram_events < self.config.max_datagram_queue {
+                    self.datagram_events += 1;
+                    self.stats.datagrams_received += 1;
+                    self.events.push_back(TransportEvent::Datagram {
+                        dest,
+                        data: data.to_vec(),
+                    });
+                } else {
+                    self.stats.datagrams_dropped += 1;
+                }
+            }
+            Frame::Close { reason, .. } => {
+                self.state = State::Closed;
+                self.events.push_back(TransportEvent::Closed {
+                    reason,
+                    by_peer: true,
+                });
+                return Ok(FrameOutcome::Closed);
+            }
+            Frame::Stream {
+                id,
+                offset,
+                data,
+                fin,
+            } => return self.on_stream_frame(StreamId(id), offset, data, fin),
+        }
+        Ok(FrameOutcome::Continue)
+    }
+
+    fn on_settings(&mut self, stream_window: u64, session_window: u64, max_streams: u64) {
+        let stream_window = stream_window.clamp(INITIAL_STREAM_WINDOW, frame::VARINT_MAX);
+        if stream_window > self.peer_stream_window {
+            self.peer_stream_window = stream_window;
+            for s in self.streams.values_mut() {
+                s.send.max_data = s.send.max_data.max(stream_window);
+            }
+        }
+        self.send_credit.raise(session_window);
+        self.raise_peer_max_streams(max_streams);
+        self.requeue_all_sendable();
+    }
+
+    fn raise_peer_max_streams(&mut self, n: u64) {
+        if n > self.peer_max_streams {
+            self.peer_max_streams = n.min(frame::VARINT_MAX);
+            if self.open_blocked {
+                self.open_blocked = false;
+                self.events.push_back(TransportEvent::StreamsAvailable);
+            }
+        }
+    }
+
+    fn requeue_all_sendable(&mut self) {
+        let credit = self.send_credit.available();
+        for (id, s) in self.streams.iter_mut() {
+            if !s.in_send_queue && !s.is_reset() && s.send.has_sendable(credit) {
+                s.in_send_queue = true;
+                self.send_queue.push_back(*id);
+            }
+        }
+    }
+
+    fn is_local(&self, id: StreamId) -> bool {
+        id.is_client_initiated() == (self.side == Side::Client)
+    }
+
+    /// The stream a frame refers to: `None` if it existed and is gone; created (with any
+    /// lower-numbered peer streams) if the peer opens it now.
+    fn stream_for_frame(&mut self, id: StreamId) -> Result<Option<&mut Stream>, TransportError> {
+        if self.is_local(id) {
+            if id.seq() >= self.next_local_seq {
+                return Err(TransportError::StreamLimit);
+            }
+            return Ok(self.streams.get_mut(&id.0));
+        }
+        let seq = id.seq();
+        if seq >= self.local_max_streams {
+            return Err(TransportError::StreamLimit);
+        }
+        while self.next_peer_seq <= seq {
+            let new_id = StreamId((self.next_peer_seq << 1) | (id.0 & 1));
+            let stream = Stream::new(
+                OpenState::Peer {
+                    announced: false,
+                    answered: false,
+                    ok_acked: false,
+                },
+                self.config.send_buffer,
+                self.peer_stream_window,
+                self.config.stream_window,
+                self.config.max_recv_ranges,
+            );
+            self.streams.insert(new_id.0, stream);
+            self.next_peer_seq += 1;
+        }
+        Ok(self.streams.get_mut(&id.0))
+    }
+
+    fn on_stream_open(&mut self, id: StreamId, dest: Destination) -> Result<(), TransportError> {
+        if self.is_local(id) {
+            return Err(TransportError::UnexpectedFrame);
+        }
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(());
+        };
+        let OpenState::Peer {
+            announced: false,
+            answered,
+            ok_acked,
+        } = s.open
+        else {
+            return Ok(());
+        };
+        s.open = OpenState::Peer {
+            announced: true,
+            answered,
+            ok_acked,
+        };
+        if s.is_reset() {
+            return Ok(());
+        }
+        s.dest = Some(dest.clone());
+        self.events
+            .push_back(TransportEvent::StreamOpened { id, dest });
+        self.notify_recv(id);
+        Ok(())
+    }
+
+    fn on_open_ok(&mut self, id: StreamId) -> Result<(), TransportError> {
+        if !self.is_local(id) {
+            return Err(TransportError::UnexpectedFrame);
+        }
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(());
+        };
+        if let OpenState::Local {
+            open_acked,
+            answered: false,
+        } = s.open
+        {
+            s.open = OpenState::Local {
+                open_acked,
+                answered: true,
+            };
+            if !s.is_reset() {
+                self.events.push_back(TransportEvent::StreamOpenResult {
+                    id,
+                    result: OpenResult::Ok,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_stream_frame(
+        &mut self,
+        id: StreamId,
+        offset: u64,
+        data: &[u8],
+        fin: bool,
+    ) -> Result<FrameOutcome, TransportError> {
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(FrameOutcome::Continue);
+        };
+        if s.reset_remote.is_some() {
+            // Final size already known; only check consistency.
+            let end = offset + data.len() as u64;
+            if s.reset_remote.is_some_and(|(_, f)| end > f) {
+                return Err(TransportError::FinalSize);
+            }
+            return Ok(FrameOutcome::Continue);
+        }
+        let grown = match s.recv.on_data(offset, data, fin) {
+            Ok(g) => g,
+            Err(RecvError::FlowControl) => return Err(TransportError::FlowControl),
+            Err(RecvError::FinalSize) => return Err(TransportError::FinalSize),
+            Err(RecvError::TooFragmented) => return Ok(FrameOutcome::DropPacket),
+        };
+        let released = if s.recv.discarding {
+            s.recv.release_discarded()
+        } else {
+            0
+        };
+        if self.recv_window.on_received(grown).is_err() {
+            return Err(TransportError::FlowControl);
+        }
+        if released > 0 {
+            self.release_session_credit(released);
+        }
+        self.notify_recv(id);
+        self.maybe_remove(id);
+        Ok(FrameOutcome::Continue)
+    }
+
+    fn release_session_credit(&mut self, n: u64) {
+        if self.recv_window.on_consumed(n).is_some() {
+            self.max_data_pending = true;
+        }
+    }
+
+    /// Emits readable / finished events for an announced, live stream.
+    fn notify_recv(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id.0) else {
+            return;
+        };
+        if !s.is_announced() || s.is_reset() {
+            return;
+        }
+        if s.recv.readable() > 0 && !s.readable_notified {
+            s.readable_notified = true;
+            self.events.push_back(TransportEvent::StreamReadable { id });
+        }
+        if s.recv.is_complete() && !s.finished_notified {
+            s.finished_notified = true;
+            self.events.push_back(TransportEvent::StreamFinished { id });
+        }
+    }
+
+    fn on_reset_stream(
+        &mut self,
+        id: StreamId,
+        reason: ResetReason,
+        final_size: u64,
+    ) -> Result<(), TransportError> {
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(());
+        };
+        if s.reset_remote.is_some() {
+            return Ok(());
+        }
+        if final_size < s.recv.highest || s.recv.fin_offset.is_some_and(|f| f != final_size) {
+            return Err(TransportError::FinalSize);
+        }
+        if final_size > s.recv.max_data {
+            return Err(TransportError::FlowControl);
+        }
+        let grown = final_size - s.recv.highest;
+        s.recv.highest = final_size;
+        let released = s.recv.discard();
+        s.reset_remote = Some((reason, final_size));
+        let announced = s.is_announced();
+        let event = match s.open {
+            OpenState::Local {
+                answered: false,
+                open_acked,
+            } => {
+                s.open = OpenState::Local {
+                    open_acked,
+                    answered: true,
+                };
+                match reason {
+                    ResetReason::OpenFailed(result) => {
+                        Some(TransportEvent::StreamOpenResult { id, result })
+                    }
+                    _ => Some(TransportEvent::StreamReset { id, reason }),
+                }
+            }
+            _ if announced && s.reset_local.is_none() => {
+                Some(TransportEvent::StreamReset { id, reason })
+            }
+            _ => None,
+        };
+        if s.reset_local.is_none() {
+            // Echo the reset so the peer learns our final size too.
+            s.reset_local = Some(reason);
+            s.reset_pending = true;
+            s.send.abandon();
+        }
+        s.open_pending = false;
+        s.open_ok_pending = false;
+        s.max_stream_data_pending = false;
+        s.terminal_notified = true;
+        if self.recv_window.on_received(grown).is_err() {
+            return Err(TransportError::FlowControl);
+        }
+        self.release_session_credit(released);
+        self.queue_control(id);
+        if let Some(e) = event {
+            self.events.push_back(e);
+        }
+        Ok(())
+    }
+
+    fn on_ack_frame(&mut self, now: Instant, ack: &AckFrame<'_>) -> Result<(), TransportError> {
+        if ack.largest >= self.next_pn {
+            return Err(TransportError::InvalidAck);
+        }
+        let mut bytes_acked = 0u64;
+        let mut largest_newly_acked: Option<(u64, Instant, bool)> = None;
+        let base = self.sent.base_pn();
+        for (lo, hi) in ack.ranges() {
+            let lo = lo.max(base);
+            if hi < lo {
+                continue;
+            }
+            for pn in lo..=hi {
+                let Some(p) = self.sent.get_mut(pn) else {
+                    break;
+                };
+                if p.state != PacketState::Outstanding {
+                    continue;
+                }
+                p.state = PacketState::Acked;
+                let (size, eliciting, time_sent) =
+                    (u64::from(p.size), p.ack_eliciting, p.time_sent);
+                let snapshot = p.delivery;
+                let count = p.frames().len();
+                let mut frames = [SentFrame::MaxData; recovery::MAX_FRAMES_PER_PACKET];
+                frames[..count].copy_from_slice(p.frames());
+                if largest_newly_acked.is_none_or(|(l, _, _)| pn > l) {
+                    largest_newly_acked = Some((pn, time_sent, eliciting));
+                }
+                if eliciting {
+                    self.bytes_in_flight -= size;
+                    bytes_acked += size;
+                    self.rate.on_acked(now, &snapshot, size);
+                }
+                for f in &frames[..count] {
+                    self.on_frame_acked(*f);
+                }
+            }
+        }
+        if self.largest_acked.is_none_or(|l| ack.largest > l) {
+            self.largest_acked = Some(ack.largest);
+        }
+        let mut rtt_sample = None;
+        if let Some((pn, time_sent, true)) = largest_newly_acked {
+            if pn == ack.largest {
+                let sample = now.saturating_duration_since(time_sent);
+                let delay = Duration::from_micros(ack.delay_micros.min(1 << 32));
+                self.rtt.update(sample, delay);
+                rtt_sample = Some(sample);
+            }
+        }
+        if largest_newly_acked.is_some() && self.pto_count > 0 {
+            self.pto_count = 0;
+            self.cc.on_recovered();
+        }
+        self.detect_lost(now);
+        if bytes_acked > 0 {
+            let min_rtt = self.cc.min_rtt();
+            let sample = self.rate.take_sample(min_rtt);
+            self.cc.on_ack(&AckEvent {
+                now,
+                bytes_acked,
+                bytes_in_flight: self.bytes_in_flight,
+                rtt_sample,
+                rate: sample,
+                delivered: self.rate.delivered(),
+            });
+        }
+        self.sent.pop_resolved();
+        if self.bytes_in_flight == 0 {
+            self.last_ack_eliciting_sent = None;
+        }
+        Ok(())
+    }
+
+    fn on_frame_acked(&mut self, frame: SentFrame) {
+        match frame {
+            SentFrame::Stream {
+                id,
+                offset,
+                len,
+                fin,
+            } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                let freed = s.send.on_acked(offset, usize::from(len), fin);
+                if freed > 0 && s.want_writable && !s.is_reset() {
+                    s.want_writable = false;
+                    self.events
+                        .push_back(TransportEvent::StreamWritable { id: StreamId(id) });
+                }
+                self.maybe_remove(StreamId(id));
+            }
+            SentFrame::Open(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if let OpenState::Local { answered, .. } = s.open {
+                        s.open = OpenState::Local {
+                            open_acked: true,
+                            answered,
+                        };
+                    }
+                    self.maybe_remove(StreamId(id));
+                }
+            }
+            SentFrame::OpenOk(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if let OpenState::Peer {
+                        announced,
+                        answered,
+                        ..
+                    } = s.open
+                    {
+                        s.open = OpenState::Peer {
+                            announced,
+                            answered,
+                            ok_acked: true,
+                        };
+                    }
+                    self.maybe_remove(StreamId(id));
+                }
+            }
+            SentFrame::Reset(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.reset_local_acked = true;
+                    self.maybe_remove(StreamId(id));
+                }
+            }
+            SentFrame::MaxStreamData(_)
+            | SentFrame::MaxData
+            | SentFrame::MaxStreams
+            | SentFrame::Settings => {}
+        }
+    }
+
+    fn on_frame_lost(&mut self, frame: SentFrame) {
+        match frame {
+            SentFrame::Stream {
+                id,
+                offset,
+                len,
+                fin,
+            } => {
+                let credit = self.send_credit.available();
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                if s.is_reset() {
+                    return;
+                }
+                s.send.on_lost(offset, usize::from(len), fin);
+                self.stats.stream_bytes_retransmitted += u64::from(len);
+                if !s.in_send_queue && s.send.has_sendable(credit) {
+                    s.in_send_queue = true;
+                    self.send_queue.push_back(id);
+                }
+            }
+            SentFrame::Open(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if matches!(
+                        s.open,
+                        OpenState::Local {
+                            open_acked: false,
+                            ..
+                        }
+                    ) && !s.is_reset()
+                    {
+                        s.open_pending = true;
+                        self.queue_control(StreamId(id));
+                    }
+                }
+            }
+            SentFrame::OpenOk(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if matches!(
+                        s.open,
+                        OpenState::Peer {
+                            ok_acked: false,
+                            ..
+                        }
+                    ) && !s.is_reset()
+                    {
+                        s.open_ok_pending = true;
+                        self.queue_control(StreamId(id));
+                    }
+                }
+            }
+            SentFrame::Reset(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if !s.reset_local_acked {
+                        s.reset_pending = true;
+                        self.queue_control(StreamId(id));
+                    }
+                }
+            }
+            SentFrame::MaxStreamData(id) => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if !s.is_reset() && s.recv.fin_offset.is_none() {
+                        s.max_stream_data_pending = true;
+                        self.queue_control(StreamId(id));
+                    }
+                }
+            }
+            SentFrame::MaxData => self.max_data_pending = true,
+            SentFrame::MaxStreams => self.max_streams_pending = true,
+            SentFrame::Settings => self.settings_pending = true,
+        }
+    }
+
+    fn queue_control(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id.0) {
+            if !s.in_control_queue && s.has_control_pending() {
+                s.in_control_queue = true;
+                self.control_queue.push_back(id.0);
+            }
+        }
+    }
+
+    fn detect_lost(&mut self, now: Instant) {
+        self.loss_time = None;
+        let Some(largest) = self.largest_acked else {
+            return;
+        };
+        let delay = self.rtt.loss_delay();
+        let mut lost = std::mem::take(&mut self.lost_scratch);
+        let mut lost_bytes = 0u64;
+        let mut lost_packets = 0u64;
+        for (pn, p) in self.sent.iter_mut() {
+            if pn > largest {
+                break;
+            }
+            if p.state != PacketState::Outstanding {
+                continue;
+            }
+            if !p.ack_eliciting {
+                p.state = PacketState::Lost;
+                continue;
+            }
+            if pn + PACKET_THRESHOLD <= largest || p.time_sent + delay <= now {
+                p.state = PacketState::Lost;
+                lost_bytes += u64::from(p.size);
+                lost_packets += 1;
+                lost.extend_from_slice(p.frames());
+            } else {
+                self.loss_time = Some(p.time_sent + delay);
+                break;
+            }
+        }
+        self.bytes_in_flight -= lost_bytes;
+        self.stats.packets_lost += lost_packets;
+        for f in lost.drain(..) {
+            self.on_frame_lost(f);
+        }
+        self.lost_scratch = lost;
+        self.sent.pop_resolved();
+    }
+
+    fn on_pto(&mut self, now: Instant) {
+        self.pto_count = (self.pto_count + 1).min(16);
+        self.stats.pto_count += 1;
+        let mut lost = std::mem::take(&mut self.lost_scratch);
+        let mut lost_bytes = 0;
+        for (_, p) in self.sent.iter_mut() {
+            if p.in_flight() {
+                p.state = PacketState::Lost;
+                lost_bytes += u64::from(p.size);
+                lost.extend_from_slice(p.frames());
+            }
+        }
+        self.bytes_in_flight -= lost_bytes;
+        for f in lost.drain(..) {
+            self.on_frame_lost(f);
+        }
+        self.lost_scratch = lost;
+        self.sent.pop_resolved();
+        self.loss_time = None;
+        self.cc.on_pto();
+        self.ping_pending = true;
+        // The probe itself is armed from its own send time.
+        self.last_ack_eliciting_sent = Some(now);
+    }
+
+    fn pto_deadline(&self) -> Option<Instant> {
+        let last = self.last_ack_eliciting_sent?;
+        if self.bytes_in_flight == 0 && self.pto_count == 0 {
+            return None;
+        }
+        let pto = self
+            .rtt
+            .pto_base()
+            .saturating_mul(1u32 << self.pto_count.min(16))
+            .min(MAX_PTO);
+        Some(last + pto)
+    }
+
+    /// Removes a stream whose both directions are done, granting the peer a new stream.
+    fn maybe_remove(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get(&id.0) else {
+            return;
+        };
+        if !s.is_done() {
+            return;
+        }
+        self.streams.remove(&id.0);
+        if !self.is_local(id) {
+            self.local_max_streams += 1;
+            self.max_streams_pending = true;
+        }
+    }
+
+    // ------------------------------------------------------------------ sending
+
+    fn has_pending_eliciting(&self) -> bool {
+        self.settings_pending
+            || self.max_data_pending
+            || self.max_streams_pending
+            || self.ping_pending
+            || !self.control_queue.is_empty()
+            || !self.datagrams_out.is_empty()
+            || !self.send_queue.is_empty()
+    }
+
+    fn window_open(&self) -> bool {
+        self.bytes_in_flight < self.cc.cwnd() && self.sent.len() < self.config.max_tracked_packets
+    }
+
+    /// Writes the next packet payload into `buf` (at most `max_payload` bytes are used) and
+    /// returns its packet number and length, or `None` if nothing should be sent now.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(u64, usize)> {
+        self.last_now = now;
+        let max = buf.len().min(self.config.max_payload);
+        let buf = &mut buf[..max];
+        match self.state {
+            State::Closed => return None,
+            State::Closing { reason, .. } => return self.transmit_close(now, reason, buf),
+            State::Open => {}
+        }
+        let ack_due =
+            self.ack_needed && (self.ack_immediate || self.ack_deadline.is_some_and(|d| d <= now));
+        let pending = self.has_pending_eliciting();
+        let window_open = self.window_open();
+        let send_data = pending && window_open && self.pacer.can_send(now);
+        if !pending && window_open {
+            self.rate.on_app_limited(self.bytes_in_flight);
+        }
+        if !send_data && !ack_due {
+            return None;
+        }
+        let mut w = Writer::new(buf);
+        if self.ack_needed {
+            self.write_ack(now, &mut w);
+        }
+        let mut packet = SentPacket::new(now, congestion::DeliverySnapshot::new(now));
+        let mut eliciting = false;
+        if send_data {
+            eliciting = self.write_frames(&mut w, &mut packet);
+        }
+        if w.is_empty() {
+            return None;
+        }
+        let len = w.len();
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        packet.size = len as u32;
+        if eliciting {
+            packet.ack_eliciting = true;
+            packet.delivery = self.rate.on_sent(now, self.bytes_in_flight);
+            self.bytes_in_flight += len as u64;
+            self.pacer.on_sent(now, len, self.cc.pacing_rate());
+            self.last_ack_eliciting_sent = Some(now);
+        }
+        self.sent.push(pn, packet);
+        self.sent.pop_resolved();
+        self.last_sent = now;
+        self.stats.packets_sent += 1;
+        Some((pn, len))
+    }
+
+    fn transmit_close(
+        &mut self,
+        now: Instant,
+        reason: CloseReason,
+        buf: &mut [u8],
+    ) -> Option<(u64, usize)> {
+        if !self.close_pending {
+            return None;
+        }
+        self.close_pending = false;
+        self.close_repeats += 1;
+        let mut w = Writer::new(buf);
+        frame::encode_frame(
+            &mut w,
+            &Frame::Close {
+                reason,
+                text: &self.close_text,
+            },
+        )?;
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        self.last_sent = now;
+        self.stats.packets_sent += 1;
+        Some((pn, w.len()))
+    }
+
+    fn write_ack(&mut self, now: Instant, w: &mut Writer<'_>) {
+        let Some((_, largest_time)) = self.largest_recv else {
+            return;
+        };
+        let delay = now.saturating_duration_since(largest_time).as_micros() as u64;
+        let ranges = self.recv_pns.iter().rev().map(|r| (r.start, r.end - 1));
+        if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
+            self.ack_needed = false;
+            self.ack_immediate = false;
+            self.ack_deadline = None;
+            self.eliciting_since_ack = 0;
+        }
+    }
+
+    /// Writes retransmittable frames; returns whether anything ack-eliciting was written.
+    fn write_frames(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) -> bool {
+        let start_len = w.len();
+        if self.settings_pending {
+            let f = Frame::Settings {
+                stream_window: self.config.stream_window,
+                session_window: self.recv_window.advertised(),
+                max_streams: self.local_max_streams,
+            };
+            if frame::encode_frame(w, &f).is_some() {
+                self.settings_pending = false;
+                packet.push_frame(SentFrame::Settings);
+            }
+        }
+        if self.max_data_pending && packet.has_frame_room() {
+            let f = Frame::MaxData(self.recv_window.advertised());
+            if frame::encode_frame(w, &f).is_some() {
+                self.max_data_pending = false;
+                packet.push_frame(SentFrame::MaxData);
+            }
+        }
+        if self.max_streams_pending && packet.has_frame_room() {
+            let f = Frame::MaxStreams(self.local_max_streams);
+            if frame::encode_frame(w, &f).is_some() {
+                self.max_streams_pending = false;
+                packet.push_frame(SentFrame::MaxStreams);
+            }
+        }
+        if self.ping_pending && w.put_u8(frame::FRAME_PING).is_some() {
+            self.ping_pending = false;
+        }
+        self.write_stream_controls(w, packet);
+        self.write_datagrams(w);
+        self.write_stream_data(w, packet);
+        w.len() > start_len
+    }
+
+    fn write_stream_controls(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
+        while let Some(&id) = self.control_queue.front() {
+            let Some(s) = self.streams.get_mut(&id) else {
+                self.control_queue.pop_front();
+                continue;
+            };
+            if s.open_pending && packet.has_frame_room() {
+                let f =
+                    Frame::StreamOpen {
+                        id,
+                        dest: s.dest.clone().unwrap_or(Destination::Addr(
+                            std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                        )),
+                    };
+                if frame::encode_frame(w, &f).is_some() {
+                    s.open_pending = false;
+                    packet.push_frame(SentFrame::Open(id));
+                }
+            }
+            if s.open_ok_pending
+                && packet.has_frame_room()
+                && frame::encode_frame(w, &Frame::OpenOk { id }).is_some()
+            {
+                s.open_ok_pending = false;
+                packet.push_frame(SentFrame::OpenOk(id));
+            }
+            if s.reset_pending && packet.has_frame_room() {
+                let f = Frame::ResetStream {
+                    id,
+                    reason: s.reset_local.unwrap_or(ResetReason::Cancelled),
+                    final_size: s.send.sent_end(),
+                };
+                if frame::encode_frame(w, &f).is_some() {
+                    s.reset_pending = false;
+                    packet.push_frame(SentFrame::Reset(id));
+                }
+            }
+            if s.max_stream_data_pending && packet.has_frame_room() {
+                let f = Frame::MaxStreamData {
+                    id,
+                    max: s.recv.max_data,
+                };
+                if frame::encode_frame(w, &f).is_some() {
+                    s.max_stream_data_pending = false;
+                    packet.push_frame(SentFrame::MaxStreamData(id));
+                }
+            }
+            if s.has_control_pending() {
+                return; // out of room: continue in the next packet
+            }
+            s.in_control_queue = false;
+            self.control_queue.pop_front();
+            self.maybe_remove(StreamId(id));
+        }
+    }
+
+    fn write_datagrams(&mut self, w: &mut Writer<'_>) {
+        while let Some((dest, data)) = self.datagrams_out.front() {
+            if frame::datagram_frame_len(dest, data.len()) > w.room() {
+                return;
+            }
+            if let Some((dest, data)) = self.datagrams_out.pop_front() {
+                let _ = frame::encode_frame(w, &Frame::Datagram { dest, data: &data });
+                self.stats.datagrams_sent += 1;
+            }
+        }
+    }
+
+    fn write_stream_data(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
+        // Each iteration either writes a frame (consuming room) or drops a stream from the
+        // queue, so this terminates.
+        let mut budget = self.send_queue.len() * 2 + 8;
+        while budget > 0 && packet.has_frame_room() && w.room() > 12 {
+            budget -= 1;
+            let Some(id) = self.send_queue.pop_front() else {
+                break;
+            };
+            let credit = self.send_credit.available();
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.in_send_queue = false;
+            if s.is_reset() {
+                continue;
+            }
+            let header = frame::stream_header_len(id, s.send.end(), w.room());
+            if header >= w.room() {
+                s.in_send_queue = true;
+                self.send_queue.push_front(id);
+                break;
+            }
+            let max_len = w.room() - header;
+            let Some(chunk) = s.send.next_chunk(max_len, credit) else {
+                continue;
+            };
+            if frame::encode_stream_header(w, id, chunk.offset, chunk.len, chunk.fin).is_none() {
+                break; // cannot happen: sizes were checked
+            }
+            if let Some(dst) = w.reserve(chunk.len) {
+                s.send.copy_chunk(chunk.offset, dst);
+            }
+            self.send_credit.consume(chunk.new_bytes);
+            self.stats.stream_bytes_sent += chunk.new_bytes;
+            packet.push_frame(SentFrame::Stream {
+                id,
+                offset: chunk.offset,
+                len: chunk.len as u16,
+                fin: chunk.fin,
+            });
+            if s.send.has_sendable(self.send_credit.available()) {
+                s.in_send_queue = true;
+                self.send_queue.push_back(id);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ timers
+
+    /// Earliest instant at which [`Transport::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let closing = match self.state {
+            State::Closed => return None,
+            State::Closing { deadline, .. } => return Some(deadline),
+            State::Open => None,
+        };
+        let ack = if self.ack_needed {
+            self.ack_deadline
+        } else {
+            None
+        };
+        let pacing = if self.has_pending_eliciting()
+            && self.window_open()
+            && self.pacer.next_send_time() > self.last_now
+        {
+            Some(self.pacer.next_send_time())
+        } else {
+            None
+        };
+        [
+            closing,
+            ack,
+            self.loss_time,
+            self.pto_deadline(),
+            pacing,
+            Some(self.last_sent + self.config.keepalive_interval),
+            Some(self.last_recv + self.config.idle_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        match self.state {
+            State::Closed => return,
+            State::Closing { reason, deadline } => {
+                if now >= deadline {
+                    self.state = State::Closed;
+                    self.events.push_back(TransportEvent::Closed {
+                        reason,
+                        by_peer: false,
+                    });
+                }
+                return;
+            }
+            State::Open => {}
+        }
+        if now >= self.last_recv + self.config.idle_timeout {
+            self.state = State::Closed;
+            self.events.push_back(TransportEvent::Closed {
+                reason: CloseReason::IdleTimeout,
+                by_peer: false,
+            });
+            return;
+        }
+        if self.ack_needed && self.ack_deadline.is_some_and(|d| d <= now) {
+            self.ack_immediate = true;
+        }
+        if self.loss_time.is_some_and(|t| t <= now) {
+            self.detect_lost(now);
+        }
+        if self.pto_deadline().is_some_and(|t| t <= now) {
+            self.on_pto(now);
+        }
+        if now >= self.last_sent + self.config.keepalive_interval {
+            self.ping_pending = true;
+        }
+    }
+
+    // ------------------------------------------------------------------ application API
+
+    pub fn poll_event(&mut self) -> Option<TransportEvent> {
+        let e = self.events.pop_front()?;
+        if matches!(e, TransportEvent::Datagram { .. }) {
+            self.datagram_events -= 1;
+        }
+        Some(e)
+    }
+
+    fn check_open(&self) -> Result<(), StreamError> {
+        match self.state {
+            State::Open => Ok(()),
+            _ => Err(StreamError::SessionClosed),
+        }
+    }
+
+    /// Opens a stream towards `dest`. Data may be written immediately; the peer's answer
+    /// arrives as [`TransportEvent::StreamOpenResult`].
+    pub fn open_stream(&mut self, dest: Destination) -> Result<StreamId, StreamError> {
+        self.check_open()?;
+        if self.next_local_seq >= self.peer_max_streams {
+            self.open_blocked = true;
+            return Err(StreamError::TooManyStreams);
+        }
+        let side_bit = match self.side {
+            Side::Client => 0,
+            Side::Server => 1,
+        };
+        let id = StreamId((self.next_local_seq << 1) | side_bit);
+        self.next_local_seq += 1;
+        let mut s = Stream::new(
+            OpenState::Local {
+                open_acked: false,
+                answered: false,
+            },
+            self.config.send_buffer,
+            self.peer_stream_window,
+            self.config.stream_window,
+            self.config.max_recv_ranges,
+        );
+        s.dest = Some(dest);
+        s.open_pending = true;
+        self.streams.insert(id.0, s);
+        self.queue_control(id);
+        Ok(id)
+    }
+
+    fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        let known = if self.is_local(id) {
+            id.seq() < self.next_local_seq
+        } else {
+            id.seq() < self.next_peer_seq
+        };
+        match self.streams.get_mut(&id.0) {
+            Some(s) => Ok(s),
+            None if known => Err(StreamError::Closed),
+            None => Err(StreamError::UnknownStream),
+        }
+    }
+
+    /// Accepts a peer-opened stream (same as `answer_open(id, OpenResult::Ok)`).
+    pub fn accept_stream(&mut self, id: StreamId) -> Result<(), StreamError> {
+        self.answer_open(id, OpenResult::Ok)
+    }
+
+    /// Answers a peer's open. Anything but `Ok` resets the stream with `OpenFailed(result)`.
+    pub fn answer_open(&mut self, id: StreamId, result: OpenResult) -> Result<(), StreamError> {
+        self.check_open()?;
+        let s = self.stream_mut(id)?;
+        let OpenState::Peer {
+            announced: true,
+            answered: false,
+            ok_acked,
+        } = s.open
+        else {
+            return Err(StreamError::InvalidState);
+        };
+        if let Some((reason, _)) = s.reset_remote {
+            return Err(StreamError::Reset(reason));
+        }
+        s.open = OpenState::Peer {
+            announced: true,
+            answered: true,
+            ok_acked,
+        };
+        if result == OpenResult::Ok {
+            s.open_ok_pending = true;
+            self.queue_control(id);
+        } else {
+            self.reset_inner(id, ResetReason::OpenFailed(result));
+        }
+        Ok(())
+    }
+
+    /// Queues data; returns how much was accepted (less than `data.len()` when the send buffer
+    /// is full — wait for `StreamWritable`).
+    pub fn stream_write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        self.check_open()?;
+        let credit = self.send_credit.available();
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        if s.send.fin != FinState::Open {
+            return Err(StreamError::Finished);
+        }
+        let n = s.send.write(data);
+        s.bytes_written += n as u64;
+        if n < data.len() {
+            s.want_writable = true;
+        }
+        if n > 0 && !s.in_send_queue && s.send.has_sendable(credit) {
+            s.in_send_queue = true;
+            self.send_queue.push_back(id.0);
+        }
+        Ok(n)
+    }
+
+    /// Reads in-order data. `Ok(0)` means the peer finished and everything was read;
+    /// `Err(Blocked)` means no data yet.
+    pub fn stream_read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        s.readable_notified = false;
+        let n = s.recv.read(buf);
+        if n == 0 {
+            if s.recv.is_finished() {
+                if !s.finished_notified {
+                    s.finished_notified = true;
+                }
+                self.maybe_remove(id);
+                return Ok(0);
+            }
+            return Err(StreamError::Blocked);
+        }
+        s.bytes_read += n as u64;
+        let window_moved = s.recv.window_update().is_some();
+        if window_moved {
+            s.max_stream_data_pending = true;
+        }
+        self.stats.stream_bytes_received += n as u64;
+        if window_moved {
+            self.queue_control(id);
+        }
+        self.release_session_credit(n as u64);
+        Ok(n)
+    }
+
+    /// Finishes our direction (FIN after all written data).
+    pub fn stream_finish(&mut self, id: StreamId) -> Result<(), StreamError> {
+        self.check_open()?;
+        let credit = self.send_credit.available();
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        if s.send.fin != FinState::Open {
+            return Ok(());
+        }
+        s.send.fin = FinState::Pending;
+        if !s.in_send_queue && s.send.has_sendable(credit) {
+            s.in_send_queue = true;
+            self.send_queue.push_back(id.0);
+        }
+        Ok(())
+    }
+
+    /// Aborts the stream in both directions.
+    pub fn stream_reset(&mut self, id: StreamId, reason: ResetReason) -> Result<(), StreamError> {
+        self.check_open()?;
+        let s = self.stream_mut(id)?;
+        if s.reset_local.is_some() {
+            return Ok(());
+        }
+        self.reset_inner(id, reason);
+        Ok(())
+    }
+
+    fn reset_inner(&mut self, id: StreamId, reason: ResetReason) {
+        let Some(s) = self.streams.get_mut(&id.0) else {
+            return;
+        };
+        if s.reset_local.is_some() {
+            return;
+        }
+        s.reset_local = Some(reason);
+        s.reset_pending = true;
+        s.open_pending = false;
+        s.open_ok_pending = false;
+        s.max_stream_data_pending = false;
+        s.terminal_notified = true;
+        s.send.abandon();
+        let released = s.recv.discard();
+        self.release_session_credit(released);
+        self.queue_control(id);
+    }
+
+    pub fn stream_stats(&self, id: StreamId) -> Option<StreamStats> {
+        let s = self.streams.get(&id.0)?;
+        Some(StreamStats {
+            bytes_written: s.bytes_written,
+            bytes_read: s.bytes_read,
+            send_buffered: s.send.buffered() as u64,
+            recv_buffered: s.recv.buffered() as u64,
+        })
+    }
+
+    /// Queues an unreliable datagram; dropped (error) when the queue is full.
+    pub fn send_datagram(&mut self, dest: Destination, data: &[u8]) -> Result<(), DatagramError> {
+        if self.state != State::Open {
+            return Err(DatagramError::SessionClosed);
+        }
+        if frame::datagram_frame_len(&dest, data.len()) + DATAGRAM_HEADROOM
+            > self.config.max_payload
+        {
+            return Err(DatagramError::TooLarge);
+        }
+        if self.datagrams_out.len() >= self.config.max_datagram_queue {
+            self.stats.datagrams_dropped += 1;
+            return Err(DatagramError::QueueFull);
+        }
+        self.datagrams_out.push_back((dest, data.to_vec()));
+        Ok(())
+    }
+
+    /// Largest datagram payload that [`Transport::send_datagram`] accepts for `dest`.
+    pub fn max_datagram_size(&self, dest: &Destination) -> usize {
+        self.config
+            .max_payload
+            .saturating_sub(DATAGRAM_HEADROOM + dest.encoded_len() + 3)
+    }
+
+    /// Gracefully closes the session: CLOSE is sent, then after a short drain period the
+    /// session reports `Closed { by_peer: false }`.
+    pub fn close(&mut self, now: Instant, reason: CloseReason) {
+        self.close_inner(now, reason, b"");
+    }
+
+    /// Like [`Transport::close`] with a short human-readable text (truncated to 64 bytes).
+    pub fn close_with_text(&mut self, now: Instant, reason: CloseReason, text: &str) {
+        self.close_inner(now, reason, text.as_bytes());
+    }
+
+    fn close_inner(&mut self, now: Instant, reason: CloseReason, text: &[u8]) {
+        if self.state != State::Open {
+            return;
+        }
+        let drain = (self.rtt.pto_base() * 3).min(Duration::from_secs(3));
+        self.state = State::Closing {
+            reason,
+            deadline: now + drain,
+        };
+        self.close_text = text[..text.len().min(frame::MAX_CLOSE_TEXT)].to_vec();
+        self.close_pending = true;
+        self.send_queue.clear();
+        self.control_queue.clear();
+        self.datagrams_out.clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Closing or closed.
+    pub fn is_closing(&self) -> bool {
+        self.state != State::Open
+    }
+
+    pub fn stats(&self) -> TransportStats {
+        let mut s = self.stats.clone();
+        s.smoothed_rtt = self.rtt.smoothed;
+        s.min_rtt = self.rtt.min;
+        s.rtt_var = self.rtt.var;
+        s.cwnd = self.cc.cwnd();
+        s.bytes_in_flight = self.bytes_in_flight;
+        s.pacing_rate = self.cc.pacing_rate();
+        s.bandwidth_estimate = self.cc.bandwidth();
+        s.streams_open = self.streams.len() as u64;
+        s.recv_buffered = self
+            .streams
+            .values()
+            .map(|s| s.recv.buffered() as u64)
+            .sum();
+        s.send_buffered = self
+            .streams
+            .values()
+            .map(|s| s.send.buffered() as u64)
+            .sum();
+        s
+    }
+
+    /// Congestion controller phase (for diagnostics).
+    pub fn congestion_state(&self) -> BbrState {
+        self.cc.state()
+    }
+
+    /// Bytes the peer currently holds in our receive buffers (bounded by the session window).
+    pub fn recv_outstanding(&self) -> u64 {
+        self.recv_window.outstanding()
+    }
+}

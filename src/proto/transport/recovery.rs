@@ -1,0 +1,255 @@
+//! Loss recovery bookkeeping: the log of sent packets (a ring indexed by packet number), what
+//! each carried (for retransmission on loss), RTT estimation and the probe timeout.
+//!
+//! Packet numbers never repeat, so every ACK gives an unambiguous RTT sample (Karn's problem
+//! does not arise). Loss is declared RACK-style: a packet is lost when a packet sent at least
+//! [`PACKET_THRESHOLD`] later was acknowledged, or when it is older than 9/8 of the RTT and
+//! a later packet was acknowledged. When nothing is acknowledged for a probe timeout (PTO),
+//! everything in flight is declared lost and the PTO backs off exponentially.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::congestion::DeliverySnapshot;
+
+/// Reordering threshold in packets.
+pub const PACKET_THRESHOLD: u64 = 3;
+/// Upper bound on the ACK delay a peer may claim (and our own delayed-ACK timer).
+pub const MAX_ACK_DELAY: Duration = Duration::from_millis(25);
+/// Lower bound for the time threshold of loss detection.
+pub const TIMER_GRANULARITY: Duration = Duration::from_millis(1);
+/// Longest probe timeout after backoff.
+pub const MAX_PTO: Duration = Duration::from_secs(60);
+
+/// A retransmittable frame carried by a packet (what to do if the packet is lost or acked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SentFrame {
+    Stream {
+        id: u64,
+        offset: u64,
+        len: u16,
+        fin: bool,
+    },
+    Open(u64),
+    OpenOk(u64),
+    Reset(u64),
+    MaxStreamData(u64),
+    MaxData,
+    MaxStreams,
+    Settings,
+}
+
+/// Retransmittable frames recorded per packet; a packet holds at most this many.
+pub const MAX_FRAMES_PER_PACKET: usize = 6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketState {
+    Outstanding,
+    Acked,
+    Lost,
+}
+
+#[derive(Debug, Clone)]
+pub struct SentPacket {
+    pub time_sent: Instant,
+    pub size: u32,
+    pub ack_eliciting: bool,
+    pub state: PacketState,
+    pub delivery: DeliverySnapshot,
+    frames: [SentFrame; MAX_FRAMES_PER_PACKET],
+    frame_count: u8,
+}
+
+impl SentPacket {
+    pub fn new(time_sent: Instant, delivery: DeliverySnapshot) -> Self {
+        Self {
+            time_sent,
+            size: 0,
+            ack_eliciting: false,
+            state: PacketState::Outstanding,
+            delivery,
+            frames: [SentFrame::MaxData; MAX_FRAMES_PER_PACKET],
+            frame_count: 0,
+        }
+    }
+
+    pub fn frames(&self) -> &[SentFrame] {
+        &self.frames[..usize::from(self.frame_count)]
+    }
+
+    pub fn has_frame_room(&self) -> bool {
+        usize::from(self.frame_count) < MAX_FRAMES_PER_PACKET
+    }
+
+    /// Records a frame; the caller checked [`SentPacket::has_frame_room`].
+    pub fn push_frame(&mut self, frame: SentFrame) {
+        if let Some(slot) = self.frames.get_mut(usize::from(self.frame_count)) {
+            *slot = frame;
+            self.frame_count += 1;
+        }
+    }
+
+    /// Counts against the congestion window and is tracked for loss.
+    pub fn in_flight(&self) -> bool {
+        self.ack_eliciting && self.state == PacketState::Outstanding
+    }
+}
+
+/// Sent packets from the oldest not-yet-resolved one up to the newest, indexed by packet number.
+#[derive(Debug)]
+pub struct SentLog {
+    base_pn: u64,
+    packets: VecDeque<SentPacket>,
+}
+
+impl SentLog {
+    pub fn new() -> Self {
+        Self {
+            base_pn: 0,
+            packets: VecDeque::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    pub fn base_pn(&self) -> u64 {
+        self.base_pn
+    }
+
+    /// Appends the packet with number `pn` (must be `base_pn + len`).
+    pub fn push(&mut self, pn: u64, packet: SentPacket) {
+        if self.packets.is_empty() {
+            self.base_pn = pn;
+        }
+        debug_assert_eq!(pn, self.base_pn + self.packets.len() as u64);
+        self.packets.push_back(packet);
+    }
+
+    pub fn get_mut(&mut self, pn: u64) -> Option<&mut SentPacket> {
+        let idx = pn.checked_sub(self.base_pn)?;
+        self.packets.get_mut(usize::try_from(idx).ok()?)
+    }
+
+    /// Drops resolved packets (acked, lost, or never ack-eliciting and acked-or-older) from
+    /// the front. Non-ack-eliciting packets are dropped as soon as they reach the front.
+    pub fn pop_resolved(&mut self) {
+        while let Some(p) = self.packets.front() {
+            if p.state == PacketState::Outstanding && p.ack_eliciting {
+                break;
+            }
+            self.packets.pop_front();
+            self.base_pn += 1;
+        }
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut SentPacket)> {
+        let base = self.base_pn;
+        self.packets
+            .iter_mut()
+            .enumerate()
+            .map(move |(i, p)| (base + i as u64, p))
+    }
+}
+
+impl Default for SentLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// RFC 9002 RTT estimator.
+#[derive(Debug, Clone)]
+pub struct RttEstimator {
+    pub latest: Duration,
+    pub smoothed: Duration,
+    pub var: Duration,
+    pub min: Duration,
+    has_sample: bool,
+}
+
+impl RttEstimator {
+    pub fn new(initial: Duration) -> Self {
+        Self {
+            latest: initial,
+            smoothed: initial,
+            var: initial / 2,
+            min: initial,
+            has_sample: false,
+        }
+    }
+
+    pub fn update(&mut self, sample: Duration, ack_delay: Duration) {
+        self.latest = sample;
+        if !self.has_sample {
+            self.has_sample = true;
+            self.min = sample;
+            self.smoothed = sample;
+            self.var = sample / 2;
+            return;
+        }
+        self.min = self.min.min(sample);
+        let ack_delay = ack_delay.min(MAX_ACK_DELAY);
+        let adjusted = if sample >= self.min + ack_delay {
+            sample - ack_delay
+        } else {
+            sample
+        };
+        let diff = if self.smoothed > adjusted {
+            self.smoothed - adjusted
+        } else {
+            adjusted - self.smoothed
+        };
+        self.var = (self.var * 3 + diff) / 4;
+        self.smoothed = (self.smoothed * 7 + adjusted) / 8;
+    }
+
+    /// Base probe timeout (before backoff).
+    pub fn pto_base(&self) -> Duration {
+        self.smoothed + (self.var * 4).max(TIMER_GRANULARITY) + MAX_ACK_DELAY
+    }
+
+    /// Time after which an unacknowledged packet older than a later acked one is lost.
+    pub fn loss_delay(&self) -> Duration {
+        (self.latest.max(self.smoothed) * 9 / 8).max(TIMER_GRANULARITY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtt_estimator_follows_rfc9002() {
+        let mut r = RttEstimator::new(Duration::from_millis(100));
+        r.update(Duration::from_millis(50), Duration::ZERO);
+        assert_eq!(r.smoothed, Duration::from_millis(50));
+        assert_eq!(r.var, Duration::from_millis(25));
+        r.update(Duration::from_millis(90), Duration::from_millis(10));
+        // adjusted 80: var = (75 + 30)/4 = 26.25, srtt = (350 + 80)/8 = 53.75
+        assert_eq!(r.smoothed, Duration::from_micros(53_750));
+        assert_eq!(r.var, Duration::from_micros(26_250));
+        assert_eq!(r.min, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn sent_log_indexes_by_pn_and_pops_resolved() {
+        let t = Instant::now();
+        let snap = DeliverySnapshot::new(t);
+        let mut log = SentLog::new();
+        for pn in 5..10 {
+            let mut p = SentPacket::new(t, snap);
+            p.ack_eliciting = true;
+            log.push(pn, p);
+        }
+        assert!(log.get_mut(4).is_none() && log.get_mut(10).is_none());
+        log.get_mut(6).unwrap().state = PacketState::Acked;
+        log.pop_resolved();
+        assert_eq!(log.base_pn(), 5);
+        log.get_mut(5).unwrap().state = PacketState::Lost;
+        log.pop_resolved();
+        assert_eq!(log.base_pn(), 7);
+        assert_eq!(log.len(), 3);
+    }
+}

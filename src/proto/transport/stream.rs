@@ -1,0 +1,575 @@
+//! Per-stream state: the send half (bounded send buffer, in-order ack tracking, retransmission
+//! ranges, FIN) and the receive half (reassembly buffer bounded by the stream window, FIN and
+//! per-stream flow control).
+
+use super::codes::ResetReason;
+use super::dest::Destination;
+use super::ranges::RangeSet;
+use super::ring::ByteRing;
+
+/// Stream identifier. Bit 0 tells the initiator: 0 = client, 1 = server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+impl StreamId {
+    pub fn is_client_initiated(self) -> bool {
+        self.0 & 1 == 0
+    }
+
+    /// Sequence number among the streams opened by the same side.
+    pub fn seq(self) -> u64 {
+        self.0 >> 1
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stream {}", self.0)
+    }
+}
+
+/// Large enough never to be hit in practice: the number of ack / retransmit ranges of a send
+/// half is bounded by the number of tracked in-flight packets.
+const SEND_RANGE_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinState {
+    /// The application has not finished the stream.
+    Open,
+    /// FIN requested and waiting to be (re)sent.
+    Pending,
+    /// FIN sent, not yet acknowledged.
+    Sent,
+    /// FIN acknowledged.
+    Acked,
+}
+
+/// A chunk selected for transmission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub offset: u64,
+    pub len: usize,
+    pub fin: bool,
+    /// Bytes never sent before (they consume session flow-control credit).
+    pub new_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct SendHalf {
+    buf: ByteRing,
+    /// Offset of the first byte in `buf` (everything below is acknowledged).
+    base: u64,
+    /// Next never-sent offset.
+    next: u64,
+    /// Peer's limit for this stream (MAX_STREAM_DATA).
+    pub max_data: u64,
+    acked: RangeSet,
+    retransmit: RangeSet,
+    pub fin: FinState,
+}
+
+impl SendHalf {
+    pub fn new(buffer_limit: usize, max_data: u64) -> Self {
+        Self {
+            buf: ByteRing::new(buffer_limit),
+            base: 0,
+            next: 0,
+            max_data,
+            acked: RangeSet::new(SEND_RANGE_LIMIT),
+            retransmit: RangeSet::new(SEND_RANGE_LIMIT),
+            fin: FinState::Open,
+        }
+    }
+
+    /// Offset one past the last byte written by the application.
+    pub fn end(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+
+    /// Highest offset ever sent (the final size if the stream is reset now).
+    pub fn sent_end(&self) -> u64 {
+        self.next
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> usize {
+        self.buf.push(data)
+    }
+
+    /// All data and the FIN are acknowledged.
+    pub fn is_complete(&self) -> bool {
+        self.fin == FinState::Acked && self.buf.is_empty()
+    }
+
+    /// Something could be sent given `session_credit` bytes of new-data credit.
+    pub fn has_sendable(&self, session_credit: u64) -> bool {
+        !self.retransmit.is_empty()
+            || (self.next < self.end() && self.next < self.max_data && session_credit > 0)
+            || (self.fin == FinState::Pending && self.next == self.end())
+    }
+
+    fn fin_with(&self, chunk_end: u64) -> bool {
+        self.fin == FinState::Pending && chunk_end == self.end()
+    }
+
+    /// Picks the next chunk (retransmissions first, then new data), at most `max_len` bytes.
+    /// Returns `None` if nothing can be sent.
+    pub fn next_chunk(&mut self, max_len: usize, session_credit: u64) -> Option<Chunk> {
+        // Retransmissions: skip anything acknowledged meanwhile.
+        while let Some(r) = self.retransmit.first() {
+            let start = r.start.max(self.base);
+            if start >= r.end {
+                self.retransmit.remove(r);
+                continue;
+            }
+            // Trim leading acked bytes.
+            if let Some(a) = self
+                .acked
+                .iter()
+                .find(|a| a.start <= start && a.end > start)
+            {
+                self.retransmit.remove(r.start..a.end);
+                continue;
+            }
+            let mut end = r.end.min(start + max_len as u64);
+            // Do not resend bytes the peer already acknowledged further up.
+            if let Some(a) = self.acked.iter().find(|a| a.start > start && a.start < end) {
+                end = a.start;
+            }
+            self.retransmit.remove(r.start..end);
+            let fin = self.fin_with(end);
+            if fin {
+                self.fin = FinState::Sent;
+            }
+            return Some(Chunk {
+                offset: start,
+                len: (end - start) as usize,
+                fin,
+                new_bytes: 0,
+            });
+        }
+        let limit = self
+            .end()
+            .min(self.max_data)
+            .min(self.next.saturating_add(session_credit))
+            .min(self.next + max_len as u64);
+        let len = limit.saturating_sub(self.next);
+        let fin = self.fin_with(self.next + len);
+        if len == 0 && !fin {
+            return None;
+        }
+        let chunk = Chunk {
+            offset: self.next,
+            len: len as usize,
+            fin,
+            new_bytes: len,
+        };
+        self.next += len;
+        if fin {
+            self.fin = FinState::Sent;
+        }
+        Some(chunk)
+    }
+
+    /// Copies the bytes of a chunk previously returned by [`SendHalf::next_chunk`].
+    pub fn copy_chunk(&self, offset: u64, out: &mut [u8]) {
+        let pos = (offset - self.base) as usize;
+        self.buf.copy_out(pos, out);
+    }
+
+    /// Records an acknowledged chunk. Returns the number of buffer bytes freed.
+    pub fn on_acked(&mut self, offset: u64, len: usize, fin: bool) -> usize {
+        if fin {
+            self.fin = FinState::Acked;
+        }
+        let start = offset.max(self.base);
+        let end = offset + len as u64;
+        if start >= end {
+            return 0;
+        }
+        self.acked.insert(start..end);
+        let mut freed = 0;
+        while let Some(first) = self.acked.first() {
+            if first.start > self.base {
+                break;
+            }
+            let n = (first.end - self.base) as usize;
+            self.buf.consume(n);
+            freed += n;
+            self.base = first.end;
+            self.acked.remove(first);
+        }
+        if freed > 0 {
+            self.retransmit.remove_below(self.base);
+            if self.buf.is_empty() {
+                self.buf.shrink_if_empty(64 * 1024);
+            }
+        }
+        freed
+    }
+
+    /// Records a lost chunk: its bytes (and FIN) will be sent again.
+    pub fn on_lost(&mut self, offset: u64, len: usize, fin: bool) {
+        if fin && self.fin == FinState::Sent {
+            self.fin = FinState::Pending;
+        }
+        let start = offset.max(self.base);
+        let end = offset + len as u64;
+        if start < end {
+            self.retransmit.insert(start..end);
+        }
+    }
+
+    /// Drops all buffered data (stream reset).
+    pub fn abandon(&mut self) {
+        self.base = self.end();
+        self.buf = ByteRing::new(0);
+        self.acked.clear();
+        self.retransmit.clear();
+    }
+}
+
+/// Why received stream data was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvError {
+    /// Data beyond the advertised window: protocol violation.
+    FlowControl,
+    /// Data or FIN inconsistent with an earlier FIN: protocol violation.
+    FinalSize,
+    /// Too many reassembly gaps: drop the packet without acknowledging it.
+    TooFragmented,
+}
+
+#[derive(Debug)]
+pub struct RecvHalf {
+    buf: ByteRing,
+    /// Offset of the next byte the application reads (head of `buf`).
+    read: u64,
+    received: RangeSet,
+    /// One past the highest offset received (counts against session flow control).
+    pub highest: u64,
+    pub fin_offset: Option<u64>,
+    /// Advertised limit (MAX_STREAM_DATA we granted).
+    pub max_data: u64,
+    window: u64,
+    /// Data arriving is discarded (local reset).
+    pub discarding: bool,
+}
+
+impl RecvHalf {
+    pub fn new(window: u64, range_limit: usize) -> Self {
+        Self {
+            buf: ByteRing::new(window as usize),
+            read: 0,
+            received: RangeSet::new(range_limit),
+            highest: 0,
+            fin_offset: None,
+            max_data: window,
+            window,
+            discarding: false,
+        }
+    }
+
+    /// Bytes held in the reassembly buffer (including holes).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Accepts a STREAM frame. On success returns how much `highest` grew (session flow
+    /// control) and whether the stream became readable.
+    pub fn on_data(&mut self, offset: u64, data: &[u8], fin: bool) -> Result<u64, RecvError> {
+        let end = offset + data.len() as u64;
+        if end > self.max_data {
+            return Err(RecvError::FlowControl);
+        }
+        if let Some(f) = self.fin_offset {
+            if end > f || (fin && end != f) {
+                return Err(RecvError::FinalSize);
+            }
+        }
+        if fin && end < self.highest {
+            return Err(RecvError::FinalSize);
+        }
+        let start = offset.max(self.read);
+        if start < end && !self.discarding && !self.received.insert(start..end) {
+            return Err(RecvError::TooFragmented);
+        }
+        if fin {
+            self.fin_offset = Some(end);
+        }
+        let grown = end.saturating_sub(self.highest);
+        self.highest = self.highest.max(end);
+        if start < end && !self.discarding {
+            let pos = (start - self.read) as usize;
+            let skip = (start - offset) as usize;
+            // Cannot fail: end <= max_data <= read + window == read + buffer limit.
+            self.buf.write_at(pos, &data[skip..]);
+        }
+        Ok(grown)
+    }
+
+    /// Contiguous bytes ready for the application.
+    pub fn readable(&self) -> usize {
+        match self.received.first() {
+            Some(r) if r.start <= self.read => (r.end - self.read) as usize,
+            _ => 0,
+        }
+    }
+
+    /// All data up to the FIN was read.
+    pub fn is_finished(&self) -> bool {
+        self.fin_offset == Some(self.read)
+    }
+
+    /// Every byte up to the FIN has arrived (the peer's final size is known and complete).
+    pub fn is_complete(&self) -> bool {
+        match self.fin_offset {
+            Some(f) => f == self.read || self.readable() as u64 + self.read == f,
+            None => false,
+        }
+    }
+
+    /// Copies readable bytes into `out`; returns the count.
+    pub fn read(&mut self, out: &mut [u8]) -> usize {
+        let n = self.readable().min(out.len());
+        if n == 0 {
+            return 0;
+        }
+        self.buf.copy_out(0, &mut out[..n]);
+        self.buf.consume(n);
+        self.read += n as u64;
+        self.received.remove_below(self.read);
+        if self.buf.is_empty() {
+            self.buf.shrink_if_empty(64 * 1024);
+        }
+        n
+    }
+
+    /// After reads: the new limit to advertise, if the window moved enough to be worth a frame.
+    pub fn window_update(&mut self) -> Option<u64> {
+        if self.fin_offset.is_some() || self.discarding {
+            return None;
+        }
+        let target = self.read + self.window;
+        if target - self.max_data >= self.window / 4 {
+            self.max_data = target;
+            Some(target)
+        } else {
+            None
+        }
+    }
+
+    /// Discards everything buffered and everything that arrives later (reset). Returns the
+    /// number of bytes that were received but never read (to release session credit).
+    pub fn discard(&mut self) -> u64 {
+        self.discarding = true;
+        self.buf = ByteRing::new(0);
+        self.received.clear();
+        let released = self.highest - self.read;
+        self.read = self.highest;
+        released
+    }
+
+    /// While discarding, new bytes count as read immediately; returns the newly released count.
+    pub fn release_discarded(&mut self) -> u64 {
+        let released = self.highest - self.read;
+        self.read = self.highest;
+        released
+    }
+}
+
+/// How far a stream open has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenState {
+    /// Opened locally: waiting for OPEN to be acknowledged and for the peer's answer.
+    Local { open_acked: bool, answered: bool },
+    /// Opened by the peer: `announced` once the OPEN frame arrived (and StreamOpened was
+    /// emitted); `answered` once the application answered; `ok_acked` once OPEN_OK was acked.
+    Peer {
+        announced: bool,
+        answered: bool,
+        ok_acked: bool,
+    },
+}
+
+/// One stream's full state.
+#[derive(Debug)]
+pub struct Stream {
+    pub send: SendHalf,
+    pub recv: RecvHalf,
+    pub dest: Option<Destination>,
+    pub open: OpenState,
+    /// Local reset reason (RESET_STREAM sent or to be sent).
+    pub reset_local: Option<ResetReason>,
+    pub reset_local_acked: bool,
+    /// Peer's reset reason and final size.
+    pub reset_remote: Option<(ResetReason, u64)>,
+    // Pending control frames.
+    pub open_pending: bool,
+    pub open_ok_pending: bool,
+    pub reset_pending: bool,
+    pub max_stream_data_pending: bool,
+    pub in_control_queue: bool,
+    pub in_send_queue: bool,
+    // Event bookkeeping.
+    pub readable_notified: bool,
+    pub want_writable: bool,
+    pub finished_notified: bool,
+    /// The application learned the stream is gone (reset event or open failure).
+    pub terminal_notified: bool,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+}
+
+impl Stream {
+    pub fn new(
+        open: OpenState,
+        send_buffer: usize,
+        send_max: u64,
+        recv_window: u64,
+        recv_ranges: usize,
+    ) -> Self {
+        Self {
+            send: SendHalf::new(send_buffer, send_max),
+            recv: RecvHalf::new(recv_window, recv_ranges),
+            dest: None,
+            open,
+            reset_local: None,
+            reset_local_acked: false,
+            reset_remote: None,
+            open_pending: false,
+            open_ok_pending: false,
+            reset_pending: false,
+            max_stream_data_pending: false,
+            in_control_queue: false,
+            in_send_queue: false,
+            readable_notified: false,
+            want_writable: false,
+            finished_notified: false,
+            terminal_notified: false,
+            bytes_written: 0,
+            bytes_read: 0,
+        }
+    }
+
+    pub fn is_reset(&self) -> bool {
+        self.reset_local.is_some() || self.reset_remote.is_some()
+    }
+
+    pub fn has_control_pending(&self) -> bool {
+        self.open_pending
+            || self.open_ok_pending
+            || self.reset_pending
+            || self.max_stream_data_pending
+    }
+
+    /// Peer-opened stream whose OPEN frame arrived (so the application knows it).
+    pub fn is_announced(&self) -> bool {
+        match self.open {
+            OpenState::Local { .. } => true,
+            OpenState::Peer { announced, .. } => announced,
+        }
+    }
+
+    /// The stream can be forgotten: both directions finished or reset, nothing left to
+    /// (re)send, and the peer knows our final state.
+    pub fn is_done(&self) -> bool {
+        if self.has_control_pending() {
+            return false;
+        }
+        if self.reset_local.is_some() {
+            let peer_final_known = self.reset_remote.is_some() || self.recv.fin_offset.is_some();
+            return self.reset_local_acked && peer_final_known;
+        }
+        if self.reset_remote.is_some() {
+            // We echo a reset on receipt, so reset_local is set; unreachable in practice.
+            return false;
+        }
+        let opened = match self.open {
+            OpenState::Local { open_acked, .. } => open_acked,
+            OpenState::Peer { ok_acked, .. } => ok_acked,
+        };
+        opened && self.send.is_complete() && self.recv.is_finished() && self.finished_notified
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_half_retransmits_lost_and_frees_acked() {
+        let mut s = SendHalf::new(1000, 10_000);
+        assert_eq!(s.write(&[7u8; 600]), 600);
+        let a = s.next_chunk(250, u64::MAX).unwrap();
+        let b = s.next_chunk(250, u64::MAX).unwrap();
+        let c = s.next_chunk(250, u64::MAX).unwrap();
+        assert_eq!(
+            (a.offset, a.len, b.offset, c.offset, c.len),
+            (0, 250, 250, 500, 100)
+        );
+        assert_eq!(s.next_chunk(250, u64::MAX), None);
+        assert_eq!(s.on_acked(250, 250, false), 0, "hole at 0 keeps buffer");
+        s.on_lost(0, 250, false);
+        let r = s.next_chunk(100, u64::MAX).unwrap();
+        assert_eq!((r.offset, r.len, r.new_bytes), (0, 100, 0));
+        let r2 = s.next_chunk(1000, u64::MAX).unwrap();
+        assert_eq!((r2.offset, r2.len), (100, 150));
+        assert_eq!(s.on_acked(0, 100, false), 100);
+        assert_eq!(s.on_acked(100, 150, false), 400);
+        assert_eq!(s.buffered(), 100);
+    }
+
+    #[test]
+    fn send_half_respects_limits_and_fin() {
+        let mut s = SendHalf::new(100, 50);
+        assert_eq!(s.write(&[1u8; 200]), 100);
+        let a = s.next_chunk(1000, 30).unwrap();
+        assert_eq!(a.len, 30);
+        let b = s.next_chunk(1000, 1000).unwrap();
+        assert_eq!(b.len, 20, "stream max_data 50");
+        s.max_data = 1000;
+        s.fin = FinState::Pending;
+        let c = s.next_chunk(1000, 1000).unwrap();
+        assert_eq!((c.offset, c.len, c.fin), (50, 50, true));
+        s.on_lost(50, 50, true);
+        assert_eq!(s.fin, FinState::Pending);
+        let d = s.next_chunk(1000, 0).unwrap();
+        assert!(d.fin && d.new_bytes == 0);
+        s.on_acked(0, 100, true);
+        assert!(s.is_complete());
+    }
+
+    #[test]
+    fn recv_half_reassembles_and_enforces_window() {
+        let mut r = RecvHalf::new(100, 8);
+        assert_eq!(r.on_data(10, &[2u8; 10], false), Ok(20));
+        assert_eq!(r.readable(), 0);
+        assert_eq!(r.on_data(0, &[1u8; 10], false), Ok(0));
+        assert_eq!(r.readable(), 20);
+        assert_eq!(
+            r.on_data(95, &[0u8; 10], false),
+            Err(RecvError::FlowControl)
+        );
+        let mut out = [0u8; 64];
+        assert_eq!(r.read(&mut out), 20);
+        assert_eq!(&out[..20], &[[1u8; 10], [2u8; 10]].concat()[..]);
+        assert_eq!(r.window_update(), None, "moved 20 < 25");
+        assert_eq!(r.on_data(20, &[3u8; 10], true), Ok(10));
+        assert_eq!(r.on_data(20, &[3u8; 11], false), Err(RecvError::FinalSize));
+        assert_eq!(r.read(&mut out), 10);
+        assert!(r.is_finished());
+    }
+
+    #[test]
+    fn recv_half_limits_fragmentation() {
+        let mut r = RecvHalf::new(1000, 2);
+        r.on_data(10, &[0], false).unwrap();
+        r.on_data(20, &[0], false).unwrap();
+        assert_eq!(r.on_data(30, &[0], false), Err(RecvError::TooFragmented));
+        assert_eq!(r.highest, 21, "rejected frame changed nothing");
+    }
+}
