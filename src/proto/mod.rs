@@ -6,3 +6,4 @@ pub mod psk;
 pub mod replay;
 pub mod rng;
 pub mod sim;
+pub mod transport;
