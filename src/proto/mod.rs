@@ -1,9 +1,34 @@
 //! The OSTP protocol core: a pure, sans-IO state machine (no sockets, clock reads or global RNG).
+//!
+//! Layers, bottom up:
+//! - [`crypto`], [`psk`], [`rng`]: the HChaCha20/ChaCha20/(X)ChaCha20-Poly1305 constructions,
+//!   access key → PSK, and the driver-seeded DRBG.
+//! - [`handshake`]: hello / accept / refusal wire formats.
+//! - [`packet`], [`replay`]: data packet protection (rotating tokens, hidden packet numbers, AEAD,
+//!   padding) and the replay window.
+//! - [`transport`]: frames, reliability, congestion control, streams (carried inside packets).
+//! - [`session`]: one protected session = packet protection + `Transport`.
+//! - [`endpoint`]: the server endpoint (users, sessions, roaming, caps, rate limits) and the client
+//!   connector — the API the data plane drives.
+//!
+//! The wire format is specified in `docs/PROTOCOL.md`.
 pub mod crypto;
+pub mod endpoint;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod handshake;
 pub mod packet;
 pub mod psk;
 pub mod replay;
 pub mod rng;
+pub mod session;
 pub mod sim;
 pub mod transport;
+
+pub use endpoint::{
+    ClientConfig, ClientEvent, ClientSession, EndpointEvent, EndpointStats, ServerConfig, ServerEndpoint, SessionId,
+    SocketIndex, Transmit, UserId, UserState,
+};
+pub use handshake::RefuseReason;
+pub use packet::PaddingPolicy;
+pub use session::{SecureStats, Session, SessionConfig};
