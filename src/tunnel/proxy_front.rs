@@ -228,7 +228,9 @@ impl ProxyFront {
         }
     }
 
-    /// The detected protocol family so far (`None` before the first byte).
+    /// The protocol family detected from the first byte: `Socks5`, or `HttpForward` standing for
+    /// "HTTP, request line not parsed yet" (CONNECT is only known once the request is complete).
+    /// `None` before the first byte and after the front finished.
     pub fn protocol(&self) -> Option<FrontProtocol> {
         match self.state {
             State::Detect => None,

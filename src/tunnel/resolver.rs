@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 
 use mio::Waker;
 
-use super::target::MAX_DOMAIN_LEN;
+use super::target::{MAX_DOMAIN_LEN, TargetAddr};
 
 /// Most addresses kept from one lookup.
 pub const MAX_ADDRESSES: usize = 16;
@@ -164,6 +164,14 @@ impl Resolver {
             Ok(()) => Ok(Lookup::Pending),
             Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::ShutDown),
+        }
+    }
+
+    /// [`Self::lookup`] for a [`TargetAddr`] (IP targets are answered at once).
+    pub fn lookup_target(&self, token: u64, target: &TargetAddr) -> Result<Lookup, SubmitError> {
+        match target {
+            TargetAddr::Ip(addr) => Ok(Lookup::Ready(*addr)),
+            TargetAddr::Domain(name, port) => self.lookup(token, name, *port),
         }
     }
 
@@ -327,6 +335,16 @@ mod tests {
         assert_eq!(
             resolver.lookup(3, "2001:db8::1", 1),
             Ok(Lookup::Ready("[2001:db8::1]:1".parse().unwrap()))
+        );
+        let target = TargetAddr::Domain("10.1.2.3".into(), 5);
+        assert_eq!(
+            resolver.lookup_target(4, &target),
+            Ok(Lookup::Ready("10.1.2.3:5".parse().unwrap())),
+            "a domain-typed IP literal still skips the pool"
+        );
+        assert_eq!(
+            resolver.lookup_target(5, &TargetAddr::Ip("[::2]:7".parse().unwrap())),
+            Ok(Lookup::Ready("[::2]:7".parse().unwrap()))
         );
         assert_eq!(resolver.try_recv(), None);
     }
