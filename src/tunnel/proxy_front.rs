@@ -9,6 +9,9 @@
 //! over inside the request. After the outbound connection succeeds or fails, build the final answer
 //! with [`ProxyRequest::success_reply`] / [`ProxyRequest::failure_reply`].
 //!
+//! HTTP heads must be UTF-8 (obs-text header bytes are refused with 400), obsolete header line
+//! folding is refused, bare-LF line endings are accepted. SOCKS5 RSV bytes are not checked.
+//!
 //! Memory is bounded: the front buffers at most [`MAX_HEAD_LEN`] bytes of an unfinished request
 //! plus whatever a single `feed` call hands in. Nothing here panics on any input.
 //!
@@ -296,7 +299,11 @@ impl ProxyFront {
     }
 
     fn attach_early_data(&mut self, request: ProxyRequest, consumed: usize) -> ProxyRequest {
-        let rest = self.buf.get(consumed..).unwrap_or_default().to_vec();
+        let rest = if consumed <= self.buf.len() {
+            self.buf.split_off(consumed)
+        } else {
+            Vec::new()
+        };
         match request {
             ProxyRequest::Connect { dest, protocol, .. } => ProxyRequest::Connect {
                 dest,
