@@ -291,7 +291,13 @@ impl BulkApp {
 
     fn write_flow(t: &mut Transport, id: StreamId, flow: &mut Flow, down: bool, scratch: &mut [u8]) {
         while flow.written < flow.total {
-            let n = (flow.total - flow.written).min(scratch.len() as u64) as usize;
+            let room = t.stream_write_capacity(id);
+            if room == 0 {
+                return;
+            }
+            let n = (flow.total - flow.written)
+                .min(scratch.len() as u64)
+                .min(room as u64) as usize;
             fill_pattern(key(id, down), flow.written, &mut scratch[..n]);
             match t.stream_write(id, &scratch[..n]) {
                 Ok(0) | Err(_) => return,

@@ -21,6 +21,8 @@ const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
 /// Minimum congestion window, in packets.
 const MIN_CWND_PACKETS: u64 = 4;
+/// Absolute RTT inflation tolerated in startup on top of 50 % (jitter on short paths).
+const QUEUE_RTT_MARGIN: Duration = Duration::from_millis(4);
 /// Startup ends after this many rounds without 25 % bandwidth growth.
 const FULL_BW_ROUNDS: u32 = 3;
 
@@ -174,6 +176,8 @@ pub struct Bbr {
     next_round_delivered: u64,
     full_bw: u64,
     full_bw_count: u32,
+    /// Largest RTT sample in the current round (startup exit on queue build-up).
+    round_max_rtt: Duration,
     filled_pipe: bool,
     cycle_index: usize,
     cycle_stamp: Instant,
@@ -206,6 +210,7 @@ impl Bbr {
             next_round_delivered: 0,
             full_bw: 0,
             full_bw_count: 0,
+            round_max_rtt: Duration::ZERO,
             filled_pipe: false,
             cycle_index: 0,
             cycle_stamp: now,
@@ -272,6 +277,11 @@ impl Bbr {
         self.update_cycle_phase(ev);
         if round_start {
             self.check_full_pipe(ev.rate.is_some_and(|r| r.is_app_limited));
+            self.check_queue_growth();
+            self.round_max_rtt = Duration::ZERO;
+        }
+        if let Some(rtt) = ev.rtt_sample {
+            self.round_max_rtt = self.round_max_rtt.max(rtt);
         }
         self.check_drain(ev);
         self.update_min_rtt(ev, round_start);
@@ -328,6 +338,20 @@ impl Bbr {
         }
         self.full_bw_count += 1;
         if self.full_bw_count >= FULL_BW_ROUNDS {
+            self.filled_pipe = true;
+        }
+    }
+
+    /// Startup also ends when a whole round saw the RTT inflated well above the minimum: the
+    /// bottleneck queue is filling. This catches the case where the bandwidth plateau check
+    /// never runs because the sender is application- or flow-control-limited, and it is not
+    /// triggered by random loss (which does not inflate the RTT).
+    fn check_queue_growth(&mut self) {
+        if self.filled_pipe || self.btl_bw == 0 {
+            return;
+        }
+        let Some(min_rtt) = self.min_rtt else { return };
+        if self.round_max_rtt > min_rtt * 3 / 2 + QUEUE_RTT_MARGIN {
             self.filled_pipe = true;
         }
     }

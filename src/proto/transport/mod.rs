@@ -333,6 +333,7 @@ pub struct Transport {
     rate: DeliveryRate,
     pacer: Pacer,
     lost_scratch: Vec<SentFrame>,
+    ack_runs: Vec<(u64, u64)>,
 
     // Receiving and ACK generation.
     recv_pns: RangeSet,
@@ -399,6 +400,7 @@ impl Transport {
             rate: DeliveryRate::new(now),
             pacer: Pacer::new(now, config.pacing_burst),
             lost_scratch: Vec::new(),
+            ack_runs: Vec::new(),
             recv_pns: RangeSet::new(RECV_PN_RANGES),
             largest_recv: None,
             ack_needed: false,
@@ -842,12 +844,12 @@ impl Transport {
         }
         let mut bytes_acked = 0u64;
         let mut largest_newly_acked: Option<(u64, Instant, bool)> = None;
-        let base = self.sent.base_pn();
+        let mut runs = std::mem::take(&mut self.ack_runs);
+        runs.clear();
         for (lo, hi) in ack.ranges() {
-            let lo = lo.max(base);
-            if hi < lo {
-                continue;
-            }
+            self.sent.unresolved_in(lo, hi, |a, b| runs.push((a, b)));
+        }
+        for &(lo, hi) in &runs {
             for pn in lo..=hi {
                 let Some(p) = self.sent.get_mut(pn) else {
                     break;
@@ -874,7 +876,9 @@ impl Transport {
                     self.on_frame_acked(*f);
                 }
             }
+            self.sent.mark_resolved(lo..hi + 1);
         }
+        self.ack_runs = runs;
         if self.largest_acked.is_none_or(|l| ack.largest > l) {
             self.largest_acked = Some(ack.largest);
         }
@@ -1478,6 +1482,11 @@ impl Transport {
         }
         if now >= self.last_sent + self.config.keepalive_interval {
             self.ping_pending = true;
+            // Idle session: give back buffer storage of streams with nothing buffered.
+            for s in self.streams.values_mut() {
+                s.send.release_idle_storage();
+                s.recv.release_idle_storage();
+            }
         }
     }
 
@@ -1598,6 +1607,14 @@ impl Transport {
             self.send_queue.push_back(id.0);
         }
         Ok(n)
+    }
+
+    /// How many bytes [`Transport::stream_write`] would accept right now.
+    pub fn stream_write_capacity(&self, id: StreamId) -> usize {
+        match self.streams.get(&id.0) {
+            Some(s) if !s.is_reset() && s.send.fin == FinState::Open => s.send.free_space(),
+            _ => 0,
+        }
     }
 
     /// Reads in-order data. `Ok(0)` means the peer finished and everything was read;

@@ -35,6 +35,12 @@ impl RangeSet {
         self.ranges.front().cloned()
     }
 
+    /// The first range that ends above `v` (it may contain `v`).
+    pub fn range_from(&self, v: u64) -> Option<Range<u64>> {
+        let i = self.ranges.partition_point(|r| r.end <= v);
+        self.ranges.get(i).cloned()
+    }
+
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = Range<u64>> + Clone + '_ {
         self.ranges.iter().cloned()
     }

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::congestion::DeliverySnapshot;
+use super::ranges::RangeSet;
 
 /// Reordering threshold in packets.
 pub const PACKET_THRESHOLD: u64 = 3;
@@ -100,6 +101,9 @@ impl SentPacket {
 pub struct SentLog {
     base_pn: u64,
     packets: VecDeque<SentPacket>,
+    /// Packet numbers at or above `base_pn` already acked or declared lost, so that ACK
+    /// processing only visits packets it has not seen (ACK ranges repeat old ranges).
+    resolved: RangeSet,
 }
 
 impl SentLog {
@@ -107,6 +111,7 @@ impl SentLog {
         Self {
             base_pn: 0,
             packets: VecDeque::new(),
+            resolved: RangeSet::new(usize::MAX),
         }
     }
 
@@ -141,6 +146,37 @@ impl SentLog {
             }
             self.packets.pop_front();
             self.base_pn += 1;
+        }
+        self.resolved.remove_below(self.base_pn);
+    }
+
+    /// Records that `pns` were acked or declared lost.
+    pub fn mark_resolved(&mut self, pns: std::ops::Range<u64>) {
+        self.resolved.insert(pns);
+    }
+
+    /// Splits `lo..=hi` into the sub-ranges not yet resolved, calling `f` for each inclusive
+    /// `(start, end)`; `f` is called in increasing order.
+    pub fn unresolved_in(&self, lo: u64, hi: u64, mut f: impl FnMut(u64, u64)) {
+        let mut p = lo.max(self.base_pn);
+        let top = self.base_pn + self.packets.len() as u64;
+        let hi = hi.min(top.saturating_sub(1));
+        if self.packets.is_empty() {
+            return;
+        }
+        while p <= hi {
+            match self.resolved.range_from(p) {
+                Some(r) if r.start <= p => p = r.end,
+                Some(r) => {
+                    let end = (r.start - 1).min(hi);
+                    f(p, end);
+                    p = end + 1;
+                }
+                None => {
+                    f(p, hi);
+                    return;
+                }
+            }
         }
     }
 

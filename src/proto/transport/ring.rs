@@ -1,8 +1,8 @@
 //! A growable byte ring with a hard capacity limit, used for stream send and receive buffers.
 //!
 //! Positions are relative to the head (the oldest byte still held). Storage grows by doubling up
-//! to the limit (amortised, never per packet) and is released when the ring is emptied and
-//! [`ByteRing::shrink_if_empty`] is called.
+//! to the limit (amortised, never per packet) and is kept while the stream is busy; it is
+//! released by [`ByteRing::shrink_if_empty`] when the session goes idle.
 
 #[derive(Debug, Clone)]
 pub struct ByteRing {
@@ -31,6 +31,10 @@ impl ByteRing {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     /// Makes room for `need` bytes from the head. Returns `false` if `need` exceeds the limit.

@@ -95,6 +95,10 @@ impl SendHalf {
         self.buf.len()
     }
 
+    pub fn free_space(&self) -> usize {
+        self.buf.limit() - self.buf.len()
+    }
+
     pub fn write(&mut self, data: &[u8]) -> usize {
         self.buf.push(data)
     }
@@ -204,9 +208,6 @@ impl SendHalf {
         }
         if freed > 0 {
             self.retransmit.remove_below(self.base);
-            if self.buf.is_empty() {
-                self.buf.shrink_if_empty(64 * 1024);
-            }
         }
         freed
     }
@@ -221,6 +222,11 @@ impl SendHalf {
         if start < end {
             self.retransmit.insert(start..end);
         }
+    }
+
+    /// Frees the buffer storage if nothing is buffered (called when the session is idle).
+    pub fn release_idle_storage(&mut self) {
+        self.buf.shrink_if_empty(0);
     }
 
     /// Drops all buffered data (stream reset).
@@ -311,6 +317,11 @@ impl RecvHalf {
         Ok(grown)
     }
 
+    /// Frees the buffer storage if nothing is buffered (called when the session is idle).
+    pub fn release_idle_storage(&mut self) {
+        self.buf.shrink_if_empty(0);
+    }
+
     /// Contiguous bytes ready for the application.
     pub fn readable(&self) -> usize {
         match self.received.first() {
@@ -342,9 +353,6 @@ impl RecvHalf {
         self.buf.consume(n);
         self.read += n as u64;
         self.received.remove_below(self.read);
-        if self.buf.is_empty() {
-            self.buf.shrink_if_empty(64 * 1024);
-        }
         n
     }
 
