@@ -50,7 +50,10 @@ fn main() {
         config.send_buffer = (w << 20) as usize;
     }
     let mb = size_mb(50);
-    println!("transport_sim: 100 Mbit/s bottleneck, 50 ms RTT, {mb} MB download, config {:?}", config.stream_window);
+    println!(
+        "transport_sim: 100 Mbit/s bottleneck, 50 ms RTT, {mb} MB download, config {:?}",
+        config.stream_window
+    );
     let mut base = None;
     for (i, loss) in [0.0, 0.01, 0.05].into_iter().enumerate() {
         let wall = Instant::now();

@@ -215,7 +215,8 @@ pub fn fill_pattern(key: u64, offset: u64, out: &mut [u8]) {
     let mut off = offset;
     while pos < out.len() {
         let word = off / 8;
-        let mut z = (key ^ word.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
+        let mut z =
+            (key ^ word.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
@@ -289,7 +290,13 @@ impl BulkApp {
         }
     }
 
-    fn write_flow(t: &mut Transport, id: StreamId, flow: &mut Flow, down: bool, scratch: &mut [u8]) {
+    fn write_flow(
+        t: &mut Transport,
+        id: StreamId,
+        flow: &mut Flow,
+        down: bool,
+        scratch: &mut [u8],
+    ) {
         while flow.written < flow.total {
             let room = t.stream_write_capacity(id);
             if room == 0 {
@@ -421,8 +428,15 @@ impl BulkApp {
 
     /// Total bytes verified at the receivers.
     pub fn verified_bytes(&self) -> u64 {
-        self.client_streams.values().map(|(_, d)| d.received).sum::<u64>()
-            + self.server_streams.values().map(|(u, _)| u.received).sum::<u64>()
+        self.client_streams
+            .values()
+            .map(|(_, d)| d.received)
+            .sum::<u64>()
+            + self
+                .server_streams
+                .values()
+                .map(|(u, _)| u.received)
+                .sum::<u64>()
     }
 }
 

@@ -82,6 +82,8 @@ pub struct TransportConfig {
     pub max_streams: u64,
     /// Send buffer per stream: `stream_write` accepts at most this much unacknowledged data.
     pub send_buffer: usize,
+    /// Send buffer for all streams of the session together.
+    pub session_send_buffer: usize,
     /// Close the session when nothing was received for this long.
     pub idle_timeout: Duration,
     /// Send a PING when nothing was sent for this long.
@@ -104,10 +106,11 @@ impl Default for TransportConfig {
     fn default() -> Self {
         Self {
             max_payload: 1200,
-            stream_window: 1024 * 1024,
-            session_window: 2 * 1024 * 1024,
+            stream_window: 2 * 1024 * 1024,
+            session_window: 4 * 1024 * 1024,
             max_streams: 128,
-            send_buffer: 1024 * 1024,
+            send_buffer: 2 * 1024 * 1024,
+            session_send_buffer: 4 * 1024 * 1024,
             idle_timeout: Duration::from_secs(60),
             keepalive_interval: Duration::from_secs(15),
             initial_rtt: Duration::from_millis(100),
@@ -130,6 +133,7 @@ impl TransportConfig {
             .clamp(INITIAL_SESSION_WINDOW.max(self.stream_window), 1 << 32);
         self.max_streams = self.max_streams.clamp(INITIAL_MAX_STREAMS, 1 << 16);
         self.send_buffer = self.send_buffer.clamp(4096, 1 << 30);
+        self.session_send_buffer = self.session_send_buffer.clamp(self.send_buffer, 1 << 32);
         self.max_datagram_queue = self.max_datagram_queue.clamp(1, 4096);
         self.max_recv_ranges = self.max_recv_ranges.clamp(8, 1 << 16);
         self.initial_cwnd_packets = self.initial_cwnd_packets.clamp(4, 1024);
@@ -354,6 +358,10 @@ pub struct Transport {
     local_max_streams: u64,
     peer_stream_window: u64,
     open_blocked: bool,
+    /// Bytes in all stream send buffers (bounded by `session_send_buffer`).
+    send_buffered: usize,
+    /// Streams whose last write was partial, to be told when they can write again.
+    writable_waiters: Vec<u64>,
 
     // Session flow control and control frames.
     send_credit: SendCredit,
@@ -417,6 +425,8 @@ impl Transport {
             local_max_streams: config.max_streams,
             peer_stream_window: INITIAL_STREAM_WINDOW,
             open_blocked: false,
+            send_buffered: 0,
+            writable_waiters: Vec::new(),
             send_credit: SendCredit::new(INITIAL_SESSION_WINDOW),
             recv_window: RecvWindow::new(config.session_window),
             settings_pending: true,
@@ -797,6 +807,8 @@ impl Transport {
         s.reset_remote = Some((reason, final_size));
         let announced = s.is_announced();
         let event = match s.open {
+            // We reset it ourselves first: the application already knows.
+            _ if s.reset_local.is_some() => None,
             OpenState::Local {
                 answered: false,
                 open_acked,
@@ -812,21 +824,22 @@ impl Transport {
                     _ => Some(TransportEvent::StreamReset { id, reason }),
                 }
             }
-            _ if announced && s.reset_local.is_none() => {
-                Some(TransportEvent::StreamReset { id, reason })
-            }
+            _ if announced => Some(TransportEvent::StreamReset { id, reason }),
             _ => None,
         };
+        let mut abandoned = 0;
         if s.reset_local.is_none() {
             // Echo the reset so the peer learns our final size too.
             s.reset_local = Some(reason);
             s.reset_pending = true;
+            abandoned = s.send.buffered();
             s.send.abandon();
         }
         s.open_pending = false;
         s.open_ok_pending = false;
         s.max_stream_data_pending = false;
         s.terminal_notified = true;
+        self.send_buffered -= abandoned;
         if self.recv_window.on_received(grown).is_err() {
             return Err(TransportError::FlowControl);
         }
@@ -835,6 +848,7 @@ impl Transport {
         if let Some(e) = event {
             self.events.push_back(e);
         }
+        self.maybe_remove(id);
         Ok(())
     }
 
@@ -912,7 +926,39 @@ impl Transport {
         if self.bytes_in_flight == 0 {
             self.last_ack_eliciting_sent = None;
         }
+        self.wake_writers();
         Ok(())
+    }
+
+    /// Tells streams blocked on a full send buffer that they can write again, once there is
+    /// a useful amount of room (avoids waking writers for a few bytes at a time).
+    fn wake_writers(&mut self) {
+        if self.writable_waiters.is_empty() {
+            return;
+        }
+        let session_free = self.config.session_send_buffer - self.send_buffered;
+        let threshold = (self.config.session_send_buffer / 8).min(64 * 1024);
+        if session_free < threshold {
+            return;
+        }
+        let mut waiters = std::mem::take(&mut self.writable_waiters);
+        waiters.retain(|&id| {
+            let Some(s) = self.streams.get_mut(&id) else {
+                return false;
+            };
+            if s.is_reset() {
+                s.want_writable = false;
+                return false;
+            }
+            if s.send.free_space() < threshold.min(s.send.limit() / 8).max(1) {
+                return true;
+            }
+            s.want_writable = false;
+            self.events
+                .push_back(TransportEvent::StreamWritable { id: StreamId(id) });
+            false
+        });
+        self.writable_waiters = waiters;
     }
 
     fn on_frame_acked(&mut self, frame: SentFrame) {
@@ -927,11 +973,7 @@ impl Transport {
                     return;
                 };
                 let freed = s.send.on_acked(offset, usize::from(len), fin);
-                if freed > 0 && s.want_writable && !s.is_reset() {
-                    s.want_writable = false;
-                    self.events
-                        .push_back(TransportEvent::StreamWritable { id: StreamId(id) });
-                }
+                self.send_buffered -= freed;
                 self.maybe_remove(StreamId(id));
             }
             SentFrame::Open(id) => {
@@ -1590,6 +1632,7 @@ impl Transport {
     pub fn stream_write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         self.check_open()?;
         let credit = self.send_credit.available();
+        let session_free = self.config.session_send_buffer - self.send_buffered;
         let s = self.stream_mut(id)?;
         if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
             return Err(StreamError::Reset(reason));
@@ -1597,22 +1640,31 @@ impl Transport {
         if s.send.fin != FinState::Open {
             return Err(StreamError::Finished);
         }
-        let n = s.send.write(data);
+        let n = s.send.write(&data[..data.len().min(session_free)]);
         s.bytes_written += n as u64;
-        if n < data.len() {
+        let start_waiting = n < data.len() && !s.want_writable;
+        if start_waiting {
             s.want_writable = true;
         }
-        if n > 0 && !s.in_send_queue && s.send.has_sendable(credit) {
+        let queue = n > 0 && !s.in_send_queue && s.send.has_sendable(credit);
+        if queue {
             s.in_send_queue = true;
             self.send_queue.push_back(id.0);
         }
+        if start_waiting {
+            self.writable_waiters.push(id.0);
+        }
+        self.send_buffered += n;
         Ok(n)
     }
 
     /// How many bytes [`Transport::stream_write`] would accept right now.
     pub fn stream_write_capacity(&self, id: StreamId) -> usize {
         match self.streams.get(&id.0) {
-            Some(s) if !s.is_reset() && s.send.fin == FinState::Open => s.send.free_space(),
+            Some(s) if !s.is_reset() && s.send.fin == FinState::Open => s
+                .send
+                .free_space()
+                .min(self.config.session_send_buffer - self.send_buffered),
             _ => 0,
         }
     }
@@ -1692,6 +1744,7 @@ impl Transport {
         s.open_ok_pending = false;
         s.max_stream_data_pending = false;
         s.terminal_notified = true;
+        self.send_buffered -= s.send.buffered();
         s.send.abandon();
         let released = s.recv.discard();
         self.release_session_credit(released);

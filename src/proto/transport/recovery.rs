@@ -119,6 +119,7 @@ impl SentLog {
         self.packets.len()
     }
 
+    #[cfg(test)]
     pub fn base_pn(&self) -> u64 {
         self.base_pn
     }

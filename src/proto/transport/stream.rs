@@ -95,6 +95,10 @@ impl SendHalf {
         self.buf.len()
     }
 
+    pub fn limit(&self) -> usize {
+        self.buf.limit()
+    }
+
     pub fn free_space(&self) -> usize {
         self.buf.limit() - self.buf.len()
     }
