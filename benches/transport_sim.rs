@@ -46,7 +46,7 @@ fn main() {
         .and_then(|v| v.parse::<u64>().ok())
     {
         config.stream_window = w << 20;
-        config.session_window = 2 * w << 20;
+        config.session_window = (2 * w) << 20;
         config.send_buffer = (w << 20) as usize;
     }
     let mb = size_mb(50);

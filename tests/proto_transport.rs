@@ -422,9 +422,6 @@ fn datagrams_are_delivered_and_bounded() {
         pair.client.send_datagram(dest.clone(), b"overflow"),
         Err(ostp::proto::transport::DatagramError::QueueFull)
     );
-    pair.client
-        .send_datagram(dest.clone(), &vec![9; 0])
-        .unwrap_err();
     let (mut ce, mut se) = (Vec::new(), Vec::new());
     assert!(run_collect(
         &mut pair,
@@ -608,30 +605,27 @@ fn padding_is_accepted_and_violations_close() {
 }
 
 /// Random well-formed frame for the property test.
-fn random_frame<'a>(rng: &mut SimRng, data: &'a [u8]) -> Frame<'a> {
-    let id = rng.below(300);
-    let offset = if rng.chance(0.5) {
-        rng.below(4096)
+fn random_frame<'a>(rng: &mut SimRng, data: &'a [u8], peer_bit: u64) -> Frame<'a> {
+    // Mostly plausible values (small peer-initiated ids, offsets inside the window) so that
+    // sessions live long enough to reach deep states; sometimes anything.
+    let id = if rng.chance(0.9) {
+        (rng.below(24) << 1) | peer_bit
+    } else {
+        rng.below(300)
+    };
+    let offset = if rng.chance(0.9) {
+        rng.below(60_000)
     } else {
         rng.below(1 << 22)
     };
     let len = (rng.below(data.len() as u64 + 1)) as usize;
     match rng.below(12) {
         0 => Frame::Ping,
-        1 => {
-            let hi = rng.below(200);
-            let ranges = [(hi.saturating_sub(rng.below(5)), hi)];
-            let mut raw = [0u8; 32];
-            let mut w = Writer::new(&mut raw);
-            frame::encode_ack(&mut w, rng.below(1000), ranges.into_iter(), 1).unwrap();
-            // Re-parse to get an AckFrame borrowing nothing we keep: return PING instead if odd.
-            Frame::Ping
-        }
         2 => Frame::StreamOpen {
             id,
             dest: Destination::domain("fuzz.example", 1).unwrap(),
         },
-        3 => Frame::OpenOk { id },
+        3 => Frame::OpenOk { id: id ^ 1 },
         4 => Frame::ResetStream {
             id,
             reason: ResetReason::from_code(rng.below(256) as u8),
@@ -677,6 +671,7 @@ fn property_arbitrary_payloads_and_api_calls() {
         ..cfg()
     };
     let data = vec![0xabu8; 1000];
+    let (mut restarts, mut steps) = (0u64, 0u64);
     for seed in 0..iterations {
         let mut rng = SimRng::new(seed);
         let start = Instant::now();
@@ -687,13 +682,14 @@ fn property_arbitrary_payloads_and_api_calls() {
             Side::Server
         };
         let mut t = Transport::new(config.clone(), side, now);
+        let peer_bit = u64::from(side == Side::Client);
         let mut pn = 0u64;
         let mut out = [0u8; 1500];
         let mut ids = Vec::new();
         for _ in 0..400 {
             now += Duration::from_micros(rng.below(50_000));
             match rng.below(10) {
-                0 => {
+                0 if rng.chance(0.3) => {
                     // Arbitrary bytes.
                     let mut payload = [0u8; 256];
                     let n = rng.below(256) as usize;
@@ -706,7 +702,28 @@ fn property_arbitrary_payloads_and_api_calls() {
                     let mut payload = [0u8; 1200];
                     let mut w = Writer::new(&mut payload);
                     for _ in 0..1 + rng.below(6) {
-                        let f = random_frame(&mut rng, &data);
+                        if rng.chance(0.2) {
+                            // ACK with up to 4 random ranges, sometimes for unsent packets.
+                            let sent = t.stats().packets_sent;
+                            let mut hi = if rng.chance(0.05) {
+                                rng.below(sent + 3)
+                            } else {
+                                rng.below(sent.max(1))
+                            };
+                            let mut ranges = Vec::new();
+                            for _ in 0..1 + rng.below(4) {
+                                let lo = hi.saturating_sub(rng.below(8));
+                                ranges.push((lo, hi));
+                                if lo < 3 {
+                                    break;
+                                }
+                                hi = lo - 2 - rng.below(lo - 2);
+                            }
+                            let delay = rng.below(100_000);
+                            let _ = frame::encode_ack(&mut w, delay, ranges.into_iter(), 8);
+                            continue;
+                        }
+                        let f = random_frame(&mut rng, &data, peer_bit);
                         if frame::encode_frame(&mut w, &f).is_none() {
                             break;
                         }
@@ -771,6 +788,21 @@ fn property_arbitrary_payloads_and_api_calls() {
             if t.poll_timeout().is_some_and(|d| d < now) {
                 t.handle_timeout(now);
             }
+            if t.is_closing() {
+                // Most random inputs are violations: start over to keep exercising an open
+                // session.
+                restarts += 1;
+                t = Transport::new(config.clone(), side, now);
+                ids.clear();
+                pn = 0;
+            }
+            steps += 1;
         }
     }
+    eprintln!("property test: {steps} steps, {restarts} sessions closed by violations");
+    // Both paths were exercised: sessions survived many steps and were also closed.
+    assert!(
+        restarts > 0 && steps > restarts * 4,
+        "{restarts} restarts in {steps} steps"
+    );
 }

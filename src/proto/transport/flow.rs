@@ -68,6 +68,11 @@ impl RecvWindow {
         self.received - self.consumed
     }
 
+    /// Whether `n` more bytes would stay within the advertised window.
+    pub fn can_receive(&self, n: u64) -> bool {
+        self.received + n <= self.advertised
+    }
+
     pub fn on_received(&mut self, n: u64) -> Result<(), FlowControlViolation> {
         let total = self.received + n;
         if total > self.advertised {

@@ -726,12 +726,20 @@ impl Transport {
         data: &[u8],
         fin: bool,
     ) -> Result<FrameOutcome, TransportError> {
-        let Some(s) = self.stream_for_frame(id)? else {
+        let end = offset + data.len() as u64;
+        let highest = match self.stream_for_frame(id)? {
+            Some(s) => s.recv.highest,
+            None => return Ok(FrameOutcome::Continue),
+        };
+        // Check the session window before storing anything.
+        if !self.recv_window.can_receive(end.saturating_sub(highest)) {
+            return Err(TransportError::FlowControl);
+        }
+        let Some(s) = self.streams.get_mut(&id.0) else {
             return Ok(FrameOutcome::Continue);
         };
         if s.reset_remote.is_some() {
             // Final size already known; only check consistency.
-            let end = offset + data.len() as u64;
             if s.reset_remote.is_some_and(|(_, f)| end > f) {
                 return Err(TransportError::FinalSize);
             }

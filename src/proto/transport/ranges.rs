@@ -25,12 +25,6 @@ impl RangeSet {
         self.ranges.is_empty()
     }
 
-    #[cfg(test)]
-    /// Number of separate ranges.
-    pub fn len(&self) -> usize {
-        self.ranges.len()
-    }
-
     pub fn first(&self) -> Option<Range<u64>> {
         self.ranges.front().cloned()
     }
