@@ -19,11 +19,20 @@ pub enum InitKind {
 pub enum Command {
     /// Run the config (`explicit` = `--config` was given; otherwise a missing `config.json` is
     /// created as a fresh server config).
-    Run { config: PathBuf, explicit: bool },
+    Run {
+        config: PathBuf,
+        explicit: bool,
+    },
     /// Run a client straight from an `ostp://` share link.
-    RunLink { link: String, socks5_bind: Option<String> },
+    RunLink {
+        link: String,
+        socks5_bind: Option<String>,
+    },
     /// Fetch a subscribe endpoint's client config and run it.
-    Subscribe { url: String, socks5_bind: Option<String> },
+    Subscribe {
+        url: String,
+        socks5_bind: Option<String>,
+    },
     /// Write a fresh config.
     Init {
         kind: InitKind,
@@ -32,13 +41,22 @@ pub enum Command {
         link: Option<String>,
     },
     /// Validate the config and print a summary.
-    Check { config: PathBuf },
+    Check {
+        config: PathBuf,
+    },
     /// Print fresh access keys.
-    GenerateKey { count: u32 },
+    GenerateKey {
+        count: u32,
+    },
     /// Print a share link per user.
-    Links { config: PathBuf },
+    Links {
+        config: PathBuf,
+    },
     /// Open N idle sessions with the client config (benchmarks).
-    BenchIdleSessions { config: PathBuf, sessions: u32 },
+    BenchIdleSessions {
+        config: PathBuf,
+        sessions: u32,
+    },
     Version,
     Help,
 }
@@ -108,7 +126,7 @@ where
     let mut socks5_bind: Option<String> = None;
     let mut bench_sessions: Option<u32> = None;
 
-    let mut set_action = |a: &'static str, action: &mut Option<&'static str>| {
+    let set_action = |a: &'static str, action: &mut Option<&'static str>| {
         if let Some(prev) = action
             && *prev != a
         {
@@ -142,9 +160,7 @@ where
                     "server" => InitKind::Server,
                     "client" => InitKind::Client,
                     other => {
-                        return usage(format!(
-                            "--init takes `server` or `client`, not {other:?}"
-                        ));
+                        return usage(format!("--init takes `server` or `client`, not {other:?}"));
                     }
                 });
             }
@@ -157,7 +173,9 @@ where
                 set_action("bench-idle-sessions", &mut action)?;
                 let v = value("--bench-idle-sessions")?;
                 bench_sessions = Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    UsageError(format!("--bench-idle-sessions takes a positive number, not {v:?}"))
+                    UsageError(format!(
+                        "--bench-idle-sessions takes a positive number, not {v:?}"
+                    ))
                 })?);
             }
             "--config" => {
@@ -196,13 +214,19 @@ where
         i += 1;
     }
 
-    let config_path = || config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config_path = || {
+        config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    };
     let no_extras = |what: &str| -> Result<(), UsageError> {
         if force {
             return usage(format!("--force only applies to --init, not {what}"));
         }
         if count.is_some() {
-            return usage(format!("a count only applies to --generate-key, not {what}"));
+            return usage(format!(
+                "a count only applies to --generate-key, not {what}"
+            ));
         }
         Ok(())
     };
@@ -282,7 +306,11 @@ fn parse_count(v: &str) -> Result<u32, UsageError> {
     v.parse::<u32>()
         .ok()
         .filter(|n| (1..=10_000).contains(n))
-        .ok_or_else(|| UsageError(format!("the count must be a number from 1 to 10000, not {v:?}")))
+        .ok_or_else(|| {
+            UsageError(format!(
+                "the count must be a number from 1 to 10000, not {v:?}"
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -313,8 +341,14 @@ mod tests {
 
     #[test]
     fn actions_and_options() {
-        assert_eq!(p(&["--generate-key"]).unwrap(), Command::GenerateKey { count: 1 });
-        assert_eq!(p(&["--generate-key", "-c", "5"]).unwrap(), Command::GenerateKey { count: 5 });
+        assert_eq!(
+            p(&["--generate-key"]).unwrap(),
+            Command::GenerateKey { count: 1 }
+        );
+        assert_eq!(
+            p(&["--generate-key", "-c", "5"]).unwrap(),
+            Command::GenerateKey { count: 5 }
+        );
         assert_eq!(
             p(&["--init", "client", "--force", "--config", "c.json"]).unwrap(),
             Command::Init {
@@ -324,9 +358,17 @@ mod tests {
                 link: None
             }
         );
-        assert_eq!(p(&["--check", "-c", "x.json"]).unwrap(), Command::Check { config: "x.json".into() });
+        assert_eq!(
+            p(&["--check", "-c", "x.json"]).unwrap(),
+            Command::Check {
+                config: "x.json".into()
+            }
+        );
         assert_eq!(p(&["--version"]).unwrap(), Command::Version);
-        assert!(matches!(p(&["ostp://k@h:1"]).unwrap(), Command::RunLink { .. }));
+        assert!(matches!(
+            p(&["ostp://k@h:1"]).unwrap(),
+            Command::RunLink { .. }
+        ));
         assert!(matches!(
             p(&["--subscribe", "http://h/api/subscribe/k"]).unwrap(),
             Command::Subscribe { .. }

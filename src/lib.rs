@@ -15,11 +15,16 @@
 //! - [`cli`]     — command-line parsing and the top-level commands.
 #![deny(unsafe_code)]
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod keys;
+pub mod logging;
 pub mod proto;
+pub mod runtime;
 pub mod share_link;
+pub mod signals;
+pub mod sys;
 pub mod tunnel;
 pub mod users;
-pub mod control;
-pub mod api;

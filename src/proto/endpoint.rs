@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::crypto::Key32;
 use super::handshake::{
-    self, CLOCK_WINDOW_SECS, HELLO_TAG_LEN, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO, RefuseReason, Reply, SentHello,
+    self, CLOCK_WINDOW_SECS, HELLO_TAG_LEN, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO, RefuseReason,
+    Reply, SentHello,
 };
 use super::packet::{TOKEN_LEN, TokenSink};
 use super::psk::{AccessKeyError, UserKeys};
@@ -255,6 +256,8 @@ pub struct ServerEndpoint {
     bucket_millis: u64,
     bucket_at: Option<Instant>,
     stats: EndpointStats,
+    /// Reused by `handle_timeout` (no allocation per call).
+    due_scratch: Vec<SessionId>,
 }
 
 impl std::fmt::Debug for ServerEndpoint {
@@ -288,6 +291,7 @@ impl ServerEndpoint {
             bucket_millis,
             bucket_at: None,
             stats: EndpointStats::default(),
+            due_scratch: Vec::new(),
         }
     }
 
@@ -314,7 +318,12 @@ impl ServerEndpoint {
     // ----- users -----
 
     /// Adds or replaces a user. A changed key takes effect for new handshakes; existing sessions stay.
-    pub fn set_user(&mut self, id: UserId, access_key: &str, state: UserState) -> Result<(), AccessKeyError> {
+    pub fn set_user(
+        &mut self,
+        id: UserId,
+        access_key: &str,
+        state: UserState,
+    ) -> Result<(), AccessKeyError> {
         let keys = UserKeys::from_access_key(access_key)?;
         if let Some(user) = self.users.get_mut(&id.0) {
             user.state = state;
@@ -323,8 +332,20 @@ impl ServerEndpoint {
             }
         }
         self.unregister_tags(id);
-        let sessions = self.users.remove(&id.0).map(|u| u.sessions).unwrap_or_default();
-        self.users.insert(id.0, User { keys, state, tags: Vec::new(), sessions });
+        let sessions = self
+            .users
+            .remove(&id.0)
+            .map(|u| u.sessions)
+            .unwrap_or_default();
+        self.users.insert(
+            id.0,
+            User {
+                keys,
+                state,
+                tags: Vec::new(),
+                sessions,
+            },
+        );
         if let Some(epoch) = self.epoch {
             self.register_tags(id, epoch);
         }
@@ -343,7 +364,13 @@ impl ServerEndpoint {
     }
 
     /// Refuses new handshakes of a user with `reason` and closes its sessions.
-    pub fn refuse_user(&mut self, now: Instant, id: UserId, reason: RefuseReason, close: CloseReason) {
+    pub fn refuse_user(
+        &mut self,
+        now: Instant,
+        id: UserId,
+        reason: RefuseReason,
+        close: CloseReason,
+    ) {
         if self.set_user_state(id, UserState::Refused(reason)) {
             self.close_user(now, id, close);
         }
@@ -362,7 +389,11 @@ impl ServerEndpoint {
 
     /// Gracefully closes every session of a user with `reason`.
     pub fn close_user(&mut self, now: Instant, id: UserId, reason: CloseReason) {
-        let sessions = self.users.get(&id.0).map(|u| u.sessions.clone()).unwrap_or_default();
+        let sessions = self
+            .users
+            .get(&id.0)
+            .map(|u| u.sessions.clone())
+            .unwrap_or_default();
         for sid in sessions {
             self.close_session(now, sid, reason);
         }
@@ -387,7 +418,9 @@ impl ServerEndpoint {
 
     /// Registers the user's tags for epochs `epoch-1 ..= epoch+1` and drops older ones.
     fn register_tags(&mut self, id: UserId, epoch: u64) {
-        let Some(user) = self.users.get_mut(&id.0) else { return };
+        let Some(user) = self.users.get_mut(&id.0) else {
+            return;
+        };
         let lo = epoch.saturating_sub(1);
         let tags_table = &mut self.tags;
         user.tags.retain(|(e, tags)| {
@@ -408,7 +441,11 @@ impl ServerEndpoint {
             let mut tags = [0u64; HELLO_SLOTS as usize];
             for (slot, tag) in tags.iter_mut().enumerate() {
                 *tag = handshake::hello_tag(&user.keys.tag_key, e, slot as u16);
-                tags_table.entry(*tag).or_insert(TagEntry { user: id, epoch: e, used: false });
+                tags_table.entry(*tag).or_insert(TagEntry {
+                    user: id,
+                    epoch: e,
+                    used: false,
+                });
             }
             user.tags.push((e, tags));
         }
@@ -471,12 +508,15 @@ impl ServerEndpoint {
 
     /// Drains transport events, reschedules the timer, and removes the session if closed.
     fn after_activity(&mut self, id: SessionId) {
-        let Some(entry) = self.sessions.get_mut(&id.0) else { return };
+        let Some(entry) = self.sessions.get_mut(&id.0) else {
+            return;
+        };
         while let Some(event) = entry.session.poll_event() {
             if let TransportEvent::Closed { reason, .. } = &event {
                 entry.close_reason.get_or_insert(*reason);
             }
-            self.events.push_back(EndpointEvent::Transport { session: id, event });
+            self.events
+                .push_back(EndpointEvent::Transport { session: id, event });
         }
         if entry.session.is_closed() {
             self.remove_session(id);
@@ -504,13 +544,22 @@ impl ServerEndpoint {
     }
 
     fn remove_session(&mut self, id: SessionId) {
-        let Some(mut entry) = self.sessions.remove(&id.0) else { return };
-        entry.session.release_tokens(&mut GlobalSink { table: &mut self.tokens, session: id });
+        let Some(mut entry) = self.sessions.remove(&id.0) else {
+            return;
+        };
+        entry.session.release_tokens(&mut GlobalSink {
+            table: &mut self.tokens,
+            session: id,
+        });
         if let Some(user) = self.users.get_mut(&entry.user.0) {
             user.sessions.retain(|s| *s != id);
         }
         let reason = entry.close_reason.unwrap_or(CloseReason::Normal);
-        self.events.push_back(EndpointEvent::SessionClosed { session: id, user: entry.user, reason });
+        self.events.push_back(EndpointEvent::SessionClosed {
+            session: id,
+            user: entry.user,
+            reason,
+        });
     }
 
     fn process_dirty(&mut self) {
@@ -562,14 +611,20 @@ impl ServerEndpoint {
             self.stats.dropped_unknown += 1;
             return;
         };
-        let mut sink = GlobalSink { table: &mut self.tokens, session: sid };
+        let mut sink = GlobalSink {
+            table: &mut self.tokens,
+            session: sid,
+        };
         match entry.session.handle_packet(now, pn, data, &mut sink) {
             Ok(()) | Err(PacketError::Transport) => {
                 entry.confirmed = true;
                 if entry.peer != from || entry.local != local {
                     entry.peer = from;
                     entry.local = local;
-                    self.events.push_back(EndpointEvent::PeerMigrated { session: sid, peer: from });
+                    self.events.push_back(EndpointEvent::PeerMigrated {
+                        session: sid,
+                        peer: from,
+                    });
                 }
             }
             Err(_) => {
@@ -606,7 +661,9 @@ impl ServerEndpoint {
         from: SocketAddr,
         data: &mut [u8],
     ) {
-        let Some(entry) = self.tags.get(&tag) else { return };
+        let Some(entry) = self.tags.get(&tag) else {
+            return;
+        };
         if entry.used {
             self.stats.hello_replays += 1;
             return;
@@ -620,7 +677,9 @@ impl ServerEndpoint {
             self.stats.hello_rate_limited += 1;
             return;
         }
-        let Some(user) = self.users.get(&user_id.0) else { return };
+        let Some(user) = self.users.get(&user_id.0) else {
+            return;
+        };
         let Ok((hello, header)) = handshake::open_hello(&user.keys.hello_key, data) else {
             self.stats.hello_bad += 1;
             return;
@@ -629,7 +688,8 @@ impl ServerEndpoint {
             self.stats.hello_bad += 1;
             return;
         }
-        if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS || handshake::epoch_of(hello.unix_secs) != tag_epoch
+        if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS
+            || handshake::epoch_of(hello.unix_secs) != tag_epoch
         {
             self.stats.hello_stale += 1;
             return;
@@ -648,23 +708,60 @@ impl ServerEndpoint {
         let reply = match refusal {
             Some(reason) => {
                 self.stats.refusals_sent += 1;
-                self.events.push_back(EndpointEvent::Refused { user: user_id, reason });
-                Reply::Refuse { server_unix_secs: unix_secs, reason, retry_after_secs: self.config.refuse_retry_secs }
+                self.events.push_back(EndpointEvent::Refused {
+                    user: user_id,
+                    reason,
+                });
+                Reply::Refuse {
+                    server_unix_secs: unix_secs,
+                    reason,
+                    retry_after_secs: self.config.refuse_retry_secs,
+                }
             }
             None => {
                 let server_random = self.rng.bytes32();
-                let max_datagram = self.config.session.max_datagram.min(usize::from(hello.max_datagram));
-                self.create_session(now, user_id, &psk, &hello, &server_random, max_datagram, local, from);
-                Reply::Accept { server_unix_secs: unix_secs, server_random, max_datagram: max_datagram as u16 }
+                let max_datagram = self
+                    .config
+                    .session
+                    .max_datagram
+                    .min(usize::from(hello.max_datagram));
+                self.create_session(
+                    now,
+                    user_id,
+                    &psk,
+                    &hello,
+                    &server_random,
+                    max_datagram,
+                    local,
+                    from,
+                );
+                Reply::Accept {
+                    server_unix_secs: unix_secs,
+                    server_random,
+                    max_datagram: max_datagram as u16,
+                }
             }
         };
         if self.replies.len() >= self.config.max_queued_replies {
             self.stats.replies_dropped += 1;
             return;
         }
-        let mut queued = Box::new(QueuedReply { local, to: from, len: 0, bytes: [0; MAX_REPLY] });
+        let mut queued = Box::new(QueuedReply {
+            local,
+            to: from,
+            len: 0,
+            bytes: [0; MAX_REPLY],
+        });
         let pad = self.config.reply_pad_max;
-        if let Some(len) = handshake::write_reply(&psk, &header, &hello, &reply, pad, &mut self.rng, &mut queued.bytes) {
+        if let Some(len) = handshake::write_reply(
+            &psk,
+            &header,
+            &hello,
+            &reply,
+            pad,
+            &mut self.rng,
+            &mut queued.bytes,
+        ) {
             queued.len = len;
             self.replies.push_back(queued);
         }
@@ -674,9 +771,15 @@ impl ServerEndpoint {
     /// Unconfirmed sessions (reply possibly lost) of the same user are evicted first.
     fn make_room(&mut self, now: Instant, user: UserId) -> Option<RefuseReason> {
         let per_user = self.config.max_sessions_per_user;
-        let sessions = self.users.get(&user.0).map(|u| u.sessions.clone()).unwrap_or_default();
+        let sessions = self
+            .users
+            .get(&user.0)
+            .map(|u| u.sessions.clone())
+            .unwrap_or_default();
         if sessions.len() >= per_user || self.sessions.len() >= self.config.max_sessions {
-            let unconfirmed = sessions.iter().find(|s| self.sessions.get(&s.0).is_some_and(|e| !e.confirmed));
+            let unconfirmed = sessions
+                .iter()
+                .find(|s| self.sessions.get(&s.0).is_some_and(|e| !e.confirmed));
             if let Some(&victim) = unconfirmed {
                 let _ = now;
                 if let Some(entry) = self.sessions.get_mut(&victim.0) {
@@ -711,8 +814,19 @@ impl ServerEndpoint {
         self.next_session += 1;
         let secret = handshake::session_secret(psk, &hello.client_random, server_random);
         let seed = self.rng.bytes32();
-        let mut sink = GlobalSink { table: &mut self.tokens, session: id };
-        let session = Session::new(&secret, Side::Server, &self.config.session, max_datagram, now, seed, &mut sink);
+        let mut sink = GlobalSink {
+            table: &mut self.tokens,
+            session: id,
+        };
+        let session = Session::new(
+            &secret,
+            Side::Server,
+            &self.config.session,
+            max_datagram,
+            now,
+            seed,
+            &mut sink,
+        );
         self.sessions.insert(
             id.0,
             ServerSession {
@@ -730,7 +844,11 @@ impl ServerEndpoint {
             u.sessions.push(id);
         }
         self.stats.sessions_created += 1;
-        self.events.push_back(EndpointEvent::SessionEstablished { session: id, user, peer });
+        self.events.push_back(EndpointEvent::SessionEstablished {
+            session: id,
+            user,
+            peer,
+        });
         self.touch(id);
         self.after_activity(id);
     }
@@ -742,14 +860,24 @@ impl ServerEndpoint {
             if buf.len() >= reply.len {
                 let reply = self.replies.pop_front()?;
                 buf[..reply.len].copy_from_slice(&reply.bytes[..reply.len]);
-                return Some(Transmit { local: reply.local, to: reply.to, len: reply.len });
+                return Some(Transmit {
+                    local: reply.local,
+                    to: reply.to,
+                    len: reply.len,
+                });
             }
             return None;
         }
         while let Some(id) = self.ready.pop_front() {
-            let Some(entry) = self.sessions.get_mut(&id.0) else { continue };
+            let Some(entry) = self.sessions.get_mut(&id.0) else {
+                continue;
+            };
             if let Some(len) = entry.session.poll_transmit(now, buf) {
-                let transmit = Transmit { local: entry.local, to: entry.peer, len };
+                let transmit = Transmit {
+                    local: entry.local,
+                    to: entry.peer,
+                    len,
+                };
                 self.ready.push_back(id);
                 self.after_activity(id);
                 return Some(transmit);
@@ -764,7 +892,11 @@ impl ServerEndpoint {
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         self.process_dirty();
         while let Some(Reverse((at, id))) = self.timers.peek().copied() {
-            if self.sessions.get(&id.0).is_some_and(|e| e.scheduled == Some(at)) {
+            if self
+                .sessions
+                .get(&id.0)
+                .is_some_and(|e| e.scheduled == Some(at))
+            {
                 return Some(at);
             }
             self.timers.pop();
@@ -775,20 +907,34 @@ impl ServerEndpoint {
     /// Runs every session timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.process_dirty();
+        // Collect the due sessions first: a session whose next deadline is still `<= now` after
+        // its timer ran (e.g. an ACK that only `poll_transmit` sends) must not be run again in
+        // this call, or this loop would never end.
+        let mut due = std::mem::take(&mut self.due_scratch);
         while let Some(Reverse((at, id))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
-            let Some(entry) = self.sessions.get_mut(&id.0) else { continue };
+            let Some(entry) = self.sessions.get_mut(&id.0) else {
+                continue;
+            };
             if entry.scheduled != Some(at) {
                 continue;
             }
             entry.scheduled = None;
+            due.push(id);
+        }
+        for &id in &due {
+            let Some(entry) = self.sessions.get_mut(&id.0) else {
+                continue;
+            };
             entry.session.handle_timeout(now);
             self.touch(id);
             self.after_activity(id);
         }
+        due.clear();
+        self.due_scratch = due;
     }
 
     /// Next event.
@@ -904,7 +1050,9 @@ pub struct ClientSession {
 
 impl std::fmt::Debug for ClientSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientSession").field("stats", &self.stats).finish()
+        f.debug_struct("ClientSession")
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
@@ -954,7 +1102,11 @@ impl ClientSession {
         let hello = Hello {
             unix_secs,
             client_random: self.rng.bytes32(),
-            max_datagram: self.config.session.max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM) as u16,
+            max_datagram: self
+                .config
+                .session
+                .max_datagram
+                .clamp(MIN_DATAGRAM, MAX_DATAGRAM) as u16,
         };
         let slot = self.slot % HELLO_SLOTS;
         self.slot = self.slot.wrapping_add(1);
@@ -988,7 +1140,10 @@ impl ClientSession {
         match self.state {
             ClientState::Handshaking => self.handle_reply(now, data),
             ClientState::Established => {
-                let token = data.get(..TOKEN_LEN).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
+                let token = data
+                    .get(..TOKEN_LEN)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes);
                 let (Some(token), Some(session)) = (token, self.session.as_mut()) else {
                     self.stats.dropped += 1;
                     return;
@@ -997,7 +1152,10 @@ impl ClientSession {
                     self.stats.dropped += 1;
                     return;
                 };
-                if session.handle_packet(now, pn, data, &mut self.tokens).is_err() {
+                if session
+                    .handle_packet(now, pn, data, &mut self.tokens)
+                    .is_err()
+                {
                     self.stats.dropped += 1;
                 }
                 self.drain_session();
@@ -1007,41 +1165,71 @@ impl ClientSession {
     }
 
     fn handle_reply(&mut self, now: Instant, data: &[u8]) {
-        let found = self
-            .pending
-            .iter()
-            .find_map(|(sent, key)| handshake::open_reply(key, sent, data).ok().map(|r| (r, sent.hello)));
+        let found = self.pending.iter().find_map(|(sent, key)| {
+            handshake::open_reply(key, sent, data)
+                .ok()
+                .map(|r| (r, sent.hello))
+        });
         let Some((reply, hello)) = found else {
             self.stats.dropped += 1;
             return;
         };
         let local_unix = self.unix_at(now);
         match reply {
-            Reply::Accept { server_unix_secs, server_random, max_datagram } => {
-                self.clock_offset = Some(server_unix_secs as i64 - local_unix as i64 + self.config.clock_offset_secs);
-                let secret = handshake::session_secret(&self.keys.psk, &hello.client_random, &server_random);
-                let max = self.config.session.max_datagram.min(usize::from(max_datagram));
+            Reply::Accept {
+                server_unix_secs,
+                server_random,
+                max_datagram,
+            } => {
+                self.clock_offset = Some(
+                    server_unix_secs as i64 - local_unix as i64 + self.config.clock_offset_secs,
+                );
+                let secret =
+                    handshake::session_secret(&self.keys.psk, &hello.client_random, &server_random);
+                let max = self
+                    .config
+                    .session
+                    .max_datagram
+                    .min(usize::from(max_datagram));
                 let seed = self.rng.bytes32();
-                let session =
-                    Session::new(&secret, Side::Client, &self.config.session, max, now, seed, &mut self.tokens);
+                let session = Session::new(
+                    &secret,
+                    Side::Client,
+                    &self.config.session,
+                    max,
+                    now,
+                    seed,
+                    &mut self.tokens,
+                );
                 self.session = Some(session);
                 self.pending.clear();
                 self.outgoing_hello = None;
                 self.state = ClientState::Established;
                 self.events.push_back(ClientEvent::Connected);
             }
-            Reply::Refuse { server_unix_secs, reason, retry_after_secs } => {
-                self.clock_offset = Some(server_unix_secs as i64 - local_unix as i64 + self.config.clock_offset_secs);
+            Reply::Refuse {
+                server_unix_secs,
+                reason,
+                retry_after_secs,
+            } => {
+                self.clock_offset = Some(
+                    server_unix_secs as i64 - local_unix as i64 + self.config.clock_offset_secs,
+                );
                 self.pending.clear();
                 self.outgoing_hello = None;
                 self.state = ClientState::Finished;
-                self.events.push_back(ClientEvent::Refused { reason, retry_after_secs });
+                self.events.push_back(ClientEvent::Refused {
+                    reason,
+                    retry_after_secs,
+                });
             }
         }
     }
 
     fn drain_session(&mut self) {
-        let Some(session) = self.session.as_mut() else { return };
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
         while let Some(event) = session.poll_event() {
             self.events.push_back(ClientEvent::Transport(event));
         }
@@ -1071,7 +1259,10 @@ impl ClientSession {
     /// Earliest instant at which [`ClientSession::handle_timeout`] must run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            ClientState::Handshaking => Some(self.next_retry.min(self.start + self.config.handshake_timeout)),
+            ClientState::Handshaking => Some(
+                self.next_retry
+                    .min(self.start + self.config.handshake_timeout),
+            ),
             ClientState::Established => self.session.as_ref()?.poll_timeout(),
             ClientState::Finished => None,
         }

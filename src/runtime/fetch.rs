@@ -30,14 +30,17 @@ fn parse_url(url: &str) -> Result<HttpUrl, RunError> {
                 .into(),
         ));
     }
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        RunError::Other(format!("{url:?} is not an http:// URL"))
-    })?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| RunError::Other(format!("{url:?} is not an http:// URL")))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let authority = authority.rsplit_once('@').map(|(_, a)| a).unwrap_or(authority);
+    let authority = authority
+        .rsplit_once('@')
+        .map(|(_, a)| a)
+        .unwrap_or(authority);
     let (host, port) = if authority.starts_with('[') || authority.matches(':').count() == 1 {
         config::split_host_port(authority)
             .ok_or_else(|| RunError::Other(format!("bad host:port in {url:?}")))?
@@ -71,8 +74,10 @@ fn http_get(url: &HttpUrl) -> Result<(u16, Vec<u8>), String> {
         }
     }
     let mut s = stream.ok_or(last)?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let host_header = crate::share_link::host_port(&url.host, url.port);
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {host_header}\r\nAccept: application/json\r\nUser-Agent: ostp/{}\r\nConnection: close\r\n\r\n",
@@ -138,14 +143,18 @@ pub fn client_config_from_body(source: &str, body: &[u8]) -> Result<ClientConfig
         .map_err(|e| RunError::Other(format!("{source}: the answer is not JSON: {e}")))?;
     let data = match value.get("ok") {
         Some(serde_json::Value::Bool(true)) => value.get("data").cloned().ok_or_else(|| {
-            RunError::Other(format!("{source}: the answer has \"ok\": true but no \"data\""))
+            RunError::Other(format!(
+                "{source}: the answer has \"ok\": true but no \"data\""
+            ))
         })?,
         Some(_) => {
             let why = value
                 .get("error")
                 .and_then(|e| e.as_str())
                 .unwrap_or("no reason given");
-            return Err(RunError::Other(format!("{source}: the server refused: {why}")));
+            return Err(RunError::Other(format!(
+                "{source}: the server refused: {why}"
+            )));
         }
         None => value,
     };
@@ -160,15 +169,17 @@ pub fn client_config_from_body(source: &str, body: &[u8]) -> Result<ClientConfig
 /// Fetches `url` and returns the client config it describes.
 pub fn client_config_from_subscription(url: &str) -> Result<ClientConfig, RunError> {
     let parsed = parse_url(url)?;
-    let (status, body) = http_get(&parsed)
-        .map_err(|e| RunError::Other(format!("fetching {url}: {e}")))?;
+    let (status, body) =
+        http_get(&parsed).map_err(|e| RunError::Other(format!("fetching {url}: {e}")))?;
     if status == 404 {
         return Err(RunError::Other(format!(
             "{url}: the server does not know this key (404). Check the subscribe URL"
         )));
     }
     if status != 200 {
-        return Err(RunError::Other(format!("{url}: the server answered HTTP {status}")));
+        return Err(RunError::Other(format!(
+            "{url}: the server answered HTTP {status}"
+        )));
     }
     client_config_from_body(url, &body)
 }
@@ -183,7 +194,11 @@ mod tests {
     fn urls() {
         assert_eq!(
             parse_url("http://h.example:9090/api/subscribe/k").unwrap(),
-            HttpUrl { host: "h.example".into(), port: 9090, path: "/api/subscribe/k".into() }
+            HttpUrl {
+                host: "h.example".into(),
+                port: 9090,
+                path: "/api/subscribe/k".into()
+            }
         );
         assert_eq!(parse_url("http://h").unwrap().port, 80);
         assert_eq!(parse_url("http://[::1]:8/x").unwrap().host, "::1");
@@ -199,14 +214,22 @@ mod tests {
         let c = client_config_from_body("u", wrapped.as_bytes()).unwrap();
         assert_eq!(c.server, "e.com:5");
         let link = format!("ostp://{KEY}@[::1]:7\n");
-        assert_eq!(client_config_from_body("u", link.as_bytes()).unwrap().server, "[::1]:7");
+        assert_eq!(
+            client_config_from_body("u", link.as_bytes())
+                .unwrap()
+                .server,
+            "[::1]:7"
+        );
         assert!(client_config_from_body("u", br#"{"ok":false,"error":"unknown key"}"#).is_err());
         assert!(client_config_from_body("u", b"\xff").is_err());
     }
 
     #[test]
     fn chunked() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
         assert!(dechunk(b"zz\r\n").is_none());
     }
 }

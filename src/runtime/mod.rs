@@ -149,8 +149,14 @@ fn init(kind: InitKind, path: &Path, force: bool, link: Option<&str>) -> Result<
             write_new_file(path, &config::server_template(&key, &token), force)?;
             println!("Wrote a server config to {}", path.display());
             println!("  access key: {key}");
-            println!("  API:        http://{} (token in the file)", config::DEFAULT_API_BIND);
-            println!("Set \"public_host\" to this server's public address, then run `ostp --config {}`.", path.display());
+            println!(
+                "  API:        http://{} (token in the file)",
+                config::DEFAULT_API_BIND
+            );
+            println!(
+                "Set \"public_host\" to this server's public address, then run `ostp --config {}`.",
+                path.display()
+            );
         }
         InitKind::Client => {
             let (server, key, from_link) = match link {
@@ -188,16 +194,27 @@ fn first_run(path: &Path) -> Result<(), RunError> {
     let token = keys::generate_token()?;
     write_new_file(path, &config::server_template(&key, &token), false)?;
     let host = guess_public_host();
-    println!("No {} here: wrote a fresh server config to it.", cli::DEFAULT_CONFIG);
+    println!(
+        "No {} here: wrote a fresh server config to it.",
+        cli::DEFAULT_CONFIG
+    );
     println!("  access key: {key}");
     println!(
         "  API:        http://{} — token: see \"api.token\" in {}",
         config::DEFAULT_API_BIND,
         path.display()
     );
-    println!("Share link (give it to a client; replace the host if it is not this machine's public address):");
-    println!("  {}", share_link::format(&key, &host, config::DEFAULT_PORT));
-    println!("Connect with: ostp \"{}\"", share_link::format(&key, &host, config::DEFAULT_PORT));
+    println!(
+        "Share link (give it to a client; replace the host if it is not this machine's public address):"
+    );
+    println!(
+        "  {}",
+        share_link::format(&key, &host, config::DEFAULT_PORT)
+    );
+    println!(
+        "Connect with: ostp \"{}\"",
+        share_link::format(&key, &host, config::DEFAULT_PORT)
+    );
     Ok(())
 }
 
@@ -237,7 +254,10 @@ fn links(path: &Path) -> Result<(), RunError> {
     let host = share_host(&cfg);
     let users = server::list_users_offline(&cfg)?;
     if cfg.public_host.is_none() {
-        eprintln!("note: \"public_host\" is not set; using {host}. Set it in {} if clients reach this server by another address.", path.display());
+        eprintln!(
+            "note: \"public_host\" is not set; using {host}. Set it in {} if clients reach this server by another address.",
+            path.display()
+        );
     }
     for (key, name) in users {
         let link = share_link::format(&key, &host, cfg.tunnel_port());
@@ -284,9 +304,15 @@ fn check(path: &Path) -> Result<(), RunError> {
             }
             println!(
                 "  public_host: {}",
-                s.public_host.as_deref().unwrap_or("(not set: taken from each API request's Host header)")
+                s.public_host
+                    .as_deref()
+                    .unwrap_or("(not set: taken from each API request's Host header)")
             );
-            let state = if s.state_file.exists() { "exists" } else { "will be created" };
+            let state = if s.state_file.exists() {
+                "exists"
+            } else {
+                "will be created"
+            };
             println!("  state file:  {} ({state})", s.state_file.display());
             println!("  log level:   {}", s.log_level);
             println!(
@@ -295,7 +321,11 @@ fn check(path: &Path) -> Result<(), RunError> {
             );
             println!(
                 "  private destinations: {}",
-                if s.allow_private_destinations { "allowed" } else { "refused (default)" }
+                if s.allow_private_destinations {
+                    "allowed"
+                } else {
+                    "refused (default)"
+                }
             );
         }
         Config::Client(c) => {
@@ -305,7 +335,9 @@ fn check(path: &Path) -> Result<(), RunError> {
             println!("  proxy:       {} (SOCKS5 and HTTP)", c.socks5_bind);
             println!("  sessions:    {}", c.session_count());
             if c.tun.enable || c.turn.enabled {
-                println!("  WARNING:     tun/turn are not supported by this build; the client will refuse to start");
+                println!(
+                    "  WARNING:     tun/turn are not supported by this build; the client will refuse to start"
+                );
             }
         }
     }

@@ -9,9 +9,42 @@
 //!   server's own addresses (checked after DNS resolution).
 //! - [`resolver`]    — a small DNS thread pool that reports results to the event loop via a `mio::Waker`.
 //!
-//! The mio event loops (server and client) that drive the protocol core live next to these files.
+//! - [`pipe`]        — the socket ↔ stream byte pump (bounded buffers, backpressure both ways).
+//! - [`slab`]        — stable indices for connections (mio tokens).
+//! - [`server_loop`] — the server's mio event loop: UDP listen sockets, outbound TCP, accounting,
+//!   limits, API control messages.
+//! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
+//! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
+//!   reconnects, streams spread over sessions, UDP ASSOCIATE.
 
+pub mod client_loop;
 pub mod dest_guard;
+pub mod pipe;
 pub mod proxy_front;
 pub mod resolver;
+pub mod server_loop;
+pub mod slab;
 pub mod target;
+pub mod udp_relay;
+
+use std::io;
+use std::net::SocketAddr;
+
+/// Binds a non-blocking mio UDP socket (IPv6 sockets v6-only) with enlarged kernel buffers.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+    let sock = crate::sys::bind_udp(addr)?;
+    sock.set_nonblocking(true)?;
+    crate::sys::grow_udp_buffers(&sock, UDP_SOCKET_BUFFER);
+    Ok(mio::net::UdpSocket::from_std(sock))
+}
+
+/// Kernel buffer requested for tunnel UDP sockets.
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Wall-clock unix seconds (0 before 1970).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,73 @@
+//! Client start-up and lifetime: checks the config, starts the client loop, and runs until
+//! SIGTERM/SIGINT.
+
+use std::path::Path;
+
+use super::RunError;
+use crate::config::ClientConfig;
+use crate::logging;
+use crate::signals::{self, SignalEvent};
+use crate::tunnel::client_loop::{self, ClientOptions};
+
+fn check_supported(cfg: &ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
+    let file = source
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default();
+    if cfg.tun.enable {
+        return Err(RunError::Other(format!(
+            "{file}field `tun.enable`: TUN mode is not supported by this build; set it to false and point \
+             applications at the SOCKS5/HTTP proxy on {}",
+            cfg.socks5_bind
+        )));
+    }
+    if cfg.turn.enabled {
+        return Err(RunError::Other(format!(
+            "{file}field `turn.enabled`: TURN relaying is not supported by this build; set it to false"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a client until SIGTERM/SIGINT.
+pub fn run(cfg: ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
+    check_supported(&cfg, source)?;
+    let signals = signals::install().map_err(|e| RunError::Other(e.to_string()))?;
+    logging::init(if cfg.debug {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Info
+    });
+    let options = ClientOptions::from_config(&cfg).map_err(RunError::Other)?;
+    let handle = client_loop::start(options).map_err(RunError::Other)?;
+    loop {
+        match signals.recv() {
+            Ok(SignalEvent::Terminate(name)) => {
+                log::info!("{name}: closing the tunnel");
+                break;
+            }
+            Ok(SignalEvent::Reload) => log::info!("SIGHUP: nothing to reload in client mode"),
+            Err(_) => break,
+        }
+    }
+    handle.shutdown();
+    Ok(())
+}
+
+/// Opens `sessions` tunnel sessions and keeps them idle (benchmarks of server memory).
+pub fn bench_idle_sessions(cfg: ClientConfig, sessions: u32) -> Result<(), RunError> {
+    check_supported(&cfg, None)?;
+    let signals = signals::install().map_err(|e| RunError::Other(e.to_string()))?;
+    logging::init(log::LevelFilter::Warn);
+    let mut options = ClientOptions::from_config(&cfg).map_err(RunError::Other)?;
+    options.sessions = sessions as usize;
+    options.listen.set_port(0);
+    let handle = client_loop::start(options).map_err(RunError::Other)?;
+    eprintln!("opening {sessions} idle sessions; Ctrl-C to stop");
+    while let Ok(ev) = signals.recv() {
+        if matches!(ev, SignalEvent::Terminate(_)) {
+            break;
+        }
+    }
+    handle.shutdown();
+    Ok(())
+}

@@ -1,0 +1,1028 @@
+//! The server's data plane: one mio event loop thread that owns every tunnel socket — the UDP
+//! listen sockets, the outbound TCP connections, the per-session UDP relay sockets — and drives
+//! the protocol core ([`ServerEndpoint`]).
+//!
+//! - Replies leave from the socket that received the peer's packets (the endpoint tracks it per
+//!   session); a send error on one datagram is logged and never aborts other work.
+//! - Outbound TCP: non-blocking connect (connect, wait writable, `take_error`, `peer_addr`) with a
+//!   timeout, trying each resolved address; names go to the resolver pool, never resolved on the
+//!   loop. Every destination passes the [`DestGuard`] after resolution.
+//! - Accounting: payload bytes are counted per user on the loop and added to the shared
+//!   [`UserTable`](crate::users::UserTable) once per second (one lock per second, never per packet).
+//! - Limits: each user has a local byte budget (limit − used). Pipes never move more than the
+//!   budget, so a user stops exactly at the limit; the user's sessions then close with "limit
+//!   reached" and new handshakes are refused until the limit is raised or counters are reset.
+//! - API changes arrive as [`ControlMsg`]s through a channel + `mio::Waker`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::dest_guard::DestGuard;
+use super::pipe::{Moved, Pipe, PipeEnd};
+use super::resolver::{Lookup, Resolved, Resolver};
+use super::slab::Slab;
+use super::udp_relay::{RelayPool, RelayToken};
+use super::{bind_udp, unix_now};
+use crate::config::ServerConfig;
+use crate::control::{ControlMsg, ControlSender};
+use crate::keys;
+use crate::proto::transport::{
+    CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
+};
+use crate::proto::{
+    EndpointEvent, RefuseReason, ServerConfig as EndpointConfig, ServerEndpoint, SessionId,
+    SocketIndex, UserId as ProtoUserId, UserState,
+};
+use crate::users::{Budget, SharedUsers, UserId};
+
+const WAKER: Token = Token(usize::MAX);
+const OUT_BASE: usize = 1 << 20;
+const RELAY_BASE: usize = 1 << 29;
+/// Outbound connect timeout (resolution included).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often counters are added to the user table.
+const ACCOUNTING_INTERVAL: Duration = Duration::from_secs(1);
+/// Datagrams taken from one socket before other work gets a turn.
+const RECV_BATCH: usize = 256;
+/// How long a graceful shutdown waits for CLOSE packets to leave.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
+/// Largest UDP datagram handled.
+const MAX_UDP: usize = 2048;
+
+/// Settings of the server loop beyond `ServerConfig`.
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    pub endpoint: EndpointConfig,
+}
+
+impl LoopOptions {
+    pub fn from_config(cfg: &ServerConfig) -> Self {
+        let endpoint = EndpointConfig {
+            max_sessions: cfg.max_sessions as usize,
+            max_sessions_per_user: cfg.max_sessions_per_user as usize,
+            ..EndpointConfig::default()
+        };
+        LoopOptions { endpoint }
+    }
+}
+
+/// The running loop.
+pub struct ServerLoopHandle {
+    pub control: ControlSender,
+    /// The UDP addresses actually bound (port 0 resolved).
+    pub local_addrs: Vec<SocketAddr>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerLoopHandle {
+    /// Tells clients the server is going away, flushes counters into the table and joins.
+    pub fn shutdown(mut self) {
+        self.control.send(ControlMsg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why the loop could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Binds the listen sockets and starts the loop thread.
+pub fn start(
+    cfg: &ServerConfig,
+    users: SharedUsers,
+    options: LoopOptions,
+) -> Result<ServerLoopHandle, StartError> {
+    let poll = Poll::new().map_err(|e| StartError(format!("cannot create the event loop: {e}")))?;
+    let waker = Arc::new(
+        Waker::new(poll.registry(), WAKER)
+            .map_err(|e| StartError(format!("cannot create the loop waker: {e}")))?,
+    );
+    let mut sockets = Vec::new();
+    let mut local_addrs = Vec::new();
+    for (i, addr) in cfg.listen.iter().enumerate() {
+        let mut sock =
+            bind_udp(*addr).map_err(|e| StartError(format!("cannot listen on udp {addr}: {e}")))?;
+        let local = sock.local_addr().map_err(|e| StartError(e.to_string()))?;
+        poll.registry()
+            .register(&mut sock, Token(i), Interest::READABLE)
+            .map_err(|e| StartError(e.to_string()))?;
+        local_addrs.push(local);
+        sockets.push(sock);
+    }
+    let resolver = Resolver::new(4, 256, waker.clone())
+        .map_err(|e| StartError(format!("cannot start DNS threads: {e}")))?;
+    let (control, control_rx) = ControlSender::channel(Some(waker));
+    let mut seed = [0u8; 32];
+    keys::fill_random(&mut seed).map_err(|e| StartError(e.to_string()))?;
+    let endpoint = ServerEndpoint::new(options.endpoint, seed);
+    let guard = DestGuard::new(cfg.allow_private_destinations);
+    let mut lp = ServerLoop {
+        poll,
+        sockets,
+        udp_readable: Vec::new(),
+        endpoint,
+        users,
+        control_rx,
+        resolver,
+        guard,
+        outbound: Slab::new(),
+        streams: HashMap::new(),
+        sessions: HashMap::new(),
+        relays: RelayPool::new(RELAY_BASE),
+        pending_traffic: HashMap::new(),
+        budgets: HashMap::new(),
+        limited: HashMap::new(),
+        next_accounting: Instant::now() + ACCOUNTING_INTERVAL,
+        blocked_tx: None,
+        buf: vec![0u8; MAX_UDP].into_boxed_slice(),
+        shutting_down: None,
+        generation: 0,
+    };
+    lp.udp_readable = vec![false; lp.sockets.len()];
+    lp.load_users();
+    let thread = std::thread::Builder::new()
+        .name("ostp-tunnel".into())
+        .spawn(move || lp.run())
+        .map_err(|e| StartError(format!("cannot start the tunnel thread: {e}")))?;
+    Ok(ServerLoopHandle {
+        control,
+        local_addrs,
+        thread: Some(thread),
+    })
+}
+
+enum OutState {
+    Resolving,
+    Connecting,
+    Open,
+}
+
+/// One outbound TCP connection for one tunnel stream.
+struct Outbound {
+    session: SessionId,
+    user: UserId,
+    stream: StreamId,
+    generation: u32,
+    state: OutState,
+    sock: Option<TcpStream>,
+    pipe: Pipe,
+    candidates: Vec<SocketAddr>,
+    next_candidate: usize,
+    last_error: OpenResult,
+    deadline: Instant,
+}
+
+struct SessionInfo {
+    user: UserId,
+    outbound: Vec<usize>,
+}
+
+struct BlockedTx {
+    local: usize,
+    to: SocketAddr,
+    len: usize,
+    bytes: Box<[u8]>,
+}
+
+struct ServerLoop {
+    poll: Poll,
+    sockets: Vec<UdpSocket>,
+    udp_readable: Vec<bool>,
+    endpoint: ServerEndpoint,
+    users: SharedUsers,
+    control_rx: Receiver<ControlMsg>,
+    resolver: Resolver,
+    guard: DestGuard,
+    outbound: Slab<Outbound>,
+    streams: HashMap<(SessionId, StreamId), usize>,
+    sessions: HashMap<SessionId, SessionInfo>,
+    relays: RelayPool,
+    /// Payload bytes (up, down) per user not yet added to the table.
+    pending_traffic: HashMap<UserId, (u64, u64)>,
+    /// Bytes each user may still move (`u64::MAX` = unlimited).
+    budgets: HashMap<UserId, u64>,
+    /// Users currently refused because their limit is reached.
+    limited: HashMap<UserId, ()>,
+    next_accounting: Instant,
+    blocked_tx: Option<BlockedTx>,
+    buf: Box<[u8]>,
+    shutting_down: Option<Instant>,
+    generation: u32,
+}
+
+fn budget_bytes(b: Budget) -> u64 {
+    match b {
+        Budget::Unlimited => u64::MAX,
+        Budget::Remaining(n) => n,
+        Budget::Exhausted => 0,
+    }
+}
+
+fn proto_user(id: UserId) -> ProtoUserId {
+    ProtoUserId(id.0)
+}
+
+fn open_result_for_io(e: &io::Error) -> OpenResult {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => OpenResult::Refused,
+        io::ErrorKind::TimedOut => OpenResult::Timeout,
+        _ => OpenResult::Unreachable,
+    }
+}
+
+impl ServerLoop {
+    /// Registers every user of the table with the endpoint.
+    fn load_users(&mut self) {
+        let entries: Vec<(UserId, String, Budget)> = {
+            let table = crate::users::persist::lock_users(&self.users);
+            table
+                .all_keys()
+                .into_iter()
+                .map(|(id, key)| {
+                    let b = table.budget(id);
+                    (id, key, b)
+                })
+                .collect()
+        };
+        let now = Instant::now();
+        let mut live: HashMap<u32, ()> = HashMap::new();
+        for (id, key, budget) in entries {
+            live.insert(id.0, ());
+            self.apply_user(now, id, Some(&key), budget);
+        }
+        // Users that vanished (reload): drop them.
+        let gone: Vec<UserId> = self
+            .budgets
+            .keys()
+            .filter(|id| !live.contains_key(&id.0))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove_user(now, id);
+        }
+    }
+
+    fn apply_user(&mut self, now: Instant, id: UserId, key: Option<&str>, budget: Budget) {
+        let bytes = budget_bytes(budget);
+        let state = if bytes == 0 {
+            UserState::Refused(RefuseReason::QuotaExceeded)
+        } else {
+            UserState::Active
+        };
+        if let Some(key) = key {
+            if let Err(e) = self.endpoint.set_user(proto_user(id), key, state) {
+                log::warn!(
+                    "user {}: key {} not usable by the tunnel: {e:?}",
+                    id.0,
+                    keys::mask(key)
+                );
+                return;
+            }
+        }
+        self.budgets.insert(id, bytes);
+        if bytes == 0 {
+            if self.limited.insert(id, ()).is_none() {
+                log::info!("user {}: traffic limit reached; closing its sessions", id.0);
+            }
+            self.endpoint.refuse_user(
+                now,
+                proto_user(id),
+                RefuseReason::QuotaExceeded,
+                CloseReason::LimitReached,
+            );
+        } else {
+            if self.limited.remove(&id).is_some() {
+                log::info!("user {}: may connect again", id.0);
+            }
+            self.endpoint
+                .set_user_state(proto_user(id), UserState::Active);
+        }
+    }
+
+    fn remove_user(&mut self, now: Instant, id: UserId) {
+        self.endpoint.remove_user(now, proto_user(id));
+        self.budgets.remove(&id);
+        self.limited.remove(&id);
+        self.pending_traffic.remove(&id);
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            let timeout = self.next_timeout(now);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("tunnel loop: poll failed: {e}");
+                    break;
+                }
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                let token = event.token();
+                if token == WAKER {
+                    continue;
+                }
+                if token.0 < self.sockets.len() {
+                    if event.is_readable() {
+                        self.udp_readable[token.0] = true;
+                    }
+                    if event.is_writable() {
+                        self.retry_blocked_tx();
+                    }
+                } else if token.0 >= RELAY_BASE {
+                    self.on_relay_event(now, token);
+                } else if token.0 >= OUT_BASE {
+                    self.on_outbound_event(
+                        now,
+                        token.0 - OUT_BASE,
+                        event.is_readable(),
+                        event.is_writable(),
+                    );
+                }
+            }
+            if self.drain_control(now) {
+                break;
+            }
+            self.drain_resolver(now);
+            self.receive_datagrams(now);
+            self.endpoint.handle_timeout(now);
+            self.process_endpoint_events(now);
+            self.expire_outbound(now);
+            self.relays.expire(now, &self.poll);
+            if now >= self.next_accounting {
+                self.sync_accounting(now);
+                self.next_accounting = now + ACCOUNTING_INTERVAL;
+            }
+            self.flush_transmits(now);
+            self.process_endpoint_events(now);
+            if let Some(deadline) = self.shutting_down {
+                if self.endpoint.session_count() == 0 || now >= deadline {
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        self.flush_transmits(now);
+        self.sync_accounting(now);
+        let sessions: Vec<(SessionId, UserId)> =
+            self.sessions.iter().map(|(s, i)| (*s, i.user)).collect();
+        if !sessions.is_empty() {
+            let mut table = crate::users::persist::lock_users(&self.users);
+            for (_, user) in sessions {
+                table.session_closed(user);
+            }
+        }
+        self.resolver.shutdown();
+        log::info!("tunnel loop stopped");
+    }
+
+    fn next_timeout(&mut self, now: Instant) -> Option<Duration> {
+        if self.udp_readable.iter().any(|r| *r) {
+            return Some(Duration::ZERO);
+        }
+        let mut at = self.next_accounting;
+        if let Some(t) = self.endpoint.poll_timeout() {
+            at = at.min(t);
+        }
+        for (_, o) in self.outbound.iter() {
+            if !matches!(o.state, OutState::Open) {
+                at = at.min(o.deadline);
+            }
+        }
+        if let Some(d) = self.shutting_down {
+            at = at.min(d);
+        }
+        Some(at.saturating_duration_since(now))
+    }
+
+    /// Applies control messages; returns true when the loop must stop at once.
+    fn drain_control(&mut self, now: Instant) -> bool {
+        while let Ok(msg) = self.control_rx.try_recv() {
+            match msg {
+                ControlMsg::UserAdded(id) | ControlMsg::UserChanged(id) => {
+                    let entry = {
+                        let table = crate::users::persist::lock_users(&self.users);
+                        table.key_of(id).map(|k| (k.to_string(), table.budget(id)))
+                    };
+                    match entry {
+                        Some((key, budget)) => {
+                            // Counters moved by this loop but not yet in the table count too.
+                            let budget = match (budget, self.pending_traffic.get(&id)) {
+                                (Budget::Remaining(n), Some((u, d))) => {
+                                    let left = n.saturating_sub(u + d);
+                                    if left == 0 {
+                                        Budget::Exhausted
+                                    } else {
+                                        Budget::Remaining(left)
+                                    }
+                                }
+                                (b, _) => b,
+                            };
+                            self.apply_user(now, id, Some(&key), budget);
+                        }
+                        None => self.remove_user(now, id),
+                    }
+                }
+                ControlMsg::UserRemoved(id) => {
+                    log::info!("user {}: deleted; closing its sessions", id.0);
+                    self.remove_user(now, id);
+                }
+                ControlMsg::ReloadUsers => self.load_users(),
+                ControlMsg::Shutdown => {
+                    if self.shutting_down.is_none() {
+                        log::info!(
+                            "tunnel: telling {} sessions the server is going away",
+                            self.sessions.len()
+                        );
+                        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+                        for sid in ids {
+                            self.endpoint.close_session(now, sid, CloseReason::Shutdown);
+                        }
+                        self.shutting_down = Some(now + SHUTDOWN_DRAIN);
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn receive_datagrams(&mut self, now: Instant) {
+        let unix = unix_now();
+        for i in 0..self.sockets.len() {
+            if !self.udp_readable[i] {
+                continue;
+            }
+            let mut taken = 0;
+            loop {
+                if taken == RECV_BATCH {
+                    break; // more later; udp_readable stays set
+                }
+                match self.sockets[i].recv_from(&mut self.buf) {
+                    Ok((n, from)) => {
+                        taken += 1;
+                        self.endpoint.handle_datagram(
+                            now,
+                            unix,
+                            SocketIndex(i as u32),
+                            from,
+                            &mut self.buf[..n],
+                        );
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.udp_readable[i] = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // ICMP errors surface here on some systems; they concern one peer only.
+                        log::debug!("udp recv on socket {i}: {e}");
+                    }
+                }
+            }
+            self.process_endpoint_events(now);
+            self.flush_transmits(now);
+        }
+    }
+
+    fn retry_blocked_tx(&mut self) {
+        let Some(b) = self.blocked_tx.take() else {
+            return;
+        };
+        match self.sockets[b.local].send_to(&b.bytes[..b.len], b.to) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.blocked_tx = Some(b),
+            Err(e) => log::debug!("udp send to {}: {e}", b.to),
+            Ok(_) => {}
+        }
+    }
+
+    fn flush_transmits(&mut self, now: Instant) {
+        self.retry_blocked_tx();
+        if self.blocked_tx.is_some() {
+            return;
+        }
+        while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
+            let local = t.local.0 as usize;
+            let Some(sock) = self.sockets.get(local) else {
+                continue;
+            };
+            match sock.send_to(&self.buf[..t.len], t.to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut bytes = vec![0u8; t.len].into_boxed_slice();
+                    bytes.copy_from_slice(&self.buf[..t.len]);
+                    self.blocked_tx = Some(BlockedTx {
+                        local,
+                        to: t.to,
+                        len: t.len,
+                        bytes,
+                    });
+                    let _ = self.poll.registry().reregister(
+                        &mut self.sockets[local],
+                        Token(local),
+                        Interest::READABLE | Interest::WRITABLE,
+                    );
+                    return;
+                }
+                Err(e) => log::debug!("udp send to {}: {e}", t.to),
+            }
+        }
+    }
+
+    fn process_endpoint_events(&mut self, now: Instant) {
+        while let Some(ev) = self.endpoint.poll_event() {
+            match ev {
+                EndpointEvent::SessionEstablished {
+                    session,
+                    user,
+                    peer,
+                } => {
+                    let user = UserId(user.0);
+                    log::debug!(
+                        "session {} of user {} established from {peer}",
+                        session.0,
+                        user.0
+                    );
+                    self.sessions.insert(
+                        session,
+                        SessionInfo {
+                            user,
+                            outbound: Vec::new(),
+                        },
+                    );
+                    let mut table = crate::users::persist::lock_users(&self.users);
+                    table.session_opened(user, unix_now());
+                }
+                EndpointEvent::SessionClosed {
+                    session,
+                    user,
+                    reason,
+                } => {
+                    log::debug!(
+                        "session {} of user {} closed: {reason:?}",
+                        session.0,
+                        user.0
+                    );
+                    if let Some(info) = self.sessions.remove(&session) {
+                        for idx in info.outbound {
+                            self.drop_outbound(idx);
+                        }
+                        let mut table = crate::users::persist::lock_users(&self.users);
+                        table.session_closed(info.user);
+                    }
+                    self.relays.close_session(session, &self.poll);
+                }
+                EndpointEvent::PeerMigrated { session, peer } => {
+                    log::debug!("session {} moved to {peer}", session.0);
+                }
+                EndpointEvent::Refused { user, reason } => {
+                    log::debug!("user {}: handshake refused ({reason:?})", user.0);
+                }
+                EndpointEvent::Transport { session, event } => {
+                    self.on_transport_event(now, session, event)
+                }
+            }
+        }
+    }
+
+    fn on_transport_event(&mut self, now: Instant, session: SessionId, event: TransportEvent) {
+        match event {
+            TransportEvent::StreamOpened { id, dest } => self.open_outbound(now, session, id, dest),
+            TransportEvent::StreamReadable { id }
+            | TransportEvent::StreamWritable { id }
+            | TransportEvent::StreamFinished { id } => {
+                if let Some(&idx) = self.streams.get(&(session, id)) {
+                    self.pump(now, idx);
+                }
+            }
+            TransportEvent::StreamReset { id, .. } => {
+                if let Some(&idx) = self.streams.get(&(session, id)) {
+                    self.remove_outbound(idx);
+                }
+            }
+            TransportEvent::Datagram { dest, data } => self.relay_out(now, session, dest, &data),
+            TransportEvent::StreamOpenResult { .. } | TransportEvent::StreamsAvailable => {}
+            TransportEvent::Closed { .. } => {}
+        }
+    }
+
+    fn answer(&mut self, session: SessionId, stream: StreamId, result: OpenResult) {
+        if let Some(s) = self.endpoint.session_mut(session) {
+            let _ = s.transport_mut().answer_open(stream, result);
+        }
+    }
+
+    fn open_outbound(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        stream: StreamId,
+        dest: Destination,
+    ) {
+        let Some(info) = self.sessions.get(&session) else {
+            self.answer(session, stream, OpenResult::NotAllowed);
+            return;
+        };
+        let user = info.user;
+        if self.budgets.get(&user).copied().unwrap_or(0) == 0 {
+            self.answer(session, stream, OpenResult::NotAllowed);
+            return;
+        }
+        self.generation = self.generation.wrapping_add(1);
+        let out = Outbound {
+            session,
+            user,
+            stream,
+            generation: self.generation,
+            state: OutState::Resolving,
+            sock: None,
+            pipe: Pipe::new(stream, &[]),
+            candidates: Vec::new(),
+            next_candidate: 0,
+            last_error: OpenResult::Unreachable,
+            deadline: now + CONNECT_TIMEOUT,
+        };
+        let idx = self.outbound.insert(out);
+        self.streams.insert((session, stream), idx);
+        if let Some(info) = self.sessions.get_mut(&session) {
+            info.outbound.push(idx);
+        }
+        let lookup = match &dest {
+            Destination::Addr(a) => Ok(Lookup::Ready(*a)),
+            Destination::Domain { name, port } => {
+                self.resolver
+                    .lookup(outbound_token(idx, self.generation), name, *port)
+            }
+        };
+        match lookup {
+            Ok(Lookup::Ready(addr)) => self.resolved(now, idx, Ok(vec![addr])),
+            Ok(Lookup::Pending) => {}
+            Err(e) => {
+                log::debug!("resolver busy: {e}");
+                self.fail_outbound(idx, OpenResult::DnsFailure);
+            }
+        }
+    }
+
+    fn drain_resolver(&mut self, now: Instant) {
+        while let Some(Resolved { token, result }) = self.resolver.try_recv() {
+            if token & RELAY_TOKEN_BIT != 0 {
+                let addrs = result.unwrap_or_default();
+                self.relays.resolved(
+                    token & !RELAY_TOKEN_BIT,
+                    &addrs,
+                    &mut self.guard,
+                    now,
+                    &self.poll,
+                );
+                continue;
+            }
+            let idx = (token & 0xffff_ffff) as usize;
+            let generation = (token >> 32) as u32;
+            let matches = self.outbound.get(idx).is_some_and(|o| {
+                o.generation == generation && matches!(o.state, OutState::Resolving)
+            });
+            if matches {
+                self.resolved(now, idx, result.map_err(|_| ()));
+            }
+        }
+    }
+
+    fn resolved(&mut self, now: Instant, idx: usize, result: Result<Vec<SocketAddr>, ()>) {
+        let Ok(addrs) = result else {
+            self.fail_outbound(idx, OpenResult::DnsFailure);
+            return;
+        };
+        match self.guard.filter(&addrs, now) {
+            Ok(allowed) => {
+                if let Some(o) = self.outbound.get_mut(idx) {
+                    o.candidates = allowed;
+                    o.next_candidate = 0;
+                }
+                self.connect_next(idx);
+            }
+            Err(reason) => {
+                log::debug!("destination refused by the guard: {reason:?}");
+                self.fail_outbound(idx, OpenResult::NotAllowed);
+            }
+        }
+    }
+
+    fn connect_next(&mut self, idx: usize) {
+        loop {
+            let Some(o) = self.outbound.get_mut(idx) else {
+                return;
+            };
+            let Some(addr) = o.candidates.get(o.next_candidate).copied() else {
+                let err = o.last_error;
+                self.fail_outbound(idx, err);
+                return;
+            };
+            o.next_candidate += 1;
+            match TcpStream::connect(addr) {
+                Ok(mut sock) => {
+                    let token = Token(OUT_BASE + idx);
+                    if let Err(e) = self.poll.registry().register(
+                        &mut sock,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("cannot register an outbound socket: {e}");
+                        o.last_error = OpenResult::Unreachable;
+                        continue;
+                    }
+                    o.sock = Some(sock);
+                    o.state = OutState::Connecting;
+                    return;
+                }
+                Err(e) => {
+                    o.last_error = open_result_for_io(&e);
+                }
+            }
+        }
+    }
+
+    fn on_outbound_event(&mut self, now: Instant, idx: usize, readable: bool, writable: bool) {
+        let Some(o) = self.outbound.get_mut(idx) else {
+            return;
+        };
+        match o.state {
+            OutState::Resolving => {}
+            OutState::Connecting => {
+                if !writable && !readable {
+                    return;
+                }
+                let Some(sock) = o.sock.as_mut() else { return };
+                let failed = match sock.take_error() {
+                    Ok(Some(e)) | Err(e) => Some(e),
+                    Ok(None) => None,
+                };
+                if let Some(e) = failed {
+                    o.last_error = open_result_for_io(&e);
+                    if let Some(mut s) = o.sock.take() {
+                        let _ = self.poll.registry().deregister(&mut s);
+                    }
+                    self.connect_next(idx);
+                    return;
+                }
+                match sock.peer_addr() {
+                    Ok(_) => {
+                        let _ = sock.set_nodelay(true);
+                        o.state = OutState::Open;
+                        let (session, stream) = (o.session, o.stream);
+                        self.answer(session, stream, OpenResult::Ok);
+                        self.pump(now, idx);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // spurious wake-up
+                    Err(e) => {
+                        o.last_error = open_result_for_io(&e);
+                        if let Some(mut s) = o.sock.take() {
+                            let _ = self.poll.registry().deregister(&mut s);
+                        }
+                        self.connect_next(idx);
+                    }
+                }
+            }
+            OutState::Open => {
+                if readable {
+                    o.pipe.sock_readable = true;
+                }
+                if writable {
+                    o.pipe.sock_writable = true;
+                }
+                self.pump(now, idx);
+            }
+        }
+    }
+
+    /// Moves bytes between an open outbound socket and its stream, charging the user.
+    fn pump(&mut self, now: Instant, idx: usize) {
+        let Some(o) = self.outbound.get_mut(idx) else {
+            return;
+        };
+        if !matches!(o.state, OutState::Open) {
+            return;
+        }
+        let Some(sock) = o.sock.as_mut() else { return };
+        let Some(session) = self.endpoint.session_mut(o.session) else {
+            self.remove_outbound(idx);
+            return;
+        };
+        let budget = self.budgets.entry(o.user).or_insert(0);
+        let unlimited = *budget == u64::MAX;
+        let before = *budget;
+        let result = o.pipe.pump(sock, session.transport_mut(), budget);
+        if unlimited {
+            *budget = u64::MAX;
+        }
+        let exhausted = !unlimited && *budget == 0 && before > 0;
+        let user = o.user;
+        let (moved, end) = match result {
+            Ok(m) => (m, None),
+            Err((end, m)) => (m, Some(end)),
+        };
+        self.charge(user, moved);
+        match end {
+            None => {}
+            Some(PipeEnd::Done) | Some(PipeEnd::StreamGone) => self.remove_outbound(idx),
+            Some(PipeEnd::SocketError) => {
+                if let Some(o) = self.outbound.get(idx) {
+                    let (sid, stream) = (o.session, o.stream);
+                    if let Some(s) = self.endpoint.session_mut(sid) {
+                        let _ = s
+                            .transport_mut()
+                            .stream_reset(stream, ResetReason::ConnectionReset);
+                    }
+                }
+                self.remove_outbound(idx);
+            }
+        }
+        if exhausted {
+            self.limit_reached(now, user);
+        }
+    }
+
+    fn charge(&mut self, user: UserId, moved: Moved) {
+        if moved.to_socket == 0 && moved.to_stream == 0 {
+            return;
+        }
+        let e = self.pending_traffic.entry(user).or_insert((0, 0));
+        // Server side: stream → destination is what the user sent (up); destination → stream is
+        // what the user receives (down).
+        e.0 += moved.to_socket;
+        e.1 += moved.to_stream;
+    }
+
+    fn limit_reached(&mut self, now: Instant, user: UserId) {
+        self.apply_user(now, user, None, Budget::Exhausted);
+        // Make the API show the final numbers at once.
+        self.sync_accounting(now);
+    }
+
+    fn fail_outbound(&mut self, idx: usize, result: OpenResult) {
+        if let Some(o) = self.outbound.get(idx) {
+            let (session, stream) = (o.session, o.stream);
+            self.answer(session, stream, result);
+        }
+        self.remove_outbound(idx);
+    }
+
+    fn expire_outbound(&mut self, now: Instant) {
+        let expired: Vec<usize> = self
+            .outbound
+            .iter()
+            .filter(|(_, o)| !matches!(o.state, OutState::Open) && now >= o.deadline)
+            .map(|(i, _)| i)
+            .collect();
+        for idx in expired {
+            self.fail_outbound(idx, OpenResult::Timeout);
+        }
+    }
+
+    /// Closes the socket and forgets the outbound (the stream is left to the caller).
+    fn drop_outbound(&mut self, idx: usize) {
+        if let Some(mut o) = self.outbound.remove(idx) {
+            if let Some(mut s) = o.sock.take() {
+                let _ = self.poll.registry().deregister(&mut s);
+            }
+            self.streams.remove(&(o.session, o.stream));
+        }
+    }
+
+    fn remove_outbound(&mut self, idx: usize) {
+        let Some(o) = self.outbound.get(idx) else {
+            return;
+        };
+        let session = o.session;
+        if let Some(info) = self.sessions.get_mut(&session) {
+            info.outbound.retain(|i| *i != idx);
+        }
+        self.drop_outbound(idx);
+    }
+
+    // ----- UDP relay (SOCKS5 UDP ASSOCIATE) -----
+
+    fn relay_out(&mut self, now: Instant, session: SessionId, dest: Destination, data: &[u8]) {
+        let Some(info) = self.sessions.get(&session) else {
+            return;
+        };
+        let user = info.user;
+        let budget = self.budgets.get(&user).copied().unwrap_or(0);
+        if budget < data.len() as u64 {
+            return;
+        }
+        let token = RelayToken(session.0);
+        let sent = self.relays.send(
+            now,
+            token,
+            session,
+            &dest,
+            data,
+            &mut self.guard,
+            &self.poll,
+            &self.resolver,
+            RELAY_TOKEN_BIT,
+        );
+        if sent {
+            self.charge(
+                user,
+                Moved {
+                    to_socket: data.len() as u64,
+                    to_stream: 0,
+                },
+            );
+            self.spend(now, user, data.len() as u64);
+        }
+    }
+
+    fn on_relay_event(&mut self, now: Instant, token: Token) {
+        let mut inbound = Vec::new();
+        self.relays.receive(token, &mut inbound);
+        for (session, dest, data) in inbound {
+            let Some(info) = self.sessions.get(&session) else {
+                continue;
+            };
+            let user = info.user;
+            if self.budgets.get(&user).copied().unwrap_or(0) < data.len() as u64 {
+                continue;
+            }
+            let Some(s) = self.endpoint.session_mut(session) else {
+                continue;
+            };
+            if s.transport_mut().send_datagram(dest, &data).is_ok() {
+                self.charge(
+                    user,
+                    Moved {
+                        to_socket: 0,
+                        to_stream: data.len() as u64,
+                    },
+                );
+                self.spend(now, user, data.len() as u64);
+            }
+        }
+    }
+
+    fn spend(&mut self, now: Instant, user: UserId, n: u64) {
+        let b = self.budgets.entry(user).or_insert(0);
+        if *b == u64::MAX {
+            return;
+        }
+        *b = b.saturating_sub(n);
+        if *b == 0 {
+            self.limit_reached(now, user);
+        }
+    }
+
+    // ----- accounting -----
+
+    /// Adds pending counters to the table and refreshes the budgets of the users concerned.
+    fn sync_accounting(&mut self, now: Instant) {
+        if self.pending_traffic.is_empty() {
+            return;
+        }
+        let unix = unix_now();
+        let mut refreshed: Vec<(UserId, Budget)> = Vec::with_capacity(self.pending_traffic.len());
+        {
+            let mut table = crate::users::persist::lock_users(&self.users);
+            for (user, (up, down)) in self.pending_traffic.drain() {
+                table.add_traffic(user, up, down);
+                table.touch(user, unix);
+                refreshed.push((user, table.budget(user)));
+            }
+        }
+        for (user, budget) in refreshed {
+            let was_limited = self.limited.contains_key(&user);
+            let exhausted = matches!(budget, Budget::Exhausted);
+            if exhausted != was_limited {
+                self.apply_user(now, user, None, budget);
+            } else {
+                self.budgets.insert(user, budget_bytes(budget));
+            }
+        }
+    }
+}
+
+/// Resolver tokens of relay lookups carry this bit.
+const RELAY_TOKEN_BIT: u64 = 1 << 63;
+
+fn outbound_token(idx: usize, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | idx as u64
+}
