@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ostp::proto::crypto::{PacketAead, Key32};
+use ostp::proto::crypto::{Key32, PacketAead};
 use ostp::proto::endpoint::{ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState};
 use ostp::proto::handshake::{self, Hello, MAX_HELLO};
 use ostp::proto::psk::UserKeys;
@@ -28,7 +28,8 @@ fn server(users: u32) -> (ServerEndpoint, Vec<UserKeys>) {
     let mut s = ServerEndpoint::new(config, [9; 32]);
     let mut keys = Vec::new();
     for i in 0..users {
-        s.set_user(UserId(i), &access_key(i), UserState::Active).unwrap();
+        s.set_user(UserId(i), &access_key(i), UserState::Active)
+            .unwrap();
         keys.push(UserKeys::from_access_key(&access_key(i)).unwrap());
     }
     (s, keys)
@@ -43,10 +44,23 @@ fn hellos(keys: &[UserKeys], count: usize, rng: &mut Drbg) -> Vec<Vec<u8>> {
             if out.len() == count {
                 break 'outer;
             }
-            let hello = Hello { unix_secs: UNIX, client_random: rng.bytes32(), max_datagram: 1350 };
+            let hello = Hello {
+                unix_secs: UNIX,
+                client_random: rng.bytes32(),
+                max_datagram: 1350,
+            };
             let mut buf = [0u8; MAX_HELLO];
-            let (n, _) =
-                handshake::write_hello(&k.hello_key, &k.tag_key, epoch, slot, &hello, 320, rng, &mut buf).unwrap();
+            let (n, _) = handshake::write_hello(
+                &k.hello_key,
+                &k.tag_key,
+                epoch,
+                slot,
+                &hello,
+                320,
+                rng,
+                &mut buf,
+            )
+            .unwrap();
             out.push(buf[..n].to_vec());
         }
     }
@@ -95,7 +109,10 @@ fn main() {
             s.handle_datagram(now, UNIX, SocketIndex(0), from, d);
         }
         let garbage_ns = per_op(t.elapsed(), rounds);
-        assert!(s.poll_transmit(now, &mut out).is_none(), "garbage must get silence");
+        assert!(
+            s.poll_transmit(now, &mut out).is_none(),
+            "garbage must get silence"
+        );
 
         // Valid handshakes: server opens hello, creates the session, writes the reply.
         let count = (users as usize * 16).min(2000);
@@ -117,7 +134,10 @@ fn main() {
             s.handle_datagram(now, UNIX, SocketIndex(0), from, h);
         }
         let replay_ns = per_op(t.elapsed(), count);
-        assert!(s.poll_transmit(now, &mut out).is_none(), "replays must get silence");
+        assert!(
+            s.poll_transmit(now, &mut out).is_none(),
+            "replays must get silence"
+        );
 
         println!(
             "users={users:>6}: garbage rejection {garbage_ns:>6.0} ns ({:.2}x seal)  replayed hello {replay_ns:>6.0} ns  \

@@ -28,7 +28,11 @@ fn traffic_heavy_sequences_reach_sessions_and_stay_bounded() {
     for _ in 0..cases() / 3 {
         let mut data = Vec::new();
         for _ in 0..rng.up_to(120) {
-            let op = if rng.up_to(2) == 0 { 0 } else { rng.up_to(11) as u8 + 1 };
+            let op = if rng.up_to(2) == 0 {
+                0
+            } else {
+                rng.up_to(11) as u8 + 1
+            };
             data.push(op);
             data.push(rng.next_u32() as u8);
             data.push(rng.next_u32() as u8);
@@ -37,6 +41,12 @@ fn traffic_heavy_sequences_reach_sessions_and_stay_bounded() {
         connected += summary.connected;
         max_sessions = max_sessions.max(summary.max_sessions);
     }
-    assert!(connected > 0, "no sequence completed a handshake: the test would be vacuous");
-    assert!(max_sessions > 1, "sessions should accumulate (new clients) and hit the cap logic");
+    assert!(
+        connected > 0,
+        "no sequence completed a handshake: the test would be vacuous"
+    );
+    assert!(
+        max_sessions > 1,
+        "sessions should accumulate (new clients) and hit the cap logic"
+    );
 }

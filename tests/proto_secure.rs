@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SocketIndex, UserId,
-    UserState,
+    ClientConfig, ClientEvent, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint,
+    SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::{self, RefuseReason};
 use ostp::proto::psk::{self, UserKeys};
@@ -36,7 +36,9 @@ fn hello_exchange(
     server_unix: u64,
 ) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 2048];
-    let n = client.poll_transmit(now, &mut buf).expect("client sends a hello");
+    let n = client
+        .poll_transmit(now, &mut buf)
+        .expect("client sends a hello");
     server.handle_datagram(now, server_unix, SocketIndex(0), addr(), &mut buf[..n]);
     let t = server.poll_transmit(now, &mut buf)?;
     assert_eq!(t.to, addr());
@@ -58,7 +60,13 @@ fn valid_hello_connects_and_learns_clock_offset() {
     assert!(matches!(c.poll_event(), Some(ClientEvent::Connected)));
     assert_eq!(c.server_clock_offset(), Some(30));
     assert_eq!(s.session_count(), 1);
-    assert!(matches!(s.poll_event(), Some(EndpointEvent::SessionEstablished { user: UserId(1), .. })));
+    assert!(matches!(
+        s.poll_event(),
+        Some(EndpointEvent::SessionEstablished {
+            user: UserId(1),
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -74,7 +82,14 @@ fn wrong_key_gets_silence() {
 #[test]
 fn stale_and_future_timestamps_get_silence_within_window_connects() {
     let now = Instant::now();
-    for (skew, accepted) in [(-121i64, false), (121, false), (-300, false), (-119, true), (119, true), (0, true)] {
+    for (skew, accepted) in [
+        (-121i64, false),
+        (121, false),
+        (-300, false),
+        (-119, true),
+        (119, true),
+        (0, true),
+    ] {
         let mut s = server();
         let client_unix = UNIX.saturating_add_signed(skew);
         let mut c = client(KEY, now, client_unix, 3);
@@ -96,8 +111,17 @@ fn replayed_hello_gets_silence_even_from_another_address() {
     assert!(s.poll_transmit(now, &mut buf).is_some());
     for (i, from) in ["203.0.113.5:6000", "198.51.100.9:1"].iter().enumerate() {
         let mut replay = hello.clone();
-        s.handle_datagram(now + Duration::from_secs(i as u64), UNIX + 10, SocketIndex(1), from.parse().unwrap(), &mut replay);
-        assert!(s.poll_transmit(now, &mut buf).is_none(), "replay must get silence");
+        s.handle_datagram(
+            now + Duration::from_secs(i as u64),
+            UNIX + 10,
+            SocketIndex(1),
+            from.parse().unwrap(),
+            &mut replay,
+        );
+        assert!(
+            s.poll_transmit(now, &mut buf).is_none(),
+            "replay must get silence"
+        );
     }
     assert_eq!(s.stats().hello_replays, 2);
     assert_eq!(s.session_count(), 1);
@@ -113,7 +137,10 @@ fn deleted_user_gets_silence_and_sessions_close() {
     assert!(s.remove_user(now, UserId(1)));
     assert_eq!(s.hello_tag_count(), 0);
     let mut c2 = client(KEY, now, UNIX, 6);
-    assert!(hello_exchange(&mut s, &mut c2, now, UNIX).is_none(), "deleted user gets silence");
+    assert!(
+        hello_exchange(&mut s, &mut c2, now, UNIX).is_none(),
+        "deleted user gets silence"
+    );
 }
 
 #[test]
@@ -131,7 +158,10 @@ fn refused_user_gets_authenticated_refusal() {
     // ...the authentic one is reported.
     c.handle_datagram(now, &mut reply);
     match c.poll_event() {
-        Some(ClientEvent::Refused { reason, retry_after_secs }) => {
+        Some(ClientEvent::Refused {
+            reason,
+            retry_after_secs,
+        }) => {
             assert_eq!(reason, RefuseReason::QuotaExceeded);
             assert_eq!(retry_after_secs, 60);
         }
@@ -148,7 +178,10 @@ fn refused_user_gets_authenticated_refusal() {
 #[test]
 fn per_user_cap_refuses_but_evicts_unconfirmed_first() {
     let now = Instant::now();
-    let config = ServerConfig { max_sessions_per_user: 2, ..ServerConfig::default() };
+    let config = ServerConfig {
+        max_sessions_per_user: 2,
+        ..ServerConfig::default()
+    };
     let mut s = server_with(config);
     // Three handshakes whose replies are "lost" (never confirmed by client traffic): the cap is
     // reached, but the oldest unconfirmed session makes room, so a retrying client never locks out.
@@ -164,7 +197,11 @@ fn per_user_cap_refuses_but_evicts_unconfirmed_first() {
 #[test]
 fn global_cap_and_rate_limit() {
     let now = Instant::now();
-    let config = ServerConfig { handshake_rate: 1, handshake_burst: 3, ..ServerConfig::default() };
+    let config = ServerConfig {
+        handshake_rate: 1,
+        handshake_burst: 3,
+        ..ServerConfig::default()
+    };
     let mut s = server_with(config);
     let mut answered = 0;
     for seed in 0..6 {
@@ -217,7 +254,11 @@ fn lost_reply_client_retries_with_a_new_hello_and_connects() {
     assert_eq!(retry_at, now + Duration::from_secs(1));
     c.handle_timeout(retry_at);
     let n = c.poll_transmit(retry_at, &mut buf).expect("retry hello");
-    assert_ne!(&buf[..8], &first[..8], "a retry is a new hello with a new tag");
+    assert_ne!(
+        &buf[..8],
+        &first[..8],
+        "a retry is a new hello with a new tag"
+    );
     s.handle_datagram(retry_at, UNIX + 1, SocketIndex(0), addr(), &mut buf[..n]);
     let t = s.poll_transmit(retry_at, &mut buf).unwrap();
     c.handle_datagram(retry_at, &mut buf[..t.len]);
@@ -238,9 +279,15 @@ fn handshake_times_out_with_silence() {
         t = c.poll_timeout().unwrap();
         c.handle_timeout(t);
     }
-    assert!(matches!(c.poll_event(), Some(ClientEvent::HandshakeTimeout)));
+    assert!(matches!(
+        c.poll_event(),
+        Some(ClientEvent::HandshakeTimeout)
+    ));
     assert!(t <= now + Duration::from_secs(30));
-    assert!((5..=10).contains(&hellos), "backoff 1,2,4,8,8.. gives a handful of hellos: {hellos}");
+    assert!(
+        (5..=10).contains(&hellos),
+        "backoff 1,2,4,8,8.. gives a handful of hellos: {hellos}"
+    );
 }
 
 #[test]

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ostp::proto::endpoint::{ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState};
+use ostp::proto::endpoint::{
+    ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
+};
 use ostp::proto::handshake::RefuseReason;
 use ostp::proto::packet::{Direction, PaddingPolicy, Sealer, TOKEN_LEN};
 use ostp::proto::rng::Drbg;
@@ -20,7 +22,10 @@ struct PositionStats {
 
 impl PositionStats {
     fn new(positions: usize) -> Self {
-        PositionStats { counts: vec![[0; 256]; positions], samples: vec![0; positions] }
+        PositionStats {
+            counts: vec![[0; 256]; positions],
+            samples: vec![0; positions],
+        }
     }
 
     fn add(&mut self, packet: &[u8]) {
@@ -41,8 +46,14 @@ impl PositionStats {
                 continue;
             }
             let expected = f64::from(*n) / 256.0;
-            let chi2: f64 = counts.iter().map(|&c| (f64::from(c) - expected).powi(2) / expected).sum();
-            assert!(chi2 < THRESHOLD, "{what}: byte position {pos} is biased (chi2 = {chi2:.1}, n = {n})");
+            let chi2: f64 = counts
+                .iter()
+                .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+                .sum();
+            assert!(
+                chi2 < THRESHOLD,
+                "{what}: byte position {pos} is biased (chi2 = {chi2:.1}, n = {n})"
+            );
             checked += 1;
         }
         assert!(checked > 0, "{what}: no position had enough samples");
@@ -51,13 +62,19 @@ impl PositionStats {
 
 fn record_chunks(seen: &mut HashSet<[u8; 8]>, packet: &[u8], what: &str) {
     // The first 32 bytes (tags, tokens, nonces, first ciphertext) and the AEAD tag.
-    let mut offsets: Vec<usize> = (0..4).map(|i| i * 8).filter(|o| o + 8 <= packet.len()).collect();
+    let mut offsets: Vec<usize> = (0..4)
+        .map(|i| i * 8)
+        .filter(|o| o + 8 <= packet.len())
+        .collect();
     offsets.push(packet.len() - 16);
     offsets.push(packet.len() - 8);
     for o in offsets {
         let mut chunk = [0u8; 8];
         chunk.copy_from_slice(&packet[o..o + 8]);
-        assert!(seen.insert(chunk), "{what}: 8-byte string at offset {o} repeated");
+        assert!(
+            seen.insert(chunk),
+            "{what}: 8-byte string at offset {o} repeated"
+        );
     }
 }
 
@@ -85,21 +102,34 @@ fn handshakes_look_random_and_vary_in_size() {
         if i % 500 == 0 {
             let mut s = ServerEndpoint::new(config.clone(), seed.bytes32());
             s.set_user(UserId(1), KEY, UserState::Active).unwrap();
-            s.set_user(UserId(2), &KEY.replace('w', "W"), UserState::Refused(RefuseReason::Disabled)).unwrap();
+            s.set_user(
+                UserId(2),
+                &KEY.replace('w', "W"),
+                UserState::Refused(RefuseReason::Disabled),
+            )
+            .unwrap();
             server = Some(s);
         }
         let server = server.as_mut().unwrap();
         // A fresh epoch per handshake so the client's random slot can never collide.
         let unix = base_unix + i as u64 * 120;
         let now = start + Duration::from_millis(i as u64);
-        let key = if i % 10 == 9 { KEY.replace('w', "W") } else { KEY.to_string() };
-        let mut client = ClientSession::connect(ClientConfig::default(), &key, now, unix, seed.bytes32()).unwrap();
+        let key = if i % 10 == 9 {
+            KEY.replace('w', "W")
+        } else {
+            KEY.to_string()
+        };
+        let mut client =
+            ClientSession::connect(ClientConfig::default(), &key, now, unix, seed.bytes32())
+                .unwrap();
         let n = client.poll_transmit(now, &mut buf).unwrap();
         hellos.add(&buf[..n]);
         hello_sizes.insert(n);
         record_chunks(&mut seen, &buf[..n], "hello");
         server.handle_datagram(now, unix, SocketIndex(0), from, &mut buf[..n]);
-        let t = server.poll_transmit(now, &mut buf).expect("a valid hello gets a reply");
+        let t = server
+            .poll_transmit(now, &mut buf)
+            .expect("a valid hello gets a reply");
         replies.add(&buf[..t.len]);
         reply_sizes.insert(t.len);
         record_chunks(&mut seen, &buf[..t.len], "reply");
@@ -112,8 +142,16 @@ fn handshakes_look_random_and_vary_in_size() {
     }
     hellos.check_uniform("hello");
     replies.check_uniform("reply");
-    assert!(hello_sizes.len() > 100, "hello sizes must vary: {}", hello_sizes.len());
-    assert!(reply_sizes.len() > 100, "reply sizes must vary: {}", reply_sizes.len());
+    assert!(
+        hello_sizes.len() > 100,
+        "hello sizes must vary: {}",
+        hello_sizes.len()
+    );
+    assert!(
+        reply_sizes.len() > 100,
+        "reply sizes must vary: {}",
+        reply_sizes.len()
+    );
 }
 
 #[test]
@@ -141,5 +179,9 @@ fn data_packets_look_random_and_vary_in_size() {
         }
     }
     stats.check_uniform("data");
-    assert!(sizes.len() > 100, "data packet sizes must vary: {}", sizes.len());
+    assert!(
+        sizes.len() > 100,
+        "data packet sizes must vary: {}",
+        sizes.len()
+    );
 }

@@ -616,9 +616,10 @@ impl ServerEndpoint {
             session: sid,
         };
         match entry.session.handle_packet(now, pn, data, &mut sink) {
-            Ok(()) | Err(PacketError::Transport) => {
+            Ok(newest) => {
                 entry.confirmed = true;
-                if entry.peer != from || entry.local != local {
+                // Roaming: only an authenticated packet that is the newest so far moves the peer.
+                if newest && (entry.peer != from || entry.local != local) {
                     entry.peer = from;
                     entry.local = local;
                     self.events.push_back(EndpointEvent::PeerMigrated {

@@ -8,7 +8,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::endpoint::{ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState};
+use super::endpoint::{
+    ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
+};
 use super::handshake::RefuseReason;
 use super::transport::CloseReason;
 
@@ -60,10 +62,18 @@ pub fn run(data: &[u8]) -> RunSummary {
     let token_window = config.session.token_window;
     let mut server = ServerEndpoint::new(config, [1; 32]);
     let _ = server.set_user(UserId(1), KEY_A, UserState::Active);
-    let _ = server.set_user(UserId(2), KEY_B, UserState::Refused(RefuseReason::QuotaExceeded));
-    let client_config = ClientConfig { hello_pad_max: 64, ..ClientConfig::default() };
+    let _ = server.set_user(
+        UserId(2),
+        KEY_B,
+        UserState::Refused(RefuseReason::QuotaExceeded),
+    );
+    let client_config = ClientConfig {
+        hello_pad_max: 64,
+        ..ClientConfig::default()
+    };
     let mut seed = 0u8;
-    let mut client = ClientSession::connect(client_config.clone(), KEY_A, now, unix, [seed; 32]).ok();
+    let mut client =
+        ClientSession::connect(client_config.clone(), KEY_A, now, unix, [seed; 32]).ok();
     let addrs: [SocketAddr; 3] = [
         SocketAddr::from(([10, 0, 0, 1], 1000)),
         SocketAddr::from(([10, 0, 0, 2], 2000)),
@@ -91,7 +101,13 @@ pub fn run(data: &[u8]) -> RunSummary {
                     if let Some(c) = client.as_mut() {
                         if let Some(n) = c.poll_transmit(now, &mut buf) {
                             capture(&mut captured, true, &buf[..n]);
-                            server.handle_datagram(now, unix, SocketIndex(0), client_addr, &mut buf[..n]);
+                            server.handle_datagram(
+                                now,
+                                unix,
+                                SocketIndex(0),
+                                client_addr,
+                                &mut buf[..n],
+                            );
                             summary.delivered += 1;
                             moved = true;
                         }
@@ -151,7 +167,11 @@ pub fn run(data: &[u8]) -> RunSummary {
             8 => {
                 // Wall clock jumps (forwards or backwards) without monotonic time moving.
                 let b = u64::from(input.byte().unwrap_or(0));
-                unix = if b < 128 { unix.saturating_sub(b * 10) } else { unix + (b - 128) * 10 };
+                unix = if b < 128 {
+                    unix.saturating_sub(b * 10)
+                } else {
+                    unix + (b - 128) * 10
+                };
             }
             9 => match input.byte().unwrap_or(0) % 4 {
                 0 => server.close_user(now, UserId(1), CloseReason::LimitReached),
@@ -161,13 +181,23 @@ pub fn run(data: &[u8]) -> RunSummary {
                 2 => {
                     let _ = server.set_user(UserId(1), KEY_A, UserState::Active);
                 }
-                _ => server.refuse_user(now, UserId(1), RefuseReason::Disabled, CloseReason::UserDeleted),
+                _ => server.refuse_user(
+                    now,
+                    UserId(1),
+                    RefuseReason::Disabled,
+                    CloseReason::UserDeleted,
+                ),
             },
             10 => {
                 // A new client connection (possibly with the refused user's key); the old one vanishes.
                 seed = seed.wrapping_add(1);
-                let key = if input.byte().unwrap_or(0) % 4 == 0 { KEY_B } else { KEY_A };
-                client = ClientSession::connect(client_config.clone(), key, now, unix, [seed; 32]).ok();
+                let key = if input.byte().unwrap_or(0) % 4 == 0 {
+                    KEY_B
+                } else {
+                    KEY_A
+                };
+                client =
+                    ClientSession::connect(client_config.clone(), key, now, unix, [seed; 32]).ok();
             }
             _ => {
                 // The client roams to another address.
@@ -186,8 +216,14 @@ pub fn run(data: &[u8]) -> RunSummary {
         let sessions = server.session_count();
         summary.max_sessions = summary.max_sessions.max(sessions);
         assert!(sessions <= MAX_SESSIONS, "session cap exceeded: {sessions}");
-        assert!(server.token_count() <= sessions * token_window, "token table exceeds its bound");
-        assert!(server.hello_tag_count() <= server.user_count() * 48, "hello tag table exceeds its bound");
+        assert!(
+            server.token_count() <= sessions * token_window,
+            "token table exceeds its bound"
+        );
+        assert!(
+            server.hello_tag_count() <= server.user_count() * 48,
+            "hello tag table exceeds its bound"
+        );
         assert!(captured.len() <= MAX_CAPTURED);
     }
     summary

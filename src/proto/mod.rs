@@ -26,8 +26,8 @@ pub mod sim;
 pub mod transport;
 
 pub use endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, EndpointStats, ServerConfig, ServerEndpoint, SessionId,
-    SocketIndex, Transmit, UserId, UserState,
+    ClientConfig, ClientEvent, ClientSession, EndpointEvent, EndpointStats, ServerConfig,
+    ServerEndpoint, SessionId, SocketIndex, Transmit, UserId, UserState,
 };
 pub use handshake::RefuseReason;
 pub use packet::PaddingPolicy;

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use super::crypto::Key32;
 use super::packet::{
-    DATA_OVERHEAD, Direction, MAX_PACKET_NUMBER, MIN_DATA_PACKET, Opener, PaddingPolicy, Sealer, TOKEN_LEN,
-    TokenSink, TokenWindow,
+    DATA_OVERHEAD, Direction, MAX_PACKET_NUMBER, MIN_DATA_PACKET, Opener, PaddingPolicy, Sealer,
+    TOKEN_LEN, TokenSink, TokenWindow,
 };
 use super::replay::ReplayWindow;
 use super::rng::Drbg;
@@ -90,7 +90,10 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("max_datagram", &self.max_datagram).field("stats", &self.stats).finish()
+        f.debug_struct("Session")
+            .field("max_datagram", &self.max_datagram)
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
@@ -115,7 +118,12 @@ impl Session {
         let mut transport_config = config.transport.clone();
         transport_config.max_payload = max_payload;
         let opener = Opener::new(secret, rx_dir);
-        let rx_tokens = TokenWindow::new(*opener.token_key(), config.token_window, config.token_behind, sink);
+        let rx_tokens = TokenWindow::new(
+            *opener.token_key(),
+            config.token_window,
+            config.token_behind,
+            sink,
+        );
         Session {
             transport: Transport::new(transport_config, side, now),
             sealer: Sealer::new(secret, tx_dir),
@@ -132,13 +140,16 @@ impl Session {
 
     /// Handles a data packet whose token resolved to packet number `pn` (decrypts in place).
     /// Replay is checked before decryption and recorded after authentication.
+    ///
+    /// Returns `Ok(true)` when `pn` is the highest packet number received so far: only such a
+    /// packet may move the peer address (a delayed or withheld older packet cannot).
     pub fn handle_packet(
         &mut self,
         now: Instant,
         pn: u64,
         packet: &mut [u8],
         sink: &mut impl TokenSink,
-    ) -> Result<(), PacketError> {
+    ) -> Result<bool, PacketError> {
         if packet.len() < MIN_DATA_PACKET || packet.len() > self.max_datagram.max(MAX_DATAGRAM) {
             return Err(PacketError::BadLength);
         }
@@ -153,19 +164,28 @@ impl Session {
                 return Err(PacketError::Auth);
             }
         };
+        let newest = self.replay.highest().is_none_or(|highest| pn > highest);
         self.replay.mark(pn);
         self.rx_tokens.received(pn, sink);
         self.stats.packets_received += 1;
         self.stats.bytes_received += packet.len() as u64;
         let payload = packet.get(range).ok_or(PacketError::BadLength)?;
-        self.transport.handle_payload(now, pn, payload).map_err(|_| PacketError::Transport)
+        self.transport
+            .handle_payload(now, pn, payload)
+            .map_err(|_| PacketError::Transport)?;
+        Ok(newest)
     }
 
     /// Writes the next protected datagram into `buf` (which should hold `max_datagram()` bytes).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
-        let budget = buf.len().min(self.max_datagram).checked_sub(DATA_OVERHEAD)?;
+        let budget = buf
+            .len()
+            .min(self.max_datagram)
+            .checked_sub(DATA_OVERHEAD)?;
         let payload_cap = budget.min(self.max_payload);
-        let (pn, len) = self.transport.poll_transmit(now, &mut buf[TOKEN_LEN..TOKEN_LEN + payload_cap])?;
+        let (pn, len) = self
+            .transport
+            .poll_transmit(now, &mut buf[TOKEN_LEN..TOKEN_LEN + payload_cap])?;
         if pn >= MAX_PACKET_NUMBER {
             self.transport.close(now, CloseReason::Internal);
             return None;
