@@ -1,6 +1,9 @@
 //! Session-level flow control: the credit the peer granted us for new stream bytes (all
 //! streams together) and the window we grant the peer, advanced as the application reads.
 
+/// A window update is sent once the limit can move by at least 1/this of the window.
+pub const WINDOW_UPDATE_FRACTION: u64 = 8;
+
 /// Our sending side: new (never sent) stream bytes may not exceed the peer's MAX_DATA.
 #[derive(Debug, Clone)]
 pub struct SendCredit {
@@ -86,7 +89,7 @@ impl RecvWindow {
     pub fn on_consumed(&mut self, n: u64) -> Option<u64> {
         self.consumed = (self.consumed + n).min(self.received);
         let target = self.consumed + self.window;
-        if target - self.advertised >= self.window / 4 {
+        if target - self.advertised >= self.window / WINDOW_UPDATE_FRACTION {
             self.advertised = target;
             Some(target)
         } else {
@@ -114,9 +117,9 @@ mod tests {
         let mut w = RecvWindow::new(100);
         w.on_received(100).unwrap();
         assert_eq!(w.on_received(1), Err(FlowControlViolation));
-        assert_eq!(w.on_consumed(10), None);
-        assert_eq!(w.on_consumed(20), Some(130));
-        w.on_received(30).unwrap();
+        assert_eq!(w.on_consumed(10), None, "moved 10 < 100/8");
+        assert_eq!(w.on_consumed(5), Some(115));
+        w.on_received(15).unwrap();
         assert_eq!(w.outstanding(), 100);
     }
 }

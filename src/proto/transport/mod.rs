@@ -38,8 +38,8 @@ use frame::{AckFrame, Frame, Reader, Writer};
 use pacing::Pacer;
 use ranges::RangeSet;
 use recovery::{
-    MAX_ACK_DELAY, MAX_PTO, PACKET_THRESHOLD, PacketState, RttEstimator, SentFrame, SentLog,
-    SentPacket,
+    INITIAL_PACKET_THRESHOLD, MAX_ACK_DELAY, MAX_PACKET_THRESHOLD, MAX_PTO, PacketState,
+    RttEstimator, SentFrame, SentLog, SentPacket,
 };
 use stream::{FinState, OpenState, RecvError, Stream};
 
@@ -269,6 +269,8 @@ pub struct TransportStats {
     pub packets_sent: u64,
     pub packets_received: u64,
     pub packets_lost: u64,
+    /// Packets declared lost that were acknowledged later (reordering).
+    pub spurious_losses: u64,
     /// Received packets dropped unacknowledged for lack of reassembly state.
     pub packets_dropped: u64,
     pub pto_count: u64,
@@ -337,6 +339,7 @@ pub struct Transport {
     rate: DeliveryRate,
     pacer: Pacer,
     lost_scratch: Vec<SentFrame>,
+    packet_threshold: u64,
     ack_runs: Vec<(u64, u64)>,
 
     // Receiving and ACK generation.
@@ -408,6 +411,7 @@ impl Transport {
             rate: DeliveryRate::new(now),
             pacer: Pacer::new(now, config.pacing_burst),
             lost_scratch: Vec::new(),
+            packet_threshold: INITIAL_PACKET_THRESHOLD,
             ack_runs: Vec::new(),
             recv_pns: RangeSet::new(RECV_PN_RANGES),
             largest_recv: None,
@@ -876,8 +880,28 @@ impl Transport {
                 let Some(p) = self.sent.get_mut(pn) else {
                     break;
                 };
-                if p.state != PacketState::Outstanding {
-                    continue;
+                match p.state {
+                    PacketState::Acked => continue,
+                    PacketState::Lost => {
+                        // Declared lost, yet it arrived: reordering. Tolerate more of it, and
+                        // let the streams know the data was delivered after all.
+                        p.state = PacketState::Acked;
+                        let count = p.frames().len();
+                        let mut frames = [SentFrame::MaxData; recovery::MAX_FRAMES_PER_PACKET];
+                        frames[..count].copy_from_slice(p.frames());
+                        if p.ack_eliciting {
+                            self.stats.spurious_losses += 1;
+                            let distance = ack.largest.saturating_sub(pn) + 1;
+                            self.packet_threshold = self
+                                .packet_threshold
+                                .max(distance.min(MAX_PACKET_THRESHOLD));
+                        }
+                        for f in &frames[..count] {
+                            self.on_frame_acked(*f);
+                        }
+                        continue;
+                    }
+                    PacketState::Outstanding => {}
                 }
                 p.state = PacketState::Acked;
                 let (size, eliciting, time_sent) =
@@ -930,7 +954,7 @@ impl Transport {
                 delivered: self.rate.delivered(),
             });
         }
-        self.sent.pop_resolved();
+        self.sent.pop_resolved(self.lost_cutoff(now));
         if self.bytes_in_flight == 0 {
             self.last_ack_eliciting_sent = None;
         }
@@ -1117,8 +1141,11 @@ impl Transport {
         let mut lost = std::mem::take(&mut self.lost_scratch);
         let mut lost_bytes = 0u64;
         let mut lost_packets = 0u64;
-        for (pn, p) in self.sent.iter_mut() {
+        let threshold = self.packet_threshold;
+        let mut cursor = None;
+        for (pn, p) in self.sent.iter_from_cursor() {
             if pn > largest {
+                cursor = Some(pn);
                 break;
             }
             if p.state != PacketState::Outstanding {
@@ -1128,15 +1155,19 @@ impl Transport {
                 p.state = PacketState::Lost;
                 continue;
             }
-            if pn + PACKET_THRESHOLD <= largest || p.time_sent + delay <= now {
+            if pn + threshold <= largest || p.time_sent + delay <= now {
                 p.state = PacketState::Lost;
                 lost_bytes += u64::from(p.size);
                 lost_packets += 1;
                 lost.extend_from_slice(p.frames());
             } else {
                 self.loss_time = Some(p.time_sent + delay);
+                cursor = Some(pn);
                 break;
             }
+        }
+        if let Some(pn) = cursor {
+            self.sent.advance_cursor(pn);
         }
         self.bytes_in_flight -= lost_bytes;
         self.stats.packets_lost += lost_packets;
@@ -1144,7 +1175,12 @@ impl Transport {
             self.on_frame_lost(f);
         }
         self.lost_scratch = lost;
-        self.sent.pop_resolved();
+        self.sent.pop_resolved(self.lost_cutoff(now));
+    }
+
+    /// Lost packets sent before this are forgotten (a late ACK for them is no longer expected).
+    fn lost_cutoff(&self, now: Instant) -> Option<Instant> {
+        now.checked_sub(self.rtt.smoothed * 2 + self.rtt.var * 4)
     }
 
     fn on_pto(&mut self, now: Instant) {
@@ -1164,7 +1200,7 @@ impl Transport {
             self.on_frame_lost(f);
         }
         self.lost_scratch = lost;
-        self.sent.pop_resolved();
+        self.sent.pop_resolved(self.lost_cutoff(now));
         self.loss_time = None;
         self.cc.on_pto();
         self.ping_pending = true;
@@ -1262,7 +1298,7 @@ impl Transport {
             self.last_ack_eliciting_sent = Some(now);
         }
         self.sent.push(pn, packet);
-        self.sent.pop_resolved();
+        self.sent.pop_resolved(self.lost_cutoff(now));
         self.last_sent = now;
         self.stats.packets_sent += 1;
         Some((pn, len))

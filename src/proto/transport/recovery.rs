@@ -3,8 +3,9 @@
 //!
 //! Packet numbers never repeat, so every ACK gives an unambiguous RTT sample (Karn's problem
 //! does not arise). Loss is declared RACK-style: a packet is lost when a packet sent at least
-//! [`PACKET_THRESHOLD`] later was acknowledged, or when it is older than 9/8 of the RTT and
-//! a later packet was acknowledged. When nothing is acknowledged for a probe timeout (PTO),
+//! `packet_threshold` later was acknowledged (initially [`INITIAL_PACKET_THRESHOLD`], raised
+//! when a packet declared lost is acknowledged after all, i.e. on observed reordering), or when
+//! it is older than 9/8 of the RTT and a later packet was acknowledged. When nothing is acknowledged for a probe timeout (PTO),
 //! everything in flight is declared lost and the PTO backs off exponentially.
 
 use std::collections::VecDeque;
@@ -13,8 +14,10 @@ use std::time::{Duration, Instant};
 use super::congestion::DeliverySnapshot;
 use super::ranges::RangeSet;
 
-/// Reordering threshold in packets.
-pub const PACKET_THRESHOLD: u64 = 3;
+/// Initial reordering threshold in packets.
+pub const INITIAL_PACKET_THRESHOLD: u64 = 3;
+/// Largest reordering threshold (beyond it the time threshold decides).
+pub const MAX_PACKET_THRESHOLD: u64 = 256;
 /// Upper bound on the ACK delay a peer may claim (and our own delayed-ACK timer).
 pub const MAX_ACK_DELAY: Duration = Duration::from_millis(25);
 /// Lower bound for the time threshold of loss detection.
@@ -104,6 +107,8 @@ pub struct SentLog {
     /// Packet numbers at or above `base_pn` already acked or declared lost, so that ACK
     /// processing only visits packets it has not seen (ACK ranges repeat old ranges).
     resolved: RangeSet,
+    /// Every packet below this number is acked or lost (loss detection starts here).
+    scan_cursor: u64,
 }
 
 impl SentLog {
@@ -112,6 +117,7 @@ impl SentLog {
             base_pn: 0,
             packets: VecDeque::new(),
             resolved: RangeSet::new(usize::MAX),
+            scan_cursor: 0,
         }
     }
 
@@ -138,17 +144,40 @@ impl SentLog {
         self.packets.get_mut(usize::try_from(idx).ok()?)
     }
 
-    /// Drops resolved packets (acked, lost, or never ack-eliciting and acked-or-older) from
-    /// the front. Non-ack-eliciting packets are dropped as soon as they reach the front.
-    pub fn pop_resolved(&mut self) {
+    /// Drops resolved packets from the front: acked ones, non-ack-eliciting ones, and lost
+    /// ones sent before `lost_cutoff` (lost packets are remembered a little longer so that a
+    /// late ACK for them reveals reordering).
+    pub fn pop_resolved(&mut self, lost_cutoff: Option<Instant>) {
         while let Some(p) = self.packets.front() {
-            if p.state == PacketState::Outstanding && p.ack_eliciting {
+            let pop = match p.state {
+                PacketState::Acked => true,
+                _ if !p.ack_eliciting => true,
+                PacketState::Lost => lost_cutoff.is_some_and(|c| p.time_sent <= c),
+                PacketState::Outstanding => false,
+            };
+            if !pop {
                 break;
             }
             self.packets.pop_front();
             self.base_pn += 1;
         }
         self.resolved.remove_below(self.base_pn);
+        self.scan_cursor = self.scan_cursor.max(self.base_pn);
+    }
+
+    /// Packets from the loss-scan cursor on (all earlier ones are acked or lost).
+    pub fn iter_from_cursor(&mut self) -> impl Iterator<Item = (u64, &mut SentPacket)> {
+        let start = self.scan_cursor.max(self.base_pn);
+        let skip = ((start - self.base_pn) as usize).min(self.packets.len());
+        self.packets
+            .range_mut(skip..)
+            .enumerate()
+            .map(move |(i, p)| (start + i as u64, p))
+    }
+
+    /// Moves the loss-scan cursor forward to `pn`.
+    pub fn advance_cursor(&mut self, pn: u64) {
+        self.scan_cursor = self.scan_cursor.max(pn);
     }
 
     /// Records that `pns` were acked or declared lost.
@@ -278,10 +307,16 @@ mod tests {
         }
         assert!(log.get_mut(4).is_none() && log.get_mut(10).is_none());
         log.get_mut(6).unwrap().state = PacketState::Acked;
-        log.pop_resolved();
+        log.pop_resolved(None);
         assert_eq!(log.base_pn(), 5);
         log.get_mut(5).unwrap().state = PacketState::Lost;
-        log.pop_resolved();
+        log.pop_resolved(None);
+        assert_eq!(
+            log.base_pn(),
+            5,
+            "lost packets are remembered until the cutoff"
+        );
+        log.pop_resolved(Some(t));
         assert_eq!(log.base_pn(), 7);
         assert_eq!(log.len(), 3);
     }

@@ -366,7 +366,7 @@ impl RecvHalf {
             return None;
         }
         let target = self.read + self.window;
-        if target - self.max_data >= self.window / 4 {
+        if target - self.max_data >= self.window / super::flow::WINDOW_UPDATE_FRACTION {
             self.max_data = target;
             Some(target)
         } else {
@@ -569,7 +569,7 @@ mod tests {
         let mut out = [0u8; 64];
         assert_eq!(r.read(&mut out), 20);
         assert_eq!(&out[..20], &[[1u8; 10], [2u8; 10]].concat()[..]);
-        assert_eq!(r.window_update(), None, "moved 20 < 25");
+        assert_eq!(r.window_update(), Some(120), "moved 20 >= 100/8");
         assert_eq!(r.on_data(20, &[3u8; 10], true), Ok(10));
         assert_eq!(r.on_data(20, &[3u8; 11], false), Err(RecvError::FinalSize));
         assert_eq!(r.read(&mut out), 10);
