@@ -10,14 +10,17 @@ use std::time::{Duration, Instant};
 
 use ostp::proto::crypto::{PacketAead, TAG_LEN};
 use ostp::proto::endpoint::{
-    ClientConfig, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
+    ClientConfig, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SocketIndex, UserId,
+    UserState,
 };
 use ostp::proto::packet::{DATA_OVERHEAD, PaddingPolicy};
 use ostp::proto::sim::{Link, LinkConfig};
 use ostp::proto::transport::{Destination, TransportEvent};
 
 const KEY: &str = "bench-core-access-key-0123456789";
-const TOTAL: usize = 256 << 20;
+const TOTAL: usize = 128 << 20;
+/// Alternating rounds; the best of each is reported (the machine may be shared).
+const ROUNDS: usize = 3;
 const MAX_DATAGRAM: usize = 1350;
 
 fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
@@ -31,8 +34,13 @@ fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
     client_config.session.max_datagram = MAX_DATAGRAM;
     let mut server = ServerEndpoint::new(server_config, [1; 32]);
     server.set_user(UserId(1), KEY, UserState::Active).unwrap();
-    let mut client = ClientSession::connect(client_config, KEY, now, 1_800_000_000, [2; 32]).unwrap();
-    let link = LinkConfig { delay: Duration::from_millis(5), mtu: 1500, ..LinkConfig::default() };
+    let mut client =
+        ClientSession::connect(client_config, KEY, now, 1_800_000_000, [2; 32]).unwrap();
+    let link = LinkConfig {
+        delay: Duration::from_millis(5),
+        mtu: 1500,
+        ..LinkConfig::default()
+    };
     let mut c2s = Link::new(link.clone(), 1, start);
     let mut s2c = Link::new(link, 2, start);
     let addr: SocketAddr = "192.0.2.1:1000".parse().unwrap();
@@ -53,7 +61,10 @@ fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
         }
         if client.is_connected() && stream.is_none() {
             let t = client.session_mut().unwrap().transport_mut();
-            stream = Some(t.open_stream(Destination::domain("example.com", 80).unwrap()).unwrap());
+            stream = Some(
+                t.open_stream(Destination::domain("example.com", 80).unwrap())
+                    .unwrap(),
+            );
         }
         if let Some(id) = stream {
             let t = client.session_mut().unwrap().transport_mut();
@@ -66,13 +77,6 @@ fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
                 sent += w;
             }
         }
-        while let Some(n) = client.poll_transmit(now, &mut buf) {
-            c2s.send(now, &buf[..n]);
-            packets += 1;
-        }
-        while let Some(t) = server.poll_transmit(now, &mut buf) {
-            s2c.send(now, &buf[..t.len]);
-        }
         while let Some(mut d) = c2s.recv(now) {
             server.handle_datagram(now, 1_800_000_000, SocketIndex(0), addr, &mut d);
             c2s.recycle(d);
@@ -84,13 +88,27 @@ fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
         while let Some(e) = server.poll_event() {
             match e {
                 EndpointEvent::SessionEstablished { session: s, .. } => session = Some(s),
-                EndpointEvent::Transport { event: TransportEvent::StreamOpened { id, .. }, .. } => {
-                    server_stream = Some(id)
-                }
+                EndpointEvent::Transport {
+                    event: TransportEvent::StreamOpened { id, .. },
+                    ..
+                } => server_stream = Some(id),
+                EndpointEvent::SessionClosed { reason, .. } => panic!(
+                    "session closed: {reason:?} {:?} c2s={:?} sent={sent} recv={received}",
+                    server.stats(),
+                    c2s.stats()
+                ),
                 _ => {}
             }
         }
-        while client.poll_event().is_some() {}
+        while let Some(e) = client.poll_event() {
+            if let ostp::proto::endpoint::ClientEvent::Transport(TransportEvent::Closed {
+                reason,
+                by_peer,
+            }) = e
+            {
+                panic!("client closed: {reason:?} by_peer={by_peer}");
+            }
+        }
         if let (Some(s), Some(id)) = (session, server_stream) {
             let t = server.session_mut(s).unwrap().transport_mut();
             let _ = t.accept_stream(id);
@@ -101,10 +119,22 @@ fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
                 received += n;
             }
         }
-        let next = [c2s.next_event_time(), s2c.next_event_time(), client.poll_timeout(), server.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min();
+        while let Some(n) = client.poll_transmit(now, &mut buf) {
+            c2s.send(now, &buf[..n]);
+            packets += 1;
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            s2c.send(now, &buf[..t.len]);
+        }
+        let next = [
+            c2s.next_event_time(),
+            s2c.next_event_time(),
+            client.poll_timeout(),
+            server.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         now = match next {
             Some(t) if t > now => t,
             _ => now + Duration::from_micros(10),
@@ -132,10 +162,21 @@ fn raw_crypto_goodput() -> f64 {
 }
 
 fn main() {
-    let raw = raw_crypto_goodput();
-    println!("raw ChaCha20-Poly1305 seal+open, {} B packets: {raw:>8.1} MB/s (baseline)", MAX_DATAGRAM - DATA_OVERHEAD);
-    for (name, padding) in [("padding off", PaddingPolicy::OFF), ("default padding", PaddingPolicy::default())] {
-        let (goodput, packets) = session_goodput(padding);
+    let mut raw = 0f64;
+    let mut off = (0f64, 0u64);
+    let mut padded = (0f64, 0u64);
+    for _ in 0..ROUNDS {
+        raw = raw.max(raw_crypto_goodput());
+        let r = session_goodput(PaddingPolicy::OFF);
+        off = (off.0.max(r.0), r.1);
+        let r = session_goodput(PaddingPolicy::default());
+        padded = (padded.0.max(r.0), r.1);
+    }
+    println!(
+        "raw ChaCha20-Poly1305 seal+open, {} B packets: {raw:>8.1} MB/s (baseline, best of {ROUNDS})",
+        MAX_DATAGRAM - DATA_OVERHEAD
+    );
+    for (name, (goodput, packets)) in [("padding off", off), ("default padding", padded)] {
         println!(
             "full core (client+server, {name}): {goodput:>8.1} MB/s  ratio {:.2}  ({packets} client packets, {} MiB)",
             goodput / raw,

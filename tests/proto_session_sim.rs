@@ -105,8 +105,13 @@ impl World {
         UNIX0 + (self.now - self.start).as_secs()
     }
 
-    /// Moves every ready datagram and runs due timers, once.
+    /// Moves every ready datagram and runs due timers, until nothing is left to send at `now`.
     fn pump(&mut self) {
+        self.pump_once();
+        self.pump_once();
+    }
+
+    fn pump_once(&mut self) {
         let now = self.now;
         let unix = self.unix();
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
