@@ -1,9 +1,13 @@
-//! The Management REST API: start/stop, the shared handler context, and the wiring between
-//! the network front end ([`server`]: one mio thread, bounded connections, fixed worker pool),
-//! routing ([`routes`]), authentication ([`auth`]), the subscribe endpoint ([`subscribe`]) and
-//! JSON errors ([`errors`]). See `docs/api.md` for the user-facing reference.
+//! The Management REST API: start/stop, the shared handler context, and the wiring of
+//! - [`server`]: the network front end (one mio thread, bounded connections and buffers,
+//!   request deadlines) that validates requests and relays them over a private Unix socket to
+//! - [`backend`]: the tiny_http server whose fixed worker pool runs
+//! - [`routes`] (path + method → handler), [`auth`], [`subscribe`], with JSON [`errors`].
+//!
+//! See `docs/api.md` for the user-facing reference.
 
 pub mod auth;
+pub mod backend;
 pub mod errors;
 pub mod http;
 pub mod routes;
@@ -61,6 +65,7 @@ impl std::error::Error for ApiStartError {}
 /// The running API; [`ApiHandle::shutdown`] (or drop) stops it.
 pub struct ApiHandle {
     front: server::Front,
+    backend: backend::Backend,
 }
 
 impl ApiHandle {
@@ -72,6 +77,7 @@ impl ApiHandle {
     /// Stops accepting, closes connections and joins the threads.
     pub fn shutdown(mut self) {
         self.front.shutdown();
+        self.backend.shutdown();
     }
 }
 
@@ -120,14 +126,17 @@ pub fn start_with_limits(
     } else {
         format!("token {}", keys::mask(&ctx.token))
     };
+    let backend = backend::Backend::start(ctx, limits.workers).map_err(ApiStartError::Io)?;
+    let socket = backend.socket_path().to_path_buf();
     let front = server::start(listener, limits.clone(), move |req| {
-        routes::handle(&ctx, req)
+        backend::relay(&socket, req)
     })
     .map_err(ApiStartError::Io)?;
     log::info!(
-        "api: listening on http://{local_addr} ({auth_text}; at most {} connections, {} workers)",
+        "api: listening on http://{local_addr} ({auth_text}; at most {} connections, {} relays + {} tiny_http workers)",
+        limits.max_connections,
         limits.max_connections,
         limits.workers
     );
-    Ok(ApiHandle { front })
+    Ok(ApiHandle { front, backend })
 }

@@ -1,12 +1,20 @@
-//! The API's network front end: one mio thread owns the listening socket and every client
-//! connection (bounded count, per-request deadlines, bounded buffers), reads complete requests
-//! without blocking, and hands them to a fixed pool of worker threads; workers send the
-//! serialised response back through a channel + `mio::Waker`.
+//! The API's network front end (the "screen" in front of tiny_http): one mio thread owns the
+//! public listening socket and every client connection (bounded count, per-request deadlines,
+//! bounded buffers), reads and validates complete requests without blocking, and hands them to
+//! a fixed pool of relay threads; each relay passes the request to the tiny_http server
+//! ([`super::backend`]) and sends the response bytes back through a channel + `mio::Waker`.
 //!
-//! Why not tiny_http's own accept loop: tiny_http 0.12 starts a thread for every accepted
-//! connection (its task pool grows without limit) and sets no read timeouts, so idle or
-//! byte-at-a-time clients each pin a thread forever. Here idle and slow connections cost only
-//! a buffer in the mio loop, and the thread count is fixed: 1 loop thread + `workers`.
+//! Why tiny_http is not exposed directly (measured against tiny_http 0.12.0):
+//! - it starts a thread for every accepted connection (its task pool grows without limit)
+//!   and sets no read timeouts, so idle or byte-at-a-time clients each pin a thread forever;
+//!   setting `SO_RCVTIMEO` on the listener does not help: Linux applies it to `accept()` too,
+//!   and tiny_http's accept loop exits on the first `EAGAIN` (the API would stop after one
+//!   idle timeout);
+//! - a request with a huge `Content-Length` aborts the whole process: its body reader
+//!   allocates the unread remainder (`vec![0; remaining]`) when dropped.
+//!
+//! Here idle and slow connections cost only a buffer in the mio loop, bodies over 64 KiB are
+//! refused before tiny_http sees them, and the thread count is fixed.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -20,14 +28,15 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::errors::ApiError;
-use super::http::{self, MAX_BODY_BYTES, MAX_HEAD_BYTES, Request, Response};
+use super::http::{self, MAX_BODY_BYTES, MAX_HEAD_BYTES, Request};
 
 /// Limits of the front end.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Client connections held at once; more are answered 503 and closed.
     pub max_connections: usize,
-    /// Worker threads running handlers.
+    /// Relay threads (each has at most one request in tiny_http at a time) and, separately,
+    /// tiny_http worker threads running handlers.
     pub workers: usize,
     /// Time allowed to receive one complete request (also the keep-alive idle time).
     pub request_timeout: Duration,
@@ -60,14 +69,12 @@ pub struct Job {
     slot: usize,
     serial: u64,
     pub request: Request,
-    keep_alive: bool,
 }
 
 struct Done {
     slot: usize,
     serial: u64,
     bytes: Vec<u8>,
-    keep_alive: bool,
 }
 
 enum State {
@@ -119,10 +126,11 @@ impl Drop for Front {
     }
 }
 
-/// Starts the front end on `listener` with `handler` answering requests on the workers.
+/// Starts the front end on `listener`; `handler` turns a validated request into the complete
+/// response bytes (the connection is closed after them). It runs on the relay threads.
 pub fn start<H>(listener: std::net::TcpListener, limits: Limits, handler: H) -> io::Result<Front>
 where
-    H: Fn(&Request) -> Response + Send + Sync + 'static,
+    H: Fn(&Request) -> Vec<u8> + Send + Sync + 'static,
 {
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
@@ -145,7 +153,7 @@ where
         let handler = handler.clone();
         threads.push(
             std::thread::Builder::new()
-                .name(format!("ostp-api-{i}"))
+                .name(format!("ostp-api-relay-{i}"))
                 .spawn(move || worker(&job_rx, &done_tx, &waker, &*handler))?,
         );
     }
@@ -181,7 +189,7 @@ fn worker(
     jobs: &Mutex<Receiver<Job>>,
     done: &Sender<Done>,
     waker: &Waker,
-    handler: &(dyn Fn(&Request) -> Response + Send + Sync),
+    handler: &(dyn Fn(&Request) -> Vec<u8> + Send + Sync),
 ) {
     loop {
         let job = {
@@ -191,14 +199,12 @@ fn worker(
                 Err(_) => return, // the loop has stopped
             }
         };
-        let response = handler(&job.request);
-        let bytes = response.to_bytes(job.keep_alive);
+        let bytes = handler(&job.request);
         if done
             .send(Done {
                 slot: job.slot,
                 serial: job.serial,
                 bytes,
-                keep_alive: job.keep_alive,
             })
             .is_err()
         {
@@ -322,7 +328,7 @@ impl Loop {
             conn.state = State::Writing {
                 out: done.bytes,
                 pos: 0,
-                keep_alive: done.keep_alive,
+                keep_alive: false,
             };
             conn.deadline = Instant::now() + self.limits.write_timeout;
             self.drive(done.slot);
@@ -362,12 +368,11 @@ impl Loop {
         match outcome {
             Step::Blocked => {}
             Step::Close => self.close(slot),
-            Step::Dispatch(request, keep_alive) => {
+            Step::Dispatch(request) => {
                 let job = Job {
                     slot,
                     serial: conn.serial,
                     request,
-                    keep_alive,
                 };
                 if self.job_tx.send(job).is_err() {
                     self.close(slot);
@@ -380,7 +385,7 @@ impl Loop {
 enum Step {
     Blocked,
     Close,
-    Dispatch(Request, bool),
+    Dispatch(Request),
 }
 
 /// Sets `conn` up to send `err` and close afterwards.
@@ -446,10 +451,9 @@ fn step(conn: &mut Conn, limits: &Limits) -> Step {
                         };
                         let body = conn.inbuf[len..total].to_vec();
                         conn.inbuf.drain(..total);
-                        let keep_alive = h.keep_alive;
                         conn.state = State::Waiting;
                         conn.interim.clear();
-                        return Step::Dispatch(Request { head: h, body }, keep_alive);
+                        return Step::Dispatch(Request { head: h, body });
                     }
                 }
                 // Need more input.
