@@ -219,15 +219,15 @@ impl Client {
         }
     }
 
-    fn connect(&mut self) -> &mut TcpStream {
+    fn connect(&mut self) -> Option<&mut TcpStream> {
         if self.stream.is_none() {
-            let s = TcpStream::connect(self.addr).unwrap();
+            let s = TcpStream::connect(self.addr).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             s.set_nodelay(true).unwrap();
             self.stream = Some(s);
             self.buf.clear();
         }
-        self.stream.as_mut().unwrap()
+        self.stream.as_mut()
     }
 
     /// Sends a request with the bearer token and extra headers; reconnects if needed.
@@ -242,6 +242,22 @@ impl Client {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Resp {
+        self.try_send_with(method, path, headers, body)
+            .unwrap_or_else(|| panic!("request failed: {method} {path}"))
+    }
+
+    /// Like [`Client::send`], but `None` when the server cannot be reached (no panic).
+    pub fn try_send(&mut self, method: &str, path: &str, body: Option<&str>) -> Option<Resp> {
+        self.try_send_with(method, path, &[], body)
+    }
+
+    pub fn try_send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Option<Resp> {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
         if !self.token.is_empty() {
             req.push_str(&format!("Authorization: Bearer {}\r\n", self.token));
@@ -256,21 +272,26 @@ impl Client {
         if let Some(b) = body {
             req.push_str(b);
         }
-        for attempt in 0..2 {
-            let s = self.connect();
+        for _attempt in 0..2 {
+            let reused = self.stream.is_some();
+            let s = self.connect()?;
             if s.write_all(req.as_bytes()).is_ok() {
                 if let Some(r) = self.read_response() {
-                    if r.header("connection") == Some("close") {
+                    if r.header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
                         self.stream = None;
                     }
-                    return r;
+                    return Some(r);
                 }
             }
-            // The server closed an idle keep-alive connection: retry once on a new one.
             self.stream = None;
-            assert_eq!(attempt, 0, "request failed twice: {method} {path}");
+            if !reused {
+                return None;
+            }
+            // The server closed an idle keep-alive connection: retry once on a new one.
         }
-        unreachable!()
+        None
     }
 
     fn read_response(&mut self) -> Option<Resp> {
