@@ -186,6 +186,8 @@ pub struct EndpointStats {
     pub data_dropped: u64,
     /// Replies dropped because the reply queue was full.
     pub replies_dropped: u64,
+    /// Handshake replies (accepts and refusals) queued for sending.
+    pub replies_sent: u64,
 }
 
 struct TagEntry {
@@ -764,6 +766,7 @@ impl ServerEndpoint {
             &mut queued.bytes,
         ) {
             queued.len = len;
+            self.stats.replies_sent += 1;
             self.replies.push_back(queued);
         }
     }
