@@ -255,6 +255,9 @@ pub struct BulkApp {
     pub server_stalled: Vec<StreamId>,
     /// If set, the server only reads when this is true.
     pub server_reads: bool,
+    /// Generate and check the byte pattern (off only for pure-transport throughput runs,
+    /// where lengths and FIN are still checked).
+    pub verify: bool,
     scratch: Vec<u8>,
     check: Vec<u8>,
 }
@@ -285,6 +288,7 @@ impl BulkApp {
             target_streams: streams,
             server_stalled: Vec::new(),
             server_reads: true,
+            verify: true,
             scratch: vec![0; 64 * 1024],
             check: vec![0; 64 * 1024],
         }
@@ -296,6 +300,7 @@ impl BulkApp {
         flow: &mut Flow,
         down: bool,
         scratch: &mut [u8],
+        verify: bool,
     ) {
         while flow.written < flow.total {
             let room = t.stream_write_capacity(id);
@@ -305,7 +310,9 @@ impl BulkApp {
             let n = (flow.total - flow.written)
                 .min(scratch.len() as u64)
                 .min(room as u64) as usize;
-            fill_pattern(key(id, down), flow.written, &mut scratch[..n]);
+            if verify {
+                fill_pattern(key(id, down), flow.written, &mut scratch[..n]);
+            }
             match t.stream_write(id, &scratch[..n]) {
                 Ok(0) | Err(_) => return,
                 Ok(w) => flow.written += w as u64,
@@ -323,6 +330,7 @@ impl BulkApp {
         down: bool,
         scratch: &mut [u8],
         check: &mut [u8],
+        verify: bool,
     ) {
         loop {
             match t.stream_read(id, scratch) {
@@ -330,6 +338,10 @@ impl BulkApp {
                     flow.fin_received = true;
                     assert_eq!(flow.received, flow.total, "{id}: FIN before all data");
                     return;
+                }
+                Ok(n) if !verify => {
+                    flow.received += n as u64;
+                    assert!(flow.received <= flow.total, "{id}: too much data");
                 }
                 Ok(n) => {
                     fill_pattern(key(id, down), flow.received, &mut check[..n]);
@@ -400,21 +412,21 @@ impl BulkApp {
                 e => panic!("server: unexpected {e:?}"),
             }
         }
-        let (scratch, check) = (&mut self.scratch, &mut self.check);
+        let (scratch, check, verify) = (&mut self.scratch, &mut self.check, self.verify);
         for (&id, (up, down)) in self.client_streams.iter_mut() {
             if !up.fin_sent {
-                Self::write_flow(client, id, up, false, scratch);
+                Self::write_flow(client, id, up, false, scratch, verify);
             }
             if !down.fin_received {
-                Self::read_flow(client, id, down, true, scratch, check);
+                Self::read_flow(client, id, down, true, scratch, check, verify);
             }
         }
         for (&id, (up, down)) in self.server_streams.iter_mut() {
             if !down.fin_sent {
-                Self::write_flow(server, id, down, true, scratch);
+                Self::write_flow(server, id, down, true, scratch, verify);
             }
             if !up.fin_received && self.server_reads && !self.server_stalled.contains(&id) {
-                Self::read_flow(server, id, up, false, scratch, check);
+                Self::read_flow(server, id, up, false, scratch, check, verify);
             }
         }
     }
@@ -461,8 +473,24 @@ pub fn run_bulk(
     config: TransportConfig,
     limit: Duration,
 ) -> BulkResult {
+    run_bulk_with(link, seed, streams, upload, download, config, limit, true)
+}
+
+/// [`run_bulk`] with pattern verification optional.
+#[allow(clippy::too_many_arguments)]
+pub fn run_bulk_with(
+    link: LinkConfig,
+    seed: u64,
+    streams: usize,
+    upload: u64,
+    download: u64,
+    config: TransportConfig,
+    limit: Duration,
+    verify: bool,
+) -> BulkResult {
     let mut pair = Pair::new(config.clone(), config, link, seed);
     let mut app = BulkApp::new(streams, upload, download);
+    app.verify = verify;
     let completed = pair.run(limit, |c, s, _| {
         app.step(c, s);
         app.done()
