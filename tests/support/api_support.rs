@@ -152,6 +152,17 @@ impl Resp {
     }
 }
 
+/// Parses the status and headers of a response to HEAD (no body follows).
+pub fn parse_head_response(buf: &[u8]) -> Option<Resp> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let mut padded = buf[..end].to_vec();
+    padded.extend(std::iter::repeat_n(b' ', 1 << 20));
+    parse_response(&padded).map(|(mut r, _)| {
+        r.body.clear();
+        r
+    })
+}
+
 /// Parses one response from the start of `buf`; `None` if incomplete.
 pub fn parse_response(buf: &[u8]) -> Option<(Resp, usize)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
