@@ -20,11 +20,13 @@ fn access_key(i: u32) -> String {
 }
 
 fn server(users: u32) -> (ServerEndpoint, Vec<UserKeys>) {
-    let mut config = ServerConfig::default();
-    config.max_sessions = 1_000_000;
-    config.max_sessions_per_user = 1_000_000;
-    config.handshake_rate = u32::MAX / 2000;
-    config.handshake_burst = u32::MAX / 2000;
+    let config = ServerConfig {
+        max_sessions: 1_000_000,
+        max_sessions_per_user: 1_000_000,
+        handshake_rate: u32::MAX / 2000,
+        handshake_burst: u32::MAX / 2000,
+        ..ServerConfig::default()
+    };
     let mut s = ServerEndpoint::new(config, [9; 32]);
     let mut keys = Vec::new();
     for i in 0..users {

@@ -630,6 +630,8 @@ impl ServerEndpoint {
                     });
                 }
             }
+            // Authentic, but the transport rejected it: it is closing the session (CLOSE goes out).
+            Err(PacketError::Transport) => entry.confirmed = true,
             Err(_) => {
                 self.stats.data_dropped += 1;
                 return;

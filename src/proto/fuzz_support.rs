@@ -12,6 +12,7 @@ use super::endpoint::{
     ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
 };
 use super::handshake::RefuseReason;
+use super::session::SessionConfig;
 use super::transport::CloseReason;
 
 const KEY_A: &str = "fuzz-user-a-key-0123456789";
@@ -54,11 +55,16 @@ pub fn run(data: &[u8]) -> RunSummary {
     let start = Instant::now();
     let mut now = start;
     let mut unix = 1_800_000_000u64;
-    let mut config = ServerConfig::default();
-    config.max_sessions = MAX_SESSIONS;
-    config.max_sessions_per_user = 4;
-    config.session.token_window = 64;
-    config.session.token_behind = 16;
+    let config = ServerConfig {
+        max_sessions: MAX_SESSIONS,
+        max_sessions_per_user: 4,
+        session: SessionConfig {
+            token_window: 64,
+            token_behind: 16,
+            ..SessionConfig::default()
+        },
+        ..ServerConfig::default()
+    };
     let token_window = config.session.token_window;
     let mut server = ServerEndpoint::new(config, [1; 32]);
     let _ = server.set_user(UserId(1), KEY_A, UserState::Active);
