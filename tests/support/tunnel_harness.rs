@@ -1,0 +1,752 @@
+//! Shared harness of the `tunnel_*` end-to-end tests: real `ostp` server and client processes on
+//! loopback (configs in a temp dir, free ports, wait-until-ready on their log lines, killed on
+//! drop), the `bulk_http` test server and the `lossy_relay` link emulator running in-process on
+//! threads, a raw HTTP client for the management API, a minimal SOCKS5 client, and curl helpers.
+#![allow(dead_code)]
+
+#[path = "../../examples/bulk_http.rs"]
+mod bulk_http;
+#[path = "../../examples/lossy_relay.rs"]
+mod lossy_relay;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "e2e-test-token-0123456789";
+
+/// True in optimised builds (`cargo test --release`): heavy transfers use full sizes there.
+pub const RELEASE: bool = !cfg!(debug_assertions);
+
+/// `release` bytes in release builds, `debug` bytes in debug builds (debug crypto is ~20× slower).
+pub fn size(release: u64, debug: u64) -> u64 {
+    if RELEASE { release } else { debug }
+}
+
+/// Serialises the heavy tests of one test binary so that they do not fight for the 2 cores and
+/// blow each other's timeouts.
+pub fn heavy_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ----- content checksums (same formulas as examples/bulk_http.rs) -----
+
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+pub fn fnv1a64_update(mut hash: u64, data: &[u8]) -> u64 {
+    for &b in data {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Data fed through an FNV-1a 64 hasher, with its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    pub len: u64,
+    pub fnv: u64,
+}
+
+impl Digest {
+    pub fn new() -> Self {
+        Digest {
+            len: 0,
+            fnv: FNV_OFFSET,
+        }
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        self.fnv = fnv1a64_update(self.fnv, data);
+    }
+}
+
+/// Reads `r` to the end, hashing; returns the digest and the error that ended it, if any.
+pub fn digest_reader(r: &mut impl Read) -> (Digest, Option<std::io::Error>) {
+    let mut d = Digest::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return (d, None),
+            Ok(n) => d.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (d, Some(e)),
+        }
+    }
+}
+
+// ----- ports and directories -----
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let mut b = [0u8; 8];
+        ostp::keys::fill_random(&mut b).unwrap();
+        let d = std::env::temp_dir().join(format!("ostp-e2e-{tag}-{}", ostp::keys::to_hex(&b)));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh random access key.
+pub fn new_key() -> String {
+    ostp::keys::generate_key().unwrap()
+}
+
+// ----- in-process helpers: HTTP server, lossy relay, UDP echo -----
+
+/// The `bulk_http` example server on 127.0.0.1 (runs until the test process exits).
+pub fn start_http() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || bulk_http::serve(listener));
+    port
+}
+
+/// Starts a `lossy_relay` towards `upstream` with the given option string (e.g.
+/// `"--delay-ms 20 --loss 0.01"`); returns its listen address.
+pub fn start_lossy_relay(upstream: SocketAddr, link_options: &str) -> SocketAddr {
+    let text = format!("--listen 127.0.0.1:0 --upstream {upstream} {link_options}");
+    let options =
+        lossy_relay::parse_options(text.split_whitespace().map(str::to_owned)).unwrap();
+    let relay = lossy_relay::Relay::bind(&options).unwrap();
+    let addr = relay.local_addr().unwrap();
+    std::thread::spawn(move || relay.run(None));
+    addr
+}
+
+/// A UDP echo server on 127.0.0.1 answering each datagram with `echo:` + the datagram.
+pub fn start_udp_echo() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65_536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = sock.send_to(&reply, from);
+        }
+    });
+    addr
+}
+
+/// `GET /sum/N` straight from the HTTP server (no tunnel): the expected checksum of `/bytes/N`.
+pub fn expected_sum(http_port: u16, n: u64) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", http_port)).unwrap();
+    write!(
+        s,
+        "GET /sum/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let hex = text.split("fnv1a64=").nth(1).unwrap().trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+// ----- processes -----
+
+/// Lines a child wrote to stderr, shared with the reader thread.
+#[derive(Default)]
+struct LogLines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A child process whose stderr is collected; killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: Arc<LogLines>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(LogLines::default());
+        let log2 = log.clone();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                log2.lines.lock().unwrap().push(line);
+                log2.changed.notify_all();
+            }
+        });
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every stderr line so far, joined.
+    pub fn log_text(&self) -> String {
+        self.log.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a stderr line satisfies `pred` (looking at lines from index `from` on);
+    /// returns the line and its index.
+    pub fn wait_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(usize, String)> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some((i, l)) = lines.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
+                return Some((i, l.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        self.wait_line_from(0, timeout, pred).map(|(_, l)| l)
+    }
+
+    pub fn line_count(&self) -> usize {
+        self.log.lines.lock().unwrap().len()
+    }
+
+    /// Polls for exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {}", self.pid());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ostp_command(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ostp"));
+    cmd.arg("--config").arg(config);
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// Parses the address after `marker` in a log line (`... on http://127.0.0.1:1234`).
+fn addr_after(line: &str, marker: &str) -> SocketAddr {
+    let rest = &line[line.find(marker).unwrap() + marker.len()..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == ',')
+        .unwrap_or(rest.len());
+    rest[..end].parse().unwrap()
+}
+
+// ----- server -----
+
+/// Settings of a test server.
+#[derive(Clone)]
+pub struct ServerSpec {
+    /// Keys in config.json (`(key, limit_bytes)`).
+    pub config_keys: Vec<(String, Option<u64>)>,
+    pub allow_private: bool,
+    pub api: bool,
+}
+
+impl ServerSpec {
+    pub fn new(key: &str) -> Self {
+        ServerSpec {
+            config_keys: vec![(key.to_string(), None)],
+            allow_private: true,
+            api: true,
+        }
+    }
+}
+
+/// A running `ostp` server process with its temp dir (config, state file).
+pub struct Server {
+    pub proc: Proc,
+    pub dir: TempDir,
+    pub udp: SocketAddr,
+    pub api: Option<SocketAddr>,
+    spec: ServerSpec,
+    api_port: u16,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Server {
+    pub fn start(spec: ServerSpec) -> Server {
+        let dir = TempDir::new("server");
+        let api_port = if spec.api { free_tcp_port() } else { 0 };
+        // The port we picked may be taken by the time the server binds: retry with another.
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_udp_port();
+            match Self::spawn(&dir, &spec, port, api_port) {
+                Ok((proc, api)) => {
+                    return Server {
+                        proc,
+                        dir,
+                        udp: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                        api,
+                        spec,
+                        api_port,
+                    };
+                }
+                Err(log) => last = log,
+            }
+        }
+        panic!("the server did not start:\n{last}");
+    }
+
+    fn spawn(
+        dir: &TempDir,
+        spec: &ServerSpec,
+        udp_port: u16,
+        api_port: u16,
+    ) -> Result<(Proc, Option<SocketAddr>), String> {
+        let keys: Vec<Value> = spec
+            .config_keys
+            .iter()
+            .map(|(k, l)| match l {
+                Some(l) => json!({"key": k, "limit_bytes": l}),
+                None => json!(k),
+            })
+            .collect();
+        let cfg = json!({
+            "mode": "server",
+            "listen": format!("127.0.0.1:{udp_port}"),
+            "access_keys": keys,
+            "api": {"enabled": spec.api, "bind": format!("127.0.0.1:{api_port}"), "token": TOKEN},
+            "state_file": "state.json",
+            "log_level": "info",
+            "allow_private_destinations": spec.allow_private,
+        });
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        let mut proc = Proc::spawn("server", ostp_command(&path));
+        let ready = proc.wait_line(START_TIMEOUT, |l| {
+            l.contains("tunnel on udp") || l.contains("cannot listen") || l.contains("rror")
+        });
+        match ready {
+            Some(l) if l.contains("tunnel on udp") => {}
+            _ => {
+                let _ = proc.wait_exit(Duration::from_millis(200));
+                return Err(proc.log_text());
+            }
+        }
+        let api = if spec.api {
+            let line = proc
+                .wait_line(START_TIMEOUT, |l| l.contains("management API on http://"))
+                .ok_or_else(|| proc.log_text())?;
+            Some(addr_after(&line, "http://"))
+        } else {
+            None
+        };
+        Ok((proc, api))
+    }
+
+    /// Starts the server again on the same ports and directory (after `stop`/`kill`).
+    pub fn restart(&mut self) {
+        let port = self.udp.port();
+        let mut last = String::new();
+        // The old socket is closed, but give the OS a few tries.
+        for _ in 0..10 {
+            match Self::spawn(&self.dir, &self.spec, port, self.api_port) {
+                Ok((proc, api)) => {
+                    self.proc = proc;
+                    self.api = api;
+                    return;
+                }
+                Err(log) => last = log,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the server did not restart:\n{last}");
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.expect("API enabled")
+    }
+
+    /// One API request with the bearer token; returns (status, JSON body or Null).
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        api_request(self.api_addr(), method, path, body)
+    }
+
+    /// The user object of `key` from `GET /api/users`.
+    pub fn user(&self, key: &str) -> Value {
+        let (status, v) = self.api("GET", "/api/users", None);
+        assert_eq!(status, 200, "{v}");
+        v["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no user {key} in {v}"))
+    }
+
+    /// (bytes_up, bytes_down) of `key`.
+    pub fn counters(&self, key: &str) -> (u64, u64) {
+        let u = self.user(key);
+        (
+            u["bytes_up"].as_u64().unwrap(),
+            u["bytes_down"].as_u64().unwrap(),
+        )
+    }
+
+    /// Polls the counters until `pred` holds; returns the last value seen and whether it held.
+    pub fn wait_counters(
+        &self,
+        key: &str,
+        timeout: Duration,
+        pred: impl Fn(u64, u64) -> bool,
+    ) -> ((u64, u64), bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.counters(key);
+            if pred(c.0, c.1) {
+                return (c, true);
+            }
+            if Instant::now() >= deadline {
+                return (c, false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Creates an API user; returns its key.
+    pub fn create_user(&self, limit: Option<u64>) -> String {
+        let key = new_key();
+        let (status, v) = self.api(
+            "POST",
+            "/api/users",
+            Some(json!({"key": key, "limit_bytes": limit})),
+        );
+        assert_eq!(status, 200, "{v}");
+        key
+    }
+
+    /// (bytes_up, bytes_down) of `key` in the state file on disk, if written yet.
+    pub fn state_file_counters(&self, key: &str) -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(self.dir.path().join("state.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        let u = v["users"].as_array()?.iter().find(|u| u["key"] == key)?;
+        Some((u["bytes_up"].as_u64()?, u["bytes_down"].as_u64()?))
+    }
+}
+
+/// A raw HTTP/1.1 request to the API.
+pub fn api_request(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad API answer: {text:?}"));
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+// ----- client -----
+
+/// A running `ostp` client process; `proxy` is its SOCKS5/HTTP port.
+pub struct Client {
+    pub proc: Proc,
+    pub proxy: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Client {
+    /// Writes a client config (with `extra` fields merged in) and starts it; waits until the
+    /// proxy listens. Does not wait for the tunnel.
+    pub fn spawn(server: SocketAddr, key: &str, extra: Value) -> Client {
+        let dir = TempDir::new("client");
+        let mut cfg = json!({
+            "mode": "client",
+            "server": server.to_string(),
+            "access_key": key,
+            "socks5_bind": "127.0.0.1:0",
+        });
+        if let (Value::Object(c), Value::Object(e)) = (&mut cfg, extra) {
+            c.extend(e);
+        }
+        let path = dir.path().join("client.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        let proc = Proc::spawn("client", ostp_command(&path));
+        let line = proc
+            .wait_line(START_TIMEOUT, |l| l.contains("HTTP proxy on "))
+            .unwrap_or_else(|| panic!("the client did not start:\n{}", proc.log_text()));
+        let proxy = addr_after(&line, "HTTP proxy on ");
+        Client {
+            proc,
+            proxy,
+            _dir: dir,
+        }
+    }
+
+    /// Starts a client and waits until its tunnel session is connected.
+    pub fn start(server: SocketAddr, key: &str) -> Client {
+        let c = Client::spawn(server, key, json!({}));
+        c.wait_connected(0);
+        c
+    }
+
+    /// Waits for a "connected" log line at or after line `from`.
+    pub fn wait_connected(&self, from: usize) {
+        self.proc
+            .wait_line_from(from, START_TIMEOUT, |l| l.contains("connected"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the client's tunnel did not connect:\n{}",
+                    self.proc.log_text()
+                )
+            });
+    }
+}
+
+// ----- SOCKS5 -----
+
+/// Where a SOCKS5 request goes.
+pub enum Target<'a> {
+    Ip(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// Connects through the SOCKS5 proxy; `Err(code)` is the server's reply code (or 0xff for a
+/// broken handshake).
+pub fn socks5_connect(proxy: SocketAddr, target: Target) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(proxy).map_err(|_| 0xffu8)?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(&[5, 1, 0]).map_err(|_| 0xff)?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).map_err(|_| 0xff)?;
+    if m != [5, 0] {
+        return Err(0xff);
+    }
+    let mut req = vec![5, 1, 0];
+    push_socks_addr(&mut req, &target);
+    s.write_all(&req).map_err(|_| 0xff)?;
+    read_socks_reply(&mut s)?;
+    s.set_read_timeout(None).unwrap();
+    Ok(s)
+}
+
+fn push_socks_addr(out: &mut Vec<u8>, target: &Target) {
+    match target {
+        Target::Ip(SocketAddr::V4(a)) => {
+            out.push(1);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Target::Ip(SocketAddr::V6(a)) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Target::Name(n, p) => {
+            out.push(3);
+            out.push(n.len() as u8);
+            out.extend_from_slice(n.as_bytes());
+            out.extend_from_slice(&p.to_be_bytes());
+        }
+    }
+}
+
+/// Reads a SOCKS5 reply; returns the bound address on success.
+fn read_socks_reply(s: &mut TcpStream) -> Result<SocketAddr, u8> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).map_err(|_| 0xffu8)?;
+    let addr = match head[3] {
+        1 => {
+            let mut a = [0u8; 6];
+            s.read_exact(&mut a).map_err(|_| 0xffu8)?;
+            SocketAddr::from((
+                [a[0], a[1], a[2], a[3]],
+                u16::from_be_bytes([a[4], a[5]]),
+            ))
+        }
+        4 => {
+            let mut a = [0u8; 18];
+            s.read_exact(&mut a).map_err(|_| 0xffu8)?;
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&a[..16]);
+            SocketAddr::from((ip, u16::from_be_bytes([a[16], a[17]])))
+        }
+        _ => return Err(0xff),
+    };
+    if head[0] != 5 || head[1] != 0 {
+        return Err(head[1]);
+    }
+    Ok(addr)
+}
+
+/// Opens a UDP association: returns the control connection (keep it open) and the relay address.
+pub fn socks5_udp_associate(proxy: SocketAddr) -> (TcpStream, SocketAddr) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    s.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let relay = read_socks_reply(&mut s).unwrap_or_else(|c| panic!("UDP ASSOCIATE refused: {c}"));
+    (s, relay)
+}
+
+/// A SOCKS5 UDP datagram (`RSV RSV FRAG ATYP ADDR PORT DATA`) to `target`.
+pub fn socks5_udp_packet(target: &Target, data: &[u8]) -> Vec<u8> {
+    let mut p = vec![0, 0, 0];
+    push_socks_addr(&mut p, target);
+    p.extend_from_slice(data);
+    p
+}
+
+/// `GET /bytes/n` over an open stream; returns (response head length, body digest, error).
+pub fn http_get_bytes(s: &mut TcpStream, n: u64) -> (usize, Digest, Option<std::io::Error>) {
+    let req = format!("GET /bytes/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut reader = BufReader::new(s);
+    let mut head_len = 0;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => return (head_len, Digest::new(), None),
+            Ok(n) => head_len += n,
+            Err(e) => return (head_len, Digest::new(), Some(e)),
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let (d, e) = digest_reader(&mut reader);
+    (head_len, d, e)
+}
+
+/// The length of the request line `http_get_bytes` sends.
+pub fn http_get_request_len(n: u64) -> usize {
+    format!("GET /bytes/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").len()
+}
+
+// ----- curl -----
+
+/// Runs curl with `args`, hashing stdout; returns (digest, exit status, stderr).
+pub fn curl(args: &[&str]) -> (Digest, std::process::ExitStatus, String) {
+    let mut child = Command::new("curl")
+        .args(["-sS", "--max-time", "300"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl is installed");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (d, _) = digest_reader(&mut out);
+    let status = child.wait().unwrap();
+    (d, status, err_thread.join().unwrap())
+}
+
+/// The local machine's address a packet to the internet would leave from, if not loopback.
+pub fn non_loopback_ip() -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified() && !ip.is_loopback()).then_some(ip)
+}
+
+/// MB/s for `bytes` in `elapsed`.
+pub fn mbps(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64()
+}
