@@ -38,8 +38,8 @@ fn server(users: u32) -> (ServerEndpoint, Vec<UserKeys>) {
 }
 
 /// Fresh hellos: distinct (user, slot) pairs of the current epoch.
-fn hellos(keys: &[UserKeys], count: usize, rng: &mut Drbg) -> Vec<Vec<u8>> {
-    let epoch = handshake::epoch_of(UNIX);
+fn hellos(keys: &[UserKeys], count: usize, unix: u64, rng: &mut Drbg) -> Vec<Vec<u8>> {
+    let epoch = handshake::epoch_of(unix);
     let mut out = Vec::new();
     'outer: for slot in 0..16u16 {
         for k in keys {
@@ -47,7 +47,7 @@ fn hellos(keys: &[UserKeys], count: usize, rng: &mut Drbg) -> Vec<Vec<u8>> {
                 break 'outer;
             }
             let hello = Hello {
-                unix_secs: UNIX,
+                unix_secs: unix,
                 client_random: rng.bytes32(),
                 max_datagram: 1350,
             };
@@ -117,33 +117,40 @@ fn main() {
         );
 
         // Valid handshakes: server opens hello, creates the session, writes the reply.
-        let count = (users as usize * 16).min(2000);
-        let fresh = hellos(&keys, count, &mut rng);
-        let mut copies = fresh.clone();
-        let t = Instant::now();
-        for h in copies.iter_mut() {
-            s.handle_datagram(now, UNIX, SocketIndex(0), from, h);
-            let sent = s.poll_transmit(now, &mut out);
-            black_box(sent.expect("reply"));
-        }
-        let handshake_ns = per_op(t.elapsed(), count);
-        while s.poll_event().is_some() {}
+        // Same number of handshakes (and so of sessions) in both cases: only the user count
+        // differs. Best of several rounds, each in a fresh epoch (the machine may be shared).
+        let count = 160;
+        let (mut handshake_ns, mut replay_ns) = (f64::MAX, f64::MAX);
+        for round in 1..=5u64 {
+            let unix = UNIX + round * 120;
+            // Move the server to the new epoch outside the timed region (tag precomputation).
+            s.handle_datagram(now, unix, SocketIndex(0), from, &mut [0u8; 4]);
+            let fresh = hellos(&keys, count, unix, &mut rng);
+            let mut copies = fresh.clone();
+            let t = Instant::now();
+            for h in copies.iter_mut() {
+                s.handle_datagram(now, unix, SocketIndex(0), from, h);
+                let sent = s.poll_transmit(now, &mut out);
+                black_box(sent.expect("reply"));
+            }
+            handshake_ns = handshake_ns.min(per_op(t.elapsed(), count));
+            while s.poll_event().is_some() {}
 
-        // Replayed hellos (tag already used): silence.
-        let mut copies = fresh.clone();
-        let t = Instant::now();
-        for h in copies.iter_mut() {
-            s.handle_datagram(now, UNIX, SocketIndex(0), from, h);
+            // Replayed hellos (tag already used): silence.
+            while s.poll_transmit(now, &mut out).is_some() {}
+            let replies = s.stats().replies_sent;
+            let mut copies = fresh.clone();
+            let t = Instant::now();
+            for h in copies.iter_mut() {
+                s.handle_datagram(now, unix, SocketIndex(0), from, h);
+            }
+            replay_ns = replay_ns.min(per_op(t.elapsed(), count));
+            assert_eq!(s.stats().replies_sent, replies, "replays must get silence");
         }
-        let replay_ns = per_op(t.elapsed(), count);
-        assert!(
-            s.poll_transmit(now, &mut out).is_none(),
-            "replays must get silence"
-        );
 
         println!(
             "users={users:>6}: garbage rejection {garbage_ns:>6.0} ns ({:.2}x seal)  replayed hello {replay_ns:>6.0} ns  \
-             valid handshake {handshake_ns:>7.0} ns ({:.1}x seal)  [{count} handshakes]",
+             valid handshake {handshake_ns:>7.0} ns ({:.1}x seal)  [best of 5 x {count} handshakes]",
             garbage_ns / baseline,
             handshake_ns / baseline
         );

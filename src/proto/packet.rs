@@ -228,21 +228,29 @@ pub trait TokenSink {
     fn remove_token(&mut self, token: u64, pn: u64);
 }
 
+/// Look-ahead registered when a session starts; the window then grows by [`WINDOW_GROWTH`]
+/// packet numbers per received packet up to its full size (keeps handshakes cheap).
+pub const INITIAL_AHEAD: u64 = 64;
+/// Extra packet numbers registered per received packet while the window is growing.
+pub const WINDOW_GROWTH: u64 = 2;
+
 /// The set of packet numbers a receiver currently accepts, with their precomputed tokens.
 ///
-/// Covers `base .. base + size`, where `base = highest_received + 1 - behind` (clamped at 0):
-/// `behind` slots for reordered packets, `size - behind` slots of look-ahead for losses.
+/// Covers `base .. end`, where `base = highest_received + 1 - behind` (clamped at 0), and
+/// `end <= base + size`: `behind` slots for reordered packets, the rest look-ahead for losses.
+/// `end` starts at [`INITIAL_AHEAD`] and is always at least `highest_received + 1 + INITIAL_AHEAD`.
 pub struct TokenWindow {
     cache: TokenCache,
     ring: Box<[u64]>,
     /// Bit per ring slot: token still registered (not yet received).
     live: Box<[u64]>,
     base: u64,
+    end: u64,
     behind: u64,
 }
 
 impl TokenWindow {
-    /// Creates the window `0..size` and registers its tokens with `sink`.
+    /// Creates the window and registers its first tokens with `sink`.
     pub fn new(token_key: Key32, size: usize, behind: usize, sink: &mut impl TokenSink) -> Self {
         let size = size.max(16).next_power_of_two();
         let behind = (behind as u64).min(size as u64 / 2);
@@ -251,11 +259,14 @@ impl TokenWindow {
             ring: vec![0; size].into_boxed_slice(),
             live: vec![0; size.div_ceil(64)].into_boxed_slice(),
             base: 0,
+            end: 0,
             behind,
         };
-        for pn in 0..size as u64 {
+        let first_end = INITIAL_AHEAD.min(size as u64);
+        for pn in 0..first_end {
             w.add(pn, sink);
         }
+        w.end = first_end;
         w
     }
 
@@ -289,33 +300,36 @@ impl TokenWindow {
         self.base
     }
 
-    /// Records that `pn` authenticated: unregisters its token (so a replay misses) and slides the
-    /// window forward if `pn` is the new highest.
+    /// One past the highest packet number currently accepted.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Records that `pn` authenticated: unregisters its token (so a replay misses), slides the
+    /// window forward if `pn` is the new highest, and grows the look-ahead.
     pub fn received(&mut self, pn: u64, sink: &mut impl TokenSink) {
-        if pn < self.base || pn >= self.base + self.size() {
+        if pn < self.base || pn >= self.end {
             return;
         }
         self.drop_slot(pn, sink);
-        let new_base = (pn + 1).saturating_sub(self.behind);
-        if new_base <= self.base {
-            return;
-        }
-        let old_end = self.base + self.size();
-        let drop_to = new_base.min(old_end);
-        for old in self.base..drop_to {
+        // pn < end, so new_base <= end.
+        let new_base = (pn + 1).saturating_sub(self.behind).max(self.base);
+        for old in self.base..new_base {
             self.drop_slot(old, sink);
         }
-        let new_end = new_base + self.size();
-        let add_from = old_end.max(new_base);
         self.base = new_base;
-        for fresh in add_from..new_end {
+        let target = (self.end + WINDOW_GROWTH)
+            .max(pn + 1 + INITIAL_AHEAD)
+            .min(new_base + self.size());
+        for fresh in self.end..target {
             self.add(fresh, sink);
         }
+        self.end = self.end.max(target);
     }
 
     /// Unregisters every live token (session teardown).
     pub fn clear(&mut self, sink: &mut impl TokenSink) {
-        for pn in self.base..self.base + self.size() {
+        for pn in self.base..self.end {
             self.drop_slot(pn, sink);
         }
     }
@@ -358,8 +372,9 @@ mod tests {
             window.received(found, &mut sink);
             assert!(!sink.0.contains_key(&token), "used token must be gone");
         }
-        // window slid: base = 41 - 16
+        // window slid: base = 41 - 16; the 64-slot ring is full again: 25..89 minus the received 40
         assert_eq!(window.base(), 25);
+        assert_eq!(window.end(), 89);
         assert_eq!(sink.0.len(), 63, "25..89 registered except the received 40");
     }
 
@@ -368,12 +383,31 @@ mod tests {
         let mut sink = MapSink::default();
         let mut window = TokenWindow::new([1; 32], 32, 8, &mut sink);
         assert_eq!(sink.0.len(), 32);
+        assert_eq!(window.end(), 32);
         window.received(31, &mut sink);
         assert!(sink.0.len() <= 32);
         window.received(31 + 30, &mut sink);
         assert!(sink.0.len() <= 32);
         window.clear(&mut sink);
         assert!(sink.0.is_empty());
+    }
+
+    #[test]
+    fn large_window_starts_small_and_grows_with_traffic() {
+        let mut sink = MapSink::default();
+        let mut window = TokenWindow::new([2; 32], 512, 128, &mut sink);
+        assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
+        for pn in 0..400u64 {
+            window.received(pn, &mut sink);
+            assert!(sink.0.len() <= 512);
+            assert!(window.end() >= pn + 1 + INITIAL_AHEAD);
+        }
+        // Grown to the full size: 128 behind (all received) + 384 ahead.
+        assert_eq!(window.end() - window.base(), 512);
+        assert_eq!(sink.0.len(), 384);
+        // A loss burst of 300 packets is still recognised.
+        let jump = window.end() - 1;
+        assert!(sink.0.values().any(|pn| *pn == jump));
     }
 
     #[test]
