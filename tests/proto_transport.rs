@@ -22,13 +22,6 @@ const BIG: u64 = if cfg!(debug_assertions) {
 } else {
     100_000_000
 };
-/// The 20 % loss case is scaled down (see the report): 10 MB in release.
-const BIG_20: u64 = if cfg!(debug_assertions) {
-    1_000_000
-} else {
-    10_000_000
-};
-
 fn cfg() -> TransportConfig {
     // max_payload for an MTU of 1280 after IP/UDP and packet protection overhead.
     TransportConfig {
@@ -114,8 +107,8 @@ fn bulk_both_ways_20_percent_loss() {
         link(Duration::from_millis(5), 0.20),
         4,
         1,
-        BIG_20 / 2,
-        BIG_20 / 2,
+        BIG / 2,
+        BIG / 2,
         Duration::from_secs(900),
     );
 }
