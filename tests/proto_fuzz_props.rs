@@ -5,7 +5,7 @@ use ostp::proto::fuzz_support;
 use ostp::proto::rng::Drbg;
 
 fn cases() -> usize {
-    if cfg!(debug_assertions) { 300 } else { 3000 }
+    if cfg!(debug_assertions) { 600 } else { 20_000 }
 }
 
 #[test]

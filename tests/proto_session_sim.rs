@@ -55,6 +55,8 @@ struct World {
     captured_c2s: Vec<Vec<u8>>,
     captured_s2c: Vec<Vec<u8>>,
     capture: bool,
+    /// Drop this many upcoming client datagrams (a loss burst).
+    drop_c2s: usize,
     server_events: Vec<EndpointEvent>,
     client_events: Vec<ClientEvent>,
     sent_to: Vec<SocketAddr>,
@@ -94,6 +96,7 @@ impl World {
             captured_c2s: Vec::new(),
             captured_s2c: Vec::new(),
             capture: false,
+            drop_c2s: 0,
             server_events: Vec::new(),
             client_events: Vec::new(),
             sent_to: Vec::new(),
@@ -123,6 +126,10 @@ impl World {
         while let Some(n) = self.client.poll_transmit(now, &mut self.buf) {
             if self.capture {
                 self.captured_c2s.push(self.buf[..n].to_vec());
+            }
+            if self.drop_c2s > 0 {
+                self.drop_c2s -= 1;
+                continue;
             }
             self.c2s.send(now, &self.buf[..n]);
         }
@@ -617,4 +624,22 @@ fn idle_session_survives_on_keepalives_and_dies_on_silence() {
         w.run_until(Duration::from_secs(600), |w| w.client.is_finished()
             && w.server.session_count() == 0)
     );
+}
+
+#[test]
+fn loss_burst_inside_the_token_window_is_survived() {
+    // 300 consecutive client packets vanish mid-transfer: more than the initial look-ahead (64),
+    // less than the grown window's look-ahead (384). The receiver still finds the packets after it.
+    let mut w = World::new(
+        LinkConfig {
+            loss: 0.0,
+            ..impaired_link()
+        },
+        KEY,
+        0,
+        10,
+    );
+    transfer(&mut w, transfer_size() / 2, |w| w.drop_c2s = 300);
+    assert_eq!(w.drop_c2s, 0, "the burst happened");
+    assert_eq!(w.server.session_count(), 1);
 }

@@ -37,7 +37,7 @@ impl Default for SessionConfig {
         SessionConfig {
             max_datagram: 1350,
             padding: PaddingPolicy::default(),
-            token_window: 512,
+            token_window: 1024,
             token_behind: 128,
             transport: TransportConfig::default(),
         }
