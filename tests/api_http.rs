@@ -817,3 +817,22 @@ print(f"New key: {resp.json()['key']}")
     let u = lock_users(&srv.users).get_by_key(new_key).cloned().unwrap();
     assert_eq!(u.limit_bytes, Some(10 * 1024u64.pow(3)));
 }
+
+#[test]
+fn large_user_list_arrives_complete() {
+    let srv = TestServer::start(TOKEN);
+    {
+        let mut t = lock_users(&srv.users);
+        for i in 0..3000 {
+            t.create(format!("{i:032x}"), None, Some(i), 0).unwrap();
+        }
+    }
+    let r = srv.client().send("GET", "/api/users", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("transfer-encoding").is_none(),
+        "sent with Content-Length"
+    );
+    let users = r.json()["users"].as_array().unwrap().len();
+    assert_eq!(users, 3001);
+}

@@ -149,7 +149,11 @@ fn answer(mut rq: tiny_http::Request, ctx: &ApiContext) {
 }
 
 fn to_tiny(r: Response) -> tiny_http::Response<io::Cursor<Vec<u8>>> {
-    let mut out = tiny_http::Response::from_data(r.body).with_status_code(r.status);
+    // Always Content-Length (never chunked): simpler for every client, and the body is in
+    // memory anyway.
+    let mut out = tiny_http::Response::from_data(r.body)
+        .with_status_code(r.status)
+        .with_chunked_threshold(usize::MAX);
     let header = |name: &str, value: &str| tiny_http::Header::from_bytes(name, value).ok();
     if let Some(h) = header("Content-Type", r.content_type) {
         out.add_header(h);
