@@ -3,7 +3,6 @@
 //! (same server, same run) as the baseline.
 
 #[path = "../tests/support/api_support.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::time::{Duration, Instant};
