@@ -1111,7 +1111,12 @@ impl ClientLoop {
             }
         }
         if let Some(l) = self.locals.get_mut(idx) {
-            l.pipe = None;
+            // The pipe took over the socket's edge-trigger flags (`pump_local`); give them back,
+            // or the failure reply would wait for a writable event that never comes.
+            if let Some(p) = l.pipe.take() {
+                l.readable |= p.sock_readable;
+                l.writable |= p.sock_writable;
+            }
             l.state = LocalState::Closing;
         }
         self.waiting.retain(|x| *x != idx);

@@ -626,7 +626,9 @@ impl ServerLoop {
 
     fn answer(&mut self, session: SessionId, stream: StreamId, result: OpenResult) {
         if let Some(s) = self.endpoint.session_mut(session) {
-            let _ = s.transport_mut().answer_open(stream, result);
+            if let Err(e) = s.transport_mut().answer_open(stream, result) {
+                log::debug!("stream {stream:?}: cannot answer the open ({result:?}): {e:?}");
+            }
         }
     }
 
