@@ -212,6 +212,8 @@ struct ServerSession {
     /// An authenticated packet arrived from the client (the reply was not lost).
     confirmed: bool,
     queued: bool,
+    /// In `ServerEndpoint::dirty` (the driver touched it through `session_mut`).
+    dirty: bool,
     scheduled: Option<Instant>,
     close_reason: Option<CloseReason>,
 }
@@ -475,7 +477,10 @@ impl ServerEndpoint {
             entry.queued = true;
             self.ready.push_back(id);
         }
-        self.dirty.push(id);
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty.push(id);
+        }
         Some(&mut entry.session)
     }
 
@@ -496,7 +501,12 @@ impl ServerEndpoint {
             entry.session.close(now, reason);
         }
         self.touch(id);
-        self.dirty.push(id);
+        if let Some(entry) = self.sessions.get_mut(&id.0) {
+            if !entry.dirty {
+                entry.dirty = true;
+                self.dirty.push(id);
+            }
+        }
     }
 
     fn touch(&mut self, id: SessionId) {
@@ -566,6 +576,9 @@ impl ServerEndpoint {
 
     fn process_dirty(&mut self) {
         while let Some(id) = self.dirty.pop() {
+            if let Some(entry) = self.sessions.get_mut(&id.0) {
+                entry.dirty = false;
+            }
             self.after_activity(id);
         }
     }
@@ -842,6 +855,7 @@ impl ServerEndpoint {
                 peer,
                 confirmed: false,
                 queued: false,
+                dirty: false,
                 scheduled: None,
                 close_reason: None,
             },
