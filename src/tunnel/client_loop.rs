@@ -5,7 +5,11 @@
 //! - Sessions: `mux.sessions` slots, each connecting on its own UDP socket; on silence, refusal
 //!   or close a slot reconnects with exponential backoff and jitter (a refusal waits at least the
 //!   server's `retry_after`). Streams go to the connected slot with the fewest streams.
-//! - Requests that arrive while no session is up wait (bounded time) for one.
+//! - Requests that arrive while no session is up wait (bounded time) for one, and pull the next
+//!   reconnect attempt forward (at most one attempt per [`DEMAND_RETRY_GAP`] per slot), so that a
+//!   raised limit or a restarted server is noticed on the next request instead of after the
+//!   backoff. A refusal for the key itself (limit reached, disabled, expired) fails the waiting
+//!   requests at once with "not allowed" instead of letting them wait.
 //! - Every failure produces a log line a user understands.
 
 use std::collections::{HashMap, VecDeque};
@@ -43,6 +47,10 @@ const WAIT_FOR_SESSION: Duration = Duration::from_secs(15);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Wait after the server closed the session because of the key (limit reached, deleted).
+const KEY_CLOSED_WAIT: Duration = Duration::from_secs(30);
+/// A new local request may trigger a reconnect attempt this long after the slot's last failure.
+pub const DEMAND_RETRY_GAP: Duration = Duration::from_secs(2);
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
@@ -130,6 +138,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         .map(|i| Slot {
             state: SlotState::Idle,
             next_attempt: now + Duration::from_millis(20 * i as u64),
+            failed_at: now,
             backoff: BACKOFF_MIN,
             sock: None,
             client: None,
@@ -187,6 +196,8 @@ enum SlotState {
 struct Slot {
     state: SlotState,
     next_attempt: Instant,
+    /// When the slot last failed (limits demand-driven retries).
+    failed_at: Instant,
     backoff: Duration,
     sock: Option<UdpSocket>,
     client: Option<ClientSession>,
@@ -572,6 +583,7 @@ impl ClientLoop {
         let jitter_pct = 75 + (r % 51); // 75..=125 %
         let delay = base * jitter_pct as u32 / 100;
         slot.next_attempt = now + delay;
+        slot.failed_at = now;
         slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
         slot.state = SlotState::Idle;
         slot.client = None;
@@ -688,8 +700,15 @@ impl ClientLoop {
                     reason,
                     retry_after_secs,
                 } => {
-                    log::error!(
-                        "the server refused this key: {} (retrying in {retry_after_secs} s)",
+                    // Repeated refusals (retries, requests) are logged once per outage.
+                    let level = if self.slots[i].announced_failure {
+                        log::Level::Debug
+                    } else {
+                        log::Level::Error
+                    };
+                    log::log!(
+                        level,
+                        "the server refused this key: {} (retrying in {retry_after_secs} s, or at the next request)",
                         describe_refusal(reason)
                     );
                     self.slots[i].announced_failure = true;
@@ -698,6 +717,16 @@ impl ClientLoop {
                         i,
                         Some(Duration::from_secs(u64::from(retry_after_secs).max(1))),
                     );
+                    let about_key = matches!(
+                        reason,
+                        RefuseReason::QuotaExceeded | RefuseReason::Disabled | RefuseReason::Expired
+                    );
+                    if about_key && self.pick_slot().is_none() {
+                        // Waiting would not help: the next request retries (see `demand_retry`).
+                        for idx in std::mem::take(&mut self.waiting) {
+                            self.fail_request(now, idx, Socks5Reply::NotAllowed);
+                        }
+                    }
                     return;
                 }
                 ClientEvent::HandshakeTimeout => {
@@ -732,7 +761,7 @@ impl ClientLoop {
                         }
                         let wait =
                             matches!(reason, CloseReason::LimitReached | CloseReason::UserDeleted)
-                                .then_some(Duration::from_secs(30));
+                                .then_some(KEY_CLOSED_WAIT);
                         self.slots[i].announced_failure = true;
                         self.slot_failed(now, i, wait);
                         return;
@@ -996,6 +1025,7 @@ impl ClientLoop {
             if !self.waiting.contains(&idx) {
                 self.waiting.push_back(idx);
             }
+            self.demand_retry(now);
             return;
         };
         let Some(l) = self.locals.get_mut(idx) else {
@@ -1060,6 +1090,20 @@ impl ClientLoop {
             since: now,
         };
         self.pump_local(idx, slot);
+    }
+
+    /// A request is waiting and no session is up: bring idle slots' next attempt forward (but
+    /// not closer than [`DEMAND_RETRY_GAP`] to their last failure).
+    fn demand_retry(&mut self, now: Instant) {
+        if self.shutting_down.is_some() {
+            return;
+        }
+        for slot in &mut self.slots {
+            if slot.state == SlotState::Idle {
+                let earliest = (slot.failed_at + DEMAND_RETRY_GAP).max(now);
+                slot.next_attempt = slot.next_attempt.min(earliest);
+            }
+        }
     }
 
     fn serve_waiting(&mut self, now: Instant) {
