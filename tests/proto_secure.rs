@@ -244,9 +244,27 @@ fn hello_tags_rotate_with_epochs_and_stay_bounded() {
     // A client far in the future relative to the old clock still connects at the new time.
     let mut c = client(KEY, now, UNIX + 9 * 120, 70);
     assert!(hello_exchange(&mut s, &mut c, now, UNIX + 9 * 120).is_some());
-    // The server epoch never goes back: a clock step back does not re-register old tags.
+    // A step back by one epoch keeps the current tags (and their used marks)...
+    let mut c = client(KEY, now, UNIX + 9 * 120, 71);
+    let mut buf2 = vec![0u8; 2048];
+    let n = c.poll_transmit(now, &mut buf2).unwrap();
+    let used_hello = buf2[..n].to_vec();
+    let mut d = used_hello.clone();
+    s.handle_datagram(now, UNIX + 9 * 120, SocketIndex(0), addr(), &mut d);
+    s.handle_datagram(now, UNIX + 8 * 120 + 60, SocketIndex(0), addr(), &mut buf);
+    let replays = s.stats().hello_replays;
+    let mut d = used_hello.clone();
+    s.handle_datagram(now, UNIX + 9 * 120, SocketIndex(0), addr(), &mut d);
+    assert_eq!(
+        s.stats().hello_replays,
+        replays + 1,
+        "used mark survived a small step back"
+    );
+    // ...and a large clock correction backwards is followed, so clients with the right time connect.
     s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf);
     assert_eq!(s.hello_tag_count(), 3 * 16);
+    let mut c = client(KEY, now, UNIX, 72);
+    assert!(hello_exchange(&mut s, &mut c, now, UNIX).is_some());
 }
 
 #[test]

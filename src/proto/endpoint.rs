@@ -426,9 +426,10 @@ impl ServerEndpoint {
             return;
         };
         let lo = epoch.saturating_sub(1);
+        let hi = epoch + 1;
         let tags_table = &mut self.tags;
         user.tags.retain(|(e, tags)| {
-            let keep = *e >= lo;
+            let keep = (lo..=hi).contains(e);
             if !keep {
                 for tag in tags {
                     if tags_table.get(tag).is_some_and(|entry| entry.user == id) {
@@ -438,7 +439,7 @@ impl ServerEndpoint {
             }
             keep
         });
-        for e in lo..=epoch + 1 {
+        for e in lo..=hi {
             if user.tags.iter().any(|(have, _)| *have == e) {
                 continue;
             }
@@ -457,8 +458,13 @@ impl ServerEndpoint {
 
     fn advance_epoch(&mut self, unix_secs: u64) {
         let epoch = handshake::epoch_of(unix_secs);
-        // The epoch never moves backwards, so a clock step back cannot re-arm used tags.
-        if self.epoch.is_some_and(|current| epoch <= current) {
+        // A step back by one epoch stays inside the registered window: keep it (and its used
+        // marks). A larger step back is a clock correction: follow it, or every handshake would
+        // fail until the clock caught up again.
+        if self
+            .epoch
+            .is_some_and(|current| epoch == current || epoch + 1 == current)
+        {
             return;
         }
         self.epoch = Some(epoch);
