@@ -25,13 +25,14 @@ fn traffic_heavy_sequences_reach_sessions_and_stay_bounded() {
     let mut rng = Drbg::new([0x0F; 32]);
     let mut connected = 0;
     let mut max_sessions = 0;
+    let mut stream_bytes = 0;
     for _ in 0..cases() / 3 {
         let mut data = Vec::new();
         for _ in 0..rng.up_to(120) {
             let op = if rng.up_to(2) == 0 {
                 0
             } else {
-                rng.up_to(11) as u8 + 1
+                rng.up_to(12) as u8 + 1
             };
             data.push(op);
             data.push(rng.next_u32() as u8);
@@ -40,10 +41,15 @@ fn traffic_heavy_sequences_reach_sessions_and_stay_bounded() {
         let summary = fuzz_support::run(&data);
         connected += summary.connected;
         max_sessions = max_sessions.max(summary.max_sessions);
+        stream_bytes += summary.stream_bytes;
     }
     assert!(
         connected > 0,
         "no sequence completed a handshake: the test would be vacuous"
+    );
+    assert!(
+        stream_bytes > 0,
+        "no stream data reached the server application"
     );
     assert!(
         max_sessions > 1,

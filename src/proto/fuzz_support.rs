@@ -9,16 +9,18 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::endpoint::{
-    ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
+    ClientConfig, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SessionId,
+    SocketIndex, UserId, UserState,
 };
 use super::handshake::RefuseReason;
 use super::session::SessionConfig;
-use super::transport::CloseReason;
+use super::transport::{CloseReason, Destination, StreamId, TransportEvent};
 
 const KEY_A: &str = "fuzz-user-a-key-0123456789";
 const KEY_B: &str = "fuzz-user-b-key-0123456789";
 const MAX_CAPTURED: usize = 64;
 const MAX_SESSIONS: usize = 8;
+const MAX_STREAMS_TRACKED: usize = 32;
 
 /// What a run observed (for tests to assert that the interesting paths were reached).
 #[derive(Debug, Default, Clone, Copy)]
@@ -29,6 +31,8 @@ pub struct RunSummary {
     pub delivered: u64,
     /// Most sessions alive at once on the server.
     pub max_sessions: usize,
+    /// Stream bytes the server application read.
+    pub stream_bytes: u64,
 }
 
 struct Input<'a> {
@@ -90,6 +94,7 @@ pub fn run(data: &[u8]) -> RunSummary {
     let mut summary = RunSummary::default();
     let mut buf = vec![0u8; 2048];
     let mut input = Input { data, pos: 0 };
+    let mut streams: Vec<(SessionId, StreamId)> = Vec::new();
 
     let capture = |captured: &mut Vec<(bool, Vec<u8>)>, to_server: bool, bytes: &[u8]| {
         if captured.len() == MAX_CAPTURED {
@@ -99,7 +104,7 @@ pub fn run(data: &[u8]) -> RunSummary {
     };
 
     while let Some(op) = input.byte() {
-        match op % 12 {
+        match op % 14 {
             0..=2 => {
                 // Deliver everything both sides want to send (bounded).
                 for _ in 0..32 {
@@ -149,7 +154,7 @@ pub fn run(data: &[u8]) -> RunSummary {
                 let flip = usize::from(input.byte().unwrap_or(0));
                 if let Some((to_server, bytes)) = captured.get(i % captured.len().max(1)).cloned() {
                     let mut bytes = bytes;
-                    if op % 12 == 6 && !bytes.is_empty() {
+                    if op % 14 == 6 && !bytes.is_empty() {
                         let j = flip * 7 % bytes.len();
                         bytes[j] ^= 1 << (flip % 8);
                     }
@@ -205,12 +210,62 @@ pub fn run(data: &[u8]) -> RunSummary {
                 client =
                     ClientSession::connect(client_config.clone(), key, now, unix, [seed; 32]).ok();
             }
-            _ => {
+            11 => {
                 // The client roams to another address.
                 client_addr = addrs[usize::from(input.byte().unwrap_or(0)) % 3];
             }
+            12 => {
+                // The client opens a stream and writes input bytes (maybe finishing it).
+                let len = usize::from(input.byte().unwrap_or(0)) * 64;
+                let finish = input.byte().unwrap_or(0) % 2 == 0;
+                if let Some(t) = client
+                    .as_mut()
+                    .and_then(|c| c.session_mut())
+                    .map(|s| s.transport_mut())
+                {
+                    if let Ok(id) = t.open_stream(
+                        Destination::domain("example.com", 443)
+                            .unwrap_or(Destination::Addr(SocketAddr::from(([192, 0, 2, 9], 80)))),
+                    ) {
+                        let payload = vec![0xA5u8; len];
+                        let _ = t.stream_write(id, &payload);
+                        if finish {
+                            let _ = t.stream_finish(id);
+                        }
+                    }
+                }
+            }
+            _ => {
+                // The server application reads every accepted stream and answers a little.
+                let mut sink = [0u8; 4096];
+                for &(session, id) in &streams {
+                    if let Some(t) = server.session_mut(session).map(|s| s.transport_mut()) {
+                        while let Ok(n) = t.stream_read(id, &mut sink) {
+                            if n == 0 {
+                                break;
+                            }
+                            summary.stream_bytes += n as u64;
+                        }
+                        let _ = t.stream_write(id, b"response");
+                    }
+                }
+            }
         }
-        while server.poll_event().is_some() {}
+        while let Some(event) = server.poll_event() {
+            if let EndpointEvent::Transport {
+                session,
+                event: TransportEvent::StreamOpened { id, .. },
+            } = event
+            {
+                if let Some(t) = server.session_mut(session).map(|s| s.transport_mut()) {
+                    let _ = t.accept_stream(id);
+                }
+                if streams.len() == MAX_STREAMS_TRACKED {
+                    streams.remove(0);
+                }
+                streams.push((session, id));
+            }
+        }
         if let Some(c) = client.as_mut() {
             while let Some(event) = c.poll_event() {
                 if matches!(event, super::endpoint::ClientEvent::Connected) {
