@@ -130,6 +130,11 @@ fn handshakes_look_random_and_vary_in_size() {
         let t = server
             .poll_transmit(now, &mut buf)
             .expect("a valid hello gets a reply");
+        assert!(
+            t.len <= n,
+            "reply ({}) larger than hello ({n}): amplification",
+            t.len
+        );
         replies.add(&buf[..t.len]);
         reply_sizes.insert(t.len);
         record_chunks(&mut seen, &buf[..t.len], "reply");

@@ -701,6 +701,12 @@ impl ServerEndpoint {
             self.stats.hello_rate_limited += 1;
             return;
         }
+        if self.replies.len() >= self.config.max_queued_replies {
+            // The driver is not draining replies: drop before doing any work (the client retries).
+            self.stats.replies_dropped += 1;
+            return;
+        }
+        let hello_len = data.len();
         let Some(user) = self.users.get(&user_id.0) else {
             return;
         };
@@ -766,17 +772,21 @@ impl ServerEndpoint {
                 }
             }
         };
-        if self.replies.len() >= self.config.max_queued_replies {
-            self.stats.replies_dropped += 1;
-            return;
-        }
         let mut queued = Box::new(QueuedReply {
             local,
             to: from,
             len: 0,
             bytes: [0; MAX_REPLY],
         });
-        let pad = self.config.reply_pad_max;
+        // Anti-amplification: a reply is never longer than the hello it answers.
+        let unpadded = match reply {
+            Reply::Accept { .. } => handshake::ACCEPT_LEN,
+            Reply::Refuse { .. } => handshake::REFUSE_LEN,
+        };
+        let room = hello_len
+            .saturating_sub(unpadded)
+            .min(usize::from(u16::MAX)) as u16;
+        let pad = self.config.reply_pad_max.min(room);
         if let Some(len) = handshake::write_reply(
             &psk,
             &header,

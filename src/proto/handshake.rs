@@ -8,7 +8,7 @@
 //!           0 version=1 | 1 type=1 | 2..4 max_datagram u16 | 4..12 unix_secs u64 |
 //!           12..44 client_random | 44.. zero padding
 //!   n-16..n tag
-//! Reply (server → client), 84 + pad bytes (accept) / 53 + pad (refuse):
+//! Reply (server → client), 84 + pad bytes (accept) / 53 + pad (refuse), never longer than the hello:
 //!   0..24   nonce   random 24 bytes
 //!   24..n-16 XChaCha20-Poly1305(reply_key, nonce, aad = hello[0..32]) of
 //!           0 version=1 | 1 type (2 accept, 3 refuse) | 2..10 server unix_secs u64 |
@@ -48,6 +48,10 @@ const ACCEPT_PLAIN: usize = 44;
 const REFUSE_PLAIN: usize = 13;
 /// Smallest reply on the wire.
 pub const MIN_REPLY: usize = XNONCE_LEN + REFUSE_PLAIN + TAG_LEN;
+/// Unpadded length of an accept.
+pub const ACCEPT_LEN: usize = XNONCE_LEN + ACCEPT_PLAIN + TAG_LEN;
+/// Unpadded length of a refusal.
+pub const REFUSE_LEN: usize = MIN_REPLY;
 /// Largest reply accepted or produced.
 pub const MAX_REPLY: usize = 1200;
 
