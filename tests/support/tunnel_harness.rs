@@ -290,6 +290,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Diagnostics for failing tests: a process that died on its own is worth knowing about.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!("[{}] had already exited: {status}", self.name);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
