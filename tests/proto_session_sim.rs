@@ -9,6 +9,7 @@ use ostp::proto::endpoint::{
     SessionId, SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::RefuseReason;
+use ostp::proto::session::SessionConfig;
 use ostp::proto::sim::{Link, LinkConfig};
 use ostp::proto::transport::{CloseReason, Destination, StreamId, TransportEvent};
 
@@ -57,6 +58,8 @@ struct World {
     capture: bool,
     /// Drop this many upcoming client datagrams (a loss burst).
     drop_c2s: usize,
+    /// Restore both links to this configuration at this time (end of a blackout).
+    restore: Option<(Instant, LinkConfig)>,
     server_events: Vec<EndpointEvent>,
     client_events: Vec<ClientEvent>,
     sent_to: Vec<SocketAddr>,
@@ -65,8 +68,22 @@ struct World {
 
 impl World {
     fn new(link: LinkConfig, key: &str, client_clock_skew: i64, seed: u64) -> Self {
+        Self::with_session_config(link, key, client_clock_skew, seed, SessionConfig::default())
+    }
+
+    fn with_session_config(
+        link: LinkConfig,
+        key: &str,
+        client_clock_skew: i64,
+        seed: u64,
+        session: SessionConfig,
+    ) -> Self {
         let start = Instant::now();
-        let mut server = ServerEndpoint::new(ServerConfig::default(), [seed as u8; 32]);
+        let server_config = ServerConfig {
+            session: session.clone(),
+            ..ServerConfig::default()
+        };
+        let mut server = ServerEndpoint::new(server_config, [seed as u8; 32]);
         server.set_user(UserId(1), KEY, UserState::Active).unwrap();
         server
             .set_user(
@@ -77,7 +94,10 @@ impl World {
             .unwrap();
         let client_unix = UNIX0.saturating_add_signed(client_clock_skew);
         let client = ClientSession::connect(
-            ClientConfig::default(),
+            ClientConfig {
+                session,
+                ..ClientConfig::default()
+            },
             key,
             start,
             client_unix,
@@ -97,6 +117,7 @@ impl World {
             captured_s2c: Vec::new(),
             capture: false,
             drop_c2s: 0,
+            restore: None,
             server_events: Vec::new(),
             client_events: Vec::new(),
             sent_to: Vec::new(),
@@ -116,6 +137,13 @@ impl World {
 
     fn pump_once(&mut self) {
         let now = self.now;
+        if let Some((at, config)) = self.restore.clone() {
+            if now >= at {
+                self.c2s.set_config(config.clone());
+                self.s2c.set_config(config);
+                self.restore = None;
+            }
+        }
         let unix = self.unix();
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
             self.client.handle_timeout(now);
@@ -164,6 +192,7 @@ impl World {
             self.server.poll_timeout(),
         ]
         .into_iter()
+        .chain(std::iter::once(self.restore.as_ref().map(|(at, _)| *at)))
         .flatten()
         .min()
         .unwrap_or(limit)
@@ -642,4 +671,63 @@ fn loss_burst_inside_the_token_window_is_survived() {
     transfer(&mut w, transfer_size() / 2, |w| w.drop_c2s = 300);
     assert_eq!(w.drop_c2s, 0, "the burst happened");
     assert_eq!(w.server.session_count(), 1);
+}
+
+#[test]
+fn upstream_blackout_far_beyond_the_token_window_recovers() {
+    // The client→server direction drops everything for 5 s of a 100 Mbit/s upload. With a small
+    // receive window (look-ahead 96) the data in flight exceeds what the server can identify:
+    // without a limit the session would die. The client stops at the server's announced window
+    // end, probes from its reserve, and resumes.
+    let session = SessionConfig {
+        token_window: 128,
+        token_behind: 32,
+        ..SessionConfig::default()
+    };
+    let link = LinkConfig {
+        loss: 0.0,
+        ..impaired_link()
+    };
+    let mut w = World::with_session_config(link, KEY, 0, 11, session);
+    transfer(&mut w, transfer_size() / 2, |w| {
+        w.c2s.set_config(LinkConfig {
+            loss: 1.0,
+            ..impaired_link()
+        });
+        w.restore = Some((
+            w.now + Duration::from_secs(5),
+            LinkConfig {
+                loss: 0.0,
+                ..impaired_link()
+            },
+        ));
+    });
+    assert!(w.restore.is_none());
+    assert!(
+        w.client.session().unwrap().secure_stats().blocked > 0,
+        "the client hit the window"
+    );
+    assert_eq!(w.server.session_count(), 1);
+}
+
+#[test]
+fn bidirectional_blackout_recovers() {
+    // Both directions drop everything for 20 s mid-transfer: both sides block and probe; the
+    // session survives (idle timeout is 60 s) and the transfer completes intact.
+    let mut w = World::new(impaired_link(), KEY, 0, 12);
+    transfer(&mut w, transfer_size() / 2, |w| {
+        let dead = LinkConfig {
+            loss: 1.0,
+            ..impaired_link()
+        };
+        w.c2s.set_config(dead.clone());
+        w.s2c.set_config(dead);
+        w.restore = Some((w.now + Duration::from_secs(20), impaired_link()));
+    });
+    assert!(w.restore.is_none());
+    let session = w.server.session(SessionId(1)).unwrap();
+    assert!(
+        session.secure_stats().blocked > 0
+            || w.client.session().unwrap().secure_stats().blocked > 0
+    );
 }

@@ -1,12 +1,12 @@
 //! A protected session: packet protection (keys, tokens, replay window, padding) around the
 //! transport's `Transport` state machine. Shared by the server endpoint and the client.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::crypto::Key32;
 use super::packet::{
-    DATA_OVERHEAD, Direction, MAX_PACKET_NUMBER, MIN_DATA_PACKET, Opener, PaddingPolicy, Sealer,
-    TOKEN_LEN, TokenSink, TokenWindow,
+    DATA_OVERHEAD, Direction, INITIAL_AHEAD, MAX_PACKET_NUMBER, MIN_DATA_PACKET, Opener,
+    PaddingPolicy, Sealer, TOKEN_LEN, TokenSink, TokenWindow,
 };
 use super::replay::ReplayWindow;
 use super::rng::Drbg;
@@ -37,7 +37,7 @@ impl Default for SessionConfig {
         SessionConfig {
             max_datagram: 1350,
             padding: PaddingPolicy::default(),
-            token_window: 1024,
+            token_window: 2048,
             token_behind: 128,
             transport: TransportConfig::default(),
         }
@@ -72,7 +72,19 @@ pub struct SecureStats {
     pub replays_dropped: u64,
     /// Packets whose token matched but which failed authentication.
     pub auth_failures: u64,
+    /// Times sending was held back because the peer's receive window was exhausted.
+    pub blocked: u64,
 }
+
+/// Bytes of the secure-layer header at the start of every plaintext: the low 32 bits of the
+/// sender's receive-window end ("you may send packet numbers below this").
+pub const HEADER_LEN: usize = 4;
+/// Packet numbers below the peer's announced limit kept for probes when blocked.
+pub const PROBE_RESERVE: u64 = 16;
+/// First probe interval while blocked (doubles up to [`PROBE_MAX`]).
+pub const PROBE_INITIAL: Duration = Duration::from_millis(200);
+/// Longest probe interval while blocked.
+pub const PROBE_MAX: Duration = Duration::from_secs(8);
 
 /// One protected session.
 pub struct Session {
@@ -85,6 +97,13 @@ pub struct Session {
     rng: Drbg,
     max_datagram: usize,
     max_payload: usize,
+    /// Next packet number the transport will use (last sent + 1).
+    next_pn: u64,
+    /// The peer's announced receive-window end: we never send a packet number at or above it.
+    tx_limit: u64,
+    /// While blocked (within `PROBE_RESERVE` of `tx_limit`): when the next probe may go out.
+    probe_at: Option<Instant>,
+    probe_interval: Duration,
     stats: SecureStats,
 }
 
@@ -95,6 +114,21 @@ impl std::fmt::Debug for Session {
             .field("stats", &self.stats)
             .finish()
     }
+}
+
+/// Rebuilds a 64-bit value from its low 32 bits, choosing the candidate closest to `near`.
+fn expand_u32(near: u64, low: u32) -> u64 {
+    let candidate = (near & !0xFFFF_FFFF) | u64::from(low);
+    let options = [
+        candidate.checked_sub(1 << 32),
+        Some(candidate),
+        candidate.checked_add(1 << 32),
+    ];
+    options
+        .into_iter()
+        .flatten()
+        .min_by_key(|c| c.abs_diff(near))
+        .unwrap_or(candidate)
 }
 
 impl Session {
@@ -114,7 +148,7 @@ impl Session {
             Side::Server => (Direction::ServerToClient, Direction::ClientToServer),
         };
         let max_datagram = max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM);
-        let max_payload = max_datagram - DATA_OVERHEAD;
+        let max_payload = max_datagram - DATA_OVERHEAD - HEADER_LEN;
         let mut transport_config = config.transport.clone();
         transport_config.max_payload = max_payload;
         let opener = Opener::new(secret, rx_dir);
@@ -134,6 +168,11 @@ impl Session {
             rng: Drbg::new(rng_seed),
             max_datagram,
             max_payload,
+            next_pn: 0,
+            // Every receiver starts with INITIAL_AHEAD tokens registered.
+            tx_limit: INITIAL_AHEAD,
+            probe_at: None,
+            probe_interval: PROBE_INITIAL,
             stats: SecureStats::default(),
         }
     }
@@ -150,7 +189,7 @@ impl Session {
         packet: &mut [u8],
         sink: &mut impl TokenSink,
     ) -> Result<bool, PacketError> {
-        if packet.len() < MIN_DATA_PACKET || packet.len() > self.max_datagram.max(MAX_DATAGRAM) {
+        if packet.len() < MIN_DATA_PACKET + HEADER_LEN || packet.len() > MAX_DATAGRAM {
             return Err(PacketError::BadLength);
         }
         if !self.replay.check(pn) {
@@ -169,38 +208,107 @@ impl Session {
         self.rx_tokens.received(pn, sink);
         self.stats.packets_received += 1;
         self.stats.bytes_received += packet.len() as u64;
-        let payload = packet.get(range).ok_or(PacketError::BadLength)?;
+        let plaintext = packet.get(range).ok_or(PacketError::BadLength)?;
+        let (header, payload) = plaintext
+            .split_at_checked(HEADER_LEN)
+            .ok_or(PacketError::BadLength)?;
+        let limit = expand_u32(
+            self.next_pn,
+            u32::from_le_bytes([header[0], header[1], header[2], header[3]]),
+        );
+        if limit > self.tx_limit {
+            self.tx_limit = limit;
+            if self.next_pn < self.tx_limit.saturating_sub(PROBE_RESERVE) {
+                self.probe_at = None;
+                self.probe_interval = PROBE_INITIAL;
+            }
+        }
         self.transport
             .handle_payload(now, pn, payload)
             .map_err(|_| PacketError::Transport)?;
         Ok(newest)
     }
 
+    /// True when the peer's receive window is (nearly) exhausted: only rate-limited probes go out
+    /// until the peer reports that it received more.
+    pub fn is_blocked(&self) -> bool {
+        self.next_pn >= self.tx_limit.saturating_sub(PROBE_RESERVE)
+    }
+
     /// Writes the next protected datagram into `buf` (which should hold `max_datagram()` bytes).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let probing = self.is_blocked();
+        if probing {
+            // Probes use the reserved packet numbers below the limit, at a backed-off rate, so
+            // that after a blackout the peer hears from us and re-opens its window.
+            if self.next_pn >= self.tx_limit {
+                self.stats.blocked += 1;
+                return None;
+            }
+            match self.probe_at {
+                None => {
+                    self.probe_at = Some(now + self.probe_interval);
+                    self.stats.blocked += 1;
+                    return None;
+                }
+                Some(at) if now < at => {
+                    self.stats.blocked += 1;
+                    return None;
+                }
+                Some(_) => {}
+            }
+        }
         let budget = buf
             .len()
             .min(self.max_datagram)
-            .checked_sub(DATA_OVERHEAD)?;
+            .checked_sub(DATA_OVERHEAD + HEADER_LEN)?;
         let payload_cap = budget.min(self.max_payload);
-        let (pn, len) = self
+        let body = TOKEN_LEN + HEADER_LEN;
+        let Some((pn, len)) = self
             .transport
-            .poll_transmit(now, &mut buf[TOKEN_LEN..TOKEN_LEN + payload_cap])?;
+            .poll_transmit(now, &mut buf[body..body + payload_cap])
+        else {
+            if probing {
+                // Nothing to probe with now: re-armed by the next call.
+                self.probe_at = None;
+            }
+            return None;
+        };
+        self.next_pn = pn.saturating_add(1);
         if pn >= MAX_PACKET_NUMBER {
             self.transport.close(now, CloseReason::Internal);
             return None;
         }
+        if pn >= self.tx_limit {
+            // The transport skipped packet numbers: the peer could not identify this packet.
+            self.stats.blocked += 1;
+            return None;
+        }
+        if self.is_blocked() {
+            self.probe_at = Some(now + self.probe_interval);
+            self.probe_interval = (self.probe_interval * 2).min(PROBE_MAX);
+        }
+        let window_end = self.rx_tokens.end() as u32;
+        buf[TOKEN_LEN..body].copy_from_slice(&window_end.to_le_bytes());
         let padded = self.padding.padded_len(len, payload_cap, &mut self.rng);
-        buf[TOKEN_LEN + len..TOKEN_LEN + padded].fill(0);
-        let total = self.sealer.seal(pn, buf, padded)?;
+        buf[body + len..body + padded].fill(0);
+        let total = self.sealer.seal(pn, buf, HEADER_LEN + padded)?;
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += total as u64;
         Some(total)
     }
 
-    /// Earliest instant at which [`Session::handle_timeout`] must run.
+    /// Earliest instant at which [`Session::handle_timeout`] (or, for a blocked session's next
+    /// probe, [`Session::poll_transmit`]) must run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.transport.poll_timeout()
+        let transport = self.transport.poll_timeout();
+        let probe = self
+            .probe_at
+            .filter(|_| self.is_blocked() && self.next_pn < self.tx_limit);
+        match (transport, probe) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs the transport's timers.
@@ -246,5 +354,18 @@ impl Session {
     /// Unregisters all receive tokens (called when the session is dropped).
     pub fn release_tokens(&mut self, sink: &mut impl TokenSink) {
         self.rx_tokens.clear(sink);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expand_u32_picks_the_closest_candidate() {
+        assert_eq!(expand_u32(0, 64), 64);
+        assert_eq!(expand_u32(5_000_000_000, 705_032_704 + 100), 5_000_000_100);
+        assert_eq!(expand_u32((1 << 32) + 10, u32::MAX - 5), (1 << 32) - 6);
+        assert_eq!(expand_u32((1 << 32) - 10, 20), (1 << 32) + 20);
     }
 }
