@@ -4,7 +4,7 @@
 //! ```text
 //! 0..8        token  = 8 bytes of PRF(token_key[dir], pn)   (identifies session and pn)
 //! 8..n-16     ChaCha20-Poly1305(key[dir][pn >> 32], nonce = pn LE || 0^4, aad = token)
-//!             of: transport frames || 0x00 padding
+//!             of: session header (4 bytes, see `session`) || transport frames || 0x00 padding
 //! n-16..n     Poly1305 tag
 //! ```
 //! The packet number is never written: the receiver precomputes the tokens of a window of
