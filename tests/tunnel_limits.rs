@@ -116,8 +116,10 @@ fn limit_cuts_transfer_and_raising_it_lets_the_client_back() {
         "received {} bytes with a limit of {limit}",
         digest.len
     );
+    // Bytes charged are delivered before the session closes (the request and the response
+    // head count too, hence a little slack).
     assert!(
-        digest.len >= limit / 2,
+        digest.len >= limit - 64 * KIB,
         "received only {} bytes of a {limit}-byte allowance",
         digest.len
     );

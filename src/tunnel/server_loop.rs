@@ -10,8 +10,9 @@
 //! - Accounting: payload bytes are counted per user on the loop and added to the shared
 //!   [`UserTable`](crate::users::UserTable) once per second (one lock per second, never per packet).
 //! - Limits: each user has a local byte budget (limit − used). Pipes never move more than the
-//!   budget, so a user stops exactly at the limit; the user's sessions then close with "limit
-//!   reached" and new handshakes are refused until the limit is raised or counters are reset.
+//!   budget, so a user stops exactly at the limit. New handshakes and streams are refused at
+//!   once; the user's sessions close with "limit reached" once the bytes already charged have
+//!   been delivered (or after [`LIMIT_DRAIN`]), until the limit is raised or counters are reset.
 //! - API changes arrive as [`ControlMsg`]s through a channel + `mio::Waker`.
 
 use std::collections::HashMap;
@@ -56,6 +57,9 @@ const RECV_BATCH: usize = 256;
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 /// Largest UDP datagram handled.
 const MAX_UDP: usize = 2048;
+/// Longest wait, after a user reaches its limit, for already-charged bytes to be delivered before
+/// its sessions are closed.
+const LIMIT_DRAIN: Duration = Duration::from_secs(3);
 
 /// Settings of the server loop beyond `ServerConfig`.
 #[derive(Debug, Clone)]
@@ -150,6 +154,7 @@ pub fn start(
         pending_traffic: HashMap::new(),
         budgets: HashMap::new(),
         limited: HashMap::new(),
+        draining: HashMap::new(),
         next_accounting: Instant::now() + ACCOUNTING_INTERVAL,
         blocked_tx: None,
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
@@ -221,6 +226,8 @@ struct ServerLoop {
     budgets: HashMap<UserId, u64>,
     /// Users currently refused because their limit is reached.
     limited: HashMap<UserId, ()>,
+    /// Users at their limit whose sessions close once delivered (value: the latest close time).
+    draining: HashMap<UserId, Instant>,
     next_accounting: Instant,
     blocked_tx: Option<BlockedTx>,
     buf: Box<[u8]>,
@@ -309,6 +316,7 @@ impl ServerLoop {
                 CloseReason::LimitReached,
             );
         } else {
+            self.draining.remove(&id);
             if self.limited.remove(&id).is_some() {
                 log::info!("user {}: may connect again", id.0);
             }
@@ -321,6 +329,7 @@ impl ServerLoop {
         self.endpoint.remove_user(now, proto_user(id));
         self.budgets.remove(&id);
         self.limited.remove(&id);
+        self.draining.remove(&id);
         self.pending_traffic.remove(&id);
     }
 
@@ -367,6 +376,7 @@ impl ServerLoop {
             self.endpoint.handle_timeout(now);
             self.process_endpoint_events(now);
             self.expire_outbound(now);
+            self.close_drained(now);
             self.relays.expire(now, &self.poll);
             if now >= self.next_accounting {
                 self.sync_accounting(now);
@@ -410,6 +420,9 @@ impl ServerLoop {
         }
         if let Some(d) = self.shutting_down {
             at = at.min(d);
+        }
+        for d in self.draining.values() {
+            at = at.min(*d);
         }
         Some(at.saturating_duration_since(now))
     }
@@ -873,10 +886,57 @@ impl ServerLoop {
         e.1 += moved.to_stream;
     }
 
+    /// The user's budget just ran out while moving bytes: refuse new handshakes and streams now,
+    /// and close its sessions once what was charged has reached the client (`close_drained`).
     fn limit_reached(&mut self, now: Instant, user: UserId) {
-        self.apply_user(now, user, None, Budget::Exhausted);
+        self.budgets.insert(user, 0);
+        if self.limited.insert(user, ()).is_none() {
+            log::info!(
+                "user {}: traffic limit reached; closing its sessions",
+                user.0
+            );
+        }
+        self.endpoint.set_user_state(
+            proto_user(user),
+            UserState::Refused(RefuseReason::QuotaExceeded),
+        );
+        self.draining.entry(user).or_insert(now + LIMIT_DRAIN);
         // Make the API show the final numbers at once.
         self.sync_accounting(now);
+        self.close_drained(now);
+    }
+
+    /// Closes the sessions of limited users whose sent data is all acknowledged (or whose drain
+    /// time is over).
+    fn close_drained(&mut self, now: Instant) {
+        if self.draining.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        for (&user, &deadline) in &self.draining {
+            let delivered = self
+                .sessions
+                .iter()
+                .filter(|(_, info)| info.user == user)
+                .all(|(sid, _)| {
+                    self.endpoint.session(*sid).is_none_or(|s| {
+                        let st = s.transport().stats();
+                        st.send_buffered == 0 && st.bytes_in_flight == 0
+                    })
+                });
+            if delivered || now >= deadline {
+                done.push(user);
+            }
+        }
+        for user in done {
+            self.draining.remove(&user);
+            self.endpoint.refuse_user(
+                now,
+                proto_user(user),
+                RefuseReason::QuotaExceeded,
+                CloseReason::LimitReached,
+            );
+        }
     }
 
     fn fail_outbound(&mut self, idx: usize, result: OpenResult) {
