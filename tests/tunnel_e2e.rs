@@ -96,8 +96,9 @@ fn hundred_parallel_downloads_are_intact() {
     let workers: Vec<_> = (0..100)
         .map(|i| {
             std::thread::spawn(move || {
-                let mut s = socks5_connect(proxy, Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))))
-                    .unwrap_or_else(|c| panic!("download {i}: SOCKS5 reply {c:#x}"));
+                let mut s =
+                    socks5_connect(proxy, Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))))
+                        .unwrap_or_else(|c| panic!("download {i}: SOCKS5 reply {c:#x}"));
                 let (_, digest, err) = http_get_bytes(&mut s, n);
                 (i, digest, err)
             })
@@ -243,7 +244,9 @@ fn api_counters_match_bytes_moved() {
     // Upload.
     let m = size(20_000_000, 4_000_000) as usize;
     let mut s = socks5_connect(client.proxy, target()).unwrap();
-    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {m}\r\nConnection: close\r\n\r\n");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {m}\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(head.as_bytes()).unwrap();
     let chunk = vec![0x5au8; 64 * 1024];
     let mut left = m;
@@ -265,7 +268,11 @@ fn api_counters_match_bytes_moved() {
     let lag = done.elapsed();
     assert!(ok, "counters {seen:?}, moved up {up2} down {down2}");
     assert!(seen.0 <= up2 + up2 / 100, "bytes_up {} vs {up2}", seen.0);
-    assert!(seen.1 <= down2 + down2 / 100, "bytes_down {} vs {down2}", seen.1);
+    assert!(
+        seen.1 <= down2 + down2 / 100,
+        "bytes_down {} vs {down2}",
+        seen.1
+    );
     assert!(
         lag <= Duration::from_millis(2500),
         "counters took {lag:?} to reach the table"
@@ -286,14 +293,38 @@ fn destination_guard_refuses_private_destinations_by_default() {
     let api_port = server.api_addr().port();
     let refused = [
         ("the server's API port", Target::Ip(server.api_addr())),
-        ("127.0.0.1", Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)))),
-        ("127.0.0.2", Target::Ip(SocketAddr::from(([127, 0, 0, 2], http)))),
-        ("10.1.2.3", Target::Ip(SocketAddr::from(([10, 1, 2, 3], 80)))),
-        ("192.168.1.1", Target::Ip(SocketAddr::from(([192, 168, 1, 1], 80)))),
-        ("172.16.0.1", Target::Ip(SocketAddr::from(([172, 16, 0, 1], 80)))),
-        ("169.254.1.1", Target::Ip(SocketAddr::from(([169, 254, 1, 1], 80)))),
-        ("0.0.0.0", Target::Ip(SocketAddr::from(([0, 0, 0, 0], http)))),
-        ("[::1]", Target::Ip(SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], http)))),
+        (
+            "127.0.0.1",
+            Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))),
+        ),
+        (
+            "127.0.0.2",
+            Target::Ip(SocketAddr::from(([127, 0, 0, 2], http))),
+        ),
+        (
+            "10.1.2.3",
+            Target::Ip(SocketAddr::from(([10, 1, 2, 3], 80))),
+        ),
+        (
+            "192.168.1.1",
+            Target::Ip(SocketAddr::from(([192, 168, 1, 1], 80))),
+        ),
+        (
+            "172.16.0.1",
+            Target::Ip(SocketAddr::from(([172, 16, 0, 1], 80))),
+        ),
+        (
+            "169.254.1.1",
+            Target::Ip(SocketAddr::from(([169, 254, 1, 1], 80))),
+        ),
+        (
+            "0.0.0.0",
+            Target::Ip(SocketAddr::from(([0, 0, 0, 0], http))),
+        ),
+        (
+            "[::1]",
+            Target::Ip(SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], http))),
+        ),
         ("localhost by name", Target::Name("localhost", http)),
         ("localhost API by name", Target::Name("localhost", api_port)),
     ];
@@ -327,8 +358,11 @@ fn destination_guard_refuses_private_destinations_by_default() {
 fn destination_guard_allows_loopback_when_configured() {
     let http = start_http();
     let (_server, client, _) = setup();
-    let mut s = socks5_connect(client.proxy, Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))))
-        .expect("127.0.0.1 is allowed with allow_private_destinations");
+    let mut s = socks5_connect(
+        client.proxy,
+        Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))),
+    )
+    .expect("127.0.0.1 is allowed with allow_private_destinations");
     let (_, digest, _) = http_get_bytes(&mut s, 1000);
     assert_eq!(digest.len, 1000);
     let mut s = socks5_connect(client.proxy, Target::Name("localhost", http))
@@ -367,7 +401,10 @@ fn tun_and_turn_are_refused_at_start() {
             stderr.contains("not supported by this build"),
             "{field}: stderr was {stderr:?}"
         );
-        assert!(stderr.contains(field), "{field}: names the field: {stderr:?}");
+        assert!(
+            stderr.contains(field),
+            "{field}: names the field: {stderr:?}"
+        );
     }
 }
 

@@ -138,7 +138,11 @@ fn limit_cuts_transfer_and_raising_it_lets_the_client_back() {
     let t = Instant::now();
     let r = socks5_connect(client.proxy, http_target(http));
     assert!(r.is_err(), "a limited key must not get a new stream");
-    eprintln!("request while limited: {:?} after {:?}", r.err(), t.elapsed());
+    eprintln!(
+        "request while limited: {:?} after {:?}",
+        r.err(),
+        t.elapsed()
+    );
     assert!(t.elapsed() < Duration::from_secs(20));
 
     // Raise the limit: the client gets back in by itself, and a new download is complete.
@@ -166,7 +170,9 @@ fn deleting_a_user_cuts_its_transfer_within_a_second() {
     let (tx, rx) = mpsc::channel();
     // Far more than can arrive before the deletion.
     let download = background_download(client.proxy, http, 1 << 40, tx);
-    let got = rx.recv_timeout(Duration::from_secs(30)).expect("the download started");
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the download started");
     assert!(got >= MIB);
     let deleted_at = Instant::now();
     let (status, v) = server.api("DELETE", &format!("/api/users/{key}"), None);
@@ -193,8 +199,7 @@ fn client_recovers_after_graceful_server_restart() {
     let mut server = Server::start(ServerSpec::new(&key));
     let client = Client::start(server.udp, &key);
     download_eventually(client.proxy, http, 2 * MIB, Duration::from_secs(10));
-    let ((up, down), ok) =
-        server.wait_counters(&key, Duration::from_secs(3), |_, d| d >= 2 * MIB);
+    let ((up, down), ok) = server.wait_counters(&key, Duration::from_secs(3), |_, d| d >= 2 * MIB);
     assert!(ok);
 
     server.proc.signal("TERM");

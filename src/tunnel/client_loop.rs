@@ -649,9 +649,10 @@ impl ClientLoop {
 
     fn retry_blocked(slot: &mut Slot) {
         if let (Some(bytes), Some(sock)) = (slot.blocked.as_ref(), slot.sock.as_ref()) {
-            match sock.send(bytes) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                _ => slot.blocked = None,
+            let would_block =
+                matches!(sock.send(bytes), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            if !would_block {
+                slot.blocked = None;
             }
         }
     }
@@ -678,10 +679,7 @@ impl ClientLoop {
     }
 
     fn process_slot_events(&mut self, now: Instant, i: usize) {
-        loop {
-            let Some(ev) = self.slots[i].client.as_mut().and_then(|c| c.poll_event()) else {
-                break;
-            };
+        while let Some(ev) = self.slots[i].client.as_mut().and_then(|c| c.poll_event()) {
             match ev {
                 ClientEvent::Connected => {
                     let slot = &mut self.slots[i];
@@ -719,7 +717,9 @@ impl ClientLoop {
                     );
                     let about_key = matches!(
                         reason,
-                        RefuseReason::QuotaExceeded | RefuseReason::Disabled | RefuseReason::Expired
+                        RefuseReason::QuotaExceeded
+                            | RefuseReason::Disabled
+                            | RefuseReason::Expired
                     );
                     if about_key && self.pick_slot().is_none() {
                         // Waiting would not help: the next request retries (see `demand_retry`).

@@ -142,8 +142,7 @@ pub fn start_http() -> u16 {
 /// `"--delay-ms 20 --loss 0.01"`); returns its listen address.
 pub fn start_lossy_relay(upstream: SocketAddr, link_options: &str) -> SocketAddr {
     let text = format!("--listen 127.0.0.1:0 --upstream {upstream} {link_options}");
-    let options =
-        lossy_relay::parse_options(text.split_whitespace().map(str::to_owned)).unwrap();
+    let options = lossy_relay::parse_options(text.split_whitespace().map(str::to_owned)).unwrap();
     let relay = lossy_relay::Relay::bind(&options).unwrap();
     let addr = relay.local_addr().unwrap();
     std::thread::spawn(move || relay.run(None));
@@ -512,7 +511,12 @@ impl Server {
 }
 
 /// A raw HTTP/1.1 request to the API.
-pub fn api_request(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+pub fn api_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -651,10 +655,7 @@ fn read_socks_reply(s: &mut TcpStream) -> Result<SocketAddr, u8> {
         1 => {
             let mut a = [0u8; 6];
             s.read_exact(&mut a).map_err(|_| 0xffu8)?;
-            SocketAddr::from((
-                [a[0], a[1], a[2], a[3]],
-                u16::from_be_bytes([a[4], a[5]]),
-            ))
+            SocketAddr::from(([a[0], a[1], a[2], a[3]], u16::from_be_bytes([a[4], a[5]])))
         }
         4 => {
             let mut a = [0u8; 18];
