@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint,
-    SocketIndex, UserId, UserState,
+    ClientConfig, ClientEvent, ClientSession, EndpointEvent, MAX_TAGS_PER_USER, ServerConfig,
+    ServerEndpoint, SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::{self, RefuseReason};
 use ostp::proto::psk::{self, UserKeys};
@@ -236,11 +236,18 @@ fn hello_tags_rotate_with_epochs_and_stay_bounded() {
     let mut s = server();
     let mut buf = [0u8; 8];
     s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf);
-    assert_eq!(s.hello_tag_count(), 3 * 16);
+    // E-1..=E+1 registered at once; E+2 prepared in batches as datagrams arrive.
+    let bounds = 3 * 16..=MAX_TAGS_PER_USER;
+    assert!(bounds.contains(&s.hello_tag_count()));
     for step in 1..10u64 {
         s.handle_datagram(now, UNIX + step * 120, SocketIndex(0), addr(), &mut buf);
-        assert_eq!(s.hello_tag_count(), 3 * 16);
+        assert!(bounds.contains(&s.hello_tag_count()));
     }
+    assert_eq!(
+        s.hello_tag_count(),
+        MAX_TAGS_PER_USER,
+        "one user: prepared at once"
+    );
     // A client far in the future relative to the old clock still connects at the new time.
     let mut c = client(KEY, now, UNIX + 9 * 120, 70);
     assert!(hello_exchange(&mut s, &mut c, now, UNIX + 9 * 120).is_some());
@@ -262,7 +269,7 @@ fn hello_tags_rotate_with_epochs_and_stay_bounded() {
     );
     // ...and a large clock correction backwards is followed, so clients with the right time connect.
     s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf);
-    assert_eq!(s.hello_tag_count(), 3 * 16);
+    assert!(bounds.contains(&s.hello_tag_count()));
     let mut c = client(KEY, now, UNIX, 72);
     assert!(hello_exchange(&mut s, &mut c, now, UNIX).is_some());
 }
@@ -333,4 +340,37 @@ fn psk_and_tags_are_per_user_and_per_slot() {
         }
     }
     assert!(psk::derive_psk("too-short").is_err());
+}
+
+#[test]
+fn next_epoch_tags_are_prepared_in_batches_and_rollover_keeps_everyone_reachable() {
+    let now = Instant::now();
+    let mut s = ServerEndpoint::new(ServerConfig::default(), [12; 32]);
+    let key_of = |i: u32| format!("batch-user-key-{i:08}");
+    for i in 0..200 {
+        s.set_user(UserId(i), &key_of(i), UserState::Active)
+            .unwrap();
+    }
+    let mut garbage = [0u8; 16];
+    s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut garbage);
+    assert!(
+        s.hello_tag_count() < 200 * MAX_TAGS_PER_USER,
+        "E+2 not prepared all at once"
+    );
+    for _ in 0..100 {
+        s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut garbage);
+    }
+    assert_eq!(
+        s.hello_tag_count(),
+        200 * MAX_TAGS_PER_USER,
+        "batches prepared E+2"
+    );
+    // Rollover: a client already in the next epoch and one in the epoch after that connect.
+    let next = UNIX + 120;
+    s.handle_datagram(now, next, SocketIndex(0), addr(), &mut garbage);
+    let mut c = client(&key_of(150), now, next, 1);
+    assert!(hello_exchange(&mut s, &mut c, now, next).is_some());
+    let mut c = client(&key_of(7), now, next + 100, 2);
+    assert!(hello_exchange(&mut s, &mut c, now, next + 60).is_some());
+    assert!(s.hello_tag_count() <= 200 * MAX_TAGS_PER_USER);
 }

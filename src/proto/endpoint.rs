@@ -25,6 +25,10 @@ use super::transport::{CloseReason, Side, TransportEvent};
 
 /// Hello slots per user and epoch: a user can start this many handshakes per epoch (120 s).
 pub const HELLO_SLOTS: u16 = 16;
+/// Users whose next-epoch tags are prepared per received datagram.
+const PREPARE_BATCH: usize = 2;
+/// Most hello tags registered per user: epochs `E-1 ..= E+2` (the last one prepared early).
+pub const MAX_TAGS_PER_USER: usize = 4 * HELLO_SLOTS as usize;
 
 /// Hasher for keys that are already uniformly random (PRF tokens) or small counters:
 /// one multiply-xorshift, no per-process key needed because attackers cannot choose the keys.
@@ -249,6 +253,8 @@ pub struct ServerEndpoint {
     users: IdMap<u32, User>,
     tags: IdMap<u64, TagEntry>,
     epoch: Option<u64>,
+    /// Users whose tags for the epoch after next are not registered yet.
+    prepare_queue: Vec<u32>,
     sessions: IdMap<u64, ServerSession>,
     tokens: IdMap<u64, (SessionId, u64)>,
     next_session: u64,
@@ -284,6 +290,7 @@ impl ServerEndpoint {
             users: IdMap::default(),
             tags: IdMap::default(),
             epoch: None,
+            prepare_queue: Vec::new(),
             sessions: IdMap::default(),
             tokens: IdMap::default(),
             next_session: 1,
@@ -351,7 +358,7 @@ impl ServerEndpoint {
             },
         );
         if let Some(epoch) = self.epoch {
-            self.register_tags(id, epoch);
+            self.register_tags(id, epoch.saturating_sub(1), epoch + 2);
         }
         Ok(())
     }
@@ -420,13 +427,11 @@ impl ServerEndpoint {
         }
     }
 
-    /// Registers the user's tags for epochs `epoch-1 ..= epoch+1` and drops older ones.
-    fn register_tags(&mut self, id: UserId, epoch: u64) {
+    /// Makes the user's registered tags exactly those of epochs `lo ..= hi`.
+    fn register_tags(&mut self, id: UserId, lo: u64, hi: u64) {
         let Some(user) = self.users.get_mut(&id.0) else {
             return;
         };
-        let lo = epoch.saturating_sub(1);
-        let hi = epoch + 1;
         let tags_table = &mut self.tags;
         user.tags.retain(|(e, tags)| {
             let keep = (lo..=hi).contains(e);
@@ -456,21 +461,49 @@ impl ServerEndpoint {
         }
     }
 
+    /// Follows the server clock's epoch. The table always holds epochs `E-1 ..= E+1` of every
+    /// user; `E+2` is prepared in small batches while datagrams are processed
+    /// ([`ServerEndpoint::prepare_next_epoch`]), so a normal rollover costs almost nothing.
     fn advance_epoch(&mut self, unix_secs: u64) {
         let epoch = handshake::epoch_of(unix_secs);
+        let Some(current) = self.epoch else {
+            self.reset_epoch(epoch);
+            return;
+        };
         // A step back by one epoch stays inside the registered window: keep it (and its used
         // marks). A larger step back is a clock correction: follow it, or every handshake would
         // fail until the clock caught up again.
-        if self
-            .epoch
-            .is_some_and(|current| epoch == current || epoch + 1 == current)
-        {
+        if epoch == current || epoch + 1 == current {
             return;
         }
+        if epoch == current + 1 {
+            // Finish what the batches did not do yet, then start preparing the next epoch.
+            self.prepare_next_epoch(usize::MAX);
+            self.epoch = Some(epoch);
+            self.prepare_queue = self.users.keys().copied().collect();
+            return;
+        }
+        self.reset_epoch(epoch);
+    }
+
+    /// Registers `epoch-1 ..= epoch+1` for every user at once (start, clock jumps).
+    fn reset_epoch(&mut self, epoch: u64) {
         self.epoch = Some(epoch);
         let ids: Vec<u32> = self.users.keys().copied().collect();
-        for id in ids {
-            self.register_tags(UserId(id), epoch);
+        for &id in &ids {
+            self.register_tags(UserId(id), epoch.saturating_sub(1), epoch + 1);
+        }
+        self.prepare_queue = ids;
+    }
+
+    /// Registers epoch `E+2` (and drops `E-2`) for up to `budget` users.
+    fn prepare_next_epoch(&mut self, budget: usize) {
+        let Some(epoch) = self.epoch else { return };
+        for _ in 0..budget {
+            let Some(id) = self.prepare_queue.pop() else {
+                break;
+            };
+            self.register_tags(UserId(id), epoch.saturating_sub(1), epoch + 2);
         }
     }
 
@@ -603,6 +636,9 @@ impl ServerEndpoint {
     ) {
         self.stats.datagrams_in += 1;
         self.advance_epoch(unix_secs);
+        if !self.prepare_queue.is_empty() {
+            self.prepare_next_epoch(PREPARE_BATCH);
+        }
         let Some(head) = data.get(..TOKEN_LEN) else {
             self.stats.dropped_unknown += 1;
             return;
@@ -693,6 +729,11 @@ impl ServerEndpoint {
             return;
         }
         let (user_id, tag_epoch) = (entry.user, entry.epoch);
+        if self.epoch.is_some_and(|e| tag_epoch + 1 < e) {
+            // A tag of an epoch that already left the window (not yet cleaned up).
+            self.stats.dropped_unknown += 1;
+            return;
+        }
         if data.len() < MIN_HELLO || data.len() > MAX_HELLO {
             self.stats.hello_bad += 1;
             return;

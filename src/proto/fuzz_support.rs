@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::endpoint::{
-    ClientConfig, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SessionId,
-    SocketIndex, UserId, UserState,
+    ClientConfig, ClientSession, EndpointEvent, MAX_TAGS_PER_USER, ServerConfig, ServerEndpoint,
+    SessionId, SocketIndex, UserId, UserState,
 };
 use super::handshake::RefuseReason;
 use super::session::SessionConfig;
@@ -282,7 +282,7 @@ pub fn run(data: &[u8]) -> RunSummary {
             "token table exceeds its bound"
         );
         assert!(
-            server.hello_tag_count() <= server.user_count() * 48,
+            server.hello_tag_count() <= server.user_count() * MAX_TAGS_PER_USER,
             "hello tag table exceeds its bound"
         );
         assert!(captured.len() <= MAX_CAPTURED);
