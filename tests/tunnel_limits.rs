@@ -1,7 +1,8 @@
 //! End-to-end tests of what the management side does to live tunnels, with real processes on
 //! loopback: traffic limits (cut exactly, transfer ends, raising the limit lets the client back
 //! in), deleting a user mid-download, and server restarts (graceful: the client recovers by
-//! itself; SIGKILL: counters flushed to the state file survive).
+//! itself; SIGKILL: counters flushed to the state file survive and the client notices the
+//! silent server and reconnects).
 
 #[path = "support/tunnel_harness.rs"]
 mod harness;
@@ -254,5 +255,13 @@ fn counters_flushed_before_sigkill_survive_restart() {
     assert!(
         up >= flushed.0 && down >= flushed.1,
         "flushed {flushed:?}, after SIGKILL + restart {up}/{down}"
+    );
+    // The client was not told: its session is unknown to the new server, which stays silent.
+    // It must notice the silence and reconnect well before the transport's 60 s idle timeout.
+    let back = download_eventually(client.proxy, http, MIB, Duration::from_secs(45));
+    eprintln!("after SIGKILL + restart: first complete download after {back:?}");
+    assert!(
+        back < Duration::from_secs(15),
+        "the client took {back:?} to recover from a crashed server"
     );
 }

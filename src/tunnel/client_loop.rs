@@ -10,6 +10,10 @@
 //!   raised limit or a restarted server is noticed on the next request instead of after the
 //!   backoff. A refusal for the key itself (limit reached, disabled, expired) fails the waiting
 //!   requests at once with "not allowed" instead of letting them wait.
+//! - A connected session that has had unacknowledged data out for [`DEAD_AFTER`] while hearing
+//!   nothing from the server for as long is presumed dead (the server crashed or restarted and
+//!   silently drops packets of sessions it does not know) and is replaced, instead of waiting
+//!   for the transport's idle timeout.
 //! - Every failure produces a log line a user understands.
 
 use std::collections::{HashMap, VecDeque};
@@ -49,6 +53,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Wait after the server closed the session because of the key (limit reached, deleted).
 const KEY_CLOSED_WAIT: Duration = Duration::from_secs(30);
+/// Silence from the server, while data waits for its acknowledgement, that ends a session.
+pub const DEAD_AFTER: Duration = Duration::from_secs(6);
+/// How often connected sessions are checked for that.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// A new local request may trigger a reconnect attempt this long after the slot's last failure.
 pub const DEMAND_RETRY_GAP: Duration = Duration::from_secs(2);
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
@@ -146,6 +154,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
             blocked: None,
             generation: 0,
             readable: false,
+            last_rx: now,
+            checked_rx: now,
+            pto_base: 0,
+            in_flight_since: None,
             announced_failure: false,
         })
         .collect();
@@ -168,6 +180,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         flows: HashMap::new(),
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         jitter: u64::from_le_bytes(jitter_seed) | 1,
+        next_liveness_check: now + LIVENESS_CHECK,
         shutting_down: None,
         connected_once: false,
     };
@@ -208,6 +221,14 @@ struct Slot {
     readable: bool,
     /// The "cannot connect" message was logged for the current outage.
     announced_failure: bool,
+    /// Last datagram from the server.
+    last_rx: Instant,
+    /// `last_rx` at the previous liveness check.
+    checked_rx: Instant,
+    /// The session's probe-timeout count when we last heard from the server.
+    pto_base: u64,
+    /// Since when the session has been waiting for an answer (sampled every LIVENESS_CHECK).
+    in_flight_since: Option<Instant>,
 }
 
 enum LocalState {
@@ -269,6 +290,7 @@ struct ClientLoop {
     flows: HashMap<(usize, Destination), usize>,
     buf: Box<[u8]>,
     jitter: u64,
+    next_liveness_check: Instant,
     shutting_down: Option<Instant>,
     connected_once: bool,
 }
@@ -469,6 +491,10 @@ impl ClientLoop {
                 }
             }
         }
+        if now >= self.next_liveness_check {
+            self.next_liveness_check = now + LIVENESS_CHECK;
+            self.check_liveness(now);
+        }
         // Requests waiting too long for a session.
         let expired: Vec<usize> = self
             .waiting
@@ -575,6 +601,50 @@ impl ClientLoop {
         }
     }
 
+    /// Replaces connected sessions that stopped answering (see [`DEAD_AFTER`]).
+    fn check_liveness(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if slot.state != SlotState::Connected {
+                slot.in_flight_since = None;
+                continue;
+            }
+            let Some(stats) = slot
+                .client
+                .as_mut()
+                .and_then(|c| c.session_mut())
+                .map(|s| s.transport().stats())
+            else {
+                continue;
+            };
+            // Heard from the server since the last check: alive; count probe timeouts from here.
+            if slot.last_rx != slot.checked_rx {
+                slot.checked_rx = slot.last_rx;
+                slot.pto_base = stats.pto_count;
+                slot.in_flight_since = None;
+            }
+            // Waiting for an answer: data in flight, or a probe timeout since we last heard
+            // anything (a timeout moves the in-flight bytes to "lost" until they are resent, so
+            // in-flight alone can read zero between retransmissions).
+            let waiting = stats.bytes_in_flight > 0 || stats.pto_count > slot.pto_base;
+            if !waiting {
+                slot.in_flight_since = None;
+                continue;
+            }
+            let since = *slot.in_flight_since.get_or_insert(now);
+            let silent = now.saturating_duration_since(slot.last_rx);
+            if now.saturating_duration_since(since) >= DEAD_AFTER && silent >= DEAD_AFTER {
+                log::warn!(
+                    "tunnel session {i}: no answer from the server for {} s; reconnecting (the \
+                     server may have restarted)",
+                    silent.as_secs()
+                );
+                slot.announced_failure = true;
+                self.slot_failed(now, i, None);
+            }
+        }
+    }
+
     /// Schedules a reconnect with exponential backoff and ±25 % jitter.
     fn slot_failed(&mut self, now: Instant, i: usize, at_least: Option<Duration>) {
         let r = self.rand();
@@ -586,6 +656,8 @@ impl ClientLoop {
         slot.failed_at = now;
         slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
         slot.state = SlotState::Idle;
+        slot.in_flight_since = None;
+        slot.pto_base = 0;
         slot.client = None;
         slot.streams = 0;
         slot.blocked = None;
@@ -632,7 +704,10 @@ impl ClientLoop {
         };
         for _ in 0..256 {
             match sock.recv(&mut self.buf) {
-                Ok(n) => client.handle_datagram(now, &mut self.buf[..n]),
+                Ok(n) => {
+                    slot.last_rx = now;
+                    client.handle_datagram(now, &mut self.buf[..n]);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     slot.readable = false;
                     return;
