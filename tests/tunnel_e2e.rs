@@ -369,6 +369,19 @@ fn destination_guard_allows_loopback_when_configured() {
         .expect("localhost is allowed with allow_private_destinations");
     let (_, digest, _) = http_get_bytes(&mut s, 1000);
     assert_eq!(digest.len, 1000);
+    // A closed port: the server's connect is refused and the client says so (0x05), promptly.
+    let closed = free_tcp_port();
+    let t = Instant::now();
+    let r = socks5_connect(
+        client.proxy,
+        Target::Ip(SocketAddr::from(([127, 0, 0, 1], closed))),
+    );
+    assert_eq!(r.err(), Some(0x05), "connection refused");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
