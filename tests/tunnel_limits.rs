@@ -265,3 +265,33 @@ fn counters_flushed_before_sigkill_survive_restart() {
         "the client took {back:?} to recover from a crashed server"
     );
 }
+
+#[test]
+fn resetting_counters_lets_a_limited_user_back() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let server = Server::start(ServerSpec::new(&new_key()));
+    let key = server.create_user(Some(2 * MIB));
+    let client = Client::start(server.udp, &key);
+    let mut s = socks5_connect(client.proxy, http_target(http)).unwrap();
+    let (_, d, _) = http_get_bytes(&mut s, 5 * MIB);
+    assert!(d.len < 5 * MIB, "the download must be cut at the limit");
+    let ((up, down), ok) = server.wait_counters(&key, Duration::from_secs(3), |u, d| {
+        u + d >= 2 * MIB - 64 * KIB
+    });
+    assert!(ok && up + down <= 2 * MIB + 256 * KIB, "{up}+{down}");
+
+    let (status, v) = server.api("POST", &format!("/api/users/{key}/reset"), None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["bytes_up"].as_u64(), v["bytes_down"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    let back = download_eventually(client.proxy, http, MIB, Duration::from_secs(40));
+    eprintln!("after resetting the counters: first complete download after {back:?}");
+    assert!(back < Duration::from_secs(10), "took {back:?}");
+    // Only the new download counts now.
+    let ((up, down), ok) = server.wait_counters(&key, Duration::from_secs(3), |_, d| d >= MIB);
+    assert!(ok && up + down < 2 * MIB, "{up}+{down} after the reset");
+}
