@@ -60,6 +60,8 @@ const MAX_UDP: usize = 2048;
 /// Longest wait, after a user reaches its limit, for already-charged bytes to be delivered before
 /// its sessions are closed.
 const LIMIT_DRAIN: Duration = Duration::from_secs(3);
+/// How often draining users are checked (the check walks their sessions).
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
 /// Settings of the server loop beyond `ServerConfig`.
 #[derive(Debug, Clone)]
@@ -155,6 +157,7 @@ pub fn start(
         budgets: HashMap::new(),
         limited: HashMap::new(),
         draining: HashMap::new(),
+        next_drain_check: Instant::now(),
         next_accounting: Instant::now() + ACCOUNTING_INTERVAL,
         blocked_tx: None,
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
@@ -228,6 +231,7 @@ struct ServerLoop {
     limited: HashMap<UserId, ()>,
     /// Users at their limit whose sessions close once delivered (value: the latest close time).
     draining: HashMap<UserId, Instant>,
+    next_drain_check: Instant,
     next_accounting: Instant,
     blocked_tx: Option<BlockedTx>,
     buf: Box<[u8]>,
@@ -420,6 +424,9 @@ impl ServerLoop {
         }
         if let Some(d) = self.shutting_down {
             at = at.min(d);
+        }
+        if !self.draining.is_empty() {
+            at = at.min(self.next_drain_check);
         }
         for d in self.draining.values() {
             at = at.min(*d);
@@ -909,9 +916,10 @@ impl ServerLoop {
     /// Closes the sessions of limited users whose sent data is all acknowledged (or whose drain
     /// time is over).
     fn close_drained(&mut self, now: Instant) {
-        if self.draining.is_empty() {
+        if self.draining.is_empty() || now < self.next_drain_check {
             return;
         }
+        self.next_drain_check = now + DRAIN_CHECK;
         let mut done = Vec::new();
         for (&user, &deadline) in &self.draining {
             let delivered = self
