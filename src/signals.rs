@@ -54,7 +54,9 @@ pub fn install() -> Result<mpsc::Receiver<SignalEvent>, SignalError> {
     // SAFETY: `set` is an initialised sigset_t; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(SignalError(std::io::Error::from_raw_os_error(rc).to_string()));
+        return Err(SignalError(
+            std::io::Error::from_raw_os_error(rc).to_string(),
+        ));
     }
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()

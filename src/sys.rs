@@ -1,5 +1,6 @@
 //! The few socket options the standard library cannot set: `IPV6_V6ONLY` before `bind` (so
-//! `0.0.0.0:P` and `[::]:P` can both be listened on) and larger UDP socket buffers.
+//! `0.0.0.0:P` and `[::]:P` can both be listened on), larger UDP socket buffers, and an abortive
+//! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data).
 //!
 //! `unsafe` is allowed here only: these are plain `libc` FFI calls on a descriptor this module
 //! creates and immediately wraps in an `OwnedFd` (so it is closed on every error path), with
@@ -88,6 +89,27 @@ pub fn grow_udp_buffers(sock: &UdpSocket, bytes: usize) {
     }
 }
 
+/// Makes the next `close` of `sock` send a TCP reset instead of a FIN, so the application on the
+/// other side sees a broken transfer instead of a complete one (used when a tunnel stream is
+/// cut: user deleted, limit reached, session lost). Failures are ignored (a FIN is sent then).
+pub fn reset_on_close(sock: &impl AsRawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `sock` is an open socket for the duration of the call; the value is a `linger`
+    // of the stated size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +130,18 @@ mod tests {
             ),
         }
         grow_udp_buffers(&v4, 1 << 20);
+    }
+
+    #[test]
+    fn reset_on_close_makes_the_peer_see_a_reset() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        reset_on_close(&server);
+        drop(server);
+        let mut buf = [0u8; 8];
+        let err = client.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     }
 }

@@ -91,7 +91,11 @@ impl ClientOptions {
             access_key: cfg.access_key.clone(),
             listen,
             sessions: cfg.session_count() as usize,
-            connector: ConnectorConfig::default(),
+            connector: ConnectorConfig {
+                // Say "no answer from the server" within 10 s rather than 30 s.
+                handshake_timeout: Duration::from_secs(10),
+                ..ConnectorConfig::default()
+            },
         })
     }
 }
@@ -448,7 +452,7 @@ impl ClientLoop {
         if let Some(d) = self.shutting_down {
             at = at.min(d);
         }
-        Some(at.saturating_duration_since(now))
+        Some(super::poll_wait(at, now))
     }
 
     fn drain_control(&mut self, now: Instant) {
@@ -1278,6 +1282,13 @@ impl ClientLoop {
             return;
         };
         let _ = self.poll.registry().deregister(&mut l.sock);
+        // A transfer cut short (tunnel lost, stream reset, user cut off) must not look complete
+        // to the application: close with a reset instead of a FIN.
+        if matches!(l.state, LocalState::Piping { .. })
+            && !l.pipe.as_ref().is_some_and(|p| p.is_done())
+        {
+            crate::sys::reset_on_close(&l.sock);
+        }
         let stream = match l.state {
             LocalState::Opening { slot, stream, .. } => Some((slot, stream)),
             LocalState::Piping { slot } => l.pipe.as_ref().map(|p| (slot, p.stream)),

@@ -48,3 +48,15 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// How long an event loop may sleep until a timer due at `at`. epoll sleeps in whole
+/// milliseconds (mio rounds up), so a timer less than a millisecond away (pacing, ACK delay) is
+/// served by polling without sleeping instead of oversleeping by up to a millisecond.
+pub fn poll_wait(at: std::time::Instant, now: std::time::Instant) -> std::time::Duration {
+    let wait = at.saturating_duration_since(now);
+    if wait < std::time::Duration::from_millis(1) {
+        std::time::Duration::ZERO
+    } else {
+        wait
+    }
+}

@@ -431,7 +431,7 @@ impl ServerLoop {
         for d in self.draining.values() {
             at = at.min(*d);
         }
-        Some(at.saturating_duration_since(now))
+        Some(super::poll_wait(at, now))
     }
 
     /// Applies control messages; returns true when the loop must stop at once.
@@ -972,6 +972,10 @@ impl ServerLoop {
         if let Some(mut o) = self.outbound.remove(idx) {
             if let Some(mut s) = o.sock.take() {
                 let _ = self.poll.registry().deregister(&mut s);
+                if !o.pipe.is_done() {
+                    // Cut short: the destination must see a reset, not a clean end of data.
+                    crate::sys::reset_on_close(&s);
+                }
             }
             self.streams.remove(&(o.session, o.stream));
         }
