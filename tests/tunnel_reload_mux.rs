@@ -1,0 +1,139 @@
+//! Real processes on loopback: SIGHUP reloads config.json (keys added and removed, limits changed)
+//! without dropping live sessions or counters, and a client with `mux.sessions = N` spreads its
+//! streams over N sessions.
+
+#[path = "support/tunnel_harness.rs"]
+mod harness;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use harness::*;
+use serde_json::{Value, json};
+
+fn download(proxy: SocketAddr, http: u16, n: u64) -> Digest {
+    let mut s = socks5_connect(proxy, Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))))
+        .unwrap_or_else(|code| panic!("SOCKS5 reply {code:#x}"));
+    let (_, d, e) = http_get_bytes(&mut s, n);
+    assert!(e.is_none(), "download failed: {e:?}");
+    assert_eq!(d.len, n);
+    d
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn user_keys(server: &Server) -> Vec<String> {
+    let (status, v) = server.api("GET", "/api/users", None);
+    assert_eq!(status, 200, "{v}");
+    v["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn sighup_reloads_keys_and_limits_without_dropping_sessions_or_counters() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let kept = new_key();
+    let removed = new_key();
+    let mut spec = ServerSpec::new(&kept);
+    spec.config_keys.push((removed.clone(), None));
+    let server = Server::start(spec);
+    let api_user = server.create_user(None);
+    let client = Client::start(server.udp, &kept);
+
+    let n = 1_000_000;
+    let want = expected_sum(http, n);
+    assert_eq!(download(client.proxy, http, n).fnv, want);
+    let ((_, down), ok) = server.wait_counters(&kept, Duration::from_secs(5), |_, d| d >= n);
+    assert!(ok, "counters never reached the download: {down}");
+    let before = server.user(&kept);
+
+    // Rewrite config.json: `kept` gets a limit and a name, `removed` goes, `added` arrives.
+    let added = new_key();
+    let path = server.dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["access_keys"] = json!([
+        {"key": kept, "name": "kept", "limit_bytes": 1_000_000_000u64},
+        added,
+    ]);
+    cfg["log_level"] = json!("debug");
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let from = server.proc.line_count();
+    server.proc.signal("HUP");
+    server
+        .proc
+        .wait_line_from(from, Duration::from_secs(10), |l| l.contains("reloaded"))
+        .unwrap_or_else(|| panic!("no reload line:\n{}", server.proc.log_text()));
+
+    let keys = user_keys(&server);
+    assert!(
+        keys.contains(&kept) && keys.contains(&added) && keys.contains(&api_user),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.contains(&removed),
+        "a key removed from config.json must go: {keys:?}"
+    );
+    let after = server.user(&kept);
+    assert_eq!(after["limit_bytes"], 1_000_000_000u64, "{after}");
+    assert_eq!(after["name"], "kept", "{after}");
+    assert_eq!(
+        after["bytes_down"], before["bytes_down"],
+        "counters must survive a reload"
+    );
+    assert_eq!(after["connections"], before["connections"]);
+    assert_eq!(
+        after["online_sessions"], 1,
+        "the live session must survive: {after}"
+    );
+
+    // The same session keeps working (no reconnect: `connections` does not move).
+    assert_eq!(download(client.proxy, http, n).fnv, want);
+    assert_eq!(server.user(&kept)["connections"], before["connections"]);
+    // The new key works at once.
+    let client2 = Client::start(server.udp, &added);
+    assert_eq!(download(client2.proxy, http, n).fnv, want);
+}
+
+#[test]
+fn mux_keeps_n_sessions_and_carries_parallel_streams() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let client = Client::spawn(
+        server.udp,
+        &key,
+        json!({"mux": {"enabled": true, "sessions": 3}}),
+    );
+    wait_for("3 sessions", Duration::from_secs(20), || {
+        server.user(&key)["online_sessions"] == 3
+    });
+    let n = 2_000_000;
+    let want = expected_sum(http, n);
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let proxy = client.proxy;
+            std::thread::spawn(move || download(proxy, http, n).fnv)
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), want);
+    }
+    let u = server.user(&key);
+    assert_eq!(u["connections"], 3, "{u}");
+    assert_eq!(u["online_sessions"], 3, "{u}");
+}
