@@ -59,6 +59,12 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(6);
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// A new local request may trigger a reconnect attempt this long after the slot's last failure.
 pub const DEMAND_RETRY_GAP: Duration = Duration::from_secs(2);
+/// The same gap after an authenticated refusal (limit reached, key disabled). Every hello the
+/// server answers uses one of the key's 16 single-use hello tags of the current 2-minute epoch
+/// (see docs/PROTOCOL.md §3.1), so a client that keeps being refused must not spend them all:
+/// at one attempt per 10 s it spends at most 12 per epoch and can still connect the moment the
+/// operator raises the limit.
+pub const REFUSED_RETRY_GAP: Duration = Duration::from_secs(10);
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
@@ -149,8 +155,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     let slots = (0..options.sessions.max(1))
         .map(|i| Slot {
             state: SlotState::Idle,
-            next_attempt: now + Duration::from_millis(20 * i as u64),
+            // Stagger the first handshakes a little (many sessions must not burst at once).
+            next_attempt: now + Duration::from_millis(2 * i as u64),
             failed_at: now,
+            refused: false,
             backoff: BACKOFF_MIN,
             sock: None,
             client: None,
@@ -215,6 +223,8 @@ struct Slot {
     next_attempt: Instant,
     /// When the slot last failed (limits demand-driven retries).
     failed_at: Instant,
+    /// The last attempt ended in an authenticated refusal.
+    refused: bool,
     backoff: Duration,
     sock: Option<UdpSocket>,
     client: Option<ClientSession>,
@@ -658,6 +668,7 @@ impl ClientLoop {
         let delay = base * jitter_pct as u32 / 100;
         slot.next_attempt = now + delay;
         slot.failed_at = now;
+        slot.refused = false;
         slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
         slot.state = SlotState::Idle;
         slot.in_flight_since = None;
@@ -794,6 +805,7 @@ impl ClientLoop {
                         i,
                         Some(Duration::from_secs(u64::from(retry_after_secs).max(1))),
                     );
+                    self.slots[i].refused = true;
                     let about_key = matches!(
                         reason,
                         RefuseReason::QuotaExceeded
@@ -1179,7 +1191,12 @@ impl ClientLoop {
         }
         for slot in &mut self.slots {
             if slot.state == SlotState::Idle {
-                let earliest = (slot.failed_at + DEMAND_RETRY_GAP).max(now);
+                let gap = if slot.refused {
+                    REFUSED_RETRY_GAP
+                } else {
+                    DEMAND_RETRY_GAP
+                };
+                let earliest = (slot.failed_at + gap).max(now);
                 slot.next_attempt = slot.next_attempt.min(earliest);
             }
         }

@@ -17,7 +17,7 @@ use std::net::Shutdown;
 use crate::proto::transport::{ResetReason, StreamError, StreamId, Transport};
 
 /// Bytes buffered per direction per connection.
-pub const PIPE_BUF: usize = 32 * 1024;
+pub const PIPE_BUF: usize = 16 * 1024;
 
 /// A fixed buffer with a consumed prefix.
 struct Chunk {
@@ -27,9 +27,9 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new() -> Self {
+    fn new(capacity: usize) -> Self {
         Chunk {
-            buf: vec![0u8; PIPE_BUF].into_boxed_slice(),
+            buf: vec![0u8; capacity].into_boxed_slice(),
             start: 0,
             end: 0,
         }
@@ -114,14 +114,15 @@ impl Pipe {
     /// A pipe for `stream`; `early` bytes (already received from the socket's side) are sent
     /// into the stream first.
     pub fn new(stream: StreamId, early: &[u8]) -> Pipe {
-        let mut to_stream = Chunk::new();
+        // Early data (e.g. a forwarded HTTP request head) may exceed one buffer; never cut it.
+        let mut to_stream = Chunk::new(PIPE_BUF.max(early.len()));
         if !early.is_empty() {
             to_stream.fill_from(early);
         }
         Pipe {
             stream,
             to_stream,
-            to_socket: Chunk::new(),
+            to_socket: Chunk::new(PIPE_BUF),
             sock_eof: false,
             fin_sent: false,
             stream_eof: false,
