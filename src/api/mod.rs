@@ -135,7 +135,7 @@ pub fn start_with_limits(
     log::info!(
         "api: listening on http://{local_addr} ({auth_text}; at most {} connections, {} relays + {} tiny_http workers)",
         limits.max_connections,
-        limits.max_connections,
+        limits.workers,
         limits.workers
     );
     Ok(ApiHandle { front, backend })

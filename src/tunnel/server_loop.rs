@@ -55,6 +55,10 @@ const ACCOUNTING_INTERVAL: Duration = Duration::from_secs(1);
 const RECV_BATCH: usize = 256;
 /// How long a graceful shutdown waits for CLOSE packets to leave.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
+/// Send buffer per stream on the server (see [`LoopOptions::from_config`]).
+pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
+/// Send buffer per session on the server (all streams together).
+pub const SERVER_SESSION_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// Largest UDP datagram handled.
 const MAX_UDP: usize = 2048;
 /// Longest wait, after a user reaches its limit, for already-charged bytes to be delivered before
@@ -71,11 +75,17 @@ pub struct LoopOptions {
 
 impl LoopOptions {
     pub fn from_config(cfg: &ServerConfig) -> Self {
-        let endpoint = EndpointConfig {
+        let mut endpoint = EndpointConfig {
             max_sessions: cfg.max_sessions as usize,
             max_sessions_per_user: cfg.max_sessions_per_user as usize,
             ..EndpointConfig::default()
         };
+        // The server's send side holds what destinations deliver faster than the tunnel carries
+        // it. 2 MiB per stream keeps a lossy 100 Mbit/s × 50 ms path full (1 MiB measured 20-30 %
+        // less goodput at 1-5 % loss); capping the whole session at 2 MiB as well halves the
+        // server's peak memory with 32 bulk streams (30 → 18 MB measured).
+        endpoint.session.transport.send_buffer = SERVER_STREAM_SEND_BUFFER;
+        endpoint.session.transport.session_send_buffer = SERVER_SESSION_SEND_BUFFER;
         LoopOptions { endpoint }
     }
 }
