@@ -59,12 +59,12 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(6);
 const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// A new local request may trigger a reconnect attempt this long after the slot's last failure.
 pub const DEMAND_RETRY_GAP: Duration = Duration::from_secs(2);
-/// The same gap after an authenticated refusal (limit reached, key disabled). Every hello the
-/// server answers uses one of the key's 16 single-use hello tags of the current 2-minute epoch
-/// (see docs/PROTOCOL.md §3.1), so a client that keeps being refused must not spend them all:
-/// at one attempt per 10 s it spends at most 12 per epoch and can still connect the moment the
-/// operator raises the limit.
-pub const REFUSED_RETRY_GAP: Duration = Duration::from_secs(10);
+/// After authenticated refusals (limit reached, key disabled) the gap doubles with each
+/// consecutive refusal, from [`DEMAND_RETRY_GAP`] up to this. Every hello the server answers uses
+/// one of the key's 16 single-use hello tags of the current 2-minute epoch (docs/PROTOCOL.md
+/// §3.1): doubling to 16 s spends at most about 10 per epoch however often applications retry,
+/// while a limit raised soon after it was hit is noticed within a few seconds.
+pub const REFUSED_RETRY_GAP_MAX: Duration = Duration::from_secs(16);
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
@@ -158,7 +158,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
             // Stagger the first handshakes a little (many sessions must not burst at once).
             next_attempt: now + Duration::from_millis(2 * i as u64),
             failed_at: now,
-            refused: false,
+            refusals: 0,
             backoff: BACKOFF_MIN,
             sock: None,
             client: None,
@@ -223,8 +223,8 @@ struct Slot {
     next_attempt: Instant,
     /// When the slot last failed (limits demand-driven retries).
     failed_at: Instant,
-    /// The last attempt ended in an authenticated refusal.
-    refused: bool,
+    /// Consecutive attempts that ended in an authenticated refusal.
+    refusals: u32,
     backoff: Duration,
     sock: Option<UdpSocket>,
     client: Option<ClientSession>,
@@ -668,7 +668,6 @@ impl ClientLoop {
         let delay = base * jitter_pct as u32 / 100;
         slot.next_attempt = now + delay;
         slot.failed_at = now;
-        slot.refused = false;
         slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
         slot.state = SlotState::Idle;
         slot.in_flight_since = None;
@@ -775,6 +774,7 @@ impl ClientLoop {
                     let slot = &mut self.slots[i];
                     slot.state = SlotState::Connected;
                     slot.backoff = BACKOFF_MIN;
+                    slot.refusals = 0;
                     if slot.announced_failure || !self.connected_once {
                         log::info!("tunnel session {i} connected to {}", self.options.server);
                     } else {
@@ -805,7 +805,8 @@ impl ClientLoop {
                         i,
                         Some(Duration::from_secs(u64::from(retry_after_secs).max(1))),
                     );
-                    self.slots[i].refused = true;
+                    let slot = &mut self.slots[i];
+                    slot.refusals = slot.refusals.saturating_add(1);
                     let about_key = matches!(
                         reason,
                         RefuseReason::QuotaExceeded
@@ -1191,10 +1192,10 @@ impl ClientLoop {
         }
         for slot in &mut self.slots {
             if slot.state == SlotState::Idle {
-                let gap = if slot.refused {
-                    REFUSED_RETRY_GAP
-                } else {
+                let gap = if slot.refusals == 0 {
                     DEMAND_RETRY_GAP
+                } else {
+                    (DEMAND_RETRY_GAP * (1 << slot.refusals.min(4)) / 2).min(REFUSED_RETRY_GAP_MAX)
                 };
                 let earliest = (slot.failed_at + gap).max(now);
                 slot.next_attempt = slot.next_attempt.min(earliest);
