@@ -41,13 +41,8 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
 /// Kernel buffer requested for tunnel UDP sockets.
 pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
-/// Wall-clock unix seconds (0 before 1970).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+/// Wall-clock unix seconds (0 before 1970); the one clock read shared with the user table.
+pub use crate::users::now_unix as unix_now;
 
 /// How long an event loop may sleep until a timer due at `at`. epoll sleeps in whole
 /// milliseconds (mio rounds up), so a timer less than a millisecond away (pacing, ACK delay) is
