@@ -74,3 +74,46 @@ fn client_from_the_subscribe_url_carries_traffic() {
         "{err}"
     );
 }
+
+/// The server listens on IPv4 and IPv6 loopback at once (the IPv6 socket is v6-only), and a
+/// client reaching it over IPv6 (with its proxy on `[::1]`) carries traffic.
+#[test]
+fn ipv6_server_address_and_dual_listen() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this host has no IPv6 loopback");
+        return;
+    }
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let key = new_key();
+    let dir = TempDir::new("v6");
+    let port = free_udp_port();
+    let cfg = serde_json::json!({
+        "mode": "server",
+        "listen": [format!("127.0.0.1:{port}"), format!("[::1]:{port}")],
+        "access_keys": [key],
+        "allow_private_destinations": true,
+        "state_file": "state.json",
+    });
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ostp"));
+    cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
+    let server = Proc::spawn("v6-server", cmd);
+    server
+        .wait_line(Duration::from_secs(20), |l| l.contains("tunnel on udp"))
+        .unwrap_or_else(|| panic!("server did not start:\n{}", server.log_text()));
+    for (server_addr, bind) in [
+        (format!("[::1]:{port}"), "[::1]:0"),
+        (format!("127.0.0.1:{port}"), "127.0.0.1:0"),
+    ] {
+        let link = format!("ostp://{key}@{server_addr}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ostp"));
+        cmd.arg(&link)
+            .args(["--socks5-bind", bind])
+            .env_remove("RUST_LOG");
+        let client = Proc::spawn("v6-client", cmd);
+        let proxy = proxy_of(&client);
+        download_through(&client, proxy, http);
+    }
+}
