@@ -84,7 +84,32 @@ impl Drop for Backend {
     }
 }
 
+/// Removes `ostp-api-*` directories in `parent` left behind by servers that were killed
+/// (`kill -9` cannot clean up): only those whose `api.sock` exists but refuses connections.
+/// Live servers' directories (and half-created ones without a socket yet) are kept.
+fn remove_stale_dirs(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("ostp-api-") {
+            continue;
+        }
+        let socket = entry.path().join("api.sock");
+        if !socket.exists() {
+            continue;
+        }
+        if let Err(e) = UnixStream::connect(&socket) {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 fn private_dir() -> io::Result<PathBuf> {
+    remove_stale_dirs(&std::env::temp_dir());
     let mut b = [0u8; 8];
     keys::fill_random(&mut b).map_err(io::Error::other)?;
     let dir = std::env::temp_dir().join(format!("ostp-api-{}", keys::to_hex(&b)));
@@ -237,6 +262,26 @@ fn try_relay(socket: &Path, request: &Request) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_socket_dirs_are_removed_live_ones_kept() {
+        let parent = std::env::temp_dir().join(format!("ostp-stale-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        std::fs::create_dir_all(&parent).unwrap();
+        let stale = parent.join("ostp-api-stale");
+        let live = parent.join("ostp-api-live");
+        let half = parent.join("ostp-api-half");
+        for d in [&stale, &live, &half] {
+            std::fs::create_dir(d).unwrap();
+        }
+        drop(UnixListener::bind(stale.join("api.sock")).unwrap());
+        let _keep = UnixListener::bind(live.join("api.sock")).unwrap();
+        remove_stale_dirs(&parent);
+        assert!(!stale.exists(), "a dead server's directory must go");
+        assert!(live.exists(), "a live server's directory must stay");
+        assert!(half.exists(), "a directory without a socket yet must stay");
+        let _ = std::fs::remove_dir_all(&parent);
+    }
     use crate::api::http::parse_head;
 
     #[test]
