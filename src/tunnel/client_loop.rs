@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::driver::ticket::{Ticket, TicketKind};
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
 use super::resolver::{Lookup, Resolver};
@@ -489,8 +490,12 @@ impl ClientLoop {
             {
                 slot.state = SlotState::Resolving;
                 slot.generation = slot.generation.wrapping_add(1);
-                let token = ((slot.generation as u64) << 32) | i as u64;
-                match self.resolver.lookup(token, &self.host, self.port) {
+                let ticket = Ticket {
+                    kind: TicketKind::ServerName,
+                    index: i,
+                    serial: u64::from(slot.generation),
+                };
+                match self.resolver.lookup(ticket, &self.host, self.port) {
                     Ok(Lookup::Ready(addr)) => self.connect_slot(now, i, addr),
                     Ok(Lookup::Pending) => {}
                     Err(e) => {
@@ -538,12 +543,11 @@ impl ClientLoop {
 
     fn drain_resolver(&mut self, now: Instant) {
         while let Some(r) = self.resolver.try_recv() {
-            let i = (r.token & 0xffff_ffff) as usize;
-            let generation = (r.token >> 32) as u32;
-            let ok = self
-                .slots
-                .get(i)
-                .is_some_and(|s| s.generation == generation && s.state == SlotState::Resolving);
+            let i = r.ticket.index;
+            let ok = r.ticket.kind == TicketKind::ServerName
+                && self.slots.get(i).is_some_and(|s| {
+                    u64::from(s.generation) == r.ticket.serial && s.state == SlotState::Resolving
+                });
             if !ok {
                 continue;
             }

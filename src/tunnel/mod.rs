@@ -19,6 +19,7 @@
 
 pub mod client_loop;
 pub mod dest_guard;
+pub mod driver;
 pub mod pipe;
 pub mod proxy_front;
 pub mod resolver;
@@ -44,14 +45,4 @@ pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Wall-clock unix seconds (0 before 1970); the one clock read shared with the user table.
 pub use crate::users::now_unix as unix_now;
 
-/// How long an event loop may sleep until a timer due at `at`. epoll sleeps in whole
-/// milliseconds (mio rounds up), so a timer less than a millisecond away (pacing, ACK delay) is
-/// served by polling without sleeping instead of oversleeping by up to a millisecond.
-pub fn poll_wait(at: std::time::Instant, now: std::time::Instant) -> std::time::Duration {
-    let wait = at.saturating_duration_since(now);
-    if wait < std::time::Duration::from_millis(1) {
-        std::time::Duration::ZERO
-    } else {
-        wait
-    }
-}
+pub use driver::core::poll_wait;

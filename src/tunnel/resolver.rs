@@ -4,9 +4,9 @@
 //!
 //! - [`Resolver::lookup`] never blocks: IP literals are answered immediately (fast path, no thread
 //!   involved); a full queue is an immediate [`SubmitError::QueueFull`].
-//! - Each request carries a caller token (`u64`) returned with its [`Resolved`] result.
+//! - Each request carries the caller's [`Ticket`], returned unchanged with its [`Resolved`] result.
 //! - There is no per-request timeout here: `getaddrinfo` cannot be cancelled. The caller keeps its
-//!   own deadline per token and ignores late results.
+//!   own deadline per ticket and ignores late results (a ticket names one incarnation of its owner).
 //! - Memory is bounded: at most `queue_capacity` queued requests, one in flight per thread, and
 //!   `queue_capacity + threads` undelivered results (workers wait when the loop does not drain).
 //! - [`Resolver::shutdown`] (also run on drop) closes the queue and joins the threads; a thread
@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 
 use mio::Waker;
 
+use super::driver::ticket::Ticket;
 use super::target::{MAX_DOMAIN_LEN, TargetAddr};
 
 /// Most addresses kept from one lookup.
@@ -67,11 +68,11 @@ impl fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
-/// The outcome of a pooled lookup, tagged with the caller's token.
+/// The outcome of a pooled lookup, tagged with the caller's ticket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
-    /// The token given to [`Resolver::lookup`].
-    pub token: u64,
+    /// The ticket given to [`Resolver::lookup`].
+    pub ticket: Ticket,
     /// Addresses in system-resolver order (at most [`MAX_ADDRESSES`]), or why there are none.
     pub result: Result<Vec<SocketAddr>, ResolveError>,
 }
@@ -81,12 +82,12 @@ pub struct Resolved {
 pub enum Lookup {
     /// The host was an IP literal: here is the address, nothing was queued.
     Ready(SocketAddr),
-    /// Queued; a [`Resolved`] with the same token will arrive via [`Resolver::try_recv`].
+    /// Queued; a [`Resolved`] with the same ticket will arrive via [`Resolver::try_recv`].
     Pending,
 }
 
 struct Job {
-    token: u64,
+    ticket: Ticket,
     host: String,
     port: u16,
 }
@@ -150,13 +151,13 @@ impl Resolver {
 
     /// Resolves `host:port`. IP literals (bare or bracketed IPv6) are answered at once; names are
     /// queued for the pool. Never blocks.
-    pub fn lookup(&self, token: u64, host: &str, port: u16) -> Result<Lookup, SubmitError> {
+    pub fn lookup(&self, ticket: Ticket, host: &str, port: u16) -> Result<Lookup, SubmitError> {
         if let Some(ip) = ip_literal(host) {
             return Ok(Lookup::Ready(SocketAddr::new(ip, port)));
         }
         let jobs = self.jobs.as_ref().ok_or(SubmitError::ShutDown)?;
         let job = Job {
-            token,
+            ticket,
             host: host.to_owned(),
             port,
         };
@@ -168,10 +169,14 @@ impl Resolver {
     }
 
     /// [`Self::lookup`] for a [`TargetAddr`] (IP targets are answered at once).
-    pub fn lookup_target(&self, token: u64, target: &TargetAddr) -> Result<Lookup, SubmitError> {
+    pub fn lookup_target(
+        &self,
+        ticket: Ticket,
+        target: &TargetAddr,
+    ) -> Result<Lookup, SubmitError> {
         match target {
             TargetAddr::Ip(addr) => Ok(Lookup::Ready(*addr)),
-            TargetAddr::Domain(name, port) => self.lookup(token, name, *port),
+            TargetAddr::Domain(name, port) => self.lookup(ticket, name, *port),
         }
     }
 
@@ -232,7 +237,7 @@ fn worker(
         let result = resolve_blocking(&job.host, job.port);
         if results
             .send(Resolved {
-                token: job.token,
+                ticket: job.ticket,
                 result,
             })
             .is_err()
@@ -292,10 +297,19 @@ fn classify_error(e: &io::Error) -> ResolveError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::driver::ticket::TicketKind;
     use mio::{Events, Poll, Token};
     use std::time::{Duration, Instant};
 
     const WAKE: Token = Token(7);
+
+    fn t(serial: u64) -> Ticket {
+        Ticket {
+            kind: TicketKind::Outbound,
+            index: 0,
+            serial,
+        }
+    }
 
     fn pool(threads: usize, capacity: usize) -> (Poll, Resolver) {
         let poll = Poll::new().unwrap();
@@ -325,25 +339,25 @@ mod tests {
     fn ip_literals_take_the_fast_path() {
         let (_poll, resolver) = pool(1, 1);
         assert_eq!(
-            resolver.lookup(1, "127.0.0.1", 80),
+            resolver.lookup(t(1), "127.0.0.1", 80),
             Ok(Lookup::Ready("127.0.0.1:80".parse().unwrap()))
         );
         assert_eq!(
-            resolver.lookup(2, "[::1]", 443),
+            resolver.lookup(t(2), "[::1]", 443),
             Ok(Lookup::Ready("[::1]:443".parse().unwrap()))
         );
         assert_eq!(
-            resolver.lookup(3, "2001:db8::1", 1),
+            resolver.lookup(t(3), "2001:db8::1", 1),
             Ok(Lookup::Ready("[2001:db8::1]:1".parse().unwrap()))
         );
         let target = TargetAddr::Domain("10.1.2.3".into(), 5);
         assert_eq!(
-            resolver.lookup_target(4, &target),
+            resolver.lookup_target(t(4), &target),
             Ok(Lookup::Ready("10.1.2.3:5".parse().unwrap())),
             "a domain-typed IP literal still skips the pool"
         );
         assert_eq!(
-            resolver.lookup_target(5, &TargetAddr::Ip("[::2]:7".parse().unwrap())),
+            resolver.lookup_target(t(5), &TargetAddr::Ip("[::2]:7".parse().unwrap())),
             Ok(Lookup::Ready("[::2]:7".parse().unwrap()))
         );
         assert_eq!(resolver.try_recv(), None);
@@ -352,9 +366,18 @@ mod tests {
     #[test]
     fn localhost_resolves_and_waker_fires() {
         let (mut poll, resolver) = pool(2, 4);
-        assert_eq!(resolver.lookup(42, "localhost", 8080), Ok(Lookup::Pending));
+        // The ticket comes back whole: serials past the old 32-bit generation packing included.
+        let ticket = Ticket {
+            kind: TicketKind::Relay,
+            index: 3,
+            serial: u64::from(u32::MAX) + 1,
+        };
+        assert_eq!(
+            resolver.lookup(ticket, "localhost", 8080),
+            Ok(Lookup::Pending)
+        );
         let results = collect(&mut poll, &resolver, 1);
-        assert_eq!(results[0].token, 42);
+        assert_eq!(results[0].ticket, ticket);
         let addrs = results[0].result.clone().expect("localhost resolves");
         assert!(!addrs.is_empty());
         assert!(
@@ -369,12 +392,12 @@ mod tests {
     fn garbage_names_error() {
         let (mut poll, resolver) = pool(2, 4);
         // `.invalid` is reserved (RFC 2606) and never resolves.
-        resolver.lookup(1, "no-such-host.invalid", 80).unwrap();
-        resolver.lookup(2, "bad..name", 80).unwrap();
+        resolver.lookup(t(1), "no-such-host.invalid", 80).unwrap();
+        resolver.lookup(t(2), "bad..name", 80).unwrap();
         let mut results = collect(&mut poll, &resolver, 2);
-        results.sort_by_key(|r| r.token);
-        assert_eq!(results[0].token, 1);
-        assert_eq!(results[1].token, 2);
+        results.sort_by_key(|r| r.ticket.serial);
+        assert_eq!(results[0].ticket, t(1));
+        assert_eq!(results[1].ticket, t(2));
         for r in &results {
             assert!(r.result.is_err(), "{r:?}");
         }
@@ -393,7 +416,7 @@ mod tests {
         let mut accepted = 0;
         let mut refused = 0;
         for token in 0..50 {
-            match resolver.lookup(token, "localhost", 1) {
+            match resolver.lookup(t(token), "localhost", 1) {
                 Ok(Lookup::Pending) => accepted += 1,
                 Err(SubmitError::QueueFull) => refused += 1,
                 other => panic!("unexpected {other:?}"),
@@ -413,12 +436,12 @@ mod tests {
         resolver.shutdown();
         assert!(resolver.threads.is_empty());
         assert_eq!(
-            resolver.lookup(9, "localhost", 1),
+            resolver.lookup(t(9), "localhost", 1),
             Err(SubmitError::ShutDown)
         );
         // Literals still work after shutdown (no thread needed).
         assert!(matches!(
-            resolver.lookup(9, "1.2.3.4", 1),
+            resolver.lookup(t(9), "1.2.3.4", 1),
             Ok(Lookup::Ready(_))
         ));
     }

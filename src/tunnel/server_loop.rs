@@ -18,19 +18,22 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mio::Interest;
 use mio::net::{TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::dest_guard::DestGuard;
+use super::driver;
+use super::driver::core::{LoopCore, LoopThread};
+use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
+use super::driver::token::Tok;
+use super::driver::udp::{self, RECV_BATCH, SendOutcome, UdpTx};
 use super::pipe::{Moved, Pipe, PipeEnd};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
-use super::udp_relay::{RelayPool, RelayToken};
+use super::udp_relay::RelayPool;
 use super::{bind_udp, unix_now};
 use crate::config::ServerConfig;
 use crate::control::{ControlMsg, ControlSender};
@@ -44,15 +47,10 @@ use crate::proto::{
 };
 use crate::users::{Budget, SharedUsers, UserId};
 
-const WAKER: Token = Token(usize::MAX);
-const OUT_BASE: usize = 1 << 20;
-const RELAY_BASE: usize = 1 << 29;
 /// Outbound connect timeout (resolution included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often counters are added to the user table.
 const ACCOUNTING_INTERVAL: Duration = Duration::from_secs(1);
-/// Datagrams taken from one socket before other work gets a turn.
-const RECV_BATCH: usize = 256;
 /// How long a graceful shutdown waits for CLOSE packets to leave.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 /// Send buffer per stream on the server (see [`LoopOptions::from_config`]).
@@ -95,16 +93,14 @@ pub struct ServerLoopHandle {
     pub control: ControlSender,
     /// The UDP addresses actually bound (port 0 resolved).
     pub local_addrs: Vec<SocketAddr>,
-    thread: Option<JoinHandle<()>>,
+    thread: LoopThread,
 }
 
 impl ServerLoopHandle {
     /// Tells clients the server is going away, flushes counters into the table and joins.
     pub fn shutdown(mut self) {
         self.control.send(ControlMsg::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.join();
     }
 }
 
@@ -126,34 +122,31 @@ pub fn start(
     users: SharedUsers,
     options: LoopOptions,
 ) -> Result<ServerLoopHandle, StartError> {
-    let poll = Poll::new().map_err(|e| StartError(format!("cannot create the event loop: {e}")))?;
-    let waker = Arc::new(
-        Waker::new(poll.registry(), WAKER)
-            .map_err(|e| StartError(format!("cannot create the loop waker: {e}")))?,
-    );
+    let core =
+        LoopCore::new().map_err(|e| StartError(format!("cannot create the event loop: {e}")))?;
     let mut sockets = Vec::new();
     let mut local_addrs = Vec::new();
     for (i, addr) in cfg.listen.iter().enumerate() {
         let mut sock =
             bind_udp(*addr).map_err(|e| StartError(format!("cannot listen on udp {addr}: {e}")))?;
         let local = sock.local_addr().map_err(|e| StartError(e.to_string()))?;
-        poll.registry()
-            .register(&mut sock, Token(i), Interest::READABLE)
+        core.registry()
+            .register(&mut sock, Tok::Udp(i).token(), Interest::READABLE)
             .map_err(|e| StartError(e.to_string()))?;
         local_addrs.push(local);
         sockets.push(sock);
     }
-    let resolver = Resolver::new(4, 256, waker.clone())
+    let resolver = Resolver::new(4, 256, core.waker.clone())
         .map_err(|e| StartError(format!("cannot start DNS threads: {e}")))?;
-    let (control, control_rx) = ControlSender::channel(Some(waker));
+    let (control, control_rx) = core.control_channel();
     let mut seed = [0u8; 32];
     keys::fill_random(&mut seed).map_err(|e| StartError(e.to_string()))?;
     let endpoint = ServerEndpoint::new(options.endpoint, seed);
     let guard = DestGuard::new(cfg.allow_private_destinations);
     let mut lp = ServerLoop {
-        poll,
+        core,
+        udp_readable: vec![false; sockets.len()],
         sockets,
-        udp_readable: Vec::new(),
         endpoint,
         users,
         control_rx,
@@ -162,28 +155,26 @@ pub fn start(
         outbound: Slab::new(),
         streams: HashMap::new(),
         sessions: HashMap::new(),
-        relays: RelayPool::new(RELAY_BASE),
+        relays: RelayPool::new(),
+        relays_readable: Vec::new(),
         pending_traffic: HashMap::new(),
         budgets: HashMap::new(),
         limited: HashMap::new(),
         draining: HashMap::new(),
         next_drain_check: Instant::now(),
         next_accounting: Instant::now() + ACCOUNTING_INTERVAL,
-        blocked_tx: None,
+        udp_tx: UdpTx::new(),
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
-        generation: 0,
+        tickets: TicketIssuer::new(),
     };
-    lp.udp_readable = vec![false; lp.sockets.len()];
     lp.load_users();
-    let thread = std::thread::Builder::new()
-        .name("ostp-tunnel".into())
-        .spawn(move || lp.run())
+    let thread = LoopThread::spawn("ostp-tunnel", move || lp.run())
         .map_err(|e| StartError(format!("cannot start the tunnel thread: {e}")))?;
     Ok(ServerLoopHandle {
         control,
         local_addrs,
-        thread: Some(thread),
+        thread,
     })
 }
 
@@ -198,7 +189,8 @@ struct Outbound {
     session: SessionId,
     user: UserId,
     stream: StreamId,
-    generation: u32,
+    /// The lookup this connection waits for (`Resolving` only).
+    ticket: Option<Ticket>,
     state: OutState,
     sock: Option<TcpStream>,
     pipe: Pipe,
@@ -213,15 +205,8 @@ struct SessionInfo {
     outbound: Vec<usize>,
 }
 
-struct BlockedTx {
-    local: usize,
-    to: SocketAddr,
-    len: usize,
-    bytes: Box<[u8]>,
-}
-
 struct ServerLoop {
-    poll: Poll,
+    core: LoopCore,
     sockets: Vec<UdpSocket>,
     udp_readable: Vec<bool>,
     endpoint: ServerEndpoint,
@@ -233,6 +218,8 @@ struct ServerLoop {
     streams: HashMap<(SessionId, StreamId), usize>,
     sessions: HashMap<SessionId, SessionInfo>,
     relays: RelayPool,
+    /// Relay sockets that stopped at the receive batch limit (read again before waiting).
+    relays_readable: Vec<(usize, bool)>,
     /// Payload bytes (up, down) per user not yet added to the table.
     pending_traffic: HashMap<UserId, (u64, u64)>,
     /// Bytes each user may still move (`u64::MAX` = unlimited).
@@ -243,10 +230,10 @@ struct ServerLoop {
     draining: HashMap<UserId, Instant>,
     next_drain_check: Instant,
     next_accounting: Instant,
-    blocked_tx: Option<BlockedTx>,
+    udp_tx: UdpTx,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
-    generation: u32,
+    tickets: TicketIssuer,
 }
 
 fn budget_bytes(b: Budget) -> u64 {
@@ -348,39 +335,36 @@ impl ServerLoop {
     }
 
     fn run(mut self) {
-        let mut events = Events::with_capacity(1024);
+        let mut events = driver::core::events();
+        let mut relay_events = Vec::new();
         loop {
             let now = Instant::now();
-            let timeout = self.next_timeout(now);
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("tunnel loop: poll failed: {e}");
-                    break;
-                }
+            let deadline = self.next_deadline(now);
+            if let Err(e) = self.core.wait(&mut events, now, deadline) {
+                log::error!("tunnel loop: poll failed: {e}");
+                break;
             }
             let now = Instant::now();
+            relay_events.clear();
+            relay_events.append(&mut self.relays_readable);
             for event in events.iter() {
-                let token = event.token();
-                if token == WAKER {
-                    continue;
-                }
-                if token.0 < self.sockets.len() {
-                    if event.is_readable() {
-                        self.udp_readable[token.0] = true;
+                let (readable, writable) = (event.is_readable(), event.is_writable());
+                match Tok::decode(event.token()) {
+                    Some(Tok::Udp(i)) if i < self.sockets.len() => {
+                        self.udp_readable[i] |= readable;
+                        if writable {
+                            self.retry_blocked_tx();
+                        }
                     }
-                    if event.is_writable() {
-                        self.retry_blocked_tx();
+                    Some(Tok::Relay { index, v6 }) => relay_events.push((index, v6)),
+                    Some(Tok::Outbound(idx)) => {
+                        self.on_outbound_event(now, idx, readable, writable)
                     }
-                } else if token.0 >= RELAY_BASE {
-                    self.on_relay_event(now, token);
-                } else if token.0 >= OUT_BASE {
-                    self.on_outbound_event(
-                        now,
-                        token.0 - OUT_BASE,
-                        event.is_readable(),
-                        event.is_writable(),
-                    );
+                    _ => {}
                 }
+            }
+            for &(index, v6) in &relay_events {
+                self.on_relay_readable(now, index, v6);
             }
             if self.drain_control(now) {
                 break;
@@ -391,7 +375,7 @@ impl ServerLoop {
             self.process_endpoint_events(now);
             self.expire_outbound(now);
             self.close_drained(now);
-            self.relays.expire(now, &self.poll);
+            self.relays.expire(now, &self.core.poll);
             if now >= self.next_accounting {
                 self.sync_accounting(now);
                 self.next_accounting = now + ACCOUNTING_INTERVAL;
@@ -419,9 +403,10 @@ impl ServerLoop {
         log::info!("tunnel loop stopped");
     }
 
-    fn next_timeout(&mut self, now: Instant) -> Option<Duration> {
-        if self.udp_readable.iter().any(|r| *r) {
-            return Some(Duration::ZERO);
+    /// When the loop must wake up at the latest (`now`: sockets still hold datagrams).
+    fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
+        if self.udp_readable.iter().any(|r| *r) || !self.relays_readable.is_empty() {
+            return Some(now);
         }
         let mut at = self.next_accounting;
         if let Some(t) = self.endpoint.poll_timeout() {
@@ -441,7 +426,7 @@ impl ServerLoop {
         for d in self.draining.values() {
             at = at.min(*d);
         }
-        Some(super::poll_wait(at, now))
+        Some(at)
     }
 
     /// Applies control messages; returns true when the loop must stop at once.
@@ -501,78 +486,44 @@ impl ServerLoop {
             if !self.udp_readable[i] {
                 continue;
             }
-            let mut taken = 0;
-            loop {
-                if taken == RECV_BATCH {
-                    break; // more later; udp_readable stays set
-                }
-                match self.sockets[i].recv_from(&mut self.buf) {
-                    Ok((n, from)) => {
-                        taken += 1;
-                        self.endpoint.handle_datagram(
-                            now,
-                            unix,
-                            SocketIndex(i as u32),
-                            from,
-                            &mut self.buf[..n],
-                        );
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.udp_readable[i] = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        // ICMP errors surface here on some systems; they concern one peer only.
-                        log::debug!("udp recv on socket {i}: {e}");
-                    }
-                }
-            }
+            let endpoint = &mut self.endpoint;
+            let readiness = udp::drain(&self.sockets[i], &mut self.buf, RECV_BATCH, |d, from| {
+                endpoint.handle_datagram(now, unix, SocketIndex(i as u32), from, d);
+            });
+            self.udp_readable[i] = readiness.still_readable();
             self.process_endpoint_events(now);
             self.flush_transmits(now);
         }
     }
 
+    /// WRITABLE on the socket of the blocked datagram: retry it.
     fn retry_blocked_tx(&mut self) {
-        let Some(b) = self.blocked_tx.take() else {
+        let Some(local) = self.udp_tx.blocked_socket() else {
             return;
         };
-        match self.sockets[b.local].send_to(&b.bytes[..b.len], b.to) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.blocked_tx = Some(b),
-            Err(e) => log::debug!("udp send to {}: {e}", b.to),
-            Ok(_) => {}
+        if let Some(sock) = self.sockets.get_mut(local) {
+            let token = Tok::Udp(local).token();
+            self.udp_tx.retry(sock, self.core.poll.registry(), token);
+        } else {
+            self.udp_tx.clear();
         }
     }
 
     fn flush_transmits(&mut self, now: Instant) {
         self.retry_blocked_tx();
-        if self.blocked_tx.is_some() {
+        if self.udp_tx.is_blocked() {
             return;
         }
         while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
             let local = t.local.0 as usize;
-            let Some(sock) = self.sockets.get(local) else {
+            let Some(sock) = self.sockets.get_mut(local) else {
                 continue;
             };
-            match sock.send_to(&self.buf[..t.len], t.to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut bytes = vec![0u8; t.len].into_boxed_slice();
-                    bytes.copy_from_slice(&self.buf[..t.len]);
-                    self.blocked_tx = Some(BlockedTx {
-                        local,
-                        to: t.to,
-                        len: t.len,
-                        bytes,
-                    });
-                    let _ = self.poll.registry().reregister(
-                        &mut self.sockets[local],
-                        Token(local),
-                        Interest::READABLE | Interest::WRITABLE,
-                    );
-                    return;
-                }
-                Err(e) => log::debug!("udp send to {}: {e}", t.to),
+            let registry = self.core.poll.registry();
+            let token = Tok::Udp(local).token();
+            let data = &self.buf[..t.len];
+            if self.udp_tx.send(sock, registry, token, local, data, t.to) == SendOutcome::Blocked {
+                return;
             }
         }
     }
@@ -618,7 +569,7 @@ impl ServerLoop {
                         let mut table = crate::users::persist::lock_users(&self.users);
                         table.session_closed(info.user);
                     }
-                    self.relays.close_session(session, &self.poll);
+                    self.relays.close_session(session, &self.core.poll);
                 }
                 EndpointEvent::PeerMigrated { session, peer } => {
                     log::debug!("session {} moved to {peer}", session.0);
@@ -678,12 +629,11 @@ impl ServerLoop {
             self.answer(session, stream, OpenResult::NotAllowed);
             return;
         }
-        self.generation = self.generation.wrapping_add(1);
         let out = Outbound {
             session,
             user,
             stream,
-            generation: self.generation,
+            ticket: None,
             state: OutState::Resolving,
             sock: None,
             pipe: Pipe::new(stream, &[]),
@@ -700,8 +650,11 @@ impl ServerLoop {
         let lookup = match &dest {
             Destination::Addr(a) => Ok(Lookup::Ready(*a)),
             Destination::Domain { name, port } => {
-                self.resolver
-                    .lookup(outbound_token(idx, self.generation), name, *port)
+                let ticket = self.tickets.issue(TicketKind::Outbound, idx);
+                if let Some(o) = self.outbound.get_mut(idx) {
+                    o.ticket = Some(ticket);
+                }
+                self.resolver.lookup(ticket, name, *port)
             }
         };
         match lookup {
@@ -715,25 +668,24 @@ impl ServerLoop {
     }
 
     fn drain_resolver(&mut self, now: Instant) {
-        while let Some(Resolved { token, result }) = self.resolver.try_recv() {
-            if token & RELAY_TOKEN_BIT != 0 {
-                let addrs = result.unwrap_or_default();
-                self.relays.resolved(
-                    token & !RELAY_TOKEN_BIT,
-                    &addrs,
-                    &mut self.guard,
-                    now,
-                    &self.poll,
-                );
-                continue;
-            }
-            let idx = (token & 0xffff_ffff) as usize;
-            let generation = (token >> 32) as u32;
-            let matches = self.outbound.get(idx).is_some_and(|o| {
-                o.generation == generation && matches!(o.state, OutState::Resolving)
-            });
-            if matches {
-                self.resolved(now, idx, result.map_err(|_| ()));
+        while let Some(Resolved { ticket, result }) = self.resolver.try_recv() {
+            match ticket.kind {
+                TicketKind::Relay => {
+                    let addrs = result.unwrap_or_default();
+                    let poll = &self.core.poll;
+                    self.relays
+                        .resolved(ticket, &addrs, &mut self.guard, now, poll);
+                }
+                TicketKind::Outbound => {
+                    let idx = ticket.index;
+                    let mine = self.outbound.get(idx).is_some_and(|o| {
+                        o.ticket == Some(ticket) && matches!(o.state, OutState::Resolving)
+                    });
+                    if mine {
+                        self.resolved(now, idx, result.map_err(|_| ()));
+                    }
+                }
+                TicketKind::ServerName => {}
             }
         }
     }
@@ -771,8 +723,8 @@ impl ServerLoop {
             o.next_candidate += 1;
             match TcpStream::connect(addr) {
                 Ok(mut sock) => {
-                    let token = Token(OUT_BASE + idx);
-                    if let Err(e) = self.poll.registry().register(
+                    let token = Tok::Outbound(idx).token();
+                    if let Err(e) = self.core.poll.registry().register(
                         &mut sock,
                         token,
                         Interest::READABLE | Interest::WRITABLE,
@@ -810,7 +762,7 @@ impl ServerLoop {
                 if let Some(e) = failed {
                     o.last_error = open_result_for_io(&e);
                     if let Some(mut s) = o.sock.take() {
-                        let _ = self.poll.registry().deregister(&mut s);
+                        let _ = self.core.poll.registry().deregister(&mut s);
                     }
                     self.connect_next(idx);
                     return;
@@ -827,7 +779,7 @@ impl ServerLoop {
                     Err(e) => {
                         o.last_error = open_result_for_io(&e);
                         if let Some(mut s) = o.sock.take() {
-                            let _ = self.poll.registry().deregister(&mut s);
+                            let _ = self.core.poll.registry().deregister(&mut s);
                         }
                         self.connect_next(idx);
                     }
@@ -981,7 +933,7 @@ impl ServerLoop {
     fn drop_outbound(&mut self, idx: usize) {
         if let Some(mut o) = self.outbound.remove(idx) {
             if let Some(mut s) = o.sock.take() {
-                let _ = self.poll.registry().deregister(&mut s);
+                let _ = self.core.poll.registry().deregister(&mut s);
                 if !o.pipe.is_done() {
                     // Cut short: the destination must see a reset, not a clean end of data.
                     crate::sys::reset_on_close(&s);
@@ -1013,17 +965,14 @@ impl ServerLoop {
         if budget < data.len() as u64 {
             return;
         }
-        let token = RelayToken(session.0);
         let sent = self.relays.send(
             now,
-            token,
             session,
             &dest,
             data,
             &mut self.guard,
-            &self.poll,
+            &self.core.poll,
             &self.resolver,
-            RELAY_TOKEN_BIT,
         );
         if sent {
             self.charge(
@@ -1037,9 +986,15 @@ impl ServerLoop {
         }
     }
 
-    fn on_relay_event(&mut self, now: Instant, token: Token) {
+    /// Carries answers waiting on relay socket `index`/`v6` back into the sessions.
+    fn on_relay_readable(&mut self, now: Instant, index: usize, v6: bool) {
         let mut inbound = Vec::new();
-        self.relays.receive(token, &mut inbound);
+        let readiness = self.relays.receive(index, v6, |session, dest, data| {
+            inbound.push((session, dest, data.to_vec()));
+        });
+        if readiness.still_readable() {
+            self.relays_readable.push((index, v6));
+        }
         for (session, dest, data) in inbound {
             let Some(info) = self.sessions.get(&session) else {
                 continue;
@@ -1102,11 +1057,4 @@ impl ServerLoop {
             }
         }
     }
-}
-
-/// Resolver tokens of relay lookups carry this bit.
-const RELAY_TOKEN_BIT: u64 = 1 << 63;
-
-fn outbound_token(idx: usize, generation: u32) -> u64 {
-    (u64::from(generation) << 32) | idx as u64
 }

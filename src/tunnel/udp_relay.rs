@@ -8,14 +8,16 @@
 //! that domain again so the client can match them. Every destination passes the guard.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
-use mio::{Interest, Poll, Token};
+use mio::{Interest, Poll};
 
 use super::dest_guard::{DestGuard, Verdict};
+use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
+use super::driver::token::Tok;
+use super::driver::udp::{self, RECV_BATCH, Readiness};
 use super::resolver::{Lookup, Resolver};
 use super::slab::Slab;
 use crate::proto::SessionId;
@@ -28,13 +30,13 @@ const DNS_TTL: Duration = Duration::from_secs(60);
 const NAME_LABELS: usize = 64;
 const PENDING_DATAGRAMS: usize = 8;
 const MAX_DATAGRAM: usize = 65_535;
-
-/// Identifies the relay of a session in resolver tokens.
-#[derive(Debug, Clone, Copy)]
-pub struct RelayToken(pub u64);
+/// Kernel buffer per relay socket: the default (~208 KiB) holds only 256 small datagrams, so a
+/// DNS/QUIC burst towards one relay overflowed it. Memory is used only while answers wait.
+const RELAY_SOCKET_BUFFER: usize = 1024 * 1024;
 
 struct Pending {
-    seq: u16,
+    /// The lookup this datagram waits for; only its own answer can release it.
+    ticket: Ticket,
     name: String,
     port: u16,
     data: Vec<u8>,
@@ -48,24 +50,29 @@ struct Relay {
     labels: Vec<(SocketAddr, Destination)>,
     dns: Vec<(String, u16, SocketAddr, Instant)>,
     pending: Vec<Pending>,
-    next_seq: u16,
     last_active: Instant,
 }
 
 /// All relays of the server loop.
 pub struct RelayPool {
-    base: usize,
     relays: Slab<Relay>,
+    tickets: TicketIssuer,
     by_session: HashMap<SessionId, usize>,
     scratch: Box<[u8]>,
 }
 
+impl Default for RelayPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RelayPool {
-    /// Relay sockets use mio tokens from `base` upwards.
-    pub fn new(base: usize) -> Self {
+    /// Relay sockets are registered as [`Tok::Relay`].
+    pub fn new() -> Self {
         RelayPool {
-            base,
             relays: Slab::new(),
+            tickets: TicketIssuer::new(),
             by_session: HashMap::new(),
             scratch: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
         }
@@ -82,7 +89,6 @@ impl RelayPool {
             labels: Vec::new(),
             dns: Vec::new(),
             pending: Vec::new(),
-            next_seq: 0,
             last_active: now,
         });
         self.by_session.insert(session, i);
@@ -94,14 +100,12 @@ impl RelayPool {
     pub fn send(
         &mut self,
         now: Instant,
-        _token: RelayToken,
         session: SessionId,
         dest: &Destination,
         data: &[u8],
         guard: &mut DestGuard,
         poll: &Poll,
         resolver: &Resolver,
-        token_bit: u64,
     ) -> bool {
         let idx = self.relay_for(now, session);
         let Some(relay) = self.relays.get_mut(idx) else {
@@ -122,14 +126,12 @@ impl RelayPool {
                     if relay.pending.len() >= PENDING_DATAGRAMS {
                         return false;
                     }
-                    let seq = relay.next_seq;
-                    relay.next_seq = relay.next_seq.wrapping_add(1);
-                    let token = token_bit | ((idx as u64) << 16) | u64::from(seq);
-                    match resolver.lookup(token, name, *port) {
+                    let ticket = self.tickets.issue(TicketKind::Relay, idx);
+                    match resolver.lookup(ticket, name, *port) {
                         Ok(Lookup::Ready(a)) => a,
                         Ok(Lookup::Pending) => {
                             relay.pending.push(Pending {
-                                seq,
+                                ticket,
                                 name: name.clone(),
                                 port: *port,
                                 data: data.to_vec(),
@@ -149,12 +151,11 @@ impl RelayPool {
                 relay.labels.push((addr, dest.clone()));
             }
         }
-        Self::send_to(self.base, idx, relay, addr, data, guard, now, poll)
+        Self::send_to(idx, relay, addr, data, guard, now, poll)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn send_to(
-        base: usize,
         idx: usize,
         relay: &mut Relay,
         addr: SocketAddr,
@@ -167,13 +168,10 @@ impl RelayPool {
             log::debug!("udp relay: destination refused by the guard: {reason:?}");
             return false;
         }
-        let (slot, family) = if addr.is_ipv4() {
-            (&mut relay.v4, 0)
-        } else {
-            (&mut relay.v6, 1)
-        };
+        let v6 = addr.is_ipv6();
+        let slot = if v6 { &mut relay.v6 } else { &mut relay.v4 };
         if slot.is_none() {
-            let bind: SocketAddr = if family == 0 {
+            let bind: SocketAddr = if !v6 {
                 SocketAddr::from(([0, 0, 0, 0], 0))
             } else {
                 SocketAddr::from(([0u16; 8], 0))
@@ -184,12 +182,13 @@ impl RelayPool {
             if std_sock.set_nonblocking(true).is_err() {
                 return false;
             }
+            crate::sys::grow_udp_buffers(&std_sock, RELAY_SOCKET_BUFFER);
             let mut sock = UdpSocket::from_std(std_sock);
             if poll
                 .registry()
                 .register(
                     &mut sock,
-                    Token(base + idx * 2 + family),
+                    Tok::Relay { index: idx, v6 }.token(),
                     Interest::READABLE,
                 )
                 .is_err()
@@ -210,22 +209,21 @@ impl RelayPool {
         }
     }
 
-    /// A lookup for a waiting datagram finished.
+    /// A lookup for a waiting datagram finished. An answer for a relay that has since closed
+    /// (its slot possibly reused by another session) matches no pending ticket and is dropped.
     pub fn resolved(
         &mut self,
-        token: u64,
+        ticket: Ticket,
         addrs: &[SocketAddr],
         guard: &mut DestGuard,
         now: Instant,
         poll: &Poll,
     ) {
-        let idx = (token >> 16) as usize & 0xffff_ffff;
-        let seq = (token & 0xffff) as u16;
-        let base = self.base;
+        let idx = ticket.index;
         let Some(relay) = self.relays.get_mut(idx) else {
             return;
         };
-        let Some(pos) = relay.pending.iter().position(|p| p.seq == seq) else {
+        let Some(pos) = relay.pending.iter().position(|p| p.ticket == ticket) else {
             return;
         };
         let p = relay.pending.swap_remove(pos);
@@ -248,44 +246,38 @@ impl RelayPool {
                 relay.labels.push((addr, d));
             }
         }
-        Self::send_to(base, idx, relay, addr, &p.data, guard, now, poll);
+        Self::send_to(idx, relay, addr, &p.data, guard, now, poll);
     }
 
-    /// Reads every datagram waiting on a relay socket: `(session, source, payload)`.
-    pub fn receive(&mut self, token: Token, out: &mut Vec<(SessionId, Destination, Vec<u8>)>) {
-        let Some(rel) = token.0.checked_sub(self.base) else {
-            return;
+    /// Reads up to [`RECV_BATCH`] datagrams waiting on the relay socket `index`/`v6`, handing
+    /// each to `on_datagram(session, source, payload)`. [`Readiness::StillReadable`] means the
+    /// batch limit stopped it: the caller must call again before waiting for events (mio is
+    /// edge-triggered; no new event comes for datagrams already queued).
+    pub fn receive(
+        &mut self,
+        index: usize,
+        v6: bool,
+        mut on_datagram: impl FnMut(SessionId, Destination, &[u8]),
+    ) -> Readiness {
+        let Some(relay) = self.relays.get_mut(index) else {
+            return Readiness::Drained;
         };
-        let (idx, family) = (rel / 2, rel % 2);
-        let Some(relay) = self.relays.get_mut(idx) else {
-            return;
-        };
-        let sock = if family == 0 {
-            relay.v4.as_ref()
-        } else {
+        let sock = if v6 {
             relay.v6.as_ref()
+        } else {
+            relay.v4.as_ref()
         };
-        let Some(sock) = sock else { return };
-        loop {
-            match sock.recv_from(&mut self.scratch) {
-                Ok((n, from)) => {
-                    let from = canonical(from);
-                    let dest = relay
-                        .labels
-                        .iter()
-                        .find(|(a, _)| *a == from)
-                        .map(|(_, d)| d.clone())
-                        .unwrap_or(Destination::Addr(from));
-                    out.push((relay.session, dest, self.scratch[..n].to_vec()));
-                    if out.len() >= 256 {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+        let Some(sock) = sock else {
+            return Readiness::Drained;
+        };
+        let (session, labels) = (relay.session, &relay.labels);
+        udp::drain(sock, &mut self.scratch, RECV_BATCH, |data, from| {
+            let from = canonical(from);
+            match labels.iter().find(|(a, _)| *a == from) {
+                Some((_, d)) => on_datagram(session, d.clone(), data),
+                None => on_datagram(session, Destination::Addr(from), data),
             }
-        }
+        })
     }
 
     /// Closes the relay of a session.
@@ -329,5 +321,137 @@ fn canonical(a: SocketAddr) -> SocketAddr {
             None => a,
         },
         SocketAddr::V4(_) => a,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::resolver::Resolved;
+    use mio::{Events, Waker};
+    use std::sync::Arc;
+
+    struct Rig {
+        poll: Poll,
+        resolver: Resolver,
+        guard: DestGuard,
+        pool: RelayPool,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let poll = Poll::new().unwrap();
+            let waker = Arc::new(Waker::new(poll.registry(), Tok::Waker.token()).unwrap());
+            Rig {
+                resolver: Resolver::new(1, 8, waker).unwrap(),
+                poll,
+                guard: DestGuard::new(true),
+                pool: RelayPool::new(),
+            }
+        }
+
+        fn send(&mut self, session: u64, dest: &Destination, data: &[u8]) -> bool {
+            let now = Instant::now();
+            let (guard, poll, resolver) = (&mut self.guard, &self.poll, &self.resolver);
+            self.pool
+                .send(now, SessionId(session), dest, data, guard, poll, resolver)
+        }
+
+        fn next_answer(&mut self) -> Resolved {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut events = Events::with_capacity(4);
+            loop {
+                if let Some(r) = self.resolver.try_recv() {
+                    return r;
+                }
+                assert!(Instant::now() < deadline, "no resolver answer");
+                self.poll
+                    .poll(&mut events, Some(Duration::from_millis(50)))
+                    .unwrap();
+            }
+        }
+
+        fn deliver(&mut self, r: &Resolved) {
+            let addrs = r.result.clone().unwrap_or_default();
+            let (guard, poll) = (&mut self.guard, &self.poll);
+            self.pool
+                .resolved(r.ticket, &addrs, guard, Instant::now(), poll);
+        }
+    }
+
+    fn sink() -> std::net::UdpSocket {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    }
+
+    fn localhost(port: u16) -> Destination {
+        Destination::domain("localhost", port).unwrap()
+    }
+
+    #[test]
+    fn a_stale_lookup_answer_never_reaches_the_next_relay_in_the_same_slot() {
+        let mut rig = Rig::new();
+        let (stale_sink, real_sink) = (sink(), sink());
+        let stale_port = stale_sink.local_addr().unwrap().port();
+        let real_port = real_sink.local_addr().unwrap().port();
+        // Session 1 asks for a name; its relay closes before the answer is used.
+        assert!(!rig.send(1, &localhost(stale_port), b"from session 1"));
+        let stale = rig.next_answer();
+        rig.pool.close_session(SessionId(1), &rig.poll);
+        // Session 2 gets the same relay slot and waits for a lookup of its own.
+        assert!(!rig.send(2, &localhost(real_port), b"from session 2"));
+        assert_eq!(
+            rig.pool.by_session.get(&SessionId(2)),
+            Some(&stale.ticket.index)
+        );
+        let fresh = rig.next_answer();
+        // The stale answer arrives first: it must not release session 2's datagram.
+        rig.deliver(&stale);
+        let mut buf = [0u8; 64];
+        assert!(
+            stale_sink.recv_from(&mut buf).is_err(),
+            "session 2's datagram went to session 1's destination"
+        );
+        let relay = rig.pool.relays.get(stale.ticket.index).unwrap();
+        assert!(
+            relay.dns.is_empty(),
+            "the stale name->address pair was cached"
+        );
+        assert_eq!(relay.pending.len(), 1);
+        // Its own answer does.
+        rig.deliver(&fresh);
+        let (n, _) = real_sink.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"from session 2");
+    }
+
+    #[test]
+    fn a_burst_beyond_one_batch_is_reported_still_readable_until_drained() {
+        let mut rig = Rig::new();
+        let peer = sink();
+        let peer_addr = peer.local_addr().unwrap();
+        assert!(rig.send(7, &Destination::Addr(peer_addr), b"hello"));
+        let idx = rig.pool.by_session[&SessionId(7)];
+        let relay_addr = rig.pool.relays.get(idx).unwrap().v4.as_ref().unwrap();
+        let relay_addr = relay_addr.local_addr().unwrap();
+        for i in 0..300u32 {
+            peer.send_to(&i.to_be_bytes(), relay_addr).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = Vec::new();
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let r = rig.pool.receive(idx, false, |s, from, d| {
+                assert_eq!((s, from), (SessionId(7), Destination::Addr(peer_addr)));
+                got.push(u32::from_be_bytes(d.try_into().unwrap()));
+            });
+            if !r.still_readable() {
+                break;
+            }
+        }
+        assert_eq!(rounds, 2);
+        assert_eq!(got, (0..300).collect::<Vec<_>>());
     }
 }
