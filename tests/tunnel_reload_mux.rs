@@ -188,7 +188,9 @@ fn sighup_applies_allow_private_destinations_and_names_restart_only_fields() {
     let local = Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)));
     download(client.proxy, http, 100_000);
 
-    let line = reload_with(&server, |cfg| cfg["allow_private_destinations"] = json!(false));
+    let line = reload_with(&server, |cfg| {
+        cfg["allow_private_destinations"] = json!(false)
+    });
     assert!(line.contains("allow_private_destinations"), "{line}");
     match socks5_connect(client.proxy, local) {
         Ok(_) => panic!("loopback is still allowed after the reload switched it off"),
