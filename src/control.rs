@@ -14,10 +14,11 @@ pub enum ControlMsg {
     UserAdded(UserId),
     /// A user was deleted (drop its key and close its sessions).
     UserRemoved(UserId),
-    /// A user's limit changed or its counters were reset (re-check its budget).
+    /// A user's limit, name or source changed or its counters were reset (re-read it from the
+    /// table; a reset is told apart by [`User::resets`](crate::users::User::resets)).
     UserChanged(UserId),
-    /// Re-read the whole user table (after a SIGHUP reload).
-    ReloadUsers,
+    /// `allow_private_destinations` changed (SIGHUP): judge new destinations by this value.
+    AllowPrivateDestinations(bool),
     /// Stop the loop.
     Shutdown,
 }
@@ -83,11 +84,14 @@ mod tests {
         let mut poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).unwrap());
         let (tx, rx) = ControlSender::channel(Some(waker));
-        tx.send(ControlMsg::ReloadUsers);
+        tx.send(ControlMsg::AllowPrivateDestinations(true));
         let mut events = mio::Events::with_capacity(4);
         poll.poll(&mut events, Some(std::time::Duration::from_secs(5)))
             .unwrap();
         assert!(events.iter().any(|e| e.token() == mio::Token(7)));
-        assert_eq!(rx.try_recv().unwrap(), ControlMsg::ReloadUsers);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            ControlMsg::AllowPrivateDestinations(true)
+        );
     }
 }

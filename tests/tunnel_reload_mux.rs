@@ -1,6 +1,7 @@
-//! Real processes on loopback: SIGHUP reloads config.json (keys added and removed, limits changed)
-//! without dropping live sessions or counters, and a client with `mux.sessions = N` spreads its
-//! streams over N sessions.
+//! Real processes on loopback: SIGHUP reloads config.json (keys added and removed, limits changed,
+//! `allow_private_destinations` switched) without dropping live sessions or counters and without
+//! letting a limited user past its limit, and a client with `mux.sessions = N` spreads its streams
+//! over N sessions.
 
 #[path = "support/tunnel_harness.rs"]
 mod harness;
@@ -106,6 +107,111 @@ fn sighup_reloads_keys_and_limits_without_dropping_sessions_or_counters() {
     // The new key works at once.
     let client2 = Client::start(server.udp, &added);
     assert_eq!(download(client2.proxy, http, n).fnv, want);
+}
+
+/// Rewrites config.json with `edit` and sends SIGHUP; returns the reload's log line.
+fn reload_with(server: &Server, edit: impl FnOnce(&mut Value)) -> String {
+    let path = server.dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let from = server.proc.line_count();
+    server.proc.signal("HUP");
+    server
+        .proc
+        .wait_line_from(from, Duration::from_secs(10), |l| l.contains("reloaded"))
+        .unwrap_or_else(|| panic!("no reload line:\n{}", server.proc.log_text()))
+        .1
+}
+
+#[test]
+fn sighup_during_a_limited_transfer_never_passes_the_limit() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let key = new_key();
+    let limit: u64 = 4 << 20;
+    let mut spec = ServerSpec::new(&key);
+    spec.config_keys = vec![(key.clone(), Some(limit))];
+    let server = Server::start(spec);
+    let client = Client::start(server.udp, &key);
+
+    // A download far beyond the limit, while config.json keeps changing this key's name and
+    // SIGHUP keeps reloading it: every reload re-reads the user's budget from the table while
+    // up to a second of its traffic is not in the table yet.
+    let proxy = client.proxy;
+    let download = std::thread::spawn(move || {
+        let mut s = socks5_connect(proxy, Target::Ip(SocketAddr::from(([127, 0, 0, 1], http))))
+            .unwrap_or_else(|code| panic!("SOCKS5 reply {code:#x}"));
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (_, d, _) = http_get_bytes(&mut s, 16 * limit);
+        d.len
+    });
+    let mut reloads = 0;
+    while !download.is_finished() && reloads < 200 {
+        reloads += 1;
+        let name = format!("name {reloads}");
+        reload_with(&server, |cfg| {
+            cfg["access_keys"] = json!([{"key": key, "name": name, "limit_bytes": limit}]);
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let received = download.join().unwrap();
+    let ((up, down), _) = server.wait_counters(&key, Duration::from_secs(3), |u, d| {
+        u + d >= limit - (64 << 10)
+    });
+    eprintln!(
+        "{reloads} reloads during the transfer: received {received}, counted {up}+{down} of a \
+         {limit}-byte limit"
+    );
+    assert!(reloads >= 3, "the transfer ended before the reloads began");
+    assert!(
+        up + down <= limit + (256 << 10),
+        "counted {up}+{down} with a limit of {limit}"
+    );
+    assert!(
+        received <= limit,
+        "received {received} bytes with a limit of {limit}"
+    );
+    assert!(
+        received >= limit - (64 << 10),
+        "only {received} bytes of a {limit}-byte allowance were delivered"
+    );
+}
+
+#[test]
+fn sighup_applies_allow_private_destinations_and_names_restart_only_fields() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key)); // allow_private_destinations: true
+    let client = Client::start(server.udp, &key);
+    let local = Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)));
+    download(client.proxy, http, 100_000);
+
+    let line = reload_with(&server, |cfg| {
+        cfg["allow_private_destinations"] = json!(false)
+    });
+    assert!(line.contains("allow_private_destinations"), "{line}");
+    match socks5_connect(client.proxy, local) {
+        Ok(_) => panic!("loopback is still allowed after the reload switched it off"),
+        Err(code) => assert_eq!(code, 0x02, "SOCKS5 reply for a refused destination"),
+    }
+
+    let from = server.proc.line_count();
+    let line = reload_with(&server, |cfg| {
+        cfg["allow_private_destinations"] = json!(true);
+        cfg["max_sessions"] = json!(7);
+    });
+    assert!(line.contains("allow_private_destinations"), "{line}");
+    let warning = server
+        .proc
+        .wait_line_from(from, Duration::from_secs(5), |l| l.contains("restart"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{}", server.proc.log_text()))
+        .1;
+    assert!(warning.contains("max_sessions"), "{warning}");
+    assert!(!warning.contains("listen"), "{warning}");
+    // The same session carries new connections to loopback again.
+    download(client.proxy, http, 100_000);
 }
 
 #[test]

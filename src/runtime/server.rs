@@ -108,13 +108,14 @@ fn announce(
     }
 }
 
-/// SIGHUP: re-read config.json and apply keys, names, limits and the log level.
+/// SIGHUP: re-read config.json; apply keys, names, limits, the log level and
+/// `allow_private_destinations`, and name the changed fields that need a restart.
 fn reload(
     current: &mut ServerConfig,
     users: &users::SharedUsers,
     control: &crate::control::ControlSender,
 ) {
-    let fresh = match config::load(&current.path) {
+    let mut fresh = match config::load(&current.path) {
         Ok(Config::Server(s)) => s,
         Ok(Config::Client(_)) => {
             log::error!(
@@ -128,12 +129,29 @@ fn reload(
             return;
         }
     };
-    logging::set_level(fresh.log_level);
-    if fresh.listen != current.listen
-        || fresh.api != current.api
-        || fresh.state_file != current.state_file
-    {
-        log::warn!("reload: listen, api and state_file changes take effect after a restart");
+    let restart = restart_only_changes(current, &fresh);
+    if !restart.is_empty() {
+        log::warn!(
+            "reload: {} changed; that takes effect after a restart",
+            restart.join(", ")
+        );
+    }
+    let mut applied = Vec::new();
+    if fresh.log_level != current.log_level {
+        logging::set_level(fresh.log_level);
+        applied.push(format!(
+            "log_level {}",
+            fresh.log_level.as_str().to_lowercase()
+        ));
+    }
+    if fresh.allow_private_destinations != current.allow_private_destinations {
+        control.send(ControlMsg::AllowPrivateDestinations(
+            fresh.allow_private_destinations,
+        ));
+        applied.push(format!(
+            "allow_private_destinations {}",
+            fresh.allow_private_destinations
+        ));
     }
     let changes = lock_users(users).apply_config(&fresh.access_keys, users::now_unix());
     for id in &changes.removed {
@@ -142,22 +160,51 @@ fn reload(
     for id in changes.added.iter().chain(&changes.changed) {
         control.send(ControlMsg::UserChanged(*id));
     }
+    applied.insert(
+        0,
+        format!(
+            "{} keys added, {} removed, {} changed",
+            changes.added.len(),
+            changes.removed.len(),
+            changes.changed.len()
+        ),
+    );
     log::info!(
-        "reloaded {}: {} keys added, {} removed, {} changed",
+        "reloaded {}: {}",
         current.path.display(),
-        changes.added.len(),
-        changes.removed.len(),
-        changes.changed.len()
+        applied.join("; ")
     );
-    let (listen, api, state_file) = (
-        current.listen.clone(),
-        current.api.clone(),
-        current.state_file.clone(),
-    );
+    // What is running keeps the old values of the restart-only fields, so that the next reload
+    // still tells that they differ.
+    fresh.listen = std::mem::take(&mut current.listen);
+    fresh.api = current.api.clone();
+    fresh.state_file = std::mem::take(&mut current.state_file);
+    fresh.public_host = current.public_host.take();
+    fresh.max_sessions = current.max_sessions;
+    fresh.max_sessions_per_user = current.max_sessions_per_user;
     *current = fresh;
-    current.listen = listen;
-    current.api = api;
-    current.state_file = state_file;
+}
+
+/// The fields of `fresh` that differ from the running config and only take effect after a
+/// restart (sockets, the API, the state file, the share-link host and the endpoint's session
+/// limits are set up once at start).
+fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'static str> {
+    let fields = [
+        ("listen", running.listen != fresh.listen),
+        ("api", running.api != fresh.api),
+        ("state_file", running.state_file != fresh.state_file),
+        ("public_host", running.public_host != fresh.public_host),
+        ("max_sessions", running.max_sessions != fresh.max_sessions),
+        (
+            "max_sessions_per_user",
+            running.max_sessions_per_user != fresh.max_sessions_per_user,
+        ),
+    ];
+    fields
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 /// Every user's key and name, without starting anything (for `--links`).
@@ -170,4 +217,42 @@ pub fn list_users_offline(cfg: &ServerConfig) -> Result<Vec<(String, Option<Stri
         .into_iter()
         .map(|u| (u.key.clone(), u.name.clone()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_config(json: &str) -> ServerConfig {
+        match config::parse(std::path::Path::new("config.json"), json) {
+            Ok(Config::Server(s)) => s,
+            other => panic!("not a server config: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn restart_only_fields_are_named_and_live_fields_are_not() {
+        let base = r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": []}"#;
+        let running = server_config(base);
+        assert_eq!(restart_only_changes(&running, &running), Vec::<&str>::new());
+        let live = server_config(
+            r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
+                "log_level": "debug", "allow_private_destinations": true}"#,
+        );
+        assert_eq!(restart_only_changes(&running, &live), Vec::<&str>::new());
+        let fresh = server_config(
+            r#"{"mode": "server", "listen": "127.0.0.1:9001", "access_keys": [],
+                "public_host": "vpn.example.com", "max_sessions": 7,
+                "max_sessions_per_user": 3}"#,
+        );
+        assert_eq!(
+            restart_only_changes(&running, &fresh),
+            [
+                "listen",
+                "public_host",
+                "max_sessions",
+                "max_sessions_per_user"
+            ]
+        );
+    }
 }

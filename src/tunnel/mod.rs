@@ -11,8 +11,10 @@
 //!
 //! - [`pipe`]        — the socket ↔ stream byte pump (bounded buffers, backpressure both ways).
 //! - [`slab`]        — stable indices for connections (mio tokens).
-//! - [`server_loop`] — the server's mio event loop: UDP listen sockets, outbound TCP, accounting,
-//!   limits, API control messages.
+//! - [`ledger`]      — the server's per-user traffic policy (sans-IO): budgets, unsynced traffic,
+//!   the limit cut and drain, the sync with the user table.
+//! - [`server_loop`] — the server's mio event loop: UDP listen sockets, outbound TCP, API control
+//!   messages; carries out the ledger's verdicts.
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
@@ -20,6 +22,7 @@
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;
+pub mod ledger;
 pub mod pipe;
 pub mod proxy_front;
 pub mod resolver;

@@ -7,13 +7,12 @@
 //! - Outbound TCP: non-blocking connect (connect, wait writable, `take_error`, `peer_addr`) with a
 //!   timeout, trying each resolved address; names go to the resolver pool, never resolved on the
 //!   loop. Every destination passes the [`DestGuard`] after resolution.
-//! - Accounting: payload bytes are counted per user on the loop and added to the shared
-//!   [`UserTable`](crate::users::UserTable) once per second (one lock per second, never per packet).
-//! - Limits: each user has a local byte budget (limit − used). Pipes never move more than the
-//!   budget, so a user stops exactly at the limit. New handshakes and streams are refused at
-//!   once; the user's sessions close with "limit reached" once the bytes already charged have
-//!   been delivered (or after [`LIMIT_DRAIN`]), until the limit is raised or counters are reset.
-//! - API changes arrive as [`ControlMsg`]s through a channel + `mio::Waker`.
+//! - Accounting and limits are decided by the [`Ledger`]: payload bytes are charged to it as
+//!   pipes and relays move them, it is synced with the shared
+//!   [`UserTable`](crate::users::UserTable) once per second (one lock per second, never per
+//!   packet), and the loop carries out its verdicts (refuse a user, close its sessions once
+//!   delivered, readmit it). Pipes never move more than the user's allowance.
+//! - API and SIGHUP changes arrive as [`ControlMsg`]s through a channel + `mio::Waker`.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +29,7 @@ use super::driver::core::{LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::token::Tok;
 use super::driver::udp::{self, RECV_BATCH, SendOutcome, UdpTx};
+use super::ledger::{Ledger, Verdict};
 use super::pipe::{Moved, Pipe, PipeEnd};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
@@ -49,8 +49,6 @@ use crate::users::{Budget, SharedUsers, UserId};
 
 /// Outbound connect timeout (resolution included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often counters are added to the user table.
-const ACCOUNTING_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a graceful shutdown waits for CLOSE packets to leave.
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 /// Send buffer per stream on the server (see [`LoopOptions::from_config`]).
@@ -59,11 +57,6 @@ pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
 pub const SERVER_SESSION_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// Largest UDP datagram handled.
 const MAX_UDP: usize = 2048;
-/// Longest wait, after a user reaches its limit, for already-charged bytes to be delivered before
-/// its sessions are closed.
-const LIMIT_DRAIN: Duration = Duration::from_secs(3);
-/// How often draining users are checked (the check walks their sessions).
-const DRAIN_CHECK: Duration = Duration::from_millis(50);
 
 /// Settings of the server loop beyond `ServerConfig`.
 #[derive(Debug, Clone)]
@@ -157,12 +150,7 @@ pub fn start(
         sessions: HashMap::new(),
         relays: RelayPool::new(),
         relays_readable: Vec::new(),
-        pending_traffic: HashMap::new(),
-        budgets: HashMap::new(),
-        limited: HashMap::new(),
-        draining: HashMap::new(),
-        next_drain_check: Instant::now(),
-        next_accounting: Instant::now() + ACCOUNTING_INTERVAL,
+        ledger: Ledger::new(Instant::now()),
         udp_tx: UdpTx::new(),
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
@@ -220,28 +208,12 @@ struct ServerLoop {
     relays: RelayPool,
     /// Relay sockets that stopped at the receive batch limit (read again before waiting).
     relays_readable: Vec<(usize, bool)>,
-    /// Payload bytes (up, down) per user not yet added to the table.
-    pending_traffic: HashMap<UserId, (u64, u64)>,
-    /// Bytes each user may still move (`u64::MAX` = unlimited).
-    budgets: HashMap<UserId, u64>,
-    /// Users currently refused because their limit is reached.
-    limited: HashMap<UserId, ()>,
-    /// Users at their limit whose sessions close once delivered (value: the latest close time).
-    draining: HashMap<UserId, Instant>,
-    next_drain_check: Instant,
-    next_accounting: Instant,
+    /// Per-user budgets, unsynced traffic and limits.
+    ledger: Ledger,
     udp_tx: UdpTx,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
     tickets: TicketIssuer,
-}
-
-fn budget_bytes(b: Budget) -> u64 {
-    match b {
-        Budget::Unlimited => u64::MAX,
-        Budget::Remaining(n) => n,
-        Budget::Exhausted => 0,
-    }
 }
 
 fn proto_user(id: UserId) -> ProtoUserId {
@@ -257,81 +229,101 @@ fn open_result_for_io(e: &io::Error) -> OpenResult {
 }
 
 impl ServerLoop {
-    /// Registers every user of the table with the endpoint.
+    /// Registers every user of the table with the endpoint and the ledger (at start).
     fn load_users(&mut self) {
-        let entries: Vec<(UserId, String, Budget)> = {
+        let entries: Vec<(UserId, String, Budget, u32)> = {
             let table = crate::users::persist::lock_users(&self.users);
             table
                 .all_keys()
                 .into_iter()
                 .map(|(id, key)| {
-                    let b = table.budget(id);
-                    (id, key, b)
+                    let resets = table.resets(id).unwrap_or(0);
+                    (id, key, table.budget(id), resets)
                 })
                 .collect()
         };
         let now = Instant::now();
-        let mut live: HashMap<u32, ()> = HashMap::new();
-        for (id, key, budget) in entries {
-            live.insert(id.0, ());
-            self.apply_user(now, id, Some(&key), budget);
-        }
-        // Users that vanished (reload): drop them.
-        let gone: Vec<UserId> = self
-            .budgets
-            .keys()
-            .filter(|id| !live.contains_key(&id.0))
-            .copied()
-            .collect();
-        for id in gone {
-            self.remove_user(now, id);
+        for (id, key, budget, resets) in entries {
+            self.apply_user(now, id, &key, budget, resets);
         }
     }
 
-    fn apply_user(&mut self, now: Instant, id: UserId, key: Option<&str>, budget: Budget) {
-        let bytes = budget_bytes(budget);
-        let state = if bytes == 0 {
-            UserState::Refused(RefuseReason::QuotaExceeded)
-        } else {
-            UserState::Active
+    /// Re-reads one user from the table (added, limit changed, counters reset, or reloaded).
+    fn refresh_user(&mut self, now: Instant, id: UserId) {
+        let entry = {
+            let table = crate::users::persist::lock_users(&self.users);
+            table.key_of(id).map(|k| {
+                (
+                    k.to_string(),
+                    table.budget(id),
+                    table.resets(id).unwrap_or(0),
+                )
+            })
         };
-        if let Some(key) = key {
-            if let Err(e) = self.endpoint.set_user(proto_user(id), key, state) {
-                log::warn!(
-                    "user {}: key {} not usable by the tunnel: {e:?}",
-                    id.0,
-                    keys::mask(key)
-                );
-                return;
-            }
+        match entry {
+            Some((key, budget, resets)) => self.apply_user(now, id, &key, budget, resets),
+            None => self.remove_user(now, id),
         }
-        self.budgets.insert(id, bytes);
-        if bytes == 0 {
-            if self.limited.insert(id, ()).is_none() {
-                log::info!("user {}: traffic limit reached; closing its sessions", id.0);
-            }
-            self.endpoint.refuse_user(
-                now,
-                proto_user(id),
-                RefuseReason::QuotaExceeded,
-                CloseReason::LimitReached,
-            );
+    }
+
+    fn apply_user(&mut self, now: Instant, id: UserId, key: &str, budget: Budget, resets: u32) {
+        let verdict = self.ledger.apply_table(id, budget, resets);
+        let state = if self.ledger.admits(id) {
+            UserState::Active
         } else {
-            self.draining.remove(&id);
-            if self.limited.remove(&id).is_some() {
-                log::info!("user {}: may connect again", id.0);
-            }
-            self.endpoint
-                .set_user_state(proto_user(id), UserState::Active);
+            UserState::Refused(RefuseReason::QuotaExceeded)
+        };
+        if let Err(e) = self.endpoint.set_user(proto_user(id), key, state) {
+            log::warn!(
+                "user {}: key {} not usable by the tunnel: {e:?}",
+                id.0,
+                keys::mask(key)
+            );
+            self.ledger.remove(id);
+            return;
+        }
+        if let Some(v) = verdict {
+            self.carry_out(now, id, v);
         }
     }
 
     fn remove_user(&mut self, now: Instant, id: UserId) {
         self.endpoint.remove_user(now, proto_user(id));
-        self.budgets.remove(&id);
-        self.limited.remove(&id);
-        self.draining.remove(&id);
-        self.pending_traffic.remove(&id);
+        self.ledger.remove(id);
+    }
+
+    /// Carries out a ledger verdict on the user's handshakes, streams and sessions.
+    fn carry_out(&mut self, now: Instant, user: UserId, verdict: Verdict) {
+        let id = proto_user(user);
+        match verdict {
+            Verdict::Readmit => {
+                log::info!("user {}: may connect again", user.0);
+                self.endpoint.set_user_state(id, UserState::Active);
+            }
+            Verdict::Refuse => {
+                log::info!(
+                    "user {}: traffic limit reached; closing its sessions once delivered",
+                    user.0
+                );
+                self.endpoint
+                    .set_user_state(id, UserState::Refused(RefuseReason::QuotaExceeded));
+                // Make the API show the final numbers at once.
+                self.sync_accounting(now);
+                self.close_drained(now);
+            }
+            Verdict::Close => {
+                log::info!(
+                    "user {}: traffic limit reached; closing its sessions",
+                    user.0
+                );
+                self.endpoint.refuse_user(
+                    now,
+                    id,
+                    RefuseReason::QuotaExceeded,
+                    CloseReason::LimitReached,
+                );
+            }
+        }
     }
 
     fn run(mut self) {
@@ -366,9 +358,7 @@ impl ServerLoop {
             for &(index, v6) in &relay_events {
                 self.on_relay_readable(now, index, v6);
             }
-            if self.drain_control(now) {
-                break;
-            }
+            self.drain_control(now);
             self.drain_resolver(now);
             self.receive_datagrams(now);
             self.endpoint.handle_timeout(now);
@@ -376,9 +366,8 @@ impl ServerLoop {
             self.expire_outbound(now);
             self.close_drained(now);
             self.relays.expire(now, &self.core.poll);
-            if now >= self.next_accounting {
+            if self.ledger.sync_due(now) {
                 self.sync_accounting(now);
-                self.next_accounting = now + ACCOUNTING_INTERVAL;
             }
             self.flush_transmits(now);
             self.process_endpoint_events(now);
@@ -408,7 +397,7 @@ impl ServerLoop {
         if self.udp_readable.iter().any(|r| *r) || !self.relays_readable.is_empty() {
             return Some(now);
         }
-        let mut at = self.next_accounting;
+        let mut at = self.ledger.next_deadline();
         if let Some(t) = self.endpoint.poll_timeout() {
             at = at.min(t);
         }
@@ -420,64 +409,47 @@ impl ServerLoop {
         if let Some(d) = self.shutting_down {
             at = at.min(d);
         }
-        if !self.draining.is_empty() {
-            at = at.min(self.next_drain_check);
-        }
-        for d in self.draining.values() {
-            at = at.min(*d);
-        }
         Some(at)
     }
 
-    /// Applies control messages; returns true when the loop must stop at once.
-    fn drain_control(&mut self, now: Instant) -> bool {
+    /// Applies control messages.
+    fn drain_control(&mut self, now: Instant) {
         while let Ok(msg) = self.control_rx.try_recv() {
             match msg {
                 ControlMsg::UserAdded(id) | ControlMsg::UserChanged(id) => {
-                    let entry = {
-                        let table = crate::users::persist::lock_users(&self.users);
-                        table.key_of(id).map(|k| (k.to_string(), table.budget(id)))
-                    };
-                    match entry {
-                        Some((key, budget)) => {
-                            // Counters moved by this loop but not yet in the table count too.
-                            let budget = match (budget, self.pending_traffic.get(&id)) {
-                                (Budget::Remaining(n), Some((u, d))) => {
-                                    let left = n.saturating_sub(u + d);
-                                    if left == 0 {
-                                        Budget::Exhausted
-                                    } else {
-                                        Budget::Remaining(left)
-                                    }
-                                }
-                                (b, _) => b,
-                            };
-                            self.apply_user(now, id, Some(&key), budget);
-                        }
-                        None => self.remove_user(now, id),
-                    }
+                    self.refresh_user(now, id)
                 }
                 ControlMsg::UserRemoved(id) => {
                     log::info!("user {}: deleted; closing its sessions", id.0);
                     self.remove_user(now, id);
                 }
-                ControlMsg::ReloadUsers => self.load_users(),
-                ControlMsg::Shutdown => {
-                    if self.shutting_down.is_none() {
-                        log::info!(
-                            "tunnel: telling {} sessions the server is going away",
-                            self.sessions.len()
-                        );
-                        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
-                        for sid in ids {
-                            self.endpoint.close_session(now, sid, CloseReason::Shutdown);
-                        }
-                        self.shutting_down = Some(now + SHUTDOWN_DRAIN);
+                ControlMsg::AllowPrivateDestinations(allow) => {
+                    if allow != self.guard.allows_private() {
+                        // New connections and datagrams are judged by the new guard; open
+                        // connections stay.
+                        self.guard = DestGuard::new(allow);
                     }
                 }
+                ControlMsg::Shutdown => self.begin_shutdown(now),
             }
         }
-        false
+    }
+
+    /// Tells every client the server is going away; the loop ends once they are closed (or
+    /// after [`SHUTDOWN_DRAIN`]).
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutting_down.is_some() {
+            return;
+        }
+        log::info!(
+            "tunnel: telling {} sessions the server is going away",
+            self.sessions.len()
+        );
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for sid in ids {
+            self.endpoint.close_session(now, sid, CloseReason::Shutdown);
+        }
+        self.shutting_down = Some(now + SHUTDOWN_DRAIN);
     }
 
     fn receive_datagrams(&mut self, now: Instant) {
@@ -625,7 +597,7 @@ impl ServerLoop {
             return;
         };
         let user = info.user;
-        if self.budgets.get(&user).copied().unwrap_or(0) == 0 {
+        if !self.ledger.admits(user) {
             self.answer(session, stream, OpenResult::NotAllowed);
             return;
         }
@@ -810,20 +782,14 @@ impl ServerLoop {
             self.remove_outbound(idx);
             return;
         };
-        let budget = self.budgets.entry(o.user).or_insert(0);
-        let unlimited = *budget == u64::MAX;
-        let before = *budget;
-        let result = o.pipe.pump(sock, session.transport_mut(), budget);
-        if unlimited {
-            *budget = u64::MAX;
-        }
-        let exhausted = !unlimited && *budget == 0 && before > 0;
+        let mut allowance = self.ledger.allowance(o.user);
+        let result = o.pipe.pump(sock, session.transport_mut(), &mut allowance);
         let user = o.user;
         let (moved, end) = match result {
             Ok(m) => (m, None),
             Err((end, m)) => (m, Some(end)),
         };
-        self.charge(user, moved);
+        let verdict = self.ledger.charge(now, user, moved);
         match end {
             None => {}
             Some(PipeEnd::Done) | Some(PipeEnd::StreamGone) => self.remove_outbound(idx),
@@ -839,67 +805,27 @@ impl ServerLoop {
                 self.remove_outbound(idx);
             }
         }
-        if exhausted {
-            self.limit_reached(now, user);
+        if let Some(v) = verdict {
+            self.carry_out(now, user, v);
         }
-    }
-
-    fn charge(&mut self, user: UserId, moved: Moved) {
-        if moved.to_socket == 0 && moved.to_stream == 0 {
-            return;
-        }
-        let e = self.pending_traffic.entry(user).or_insert((0, 0));
-        // Server side: stream → destination is what the user sent (up); destination → stream is
-        // what the user receives (down).
-        e.0 += moved.to_socket;
-        e.1 += moved.to_stream;
-    }
-
-    /// The user's budget just ran out while moving bytes: refuse new handshakes and streams now,
-    /// and close its sessions once what was charged has reached the client (`close_drained`).
-    fn limit_reached(&mut self, now: Instant, user: UserId) {
-        self.budgets.insert(user, 0);
-        if self.limited.insert(user, ()).is_none() {
-            log::info!(
-                "user {}: traffic limit reached; closing its sessions",
-                user.0
-            );
-        }
-        self.endpoint.set_user_state(
-            proto_user(user),
-            UserState::Refused(RefuseReason::QuotaExceeded),
-        );
-        self.draining.entry(user).or_insert(now + LIMIT_DRAIN);
-        // Make the API show the final numbers at once.
-        self.sync_accounting(now);
-        self.close_drained(now);
     }
 
     /// Closes the sessions of limited users whose sent data is all acknowledged (or whose drain
     /// time is over).
     fn close_drained(&mut self, now: Instant) {
-        if self.draining.is_empty() || now < self.next_drain_check {
-            return;
-        }
-        self.next_drain_check = now + DRAIN_CHECK;
-        let mut done = Vec::new();
-        for (&user, &deadline) in &self.draining {
-            let delivered = self
-                .sessions
+        let (sessions, endpoint) = (&self.sessions, &self.endpoint);
+        let done = self.ledger.finish_drains(now, |user| {
+            sessions
                 .iter()
                 .filter(|(_, info)| info.user == user)
                 .all(|(sid, _)| {
-                    self.endpoint.session(*sid).is_none_or(|s| {
+                    endpoint.session(*sid).is_none_or(|s| {
                         let st = s.transport().stats();
                         st.send_buffered == 0 && st.bytes_in_flight == 0
                     })
-                });
-            if delivered || now >= deadline {
-                done.push(user);
-            }
-        }
+                })
+        });
         for user in done {
-            self.draining.remove(&user);
             self.endpoint.refuse_user(
                 now,
                 proto_user(user),
@@ -961,8 +887,7 @@ impl ServerLoop {
             return;
         };
         let user = info.user;
-        let budget = self.budgets.get(&user).copied().unwrap_or(0);
-        if budget < data.len() as u64 {
+        if !self.ledger.allows(user, data.len()) {
             return;
         }
         let sent = self.relays.send(
@@ -975,14 +900,13 @@ impl ServerLoop {
             &self.resolver,
         );
         if sent {
-            self.charge(
-                user,
-                Moved {
-                    to_socket: data.len() as u64,
-                    to_stream: 0,
-                },
-            );
-            self.spend(now, user, data.len() as u64);
+            let moved = Moved {
+                to_socket: data.len() as u64,
+                to_stream: 0,
+            };
+            if let Some(v) = self.ledger.charge(now, user, moved) {
+                self.carry_out(now, user, v);
+            }
         }
     }
 
@@ -1000,61 +924,34 @@ impl ServerLoop {
                 continue;
             };
             let user = info.user;
-            if self.budgets.get(&user).copied().unwrap_or(0) < data.len() as u64 {
+            if !self.ledger.allows(user, data.len()) {
                 continue;
             }
             let Some(s) = self.endpoint.session_mut(session) else {
                 continue;
             };
             if s.transport_mut().send_datagram(dest, &data).is_ok() {
-                self.charge(
-                    user,
-                    Moved {
-                        to_socket: 0,
-                        to_stream: data.len() as u64,
-                    },
-                );
-                self.spend(now, user, data.len() as u64);
+                let moved = Moved {
+                    to_socket: 0,
+                    to_stream: data.len() as u64,
+                };
+                if let Some(v) = self.ledger.charge(now, user, moved) {
+                    self.carry_out(now, user, v);
+                }
             }
-        }
-    }
-
-    fn spend(&mut self, now: Instant, user: UserId, n: u64) {
-        let b = self.budgets.entry(user).or_insert(0);
-        if *b == u64::MAX {
-            return;
-        }
-        *b = b.saturating_sub(n);
-        if *b == 0 {
-            self.limit_reached(now, user);
         }
     }
 
     // ----- accounting -----
 
-    /// Adds pending counters to the table and refreshes the budgets of the users concerned.
+    /// Adds the ledger's unsynced traffic to the table and carries out what changed.
     fn sync_accounting(&mut self, now: Instant) {
-        if self.pending_traffic.is_empty() {
-            return;
-        }
-        let unix = unix_now();
-        let mut refreshed: Vec<(UserId, Budget)> = Vec::with_capacity(self.pending_traffic.len());
-        {
-            let mut table = crate::users::persist::lock_users(&self.users);
-            for (user, (up, down)) in self.pending_traffic.drain() {
-                table.add_traffic(user, up, down);
-                table.touch(user, unix);
-                refreshed.push((user, table.budget(user)));
-            }
-        }
-        for (user, budget) in refreshed {
-            let was_limited = self.limited.contains_key(&user);
-            let exhausted = matches!(budget, Budget::Exhausted);
-            if exhausted != was_limited {
-                self.apply_user(now, user, None, budget);
-            } else {
-                self.budgets.insert(user, budget_bytes(budget));
-            }
+        let users = &self.users;
+        let verdicts = self
+            .ledger
+            .sync(now, unix_now(), || crate::users::persist::lock_users(users));
+        for (user, v) in verdicts {
+            self.carry_out(now, user, v);
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct User {
     pub created_at: u64,
     /// Sessions open right now (live only, never persisted).
     pub online_sessions: u32,
+    /// How often the counters were reset in this process run (live only, never persisted): the
+    /// tunnel loop compares it to tell traffic it moved before a reset from traffic after it.
+    pub resets: u32,
     /// Unix seconds of the last activity, if any.
     pub last_seen: Option<u64>,
     pub source: Source,
@@ -259,6 +262,7 @@ impl UserTable {
                 connections: s.connections,
                 created_at: s.created_at,
                 online_sessions: 0,
+                resets: 0,
                 last_seen: s.last_seen,
                 source: s.source,
                 config_limit: match s.source {
@@ -361,6 +365,7 @@ impl UserTable {
                 connections: 0,
                 created_at: now_unix,
                 online_sessions: 0,
+                resets: 0,
                 last_seen: None,
                 source: Source::Api,
                 config_limit: None,
@@ -404,6 +409,7 @@ impl UserTable {
             u.bytes_up = 0;
             u.bytes_down = 0;
             u.connections = 0;
+            u.resets = u.resets.wrapping_add(1);
         }
         self.bump();
         Ok(id)
@@ -443,6 +449,11 @@ impl UserTable {
         if let Some(u) = self.users.get_mut(&id) {
             u.last_seen = Some(now_unix);
         }
+    }
+
+    /// [`User::resets`] of `id`; `None` for unknown ids.
+    pub fn resets(&self, id: UserId) -> Option<u32> {
+        self.users.get(&id).map(|u| u.resets)
     }
 
     /// What `id` may still transfer; unknown ids are [`Budget::Exhausted`].
@@ -507,6 +518,7 @@ impl UserTable {
                             connections: 0,
                             created_at: now_unix,
                             online_sessions: 0,
+                            resets: 0,
                             last_seen: None,
                             source: Source::Config,
                             config_limit: Some(entry.limit_bytes),
@@ -615,9 +627,15 @@ mod tests {
         assert_eq!(t.budget(id), Budget::Exhausted);
         t.add_traffic(id, u64::MAX, u64::MAX);
         assert_eq!(t.budget(id), Budget::Exhausted);
+        assert_eq!(t.resets(id), Some(0));
         t.reset(K1).unwrap();
         let u = t.get(id).unwrap();
         assert_eq!((u.bytes_up, u.bytes_down, u.connections), (0, 0, 0));
+        assert_eq!(
+            t.resets(id),
+            Some(1),
+            "a reset is told apart from the traffic before it"
+        );
         assert_eq!(u.online_sessions, 1, "reset keeps live sessions");
         t.session_closed(id);
         t.session_closed(id);

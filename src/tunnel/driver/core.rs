@@ -110,14 +110,14 @@ mod tests {
         let mut core = LoopCore::new().unwrap();
         let (tx, rx) = core.control_channel();
         let t0 = Instant::now();
-        let waiter = std::thread::spawn(move || tx.send(ControlMsg::ReloadUsers));
+        let waiter = std::thread::spawn(move || tx.send(ControlMsg::Shutdown));
         let mut events = events();
         core.wait(&mut events, t0, Some(t0 + Duration::from_secs(10)))
             .unwrap();
         assert!(t0.elapsed() < Duration::from_secs(5));
         assert!(events.iter().any(|e| e.token() == Tok::Waker.token()));
         waiter.join().unwrap();
-        assert_eq!(rx.try_recv().unwrap(), ControlMsg::ReloadUsers);
+        assert_eq!(rx.try_recv().unwrap(), ControlMsg::Shutdown);
     }
 
     #[test]
