@@ -32,6 +32,8 @@ pub const VERSION: u8 = 1;
 pub const EPOCH_SECS: u64 = 120;
 /// Accepted difference between the client's and the server's clocks, in seconds.
 pub const CLOCK_WINDOW_SECS: u64 = 120;
+/// Hello tag slots per user and epoch: `tag(epoch, slot)` for `slot < HELLO_SLOTS`.
+pub const HELLO_SLOTS: u16 = 16;
 /// Bytes of the hello lookup tag.
 pub const HELLO_TAG_LEN: usize = 8;
 /// Offset of the hello ciphertext.

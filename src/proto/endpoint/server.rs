@@ -1,71 +1,22 @@
-//! Server endpoint and client connector: the public face of the protocol core for the data plane.
-//!
-//! The server endpoint owns the user registry (per-user keys and precomputed hello tags for the
-//! current and neighbouring epochs, which double as the bounded hello replay cache), the session
-//! table keyed by rotating per-packet tokens (one hash lookup per datagram), roaming, session caps
-//! and handshake rate limiting. The client connector runs the handshake (with retries) and then
-//! one [`Session`]. Neither reads a clock, a socket or a global RNG.
+//! The server endpoint: users, sessions, roaming, caps and handshake processing for all sockets.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::crypto::Key32;
-use super::handshake::{
-    self, CLOCK_WINDOW_SECS, HELLO_TAG_LEN, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO, RefuseReason,
-    Reply, SentHello,
+use super::hello_tags::{HelloTags, TagMatch};
+use super::rate_limit::TokenBucket;
+use super::{IdMap, SessionId, SocketIndex, UserId};
+use crate::proto::crypto::Key32;
+use crate::proto::handshake::{
+    self, CLOCK_WINDOW_SECS, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO, RefuseReason, Reply,
 };
-use super::packet::{TOKEN_LEN, TokenSink};
-use super::psk::{AccessKeyError, UserKeys};
-use super::rng::Drbg;
-use super::session::{MAX_DATAGRAM, MIN_DATAGRAM, PacketError, Session, SessionConfig};
-use super::transport::{CloseReason, Side, TransportEvent};
-
-/// Hello slots per user and epoch: a user can start this many handshakes per epoch (120 s).
-pub const HELLO_SLOTS: u16 = 16;
-/// Users whose next-epoch tags are prepared per received datagram.
-const PREPARE_BATCH: usize = 2;
-/// Most hello tags registered per user: epochs `E-1 ..= E+2` (the last one prepared early).
-pub const MAX_TAGS_PER_USER: usize = 4 * HELLO_SLOTS as usize;
-
-/// Hasher for keys that are already uniformly random (PRF tokens) or small counters:
-/// one multiply-xorshift, no per-process key needed because attackers cannot choose the keys.
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        h ^ (h >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.0 ^= u64::from(v);
-    }
-}
-
-type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
-
-/// Operator-assigned user number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(pub u32);
-
-/// Index of the local UDP socket a datagram arrived on / must leave from (driver-defined).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SocketIndex(pub u32);
-
-/// Server-side session handle (never reused within an endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u64);
+use crate::proto::packet::{TOKEN_LEN, TokenSink};
+use crate::proto::psk::{AccessKeyError, UserKeys};
+use crate::proto::rng::Drbg;
+use crate::proto::session::{MIN_DATAGRAM, PacketError, Session, SessionConfig};
+use crate::proto::transport::{CloseReason, Side, TransportEvent};
 
 /// Whether a known user may connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,17 +145,9 @@ pub struct EndpointStats {
     pub replies_sent: u64,
 }
 
-struct TagEntry {
-    user: UserId,
-    epoch: u64,
-    used: bool,
-}
-
 struct User {
     keys: UserKeys,
     state: UserState,
-    /// Tags currently registered, per epoch.
-    tags: Vec<(u64, [u64; HELLO_SLOTS as usize])>,
     sessions: Vec<SessionId>,
 }
 
@@ -251,10 +194,7 @@ pub struct ServerEndpoint {
     config: ServerConfig,
     rng: Drbg,
     users: IdMap<u32, User>,
-    tags: IdMap<u64, TagEntry>,
-    epoch: Option<u64>,
-    /// Users whose tags for the epoch after next are not registered yet.
-    prepare_queue: Vec<u32>,
+    tags: HelloTags,
     sessions: IdMap<u64, ServerSession>,
     tokens: IdMap<u64, (SessionId, u64)>,
     next_session: u64,
@@ -263,8 +203,7 @@ pub struct ServerEndpoint {
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     replies: VecDeque<Box<QueuedReply>>,
     events: VecDeque<EndpointEvent>,
-    bucket_millis: u64,
-    bucket_at: Option<Instant>,
+    handshake_tokens: TokenBucket,
     stats: EndpointStats,
     /// Reused by `handle_timeout` (no allocation per call).
     due_scratch: Vec<SessionId>,
@@ -283,14 +222,12 @@ impl std::fmt::Debug for ServerEndpoint {
 impl ServerEndpoint {
     /// Creates an endpoint. `rng_seed` must come from the OS RNG (fixed only in tests).
     pub fn new(config: ServerConfig, rng_seed: [u8; 32]) -> Self {
-        let bucket_millis = u64::from(config.handshake_burst) * 1000;
+        let handshake_tokens = TokenBucket::new(config.handshake_rate, config.handshake_burst);
         ServerEndpoint {
             config,
             rng: Drbg::new(rng_seed),
             users: IdMap::default(),
-            tags: IdMap::default(),
-            epoch: None,
-            prepare_queue: Vec::new(),
+            tags: HelloTags::default(),
             sessions: IdMap::default(),
             tokens: IdMap::default(),
             next_session: 1,
@@ -299,8 +236,7 @@ impl ServerEndpoint {
             timers: BinaryHeap::new(),
             replies: VecDeque::new(),
             events: VecDeque::new(),
-            bucket_millis,
-            bucket_at: None,
+            handshake_tokens,
             stats: EndpointStats::default(),
             due_scratch: Vec::new(),
         }
@@ -342,7 +278,7 @@ impl ServerEndpoint {
                 return Ok(());
             }
         }
-        self.unregister_tags(id);
+        self.tags.set_user(id, &keys.tag_key);
         let sessions = self
             .users
             .remove(&id.0)
@@ -353,13 +289,9 @@ impl ServerEndpoint {
             User {
                 keys,
                 state,
-                tags: Vec::new(),
                 sessions,
             },
         );
-        if let Some(epoch) = self.epoch {
-            self.register_tags(id, epoch.saturating_sub(1), epoch + 2);
-        }
         Ok(())
     }
 
@@ -393,7 +325,7 @@ impl ServerEndpoint {
             return false;
         }
         self.close_user(now, id, CloseReason::UserDeleted);
-        self.unregister_tags(id);
+        self.tags.remove_user(id);
         self.users.remove(&id.0);
         true
     }
@@ -413,98 +345,6 @@ impl ServerEndpoint {
     /// Number of users.
     pub fn user_count(&self) -> usize {
         self.users.len()
-    }
-
-    fn unregister_tags(&mut self, id: UserId) {
-        if let Some(user) = self.users.get_mut(&id.0) {
-            for (_, tags) in user.tags.drain(..) {
-                for tag in tags {
-                    if self.tags.get(&tag).is_some_and(|e| e.user == id) {
-                        self.tags.remove(&tag);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Makes the user's registered tags exactly those of epochs `lo ..= hi`.
-    fn register_tags(&mut self, id: UserId, lo: u64, hi: u64) {
-        let Some(user) = self.users.get_mut(&id.0) else {
-            return;
-        };
-        let tags_table = &mut self.tags;
-        user.tags.retain(|(e, tags)| {
-            let keep = (lo..=hi).contains(e);
-            if !keep {
-                for tag in tags {
-                    if tags_table.get(tag).is_some_and(|entry| entry.user == id) {
-                        tags_table.remove(tag);
-                    }
-                }
-            }
-            keep
-        });
-        for e in lo..=hi {
-            if user.tags.iter().any(|(have, _)| *have == e) {
-                continue;
-            }
-            let mut tags = [0u64; HELLO_SLOTS as usize];
-            for (slot, tag) in tags.iter_mut().enumerate() {
-                *tag = handshake::hello_tag(&user.keys.tag_key, e, slot as u16);
-                tags_table.entry(*tag).or_insert(TagEntry {
-                    user: id,
-                    epoch: e,
-                    used: false,
-                });
-            }
-            user.tags.push((e, tags));
-        }
-    }
-
-    /// Follows the server clock's epoch. The table always holds epochs `E-1 ..= E+1` of every
-    /// user; `E+2` is prepared in small batches while datagrams are processed
-    /// ([`ServerEndpoint::prepare_next_epoch`]), so a normal rollover costs almost nothing.
-    fn advance_epoch(&mut self, unix_secs: u64) {
-        let epoch = handshake::epoch_of(unix_secs);
-        let Some(current) = self.epoch else {
-            self.reset_epoch(epoch);
-            return;
-        };
-        // A step back by one epoch stays inside the registered window: keep it (and its used
-        // marks). A larger step back is a clock correction: follow it, or every handshake would
-        // fail until the clock caught up again.
-        if epoch == current || epoch + 1 == current {
-            return;
-        }
-        if epoch == current + 1 {
-            // Finish what the batches did not do yet, then start preparing the next epoch.
-            self.prepare_next_epoch(usize::MAX);
-            self.epoch = Some(epoch);
-            self.prepare_queue = self.users.keys().copied().collect();
-            return;
-        }
-        self.reset_epoch(epoch);
-    }
-
-    /// Registers `epoch-1 ..= epoch+1` for every user at once (start, clock jumps).
-    fn reset_epoch(&mut self, epoch: u64) {
-        self.epoch = Some(epoch);
-        let ids: Vec<u32> = self.users.keys().copied().collect();
-        for &id in &ids {
-            self.register_tags(UserId(id), epoch.saturating_sub(1), epoch + 1);
-        }
-        self.prepare_queue = ids;
-    }
-
-    /// Registers epoch `E+2` (and drops `E-2`) for up to `budget` users.
-    fn prepare_next_epoch(&mut self, budget: usize) {
-        let Some(epoch) = self.epoch else { return };
-        for _ in 0..budget {
-            let Some(id) = self.prepare_queue.pop() else {
-                break;
-            };
-            self.register_tags(UserId(id), epoch.saturating_sub(1), epoch + 2);
-        }
     }
 
     // ----- sessions -----
@@ -635,10 +475,7 @@ impl ServerEndpoint {
         data: &mut [u8],
     ) {
         self.stats.datagrams_in += 1;
-        self.advance_epoch(unix_secs);
-        if !self.prepare_queue.is_empty() {
-            self.prepare_next_epoch(PREPARE_BATCH);
-        }
+        self.tags.advance(unix_secs);
         let Some(head) = data.get(..TOKEN_LEN) else {
             self.stats.dropped_unknown += 1;
             return;
@@ -648,7 +485,7 @@ impl ServerEndpoint {
         let token = u64::from_le_bytes(token_bytes);
         if let Some(&(sid, pn)) = self.tokens.get(&token) {
             self.handle_data(now, sid, pn, local, from, data);
-        } else if self.tags.contains_key(&token) {
+        } else if self.tags.contains(token) {
             self.handle_hello(now, unix_secs, token, local, from, data);
         } else {
             self.stats.dropped_unknown += 1;
@@ -696,22 +533,6 @@ impl ServerEndpoint {
         self.after_activity(sid);
     }
 
-    fn take_handshake_token(&mut self, now: Instant) -> bool {
-        let cap = u64::from(self.config.handshake_burst) * 1000;
-        if let Some(at) = self.bucket_at {
-            let elapsed_ms = now.saturating_duration_since(at).as_millis() as u64;
-            let refill = elapsed_ms.saturating_mul(u64::from(self.config.handshake_rate));
-            self.bucket_millis = self.bucket_millis.saturating_add(refill).min(cap);
-        }
-        self.bucket_at = Some(now);
-        if self.bucket_millis >= 1000 {
-            self.bucket_millis -= 1000;
-            true
-        } else {
-            false
-        }
-    }
-
     fn handle_hello(
         &mut self,
         now: Instant,
@@ -721,24 +542,24 @@ impl ServerEndpoint {
         from: SocketAddr,
         data: &mut [u8],
     ) {
-        let Some(entry) = self.tags.get(&tag) else {
+        let Some(TagMatch {
+            user: user_id,
+            epoch: tag_epoch,
+            used,
+        }) = self.tags.lookup(tag)
+        else {
+            self.stats.dropped_unknown += 1;
             return;
         };
-        if entry.used {
+        if used {
             self.stats.hello_replays += 1;
-            return;
-        }
-        let (user_id, tag_epoch) = (entry.user, entry.epoch);
-        if self.epoch.is_some_and(|e| tag_epoch + 1 < e) {
-            // A tag of an epoch that already left the window (not yet cleaned up).
-            self.stats.dropped_unknown += 1;
             return;
         }
         if data.len() < MIN_HELLO || data.len() > MAX_HELLO {
             self.stats.hello_bad += 1;
             return;
         }
-        if !self.take_handshake_token(now) {
+        if !self.handshake_tokens.take(now) {
             self.stats.hello_rate_limited += 1;
             return;
         }
@@ -765,16 +586,14 @@ impl ServerEndpoint {
             self.stats.hello_stale += 1;
             return;
         }
-        if let Some(entry) = self.tags.get_mut(&tag) {
-            entry.used = true;
-        }
+        self.tags.mark_used(tag);
         let psk = user.keys.psk;
         let mut refusal = match user.state {
             UserState::Refused(reason) => Some(reason),
             UserState::Active => None,
         };
         if refusal.is_none() {
-            refusal = self.make_room(now, user_id);
+            refusal = self.make_room(user_id);
         }
         let reply = match refusal {
             Some(reason) => {
@@ -845,7 +664,7 @@ impl ServerEndpoint {
 
     /// Applies the caps before a new session of `user`; returns a refusal if there is no room.
     /// Unconfirmed sessions (reply possibly lost) of the same user are evicted first.
-    fn make_room(&mut self, now: Instant, user: UserId) -> Option<RefuseReason> {
+    fn make_room(&mut self, user: UserId) -> Option<RefuseReason> {
         let per_user = self.config.max_sessions_per_user;
         let sessions = self
             .users
@@ -857,7 +676,6 @@ impl ServerEndpoint {
                 .iter()
                 .find(|s| self.sessions.get(&s.0).is_some_and(|e| !e.confirmed));
             if let Some(&victim) = unconfirmed {
-                let _ = now;
                 if let Some(entry) = self.sessions.get_mut(&victim.0) {
                     entry.close_reason = Some(CloseReason::LimitReached);
                 }
@@ -1019,405 +837,4 @@ impl ServerEndpoint {
         self.process_dirty();
         self.events.pop_front()
     }
-}
-
-// ===================================================================================== client
-
-/// Client connector settings.
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// Packet protection and transport settings.
-    pub session: SessionConfig,
-    /// Up to this many random padding bytes in hellos.
-    pub hello_pad_max: u16,
-    /// First hello retransmission delay (doubles up to `max_retry`).
-    pub initial_retry: Duration,
-    /// Longest delay between hellos.
-    pub max_retry: Duration,
-    /// Give up the handshake after this long.
-    pub handshake_timeout: Duration,
-    /// Added to the driver's unix time (e.g. an offset learned from an earlier session).
-    pub clock_offset_secs: i64,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            session: SessionConfig::default(),
-            hello_pad_max: 320,
-            initial_retry: Duration::from_secs(1),
-            max_retry: Duration::from_secs(8),
-            handshake_timeout: Duration::from_secs(30),
-            clock_offset_secs: 0,
-        }
-    }
-}
-
-/// Client events.
-#[derive(Debug)]
-pub enum ClientEvent {
-    /// Handshake done; streams can be opened.
-    Connected,
-    /// The server refused this user (authenticated). The connector is finished.
-    Refused {
-        /// Why.
-        reason: RefuseReason,
-        /// Suggested back-off.
-        retry_after_secs: u16,
-    },
-    /// No valid reply within the handshake timeout (wrong key, deleted user, clock off by more than
-    /// the window, server unreachable — the server deliberately does not say which).
-    HandshakeTimeout,
-    /// A transport event (streams, datagrams, `Closed`).
-    Transport(TransportEvent),
-}
-
-/// Client counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ClientStats {
-    /// Hellos sent.
-    pub hellos_sent: u64,
-    /// Datagrams dropped (not a reply to a pending hello, unknown token, failed authentication).
-    pub dropped: u64,
-}
-
-enum ClientState {
-    Handshaking,
-    Established,
-    Finished,
-}
-
-/// Client token table (one session).
-#[derive(Default)]
-struct LocalSink(IdMap<u64, u64>);
-
-impl TokenSink for LocalSink {
-    fn insert_token(&mut self, token: u64, pn: u64) {
-        self.0.entry(token).or_insert(pn);
-    }
-    fn remove_token(&mut self, token: u64, pn: u64) {
-        if self.0.get(&token) == Some(&pn) {
-            self.0.remove(&token);
-        }
-    }
-}
-
-/// Hellos remembered for matching replies.
-const PENDING_HELLOS: usize = 4;
-
-/// The client side: handshake with retries, then one protected session.
-pub struct ClientSession {
-    config: ClientConfig,
-    keys: UserKeys,
-    rng: Drbg,
-    state: ClientState,
-    start: Instant,
-    start_unix: u64,
-    pending: VecDeque<(SentHello, Key32)>,
-    outgoing_hello: Option<(usize, [u8; MAX_HELLO])>,
-    next_retry: Instant,
-    retry_delay: Duration,
-    slot: u16,
-    session: Option<Session>,
-    tokens: LocalSink,
-    events: VecDeque<ClientEvent>,
-    clock_offset: Option<i64>,
-    stats: ClientStats,
-}
-
-impl std::fmt::Debug for ClientSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientSession")
-            .field("stats", &self.stats)
-            .finish()
-    }
-}
-
-impl ClientSession {
-    /// Starts connecting: the first hello is ready in [`ClientSession::poll_transmit`].
-    pub fn connect(
-        config: ClientConfig,
-        access_key: &str,
-        now: Instant,
-        unix_secs: u64,
-        rng_seed: [u8; 32],
-    ) -> Result<Self, AccessKeyError> {
-        let keys = UserKeys::from_access_key(access_key)?;
-        let mut rng = Drbg::new(rng_seed);
-        let slot = rng.up_to(u32::from(HELLO_SLOTS - 1)) as u16;
-        let start_unix = unix_secs.saturating_add_signed(config.clock_offset_secs);
-        let retry_delay = config.initial_retry;
-        let mut client = ClientSession {
-            config,
-            keys,
-            rng,
-            state: ClientState::Handshaking,
-            start: now,
-            start_unix,
-            pending: VecDeque::new(),
-            outgoing_hello: None,
-            next_retry: now,
-            retry_delay,
-            slot,
-            session: None,
-            tokens: LocalSink::default(),
-            events: VecDeque::new(),
-            clock_offset: None,
-            stats: ClientStats::default(),
-        };
-        client.send_hello(now);
-        Ok(client)
-    }
-
-    fn unix_at(&self, now: Instant) -> u64 {
-        self.start_unix + now.saturating_duration_since(self.start).as_secs()
-    }
-
-    fn send_hello(&mut self, now: Instant) {
-        let unix_secs = self.unix_at(now);
-        let epoch = handshake::epoch_of(unix_secs);
-        let hello = Hello {
-            unix_secs,
-            client_random: self.rng.bytes32(),
-            max_datagram: self
-                .config
-                .session
-                .max_datagram
-                .clamp(MIN_DATAGRAM, MAX_DATAGRAM) as u16,
-        };
-        let slot = self.slot % HELLO_SLOTS;
-        self.slot = self.slot.wrapping_add(1);
-        let mut bytes = [0u8; MAX_HELLO];
-        let pad = self.config.hello_pad_max;
-        let written = handshake::write_hello(
-            &self.keys.hello_key,
-            &self.keys.tag_key,
-            epoch,
-            slot,
-            &hello,
-            pad,
-            &mut self.rng,
-            &mut bytes,
-        );
-        if let Some((len, sent)) = written {
-            let reply_key = handshake::reply_key(&self.keys.psk, &hello.client_random);
-            if self.pending.len() == PENDING_HELLOS {
-                self.pending.pop_front();
-            }
-            self.pending.push_back((sent, reply_key));
-            self.outgoing_hello = Some((len, bytes));
-            self.stats.hellos_sent += 1;
-        }
-        self.next_retry = now + self.retry_delay;
-        self.retry_delay = (self.retry_delay * 2).min(self.config.max_retry);
-    }
-
-    /// Handles a datagram from the server (decrypted in place).
-    pub fn handle_datagram(&mut self, now: Instant, data: &mut [u8]) {
-        match self.state {
-            ClientState::Handshaking => self.handle_reply(now, data),
-            ClientState::Established => {
-                let token = data
-                    .get(..TOKEN_LEN)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_le_bytes);
-                let (Some(token), Some(session)) = (token, self.session.as_mut()) else {
-                    self.stats.dropped += 1;
-                    return;
-                };
-                let Some(&pn) = self.tokens.0.get(&token) else {
-                    self.stats.dropped += 1;
-                    return;
-                };
-                if session
-                    .handle_packet(now, pn, data, &mut self.tokens)
-                    .is_err()
-                {
-                    self.stats.dropped += 1;
-                }
-                self.drain_session();
-            }
-            ClientState::Finished => self.stats.dropped += 1,
-        }
-    }
-
-    fn handle_reply(&mut self, now: Instant, data: &[u8]) {
-        let found = self.pending.iter().find_map(|(sent, key)| {
-            handshake::open_reply(key, sent, data)
-                .ok()
-                .map(|r| (r, sent.hello))
-        });
-        let Some((reply, hello)) = found else {
-            self.stats.dropped += 1;
-            return;
-        };
-        let local_unix = self.unix_at(now);
-        match reply {
-            Reply::Accept {
-                server_unix_secs,
-                server_random,
-                max_datagram,
-            } => {
-                self.clock_offset = Some(
-                    server_unix_secs as i64 - local_unix as i64 + self.config.clock_offset_secs,
-                );
-                let secret =
-                    handshake::session_secret(&self.keys.psk, &hello.client_random, &server_random);
-                let max = self
-                    .config
-                    .session
-                    .max_datagram
-                    .min(usize::from(max_datagram));
-                let seed = self.rng.bytes32();
-                let session = Session::new(
-                    &secret,
-                    Side::Client,
-                    &self.config.session,
-                    max,
-                    now,
-                    seed,
-                    &mut self.tokens,
-                );
-                self.session = Some(session);
-                self.pending.clear();
-                self.outgoing_hello = None;
-                self.state = ClientState::Established;
-                self.events.push_back(ClientEvent::Connected);
-            }
-            Reply::Refuse {
-                server_unix_secs,
-                reason,
-                retry_after_secs,
-            } => {
-                self.clock_offset = Some(
-                    server_unix_secs as i64 - local_unix as i64 + self.config.clock_offset_secs,
-                );
-                self.pending.clear();
-                self.outgoing_hello = None;
-                self.state = ClientState::Finished;
-                self.events.push_back(ClientEvent::Refused {
-                    reason,
-                    retry_after_secs,
-                });
-            }
-        }
-    }
-
-    fn drain_session(&mut self) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        while let Some(event) = session.poll_event() {
-            self.events.push_back(ClientEvent::Transport(event));
-        }
-        if session.is_closed() {
-            session.release_tokens(&mut self.tokens);
-            self.state = ClientState::Finished;
-        }
-    }
-
-    /// Next datagram to send to the server.
-    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
-        if let Some((len, bytes)) = self.outgoing_hello.take() {
-            if buf.len() < len {
-                return None;
-            }
-            buf[..len].copy_from_slice(&bytes[..len]);
-            return Some(len);
-        }
-        if !matches!(self.state, ClientState::Established) {
-            return None;
-        }
-        let len = self.session.as_mut()?.poll_transmit(now, buf);
-        self.drain_session();
-        len
-    }
-
-    /// Earliest instant at which [`ClientSession::handle_timeout`] must run.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.state {
-            ClientState::Handshaking => Some(
-                self.next_retry
-                    .min(self.start + self.config.handshake_timeout),
-            ),
-            ClientState::Established => self.session.as_ref()?.poll_timeout(),
-            ClientState::Finished => None,
-        }
-    }
-
-    /// Retransmits the hello (a new one: fresh randomness, next slot) or runs session timers.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        match self.state {
-            ClientState::Handshaking => {
-                if now >= self.start + self.config.handshake_timeout {
-                    self.state = ClientState::Finished;
-                    self.pending.clear();
-                    self.outgoing_hello = None;
-                    self.events.push_back(ClientEvent::HandshakeTimeout);
-                } else if now >= self.next_retry {
-                    self.send_hello(now);
-                }
-            }
-            ClientState::Established => {
-                if let Some(session) = self.session.as_mut() {
-                    session.handle_timeout(now);
-                }
-                self.drain_session();
-            }
-            ClientState::Finished => {}
-        }
-    }
-
-    /// Next event.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.events.pop_front()
-    }
-
-    /// The session once connected (stream operations go through `transport_mut()`).
-    pub fn session_mut(&mut self) -> Option<&mut Session> {
-        self.session.as_mut()
-    }
-
-    /// The session once connected.
-    pub fn session(&self) -> Option<&Session> {
-        self.session.as_ref()
-    }
-
-    /// Gracefully closes the session with `reason`.
-    pub fn close(&mut self, now: Instant, reason: CloseReason) {
-        match self.session.as_mut() {
-            Some(session) => session.close(now, reason),
-            None => {
-                self.state = ClientState::Finished;
-                self.outgoing_hello = None;
-            }
-        }
-        self.drain_session();
-    }
-
-    /// True once connected.
-    pub fn is_connected(&self) -> bool {
-        matches!(self.state, ClientState::Established)
-    }
-
-    /// True when nothing more will happen (refused, timed out, or closed).
-    pub fn is_finished(&self) -> bool {
-        matches!(self.state, ClientState::Finished)
-    }
-
-    /// `server clock − client clock` in seconds, learned from the last authenticated reply.
-    /// Feed it back as `ClientConfig::clock_offset_secs` on the next connect.
-    pub fn server_clock_offset(&self) -> Option<i64> {
-        self.clock_offset
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> ClientStats {
-        self.stats
-    }
-}
-
-/// True if `data` could be a hello by length alone (used by fuzzing and tests).
-pub fn plausible_hello_len(len: usize) -> bool {
-    (MIN_HELLO..=MAX_HELLO).contains(&len) && len > HELLO_TAG_LEN
 }
