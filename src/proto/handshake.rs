@@ -38,6 +38,8 @@ pub const HELLO_SLOTS: u16 = 16;
 pub const HELLO_TAG_LEN: usize = 8;
 /// Offset of the hello ciphertext.
 const HELLO_CT: usize = HELLO_TAG_LEN + XNONCE_LEN;
+/// Bytes of the hello header (tag and nonce) that the reply binds as AAD.
+pub const HELLO_HEADER_LEN: usize = HELLO_CT;
 /// Fixed hello plaintext bytes (before padding).
 const HELLO_PLAIN: usize = 44;
 /// Smallest hello on the wire.

@@ -1,29 +1,41 @@
-//! The epoch and hello-tag table: finds the user of a hello in one hash lookup and remembers which
-//! tags were used.
+//! The epoch and hello-tag table: finds the user of a hello in one hash lookup, and remembers the
+//! hellos answered per user and epoch so that each hello is answered at most once.
 //!
 //! Invariant: once the epoch `E` is known, the table holds the tags of epochs `E-1 ..= E+1` of every
 //! user; `E+2` is prepared in small batches ([`HelloTags::advance`]) so that the rollover to
-//! `E+1` costs almost nothing, and at most `E-1 ..= E+2` are ever held.
+//! `E+1` costs almost nothing, and at most `E-1 ..= E+2` are ever held. A hello of epoch `e` can
+//! pass the server's clock check only while the server is in `e-1 ..= e+1`, so the record of
+//! answered hellos, kept with the epoch's tags, covers the whole time a replay could be accepted.
+//!
+//! Tags are not single-use: several hellos of one key (devices sharing it) may carry the same tag.
+//! What makes a hello a replay is its nonce, which the key holder picks at random per hello and
+//! which an attacker cannot change without failing authentication.
 
 use super::{IdMap, UserId};
 use crate::proto::crypto::Key32;
-use crate::proto::handshake::{self, HELLO_SLOTS};
+use crate::proto::handshake::{self, HELLO_SLOTS, HELLO_TAG_LEN};
 
 /// Users whose next-epoch tags are prepared per received datagram.
 const PREPARE_BATCH: usize = 2;
 /// Most hello tags registered per user: epochs `E-1 ..= E+2` (the last one prepared early).
 pub const MAX_TAGS_PER_USER: usize = 4 * HELLO_SLOTS as usize;
+/// Most hellos of one key answered (accepted or refused) per epoch of their tags; further fresh
+/// hellos of that key and epoch get silence. Memory: 8 bytes per answered hello, so at most
+/// 2 KiB per key and epoch, 6 KiB per key for the three epochs that can still be answered.
+pub const MAX_HANDSHAKES_PER_EPOCH: usize = 256;
 
 struct TagEntry {
     user: UserId,
     epoch: u64,
-    used: bool,
 }
 
-/// The tags of one user and epoch.
+/// The tags of one user and epoch, and the hellos answered with them.
 struct EpochTags {
     epoch: u64,
     tags: [u64; HELLO_SLOTS as usize],
+    /// Fingerprints ([`hello_fingerprint`]) of the answered hellos, sorted, at most
+    /// [`MAX_HANDSHAKES_PER_EPOCH`].
+    answered: Vec<u64>,
 }
 
 struct UserTags {
@@ -38,8 +50,22 @@ pub struct TagMatch {
     pub user: UserId,
     /// The epoch the tag belongs to.
     pub epoch: u64,
-    /// A hello with this tag was accepted already.
-    pub used: bool,
+}
+
+/// Why a hello whose tag matched must get silence without being authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloDrop {
+    /// This hello was answered already (a replay).
+    Replay,
+    /// Its key already had [`MAX_HANDSHAKES_PER_EPOCH`] hellos answered in the tag's epoch.
+    KeyLimit,
+}
+
+/// The replay fingerprint of a hello: the first 8 bytes of its random nonce (bytes `8..16`).
+/// `None` if the datagram is too short to be a hello.
+pub fn hello_fingerprint(hello: &[u8]) -> Option<u64> {
+    let bytes = hello.get(HELLO_TAG_LEN..HELLO_TAG_LEN + 8)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Hello tags of every user for the epochs around the server clock's.
@@ -102,7 +128,6 @@ impl HelloTags {
         Some(TagMatch {
             user: entry.user,
             epoch: entry.epoch,
-            used: entry.used,
         })
     }
 
@@ -111,11 +136,45 @@ impl HelloTags {
         self.table.contains_key(&tag)
     }
 
-    /// Marks `tag` used: further hellos carrying it are replays.
-    pub fn mark_used(&mut self, tag: u64) {
-        if let Some(entry) = self.table.get_mut(&tag) {
-            entry.used = true;
+    /// Whether a hello with this tag and fingerprint may be answered (checked before the hello is
+    /// authenticated: a binary search over at most [`MAX_HANDSHAKES_PER_EPOCH`] entries).
+    pub fn check(&self, found: TagMatch, fingerprint: u64) -> Result<(), HelloDrop> {
+        let answered = self
+            .epoch_tags(found)
+            .map_or(&[][..], |e| e.answered.as_slice());
+        if answered.binary_search(&fingerprint).is_ok() {
+            Err(HelloDrop::Replay)
+        } else if answered.len() >= MAX_HANDSHAKES_PER_EPOCH {
+            Err(HelloDrop::KeyLimit)
+        } else {
+            Ok(())
         }
+    }
+
+    /// Records an authenticated hello that is about to be answered: the same hello (same
+    /// fingerprint) is a replay from now on. Fails like [`HelloTags::check`].
+    pub fn record(&mut self, found: TagMatch, fingerprint: u64) -> Result<(), HelloDrop> {
+        let epoch = self
+            .users
+            .get_mut(&found.user.0)
+            .and_then(|u| u.epochs.iter_mut().find(|e| e.epoch == found.epoch))
+            .ok_or(HelloDrop::KeyLimit)?;
+        match epoch.answered.binary_search(&fingerprint) {
+            Ok(_) => Err(HelloDrop::Replay),
+            Err(_) if epoch.answered.len() >= MAX_HANDSHAKES_PER_EPOCH => Err(HelloDrop::KeyLimit),
+            Err(at) => {
+                epoch.answered.insert(at, fingerprint);
+                Ok(())
+            }
+        }
+    }
+
+    fn epoch_tags(&self, found: TagMatch) -> Option<&EpochTags> {
+        self.users
+            .get(&found.user.0)?
+            .epochs
+            .iter()
+            .find(|e| e.epoch == found.epoch)
     }
 
     /// Follows the server clock and prepares the next epoch's tags of a few users. Call once per
@@ -147,13 +206,13 @@ impl HelloTags {
             let mut tags = [0u64; HELLO_SLOTS as usize];
             for (slot, tag) in tags.iter_mut().enumerate() {
                 *tag = handshake::hello_tag(&user.tag_key, epoch, slot as u16);
-                table.entry(*tag).or_insert(TagEntry {
-                    user: id,
-                    epoch,
-                    used: false,
-                });
+                table.entry(*tag).or_insert(TagEntry { user: id, epoch });
             }
-            user.epochs.push(EpochTags { epoch, tags });
+            user.epochs.push(EpochTags {
+                epoch,
+                tags,
+                answered: Vec::new(),
+            });
         }
     }
 
@@ -163,8 +222,8 @@ impl HelloTags {
             self.reset_epoch(epoch);
             return;
         };
-        // A step back by one epoch stays inside the registered window: keep it (and its used
-        // marks). A larger step back is a clock correction: follow it, or every handshake would
+        // A step back by one epoch stays inside the registered window: keep it (and its record
+        // of answered hellos). A larger step back is a clock correction: follow it, or every handshake would
         // fail until the clock caught up again.
         if epoch == current || epoch + 1 == current {
             return;

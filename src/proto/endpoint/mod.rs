@@ -3,7 +3,7 @@
 //! - [`server`]: the server endpoint — user registry, session table keyed by rotating per-packet
 //!   tokens (one hash lookup per datagram), roaming, session caps, handshake processing.
 //! - [`hello_tags`]: the epoch and hello-tag table (finds a hello's user in one lookup) and the
-//!   record of accepted hellos that makes every hello single-use.
+//!   record of answered hellos that makes every hello single-use.
 //! - [`rate_limit`]: the handshake token bucket.
 //! - [`client`]: the client connector (handshake with retries, then one [`Session`]).
 //!
@@ -23,7 +23,7 @@ pub mod server;
 
 pub use super::handshake::HELLO_SLOTS;
 pub use client::{ClientConfig, ClientEvent, ClientSession, ClientStats};
-pub use hello_tags::MAX_TAGS_PER_USER;
+pub use hello_tags::{MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER};
 pub use server::{EndpointEvent, EndpointStats, ServerConfig, ServerEndpoint, Transmit, UserState};
 
 /// Hasher for keys that are already uniformly random (PRF tokens) or small counters:

@@ -5,12 +5,13 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::hello_tags::{HelloTags, TagMatch};
+use super::hello_tags::{HelloDrop, HelloTags, hello_fingerprint};
 use super::rate_limit::TokenBucket;
 use super::{IdMap, SessionId, SocketIndex, UserId};
 use crate::proto::crypto::Key32;
 use crate::proto::handshake::{
-    self, CLOCK_WINDOW_SECS, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO, RefuseReason, Reply,
+    self, CLOCK_WINDOW_SECS, HELLO_HEADER_LEN, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO,
+    RefuseReason, Reply,
 };
 use crate::proto::packet::{TOKEN_LEN, TokenSink};
 use crate::proto::psk::{AccessKeyError, UserKeys};
@@ -127,6 +128,11 @@ pub struct EndpointStats {
     pub dropped_unknown: u64,
     /// Hellos whose tag was already used (replayed hellos).
     pub hello_replays: u64,
+    /// Hellos of a key that already had [`MAX_HANDSHAKES_PER_EPOCH`] hellos answered in the tag's
+    /// epoch.
+    ///
+    /// [`MAX_HANDSHAKES_PER_EPOCH`]: super::MAX_HANDSHAKES_PER_EPOCH
+    pub hello_key_limited: u64,
     /// Hellos whose tag matched but which failed authentication or parsing.
     pub hello_bad: u64,
     /// Authenticated hellos outside the clock window.
@@ -180,6 +186,15 @@ impl TokenSink for GlobalSink<'_> {
             self.table.remove(&token);
         }
     }
+}
+
+/// A hello that passed every gate and was recorded as answered.
+struct AdmittedHello {
+    user: UserId,
+    hello: Hello,
+    header: [u8; HELLO_HEADER_LEN],
+    /// Its length on the wire (the reply is never longer).
+    len: usize,
 }
 
 struct QueuedReply {
@@ -533,6 +548,7 @@ impl ServerEndpoint {
         self.after_activity(sid);
     }
 
+    /// Answers a hello whose tag matched, if it passes every gate (see [`Self::admit_hello`]).
     fn handle_hello(
         &mut self,
         now: Instant,
@@ -542,99 +558,143 @@ impl ServerEndpoint {
         from: SocketAddr,
         data: &mut [u8],
     ) {
-        let Some(TagMatch {
-            user: user_id,
-            epoch: tag_epoch,
-            used,
-        }) = self.tags.lookup(tag)
-        else {
-            self.stats.dropped_unknown += 1;
+        let Some(admitted) = self.admit_hello(now, unix_secs, tag, data) else {
             return;
         };
-        if used {
-            self.stats.hello_replays += 1;
+        let Some(psk) = self.users.get(&admitted.user.0).map(|u| u.keys.psk) else {
             return;
-        }
-        if data.len() < MIN_HELLO || data.len() > MAX_HELLO {
+        };
+        let reply = self.decide_hello(now, unix_secs, &psk, &admitted, local, from);
+        self.queue_reply(&psk, &admitted, &reply, local, from);
+    }
+
+    /// The gates before a hello is answered, cheapest first (hash lookups, then the rate limiter,
+    /// then one AEAD open); every failure is a silent, counted drop. The hello is recorded as
+    /// answered when it returns `Some`.
+    fn admit_hello(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        tag: u64,
+        data: &mut [u8],
+    ) -> Option<AdmittedHello> {
+        let Some(found) = self.tags.lookup(tag) else {
+            self.stats.dropped_unknown += 1;
+            return None;
+        };
+        let fingerprint = hello_fingerprint(data);
+        let (Some(fingerprint), MIN_HELLO..=MAX_HELLO) = (fingerprint, data.len()) else {
             self.stats.hello_bad += 1;
-            return;
+            return None;
+        };
+        if let Err(drop) = self.tags.check(found, fingerprint) {
+            self.count_drop(drop);
+            return None;
         }
         if !self.handshake_tokens.take(now) {
             self.stats.hello_rate_limited += 1;
-            return;
+            return None;
         }
         if self.replies.len() >= self.config.max_queued_replies {
             // The driver is not draining replies: drop before doing any work (the client retries).
             self.stats.replies_dropped += 1;
-            return;
+            return None;
         }
-        let hello_len = data.len();
-        let Some(user) = self.users.get(&user_id.0) else {
-            return;
-        };
+        let len = data.len();
+        let user = self.users.get(&found.user.0)?;
         let Ok((hello, header)) = handshake::open_hello(&user.keys.hello_key, data) else {
             self.stats.hello_bad += 1;
-            return;
+            return None;
         };
         if usize::from(hello.max_datagram) < MIN_DATAGRAM {
             self.stats.hello_bad += 1;
-            return;
+            return None;
         }
         if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS
-            || handshake::epoch_of(hello.unix_secs) != tag_epoch
+            || handshake::epoch_of(hello.unix_secs) != found.epoch
         {
             self.stats.hello_stale += 1;
-            return;
+            return None;
         }
-        self.tags.mark_used(tag);
-        let psk = user.keys.psk;
-        let mut refusal = match user.state {
-            UserState::Refused(reason) => Some(reason),
-            UserState::Active => None,
-        };
-        if refusal.is_none() {
-            refusal = self.make_room(user_id);
+        if let Err(drop) = self.tags.record(found, fingerprint) {
+            self.count_drop(drop);
+            return None;
         }
-        let reply = match refusal {
-            Some(reason) => {
-                self.stats.refusals_sent += 1;
-                self.events.push_back(EndpointEvent::Refused {
-                    user: user_id,
-                    reason,
-                });
-                Reply::Refuse {
-                    server_unix_secs: unix_secs,
-                    reason,
-                    retry_after_secs: self.config.refuse_retry_secs,
-                }
-            }
-            None => {
-                let server_random = self.rng.bytes32();
-                let max_datagram = self
-                    .config
-                    .session
-                    .max_datagram
-                    .min(usize::from(hello.max_datagram));
-                self.create_session(
-                    now,
-                    user_id,
-                    &psk,
-                    &hello,
-                    &server_random,
-                    max_datagram,
-                    local,
-                    from,
-                );
-                Reply::Accept {
-                    server_unix_secs: unix_secs,
-                    server_random,
-                    max_datagram: max_datagram as u16,
-                }
-            }
+        Some(AdmittedHello {
+            user: found.user,
+            hello,
+            header,
+            len,
+        })
+    }
+
+    fn count_drop(&mut self, drop: HelloDrop) {
+        match drop {
+            HelloDrop::Replay => self.stats.hello_replays += 1,
+            HelloDrop::KeyLimit => self.stats.hello_key_limited += 1,
+        }
+    }
+
+    /// Accepts (creating the session) or refuses an admitted hello.
+    fn decide_hello(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        psk: &Key32,
+        admitted: &AdmittedHello,
+        local: SocketIndex,
+        from: SocketAddr,
+    ) -> Reply {
+        let user = admitted.user;
+        let refusal = match self.users.get(&user.0).map(|u| u.state) {
+            Some(UserState::Refused(reason)) => Some(reason),
+            _ => self.make_room(user),
         };
+        if let Some(reason) = refusal {
+            self.stats.refusals_sent += 1;
+            self.events
+                .push_back(EndpointEvent::Refused { user, reason });
+            return Reply::Refuse {
+                server_unix_secs: unix_secs,
+                reason,
+                retry_after_secs: self.config.refuse_retry_secs,
+            };
+        }
+        let server_random = self.rng.bytes32();
+        let max_datagram = self
+            .config
+            .session
+            .max_datagram
+            .min(usize::from(admitted.hello.max_datagram));
+        self.create_session(
+            now,
+            user,
+            psk,
+            &admitted.hello,
+            &server_random,
+            max_datagram,
+            local,
+            from,
+        );
+        Reply::Accept {
+            server_unix_secs: unix_secs,
+            server_random,
+            max_datagram: max_datagram as u16,
+        }
+    }
+
+    /// Writes the reply to an admitted hello into the reply queue.
+    fn queue_reply(
+        &mut self,
+        psk: &Key32,
+        admitted: &AdmittedHello,
+        reply: &Reply,
+        local: SocketIndex,
+        to: SocketAddr,
+    ) {
         let mut queued = Box::new(QueuedReply {
             local,
-            to: from,
+            to,
             len: 0,
             bytes: [0; MAX_REPLY],
         });
@@ -643,15 +703,16 @@ impl ServerEndpoint {
             Reply::Accept { .. } => handshake::ACCEPT_LEN,
             Reply::Refuse { .. } => handshake::REFUSE_LEN,
         };
-        let room = hello_len
+        let room = admitted
+            .len
             .saturating_sub(unpadded)
             .min(usize::from(u16::MAX)) as u16;
         let pad = self.config.reply_pad_max.min(room);
         if let Some(len) = handshake::write_reply(
-            &psk,
-            &header,
-            &hello,
-            &reply,
+            psk,
+            &admitted.header,
+            &admitted.hello,
+            reply,
             pad,
             &mut self.rng,
             &mut queued.bytes,
