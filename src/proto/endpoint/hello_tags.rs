@@ -3,7 +3,8 @@
 //!
 //! Invariant: once the epoch `E` is known, the table holds the tags of epochs `E-1 ..= E+1` of every
 //! user; `E+2` is prepared in small batches ([`HelloTags::advance`]) so that the rollover to
-//! `E+1` costs almost nothing, and at most `E-1 ..= E+2` are ever held. A hello of epoch `e` can
+//! `E+1` costs almost nothing. The same batch drops `E-2`, which is never matched meanwhile; so a
+//! user holds at most four epochs (`E-2 ..= E+1` before its batch, `E-1 ..= E+2` after). A hello of epoch `e` can
 //! pass the server's clock check only while the server is in `e-1 ..= e+1`, so the record of
 //! answered hellos, kept with the epoch's tags, covers the whole time a replay could be accepted.
 //!
@@ -17,11 +18,12 @@ use crate::proto::handshake::{self, HELLO_SLOTS, HELLO_TAG_LEN};
 
 /// Users whose next-epoch tags are prepared per received datagram.
 const PREPARE_BATCH: usize = 2;
-/// Most hello tags registered per user: epochs `E-1 ..= E+2` (the last one prepared early).
+/// Most hello tags registered per user: four epochs (see the module invariant).
 pub const MAX_TAGS_PER_USER: usize = 4 * HELLO_SLOTS as usize;
 /// Most hellos of one key answered (accepted or refused) per epoch of their tags; further fresh
 /// hellos of that key and epoch get silence. Memory: 8 bytes per answered hello, so at most
-/// 2 KiB per key and epoch, 6 KiB per key for the three epochs that can still be answered.
+/// 2 KiB per key and epoch and 8 KiB per key (four epochs held); in total at most what the
+/// handshake rate limiter lets through in four epochs.
 pub const MAX_HANDSHAKES_PER_EPOCH: usize = 256;
 
 struct TagEntry {
@@ -266,5 +268,188 @@ fn unregister(table: &mut IdMap<u64, TagEntry>, id: UserId, epoch: &EpochTags) {
         if table.get(tag).is_some_and(|entry| entry.user == id) {
             table.remove(tag);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::handshake::EPOCH_SECS;
+
+    const E: u64 = 15_000_000;
+    const UNIX: u64 = E * EPOCH_SECS;
+
+    fn key(i: u32) -> Key32 {
+        let mut k = [7u8; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        k
+    }
+
+    fn table(users: u32) -> HelloTags {
+        let mut t = HelloTags::default();
+        for i in 0..users {
+            t.set_user(UserId(i), &key(i));
+        }
+        t
+    }
+
+    fn epochs_of(t: &HelloTags, id: u32) -> Vec<u64> {
+        let mut e: Vec<u64> = t.users[&id].epochs.iter().map(|e| e.epoch).collect();
+        e.sort_unstable();
+        e
+    }
+
+    fn found(t: &HelloTags, id: u32, epoch: u64, slot: u16) -> Option<TagMatch> {
+        t.lookup(handshake::hello_tag(&key(id), epoch, slot))
+    }
+
+    /// Every user holds `E-1 ..= E+1`, and either `E-2` (batch not done yet) or `E+2` (done) or
+    /// neither (just reset); the count matches the table.
+    fn assert_window(t: &HelloTags, users: u32) {
+        let e = t.epoch().unwrap();
+        let mut total = 0;
+        for id in 0..users {
+            let held = epochs_of(t, id);
+            assert!(
+                held == [e - 1, e, e + 1]
+                    || held == [e - 2, e - 1, e, e + 1]
+                    || held == [e - 1, e, e + 1, e + 2],
+                "user {id} holds {held:?} at {e}"
+            );
+            total += held.len() * HELLO_SLOTS as usize;
+        }
+        assert_eq!(t.len(), total);
+    }
+
+    #[test]
+    fn window_is_e_minus_1_to_e_plus_1_with_e_plus_2_prepared_in_batches() {
+        let users = 10;
+        let mut t = table(users);
+        assert!(t.is_empty(), "nothing before the clock is known");
+        t.advance(UNIX);
+        assert_window(&t, users);
+        assert!(t.len() < users as usize * MAX_TAGS_PER_USER);
+        for _ in 0..users / PREPARE_BATCH as u32 {
+            t.advance(UNIX + 1);
+        }
+        assert_eq!(t.len(), users as usize * MAX_TAGS_PER_USER, "E+2 prepared");
+        // Rollovers, with few datagrams per epoch: the window follows, never more than 4 epochs.
+        for step in 1..=5 {
+            t.advance(UNIX + step * EPOCH_SECS);
+            assert_eq!(t.epoch(), Some(E + step));
+            assert_window(&t, users);
+            t.advance(UNIX + step * EPOCH_SECS + 1);
+            assert_window(&t, users);
+        }
+        // Epochs below E-1 are never matched (even while still held), E-1 ..= E+1 always are.
+        t.advance(UNIX + 6 * EPOCH_SECS);
+        assert!(epochs_of(&t, 0).contains(&(E + 4)), "E-2 not dropped yet");
+        let e = E + 6;
+        for id in 0..users {
+            assert_eq!(found(&t, id, e - 2, 0), None);
+            for epoch in e - 1..=e + 1 {
+                assert_eq!(
+                    found(&t, id, epoch, 15),
+                    Some(TagMatch {
+                        user: UserId(id),
+                        epoch
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_user_added_or_rekeyed_later_gets_its_tags_at_once_and_removal_clears_them() {
+        let mut t = table(1);
+        t.advance(UNIX);
+        t.set_user(UserId(5), &key(5));
+        assert_eq!(epochs_of(&t, 5), [E - 1, E, E + 1, E + 2]);
+        assert!(found(&t, 5, E, 3).is_some());
+        // A new key replaces the old tags.
+        t.set_user(UserId(5), &key(6));
+        assert!(found(&t, 5, E, 3).is_none());
+        assert_eq!(
+            t.lookup(handshake::hello_tag(&key(6), E, 3))
+                .map(|m| m.user),
+            Some(UserId(5))
+        );
+        t.remove_user(UserId(5));
+        assert!(t.lookup(handshake::hello_tag(&key(6), E, 3)).is_none());
+        assert_window(&t, 1);
+    }
+
+    #[test]
+    fn every_answered_hello_is_a_replay_while_other_hellos_with_the_same_tag_pass() {
+        let mut t = table(2);
+        t.advance(UNIX);
+        let m = found(&t, 0, E, 4).unwrap();
+        assert_eq!(t.check(m, 42), Ok(()));
+        assert_eq!(t.record(m, 42), Ok(()));
+        assert_eq!(t.check(m, 42), Err(HelloDrop::Replay));
+        assert_eq!(t.record(m, 42), Err(HelloDrop::Replay));
+        // Another hello of the same key and tag, and the same nonce under another user or epoch.
+        assert_eq!(t.check(m, 43), Ok(()));
+        assert_eq!(t.check(found(&t, 1, E, 4).unwrap(), 42), Ok(()));
+        assert_eq!(t.check(found(&t, 0, E + 1, 4).unwrap(), 42), Ok(()));
+        // Every slot of the epoch shares the record.
+        assert_eq!(
+            t.check(found(&t, 0, E, 9).unwrap(), 42),
+            Err(HelloDrop::Replay)
+        );
+        // The record lives as long as the epoch's tags can be answered: through E+1...
+        t.advance(UNIX + EPOCH_SECS);
+        assert_eq!(t.check(m, 42), Err(HelloDrop::Replay));
+        // ...a step back by one epoch keeps it...
+        t.advance(UNIX + 1);
+        assert_eq!(t.check(m, 42), Err(HelloDrop::Replay));
+        // ...and at E+2 the tag itself is gone.
+        t.advance(UNIX + 2 * EPOCH_SECS);
+        assert_eq!(found(&t, 0, E, 4), None);
+    }
+
+    #[test]
+    fn a_key_gets_at_most_max_handshakes_per_epoch_and_replays_stay_replays() {
+        let mut t = table(1);
+        t.advance(UNIX);
+        let m = found(&t, 0, E, 0).unwrap();
+        // Fingerprints in a scrambled order: the record stays sorted.
+        let fp = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for i in 0..MAX_HANDSHAKES_PER_EPOCH as u64 {
+            assert_eq!(t.record(m, fp(i)), Ok(()), "hello {i}");
+        }
+        assert_eq!(t.check(m, fp(1_000)), Err(HelloDrop::KeyLimit));
+        assert_eq!(t.record(m, fp(1_000)), Err(HelloDrop::KeyLimit));
+        for i in 0..MAX_HANDSHAKES_PER_EPOCH as u64 {
+            assert_eq!(t.check(m, fp(i)), Err(HelloDrop::Replay));
+        }
+        // The next epoch has its own allowance.
+        assert_eq!(t.check(found(&t, 0, E + 1, 0).unwrap(), fp(1_000)), Ok(()));
+        let answered = &t.users[&0]
+            .epochs
+            .iter()
+            .find(|e| e.epoch == E)
+            .unwrap()
+            .answered;
+        assert_eq!(answered.len(), MAX_HANDSHAKES_PER_EPOCH);
+        assert!(answered.capacity() <= MAX_HANDSHAKES_PER_EPOCH);
+    }
+
+    #[test]
+    fn a_large_clock_step_back_moves_the_window() {
+        let mut t = table(3);
+        t.advance(UNIX + 10 * EPOCH_SECS);
+        t.advance(UNIX);
+        assert_eq!(t.epoch(), Some(E));
+        assert_window(&t, 3);
+        assert_eq!(found(&t, 0, E + 10, 0), None);
+    }
+
+    #[test]
+    fn short_datagrams_have_no_fingerprint() {
+        assert_eq!(hello_fingerprint(&[0; 15]), None);
+        let mut hello = [0u8; 16];
+        hello[8] = 1;
+        assert_eq!(hello_fingerprint(&hello), Some(1));
     }
 }
