@@ -126,7 +126,7 @@ pub struct EndpointStats {
     pub datagrams_in: u64,
     /// Datagrams matching neither a session token nor a hello tag (garbage, unknown keys, replays of data).
     pub dropped_unknown: u64,
-    /// Hellos whose tag was already used (replayed hellos).
+    /// Hellos that were answered before (replays, caught before decryption).
     pub hello_replays: u64,
     /// Hellos of a key that already had [`MAX_HANDSHAKES_PER_EPOCH`] hellos answered in the tag's
     /// epoch.
