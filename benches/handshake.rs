@@ -144,7 +144,7 @@ fn main() {
             handshake_ns = handshake_ns.min(per_op(t.elapsed(), count));
             while s.poll_event().is_some() {}
 
-            // Replayed hellos (tag already used): silence.
+            // Replayed hellos (answered before): silence, before any decryption.
             while s.poll_transmit(now, &mut out).is_some() {}
             let replies = s.stats().replies_sent;
             let mut copies = fresh.clone();

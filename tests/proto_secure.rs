@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, MAX_TAGS_PER_USER, ServerConfig,
-    ServerEndpoint, SocketIndex, UserId, UserState,
+    ClientConfig, ClientEvent, ClientSession, EndpointEvent, MAX_HANDSHAKES_PER_EPOCH,
+    MAX_TAGS_PER_USER, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::{self, RefuseReason};
 use ostp::proto::psk::{self, UserKeys};
@@ -220,10 +220,9 @@ fn global_cap_and_rate_limit() {
         }
     }
     assert_eq!(answered, 3, "burst of 3, then silence");
-    // Clients pick a random slot, so two of them can collide (counted as a replay): either way silence.
     let stats = s.stats();
-    assert_eq!(stats.hello_rate_limited + stats.hello_replays, 3);
-    assert!(stats.hello_rate_limited >= 1);
+    assert_eq!(stats.hello_rate_limited, 3);
+    assert_eq!(stats.hello_replays, 0);
     // After two seconds, two more tokens.
     let later = now + Duration::from_secs(2);
     let mut c = client(KEY, later, UNIX + 2, 60);
@@ -251,7 +250,7 @@ fn hello_tags_rotate_with_epochs_and_stay_bounded() {
     // A client far in the future relative to the old clock still connects at the new time.
     let mut c = client(KEY, now, UNIX + 9 * 120, 70);
     assert!(hello_exchange(&mut s, &mut c, now, UNIX + 9 * 120).is_some());
-    // A step back by one epoch keeps the current tags (and their used marks)...
+    // A step back by one epoch keeps the current tags (and their record of answered hellos)...
     let mut c = client(KEY, now, UNIX + 9 * 120, 71);
     let mut buf2 = vec![0u8; 2048];
     let n = c.poll_transmit(now, &mut buf2).unwrap();
@@ -265,7 +264,7 @@ fn hello_tags_rotate_with_epochs_and_stay_bounded() {
     assert_eq!(
         s.stats().hello_replays,
         replays + 1,
-        "used mark survived a small step back"
+        "the record survived a small step back"
     );
     // ...and a large clock correction backwards is followed, so clients with the right time connect.
     s.handle_datagram(now, UNIX, SocketIndex(0), addr(), &mut buf);
@@ -373,4 +372,135 @@ fn next_epoch_tags_are_prepared_in_batches_and_rollover_keeps_everyone_reachable
     let mut c = client(&key_of(7), now, next + 100, 2);
     assert!(hello_exchange(&mut s, &mut c, now, next + 60).is_some());
     assert!(s.hello_tag_count() <= 200 * MAX_TAGS_PER_USER);
+}
+
+/// Sends the client's next hello from `from`; returns the hello and the server's answer, if any.
+fn hello_from(
+    server: &mut ServerEndpoint,
+    client: &mut ClientSession,
+    now: Instant,
+    server_unix: u64,
+    from: SocketAddr,
+) -> (Vec<u8>, Option<Vec<u8>>) {
+    let mut buf = vec![0u8; 2048];
+    while server.poll_transmit(now, &mut buf).is_some() {}
+    let n = client
+        .poll_transmit(now, &mut buf)
+        .expect("client sends a hello");
+    let hello = buf[..n].to_vec();
+    let mut copy = hello.clone();
+    server.handle_datagram(now, server_unix, SocketIndex(0), from, &mut copy);
+    let reply = server.poll_transmit(now, &mut buf).map(|t| {
+        assert_eq!(t.to, from);
+        buf[..t.len].to_vec()
+    });
+    (hello, reply)
+}
+
+/// Replays `hello` from `from`; true if the server sent anything but its sessions' own traffic.
+fn replay_answered(
+    server: &mut ServerEndpoint,
+    hello: &[u8],
+    now: Instant,
+    unix: u64,
+    from: SocketAddr,
+) -> bool {
+    let mut buf = vec![0u8; 2048];
+    while server.poll_transmit(now, &mut buf).is_some() {}
+    let replies = server.stats().replies_sent;
+    let mut copy = hello.to_vec();
+    server.handle_datagram(now, unix, SocketIndex(1), from, &mut copy);
+    while server.poll_transmit(now, &mut buf).is_some() {}
+    server.stats().replies_sent != replies
+}
+
+fn device(i: u8) -> SocketAddr {
+    format!("192.0.2.{}:{}", 10 + i, 40_000 + u16::from(i))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn forty_handshakes_of_one_key_in_one_epoch_all_succeed_and_replays_get_silence() {
+    // A household sharing one key: 5 devices × 8 sessions, all (re)connecting within one epoch.
+    let now = Instant::now();
+    let mut s = server_with(ServerConfig {
+        max_sessions_per_user: 64,
+        ..ServerConfig::default()
+    });
+    let mut hellos = Vec::new();
+    for dev in 0..5u8 {
+        for session in 0..8u8 {
+            let at = now + Duration::from_millis(u64::from(dev * 8 + session));
+            let unix = UNIX + u64::from(dev * 8 + session);
+            let mut c = client(KEY, at, unix, 100 + dev * 8 + session);
+            let (hello, reply) = hello_from(&mut s, &mut c, at, unix, device(dev));
+            let mut reply = reply.unwrap_or_else(|| panic!("device {dev} session {session}"));
+            c.handle_datagram(at, &mut reply);
+            assert!(c.is_connected(), "device {dev} session {session}");
+            hellos.push((dev, unix, hello));
+        }
+    }
+    assert_eq!(handshake::epoch_of(UNIX), handshake::epoch_of(UNIX + 40));
+    assert_eq!(s.session_count(), 40);
+    assert_eq!(s.stats().hello_replays, 0);
+    // Every hello replayed, byte for byte, from its own device and from a prober's address,
+    // soon and at the end of its clock window (by then in the next epoch): silence.
+    let prober: SocketAddr = "198.51.100.9:1".parse().unwrap();
+    for (i, (dev, sent_unix, hello)) in hellos.iter().enumerate() {
+        for delay in [30, 119] {
+            let unix = sent_unix + delay;
+            let at = now + Duration::from_secs(unix - UNIX);
+            for from in [device(*dev), prober] {
+                assert!(
+                    !replay_answered(&mut s, hello, at, unix, from),
+                    "replay {i} from {from} answered"
+                );
+            }
+        }
+    }
+    assert_eq!(s.stats().hello_replays, 4 * 40);
+    assert_eq!(s.stats().replies_sent, 40);
+    assert_eq!(s.session_count(), 40);
+}
+
+#[test]
+fn a_key_gets_max_handshakes_per_epoch_then_silence_until_the_next_epoch() {
+    let now = Instant::now();
+    let mut s = server_with(ServerConfig {
+        max_sessions_per_user: 1000,
+        handshake_burst: 1000,
+        ..ServerConfig::default()
+    });
+    let mut answered = 0;
+    let mut first_hello = None;
+    for i in 0..MAX_HANDSHAKES_PER_EPOCH + 3 {
+        let mut seed = [7u8; 32];
+        seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let mut c =
+            ClientSession::connect(ClientConfig::default(), KEY, now, UNIX + 10, seed).unwrap();
+        let (hello, reply) = hello_from(&mut s, &mut c, now, UNIX + 10, device(1));
+        first_hello.get_or_insert(hello);
+        if reply.is_some() {
+            answered += 1;
+        }
+    }
+    // The bound, then silence (the client sees a lost reply and retries later).
+    assert_eq!(answered, MAX_HANDSHAKES_PER_EPOCH);
+    assert_eq!(s.stats().hello_key_limited, 3);
+    assert_eq!(s.stats().hello_replays, 0);
+    // A replay of an accepted hello is still a replay, not a fresh hello over the bound.
+    let first = first_hello.unwrap();
+    assert!(!replay_answered(&mut s, &first, now, UNIX + 10, device(2)));
+    assert_eq!(s.stats().hello_replays, 1);
+    // The next epoch has its own allowance.
+    let next = UNIX + 130;
+    let later = now + Duration::from_secs(120);
+    let mut c = client(KEY, later, next, 9);
+    let (_, reply) = hello_from(&mut s, &mut c, later, next, device(1));
+    assert!(reply.is_some(), "next epoch answered");
+    // The old epoch's allowance is still used up while its hellos can pass the clock check.
+    let mut c = client(KEY, later, UNIX + 119, 10);
+    let (_, reply) = hello_from(&mut s, &mut c, later, next, device(1));
+    assert!(reply.is_none());
 }

@@ -735,3 +735,148 @@ fn bidirectional_blackout_recovers() {
             || w.client.session().unwrap().secure_stats().blocked > 0
     );
 }
+
+/// One connection of a household sharing a key: a connector on its own UDP port and its links.
+struct Household {
+    addr: SocketAddr,
+    client: ClientSession,
+    up: Link,
+    down: Link,
+    hellos: Vec<Vec<u8>>,
+}
+
+/// Runs every connection and the server until all are connected or `limit`; returns the time.
+/// Time jumps to the next event; an iteration at an unchanged time is allowed only a few times in
+/// a row (a timer that stays due after it ran would spin a real event loop).
+fn run_household(
+    server: &mut ServerEndpoint,
+    conns: &mut [Household],
+    start: Instant,
+    limit: Instant,
+) -> Instant {
+    let mut now = start;
+    let mut buf = vec![0u8; 2048];
+    let mut idle_rounds = 0;
+    while now < limit && !conns.iter().all(|c| c.client.is_connected()) {
+        let unix = UNIX0 + (now - start).as_secs();
+        for c in conns.iter_mut() {
+            if c.client.poll_timeout().is_some_and(|t| t <= now) {
+                c.client.handle_timeout(now);
+            }
+            while let Some(n) = c.client.poll_transmit(now, &mut buf) {
+                if !c.client.is_connected() {
+                    c.hellos.push(buf[..n].to_vec());
+                }
+                c.up.send(now, &buf[..n]);
+            }
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        for c in conns.iter_mut() {
+            while let Some(mut d) = c.up.recv(now) {
+                server.handle_datagram(now, unix, SocketIndex(0), c.addr, &mut d);
+            }
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            if let Some(c) = conns.iter_mut().find(|c| c.addr == t.to) {
+                c.down.send(now, &buf[..t.len]);
+            }
+        }
+        for c in conns.iter_mut() {
+            while let Some(mut d) = c.down.recv(now) {
+                c.client.handle_datagram(now, &mut d);
+            }
+        }
+        while server.poll_event().is_some() {}
+        let next = conns
+            .iter()
+            .flat_map(|c| [c.up.next_event_time(), c.down.next_event_time()])
+            .chain(conns.iter().map(|c| c.client.poll_timeout()))
+            .chain(std::iter::once(server.poll_timeout()))
+            .flatten()
+            .min()
+            .unwrap_or(limit)
+            .min(limit);
+        if next > now {
+            now = next;
+            idle_rounds = 0;
+        } else {
+            idle_rounds += 1;
+            assert!(idle_rounds < 10, "busy loop at {:?}", now - start);
+        }
+    }
+    now
+}
+
+#[test]
+fn forty_sessions_of_one_key_connect_in_one_epoch_over_the_network_and_replays_get_silence() {
+    // 5 devices × 8 sessions of one key, all starting within 80 ms (a server restart), over
+    // links with loss, duplication and reordering.
+    let start = Instant::now();
+    let mut server = ServerEndpoint::new(
+        ServerConfig {
+            max_sessions_per_user: 64,
+            ..ServerConfig::default()
+        },
+        [21; 32],
+    );
+    server.set_user(UserId(1), KEY, UserState::Active).unwrap();
+    let mut conns: Vec<Household> = (0..40u64)
+        .map(|i| {
+            let (dev, session) = (i / 8, i % 8);
+            let at = start + Duration::from_millis(2 * i);
+            Household {
+                addr: format!("192.0.2.{}:{}", 10 + dev, 40_000 + session)
+                    .parse()
+                    .unwrap(),
+                client: ClientSession::connect(
+                    ClientConfig::default(),
+                    KEY,
+                    at,
+                    UNIX0,
+                    [i as u8 ^ 0x33; 32],
+                )
+                .unwrap(),
+                up: Link::new(impaired_link(), 100 + i, start),
+                down: Link::new(impaired_link(), 200 + i, start),
+                hellos: Vec::new(),
+            }
+        })
+        .collect();
+    let done = run_household(
+        &mut server,
+        &mut conns,
+        start,
+        start + Duration::from_secs(20),
+    );
+    let connected = conns.iter().filter(|c| c.client.is_connected()).count();
+    assert_eq!(connected, 40, "all sessions of the key connect");
+    assert!(done < start + Duration::from_secs(20));
+    // A hello whose reply was lost leaves an unconfirmed session behind (the client retried).
+    let sessions = server.session_count();
+    assert!(sessions >= 40);
+    assert_eq!(server.stats().hello_key_limited, 0);
+    // Every hello that was sent, replayed byte for byte from a prober and from its own port:
+    // no reply, no new session.
+    let replies = server.stats().replies_sent;
+    let prober: SocketAddr = "203.0.113.77:5555".parse().unwrap();
+    let unix = UNIX0 + (done - start).as_secs() + 30;
+    let mut buf = vec![0u8; 2048];
+    let mut replayed = 0;
+    for c in &conns {
+        for hello in &c.hellos {
+            for from in [prober, c.addr] {
+                let mut d = hello.clone();
+                server.handle_datagram(done, unix, SocketIndex(0), from, &mut d);
+                replayed += 1;
+            }
+        }
+    }
+    while let Some(t) = server.poll_transmit(done, &mut buf) {
+        assert_ne!(t.to, prober, "a replay was answered");
+    }
+    assert!(replayed >= 80);
+    assert_eq!(server.stats().replies_sent, replies);
+    assert_eq!(server.session_count(), sessions);
+}

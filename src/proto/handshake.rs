@@ -32,10 +32,14 @@ pub const VERSION: u8 = 1;
 pub const EPOCH_SECS: u64 = 120;
 /// Accepted difference between the client's and the server's clocks, in seconds.
 pub const CLOCK_WINDOW_SECS: u64 = 120;
+/// Hello tag slots per user and epoch: `tag(epoch, slot)` for `slot < HELLO_SLOTS`.
+pub const HELLO_SLOTS: u16 = 16;
 /// Bytes of the hello lookup tag.
 pub const HELLO_TAG_LEN: usize = 8;
 /// Offset of the hello ciphertext.
 const HELLO_CT: usize = HELLO_TAG_LEN + XNONCE_LEN;
+/// Bytes of the hello header (tag and nonce) that the reply binds as AAD.
+pub const HELLO_HEADER_LEN: usize = HELLO_CT;
 /// Fixed hello plaintext bytes (before padding).
 const HELLO_PLAIN: usize = 44;
 /// Smallest hello on the wire.

@@ -1,0 +1,901 @@
+//! The server endpoint: users, sessions, roaming, caps and handshake processing for all sockets.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::hello_tags::{HelloDrop, HelloTags, hello_fingerprint};
+use super::rate_limit::TokenBucket;
+use super::{IdMap, SessionId, SocketIndex, UserId};
+use crate::proto::crypto::Key32;
+use crate::proto::handshake::{
+    self, CLOCK_WINDOW_SECS, HELLO_HEADER_LEN, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO,
+    RefuseReason, Reply,
+};
+use crate::proto::packet::{TOKEN_LEN, TokenSink};
+use crate::proto::psk::{AccessKeyError, UserKeys};
+use crate::proto::rng::Drbg;
+use crate::proto::session::{MIN_DATAGRAM, PacketError, Session, SessionConfig};
+use crate::proto::transport::{CloseReason, Side, TransportEvent};
+
+/// Whether a known user may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserState {
+    /// Handshakes are accepted.
+    Active,
+    /// Handshakes get an authenticated refusal with this reason.
+    Refused(RefuseReason),
+}
+
+/// A datagram the driver must send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Socket to send from (the one the peer's last authenticated packet arrived on).
+    pub local: SocketIndex,
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes written at the start of the caller's buffer.
+    pub len: usize,
+}
+
+/// Server endpoint events.
+#[derive(Debug)]
+pub enum EndpointEvent {
+    /// A handshake completed; the session exists now.
+    SessionEstablished {
+        /// The session.
+        session: SessionId,
+        /// Its user.
+        user: UserId,
+        /// Client address.
+        peer: SocketAddr,
+    },
+    /// A session ended (closed by either side, idle timeout, user removal, eviction).
+    SessionClosed {
+        /// The session (already gone).
+        session: SessionId,
+        /// Its user.
+        user: UserId,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// The client's address changed (after an authenticated packet from the new address).
+    PeerMigrated {
+        /// The session.
+        session: SessionId,
+        /// New address.
+        peer: SocketAddr,
+    },
+    /// A known user got an authenticated refusal.
+    Refused {
+        /// Who.
+        user: UserId,
+        /// Why.
+        reason: RefuseReason,
+    },
+    /// A transport event of a session (streams, datagrams).
+    Transport {
+        /// The session.
+        session: SessionId,
+        /// The event.
+        event: TransportEvent,
+    },
+}
+
+/// Server endpoint settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Packet protection and transport settings.
+    pub session: SessionConfig,
+    /// Global cap on sessions.
+    pub max_sessions: usize,
+    /// Cap on sessions per user (refusal `SessionLimit` beyond it).
+    pub max_sessions_per_user: usize,
+    /// Handshakes per second accepted (token bucket refill rate).
+    pub handshake_rate: u32,
+    /// Token bucket depth (burst of handshakes).
+    pub handshake_burst: u32,
+    /// Up to this many random padding bytes in replies.
+    pub reply_pad_max: u16,
+    /// `retry_after` sent with refusals, seconds.
+    pub refuse_retry_secs: u16,
+    /// Queued handshake replies beyond this are dropped.
+    pub max_queued_replies: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            session: SessionConfig::default(),
+            max_sessions: 1024,
+            max_sessions_per_user: 32,
+            handshake_rate: 200,
+            handshake_burst: 400,
+            reply_pad_max: 256,
+            refuse_retry_secs: 60,
+            max_queued_replies: 256,
+        }
+    }
+}
+
+/// Server counters (all drops are silent on the wire).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Datagrams handed to `handle_datagram`.
+    pub datagrams_in: u64,
+    /// Datagrams matching neither a session token nor a hello tag (garbage, unknown keys, replays of data).
+    pub dropped_unknown: u64,
+    /// Hellos that were answered before (replays, caught before decryption).
+    pub hello_replays: u64,
+    /// Hellos of a key that already had [`MAX_HANDSHAKES_PER_EPOCH`] hellos answered in the tag's
+    /// epoch.
+    ///
+    /// [`MAX_HANDSHAKES_PER_EPOCH`]: super::MAX_HANDSHAKES_PER_EPOCH
+    pub hello_key_limited: u64,
+    /// Hellos whose tag matched but which failed authentication or parsing.
+    pub hello_bad: u64,
+    /// Authenticated hellos outside the clock window.
+    pub hello_stale: u64,
+    /// Hellos dropped by the handshake rate limiter.
+    pub hello_rate_limited: u64,
+    /// Sessions created.
+    pub sessions_created: u64,
+    /// Refusals sent.
+    pub refusals_sent: u64,
+    /// Data packets dropped by a session (replay, auth failure, bad length).
+    pub data_dropped: u64,
+    /// Replies dropped because the reply queue was full.
+    pub replies_dropped: u64,
+    /// Handshake replies (accepts and refusals) queued for sending.
+    pub replies_sent: u64,
+}
+
+struct User {
+    keys: UserKeys,
+    state: UserState,
+    sessions: Vec<SessionId>,
+}
+
+struct ServerSession {
+    session: Session,
+    user: UserId,
+    local: SocketIndex,
+    peer: SocketAddr,
+    /// An authenticated packet arrived from the client (the reply was not lost).
+    confirmed: bool,
+    queued: bool,
+    /// In `ServerEndpoint::dirty` (the driver touched it through `session_mut`).
+    dirty: bool,
+    scheduled: Option<Instant>,
+    close_reason: Option<CloseReason>,
+}
+
+/// Registers session tokens in the global table.
+struct GlobalSink<'a> {
+    table: &'a mut IdMap<u64, (SessionId, u64)>,
+    session: SessionId,
+}
+
+impl TokenSink for GlobalSink<'_> {
+    fn insert_token(&mut self, token: u64, pn: u64) {
+        self.table.entry(token).or_insert((self.session, pn));
+    }
+    fn remove_token(&mut self, token: u64, pn: u64) {
+        if self.table.get(&token) == Some(&(self.session, pn)) {
+            self.table.remove(&token);
+        }
+    }
+}
+
+/// A hello that passed every gate and was recorded as answered.
+struct AdmittedHello {
+    user: UserId,
+    hello: Hello,
+    header: [u8; HELLO_HEADER_LEN],
+    /// Its length on the wire (the reply is never longer).
+    len: usize,
+}
+
+struct QueuedReply {
+    local: SocketIndex,
+    to: SocketAddr,
+    len: usize,
+    bytes: [u8; MAX_REPLY],
+}
+
+/// The server side of the protocol for all sockets and sessions.
+pub struct ServerEndpoint {
+    config: ServerConfig,
+    rng: Drbg,
+    users: IdMap<u32, User>,
+    tags: HelloTags,
+    sessions: IdMap<u64, ServerSession>,
+    tokens: IdMap<u64, (SessionId, u64)>,
+    next_session: u64,
+    ready: VecDeque<SessionId>,
+    dirty: Vec<SessionId>,
+    timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    replies: VecDeque<Box<QueuedReply>>,
+    events: VecDeque<EndpointEvent>,
+    handshake_tokens: TokenBucket,
+    stats: EndpointStats,
+    /// Reused by `handle_timeout` (no allocation per call).
+    due_scratch: Vec<SessionId>,
+}
+
+impl std::fmt::Debug for ServerEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerEndpoint")
+            .field("users", &self.users.len())
+            .field("sessions", &self.sessions.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl ServerEndpoint {
+    /// Creates an endpoint. `rng_seed` must come from the OS RNG (fixed only in tests).
+    pub fn new(config: ServerConfig, rng_seed: [u8; 32]) -> Self {
+        let handshake_tokens = TokenBucket::new(config.handshake_rate, config.handshake_burst);
+        ServerEndpoint {
+            config,
+            rng: Drbg::new(rng_seed),
+            users: IdMap::default(),
+            tags: HelloTags::default(),
+            sessions: IdMap::default(),
+            tokens: IdMap::default(),
+            next_session: 1,
+            ready: VecDeque::new(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            replies: VecDeque::new(),
+            events: VecDeque::new(),
+            handshake_tokens,
+            stats: EndpointStats::default(),
+            due_scratch: Vec::new(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EndpointStats {
+        self.stats
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Number of registered session tokens (memory accounting, tests).
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Number of registered hello tags (memory accounting, tests).
+    pub fn hello_tag_count(&self) -> usize {
+        self.tags.len()
+    }
+
+    // ----- users -----
+
+    /// Adds or replaces a user. A changed key takes effect for new handshakes; existing sessions stay.
+    pub fn set_user(
+        &mut self,
+        id: UserId,
+        access_key: &str,
+        state: UserState,
+    ) -> Result<(), AccessKeyError> {
+        let keys = UserKeys::from_access_key(access_key)?;
+        if let Some(user) = self.users.get_mut(&id.0) {
+            user.state = state;
+            if user.keys.psk == keys.psk {
+                return Ok(());
+            }
+        }
+        self.tags.set_user(id, &keys.tag_key);
+        let sessions = self
+            .users
+            .remove(&id.0)
+            .map(|u| u.sessions)
+            .unwrap_or_default();
+        self.users.insert(
+            id.0,
+            User {
+                keys,
+                state,
+                sessions,
+            },
+        );
+        Ok(())
+    }
+
+    /// Changes whether a user may connect (existing sessions stay; see [`ServerEndpoint::close_user`]).
+    pub fn set_user_state(&mut self, id: UserId, state: UserState) -> bool {
+        match self.users.get_mut(&id.0) {
+            Some(user) => {
+                user.state = state;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Refuses new handshakes of a user with `reason` and closes its sessions.
+    pub fn refuse_user(
+        &mut self,
+        now: Instant,
+        id: UserId,
+        reason: RefuseReason,
+        close: CloseReason,
+    ) {
+        if self.set_user_state(id, UserState::Refused(reason)) {
+            self.close_user(now, id, close);
+        }
+    }
+
+    /// Removes a user: its hellos get silence from now on, its sessions close with `UserDeleted`.
+    pub fn remove_user(&mut self, now: Instant, id: UserId) -> bool {
+        if !self.users.contains_key(&id.0) {
+            return false;
+        }
+        self.close_user(now, id, CloseReason::UserDeleted);
+        self.tags.remove_user(id);
+        self.users.remove(&id.0);
+        true
+    }
+
+    /// Gracefully closes every session of a user with `reason`.
+    pub fn close_user(&mut self, now: Instant, id: UserId, reason: CloseReason) {
+        let sessions = self
+            .users
+            .get(&id.0)
+            .map(|u| u.sessions.clone())
+            .unwrap_or_default();
+        for sid in sessions {
+            self.close_session(now, sid, reason);
+        }
+    }
+
+    /// Number of users.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    // ----- sessions -----
+
+    /// A session, for stream operations and accounting. Marks it for transmission.
+    pub fn session_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        let entry = self.sessions.get_mut(&id.0)?;
+        if !entry.queued {
+            entry.queued = true;
+            self.ready.push_back(id);
+        }
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty.push(id);
+        }
+        Some(&mut entry.session)
+    }
+
+    /// A session, read-only.
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id.0).map(|s| &s.session)
+    }
+
+    /// User and current peer address of a session.
+    pub fn session_peer(&self, id: SessionId) -> Option<(UserId, SocketIndex, SocketAddr)> {
+        self.sessions.get(&id.0).map(|s| (s.user, s.local, s.peer))
+    }
+
+    /// Starts a graceful close of one session with `reason` (the peer is told).
+    pub fn close_session(&mut self, now: Instant, id: SessionId, reason: CloseReason) {
+        if let Some(entry) = self.sessions.get_mut(&id.0) {
+            entry.close_reason.get_or_insert(reason);
+            entry.session.close(now, reason);
+        }
+        self.touch(id);
+        if let Some(entry) = self.sessions.get_mut(&id.0) {
+            if !entry.dirty {
+                entry.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn touch(&mut self, id: SessionId) {
+        if let Some(entry) = self.sessions.get_mut(&id.0) {
+            if !entry.queued {
+                entry.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    /// Drains transport events, reschedules the timer, and removes the session if closed.
+    fn after_activity(&mut self, id: SessionId) {
+        let Some(entry) = self.sessions.get_mut(&id.0) else {
+            return;
+        };
+        while let Some(event) = entry.session.poll_event() {
+            if let TransportEvent::Closed { reason, .. } = &event {
+                entry.close_reason.get_or_insert(*reason);
+            }
+            self.events
+                .push_back(EndpointEvent::Transport { session: id, event });
+        }
+        if entry.session.is_closed() {
+            self.remove_session(id);
+            return;
+        }
+        let next = entry.session.poll_timeout();
+        if next != entry.scheduled {
+            entry.scheduled = next;
+            if let Some(at) = next {
+                self.timers.push(Reverse((at, id)));
+            }
+        }
+        if self.timers.len() > 4 * self.sessions.len() + 64 {
+            self.rebuild_timers();
+        }
+    }
+
+    fn rebuild_timers(&mut self) {
+        self.timers.clear();
+        for (id, entry) in &self.sessions {
+            if let Some(at) = entry.scheduled {
+                self.timers.push(Reverse((at, SessionId(*id))));
+            }
+        }
+    }
+
+    fn remove_session(&mut self, id: SessionId) {
+        let Some(mut entry) = self.sessions.remove(&id.0) else {
+            return;
+        };
+        entry.session.release_tokens(&mut GlobalSink {
+            table: &mut self.tokens,
+            session: id,
+        });
+        if let Some(user) = self.users.get_mut(&entry.user.0) {
+            user.sessions.retain(|s| *s != id);
+        }
+        let reason = entry.close_reason.unwrap_or(CloseReason::Normal);
+        self.events.push_back(EndpointEvent::SessionClosed {
+            session: id,
+            user: entry.user,
+            reason,
+        });
+    }
+
+    fn process_dirty(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            if let Some(entry) = self.sessions.get_mut(&id.0) {
+                entry.dirty = false;
+            }
+            self.after_activity(id);
+        }
+    }
+
+    // ----- datagrams -----
+
+    /// Handles one received datagram (decrypted in place). Anything that is not an authentic
+    /// packet of a live session or a fresh valid hello of a known user is dropped silently.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        local: SocketIndex,
+        from: SocketAddr,
+        data: &mut [u8],
+    ) {
+        self.stats.datagrams_in += 1;
+        self.tags.advance(unix_secs);
+        let Some(head) = data.get(..TOKEN_LEN) else {
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        let mut token_bytes = [0u8; TOKEN_LEN];
+        token_bytes.copy_from_slice(head);
+        let token = u64::from_le_bytes(token_bytes);
+        if let Some(&(sid, pn)) = self.tokens.get(&token) {
+            self.handle_data(now, sid, pn, local, from, data);
+        } else if self.tags.contains(token) {
+            self.handle_hello(now, unix_secs, token, local, from, data);
+        } else {
+            self.stats.dropped_unknown += 1;
+        }
+    }
+
+    fn handle_data(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        pn: u64,
+        local: SocketIndex,
+        from: SocketAddr,
+        data: &mut [u8],
+    ) {
+        let Some(entry) = self.sessions.get_mut(&sid.0) else {
+            self.stats.dropped_unknown += 1;
+            return;
+        };
+        let mut sink = GlobalSink {
+            table: &mut self.tokens,
+            session: sid,
+        };
+        match entry.session.handle_packet(now, pn, data, &mut sink) {
+            Ok(newest) => {
+                entry.confirmed = true;
+                // Roaming: only an authenticated packet that is the newest so far moves the peer.
+                if newest && (entry.peer != from || entry.local != local) {
+                    entry.peer = from;
+                    entry.local = local;
+                    self.events.push_back(EndpointEvent::PeerMigrated {
+                        session: sid,
+                        peer: from,
+                    });
+                }
+            }
+            // Authentic, but the transport rejected it: it is closing the session (CLOSE goes out).
+            Err(PacketError::Transport) => entry.confirmed = true,
+            Err(_) => {
+                self.stats.data_dropped += 1;
+                return;
+            }
+        }
+        self.touch(sid);
+        self.after_activity(sid);
+    }
+
+    /// Answers a hello whose tag matched, if it passes every gate (see [`Self::admit_hello`]).
+    fn handle_hello(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        tag: u64,
+        local: SocketIndex,
+        from: SocketAddr,
+        data: &mut [u8],
+    ) {
+        let Some(admitted) = self.admit_hello(now, unix_secs, tag, data) else {
+            return;
+        };
+        let Some(psk) = self.users.get(&admitted.user.0).map(|u| u.keys.psk) else {
+            return;
+        };
+        let reply = self.decide_hello(now, unix_secs, &psk, &admitted, local, from);
+        self.queue_reply(&psk, &admitted, &reply, local, from);
+    }
+
+    /// The gates before a hello is answered, cheapest first (hash lookups, then the rate limiter,
+    /// then one AEAD open); every failure is a silent, counted drop. The hello is recorded as
+    /// answered when it returns `Some`.
+    fn admit_hello(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        tag: u64,
+        data: &mut [u8],
+    ) -> Option<AdmittedHello> {
+        let Some(found) = self.tags.lookup(tag) else {
+            self.stats.dropped_unknown += 1;
+            return None;
+        };
+        let fingerprint = hello_fingerprint(data);
+        let (Some(fingerprint), MIN_HELLO..=MAX_HELLO) = (fingerprint, data.len()) else {
+            self.stats.hello_bad += 1;
+            return None;
+        };
+        if let Err(drop) = self.tags.check(found, fingerprint) {
+            self.count_drop(drop);
+            return None;
+        }
+        if !self.handshake_tokens.take(now) {
+            self.stats.hello_rate_limited += 1;
+            return None;
+        }
+        if self.replies.len() >= self.config.max_queued_replies {
+            // The driver is not draining replies: drop before doing any work (the client retries).
+            self.stats.replies_dropped += 1;
+            return None;
+        }
+        let len = data.len();
+        let user = self.users.get(&found.user.0)?;
+        let Ok((hello, header)) = handshake::open_hello(&user.keys.hello_key, data) else {
+            self.stats.hello_bad += 1;
+            return None;
+        };
+        if usize::from(hello.max_datagram) < MIN_DATAGRAM {
+            self.stats.hello_bad += 1;
+            return None;
+        }
+        if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS
+            || handshake::epoch_of(hello.unix_secs) != found.epoch
+        {
+            self.stats.hello_stale += 1;
+            return None;
+        }
+        if let Err(drop) = self.tags.record(found, fingerprint) {
+            self.count_drop(drop);
+            return None;
+        }
+        Some(AdmittedHello {
+            user: found.user,
+            hello,
+            header,
+            len,
+        })
+    }
+
+    fn count_drop(&mut self, drop: HelloDrop) {
+        match drop {
+            HelloDrop::Replay => self.stats.hello_replays += 1,
+            HelloDrop::KeyLimit => self.stats.hello_key_limited += 1,
+        }
+    }
+
+    /// Accepts (creating the session) or refuses an admitted hello.
+    fn decide_hello(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        psk: &Key32,
+        admitted: &AdmittedHello,
+        local: SocketIndex,
+        from: SocketAddr,
+    ) -> Reply {
+        let user = admitted.user;
+        let refusal = match self.users.get(&user.0).map(|u| u.state) {
+            Some(UserState::Refused(reason)) => Some(reason),
+            _ => self.make_room(user),
+        };
+        if let Some(reason) = refusal {
+            self.stats.refusals_sent += 1;
+            self.events
+                .push_back(EndpointEvent::Refused { user, reason });
+            return Reply::Refuse {
+                server_unix_secs: unix_secs,
+                reason,
+                retry_after_secs: self.config.refuse_retry_secs,
+            };
+        }
+        let server_random = self.rng.bytes32();
+        let max_datagram = self
+            .config
+            .session
+            .max_datagram
+            .min(usize::from(admitted.hello.max_datagram));
+        self.create_session(
+            now,
+            user,
+            psk,
+            &admitted.hello,
+            &server_random,
+            max_datagram,
+            local,
+            from,
+        );
+        Reply::Accept {
+            server_unix_secs: unix_secs,
+            server_random,
+            max_datagram: max_datagram as u16,
+        }
+    }
+
+    /// Writes the reply to an admitted hello into the reply queue.
+    fn queue_reply(
+        &mut self,
+        psk: &Key32,
+        admitted: &AdmittedHello,
+        reply: &Reply,
+        local: SocketIndex,
+        to: SocketAddr,
+    ) {
+        let mut queued = Box::new(QueuedReply {
+            local,
+            to,
+            len: 0,
+            bytes: [0; MAX_REPLY],
+        });
+        // Anti-amplification: a reply is never longer than the hello it answers.
+        let unpadded = match reply {
+            Reply::Accept { .. } => handshake::ACCEPT_LEN,
+            Reply::Refuse { .. } => handshake::REFUSE_LEN,
+        };
+        let room = admitted
+            .len
+            .saturating_sub(unpadded)
+            .min(usize::from(u16::MAX)) as u16;
+        let pad = self.config.reply_pad_max.min(room);
+        if let Some(len) = handshake::write_reply(
+            psk,
+            &admitted.header,
+            &admitted.hello,
+            reply,
+            pad,
+            &mut self.rng,
+            &mut queued.bytes,
+        ) {
+            queued.len = len;
+            self.stats.replies_sent += 1;
+            self.replies.push_back(queued);
+        }
+    }
+
+    /// Applies the caps before a new session of `user`; returns a refusal if there is no room.
+    /// Unconfirmed sessions (reply possibly lost) of the same user are evicted first.
+    fn make_room(&mut self, user: UserId) -> Option<RefuseReason> {
+        let per_user = self.config.max_sessions_per_user;
+        let sessions = self
+            .users
+            .get(&user.0)
+            .map(|u| u.sessions.clone())
+            .unwrap_or_default();
+        if sessions.len() >= per_user || self.sessions.len() >= self.config.max_sessions {
+            let unconfirmed = sessions
+                .iter()
+                .find(|s| self.sessions.get(&s.0).is_some_and(|e| !e.confirmed));
+            if let Some(&victim) = unconfirmed {
+                if let Some(entry) = self.sessions.get_mut(&victim.0) {
+                    entry.close_reason = Some(CloseReason::LimitReached);
+                }
+                self.remove_session(victim);
+            }
+        }
+        let count = self.users.get(&user.0).map_or(0, |u| u.sessions.len());
+        if count >= per_user {
+            return Some(RefuseReason::SessionLimit);
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            return Some(RefuseReason::ServerFull);
+        }
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_session(
+        &mut self,
+        now: Instant,
+        user: UserId,
+        psk: &Key32,
+        hello: &Hello,
+        server_random: &[u8; 32],
+        max_datagram: usize,
+        local: SocketIndex,
+        peer: SocketAddr,
+    ) {
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        let secret = handshake::session_secret(psk, &hello.client_random, server_random);
+        let seed = self.rng.bytes32();
+        let mut sink = GlobalSink {
+            table: &mut self.tokens,
+            session: id,
+        };
+        let session = Session::new(
+            &secret,
+            Side::Server,
+            &self.config.session,
+            max_datagram,
+            now,
+            seed,
+            &mut sink,
+        );
+        self.sessions.insert(
+            id.0,
+            ServerSession {
+                session,
+                user,
+                local,
+                peer,
+                confirmed: false,
+                queued: false,
+                dirty: false,
+                scheduled: None,
+                close_reason: None,
+            },
+        );
+        if let Some(u) = self.users.get_mut(&user.0) {
+            u.sessions.push(id);
+        }
+        self.stats.sessions_created += 1;
+        self.events.push_back(EndpointEvent::SessionEstablished {
+            session: id,
+            user,
+            peer,
+        });
+        self.touch(id);
+        self.after_activity(id);
+    }
+
+    /// Next datagram to send: handshake replies first, then sessions round-robin.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.process_dirty();
+        if let Some(reply) = self.replies.front() {
+            if buf.len() >= reply.len {
+                let reply = self.replies.pop_front()?;
+                buf[..reply.len].copy_from_slice(&reply.bytes[..reply.len]);
+                return Some(Transmit {
+                    local: reply.local,
+                    to: reply.to,
+                    len: reply.len,
+                });
+            }
+            return None;
+        }
+        while let Some(id) = self.ready.pop_front() {
+            let Some(entry) = self.sessions.get_mut(&id.0) else {
+                continue;
+            };
+            if let Some(len) = entry.session.poll_transmit(now, buf) {
+                let transmit = Transmit {
+                    local: entry.local,
+                    to: entry.peer,
+                    len,
+                };
+                self.ready.push_back(id);
+                self.after_activity(id);
+                return Some(transmit);
+            }
+            entry.queued = false;
+            self.after_activity(id);
+        }
+        None
+    }
+
+    /// Earliest instant at which [`ServerEndpoint::handle_timeout`] must run.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.process_dirty();
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if self
+                .sessions
+                .get(&id.0)
+                .is_some_and(|e| e.scheduled == Some(at))
+            {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Runs every session timer that is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.process_dirty();
+        // Collect the due sessions first: a session whose next deadline is still `<= now` after
+        // its timer ran (e.g. an ACK that only `poll_transmit` sends) must not be run again in
+        // this call, or this loop would never end.
+        let mut due = std::mem::take(&mut self.due_scratch);
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(entry) = self.sessions.get_mut(&id.0) else {
+                continue;
+            };
+            if entry.scheduled != Some(at) {
+                continue;
+            }
+            entry.scheduled = None;
+            due.push(id);
+        }
+        for &id in &due {
+            let Some(entry) = self.sessions.get_mut(&id.0) else {
+                continue;
+            };
+            entry.session.handle_timeout(now);
+            self.touch(id);
+            self.after_activity(id);
+        }
+        due.clear();
+        self.due_scratch = due;
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<EndpointEvent> {
+        self.process_dirty();
+        self.events.pop_front()
+    }
+}
