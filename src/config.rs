@@ -21,7 +21,7 @@ pub const DEFAULT_SOCKS5_BIND: &str = "127.0.0.1:1088";
 /// Default total number of tunnel sessions a server accepts.
 pub const DEFAULT_MAX_SESSIONS: u32 = 1024;
 /// Default number of simultaneous sessions per user.
-pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 16;
+pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 32;
 /// Most sessions a client may spread its streams over.
 pub const MAX_MUX_SESSIONS: u32 = 16;
 
