@@ -4,9 +4,9 @@
 //! is inherited), and one dedicated thread takes them with `sigwait(3)`. No signal handler ever
 //! runs, so nothing async-signal-unsafe can happen.
 //!
-//! This is the one module allowed `unsafe`: the standard library has no API for signal masks,
-//! and the design card names `libc` for exactly this. Each `unsafe` block is a plain FFI call on
-//! a properly initialised `sigset_t` owned by the caller.
+//! One of the two modules allowed `unsafe` (the other is `sys`): the standard library has no API
+//! for signal masks, and the design card names `libc` for exactly this. Each `unsafe` block is a
+//! plain FFI call on a properly initialised `sigset_t` owned by the caller.
 #![allow(unsafe_code)]
 
 use std::fmt;
