@@ -21,14 +21,14 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use mio::Interest;
-use mio::net::{TcpStream, UdpSocket};
+use mio::net::TcpStream;
 
 use super::dest_guard::DestGuard;
 use super::driver;
 use super::driver::core::{LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::token::Tok;
-use super::driver::udp::{self, RECV_BATCH, SendOutcome, UdpTx};
+use super::driver::udp::{SendOutcome, UdpSockets};
 use super::ledger::{Ledger, Verdict};
 use super::pipe::{Moved, Pipe, PipeEnd};
 use super::resolver::{Lookup, Resolved, Resolver};
@@ -119,16 +119,15 @@ pub fn start(
         LoopCore::new().map_err(|e| StartError(format!("cannot create the event loop: {e}")))?;
     let mut sockets = Vec::new();
     let mut local_addrs = Vec::new();
-    for (i, addr) in cfg.listen.iter().enumerate() {
-        let mut sock =
+    for addr in &cfg.listen {
+        let sock =
             bind_udp(*addr).map_err(|e| StartError(format!("cannot listen on udp {addr}: {e}")))?;
         let local = sock.local_addr().map_err(|e| StartError(e.to_string()))?;
-        core.registry()
-            .register(&mut sock, Tok::Udp(i).token(), Interest::READABLE)
-            .map_err(|e| StartError(e.to_string()))?;
         local_addrs.push(local);
         sockets.push(sock);
     }
+    let udp = UdpSockets::register(sockets, core.registry())
+        .map_err(|e| StartError(format!("cannot watch the listen sockets: {e}")))?;
     let resolver = Resolver::new(4, 256, core.waker.clone())
         .map_err(|e| StartError(format!("cannot start DNS threads: {e}")))?;
     let (control, control_rx) = core.control_channel();
@@ -138,8 +137,7 @@ pub fn start(
     let guard = DestGuard::new(cfg.allow_private_destinations);
     let mut lp = ServerLoop {
         core,
-        udp_readable: vec![false; sockets.len()],
-        sockets,
+        udp,
         endpoint,
         users,
         control_rx,
@@ -149,9 +147,7 @@ pub fn start(
         streams: HashMap::new(),
         sessions: HashMap::new(),
         relays: RelayPool::new(),
-        relays_readable: Vec::new(),
         ledger: Ledger::new(Instant::now()),
-        udp_tx: UdpTx::new(),
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
         tickets: TicketIssuer::new(),
@@ -195,8 +191,8 @@ struct SessionInfo {
 
 struct ServerLoop {
     core: LoopCore,
-    sockets: Vec<UdpSocket>,
-    udp_readable: Vec<bool>,
+    /// The UDP listen sockets (`SocketIndex` = position in `listen`).
+    udp: UdpSockets,
     endpoint: ServerEndpoint,
     users: SharedUsers,
     control_rx: Receiver<ControlMsg>,
@@ -206,11 +202,8 @@ struct ServerLoop {
     streams: HashMap<(SessionId, StreamId), usize>,
     sessions: HashMap<SessionId, SessionInfo>,
     relays: RelayPool,
-    /// Relay sockets that stopped at the receive batch limit (read again before waiting).
-    relays_readable: Vec<(usize, bool)>,
     /// Per-user budgets, unsynced traffic and limits.
     ledger: Ledger,
-    udp_tx: UdpTx,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
     tickets: TicketIssuer,
@@ -337,25 +330,20 @@ impl ServerLoop {
                 break;
             }
             let now = Instant::now();
-            relay_events.clear();
-            relay_events.append(&mut self.relays_readable);
             for event in events.iter() {
                 let (readable, writable) = (event.is_readable(), event.is_writable());
+                let registry = self.core.poll.registry();
                 match Tok::decode(event.token()) {
-                    Some(Tok::Udp(i)) if i < self.sockets.len() => {
-                        self.udp_readable[i] |= readable;
-                        if writable {
-                            self.retry_blocked_tx();
-                        }
-                    }
-                    Some(Tok::Relay { index, v6 }) => relay_events.push((index, v6)),
+                    Some(Tok::Udp(i)) => self.udp.on_event(i, readable, writable, registry),
+                    Some(Tok::Relay { index, v6 }) => self.relays.mark_readable(index, v6),
                     Some(Tok::Outbound(idx)) => {
                         self.on_outbound_event(now, idx, readable, writable)
                     }
                     _ => {}
                 }
             }
-            for &(index, v6) in &relay_events {
+            self.relays.take_readable(&mut relay_events);
+            for (index, v6) in relay_events.drain(..) {
                 self.on_relay_readable(now, index, v6);
             }
             self.drain_control(now);
@@ -394,7 +382,7 @@ impl ServerLoop {
 
     /// When the loop must wake up at the latest (`now`: sockets still hold datagrams).
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
-        if self.udp_readable.iter().any(|r| *r) || !self.relays_readable.is_empty() {
+        if self.udp.any_readable() || self.relays.any_readable() {
             return Some(now);
         }
         let mut at = self.ledger.next_deadline();
@@ -454,47 +442,30 @@ impl ServerLoop {
 
     fn receive_datagrams(&mut self, now: Instant) {
         let unix = unix_now();
-        for i in 0..self.sockets.len() {
-            if !self.udp_readable[i] {
+        for i in 0..self.udp.len() {
+            let endpoint = &mut self.endpoint;
+            let local = SocketIndex(i as u32);
+            let read = self.udp.receive(i, &mut self.buf, |d, from| {
+                endpoint.handle_datagram(now, unix, local, from, d);
+            });
+            if !read {
                 continue;
             }
-            let endpoint = &mut self.endpoint;
-            let readiness = udp::drain(&self.sockets[i], &mut self.buf, RECV_BATCH, |d, from| {
-                endpoint.handle_datagram(now, unix, SocketIndex(i as u32), from, d);
-            });
-            self.udp_readable[i] = readiness.still_readable();
             self.process_endpoint_events(now);
             self.flush_transmits(now);
         }
     }
 
-    /// WRITABLE on the socket of the blocked datagram: retry it.
-    fn retry_blocked_tx(&mut self) {
-        let Some(local) = self.udp_tx.blocked_socket() else {
-            return;
-        };
-        if let Some(sock) = self.sockets.get_mut(local) {
-            let token = Tok::Udp(local).token();
-            self.udp_tx.retry(sock, self.core.poll.registry(), token);
-        } else {
-            self.udp_tx.clear();
-        }
-    }
-
     fn flush_transmits(&mut self, now: Instant) {
-        self.retry_blocked_tx();
-        if self.udp_tx.is_blocked() {
+        let registry = self.core.poll.registry();
+        self.udp.retry_blocked(registry);
+        if self.udp.is_blocked() {
             return;
         }
         while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
-            let local = t.local.0 as usize;
-            let Some(sock) = self.sockets.get_mut(local) else {
-                continue;
-            };
-            let registry = self.core.poll.registry();
-            let token = Tok::Udp(local).token();
             let data = &self.buf[..t.len];
-            if self.udp_tx.send(sock, registry, token, local, data, t.to) == SendOutcome::Blocked {
+            let local = t.local.0 as usize;
+            if self.udp.send(registry, local, data, t.to) == SendOutcome::Blocked {
                 return;
             }
         }
@@ -913,12 +884,9 @@ impl ServerLoop {
     /// Carries answers waiting on relay socket `index`/`v6` back into the sessions.
     fn on_relay_readable(&mut self, now: Instant, index: usize, v6: bool) {
         let mut inbound = Vec::new();
-        let readiness = self.relays.receive(index, v6, |session, dest, data| {
+        self.relays.receive(index, v6, |session, dest, data| {
             inbound.push((session, dest, data.to_vec()));
         });
-        if readiness.still_readable() {
-            self.relays_readable.push((index, v6));
-        }
         for (session, dest, data) in inbound {
             let Some(info) = self.sessions.get(&session) else {
                 continue;

@@ -57,6 +57,9 @@ struct Relay {
 pub struct RelayPool {
     relays: Slab<Relay>,
     tickets: TicketIssuer,
+    /// Relay sockets with datagrams to read: marked by their READABLE event, kept while a
+    /// receive stops at the batch limit (mio reports no new edge for datagrams already queued).
+    readable: Vec<(usize, bool)>,
     by_session: HashMap<SessionId, usize>,
     scratch: Box<[u8]>,
 }
@@ -73,6 +76,7 @@ impl RelayPool {
         RelayPool {
             relays: Slab::new(),
             tickets: TicketIssuer::new(),
+            readable: Vec::new(),
             by_session: HashMap::new(),
             scratch: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
         }
@@ -249,10 +253,27 @@ impl RelayPool {
         Self::send_to(idx, relay, addr, &p.data, guard, now, poll);
     }
 
+    /// A READABLE event for the relay socket `index`/`v6`.
+    pub fn mark_readable(&mut self, index: usize, v6: bool) {
+        if !self.readable.contains(&(index, v6)) {
+            self.readable.push((index, v6));
+        }
+    }
+
+    /// Whether some relay socket must be read before the loop may wait.
+    pub fn any_readable(&self) -> bool {
+        !self.readable.is_empty()
+    }
+
+    /// Moves the marked relay sockets into `out` (each to be passed to [`Self::receive`]).
+    pub fn take_readable(&mut self, out: &mut Vec<(usize, bool)>) {
+        out.append(&mut self.readable);
+    }
+
     /// Reads up to [`RECV_BATCH`] datagrams waiting on the relay socket `index`/`v6`, handing
     /// each to `on_datagram(session, source, payload)`. [`Readiness::StillReadable`] means the
-    /// batch limit stopped it: the caller must call again before waiting for events (mio is
-    /// edge-triggered; no new event comes for datagrams already queued).
+    /// batch limit stopped it: the socket stays marked (see [`Self::any_readable`]) so the loop
+    /// reads it again before waiting for events.
     pub fn receive(
         &mut self,
         index: usize,
@@ -271,13 +292,17 @@ impl RelayPool {
             return Readiness::Drained;
         };
         let (session, labels) = (relay.session, &relay.labels);
-        udp::drain(sock, &mut self.scratch, RECV_BATCH, |data, from| {
+        let readiness = udp::drain(sock, &mut self.scratch, RECV_BATCH, |data, from| {
             let from = canonical(from);
             match labels.iter().find(|(a, _)| *a == from) {
                 Some((_, d)) => on_datagram(session, d.clone(), data),
                 None => on_datagram(session, Destination::Addr(from), data),
             }
-        })
+        });
+        if readiness.still_readable() {
+            self.mark_readable(index, v6);
+        }
+        readiness
     }
 
     /// Closes the relay of a session.

@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 
+use super::token::Tok;
+
 /// Datagrams read from one socket per wake-up before other work gets a turn.
 pub const RECV_BATCH: usize = 256;
 
@@ -146,6 +148,101 @@ impl UdpTx {
     /// Forgets the waiting datagram (its socket is being closed).
     pub fn clear(&mut self) {
         self.blocked = None;
+    }
+}
+
+/// A loop's listen sockets (registered as [`Tok::Udp`]`(i)`), their "still readable" flags and
+/// the one blocked-send slot they share (while it is full nothing else is sent, keeping order).
+pub struct UdpSockets {
+    sockets: Vec<UdpSocket>,
+    readable: Vec<bool>,
+    tx: UdpTx,
+}
+
+impl UdpSockets {
+    /// Registers `sockets` READABLE as `Tok::Udp(0..)`.
+    pub fn register(mut sockets: Vec<UdpSocket>, registry: &Registry) -> io::Result<UdpSockets> {
+        for (i, sock) in sockets.iter_mut().enumerate() {
+            registry.register(sock, Tok::Udp(i).token(), Interest::READABLE)?;
+        }
+        Ok(UdpSockets {
+            readable: vec![false; sockets.len()],
+            sockets,
+            tx: UdpTx::new(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// A mio event for `Tok::Udp(i)`.
+    pub fn on_event(&mut self, i: usize, readable: bool, writable: bool, registry: &Registry) {
+        if let Some(flag) = self.readable.get_mut(i) {
+            *flag |= readable;
+        }
+        if writable {
+            self.retry_blocked(registry);
+        }
+    }
+
+    /// Whether some socket must be read before the loop may wait.
+    pub fn any_readable(&self) -> bool {
+        self.readable.iter().any(|r| *r)
+    }
+
+    /// Reads a batch from socket `i` if it is marked readable; returns whether it was.
+    pub fn receive(
+        &mut self,
+        i: usize,
+        buf: &mut [u8],
+        on_datagram: impl FnMut(&mut [u8], SocketAddr),
+    ) -> bool {
+        let (Some(flag), Some(sock)) = (self.readable.get_mut(i), self.sockets.get(i)) else {
+            return false;
+        };
+        if !*flag {
+            return false;
+        }
+        *flag = drain(sock, buf, RECV_BATCH, on_datagram).still_readable();
+        true
+    }
+
+    /// Retries the blocked datagram, if any.
+    pub fn retry_blocked(&mut self, registry: &Registry) {
+        let Some(i) = self.tx.blocked_socket() else {
+            return;
+        };
+        match self.sockets.get_mut(i) {
+            Some(sock) => {
+                self.tx.retry(sock, registry, Tok::Udp(i).token());
+            }
+            None => self.tx.clear(),
+        }
+    }
+
+    /// Whether a datagram waits for room (send nothing until it left).
+    pub fn is_blocked(&self) -> bool {
+        self.tx.is_blocked()
+    }
+
+    /// Sends `data` to `to` from socket `i` (an unknown socket fails the datagram).
+    pub fn send(
+        &mut self,
+        registry: &Registry,
+        i: usize,
+        data: &[u8],
+        to: SocketAddr,
+    ) -> SendOutcome {
+        let Some(sock) = self.sockets.get_mut(i) else {
+            return SendOutcome::Failed;
+        };
+        self.tx
+            .send(sock, registry, Tok::Udp(i).token(), i, data, to)
     }
 }
 
