@@ -1,6 +1,6 @@
 //! The tiny_http side of the API: a `tiny_http::Server` on a private Unix socket (in a fresh
 //! 0700 directory, so only this process's relays reach it), served by a fixed pool of worker
-//! threads that run [`routes::handle`]. Only the front end ([`super::server`]) talks to it, and
+//! threads that run [`routes::handle`]. Only the front end ([`super::front`]) talks to it, and
 //! only with requests it has already validated and bounded (see that module for why tiny_http
 //! is not exposed to the network directly).
 
