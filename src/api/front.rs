@@ -15,6 +15,16 @@
 //!
 //! Here idle and slow connections cost only a buffer in the mio loop, bodies over 64 KiB are
 //! refused before tiny_http sees them, and the thread count is fixed.
+//!
+//! Connections are persistent (HTTP/1.1 keep-alive): HTTP/1.1 stays open unless the request says
+//! `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`; every response says
+//! `Connection: keep-alive` or `close`, and the front end does what it says. Requests are served
+//! one at a time per connection, in order; bytes that arrive behind a request (pipelining) are
+//! kept and parsed as the next request. A malformed request gets a 4xx with `Connection: close`,
+//! then the connection closes. A keep-alive connection waiting for its next request is *idle*: it
+//! closes after [`Limits::idle_timeout`], and when all [`Limits::max_connections`] are in use, the
+//! connection idle the longest is closed to admit a new client (only when none is idle does the
+//! new client get `503`). Connections in the middle of a request are never evicted.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -28,18 +38,24 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::errors::ApiError;
-use super::http::{self, MAX_BODY_BYTES, MAX_HEAD_BYTES, Request};
+use super::http::{self, MAX_BODY_BYTES, Request};
+use crate::http_head::{HeadScanner, MAX_HEAD_BYTES};
+use crate::tunnel::slab::Slab;
 
 /// Limits of the front end.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Client connections held at once; more are answered 503 and closed.
+    /// Client connections held at once. At the cap, the longest-idle keep-alive connection is
+    /// closed to admit a new one; if none is idle, the new one is answered 503 and closed.
     pub max_connections: usize,
     /// Relay threads (each has at most one request in tiny_http at a time) and, separately,
     /// tiny_http worker threads running handlers.
     pub workers: usize,
-    /// Time allowed to receive one complete request (also the keep-alive idle time).
+    /// Time allowed to receive one complete request, counted from the accept or, on a
+    /// keep-alive connection, from the request's first byte.
     pub request_timeout: Duration,
+    /// How long a keep-alive connection may wait for the first byte of its next request.
+    pub idle_timeout: Duration,
     /// Time allowed without write progress while sending a response.
     pub write_timeout: Duration,
 }
@@ -50,19 +66,27 @@ impl Default for Limits {
             max_connections: 256,
             workers: 4,
             request_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(15),
         }
     }
 }
 
+// The front end's token map (kept here, in one place): connection tokens are the indices of the
+// connection slab, counting up from 0; the listener and the waker sit at the top of the range.
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
-/// After an error answer that closes the connection, unread input is discarded for this long
+
+/// After an answer that closes the connection, unread input is discarded for this long
 /// (so the client receives the answer instead of a reset), at most `DRAIN_MAX_BYTES`.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 const DRAIN_MAX_BYTES: usize = 1024 * 1024;
 /// Largest input buffered per connection (head + body + a little pipelined data).
 const MAX_INBUF: usize = MAX_HEAD_BYTES + MAX_BODY_BYTES + 4096;
+/// An idle connection keeps at most this much input buffer capacity.
+const IDLE_INBUF_CAPACITY: usize = 4096;
+/// Longest wait between two deadline sweeps.
+const SWEEP_MAX: Duration = Duration::from_secs(1);
 
 /// A request for a worker.
 pub struct Job {
@@ -78,10 +102,13 @@ struct Done {
 }
 
 enum State {
+    /// A keep-alive connection between requests (nothing but blank lines received), since
+    /// `since`.
+    Idle { since: Instant },
     /// Receiving a request; `head` once the head is parsed.
     Reading { head: Option<(http::Head, usize)> },
-    /// A worker has the request.
-    Waiting,
+    /// A worker has the request; `keep_alive` is what the request asked for.
+    Waiting { keep_alive: bool },
     Writing {
         out: Vec<u8>,
         pos: usize,
@@ -93,8 +120,11 @@ enum State {
 
 struct Conn {
     stream: TcpStream,
+    /// Tells this connection's answers from those of an earlier one in the same slot.
     serial: u64,
     inbuf: Vec<u8>,
+    /// How far `inbuf` was searched for the end of the current request's head.
+    scanner: HeadScanner,
     /// Interim bytes (`100 Continue`) to send while still reading.
     interim: Vec<u8>,
     state: State,
@@ -126,8 +156,9 @@ impl Drop for Front {
     }
 }
 
-/// Starts the front end on `listener`; `handler` turns a validated request into the complete
-/// response bytes (the connection is closed after them). It runs on the relay threads.
+/// Starts the front end on `listener`; `handler` turns a validated request into a complete
+/// response framed by `Content-Length`, without a `Connection` header (the front end adds it).
+/// It runs on the relay threads.
 pub fn start<H>(listener: std::net::TcpListener, limits: Limits, handler: H) -> io::Result<Front>
 where
     H: Fn(&Request) -> Vec<u8> + Send + Sync + 'static,
@@ -162,9 +193,7 @@ where
     let mut front_loop = Loop {
         poll,
         listener,
-        conns: Vec::new(),
-        free: Vec::new(),
-        live: 0,
+        conns: Slab::new(),
         next_serial: 1,
         limits,
         job_tx,
@@ -217,9 +246,8 @@ fn worker(
 struct Loop {
     poll: Poll,
     listener: TcpListener,
-    conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
-    live: usize,
+    /// Client connections; the index is the connection's mio token.
+    conns: Slab<Conn>,
     next_serial: u64,
     limits: Limits,
     job_tx: Sender<Job>,
@@ -271,64 +299,77 @@ impl Loop {
     }
 
     fn add(&mut self, mut stream: TcpStream) {
-        if self.live >= self.limits.max_connections {
-            let r = ApiError::new(503, "too many connections; try again later").to_response();
-            let _ = stream.write(&r.to_bytes(false));
+        if self.conns.len() >= self.limits.max_connections && !self.evict_longest_idle() {
+            let err = ApiError::new(503, "too many connections; try again later");
+            let _ = stream.write(&http::closing_error(&err));
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
         let _ = stream.set_nodelay(true);
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.conns.push(None);
-            self.conns.len() - 1
-        });
+        let slot = self.conns.next_index();
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("api: cannot register a connection: {e}");
-            self.free.push(slot);
             return;
         }
         let serial = self.next_serial;
         self.next_serial += 1;
-        if let Some(entry) = self.conns.get_mut(slot) {
-            *entry = Some(Conn {
-                stream,
-                serial,
-                inbuf: Vec::new(),
-                interim: Vec::new(),
-                state: State::Reading { head: None },
-                deadline: Instant::now() + self.limits.request_timeout,
-            });
-            self.live += 1;
-        }
+        let slot = self.conns.insert(Conn {
+            stream,
+            serial,
+            inbuf: Vec::new(),
+            scanner: HeadScanner::new(),
+            interim: Vec::new(),
+            state: State::Reading { head: None },
+            deadline: Instant::now() + self.limits.request_timeout,
+        });
         self.drive(slot);
     }
 
-    fn close(&mut self, slot: usize) {
-        if let Some(entry) = self.conns.get_mut(slot) {
-            if let Some(mut c) = entry.take() {
-                let _ = self.poll.registry().deregister(&mut c.stream);
-                self.live -= 1;
-                self.free.push(slot);
+    /// Closes the keep-alive connection that has been idle the longest; false if none is idle.
+    fn evict_longest_idle(&mut self) -> bool {
+        let longest = self
+            .conns
+            .iter()
+            .filter_map(|(slot, c)| match c.state {
+                State::Idle { since } => Some((since, slot)),
+                _ => None,
+            })
+            .min();
+        match longest {
+            Some((_, slot)) => {
+                self.close(slot);
+                true
             }
+            None => false,
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(mut c) = self.conns.remove(slot) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
         }
     }
 
     fn collect_done(&mut self) {
         while let Ok(done) = self.done_rx.try_recv() {
-            let Some(Some(conn)) = self.conns.get_mut(done.slot) else {
+            let Some(conn) = self.conns.get_mut(done.slot) else {
                 continue;
             };
-            if conn.serial != done.serial || !matches!(conn.state, State::Waiting) {
+            let State::Waiting { keep_alive } = conn.state else {
+                continue;
+            };
+            if conn.serial != done.serial {
                 continue;
             }
+            let (out, keep_alive) = http::with_connection(done.bytes, keep_alive);
             conn.state = State::Writing {
-                out: done.bytes,
+                out,
                 pos: 0,
-                keep_alive: false,
+                keep_alive,
             };
             conn.deadline = Instant::now() + self.limits.write_timeout;
             self.drive(done.slot);
@@ -337,35 +378,34 @@ impl Loop {
 
     /// Closes connections past their deadline; returns when to sweep next.
     fn sweep(&mut self, now: Instant) -> Instant {
-        let mut next = now + Duration::from_secs(1);
-        for slot in 0..self.conns.len() {
-            let Some(Some(conn)) = self.conns.get_mut(slot) else {
-                continue;
-            };
-            if matches!(conn.state, State::Waiting) {
+        let mut next = now + SWEEP_MAX;
+        let mut expired = Vec::new();
+        for (slot, conn) in self.conns.iter_mut() {
+            if matches!(conn.state, State::Waiting { .. }) {
                 continue;
             }
-            if conn.deadline <= now {
-                if matches!(conn.state, State::Reading { .. }) && !conn.inbuf.is_empty() {
-                    let r = ApiError::new(408, "the request was not received in time");
-                    let _ = conn.stream.write(&r.to_response().to_bytes(false));
-                }
-                self.close(slot);
-            } else {
+            if conn.deadline > now {
                 next = next.min(conn.deadline);
+                continue;
             }
+            if matches!(conn.state, State::Reading { .. }) && !conn.inbuf.is_empty() {
+                let err = ApiError::new(408, "the request was not received in time");
+                let _ = conn.stream.write(&http::closing_error(&err));
+            }
+            expired.push(slot);
+        }
+        for slot in expired {
+            self.close(slot);
         }
         next.max(now + Duration::from_millis(20))
     }
 
     /// Makes all the progress possible on one connection.
     fn drive(&mut self, slot: usize) {
-        let limits = self.limits.clone();
-        let Some(Some(conn)) = self.conns.get_mut(slot) else {
+        let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        let outcome = step(conn, &limits);
-        match outcome {
+        match conn.step(&self.limits) {
             Step::Blocked => {}
             Step::Close => self.close(slot),
             Step::Dispatch(request) => {
@@ -382,133 +422,250 @@ impl Loop {
     }
 }
 
+/// What [`Conn::step`] leaves the loop to do.
 enum Step {
     Blocked,
     Close,
     Dispatch(Request),
 }
 
-/// Sets `conn` up to send `err` and close afterwards.
-fn answer_error(conn: &mut Conn, err: &ApiError, limits: &Limits) {
-    conn.interim.clear();
-    conn.state = State::Writing {
-        out: err.to_response().to_bytes(false),
-        pos: 0,
-        keep_alive: false,
-    };
-    conn.deadline = Instant::now() + limits.write_timeout;
+/// Result of one unit of progress: `None` = keep going.
+type Progress = Option<Step>;
+
+/// What a read from the socket gave.
+enum ReadOutcome {
+    Data,
+    Retry,
+    Stop(Step),
 }
 
-fn step(conn: &mut Conn, limits: &Limits) -> Step {
-    let mut scratch = [0u8; 8192];
-    loop {
-        match &mut conn.state {
-            State::Reading { head } => {
-                if !conn.interim.is_empty() {
-                    match conn.stream.write(&conn.interim) {
-                        Ok(n) => {
-                            conn.interim.drain(..n);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => return Step::Close,
-                    }
-                }
-                if head.is_none() {
-                    // Tolerate empty lines before a request line.
-                    let blank = conn
-                        .inbuf
-                        .iter()
-                        .take_while(|b| **b == b'\r' || **b == b'\n')
-                        .count();
-                    if blank > 0 {
-                        conn.inbuf.drain(..blank);
-                    }
-                    match http::parse_head(&conn.inbuf) {
-                        Ok(Some((h, len))) => {
-                            if h.expect_continue
-                                && conn.inbuf.len() < len + h.content_length
-                                && h.content_length > 0
-                            {
-                                conn.interim
-                                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                            }
-                            *head = Some((h, len));
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            answer_error(conn, &e, limits);
-                            continue;
-                        }
-                    }
-                } else if let Some((h, len)) = head.as_ref() {
-                    let total = len + h.content_length;
-                    if conn.inbuf.len() >= total {
-                        let (h, len) = match head.take() {
-                            Some(x) => x,
-                            None => return Step::Close,
-                        };
-                        let body = conn.inbuf[len..total].to_vec();
-                        conn.inbuf.drain(..total);
-                        conn.state = State::Waiting;
-                        conn.interim.clear();
-                        return Step::Dispatch(Request { head: h, body });
-                    }
-                }
-                // Need more input.
-                if conn.inbuf.len() >= MAX_INBUF {
-                    return Step::Blocked; // cannot happen with the limits above; wait for the deadline
-                }
-                let room = (MAX_INBUF - conn.inbuf.len()).min(scratch.len());
-                match conn.stream.read(&mut scratch[..room]) {
-                    Ok(0) => return Step::Close,
-                    Ok(n) => conn.inbuf.extend_from_slice(&scratch[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Blocked,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Step::Close,
-                }
+impl Conn {
+    /// Makes all the progress possible until the connection blocks, closes, or has a request.
+    fn step(&mut self, limits: &Limits) -> Step {
+        let mut scratch = [0u8; 8192];
+        loop {
+            let progress = match self.state {
+                State::Idle { .. } => self.step_idle(limits, &mut scratch),
+                State::Reading { .. } => self.step_reading(limits, &mut scratch),
+                State::Waiting { .. } => Some(Step::Blocked),
+                State::Writing { .. } => self.step_writing(limits),
+                State::Draining { .. } => self.step_draining(&mut scratch),
+            };
+            if let Some(step) = progress {
+                return step;
             }
-            State::Waiting => return Step::Blocked,
-            State::Writing {
-                out,
-                pos,
-                keep_alive,
-            } => {
-                if *pos >= out.len() {
-                    if *keep_alive {
-                        conn.state = State::Reading { head: None };
-                        conn.deadline = Instant::now() + limits.request_timeout;
-                    } else {
-                        let _ = conn.stream.shutdown(Shutdown::Write);
-                        conn.state = State::Draining { discarded: 0 };
-                        conn.deadline = Instant::now() + DRAIN_TIME;
-                    }
-                    continue;
-                }
-                match conn.stream.write(&out[*pos..]) {
-                    Ok(0) => return Step::Close,
-                    Ok(n) => {
-                        *pos += n;
-                        conn.deadline = Instant::now() + limits.write_timeout;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Blocked,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Step::Close,
-                }
-            }
-            State::Draining { discarded } => match conn.stream.read(&mut scratch) {
-                Ok(0) => return Step::Close,
-                Ok(n) => {
-                    *discarded += n;
-                    if *discarded > DRAIN_MAX_BYTES {
-                        return Step::Close;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Blocked,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Step::Close,
-            },
         }
+    }
+
+    /// Waits for the next request's first byte; blank lines between requests are skipped.
+    fn step_idle(&mut self, limits: &Limits, scratch: &mut [u8]) -> Progress {
+        match self.read_some(scratch) {
+            ReadOutcome::Data => {}
+            ReadOutcome::Retry => return None,
+            ReadOutcome::Stop(step) => return Some(step),
+        }
+        self.skip_blank_lines();
+        if !self.inbuf.is_empty() {
+            self.start_request(limits);
+        }
+        None
+    }
+
+    /// Parses the head, then collects the body; reads when more input is needed.
+    fn step_reading(&mut self, limits: &Limits, scratch: &mut [u8]) -> Progress {
+        if let Some(step) = self.flush_interim() {
+            return Some(step);
+        }
+        let State::Reading { head } = &mut self.state else {
+            return None;
+        };
+        match head {
+            None => {
+                self.skip_blank_lines();
+                match http::parse_head_scanned(&mut self.scanner, &self.inbuf) {
+                    Ok(Some((h, len))) => {
+                        if h.expect_continue
+                            && h.content_length > 0
+                            && self.inbuf.len() < len + h.content_length
+                        {
+                            self.interim
+                                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        }
+                        self.state = State::Reading {
+                            head: Some((h, len)),
+                        };
+                        return None;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.answer_error(&e, limits);
+                        return None;
+                    }
+                }
+            }
+            Some((h, len)) => {
+                let total = *len + h.content_length;
+                if self.inbuf.len() >= total {
+                    return Some(self.take_request(total));
+                }
+            }
+        }
+        // Need more input. The limits above make a full buffer impossible before the request
+        // is complete or refused; should it happen anyway, the deadline closes the connection.
+        match self.read_some(scratch) {
+            ReadOutcome::Data | ReadOutcome::Retry => None,
+            ReadOutcome::Stop(step) => Some(step),
+        }
+    }
+
+    /// Hands the complete request (the first `total` bytes of `inbuf`) to a worker.
+    fn take_request(&mut self, total: usize) -> Step {
+        let State::Reading {
+            head: Some((head, len)),
+        } = std::mem::replace(&mut self.state, State::Waiting { keep_alive: false })
+        else {
+            return Step::Close;
+        };
+        let body = self.inbuf[len..total].to_vec();
+        self.inbuf.drain(..total);
+        self.scanner.reset();
+        self.interim.clear();
+        self.state = State::Waiting {
+            keep_alive: head.keep_alive,
+        };
+        Step::Dispatch(Request { head, body })
+    }
+
+    fn step_writing(&mut self, limits: &Limits) -> Progress {
+        let State::Writing {
+            out,
+            pos,
+            keep_alive,
+        } = &mut self.state
+        else {
+            return None;
+        };
+        if *pos >= out.len() {
+            if *keep_alive {
+                self.next_request(limits);
+            } else {
+                let _ = self.stream.shutdown(Shutdown::Write);
+                self.state = State::Draining { discarded: 0 };
+                self.deadline = Instant::now() + DRAIN_TIME;
+            }
+            return None;
+        }
+        match self.stream.write(&out[*pos..]) {
+            Ok(0) => Some(Step::Close),
+            Ok(n) => {
+                *pos += n;
+                self.deadline = Instant::now() + limits.write_timeout;
+                None
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Step::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(_) => Some(Step::Close),
+        }
+    }
+
+    fn step_draining(&mut self, scratch: &mut [u8]) -> Progress {
+        let State::Draining { discarded } = &mut self.state else {
+            return None;
+        };
+        match self.stream.read(scratch) {
+            Ok(0) => Some(Step::Close),
+            Ok(n) => {
+                *discarded += n;
+                (*discarded > DRAIN_MAX_BYTES).then_some(Step::Close)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(Step::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(_) => Some(Step::Close),
+        }
+    }
+
+    /// After a keep-alive answer: parse bytes already received behind the last request as the
+    /// next one, or wait idle for it.
+    fn next_request(&mut self, limits: &Limits) {
+        self.skip_blank_lines();
+        if self.inbuf.is_empty() {
+            if self.inbuf.capacity() > IDLE_INBUF_CAPACITY {
+                self.inbuf = Vec::new();
+            }
+            let now = Instant::now();
+            self.state = State::Idle { since: now };
+            self.deadline = now + limits.idle_timeout;
+        } else {
+            self.start_request(limits);
+        }
+    }
+
+    fn start_request(&mut self, limits: &Limits) {
+        self.state = State::Reading { head: None };
+        self.deadline = Instant::now() + limits.request_timeout;
+    }
+
+    /// Drops CR/LF before a request line (tolerated between requests, RFC 9112 §2.2).
+    fn skip_blank_lines(&mut self) {
+        let blank = self
+            .inbuf
+            .iter()
+            .take_while(|b| **b == b'\r' || **b == b'\n')
+            .count();
+        if blank > 0 {
+            self.inbuf.drain(..blank);
+            self.scanner.reset();
+        }
+    }
+
+    /// Appends what the socket has (bounded by [`MAX_INBUF`]).
+    fn read_some(&mut self, scratch: &mut [u8]) -> ReadOutcome {
+        if self.inbuf.len() >= MAX_INBUF {
+            return ReadOutcome::Stop(Step::Blocked);
+        }
+        let room = (MAX_INBUF - self.inbuf.len()).min(scratch.len());
+        match self.stream.read(&mut scratch[..room]) {
+            Ok(0) => ReadOutcome::Stop(Step::Close),
+            Ok(n) => {
+                self.inbuf.extend_from_slice(&scratch[..n]);
+                ReadOutcome::Data
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::Stop(Step::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadOutcome::Retry,
+            Err(_) => ReadOutcome::Stop(Step::Close),
+        }
+    }
+
+    /// Sends what it can of a pending `100 Continue`.
+    fn flush_interim(&mut self) -> Progress {
+        if self.interim.is_empty() {
+            return None;
+        }
+        match self.stream.write(&self.interim) {
+            Ok(n) => {
+                self.interim.drain(..n);
+                None
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(Step::Close),
+        }
+    }
+
+    /// Sets the connection up to send `err` and close afterwards.
+    fn answer_error(&mut self, err: &ApiError, limits: &Limits) {
+        self.interim.clear();
+        self.state = State::Writing {
+            out: http::closing_error(err),
+            pos: 0,
+            keep_alive: false,
+        };
+        self.deadline = Instant::now() + limits.write_timeout;
     }
 }

@@ -1,6 +1,7 @@
 //! The Management REST API: start/stop, the shared handler context, and the wiring of
 //! - [`front`]: the network front end (one mio thread, bounded connections and buffers,
-//!   request deadlines) that validates requests and relays them over a private Unix socket to
+//!   request deadlines, keep-alive) that validates requests and relays them over a private Unix
+//!   socket to
 //! - [`backend`]: the tiny_http server whose fixed worker pool runs
 //! - [`routes`] (path + method → handler), [`auth`], [`subscribe`], with JSON [`errors`].
 //!
