@@ -86,9 +86,7 @@ fn main() {
 
     let base = measure(&srv, "/api/server/status", 2000);
     let list = measure(&srv, "/api/users", 200);
-    println!(
-        "api_users: {USERS} users, sequential, one connection per request (the API closes after each response)"
-    );
+    println!("api_users: {USERS} users, sequential, one keep-alive connection per client");
     println!(
         "  baseline GET /api/server/status: p50 {:>9.3?}  p99 {:>9.3?}  {:>8.0} req/s  ({} B)",
         base.p50, base.p99, base.per_sec, base.bytes

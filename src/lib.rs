@@ -7,6 +7,7 @@
 //!   SOCKS5 / HTTP proxy front end, outbound connections, DNS pool, destination guard.
 //! - [`users`]   — the user table shared by the API and the tunnel, and its durable state file.
 //! - [`api`]     — the Management REST API (mio front end, tiny_http worker pool, routes, auth).
+//! - [`http_head`] — the HTTP head scanner and limits shared by the API and the proxy port.
 //! - [`config`]  — `config.json`: parsing, defaults, validation.
 //! - [`control`] — the channel + waker through which the API and signals reach the event loop.
 //! - [`keys`]    — access keys and tokens: generation, validation, masking, constant-time compare.
@@ -27,6 +28,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod http_head;
 pub mod keys;
 pub mod logging;
 pub mod proto;

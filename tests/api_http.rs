@@ -5,9 +5,11 @@
 #[path = "support/api_support.rs"]
 mod support;
 
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
+use ostp::api::Limits;
 use ostp::control::ControlMsg;
 use ostp::users::persist::lock_users;
 use serde_json::json;
@@ -835,4 +837,246 @@ fn large_user_list_arrives_complete() {
     );
     let users = r.json()["users"].as_array().unwrap().len();
     assert_eq!(users, 3001);
+}
+
+/// Whether `python3` with `requests` is available (CI installs python3-requests).
+fn has_python_requests() -> bool {
+    Command::new("python3")
+        .args(["-c", "import requests"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Regression (issue 7, bug 2): a `requests.Session` (what panels and bots use) reuses its
+/// connection; the server must keep it open as announced, or say `Connection: close`. Before the
+/// fix, responses did not say `close` but the connection was closed, and some requests failed
+/// with `RemoteDisconnected` (POSTs then not applied).
+#[test]
+fn python_session_keep_alive_2000_gets_300_posts_no_failure() {
+    if !has_python_requests() {
+        eprintln!("SKIPPED: python3 with requests is not installed (CI installs python3-requests)");
+        return;
+    }
+    let srv = TestServer::start(TOKEN);
+    let script = r#"import sys, requests
+
+API, TOKEN = sys.argv[1], sys.argv[2]
+s = requests.Session()
+s.headers["Authorization"] = f"Bearer {TOKEN}"
+failures = []
+conn_headers = set()
+for i in range(2000):
+    try:
+        r = s.get(f"{API}/api/server/status", timeout=10)
+        conn_headers.add(r.headers.get("Connection"))
+        if r.status_code != 200:
+            failures.append(f"GET {i}: {r.status_code}")
+    except Exception as e:
+        failures.append(f"GET {i}: {e!r}")
+for i in range(300):
+    try:
+        r = s.post(f"{API}/api/users", json={"key": f"keepalive-{i:04d}-abcdef", "limit_bytes": i}, timeout=10)
+        if r.status_code != 200:
+            failures.append(f"POST {i}: {r.status_code} {r.text}")
+    except Exception as e:
+        failures.append(f"POST {i}: {e!r}")
+for i in range(300):
+    try:
+        r = s.get(f"{API}/api/users/keepalive-{i:04d}-abcdef", timeout=10)
+        if r.status_code != 200 or r.json()["limit_bytes"] != i:
+            failures.append(f"verify {i}: {r.status_code} {r.text}")
+    except Exception as e:
+        failures.append(f"verify {i}: {e!r}")
+print("connection headers:", sorted(str(h) for h in conn_headers))
+print("failures:", len(failures))
+for f in failures[:20]:
+    print(f)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &format!("http://{}", srv.addr), TOKEN])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("failures: 0\n"), "{text}");
+    assert!(
+        text.contains("connection headers: ['keep-alive']"),
+        "every response says keep-alive: {text}"
+    );
+    let table = lock_users(&srv.users);
+    for i in 0..300u64 {
+        let u = table
+            .get_by_key(&format!("keepalive-{i:04}-abcdef"))
+            .unwrap_or_else(|| panic!("user {i} was not created"));
+        assert_eq!(u.limit_bytes, Some(i));
+    }
+}
+
+fn get_request(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n{extra}\r\n")
+}
+
+/// Two requests in one write (pipelining): both are answered, in order, on one connection that
+/// stays open; a third sent after reading those answers is answered too.
+#[test]
+fn pipelined_and_sequential_requests_on_one_connection_are_all_answered() {
+    let srv = TestServer::start(TOKEN);
+    let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+    let two = format!(
+        "{}{}",
+        get_request("/api/server/status", ""),
+        get_request("/api/users/nonexistent-key-0000", "")
+    );
+    s.write_all(two.as_bytes()).unwrap();
+    let (rs, closed) = read_responses(&mut s, 2, Duration::from_secs(5));
+    assert_eq!(rs.len(), 2, "the pipelined second request was dropped");
+    assert!(!closed);
+    assert_eq!(rs[0].status, 200);
+    assert_eq!(rs[1].status, 404);
+    for r in &rs {
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+    }
+    // A second exchange after reading the first answers.
+    s.write_all(get_request("/api/users", "").as_bytes())
+        .unwrap();
+    let (rs, _) = read_responses(&mut s, 1, Duration::from_secs(5));
+    assert_eq!(rs.len(), 1, "the request after a response was dropped");
+    assert_eq!(rs[0].status, 200);
+    assert!(rs[0].json()["users"].is_array());
+    // A pipelined request split across writes, with a POST body in between.
+    let body = r#"{"key": "pipelined-user-0001", "limit_bytes": 5}"#;
+    let post = format!(
+        "POST /api/users HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let both = format!(
+        "{post}{}",
+        get_request("/api/users/pipelined-user-0001", "")
+    );
+    let (a, b) = both.as_bytes().split_at(post.len() + 7);
+    s.write_all(a).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(b).unwrap();
+    let (rs, _) = read_responses(&mut s, 2, Duration::from_secs(5));
+    assert_eq!(rs.len(), 2);
+    assert_eq!(rs[0].status, 200, "{}", rs[0].text());
+    assert_eq!(rs[1].status, 200, "{}", rs[1].text());
+    assert_eq!(rs[1].json()["limit_bytes"], 5);
+}
+
+/// `Connection: close` and HTTP/1.0 close after the answer and say so; HTTP/1.0 with
+/// `Connection: keep-alive` stays open; a malformed request is answered, then closed (and the
+/// answer says so), even with a well-formed request pipelined behind it.
+#[test]
+fn connection_header_is_honoured_and_truthful() {
+    let srv = TestServer::start(TOKEN);
+    let exchange = |req: &str| {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let (rs, _) = read_responses(&mut s, 1, Duration::from_secs(5));
+        assert_eq!(rs.len(), 1, "no answer to {req:?}");
+        let closed = closed_within(&mut s, Duration::from_secs(1));
+        (rs[0].clone(), closed)
+    };
+    let (r, closed) = exchange(&get_request("/api/server/status", "Connection: close\r\n"));
+    assert_eq!(
+        (r.status, r.header("connection"), closed),
+        (200, Some("close"), true)
+    );
+    let (r, closed) = exchange(&format!(
+        "GET /api/server/status HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    ));
+    assert_eq!(
+        (r.status, r.header("connection"), closed),
+        (200, Some("close"), true)
+    );
+    let (r, closed) = exchange(&format!(
+        "GET /api/server/status HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nConnection: keep-alive\r\n\r\n"
+    ));
+    assert_eq!(
+        (r.status, r.header("connection"), closed),
+        (200, Some("keep-alive"), false)
+    );
+    let (r, closed) = exchange(&format!(
+        "GET /api/x HTTP/1.1\r\nBad Header: y\r\n\r\n{}",
+        get_request("/api/server/status", "")
+    ));
+    assert_eq!(
+        (r.status, r.header("connection"), closed),
+        (400, Some("close"), true)
+    );
+    // A handler's 4xx (not malformed HTTP) keeps the connection.
+    let (r, closed) = exchange(&get_request("/api/users/nonexistent-key-0000", ""));
+    assert_eq!(
+        (r.status, r.header("connection"), closed),
+        (404, Some("keep-alive"), false)
+    );
+}
+
+/// An idle keep-alive connection is closed after `idle_timeout`; at the connection cap the
+/// oldest idle keep-alive connection makes room for a new client (which is served), while a
+/// connection in the middle of a request is never evicted.
+#[test]
+fn idle_keep_alive_connections_time_out_and_yield_to_new_clients() {
+    let limits = Limits {
+        max_connections: 3,
+        idle_timeout: Duration::from_millis(1500),
+        ..Limits::default()
+    };
+    let srv = TestServer::start_with_limits(TOKEN, limits);
+    let served = |s: &mut std::net::TcpStream| {
+        s.write_all(get_request("/api/server/status", "").as_bytes())
+            .unwrap();
+        let (rs, _) = read_responses(s, 1, Duration::from_secs(5));
+        rs.len() == 1 && rs[0].status == 200
+    };
+    let connect = || std::net::TcpStream::connect(srv.addr).unwrap();
+    // Idle timeout.
+    let mut a = connect();
+    assert!(served(&mut a));
+    let t = std::time::Instant::now();
+    assert!(closed_within(&mut a, Duration::from_secs(5)));
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    // Cap: `old` and `newer` idle after one request, `busy` has sent half a request.
+    let mut old = connect();
+    assert!(served(&mut old));
+    std::thread::sleep(Duration::from_millis(50));
+    let mut newer = connect();
+    assert!(served(&mut newer));
+    let mut busy = connect();
+    busy.write_all(b"GET /api/server/status HTTP/1.1\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut fresh = connect();
+    assert!(served(&mut fresh), "a new client is served at the cap");
+    assert!(
+        closed_within(&mut old, Duration::from_millis(500)),
+        "oldest idle evicted"
+    );
+    assert!(served(&mut newer), "the newer idle connection still works");
+    busy.write_all(format!("Authorization: Bearer {TOKEN}\r\n\r\n").as_bytes())
+        .unwrap();
+    let (rs, _) = read_responses(&mut busy, 1, Duration::from_secs(5));
+    assert_eq!(rs.len(), 1, "a connection mid-request is never evicted");
+    assert_eq!(rs[0].status, 200);
+    // No idle connection to evict: the new client gets 503, and the answer says `close`.
+    for s in [&mut newer, &mut busy, &mut fresh] {
+        s.write_all(b"GET /api/server/status HTTP/1.1\r\n").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let mut refused = connect();
+    let (rs, _) = read_responses(&mut refused, 1, Duration::from_secs(5));
+    assert_eq!(rs.len(), 1);
+    assert_eq!(
+        (rs[0].status, rs[0].header("connection")),
+        (503, Some("close"))
+    );
 }

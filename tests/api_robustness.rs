@@ -171,6 +171,8 @@ fn hostile_request(rng: &mut u64) -> (Vec<u8>, bool) {
     }
 }
 
+/// Sends `bytes` on a fresh connection and reads until one whole answer arrived (connections
+/// stay open after answers that are not errors of the HTTP layer) or the server closes.
 fn exchange(addr: std::net::SocketAddr, bytes: &[u8], complete: bool) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -178,9 +180,23 @@ fn exchange(addr: std::net::SocketAddr, bytes: &[u8], complete: bool) -> Vec<u8>
     if !complete {
         let _ = s.shutdown(Shutdown::Write);
     }
+    let head_only = bytes.starts_with(b"HEAD ");
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
+    let mut buf = [0u8; 16384];
+    loop {
+        let answered = if head_only {
+            parse_head_response(&out).is_some()
+        } else {
+            parse_response(&out).is_some()
+        };
+        if answered {
+            return out;
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 #[test]

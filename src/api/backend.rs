@@ -1,8 +1,9 @@
 //! The tiny_http side of the API: a `tiny_http::Server` on a private Unix socket (in a fresh
 //! 0700 directory, so only this process's relays reach it), served by a fixed pool of worker
-//! threads that run [`routes::handle`]. Only the front end ([`super::server`]) talks to it, and
+//! threads that run [`routes::handle`]. Only the front end ([`super::front`]) talks to it, and
 //! only with requests it has already validated and bounded (see that module for why tiny_http
-//! is not exposed to the network directly).
+//! is not exposed to the network directly). [`relay`] checks that each response is complete and
+//! framed by `Content-Length`, so the front end may keep the client's connection open after it.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,12 +16,15 @@ use std::time::Duration;
 use super::errors::ApiError;
 use super::http::{Head, MAX_BODY_BYTES, Request, Response};
 use super::{ApiContext, routes};
+use crate::http_head::{HeadScanner, Scan};
 use crate::keys;
 
 /// How long a relay waits on the backend (handlers include an fsync).
 const RELAY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest response read back from the backend.
 const MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest response head accepted from the backend (tiny_http sends a few hundred bytes).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// The running tiny_http server and its workers.
 pub struct Backend {
@@ -230,11 +234,15 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
     bytes
 }
 
-/// Passes one request to the backend at `socket` and returns its complete response.
+/// Passes one request to the backend at `socket` and returns its complete response, framed by
+/// `Content-Length` and without a `Connection` header (the front end adds that).
 pub fn relay(socket: &Path, request: &Request) -> Vec<u8> {
     match try_relay(socket, request) {
-        Ok(bytes) if !bytes.is_empty() => bytes,
-        Ok(_) => unavailable("the API backend closed the connection"),
+        Ok(bytes) if bytes.is_empty() => unavailable("the API backend closed the connection"),
+        Ok(bytes) => match check_framing(&bytes, request.method() == "HEAD") {
+            Ok(()) => bytes,
+            Err(what) => unavailable(&format!("the API backend sent a bad response: {what}")),
+        },
         Err(e) => unavailable(&format!("the API backend failed: {e}")),
     }
 }
@@ -246,7 +254,51 @@ fn unavailable(detail: &str) -> Vec<u8> {
         "the API is temporarily unavailable; see the server log",
     )
     .to_response()
-    .to_bytes(false)
+    .to_bytes()
+}
+
+/// Checks that `response` is exactly one response whose length the client can tell from its
+/// head (`Content-Length`; no body after HEAD or for 1xx/204/304) and that has no `Connection`
+/// header, so a keep-alive client reads exactly these bytes as one answer.
+fn check_framing(response: &[u8], head_request: bool) -> Result<(), &'static str> {
+    let end = match HeadScanner::new().scan(response, MAX_RESPONSE_HEAD) {
+        Scan::Complete(end) => end,
+        Scan::Incomplete => return Err("incomplete head"),
+        Scan::TooLarge => return Err("head too large"),
+    };
+    let head = std::str::from_utf8(&response[..end.head_len]).map_err(|_| "head not UTF-8")?;
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1.1 "))
+        .and_then(|l| l.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or("bad status line")?;
+    let mut content_length = None;
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or("bad header line")?;
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Err("unexpected Connection or Transfer-Encoding header");
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value.trim().parse().map_err(|_| "bad Content-Length")?;
+            if content_length.replace(n).is_some_and(|m| m != n) {
+                return Err("conflicting Content-Length");
+            }
+        }
+    }
+    let no_body = head_request || (100..200).contains(&status) || status == 204 || status == 304;
+    let body = match (no_body, content_length) {
+        (true, _) => 0,
+        (false, Some(n)) => n,
+        (false, None) => return Err("no Content-Length"),
+    };
+    if response.len() != end.total_len + body {
+        return Err("length differs from Content-Length");
+    }
+    Ok(())
 }
 
 fn try_relay(socket: &Path, request: &Request) -> io::Result<Vec<u8>> {
@@ -283,6 +335,34 @@ mod tests {
         let _ = std::fs::remove_dir_all(&parent);
     }
     use crate::api::http::parse_head;
+
+    #[test]
+    fn relayed_responses_must_be_framed() {
+        let ok = b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(check_framing(ok, false), Ok(()));
+        assert!(
+            check_framing(&ok[..ok.len() - 1], false).is_err(),
+            "short body"
+        );
+        let mut long = ok.to_vec();
+        long.push(b'x');
+        assert!(check_framing(&long, false).is_err(), "extra bytes");
+        assert_eq!(
+            check_framing(&ok[..ok.len() - 2], true),
+            Ok(()),
+            "HEAD: no body"
+        );
+        assert!(check_framing(b"HTTP/1.1 200 OK\r\n\r\n{}", false).is_err());
+        assert!(check_framing(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", false).is_err());
+        let close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert!(check_framing(close, false).is_err());
+        assert_eq!(
+            check_framing(b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            Ok(())
+        );
+        assert!(check_framing(b"garbage\r\n\r\n", false).is_err());
+        assert_eq!(check_framing(&unavailable("test"), false), Ok(()));
+    }
 
     #[test]
     fn relayed_requests_drop_hop_by_hop_headers() {

@@ -1,17 +1,17 @@
 //! Minimal, strict HTTP/1.x message handling for the API front end: length-checked request
-//! head parsing (request line, headers, `Content-Length`), and response serialisation.
-//! Anything malformed becomes an [`ApiError`] with a 4xx status, never a panic.
+//! head parsing (request line, headers, `Content-Length`, keep-alive), and response
+//! serialisation. The head's end is found by the shared incremental [`HeadScanner`]
+//! ([`crate::http_head`], also used by the client's proxy port) under the same
+//! [`MAX_HEAD_BYTES`] / [`MAX_HEADERS`] limits. Anything malformed becomes an [`ApiError`] with a
+//! 4xx status, never a panic.
 
 use serde::Serialize;
 
 use super::errors::{ApiError, reason};
+use crate::http_head::{HeadScanner, MAX_HEAD_BYTES, MAX_HEADERS, Scan, is_tchar};
 
-/// Largest request head (request line + headers) accepted.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Largest request body accepted (larger declared bodies get 413 without being read).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Most header lines accepted.
-pub const MAX_HEADERS: usize = 64;
 
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,34 +71,22 @@ impl Head {
     }
 }
 
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// Finds the end of the head (index just past the empty line), accepting CRLF or bare LF.
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1..) {
-                Some([b'\n', ..]) => return Some(i + 2),
-                Some([b'\r', b'\n', ..]) => return Some(i + 3),
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
-}
-
-/// Parses a request head from the start of `buf`.
+/// Parses a request head from the start of `buf` (a one-off scan; see [`parse_head_scanned`]).
 /// `Ok(None)` = incomplete; `Ok(Some((head, len)))` = complete, `len` bytes consumed.
 pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, ApiError> {
-    let end = match find_head_end(buf) {
-        Some(end) if end <= MAX_HEAD_BYTES => end,
-        Some(_) => return Err(too_large_head()),
-        None if buf.len() > MAX_HEAD_BYTES => return Err(too_large_head()),
-        None => return Ok(None),
+    parse_head_scanned(&mut HeadScanner::new(), buf)
+}
+
+/// [`parse_head`] for a buffer that grows between calls: `scanner` remembers how far `buf` was
+/// already searched for the head's end, so each byte is scanned about once.
+pub fn parse_head_scanned(
+    scanner: &mut HeadScanner,
+    buf: &[u8],
+) -> Result<Option<(Head, usize)>, ApiError> {
+    let end = match scanner.scan(buf, MAX_HEAD_BYTES) {
+        Scan::Complete(end) => end.total_len,
+        Scan::Incomplete => return Ok(None),
+        Scan::TooLarge => return Err(too_large_head()),
     };
     let mut lines = buf[..end]
         .split(|b| *b == b'\n')
@@ -289,15 +277,15 @@ impl Response {
         }
     }
 
-    /// The bytes on the wire (HTTP/1.1 status line, headers, body).
-    pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+    /// The bytes on the wire (HTTP/1.1 status line, headers, body) without a `Connection`
+    /// header: the front end adds it ([`with_connection`]), as it alone decides keep-alive.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
             self.status,
             reason(self.status),
             self.content_type,
             self.body.len(),
-            if keep_alive { "keep-alive" } else { "close" },
         );
         for (name, value) in &self.headers {
             head.push_str(name);
@@ -311,6 +299,30 @@ impl Response {
         out.extend_from_slice(&self.body);
         out
     }
+}
+
+/// Puts `Connection: keep-alive` (or `close`) right after the status line of a complete response
+/// that has no `Connection` header. Returns the bytes and whether the connection may stay open:
+/// `false` when asked, or when `response` has no status line (then it is returned unchanged).
+pub fn with_connection(response: Vec<u8>, keep_alive: bool) -> (Vec<u8>, bool) {
+    let Some(line_end) = response.iter().position(|b| *b == b'\n') else {
+        return (response, false);
+    };
+    let header: &[u8] = if keep_alive {
+        b"Connection: keep-alive\r\n"
+    } else {
+        b"Connection: close\r\n"
+    };
+    let mut out = Vec::with_capacity(response.len() + header.len());
+    out.extend_from_slice(&response[..=line_end]);
+    out.extend_from_slice(header);
+    out.extend_from_slice(&response[line_end + 1..]);
+    (out, keep_alive)
+}
+
+/// A front-end error answer: the connection closes after it, and the answer says so.
+pub fn closing_error(err: &ApiError) -> Vec<u8> {
+    with_connection(err.to_response().to_bytes(), false).0
 }
 
 #[cfg(test)]
@@ -395,10 +407,49 @@ mod tests {
     #[test]
     fn response_bytes() {
         let r = Response::text(200, "hi\n".into());
-        let s = String::from_utf8(r.to_bytes(false)).unwrap();
+        let s = String::from_utf8(r.to_bytes()).unwrap();
         assert!(s.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(s.contains("Content-Length: 3\r\n"));
-        assert!(s.contains("Connection: close\r\n"));
+        assert!(!s.to_ascii_lowercase().contains("connection"));
         assert!(s.ends_with("\r\n\r\nhi\n"));
+    }
+
+    #[test]
+    fn connection_header_is_inserted_after_the_status_line() {
+        let r = Response::text(200, "hi\n".into()).to_bytes();
+        let (out, ka) = with_connection(r.clone(), true);
+        assert!(ka);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Type"));
+        assert!(s.ends_with("\r\n\r\nhi\n"));
+        assert_eq!(s.len(), r.len() + "Connection: keep-alive\r\n".len());
+        let (out, ka) = with_connection(r, false);
+        assert!(!ka);
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("OK\r\nConnection: close\r\n")
+        );
+        assert_eq!(
+            with_connection(b"junk".to_vec(), true),
+            (b"junk".to_vec(), false)
+        );
+        let e = String::from_utf8(closing_error(&ApiError::bad_request("x"))).unwrap();
+        assert!(e.starts_with("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"));
+    }
+
+    #[test]
+    fn a_growing_buffer_is_parsed_once_complete() {
+        let text = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\nnext";
+        let mut scanner = HeadScanner::new();
+        for n in 0..text.len() - 4 {
+            assert_eq!(
+                parse_head_scanned(&mut scanner, &text[..n]),
+                Ok(None),
+                "{n}"
+            );
+        }
+        let (h, len) = parse_head_scanned(&mut scanner, text).unwrap().unwrap();
+        assert_eq!((h.target.as_str(), len), ("/x", text.len() - 4));
     }
 }

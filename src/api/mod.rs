@@ -1,6 +1,7 @@
 //! The Management REST API: start/stop, the shared handler context, and the wiring of
-//! - [`server`]: the network front end (one mio thread, bounded connections and buffers,
-//!   request deadlines) that validates requests and relays them over a private Unix socket to
+//! - [`front`]: the network front end (one mio thread, bounded connections and buffers,
+//!   request deadlines, keep-alive) that validates requests and relays them over a private Unix
+//!   socket to
 //! - [`backend`]: the tiny_http server whose fixed worker pool runs
 //! - [`routes`] (path + method → handler), [`auth`], [`subscribe`], with JSON [`errors`].
 //!
@@ -9,9 +10,9 @@
 pub mod auth;
 pub mod backend;
 pub mod errors;
+pub mod front;
 pub mod http;
 pub mod routes;
-pub mod server;
 pub mod subscribe;
 
 use std::fmt;
@@ -25,7 +26,7 @@ use crate::control::ControlSender;
 use crate::keys;
 use crate::users::{Persister, SharedUsers};
 
-pub use server::Limits;
+pub use front::Limits;
 
 /// Everything a handler needs.
 pub struct ApiContext {
@@ -64,7 +65,7 @@ impl std::error::Error for ApiStartError {}
 
 /// The running API; [`ApiHandle::shutdown`] (or drop) stops it.
 pub struct ApiHandle {
-    front: server::Front,
+    front: front::Front,
     backend: backend::Backend,
 }
 
@@ -128,7 +129,7 @@ pub fn start_with_limits(
     };
     let backend = backend::Backend::start(ctx, limits.workers).map_err(ApiStartError::Io)?;
     let socket = backend.socket_path().to_path_buf();
-    let front = server::start(listener, limits.clone(), move |req| {
+    let front = front::start(listener, limits.clone(), move |req| {
         backend::relay(&socket, req)
     })
     .map_err(ApiStartError::Io)?;

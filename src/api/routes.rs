@@ -1,6 +1,7 @@
 //! The routing table (path + method → handler, 404 / 405 with `Allow`) and the user and
-//! status handlers. Handlers lock the user table only for in-memory work, make every change
-//! durable (via the `Persister`) before answering, then notify the tunnel loop.
+//! status handlers. Handlers lock the user table only for in-memory work, then notify the tunnel
+//! loop and make the change durable (via the `Persister`); the answer is sent only after the
+//! change is on disk.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -238,6 +239,8 @@ fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// Tells the tunnel loop first (it applies the change at once), then waits until the state file
+/// holds `generation`; the caller answers only after this returns.
 fn persist_and_notify(ctx: &ApiContext, generation: u64, msg: ControlMsg) -> Result<(), ApiError> {
     ctx.control.send(msg);
     ctx.persister.persist_generation(generation).map_err(|e| {

@@ -12,8 +12,9 @@
 //! HTTP heads must be UTF-8 (obs-text header bytes are refused with 400), obsolete header line
 //! folding is refused, bare-LF line endings are accepted. SOCKS5 RSV bytes are not checked.
 //!
-//! Memory is bounded: the front buffers at most [`MAX_HEAD_LEN`] bytes of an unfinished request
-//! plus whatever a single `feed` call hands in. Nothing here panics on any input.
+//! Memory is bounded: the front buffers at most [`MAX_HEAD_BYTES`] bytes of an unfinished request
+//! plus whatever a single `feed` call hands in. Nothing here panics on any input. The HTTP head's
+//! end is found by the shared incremental [`HeadScanner`] (also used by the API).
 //!
 //! Also here: the SOCKS5 UDP request header codec ([`parse_socks5_udp`],
 //! [`write_socks5_udp_header`]) used on the UDP ASSOCIATE relay socket.
@@ -22,11 +23,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::target::{TargetAddr, TargetParseError};
-
-/// Largest request head (SOCKS5 greeting + request, or HTTP request line + headers) accepted.
-pub const MAX_HEAD_LEN: usize = 16 * 1024;
-/// Most header fields accepted in one HTTP request head.
-pub const MAX_HTTP_HEADERS: usize = 100;
+use crate::http_head::{HeadScanner, MAX_HEAD_BYTES, MAX_HEADERS, Scan, is_tchar};
 
 const SOCKS_VERSION: u8 = 0x05;
 const METHOD_NO_AUTH: u8 = 0x00;
@@ -135,7 +132,7 @@ pub enum FrontError {
     Socks5AddressTypeNotSupported,
     /// Empty or invalid domain name.
     Socks5BadAddress,
-    /// The request head exceeded [`MAX_HEAD_LEN`] or [`MAX_HTTP_HEADERS`].
+    /// The request head exceeded [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`].
     HttpHeadTooLarge,
     /// Malformed request line, header or authority.
     HttpMalformed,
@@ -203,8 +200,8 @@ enum State {
 pub struct ProxyFront {
     state: State,
     buf: Vec<u8>,
-    /// How far the HTTP head has been scanned for its end (avoids rescanning on every feed).
-    http_scanned: usize,
+    /// Finds the HTTP head's end without rescanning on every feed.
+    http_head: HeadScanner,
 }
 
 impl Default for ProxyFront {
@@ -227,7 +224,7 @@ impl ProxyFront {
         Self {
             state: State::Detect,
             buf: Vec::new(),
-            http_scanned: 0,
+            http_head: HeadScanner::new(),
         }
     }
 
@@ -268,7 +265,7 @@ impl ProxyFront {
                 Step::NeedMore => {
                     // Only an HTTP head can outgrow the limit: SOCKS5 messages are at most
                     // 262 bytes and are parsed as soon as they are complete.
-                    if self.buf.len() > MAX_HEAD_LEN {
+                    if self.buf.len() > MAX_HEAD_BYTES {
                         if self.state == State::Http {
                             reply.extend_from_slice(&http_error_reply(431));
                         }
@@ -403,14 +400,15 @@ impl ProxyFront {
     }
 
     fn http(&mut self, reply: &mut Vec<u8>) -> Step {
-        let Some((head_len, total_len)) = find_head_end(&self.buf, self.http_scanned) else {
-            self.http_scanned = self.buf.len();
-            return Step::NeedMore;
+        let end = match self.http_head.scan(&self.buf, MAX_HEAD_BYTES) {
+            Scan::Complete(end) => end,
+            Scan::Incomplete => return Step::NeedMore,
+            Scan::TooLarge => {
+                reply.extend_from_slice(&http_error_reply(431));
+                return Step::Failed(FrontError::HttpHeadTooLarge);
+            }
         };
-        if total_len > MAX_HEAD_LEN {
-            reply.extend_from_slice(&http_error_reply(431));
-            return Step::Failed(FrontError::HttpHeadTooLarge);
-        }
+        let (head_len, total_len) = (end.head_len, end.total_len);
         let head = &self.buf[..head_len];
         match parse_http_head(head) {
             Ok(request) => Step::Ready(request, total_len),
@@ -662,30 +660,6 @@ pub fn write_socks5_udp_header(dest: &TargetAddr, out: &mut [u8]) -> Result<usiz
 // ---------------------------------------------------------------------------------------------
 // HTTP
 
-/// Finds the end of the request head. Returns (head length without the blank line, length
-/// including it). Accepts CRLF and bare LF line endings.
-fn find_head_end(buf: &[u8], scanned: usize) -> Option<(usize, usize)> {
-    let limit = buf.len().min(MAX_HEAD_LEN + 4);
-    let scan = &buf[..limit];
-    // The terminator may straddle the previous scan boundary: back up by its length.
-    for i in scanned.saturating_sub(3)..scan.len() {
-        if scan[i] != b'\n' {
-            continue;
-        }
-        // "\n\n" or "\n\r\n" after a line end.
-        match (scan.get(i + 1), scan.get(i + 2)) {
-            (Some(b'\n'), _) => return Some((i + 1, i + 2)),
-            (Some(b'\r'), Some(b'\n')) => return Some((i + 1, i + 3)),
-            _ => {}
-        }
-    }
-    None
-}
-
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
 /// Headers always removed when forwarding (besides those named by `Connection`).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -794,7 +768,7 @@ fn parse_headers<'a>(
         if value.bytes().any(|b| b == b'\r' || b == 0) {
             return Err(FrontError::HttpMalformed);
         }
-        if headers.len() == MAX_HTTP_HEADERS {
+        if headers.len() == MAX_HEADERS {
             return Err(FrontError::HttpHeadTooLarge);
         }
         headers.push((name, value));
@@ -1253,13 +1227,13 @@ hello";
         assert!(reply.starts_with(b"HTTP/1.1 431 "));
         // Complete but oversized head in one feed.
         let mut big = b"GET http://a/ HTTP/1.1\r\n".to_vec();
-        big.extend(format!("X: {}\r\n\r\n", "q".repeat(MAX_HEAD_LEN)).as_bytes());
+        big.extend(format!("X: {}\r\n\r\n", "q".repeat(MAX_HEAD_BYTES)).as_bytes());
         let (reply, error) = failed(ProxyFront::new().feed(&big));
         assert_eq!(error, FrontError::HttpHeadTooLarge);
         assert!(reply.starts_with(b"HTTP/1.1 431 "));
         // Too many header fields.
         let mut many = b"GET http://a/ HTTP/1.1\r\n".to_vec();
-        for i in 0..=MAX_HTTP_HEADERS {
+        for i in 0..=MAX_HEADERS {
             many.extend(format!("H{i}: v\r\n").as_bytes());
         }
         many.extend(b"\r\n");
@@ -1271,9 +1245,9 @@ hello";
     #[test]
     fn head_just_under_limit_is_accepted() {
         let mut head = b"GET http://a/ HTTP/1.1\r\n".to_vec();
-        let pad = MAX_HEAD_LEN - head.len() - "X: \r\n\r\n".len();
+        let pad = MAX_HEAD_BYTES - head.len() - "X: \r\n\r\n".len();
         head.extend(format!("X: {}\r\n\r\n", "q".repeat(pad)).as_bytes());
-        assert_eq!(head.len(), MAX_HEAD_LEN);
+        assert_eq!(head.len(), MAX_HEAD_BYTES);
         let (_, request) = ready(ProxyFront::new().feed(&head));
         assert_eq!(request.protocol(), FrontProtocol::HttpForward);
     }
@@ -1330,7 +1304,7 @@ hello";
                 let n = 1 + rng.below(16) as usize;
                 let end = (pos + n).min(input.len());
                 let progress = front.feed(&input[pos..end]);
-                assert!(front.buf.len() <= MAX_HEAD_LEN + 16);
+                assert!(front.buf.len() <= MAX_HEAD_BYTES + 16);
                 pos = end;
                 if !matches!(progress, Progress::NeedMore { .. }) {
                     break;

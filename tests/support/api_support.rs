@@ -212,6 +212,46 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> Vec<u8
     out
 }
 
+/// Reads up to `n` responses from `s` (one `read` timeout = `timeout`); stops early at EOF or
+/// a timeout. Returns the responses and whether the server closed the connection (EOF seen).
+pub fn read_responses(s: &mut TcpStream, n: usize, timeout: Duration) -> (Vec<Resp>, bool) {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut tmp = [0u8; 16384];
+    loop {
+        while let Some((r, used)) = parse_response(&buf) {
+            buf.drain(..used);
+            out.push(r);
+        }
+        if out.len() >= n {
+            return (out, false);
+        }
+        match s.read(&mut tmp) {
+            Ok(0) => return (out, true),
+            Ok(k) => buf.extend_from_slice(&tmp[..k]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+/// Whether the server closes `s` within `timeout` (EOF or reset), reading and ignoring data.
+pub fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut tmp = [0u8; 4096];
+    while start.elapsed() < timeout {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        match s.read(&mut tmp) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => {}
+        }
+    }
+    false
+}
+
 /// A keep-alive HTTP client on one connection.
 pub struct Client {
     addr: SocketAddr,
