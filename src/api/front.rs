@@ -31,15 +31,19 @@ use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Interest, Waker};
 
 use super::errors::ApiError;
 use super::http::{self, MAX_BODY_BYTES, Request};
 use crate::http_head::{HeadScanner, MAX_HEAD_BYTES};
+use crate::tunnel::driver::{
+    self,
+    core::{LoopCore, LoopThread},
+    token::Tok,
+};
 use crate::tunnel::slab::Slab;
 
 /// Limits of the front end.
@@ -71,11 +75,6 @@ impl Default for Limits {
         }
     }
 }
-
-// The front end's token map (kept here, in one place): connection tokens are the indices of the
-// connection slab, counting up from 0; the listener and the waker sit at the top of the range.
-const LISTENER: Token = Token(usize::MAX - 1);
-const WAKER: Token = Token(usize::MAX - 2);
 
 /// After an answer that closes the connection, unread input is discarded for this long
 /// (so the client receives the answer instead of a reset), at most `DRAIN_MAX_BYTES`.
@@ -135,7 +134,7 @@ struct Conn {
 pub struct Front {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<LoopThread>,
     pub local_addr: SocketAddr,
 }
 
@@ -144,8 +143,8 @@ impl Front {
     pub fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        for mut t in self.threads.drain(..) {
+            t.join();
         }
     }
 }
@@ -166,10 +165,10 @@ where
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
     let mut listener = TcpListener::from_std(listener);
-    let poll = Poll::new()?;
-    poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let core = LoopCore::new()?;
+    core.registry()
+        .register(&mut listener, Tok::Listener.token(), Interest::READABLE)?;
+    let waker = core.waker.clone();
     let stop = Arc::new(AtomicBool::new(false));
 
     let (job_tx, job_rx) = mpsc::channel::<Job>();
@@ -182,16 +181,15 @@ where
         let done_tx = done_tx.clone();
         let waker = waker.clone();
         let handler = handler.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("ostp-api-relay-{i}"))
-                .spawn(move || worker(&job_rx, &done_tx, &waker, &*handler))?,
-        );
+        threads.push(LoopThread::spawn(
+            &format!("ostp-api-relay-{i}"),
+            move || worker(&job_rx, &done_tx, &waker, &*handler),
+        )?);
     }
     drop(done_tx);
 
     let mut front_loop = Loop {
-        poll,
+        core,
         listener,
         conns: Slab::new(),
         next_serial: 1,
@@ -200,12 +198,7 @@ where
         done_rx,
         stop: stop.clone(),
     };
-    threads.insert(
-        0,
-        std::thread::Builder::new()
-            .name("ostp-api".into())
-            .spawn(move || front_loop.run())?,
-    );
+    threads.insert(0, LoopThread::spawn("ostp-api", move || front_loop.run())?);
     Ok(Front {
         stop,
         waker,
@@ -244,7 +237,7 @@ fn worker(
 }
 
 struct Loop {
-    poll: Poll,
+    core: LoopCore,
     listener: TcpListener,
     /// Client connections; the index is the connection's mio token.
     conns: Slab<Conn>,
@@ -257,23 +250,22 @@ struct Loop {
 
 impl Loop {
     fn run(&mut self) {
-        let mut events = Events::with_capacity(256);
+        let mut events = driver::core::events();
         let mut next_sweep = Instant::now() + Duration::from_millis(250);
         while !self.stop.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            let timeout = next_sweep.saturating_duration_since(now);
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
+            if let Err(e) = self
+                .core
+                .wait(&mut events, Instant::now(), Some(next_sweep))
+            {
                 log::error!("api: poll failed: {e}");
                 return;
             }
             for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    WAKER => self.collect_done(),
-                    Token(slot) => self.drive(slot),
+                match Tok::decode(event.token()) {
+                    Some(Tok::Listener) => self.accept_all(),
+                    Some(Tok::Waker) => self.collect_done(),
+                    Some(Tok::Conn(slot)) => self.drive(slot),
+                    _ => {}
                 }
             }
             let now = Instant::now();
@@ -307,9 +299,9 @@ impl Loop {
         }
         let _ = stream.set_nodelay(true);
         let slot = self.conns.next_index();
-        if let Err(e) = self.poll.registry().register(
+        if let Err(e) = self.core.registry().register(
             &mut stream,
-            Token(slot),
+            Tok::Conn(slot).token(),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("api: cannot register a connection: {e}");
@@ -350,7 +342,7 @@ impl Loop {
 
     fn close(&mut self, slot: usize) {
         if let Some(mut c) = self.conns.remove(slot) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+            let _ = self.core.registry().deregister(&mut c.stream);
         }
     }
 
