@@ -1171,7 +1171,8 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
-        let mut pipe = Pipe::new(stream, &early);
+        // Until the open succeeds only socket → stream moves (the reply must come first).
+        let mut pipe = Pipe::awaiting_reply(stream, &early);
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
         l.pipe = Some(pipe);
@@ -1222,11 +1223,13 @@ impl ClientLoop {
         };
         let slot = *slot;
         let reply = request.success_reply(self.local_addr);
-        if let Some(p) = l.pipe.as_mut() {
-            p.queue_to_socket(&reply);
+        let sent = l.pipe.as_mut().map(|p| p.send_reply(&reply));
+        if let Some(Err(e)) = sent {
+            log::warn!("local connection: {e}; closing it");
+            self.fail_request(now, idx, Socks5Reply::GeneralFailure);
+            return;
         }
         l.state = LocalState::Piping { slot };
-        let _ = now;
         self.pump_local(idx, slot);
     }
 
