@@ -180,10 +180,14 @@ impl<J: Jitter> SlotSupervisor<J> {
     }
 
     /// When slot `i` (in `state`) next needs [`Self::attempt_due`] or [`Self::liveness_due`].
+    /// A connected session is sampled on a timer only while it waits for an answer; otherwise
+    /// at the loop's next wake-up (an idle tunnel does not wake the loop twice a second; a
+    /// session that sends starts the transport's probe timer, which wakes it).
     pub fn next_deadline(&self, i: usize, state: SlotState) -> Option<Instant> {
+        let t = &self.slots[i];
         match state {
-            SlotState::Idle => Some(self.slots[i].next_attempt),
-            SlotState::Connected => Some(self.next_liveness_check),
+            SlotState::Idle => Some(t.next_attempt),
+            SlotState::Connected => t.waiting_since.map(|_| self.next_liveness_check),
             SlotState::Resolving | SlotState::Handshaking => None,
         }
     }
@@ -603,20 +607,28 @@ mod tests {
     }
 
     #[test]
-    fn liveness_is_sampled_every_half_second() {
+    fn liveness_is_sampled_every_half_second_while_waiting_for_an_answer() {
         let t0 = Instant::now();
         let mut s = sup(1, t0);
-        assert_eq!(
-            s.next_deadline(0, SlotState::Connected),
-            Some(t0 + LIVENESS_CHECK)
-        );
+        // Idle tunnel: no liveness timer (samples ride on other wake-ups).
+        assert_eq!(s.next_deadline(0, SlotState::Connected), None);
         assert!(!s.liveness_due(t0 + secs(0.4)));
         assert!(s.liveness_due(t0 + secs(0.6)));
-        assert!(!s.liveness_due(t0 + secs(0.7)));
+        assert_eq!(s.check_liveness(0, t0 + secs(0.6), link(t0, 0, 0)), None);
+        assert_eq!(s.next_deadline(0, SlotState::Connected), None);
+        // Data in flight, nothing heard: sampled every 500 ms from here.
+        assert!(s.liveness_due(t0 + secs(1.3)));
+        assert_eq!(s.check_liveness(0, t0 + secs(1.3), link(t0, 900, 0)), None);
         assert_eq!(
             s.next_deadline(0, SlotState::Connected),
-            Some(t0 + secs(1.1))
+            Some(t0 + secs(1.8))
         );
+        assert!(!s.liveness_due(t0 + secs(1.7)));
+        // The answer came: the timer stops again.
+        let heard = t0 + secs(1.8);
+        assert!(s.liveness_due(heard));
+        assert_eq!(s.check_liveness(0, heard, link(heard, 0, 0)), None);
+        assert_eq!(s.next_deadline(0, SlotState::Connected), None);
     }
 
     /// The no-answer message ("no answer from the server …") is printed once per outage.
