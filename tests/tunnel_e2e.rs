@@ -2,7 +2,8 @@
 //! and client, the `bulk_http` test server, and curl or a raw SOCKS5 client in the test.
 //! Covers bulk downloads through SOCKS5 / HTTP CONNECT / HTTP absolute-URI forwarding, many
 //! parallel streams, uploads, UDP ASSOCIATE, the API's traffic counters, the destination guard,
-//! unsupported client features and an unknown key.
+//! unsupported client features, an unknown key, and requests that wait for a session in vain
+//! failing on time.
 //!
 //! Sizes are full in release builds (`cargo test --release`) and smaller in debug builds.
 
@@ -461,4 +462,41 @@ fn unknown_key_is_reported_and_requests_fail_cleanly() {
     // The server saw nothing it accepted.
     let (_, v) = server.api("GET", "/api/server/status", None);
     assert_eq!(v["online_sessions"].as_u64(), Some(0), "{v}");
+}
+
+/// Bug I (issue 7): the client slept up to 1 s past its request deadlines. Requests that find no
+/// session fail after 15 s (README), on time whatever the phase of the loop's other timers:
+/// six requests 170 ms apart each get their failure reply 15 s after they were made.
+#[test]
+fn requests_waiting_for_a_session_fail_after_fifteen_seconds_on_time() {
+    // A server address that never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let client = Client::spawn(silent.local_addr().unwrap(), &new_key(), json!({}));
+    let proxy = client.proxy;
+    let requests: Vec<_> = (0..6u64)
+        .map(|k| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(170 * k));
+                let mut s = TcpStream::connect(proxy).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                s.write_all(&[5, 1, 0]).unwrap();
+                let mut m = [0u8; 2];
+                s.read_exact(&mut m).unwrap();
+                let t = Instant::now();
+                s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80]).unwrap();
+                let mut reply = [0u8; 10];
+                s.read_exact(&mut reply).unwrap();
+                assert_eq!(reply[..2], [5, 1], "general failure");
+                t.elapsed()
+            })
+        })
+        .collect();
+    let waited: Vec<Duration> = requests.into_iter().map(|r| r.join().unwrap()).collect();
+    eprintln!("requests failed after {waited:.3?}");
+    for w in &waited {
+        assert!(
+            (Duration::from_secs(15)..Duration::from_millis(15_250)).contains(w),
+            "a request waiting for a session failed after {w:?} (15 s expected): {waited:.3?}"
+        );
+    }
 }

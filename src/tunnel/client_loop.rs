@@ -6,17 +6,24 @@
 //!   or close a slot reconnects with exponential backoff and jitter (a refusal waits at least the
 //!   server's `retry_after`). Streams go to the connected slot with the fewest streams.
 //! - Requests that arrive while no session is up wait (bounded time) for one, and pull the next
-//!   reconnect attempt forward (at most one attempt per [`DEMAND_RETRY_GAP`] per slot), so that a
-//!   raised limit or a restarted server is noticed on the next request instead of after the
-//!   backoff. A refusal for the key itself (limit reached, disabled, expired) fails the waiting
-//!   requests at once with "not allowed" instead of letting them wait.
-//! - A connected session that has had unacknowledged data out for [`DEAD_AFTER`] while hearing
-//!   nothing from the server for as long is presumed dead (the server crashed or restarted and
-//!   silently drops packets of sessions it does not know) and is replaced, instead of waiting
-//!   for the transport's idle timeout.
+//!   reconnect attempt forward (at most one attempt per
+//!   [`DEMAND_RETRY_GAP`](super::supervisor::DEMAND_RETRY_GAP) per slot), so that a raised limit
+//!   or a restarted server is noticed on the next request instead of after the backoff. A refusal
+//!   for the key itself (limit reached, disabled, expired) fails the waiting requests at once
+//!   with "not allowed" instead of letting them wait.
+//! - A connected session that has had unacknowledged data out for
+//!   [`DEAD_AFTER`](super::supervisor::DEAD_AFTER) while hearing nothing from the server for as
+//!   long is presumed dead (the server crashed or restarted and silently drops packets of
+//!   sessions it does not know) and is replaced, instead of waiting for the transport's idle
+//!   timeout.
+//! - A stream's proxy reply (SOCKS5 / HTTP CONNECT success) is always the first byte the
+//!   application gets: until the server answers the open, only application → stream moves.
 //! - Every failure produces a log line a user understands.
+//!
+//! The timing decisions (backoff, refusal retries, liveness, demand retries, request and open
+//! timeouts) are [`super::supervisor`]'s; this loop moves bytes and acts on them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,13 +32,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
 use super::driver::ticket::{Ticket, TicketKind};
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
 use super::resolver::{Lookup, Resolver};
 use super::slab::Slab;
+use super::supervisor::{
+    Failure, LinkSample, NO_ANSWER_TIMEOUT, OPEN_TIMEOUT, Retry, SlotState, SlotSupervisor,
+    TimeoutQueue, WAIT_FOR_SESSION, XorShift64,
+};
 use super::target::TargetAddr;
 use super::{bind_udp, unix_now};
 use crate::config::ClientConfig as ClientFileConfig;
@@ -46,26 +57,6 @@ const WAKER: Token = Token(usize::MAX);
 const LISTENER: Token = Token(usize::MAX - 1);
 const SLOT_BASE: usize = 1 << 28;
 const ASSOC_BASE: usize = 1 << 27;
-/// How long a request waits for a tunnel session before it is refused.
-const WAIT_FOR_SESSION: Duration = Duration::from_secs(15);
-/// How long a stream open waits for the server's answer.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Wait after the server closed the session because of the key (limit reached, deleted).
-const KEY_CLOSED_WAIT: Duration = Duration::from_secs(30);
-/// Silence from the server, while data waits for its acknowledgement, that ends a session.
-pub const DEAD_AFTER: Duration = Duration::from_secs(6);
-/// How often connected sessions are checked for that.
-const LIVENESS_CHECK: Duration = Duration::from_millis(500);
-/// A new local request may trigger a reconnect attempt this long after the slot's last failure.
-pub const DEMAND_RETRY_GAP: Duration = Duration::from_secs(2);
-/// After authenticated refusals (limit reached, key disabled) the gap doubles with each
-/// consecutive refusal, from [`DEMAND_RETRY_GAP`] up to this. Every hello the server answers uses
-/// one of the key's 16 single-use hello tags of the current 2-minute epoch (docs/PROTOCOL.md
-/// §3.1): doubling to 16 s spends at most about 10 per epoch however often applications retry,
-/// while a limit raised soon after it was hit is noticed within a few seconds.
-pub const REFUSED_RETRY_GAP_MAX: Duration = Duration::from_secs(16);
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
@@ -100,7 +91,7 @@ impl ClientOptions {
             sessions: cfg.session_count() as usize,
             connector: ConnectorConfig {
                 // Say "no answer from the server" within 10 s rather than 30 s.
-                handshake_timeout: Duration::from_secs(10),
+                handshake_timeout: NO_ANSWER_TIMEOUT,
                 ..ConnectorConfig::default()
             },
         })
@@ -153,29 +144,22 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         .map_err(|e| format!("cannot start a DNS thread: {e}"))?;
     let (control, control_rx) = ControlSender::channel(Some(waker));
     let now = Instant::now();
-    let slots = (0..options.sessions.max(1))
-        .map(|i| Slot {
+    let count = options.sessions.max(1);
+    let slots = (0..count)
+        .map(|_| Slot {
             state: SlotState::Idle,
-            // Stagger the first handshakes a little (many sessions must not burst at once).
-            next_attempt: now + Duration::from_millis(2 * i as u64),
-            failed_at: now,
-            refusals: 0,
-            backoff: BACKOFF_MIN,
             sock: None,
             client: None,
-            streams: 0,
+            streams: HashMap::new(),
             blocked: None,
             generation: 0,
             readable: false,
             last_rx: now,
-            checked_rx: now,
-            pto_base: 0,
-            in_flight_since: None,
-            announced_failure: false,
         })
         .collect();
     let mut jitter_seed = [0u8; 8];
     keys::fill_random(&mut jitter_seed).map_err(|e| e.to_string())?;
+    let jitter = XorShift64::new(u64::from_le_bytes(jitter_seed));
     let lp = ClientLoop {
         poll,
         listener,
@@ -186,16 +170,14 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         port,
         options,
         slots,
+        supervisor: SlotSupervisor::new(count, now, jitter),
         locals: Slab::new(),
-        streams: HashMap::new(),
-        waiting: VecDeque::new(),
+        waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
+        opening: TimeoutQueue::new(OPEN_TIMEOUT),
         assocs: Slab::new(),
         flows: HashMap::new(),
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
-        jitter: u64::from_le_bytes(jitter_seed) | 1,
-        next_liveness_check: now + LIVENESS_CHECK,
         shutting_down: None,
-        connected_once: false,
     };
     let thread = std::thread::Builder::new()
         .name("ostp-client".into())
@@ -208,58 +190,32 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotState {
-    /// Waiting for `next_attempt`.
-    Idle,
-    /// Server name being resolved.
-    Resolving,
-    /// Hello sent, waiting for the reply.
-    Handshaking,
-    Connected,
-}
-
+/// One tunnel-session slot: its socket and session (its timing is [`SlotSupervisor`]'s).
 struct Slot {
     state: SlotState,
-    next_attempt: Instant,
-    /// When the slot last failed (limits demand-driven retries).
-    failed_at: Instant,
-    /// Consecutive attempts that ended in an authenticated refusal.
-    refusals: u32,
-    backoff: Duration,
     sock: Option<UdpSocket>,
     client: Option<ClientSession>,
-    streams: usize,
-    /// A datagram the socket would not take (sent when writable).
+    /// The session's streams → the local connection of each; its length is the slot's load.
+    streams: HashMap<StreamId, usize>,
+    /// A datagram the socket would not take; WRITABLE interest is registered only meanwhile.
     blocked: Option<Vec<u8>>,
     generation: u32,
     readable: bool,
-    /// The "cannot connect" message was logged for the current outage.
-    announced_failure: bool,
     /// Last datagram from the server.
     last_rx: Instant,
-    /// `last_rx` at the previous liveness check.
-    checked_rx: Instant,
-    /// The session's probe-timeout count when we last heard from the server.
-    pto_base: u64,
-    /// Since when the session has been waiting for an answer (sampled every LIVENESS_CHECK).
-    in_flight_since: Option<Instant>,
 }
 
 enum LocalState {
     /// Reading the SOCKS5 / HTTP request.
     Request(ProxyFront),
-    /// Waiting for a tunnel session.
-    Waiting {
-        request: ProxyRequest,
-        since: Instant,
-    },
-    /// Stream opened, waiting for the server's answer.
+    /// Waiting for a tunnel session (in `ClientLoop::waiting`).
+    Waiting { request: ProxyRequest },
+    /// Stream opened, waiting for the server's answer (in `ClientLoop::opening`); the pipe
+    /// moves only socket → stream meanwhile.
     Opening {
         request: ProxyRequest,
         slot: usize,
         stream: StreamId,
-        since: Instant,
     },
     /// Splicing.
     Piping { slot: usize },
@@ -297,17 +253,17 @@ struct ClientLoop {
     port: u16,
     options: ClientOptions,
     slots: Vec<Slot>,
+    supervisor: SlotSupervisor<XorShift64>,
     locals: Slab<Local>,
-    streams: HashMap<(usize, StreamId), usize>,
-    waiting: VecDeque<usize>,
+    /// Requests waiting for a session, oldest first.
+    waiting: TimeoutQueue<usize>,
+    /// Requests whose stream waits for the server's answer, oldest first.
+    opening: TimeoutQueue<usize>,
     assocs: Slab<Assoc>,
     /// (slot, remote) → association that last sent there, for routing answers.
     flows: HashMap<(usize, Destination), usize>,
     buf: Box<[u8]>,
-    jitter: u64,
-    next_liveness_check: Instant,
     shutting_down: Option<Instant>,
-    connected_once: bool,
 }
 
 fn to_destination(t: &TargetAddr) -> Option<Destination> {
@@ -373,6 +329,7 @@ impl ClientLoop {
             if self.slots.len() == 1 { "" } else { "s" }
         );
         let mut events = Events::with_capacity(1024);
+        let mut wakeups: u64 = 0;
         loop {
             let now = Instant::now();
             let timeout = self.next_timeout(now);
@@ -382,35 +339,10 @@ impl ClientLoop {
                     break;
                 }
             }
+            wakeups += 1;
             let now = Instant::now();
             for event in events.iter() {
-                let t = event.token().0;
-                if event.token() == WAKER {
-                } else if event.token() == LISTENER {
-                    self.accept(now);
-                } else if t >= SLOT_BASE {
-                    let i = t - SLOT_BASE;
-                    if let Some(slot) = self.slots.get_mut(i) {
-                        if event.is_readable() {
-                            slot.readable = true;
-                        }
-                        if event.is_writable() {
-                            Self::retry_blocked(slot);
-                        }
-                    }
-                } else if t >= ASSOC_BASE {
-                    self.assoc_readable(now, t - ASSOC_BASE);
-                } else {
-                    if let Some(l) = self.locals.get_mut(t) {
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            l.readable = true;
-                        }
-                        if event.is_writable() || event.is_write_closed() {
-                            l.writable = true;
-                        }
-                    }
-                    self.drive_local(now, t);
-                }
+                self.dispatch(now, event);
             }
             self.drain_control(now);
             self.drain_resolver(now);
@@ -433,37 +365,67 @@ impl ClientLoop {
             }
         }
         self.resolver.shutdown();
+        log::debug!("client loop: {wakeups} wake-ups");
         log::info!("client stopped");
     }
 
-    fn rand(&mut self) -> u64 {
-        // xorshift64*: only for backoff jitter.
-        self.jitter ^= self.jitter >> 12;
-        self.jitter ^= self.jitter << 25;
-        self.jitter ^= self.jitter >> 27;
-        self.jitter.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    /// Records one readiness event (the work happens after all events are recorded).
+    fn dispatch(&mut self, now: Instant, event: &mio::event::Event) {
+        let t = event.token().0;
+        if event.token() == WAKER {
+        } else if event.token() == LISTENER {
+            self.accept(now);
+        } else if t >= SLOT_BASE {
+            let i = t - SLOT_BASE;
+            if let Some(slot) = self.slots.get_mut(i) {
+                if event.is_readable() {
+                    slot.readable = true;
+                }
+                if event.is_writable() {
+                    Self::retry_blocked(self.poll.registry(), i, slot);
+                }
+            }
+        } else if t >= ASSOC_BASE {
+            self.assoc_readable(now, t - ASSOC_BASE);
+        } else {
+            if let Some(l) = self.locals.get_mut(t) {
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    l.readable = true;
+                }
+                if event.is_writable() || event.is_write_closed() {
+                    l.writable = true;
+                }
+            }
+            self.drive_local(now, t);
+        }
     }
 
-    fn next_timeout(&mut self, now: Instant) -> Option<Duration> {
+    /// How long to sleep: until the earliest deadline the loop acts on (slot attempts and
+    /// liveness samples, session timers, request and open timeouts, shutdown), or not at all
+    /// while a slot socket may still hold datagrams.
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
         if self.slots.iter().any(|s| s.readable) {
             return Some(Duration::ZERO);
         }
-        let mut at = now + Duration::from_secs(1);
-        for s in &self.slots {
-            match s.state {
-                SlotState::Idle => at = at.min(s.next_attempt),
-                SlotState::Handshaking | SlotState::Connected => {
-                    if let Some(t) = s.client.as_ref().and_then(|c| c.poll_timeout()) {
-                        at = at.min(t);
-                    }
-                }
-                SlotState::Resolving => {}
-            }
-        }
-        if let Some(d) = self.shutting_down {
-            at = at.min(d);
-        }
-        Some(super::poll_wait(at, now))
+        let deadlines = self.slots.iter().enumerate().flat_map(|(i, s)| {
+            // No new attempts while shutting down (`run_timers` would not start them).
+            let attempts = self.shutting_down.is_none() || s.state != SlotState::Idle;
+            [
+                attempts
+                    .then(|| self.supervisor.next_deadline(i, s.state))
+                    .flatten(),
+                s.client.as_ref().and_then(|c| c.poll_timeout()),
+            ]
+        });
+        deadlines
+            .chain([
+                self.waiting.next_deadline(),
+                self.opening.next_deadline(),
+                self.shutting_down,
+            ])
+            .flatten()
+            .min()
+            .map(|at| super::poll_wait(at, now))
     }
 
     fn drain_control(&mut self, now: Instant) {
@@ -485,7 +447,7 @@ impl ClientLoop {
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if slot.state == SlotState::Idle
-                && now >= slot.next_attempt
+                && self.supervisor.attempt_due(i, now)
                 && self.shutting_down.is_none()
             {
                 slot.state = SlotState::Resolving;
@@ -500,7 +462,7 @@ impl ClientLoop {
                     Ok(Lookup::Pending) => {}
                     Err(e) => {
                         log::warn!("cannot resolve {}: {e}", self.host);
-                        self.slot_failed(now, i, None);
+                        self.slot_failed(now, i, Failure::Local);
                     }
                 }
             }
@@ -510,33 +472,14 @@ impl ClientLoop {
                 }
             }
         }
-        if now >= self.next_liveness_check {
-            self.next_liveness_check = now + LIVENESS_CHECK;
+        if self.supervisor.liveness_due(now) {
             self.check_liveness(now);
         }
-        // Requests waiting too long for a session.
-        let expired: Vec<usize> = self
-            .waiting
-            .iter()
-            .copied()
-            .filter(|&l| {
-                matches!(self.locals.get(l).map(|x| &x.state),
-                    Some(LocalState::Waiting { since, .. }) if now.saturating_duration_since(*since) >= WAIT_FOR_SESSION)
-            })
-            .collect();
-        for l in expired {
-            self.waiting.retain(|x| *x != l);
+        // Requests waiting too long for a session, opens waiting too long for the answer.
+        while let Some(l) = self.waiting.pop_expired(now) {
             self.fail_request(now, l, Socks5Reply::GeneralFailure);
         }
-        let stuck: Vec<usize> = self
-            .locals
-            .iter()
-            .filter(|(_, l)| {
-                matches!(&l.state, LocalState::Opening { since, .. } if now.saturating_duration_since(*since) >= OPEN_TIMEOUT)
-            })
-            .map(|(i, _)| i)
-            .collect();
-        for l in stuck {
+        while let Some(l) = self.opening.pop_expired(now) {
             self.fail_request(now, l, Socks5Reply::TtlExpired);
         }
     }
@@ -555,7 +498,7 @@ impl ClientLoop {
                 Some(addr) => self.connect_slot(now, i, addr),
                 None => {
                     log::warn!("cannot resolve the server name {:?}; will retry", self.host);
-                    self.slot_failed(now, i, None);
+                    self.slot_failed(now, i, Failure::Local);
                 }
             }
         }
@@ -575,22 +518,23 @@ impl ClientLoop {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("cannot open a UDP socket towards {server}: {e}");
-                self.slot_failed(now, i, None);
+                self.slot_failed(now, i, Failure::Local);
                 return;
             }
         };
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            Token(SLOT_BASE + i),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        // WRITABLE only while a datagram is blocked (`flush`).
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut sock, Token(SLOT_BASE + i), Interest::READABLE)
+        {
             log::warn!("cannot register a UDP socket: {e}");
-            self.slot_failed(now, i, None);
+            self.slot_failed(now, i, Failure::Local);
             return;
         }
         let mut seed = [0u8; 32];
         if keys::fill_random(&mut seed).is_err() {
-            self.slot_failed(now, i, None);
+            self.slot_failed(now, i, Failure::Local);
             return;
         }
         match ClientSession::connect(
@@ -614,19 +558,20 @@ impl ClientLoop {
             }
             Err(e) => {
                 log::error!("the access key cannot be used: {e:?}");
-                self.slot_failed(now, i, None);
+                self.slot_failed(now, i, Failure::Local);
             }
         }
     }
 
-    /// Replaces connected sessions that stopped answering (see [`DEAD_AFTER`]).
+    /// Replaces connected sessions that stopped answering (see
+    /// [`DEAD_AFTER`](super::supervisor::DEAD_AFTER)).
     fn check_liveness(&mut self, now: Instant) {
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if slot.state != SlotState::Connected {
-                slot.in_flight_since = None;
                 continue;
             }
+            let last_rx = slot.last_rx;
             let Some(stats) = slot
                 .client
                 .as_mut()
@@ -635,64 +580,34 @@ impl ClientLoop {
             else {
                 continue;
             };
-            // Heard from the server since the last check: alive; count probe timeouts from here.
-            if slot.last_rx != slot.checked_rx {
-                slot.checked_rx = slot.last_rx;
-                slot.pto_base = stats.pto_count;
-                slot.in_flight_since = None;
-            }
-            // Waiting for an answer: data in flight, or a probe timeout since we last heard
-            // anything (a timeout moves the in-flight bytes to "lost" until they are resent, so
-            // in-flight alone can read zero between retransmissions).
-            let waiting = stats.bytes_in_flight > 0 || stats.pto_count > slot.pto_base;
-            if !waiting {
-                slot.in_flight_since = None;
-                continue;
-            }
-            let since = *slot.in_flight_since.get_or_insert(now);
-            let silent = now.saturating_duration_since(slot.last_rx);
-            if now.saturating_duration_since(since) >= DEAD_AFTER && silent >= DEAD_AFTER {
+            let link = LinkSample {
+                last_rx,
+                bytes_in_flight: stats.bytes_in_flight,
+                pto_count: stats.pto_count,
+            };
+            if let Some(silent) = self.supervisor.check_liveness(i, now, link) {
                 log::warn!(
                     "tunnel session {i}: no answer from the server for {} s; reconnecting (the \
                      server may have restarted)",
                     silent.as_secs()
                 );
-                slot.announced_failure = true;
-                self.slot_failed(now, i, None);
+                self.slot_failed(now, i, Failure::Silent);
             }
         }
     }
 
-    /// Schedules a reconnect with exponential backoff and ±25 % jitter.
-    fn slot_failed(&mut self, now: Instant, i: usize, at_least: Option<Duration>) {
-        let r = self.rand();
+    /// Ends slot `i`'s session and everything that used it; the supervisor schedules the next
+    /// attempt.
+    fn slot_failed(&mut self, now: Instant, i: usize, failure: Failure) -> Retry {
+        let retry = self.supervisor.failed(i, now, failure);
         let slot = &mut self.slots[i];
-        let base = slot.backoff.max(at_least.unwrap_or_default());
-        let jitter_pct = 75 + (r % 51); // 75..=125 %
-        let delay = base * jitter_pct as u32 / 100;
-        slot.next_attempt = now + delay;
-        slot.failed_at = now;
-        slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
         slot.state = SlotState::Idle;
-        slot.in_flight_since = None;
-        slot.pto_base = 0;
         slot.client = None;
-        slot.streams = 0;
         slot.blocked = None;
         if let Some(mut s) = slot.sock.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
-        // Everything that used this slot ends.
-        let affected: Vec<usize> = self
-            .locals
-            .iter()
-            .filter(|(_, l)| match &l.state {
-                LocalState::Opening { slot, .. } | LocalState::Piping { slot } => *slot == i,
-                _ => false,
-            })
-            .map(|(idx, _)| idx)
-            .collect();
-        for idx in affected {
+        for (_, idx) in std::mem::take(&mut slot.streams) {
             if matches!(
                 self.locals.get(idx).map(|l| &l.state),
                 Some(LocalState::Opening { .. })
@@ -702,13 +617,13 @@ impl ClientLoop {
                 self.close_local(idx);
             }
         }
-        self.streams.retain(|(s, _), _| *s != i);
         for (_, a) in self.assocs.iter_mut() {
             if a.slot == Some(i) {
                 a.slot = None;
             }
         }
         self.flows.retain(|(s, _), _| *s != i);
+        retry
     }
 
     fn receive(&mut self, now: Instant, i: usize) {
@@ -740,23 +655,25 @@ impl ClientLoop {
         }
     }
 
-    fn retry_blocked(slot: &mut Slot) {
-        if let (Some(bytes), Some(sock)) = (slot.blocked.as_ref(), slot.sock.as_ref()) {
+    /// Sends the blocked datagram if the socket takes it now; then drops WRITABLE interest.
+    fn retry_blocked(registry: &Registry, i: usize, slot: &mut Slot) {
+        if let (Some(bytes), Some(sock)) = (slot.blocked.as_ref(), slot.sock.as_mut()) {
             let would_block =
                 matches!(sock.send(bytes), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
             if !would_block {
                 slot.blocked = None;
+                let _ = registry.reregister(sock, Token(SLOT_BASE + i), Interest::READABLE);
             }
         }
     }
 
     fn flush(&mut self, now: Instant, i: usize) {
         let slot = &mut self.slots[i];
-        Self::retry_blocked(slot);
+        Self::retry_blocked(self.poll.registry(), i, slot);
         if slot.blocked.is_some() {
             return;
         }
-        let (Some(sock), Some(client)) = (slot.sock.as_ref(), slot.client.as_mut()) else {
+        let (Some(sock), Some(client)) = (slot.sock.as_mut(), slot.client.as_mut()) else {
             return;
         };
         while let Some(len) = client.poll_transmit(now, &mut self.buf) {
@@ -764,6 +681,12 @@ impl ClientLoop {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     slot.blocked = Some(self.buf[..len].to_vec());
+                    // Wake up when the socket takes it (interest dropped again once sent).
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    let _ = self
+                        .poll
+                        .registry()
+                        .reregister(sock, Token(SLOT_BASE + i), interest);
                     return;
                 }
                 Err(e) => log::debug!("session {i}: udp send: {e}"),
@@ -774,96 +697,26 @@ impl ClientLoop {
     fn process_slot_events(&mut self, now: Instant, i: usize) {
         while let Some(ev) = self.slots[i].client.as_mut().and_then(|c| c.poll_event()) {
             match ev {
-                ClientEvent::Connected => {
-                    let slot = &mut self.slots[i];
-                    slot.state = SlotState::Connected;
-                    slot.backoff = BACKOFF_MIN;
-                    slot.refusals = 0;
-                    if slot.announced_failure || !self.connected_once {
-                        log::info!("tunnel session {i} connected to {}", self.options.server);
-                    } else {
-                        log::debug!("tunnel session {i} connected");
-                    }
-                    slot.announced_failure = false;
-                    self.connected_once = true;
-                    self.serve_waiting(now);
-                }
+                ClientEvent::Connected => self.slot_connected(now, i),
                 ClientEvent::Refused {
                     reason,
                     retry_after_secs,
-                } => {
-                    // Repeated refusals (retries, requests) are logged once per outage.
-                    let level = if self.slots[i].announced_failure {
-                        log::Level::Debug
-                    } else {
-                        log::Level::Error
-                    };
-                    log::log!(
-                        level,
-                        "the server refused this key: {} (retrying in {retry_after_secs} s, or at the next request)",
-                        describe_refusal(reason)
-                    );
-                    self.slots[i].announced_failure = true;
-                    self.slot_failed(
-                        now,
-                        i,
-                        Some(Duration::from_secs(u64::from(retry_after_secs).max(1))),
-                    );
-                    let slot = &mut self.slots[i];
-                    slot.refusals = slot.refusals.saturating_add(1);
-                    let about_key = matches!(
-                        reason,
-                        RefuseReason::QuotaExceeded
-                            | RefuseReason::Disabled
-                            | RefuseReason::Expired
-                    );
-                    if about_key && self.pick_slot().is_none() {
-                        // Waiting would not help: the next request retries (see `demand_retry`).
-                        for idx in std::mem::take(&mut self.waiting) {
-                            self.fail_request(now, idx, Socks5Reply::NotAllowed);
-                        }
-                    }
-                    return;
-                }
+                } => return self.slot_refused(now, i, reason, retry_after_secs),
                 ClientEvent::HandshakeTimeout => {
-                    if !self.slots[i].announced_failure {
+                    if self.slot_failed(now, i, Failure::NoAnswer).first_report {
                         log::warn!(
                             "no answer from the server {}: check the key, host and port; the server is silent to \
                              unknown keys (also check that this machine's clock is within 2 minutes of the right \
                              time). Retrying with backoff",
                             self.options.server
                         );
-                        self.slots[i].announced_failure = true;
                     }
-                    self.slot_failed(now, i, None);
                     return;
                 }
-                ClientEvent::Transport(te) => {
-                    if let TransportEvent::Closed { reason, by_peer } = te {
-                        if by_peer || reason != CloseReason::Normal {
-                            let level = if matches!(
-                                reason,
-                                CloseReason::LimitReached | CloseReason::UserDeleted
-                            ) {
-                                log::Level::Error
-                            } else {
-                                log::Level::Warn
-                            };
-                            log::log!(
-                                level,
-                                "tunnel session {i}: {}; reconnecting",
-                                describe_close(reason)
-                            );
-                        }
-                        let wait =
-                            matches!(reason, CloseReason::LimitReached | CloseReason::UserDeleted)
-                                .then_some(KEY_CLOSED_WAIT);
-                        self.slots[i].announced_failure = true;
-                        self.slot_failed(now, i, wait);
-                        return;
-                    }
-                    self.on_transport_event(now, i, te);
+                ClientEvent::Transport(TransportEvent::Closed { reason, by_peer }) => {
+                    return self.session_closed(now, i, reason, by_peer);
                 }
+                ClientEvent::Transport(te) => self.on_transport_event(now, i, te),
             }
         }
         let finished = self.slots[i]
@@ -871,14 +724,71 @@ impl ClientLoop {
             .as_ref()
             .is_some_and(|c| c.is_finished());
         if finished && self.shutting_down.is_none() {
-            self.slot_failed(now, i, None);
+            self.slot_failed(now, i, Failure::Ended);
         }
+    }
+
+    fn slot_connected(&mut self, now: Instant, i: usize) {
+        self.slots[i].state = SlotState::Connected;
+        if self.supervisor.connected(i) {
+            log::info!("tunnel session {i} connected to {}", self.options.server);
+        } else {
+            log::debug!("tunnel session {i} connected");
+        }
+        self.serve_waiting(now);
+    }
+
+    fn slot_refused(
+        &mut self,
+        now: Instant,
+        i: usize,
+        reason: RefuseReason,
+        retry_after_secs: u16,
+    ) {
+        let failure = Failure::Refused {
+            reason,
+            retry_after_secs,
+        };
+        let retry = self.slot_failed(now, i, failure);
+        // Repeated refusals (retries, requests) are logged once per outage.
+        let level = if retry.first_report {
+            log::Level::Error
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "the server refused this key: {} (retrying in {retry_after_secs} s, or at the next request)",
+            describe_refusal(reason)
+        );
+        if retry.refused_for_key && self.pick_slot().is_none() {
+            // Waiting would not help: the next request retries (see `demand_retry`).
+            for idx in self.waiting.take_all() {
+                self.fail_request(now, idx, Socks5Reply::NotAllowed);
+            }
+        }
+    }
+
+    fn session_closed(&mut self, now: Instant, i: usize, reason: CloseReason, by_peer: bool) {
+        if by_peer || reason != CloseReason::Normal {
+            let level = if matches!(reason, CloseReason::LimitReached | CloseReason::UserDeleted) {
+                log::Level::Error
+            } else {
+                log::Level::Warn
+            };
+            log::log!(
+                level,
+                "tunnel session {i}: {}; reconnecting",
+                describe_close(reason)
+            );
+        }
+        self.slot_failed(now, i, Failure::Closed(reason));
     }
 
     fn on_transport_event(&mut self, now: Instant, slot: usize, ev: TransportEvent) {
         match ev {
             TransportEvent::StreamOpenResult { id, result } => {
-                let Some(&l) = self.streams.get(&(slot, id)) else {
+                let Some(&l) = self.slots[slot].streams.get(&id) else {
                     return;
                 };
                 if result == OpenResult::Ok {
@@ -890,12 +800,12 @@ impl ClientLoop {
             TransportEvent::StreamReadable { id }
             | TransportEvent::StreamWritable { id }
             | TransportEvent::StreamFinished { id } => {
-                if let Some(&l) = self.streams.get(&(slot, id)) {
+                if let Some(&l) = self.slots[slot].streams.get(&id) {
                     self.drive_local(now, l);
                 }
             }
             TransportEvent::StreamReset { id, reason } => {
-                let Some(&l) = self.streams.get(&(slot, id)) else {
+                let Some(&l) = self.slots[slot].streams.get(&id) else {
                     return;
                 };
                 match (reason, self.locals.get(l).map(|x| &x.state)) {
@@ -1098,10 +1008,7 @@ impl ClientLoop {
             return;
         }
         if let Some(l) = self.locals.get_mut(idx) {
-            l.state = LocalState::Waiting {
-                request,
-                since: now,
-            };
+            l.state = LocalState::Waiting { request };
         }
         self.try_open(now, idx);
     }
@@ -1111,16 +1018,14 @@ impl ClientLoop {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.state == SlotState::Connected)
-            .min_by_key(|(_, s)| s.streams)
+            .min_by_key(|(_, s)| s.streams.len())
             .map(|(i, _)| i)
     }
 
     /// Opens the stream of a waiting request, or queues it until a session is up.
     fn try_open(&mut self, now: Instant, idx: usize) {
         let Some(slot) = self.pick_slot() else {
-            if !self.waiting.contains(&idx) {
-                self.waiting.push_back(idx);
-            }
+            self.waiting.push(idx, now);
             self.demand_retry(now);
             return;
         };
@@ -1144,23 +1049,17 @@ impl ClientLoop {
         };
         let stream = match session.transport_mut().open_stream(dest) {
             Ok(s) => s,
-            Err(crate::proto::transport::StreamError::TooManyStreams) => {
-                if !self.waiting.contains(&idx) {
-                    self.waiting.push_back(idx);
-                }
-                return;
-            }
             Err(e) => {
-                log::debug!("cannot open a stream: {e}");
-                if !self.waiting.contains(&idx) {
-                    self.waiting.push_back(idx);
+                if e != crate::proto::transport::StreamError::TooManyStreams {
+                    log::debug!("cannot open a stream: {e}");
                 }
+                self.waiting.push(idx, now);
                 return;
             }
         };
-        self.waiting.retain(|x| *x != idx);
-        self.slots[slot].streams += 1;
-        self.streams.insert((slot, stream), idx);
+        self.waiting.remove(idx);
+        self.opening.push(idx, now);
+        self.slots[slot].streams.insert(stream, idx);
         let early: Vec<u8> = match &request {
             ProxyRequest::Connect { early_data, .. } => early_data.clone(),
             ProxyRequest::HttpForward {
@@ -1175,7 +1074,8 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
-        let mut pipe = Pipe::new(stream, &early);
+        // Until the open succeeds only socket → stream moves (the reply must come first).
+        let mut pipe = Pipe::awaiting_reply(stream, &early);
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
         l.pipe = Some(pipe);
@@ -1183,33 +1083,26 @@ impl ClientLoop {
             request,
             slot,
             stream,
-            since: now,
         };
         self.pump_local(idx, slot);
     }
 
     /// A request is waiting and no session is up: bring idle slots' next attempt forward (but
-    /// not closer than [`DEMAND_RETRY_GAP`] to their last failure).
+    /// not closer than [`DEMAND_RETRY_GAP`](super::supervisor::DEMAND_RETRY_GAP) to their last
+    /// failure).
     fn demand_retry(&mut self, now: Instant) {
         if self.shutting_down.is_some() {
             return;
         }
-        for slot in &mut self.slots {
+        for (i, slot) in self.slots.iter().enumerate() {
             if slot.state == SlotState::Idle {
-                let gap = if slot.refusals == 0 {
-                    DEMAND_RETRY_GAP
-                } else {
-                    (DEMAND_RETRY_GAP * (1 << slot.refusals.min(4)) / 2).min(REFUSED_RETRY_GAP_MAX)
-                };
-                let earliest = (slot.failed_at + gap).max(now);
-                slot.next_attempt = slot.next_attempt.min(earliest);
+                self.supervisor.demand_retry(i, now);
             }
         }
     }
 
     fn serve_waiting(&mut self, now: Instant) {
-        let waiting: Vec<usize> = self.waiting.iter().copied().collect();
-        for idx in waiting {
+        for idx in self.waiting.keys() {
             if self.pick_slot().is_none() {
                 return;
             }
@@ -1226,11 +1119,14 @@ impl ClientLoop {
         };
         let slot = *slot;
         let reply = request.success_reply(self.local_addr);
-        if let Some(p) = l.pipe.as_mut() {
-            p.queue_to_socket(&reply);
+        let sent = l.pipe.as_mut().map(|p| p.send_reply(&reply));
+        if let Some(Err(e)) = sent {
+            log::warn!("local connection: {e}; closing it");
+            self.fail_request(now, idx, Socks5Reply::GeneralFailure);
+            return;
         }
         l.state = LocalState::Piping { slot };
-        let _ = now;
+        self.opening.remove(idx);
         self.pump_local(idx, slot);
     }
 
@@ -1245,9 +1141,9 @@ impl ClientLoop {
             _ => Vec::new(),
         };
         if let LocalState::Opening { slot, stream, .. } = l.state {
-            self.streams.remove(&(slot, stream));
+            self.opening.remove(idx);
             if let Some(s) = self.slots.get_mut(slot) {
-                s.streams = s.streams.saturating_sub(1);
+                s.streams.remove(&stream);
                 if let Some(sess) = s.client.as_mut().and_then(|c| c.session_mut()) {
                     let _ = sess
                         .transport_mut()
@@ -1264,7 +1160,7 @@ impl ClientLoop {
             }
             l.state = LocalState::Closing;
         }
-        self.waiting.retain(|x| *x != idx);
+        self.waiting.remove(idx);
         self.send_local(idx, &reply);
         self.drive_local(now, idx);
     }
@@ -1317,9 +1213,8 @@ impl ClientLoop {
             _ => None,
         };
         if let Some((slot, stream)) = stream {
-            if self.streams.remove(&(slot, stream)).is_some() {
-                if let Some(s) = self.slots.get_mut(slot) {
-                    s.streams = s.streams.saturating_sub(1);
+            if let Some(s) = self.slots.get_mut(slot) {
+                if s.streams.remove(&stream).is_some() {
                     if let Some(sess) = s.client.as_mut().and_then(|c| c.session_mut()) {
                         let done = l.pipe.as_ref().is_some_and(|p| p.is_done());
                         if !done {
@@ -1334,7 +1229,8 @@ impl ClientLoop {
         if let LocalState::Udp { assoc } = l.state {
             self.close_assoc(assoc);
         }
-        self.waiting.retain(|x| *x != idx);
+        self.waiting.remove(idx);
+        self.opening.remove(idx);
     }
 
     // ----- UDP ASSOCIATE -----
@@ -1349,10 +1245,7 @@ impl ClientLoop {
             Err(e) => {
                 log::warn!("cannot open a UDP relay socket: {e}");
                 if let Some(l) = self.locals.get_mut(idx) {
-                    l.state = LocalState::Waiting {
-                        request,
-                        since: now,
-                    };
+                    l.state = LocalState::Waiting { request };
                 }
                 self.fail_request(now, idx, Socks5Reply::GeneralFailure);
                 return;
@@ -1420,7 +1313,7 @@ impl ClientLoop {
                     .iter()
                     .enumerate()
                     .filter(|(_, s)| s.state == SlotState::Connected)
-                    .min_by_key(|(_, s)| s.streams)
+                    .min_by_key(|(_, s)| s.streams.len())
                     .map(|(i, _)| i)
                 {
                     Some(s) => s,

@@ -18,6 +18,8 @@
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
+//! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
+//!   liveness replacement, demand retries, request and open timeouts.
 
 pub mod client_loop;
 pub mod dest_guard;
@@ -28,6 +30,7 @@ pub mod proxy_front;
 pub mod resolver;
 pub mod server_loop;
 pub mod slab;
+pub mod supervisor;
 pub mod target;
 pub mod udp_relay;
 

@@ -10,6 +10,11 @@
 //! mio is edge-triggered, so the pipe remembers whether each socket direction may still have
 //! work (`sock_readable` / `sock_writable`) and the driver calls [`Pipe::pump`] after any event
 //! that could unblock either direction.
+//!
+//! A client's pipe starts [`Pipe::awaiting_reply`]: until the proxy's success reply is handed to
+//! [`Pipe::send_reply`], only socket → stream moves, so the reply always reaches the application
+//! before any destination byte (a server-speaks-first destination's banner can arrive before the
+//! open result when the packet carrying it is lost or reordered).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -91,9 +96,31 @@ pub enum PipeEnd {
     StreamGone,
 }
 
+/// Why [`Pipe::send_reply`] refused a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyError {
+    /// The pipe was not waiting for a reply (never was, or one was already sent).
+    NotAwaiting,
+    /// The reply does not fit the socket-side buffer.
+    TooLong,
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplyError::NotAwaiting => "the pipe is not waiting for a proxy reply",
+            ReplyError::TooLong => "the proxy reply does not fit the pipe buffer",
+        })
+    }
+}
+
+impl std::error::Error for ReplyError {}
+
 /// One socket ↔ stream splice.
 pub struct Pipe {
     pub stream: StreamId,
+    /// Stream → socket is held until the proxy reply is queued ([`Pipe::send_reply`]).
+    awaiting_reply: bool,
     to_stream: Chunk,
     to_socket: Chunk,
     /// The socket reported EOF.
@@ -121,6 +148,7 @@ impl Pipe {
         }
         Pipe {
             stream,
+            awaiting_reply: false,
             to_stream,
             to_socket: Chunk::new(PIPE_BUF),
             sock_eof: false,
@@ -132,12 +160,33 @@ impl Pipe {
         }
     }
 
-    /// Queues bytes for the socket ahead of stream data (e.g. a proxy reply). Only valid before
-    /// any stream data was moved to the socket.
-    pub fn queue_to_socket(&mut self, data: &[u8]) {
-        if self.to_socket.is_empty() {
-            self.to_socket.fill_from(data);
+    /// A pipe that moves only socket → stream until [`Pipe::send_reply`] queues the proxy's
+    /// success reply; stream data waits in the stream (its flow-control window) until then.
+    pub fn awaiting_reply(stream: StreamId, early: &[u8]) -> Pipe {
+        Pipe {
+            awaiting_reply: true,
+            ..Pipe::new(stream, early)
         }
+    }
+
+    /// Whether stream → socket is still held for the proxy reply.
+    pub fn is_awaiting_reply(&self) -> bool {
+        self.awaiting_reply
+    }
+
+    /// Queues the proxy reply as the first bytes the socket gets, and opens stream → socket.
+    /// Nothing was moved from the stream before, so nothing can precede or displace the reply.
+    pub fn send_reply(&mut self, reply: &[u8]) -> Result<(), ReplyError> {
+        if !self.awaiting_reply {
+            return Err(ReplyError::NotAwaiting);
+        }
+        if reply.len() > self.to_socket.buf.len() {
+            return Err(ReplyError::TooLong);
+        }
+        debug_assert!(self.to_socket.is_empty());
+        self.to_socket.fill_from(reply);
+        self.awaiting_reply = false;
+        Ok(())
     }
 
     /// Whether the stream's data was all delivered and the peer finished.
@@ -158,8 +207,10 @@ impl Pipe {
         budget: &mut u64,
     ) -> Result<Moved, (PipeEnd, Moved)> {
         let mut moved = Moved::default();
-        if let Err(end) = self.pump_to_socket(sock, transport, budget, &mut moved) {
-            return Err((end, moved));
+        if !self.awaiting_reply {
+            if let Err(end) = self.pump_to_socket(sock, transport, budget, &mut moved) {
+                return Err((end, moved));
+            }
         }
         if let Err(end) = self.pump_to_stream(sock, transport, budget, &mut moved) {
             return Err((end, moved));
@@ -279,5 +330,143 @@ pub trait ShutdownWrite {
 impl ShutdownWrite for mio::net::TcpStream {
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::transport::{Destination, OpenResult, Side, TransportConfig, TransportEvent};
+    use std::time::Instant;
+
+    /// An in-memory socket: reads from `input` (WouldBlock when empty), records writes.
+    #[derive(Default)]
+    struct MemSock {
+        input: Vec<u8>,
+        output: Vec<u8>,
+        shut: bool,
+    }
+
+    impl Read for MemSock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.input.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.input.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input.drain(..n);
+            Ok(n)
+        }
+    }
+
+    impl Write for MemSock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ShutdownWrite for MemSock {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.shut = true;
+            Ok(())
+        }
+    }
+
+    /// Every datagram `from` wants to send now, as (packet number, payload).
+    fn transmit(from: &mut Transport, now: Instant) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 2048];
+        while let Some((pn, len)) = from.poll_transmit(now, &mut buf) {
+            out.push((pn, buf[..len].to_vec()));
+        }
+        out
+    }
+
+    fn deliver(to: &mut Transport, now: Instant, packets: Vec<(u64, Vec<u8>)>) {
+        for (pn, p) in packets {
+            to.handle_payload(now, pn, &p).expect("valid payload");
+        }
+    }
+
+    fn events(t: &mut Transport) -> Vec<TransportEvent> {
+        std::iter::from_fn(|| t.poll_event()).collect()
+    }
+
+    /// Bug A: the destination speaks first (an SSH banner) and its data overtakes the packet
+    /// carrying OPEN_OK. The proxy's success reply must still reach the socket before any
+    /// destination byte, and none may be lost.
+    #[test]
+    fn stream_data_before_open_result_never_overtakes_the_reply() {
+        let now = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
+        let dest = Destination::Addr("192.0.2.1:22".parse().unwrap());
+        let id = client.open_stream(dest).unwrap();
+        deliver(&mut server, now, transmit(&mut client, now));
+        assert!(events(&mut server).contains(&TransportEvent::StreamOpened {
+            id,
+            dest: Destination::Addr("192.0.2.1:22".parse().unwrap()),
+        }));
+        // OPEN_OK in one packet, the banner in a later one; the first is delayed.
+        server.answer_open(id, OpenResult::Ok).unwrap();
+        let open_ok = transmit(&mut server, now);
+        let banner = b"SSH-2.0-OpenSSH_9.6\r\n";
+        assert_eq!(server.stream_write(id, banner).unwrap(), banner.len());
+        let later = now + std::time::Duration::from_millis(50);
+        let data = transmit(&mut server, later);
+        assert!(!open_ok.is_empty() && !data.is_empty());
+
+        let mut sock = MemSock {
+            input: b"client hello".to_vec(),
+            ..MemSock::default()
+        };
+        let mut pipe = Pipe::awaiting_reply(id, b"early");
+        let mut budget = u64::MAX;
+        // The data arrives first: the transport reports it readable while the open is unanswered.
+        deliver(&mut client, now, data);
+        assert!(events(&mut client).contains(&TransportEvent::StreamReadable { id }));
+        // The client driver pumps on every stream event, also while the open is unanswered;
+        // the pipe holds the stream data back.
+        pipe.pump(&mut sock, &mut client, &mut budget).unwrap();
+        assert!(sock.output.is_empty(), "destination bytes before the reply");
+        // Socket → stream still flows while waiting (early data and what the app sent).
+        deliver(&mut server, later, transmit(&mut client, later));
+        let mut got = [0u8; 64];
+        let n = server.stream_read(id, &mut got).unwrap();
+        assert_eq!(&got[..n], b"earlyclient hello");
+
+        // Now OPEN_OK arrives; the reply goes out first, then the banner.
+        deliver(&mut client, now, open_ok);
+        assert!(
+            events(&mut client).contains(&TransportEvent::StreamOpenResult {
+                id,
+                result: OpenResult::Ok
+            })
+        );
+        pipe.send_reply(b"REPLY").unwrap();
+        pipe.pump(&mut sock, &mut client, &mut budget).unwrap();
+        assert_eq!(sock.output, b"REPLYSSH-2.0-OpenSSH_9.6\r\n");
+        // A second reply (or one on a pipe that never waited) is an error, not a silent drop.
+        assert_eq!(pipe.send_reply(b"again"), Err(ReplyError::NotAwaiting));
+        assert_eq!(
+            Pipe::new(id, &[]).send_reply(b"x"),
+            Err(ReplyError::NotAwaiting)
+        );
+    }
+
+    #[test]
+    fn oversized_reply_is_refused_and_the_pipe_keeps_waiting() {
+        let mut pipe = Pipe::awaiting_reply(StreamId(0), &[]);
+        assert_eq!(
+            pipe.send_reply(&vec![0u8; PIPE_BUF + 1]),
+            Err(ReplyError::TooLong)
+        );
+        assert!(pipe.is_awaiting_reply());
+        assert_eq!(pipe.send_reply(b"ok"), Ok(()));
+        assert!(!pipe.is_awaiting_reply());
     }
 }
