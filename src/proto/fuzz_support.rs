@@ -54,6 +54,28 @@ impl Input<'_> {
     }
 }
 
+/// Runs the timers of both sides that are due at `now` (the wake-up of an event loop).
+fn run_due_timers(server: &mut ServerEndpoint, client: Option<&mut ClientSession>, now: Instant) {
+    if server.poll_timeout().is_some_and(|t| t <= now) {
+        server.handle_timeout(now);
+    }
+    if let Some(c) = client {
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+    }
+}
+
+/// The busy-loop rule of every driver: an iteration that did no work (due timers ran, nothing
+/// was sent) is never followed by a zero-timeout wait.
+fn assert_no_busy_loop(server: &mut ServerEndpoint, client: Option<&ClientSession>, now: Instant) {
+    let next = [server.poll_timeout(), client.and_then(|c| c.poll_timeout())];
+    assert!(
+        next.into_iter().flatten().all(|t| t > now),
+        "busy loop: nothing to send, yet a deadline is not in the future"
+    );
+}
+
 /// Runs one event sequence. Panics only if an invariant is violated (a bug).
 pub fn run(data: &[u8]) -> RunSummary {
     let start = Instant::now();
@@ -106,8 +128,9 @@ pub fn run(data: &[u8]) -> RunSummary {
     while let Some(op) = input.byte() {
         match op % 14 {
             0..=2 => {
-                // Deliver everything both sides want to send (bounded).
+                // Deliver everything both sides want to send (bounded), as an event loop would.
                 for _ in 0..32 {
+                    run_due_timers(&mut server, client.as_mut(), now);
                     let mut moved = false;
                     if let Some(c) = client.as_mut() {
                         if let Some(n) = c.poll_transmit(now, &mut buf) {
@@ -132,6 +155,7 @@ pub fn run(data: &[u8]) -> RunSummary {
                         moved = true;
                     }
                     if !moved {
+                        assert_no_busy_loop(&mut server, client.as_ref(), now);
                         break;
                     }
                 }

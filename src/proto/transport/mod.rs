@@ -22,6 +22,7 @@ mod ranges;
 mod recovery;
 mod ring;
 mod stream;
+mod timer;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -42,6 +43,7 @@ use recovery::{
     RttEstimator, SentFrame, SentLog, SentPacket,
 };
 use stream::{FinState, OpenState, RecvError, Stream};
+use timer::{Timer, TimerTable};
 
 /// Stream window every endpoint may assume before the peer's SETTINGS arrive.
 pub const INITIAL_STREAM_WINDOW: u64 = 64 * 1024;
@@ -301,9 +303,9 @@ pub struct StreamStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
+    /// Repeating CLOSE until [`Timer::Close`] fires.
     Closing {
         reason: CloseReason,
-        deadline: Instant,
     },
     Closed,
 }
@@ -324,6 +326,7 @@ pub struct Transport {
     side: Side,
     state: State,
     last_now: Instant,
+    timers: TimerTable,
 
     // Sending and recovery.
     next_pn: u64,
@@ -332,9 +335,7 @@ pub struct Transport {
     bytes_in_flight: u64,
     rtt: RttEstimator,
     pto_count: u32,
-    loss_time: Option<Instant>,
     last_ack_eliciting_sent: Option<Instant>,
-    last_sent: Instant,
     cc: Bbr,
     rate: DeliveryRate,
     pacer: Pacer,
@@ -347,9 +348,7 @@ pub struct Transport {
     largest_recv: Option<(u64, Instant)>,
     ack_needed: bool,
     ack_immediate: bool,
-    ack_deadline: Option<Instant>,
     eliciting_since_ack: u32,
-    last_recv: Instant,
 
     // Streams.
     streams: HashMap<u64, Stream>,
@@ -394,19 +393,21 @@ impl Transport {
             config.initial_cwnd_packets,
             config.initial_rtt,
         );
+        let mut timers = TimerTable::default();
+        timers.set(Timer::Idle, now + config.idle_timeout);
+        timers.set(Timer::KeepAlive, now + config.keepalive_interval);
         Self {
             side,
             state: State::Open,
             last_now: now,
+            timers,
             next_pn: 0,
             sent: SentLog::new(),
             largest_acked: None,
             bytes_in_flight: 0,
             rtt: RttEstimator::new(config.initial_rtt),
             pto_count: 0,
-            loss_time: None,
             last_ack_eliciting_sent: None,
-            last_sent: now,
             cc,
             rate: DeliveryRate::new(now),
             pacer: Pacer::new(now, config.pacing_burst),
@@ -417,9 +418,7 @@ impl Transport {
             largest_recv: None,
             ack_needed: false,
             ack_immediate: false,
-            ack_deadline: None,
             eliciting_since_ack: 0,
-            last_recv: now,
             streams: HashMap::new(),
             send_queue: VecDeque::new(),
             control_queue: VecDeque::new(),
@@ -498,7 +497,7 @@ impl Transport {
             }
         }
         self.stats.packets_received += 1;
-        self.last_recv = now;
+        self.timers.set(Timer::Idle, now + self.config.idle_timeout);
         self.on_packet_received(now, pn, ack_eliciting);
         Ok(())
     }
@@ -519,8 +518,8 @@ impl Transport {
         self.eliciting_since_ack += 1;
         if !in_order || self.eliciting_since_ack >= ACK_ELICITING_THRESHOLD {
             self.ack_immediate = true;
-        } else if self.ack_deadline.is_none() {
-            self.ack_deadline = Some(now + MAX_ACK_DELAY);
+        } else if !self.ack_immediate && !self.timers.is_armed(Timer::AckDelay) {
+            self.timers.set(Timer::AckDelay, now + MAX_ACK_DELAY);
         }
     }
 
@@ -581,11 +580,7 @@ impl Transport {
                 }
             }
             Frame::Close { reason, .. } => {
-                self.state = State::Closed;
-                self.events.push_back(TransportEvent::Closed {
-                    reason,
-                    by_peer: true,
-                });
+                self.enter_closed(reason, true);
                 return Ok(FrameOutcome::Closed);
             }
             Frame::Stream {
@@ -958,6 +953,7 @@ impl Transport {
         if self.bytes_in_flight == 0 {
             self.last_ack_eliciting_sent = None;
         }
+        self.arm_pto();
         self.wake_writers();
         Ok(())
     }
@@ -1133,7 +1129,7 @@ impl Transport {
     }
 
     fn detect_lost(&mut self, now: Instant) {
-        self.loss_time = None;
+        self.timers.stop(Timer::LossDetection);
         let Some(largest) = self.largest_acked else {
             return;
         };
@@ -1161,7 +1157,7 @@ impl Transport {
                 lost_packets += 1;
                 lost.extend_from_slice(p.frames());
             } else {
-                self.loss_time = Some(p.time_sent + delay);
+                self.timers.set(Timer::LossDetection, p.time_sent + delay);
                 cursor = Some(pn);
                 break;
             }
@@ -1176,6 +1172,7 @@ impl Transport {
         }
         self.lost_scratch = lost;
         self.sent.pop_resolved(self.lost_cutoff(now));
+        self.arm_pto();
     }
 
     /// Lost packets sent before this are forgotten (a late ACK for them is no longer expected).
@@ -1201,11 +1198,19 @@ impl Transport {
         }
         self.lost_scratch = lost;
         self.sent.pop_resolved(self.lost_cutoff(now));
-        self.loss_time = None;
+        self.timers.stop(Timer::LossDetection);
         self.cc.on_pto();
         self.ping_pending = true;
         // The probe itself is armed from its own send time.
         self.last_ack_eliciting_sent = Some(now);
+        self.arm_pto();
+    }
+
+    /// Re-arms [`Timer::Pto`] from its inputs (last ack-eliciting send, bytes in flight, PTO
+    /// count, RTT); called wherever one of them changes.
+    fn arm_pto(&mut self) {
+        let deadline = self.pto_deadline();
+        self.timers.set_or_stop(Timer::Pto, deadline);
     }
 
     fn pto_deadline(&self) -> Option<Instant> {
@@ -1260,11 +1265,11 @@ impl Transport {
         let buf = &mut buf[..max];
         match self.state {
             State::Closed => return None,
-            State::Closing { reason, .. } => return self.transmit_close(now, reason, buf),
+            State::Closing { reason } => return self.transmit_close(reason, buf),
             State::Open => {}
         }
         let ack_due =
-            self.ack_needed && (self.ack_immediate || self.ack_deadline.is_some_and(|d| d <= now));
+            self.ack_needed && (self.ack_immediate || self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
         let window_open = self.window_open();
         let send_data = pending && window_open && self.pacer.can_send(now);
@@ -1296,20 +1301,17 @@ impl Transport {
             self.bytes_in_flight += len as u64;
             self.pacer.on_sent(now, len, self.cc.pacing_rate());
             self.last_ack_eliciting_sent = Some(now);
+            self.arm_pto();
         }
         self.sent.push(pn, packet);
         self.sent.pop_resolved(self.lost_cutoff(now));
-        self.last_sent = now;
+        self.timers
+            .set(Timer::KeepAlive, now + self.config.keepalive_interval);
         self.stats.packets_sent += 1;
         Some((pn, len))
     }
 
-    fn transmit_close(
-        &mut self,
-        now: Instant,
-        reason: CloseReason,
-        buf: &mut [u8],
-    ) -> Option<(u64, usize)> {
+    fn transmit_close(&mut self, reason: CloseReason, buf: &mut [u8]) -> Option<(u64, usize)> {
         if !self.close_pending {
             return None;
         }
@@ -1325,7 +1327,6 @@ impl Transport {
         )?;
         let pn = self.next_pn;
         self.next_pn += 1;
-        self.last_sent = now;
         self.stats.packets_sent += 1;
         Some((pn, w.len()))
     }
@@ -1339,7 +1340,7 @@ impl Transport {
         if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
             self.ack_needed = false;
             self.ack_immediate = false;
-            self.ack_deadline = None;
+            self.timers.stop(Timer::AckDelay);
             self.eliciting_since_ack = 0;
         }
     }
@@ -1499,81 +1500,65 @@ impl Transport {
 
     // ------------------------------------------------------------------ timers
 
-    /// Earliest instant at which [`Transport::handle_timeout`] must be called.
+    /// Earliest instant at which [`Transport::handle_timeout`] (or, for pacing,
+    /// [`Transport::poll_transmit`]) must be called: the earliest armed [`Timer`], or the
+    /// pacer's next send time while data waits for it. Never an instant at or before the `now`
+    /// of the last `handle_timeout`, unless a timer was armed that early since.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let closing = match self.state {
-            State::Closed => return None,
-            State::Closing { deadline, .. } => return Some(deadline),
-            State::Open => None,
-        };
-        let ack = if self.ack_needed {
-            self.ack_deadline
-        } else {
-            None
-        };
-        let pacing = if self.has_pending_eliciting()
+        let timers = self.timers.next_timeout();
+        let pacing = (self.state == State::Open
+            && self.has_pending_eliciting()
             && self.window_open()
-            && self.pacer.next_send_time() > self.last_now
-        {
-            Some(self.pacer.next_send_time())
-        } else {
-            None
-        };
-        [
-            closing,
-            ack,
-            self.loss_time,
-            self.pto_deadline(),
-            pacing,
-            Some(self.last_sent + self.config.keepalive_interval),
-            Some(self.last_recv + self.config.idle_timeout),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+            && self.pacer.next_send_time() > self.last_now)
+            .then(|| self.pacer.next_send_time());
+        match (timers, pacing) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
+    /// Runs every expired timer. Each is stopped before it acts, so it is never reported again
+    /// by [`Transport::poll_timeout`] until something re-arms it.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        match self.state {
-            State::Closed => return,
-            State::Closing { reason, deadline } => {
-                if now >= deadline {
-                    self.state = State::Closed;
-                    self.events.push_back(TransportEvent::Closed {
-                        reason,
-                        by_peer: false,
-                    });
+        for timer in Timer::VALUES {
+            if !self.timers.take_expired(timer, now) {
+                continue;
+            }
+            match timer {
+                Timer::Close => {
+                    if let State::Closing { reason } = self.state {
+                        self.enter_closed(reason, false);
+                    }
+                    return;
                 }
-                return;
-            }
-            State::Open => {}
-        }
-        if now >= self.last_recv + self.config.idle_timeout {
-            self.state = State::Closed;
-            self.events.push_back(TransportEvent::Closed {
-                reason: CloseReason::IdleTimeout,
-                by_peer: false,
-            });
-            return;
-        }
-        if self.ack_needed && self.ack_deadline.is_some_and(|d| d <= now) {
-            self.ack_immediate = true;
-        }
-        if self.loss_time.is_some_and(|t| t <= now) {
-            self.detect_lost(now);
-        }
-        if self.pto_deadline().is_some_and(|t| t <= now) {
-            self.on_pto(now);
-        }
-        if now >= self.last_sent + self.config.keepalive_interval {
-            self.ping_pending = true;
-            // Idle session: give back buffer storage of streams with nothing buffered.
-            for s in self.streams.values_mut() {
-                s.send.release_idle_storage();
-                s.recv.release_idle_storage();
+                Timer::Idle => {
+                    self.enter_closed(CloseReason::IdleTimeout, false);
+                    return;
+                }
+                Timer::AckDelay => self.ack_immediate = true,
+                // Loss detection re-arms the PTO, so a PTO that loss detection moved or disarmed
+                // is no longer expired when its turn comes.
+                Timer::LossDetection => self.detect_lost(now),
+                Timer::Pto => self.on_pto(now),
+                Timer::KeepAlive => {
+                    self.ping_pending = true;
+                    // Idle session: give back buffer storage of streams with nothing buffered.
+                    for s in self.streams.values_mut() {
+                        s.send.release_idle_storage();
+                        s.recv.release_idle_storage();
+                    }
+                }
             }
         }
+    }
+
+    /// The session is over: no timer stays armed.
+    fn enter_closed(&mut self, reason: CloseReason, by_peer: bool) {
+        self.state = State::Closed;
+        self.timers.stop_all();
+        self.events
+            .push_back(TransportEvent::Closed { reason, by_peer });
     }
 
     // ------------------------------------------------------------------ application API
@@ -1846,10 +1831,9 @@ impl Transport {
             return;
         }
         let drain = (self.rtt.pto_base() * 3).min(Duration::from_secs(3));
-        self.state = State::Closing {
-            reason,
-            deadline: now + drain,
-        };
+        self.state = State::Closing { reason };
+        self.timers.stop_all();
+        self.timers.set(Timer::Close, now + drain);
         self.close_text = text[..text.len().min(frame::MAX_CLOSE_TEXT)].to_vec();
         self.close_pending = true;
         self.send_queue.clear();
