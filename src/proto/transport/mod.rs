@@ -11,6 +11,11 @@
 //!
 //! Nothing here reads the clock, touches sockets or allocates per packet on the data path.
 //! Every buffer is bounded by [`TransportConfig`].
+//!
+//! Where things live: this file holds [`Transport`] (recovery, ACKs, the session's own frames,
+//! datagrams, close and the public API); `streams.rs` the stream set, its queues and session
+//! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `recovery.rs`,
+//! `congestion.rs`, `pacing.rs` and `flow.rs` the algorithms; `frame.rs` the wire format.
 
 mod codes;
 mod congestion;
@@ -353,6 +358,9 @@ enum FrameOutcome {
 }
 
 /// The transport state machine of one session.
+///
+/// Over fifteen fields because loss recovery and ACK generation share one packet-number space
+/// and one send path; everything about streams is grouped in [`StreamsState`].
 #[derive(Debug)]
 pub struct Transport {
     config: TransportConfig,
