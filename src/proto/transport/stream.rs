@@ -465,8 +465,6 @@ pub struct Stream {
     pub readable_notified: bool,
     pub want_writable: bool,
     pub finished_notified: bool,
-    /// The application learned the stream is gone (reset event or open failure).
-    pub terminal_notified: bool,
     pub bytes_written: u64,
     pub bytes_read: u64,
 }
@@ -493,7 +491,6 @@ impl Stream {
             readable_notified: false,
             want_writable: false,
             finished_notified: false,
-            terminal_notified: false,
             bytes_written: 0,
             bytes_read: 0,
         }

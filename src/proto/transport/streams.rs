@@ -444,7 +444,6 @@ impl StreamsState {
             s.send.abandon();
         }
         s.pending.keep_reset_only();
-        s.terminal_notified = true;
         self.send_buffered -= abandoned;
         if self.recv_window.on_received(grown).is_err() {
             return Err(TransportError::FlowControl);
@@ -968,7 +967,6 @@ impl StreamsState {
         }
         s.reset_local = Some(reason);
         s.pending = PendingControl::RESET;
-        s.terminal_notified = true;
         self.send_buffered -= s.send.buffered();
         s.send.abandon();
         let released = s.recv.discard();
@@ -984,5 +982,129 @@ impl StreamsState {
             send_buffered: s.send.buffered() as u64,
             recv_buffered: s.recv.buffered() as u64,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::sim::SimRng;
+    use crate::proto::transport::congestion::DeliverySnapshot;
+    use std::time::Instant;
+
+    impl StreamsState {
+        /// Both queue invariants: a stream is flagged exactly when it is queued, at most once.
+        fn assert_queues_consistent(&self) {
+            for (queue, flag, name) in [
+                (
+                    &self.send_queue,
+                    (|s: &Stream| s.in_send_queue) as fn(&Stream) -> bool,
+                    "send",
+                ),
+                (
+                    &self.control_queue,
+                    |s: &Stream| s.in_control_queue,
+                    "control",
+                ),
+            ] {
+                for (i, id) in queue.iter().enumerate() {
+                    assert!(
+                        !queue.iter().skip(i + 1).any(|x| x == id),
+                        "{name}: {id} twice"
+                    );
+                    if let Some(s) = self.streams.get(id) {
+                        assert!(flag(s), "{name}: {id} queued but not flagged");
+                    }
+                }
+                for (id, s) in &self.streams {
+                    assert_eq!(flag(s), queue.contains(id), "{name}: flag of {id}");
+                }
+            }
+        }
+    }
+
+    /// Random stream API calls, packets written, acknowledged and lost, flow-control raises and
+    /// a close: `in_send_queue ⇔ id ∈ send_queue` (and the control-queue twin) always hold.
+    #[test]
+    fn queue_invariants_hold_under_random_operations() {
+        let now = Instant::now();
+        let config = TransportConfig {
+            send_buffer: 8 * 1024,
+            session_send_buffer: 32 * 1024,
+            ..TransportConfig::default()
+        }
+        .sanitized();
+        let mut rng = SimRng::new(7);
+        let mut events = VecDeque::new();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        let mut ids: Vec<StreamId> = Vec::new();
+        let mut in_flight: Vec<SentFrame> = Vec::new();
+        let mut buf = vec![0u8; 1200];
+        let data = [0x5Au8; 3000];
+        for round in 0..20_000 {
+            let pick = |rng: &mut SimRng, ids: &[StreamId]| {
+                ids.get(rng.below(ids.len() as u64) as usize).copied()
+            };
+            match rng.below(10) {
+                0 => {
+                    if let Ok(id) = streams.open(Destination::domain("a.test", 1).unwrap()) {
+                        ids.push(id);
+                    }
+                }
+                1..=2 => {
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let len = rng.below(data.len() as u64) as usize;
+                        let _ = streams.write(id, &data[..len]);
+                    }
+                }
+                3 if rng.chance(0.02) => {
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let _ = streams.finish(id);
+                    }
+                }
+                4 if rng.chance(0.1) => {
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let _ = streams.reset(id, ResetReason::Cancelled);
+                    }
+                }
+                5..=6 => {
+                    let room = 40 + rng.below(1100) as usize;
+                    let mut w = Writer::new(&mut buf[..room]);
+                    let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+                    streams.write_controls(&mut w, &mut packet);
+                    streams.write_data(&mut w, &mut packet);
+                    in_flight.extend_from_slice(packet.frames());
+                }
+                7..=8 if !in_flight.is_empty() => {
+                    let i = rng.below(in_flight.len() as u64) as usize;
+                    let f = in_flight.swap_remove(i);
+                    if rng.chance(0.7) {
+                        streams.on_frame_acked(f);
+                    } else {
+                        streams.on_frame_lost(f);
+                    }
+                }
+                _ => {
+                    let raise = (round as u64 + 1) * 4096;
+                    streams.on_max_data(INITIAL_SESSION_WINDOW + raise);
+                    streams.raise_peer_max_streams(
+                        INITIAL_MAX_STREAMS + round as u64 / 500,
+                        &mut events,
+                    );
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let _ = streams.on_max_stream_data(id, INITIAL_STREAM_WINDOW + raise);
+                    }
+                    streams.wake_writers(&mut events);
+                }
+            }
+            streams.assert_queues_consistent();
+        }
+        assert!(
+            streams.bytes_sent > 100_000 && streams.bytes_retransmitted > 0,
+            "the run exercised sending and loss"
+        );
+        streams.clear_queues();
+        streams.assert_queues_consistent();
+        assert!(!streams.has_pending());
     }
 }
