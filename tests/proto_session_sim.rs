@@ -62,6 +62,9 @@ struct World {
     client_events: Vec<ClientEvent>,
     sent_to: Vec<SocketAddr>,
     buf: Vec<u8>,
+    /// Datagrams moved and events seen so far: an iteration that changes nothing here did no
+    /// work (see the busy-loop rule in [`World::run_until`]).
+    work: u64,
 }
 
 impl World {
@@ -119,6 +122,7 @@ impl World {
             client_events: Vec::new(),
             sent_to: Vec::new(),
             buf: vec![0u8; 2048],
+            work: 0,
         }
     }
 
@@ -149,12 +153,14 @@ impl World {
             self.server.handle_timeout(now);
         }
         while let Some(n) = self.client.poll_transmit(now, &mut self.buf) {
+            self.work += 1;
             if self.capture {
                 self.captured_c2s.push(self.buf[..n].to_vec());
             }
             self.c2s.send(now, &self.buf[..n]);
         }
         while let Some(t) = self.server.poll_transmit(now, &mut self.buf) {
+            self.work += 1;
             if self.capture {
                 self.captured_s2c.push(self.buf[..t.len].to_vec());
             }
@@ -162,16 +168,20 @@ impl World {
             self.s2c.send(now, &self.buf[..t.len]);
         }
         while let Some(mut d) = self.c2s.recv(now) {
+            self.work += 1;
             self.server
                 .handle_datagram(now, unix, self.client_socket, self.client_addr, &mut d);
         }
         while let Some(mut d) = self.s2c.recv(now) {
+            self.work += 1;
             self.client.handle_datagram(now, &mut d);
         }
         while let Some(e) = self.server.poll_event() {
+            self.work += 1;
             self.server_events.push(e);
         }
         while let Some(e) = self.client.poll_event() {
+            self.work += 1;
             self.client_events.push(e);
         }
     }
@@ -196,6 +206,7 @@ impl World {
     fn run_until(&mut self, deadline: Duration, mut done: impl FnMut(&mut World) -> bool) -> bool {
         let limit = self.start + deadline;
         loop {
+            let work_before = self.work;
             self.pump();
             if done(self) {
                 return true;
@@ -205,10 +216,21 @@ impl World {
             }
             let before = self.now;
             self.advance(limit);
-            if self.now == before {
-                // Nothing scheduled in the future: make progress anyway.
-                self.now += Duration::from_millis(1);
-            }
+            // The busy-loop rule of every driver: an iteration that did no work (no datagram
+            // moved, no event) is never followed by a zero-timeout wait. A deadline left in the
+            // past would make a real event loop spin at 100 % CPU.
+            assert!(
+                self.now > before || self.work != work_before,
+                "busy loop: nothing happened at {:?}, yet the next deadline is not in the future \
+                 (client {:?}, server {:?})",
+                self.now - self.start,
+                self.client
+                    .poll_timeout()
+                    .map(|t| t.saturating_duration_since(self.start)),
+                self.server
+                    .poll_timeout()
+                    .map(|t| t.saturating_duration_since(self.start)),
+            );
         }
     }
 

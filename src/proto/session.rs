@@ -87,6 +87,24 @@ pub const PROBE_INITIAL: Duration = Duration::from_millis(200);
 pub const PROBE_MAX: Duration = Duration::from_secs(8);
 
 /// One protected session.
+///
+/// # Call order (the driver's contract)
+///
+/// Sans-IO: the session never reads the clock and never sleeps. A driver (the server endpoint,
+/// the client connector, a simulator) must, on every wake-up:
+///
+/// 1. feed every received datagram to [`Session::handle_packet`];
+/// 2. call [`Session::handle_timeout`] when [`Session::poll_timeout`] is at or before `now`;
+/// 3. after 1, 2 or any application call on [`Session::transport_mut`] (write, read, open,
+///    finish, reset, datagram), call [`Session::poll_transmit`] until it returns `None`;
+/// 4. drain [`Session::poll_event`];
+/// 5. sleep until [`Session::poll_timeout`] or the next datagram.
+///
+/// Every timer stops when it fires (see the transport's `timer` module), so after steps 2–3
+/// `poll_timeout` is in the future: while the session is blocked on the peer's token window,
+/// work that needs sending (an ACK, a PING) waits in the transport and is reported through the
+/// probe time, never as a deadline left in the past. A wake-up that did no work is therefore
+/// never followed by a zero-timeout wait; the simulators assert exactly that.
 pub struct Session {
     transport: Transport,
     sealer: Sealer,
@@ -299,7 +317,8 @@ impl Session {
     }
 
     /// Earliest instant at which [`Session::handle_timeout`] (or, for a blocked session's next
-    /// probe, [`Session::poll_transmit`]) must run.
+    /// probe, [`Session::poll_transmit`]) must run. After `handle_timeout(now)` and
+    /// `poll_transmit` until `None`, this is later than `now` (or `None`).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let transport = self.transport.poll_timeout();
         let probe = self
@@ -360,6 +379,99 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::transport::Destination;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct MapSink(HashMap<u64, u64>);
+    impl TokenSink for MapSink {
+        fn insert_token(&mut self, token: u64, pn: u64) {
+            self.0.insert(token, pn);
+        }
+        fn remove_token(&mut self, token: u64, pn: u64) {
+            if self.0.get(&token) == Some(&pn) {
+                self.0.remove(&token);
+            }
+        }
+    }
+
+    /// Bug E: a session blocked on the peer's token window with a delayed ACK due must not report
+    /// that passed deadline forever (the event loop would spin at zero timeout until the probe).
+    #[test]
+    fn blocked_session_with_an_ack_due_never_reports_a_past_deadline() {
+        let t0 = Instant::now();
+        let secret = [7u8; 32];
+        let mut config = SessionConfig::default();
+        config.transport.initial_cwnd_packets = 256;
+        let (mut client_sink, mut server_sink) = (MapSink::default(), MapSink::default());
+        let mut client = Session::new(
+            &secret,
+            Side::Client,
+            &config,
+            1350,
+            t0,
+            [1; 32],
+            &mut client_sink,
+        );
+        let mut server = Session::new(
+            &secret,
+            Side::Server,
+            &config,
+            1350,
+            t0,
+            [2; 32],
+            &mut server_sink,
+        );
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        // Upstream blackout: the client fills the server's initial window; all of it is lost.
+        let dest = Destination::domain("example.com", 443).unwrap();
+        for _ in 0..2 {
+            let t = client.transport_mut();
+            let up = t.open_stream(dest.clone()).unwrap();
+            t.stream_write(up, &[0xAB; 64 * 1024]).unwrap();
+        }
+        let mut now = t0;
+        for _ in 0..1000 {
+            if client.is_blocked() {
+                break;
+            }
+            if client.poll_transmit(now, &mut buf).is_none() {
+                now += Duration::from_millis(1);
+            }
+        }
+        assert!(
+            client.is_blocked(),
+            "the client reached the server's window end"
+        );
+        // Downstream still works: one ack-eliciting server packet arms the client's delayed ACK.
+        let down = server.transport_mut().open_stream(dest).unwrap();
+        server.transport_mut().stream_write(down, b"hello").unwrap();
+        let n = server.poll_transmit(now, &mut buf).expect("server packet");
+        let token = u64::from_le_bytes(buf[..TOKEN_LEN].try_into().unwrap());
+        let pn = client_sink.0[&token];
+        client
+            .handle_packet(now, pn, &mut buf[..n], &mut client_sink)
+            .unwrap();
+        // Drive the client as an event loop would, for two seconds of virtual time.
+        let end = now + Duration::from_secs(2);
+        let mut wakeups = 0;
+        while now < end {
+            if client.poll_timeout().is_some_and(|t| t <= now) {
+                client.handle_timeout(now);
+            }
+            while client.poll_transmit(now, &mut buf).is_some() {}
+            let next = client.poll_timeout().expect("idle timer armed");
+            assert!(
+                next > now,
+                "blocked session reports a passed deadline: {:?} <= {:?}",
+                next - t0,
+                now - t0
+            );
+            now = next;
+            wakeups += 1;
+        }
+        assert!(wakeups < 100, "{wakeups} wake-ups in 2 s while blocked");
+    }
 
     #[test]
     fn expand_u32_picks_the_closest_candidate() {

@@ -94,6 +94,20 @@ impl ResetReason {
     }
 }
 
+impl std::fmt::Display for ResetReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResetReason::Cancelled => f.write_str("cancelled"),
+            ResetReason::ConnectionReset => f.write_str("destination connection reset"),
+            ResetReason::Timeout => f.write_str("timeout"),
+            ResetReason::ProtocolError => f.write_str("stream protocol error"),
+            ResetReason::OpenFailed(result) => write!(f, "open failed: {result}"),
+            ResetReason::SessionClosed => f.write_str("session closed"),
+            ResetReason::Other(code) => write!(f, "reset code {code}"),
+        }
+    }
+}
+
 /// Outcome of a stream open, as answered by the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpenResult {
@@ -127,6 +141,19 @@ impl OpenResult {
             5 => OpenResult::Timeout,
             _ => OpenResult::Refused,
         }
+    }
+}
+
+impl std::fmt::Display for OpenResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OpenResult::Ok => "ok",
+            OpenResult::Refused => "refused",
+            OpenResult::Unreachable => "destination unreachable",
+            OpenResult::DnsFailure => "name resolution failed",
+            OpenResult::NotAllowed => "destination not allowed",
+            OpenResult::Timeout => "timeout",
+        })
     }
 }
 

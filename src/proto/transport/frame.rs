@@ -45,7 +45,19 @@ pub enum FrameError {
 
 impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
+        match self {
+            FrameError::Truncated => f.write_str("frame truncated"),
+            FrameError::UnknownFrameType(t) => write!(f, "unknown frame type {t:#04x}"),
+            FrameError::InvalidAckRanges => f.write_str("ACK ranges overlap or underflow"),
+            FrameError::TooManyAckRanges => {
+                write!(f, "more than {MAX_ACK_RANGES} ACK ranges")
+            }
+            FrameError::InvalidDestination => f.write_str("invalid destination"),
+            FrameError::ValueTooLarge => f.write_str("value out of range"),
+            FrameError::CloseTextTooLong => {
+                write!(f, "CLOSE text longer than {MAX_CLOSE_TEXT} bytes")
+            }
+        }
     }
 }
 

@@ -11,6 +11,11 @@
 //!
 //! Nothing here reads the clock, touches sockets or allocates per packet on the data path.
 //! Every buffer is bounded by [`TransportConfig`].
+//!
+//! Where things live: this file holds [`Transport`] (recovery, ACKs, the session's own frames,
+//! datagrams, close and the public API); `streams.rs` the stream set, its queues and session
+//! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `recovery.rs`,
+//! `congestion.rs`, `pacing.rs` and `flow.rs` the algorithms; `frame.rs` the wire format.
 
 mod codes;
 mod congestion;
@@ -22,8 +27,10 @@ mod ranges;
 mod recovery;
 mod ring;
 mod stream;
+mod streams;
+mod timer;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 pub use codes::{CloseReason, OpenResult, ResetReason};
@@ -33,7 +40,6 @@ pub use frame::FrameError;
 pub use stream::StreamId;
 
 use congestion::{AckEvent, Bbr, DeliveryRate};
-use flow::{RecvWindow, SendCredit};
 use frame::{AckFrame, Frame, Reader, Writer};
 use pacing::Pacer;
 use ranges::RangeSet;
@@ -41,7 +47,8 @@ use recovery::{
     INITIAL_PACKET_THRESHOLD, MAX_ACK_DELAY, MAX_PACKET_THRESHOLD, MAX_PTO, PacketState,
     RttEstimator, SentFrame, SentLog, SentPacket,
 };
-use stream::{FinState, OpenState, RecvError, Stream};
+use streams::StreamsState;
+use timer::{Timer, TimerTable};
 
 /// Stream window every endpoint may assume before the peer's SETTINGS arrive.
 pub const INITIAL_STREAM_WINDOW: u64 = 64 * 1024;
@@ -61,6 +68,9 @@ const RECV_PN_RANGES: usize = 64;
 const MAX_CLOSE_REPEATS: u32 = 4;
 /// Room kept free for the ACK frame when checking whether a datagram fits a packet.
 const DATAGRAM_HEADROOM: usize = 64;
+/// DATAGRAM frame bytes besides the destination and the data: the type byte and a two-byte
+/// length varint (enough for any datagram below 16 KiB).
+const DATAGRAM_FRAME_OVERHEAD: usize = 3;
 
 /// Which end of the session this is. Client-opened stream ids are even, server-opened odd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +209,19 @@ pub enum TransportError {
 
 impl std::fmt::Display for TransportError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "transport protocol violation: {self:?}")
+        f.write_str("transport protocol violation: ")?;
+        match self {
+            TransportError::Frame(e) => write!(f, "malformed frame: {e}"),
+            TransportError::InvalidAck => f.write_str("ACK for a packet number never sent"),
+            TransportError::FlowControl => f.write_str("data beyond a stream or session window"),
+            TransportError::FinalSize => {
+                f.write_str("data or reset inconsistent with a stream's final size")
+            }
+            TransportError::StreamLimit => f.write_str("stream id beyond the allowed streams"),
+            TransportError::UnexpectedFrame => {
+                f.write_str("frame not allowed in this state or direction")
+            }
+        }
     }
 }
 
@@ -233,7 +255,18 @@ pub enum StreamError {
 
 impl std::fmt::Display for StreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
+        match self {
+            StreamError::UnknownStream => f.write_str("no such stream was ever opened"),
+            StreamError::Closed => f.write_str("stream finished and was cleaned up"),
+            StreamError::Reset(reason) => write!(f, "stream was reset: {reason}"),
+            StreamError::Blocked => f.write_str("no stream data to read yet"),
+            StreamError::Finished => f.write_str("stream's write side is already finished"),
+            StreamError::TooManyStreams => {
+                f.write_str("peer's stream limit reached; wait for StreamsAvailable")
+            }
+            StreamError::InvalidState => f.write_str("stream is not in a state that allows this"),
+            StreamError::SessionClosed => f.write_str("session is closed or closing"),
+        }
     }
 }
 
@@ -241,14 +274,21 @@ impl std::error::Error for StreamError {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatagramError {
+    /// Larger than [`Transport::max_datagram_size`].
     TooLarge,
+    /// The outgoing datagram queue is full; the datagram was dropped.
     QueueFull,
+    /// The session is closed or closing.
     SessionClosed,
 }
 
 impl std::fmt::Display for DatagramError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
+        f.write_str(match self {
+            DatagramError::TooLarge => "datagram larger than the path allows",
+            DatagramError::QueueFull => "datagram queue full; datagram dropped",
+            DatagramError::SessionClosed => "session is closed or closing",
+        })
     }
 }
 
@@ -301,9 +341,9 @@ pub struct StreamStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
+    /// Repeating CLOSE until [`Timer::Close`] fires.
     Closing {
         reason: CloseReason,
-        deadline: Instant,
     },
     Closed,
 }
@@ -318,12 +358,16 @@ enum FrameOutcome {
 }
 
 /// The transport state machine of one session.
+///
+/// Over fifteen fields because loss recovery and ACK generation share one packet-number space
+/// and one send path; everything about streams is grouped in [`StreamsState`].
 #[derive(Debug)]
 pub struct Transport {
     config: TransportConfig,
     side: Side,
     state: State,
     last_now: Instant,
+    timers: TimerTable,
 
     // Sending and recovery.
     next_pn: u64,
@@ -332,9 +376,7 @@ pub struct Transport {
     bytes_in_flight: u64,
     rtt: RttEstimator,
     pto_count: u32,
-    loss_time: Option<Instant>,
     last_ack_eliciting_sent: Option<Instant>,
-    last_sent: Instant,
     cc: Bbr,
     rate: DeliveryRate,
     pacer: Pacer,
@@ -347,31 +389,13 @@ pub struct Transport {
     largest_recv: Option<(u64, Instant)>,
     ack_needed: bool,
     ack_immediate: bool,
-    ack_deadline: Option<Instant>,
     eliciting_since_ack: u32,
-    last_recv: Instant,
 
-    // Streams.
-    streams: HashMap<u64, Stream>,
-    send_queue: VecDeque<u64>,
-    control_queue: VecDeque<u64>,
-    next_local_seq: u64,
-    peer_max_streams: u64,
-    next_peer_seq: u64,
-    local_max_streams: u64,
-    peer_stream_window: u64,
-    open_blocked: bool,
-    /// Bytes in all stream send buffers (bounded by `session_send_buffer`).
-    send_buffered: usize,
-    /// Streams whose last write was partial, to be told when they can write again.
-    writable_waiters: Vec<u64>,
+    /// The stream set, its queues and session flow control.
+    streams: StreamsState,
 
-    // Session flow control and control frames.
-    send_credit: SendCredit,
-    recv_window: RecvWindow,
+    // Session control frames.
     settings_pending: bool,
-    max_data_pending: bool,
-    max_streams_pending: bool,
     ping_pending: bool,
     close_pending: bool,
     close_repeats: u32,
@@ -394,19 +418,21 @@ impl Transport {
             config.initial_cwnd_packets,
             config.initial_rtt,
         );
+        let mut timers = TimerTable::default();
+        timers.set(Timer::Idle, now + config.idle_timeout);
+        timers.set(Timer::KeepAlive, now + config.keepalive_interval);
         Self {
             side,
             state: State::Open,
             last_now: now,
+            timers,
             next_pn: 0,
             sent: SentLog::new(),
             largest_acked: None,
             bytes_in_flight: 0,
             rtt: RttEstimator::new(config.initial_rtt),
             pto_count: 0,
-            loss_time: None,
             last_ack_eliciting_sent: None,
-            last_sent: now,
             cc,
             rate: DeliveryRate::new(now),
             pacer: Pacer::new(now, config.pacing_burst),
@@ -417,25 +443,9 @@ impl Transport {
             largest_recv: None,
             ack_needed: false,
             ack_immediate: false,
-            ack_deadline: None,
             eliciting_since_ack: 0,
-            last_recv: now,
-            streams: HashMap::new(),
-            send_queue: VecDeque::new(),
-            control_queue: VecDeque::new(),
-            next_local_seq: 0,
-            peer_max_streams: INITIAL_MAX_STREAMS,
-            next_peer_seq: 0,
-            local_max_streams: config.max_streams,
-            peer_stream_window: INITIAL_STREAM_WINDOW,
-            open_blocked: false,
-            send_buffered: 0,
-            writable_waiters: Vec::new(),
-            send_credit: SendCredit::new(INITIAL_SESSION_WINDOW),
-            recv_window: RecvWindow::new(config.session_window),
+            streams: StreamsState::new(&config, side),
             settings_pending: true,
-            max_data_pending: false,
-            max_streams_pending: false,
             ping_pending: false,
             close_pending: false,
             close_repeats: 0,
@@ -498,7 +508,7 @@ impl Transport {
             }
         }
         self.stats.packets_received += 1;
-        self.last_recv = now;
+        self.timers.set(Timer::Idle, now + self.config.idle_timeout);
         self.on_packet_received(now, pn, ack_eliciting);
         Ok(())
     }
@@ -519,8 +529,8 @@ impl Transport {
         self.eliciting_since_ack += 1;
         if !in_order || self.eliciting_since_ack >= ACK_ELICITING_THRESHOLD {
             self.ack_immediate = true;
-        } else if self.ack_deadline.is_none() {
-            self.ack_deadline = Some(now + MAX_ACK_DELAY);
+        } else if !self.ack_immediate && !self.timers.is_armed(Timer::AckDelay) {
+            self.timers.set(Timer::AckDelay, now + MAX_ACK_DELAY);
         }
     }
 
@@ -538,36 +548,34 @@ impl Transport {
         match frame {
             Frame::Padding | Frame::Ping => {}
             Frame::Ack(ack) => self.on_ack_frame(now, &ack)?,
-            Frame::StreamOpen { id, dest } => self.on_stream_open(StreamId(id), dest)?,
-            Frame::OpenOk { id } => self.on_open_ok(StreamId(id))?,
+            Frame::StreamOpen { id, dest } => {
+                self.streams
+                    .on_stream_open(StreamId(id), dest, &mut self.events)?
+            }
+            Frame::OpenOk { id } => self.streams.on_open_ok(StreamId(id), &mut self.events)?,
             Frame::ResetStream {
                 id,
                 reason,
                 final_size,
-            } => self.on_reset_stream(StreamId(id), reason, final_size)?,
-            Frame::MaxData(max) => {
-                if self.send_credit.raise(max) {
-                    self.requeue_all_sendable();
-                }
+            } => {
+                self.streams
+                    .on_reset_stream(StreamId(id), reason, final_size, &mut self.events)?
             }
+            Frame::MaxData(max) => self.streams.on_max_data(max),
             Frame::MaxStreamData { id, max } => {
-                let credit = self.send_credit.available();
-                if let Some(s) = self.stream_for_frame(StreamId(id))? {
-                    if max > s.send.max_data {
-                        s.send.max_data = max;
-                        if s.send.has_sendable(credit) && !s.is_reset() && !s.in_send_queue {
-                            s.in_send_queue = true;
-                            self.send_queue.push_back(id);
-                        }
-                    }
-                }
+                self.streams.on_max_stream_data(StreamId(id), max)?
             }
-            Frame::MaxStreams(n) => self.raise_peer_max_streams(n),
+            Frame::MaxStreams(n) => self.streams.raise_peer_max_streams(n, &mut self.events),
             Frame::Settings {
                 stream_window,
                 session_window,
                 max_streams,
-            } => self.on_settings(stream_window, session_window, max_streams),
+            } => self.streams.on_settings(
+                stream_window,
+                session_window,
+                max_streams,
+                &mut self.events,
+            ),
             Frame::Datagram { dest, data } => {
                 if self.datagram_events < self.config.max_datagram_queue {
                     self.datagram_events += 1;
@@ -581,11 +589,7 @@ impl Transport {
                 }
             }
             Frame::Close { reason, .. } => {
-                self.state = State::Closed;
-                self.events.push_back(TransportEvent::Closed {
-                    reason,
-                    by_peer: true,
-                });
+                self.enter_closed(reason, true);
                 return Ok(FrameOutcome::Closed);
             }
             Frame::Stream {
@@ -593,275 +597,17 @@ impl Transport {
                 offset,
                 data,
                 fin,
-            } => return self.on_stream_frame(StreamId(id), offset, data, fin),
-        }
-        Ok(FrameOutcome::Continue)
-    }
-
-    fn on_settings(&mut self, stream_window: u64, session_window: u64, max_streams: u64) {
-        let stream_window = stream_window.clamp(INITIAL_STREAM_WINDOW, frame::VARINT_MAX);
-        if stream_window > self.peer_stream_window {
-            self.peer_stream_window = stream_window;
-            for s in self.streams.values_mut() {
-                s.send.max_data = s.send.max_data.max(stream_window);
-            }
-        }
-        self.send_credit.raise(session_window);
-        self.raise_peer_max_streams(max_streams);
-        self.requeue_all_sendable();
-    }
-
-    fn raise_peer_max_streams(&mut self, n: u64) {
-        if n > self.peer_max_streams {
-            self.peer_max_streams = n.min(frame::VARINT_MAX);
-            if self.open_blocked {
-                self.open_blocked = false;
-                self.events.push_back(TransportEvent::StreamsAvailable);
-            }
-        }
-    }
-
-    fn requeue_all_sendable(&mut self) {
-        let credit = self.send_credit.available();
-        for (id, s) in self.streams.iter_mut() {
-            if !s.in_send_queue && !s.is_reset() && s.send.has_sendable(credit) {
-                s.in_send_queue = true;
-                self.send_queue.push_back(*id);
-            }
-        }
-    }
-
-    fn is_local(&self, id: StreamId) -> bool {
-        id.is_client_initiated() == (self.side == Side::Client)
-    }
-
-    /// The stream a frame refers to: `None` if it existed and is gone; created (with any
-    /// lower-numbered peer streams) if the peer opens it now.
-    fn stream_for_frame(&mut self, id: StreamId) -> Result<Option<&mut Stream>, TransportError> {
-        if self.is_local(id) {
-            if id.seq() >= self.next_local_seq {
-                return Err(TransportError::StreamLimit);
-            }
-            return Ok(self.streams.get_mut(&id.0));
-        }
-        let seq = id.seq();
-        if seq >= self.local_max_streams {
-            return Err(TransportError::StreamLimit);
-        }
-        while self.next_peer_seq <= seq {
-            let new_id = StreamId((self.next_peer_seq << 1) | (id.0 & 1));
-            let stream = Stream::new(
-                OpenState::Peer {
-                    announced: false,
-                    answered: false,
-                    ok_acked: false,
-                },
-                self.config.send_buffer,
-                self.peer_stream_window,
-                self.config.stream_window,
-                self.config.max_recv_ranges,
-            );
-            self.streams.insert(new_id.0, stream);
-            self.next_peer_seq += 1;
-        }
-        Ok(self.streams.get_mut(&id.0))
-    }
-
-    fn on_stream_open(&mut self, id: StreamId, dest: Destination) -> Result<(), TransportError> {
-        if self.is_local(id) {
-            return Err(TransportError::UnexpectedFrame);
-        }
-        let Some(s) = self.stream_for_frame(id)? else {
-            return Ok(());
-        };
-        let OpenState::Peer {
-            announced: false,
-            answered,
-            ok_acked,
-        } = s.open
-        else {
-            return Ok(());
-        };
-        s.open = OpenState::Peer {
-            announced: true,
-            answered,
-            ok_acked,
-        };
-        if s.is_reset() {
-            return Ok(());
-        }
-        s.dest = Some(dest.clone());
-        self.events
-            .push_back(TransportEvent::StreamOpened { id, dest });
-        self.notify_recv(id);
-        Ok(())
-    }
-
-    fn on_open_ok(&mut self, id: StreamId) -> Result<(), TransportError> {
-        if !self.is_local(id) {
-            return Err(TransportError::UnexpectedFrame);
-        }
-        let Some(s) = self.stream_for_frame(id)? else {
-            return Ok(());
-        };
-        if let OpenState::Local {
-            open_acked,
-            answered: false,
-        } = s.open
-        {
-            s.open = OpenState::Local {
-                open_acked,
-                answered: true,
-            };
-            if !s.is_reset() {
-                self.events.push_back(TransportEvent::StreamOpenResult {
-                    id,
-                    result: OpenResult::Ok,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn on_stream_frame(
-        &mut self,
-        id: StreamId,
-        offset: u64,
-        data: &[u8],
-        fin: bool,
-    ) -> Result<FrameOutcome, TransportError> {
-        let end = offset + data.len() as u64;
-        let highest = match self.stream_for_frame(id)? {
-            Some(s) => s.recv.highest,
-            None => return Ok(FrameOutcome::Continue),
-        };
-        // Check the session window before storing anything.
-        if !self.recv_window.can_receive(end.saturating_sub(highest)) {
-            return Err(TransportError::FlowControl);
-        }
-        let Some(s) = self.streams.get_mut(&id.0) else {
-            return Ok(FrameOutcome::Continue);
-        };
-        if s.reset_remote.is_some() {
-            // Final size already known; only check consistency.
-            if s.reset_remote.is_some_and(|(_, f)| end > f) {
-                return Err(TransportError::FinalSize);
-            }
-            return Ok(FrameOutcome::Continue);
-        }
-        let grown = match s.recv.on_data(offset, data, fin) {
-            Ok(g) => g,
-            Err(RecvError::FlowControl) => return Err(TransportError::FlowControl),
-            Err(RecvError::FinalSize) => return Err(TransportError::FinalSize),
-            Err(RecvError::TooFragmented) => return Ok(FrameOutcome::DropPacket),
-        };
-        let released = if s.recv.discarding {
-            s.recv.release_discarded()
-        } else {
-            0
-        };
-        if self.recv_window.on_received(grown).is_err() {
-            return Err(TransportError::FlowControl);
-        }
-        if released > 0 {
-            self.release_session_credit(released);
-        }
-        self.notify_recv(id);
-        self.maybe_remove(id);
-        Ok(FrameOutcome::Continue)
-    }
-
-    fn release_session_credit(&mut self, n: u64) {
-        if self.recv_window.on_consumed(n).is_some() {
-            self.max_data_pending = true;
-        }
-    }
-
-    /// Emits readable / finished events for an announced, live stream.
-    fn notify_recv(&mut self, id: StreamId) {
-        let Some(s) = self.streams.get_mut(&id.0) else {
-            return;
-        };
-        if !s.is_announced() || s.is_reset() {
-            return;
-        }
-        if s.recv.readable() > 0 && !s.readable_notified {
-            s.readable_notified = true;
-            self.events.push_back(TransportEvent::StreamReadable { id });
-        }
-        if s.recv.is_complete() && !s.finished_notified {
-            s.finished_notified = true;
-            self.events.push_back(TransportEvent::StreamFinished { id });
-        }
-    }
-
-    fn on_reset_stream(
-        &mut self,
-        id: StreamId,
-        reason: ResetReason,
-        final_size: u64,
-    ) -> Result<(), TransportError> {
-        let Some(s) = self.stream_for_frame(id)? else {
-            return Ok(());
-        };
-        if s.reset_remote.is_some() {
-            return Ok(());
-        }
-        if final_size < s.recv.highest || s.recv.fin_offset.is_some_and(|f| f != final_size) {
-            return Err(TransportError::FinalSize);
-        }
-        if final_size > s.recv.max_data {
-            return Err(TransportError::FlowControl);
-        }
-        let grown = final_size - s.recv.highest;
-        s.recv.highest = final_size;
-        let released = s.recv.discard();
-        s.reset_remote = Some((reason, final_size));
-        let announced = s.is_announced();
-        let event = match s.open {
-            // We reset it ourselves first: the application already knows.
-            _ if s.reset_local.is_some() => None,
-            OpenState::Local {
-                answered: false,
-                open_acked,
             } => {
-                s.open = OpenState::Local {
-                    open_acked,
-                    answered: true,
-                };
-                match reason {
-                    ResetReason::OpenFailed(result) => {
-                        Some(TransportEvent::StreamOpenResult { id, result })
-                    }
-                    _ => Some(TransportEvent::StreamReset { id, reason }),
-                }
+                return self.streams.on_stream_frame(
+                    StreamId(id),
+                    offset,
+                    data,
+                    fin,
+                    &mut self.events,
+                );
             }
-            _ if announced => Some(TransportEvent::StreamReset { id, reason }),
-            _ => None,
-        };
-        let mut abandoned = 0;
-        if s.reset_local.is_none() {
-            // Echo the reset so the peer learns our final size too.
-            s.reset_local = Some(reason);
-            s.reset_pending = true;
-            abandoned = s.send.buffered();
-            s.send.abandon();
         }
-        s.open_pending = false;
-        s.open_ok_pending = false;
-        s.max_stream_data_pending = false;
-        s.terminal_notified = true;
-        self.send_buffered -= abandoned;
-        if self.recv_window.on_received(grown).is_err() {
-            return Err(TransportError::FlowControl);
-        }
-        self.release_session_credit(released);
-        self.queue_control(id);
-        if let Some(e) = event {
-            self.events.push_back(e);
-        }
-        self.maybe_remove(id);
-        Ok(())
+        Ok(FrameOutcome::Continue)
     }
 
     fn on_ack_frame(&mut self, now: Instant, ack: &AckFrame<'_>) -> Result<(), TransportError> {
@@ -897,7 +643,7 @@ impl Transport {
                                 .max(distance.min(MAX_PACKET_THRESHOLD));
                         }
                         for f in &frames[..count] {
-                            self.on_frame_acked(*f);
+                            self.streams.on_frame_acked(*f);
                         }
                         continue;
                     }
@@ -919,7 +665,7 @@ impl Transport {
                     self.rate.on_acked(now, &snapshot, size);
                 }
                 for f in &frames[..count] {
-                    self.on_frame_acked(*f);
+                    self.streams.on_frame_acked(*f);
                 }
             }
             self.sent.mark_resolved(lo..hi + 1);
@@ -958,182 +704,20 @@ impl Transport {
         if self.bytes_in_flight == 0 {
             self.last_ack_eliciting_sent = None;
         }
-        self.wake_writers();
+        self.arm_pto();
+        self.streams.wake_writers(&mut self.events);
         Ok(())
-    }
-
-    /// Tells streams blocked on a full send buffer that they can write again, once there is
-    /// a useful amount of room (avoids waking writers for a few bytes at a time).
-    fn wake_writers(&mut self) {
-        if self.writable_waiters.is_empty() {
-            return;
-        }
-        let session_free = self.config.session_send_buffer - self.send_buffered;
-        let threshold = (self.config.session_send_buffer / 8).min(64 * 1024);
-        if session_free < threshold {
-            return;
-        }
-        let mut waiters = std::mem::take(&mut self.writable_waiters);
-        waiters.retain(|&id| {
-            let Some(s) = self.streams.get_mut(&id) else {
-                return false;
-            };
-            if s.is_reset() {
-                s.want_writable = false;
-                return false;
-            }
-            if s.send.free_space() < threshold.min(s.send.limit() / 8).max(1) {
-                return true;
-            }
-            s.want_writable = false;
-            self.events
-                .push_back(TransportEvent::StreamWritable { id: StreamId(id) });
-            false
-        });
-        self.writable_waiters = waiters;
-    }
-
-    fn on_frame_acked(&mut self, frame: SentFrame) {
-        match frame {
-            SentFrame::Stream {
-                id,
-                offset,
-                len,
-                fin,
-            } => {
-                let Some(s) = self.streams.get_mut(&id) else {
-                    return;
-                };
-                let freed = s.send.on_acked(offset, usize::from(len), fin);
-                self.send_buffered -= freed;
-                self.maybe_remove(StreamId(id));
-            }
-            SentFrame::Open(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if let OpenState::Local { answered, .. } = s.open {
-                        s.open = OpenState::Local {
-                            open_acked: true,
-                            answered,
-                        };
-                    }
-                    self.maybe_remove(StreamId(id));
-                }
-            }
-            SentFrame::OpenOk(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if let OpenState::Peer {
-                        announced,
-                        answered,
-                        ..
-                    } = s.open
-                    {
-                        s.open = OpenState::Peer {
-                            announced,
-                            answered,
-                            ok_acked: true,
-                        };
-                    }
-                    self.maybe_remove(StreamId(id));
-                }
-            }
-            SentFrame::Reset(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    s.reset_local_acked = true;
-                    self.maybe_remove(StreamId(id));
-                }
-            }
-            SentFrame::MaxStreamData(_)
-            | SentFrame::MaxData
-            | SentFrame::MaxStreams
-            | SentFrame::Settings => {}
-        }
     }
 
     fn on_frame_lost(&mut self, frame: SentFrame) {
         match frame {
-            SentFrame::Stream {
-                id,
-                offset,
-                len,
-                fin,
-            } => {
-                let credit = self.send_credit.available();
-                let Some(s) = self.streams.get_mut(&id) else {
-                    return;
-                };
-                if s.is_reset() {
-                    return;
-                }
-                s.send.on_lost(offset, usize::from(len), fin);
-                self.stats.stream_bytes_retransmitted += u64::from(len);
-                if !s.in_send_queue && s.send.has_sendable(credit) {
-                    s.in_send_queue = true;
-                    self.send_queue.push_back(id);
-                }
-            }
-            SentFrame::Open(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if matches!(
-                        s.open,
-                        OpenState::Local {
-                            open_acked: false,
-                            ..
-                        }
-                    ) && !s.is_reset()
-                    {
-                        s.open_pending = true;
-                        self.queue_control(StreamId(id));
-                    }
-                }
-            }
-            SentFrame::OpenOk(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if matches!(
-                        s.open,
-                        OpenState::Peer {
-                            ok_acked: false,
-                            ..
-                        }
-                    ) && !s.is_reset()
-                    {
-                        s.open_ok_pending = true;
-                        self.queue_control(StreamId(id));
-                    }
-                }
-            }
-            SentFrame::Reset(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if !s.reset_local_acked {
-                        s.reset_pending = true;
-                        self.queue_control(StreamId(id));
-                    }
-                }
-            }
-            SentFrame::MaxStreamData(id) => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    if !s.is_reset() && s.recv.fin_offset.is_none() {
-                        s.max_stream_data_pending = true;
-                        self.queue_control(StreamId(id));
-                    }
-                }
-            }
-            SentFrame::MaxData => self.max_data_pending = true,
-            SentFrame::MaxStreams => self.max_streams_pending = true,
             SentFrame::Settings => self.settings_pending = true,
-        }
-    }
-
-    fn queue_control(&mut self, id: StreamId) {
-        if let Some(s) = self.streams.get_mut(&id.0) {
-            if !s.in_control_queue && s.has_control_pending() {
-                s.in_control_queue = true;
-                self.control_queue.push_back(id.0);
-            }
+            f => self.streams.on_frame_lost(f),
         }
     }
 
     fn detect_lost(&mut self, now: Instant) {
-        self.loss_time = None;
+        self.timers.stop(Timer::LossDetection);
         let Some(largest) = self.largest_acked else {
             return;
         };
@@ -1161,7 +745,7 @@ impl Transport {
                 lost_packets += 1;
                 lost.extend_from_slice(p.frames());
             } else {
-                self.loss_time = Some(p.time_sent + delay);
+                self.timers.set(Timer::LossDetection, p.time_sent + delay);
                 cursor = Some(pn);
                 break;
             }
@@ -1176,6 +760,7 @@ impl Transport {
         }
         self.lost_scratch = lost;
         self.sent.pop_resolved(self.lost_cutoff(now));
+        self.arm_pto();
     }
 
     /// Lost packets sent before this are forgotten (a late ACK for them is no longer expected).
@@ -1201,11 +786,19 @@ impl Transport {
         }
         self.lost_scratch = lost;
         self.sent.pop_resolved(self.lost_cutoff(now));
-        self.loss_time = None;
+        self.timers.stop(Timer::LossDetection);
         self.cc.on_pto();
         self.ping_pending = true;
         // The probe itself is armed from its own send time.
         self.last_ack_eliciting_sent = Some(now);
+        self.arm_pto();
+    }
+
+    /// Re-arms [`Timer::Pto`] from its inputs (last ack-eliciting send, bytes in flight, PTO
+    /// count, RTT); called wherever one of them changes.
+    fn arm_pto(&mut self) {
+        let deadline = self.pto_deadline();
+        self.timers.set_or_stop(Timer::Pto, deadline);
     }
 
     fn pto_deadline(&self) -> Option<Instant> {
@@ -1221,31 +814,15 @@ impl Transport {
         Some(last + pto)
     }
 
-    /// Removes a stream whose both directions are done, granting the peer a new stream.
-    fn maybe_remove(&mut self, id: StreamId) {
-        let Some(s) = self.streams.get(&id.0) else {
-            return;
-        };
-        if !s.is_done() {
-            return;
-        }
-        self.streams.remove(&id.0);
-        if !self.is_local(id) {
-            self.local_max_streams += 1;
-            self.max_streams_pending = true;
-        }
-    }
-
     // ------------------------------------------------------------------ sending
 
     fn has_pending_eliciting(&self) -> bool {
         self.settings_pending
-            || self.max_data_pending
-            || self.max_streams_pending
+            || self.streams.max_data_pending
+            || self.streams.max_streams_pending
             || self.ping_pending
-            || !self.control_queue.is_empty()
             || !self.datagrams_out.is_empty()
-            || !self.send_queue.is_empty()
+            || self.streams.has_pending()
     }
 
     fn window_open(&self) -> bool {
@@ -1260,11 +837,11 @@ impl Transport {
         let buf = &mut buf[..max];
         match self.state {
             State::Closed => return None,
-            State::Closing { reason, .. } => return self.transmit_close(now, reason, buf),
+            State::Closing { reason } => return self.transmit_close(reason, buf),
             State::Open => {}
         }
         let ack_due =
-            self.ack_needed && (self.ack_immediate || self.ack_deadline.is_some_and(|d| d <= now));
+            self.ack_needed && (self.ack_immediate || self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
         let window_open = self.window_open();
         let send_data = pending && window_open && self.pacer.can_send(now);
@@ -1296,20 +873,17 @@ impl Transport {
             self.bytes_in_flight += len as u64;
             self.pacer.on_sent(now, len, self.cc.pacing_rate());
             self.last_ack_eliciting_sent = Some(now);
+            self.arm_pto();
         }
         self.sent.push(pn, packet);
         self.sent.pop_resolved(self.lost_cutoff(now));
-        self.last_sent = now;
+        self.timers
+            .set(Timer::KeepAlive, now + self.config.keepalive_interval);
         self.stats.packets_sent += 1;
         Some((pn, len))
     }
 
-    fn transmit_close(
-        &mut self,
-        now: Instant,
-        reason: CloseReason,
-        buf: &mut [u8],
-    ) -> Option<(u64, usize)> {
+    fn transmit_close(&mut self, reason: CloseReason, buf: &mut [u8]) -> Option<(u64, usize)> {
         if !self.close_pending {
             return None;
         }
@@ -1325,7 +899,6 @@ impl Transport {
         )?;
         let pn = self.next_pn;
         self.next_pn += 1;
-        self.last_sent = now;
         self.stats.packets_sent += 1;
         Some((pn, w.len()))
     }
@@ -1339,7 +912,7 @@ impl Transport {
         if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
             self.ack_needed = false;
             self.ack_immediate = false;
-            self.ack_deadline = None;
+            self.timers.stop(Timer::AckDelay);
             self.eliciting_since_ack = 0;
         }
     }
@@ -1350,91 +923,35 @@ impl Transport {
         if self.settings_pending {
             let f = Frame::Settings {
                 stream_window: self.config.stream_window,
-                session_window: self.recv_window.advertised(),
-                max_streams: self.local_max_streams,
+                session_window: self.streams.advertised_max_data(),
+                max_streams: self.streams.local_max_streams(),
             };
             if frame::encode_frame(w, &f).is_some() {
                 self.settings_pending = false;
                 packet.push_frame(SentFrame::Settings);
             }
         }
-        if self.max_data_pending && packet.has_frame_room() {
-            let f = Frame::MaxData(self.recv_window.advertised());
+        if self.streams.max_data_pending && packet.has_frame_room() {
+            let f = Frame::MaxData(self.streams.advertised_max_data());
             if frame::encode_frame(w, &f).is_some() {
-                self.max_data_pending = false;
+                self.streams.max_data_pending = false;
                 packet.push_frame(SentFrame::MaxData);
             }
         }
-        if self.max_streams_pending && packet.has_frame_room() {
-            let f = Frame::MaxStreams(self.local_max_streams);
+        if self.streams.max_streams_pending && packet.has_frame_room() {
+            let f = Frame::MaxStreams(self.streams.local_max_streams());
             if frame::encode_frame(w, &f).is_some() {
-                self.max_streams_pending = false;
+                self.streams.max_streams_pending = false;
                 packet.push_frame(SentFrame::MaxStreams);
             }
         }
         if self.ping_pending && w.put_u8(frame::FRAME_PING).is_some() {
             self.ping_pending = false;
         }
-        self.write_stream_controls(w, packet);
+        self.streams.write_controls(w, packet);
         self.write_datagrams(w);
-        self.write_stream_data(w, packet);
+        self.streams.write_data(w, packet);
         w.len() > start_len
-    }
-
-    fn write_stream_controls(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
-        while let Some(&id) = self.control_queue.front() {
-            let Some(s) = self.streams.get_mut(&id) else {
-                self.control_queue.pop_front();
-                continue;
-            };
-            if s.open_pending && packet.has_frame_room() {
-                let f =
-                    Frame::StreamOpen {
-                        id,
-                        dest: s.dest.clone().unwrap_or(Destination::Addr(
-                            std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-                        )),
-                    };
-                if frame::encode_frame(w, &f).is_some() {
-                    s.open_pending = false;
-                    packet.push_frame(SentFrame::Open(id));
-                }
-            }
-            if s.open_ok_pending
-                && packet.has_frame_room()
-                && frame::encode_frame(w, &Frame::OpenOk { id }).is_some()
-            {
-                s.open_ok_pending = false;
-                packet.push_frame(SentFrame::OpenOk(id));
-            }
-            if s.reset_pending && packet.has_frame_room() {
-                let f = Frame::ResetStream {
-                    id,
-                    reason: s.reset_local.unwrap_or(ResetReason::Cancelled),
-                    final_size: s.send.sent_end(),
-                };
-                if frame::encode_frame(w, &f).is_some() {
-                    s.reset_pending = false;
-                    packet.push_frame(SentFrame::Reset(id));
-                }
-            }
-            if s.max_stream_data_pending && packet.has_frame_room() {
-                let f = Frame::MaxStreamData {
-                    id,
-                    max: s.recv.max_data,
-                };
-                if frame::encode_frame(w, &f).is_some() {
-                    s.max_stream_data_pending = false;
-                    packet.push_frame(SentFrame::MaxStreamData(id));
-                }
-            }
-            if s.has_control_pending() {
-                return; // out of room: continue in the next packet
-            }
-            s.in_control_queue = false;
-            self.control_queue.pop_front();
-            self.maybe_remove(StreamId(id));
-        }
     }
 
     fn write_datagrams(&mut self, w: &mut Writer<'_>) {
@@ -1449,131 +966,64 @@ impl Transport {
         }
     }
 
-    fn write_stream_data(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
-        // Each iteration either writes a frame (consuming room) or drops a stream from the
-        // queue, so this terminates.
-        let mut budget = self.send_queue.len() * 2 + 8;
-        while budget > 0 && packet.has_frame_room() && w.room() > 12 {
-            budget -= 1;
-            let Some(id) = self.send_queue.pop_front() else {
-                break;
-            };
-            let credit = self.send_credit.available();
-            let Some(s) = self.streams.get_mut(&id) else {
-                continue;
-            };
-            s.in_send_queue = false;
-            if s.is_reset() {
-                continue;
-            }
-            let header = frame::stream_header_len(id, s.send.end(), w.room());
-            if header >= w.room() {
-                s.in_send_queue = true;
-                self.send_queue.push_front(id);
-                break;
-            }
-            let max_len = w.room() - header;
-            let Some(chunk) = s.send.next_chunk(max_len, credit) else {
-                continue;
-            };
-            if frame::encode_stream_header(w, id, chunk.offset, chunk.len, chunk.fin).is_none() {
-                break; // cannot happen: sizes were checked
-            }
-            if let Some(dst) = w.reserve(chunk.len) {
-                s.send.copy_chunk(chunk.offset, dst);
-            }
-            self.send_credit.consume(chunk.new_bytes);
-            self.stats.stream_bytes_sent += chunk.new_bytes;
-            packet.push_frame(SentFrame::Stream {
-                id,
-                offset: chunk.offset,
-                len: chunk.len as u16,
-                fin: chunk.fin,
-            });
-            if s.send.has_sendable(self.send_credit.available()) {
-                s.in_send_queue = true;
-                self.send_queue.push_back(id);
-            }
-        }
-    }
-
     // ------------------------------------------------------------------ timers
 
-    /// Earliest instant at which [`Transport::handle_timeout`] must be called.
+    /// Earliest instant at which [`Transport::handle_timeout`] (or, for pacing,
+    /// [`Transport::poll_transmit`]) must be called: the earliest armed [`Timer`], or the
+    /// pacer's next send time while data waits for it. Never an instant at or before the `now`
+    /// of the last `handle_timeout`, unless a timer was armed that early since.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let closing = match self.state {
-            State::Closed => return None,
-            State::Closing { deadline, .. } => return Some(deadline),
-            State::Open => None,
-        };
-        let ack = if self.ack_needed {
-            self.ack_deadline
-        } else {
-            None
-        };
-        let pacing = if self.has_pending_eliciting()
+        let timers = self.timers.next_timeout();
+        let pacing = (self.state == State::Open
+            && self.has_pending_eliciting()
             && self.window_open()
-            && self.pacer.next_send_time() > self.last_now
-        {
-            Some(self.pacer.next_send_time())
-        } else {
-            None
-        };
-        [
-            closing,
-            ack,
-            self.loss_time,
-            self.pto_deadline(),
-            pacing,
-            Some(self.last_sent + self.config.keepalive_interval),
-            Some(self.last_recv + self.config.idle_timeout),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+            && self.pacer.next_send_time() > self.last_now)
+            .then(|| self.pacer.next_send_time());
+        match (timers, pacing) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
+    /// Runs every expired timer. Each is stopped before it acts, so it is never reported again
+    /// by [`Transport::poll_timeout`] until something re-arms it.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        match self.state {
-            State::Closed => return,
-            State::Closing { reason, deadline } => {
-                if now >= deadline {
-                    self.state = State::Closed;
-                    self.events.push_back(TransportEvent::Closed {
-                        reason,
-                        by_peer: false,
-                    });
+        for timer in Timer::VALUES {
+            if !self.timers.take_expired(timer, now) {
+                continue;
+            }
+            match timer {
+                Timer::Close => {
+                    if let State::Closing { reason } = self.state {
+                        self.enter_closed(reason, false);
+                    }
+                    return;
                 }
-                return;
-            }
-            State::Open => {}
-        }
-        if now >= self.last_recv + self.config.idle_timeout {
-            self.state = State::Closed;
-            self.events.push_back(TransportEvent::Closed {
-                reason: CloseReason::IdleTimeout,
-                by_peer: false,
-            });
-            return;
-        }
-        if self.ack_needed && self.ack_deadline.is_some_and(|d| d <= now) {
-            self.ack_immediate = true;
-        }
-        if self.loss_time.is_some_and(|t| t <= now) {
-            self.detect_lost(now);
-        }
-        if self.pto_deadline().is_some_and(|t| t <= now) {
-            self.on_pto(now);
-        }
-        if now >= self.last_sent + self.config.keepalive_interval {
-            self.ping_pending = true;
-            // Idle session: give back buffer storage of streams with nothing buffered.
-            for s in self.streams.values_mut() {
-                s.send.release_idle_storage();
-                s.recv.release_idle_storage();
+                Timer::Idle => {
+                    self.enter_closed(CloseReason::IdleTimeout, false);
+                    return;
+                }
+                Timer::AckDelay => self.ack_immediate = true,
+                // Loss detection re-arms the PTO, so a PTO that loss detection moved or disarmed
+                // is no longer expired when its turn comes.
+                Timer::LossDetection => self.detect_lost(now),
+                Timer::Pto => self.on_pto(now),
+                Timer::KeepAlive => {
+                    self.ping_pending = true;
+                    // Idle session: give back buffer storage of streams with nothing buffered.
+                    self.streams.release_idle_storage();
+                }
             }
         }
+    }
+
+    /// The session is over: no timer stays armed.
+    fn enter_closed(&mut self, reason: CloseReason, by_peer: bool) {
+        self.state = State::Closed;
+        self.timers.stop_all();
+        self.events
+            .push_back(TransportEvent::Closed { reason, by_peer });
     }
 
     // ------------------------------------------------------------------ application API
@@ -1597,44 +1047,7 @@ impl Transport {
     /// arrives as [`TransportEvent::StreamOpenResult`].
     pub fn open_stream(&mut self, dest: Destination) -> Result<StreamId, StreamError> {
         self.check_open()?;
-        if self.next_local_seq >= self.peer_max_streams {
-            self.open_blocked = true;
-            return Err(StreamError::TooManyStreams);
-        }
-        let side_bit = match self.side {
-            Side::Client => 0,
-            Side::Server => 1,
-        };
-        let id = StreamId((self.next_local_seq << 1) | side_bit);
-        self.next_local_seq += 1;
-        let mut s = Stream::new(
-            OpenState::Local {
-                open_acked: false,
-                answered: false,
-            },
-            self.config.send_buffer,
-            self.peer_stream_window,
-            self.config.stream_window,
-            self.config.max_recv_ranges,
-        );
-        s.dest = Some(dest);
-        s.open_pending = true;
-        self.streams.insert(id.0, s);
-        self.queue_control(id);
-        Ok(id)
-    }
-
-    fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
-        let known = if self.is_local(id) {
-            id.seq() < self.next_local_seq
-        } else {
-            id.seq() < self.next_peer_seq
-        };
-        match self.streams.get_mut(&id.0) {
-            Some(s) => Ok(s),
-            None if known => Err(StreamError::Closed),
-            None => Err(StreamError::UnknownStream),
-        }
+        self.streams.open(dest)
     }
 
     /// Accepts a peer-opened stream (same as `answer_open(id, OpenResult::Ok)`).
@@ -1645,164 +1058,41 @@ impl Transport {
     /// Answers a peer's open. Anything but `Ok` resets the stream with `OpenFailed(result)`.
     pub fn answer_open(&mut self, id: StreamId, result: OpenResult) -> Result<(), StreamError> {
         self.check_open()?;
-        let s = self.stream_mut(id)?;
-        let OpenState::Peer {
-            announced: true,
-            answered: false,
-            ok_acked,
-        } = s.open
-        else {
-            return Err(StreamError::InvalidState);
-        };
-        if let Some((reason, _)) = s.reset_remote {
-            return Err(StreamError::Reset(reason));
-        }
-        s.open = OpenState::Peer {
-            announced: true,
-            answered: true,
-            ok_acked,
-        };
-        if result == OpenResult::Ok {
-            s.open_ok_pending = true;
-            self.queue_control(id);
-        } else {
-            self.reset_inner(id, ResetReason::OpenFailed(result));
-        }
-        Ok(())
+        self.streams.answer_open(id, result)
     }
 
     /// Queues data; returns how much was accepted (less than `data.len()` when the send buffer
     /// is full — wait for `StreamWritable`).
     pub fn stream_write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         self.check_open()?;
-        let credit = self.send_credit.available();
-        let session_free = self.config.session_send_buffer - self.send_buffered;
-        let s = self.stream_mut(id)?;
-        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
-            return Err(StreamError::Reset(reason));
-        }
-        if s.send.fin != FinState::Open {
-            return Err(StreamError::Finished);
-        }
-        let n = s.send.write(&data[..data.len().min(session_free)]);
-        s.bytes_written += n as u64;
-        let start_waiting = n < data.len() && !s.want_writable;
-        if start_waiting {
-            s.want_writable = true;
-        }
-        let queue = n > 0 && !s.in_send_queue && s.send.has_sendable(credit);
-        if queue {
-            s.in_send_queue = true;
-            self.send_queue.push_back(id.0);
-        }
-        if start_waiting {
-            self.writable_waiters.push(id.0);
-        }
-        self.send_buffered += n;
-        Ok(n)
+        self.streams.write(id, data)
     }
 
     /// How many bytes [`Transport::stream_write`] would accept right now.
     pub fn stream_write_capacity(&self, id: StreamId) -> usize {
-        match self.streams.get(&id.0) {
-            Some(s) if !s.is_reset() && s.send.fin == FinState::Open => s
-                .send
-                .free_space()
-                .min(self.config.session_send_buffer - self.send_buffered),
-            _ => 0,
-        }
+        self.streams.write_capacity(id)
     }
 
     /// Reads in-order data. `Ok(0)` means the peer finished and everything was read;
     /// `Err(Blocked)` means no data yet.
     pub fn stream_read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
-        let s = self.stream_mut(id)?;
-        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
-            return Err(StreamError::Reset(reason));
-        }
-        s.readable_notified = false;
-        let n = s.recv.read(buf);
-        if n == 0 {
-            if s.recv.is_finished() {
-                if !s.finished_notified {
-                    s.finished_notified = true;
-                }
-                self.maybe_remove(id);
-                return Ok(0);
-            }
-            return Err(StreamError::Blocked);
-        }
-        s.bytes_read += n as u64;
-        let window_moved = s.recv.window_update().is_some();
-        if window_moved {
-            s.max_stream_data_pending = true;
-        }
-        self.stats.stream_bytes_received += n as u64;
-        if window_moved {
-            self.queue_control(id);
-        }
-        self.release_session_credit(n as u64);
-        Ok(n)
+        self.streams.read(id, buf)
     }
 
     /// Finishes our direction (FIN after all written data).
     pub fn stream_finish(&mut self, id: StreamId) -> Result<(), StreamError> {
         self.check_open()?;
-        let credit = self.send_credit.available();
-        let s = self.stream_mut(id)?;
-        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
-            return Err(StreamError::Reset(reason));
-        }
-        if s.send.fin != FinState::Open {
-            return Ok(());
-        }
-        s.send.fin = FinState::Pending;
-        if !s.in_send_queue && s.send.has_sendable(credit) {
-            s.in_send_queue = true;
-            self.send_queue.push_back(id.0);
-        }
-        Ok(())
+        self.streams.finish(id)
     }
 
     /// Aborts the stream in both directions.
     pub fn stream_reset(&mut self, id: StreamId, reason: ResetReason) -> Result<(), StreamError> {
         self.check_open()?;
-        let s = self.stream_mut(id)?;
-        if s.reset_local.is_some() {
-            return Ok(());
-        }
-        self.reset_inner(id, reason);
-        Ok(())
-    }
-
-    fn reset_inner(&mut self, id: StreamId, reason: ResetReason) {
-        let Some(s) = self.streams.get_mut(&id.0) else {
-            return;
-        };
-        if s.reset_local.is_some() {
-            return;
-        }
-        s.reset_local = Some(reason);
-        s.reset_pending = true;
-        s.open_pending = false;
-        s.open_ok_pending = false;
-        s.max_stream_data_pending = false;
-        s.terminal_notified = true;
-        self.send_buffered -= s.send.buffered();
-        s.send.abandon();
-        let released = s.recv.discard();
-        self.release_session_credit(released);
-        self.queue_control(id);
+        self.streams.reset(id, reason)
     }
 
     pub fn stream_stats(&self, id: StreamId) -> Option<StreamStats> {
-        let s = self.streams.get(&id.0)?;
-        Some(StreamStats {
-            bytes_written: s.bytes_written,
-            bytes_read: s.bytes_read,
-            send_buffered: s.send.buffered() as u64,
-            recv_buffered: s.recv.buffered() as u64,
-        })
+        self.streams.stream_stats(id)
     }
 
     /// Queues an unreliable datagram; dropped (error) when the queue is full.
@@ -1827,7 +1117,7 @@ impl Transport {
     pub fn max_datagram_size(&self, dest: &Destination) -> usize {
         self.config
             .max_payload
-            .saturating_sub(DATAGRAM_HEADROOM + dest.encoded_len() + 3)
+            .saturating_sub(DATAGRAM_HEADROOM + dest.encoded_len() + DATAGRAM_FRAME_OVERHEAD)
     }
 
     /// Gracefully closes the session: CLOSE is sent, then after a short drain period the
@@ -1846,14 +1136,12 @@ impl Transport {
             return;
         }
         let drain = (self.rtt.pto_base() * 3).min(Duration::from_secs(3));
-        self.state = State::Closing {
-            reason,
-            deadline: now + drain,
-        };
+        self.state = State::Closing { reason };
+        self.timers.stop_all();
+        self.timers.set(Timer::Close, now + drain);
         self.close_text = text[..text.len().min(frame::MAX_CLOSE_TEXT)].to_vec();
         self.close_pending = true;
-        self.send_queue.clear();
-        self.control_queue.clear();
+        self.streams.clear_queues();
         self.datagrams_out.clear();
     }
 
@@ -1875,17 +1163,7 @@ impl Transport {
         s.bytes_in_flight = self.bytes_in_flight;
         s.pacing_rate = self.cc.pacing_rate();
         s.bandwidth_estimate = self.cc.bandwidth();
-        s.streams_open = self.streams.len() as u64;
-        s.recv_buffered = self
-            .streams
-            .values()
-            .map(|s| s.recv.buffered() as u64)
-            .sum();
-        s.send_buffered = self
-            .streams
-            .values()
-            .map(|s| s.send.buffered() as u64)
-            .sum();
+        self.streams.fill_stats(&mut s);
         s
     }
 
@@ -1896,6 +1174,66 @@ impl Transport {
 
     /// Bytes the peer currently holds in our receive buffers (bounded by the session window).
     pub fn recv_outstanding(&self) -> u64 {
-        self.recv_window.outstanding()
+        self.streams.recv_outstanding()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error variant has its own message a user can act on (not the `Debug` name).
+    #[test]
+    fn error_messages_are_per_variant() {
+        let messages: Vec<(String, String)> = [
+            TransportError::Frame(FrameError::Truncated),
+            TransportError::InvalidAck,
+            TransportError::FlowControl,
+            TransportError::FinalSize,
+            TransportError::StreamLimit,
+            TransportError::UnexpectedFrame,
+        ]
+        .iter()
+        .map(|e| (e.to_string(), format!("{e:?}")))
+        .chain(
+            [
+                StreamError::UnknownStream,
+                StreamError::Closed,
+                StreamError::Reset(ResetReason::OpenFailed(OpenResult::DnsFailure)),
+                StreamError::Blocked,
+                StreamError::Finished,
+                StreamError::TooManyStreams,
+                StreamError::InvalidState,
+                StreamError::SessionClosed,
+            ]
+            .iter()
+            .map(|e| (e.to_string(), format!("{e:?}"))),
+        )
+        .chain(
+            [
+                DatagramError::TooLarge,
+                DatagramError::QueueFull,
+                DatagramError::SessionClosed,
+            ]
+            .iter()
+            .map(|e| (e.to_string(), format!("{e:?}"))),
+        )
+        .collect();
+        for (i, (text, debug)) in messages.iter().enumerate() {
+            assert!(!text.contains(debug.as_str()), "{text} falls back to Debug");
+            let repeats = messages[..i].iter().filter(|(t, _)| t == text).count();
+            assert!(
+                repeats == 0 || text.contains("session is closed"),
+                "{text} is not distinct"
+            );
+        }
+        assert_eq!(
+            StreamError::Reset(ResetReason::OpenFailed(OpenResult::DnsFailure)).to_string(),
+            "stream was reset: open failed: name resolution failed"
+        );
+        assert_eq!(
+            TransportError::Frame(FrameError::UnknownFrameType(0x3f)).to_string(),
+            "transport protocol violation: malformed frame: unknown frame type 0x3f"
+        );
     }
 }

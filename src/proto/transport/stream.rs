@@ -407,6 +407,42 @@ pub enum OpenState {
     },
 }
 
+/// Stream control frames waiting to be (re)sent: a small set of [`PendingControl`] flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PendingControl(u8);
+
+impl PendingControl {
+    /// STREAM_OPEN (a local open not yet acknowledged).
+    pub const OPEN: Self = Self(1);
+    /// OPEN_OK (our acceptance of a peer's open).
+    pub const OPEN_OK: Self = Self(1 << 1);
+    /// RESET_STREAM (our reset, or the echo of the peer's).
+    pub const RESET: Self = Self(1 << 2);
+    /// MAX_STREAM_DATA (the receive window moved).
+    pub const MAX_STREAM_DATA: Self = Self(1 << 3);
+
+    pub fn insert(&mut self, frame: Self) {
+        self.0 |= frame.0;
+    }
+
+    pub fn remove(&mut self, frame: Self) {
+        self.0 &= !frame.0;
+    }
+
+    pub fn contains(self, frame: Self) -> bool {
+        self.0 & frame.0 == frame.0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// A reset stream sends nothing but its RESET_STREAM: drops every other pending frame.
+    pub fn keep_reset_only(&mut self) {
+        self.0 &= Self::RESET.0;
+    }
+}
+
 /// One stream's full state.
 #[derive(Debug)]
 pub struct Stream {
@@ -419,19 +455,16 @@ pub struct Stream {
     pub reset_local_acked: bool,
     /// Peer's reset reason and final size.
     pub reset_remote: Option<(ResetReason, u64)>,
-    // Pending control frames.
-    pub open_pending: bool,
-    pub open_ok_pending: bool,
-    pub reset_pending: bool,
-    pub max_stream_data_pending: bool,
+    /// Control frames to (re)send; the stream is on the control queue while this is not empty.
+    pub pending: PendingControl,
+    /// On the transport's control queue (kept by `StreamsState::queue_control`).
     pub in_control_queue: bool,
+    /// On the transport's send queue (kept by `StreamsState`'s one enqueue path).
     pub in_send_queue: bool,
     // Event bookkeeping.
     pub readable_notified: bool,
     pub want_writable: bool,
     pub finished_notified: bool,
-    /// The application learned the stream is gone (reset event or open failure).
-    pub terminal_notified: bool,
     pub bytes_written: u64,
     pub bytes_read: u64,
 }
@@ -452,16 +485,12 @@ impl Stream {
             reset_local: None,
             reset_local_acked: false,
             reset_remote: None,
-            open_pending: false,
-            open_ok_pending: false,
-            reset_pending: false,
-            max_stream_data_pending: false,
+            pending: PendingControl::default(),
             in_control_queue: false,
             in_send_queue: false,
             readable_notified: false,
             want_writable: false,
             finished_notified: false,
-            terminal_notified: false,
             bytes_written: 0,
             bytes_read: 0,
         }
@@ -472,10 +501,7 @@ impl Stream {
     }
 
     pub fn has_control_pending(&self) -> bool {
-        self.open_pending
-            || self.open_ok_pending
-            || self.reset_pending
-            || self.max_stream_data_pending
+        !self.pending.is_empty()
     }
 
     /// Peer-opened stream whose OPEN frame arrived (so the application knows it).
@@ -574,6 +600,22 @@ mod tests {
         assert_eq!(r.on_data(20, &[3u8; 11], false), Err(RecvError::FinalSize));
         assert_eq!(r.read(&mut out), 10);
         assert!(r.is_finished());
+    }
+
+    #[test]
+    fn pending_control_flags_are_independent() {
+        let mut p = PendingControl::default();
+        assert!(p.is_empty());
+        p.insert(PendingControl::OPEN);
+        p.insert(PendingControl::MAX_STREAM_DATA);
+        assert!(p.contains(PendingControl::OPEN) && !p.contains(PendingControl::RESET));
+        p.remove(PendingControl::OPEN);
+        assert!(!p.contains(PendingControl::OPEN) && p.contains(PendingControl::MAX_STREAM_DATA));
+        p.insert(PendingControl::RESET);
+        p.keep_reset_only();
+        assert_eq!(p, PendingControl::RESET);
+        p.remove(PendingControl::RESET);
+        assert!(p.is_empty());
     }
 
     #[test]

@@ -1,0 +1,1110 @@
+//! The stream set of one transport: every live stream, the send and control queues, stream-id
+//! allocation and limits, and session-level flow control, with the stream half of frame
+//! handling (received frames, acknowledged and lost frames, frames to write) and the
+//! application's stream API. The [`Transport`](super::Transport) owns recovery, ACKs, the
+//! session's own frames, datagrams and close, and delegates everything about streams here.
+//!
+//! Invariants owned here: `Stream::in_send_queue ⇔ id ∈ send_queue` (only
+//! [`StreamsState::enqueue_send`] adds to the send queue) and `Stream::in_control_queue ⇔
+//! id ∈ control_queue` (only [`StreamsState::queue_control`] adds to the control queue).
+
+use std::collections::{HashMap, VecDeque};
+
+use super::codes::{OpenResult, ResetReason};
+use super::dest::Destination;
+use super::flow::{RecvWindow, SendCredit};
+use super::frame::{self, Frame, Writer};
+use super::recovery::{SentFrame, SentPacket};
+use super::stream::{FinState, OpenState, PendingControl, RecvError, Stream, StreamId};
+use super::{
+    FrameOutcome, INITIAL_MAX_STREAMS, INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, Side,
+    StreamError, StreamStats, TransportConfig, TransportError, TransportEvent, TransportStats,
+};
+
+/// Writers blocked on a full buffer are woken once this fraction of the buffer is free…
+const WAKE_FRACTION: usize = 8;
+/// …or at most this many bytes (avoids waking writers for a few bytes at a time).
+const WAKE_MAX_BYTES: usize = 64 * 1024;
+/// A STREAM frame is only started when the packet has more room than this: the largest
+/// STREAM header (type, id, offset and length varints) plus at least one data byte.
+const MIN_STREAM_FRAME_ROOM: usize = 12;
+/// Extra send-queue visits per packet beyond two per queued stream (each visit writes a frame
+/// or drops a stream from the queue, so the loop is bounded either way).
+const SEND_QUEUE_SLACK: usize = 8;
+
+/// Per-stream limits, from the transport configuration.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
+    send_buffer: usize,
+    session_send_buffer: usize,
+    stream_window: u64,
+    max_recv_ranges: usize,
+}
+
+/// Every stream of a session and the session-wide state they share. More than fifteen fields
+/// because the stream lifecycle, its two queues and session flow control are one invariant
+/// domain (a frame on one stream moves session credit and the queues).
+#[derive(Debug)]
+pub(super) struct StreamsState {
+    side: Side,
+    limits: StreamLimits,
+    streams: HashMap<u64, Stream>,
+    /// Streams with data (or a FIN) to send, in round-robin order.
+    send_queue: VecDeque<u64>,
+    /// Streams with control frames to send (OPEN, OPEN_OK, RESET_STREAM, MAX_STREAM_DATA).
+    control_queue: VecDeque<u64>,
+    /// Streams whose last write was partial, to be told when they can write again.
+    writable_waiters: Vec<u64>,
+    next_local_seq: u64,
+    peer_max_streams: u64,
+    next_peer_seq: u64,
+    local_max_streams: u64,
+    peer_stream_window: u64,
+    /// `open_stream` hit the peer's limit: emit `StreamsAvailable` when it rises.
+    open_blocked: bool,
+    /// Bytes in all stream send buffers (bounded by `session_send_buffer`).
+    send_buffered: usize,
+    /// Session-level credit the peer granted us for new stream bytes.
+    send_credit: SendCredit,
+    /// Session-level window we grant the peer.
+    recv_window: RecvWindow,
+    /// The session window moved: MAX_DATA is owed.
+    pub(super) max_data_pending: bool,
+    /// A peer stream was removed: MAX_STREAMS is owed.
+    pub(super) max_streams_pending: bool,
+    /// Stream bytes sent for the first time / sent again / delivered to the application.
+    bytes_sent: u64,
+    bytes_retransmitted: u64,
+    bytes_received: u64,
+}
+
+impl StreamsState {
+    pub(super) fn new(config: &TransportConfig, side: Side) -> Self {
+        Self {
+            side,
+            limits: StreamLimits {
+                send_buffer: config.send_buffer,
+                session_send_buffer: config.session_send_buffer,
+                stream_window: config.stream_window,
+                max_recv_ranges: config.max_recv_ranges,
+            },
+            streams: HashMap::new(),
+            send_queue: VecDeque::new(),
+            control_queue: VecDeque::new(),
+            writable_waiters: Vec::new(),
+            next_local_seq: 0,
+            peer_max_streams: INITIAL_MAX_STREAMS,
+            next_peer_seq: 0,
+            local_max_streams: config.max_streams,
+            peer_stream_window: INITIAL_STREAM_WINDOW,
+            open_blocked: false,
+            send_buffered: 0,
+            send_credit: SendCredit::new(INITIAL_SESSION_WINDOW),
+            recv_window: RecvWindow::new(config.session_window),
+            max_data_pending: false,
+            max_streams_pending: false,
+            bytes_sent: 0,
+            bytes_retransmitted: 0,
+            bytes_received: 0,
+        }
+    }
+
+    /// Concurrent peer streams we allow (what SETTINGS and MAX_STREAMS carry).
+    pub(super) fn local_max_streams(&self) -> u64 {
+        self.local_max_streams
+    }
+
+    /// The session window end we advertise (what SETTINGS and MAX_DATA carry).
+    pub(super) fn advertised_max_data(&self) -> u64 {
+        self.recv_window.advertised()
+    }
+
+    /// Bytes the peer currently holds in our receive buffers.
+    pub(super) fn recv_outstanding(&self) -> u64 {
+        self.recv_window.outstanding()
+    }
+
+    /// Stream frames (control or data) wait to be sent.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.control_queue.is_empty() || !self.send_queue.is_empty()
+    }
+
+    /// Fills the stream fields of the transport's statistics.
+    pub(super) fn fill_stats(&self, stats: &mut TransportStats) {
+        stats.stream_bytes_sent = self.bytes_sent;
+        stats.stream_bytes_retransmitted = self.bytes_retransmitted;
+        stats.stream_bytes_received = self.bytes_received;
+        stats.streams_open = self.streams.len() as u64;
+        stats.recv_buffered = self
+            .streams
+            .values()
+            .map(|s| s.recv.buffered() as u64)
+            .sum();
+        stats.send_buffered = self
+            .streams
+            .values()
+            .map(|s| s.send.buffered() as u64)
+            .sum();
+    }
+
+    /// Idle session: gives back buffer storage of streams with nothing buffered.
+    pub(super) fn release_idle_storage(&mut self) {
+        for s in self.streams.values_mut() {
+            s.send.release_idle_storage();
+            s.recv.release_idle_storage();
+        }
+    }
+
+    /// The session is closing: nothing more is sent for any stream.
+    pub(super) fn clear_queues(&mut self) {
+        for id in self
+            .send_queue
+            .drain(..)
+            .chain(self.control_queue.drain(..))
+        {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.in_send_queue = false;
+                s.in_control_queue = false;
+            }
+        }
+    }
+
+    fn is_local(&self, id: StreamId) -> bool {
+        id.is_client_initiated() == (self.side == Side::Client)
+    }
+
+    fn new_stream(&self, open: OpenState) -> Stream {
+        Stream::new(
+            open,
+            self.limits.send_buffer,
+            self.peer_stream_window,
+            self.limits.stream_window,
+            self.limits.max_recv_ranges,
+        )
+    }
+
+    // ------------------------------------------------------------------ queues
+
+    /// The one path onto the send queue (owns `in_send_queue ⇔ id ∈ send_queue`): queues
+    /// stream `id` if it has something sendable with `credit` bytes of session credit.
+    fn enqueue_send(
+        queue: &mut VecDeque<u64>,
+        credit: u64,
+        id: u64,
+        s: &mut Stream,
+        at_front: bool,
+    ) {
+        if s.in_send_queue || s.is_reset() || !s.send.has_sendable(credit) {
+            return;
+        }
+        s.in_send_queue = true;
+        if at_front {
+            queue.push_front(id);
+        } else {
+            queue.push_back(id);
+        }
+    }
+
+    /// Queues stream `id` for data if it has something sendable.
+    fn queue_send(&mut self, id: u64) {
+        let credit = self.send_credit.available();
+        if let Some(s) = self.streams.get_mut(&id) {
+            Self::enqueue_send(&mut self.send_queue, credit, id, s, false);
+        }
+    }
+
+    /// Session credit or a stream window grew: queues every stream that can now send.
+    fn requeue_all_sendable(&mut self) {
+        let credit = self.send_credit.available();
+        for (id, s) in self.streams.iter_mut() {
+            Self::enqueue_send(&mut self.send_queue, credit, *id, s, false);
+        }
+    }
+
+    /// The one path onto the control queue (owns `in_control_queue ⇔ id ∈ control_queue`).
+    fn queue_control(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id.0) {
+            if !s.in_control_queue && s.has_control_pending() {
+                s.in_control_queue = true;
+                self.control_queue.push_back(id.0);
+            }
+        }
+    }
+
+    fn release_session_credit(&mut self, n: u64) {
+        if self.recv_window.on_consumed(n).is_some() {
+            self.max_data_pending = true;
+        }
+    }
+
+    /// Removes a stream whose both directions are done, granting the peer a new stream.
+    fn maybe_remove(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get(&id.0) else {
+            return;
+        };
+        if !s.is_done() {
+            return;
+        }
+        self.streams.remove(&id.0);
+        if !self.is_local(id) {
+            self.local_max_streams += 1;
+            self.max_streams_pending = true;
+        }
+    }
+
+    // ------------------------------------------------------------------ received frames
+
+    /// The stream a frame refers to: `None` if it existed and is gone; created (with any
+    /// lower-numbered peer streams) if the peer opens it now.
+    fn stream_for_frame(&mut self, id: StreamId) -> Result<Option<&mut Stream>, TransportError> {
+        if self.is_local(id) {
+            if id.seq() >= self.next_local_seq {
+                return Err(TransportError::StreamLimit);
+            }
+            return Ok(self.streams.get_mut(&id.0));
+        }
+        let seq = id.seq();
+        if seq >= self.local_max_streams {
+            return Err(TransportError::StreamLimit);
+        }
+        while self.next_peer_seq <= seq {
+            let new_id = StreamId((self.next_peer_seq << 1) | (id.0 & 1));
+            let stream = self.new_stream(OpenState::Peer {
+                announced: false,
+                answered: false,
+                ok_acked: false,
+            });
+            self.streams.insert(new_id.0, stream);
+            self.next_peer_seq += 1;
+        }
+        Ok(self.streams.get_mut(&id.0))
+    }
+
+    pub(super) fn on_stream_open(
+        &mut self,
+        id: StreamId,
+        dest: Destination,
+        events: &mut VecDeque<TransportEvent>,
+    ) -> Result<(), TransportError> {
+        if self.is_local(id) {
+            return Err(TransportError::UnexpectedFrame);
+        }
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(());
+        };
+        let OpenState::Peer {
+            announced: false,
+            answered,
+            ok_acked,
+        } = s.open
+        else {
+            return Ok(());
+        };
+        s.open = OpenState::Peer {
+            announced: true,
+            answered,
+            ok_acked,
+        };
+        if s.is_reset() {
+            return Ok(());
+        }
+        s.dest = Some(dest.clone());
+        events.push_back(TransportEvent::StreamOpened { id, dest });
+        self.notify_recv(id, events);
+        Ok(())
+    }
+
+    pub(super) fn on_open_ok(
+        &mut self,
+        id: StreamId,
+        events: &mut VecDeque<TransportEvent>,
+    ) -> Result<(), TransportError> {
+        if !self.is_local(id) {
+            return Err(TransportError::UnexpectedFrame);
+        }
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(());
+        };
+        if let OpenState::Local {
+            open_acked,
+            answered: false,
+        } = s.open
+        {
+            s.open = OpenState::Local {
+                open_acked,
+                answered: true,
+            };
+            if !s.is_reset() {
+                events.push_back(TransportEvent::StreamOpenResult {
+                    id,
+                    result: OpenResult::Ok,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_stream_frame(
+        &mut self,
+        id: StreamId,
+        offset: u64,
+        data: &[u8],
+        fin: bool,
+        events: &mut VecDeque<TransportEvent>,
+    ) -> Result<FrameOutcome, TransportError> {
+        let end = offset + data.len() as u64;
+        let highest = match self.stream_for_frame(id)? {
+            Some(s) => s.recv.highest,
+            None => return Ok(FrameOutcome::Continue),
+        };
+        // Check the session window before storing anything.
+        if !self.recv_window.can_receive(end.saturating_sub(highest)) {
+            return Err(TransportError::FlowControl);
+        }
+        let Some(s) = self.streams.get_mut(&id.0) else {
+            return Ok(FrameOutcome::Continue);
+        };
+        if let Some((_, final_size)) = s.reset_remote {
+            // Final size already known; only check consistency.
+            if end > final_size {
+                return Err(TransportError::FinalSize);
+            }
+            return Ok(FrameOutcome::Continue);
+        }
+        let grown = match s.recv.on_data(offset, data, fin) {
+            Ok(g) => g,
+            Err(RecvError::FlowControl) => return Err(TransportError::FlowControl),
+            Err(RecvError::FinalSize) => return Err(TransportError::FinalSize),
+            Err(RecvError::TooFragmented) => return Ok(FrameOutcome::DropPacket),
+        };
+        let released = if s.recv.discarding {
+            s.recv.release_discarded()
+        } else {
+            0
+        };
+        if self.recv_window.on_received(grown).is_err() {
+            return Err(TransportError::FlowControl);
+        }
+        if released > 0 {
+            self.release_session_credit(released);
+        }
+        self.notify_recv(id, events);
+        self.maybe_remove(id);
+        Ok(FrameOutcome::Continue)
+    }
+
+    /// Emits readable / finished events for an announced, live stream.
+    fn notify_recv(&mut self, id: StreamId, events: &mut VecDeque<TransportEvent>) {
+        let Some(s) = self.streams.get_mut(&id.0) else {
+            return;
+        };
+        if !s.is_announced() || s.is_reset() {
+            return;
+        }
+        if s.recv.readable() > 0 && !s.readable_notified {
+            s.readable_notified = true;
+            events.push_back(TransportEvent::StreamReadable { id });
+        }
+        if s.recv.is_complete() && !s.finished_notified {
+            s.finished_notified = true;
+            events.push_back(TransportEvent::StreamFinished { id });
+        }
+    }
+
+    pub(super) fn on_reset_stream(
+        &mut self,
+        id: StreamId,
+        reason: ResetReason,
+        final_size: u64,
+        events: &mut VecDeque<TransportEvent>,
+    ) -> Result<(), TransportError> {
+        let Some(s) = self.stream_for_frame(id)? else {
+            return Ok(());
+        };
+        if s.reset_remote.is_some() {
+            return Ok(());
+        }
+        if final_size < s.recv.highest || s.recv.fin_offset.is_some_and(|f| f != final_size) {
+            return Err(TransportError::FinalSize);
+        }
+        if final_size > s.recv.max_data {
+            return Err(TransportError::FlowControl);
+        }
+        let grown = final_size - s.recv.highest;
+        s.recv.highest = final_size;
+        let released = s.recv.discard();
+        s.reset_remote = Some((reason, final_size));
+        let event = Self::reset_event(s, id, reason);
+        let mut abandoned = 0;
+        if s.reset_local.is_none() {
+            // Echo the reset so the peer learns our final size too.
+            s.reset_local = Some(reason);
+            s.pending.insert(PendingControl::RESET);
+            abandoned = s.send.buffered();
+            s.send.abandon();
+        }
+        s.pending.keep_reset_only();
+        self.send_buffered -= abandoned;
+        if self.recv_window.on_received(grown).is_err() {
+            return Err(TransportError::FlowControl);
+        }
+        self.release_session_credit(released);
+        self.queue_control(id);
+        if let Some(e) = event {
+            events.push_back(e);
+        }
+        self.maybe_remove(id);
+        Ok(())
+    }
+
+    /// What the application learns from the peer's reset of `s` (answering an open we are still
+    /// waiting for, if any).
+    fn reset_event(s: &mut Stream, id: StreamId, reason: ResetReason) -> Option<TransportEvent> {
+        match s.open {
+            // We reset it ourselves first: the application already knows.
+            _ if s.reset_local.is_some() => None,
+            OpenState::Local {
+                answered: false,
+                open_acked,
+            } => {
+                s.open = OpenState::Local {
+                    open_acked,
+                    answered: true,
+                };
+                match reason {
+                    ResetReason::OpenFailed(result) => {
+                        Some(TransportEvent::StreamOpenResult { id, result })
+                    }
+                    _ => Some(TransportEvent::StreamReset { id, reason }),
+                }
+            }
+            _ if s.is_announced() => Some(TransportEvent::StreamReset { id, reason }),
+            _ => None,
+        }
+    }
+
+    pub(super) fn on_max_data(&mut self, max: u64) {
+        if self.send_credit.raise(max) {
+            self.requeue_all_sendable();
+        }
+    }
+
+    pub(super) fn on_max_stream_data(
+        &mut self,
+        id: StreamId,
+        max: u64,
+    ) -> Result<(), TransportError> {
+        if let Some(s) = self.stream_for_frame(id)? {
+            if max > s.send.max_data {
+                s.send.max_data = max;
+                self.queue_send(id.0);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_settings(
+        &mut self,
+        stream_window: u64,
+        session_window: u64,
+        max_streams: u64,
+        events: &mut VecDeque<TransportEvent>,
+    ) {
+        let stream_window = stream_window.clamp(INITIAL_STREAM_WINDOW, frame::VARINT_MAX);
+        if stream_window > self.peer_stream_window {
+            self.peer_stream_window = stream_window;
+            for s in self.streams.values_mut() {
+                s.send.max_data = s.send.max_data.max(stream_window);
+            }
+        }
+        self.send_credit.raise(session_window);
+        self.raise_peer_max_streams(max_streams, events);
+        self.requeue_all_sendable();
+    }
+
+    pub(super) fn raise_peer_max_streams(&mut self, n: u64, events: &mut VecDeque<TransportEvent>) {
+        if n > self.peer_max_streams {
+            self.peer_max_streams = n.min(frame::VARINT_MAX);
+            if self.open_blocked {
+                self.open_blocked = false;
+                events.push_back(TransportEvent::StreamsAvailable);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ acknowledged and lost frames
+
+    /// A packet carrying `frame` was acknowledged.
+    pub(super) fn on_frame_acked(&mut self, frame: SentFrame) {
+        match frame {
+            SentFrame::Stream {
+                id,
+                offset,
+                len,
+                fin,
+            } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                let freed = s.send.on_acked(offset, usize::from(len), fin);
+                self.send_buffered -= freed;
+            }
+            SentFrame::Open(id) => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                if let OpenState::Local { answered, .. } = s.open {
+                    s.open = OpenState::Local {
+                        open_acked: true,
+                        answered,
+                    };
+                }
+            }
+            SentFrame::OpenOk(id) => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                if let OpenState::Peer {
+                    announced,
+                    answered,
+                    ..
+                } = s.open
+                {
+                    s.open = OpenState::Peer {
+                        announced,
+                        answered,
+                        ok_acked: true,
+                    };
+                }
+            }
+            SentFrame::Reset(id) => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                s.reset_local_acked = true;
+            }
+            SentFrame::MaxStreamData(_)
+            | SentFrame::MaxData
+            | SentFrame::MaxStreams
+            | SentFrame::Settings => return,
+        }
+        if let SentFrame::Stream { id, .. }
+        | SentFrame::Open(id)
+        | SentFrame::OpenOk(id)
+        | SentFrame::Reset(id) = frame
+        {
+            self.maybe_remove(StreamId(id));
+        }
+    }
+
+    /// A packet carrying `frame` was declared lost: schedules what must be sent again.
+    /// (SETTINGS is the transport's own frame and never reaches here.)
+    pub(super) fn on_frame_lost(&mut self, frame: SentFrame) {
+        let (id, again) = match frame {
+            SentFrame::Stream {
+                id,
+                offset,
+                len,
+                fin,
+            } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                if s.is_reset() {
+                    return;
+                }
+                s.send.on_lost(offset, usize::from(len), fin);
+                self.bytes_retransmitted += u64::from(len);
+                self.queue_send(id);
+                return;
+            }
+            SentFrame::MaxData => {
+                self.max_data_pending = true;
+                return;
+            }
+            SentFrame::MaxStreams => {
+                self.max_streams_pending = true;
+                return;
+            }
+            SentFrame::Settings => return,
+            SentFrame::Open(id) => (id, PendingControl::OPEN),
+            SentFrame::OpenOk(id) => (id, PendingControl::OPEN_OK),
+            SentFrame::Reset(id) => (id, PendingControl::RESET),
+            SentFrame::MaxStreamData(id) => (id, PendingControl::MAX_STREAM_DATA),
+        };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let needed = match again {
+            PendingControl::OPEN => {
+                matches!(
+                    s.open,
+                    OpenState::Local {
+                        open_acked: false,
+                        ..
+                    }
+                ) && !s.is_reset()
+            }
+            PendingControl::OPEN_OK => {
+                matches!(
+                    s.open,
+                    OpenState::Peer {
+                        ok_acked: false,
+                        ..
+                    }
+                ) && !s.is_reset()
+            }
+            PendingControl::RESET => !s.reset_local_acked,
+            _ => !s.is_reset() && s.recv.fin_offset.is_none(),
+        };
+        if needed {
+            s.pending.insert(again);
+            self.queue_control(StreamId(id));
+        }
+    }
+
+    /// Tells streams blocked on a full send buffer that they can write again, once there is
+    /// a useful amount of room (avoids waking writers for a few bytes at a time).
+    pub(super) fn wake_writers(&mut self, events: &mut VecDeque<TransportEvent>) {
+        if self.writable_waiters.is_empty() {
+            return;
+        }
+        let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let threshold = (self.limits.session_send_buffer / WAKE_FRACTION).min(WAKE_MAX_BYTES);
+        if session_free < threshold {
+            return;
+        }
+        let mut waiters = std::mem::take(&mut self.writable_waiters);
+        waiters.retain(|&id| {
+            let Some(s) = self.streams.get_mut(&id) else {
+                return false;
+            };
+            if s.is_reset() {
+                s.want_writable = false;
+                return false;
+            }
+            let stream_threshold = threshold.min(s.send.limit() / WAKE_FRACTION).max(1);
+            if s.send.free_space() < stream_threshold {
+                return true;
+            }
+            s.want_writable = false;
+            events.push_back(TransportEvent::StreamWritable { id: StreamId(id) });
+            false
+        });
+        self.writable_waiters = waiters;
+    }
+
+    // ------------------------------------------------------------------ frames to send
+
+    /// Writes pending stream control frames (OPEN, OPEN_OK, RESET_STREAM, MAX_STREAM_DATA).
+    pub(super) fn write_controls(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
+        while let Some(&id) = self.control_queue.front() {
+            let Some(s) = self.streams.get_mut(&id) else {
+                self.control_queue.pop_front();
+                continue;
+            };
+            Self::write_stream_controls(id, s, w, packet);
+            if s.has_control_pending() {
+                return; // out of room: continue in the next packet
+            }
+            s.in_control_queue = false;
+            self.control_queue.pop_front();
+            self.maybe_remove(StreamId(id));
+        }
+    }
+
+    /// Writes what fits of stream `id`'s pending control frames.
+    fn write_stream_controls(id: u64, s: &mut Stream, w: &mut Writer<'_>, packet: &mut SentPacket) {
+        for control in [
+            PendingControl::OPEN,
+            PendingControl::OPEN_OK,
+            PendingControl::RESET,
+            PendingControl::MAX_STREAM_DATA,
+        ] {
+            if !s.pending.contains(control) || !packet.has_frame_room() {
+                continue;
+            }
+            let (f, sent) = match control {
+                PendingControl::OPEN => {
+                    let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+                    let dest = s.dest.clone().unwrap_or(Destination::Addr(unspecified));
+                    (Frame::StreamOpen { id, dest }, SentFrame::Open(id))
+                }
+                PendingControl::OPEN_OK => (Frame::OpenOk { id }, SentFrame::OpenOk(id)),
+                PendingControl::RESET => (
+                    Frame::ResetStream {
+                        id,
+                        reason: s.reset_local.unwrap_or(ResetReason::Cancelled),
+                        final_size: s.send.sent_end(),
+                    },
+                    SentFrame::Reset(id),
+                ),
+                _ => (
+                    Frame::MaxStreamData {
+                        id,
+                        max: s.recv.max_data,
+                    },
+                    SentFrame::MaxStreamData(id),
+                ),
+            };
+            if frame::encode_frame(w, &f).is_some() {
+                s.pending.remove(control);
+                packet.push_frame(sent);
+            }
+        }
+    }
+
+    /// Writes STREAM frames from the send queue, round-robin, while the packet has room.
+    pub(super) fn write_data(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
+        // Each iteration either writes a frame (consuming room) or drops a stream from the
+        // queue, so this terminates.
+        let mut budget = self.send_queue.len() * 2 + SEND_QUEUE_SLACK;
+        while budget > 0 && packet.has_frame_room() && w.room() > MIN_STREAM_FRAME_ROOM {
+            budget -= 1;
+            let Some(id) = self.send_queue.pop_front() else {
+                break;
+            };
+            let credit = self.send_credit.available();
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.in_send_queue = false;
+            if s.is_reset() {
+                continue;
+            }
+            let header = frame::stream_header_len(id, s.send.end(), w.room());
+            if header >= w.room() {
+                Self::enqueue_send(&mut self.send_queue, credit, id, s, true);
+                break;
+            }
+            let max_len = w.room() - header;
+            let Some(chunk) = s.send.next_chunk(max_len, credit) else {
+                continue;
+            };
+            if frame::encode_stream_header(w, id, chunk.offset, chunk.len, chunk.fin).is_none() {
+                break; // cannot happen: sizes were checked
+            }
+            if let Some(dst) = w.reserve(chunk.len) {
+                s.send.copy_chunk(chunk.offset, dst);
+            }
+            self.send_credit.consume(chunk.new_bytes);
+            self.bytes_sent += chunk.new_bytes;
+            packet.push_frame(SentFrame::Stream {
+                id,
+                offset: chunk.offset,
+                len: chunk.len as u16,
+                fin: chunk.fin,
+            });
+            let credit = self.send_credit.available();
+            Self::enqueue_send(&mut self.send_queue, credit, id, s, false);
+        }
+    }
+
+    // ------------------------------------------------------------------ application API
+
+    /// Opens a local stream towards `dest` (see [`super::Transport::open_stream`]).
+    pub(super) fn open(&mut self, dest: Destination) -> Result<StreamId, StreamError> {
+        if self.next_local_seq >= self.peer_max_streams {
+            self.open_blocked = true;
+            return Err(StreamError::TooManyStreams);
+        }
+        let side_bit = match self.side {
+            Side::Client => 0,
+            Side::Server => 1,
+        };
+        let id = StreamId((self.next_local_seq << 1) | side_bit);
+        self.next_local_seq += 1;
+        let mut s = self.new_stream(OpenState::Local {
+            open_acked: false,
+            answered: false,
+        });
+        s.dest = Some(dest);
+        s.pending.insert(PendingControl::OPEN);
+        self.streams.insert(id.0, s);
+        self.queue_control(id);
+        Ok(id)
+    }
+
+    fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        let known = if self.is_local(id) {
+            id.seq() < self.next_local_seq
+        } else {
+            id.seq() < self.next_peer_seq
+        };
+        match self.streams.get_mut(&id.0) {
+            Some(s) => Ok(s),
+            None if known => Err(StreamError::Closed),
+            None => Err(StreamError::UnknownStream),
+        }
+    }
+
+    /// Answers a peer's open (see [`super::Transport::answer_open`]).
+    pub(super) fn answer_open(
+        &mut self,
+        id: StreamId,
+        result: OpenResult,
+    ) -> Result<(), StreamError> {
+        let s = self.stream_mut(id)?;
+        let OpenState::Peer {
+            announced: true,
+            answered: false,
+            ok_acked,
+        } = s.open
+        else {
+            return Err(StreamError::InvalidState);
+        };
+        if let Some((reason, _)) = s.reset_remote {
+            return Err(StreamError::Reset(reason));
+        }
+        s.open = OpenState::Peer {
+            announced: true,
+            answered: true,
+            ok_acked,
+        };
+        if result == OpenResult::Ok {
+            s.pending.insert(PendingControl::OPEN_OK);
+            self.queue_control(id);
+        } else {
+            self.reset_inner(id, ResetReason::OpenFailed(result));
+        }
+        Ok(())
+    }
+
+    /// Queues data (see [`super::Transport::stream_write`]).
+    pub(super) fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        if s.send.fin != FinState::Open {
+            return Err(StreamError::Finished);
+        }
+        let n = s.send.write(&data[..data.len().min(session_free)]);
+        s.bytes_written += n as u64;
+        let start_waiting = n < data.len() && !s.want_writable;
+        if start_waiting {
+            s.want_writable = true;
+            self.writable_waiters.push(id.0);
+        }
+        if n > 0 {
+            self.queue_send(id.0);
+        }
+        self.send_buffered += n;
+        Ok(n)
+    }
+
+    /// How many bytes [`StreamsState::write`] would accept right now.
+    pub(super) fn write_capacity(&self, id: StreamId) -> usize {
+        match self.streams.get(&id.0) {
+            Some(s) if !s.is_reset() && s.send.fin == FinState::Open => s
+                .send
+                .free_space()
+                .min(self.limits.session_send_buffer - self.send_buffered),
+            _ => 0,
+        }
+    }
+
+    /// Reads in-order data (see [`super::Transport::stream_read`]).
+    pub(super) fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        s.readable_notified = false;
+        let n = s.recv.read(buf);
+        if n == 0 {
+            if s.recv.is_finished() {
+                s.finished_notified = true;
+                self.maybe_remove(id);
+                return Ok(0);
+            }
+            return Err(StreamError::Blocked);
+        }
+        s.bytes_read += n as u64;
+        let window_moved = s.recv.window_update().is_some();
+        if window_moved {
+            s.pending.insert(PendingControl::MAX_STREAM_DATA);
+        }
+        self.bytes_received += n as u64;
+        if window_moved {
+            self.queue_control(id);
+        }
+        self.release_session_credit(n as u64);
+        Ok(n)
+    }
+
+    /// Finishes our direction (see [`super::Transport::stream_finish`]).
+    pub(super) fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        if s.send.fin != FinState::Open {
+            return Ok(());
+        }
+        s.send.fin = FinState::Pending;
+        self.queue_send(id.0);
+        Ok(())
+    }
+
+    /// Aborts the stream in both directions (see [`super::Transport::stream_reset`]).
+    pub(super) fn reset(&mut self, id: StreamId, reason: ResetReason) -> Result<(), StreamError> {
+        let s = self.stream_mut(id)?;
+        if s.reset_local.is_some() {
+            return Ok(());
+        }
+        self.reset_inner(id, reason);
+        Ok(())
+    }
+
+    fn reset_inner(&mut self, id: StreamId, reason: ResetReason) {
+        let Some(s) = self.streams.get_mut(&id.0) else {
+            return;
+        };
+        if s.reset_local.is_some() {
+            return;
+        }
+        s.reset_local = Some(reason);
+        s.pending = PendingControl::RESET;
+        self.send_buffered -= s.send.buffered();
+        s.send.abandon();
+        let released = s.recv.discard();
+        self.release_session_credit(released);
+        self.queue_control(id);
+    }
+
+    pub(super) fn stream_stats(&self, id: StreamId) -> Option<StreamStats> {
+        let s = self.streams.get(&id.0)?;
+        Some(StreamStats {
+            bytes_written: s.bytes_written,
+            bytes_read: s.bytes_read,
+            send_buffered: s.send.buffered() as u64,
+            recv_buffered: s.recv.buffered() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::sim::SimRng;
+    use crate::proto::transport::congestion::DeliverySnapshot;
+    use std::time::Instant;
+
+    impl StreamsState {
+        /// Both queue invariants: a stream is flagged exactly when it is queued, at most once.
+        fn assert_queues_consistent(&self) {
+            for (queue, flag, name) in [
+                (
+                    &self.send_queue,
+                    (|s: &Stream| s.in_send_queue) as fn(&Stream) -> bool,
+                    "send",
+                ),
+                (
+                    &self.control_queue,
+                    |s: &Stream| s.in_control_queue,
+                    "control",
+                ),
+            ] {
+                for (i, id) in queue.iter().enumerate() {
+                    assert!(
+                        !queue.iter().skip(i + 1).any(|x| x == id),
+                        "{name}: {id} twice"
+                    );
+                    if let Some(s) = self.streams.get(id) {
+                        assert!(flag(s), "{name}: {id} queued but not flagged");
+                    }
+                }
+                for (id, s) in &self.streams {
+                    assert_eq!(flag(s), queue.contains(id), "{name}: flag of {id}");
+                }
+            }
+        }
+    }
+
+    /// Random stream API calls, packets written, acknowledged and lost, flow-control raises and
+    /// a close: `in_send_queue ⇔ id ∈ send_queue` (and the control-queue twin) always hold.
+    #[test]
+    fn queue_invariants_hold_under_random_operations() {
+        let now = Instant::now();
+        let config = TransportConfig {
+            send_buffer: 8 * 1024,
+            session_send_buffer: 32 * 1024,
+            ..TransportConfig::default()
+        }
+        .sanitized();
+        let mut rng = SimRng::new(7);
+        let mut events = VecDeque::new();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        let mut ids: Vec<StreamId> = Vec::new();
+        let mut in_flight: Vec<SentFrame> = Vec::new();
+        let mut buf = vec![0u8; 1200];
+        let data = [0x5Au8; 3000];
+        for round in 0..20_000 {
+            let pick = |rng: &mut SimRng, ids: &[StreamId]| {
+                ids.get(rng.below(ids.len() as u64) as usize).copied()
+            };
+            match rng.below(10) {
+                0 => {
+                    if let Ok(id) = streams.open(Destination::domain("a.test", 1).unwrap()) {
+                        ids.push(id);
+                    }
+                }
+                1..=2 => {
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let len = rng.below(data.len() as u64) as usize;
+                        let _ = streams.write(id, &data[..len]);
+                    }
+                }
+                3 if rng.chance(0.02) => {
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let _ = streams.finish(id);
+                    }
+                }
+                4 if rng.chance(0.1) => {
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let _ = streams.reset(id, ResetReason::Cancelled);
+                    }
+                }
+                5..=6 => {
+                    let room = 40 + rng.below(1100) as usize;
+                    let mut w = Writer::new(&mut buf[..room]);
+                    let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+                    streams.write_controls(&mut w, &mut packet);
+                    streams.write_data(&mut w, &mut packet);
+                    in_flight.extend_from_slice(packet.frames());
+                }
+                7..=8 if !in_flight.is_empty() => {
+                    let i = rng.below(in_flight.len() as u64) as usize;
+                    let f = in_flight.swap_remove(i);
+                    if rng.chance(0.7) {
+                        streams.on_frame_acked(f);
+                    } else {
+                        streams.on_frame_lost(f);
+                    }
+                }
+                _ => {
+                    let raise = (round as u64 + 1) * 4096;
+                    streams.on_max_data(INITIAL_SESSION_WINDOW + raise);
+                    streams.raise_peer_max_streams(
+                        INITIAL_MAX_STREAMS + round as u64 / 500,
+                        &mut events,
+                    );
+                    if let Some(id) = pick(&mut rng, &ids) {
+                        let _ = streams.on_max_stream_data(id, INITIAL_STREAM_WINDOW + raise);
+                    }
+                    streams.wake_writers(&mut events);
+                }
+            }
+            streams.assert_queues_consistent();
+        }
+        assert!(
+            streams.bytes_sent > 100_000 && streams.bytes_retransmitted > 0,
+            "the run exercised sending and loss"
+        );
+        streams.clear_queues();
+        streams.assert_queues_consistent();
+        assert!(!streams.has_pending());
+    }
+}
