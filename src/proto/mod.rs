@@ -8,6 +8,7 @@
 //!   padding) and the replay window.
 //! - [`transport`]: frames, reliability, congestion control, streams (carried inside packets).
 //! - [`session`]: one protected session = packet protection + `Transport`.
+//! - [`id_map`]: the deterministic id-keyed hash map used by the endpoint and the stream table.
 //! - [`endpoint`]: the server endpoint (users, sessions, roaming, caps, rate limits) and the client
 //!   connector — the API the data plane drives.
 //!
@@ -17,6 +18,7 @@ pub mod endpoint;
 #[doc(hidden)]
 pub mod fuzz_support;
 pub mod handshake;
+pub mod id_map;
 pub mod packet;
 pub mod psk;
 pub mod replay;

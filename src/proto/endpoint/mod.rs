@@ -11,9 +11,6 @@
 //!
 //! [`Session`]: crate::proto::session::Session
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use super::handshake::{HELLO_TAG_LEN, MAX_HELLO, MIN_HELLO};
 
 pub mod client;
@@ -26,30 +23,8 @@ pub use client::{ClientConfig, ClientEvent, ClientSession, ClientStats};
 pub use hello_tags::{MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER};
 pub use server::{EndpointEvent, EndpointStats, ServerConfig, ServerEndpoint, Transmit, UserState};
 
-/// Hasher for keys that are already uniformly random (PRF tokens) or small counters:
-/// one multiply-xorshift, no per-process key needed because attackers cannot choose the keys.
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        h ^ (h >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.0 ^= u64::from(v);
-    }
-}
-
-pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+pub use super::id_map::IdHasher;
+pub(crate) use super::id_map::IdMap;
 
 /// Operator-assigned user number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

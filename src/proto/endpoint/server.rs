@@ -863,9 +863,9 @@ impl ServerEndpoint {
     /// Runs every session timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.process_dirty();
-        // Collect the due sessions first: a session whose next deadline is still `<= now` after
-        // its timer ran (e.g. an ACK that only `poll_transmit` sends) must not be run again in
-        // this call, or this loop would never end.
+        // Collect the due sessions first and run each once: a timer that fired is stopped by the
+        // transport, so a session is not due again in this call; collecting first keeps that a
+        // property of this loop too, whatever a session reports.
         let mut due = std::mem::take(&mut self.due_scratch);
         while let Some(Reverse((at, id))) = self.timers.peek().copied() {
             if at > now {

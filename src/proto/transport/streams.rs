@@ -8,7 +8,9 @@
 //! [`StreamsState::enqueue_send`] adds to the send queue) and `Stream::in_control_queue ⇔
 //! id ∈ control_queue` (only [`StreamsState::queue_control`] adds to the control queue).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::proto::id_map::IdMap;
 
 use super::codes::{OpenResult, ResetReason};
 use super::dest::Destination;
@@ -48,7 +50,7 @@ struct StreamLimits {
 pub(super) struct StreamsState {
     side: Side,
     limits: StreamLimits,
-    streams: HashMap<u64, Stream>,
+    streams: IdMap<u64, Stream>,
     /// Streams with data (or a FIN) to send, in round-robin order.
     send_queue: VecDeque<u64>,
     /// Streams with control frames to send (OPEN, OPEN_OK, RESET_STREAM, MAX_STREAM_DATA).
@@ -88,7 +90,7 @@ impl StreamsState {
                 stream_window: config.stream_window,
                 max_recv_ranges: config.max_recv_ranges,
             },
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             send_queue: VecDeque::new(),
             control_queue: VecDeque::new(),
             writable_waiters: Vec::new(),
