@@ -26,15 +26,16 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mio::Interest;
 use mio::net::{TcpListener, TcpStream, UdpSocket};
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
-use super::driver::ticket::{Ticket, TicketKind};
+use super::driver::core::{self, LoopCore, LoopThread};
+use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
+use super::driver::token::Tok;
+use super::driver::udp::{self, RECV_BATCH, SendOutcome, UdpTx};
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
 use super::resolver::{Lookup, Resolver};
@@ -53,12 +54,11 @@ use crate::proto::transport::{
 };
 use crate::proto::{ClientConfig as ConnectorConfig, ClientEvent, ClientSession, RefuseReason};
 
-const WAKER: Token = Token(usize::MAX);
-const LISTENER: Token = Token(usize::MAX - 1);
-const SLOT_BASE: usize = 1 << 28;
-const ASSOC_BASE: usize = 1 << 27;
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
+/// UDP ASSOCIATE routes (slot, destination) remembered at most; beyond it the table starts over
+/// (answers are routed by destination only: the DATAGRAM frame carries no association id).
+const MAX_FLOWS: usize = 1024;
 const READ_CHUNK: usize = 16 * 1024;
 const MAX_UDP: usize = 65_535;
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
@@ -103,23 +103,19 @@ pub struct ClientLoopHandle {
     control: ControlSender,
     /// The proxy address actually bound.
     pub local_addr: SocketAddr,
-    thread: Option<JoinHandle<()>>,
+    thread: LoopThread,
 }
 
 impl ClientLoopHandle {
     /// Closes the sessions gracefully and joins the thread.
     pub fn shutdown(mut self) {
         self.control.send(ControlMsg::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.join();
     }
 
     /// Waits for the loop to end on its own (it only does on shutdown or a fatal error).
     pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.join();
     }
 }
 
@@ -128,8 +124,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     let (host, port) = crate::config::split_host_port(&options.server)
         .ok_or_else(|| format!("server {:?} is not host:port", options.server))?;
     keys::validate_key(&options.access_key).map_err(|e| e.to_string())?;
-    let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
+    let core = LoopCore::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
     let mut listener = TcpListener::bind(options.listen).map_err(|e| {
         format!(
             "cannot listen on {} for the local proxy: {e}",
@@ -137,12 +132,12 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         )
     })?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)
+    core.registry()
+        .register(&mut listener, Tok::Listener.token(), Interest::READABLE)
         .map_err(|e| e.to_string())?;
-    let resolver = Resolver::new(1, 16, waker.clone())
+    let resolver = Resolver::new(1, 16, core.waker.clone())
         .map_err(|e| format!("cannot start a DNS thread: {e}"))?;
-    let (control, control_rx) = ControlSender::channel(Some(waker));
+    let (control, control_rx) = core.control_channel();
     let now = Instant::now();
     let count = options.sessions.max(1);
     let slots = (0..count)
@@ -151,8 +146,8 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
             sock: None,
             client: None,
             streams: HashMap::new(),
-            blocked: None,
-            generation: 0,
+            tx: UdpTx::new(),
+            ticket: None,
             readable: false,
             last_rx: now,
         })
@@ -161,7 +156,8 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     keys::fill_random(&mut jitter_seed).map_err(|e| e.to_string())?;
     let jitter = XorShift64::new(u64::from_le_bytes(jitter_seed));
     let lp = ClientLoop {
-        poll,
+        core,
+        tickets: TicketIssuer::new(),
         listener,
         local_addr,
         control_rx,
@@ -179,14 +175,12 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
     };
-    let thread = std::thread::Builder::new()
-        .name("ostp-client".into())
-        .spawn(move || lp.run())
+    let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
     Ok(ClientLoopHandle {
         control,
         local_addr,
-        thread: Some(thread),
+        thread,
     })
 }
 
@@ -198,8 +192,10 @@ struct Slot {
     /// The session's streams → the local connection of each; its length is the slot's load.
     streams: HashMap<StreamId, usize>,
     /// A datagram the socket would not take; WRITABLE interest is registered only meanwhile.
-    blocked: Option<Vec<u8>>,
-    generation: u32,
+    tx: UdpTx,
+    /// The server-name lookup this slot waits for (`Resolving` only).
+    ticket: Option<Ticket>,
+    /// The socket may hold datagrams (mio is edge-triggered: kept while a batch stops early).
     readable: bool,
     /// Last datagram from the server.
     last_rx: Instant,
@@ -241,10 +237,13 @@ struct Assoc {
     /// The local client's UDP address (learned from its first datagram).
     client: Option<SocketAddr>,
     slot: Option<usize>,
+    /// The socket may hold datagrams (kept while a receive batch stops at its limit).
+    readable: bool,
 }
 
 struct ClientLoop {
-    poll: Poll,
+    core: LoopCore,
+    tickets: TicketIssuer,
     listener: TcpListener,
     local_addr: SocketAddr,
     control_rx: Receiver<ControlMsg>,
@@ -318,6 +317,68 @@ fn describe_refusal(reason: RefuseReason) -> &'static str {
     }
 }
 
+/// One association's datagrams on their way from the local application into a tunnel session.
+struct AssocUplink<'a> {
+    slots: &'a mut [Slot],
+    flows: &'a mut HashMap<(usize, Destination), usize>,
+    local_ip: std::net::IpAddr,
+    assoc: usize,
+    client: &'a mut Option<SocketAddr>,
+    slot: &'a mut Option<usize>,
+}
+
+impl AssocUplink<'_> {
+    fn forward(&mut self, datagram: &[u8], from: SocketAddr) {
+        // Only the client that owns the association may use it (first sender wins).
+        if self.client.is_some_and(|c| c != from) {
+            return;
+        }
+        if !from.ip().is_loopback() && from.ip() != self.local_ip {
+            return;
+        }
+        *self.client = Some(from);
+        let Ok((target, payload)) = proxy_front::parse_socks5_udp(datagram) else {
+            return;
+        };
+        let Some(dest) = to_destination(&target) else {
+            return;
+        };
+        let connected = |s: &Slot| s.state == SlotState::Connected;
+        let slot = match self.slot.filter(|s| connected(&self.slots[*s])) {
+            Some(s) => s,
+            None => match self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| connected(s))
+                .min_by_key(|(_, s)| s.streams.len())
+                .map(|(i, _)| i)
+            {
+                Some(s) => s,
+                None => return, // no session: drop (UDP senders retry)
+            },
+        };
+        *self.slot = Some(slot);
+        let Some(session) = self.slots[slot]
+            .client
+            .as_mut()
+            .and_then(|c| c.session_mut())
+        else {
+            return;
+        };
+        if session
+            .transport_mut()
+            .send_datagram(dest.clone(), payload)
+            .is_ok()
+        {
+            if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&(slot, dest.clone())) {
+                self.flows.clear();
+            }
+            self.flows.insert((slot, dest), self.assoc);
+        }
+    }
+}
+
 impl ClientLoop {
     fn run(mut self) {
         log::info!(
@@ -328,16 +389,14 @@ impl ClientLoop {
             self.slots.len(),
             if self.slots.len() == 1 { "" } else { "s" }
         );
-        let mut events = Events::with_capacity(1024);
+        let mut events = core::events();
         let mut wakeups: u64 = 0;
         loop {
             let now = Instant::now();
-            let timeout = self.next_timeout(now);
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("client loop: poll failed: {e}");
-                    break;
-                }
+            let deadline = self.next_deadline(now);
+            if let Err(e) = self.core.wait(&mut events, now, deadline) {
+                log::error!("client loop: poll failed: {e}");
+                break;
             }
             wakeups += 1;
             let now = Instant::now();
@@ -349,6 +408,7 @@ impl ClientLoop {
             for i in 0..self.slots.len() {
                 self.receive(now, i);
             }
+            self.receive_assocs();
             self.run_timers(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
@@ -371,41 +431,43 @@ impl ClientLoop {
 
     /// Records one readiness event (the work happens after all events are recorded).
     fn dispatch(&mut self, now: Instant, event: &mio::event::Event) {
-        let t = event.token().0;
-        if event.token() == WAKER {
-        } else if event.token() == LISTENER {
-            self.accept(now);
-        } else if t >= SLOT_BASE {
-            let i = t - SLOT_BASE;
-            if let Some(slot) = self.slots.get_mut(i) {
-                if event.is_readable() {
-                    slot.readable = true;
-                }
-                if event.is_writable() {
-                    Self::retry_blocked(self.poll.registry(), i, slot);
+        match Tok::decode(event.token()) {
+            Some(Tok::Listener) => self.accept(now),
+            Some(Tok::Slot(i)) => {
+                if let Some(slot) = self.slots.get_mut(i) {
+                    slot.readable |= event.is_readable();
+                    if event.is_writable() {
+                        Self::retry_blocked(self.core.registry(), i, slot);
+                    }
                 }
             }
-        } else if t >= ASSOC_BASE {
-            self.assoc_readable(now, t - ASSOC_BASE);
-        } else {
-            if let Some(l) = self.locals.get_mut(t) {
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    l.readable = true;
-                }
-                if event.is_writable() || event.is_write_closed() {
-                    l.writable = true;
+            Some(Tok::Assoc(a)) => {
+                if let Some(assoc) = self.assocs.get_mut(a) {
+                    assoc.readable |= event.is_readable();
                 }
             }
-            self.drive_local(now, t);
+            Some(Tok::Conn(t)) => {
+                if let Some(l) = self.locals.get_mut(t) {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        l.readable = true;
+                    }
+                    if event.is_writable() || event.is_write_closed() {
+                        l.writable = true;
+                    }
+                }
+                self.drive_local(now, t);
+            }
+            _ => {}
         }
     }
 
     /// How long to sleep: until the earliest deadline the loop acts on (slot attempts and
     /// liveness samples, session timers, request and open timeouts, shutdown), or not at all
     /// while a slot socket may still hold datagrams.
-    fn next_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.slots.iter().any(|s| s.readable) {
-            return Some(Duration::ZERO);
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let assoc_readable = self.assocs.iter().any(|(_, a)| a.readable);
+        if assoc_readable || self.slots.iter().any(|s| s.readable) {
+            return Some(now);
         }
         let deadlines = self.slots.iter().enumerate().flat_map(|(i, s)| {
             // No new attempts while shutting down (`run_timers` would not start them).
@@ -425,7 +487,6 @@ impl ClientLoop {
             ])
             .flatten()
             .min()
-            .map(|at| super::poll_wait(at, now))
     }
 
     fn drain_control(&mut self, now: Instant) {
@@ -451,12 +512,8 @@ impl ClientLoop {
                 && self.shutting_down.is_none()
             {
                 slot.state = SlotState::Resolving;
-                slot.generation = slot.generation.wrapping_add(1);
-                let ticket = Ticket {
-                    kind: TicketKind::ServerName,
-                    index: i,
-                    serial: u64::from(slot.generation),
-                };
+                let ticket = self.tickets.issue(TicketKind::ServerName, i);
+                slot.ticket = Some(ticket);
                 match self.resolver.lookup(ticket, &self.host, self.port) {
                     Ok(Lookup::Ready(addr)) => self.connect_slot(now, i, addr),
                     Ok(Lookup::Pending) => {}
@@ -487,10 +544,10 @@ impl ClientLoop {
     fn drain_resolver(&mut self, now: Instant) {
         while let Some(r) = self.resolver.try_recv() {
             let i = r.ticket.index;
-            let ok = r.ticket.kind == TicketKind::ServerName
-                && self.slots.get(i).is_some_and(|s| {
-                    u64::from(s.generation) == r.ticket.serial && s.state == SlotState::Resolving
-                });
+            let ok = self
+                .slots
+                .get(i)
+                .is_some_and(|s| s.ticket == Some(r.ticket) && s.state == SlotState::Resolving);
             if !ok {
                 continue;
             }
@@ -524,9 +581,9 @@ impl ClientLoop {
         };
         // WRITABLE only while a datagram is blocked (`flush`).
         if let Err(e) =
-            self.poll
+            self.core
                 .registry()
-                .register(&mut sock, Token(SLOT_BASE + i), Interest::READABLE)
+                .register(&mut sock, Tok::Slot(i).token(), Interest::READABLE)
         {
             log::warn!("cannot register a UDP socket: {e}");
             self.slot_failed(now, i, Failure::Local);
@@ -547,12 +604,12 @@ impl ClientLoop {
             Ok(c) => {
                 let slot = &mut self.slots[i];
                 if let Some(mut old) = slot.sock.take() {
-                    let _ = self.poll.registry().deregister(&mut old);
+                    let _ = self.core.registry().deregister(&mut old);
                 }
                 slot.sock = Some(sock);
                 slot.client = Some(c);
                 slot.state = SlotState::Handshaking;
-                slot.blocked = None;
+                slot.tx.clear();
                 slot.readable = true;
                 log::debug!("session {i}: handshake with {server}");
             }
@@ -603,9 +660,9 @@ impl ClientLoop {
         let slot = &mut self.slots[i];
         slot.state = SlotState::Idle;
         slot.client = None;
-        slot.blocked = None;
+        slot.tx.clear();
         if let Some(mut s) = slot.sock.take() {
-            let _ = self.poll.registry().deregister(&mut s);
+            let _ = self.core.registry().deregister(&mut s);
         }
         for (_, idx) in std::mem::take(&mut slot.streams) {
             if matches!(
@@ -626,70 +683,52 @@ impl ClientLoop {
         retry
     }
 
+    /// Reads a batch from slot `i`'s socket if it may hold datagrams (ICMP errors while the
+    /// server restarts are skipped: the handshake retries and the idle timeout decide).
     fn receive(&mut self, now: Instant, i: usize) {
-        let slot = &mut self.slots[i];
-        if !slot.readable {
+        let Slot {
+            sock,
+            client,
+            readable,
+            last_rx,
+            ..
+        } = &mut self.slots[i];
+        if !*readable {
             return;
         }
-        let (Some(sock), Some(client)) = (slot.sock.as_ref(), slot.client.as_mut()) else {
-            slot.readable = false;
+        let (Some(sock), Some(client)) = (sock.as_ref(), client.as_mut()) else {
+            *readable = false;
             return;
         };
-        for _ in 0..256 {
-            match sock.recv(&mut self.buf) {
-                Ok(n) => {
-                    slot.last_rx = now;
-                    client.handle_datagram(now, &mut self.buf[..n]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    slot.readable = false;
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // ICMP port unreachable etc.: the server may be restarting; the handshake
-                    // retries and the idle timeout decide.
-                    log::debug!("session {i}: udp receive: {e}");
-                }
-            }
-        }
+        let readiness = udp::drain(sock, &mut self.buf, RECV_BATCH, |datagram, _| {
+            *last_rx = now;
+            client.handle_datagram(now, datagram);
+        });
+        *readable = readiness.still_readable();
     }
 
-    /// Sends the blocked datagram if the socket takes it now; then drops WRITABLE interest.
-    fn retry_blocked(registry: &Registry, i: usize, slot: &mut Slot) {
-        if let (Some(bytes), Some(sock)) = (slot.blocked.as_ref(), slot.sock.as_mut()) {
-            let would_block =
-                matches!(sock.send(bytes), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-            if !would_block {
-                slot.blocked = None;
-                let _ = registry.reregister(sock, Token(SLOT_BASE + i), Interest::READABLE);
-            }
+    /// Sends the blocked datagram if the socket takes it now (then WRITABLE interest is dropped).
+    fn retry_blocked(registry: &mio::Registry, i: usize, slot: &mut Slot) {
+        if let Some(sock) = slot.sock.as_mut() {
+            slot.tx.retry(sock, registry, Tok::Slot(i).token());
         }
     }
 
     fn flush(&mut self, now: Instant, i: usize) {
+        let registry = self.core.poll.registry();
         let slot = &mut self.slots[i];
-        Self::retry_blocked(self.poll.registry(), i, slot);
-        if slot.blocked.is_some() {
+        Self::retry_blocked(registry, i, slot);
+        if slot.tx.is_blocked() {
             return;
         }
         let (Some(sock), Some(client)) = (slot.sock.as_mut(), slot.client.as_mut()) else {
             return;
         };
+        let token = Tok::Slot(i).token();
         while let Some(len) = client.poll_transmit(now, &mut self.buf) {
-            match sock.send(&self.buf[..len]) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    slot.blocked = Some(self.buf[..len].to_vec());
-                    // Wake up when the socket takes it (interest dropped again once sent).
-                    let interest = Interest::READABLE | Interest::WRITABLE;
-                    let _ = self
-                        .poll
-                        .registry()
-                        .reregister(sock, Token(SLOT_BASE + i), interest);
-                    return;
-                }
-                Err(e) => log::debug!("session {i}: udp send: {e}"),
+            let data = &self.buf[..len];
+            if slot.tx.send(sock, registry, token, i, data, None) == SendOutcome::Blocked {
+                return;
             }
         }
     }
@@ -846,9 +885,9 @@ impl ClientLoop {
                     }
                     let _ = sock.set_nodelay(true);
                     let idx = self.locals.insert_with(|idx| {
-                        let _ = self.poll.registry().register(
+                        let _ = self.core.registry().register(
                             &mut sock,
-                            Token(idx),
+                            Tok::Conn(idx).token(),
                             Interest::READABLE | Interest::WRITABLE,
                         );
                         Local {
@@ -1199,7 +1238,7 @@ impl ClientLoop {
         let Some(mut l) = self.locals.remove(idx) else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut l.sock);
+        let _ = self.core.registry().deregister(&mut l.sock);
         // A transfer cut short (tunnel lost, stream reset, user cut off) must not look complete
         // to the application: close with a reset instead of a FIN.
         if matches!(l.state, LocalState::Piping { .. })
@@ -1239,6 +1278,7 @@ impl ClientLoop {
         let bind = SocketAddr::new(self.local_addr.ip(), 0);
         let sock = match std::net::UdpSocket::bind(bind).and_then(|s| {
             s.set_nonblocking(true)?;
+            crate::sys::grow_udp_buffers(&s, udp::BURST_SOCKET_BUFFER);
             Ok(s)
         }) {
             Ok(s) => UdpSocket::from_std(s),
@@ -1256,11 +1296,12 @@ impl ClientLoop {
             sock,
             client: None,
             slot: None,
+            readable: false,
         });
         if let Some(assoc) = self.assocs.get_mut(a) {
-            let _ = self.poll.registry().register(
+            let _ = self.core.registry().register(
                 &mut assoc.sock,
-                Token(ASSOC_BASE + a),
+                Tok::Assoc(a).token(),
                 Interest::READABLE,
             );
         }
@@ -1273,72 +1314,48 @@ impl ClientLoop {
 
     fn close_assoc(&mut self, a: usize) {
         if let Some(mut assoc) = self.assocs.remove(a) {
-            let _ = self.poll.registry().deregister(&mut assoc.sock);
+            let _ = self.core.registry().deregister(&mut assoc.sock);
         }
         self.flows.retain(|_, v| *v != a);
     }
 
-    fn assoc_readable(&mut self, _now: Instant, a: usize) {
-        for _ in 0..256 {
-            let Some(assoc) = self.assocs.get_mut(a) else {
-                return;
-            };
-            let (n, from) = match assoc.sock.recv_from(&mut self.buf) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            // Only the client that owns the association may use it (first sender wins).
-            if assoc.client.is_some_and(|c| c != from) {
-                continue;
-            }
-            if !from.ip().is_loopback() && from.ip() != self.local_addr.ip() {
-                continue;
-            }
-            assoc.client = Some(from);
-            let Ok((target, payload)) = proxy_front::parse_socks5_udp(&self.buf[..n]) else {
-                continue;
-            };
-            let Some(dest) = to_destination(&target) else {
-                continue;
-            };
-            let slot = match assoc
-                .slot
-                .filter(|s| self.slots[*s].state == SlotState::Connected)
-            {
-                Some(s) => s,
-                None => match self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.state == SlotState::Connected)
-                    .min_by_key(|(_, s)| s.streams.len())
-                    .map(|(i, _)| i)
-                {
-                    Some(s) => s,
-                    None => continue, // no session: drop (UDP senders retry)
-                },
-            };
-            assoc.slot = Some(slot);
-            let Some(session) = self.slots[slot]
-                .client
-                .as_mut()
-                .and_then(|c| c.session_mut())
-            else {
-                continue;
-            };
-            if session
-                .transport_mut()
-                .send_datagram(dest.clone(), payload)
-                .is_ok()
-            {
-                if self.flows.len() >= 1024 && !self.flows.contains_key(&(slot, dest.clone())) {
-                    self.flows.clear();
-                }
-                self.flows.insert((slot, dest), a);
-            }
+    /// Reads a batch from every UDP association socket that may hold datagrams.
+    fn receive_assocs(&mut self) {
+        let ready: Vec<usize> = self
+            .assocs
+            .iter()
+            .filter(|(_, a)| a.readable)
+            .map(|(i, _)| i)
+            .collect();
+        for a in ready {
+            self.assoc_readable(a);
         }
+    }
+
+    /// Forwards up to one batch of the local application's datagrams into the tunnel; the
+    /// association stays marked readable while the batch limit stopped it.
+    fn assoc_readable(&mut self, a: usize) {
+        let Some(Assoc {
+            sock,
+            client,
+            slot,
+            readable,
+        }) = self.assocs.get_mut(a)
+        else {
+            return;
+        };
+        let mut uplink = AssocUplink {
+            slots: &mut self.slots,
+            flows: &mut self.flows,
+            local_ip: self.local_addr.ip(),
+            assoc: a,
+            client,
+            slot,
+        };
+        let readiness = udp::drain(sock, &mut self.buf, RECV_BATCH, |datagram, from| {
+            uplink.forward(datagram, from)
+        });
+        *readable = readiness.still_readable();
     }
 
     fn datagram_in(&mut self, slot: usize, dest: Destination, data: &[u8]) {

@@ -30,9 +30,6 @@ const DNS_TTL: Duration = Duration::from_secs(60);
 const NAME_LABELS: usize = 64;
 const PENDING_DATAGRAMS: usize = 8;
 const MAX_DATAGRAM: usize = 65_535;
-/// Kernel buffer per relay socket: the default (~208 KiB) holds only 256 small datagrams, so a
-/// DNS/QUIC burst towards one relay overflowed it. Memory is used only while answers wait.
-const RELAY_SOCKET_BUFFER: usize = 1024 * 1024;
 
 struct Pending {
     /// The lookup this datagram waits for; only its own answer can release it.
@@ -186,7 +183,7 @@ impl RelayPool {
             if std_sock.set_nonblocking(true).is_err() {
                 return false;
             }
-            crate::sys::grow_udp_buffers(&std_sock, RELAY_SOCKET_BUFFER);
+            crate::sys::grow_udp_buffers(&std_sock, udp::BURST_SOCKET_BUFFER);
             let mut sock = UdpSocket::from_std(std_sock);
             if poll
                 .registry()

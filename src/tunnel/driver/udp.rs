@@ -16,6 +16,10 @@ use super::token::Tok;
 
 /// Datagrams read from one socket per wake-up before other work gets a turn.
 pub const RECV_BATCH: usize = 256;
+/// Kernel buffer of per-flow UDP sockets (server relays, client UDP ASSOCIATE): the default
+/// (~208 KiB) holds only 256 small datagrams, so a DNS/QUIC burst overflowed it. Memory is used
+/// only while datagrams wait.
+pub const BURST_SOCKET_BUFFER: usize = 1024 * 1024;
 
 /// What a socket may still hold after [`drain`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +68,8 @@ pub enum SendOutcome {
 
 struct Blocked {
     socket: usize,
-    to: SocketAddr,
+    /// `None`: the socket is connected (`send`, not `send_to`).
+    to: Option<SocketAddr>,
     len: usize,
 }
 
@@ -93,7 +98,8 @@ impl UdpTx {
     }
 
     /// Sends `data` to `to` on `sock` (the caller's socket number `socket`, registered as
-    /// `token`). On `WouldBlock` keeps a copy and adds WRITABLE interest.
+    /// `token`; `to: None` for a connected socket). On `WouldBlock` keeps a copy and adds
+    /// WRITABLE interest.
     pub fn send(
         &mut self,
         sock: &mut UdpSocket,
@@ -101,10 +107,10 @@ impl UdpTx {
         token: Token,
         socket: usize,
         data: &[u8],
-        to: SocketAddr,
+        to: Option<SocketAddr>,
     ) -> SendOutcome {
         debug_assert!(self.blocked.is_none(), "send while a datagram is blocked");
-        match sock.send_to(data, to) {
+        match send_one(sock, data, to) {
             Ok(_) => SendOutcome::Sent,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.bytes.clear();
@@ -121,7 +127,7 @@ impl UdpTx {
                 SendOutcome::Blocked
             }
             Err(e) => {
-                log::debug!("udp send to {to}: {e}");
+                log::debug!("udp send to {to:?}: {e}");
                 SendOutcome::Failed
             }
         }
@@ -133,9 +139,9 @@ impl UdpTx {
         let Some(b) = self.blocked.as_ref() else {
             return true;
         };
-        match sock.send_to(&self.bytes[..b.len], b.to) {
+        match send_one(sock, &self.bytes[..b.len], b.to) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) => log::debug!("udp send to {}: {e}", b.to),
+            Err(e) => log::debug!("udp send to {:?}: {e}", b.to),
             Ok(_) => {}
         }
         self.blocked = None;
@@ -148,6 +154,13 @@ impl UdpTx {
     /// Forgets the waiting datagram (its socket is being closed).
     pub fn clear(&mut self) {
         self.blocked = None;
+    }
+}
+
+fn send_one(sock: &UdpSocket, data: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+    match to {
+        Some(to) => sock.send_to(data, to),
+        None => sock.send(data),
     }
 }
 
@@ -242,7 +255,7 @@ impl UdpSockets {
             return SendOutcome::Failed;
         };
         self.tx
-            .send(sock, registry, Tok::Udp(i).token(), i, data, to)
+            .send(sock, registry, Tok::Udp(i).token(), i, data, Some(to))
     }
 }
 
