@@ -2,7 +2,7 @@
 //! latency p50/p99 and requests/s, reported as ratios against `GET /api/server/status`
 //! (same server, same run) as the baseline.
 
-#[path = "../tests/support/api_support.rs"]
+#[path = "../tests/it/support/api.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

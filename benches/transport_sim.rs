@@ -8,7 +8,7 @@
 //!
 //! Run: `cargo bench --bench transport_sim` (env `TRANSPORT_BENCH_MB` changes the sizes).
 
-#[path = "../tests/common/transport_harness.rs"]
+#[path = "../tests/it/support/transport.rs"]
 mod harness;
 
 use std::hint::black_box;

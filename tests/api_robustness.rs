@@ -2,9 +2,10 @@
 //! add threads; 10,000 random and malformed requests (bad JSON, bad UTF-8, huge bodies, odd
 //! paths and methods, broken headers, partial requests) all get a 4xx JSON answer (or, for a
 //! request cut short, none), the server stays up and its thread count stays fixed.
-//! One test per binary so that the thread count of this process is meaningful.
+//! Its own test binary (not part of `tests/it`) so that the thread count of this process is
+//! meaningful.
 
-#[path = "support/api_support.rs"]
+#[path = "it/support/api.rs"]
 mod support;
 
 use std::io::{Read, Write};

@@ -15,6 +15,7 @@
 //! The wire format is specified in `docs/PROTOCOL.md`.
 pub mod crypto;
 pub mod endpoint;
+#[cfg(any(test, feature = "test-util"))]
 #[doc(hidden)]
 pub mod fuzz_support;
 pub mod handshake;
@@ -24,6 +25,7 @@ pub mod psk;
 pub mod replay;
 pub mod rng;
 pub mod session;
+#[cfg(any(test, feature = "test-util"))]
 pub mod sim;
 pub mod transport;
 

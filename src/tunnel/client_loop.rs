@@ -241,6 +241,9 @@ struct Assoc {
     readable: bool,
 }
 
+/// The client loop's state. More than 15 fields because it owns four kinds of sockets (the
+/// listener, local connections, session slots, UDP associations) plus the policy that times
+/// them (supervisor, request queues); each field is one of those and documented where not obvious.
 struct ClientLoop {
     core: LoopCore,
     tickets: TicketIssuer,

@@ -3,8 +3,7 @@
 //! configured loss rate, delay and bottleneck rate within tolerance.
 
 #[allow(dead_code)]
-#[path = "../examples/lossy_relay.rs"]
-mod lossy_relay;
+use crate::support::lossy_relay;
 
 use lossy_relay::{Options, Relay, parse_options};
 use std::net::{SocketAddr, UdpSocket};

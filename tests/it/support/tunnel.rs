@@ -4,10 +4,7 @@
 //! threads, a raw HTTP client for the management API, a minimal SOCKS5 client, and curl helpers.
 #![allow(dead_code)]
 
-#[path = "../../examples/bulk_http.rs"]
-mod bulk_http;
-#[path = "../../examples/lossy_relay.rs"]
-mod lossy_relay;
+use super::{bulk_http, lossy_relay};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};

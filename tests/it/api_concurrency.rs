@@ -2,14 +2,11 @@
 //! (over HTTP, in memory and on disk after a restart) equals the sequential model — no lost
 //! update, no stale snapshot written over a newer one.
 
-#[path = "support/api_support.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 
+use crate::support::api::*;
 use ostp::users::persist::lock_users;
 use serde_json::json;
-use support::*;
 
 const THREADS: usize = 8;
 const OPS: usize = 500;

@@ -2,8 +2,7 @@
 //! the documented formula, `/sum/N` agrees, uploads are counted and checksummed, keep-alive works.
 
 #[allow(dead_code)]
-#[path = "../examples/bulk_http.rs"]
-mod bulk_http;
+use crate::support::bulk_http;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -2,18 +2,15 @@
 //! spec's curl and Python examples, durability across restarts; each response is checked
 //! against docs/openapi.yaml.
 
-#[path = "support/api_support.rs"]
-mod support;
-
 use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::api::*;
 use ostp::api::Limits;
 use ostp::control::ControlMsg;
 use ostp::users::persist::lock_users;
 use serde_json::json;
-use support::*;
 
 const SPEC_KEY: &str = "c8a6fde902b4e23910cde882b7cf1612";
 

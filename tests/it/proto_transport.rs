@@ -3,12 +3,9 @@
 //! stalled reader, stream isolation, open results, resets, datagrams, close, idle timeout, and
 //! a bounded property test feeding arbitrary payloads and API calls.
 
-#[path = "common/transport_harness.rs"]
-mod harness;
-
 use std::time::{Duration, Instant};
 
-use harness::{BulkApp, Pair, run_bulk};
+use crate::support::transport::{BulkApp, Pair, run_bulk};
 use ostp::proto::sim::{LinkConfig, SimRng};
 use ostp::proto::transport::frame::{self, Frame, Writer};
 use ostp::proto::transport::{

@@ -5,9 +5,6 @@
 //! Two variants: the API in a child process (this test binary re-executed, so it runs before
 //! the `ostp` binary is wired), and the real `ostp` binary (`CARGO_BIN_EXE_ostp --config X`).
 
-#[path = "support/api_support.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::api::*;
 use serde_json::json;
-use support::*;
 
 const ROUNDS: usize = 50;
 const WRITERS: usize = 4;
@@ -203,7 +200,11 @@ fn kill_9_during_a_write_storm_in_process_api() {
         let _ = std::fs::remove_file(dir.join("port"));
         let log = std::fs::File::create(dir.join(format!("child-{round}.log"))).unwrap();
         let mut child = Command::new(&exe)
-            .args(["--exact", "child_api_server", "--test-threads=1"])
+            .args([
+                "--exact",
+                "api_durability::child_api_server",
+                "--test-threads=1",
+            ])
             .env("OSTP_API_CHILD_DIR", &dir)
             .stdout(Stdio::null())
             .stderr(log)

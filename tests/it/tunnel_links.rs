@@ -2,14 +2,11 @@
 //! link on the command line, and from the server's subscribe URL (`ostp --subscribe URL`). Both
 //! must carry traffic through the real server.
 
-#[path = "support/tunnel_harness.rs"]
-mod harness;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::*;
+use crate::support::tunnel::*;
 
 fn proxy_of(proc: &Proc) -> SocketAddr {
     let line = proc

@@ -4,14 +4,11 @@
 //! itself; SIGKILL: counters flushed to the state file survive and the client notices the
 //! silent server and reconnects).
 
-#[path = "support/tunnel_harness.rs"]
-mod harness;
-
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::support::tunnel::*;
 use serde_json::json;
 
 const KIB: u64 = 1024;

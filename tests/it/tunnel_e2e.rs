@@ -7,14 +7,11 @@
 //!
 //! Sizes are full in release builds (`cargo test --release`) and smaller in debug builds.
 
-#[path = "support/tunnel_harness.rs"]
-mod harness;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::support::tunnel::*;
 use serde_json::json;
 
 /// Server (private destinations allowed: the HTTP server is on loopback) + connected client.

@@ -3,13 +3,10 @@
 //! letting a limited user past its limit, and a client with `mux.sessions = N` spreads its streams
 //! over N sessions.
 
-#[path = "support/tunnel_harness.rs"]
-mod harness;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::support::tunnel::*;
 use serde_json::{Value, json};
 
 fn download(proxy: SocketAddr, http: u16, n: u64) -> Digest {

@@ -4,14 +4,11 @@
 //! link with reordering, jitter and loss, proxy replies must precede a server-speaks-first
 //! destination's banner.
 
-#[path = "support/tunnel_harness.rs"]
-mod harness;
-
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use harness::*;
+use crate::support::tunnel::*;
 
 const LINK: &str = "--delay-ms 20 --loss 0.01 --rate-mbit 100 --queue-ms 50 --seed 7";
 

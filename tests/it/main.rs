@@ -1,0 +1,23 @@
+//! All integration tests in one crate: one test binary to link instead of one per file (with
+//! `lto = "fat"` in the release profile, linking dominated CI time). Each module is one former
+//! test file; `support` holds what they share. `tests/api_robustness.rs` stays its own binary
+//! because it asserts the thread count of its process.
+
+mod support;
+
+mod api_concurrency;
+mod api_durability;
+mod api_http;
+mod bulk_http;
+mod cli;
+mod lossy_relay;
+mod proto_fuzz_props;
+mod proto_secure;
+mod proto_session_sim;
+mod proto_transport;
+mod proto_wire;
+mod tunnel_e2e;
+mod tunnel_limits;
+mod tunnel_links;
+mod tunnel_lossy;
+mod tunnel_reload_mux;
