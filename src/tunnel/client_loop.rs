@@ -45,13 +45,13 @@ use super::supervisor::{
 };
 use super::target::TargetAddr;
 use super::{bind_udp, unix_now};
-use crate::config::ClientConfig as ClientFileConfig;
+use crate::config::ClientConfig;
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
     CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
-use crate::proto::{ClientConfig as ConnectorConfig, ClientEvent, ClientSession, RefuseReason};
+use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason};
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -77,7 +77,7 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    pub fn from_config(cfg: &ClientFileConfig) -> Result<Self, String> {
+    pub fn from_config(cfg: &ClientConfig) -> Result<Self, String> {
         let listen: SocketAddr = cfg.socks5_bind.parse().map_err(|_| {
             format!(
                 "socks5_bind {:?} is not an IP address with a port",
