@@ -43,7 +43,6 @@ use super::supervisor::{
     Failure, LinkSample, NO_ANSWER_TIMEOUT, OPEN_TIMEOUT, Retry, SlotState, SlotSupervisor,
     TimeoutQueue, WAIT_FOR_SESSION, XorShift64,
 };
-use super::target::TargetAddr;
 use super::{bind_udp, unix_now};
 use crate::config::ClientConfig;
 use crate::control::{ControlMsg, ControlSender};
@@ -264,20 +263,6 @@ struct ClientLoop {
     flows: HashMap<(usize, Destination), usize>,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
-}
-
-fn to_destination(t: &TargetAddr) -> Option<Destination> {
-    match t {
-        TargetAddr::Ip(a) => Some(Destination::Addr(*a)),
-        TargetAddr::Domain(name, port) => Destination::domain(name, *port),
-    }
-}
-
-fn to_target(d: &Destination) -> TargetAddr {
-    match d {
-        Destination::Addr(a) => TargetAddr::Ip(*a),
-        Destination::Domain { name, port } => TargetAddr::Domain(name.clone(), *port),
-    }
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -1036,7 +1021,7 @@ impl ClientLoop {
             return;
         };
         let request = request.clone();
-        let Some(dest) = request.dest().and_then(to_destination) else {
+        let Some(dest) = request.dest().cloned() else {
             self.fail_request(now, idx, Socks5Reply::AddressTypeNotSupported);
             return;
         };
@@ -1297,10 +1282,7 @@ impl ClientLoop {
                 continue;
             }
             assoc.client = Some(from);
-            let Ok((target, payload)) = proxy_front::parse_socks5_udp(&self.buf[..n]) else {
-                continue;
-            };
-            let Some(dest) = to_destination(&target) else {
+            let Ok((dest, payload)) = proxy_front::parse_socks5_udp(&self.buf[..n]) else {
                 continue;
             };
             let slot = match assoc
@@ -1349,12 +1331,11 @@ impl ClientLoop {
             return;
         };
         let Some(client) = assoc.client else { return };
-        let target = to_target(&dest);
-        let hl = proxy_front::socks5_udp_header_len(&target);
+        let hl = proxy_front::socks5_udp_header_len(&dest);
         if hl + data.len() > self.buf.len() {
             return;
         }
-        let Ok(written) = proxy_front::write_socks5_udp_header(&target, &mut self.buf[..hl]) else {
+        let Ok(written) = proxy_front::write_socks5_udp_header(&dest, &mut self.buf[..hl]) else {
             return;
         };
         self.buf[written..written + data.len()].copy_from_slice(data);
