@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::crypto::{Key32, PacketAead};
-use ostp::proto::endpoint::{ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState};
+use ostp::proto::endpoint::{EndpointConfig, ServerEndpoint, SocketIndex, UserId, UserState};
 use ostp::proto::handshake::{self, Hello, MAX_HELLO};
 use ostp::proto::psk::UserKeys;
 use ostp::proto::rng::Drbg;
@@ -20,12 +20,12 @@ fn access_key(i: u32) -> String {
 }
 
 fn server(users: u32) -> (ServerEndpoint, Vec<UserKeys>) {
-    let config = ServerConfig {
+    let config = EndpointConfig {
         max_sessions: 1_000_000,
         max_sessions_per_user: 1_000_000,
         handshake_rate: u32::MAX / 2000,
         handshake_burst: u32::MAX / 2000,
-        ..ServerConfig::default()
+        ..EndpointConfig::default()
     };
     let mut s = ServerEndpoint::new(config, [9; 32]);
     let mut keys = Vec::new();

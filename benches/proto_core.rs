@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use ostp::proto::crypto::{PacketAead, TAG_LEN};
 use ostp::proto::endpoint::{
-    ClientConfig, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint, SocketIndex, UserId,
-    UserState,
+    ClientSession, ConnectorConfig, EndpointConfig, EndpointEvent, ServerEndpoint, SocketIndex,
+    UserId, UserState,
 };
 use ostp::proto::packet::{DATA_OVERHEAD, PaddingPolicy};
 use ostp::proto::sim::{Link, LinkConfig};
@@ -26,10 +26,10 @@ const MAX_DATAGRAM: usize = 1350;
 fn session_goodput(padding: PaddingPolicy) -> (f64, u64) {
     let start = Instant::now();
     let mut now = start;
-    let mut server_config = ServerConfig::default();
+    let mut server_config = EndpointConfig::default();
     server_config.session.padding = padding;
     server_config.session.max_datagram = MAX_DATAGRAM;
-    let mut client_config = ClientConfig::default();
+    let mut client_config = ConnectorConfig::default();
     client_config.session.padding = padding;
     client_config.session.max_datagram = MAX_DATAGRAM;
     let mut server = ServerEndpoint::new(server_config, [1; 32]);

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use ostp::proto::endpoint::{ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState};
+use ostp::proto::endpoint::{EndpointConfig, ServerEndpoint, SocketIndex, UserId, UserState};
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
-    let mut server = ServerEndpoint::new(ServerConfig::default(), [3; 32]);
+    let mut server = ServerEndpoint::new(EndpointConfig::default(), [3; 32]);
     server
         .set_user(UserId(1), "fuzz-user-a-key-0123456789", UserState::Active)
         .unwrap();

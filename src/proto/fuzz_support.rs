@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, MAX_TAGS_PER_USER, ServerConfig,
+    ClientEvent, ClientSession, ConnectorConfig, EndpointConfig, EndpointEvent, MAX_TAGS_PER_USER,
     ServerEndpoint, SessionId, SocketIndex, UserId, UserState,
 };
 use super::handshake::RefuseReason;
@@ -70,7 +70,7 @@ struct Driver {
     unix: u64,
     server: ServerEndpoint,
     client: Option<ClientSession>,
-    client_config: ClientConfig,
+    client_config: ConnectorConfig,
     client_addr: SocketAddr,
     seed: u8,
     token_window: usize,
@@ -98,7 +98,7 @@ impl Driver {
     fn new() -> Self {
         let now = Instant::now();
         let unix = 1_800_000_000u64;
-        let config = ServerConfig {
+        let config = EndpointConfig {
             max_sessions: MAX_SESSIONS,
             max_sessions_per_user: 4,
             session: SessionConfig {
@@ -106,7 +106,7 @@ impl Driver {
                 token_behind: 16,
                 ..SessionConfig::default()
             },
-            ..ServerConfig::default()
+            ..EndpointConfig::default()
         };
         let token_window = config.session.token_window;
         let mut server = ServerEndpoint::new(config, [1; 32]);
@@ -116,9 +116,9 @@ impl Driver {
             KEY_B,
             UserState::Refused(RefuseReason::QuotaExceeded),
         );
-        let client_config = ClientConfig {
+        let client_config = ConnectorConfig {
             hello_pad_max: 64,
-            ..ClientConfig::default()
+            ..ConnectorConfig::default()
         };
         let client = ClientSession::connect(client_config.clone(), KEY_A, now, unix, [0; 32]).ok();
         Driver {

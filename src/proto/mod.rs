@@ -30,7 +30,7 @@ pub mod sim;
 pub mod transport;
 
 pub use endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, EndpointStats, ServerConfig,
+    ClientEvent, ClientSession, ConnectorConfig, EndpointConfig, EndpointEvent, EndpointStats,
     ServerEndpoint, SessionId, SocketIndex, Transmit, UserId, UserState,
 };
 pub use handshake::RefuseReason;

@@ -44,15 +44,14 @@ use super::supervisor::{
     Failure, LinkSample, NO_ANSWER_TIMEOUT, OPEN_TIMEOUT, Retry, SlotState, SlotSupervisor,
     TimeoutQueue, WAIT_FOR_SESSION, XorShift64,
 };
-use super::target::TargetAddr;
 use super::{bind_udp, unix_now};
-use crate::config::ClientConfig as ClientFileConfig;
+use crate::config::ClientConfig;
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
     CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
-use crate::proto::{ClientConfig as ConnectorConfig, ClientEvent, ClientSession, RefuseReason};
+use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason};
 
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
@@ -77,7 +76,7 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    pub fn from_config(cfg: &ClientFileConfig) -> Result<Self, String> {
+    pub fn from_config(cfg: &ClientConfig) -> Result<Self, String> {
         let listen: SocketAddr = cfg.socks5_bind.parse().map_err(|_| {
             format!(
                 "socks5_bind {:?} is not an IP address with a port",
@@ -268,20 +267,6 @@ struct ClientLoop {
     shutting_down: Option<Instant>,
 }
 
-fn to_destination(t: &TargetAddr) -> Option<Destination> {
-    match t {
-        TargetAddr::Ip(a) => Some(Destination::Addr(*a)),
-        TargetAddr::Domain(name, port) => Destination::domain(name, *port),
-    }
-}
-
-fn to_target(d: &Destination) -> TargetAddr {
-    match d {
-        Destination::Addr(a) => TargetAddr::Ip(*a),
-        Destination::Domain { name, port } => TargetAddr::Domain(name.clone(), *port),
-    }
-}
-
 fn socks_code(result: OpenResult) -> Socks5Reply {
     match result {
         OpenResult::Ok => Socks5Reply::Succeeded,
@@ -340,10 +325,7 @@ impl AssocUplink<'_> {
             return;
         }
         *self.client = Some(from);
-        let Ok((target, payload)) = proxy_front::parse_socks5_udp(datagram) else {
-            return;
-        };
-        let Some(dest) = to_destination(&target) else {
+        let Ok((dest, payload)) = proxy_front::parse_socks5_udp(datagram) else {
             return;
         };
         let connected = |s: &Slot| s.state == SlotState::Connected;
@@ -1078,7 +1060,7 @@ impl ClientLoop {
             return;
         };
         let request = request.clone();
-        let Some(dest) = request.dest().and_then(to_destination) else {
+        let Some(dest) = request.dest().cloned() else {
             self.fail_request(now, idx, Socks5Reply::AddressTypeNotSupported);
             return;
         };
@@ -1369,12 +1351,11 @@ impl ClientLoop {
             return;
         };
         let Some(client) = assoc.client else { return };
-        let target = to_target(&dest);
-        let hl = proxy_front::socks5_udp_header_len(&target);
+        let hl = proxy_front::socks5_udp_header_len(&dest);
         if hl + data.len() > self.buf.len() {
             return;
         }
-        let Ok(written) = proxy_front::write_socks5_udp_header(&target, &mut self.buf[..hl]) else {
+        let Ok(written) = proxy_front::write_socks5_udp_header(&dest, &mut self.buf[..hl]) else {
             return;
         };
         self.buf[written..written + data.len()].copy_from_slice(data);

@@ -1,8 +1,8 @@
 //! The data plane: everything between local sockets and the protocol core.
 //!
 //! Files and what they own:
-//! - [`target`]      — [`target::TargetAddr`], the destination a client asked for (IP or domain + port),
-//!   with parse/display helpers shared by the proxy front end, the resolver and the guard.
+//! - [`target`]      — parses a client's `host:port` / SOCKS5 domain bytes into the protocol's one
+//!   destination type, [`Destination`](crate::proto::transport::Destination), with typed errors.
 //! - [`proxy_front`] — sans-IO parser for the client's local proxy port (SOCKS5 and HTTP proxy on one
 //!   port), reply builders, and the SOCKS5 UDP request header codec.
 //! - [`dest_guard`]  — the server's destination guard: refuses loopback/private/link-local/… and the

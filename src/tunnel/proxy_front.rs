@@ -22,8 +22,9 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::target::{TargetAddr, TargetParseError};
+use super::target::{self, TargetParseError};
 use crate::http_head::{HeadScanner, MAX_HEAD_BYTES, MAX_HEADERS, Scan, is_tchar};
+use crate::proto::transport::Destination;
 
 const SOCKS_VERSION: u8 = 0x05;
 const METHOD_NO_AUTH: u8 = 0x00;
@@ -51,7 +52,7 @@ pub enum ProxyRequest {
     /// Open a TCP stream to `dest` and splice it to the client.
     Connect {
         /// Requested destination.
-        dest: TargetAddr,
+        dest: Destination,
         /// `Socks5` or `HttpConnect`.
         protocol: FrontProtocol,
         /// Bytes the client sent after the request; forward them first.
@@ -63,12 +64,12 @@ pub enum ProxyRequest {
     UdpAssociate {
         /// DST.ADDR/DST.PORT of the request: where the client says it will send from
         /// (often `0.0.0.0:0`, meaning "unknown").
-        client_hint: TargetAddr,
+        client_hint: Destination,
     },
     /// Plain-HTTP proxy request: connect to `dest`, send `head`, then `body_prefix`, then splice.
     HttpForward {
         /// Origin server (`http://host[:port]`, port 80 by default).
-        dest: TargetAddr,
+        dest: Destination,
         /// Rewritten request head (origin-form target, proxy/hop-by-hop headers removed,
         /// `Host` from the URI, `Connection: close`), ending with an empty line.
         head: Vec<u8>,
@@ -435,7 +436,7 @@ impl ProxyRequest {
     }
 
     /// The destination to connect to (`None` for UDP ASSOCIATE).
-    pub fn dest(&self) -> Option<&TargetAddr> {
+    pub fn dest(&self) -> Option<&Destination> {
         match self {
             Self::Connect { dest, .. } | Self::HttpForward { dest, .. } => Some(dest),
             Self::UdpAssociate { .. } => None,
@@ -527,7 +528,7 @@ enum AddrParse {
     UnsupportedType,
     BadAddress,
     /// Address and the number of bytes it used (ADDR + PORT).
-    Ok(TargetAddr, usize),
+    Ok(Destination, usize),
 }
 
 /// Parses `ADDR PORT` for the given ATYP from the start of `bytes`.
@@ -542,7 +543,7 @@ fn parse_socks5_address(atyp: u8, bytes: &[u8]) -> AddrParse {
                 return AddrParse::Incomplete;
             };
             let ip = Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]);
-            AddrParse::Ok(TargetAddr::Ip(SocketAddr::new(IpAddr::V4(ip), port)), 6)
+            AddrParse::Ok(Destination::Addr(SocketAddr::new(IpAddr::V4(ip), port)), 6)
         }
         ATYP_IPV6 => {
             let (Some(ip), Some(port)) = (bytes.get(..16), port_at(16)) else {
@@ -551,7 +552,7 @@ fn parse_socks5_address(atyp: u8, bytes: &[u8]) -> AddrParse {
             let mut octets = [0u8; 16];
             octets.copy_from_slice(ip);
             let ip = Ipv6Addr::from(octets);
-            AddrParse::Ok(TargetAddr::Ip(SocketAddr::new(IpAddr::V6(ip), port)), 18)
+            AddrParse::Ok(Destination::Addr(SocketAddr::new(IpAddr::V6(ip), port)), 18)
         }
         ATYP_DOMAIN => {
             let Some(&len) = bytes.first() else {
@@ -561,7 +562,7 @@ fn parse_socks5_address(atyp: u8, bytes: &[u8]) -> AddrParse {
             let (Some(name), Some(port)) = (bytes.get(1..1 + len), port_at(1 + len)) else {
                 return AddrParse::Incomplete;
             };
-            match TargetAddr::from_domain_bytes(name, port) {
+            match target::from_domain_bytes(name, port) {
                 Ok(dest) => AddrParse::Ok(dest, 1 + len + 2),
                 Err(_) => AddrParse::BadAddress,
             }
@@ -602,7 +603,7 @@ impl std::error::Error for UdpHeaderError {}
 
 /// Parses a SOCKS5 UDP request datagram (`RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA`) and returns
 /// the destination and the payload. RSV is ignored; FRAG != 0 is refused.
-pub fn parse_socks5_udp(datagram: &[u8]) -> Result<(TargetAddr, &[u8]), UdpHeaderError> {
+pub fn parse_socks5_udp(datagram: &[u8]) -> Result<(Destination, &[u8]), UdpHeaderError> {
     let Some(header) = datagram.get(..4) else {
         return Err(UdpHeaderError::Truncated);
     };
@@ -621,32 +622,35 @@ pub fn parse_socks5_udp(datagram: &[u8]) -> Result<(TargetAddr, &[u8]), UdpHeade
 }
 
 /// Length of the SOCKS5 UDP header for `dest` (10 for IPv4, 22 for IPv6, 7 + name for domains).
-pub fn socks5_udp_header_len(dest: &TargetAddr) -> usize {
+pub fn socks5_udp_header_len(dest: &Destination) -> usize {
     match dest {
-        TargetAddr::Ip(SocketAddr::V4(_)) => 10,
-        TargetAddr::Ip(SocketAddr::V6(_)) => 22,
-        TargetAddr::Domain(name, _) => 7 + name.len(),
+        Destination::Addr(SocketAddr::V4(_)) => 10,
+        Destination::Addr(SocketAddr::V6(_)) => 22,
+        Destination::Domain { name, .. } => 7 + name.len(),
     }
 }
 
 /// Writes a SOCKS5 UDP header for `dest` (FRAG 0) at the start of `out`, returns its length.
 /// No allocation: callers write the payload right after it.
-pub fn write_socks5_udp_header(dest: &TargetAddr, out: &mut [u8]) -> Result<usize, UdpHeaderError> {
+pub fn write_socks5_udp_header(
+    dest: &Destination,
+    out: &mut [u8],
+) -> Result<usize, UdpHeaderError> {
     let len = socks5_udp_header_len(dest);
     let Some(out) = out.get_mut(..len) else {
         return Err(UdpHeaderError::NoRoom);
     };
     out[..3].copy_from_slice(&[0, 0, 0]);
     match dest {
-        TargetAddr::Ip(SocketAddr::V4(a)) => {
+        Destination::Addr(SocketAddr::V4(a)) => {
             out[3] = ATYP_IPV4;
             out[4..8].copy_from_slice(&a.ip().octets());
         }
-        TargetAddr::Ip(SocketAddr::V6(a)) => {
+        Destination::Addr(SocketAddr::V6(a)) => {
             out[3] = ATYP_IPV6;
             out[4..20].copy_from_slice(&a.ip().octets());
         }
-        TargetAddr::Domain(name, _) => {
+        Destination::Domain { name, .. } => {
             let name_len = u8::try_from(name.len()).map_err(|_| UdpHeaderError::NoRoom)?;
             out[3] = ATYP_DOMAIN;
             out[4] = name_len;
@@ -692,7 +696,7 @@ fn parse_http_head(head: &[u8]) -> Result<ProxyRequest, FrontError> {
     let headers = parse_headers(lines)?;
 
     if method == "CONNECT" {
-        let dest = TargetAddr::parse_authority(target, Some(443)).map_err(http_target_error)?;
+        let dest = target::parse_authority(target, Some(443)).map_err(http_target_error)?;
         return Ok(ProxyRequest::Connect {
             dest,
             protocol: FrontProtocol::HttpConnect,
@@ -701,7 +705,7 @@ fn parse_http_head(head: &[u8]) -> Result<ProxyRequest, FrontError> {
     }
 
     let (authority, path) = split_http_uri(target)?;
-    let dest = TargetAddr::parse_authority(authority, Some(80)).map_err(http_target_error)?;
+    let dest = target::parse_authority(authority, Some(80)).map_err(http_target_error)?;
 
     // Header names listed in Connection / Proxy-Connection are hop-by-hop too.
     let mut named: Vec<String> = Vec::new();
@@ -810,8 +814,12 @@ fn split_http_uri(target: &str) -> Result<(&str, String), FrontError> {
 mod tests {
     use super::*;
 
-    fn ip(text: &str) -> TargetAddr {
-        TargetAddr::Ip(text.parse().unwrap())
+    fn ip(text: &str) -> Destination {
+        Destination::Addr(text.parse().unwrap())
+    }
+
+    fn domain_dest(name: &str, port: u16) -> Destination {
+        Destination::domain(name, port).unwrap()
     }
 
     fn ready(progress: Progress) -> (Vec<u8>, ProxyRequest) {
@@ -880,7 +888,7 @@ mod tests {
         ));
         for (input, want) in [
             (v6, ip("[2001:db8::7]:443")),
-            (domain, TargetAddr::Domain("example.com".into(), 80)),
+            (domain, domain_dest("example.com", 80)),
         ] {
             let mut front = ProxyFront::new();
             let mut replies = Vec::new();
@@ -1007,7 +1015,7 @@ mod tests {
         for dest in [
             ip("1.2.3.4:53"),
             ip("[2001:db8::1]:443"),
-            TargetAddr::Domain("dns.example".into(), 853),
+            domain_dest("dns.example", 853),
         ] {
             let n = write_socks5_udp_header(&dest, &mut buf).unwrap();
             assert_eq!(n, socks5_udp_header_len(&dest));
@@ -1039,11 +1047,63 @@ mod tests {
             parse_socks5_udp(&[0, 0, 0, 3, 1, b' ', 0, 1]),
             Err(UdpHeaderError::BadAddress)
         );
-        let too_long = TargetAddr::Domain("a".repeat(256), 1);
+        let too_long = Destination::Domain {
+            name: "a".repeat(256),
+            port: 1,
+        };
         assert_eq!(
             write_socks5_udp_header(&too_long, &mut [0u8; 400]),
             Err(UdpHeaderError::NoRoom)
         );
+    }
+
+    /// One length limit for a domain everywhere: SOCKS5 CONNECT, SOCKS5 UDP, HTTP CONNECT, HTTP
+    /// forward and `Destination::domain` all take 253 bytes and all refuse 254.
+    #[test]
+    fn domain_length_limit_is_the_same_in_every_parser() {
+        for (len, accepted) in [(Destination::MAX_DOMAIN_LEN, true), (254, false)] {
+            let name = "a".repeat(len);
+            let want = Destination::domain(&name, 80);
+            assert_eq!(want.is_some(), accepted, "Destination::domain, {len} bytes");
+
+            let mut socks = vec![5, 1, 0];
+            socks.extend(connect_request(
+                &[&[3u8, len as u8][..], name.as_bytes(), &[0, 80]].concat(),
+            ));
+            match ProxyFront::new().feed(&socks) {
+                Progress::Ready { request, .. } => assert_eq!(request.dest(), want.as_ref()),
+                Progress::Failed { error, .. } => {
+                    assert!(!accepted, "SOCKS5 refused {len} bytes");
+                    assert_eq!(error, FrontError::Socks5BadAddress);
+                }
+                other => panic!("SOCKS5, {len} bytes: {other:?}"),
+            }
+
+            let udp = [&[0u8, 0, 0, 3, len as u8][..], name.as_bytes(), &[0, 80]].concat();
+            match parse_socks5_udp(&udp) {
+                Ok((dest, _)) => assert_eq!(Some(dest), want),
+                Err(e) => {
+                    assert!(!accepted, "SOCKS5 UDP refused {len} bytes");
+                    assert_eq!(e, UdpHeaderError::BadAddress);
+                }
+            }
+
+            for head in [
+                format!("CONNECT {name}:80 HTTP/1.1\r\n\r\n"),
+                format!("GET http://{name}/ HTTP/1.1\r\n\r\n"),
+            ] {
+                match ProxyFront::new().feed(head.as_bytes()) {
+                    Progress::Ready { request, .. } => {
+                        assert_eq!(request.dest(), want.as_ref(), "{head}")
+                    }
+                    Progress::Failed { error, .. } => {
+                        assert!(!accepted, "HTTP refused {len} bytes");
+                        assert_eq!(error, FrontError::HttpMalformed);
+                    }
+                    other => panic!("HTTP, {len} bytes: {other:?}"),
+                }
+            }
+        }
     }
 
     // --- HTTP -----------------------------------------------------------------------------
@@ -1060,7 +1120,7 @@ mod tests {
         assert_eq!(
             request,
             ProxyRequest::Connect {
-                dest: TargetAddr::Domain("example.com".into(), 443),
+                dest: domain_dest("example.com", 443),
                 protocol: FrontProtocol::HttpConnect,
                 early_data: vec![0x16, 3, 1],
             }
@@ -1089,10 +1149,7 @@ mod tests {
             ready(ProxyFront::new().feed(b"CONNECT [2001:db8::1]:8443 HTTP/1.1\r\n\r\n"));
         assert_eq!(request.dest(), Some(&ip("[2001:db8::1]:8443")));
         let (_, request) = ready(ProxyFront::new().feed(b"CONNECT example.org HTTP/1.0\n\n"));
-        assert_eq!(
-            request.dest(),
-            Some(&TargetAddr::Domain("example.org".into(), 443))
-        );
+        assert_eq!(request.dest(), Some(&domain_dest("example.org", 443)));
     }
 
     #[test]
@@ -1118,7 +1175,7 @@ hello";
         else {
             panic!("not forward")
         };
-        assert_eq!(dest, TargetAddr::Domain("Example.com".into(), 8080));
+        assert_eq!(dest, domain_dest("Example.com", 8080));
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "POST /a/b?x=1 HTTP/1.1\r\nHost: Example.com:8080\r\nContent-Length: 5\r\nUser-Agent: t\r\nConnection: close\r\n\r\n"
@@ -1142,7 +1199,7 @@ hello";
         let ProxyRequest::HttpForward { dest, head, .. } = request else {
             panic!()
         };
-        assert_eq!(dest, TargetAddr::Domain("h.example".into(), 80));
+        assert_eq!(dest, domain_dest("h.example", 80));
         assert!(head.starts_with(b"GET /?q HTTP/1.1\r\nHost: h.example\r\n"));
     }
 

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use mio::Waker;
 
 use super::driver::ticket::Ticket;
-use super::target::{MAX_DOMAIN_LEN, TargetAddr};
+use crate::proto::transport::Destination;
 
 /// Most addresses kept from one lookup.
 pub const MAX_ADDRESSES: usize = 16;
@@ -168,15 +168,15 @@ impl Resolver {
         }
     }
 
-    /// [`Self::lookup`] for a [`TargetAddr`] (IP targets are answered at once).
+    /// [`Self::lookup`] for a [`Destination`] (addresses are answered at once).
     pub fn lookup_target(
         &self,
         ticket: Ticket,
-        target: &TargetAddr,
+        target: &Destination,
     ) -> Result<Lookup, SubmitError> {
         match target {
-            TargetAddr::Ip(addr) => Ok(Lookup::Ready(*addr)),
-            TargetAddr::Domain(name, port) => self.lookup(ticket, name, *port),
+            Destination::Addr(addr) => Ok(Lookup::Ready(*addr)),
+            Destination::Domain { name, port } => self.lookup(ticket, name, *port),
         }
     }
 
@@ -252,7 +252,7 @@ fn worker(
 
 /// One blocking lookup through the system resolver.
 pub fn resolve_blocking(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
-    if host.is_empty() || host.len() > MAX_DOMAIN_LEN || host.contains('\0') {
+    if host.is_empty() || host.len() > Destination::MAX_DOMAIN_LEN || host.contains('\0') {
         return Err(ResolveError::NotFound);
     }
     match (host, port).to_socket_addrs() {
@@ -350,14 +350,14 @@ mod tests {
             resolver.lookup(t(3), "2001:db8::1", 1),
             Ok(Lookup::Ready("[2001:db8::1]:1".parse().unwrap()))
         );
-        let target = TargetAddr::Domain("10.1.2.3".into(), 5);
+        let target = Destination::domain("10.1.2.3", 5).unwrap();
         assert_eq!(
             resolver.lookup_target(t(4), &target),
             Ok(Lookup::Ready("10.1.2.3:5".parse().unwrap())),
             "a domain-typed IP literal still skips the pool"
         );
         assert_eq!(
-            resolver.lookup_target(t(5), &TargetAddr::Ip("[::2]:7".parse().unwrap())),
+            resolver.lookup_target(t(5), &Destination::Addr("[::2]:7".parse().unwrap())),
             Ok(Lookup::Ready("[::2]:7".parse().unwrap()))
         );
         assert_eq!(resolver.try_recv(), None);
@@ -404,7 +404,7 @@ mod tests {
         assert_eq!(resolve_blocking("", 80), Err(ResolveError::NotFound));
         assert_eq!(resolve_blocking("a\0b", 80), Err(ResolveError::NotFound));
         assert_eq!(
-            resolve_blocking(&"a".repeat(MAX_DOMAIN_LEN + 1), 80),
+            resolve_blocking(&"a".repeat(Destination::MAX_DOMAIN_LEN + 1), 80),
             Err(ResolveError::NotFound)
         );
     }

@@ -42,8 +42,7 @@ use crate::proto::transport::{
     CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{
-    EndpointEvent, RefuseReason, ServerConfig as EndpointConfig, ServerEndpoint, SessionId,
-    SocketIndex, UserId as ProtoUserId, UserState,
+    EndpointConfig, EndpointEvent, RefuseReason, ServerEndpoint, SessionId, SocketIndex, UserState,
 };
 use crate::users::{Budget, SharedUsers, UserId};
 
@@ -209,10 +208,6 @@ struct ServerLoop {
     tickets: TicketIssuer,
 }
 
-fn proto_user(id: UserId) -> ProtoUserId {
-    ProtoUserId(id.0)
-}
-
 fn open_result_for_io(e: &io::Error) -> OpenResult {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => OpenResult::Refused,
@@ -266,7 +261,7 @@ impl ServerLoop {
         } else {
             UserState::Refused(RefuseReason::QuotaExceeded)
         };
-        if let Err(e) = self.endpoint.set_user(proto_user(id), key, state) {
+        if let Err(e) = self.endpoint.set_user(id, key, state) {
             log::warn!(
                 "user {}: key {} not usable by the tunnel: {e:?}",
                 id.0,
@@ -281,17 +276,16 @@ impl ServerLoop {
     }
 
     fn remove_user(&mut self, now: Instant, id: UserId) {
-        self.endpoint.remove_user(now, proto_user(id));
+        self.endpoint.remove_user(now, id);
         self.ledger.remove(id);
     }
 
     /// Carries out a ledger verdict on the user's handshakes, streams and sessions.
     fn carry_out(&mut self, now: Instant, user: UserId, verdict: Verdict) {
-        let id = proto_user(user);
         match verdict {
             Verdict::Readmit => {
                 log::info!("user {}: may connect again", user.0);
-                self.endpoint.set_user_state(id, UserState::Active);
+                self.endpoint.set_user_state(user, UserState::Active);
             }
             Verdict::Refuse => {
                 log::info!(
@@ -299,7 +293,7 @@ impl ServerLoop {
                     user.0
                 );
                 self.endpoint
-                    .set_user_state(id, UserState::Refused(RefuseReason::QuotaExceeded));
+                    .set_user_state(user, UserState::Refused(RefuseReason::QuotaExceeded));
                 // Make the API show the final numbers at once.
                 self.sync_accounting(now);
                 self.close_drained(now);
@@ -311,7 +305,7 @@ impl ServerLoop {
                 );
                 self.endpoint.refuse_user(
                     now,
-                    id,
+                    user,
                     RefuseReason::QuotaExceeded,
                     CloseReason::LimitReached,
                 );
@@ -479,7 +473,6 @@ impl ServerLoop {
                     user,
                     peer,
                 } => {
-                    let user = UserId(user.0);
                     log::debug!(
                         "session {} of user {} established from {peer}",
                         session.0,
@@ -799,7 +792,7 @@ impl ServerLoop {
         for user in done {
             self.endpoint.refuse_user(
                 now,
-                proto_user(user),
+                user,
                 RefuseReason::QuotaExceeded,
                 CloseReason::LimitReached,
             );

@@ -655,11 +655,11 @@ mod tests {
     /// README: "No answer to the handshake within 10 s: 'no answer from the server …'".
     #[test]
     fn no_answer_is_reported_ten_seconds_after_the_hello() {
-        use crate::proto::{ClientConfig, ClientEvent, ClientSession};
+        use crate::proto::{ClientEvent, ClientSession, ConnectorConfig};
         let t0 = Instant::now();
-        let cfg = ClientConfig {
+        let cfg = ConnectorConfig {
             handshake_timeout: NO_ANSWER_TIMEOUT,
-            ..ClientConfig::default()
+            ..ConnectorConfig::default()
         };
         let key = crate::keys::generate_key().unwrap();
         let mut hello = ClientSession::connect(cfg, &key, t0, 1_700_000_000, [7; 32]).unwrap();

@@ -28,15 +28,8 @@ pub use persist::{PersistError, Persister};
 /// The table as shared between API workers and the tunnel loop.
 pub type SharedUsers = Arc<Mutex<UserTable>>;
 
-/// A stable handle for a user, never reused within one process run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(pub u32);
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "user#{}", self.0)
-    }
-}
+/// A stable handle for a user; defined in the protocol core, which keys sessions by it.
+pub use crate::proto::UserId;
 
 /// Where a user comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, MAX_HANDSHAKES_PER_EPOCH,
-    MAX_TAGS_PER_USER, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
+    ClientEvent, ClientSession, ConnectorConfig, EndpointConfig, EndpointEvent,
+    MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER, ServerEndpoint, SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::{self, RefuseReason};
 use ostp::proto::psk::{self, UserKeys};
@@ -18,14 +18,14 @@ fn addr() -> SocketAddr {
     "203.0.113.5:6000".parse().unwrap()
 }
 
-fn server_with(config: ServerConfig) -> ServerEndpoint {
+fn server_with(config: EndpointConfig) -> ServerEndpoint {
     let mut s = ServerEndpoint::new(config, [11; 32]);
     s.set_user(UserId(1), KEY, UserState::Active).unwrap();
     s
 }
 
 fn server() -> ServerEndpoint {
-    server_with(ServerConfig::default())
+    server_with(EndpointConfig::default())
 }
 
 /// Sends the client's first hello to the server; returns the server's answer, if any.
@@ -48,7 +48,7 @@ fn hello_exchange(
 }
 
 fn client(key: &str, now: Instant, unix: u64, seed: u8) -> ClientSession {
-    ClientSession::connect(ClientConfig::default(), key, now, unix, [seed; 32]).unwrap()
+    ClientSession::connect(ConnectorConfig::default(), key, now, unix, [seed; 32]).unwrap()
 }
 
 #[test]
@@ -187,9 +187,9 @@ fn refused_user_gets_authenticated_refusal() {
 #[test]
 fn per_user_cap_refuses_but_evicts_unconfirmed_first() {
     let now = Instant::now();
-    let config = ServerConfig {
+    let config = EndpointConfig {
         max_sessions_per_user: 2,
-        ..ServerConfig::default()
+        ..EndpointConfig::default()
     };
     let mut s = server_with(config);
     // Three handshakes whose replies are "lost" (never confirmed by client traffic): the cap is
@@ -206,10 +206,10 @@ fn per_user_cap_refuses_but_evicts_unconfirmed_first() {
 #[test]
 fn global_cap_and_rate_limit() {
     let now = Instant::now();
-    let config = ServerConfig {
+    let config = EndpointConfig {
         handshake_rate: 1,
         handshake_burst: 3,
-        ..ServerConfig::default()
+        ..EndpointConfig::default()
     };
     let mut s = server_with(config);
     let mut answered = 0;
@@ -344,7 +344,7 @@ fn psk_and_tags_are_per_user_and_per_slot() {
 #[test]
 fn next_epoch_tags_are_prepared_in_batches_and_rollover_keeps_everyone_reachable() {
     let now = Instant::now();
-    let mut s = ServerEndpoint::new(ServerConfig::default(), [12; 32]);
+    let mut s = ServerEndpoint::new(EndpointConfig::default(), [12; 32]);
     let key_of = |i: u32| format!("batch-user-key-{i:08}");
     for i in 0..200 {
         s.set_user(UserId(i), &key_of(i), UserState::Active)
@@ -424,9 +424,9 @@ fn device(i: u8) -> SocketAddr {
 fn forty_handshakes_of_one_key_in_one_epoch_all_succeed_and_replays_get_silence() {
     // A household sharing one key: 5 devices × 8 sessions, all (re)connecting within one epoch.
     let now = Instant::now();
-    let mut s = server_with(ServerConfig {
+    let mut s = server_with(EndpointConfig {
         max_sessions_per_user: 64,
-        ..ServerConfig::default()
+        ..EndpointConfig::default()
     });
     let mut hellos = Vec::new();
     for dev in 0..5u8 {
@@ -467,10 +467,10 @@ fn forty_handshakes_of_one_key_in_one_epoch_all_succeed_and_replays_get_silence(
 #[test]
 fn a_key_gets_max_handshakes_per_epoch_then_silence_until_the_next_epoch() {
     let now = Instant::now();
-    let mut s = server_with(ServerConfig {
+    let mut s = server_with(EndpointConfig {
         max_sessions_per_user: 1000,
         handshake_burst: 1000,
-        ..ServerConfig::default()
+        ..EndpointConfig::default()
     });
     let mut answered = 0;
     let mut first_hello = None;
@@ -478,7 +478,7 @@ fn a_key_gets_max_handshakes_per_epoch_then_silence_until_the_next_epoch() {
         let mut seed = [7u8; 32];
         seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let mut c =
-            ClientSession::connect(ClientConfig::default(), KEY, now, UNIX + 10, seed).unwrap();
+            ClientSession::connect(ConnectorConfig::default(), KEY, now, UNIX + 10, seed).unwrap();
         let (hello, reply) = hello_from(&mut s, &mut c, now, UNIX + 10, device(1));
         first_hello.get_or_insert(hello);
         if reply.is_some() {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::endpoint::{
-    ClientConfig, ClientEvent, ClientSession, EndpointEvent, ServerConfig, ServerEndpoint,
+    ClientEvent, ClientSession, ConnectorConfig, EndpointConfig, EndpointEvent, ServerEndpoint,
     SessionId, SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::RefuseReason;
@@ -80,9 +80,9 @@ impl World {
         session: SessionConfig,
     ) -> Self {
         let start = Instant::now();
-        let server_config = ServerConfig {
+        let server_config = EndpointConfig {
             session: session.clone(),
-            ..ServerConfig::default()
+            ..EndpointConfig::default()
         };
         let mut server = ServerEndpoint::new(server_config, [seed as u8; 32]);
         server.set_user(UserId(1), KEY, UserState::Active).unwrap();
@@ -95,9 +95,9 @@ impl World {
             .unwrap();
         let client_unix = UNIX0.saturating_add_signed(client_clock_skew);
         let client = ClientSession::connect(
-            ClientConfig {
+            ConnectorConfig {
                 session,
-                ..ClientConfig::default()
+                ..ConnectorConfig::default()
             },
             key,
             start,
@@ -837,9 +837,9 @@ fn forty_sessions_of_one_key_connect_in_one_epoch_over_the_network_and_replays_g
     // links with loss, duplication and reordering.
     let start = Instant::now();
     let mut server = ServerEndpoint::new(
-        ServerConfig {
+        EndpointConfig {
             max_sessions_per_user: 64,
-            ..ServerConfig::default()
+            ..EndpointConfig::default()
         },
         [21; 32],
     );
@@ -853,7 +853,7 @@ fn forty_sessions_of_one_key_connect_in_one_epoch_over_the_network_and_replays_g
                     .parse()
                     .unwrap(),
                 client: ClientSession::connect(
-                    ClientConfig::default(),
+                    ConnectorConfig::default(),
                     KEY,
                     at,
                     UNIX0,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ostp::proto::endpoint::{
-    ClientConfig, ClientSession, ServerConfig, ServerEndpoint, SocketIndex, UserId, UserState,
+    ClientSession, ConnectorConfig, EndpointConfig, ServerEndpoint, SocketIndex, UserId, UserState,
 };
 use ostp::proto::handshake::RefuseReason;
 use ostp::proto::packet::{Direction, PaddingPolicy, Sealer, TOKEN_LEN};
@@ -89,7 +89,7 @@ fn handshakes_look_random_and_vary_in_size() {
     let start = Instant::now();
     let base_unix = 1_800_000_000u64;
     let from: SocketAddr = "192.0.2.7:40000".parse().unwrap();
-    let mut config = ServerConfig::default();
+    let mut config = EndpointConfig::default();
     config.session.token_window = 16;
     config.session.token_behind = 4;
     config.max_sessions = 100_000;
@@ -120,7 +120,7 @@ fn handshakes_look_random_and_vary_in_size() {
             KEY.to_string()
         };
         let mut client =
-            ClientSession::connect(ClientConfig::default(), &key, now, unix, seed.bytes32())
+            ClientSession::connect(ConnectorConfig::default(), &key, now, unix, seed.bytes32())
                 .unwrap();
         let n = client.poll_transmit(now, &mut buf).unwrap();
         hellos.add(&buf[..n]);

@@ -16,7 +16,7 @@ use crate::proto::transport::{CloseReason, Side, TransportEvent};
 
 /// Client connector settings.
 #[derive(Debug, Clone)]
-pub struct ClientConfig {
+pub struct ConnectorConfig {
     /// Packet protection and transport settings.
     pub session: SessionConfig,
     /// Up to this many random padding bytes in hellos.
@@ -31,9 +31,9 @@ pub struct ClientConfig {
     pub clock_offset_secs: i64,
 }
 
-impl Default for ClientConfig {
+impl Default for ConnectorConfig {
     fn default() -> Self {
-        ClientConfig {
+        ConnectorConfig {
             session: SessionConfig::default(),
             hello_pad_max: 320,
             initial_retry: Duration::from_secs(1),
@@ -98,7 +98,7 @@ const PENDING_HELLOS: usize = 4;
 
 /// The client side: handshake with retries, then one protected session.
 pub struct ClientSession {
-    config: ClientConfig,
+    config: ConnectorConfig,
     keys: UserKeys,
     rng: Drbg,
     state: ClientState,
@@ -127,7 +127,7 @@ impl std::fmt::Debug for ClientSession {
 impl ClientSession {
     /// Starts connecting: the first hello is ready in [`ClientSession::poll_transmit`].
     pub fn connect(
-        config: ClientConfig,
+        config: ConnectorConfig,
         access_key: &str,
         now: Instant,
         unix_secs: u64,
@@ -397,7 +397,7 @@ impl ClientSession {
     }
 
     /// `server clock − client clock` in seconds, learned from the last authenticated reply.
-    /// Feed it back as `ClientConfig::clock_offset_secs` on the next connect.
+    /// Feed it back as `ConnectorConfig::clock_offset_secs` on the next connect.
     pub fn server_clock_offset(&self) -> Option<i64> {
         self.clock_offset
     }

@@ -11,6 +11,8 @@
 //!
 //! [`Session`]: crate::proto::session::Session
 
+use std::fmt;
+
 use super::handshake::{HELLO_TAG_LEN, MAX_HELLO, MIN_HELLO};
 
 pub mod client;
@@ -19,16 +21,25 @@ pub mod rate_limit;
 pub mod server;
 
 pub use super::handshake::HELLO_SLOTS;
-pub use client::{ClientConfig, ClientEvent, ClientSession, ClientStats};
+pub use client::{ClientEvent, ClientSession, ClientStats, ConnectorConfig};
 pub use hello_tags::{MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER};
-pub use server::{EndpointEvent, EndpointStats, ServerConfig, ServerEndpoint, Transmit, UserState};
+pub use server::{
+    EndpointConfig, EndpointEvent, EndpointStats, ServerEndpoint, Transmit, UserState,
+};
 
 pub use super::id_map::IdHasher;
 pub(crate) use super::id_map::IdMap;
 
-/// Operator-assigned user number.
+/// A user's number, assigned by the operator's user table (`crate::users`), never reused
+/// within one process run. The endpoint only uses it as a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(pub u32);
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "user#{}", self.0)
+    }
+}
 
 /// Index of the local UDP socket a datagram arrived on / must leave from (driver-defined).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -85,7 +85,7 @@ pub enum EndpointEvent {
 
 /// Server endpoint settings.
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub struct EndpointConfig {
     /// Packet protection and transport settings.
     pub session: SessionConfig,
     /// Global cap on sessions.
@@ -104,9 +104,9 @@ pub struct ServerConfig {
     pub max_queued_replies: usize,
 }
 
-impl Default for ServerConfig {
+impl Default for EndpointConfig {
     fn default() -> Self {
-        ServerConfig {
+        EndpointConfig {
             session: SessionConfig::default(),
             max_sessions: 1024,
             max_sessions_per_user: 32,
@@ -206,7 +206,7 @@ struct QueuedReply {
 
 /// The server side of the protocol for all sockets and sessions.
 pub struct ServerEndpoint {
-    config: ServerConfig,
+    config: EndpointConfig,
     rng: Drbg,
     users: IdMap<u32, User>,
     tags: HelloTags,
@@ -236,7 +236,7 @@ impl std::fmt::Debug for ServerEndpoint {
 
 impl ServerEndpoint {
     /// Creates an endpoint. `rng_seed` must come from the OS RNG (fixed only in tests).
-    pub fn new(config: ServerConfig, rng_seed: [u8; 32]) -> Self {
+    pub fn new(config: EndpointConfig, rng_seed: [u8; 32]) -> Self {
         let handshake_tokens = TokenBucket::new(config.handshake_rate, config.handshake_burst);
         ServerEndpoint {
             config,

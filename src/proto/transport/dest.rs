@@ -1,15 +1,18 @@
 //! Destinations named by stream opens and datagrams: a domain name or an IP address, plus a port.
 //!
 //! Wire form (SOCKS5-like): `atyp u8` (1 = IPv4, 3 = domain, 4 = IPv6), the address
-//! (4 bytes / `len u8` + 1..=255 name bytes / 16 bytes), then the port as `u16` big-endian.
+//! (4 bytes / `len u8` + 1..=253 name bytes / 16 bytes), then the port as `u16` big-endian.
+//! The length byte could say 255, but a host name is at most 253 bytes (RFC 1035 presentation
+//! form without the trailing dot), so 254 and 255 are invalid like any other bad name.
+//!
+//! This is the one destination type of the crate: the proxy front end (`tunnel::proxy_front`,
+//! with `tunnel::target` parsing `host:port` text) produces it, the client sends it, the server
+//! resolves it.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::frame::{FrameError, Reader, Writer};
-
-/// Longest domain name accepted on the wire.
-pub const MAX_DOMAIN_LEN: usize = 255;
 
 const ATYP_IPV4: u8 = 1;
 const ATYP_DOMAIN: u8 = 3;
@@ -25,8 +28,13 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// A domain destination; `None` if the name is empty, longer than 255 bytes or contains
-    /// bytes that cannot appear in a host name (control characters, spaces, `/`, `@`, `:`).
+    /// Longest domain name accepted anywhere (RFC 1035: 253 bytes without the trailing dot).
+    pub const MAX_DOMAIN_LEN: usize = 253;
+
+    /// A domain destination; `None` unless the name is 1..=[`Self::MAX_DOMAIN_LEN`] bytes of ASCII
+    /// letters, digits, `-`, `_` and `.` that neither starts with `.` nor contains `..`.
+    /// The name is kept as given (case, a trailing dot); IP literals are not turned into
+    /// [`Destination::Addr`] here (`tunnel::target` does that for text from local clients).
     pub fn domain(name: &str, port: u16) -> Option<Self> {
         if !valid_domain(name.as_bytes()) {
             return None;
@@ -37,6 +45,7 @@ impl Destination {
         })
     }
 
+    /// The destination port.
     pub fn port(&self) -> u16 {
         match self {
             Destination::Addr(addr) => addr.port(),
@@ -44,7 +53,7 @@ impl Destination {
         }
     }
 
-    /// Number of bytes [`Destination::encode`] writes.
+    /// Number of bytes the wire form takes (what `Destination::encode` writes).
     pub fn encoded_len(&self) -> usize {
         match self {
             Destination::Addr(SocketAddr::V4(_)) => 1 + 4 + 2,
@@ -108,12 +117,15 @@ impl Destination {
     }
 }
 
+/// The one host-name rule (wire, SOCKS5, HTTP): see [`Destination::domain`].
 fn valid_domain(name: &[u8]) -> bool {
     !name.is_empty()
-        && name.len() <= MAX_DOMAIN_LEN
+        && name.len() <= Destination::MAX_DOMAIN_LEN
         && name
             .iter()
-            .all(|&b| b.is_ascii_graphic() && !matches!(b, b'/' | b'@' | b':' | b'\\'))
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.first() != Some(&b'.')
+        && !name.windows(2).any(|w| w == b"..")
 }
 
 impl fmt::Display for Destination {
@@ -162,6 +174,10 @@ mod tests {
         assert!(Destination::domain("", 1).is_none());
         assert!(Destination::domain("a b", 1).is_none());
         assert!(Destination::domain(&"a".repeat(256), 1).is_none());
+        for bad in [".a", "a..b", "a/b", "a@b", "a:b", "a*b", "é"] {
+            assert!(Destination::domain(bad, 1).is_none(), "{bad}");
+        }
+        assert!(Destination::domain("Under_score-1.example.", 1).is_some());
         let mut r = Reader::new(&[3, 2, b'a', 0, 0, 80]);
         assert_eq!(
             Destination::parse(&mut r),
@@ -169,5 +185,22 @@ mod tests {
         );
         let mut r = Reader::new(&[1, 1, 2]);
         assert_eq!(Destination::parse(&mut r), Err(FrameError::Truncated));
+    }
+
+    #[test]
+    fn domain_length_limit_is_253_on_the_wire_too() {
+        let max = "a".repeat(Destination::MAX_DOMAIN_LEN);
+        let ok = Destination::domain(&max, 1).unwrap();
+        assert_eq!(roundtrip(&ok), ok);
+        let long = "a".repeat(Destination::MAX_DOMAIN_LEN + 1);
+        assert!(Destination::domain(&long, 1).is_none());
+        // A peer's 254-byte name fits the length byte but is refused like any bad name.
+        let mut wire = vec![3, 254];
+        wire.extend_from_slice(long.as_bytes());
+        wire.extend_from_slice(&[0, 80]);
+        assert_eq!(
+            Destination::parse(&mut Reader::new(&wire)),
+            Err(FrameError::InvalidDestination)
+        );
     }
 }

@@ -360,7 +360,7 @@ enum FrameOutcome {
 /// The transport state machine of one session.
 ///
 /// Over fifteen fields because loss recovery and ACK generation share one packet-number space
-/// and one send path; everything about streams is grouped in [`StreamsState`].
+/// and one send path; everything about streams is grouped in `StreamsState` (`streams.rs`).
 #[derive(Debug)]
 pub struct Transport {
     config: TransportConfig,
@@ -969,7 +969,7 @@ impl Transport {
     // ------------------------------------------------------------------ timers
 
     /// Earliest instant at which [`Transport::handle_timeout`] (or, for pacing,
-    /// [`Transport::poll_transmit`]) must be called: the earliest armed [`Timer`], or the
+    /// [`Transport::poll_transmit`]) must be called: the earliest armed `Timer`, or the
     /// pacer's next send time while data waits for it. Never an instant at or before the `now`
     /// of the last `handle_timeout`, unless a timer was armed that early since.
     pub fn poll_timeout(&self) -> Option<Instant> {
