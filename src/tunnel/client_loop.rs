@@ -51,7 +51,7 @@ use crate::keys;
 use crate::proto::transport::{
     CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
-use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason};
+use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
 
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
@@ -200,6 +200,13 @@ struct Slot {
     last_rx: Instant,
 }
 
+impl Slot {
+    /// The slot's session once the handshake is done.
+    fn session_mut(&mut self) -> Option<&mut Session> {
+        self.client.as_mut().and_then(|c| c.session_mut())
+    }
+}
+
 enum LocalState {
     /// Reading the SOCKS5 / HTTP request.
     Request(ProxyFront),
@@ -344,11 +351,7 @@ impl AssocUplink<'_> {
             },
         };
         *self.slot = Some(slot);
-        let Some(session) = self.slots[slot]
-            .client
-            .as_mut()
-            .and_then(|c| c.session_mut())
-        else {
+        let Some(session) = self.slots[slot].session_mut() else {
             return;
         };
         if session
@@ -614,12 +617,7 @@ impl ClientLoop {
                 continue;
             }
             let last_rx = slot.last_rx;
-            let Some(stats) = slot
-                .client
-                .as_mut()
-                .and_then(|c| c.session_mut())
-                .map(|s| s.transport().stats())
-            else {
+            let Some(stats) = slot.session_mut().map(|s| s.transport().stats()) else {
                 continue;
             };
             let link = LinkSample {
@@ -845,11 +843,7 @@ impl ClientLoop {
             TransportEvent::Datagram { dest, data } => self.datagram_in(slot, dest, &data),
             TransportEvent::StreamOpened { id, .. } => {
                 // The server never opens streams; refuse politely.
-                if let Some(c) = self.slots[slot]
-                    .client
-                    .as_mut()
-                    .and_then(|c| c.session_mut())
-                {
+                if let Some(c) = self.slots[slot].session_mut() {
                     let _ = c.transport_mut().answer_open(id, OpenResult::NotAllowed);
                 }
             }
@@ -1064,11 +1058,7 @@ impl ClientLoop {
             self.fail_request(now, idx, Socks5Reply::AddressTypeNotSupported);
             return;
         };
-        let Some(session) = self.slots[slot]
-            .client
-            .as_mut()
-            .and_then(|c| c.session_mut())
-        else {
+        let Some(session) = self.slots[slot].session_mut() else {
             return;
         };
         let stream = match session.transport_mut().open_stream(dest) {
@@ -1168,7 +1158,7 @@ impl ClientLoop {
             self.opening.remove(idx);
             if let Some(s) = self.slots.get_mut(slot) {
                 s.streams.remove(&stream);
-                if let Some(sess) = s.client.as_mut().and_then(|c| c.session_mut()) {
+                if let Some(sess) = s.session_mut() {
                     let _ = sess
                         .transport_mut()
                         .stream_reset(stream, ResetReason::Cancelled);
@@ -1198,12 +1188,7 @@ impl ClientLoop {
         pipe.sock_writable |= l.writable;
         l.readable = false;
         l.writable = false;
-        let Some(session) = self
-            .slots
-            .get_mut(slot)
-            .and_then(|s| s.client.as_mut())
-            .and_then(|c| c.session_mut())
-        else {
+        let Some(session) = self.slots.get_mut(slot).and_then(Slot::session_mut) else {
             self.close_local(idx);
             return;
         };
@@ -1239,7 +1224,7 @@ impl ClientLoop {
         if let Some((slot, stream)) = stream {
             if let Some(s) = self.slots.get_mut(slot) {
                 if s.streams.remove(&stream).is_some() {
-                    if let Some(sess) = s.client.as_mut().and_then(|c| c.session_mut()) {
+                    if let Some(sess) = s.session_mut() {
                         let done = l.pipe.as_ref().is_some_and(|p| p.is_done());
                         if !done {
                             let _ = sess
