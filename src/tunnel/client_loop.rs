@@ -34,6 +34,7 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::driver::core::{self, LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
+use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
 use super::driver::udp::{self, RECV_BATCH, SendOutcome, UdpTx};
 use super::pipe::{Pipe, PipeEnd};
@@ -42,7 +43,7 @@ use super::resolver::{Lookup, Resolver};
 use super::slab::Slab;
 use super::supervisor::{
     Failure, LinkSample, NO_ANSWER_TIMEOUT, OPEN_TIMEOUT, Retry, SlotState, SlotSupervisor,
-    TimeoutQueue, WAIT_FOR_SESSION, XorShift64,
+    WAIT_FOR_SESSION, XorShift64,
 };
 use super::{bind_udp, unix_now};
 use crate::config::ClientConfig;

@@ -27,6 +27,7 @@ use super::dest_guard::DestGuard;
 use super::driver;
 use super::driver::core::{LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
+use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
 use super::driver::udp::{SendOutcome, UdpSockets};
 use super::ledger::{Ledger, Verdict};
@@ -150,6 +151,7 @@ pub fn start(
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
         tickets: TicketIssuer::new(),
+        connect_timeouts: TimeoutQueue::new(CONNECT_TIMEOUT),
     };
     lp.load_users();
     let thread = LoopThread::spawn("ostp-tunnel", move || lp.run())
@@ -172,15 +174,14 @@ struct Outbound {
     session: SessionId,
     user: UserId,
     stream: StreamId,
-    /// The lookup this connection waits for (`Resolving` only).
-    ticket: Option<Ticket>,
+    /// This incarnation of the slab slot: matches its DNS answer and its connect deadline.
+    ticket: Ticket,
     state: OutState,
     sock: Option<TcpStream>,
     pipe: Pipe,
     candidates: Vec<SocketAddr>,
     next_candidate: usize,
     last_error: OpenResult,
-    deadline: Instant,
 }
 
 struct SessionInfo {
@@ -188,6 +189,9 @@ struct SessionInfo {
     outbound: Vec<usize>,
 }
 
+/// The server loop's state. 16 fields because it owns every kind of tunnel socket (listen
+/// sockets, outbound TCP with its three indexes, relays) beside the endpoint, the ledger and the
+/// loop plumbing; the policy itself lives in `endpoint` and `ledger`.
 struct ServerLoop {
     core: LoopCore,
     /// The UDP listen sockets (`SocketIndex` = position in `listen`).
@@ -206,6 +210,8 @@ struct ServerLoop {
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
     tickets: TicketIssuer,
+    /// Outbound connects (DNS included) in the order they began, failing at [`CONNECT_TIMEOUT`].
+    connect_timeouts: TimeoutQueue<Ticket>,
 }
 
 fn open_result_for_io(e: &io::Error) -> OpenResult {
@@ -383,10 +389,8 @@ impl ServerLoop {
         if let Some(t) = self.endpoint.poll_timeout() {
             at = at.min(t);
         }
-        for (_, o) in self.outbound.iter() {
-            if !matches!(o.state, OutState::Open) {
-                at = at.min(o.deadline);
-            }
+        if let Some(t) = self.connect_timeouts.next_deadline() {
+            at = at.min(t);
         }
         if let Some(d) = self.shutting_down {
             at = at.min(d);
@@ -565,33 +569,31 @@ impl ServerLoop {
             self.answer(session, stream, OpenResult::NotAllowed);
             return;
         }
+        let ticket = self
+            .tickets
+            .issue(TicketKind::Outbound, self.outbound.next_index());
         let out = Outbound {
             session,
             user,
             stream,
-            ticket: None,
+            ticket,
             state: OutState::Resolving,
             sock: None,
             pipe: Pipe::new(stream, &[]),
             candidates: Vec::new(),
             next_candidate: 0,
             last_error: OpenResult::Unreachable,
-            deadline: now + CONNECT_TIMEOUT,
         };
         let idx = self.outbound.insert(out);
+        debug_assert_eq!(idx, ticket.index);
+        self.connect_timeouts.push_new(ticket, now);
         self.streams.insert((session, stream), idx);
         if let Some(info) = self.sessions.get_mut(&session) {
             info.outbound.push(idx);
         }
         let lookup = match &dest {
             Destination::Addr(a) => Ok(Lookup::Ready(*a)),
-            Destination::Domain { name, port } => {
-                let ticket = self.tickets.issue(TicketKind::Outbound, idx);
-                if let Some(o) = self.outbound.get_mut(idx) {
-                    o.ticket = Some(ticket);
-                }
-                self.resolver.lookup(ticket, name, *port)
-            }
+            Destination::Domain { name, port } => self.resolver.lookup(ticket, name, *port),
         };
         match lookup {
             Ok(Lookup::Ready(addr)) => self.resolved(now, idx, Ok(vec![addr])),
@@ -615,7 +617,7 @@ impl ServerLoop {
                 TicketKind::Outbound => {
                     let idx = ticket.index;
                     let mine = self.outbound.get(idx).is_some_and(|o| {
-                        o.ticket == Some(ticket) && matches!(o.state, OutState::Resolving)
+                        o.ticket == ticket && matches!(o.state, OutState::Resolving)
                     });
                     if mine {
                         self.resolved(now, idx, result.map_err(|_| ()));
@@ -807,15 +809,18 @@ impl ServerLoop {
         self.remove_outbound(idx);
     }
 
+    /// Fails outbounds still resolving or connecting [`CONNECT_TIMEOUT`] after their open
+    /// (entries of outbounds since opened or gone are skipped).
     fn expire_outbound(&mut self, now: Instant) {
-        let expired: Vec<usize> = self
-            .outbound
-            .iter()
-            .filter(|(_, o)| !matches!(o.state, OutState::Open) && now >= o.deadline)
-            .map(|(i, _)| i)
-            .collect();
-        for idx in expired {
-            self.fail_outbound(idx, OpenResult::Timeout);
+        while let Some(ticket) = self.connect_timeouts.pop_expired(now) {
+            let idx = ticket.index;
+            let pending = self
+                .outbound
+                .get(idx)
+                .is_some_and(|o| o.ticket == ticket && !matches!(o.state, OutState::Open));
+            if pending {
+                self.fail_outbound(idx, OpenResult::Timeout);
+            }
         }
     }
 

@@ -5,10 +5,12 @@
 //! - [`ticket`] — typed resolver tickets: a DNS answer can only ever reach the owner that asked.
 //! - [`udp`]    — UDP receive batches that remember "still readable" (mio is edge-triggered) and
 //!   the blocked-send slot that holds WRITABLE interest only while a datagram waits.
+//! - [`timeouts`] — fixed-timeout deadline queues (no per-wake-up scans over connections).
 //! - [`core`]   — the loop skeleton: `Poll` + `Events` + `Waker`, a wait that never busy-spins on
 //!   sub-millisecond deadlines unnoticed, and the loop thread handle.
 
 pub mod core;
 pub mod ticket;
+pub mod timeouts;
 pub mod token;
 pub mod udp;
