@@ -497,3 +497,32 @@ fn requests_waiting_for_a_session_fail_after_fifteen_seconds_on_time() {
         );
     }
 }
+
+#[test]
+fn an_outbound_connect_that_never_completes_times_out_after_ten_seconds() {
+    // A listener whose accept queue is full drops further SYNs: connects to it hang.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+        assert!(held.len() < 10_000, "the accept queue never filled");
+    }
+    let (_server, client, _) = setup();
+    let t = Instant::now();
+    let r = socks5_connect(client.proxy, Target::Ip(addr));
+    let took = t.elapsed();
+    assert_eq!(
+        r.err(),
+        Some(0x06),
+        "the server's connect timeout is reported as TTL expired"
+    );
+    assert!(
+        took >= Duration::from_millis(9_500) && took < Duration::from_secs(13),
+        "took {took:?}"
+    );
+    drop(listener);
+}
