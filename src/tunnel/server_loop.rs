@@ -134,7 +134,11 @@ pub fn start(
     let mut seed = [0u8; 32];
     keys::fill_random(&mut seed).map_err(|e| StartError(e.to_string()))?;
     let endpoint = ServerEndpoint::new(options.endpoint, seed);
-    let guard = DestGuard::new(cfg.allow_private_destinations);
+    let mut guard = DestGuard::new(cfg.allow_private_destinations);
+    if cfg.api.enabled {
+        // Before any session exists; the bound address follows as `ControlMsg::ApiBound`.
+        guard.protect_api(cfg.api.bind);
+    }
     let mut lp = ServerLoop {
         core,
         udp,
@@ -409,13 +413,9 @@ impl ServerLoop {
                     log::info!("user {}: deleted; closing its sessions", id.0);
                     self.remove_user(now, id);
                 }
-                ControlMsg::AllowPrivateDestinations(allow) => {
-                    if allow != self.guard.allows_private() {
-                        // New connections and datagrams are judged by the new guard; open
-                        // connections stay.
-                        self.guard = DestGuard::new(allow);
-                    }
-                }
+                // New connections and datagrams are judged by the new value; open ones stay.
+                ControlMsg::AllowPrivateDestinations(allow) => self.guard.set_allow_private(allow),
+                ControlMsg::ApiBound(addr) => self.guard.protect_api(addr),
                 ControlMsg::Shutdown => self.begin_shutdown(now),
             }
         }
