@@ -11,6 +11,7 @@ mod api_http;
 mod bulk_http;
 mod cli;
 mod guard_api;
+mod hello_restart;
 mod lossy_relay;
 mod proto_fuzz_props;
 mod proto_secure;

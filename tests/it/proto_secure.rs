@@ -619,3 +619,47 @@ fn garbage_hellos_with_one_users_valid_tags_never_block_another_user() {
     assert_eq!(stats.hello_rate_limited, 0, "{stats:?}");
     assert_eq!(s.session_count(), 10);
 }
+
+#[test]
+fn a_hello_answered_before_a_restart_gets_silence_after_it() {
+    let now = Instant::now();
+    let mut before = server();
+    let mut c = client(KEY, now, UNIX, 77);
+    let (hello, reply) = hello_from(&mut before, &mut c, now, UNIX, device(1));
+    assert!(reply.is_some(), "answered before the restart");
+    let generation = before.hello_record_generation();
+    assert_eq!(generation, 1);
+    let record = before.export_hello_record();
+    // The restarted server: same key under another user number, 90 s later (the hello is still
+    // inside its clock window and, in the next epoch, inside the tag window).
+    let later = now + Duration::from_secs(90);
+    let unix = UNIX + 90;
+    let restarted = || {
+        let mut s = ServerEndpoint::new(EndpointConfig::default(), [12; 32]);
+        s.set_user(UserId(40), KEY, UserState::Active).unwrap();
+        s
+    };
+    // Without the record the captured hello is answered once more: what a prober looks for.
+    let mut forgetful = restarted();
+    assert!(replay_answered(
+        &mut forgetful,
+        &hello,
+        later,
+        unix,
+        device(9)
+    ));
+    let mut s = restarted();
+    assert_eq!(s.import_hello_record(unix, &record), Ok(1));
+    assert!(!replay_answered(&mut s, &hello, later, unix, device(9)));
+    assert_eq!(s.stats().hello_replays, 1);
+    // Fresh hellos of that key still connect.
+    let mut c = client(KEY, later, unix, 78);
+    assert!(hello_exchange(&mut s, &mut c, later, unix).is_some());
+    // A damaged record is refused and changes nothing.
+    let mut s = restarted();
+    assert!(
+        s.import_hello_record(unix, &record[..record.len() - 3])
+            .is_err()
+    );
+    assert_eq!(s.hello_record_generation(), 0);
+}

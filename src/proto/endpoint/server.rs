@@ -5,7 +5,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::hello_tags::{HelloDrop, HelloTags, hello_fingerprint};
+use super::hello_tags::{HelloDrop, HelloTags, RecordError, hello_fingerprint};
 use super::rate_limit::{BucketLevel, TokenBucket};
 use super::{IdMap, SessionId, SocketIndex, UserId};
 use crate::proto::crypto::Key32;
@@ -286,6 +286,33 @@ impl ServerEndpoint {
     /// Number of registered hello tags (memory accounting, tests).
     pub fn hello_tag_count(&self) -> usize {
         self.tags.len()
+    }
+
+    // ----- the record of answered hellos, across restarts -----
+
+    /// Grows whenever a hello is recorded as answered: the record changed since a caller saw a
+    /// smaller value.
+    pub fn hello_record_generation(&self) -> u64 {
+        self.tags.recorded()
+    }
+
+    /// The record of answered hellos still inside the acceptance window, to be saved and given to
+    /// [`ServerEndpoint::import_hello_record`] after a restart (so a hello captured before the
+    /// restart gets silence after it).
+    pub fn export_hello_record(&self) -> Vec<u8> {
+        self.tags.export_answered()
+    }
+
+    /// Adds a record saved by [`ServerEndpoint::export_hello_record`]; call after the users are
+    /// set. Returns how many answered hellos it added (entries of deleted or re-keyed users and
+    /// of epochs that left the window are skipped).
+    pub fn import_hello_record(
+        &mut self,
+        unix_secs: u64,
+        record: &[u8],
+    ) -> Result<usize, RecordError> {
+        self.tags.advance(unix_secs);
+        self.tags.import_answered(record)
     }
 
     // ----- users -----
