@@ -25,6 +25,8 @@ fn server(users: u32) -> (ServerEndpoint, Vec<UserKeys>) {
         max_sessions_per_user: 1_000_000,
         handshake_rate: u32::MAX / 2000,
         handshake_burst: u32::MAX / 2000,
+        handshake_rate_per_user: u32::MAX / 2000,
+        handshake_burst_per_user: u32::MAX / 2000,
         ..EndpointConfig::default()
     };
     let mut s = ServerEndpoint::new(config, [9; 32]);

@@ -19,6 +19,8 @@ pub enum ControlMsg {
     UserChanged(UserId),
     /// `allow_private_destinations` changed (SIGHUP): judge new destinations by this value.
     AllowPrivateDestinations(bool),
+    /// The management API listens on this address: the destination guard refuses it always.
+    ApiBound(std::net::SocketAddr),
     /// Stop the loop.
     Shutdown,
 }

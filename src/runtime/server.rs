@@ -44,6 +44,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     } else {
         None
     };
+    if let Some(api) = &api {
+        control.send(ControlMsg::ApiBound(api.local_addr()));
+    }
     persister.start_flusher(FLUSH_INTERVAL);
     announce(
         &cfg,

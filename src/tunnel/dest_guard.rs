@@ -20,6 +20,12 @@
 //!   `connect`ed to a locally assigned address gets that same address as its source. Answers are
 //!   cached (64 entries, 60 s).
 //!
+//! The management API's own addresses ([`DestGuard::protect_api`]) are refused whatever
+//! `allow_private_destinations` says: on the API's port, its bound address in every form
+//! (IPv4-mapped and the other embedded forms), every loopback address if it is bound to a loopback
+//! address, and every local address (loopback, the host's own addresses) if it is bound to
+//! `0.0.0.0` or `[::]`. So a tunnel user cannot reach the API through the tunnel.
+//!
 //! With `allow_private_destinations: true` everything is allowed (loopback, private ranges and the
 //! server's own addresses included) EXCEPT what is never a valid destination: port 0, unspecified
 //! and "this network" (0/8, `::` — on Linux connecting to 0.0.0.0 silently reaches the local host),
@@ -59,6 +65,8 @@ pub enum DenyReason {
     Reserved,
     /// One of the server's own addresses.
     OwnAddress,
+    /// An address of the server's management API (always refused).
+    ApiAddress,
 }
 
 impl fmt::Display for DenyReason {
@@ -75,6 +83,7 @@ impl fmt::Display for DenyReason {
             Self::Documentation => "documentation address",
             Self::Reserved => "reserved address",
             Self::OwnAddress => "server's own address",
+            Self::ApiAddress => "the server's management API",
         };
         f.write_str(text)
     }
@@ -85,7 +94,11 @@ impl DenyReason {
     pub fn always_refused(self) -> bool {
         matches!(
             self,
-            Self::PortZero | Self::Unspecified | Self::Multicast | Self::Broadcast
+            Self::PortZero
+                | Self::Unspecified
+                | Self::Multicast
+                | Self::Broadcast
+                | Self::ApiAddress
         )
     }
 }
@@ -108,6 +121,8 @@ pub struct DestGuard {
     allow_private: bool,
     probe: LocalProbe,
     cache: Vec<(IpAddr, bool, Instant)>,
+    /// The management API's bound addresses (never reachable through the tunnel).
+    api: Vec<SocketAddr>,
 }
 
 impl DestGuard {
@@ -122,7 +137,21 @@ impl DestGuard {
             allow_private: allow_private_destinations,
             probe,
             cache: Vec::with_capacity(LOCAL_CACHE_SIZE),
+            api: Vec::new(),
         }
+    }
+
+    /// Refuses the management API bound at `addr` from now on, whatever
+    /// `allow_private_destinations` says (see the module doc for the forms refused).
+    pub fn protect_api(&mut self, addr: SocketAddr) {
+        if !self.api.contains(&addr) {
+            self.api.push(addr);
+        }
+    }
+
+    /// Changes `allow_private_destinations` (SIGHUP); the API stays refused.
+    pub fn set_allow_private(&mut self, allow_private_destinations: bool) {
+        self.allow_private = allow_private_destinations;
     }
 
     /// Whether private destinations are allowed.
@@ -134,6 +163,9 @@ impl DestGuard {
     pub fn check(&mut self, dest: SocketAddr, now: Instant) -> Verdict {
         if dest.port() == 0 {
             return Verdict::Deny(DenyReason::PortZero);
+        }
+        if self.reaches_api(dest, now) {
+            return Verdict::Deny(DenyReason::ApiAddress);
         }
         if let Some(reason) = classify_ip(dest.ip()) {
             if self.allow_private && !reason.always_refused() {
@@ -169,6 +201,24 @@ impl DestGuard {
         } else {
             Ok(allowed)
         }
+    }
+
+    /// Whether a connection to `dest` could reach the management API.
+    fn reaches_api(&mut self, dest: SocketAddr, now: Instant) -> bool {
+        let ip = match dest.ip() {
+            IpAddr::V6(v6) => embedded_ipv4(v6).map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let mut any_local = false;
+        for api in self.api.iter().filter(|a| a.port() == dest.port()) {
+            let bound = canonical_ip(api.ip());
+            if bound == ip || (ip.is_loopback() && bound.is_loopback()) {
+                return true;
+            }
+            any_local |= bound.is_unspecified();
+        }
+        // Bound to 0.0.0.0 / [::]: every address of this host reaches it.
+        any_local && (ip.is_loopback() || ip.is_unspecified() || self.is_own_address(ip, now))
     }
 
     fn is_own_address(&mut self, ip: IpAddr, now: Instant) -> bool {
@@ -253,18 +303,8 @@ fn classify_v6(ip: Ipv6Addr) -> Option<DenyReason> {
         return Some(DenyReason::Loopback);
     }
     // Forms that embed an IPv4 address are judged by it.
-    if let Some(v4) = ip.to_ipv4_mapped() {
+    if let Some(v4) = embedded_ipv4(ip) {
         return classify_v4(v4);
-    }
-    if s[..6] == [0; 6] {
-        // IPv4-compatible ::a.b.c.d (deprecated).
-        return classify_v4(embedded_v4(s[6], s[7]));
-    }
-    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return classify_v4(embedded_v4(s[6], s[7]));
-    }
-    if s[0] == 0x2002 {
-        return classify_v4(embedded_v4(s[1], s[2]));
     }
     let reason = match s {
         [0x64, 0xff9b, 1, ..] => DenyReason::Private,
@@ -281,6 +321,26 @@ fn classify_v6(ip: Ipv6Addr) -> Option<DenyReason> {
         _ => return None,
     };
     Some(reason)
+}
+
+/// The IPv4 address embedded in an IPv4-mapped (::ffff:0:0/96), IPv4-compatible (::/96, except
+/// `::` and `::1`), NAT64 (64:ff9b::/96) or 6to4 (2002::/16) address.
+fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0; 6] && !ip.is_unspecified() && !ip.is_loopback() {
+        // IPv4-compatible ::a.b.c.d (deprecated).
+        return Some(embedded_v4(s[6], s[7]));
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(embedded_v4(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return Some(embedded_v4(s[1], s[2]));
+    }
+    None
 }
 
 fn embedded_v4(high: u16, low: u16) -> Ipv4Addr {
@@ -486,6 +546,94 @@ mod tests {
         // Opt-in allows own addresses.
         let mut open = DestGuard::with_local_probe(true, probe);
         assert_eq!(open.check(own, now), Verdict::Allow);
+    }
+
+    /// The host's addresses in these tests: loopback and 198.51.200.7 / 2a01:4f8::7.
+    fn host_probe(ip: IpAddr) -> bool {
+        ip.is_loopback()
+            || ip == IpAddr::V4(Ipv4Addr::new(198, 51, 200, 7))
+            || ip == "2a01:4f8::7".parse::<IpAddr>().unwrap()
+    }
+
+    fn sa(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_api_on_loopback_is_refused_in_every_form_whatever_allow_private_says() {
+        let now = Instant::now();
+        for allow_private in [true, false] {
+            let mut guard = DestGuard::with_local_probe(allow_private, host_probe);
+            guard.protect_api(sa("127.0.0.1:9090"));
+            for dest in [
+                "127.0.0.1:9090",
+                "127.0.0.2:9090",
+                "[::1]:9090",
+                "[::ffff:127.0.0.1]:9090",
+                "[::127.0.0.1]:9090",
+                "[64:ff9b::127.0.0.1]:9090",
+                "[2002:7f00:1::]:9090",
+            ] {
+                assert_eq!(
+                    guard.check(sa(dest), now),
+                    Verdict::Deny(DenyReason::ApiAddress),
+                    "{dest} allow_private={allow_private}"
+                );
+            }
+            // Another port, and the API port on a non-local address, are judged as usual.
+            let other = guard.check(sa("127.0.0.1:9091"), now);
+            assert_eq!(other == Verdict::Allow, allow_private);
+            assert_eq!(guard.check(sa("8.8.8.8:9090"), now), Verdict::Allow);
+        }
+        // A SIGHUP that changes allow_private keeps the API refused.
+        let mut guard = DestGuard::with_local_probe(false, host_probe);
+        guard.protect_api(sa("127.0.0.1:9090"));
+        guard.set_allow_private(true);
+        assert!(guard.allows_private());
+        assert_eq!(
+            guard.check(sa("127.0.0.1:9090"), now),
+            Verdict::Deny(DenyReason::ApiAddress)
+        );
+        assert_eq!(guard.check(sa("127.0.0.1:80"), now), Verdict::Allow);
+    }
+
+    #[test]
+    fn an_api_on_every_address_is_refused_on_every_local_address() {
+        let now = Instant::now();
+        for bind in ["0.0.0.0:9090", "[::]:9090"] {
+            let mut guard = DestGuard::with_local_probe(true, host_probe);
+            guard.protect_api(sa(bind));
+            for dest in [
+                "127.0.0.1:9090",
+                "127.1.2.3:9090",
+                "[::1]:9090",
+                "198.51.200.7:9090",
+                "[::ffff:198.51.200.7]:9090",
+                "[2a01:4f8::7]:9090",
+            ] {
+                assert_eq!(
+                    guard.check(sa(dest), now),
+                    Verdict::Deny(DenyReason::ApiAddress),
+                    "{dest} with the API on {bind}"
+                );
+            }
+            for allowed in ["198.51.200.8:9090", "10.0.0.1:9090", "198.51.200.7:9091"] {
+                assert_eq!(guard.check(sa(allowed), now), Verdict::Allow, "{allowed}");
+            }
+        }
+        // An API on one LAN address: that address (any form) on its port.
+        let mut guard = DestGuard::with_local_probe(true, host_probe);
+        guard.protect_api(sa("192.168.1.1:8080"));
+        guard.protect_api(sa("192.168.1.1:8080"));
+        assert_eq!(guard.api.len(), 1);
+        for dest in ["192.168.1.1:8080", "[::ffff:192.168.1.1]:8080"] {
+            assert_eq!(
+                guard.check(sa(dest), now),
+                Verdict::Deny(DenyReason::ApiAddress)
+            );
+        }
+        assert_eq!(guard.check(sa("127.0.0.1:8080"), now), Verdict::Allow);
+        assert_eq!(guard.check(sa("192.168.1.1:80"), now), Verdict::Allow);
     }
 
     #[test]

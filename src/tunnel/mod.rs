@@ -13,6 +13,7 @@
 //! - [`slab`]        — stable indices for connections (mio tokens).
 //! - [`ledger`]      — the server's per-user traffic policy (sans-IO): budgets, unsynced traffic,
 //!   the limit cut and drain, the sync with the user table.
+//! - [`hello_record`] — the server's record of answered hellos on disk (survives restarts).
 //! - [`server_loop`] — the server's mio event loop: UDP listen sockets, outbound TCP, API control
 //!   messages; carries out the ledger's verdicts.
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
@@ -24,6 +25,7 @@
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;
+pub mod hello_record;
 pub mod ledger;
 pub mod pipe;
 pub mod proxy_front;

@@ -30,6 +30,7 @@ use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
 use super::driver::udp::{SendOutcome, UdpSockets};
+use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, Verdict};
 use super::pipe::{Moved, Pipe, PipeEnd};
 use super::resolver::{Lookup, Resolved, Resolver};
@@ -134,7 +135,11 @@ pub fn start(
     let mut seed = [0u8; 32];
     keys::fill_random(&mut seed).map_err(|e| StartError(e.to_string()))?;
     let endpoint = ServerEndpoint::new(options.endpoint, seed);
-    let guard = DestGuard::new(cfg.allow_private_destinations);
+    let mut guard = DestGuard::new(cfg.allow_private_destinations);
+    if cfg.api.enabled {
+        // Before any session exists; the bound address follows as `ControlMsg::ApiBound`.
+        guard.protect_api(cfg.api.bind);
+    }
     let mut lp = ServerLoop {
         core,
         udp,
@@ -152,8 +157,12 @@ pub fn start(
         shutting_down: None,
         tickets: TicketIssuer::new(),
         connect_timeouts: TimeoutQueue::new(CONNECT_TIMEOUT),
+        hello_record: None,
     };
     lp.load_users();
+    let record = hello_record::path_for(&cfg.state_file);
+    let record = HelloRecordFile::open(record, &mut lp.endpoint, Instant::now(), unix_now());
+    lp.hello_record = Some(record);
     let thread = LoopThread::spawn("ostp-tunnel", move || lp.run())
         .map_err(|e| StartError(format!("cannot start the tunnel thread: {e}")))?;
     Ok(ServerLoopHandle {
@@ -212,6 +221,8 @@ struct ServerLoop {
     tickets: TicketIssuer,
     /// Outbound connects (DNS included) in the order they began, failing at [`CONNECT_TIMEOUT`].
     connect_timeouts: TimeoutQueue<Ticket>,
+    /// The record of answered hellos on disk (set once the users are loaded).
+    hello_record: Option<HelloRecordFile>,
 }
 
 fn open_result_for_io(e: &io::Error) -> OpenResult {
@@ -357,6 +368,9 @@ impl ServerLoop {
             if self.ledger.sync_due(now) {
                 self.sync_accounting(now);
             }
+            if let Some(record) = &mut self.hello_record {
+                record.tick(now, &self.endpoint);
+            }
             self.flush_transmits(now);
             self.process_endpoint_events(now);
             if let Some(deadline) = self.shutting_down {
@@ -377,6 +391,9 @@ impl ServerLoop {
             }
         }
         self.resolver.shutdown();
+        if let Some(record) = self.hello_record.take() {
+            record.finish(&self.endpoint);
+        }
         log::info!("tunnel loop stopped");
     }
 
@@ -395,6 +412,9 @@ impl ServerLoop {
         if let Some(d) = self.shutting_down {
             at = at.min(d);
         }
+        if let Some(record) = &self.hello_record {
+            at = at.min(record.next_deadline());
+        }
         Some(at)
     }
 
@@ -409,13 +429,9 @@ impl ServerLoop {
                     log::info!("user {}: deleted; closing its sessions", id.0);
                     self.remove_user(now, id);
                 }
-                ControlMsg::AllowPrivateDestinations(allow) => {
-                    if allow != self.guard.allows_private() {
-                        // New connections and datagrams are judged by the new guard; open
-                        // connections stay.
-                        self.guard = DestGuard::new(allow);
-                    }
-                }
+                // New connections and datagrams are judged by the new value; open ones stay.
+                ControlMsg::AllowPrivateDestinations(allow) => self.guard.set_allow_private(allow),
+                ControlMsg::ApiBound(addr) => self.guard.protect_api(addr),
                 ControlMsg::Shutdown => self.begin_shutdown(now),
             }
         }

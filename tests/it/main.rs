@@ -10,6 +10,8 @@ mod api_durability;
 mod api_http;
 mod bulk_http;
 mod cli;
+mod guard_api;
+mod hello_restart;
 mod lossy_relay;
 mod proto_fuzz_props;
 mod proto_secure;

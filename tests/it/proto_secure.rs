@@ -470,6 +470,7 @@ fn a_key_gets_max_handshakes_per_epoch_then_silence_until_the_next_epoch() {
     let mut s = server_with(EndpointConfig {
         max_sessions_per_user: 1000,
         handshake_burst: 1000,
+        handshake_burst_per_user: 1000,
         ..EndpointConfig::default()
     });
     let mut answered = 0;
@@ -503,4 +504,162 @@ fn a_key_gets_max_handshakes_per_epoch_then_silence_until_the_next_epoch() {
     let mut c = client(KEY, later, UNIX + 119, 10);
     let (_, reply) = hello_from(&mut s, &mut c, later, next, device(1));
     assert!(reply.is_none());
+}
+
+/// Garbage hellos carrying one user's valid tags (random-looking nonces, garbage ciphertext),
+/// one per 100 µs of simulated time.
+struct GarbageFlood {
+    keys: UserKeys,
+    start: Instant,
+    /// When the next garbage hello is due.
+    next: Instant,
+    sent: u64,
+}
+
+impl GarbageFlood {
+    const GAP: Duration = Duration::from_micros(100);
+
+    fn unix_at(&self, at: Instant) -> u64 {
+        UNIX + (at - self.start).as_secs()
+    }
+
+    /// Sends every garbage hello due up to `now`.
+    fn run_until(&mut self, s: &mut ServerEndpoint, now: Instant) {
+        let prober: SocketAddr = "192.0.2.66:666".parse().unwrap();
+        let mut hello = [0xA5u8; 300];
+        while self.next <= now {
+            let unix = self.unix_at(self.next);
+            let slot = (self.sent % 16) as u16;
+            let tag = handshake::hello_tag(&self.keys.tag_key, handshake::epoch_of(unix), slot);
+            let nonce = self.sent.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            hello.fill(0xA5);
+            hello[..8].copy_from_slice(&tag.to_le_bytes());
+            hello[8..16].copy_from_slice(&nonce.to_le_bytes());
+            s.handle_datagram(self.next, unix, SocketIndex(0), prober, &mut hello);
+            self.sent += 1;
+            self.next += Self::GAP;
+        }
+    }
+}
+
+/// Runs an honest client from `begin` while the flood goes on; returns how long it took to
+/// connect (`None`: not within 5 s).
+fn connect_during_flood(
+    s: &mut ServerEndpoint,
+    flood: &mut GarbageFlood,
+    key: &str,
+    begin: Instant,
+    seed: u8,
+) -> Option<Duration> {
+    let honest: SocketAddr = "198.51.100.77:5000".parse().unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut c = client(key, begin, flood.unix_at(begin), seed);
+    let mut now = begin;
+    while now - begin < Duration::from_secs(5) {
+        flood.run_until(s, now);
+        let unix = flood.unix_at(now);
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(n) = c.poll_transmit(now, &mut buf) {
+            s.handle_datagram(now, unix, SocketIndex(0), honest, &mut buf[..n]);
+        }
+        while let Some(t) = s.poll_transmit(now, &mut buf) {
+            if t.to == honest {
+                c.handle_datagram(now, &mut buf[..t.len]);
+            }
+        }
+        if c.is_connected() {
+            return Some(now - begin);
+        }
+        now += GarbageFlood::GAP;
+    }
+    None
+}
+
+#[test]
+fn garbage_hellos_with_one_users_valid_tags_never_block_another_user() {
+    // 10,000 hellos/s carrying the attacker's own valid tags with garbage ciphertext, for 30 s
+    // of simulated time: every 3 s an honest user connects, each time in under 1 s (its first
+    // hello is answered; a lost one would be retried only after 1 s).
+    const HONEST: &str = "secure-test-key-HONEST-USER";
+    let start = Instant::now();
+    let mut s = server();
+    s.set_user(UserId(2), HONEST, UserState::Active).unwrap();
+    let mut flood = GarbageFlood {
+        keys: UserKeys::from_access_key(KEY).unwrap(),
+        start,
+        next: start,
+        sent: 0,
+    };
+    for round in 0..10u8 {
+        // The flood alone until the next honest attempt, 3 s apart.
+        let begin = start
+            + Duration::from_secs(3 * u64::from(round) + 1)
+            + Duration::from_micros(u64::from(round) * 7919);
+        flood.run_until(&mut s, begin);
+        let took = connect_during_flood(&mut s, &mut flood, HONEST, begin, 10 + round)
+            .unwrap_or_else(|| panic!("round {round}: the honest user did not connect in 5 s"));
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: took {took:?}"
+        );
+    }
+    flood.run_until(&mut s, start + Duration::from_secs(30));
+    let stats = s.stats();
+    assert!(flood.sent >= 300_000, "sent {}", flood.sent);
+    // The attacker's garbage reached authentication only within its own allowance (burst 64,
+    // then 20/s); the server's bucket never ran dry.
+    assert!(stats.hello_bad <= 64 + 20 * 31, "{stats:?}");
+    assert_eq!(
+        stats.hello_user_rate_limited + stats.hello_bad,
+        flood.sent,
+        "{stats:?}"
+    );
+    assert_eq!(stats.hello_rate_limited, 0, "{stats:?}");
+    assert_eq!(s.session_count(), 10);
+}
+
+#[test]
+fn a_hello_answered_before_a_restart_gets_silence_after_it() {
+    let now = Instant::now();
+    let mut before = server();
+    let mut c = client(KEY, now, UNIX, 77);
+    let (hello, reply) = hello_from(&mut before, &mut c, now, UNIX, device(1));
+    assert!(reply.is_some(), "answered before the restart");
+    let generation = before.hello_record_generation();
+    assert_eq!(generation, 1);
+    let record = before.export_hello_record();
+    // The restarted server: same key under another user number, 90 s later (the hello is still
+    // inside its clock window and, in the next epoch, inside the tag window).
+    let later = now + Duration::from_secs(90);
+    let unix = UNIX + 90;
+    let restarted = || {
+        let mut s = ServerEndpoint::new(EndpointConfig::default(), [12; 32]);
+        s.set_user(UserId(40), KEY, UserState::Active).unwrap();
+        s
+    };
+    // Without the record the captured hello is answered once more: what a prober looks for.
+    let mut forgetful = restarted();
+    assert!(replay_answered(
+        &mut forgetful,
+        &hello,
+        later,
+        unix,
+        device(9)
+    ));
+    let mut s = restarted();
+    assert_eq!(s.import_hello_record(unix, &record), Ok(1));
+    assert!(!replay_answered(&mut s, &hello, later, unix, device(9)));
+    assert_eq!(s.stats().hello_replays, 1);
+    // Fresh hellos of that key still connect.
+    let mut c = client(KEY, later, unix, 78);
+    assert!(hello_exchange(&mut s, &mut c, later, unix).is_some());
+    // A damaged record is refused and changes nothing.
+    let mut s = restarted();
+    assert!(
+        s.import_hello_record(unix, &record[..record.len() - 3])
+            .is_err()
+    );
+    assert_eq!(s.hello_record_generation(), 0);
 }

@@ -95,6 +95,7 @@ fn handshakes_look_random_and_vary_in_size() {
     config.max_sessions = 100_000;
     config.max_sessions_per_user = 100_000;
     config.handshake_rate = 1_000_000;
+    config.handshake_rate_per_user = 1_000_000;
     let mut server = None;
     let mut buf = vec![0u8; 2048];
     let mut seed = Drbg::new([42; 32]);

@@ -8,6 +8,11 @@
 //! pass the server's clock check only while the server is in `e-1 ..= e+1`, so the record of
 //! answered hellos, kept with the epoch's tags, covers the whole time a replay could be accepted.
 //!
+//! The record survives a restart through [`HelloTags::export_answered`] and
+//! [`HelloTags::import_answered`]: each user and epoch is written with one of its tags (not its
+//! user number or key), so the record finds its user again in the next run by the same lookup
+//! as a hello, and only epochs still inside the window are kept.
+//!
 //! Tags are not single-use: several hellos of one key (devices sharing it) may carry the same tag.
 //! What makes a hello a replay is its nonce, which the key holder picks at random per hello and
 //! which an attacker cannot change without failing authentication.
@@ -25,6 +30,31 @@ pub const MAX_TAGS_PER_USER: usize = 4 * HELLO_SLOTS as usize;
 /// 2 KiB per key and epoch and 8 KiB per key (four epochs held); in total at most what the
 /// handshake rate limiter lets through in four epochs.
 pub const MAX_HANDSHAKES_PER_EPOCH: usize = 256;
+/// First bytes of an exported record (format version 1).
+const RECORD_MAGIC: &[u8; 8] = b"OSTPHLO1";
+
+/// Why an exported record could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordError {
+    /// It does not start with the record's magic bytes.
+    NotARecord,
+    /// It ends in the middle of an entry.
+    Truncated,
+    /// An entry holds more than [`MAX_HANDSHAKES_PER_EPOCH`] fingerprints.
+    TooManyFingerprints,
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotARecord => "not a record of answered hellos",
+            Self::Truncated => "truncated",
+            Self::TooManyFingerprints => "an entry holds too many hellos",
+        })
+    }
+}
+
+impl std::error::Error for RecordError {}
 
 struct TagEntry {
     user: UserId,
@@ -78,6 +108,8 @@ pub struct HelloTags {
     epoch: Option<u64>,
     /// Users whose tags for the epoch after next are not registered yet.
     prepare_queue: Vec<u32>,
+    /// Hellos recorded so far (tells the driver when the record changed).
+    recorded: u64,
 }
 
 impl HelloTags {
@@ -166,9 +198,59 @@ impl HelloTags {
             Err(_) if epoch.answered.len() >= MAX_HANDSHAKES_PER_EPOCH => Err(HelloDrop::KeyLimit),
             Err(at) => {
                 epoch.answered.insert(at, fingerprint);
+                self.recorded += 1;
                 Ok(())
             }
         }
+    }
+
+    /// How many hellos were recorded since the table was created (grows with every change of
+    /// the record).
+    pub fn recorded(&self) -> u64 {
+        self.recorded
+    }
+
+    /// The record of answered hellos of the epochs still inside the window, for
+    /// [`HelloTags::import_answered`] after a restart: per user and epoch, one tag of that epoch
+    /// and the fingerprints (8 + 8 + 2 + 8 × n bytes), after 8 magic bytes.
+    pub fn export_answered(&self) -> Vec<u8> {
+        let mut out = RECORD_MAGIC.to_vec();
+        let Some(current) = self.epoch else {
+            return out;
+        };
+        let live = self.users.values().flat_map(|u| &u.epochs);
+        for e in live.filter(|e| e.epoch + 1 >= current && !e.answered.is_empty()) {
+            out.extend_from_slice(&e.epoch.to_le_bytes());
+            out.extend_from_slice(&e.tags[0].to_le_bytes());
+            out.extend_from_slice(&(e.answered.len() as u16).to_le_bytes());
+            for fingerprint in &e.answered {
+                out.extend_from_slice(&fingerprint.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Adds an exported record to the answered hellos; call once the clock is known
+    /// ([`HelloTags::advance`]) and the users are registered. Entries of users no longer
+    /// registered (or re-keyed) and of epochs that left the window are skipped. Returns how many
+    /// hellos were added; a malformed record adds nothing.
+    pub fn import_answered(&mut self, record: &[u8]) -> Result<usize, RecordError> {
+        let entries = parse_record(record)?;
+        // Register E+2 for everyone now, so its entries find their tags too.
+        self.prepare_next_epoch(usize::MAX);
+        let mut added = 0;
+        for (epoch, tag, fingerprints) in entries {
+            let Some(found) = self.lookup(tag).filter(|m| m.epoch == epoch) else {
+                continue;
+            };
+            for fingerprint in fingerprints.chunks_exact(8) {
+                let fingerprint = u64::from_le_bytes(fingerprint.try_into().unwrap_or_default());
+                if self.record(found, fingerprint).is_ok() {
+                    added += 1;
+                }
+            }
+        }
+        Ok(added)
     }
 
     fn epoch_tags(&self, found: TagMatch) -> Option<&EpochTags> {
@@ -260,6 +342,35 @@ impl HelloTags {
             self.register(UserId(id), epoch.saturating_sub(1), epoch + 2);
         }
     }
+}
+
+/// One entry of an exported record: `(epoch, tag, fingerprint bytes)`.
+type RecordEntry<'a> = (u64, u64, &'a [u8]);
+
+/// The entries of an exported record.
+fn parse_record(record: &[u8]) -> Result<Vec<RecordEntry<'_>>, RecordError> {
+    let mut rest = record
+        .strip_prefix(RECORD_MAGIC.as_slice())
+        .ok_or(RecordError::NotARecord)?;
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_at_checked(18).ok_or(RecordError::Truncated)?;
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&head[at..at + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        let count = usize::from(u16::from_le_bytes([head[16], head[17]]));
+        if count > MAX_HANDSHAKES_PER_EPOCH {
+            return Err(RecordError::TooManyFingerprints);
+        }
+        let (fingerprints, tail) = tail
+            .split_at_checked(8 * count)
+            .ok_or(RecordError::Truncated)?;
+        entries.push((word(0), word(8), fingerprints));
+        rest = tail;
+    }
+    Ok(entries)
 }
 
 /// Removes one user-epoch's tags from the table (unless another user owns a colliding tag).
@@ -443,6 +554,83 @@ mod tests {
         assert_eq!(t.epoch(), Some(E));
         assert_window(&t, 3);
         assert_eq!(found(&t, 0, E + 10, 0), None);
+    }
+
+    #[test]
+    fn the_answered_record_survives_export_and_import_into_a_new_table() {
+        let mut t = table(3);
+        t.advance(UNIX);
+        let m0 = found(&t, 0, E, 4).unwrap();
+        let m2 = found(&t, 2, E + 1, 9).unwrap();
+        let old = found(&t, 1, E - 1, 0).unwrap();
+        for fp in [5, 42, 7] {
+            t.record(m0, fp).unwrap();
+        }
+        t.record(m2, 99).unwrap();
+        t.record(old, 1).unwrap();
+        assert_eq!(t.recorded(), 5);
+        // One epoch later, E-1 has left the window: it is not exported.
+        t.advance(UNIX + EPOCH_SECS);
+        let record = t.export_answered();
+        assert_eq!(record.len(), 8 + 2 * 18 + 4 * 8);
+        // A restarted server: users 0 and 2 known (user 1 deleted meanwhile), clock at E+1.
+        let mut fresh = HelloTags::default();
+        fresh.set_user(UserId(10), &key(0));
+        fresh.set_user(UserId(12), &key(2));
+        fresh.advance(UNIX + EPOCH_SECS);
+        assert_eq!(fresh.import_answered(&record), Ok(4));
+        let m0 = TagMatch {
+            user: UserId(10),
+            epoch: E,
+        };
+        for fp in [5, 42, 7] {
+            assert_eq!(fresh.check(m0, fp), Err(HelloDrop::Replay));
+        }
+        assert_eq!(fresh.check(m0, 8), Ok(()));
+        let m2 = fresh
+            .lookup(handshake::hello_tag(&key(2), E + 1, 3))
+            .unwrap();
+        assert_eq!(fresh.check(m2, 99), Err(HelloDrop::Replay));
+        // Importing twice adds nothing; a re-keyed user's entries are skipped.
+        assert_eq!(fresh.import_answered(&record), Ok(0));
+        let mut rekeyed = HelloTags::default();
+        rekeyed.set_user(UserId(10), &key(7));
+        rekeyed.advance(UNIX + EPOCH_SECS);
+        assert_eq!(rekeyed.import_answered(&record), Ok(0));
+        // Two epochs later nothing of it is in the window any more.
+        let mut late = HelloTags::default();
+        late.set_user(UserId(10), &key(0));
+        late.advance(UNIX + 3 * EPOCH_SECS);
+        assert_eq!(late.import_answered(&record), Ok(0));
+        assert!(late.export_answered().len() <= RECORD_MAGIC.len());
+    }
+
+    #[test]
+    fn a_malformed_record_is_refused_whole() {
+        let mut t = table(1);
+        t.advance(UNIX);
+        t.record(found(&t, 0, E, 0).unwrap(), 3).unwrap();
+        let record = t.export_answered();
+        let mut fresh = table(1);
+        fresh.advance(UNIX);
+        assert_eq!(
+            fresh.import_answered(b"garbage!"),
+            Err(RecordError::NotARecord)
+        );
+        assert_eq!(
+            fresh.import_answered(&record[..record.len() - 1]),
+            Err(RecordError::Truncated)
+        );
+        let mut huge = record[..8 + 16].to_vec();
+        huge.extend_from_slice(&300u16.to_le_bytes());
+        huge.extend_from_slice(&[0; 300 * 8]);
+        assert_eq!(
+            fresh.import_answered(&huge),
+            Err(RecordError::TooManyFingerprints)
+        );
+        assert_eq!(fresh.recorded(), 0);
+        assert_eq!(fresh.import_answered(&record), Ok(1));
+        assert_eq!(fresh.import_answered(RECORD_MAGIC), Ok(0));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - [`server`]: the server endpoint — user registry, session table keyed by rotating per-packet
 //!   tokens (one hash lookup per datagram), roaming, session caps, handshake processing.
 //! - [`hello_tags`]: the epoch and hello-tag table (finds a hello's user in one lookup) and the
-//!   record of answered hellos that makes every hello single-use.
+//!   record of answered hellos that makes every hello single-use (exported and imported across
+//!   restarts).
 //! - [`rate_limit`]: the handshake token bucket.
 //! - [`client`]: the client connector (handshake with retries, then one [`Session`]).
 //!
@@ -22,7 +23,7 @@ pub mod server;
 
 pub use super::handshake::HELLO_SLOTS;
 pub use client::{ClientEvent, ClientSession, ClientStats, ConnectorConfig};
-pub use hello_tags::{MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER};
+pub use hello_tags::{MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER, RecordError};
 pub use server::{
     EndpointConfig, EndpointEvent, EndpointStats, ServerEndpoint, Transmit, UserState,
 };

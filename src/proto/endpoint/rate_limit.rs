@@ -1,4 +1,5 @@
-//! The handshake token bucket: hellos that reach authentication are limited to a rate and a burst.
+//! The handshake token buckets: hellos that reach authentication are limited to a rate and a
+//! burst, per user (tag owner) and for the whole server.
 
 use std::time::Instant;
 
@@ -11,9 +12,7 @@ const UNITS_PER_TOKEN: u64 = 1_000_000_000;
 pub struct TokenBucket {
     rate: u32,
     burst: u32,
-    /// Fill level in [`UNITS_PER_TOKEN`]ths of a token.
-    level: u64,
-    at: Option<Instant>,
+    level: BucketLevel,
 }
 
 impl TokenBucket {
@@ -22,18 +21,41 @@ impl TokenBucket {
         TokenBucket {
             rate,
             burst,
-            level: u64::from(burst).saturating_mul(UNITS_PER_TOKEN),
-            at: None,
+            level: BucketLevel::full(burst),
         }
     }
 
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
-        let cap = u64::from(self.burst).saturating_mul(UNITS_PER_TOKEN);
+        self.level.take(now, self.rate, self.burst)
+    }
+}
+
+/// The fill level of a token bucket whose rate and depth are kept elsewhere: one per user, all
+/// sharing the endpoint's per-user settings (24 bytes each).
+#[derive(Debug, Clone)]
+pub struct BucketLevel {
+    /// Fill level in [`UNITS_PER_TOKEN`]ths of a token.
+    level: u64,
+    at: Option<Instant>,
+}
+
+impl BucketLevel {
+    /// A full bucket of depth `burst`.
+    pub fn full(burst: u32) -> Self {
+        BucketLevel {
+            level: u64::from(burst).saturating_mul(UNITS_PER_TOKEN),
+            at: None,
+        }
+    }
+
+    /// Refills at `rate` tokens per second up to `burst`, then takes one token if there is one.
+    pub fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        let cap = u64::from(burst).saturating_mul(UNITS_PER_TOKEN);
         if let Some(at) = self.at {
             let elapsed_ns =
                 u64::try_from(now.saturating_duration_since(at).as_nanos()).unwrap_or(u64::MAX);
-            let refill = elapsed_ns.saturating_mul(u64::from(self.rate));
+            let refill = elapsed_ns.saturating_mul(u64::from(rate));
             self.level = self.level.saturating_add(refill).min(cap);
         }
         // Never move the reference point backwards (a clock that steps back refills nothing).
@@ -94,5 +116,17 @@ mod tests {
         assert_eq!(granted(&mut bucket, later, 10, Duration::ZERO), 5);
         // A clock that goes backwards refills nothing and does not panic.
         assert!(!bucket.take(now));
+    }
+
+    #[test]
+    fn a_bucket_level_refills_by_the_rate_it_is_given() {
+        let now = Instant::now();
+        let mut level = BucketLevel::full(2);
+        assert!(level.take(now, 10, 2));
+        assert!(level.take(now, 10, 2));
+        assert!(!level.take(now, 10, 2));
+        // 10/s: one token after 100 ms, not before.
+        assert!(!level.take(now + Duration::from_millis(99), 10, 2));
+        assert!(level.take(now + Duration::from_millis(100), 10, 2));
     }
 }

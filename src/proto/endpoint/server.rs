@@ -5,8 +5,8 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::hello_tags::{HelloDrop, HelloTags, hello_fingerprint};
-use super::rate_limit::TokenBucket;
+use super::hello_tags::{HelloDrop, HelloTags, RecordError, hello_fingerprint};
+use super::rate_limit::{BucketLevel, TokenBucket};
 use super::{IdMap, SessionId, SocketIndex, UserId};
 use crate::proto::crypto::Key32;
 use crate::proto::handshake::{
@@ -92,10 +92,15 @@ pub struct EndpointConfig {
     pub max_sessions: usize,
     /// Cap on sessions per user (refusal `SessionLimit` beyond it).
     pub max_sessions_per_user: usize,
-    /// Handshakes per second accepted (token bucket refill rate).
+    /// Hellos per second authenticated, whole server (token bucket refill rate).
     pub handshake_rate: u32,
-    /// Token bucket depth (burst of handshakes).
+    /// Depth of the server's bucket (burst of hellos).
     pub handshake_burst: u32,
+    /// Hellos per second authenticated per user (tag owner), charged before the server's bucket:
+    /// garbage after one user's valid tags uses up that user's allowance, never everyone's.
+    pub handshake_rate_per_user: u32,
+    /// Depth of each user's bucket.
+    pub handshake_burst_per_user: u32,
     /// Up to this many random padding bytes in replies.
     pub reply_pad_max: u16,
     /// `retry_after` sent with refusals, seconds.
@@ -112,6 +117,8 @@ impl Default for EndpointConfig {
             max_sessions_per_user: 32,
             handshake_rate: 200,
             handshake_burst: 400,
+            handshake_rate_per_user: 20,
+            handshake_burst_per_user: 64,
             reply_pad_max: 256,
             refuse_retry_secs: 60,
             max_queued_replies: 256,
@@ -137,8 +144,10 @@ pub struct EndpointStats {
     pub hello_bad: u64,
     /// Authenticated hellos outside the clock window.
     pub hello_stale: u64,
-    /// Hellos dropped by the handshake rate limiter.
+    /// Hellos dropped by the server's handshake rate limiter.
     pub hello_rate_limited: u64,
+    /// Hellos dropped by their user's handshake rate limiter.
+    pub hello_user_rate_limited: u64,
     /// Sessions created.
     pub sessions_created: u64,
     /// Refusals sent.
@@ -155,6 +164,8 @@ struct User {
     keys: UserKeys,
     state: UserState,
     sessions: Vec<SessionId>,
+    /// This user's handshake bucket ([`EndpointConfig::handshake_rate_per_user`]).
+    handshakes: BucketLevel,
 }
 
 struct ServerSession {
@@ -277,6 +288,33 @@ impl ServerEndpoint {
         self.tags.len()
     }
 
+    // ----- the record of answered hellos, across restarts -----
+
+    /// Grows whenever a hello is recorded as answered: the record changed since a caller saw a
+    /// smaller value.
+    pub fn hello_record_generation(&self) -> u64 {
+        self.tags.recorded()
+    }
+
+    /// The record of answered hellos still inside the acceptance window, to be saved and given to
+    /// [`ServerEndpoint::import_hello_record`] after a restart (so a hello captured before the
+    /// restart gets silence after it).
+    pub fn export_hello_record(&self) -> Vec<u8> {
+        self.tags.export_answered()
+    }
+
+    /// Adds a record saved by [`ServerEndpoint::export_hello_record`]; call after the users are
+    /// set. Returns how many answered hellos it added (entries of deleted or re-keyed users and
+    /// of epochs that left the window are skipped).
+    pub fn import_hello_record(
+        &mut self,
+        unix_secs: u64,
+        record: &[u8],
+    ) -> Result<usize, RecordError> {
+        self.tags.advance(unix_secs);
+        self.tags.import_answered(record)
+    }
+
     // ----- users -----
 
     /// Adds or replaces a user. A changed key takes effect for new handshakes; existing sessions stay.
@@ -294,17 +332,21 @@ impl ServerEndpoint {
             }
         }
         self.tags.set_user(id, &keys.tag_key);
-        let sessions = self
+        let (sessions, handshakes) = self
             .users
             .remove(&id.0)
-            .map(|u| u.sessions)
-            .unwrap_or_default();
+            .map(|u| (u.sessions, u.handshakes))
+            .unwrap_or_else(|| {
+                let burst = self.config.handshake_burst_per_user;
+                (Vec::new(), BucketLevel::full(burst))
+            });
         self.users.insert(
             id.0,
             User {
                 keys,
                 state,
                 sessions,
+                handshakes,
             },
         );
         Ok(())
@@ -568,9 +610,9 @@ impl ServerEndpoint {
         self.queue_reply(&psk, &admitted, &reply, local, from);
     }
 
-    /// The gates before a hello is answered, cheapest first (hash lookups, then the rate limiter,
-    /// then one AEAD open); every failure is a silent, counted drop. The hello is recorded as
-    /// answered when it returns `Some`.
+    /// The gates before a hello is answered, cheapest first (hash lookups, then the user's and
+    /// the server's rate limiters, then one AEAD open); every failure is a silent, counted drop.
+    /// The hello is recorded as answered when it returns `Some`.
     fn admit_hello(
         &mut self,
         now: Instant,
@@ -589,6 +631,17 @@ impl ServerEndpoint {
         };
         if let Err(drop) = self.tags.check(found, fingerprint) {
             self.count_drop(drop);
+            return None;
+        }
+        // The tag owner's bucket first: hellos that fail authentication after a valid tag cost
+        // that user's allowance, and only what it lets through can reach the server's bucket.
+        let (rate, burst) = (
+            self.config.handshake_rate_per_user,
+            self.config.handshake_burst_per_user,
+        );
+        let user = self.users.get_mut(&found.user.0)?;
+        if !user.handshakes.take(now, rate, burst) {
+            self.stats.hello_user_rate_limited += 1;
             return None;
         }
         if !self.handshake_tokens.take(now) {

@@ -1,0 +1,55 @@
+//! The record of answered hellos survives a server restart: a hello captured before a graceful
+//! restart gets silence after it (no reply to confirm an OSTP server to a prober), while fresh
+//! hellos are answered.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::support::tunnel::*;
+use ostp::proto::endpoint::{ClientSession, ConnectorConfig};
+
+/// A fresh hello of `key` as a client would send it now.
+fn fresh_hello(key: &str, seed: u8) -> Vec<u8> {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let now = Instant::now();
+    let mut c =
+        ClientSession::connect(ConnectorConfig::default(), key, now, unix, [seed; 32]).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = c.poll_transmit(now, &mut buf).expect("a hello");
+    buf.truncate(n);
+    buf
+}
+
+/// Sends `datagram` to the server from a fresh socket; true if anything comes back within 1 s.
+fn answered(server: &Server, datagram: &[u8]) -> bool {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    sock.send_to(datagram, server.udp).unwrap();
+    let mut buf = [0u8; 2048];
+    sock.recv_from(&mut buf).is_ok()
+}
+
+#[test]
+fn a_hello_answered_before_a_restart_gets_silence_after_it() {
+    let key = new_key();
+    let mut spec = ServerSpec::new(&key);
+    spec.api = false;
+    let mut server = Server::start(spec);
+    let captured = fresh_hello(&key, 1);
+    assert!(answered(&server, &captured), "the hello is answered once");
+    assert!(!answered(&server, &captured), "and its replay gets silence");
+    server.proc.signal("TERM");
+    assert!(server.proc.wait_exit(Duration::from_secs(10)).is_some());
+    let record = server.dir.path().join("state.json.hellos");
+    assert!(record.exists(), "the record is written at shutdown");
+    server.restart();
+    // The restarted server answers fresh hellos, but not the one it answered before.
+    assert!(answered(&server, &fresh_hello(&key, 2)), "fresh hello");
+    assert!(
+        !answered(&server, &captured),
+        "the captured hello was answered after a restart"
+    );
+}
