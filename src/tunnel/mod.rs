@@ -27,6 +27,7 @@ pub mod driver;
 pub mod ledger;
 pub mod pipe;
 pub mod proxy_front;
+pub mod quotas;
 pub mod resolver;
 pub mod server_loop;
 pub mod slab;
