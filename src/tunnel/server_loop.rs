@@ -35,7 +35,7 @@ use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
 use super::driver::udp::{SendOutcome, UdpSockets};
 use super::ledger::{Ledger, Verdict};
-use super::pipe::{Moved, Pipe, PipeEnd};
+use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd};
 use super::quotas::{Limits, Quotas};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
@@ -991,7 +991,9 @@ impl ServerLoop {
                     }
                 }
             }
-            if self.quotas.buffer_room(user) > 0 {
+            // Wait for room worth a socket read: pumping for a few bytes at a time would spin
+            // through every held stream on each wake-up.
+            if self.quotas.buffer_room(user) >= PIPE_BUF {
                 self.pump(now, idx);
             } else if !self.held.contains(&idx) {
                 self.held.push(idx);
