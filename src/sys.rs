@@ -115,6 +115,7 @@ pub fn reset_on_close(sock: &impl AsRawFd) {
 const NOFILE_CEILING: libc::rlim_t = 1 << 20;
 
 /// The soft and hard `RLIMIT_NOFILE` (how many fds the process may open).
+#[allow(clippy::useless_conversion)] // `rlim_t` is not `u64` on every target
 pub fn nofile_limit() -> io::Result<(u64, u64)> {
     // SAFETY: an all-zero rlimit is a valid value; getrlimit fills it in.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
@@ -126,6 +127,7 @@ pub fn nofile_limit() -> io::Result<(u64, u64)> {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (the soft default, often 1,024, is far
 /// below what a server with many streams needs; the hard limit needs no privilege). Returns the
 /// soft limit now in force.
+#[allow(clippy::useless_conversion)] // `rlim_t` is not `u64` on every target
 pub fn raise_nofile_limit() -> io::Result<u64> {
     // SAFETY: an all-zero rlimit is a valid value; getrlimit fills it in.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };

@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(q.buffer_room(B), 350);
         q.stream_closed(A, 50);
         q.session_closed(A, s2);
-        assert_eq!(q.buffer_room(A), 600 - 0);
+        assert_eq!(q.buffer_room(A), 600);
         assert_eq!(q.totals().2, 250);
         assert_eq!(q.sessions_of(B).collect::<Vec<_>>(), vec![s3]);
         assert!(!q.users.contains_key(&A), "an idle user is forgotten");
