@@ -87,6 +87,50 @@ impl Default for ApiConfig {
     }
 }
 
+/// The server's per-user shares and global caps of scarce resources (top-level fields of a
+/// server `config.json`; defaults in [`ServerLimits::default`], documented in the README).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Outbound TCP streams of all users (also capped by the fd budget).
+    pub max_streams: u32,
+    /// Outbound TCP streams of one user, over all its sessions.
+    pub max_streams_per_user: u32,
+    /// Resolver threads (each runs one blocking lookup at a time).
+    pub dns_threads: u32,
+    /// Lookups one user may have queued or running.
+    pub max_dns_lookups_per_user: u32,
+    /// Seconds before the loop gives up on a lookup.
+    pub dns_timeout_secs: u32,
+    /// Seconds a failed (or timed-out) name fails at once.
+    pub dns_negative_ttl_secs: u32,
+    /// Bytes the server holds in buffers for one user / for all users.
+    pub max_buffered_bytes_per_user: u64,
+    pub max_buffered_bytes: u64,
+    /// Seconds without progress before an open / half-closed stream is reset.
+    pub stream_idle_timeout_secs: u32,
+    pub half_closed_timeout_secs: u32,
+    /// File descriptors kept free for the API, the state file and new users.
+    pub fd_reserve: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_streams: 4096,
+            max_streams_per_user: 256,
+            dns_threads: 16,
+            max_dns_lookups_per_user: 4,
+            dns_timeout_secs: 5,
+            dns_negative_ttl_secs: 10,
+            max_buffered_bytes_per_user: 4 * 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            stream_idle_timeout_secs: 300,
+            half_closed_timeout_secs: 60,
+            fd_reserve: 256,
+        }
+    }
+}
+
 /// A server configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -105,6 +149,7 @@ pub struct ServerConfig {
     pub allow_private_destinations: bool,
     pub max_sessions: u32,
     pub max_sessions_per_user: u32,
+    pub limits: ServerLimits,
 }
 
 impl ServerConfig {
@@ -519,6 +564,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         1,
         10_000,
     )?;
+    let limits = parse_limits(&mut obj)?;
     obj.finish()?;
     Ok(ServerConfig {
         path: ctx.file.to_path_buf(),
@@ -531,7 +577,71 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         allow_private_destinations,
         max_sessions,
         max_sessions_per_user,
+        limits,
     })
+}
+
+fn parse_limits(obj: &mut Obj) -> Result<ServerLimits, ConfigError> {
+    let d = ServerLimits::default();
+    let limits = ServerLimits {
+        max_streams: bounded_u32(obj, "max_streams", d.max_streams, 1, 1 << 20)?,
+        max_streams_per_user: bounded_u32(
+            obj,
+            "max_streams_per_user",
+            d.max_streams_per_user,
+            1,
+            1 << 20,
+        )?,
+        dns_threads: bounded_u32(obj, "dns_threads", d.dns_threads, 1, 64)?,
+        max_dns_lookups_per_user: bounded_u32(
+            obj,
+            "max_dns_lookups_per_user",
+            d.max_dns_lookups_per_user,
+            1,
+            1024,
+        )?,
+        dns_timeout_secs: bounded_u32(obj, "dns_timeout_secs", d.dns_timeout_secs, 1, 60)?,
+        dns_negative_ttl_secs: bounded_u32(
+            obj,
+            "dns_negative_ttl_secs",
+            d.dns_negative_ttl_secs,
+            0,
+            3600,
+        )?,
+        max_buffered_bytes_per_user: bounded_u64(
+            obj,
+            "max_buffered_bytes_per_user",
+            d.max_buffered_bytes_per_user,
+        )?,
+        max_buffered_bytes: bounded_u64(obj, "max_buffered_bytes", d.max_buffered_bytes)?,
+        stream_idle_timeout_secs: bounded_u32(
+            obj,
+            "stream_idle_timeout_secs",
+            d.stream_idle_timeout_secs,
+            1,
+            86_400,
+        )?,
+        half_closed_timeout_secs: bounded_u32(
+            obj,
+            "half_closed_timeout_secs",
+            d.half_closed_timeout_secs,
+            1,
+            86_400,
+        )?,
+        fd_reserve: bounded_u32(obj, "fd_reserve", d.fd_reserve, 16, 1 << 20)?,
+    };
+    Ok(limits)
+}
+
+/// A byte count of at least 64 KiB (one stream's buffers) and at most 1 TiB.
+fn bounded_u64(obj: &mut Obj, name: &str, default: u64) -> Result<u64, ConfigError> {
+    const MIN: u64 = 64 * 1024;
+    const MAX: u64 = 1 << 40;
+    match obj.opt_u64(name)? {
+        None => Ok(default),
+        Some(v) if (MIN..=MAX).contains(&v) => Ok(v),
+        Some(v) => Err(obj.err(name, &format!("{v} is out of range {MIN}..={MAX}"))),
+    }
 }
 
 fn bounded_u32(
@@ -659,6 +769,48 @@ mod tests {
         match p(text).unwrap() {
             Config::Server(s) => s,
             Config::Client(_) => panic!("expected server"),
+        }
+    }
+
+    #[test]
+    fn server_limits_default_and_parse() {
+        let base = r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": []}"#;
+        assert_eq!(server(base).limits, ServerLimits::default());
+        let s = server(
+            r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
+                "max_streams": 100, "max_streams_per_user": 10, "dns_threads": 2,
+                "max_dns_lookups_per_user": 1, "dns_timeout_secs": 2,
+                "dns_negative_ttl_secs": 0, "max_buffered_bytes_per_user": 1048576,
+                "max_buffered_bytes": 4194304, "stream_idle_timeout_secs": 30,
+                "half_closed_timeout_secs": 5, "fd_reserve": 64}"#,
+        );
+        let l = s.limits;
+        assert_eq!(
+            (l.max_streams, l.max_streams_per_user, l.dns_threads),
+            (100, 10, 2)
+        );
+        assert_eq!((l.max_dns_lookups_per_user, l.dns_timeout_secs), (1, 2));
+        assert_eq!(l.dns_negative_ttl_secs, 0);
+        assert_eq!(
+            (l.max_buffered_bytes_per_user, l.max_buffered_bytes),
+            (1 << 20, 4 << 20)
+        );
+        assert_eq!(
+            (l.stream_idle_timeout_secs, l.half_closed_timeout_secs),
+            (30, 5)
+        );
+        assert_eq!(l.fd_reserve, 64);
+        for bad in [
+            r#""dns_threads": 0"#,
+            r#""max_buffered_bytes": 1000"#,
+            r#""fd_reserve": 1"#,
+            r#""stream_idle_timeout_secs": 0"#,
+        ] {
+            let text = format!(
+                r#"{{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [], {bad}}}"#
+            );
+            let err = p(&text).unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{bad}: {err}");
         }
     }
 

@@ -1,6 +1,7 @@
 //! The few socket options the standard library cannot set: `IPV6_V6ONLY` before `bind` (so
 //! `0.0.0.0:P` and `[::]:P` can both be listened on), larger UDP socket buffers, and an abortive
-//! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data).
+//! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data) — and the process's
+//! open-file limit (`RLIMIT_NOFILE`), raised to its hard limit at server start.
 //!
 //! `unsafe` is allowed here only: these are plain `libc` FFI calls on a descriptor this module
 //! creates and immediately wraps in an `OwnedFd` (so it is closed on every error path), with
@@ -110,9 +111,53 @@ pub fn reset_on_close(sock: &impl AsRawFd) {
     }
 }
 
+/// Highest soft fd limit asked for (Linux's default `fs.nr_open`).
+const NOFILE_CEILING: libc::rlim_t = 1 << 20;
+
+/// The soft and hard `RLIMIT_NOFILE` (how many fds the process may open).
+#[allow(clippy::useless_conversion)] // `rlim_t` is not `u64` on every target
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    // SAFETY: an all-zero rlimit is a valid value; getrlimit fills it in.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok((u64::from(lim.rlim_cur), u64::from(lim.rlim_max)))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the soft default, often 1,024, is far
+/// below what a server with many streams needs; the hard limit needs no privilege). Returns the
+/// soft limit now in force.
+#[allow(clippy::useless_conversion)] // `rlim_t` is not `u64` on every target
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: an all-zero rlimit is a valid value; getrlimit fills it in.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    // An unlimited hard limit cannot be the soft one (the kernel caps fds at `nr_open`).
+    let target = lim.rlim_max.min(NOFILE_CEILING);
+    if lim.rlim_cur < target {
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit read only by the call.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) })?;
+        lim.rlim_cur = target;
+    }
+    Ok(u64::from(lim.rlim_cur))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nofile_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = nofile_limit().unwrap();
+        let soft = raise_nofile_limit().unwrap();
+        assert_eq!(soft, hard.min(1 << 20));
+        assert_eq!(nofile_limit().unwrap(), (soft, hard));
+    }
 
     #[test]
     fn v4_and_v6_wildcards_on_the_same_port() {

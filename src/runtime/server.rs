@@ -20,6 +20,12 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     let signals = signals::install().map_err(|e| RunError::Other(e.to_string()))?;
     logging::init(cfg.log_level);
     let started_at = Instant::now();
+    // The soft default (often 1,024) runs out long before the stream caps; the loop keeps a
+    // reserve below whatever is in force.
+    match crate::sys::raise_nofile_limit() {
+        Ok(n) => log::info!("open-file limit: {n}"),
+        Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
+    }
     let (users, persister) = users::open(&cfg).map_err(|e| RunError::Other(e.to_string()))?;
     let tunnel = server_loop::start(&cfg, users.clone(), LoopOptions::from_config(&cfg))
         .map_err(|e| RunError::Other(e.to_string()))?;
@@ -202,6 +208,7 @@ fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'s
             "max_sessions_per_user",
             running.max_sessions_per_user != fresh.max_sessions_per_user,
         ),
+        ("resource limits", running.limits != fresh.limits),
     ];
     fields
         .iter()

@@ -29,6 +29,7 @@ pub mod hello_record;
 pub mod ledger;
 pub mod pipe;
 pub mod proxy_front;
+pub mod quotas;
 pub mod resolver;
 pub mod server_loop;
 pub mod slab;

@@ -24,9 +24,11 @@ use crate::proto::transport::{ResetReason, StreamError, StreamId, Transport};
 /// Bytes buffered per direction per connection.
 pub const PIPE_BUF: usize = 16 * 1024;
 
-/// A fixed buffer with a consumed prefix.
+/// A fixed buffer with a consumed prefix, allocated on first use (a connection that never moves
+/// bytes one way costs no buffer that way) and kept until the pipe is dropped.
 struct Chunk {
     buf: Box<[u8]>,
+    capacity: usize,
     start: usize,
     end: usize,
 }
@@ -34,9 +36,21 @@ struct Chunk {
 impl Chunk {
     fn new(capacity: usize) -> Self {
         Chunk {
-            buf: vec![0u8; capacity].into_boxed_slice(),
+            buf: Box::default(),
+            capacity,
             start: 0,
             end: 0,
+        }
+    }
+
+    /// Bytes allocated (0 until first use, then `capacity`).
+    fn allocated(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn allocate(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; self.capacity].into_boxed_slice();
         }
     }
 
@@ -59,6 +73,7 @@ impl Chunk {
     /// Empty buffer space of at most `limit` bytes (only when fully drained).
     fn space(&mut self, limit: usize) -> &mut [u8] {
         debug_assert!(self.is_empty());
+        self.allocate();
         let n = limit.min(self.buf.len());
         &mut self.buf[..n]
     }
@@ -69,6 +84,7 @@ impl Chunk {
     }
 
     fn fill_from(&mut self, data: &[u8]) {
+        self.allocate();
         let n = data.len().min(self.buf.len());
         self.buf[..n].copy_from_slice(&data[..n]);
         self.start = 0;
@@ -135,6 +151,9 @@ pub struct Pipe {
     pub sock_readable: bool,
     /// Edge-trigger memory: the socket may accept writes.
     pub sock_writable: bool,
+    /// Most bytes the next pumps may read from the socket (the server's buffered-bytes share;
+    /// `usize::MAX`, no limit, unless the driver sets it); decreased by what is read.
+    pub read_limit: usize,
 }
 
 impl Pipe {
@@ -157,6 +176,7 @@ impl Pipe {
             sock_shut: false,
             sock_readable: true,
             sock_writable: true,
+            read_limit: usize::MAX,
         }
     }
 
@@ -180,13 +200,29 @@ impl Pipe {
         if !self.awaiting_reply {
             return Err(ReplyError::NotAwaiting);
         }
-        if reply.len() > self.to_socket.buf.len() {
+        if reply.len() > self.to_socket.capacity {
             return Err(ReplyError::TooLong);
         }
         debug_assert!(self.to_socket.is_empty());
         self.to_socket.fill_from(reply);
         self.awaiting_reply = false;
         Ok(())
+    }
+
+    /// Bytes of buffer this pipe has allocated (each direction's buffer on first use).
+    pub fn buffer_bytes(&self) -> usize {
+        self.to_stream.allocated() + self.to_socket.allocated()
+    }
+
+    /// Whether one side has finished (the socket sent EOF or the stream its FIN).
+    pub fn is_half_closed(&self) -> bool {
+        self.sock_eof || self.stream_eof
+    }
+
+    /// Whether socket → stream waits only for [`Pipe::read_limit`]: the socket may hold data,
+    /// nothing is pending for the stream, and the limit is used up.
+    pub fn is_held_by_read_limit(&self) -> bool {
+        self.read_limit == 0 && self.sock_readable && !self.sock_eof && self.to_stream.is_empty()
     }
 
     /// Whether the stream's data was all delivered and the peer finished.
@@ -251,13 +287,18 @@ impl Pipe {
                 }
                 return Ok(());
             }
-            if !self.sock_readable || *budget == 0 {
+            if !self.sock_readable || *budget == 0 || self.read_limit == 0 {
                 return Ok(());
             }
-            let limit = usize::try_from(*budget).unwrap_or(usize::MAX);
+            let limit = usize::try_from(*budget)
+                .unwrap_or(usize::MAX)
+                .min(self.read_limit);
             match sock.read(self.to_stream.space(limit)) {
                 Ok(0) => self.sock_eof = true,
-                Ok(n) => self.to_stream.filled(n),
+                Ok(n) => {
+                    self.to_stream.filled(n);
+                    self.read_limit -= n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.sock_readable = false;
                     return Ok(());
@@ -303,10 +344,26 @@ impl Pipe {
                 return Ok(());
             }
             let limit = usize::try_from(*budget).unwrap_or(usize::MAX);
-            match tr.stream_read(self.stream, self.to_socket.space(limit)) {
+            // Until the stream has bytes, read through a 1-byte probe so an idle direction
+            // allocates no buffer (a FIN alone reads as 0 either way).
+            let mut probe = [0u8; 1];
+            let unallocated = self.to_socket.allocated() == 0
+                && tr
+                    .stream_stats(self.stream)
+                    .is_some_and(|s| s.recv_buffered == 0);
+            let into = if unallocated {
+                &mut probe[..]
+            } else {
+                self.to_socket.space(limit)
+            };
+            match tr.stream_read(self.stream, into) {
                 Ok(0) => self.stream_eof = true,
                 Ok(n) => {
-                    self.to_socket.filled(n);
+                    if unallocated {
+                        self.to_socket.fill_from(&probe[..n]);
+                    } else {
+                        self.to_socket.filled(n);
+                    }
                     moved.to_socket += n as u64;
                     *budget = budget.saturating_sub(n as u64);
                 }

@@ -11,6 +11,12 @@
 //!   `queue_capacity + threads` undelivered results (workers wait when the loop does not drain).
 //! - [`Resolver::shutdown`] (also run on drop) closes the queue and joins the threads; a thread
 //!   stuck in `getaddrinfo` delays it by at most the system resolver's own timeout.
+//! - Fairness (per-user shares of the pool, lookup timeouts, negative caching) is decided by the
+//!   server's `Quotas`; the pool only runs what it is given.
+//! - Test builds only (`test-util` feature): names ending in the suffix given by the
+//!   `OSTP_TEST_DNS_BLACKHOLE` environment variable never answer — the worker holds them as a
+//!   `getaddrinfo` stuck on a dead name server would (up to [`BLACKHOLE_HOLD`], or until shut
+//!   down), so tests can starve the pool deterministically without a real broken DNS server.
 
 use std::fmt;
 use std::io;
@@ -24,6 +30,10 @@ use mio::Waker;
 
 use super::driver::ticket::Ticket;
 use crate::proto::transport::Destination;
+
+/// How long a test-only black-holed name keeps its worker busy.
+#[cfg(feature = "test-util")]
+pub const BLACKHOLE_HOLD: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Most addresses kept from one lookup.
 pub const MAX_ADDRESSES: usize = 16;
@@ -209,7 +219,8 @@ impl Drop for Resolver {
     }
 }
 
-fn ip_literal(host: &str) -> Option<IpAddr> {
+/// The address in `host` if it is an IP literal (bare or bracketed IPv6).
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
     let inner = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -234,6 +245,10 @@ fn worker(
         if stop.load(Ordering::Relaxed) {
             return; // Shutting down: skip the queued remainder.
         }
+        #[cfg(feature = "test-util")]
+        if blackhole(&job.host, stop) {
+            return;
+        }
         let result = resolve_blocking(&job.host, job.port);
         if results
             .send(Resolved {
@@ -248,6 +263,26 @@ fn worker(
             log::warn!("resolver: waking the event loop failed: {e}");
         }
     }
+}
+
+/// Test builds: holds the worker for a black-holed name (see the module doc); `true` when the
+/// pool shut down meanwhile.
+#[cfg(feature = "test-util")]
+fn blackhole(host: &str, stop: &AtomicBool) -> bool {
+    let Ok(suffix) = std::env::var("OSTP_TEST_DNS_BLACKHOLE") else {
+        return false;
+    };
+    if suffix.is_empty() || !host.ends_with(&suffix) {
+        return false;
+    }
+    let until = std::time::Instant::now() + BLACKHOLE_HOLD;
+    while std::time::Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }
 
 /// One blocking lookup through the system resolver.

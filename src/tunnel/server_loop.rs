@@ -13,6 +13,10 @@
 //!   packet), and the loop carries out its verdicts (refuse a user, close its sessions once
 //!   delivered, readmit it). Pipes never move more than the user's allowance.
 //! - API and SIGHUP changes arrive as [`ControlMsg`]s through a channel + `mio::Waker`.
+//! - Scarce resources are shared out by [`Quotas`]: a stream, a lookup or a socket read happens
+//!   only within the user's share and the global cap (fds included, a reserve kept for the API,
+//!   the state file and new users); idle streams are reset, lookups time out, failed names are
+//!   cached briefly.
 
 use std::collections::HashMap;
 use std::io;
@@ -32,12 +36,13 @@ use super::driver::token::Tok;
 use super::driver::udp::{SendOutcome, UdpSockets};
 use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, Verdict};
-use super::pipe::{Moved, Pipe, PipeEnd};
+use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd};
+use super::quotas::{Limits, Quotas};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
 use super::udp_relay::RelayPool;
 use super::{bind_udp, unix_now};
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, ServerLimits};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
@@ -58,6 +63,37 @@ pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
 pub const SERVER_SESSION_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// Largest UDP datagram handled.
 const MAX_UDP: usize = 2048;
+/// Lookups waiting for a resolver thread (beyond one running per thread).
+const DNS_QUEUE: usize = 256;
+/// Fds the loop holds whatever the traffic (epoll, waker, stdio, log) beside its listen sockets.
+const FIXED_FDS: u64 = 16;
+/// How often open streams are checked for idleness.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
+/// The loop's quotas from the config and the fd limit in force: streams and relay sockets
+/// together stay below the soft `RLIMIT_NOFILE` minus the reserve. Returns the quotas and the
+/// most relays (2 sockets each).
+fn quotas_for(cfg: &ServerConfig, nofile: u64) -> (Quotas, usize) {
+    let l: &ServerLimits = &cfg.limits;
+    let fixed = cfg.listen.len() as u64 + FIXED_FDS;
+    let budget = Quotas::fd_budget(nofile, u64::from(l.fd_reserve), fixed);
+    let relay_fds = (2 * cfg.max_sessions as usize).min(budget / 4);
+    let max_streams = (l.max_streams as usize).min(budget - relay_fds);
+    let secs = |n: u32| Duration::from_secs(u64::from(n));
+    let limits = Limits {
+        max_streams,
+        max_streams_per_user: l.max_streams_per_user as usize,
+        max_lookups: l.dns_threads as usize + DNS_QUEUE,
+        max_lookups_per_user: l.max_dns_lookups_per_user as usize,
+        max_buffered: usize::try_from(l.max_buffered_bytes).unwrap_or(usize::MAX),
+        max_buffered_per_user: usize::try_from(l.max_buffered_bytes_per_user).unwrap_or(usize::MAX),
+        stream_idle_timeout: secs(l.stream_idle_timeout_secs),
+        half_closed_timeout: secs(l.half_closed_timeout_secs),
+        lookup_timeout: secs(l.dns_timeout_secs),
+        negative_ttl: secs(l.dns_negative_ttl_secs),
+    };
+    (Quotas::new(limits), relay_fds / 2)
+}
 
 /// Settings of the server loop beyond `ServerConfig`.
 #[derive(Debug, Clone)]
@@ -129,8 +165,21 @@ pub fn start(
     }
     let udp = UdpSockets::register(sockets, core.registry())
         .map_err(|e| StartError(format!("cannot watch the listen sockets: {e}")))?;
-    let resolver = Resolver::new(4, 256, core.waker.clone())
-        .map_err(|e| StartError(format!("cannot start DNS threads: {e}")))?;
+    let resolver = Resolver::new(
+        cfg.limits.dns_threads as usize,
+        DNS_QUEUE,
+        core.waker.clone(),
+    )
+    .map_err(|e| StartError(format!("cannot start DNS threads: {e}")))?;
+    let nofile = crate::sys::nofile_limit().map_or(1024, |(soft, _)| soft);
+    let (quotas, max_relays) = quotas_for(cfg, nofile);
+    log::info!(
+        "tunnel: open-file limit {nofile}: up to {} outbound streams ({} per user), {max_relays} UDP relays, {} fds kept in reserve",
+        quotas.limits().max_streams,
+        quotas.limits().max_streams_per_user,
+        cfg.limits.fd_reserve
+    );
+    let lookup_timeout = quotas.limits().lookup_timeout;
     let (control, control_rx) = core.control_channel();
     let mut seed = [0u8; 32];
     keys::fill_random(&mut seed).map_err(|e| StartError(e.to_string()))?;
@@ -148,16 +197,23 @@ pub fn start(
         control_rx,
         resolver,
         guard,
-        outbound: Slab::new(),
-        streams: HashMap::new(),
+        out: Outbounds {
+            table: Slab::new(),
+            by_stream: HashMap::new(),
+            tickets: TicketIssuer::new(),
+            connect_timeouts: TimeoutQueue::new(CONNECT_TIMEOUT),
+            lookups: HashMap::new(),
+            lookup_timeouts: TimeoutQueue::new(lookup_timeout),
+            held: Vec::new(),
+        },
         sessions: HashMap::new(),
-        relays: RelayPool::new(),
+        relays: RelayPool::new(max_relays),
         ledger: Ledger::new(Instant::now()),
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
-        tickets: TicketIssuer::new(),
-        connect_timeouts: TimeoutQueue::new(CONNECT_TIMEOUT),
         hello_record: None,
+        quotas,
+        next_idle_sweep: Instant::now() + IDLE_SWEEP,
     };
     lp.load_users();
     let record = hello_record::path_for(&cfg.state_file);
@@ -191,6 +247,8 @@ struct Outbound {
     candidates: Vec<SocketAddr>,
     next_candidate: usize,
     last_error: OpenResult,
+    /// When a byte last moved either way (idle timeout).
+    last_progress: Instant,
 }
 
 struct SessionInfo {
@@ -198,9 +256,25 @@ struct SessionInfo {
     outbound: Vec<usize>,
 }
 
-/// The server loop's state. 16 fields because it owns every kind of tunnel socket (listen
-/// sockets, outbound TCP with its three indexes, relays) beside the endpoint, the ledger and the
-/// loop plumbing; the policy itself lives in `endpoint` and `ledger`.
+/// Outbound TCP connections of tunnel streams, with their indexes and deadlines.
+struct Outbounds {
+    table: Slab<Outbound>,
+    /// (session, stream) → outbound index.
+    by_stream: HashMap<(SessionId, StreamId), usize>,
+    /// Identity of each outbound incarnation (and of its DNS lookup).
+    tickets: TicketIssuer,
+    /// Outbound connects (DNS included) in the order they began, failing at [`CONNECT_TIMEOUT`].
+    connect_timeouts: TimeoutQueue<Ticket>,
+    /// Lookups in the resolver pool: whose share they use and the name (negative cache).
+    lookups: HashMap<Ticket, (UserId, String)>,
+    /// Outbound lookups the loop gives up on after the lookup timeout.
+    lookup_timeouts: TimeoutQueue<Ticket>,
+    /// Outbounds whose socket reads wait for their user's buffered-bytes share.
+    held: Vec<usize>,
+}
+
+/// The server loop's state: the sockets it owns (listen sockets, outbounds, relays), the protocol
+/// endpoint, the policy types it consults (ledger, quotas, guard) and the loop plumbing.
 struct ServerLoop {
     core: LoopCore,
     /// The UDP listen sockets (`SocketIndex` = position in `listen`).
@@ -210,19 +284,19 @@ struct ServerLoop {
     control_rx: Receiver<ControlMsg>,
     resolver: Resolver,
     guard: DestGuard,
-    outbound: Slab<Outbound>,
-    streams: HashMap<(SessionId, StreamId), usize>,
+    /// Outbound TCP connections of tunnel streams and their bookkeeping.
+    out: Outbounds,
     sessions: HashMap<SessionId, SessionInfo>,
     relays: RelayPool,
     /// Per-user budgets, unsynced traffic and limits.
     ledger: Ledger,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
-    tickets: TicketIssuer,
-    /// Outbound connects (DNS included) in the order they began, failing at [`CONNECT_TIMEOUT`].
-    connect_timeouts: TimeoutQueue<Ticket>,
     /// The record of answered hellos on disk (set once the users are loaded).
     hello_record: Option<HelloRecordFile>,
+    /// Per-user shares and global caps (streams, lookups, buffered bytes), idle timeouts.
+    quotas: Quotas,
+    next_idle_sweep: Instant,
 }
 
 fn open_result_for_io(e: &io::Error) -> OpenResult {
@@ -363,6 +437,12 @@ impl ServerLoop {
             self.endpoint.handle_timeout(now);
             self.process_endpoint_events(now);
             self.expire_outbound(now);
+            self.expire_lookups(now);
+            self.release_held(now);
+            if now >= self.next_idle_sweep {
+                self.next_idle_sweep = now + IDLE_SWEEP;
+                self.reset_idle_streams(now);
+            }
             self.close_drained(now);
             self.relays.expire(now, &self.core.poll);
             if self.ledger.sync_due(now) {
@@ -406,8 +486,14 @@ impl ServerLoop {
         if let Some(t) = self.endpoint.poll_timeout() {
             at = at.min(t);
         }
-        if let Some(t) = self.connect_timeouts.next_deadline() {
+        if let Some(t) = self.out.connect_timeouts.next_deadline() {
             at = at.min(t);
+        }
+        if let Some(t) = self.out.lookup_timeouts.next_deadline() {
+            at = at.min(t);
+        }
+        if !self.out.table.is_empty() {
+            at = at.min(self.next_idle_sweep);
         }
         if let Some(d) = self.shutting_down {
             at = at.min(d);
@@ -522,6 +608,7 @@ impl ServerLoop {
                         for idx in info.outbound {
                             self.drop_outbound(idx);
                         }
+                        self.quotas.session_closed(info.user, session);
                         let mut table = crate::users::persist::lock_users(&self.users);
                         table.session_closed(info.user);
                     }
@@ -546,12 +633,12 @@ impl ServerLoop {
             TransportEvent::StreamReadable { id }
             | TransportEvent::StreamWritable { id }
             | TransportEvent::StreamFinished { id } => {
-                if let Some(&idx) = self.streams.get(&(session, id)) {
+                if let Some(&idx) = self.out.by_stream.get(&(session, id)) {
                     self.pump(now, idx);
                 }
             }
             TransportEvent::StreamReset { id, .. } => {
-                if let Some(&idx) = self.streams.get(&(session, id)) {
+                if let Some(&idx) = self.out.by_stream.get(&(session, id)) {
                     self.remove_outbound(idx);
                 }
             }
@@ -585,9 +672,15 @@ impl ServerLoop {
             self.answer(session, stream, OpenResult::NotAllowed);
             return;
         }
+        if let Err(cap) = self.quotas.admit_stream(user) {
+            log::debug!("user {}: stream refused ({cap:?})", user.0);
+            self.answer(session, stream, OpenResult::NotAllowed);
+            return;
+        }
         let ticket = self
+            .out
             .tickets
-            .issue(TicketKind::Outbound, self.outbound.next_index());
+            .issue(TicketKind::Outbound, self.out.table.next_index());
         let out = Outbound {
             session,
             user,
@@ -599,23 +692,67 @@ impl ServerLoop {
             candidates: Vec::new(),
             next_candidate: 0,
             last_error: OpenResult::Unreachable,
+            last_progress: now,
         };
-        let idx = self.outbound.insert(out);
+        let idx = self.out.table.insert(out);
         debug_assert_eq!(idx, ticket.index);
-        self.connect_timeouts.push_new(ticket, now);
-        self.streams.insert((session, stream), idx);
+        self.out.connect_timeouts.push_new(ticket, now);
+        self.out.by_stream.insert((session, stream), idx);
         if let Some(info) = self.sessions.get_mut(&session) {
             info.outbound.push(idx);
         }
-        let lookup = match &dest {
-            Destination::Addr(a) => Ok(Lookup::Ready(*a)),
-            Destination::Domain { name, port } => self.resolver.lookup(ticket, name, *port),
+        match dest {
+            Destination::Addr(a) => self.resolved(now, idx, Ok(vec![a])),
+            Destination::Domain { name, port } => self.submit_lookup(now, idx, user, name, port),
+        }
+    }
+
+    /// Sends outbound `idx`'s name to the resolver pool within `user`'s share of it.
+    fn submit_lookup(&mut self, now: Instant, idx: usize, user: UserId, name: String, port: u16) {
+        let Some(ticket) = self.out.table.get(idx).map(|o| o.ticket) else {
+            return;
         };
-        match lookup {
-            Ok(Lookup::Ready(addr)) => self.resolved(now, idx, Ok(vec![addr])),
-            Ok(Lookup::Pending) => {}
+        if let Some(ip) = super::resolver::ip_literal(&name) {
+            self.resolved(now, idx, Ok(vec![SocketAddr::new(ip, port)]));
+            return;
+        }
+        if let Err(cap) = self.quotas.admit_lookup(now, user, &name) {
+            log::debug!("user {}: lookup of {name:?} refused ({cap:?})", user.0);
+            self.fail_outbound(idx, OpenResult::DnsFailure);
+            return;
+        }
+        match self.resolver.lookup(ticket, &name, port) {
+            Ok(Lookup::Pending) => {
+                self.out.lookups.insert(ticket, (user, name));
+                self.out.lookup_timeouts.push_new(ticket, now);
+            }
+            Ok(Lookup::Ready(addr)) => {
+                self.quotas.lookup_finished(user);
+                self.resolved(now, idx, Ok(vec![addr]));
+            }
             Err(e) => {
                 log::debug!("resolver busy: {e}");
+                self.quotas.lookup_finished(user);
+                self.fail_outbound(idx, OpenResult::DnsFailure);
+            }
+        }
+    }
+
+    /// Fails outbounds whose lookup is still unanswered after the lookup timeout; the name is
+    /// cached as failed. Their share of the pool comes back only with the answer.
+    fn expire_lookups(&mut self, now: Instant) {
+        while let Some(ticket) = self.out.lookup_timeouts.pop_expired(now) {
+            let Some((_, name)) = self.out.lookups.get(&ticket) else {
+                continue; // answered already
+            };
+            self.quotas.name_failed(now, name);
+            let idx = ticket.index;
+            let resolving = self
+                .out
+                .table
+                .get(idx)
+                .is_some_and(|o| o.ticket == ticket && matches!(o.state, OutState::Resolving));
+            if resolving {
                 self.fail_outbound(idx, OpenResult::DnsFailure);
             }
         }
@@ -623,6 +760,12 @@ impl ServerLoop {
 
     fn drain_resolver(&mut self, now: Instant) {
         while let Some(Resolved { ticket, result }) = self.resolver.try_recv() {
+            if let Some((user, name)) = self.out.lookups.remove(&ticket) {
+                self.quotas.lookup_finished(user);
+                if result.is_err() {
+                    self.quotas.name_failed(now, &name);
+                }
+            }
             match ticket.kind {
                 TicketKind::Relay => {
                     let addrs = result.unwrap_or_default();
@@ -632,7 +775,7 @@ impl ServerLoop {
                 }
                 TicketKind::Outbound => {
                     let idx = ticket.index;
-                    let mine = self.outbound.get(idx).is_some_and(|o| {
+                    let mine = self.out.table.get(idx).is_some_and(|o| {
                         o.ticket == ticket && matches!(o.state, OutState::Resolving)
                     });
                     if mine {
@@ -651,7 +794,7 @@ impl ServerLoop {
         };
         match self.guard.filter(&addrs, now) {
             Ok(allowed) => {
-                if let Some(o) = self.outbound.get_mut(idx) {
+                if let Some(o) = self.out.table.get_mut(idx) {
                     o.candidates = allowed;
                     o.next_candidate = 0;
                 }
@@ -666,7 +809,7 @@ impl ServerLoop {
 
     fn connect_next(&mut self, idx: usize) {
         loop {
-            let Some(o) = self.outbound.get_mut(idx) else {
+            let Some(o) = self.out.table.get_mut(idx) else {
                 return;
             };
             let Some(addr) = o.candidates.get(o.next_candidate).copied() else {
@@ -699,7 +842,7 @@ impl ServerLoop {
     }
 
     fn on_outbound_event(&mut self, now: Instant, idx: usize, readable: bool, writable: bool) {
-        let Some(o) = self.outbound.get_mut(idx) else {
+        let Some(o) = self.out.table.get_mut(idx) else {
             return;
         };
         match o.state {
@@ -753,7 +896,7 @@ impl ServerLoop {
 
     /// Moves bytes between an open outbound socket and its stream, charging the user.
     fn pump(&mut self, now: Instant, idx: usize) {
-        let Some(o) = self.outbound.get_mut(idx) else {
+        let Some(o) = self.out.table.get_mut(idx) else {
             return;
         };
         if !matches!(o.state, OutState::Open) {
@@ -765,18 +908,32 @@ impl ServerLoop {
             return;
         };
         let mut allowance = self.ledger.allowance(o.user);
-        let result = o.pipe.pump(sock, session.transport_mut(), &mut allowance);
         let user = o.user;
+        o.pipe.read_limit = self.quotas.buffer_room(user);
+        let pipe_bytes = o.pipe.buffer_bytes();
+        let result = o.pipe.pump(sock, session.transport_mut(), &mut allowance);
         let (moved, end) = match result {
             Ok(m) => (m, None),
             Err((end, m)) => (m, Some(end)),
         };
+        if moved != Moved::default() {
+            o.last_progress = now;
+        }
+        let grew = o.pipe.buffer_bytes() - pipe_bytes;
+        if grew > 0 {
+            self.quotas.pipe_grew(user, grew);
+        }
+        let buffered = session.transport().send_buffered();
+        self.quotas.set_session_buffered(user, o.session, buffered);
+        if end.is_none() && o.pipe.is_held_by_read_limit() && !self.out.held.contains(&idx) {
+            self.out.held.push(idx);
+        }
         let verdict = self.ledger.charge(now, user, moved);
         match end {
             None => {}
             Some(PipeEnd::Done) | Some(PipeEnd::StreamGone) => self.remove_outbound(idx),
             Some(PipeEnd::SocketError) => {
-                if let Some(o) = self.outbound.get(idx) {
+                if let Some(o) = self.out.table.get(idx) {
                     let (sid, stream) = (o.session, o.stream);
                     if let Some(s) = self.endpoint.session_mut(sid) {
                         let _ = s
@@ -818,7 +975,7 @@ impl ServerLoop {
     }
 
     fn fail_outbound(&mut self, idx: usize, result: OpenResult) {
-        if let Some(o) = self.outbound.get(idx) {
+        if let Some(o) = self.out.table.get(idx) {
             let (session, stream) = (o.session, o.stream);
             self.answer(session, stream, result);
         }
@@ -828,10 +985,11 @@ impl ServerLoop {
     /// Fails outbounds still resolving or connecting [`CONNECT_TIMEOUT`] after their open
     /// (entries of outbounds since opened or gone are skipped).
     fn expire_outbound(&mut self, now: Instant) {
-        while let Some(ticket) = self.connect_timeouts.pop_expired(now) {
+        while let Some(ticket) = self.out.connect_timeouts.pop_expired(now) {
             let idx = ticket.index;
             let pending = self
-                .outbound
+                .out
+                .table
                 .get(idx)
                 .is_some_and(|o| o.ticket == ticket && !matches!(o.state, OutState::Open));
             if pending {
@@ -840,9 +998,67 @@ impl ServerLoop {
         }
     }
 
+    /// Pumps again the outbounds held by their user's buffered-bytes share once the user has
+    /// room (the tunnel delivered some of what it held).
+    fn release_held(&mut self, now: Instant) {
+        if self.out.held.is_empty() {
+            return;
+        }
+        let mut refreshed: Vec<UserId> = Vec::new();
+        for idx in std::mem::take(&mut self.out.held) {
+            let Some(user) = self.out.table.get(idx).map(|o| o.user) else {
+                continue;
+            };
+            if !refreshed.contains(&user) {
+                refreshed.push(user);
+                let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
+                for sid in sessions {
+                    if let Some(s) = self.endpoint.session(sid) {
+                        let buffered = s.transport().send_buffered();
+                        self.quotas.set_session_buffered(user, sid, buffered);
+                    }
+                }
+            }
+            // Wait for room worth a socket read: pumping for a few bytes at a time would spin
+            // through every held stream on each wake-up.
+            if self.quotas.buffer_room(user) >= PIPE_BUF {
+                self.pump(now, idx);
+            } else if !self.out.held.contains(&idx) {
+                self.out.held.push(idx);
+            }
+        }
+    }
+
+    /// Resets open streams that moved nothing for the idle timeout (the half-closed timeout once
+    /// one side finished): a stalled or abandoned stream does not hold its fd and buffers forever.
+    fn reset_idle_streams(&mut self, now: Instant) {
+        let quotas = &self.quotas;
+        let idle: Vec<usize> = self
+            .out
+            .table
+            .iter()
+            .filter(|(_, o)| {
+                matches!(o.state, OutState::Open)
+                    && quotas.idle_expired(now, o.last_progress, o.pipe.is_half_closed())
+            })
+            .map(|(idx, _)| idx)
+            .collect();
+        for idx in idle {
+            if let Some(o) = self.out.table.get(idx) {
+                log::debug!("user {}: stream {:?} idle; reset", o.user.0, o.stream);
+                let (sid, stream) = (o.session, o.stream);
+                if let Some(s) = self.endpoint.session_mut(sid) {
+                    let _ = s.transport_mut().stream_reset(stream, ResetReason::Timeout);
+                }
+            }
+            self.remove_outbound(idx);
+        }
+    }
+
     /// Closes the socket and forgets the outbound (the stream is left to the caller).
     fn drop_outbound(&mut self, idx: usize) {
-        if let Some(mut o) = self.outbound.remove(idx) {
+        if let Some(mut o) = self.out.table.remove(idx) {
+            self.quotas.stream_closed(o.user, o.pipe.buffer_bytes());
             if let Some(mut s) = o.sock.take() {
                 let _ = self.core.poll.registry().deregister(&mut s);
                 if !o.pipe.is_done() {
@@ -850,12 +1066,12 @@ impl ServerLoop {
                     crate::sys::reset_on_close(&s);
                 }
             }
-            self.streams.remove(&(o.session, o.stream));
+            self.out.by_stream.remove(&(o.session, o.stream));
         }
     }
 
     fn remove_outbound(&mut self, idx: usize) {
-        let Some(o) = self.outbound.get(idx) else {
+        let Some(o) = self.out.table.get(idx) else {
             return;
         };
         let session = o.session;

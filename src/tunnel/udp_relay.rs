@@ -6,6 +6,8 @@
 //! resolver pool (a small per-relay cache; a few datagrams wait for a lookup, more are dropped —
 //! UDP senders retry). Answers from an address that the client named by domain are labelled with
 //! that domain again so the client can match them. Every destination passes the guard.
+//! At most `max_relays` relays exist at once (their sockets count against the server's fd
+//! budget); a session's first datagram beyond that is dropped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,18 +61,14 @@ pub struct RelayPool {
     readable: Vec<(usize, bool)>,
     by_session: HashMap<SessionId, usize>,
     scratch: Box<[u8]>,
-}
-
-impl Default for RelayPool {
-    fn default() -> Self {
-        Self::new()
-    }
+    max_relays: usize,
 }
 
 impl RelayPool {
-    /// Relay sockets are registered as [`Tok::Relay`].
-    pub fn new() -> Self {
+    /// Relay sockets are registered as [`Tok::Relay`]; at most `max_relays` relays at once.
+    pub fn new(max_relays: usize) -> Self {
         RelayPool {
+            max_relays,
             relays: Slab::new(),
             tickets: TicketIssuer::new(),
             readable: Vec::new(),
@@ -79,9 +77,12 @@ impl RelayPool {
         }
     }
 
-    fn relay_for(&mut self, now: Instant, session: SessionId) -> usize {
+    fn relay_for(&mut self, now: Instant, session: SessionId) -> Option<usize> {
         if let Some(&i) = self.by_session.get(&session) {
-            return i;
+            return Some(i);
+        }
+        if self.relays.len() >= self.max_relays {
+            return None;
         }
         let i = self.relays.insert(Relay {
             session,
@@ -93,7 +94,7 @@ impl RelayPool {
             last_active: now,
         });
         self.by_session.insert(session, i);
-        i
+        Some(i)
     }
 
     /// Sends one datagram of `session` to `dest`. Returns whether it left (for accounting).
@@ -108,7 +109,9 @@ impl RelayPool {
         poll: &Poll,
         resolver: &Resolver,
     ) -> bool {
-        let idx = self.relay_for(now, session);
+        let Some(idx) = self.relay_for(now, session) else {
+            return false;
+        };
         let Some(relay) = self.relays.get_mut(idx) else {
             return false;
         };
@@ -353,6 +356,8 @@ mod tests {
     use mio::{Events, Waker};
     use std::sync::Arc;
 
+    const MAX_RELAYS: usize = 2;
+
     struct Rig {
         poll: Poll,
         resolver: Resolver,
@@ -368,7 +373,7 @@ mod tests {
                 resolver: Resolver::new(1, 8, waker).unwrap(),
                 poll,
                 guard: DestGuard::new(true),
-                pool: RelayPool::new(),
+                pool: RelayPool::new(MAX_RELAYS),
             }
         }
 
@@ -475,5 +480,19 @@ mod tests {
         }
         assert_eq!(rounds, 2);
         assert_eq!(got, (0..300).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn relays_beyond_the_cap_are_not_created_until_one_closes() {
+        let mut rig = Rig::new();
+        let peer = sink();
+        let to = Destination::Addr(peer.local_addr().unwrap());
+        assert!(rig.send(1, &to, b"a"));
+        assert!(rig.send(2, &to, b"b"));
+        assert!(!rig.send(3, &to, b"c"), "a third relay would pass the cap");
+        assert_eq!(rig.pool.len(), MAX_RELAYS);
+        assert!(rig.send(1, &to, b"d"), "existing relays keep working");
+        rig.pool.close_session(SessionId(2), &rig.poll);
+        assert!(rig.send(3, &to, b"e"));
     }
 }

@@ -10,6 +10,7 @@ mod api_durability;
 mod api_http;
 mod bulk_http;
 mod cli;
+mod fairness;
 mod guard_api;
 mod hello_restart;
 mod lossy_relay;

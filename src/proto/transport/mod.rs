@@ -1172,6 +1172,11 @@ impl Transport {
         self.cc.state()
     }
 
+    /// Bytes held in all stream send buffers (bounded by the session send buffer).
+    pub fn send_buffered(&self) -> usize {
+        self.streams.send_buffered()
+    }
+
     /// Bytes the peer currently holds in our receive buffers (bounded by the session window).
     pub fn recv_outstanding(&self) -> u64 {
         self.streams.recv_outstanding()

@@ -121,6 +121,11 @@ impl StreamsState {
         self.recv_window.advertised()
     }
 
+    /// Bytes in all stream send buffers.
+    pub(super) fn send_buffered(&self) -> usize {
+        self.send_buffered
+    }
+
     /// Bytes the peer currently holds in our receive buffers.
     pub(super) fn recv_outstanding(&self) -> u64 {
         self.recv_window.outstanding()

@@ -320,6 +320,10 @@ pub struct ServerSpec {
     pub config_keys: Vec<(String, Option<u64>)>,
     pub allow_private: bool,
     pub api: bool,
+    /// Extra top-level `config.json` fields (e.g. limits).
+    pub extra: Value,
+    /// Extra environment variables of the server process (test-only hooks).
+    pub env: Vec<(String, String)>,
 }
 
 impl ServerSpec {
@@ -328,6 +332,8 @@ impl ServerSpec {
             config_keys: vec![(key.to_string(), None)],
             allow_private: true,
             api: true,
+            extra: json!({}),
+            env: Vec::new(),
         }
     }
 }
@@ -383,7 +389,7 @@ impl Server {
                 None => json!(k),
             })
             .collect();
-        let cfg = json!({
+        let mut cfg = json!({
             "mode": "server",
             "listen": format!("127.0.0.1:{udp_port}"),
             "access_keys": keys,
@@ -392,9 +398,14 @@ impl Server {
             "log_level": "info",
             "allow_private_destinations": spec.allow_private,
         });
+        if let (Value::Object(c), Value::Object(e)) = (&mut cfg, spec.extra.clone()) {
+            c.extend(e);
+        }
         let path = dir.path().join("config.json");
         std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-        let mut proc = Proc::spawn("server", ostp_command(&path));
+        let mut cmd = ostp_command(&path);
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        let mut proc = Proc::spawn("server", cmd);
         let ready = proc.wait_line(START_TIMEOUT, |l| {
             l.contains("tunnel on udp") || l.contains("cannot listen") || l.contains("rror")
         });
