@@ -1072,7 +1072,10 @@ fn idle_keep_alive_connections_time_out_and_yield_to_new_clients() {
     }
     std::thread::sleep(Duration::from_millis(50));
     let mut late = connect();
-    assert!(served(&mut late), "a new client is served when none is idle");
+    assert!(
+        served(&mut late),
+        "a new client is served when none is idle"
+    );
     assert!(
         closed_within(&mut newer, Duration::from_millis(500)),
         "the oldest partial request made room"
