@@ -517,6 +517,11 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         }
         a.finish()?;
     }
+    if !api.token.is_empty() {
+        let loopback_only = !api.enabled || api.bind.ip().is_loopback();
+        keys::validate_token(&api.token, loopback_only)
+            .map_err(|e| ctx.err("api.token", &e.to_string()))?;
+    }
     if api.enabled && api.token.is_empty() && !api.bind.ip().is_loopback() {
         return Err(ctx.err(
             "api.token",
@@ -896,7 +901,36 @@ mod tests {
         let e = p(r#"{"mode": "server", "api": {"enabled": true, "bind": "0.0.0.0:9090"}}"#)
             .unwrap_err();
         assert_eq!(e.field, "api.token");
-        assert!(p(r#"{"mode": "server", "api": {"enabled": true, "bind": "0.0.0.0:9090", "token": "x"}}"#).is_ok());
+        assert!(p(r#"{"mode": "server", "api": {"enabled": true, "bind": "0.0.0.0:9090", "token": "0123456789abcdef"}}"#).is_ok());
+    }
+
+    #[test]
+    fn api_tokens_are_checked_at_load() {
+        let with = |bind: &str, token: &str| {
+            let v = serde_json::json!({"mode": "server", "api": {"enabled": true, "bind": bind, "token": token}});
+            p(&v.to_string())
+        };
+        for (bind, token) in [
+            ("0.0.0.0:9090", "x"),
+            ("[::]:9090", "0123456789abcde"),
+            ("192.168.1.1:9090", "short-token"),
+            ("127.0.0.1:9090", " 0123456789abcdef"),
+            ("127.0.0.1:9090", "0123456789abcdef "),
+            ("127.0.0.1:9090", "0123456789abcdéf"),
+            ("0.0.0.0:9090", "0123456789abcdef\n"),
+        ] {
+            let e = with(bind, token).unwrap_err();
+            assert_eq!(e.field, "api.token", "{bind} {token:?}");
+            if token.len() > 4 {
+                assert!(!e.to_string().contains(token.trim()), "token echoed: {e}");
+            }
+        }
+        assert!(
+            with("127.0.0.1:9090", "x").is_ok(),
+            "a short token on loopback is allowed"
+        );
+        assert!(with("0.0.0.0:9090", "0123456789abcdef").is_ok());
+        assert!(with("0.0.0.0:9090", "pass phrase with spaces!").is_ok());
     }
 
     #[test]

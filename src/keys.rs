@@ -7,8 +7,12 @@ use std::fmt;
 pub const MIN_KEY_LEN: usize = 16;
 /// Longest accepted access key (characters).
 pub const MAX_KEY_LEN: usize = 64;
-/// How many leading characters of a secret may appear in logs.
+/// How many leading characters of a secret may appear in logs (at most a quarter of it).
 pub const LOG_PREFIX_LEN: usize = 8;
+/// Shortest accepted API token when the API listens on a non-loopback address.
+pub const MIN_REMOTE_TOKEN_LEN: usize = 16;
+/// Longest accepted API token (it must fit in a request head with room to spare).
+pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// Why a string is not a valid access key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +42,71 @@ impl fmt::Display for KeyError {
 }
 
 impl std::error::Error for KeyError {}
+
+/// Why a string is not a usable API token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not printable ASCII (a space counts as printable, other controls and non-ASCII do not).
+    BadCharacter(char),
+    /// Starts or ends with a space: header parsing trims it, so it could never match.
+    EdgeSpace,
+    /// Shorter than the minimum for where the API listens.
+    TooShort {
+        len: usize,
+        min: usize,
+    },
+    TooLong(usize),
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenError::BadCharacter(c) => write!(
+                f,
+                "contains {c:?}; a token must be printable ASCII (codes 0x20-0x7e)"
+            ),
+            TokenError::EdgeSpace => write!(
+                f,
+                "starts or ends with a space; HTTP clients and servers strip those, so it could never authenticate"
+            ),
+            TokenError::TooShort { len, min } => write!(
+                f,
+                "is {len} characters long; an API reachable from other machines needs a token of at least {min} characters \
+                 (`ostp --init` writes a 64-character random one)"
+            ),
+            TokenError::TooLong(n) => {
+                write!(
+                    f,
+                    "is {n} characters long; at most {MAX_TOKEN_LEN} are allowed"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+/// Checks a non-empty API token: printable ASCII without edge spaces, at most
+/// [`MAX_TOKEN_LEN`] characters, and at least [`MIN_REMOTE_TOKEN_LEN`] unless `loopback_only`.
+pub fn validate_token(token: &str, loopback_only: bool) -> Result<(), TokenError> {
+    if let Some(c) = token.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(TokenError::BadCharacter(c));
+    }
+    if token.starts_with(' ') || token.ends_with(' ') {
+        return Err(TokenError::EdgeSpace);
+    }
+    let len = token.len();
+    if len > MAX_TOKEN_LEN {
+        return Err(TokenError::TooLong(len));
+    }
+    if !loopback_only && len < MIN_REMOTE_TOKEN_LEN {
+        return Err(TokenError::TooShort {
+            len,
+            min: MIN_REMOTE_TOKEN_LEN,
+        });
+    }
+    Ok(())
+}
 
 /// The OS random source failed (practically never; reported instead of panicking).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,14 +170,12 @@ pub fn validate_key(key: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// The loggable form of a secret: at most its first 8 characters followed by `…`.
+/// The loggable form of a secret: its first characters — at most [`LOG_PREFIX_LEN`] and at
+/// most a quarter of it, so a short secret shows little or nothing — followed by `…`.
 pub fn mask(secret: &str) -> String {
-    let prefix: String = secret.chars().take(LOG_PREFIX_LEN).collect();
-    if secret.chars().count() > LOG_PREFIX_LEN {
-        format!("{prefix}…")
-    } else {
-        prefix
-    }
+    let shown = LOG_PREFIX_LEN.min(secret.chars().count() / 4);
+    let prefix: String = secret.chars().take(shown).collect();
+    format!("{prefix}…")
 }
 
 /// Compares two byte strings in time that depends only on their lengths, never on where they differ.
@@ -158,10 +225,58 @@ mod tests {
     }
 
     #[test]
-    fn mask_never_shows_more_than_eight_characters() {
+    fn mask_never_shows_more_than_a_quarter_or_eight_characters() {
         assert_eq!(mask("c8a6fde902b4e23910cde882b7cf1612"), "c8a6fde9…");
-        assert_eq!(mask("abc"), "abc");
-        assert_eq!(mask("ééééééééééé"), "éééééééé…");
+        assert_eq!(mask(&"é".repeat(40)), format!("{}…", "é".repeat(8)));
+        // Short secrets (tokens of 8 characters or fewer used to be logged in full).
+        assert_eq!(mask("abc"), "…");
+        assert_eq!(mask("x"), "…");
+        assert_eq!(mask("12345678"), "12…");
+        assert_eq!(mask("0123456789abcdef"), "0123…");
+        assert_eq!(mask(""), "…");
+    }
+
+    #[test]
+    fn token_validation() {
+        assert!(
+            validate_token("x", true).is_ok(),
+            "short is fine on loopback"
+        );
+        assert!(validate_token("sekret with inner space!~", false).is_ok());
+        assert_eq!(
+            validate_token("x", false),
+            Err(TokenError::TooShort { len: 1, min: 16 })
+        );
+        assert_eq!(
+            validate_token(&"a".repeat(15), false),
+            Err(TokenError::TooShort { len: 15, min: 16 })
+        );
+        assert!(validate_token(&"a".repeat(16), false).is_ok());
+        assert_eq!(
+            validate_token(" 0123456789abcdef", true),
+            Err(TokenError::EdgeSpace)
+        );
+        assert_eq!(
+            validate_token("0123456789abcdef ", false),
+            Err(TokenError::EdgeSpace)
+        );
+        assert_eq!(
+            validate_token("0123456789abcdéf", false),
+            Err(TokenError::BadCharacter('é'))
+        );
+        assert_eq!(
+            validate_token("0123456789\tabcdef", true),
+            Err(TokenError::BadCharacter('\t'))
+        );
+        assert_eq!(
+            validate_token(&"a".repeat(1025), true),
+            Err(TokenError::TooLong(1025))
+        );
+        let msg = validate_token("short", false).unwrap_err().to_string();
+        assert!(
+            !msg.contains("short"),
+            "the message must not echo the token: {msg}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! case-insensitive); anything else is 401 with `WWW-Authenticate: Bearer`.
 
 use super::errors::ApiError;
-use super::http::Request;
+use super::http::{Head, Request};
 use crate::keys;
 
 const CHALLENGE: &str = "Bearer realm=\"ostp\"";
@@ -14,10 +14,20 @@ const CHALLENGE_INVALID: &str = "Bearer realm=\"ostp\", error=\"invalid_token\""
 
 /// Checks the request against the configured token.
 pub fn check(request: &Request, token: &str) -> Result<(), ApiError> {
+    check_head(&request.head, token)
+}
+
+/// Checks a request head against the configured token (the front end does this before it
+/// reads the body or sends `100 Continue`).
+pub fn check_head(head: &Head, token: &str) -> Result<(), ApiError> {
     if token.is_empty() {
         return Ok(());
     }
-    let mut values = request.headers_named("authorization");
+    let mut values = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "authorization")
+        .map(|(_, v)| v.as_str());
     let Some(value) = values.next() else {
         return Err(ApiError::unauthorized(
             "missing Authorization header; send \"Authorization: Bearer <token>\"",

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub www_authenticate: Option<&'static str>,
     /// Add `"ok": false` to the body (subscribe endpoint shape).
     pub ok_field: bool,
+    /// For 429: seconds until a retry may succeed (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             allow: None,
             www_authenticate: None,
             ok_field: false,
+            retry_after: None,
         }
     }
 
@@ -39,6 +42,18 @@ impl ApiError {
         ApiError {
             www_authenticate: Some(challenge),
             ..ApiError::new(401, message)
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(403, message)
+    }
+
+    /// 429 with `Retry-After: seconds`.
+    pub fn too_many_requests(message: impl Into<String>, seconds: u32) -> ApiError {
+        ApiError {
+            retry_after: Some(seconds),
+            ..ApiError::new(429, message)
         }
     }
 
@@ -89,6 +104,9 @@ impl ApiError {
         if let Some(c) = self.www_authenticate {
             r.headers.push(("WWW-Authenticate", c.to_string()));
         }
+        if let Some(s) = self.retry_after {
+            r.headers.push(("Retry-After", s.to_string()));
+        }
         r
     }
 }
@@ -108,6 +126,7 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -115,6 +134,7 @@ pub fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         417 => "Expectation Failed",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",

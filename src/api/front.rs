@@ -22,9 +22,16 @@
 //! one at a time per connection, in order; bytes that arrive behind a request (pipelining) are
 //! kept and parsed as the next request. A malformed request gets a 4xx with `Connection: close`,
 //! then the connection closes. A keep-alive connection waiting for its next request is *idle*: it
-//! closes after [`Limits::idle_timeout`], and when all [`Limits::max_connections`] are in use, the
-//! connection idle the longest is closed to admit a new client (only when none is idle does the
-//! new client get `503`). Connections in the middle of a request are never evicted.
+//! closes after [`Limits::idle_timeout`].
+//!
+//! Nobody can lock the API without credentials: a request head must be complete within
+//! [`Limits::head_timeout`]; a non-loopback address holds at most
+//! [`Limits::max_connections_per_address`] connections; and when all
+//! [`Limits::max_connections`] are in use, a new client displaces a connection of the address
+//! holding the most ([`super::admission`]): idle ones first, then those that sent nothing, then
+//! partial heads, then bodies in flight; a connection whose request is being answered never.
+//! Each complete head passes the [`Gate`] (open-API browser checks, token, failed-authentication
+//! limit) before the body is read or `100 Continue` is sent.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -36,7 +43,9 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Waker};
 
+use super::admission::{Admission, Candidate, ConnCounts, Peer, Stage};
 use super::errors::ApiError;
+use super::guard::Gate;
 use super::http::{self, MAX_BODY_BYTES, Request};
 use crate::http_head::{HeadScanner, MAX_HEAD_BYTES};
 use crate::tunnel::driver::{
@@ -49,29 +58,45 @@ use crate::tunnel::slab::Slab;
 /// Limits of the front end.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Client connections held at once. At the cap, the longest-idle keep-alive connection is
-    /// closed to admit a new one; if none is idle, the new one is answered 503 and closed.
+    /// Client connections held at once. At the cap, a connection of the address holding the
+    /// most is closed to admit a new one (see the module doc); if none may be closed (all are
+    /// being answered), the new one is answered 503 and closed.
     pub max_connections: usize,
+    /// Connections one non-loopback address (an IPv6 /64) may hold; a new one beyond displaces
+    /// that address's own least advanced connection, or is answered 503. Loopback is exempt
+    /// (local panels, a reverse proxy on the same host).
+    pub max_connections_per_address: usize,
     /// Relay threads (each has at most one request in tiny_http at a time) and, separately,
     /// tiny_http worker threads running handlers.
     pub workers: usize,
-    /// Time allowed to receive one complete request, counted from the accept or, on a
+    /// Time allowed to receive one complete request head, counted from the accept or, on a
     /// keep-alive connection, from the request's first byte.
+    pub head_timeout: Duration,
+    /// Time allowed to receive one complete request (head and body), counted the same way.
     pub request_timeout: Duration,
     /// How long a keep-alive connection may wait for the first byte of its next request.
     pub idle_timeout: Duration,
     /// Time allowed without write progress while sending a response.
     pub write_timeout: Duration,
+    /// Failed authentications (401) one address (an IPv6 /64) may have in a burst; then its
+    /// requests needing the token get 429 with `Retry-After` until it has allowance again.
+    pub auth_failure_burst: u32,
+    /// One more failed authentication is allowed per this interval.
+    pub auth_failure_interval: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            max_connections_per_address: 32,
             workers: 4,
+            head_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(15),
+            auth_failure_burst: 10,
+            auth_failure_interval: Duration::from_secs(1),
         }
     }
 }
@@ -101,9 +126,8 @@ struct Done {
 }
 
 enum State {
-    /// A keep-alive connection between requests (nothing but blank lines received), since
-    /// `since`.
-    Idle { since: Instant },
+    /// A keep-alive connection between requests (nothing but blank lines received).
+    Idle,
     /// Receiving a request; `head` once the head is parsed.
     Reading { head: Option<(http::Head, usize)> },
     /// A worker has the request; `keep_alive` is what the request asked for.
@@ -119,6 +143,7 @@ enum State {
 
 struct Conn {
     stream: TcpStream,
+    peer: Peer,
     /// Tells this connection's answers from those of an earlier one in the same slot.
     serial: u64,
     inbuf: Vec<u8>,
@@ -127,6 +152,8 @@ struct Conn {
     /// Interim bytes (`100 Continue`) to send while still reading.
     interim: Vec<u8>,
     state: State,
+    /// When the current idle wait or request began.
+    since: Instant,
     deadline: Instant,
 }
 
@@ -155,10 +182,15 @@ impl Drop for Front {
     }
 }
 
-/// Starts the front end on `listener`; `handler` turns a validated request into a complete
-/// response framed by `Content-Length`, without a `Connection` header (the front end adds it).
-/// It runs on the relay threads.
-pub fn start<H>(listener: std::net::TcpListener, limits: Limits, handler: H) -> io::Result<Front>
+/// Starts the front end on `listener`; `gate` checks each request head; `handler` turns a
+/// validated request into a complete response framed by `Content-Length`, without a
+/// `Connection` header (the front end adds it). It runs on the relay threads.
+pub fn start<H>(
+    listener: std::net::TcpListener,
+    limits: Limits,
+    gate: Gate,
+    handler: H,
+) -> io::Result<Front>
 where
     H: Fn(&Request) -> Vec<u8> + Send + Sync + 'static,
 {
@@ -192,8 +224,10 @@ where
         core,
         listener,
         conns: Slab::new(),
+        counts: ConnCounts::new(),
         next_serial: 1,
         limits,
+        gate,
         job_tx,
         done_rx,
         stop: stop.clone(),
@@ -241,8 +275,11 @@ struct Loop {
     listener: TcpListener,
     /// Client connections; the index is the connection's mio token.
     conns: Slab<Conn>,
+    /// Open connections per client address.
+    counts: ConnCounts,
     next_serial: u64,
     limits: Limits,
+    gate: Gate,
     job_tx: Sender<Job>,
     done_rx: Receiver<Done>,
     stop: Arc<AtomicBool>,
@@ -278,7 +315,7 @@ impl Loop {
     fn accept_all(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _peer)) => self.add(stream),
+                Ok((stream, peer)) => self.add(stream, Peer::of(peer.ip())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -290,12 +327,29 @@ impl Loop {
         }
     }
 
-    fn add(&mut self, mut stream: TcpStream) {
-        if self.conns.len() >= self.limits.max_connections && !self.evict_longest_idle() {
-            let err = ApiError::new(503, "too many connections; try again later");
-            let _ = stream.write(&http::closing_error(&err));
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
+    fn add(&mut self, mut stream: TcpStream, peer: Peer) {
+        let candidates = self.conns.iter().filter_map(|(slot, c)| {
+            c.stage().map(|stage| Candidate {
+                slot,
+                peer: c.peer.key,
+                stage,
+                since: c.since,
+            })
+        });
+        let admission = self.counts.admit(
+            peer,
+            self.limits.max_connections,
+            self.limits.max_connections_per_address,
+            candidates,
+        );
+        match admission {
+            Admission::Admit => {}
+            Admission::Evict(slot) => self.close(slot),
+            Admission::Refuse(why) => {
+                let _ = stream.write(&http::closing_error(&ApiError::new(503, why)));
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
         }
         let _ = stream.set_nodelay(true);
         let slot = self.conns.next_index();
@@ -309,39 +363,27 @@ impl Loop {
         }
         let serial = self.next_serial;
         self.next_serial += 1;
-        let slot = self.conns.insert(Conn {
+        let now = Instant::now();
+        let mut conn = Conn {
             stream,
+            peer,
             serial,
             inbuf: Vec::new(),
             scanner: HeadScanner::new(),
             interim: Vec::new(),
-            state: State::Reading { head: None },
-            deadline: Instant::now() + self.limits.request_timeout,
-        });
+            state: State::Idle,
+            since: now,
+            deadline: now,
+        };
+        conn.start_request(&self.limits, now);
+        let slot = self.conns.insert(conn);
+        self.counts.opened(peer.key);
         self.drive(slot);
-    }
-
-    /// Closes the keep-alive connection that has been idle the longest; false if none is idle.
-    fn evict_longest_idle(&mut self) -> bool {
-        let longest = self
-            .conns
-            .iter()
-            .filter_map(|(slot, c)| match c.state {
-                State::Idle { since } => Some((since, slot)),
-                _ => None,
-            })
-            .min();
-        match longest {
-            Some((_, slot)) => {
-                self.close(slot);
-                true
-            }
-            None => false,
-        }
     }
 
     fn close(&mut self, slot: usize) {
         if let Some(mut c) = self.conns.remove(slot) {
+            self.counts.closed(c.peer.key);
             let _ = self.core.registry().deregister(&mut c.stream);
         }
     }
@@ -397,7 +439,7 @@ impl Loop {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        match conn.step(&self.limits) {
+        match conn.step(&self.limits, &mut self.gate) {
             Step::Blocked => {}
             Step::Close => self.close(slot),
             Step::Dispatch(request) => {
@@ -433,12 +475,12 @@ enum ReadOutcome {
 
 impl Conn {
     /// Makes all the progress possible until the connection blocks, closes, or has a request.
-    fn step(&mut self, limits: &Limits) -> Step {
+    fn step(&mut self, limits: &Limits, gate: &mut Gate) -> Step {
         let mut scratch = [0u8; 8192];
         loop {
             let progress = match self.state {
-                State::Idle { .. } => self.step_idle(limits, &mut scratch),
-                State::Reading { .. } => self.step_reading(limits, &mut scratch),
+                State::Idle => self.step_idle(limits, &mut scratch),
+                State::Reading { .. } => self.step_reading(limits, gate, &mut scratch),
                 State::Waiting { .. } => Some(Step::Blocked),
                 State::Writing { .. } => self.step_writing(limits),
                 State::Draining { .. } => self.step_draining(&mut scratch),
@@ -458,13 +500,24 @@ impl Conn {
         }
         self.skip_blank_lines();
         if !self.inbuf.is_empty() {
-            self.start_request(limits);
+            self.start_request(limits, Instant::now());
         }
         None
     }
 
+    /// How far the connection is, if it may be closed to make room for a new one.
+    fn stage(&self) -> Option<Stage> {
+        match &self.state {
+            State::Idle | State::Draining { .. } => Some(Stage::Idle),
+            State::Reading { head: Some(_) } => Some(Stage::Body),
+            State::Reading { head: None } if self.inbuf.is_empty() => Some(Stage::Nothing),
+            State::Reading { head: None } => Some(Stage::PartialHead),
+            State::Waiting { .. } | State::Writing { .. } => None,
+        }
+    }
+
     /// Parses the head, then collects the body; reads when more input is needed.
-    fn step_reading(&mut self, limits: &Limits, scratch: &mut [u8]) -> Progress {
+    fn step_reading(&mut self, limits: &Limits, gate: &mut Gate, scratch: &mut [u8]) -> Progress {
         if let Some(step) = self.flush_interim() {
             return Some(step);
         }
@@ -476,6 +529,11 @@ impl Conn {
                 self.skip_blank_lines();
                 match http::parse_head_scanned(&mut self.scanner, &self.inbuf) {
                     Ok(Some((h, len))) => {
+                        // Nothing about the body (not even `100 Continue`) before the gate.
+                        if let Err(e) = gate.check(self.peer.key, &h, Instant::now()) {
+                            self.answer_error(&e, limits);
+                            return None;
+                        }
                         if h.expect_continue
                             && h.content_length > 0
                             && self.inbuf.len() < len + h.content_length
@@ -486,6 +544,7 @@ impl Conn {
                         self.state = State::Reading {
                             head: Some((h, len)),
                         };
+                        self.deadline = self.since + limits.request_timeout;
                         return None;
                     }
                     Ok(None) => {}
@@ -585,16 +644,19 @@ impl Conn {
                 self.inbuf = Vec::new();
             }
             let now = Instant::now();
-            self.state = State::Idle { since: now };
+            self.state = State::Idle;
+            self.since = now;
             self.deadline = now + limits.idle_timeout;
         } else {
-            self.start_request(limits);
+            self.start_request(limits, Instant::now());
         }
     }
 
-    fn start_request(&mut self, limits: &Limits) {
+    /// A request begins: its head must be complete by [`Limits::head_timeout`].
+    fn start_request(&mut self, limits: &Limits, now: Instant) {
         self.state = State::Reading { head: None };
-        self.deadline = Instant::now() + limits.request_timeout;
+        self.since = now;
+        self.deadline = now + limits.head_timeout.min(limits.request_timeout);
     }
 
     /// Drops CR/LF before a request line (tolerated between requests, RFC 9112 §2.2).

@@ -7,10 +7,12 @@
 //!
 //! See `docs/api.md` for the user-facing reference.
 
+pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod errors;
 pub mod front;
+pub mod guard;
 pub mod http;
 pub mod routes;
 pub mod subscribe;
@@ -127,15 +129,21 @@ pub fn start_with_limits(
     } else {
         format!("token {}", keys::mask(&ctx.token))
     };
+    let ctx_token = ctx.token.clone();
     let backend = backend::Backend::start(ctx, limits.workers).map_err(ApiStartError::Io)?;
     let socket = backend.socket_path().to_path_buf();
-    let front = front::start(listener, limits.clone(), move |req| {
+    let gate = guard::Gate::new(
+        ctx_token,
+        guard::FailedAuthLimiter::new(limits.auth_failure_burst, limits.auth_failure_interval),
+    );
+    let front = front::start(listener, limits.clone(), gate, move |req| {
         backend::relay(&socket, req)
     })
     .map_err(ApiStartError::Io)?;
     log::info!(
-        "api: listening on http://{local_addr} ({auth_text}; at most {} connections, {} relays + {} tiny_http workers)",
+        "api: listening on http://{local_addr} ({auth_text}; at most {} connections, {} per non-loopback address; {} relays + {} tiny_http workers)",
         limits.max_connections,
+        limits.max_connections_per_address,
         limits.workers,
         limits.workers
     );

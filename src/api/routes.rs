@@ -40,7 +40,8 @@ impl Route<'_> {
         }
     }
 
-    fn needs_token(self) -> bool {
+    /// Whether the route needs the bearer token (all but the subscribe endpoint).
+    pub fn needs_token(self) -> bool {
         !matches!(self, Route::Subscribe(_))
     }
 }

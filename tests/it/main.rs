@@ -7,6 +7,7 @@ mod support;
 
 mod api_concurrency;
 mod api_durability;
+mod api_hardening;
 mod api_http;
 mod bulk_http;
 mod cli;

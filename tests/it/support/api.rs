@@ -501,3 +501,41 @@ impl OpenApi {
         }
     }
 }
+
+/// A TCP connection to `dst` from the local address `src` (e.g. 127.0.0.2: all of 127.0.0.0/8
+/// is local on Linux), so a test can be a second client address. std cannot bind a socket
+/// before connecting, hence these few libc calls.
+#[allow(unsafe_code)]
+pub fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let SocketAddr::V4(dst) = dst else {
+        return Err(std::io::Error::other("connect_from: IPv4 only"));
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns (closed by `OwnedFd` on
+    // every path), with pointers to live, correctly sized `sockaddr_in` values.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let local = sockaddr(src, 0);
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*dst.ip(), dst.port());
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(TcpStream::from(owned))
+    }
+}
