@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,7 @@ use super::supervisor::{
     WAIT_FOR_SESSION, XorShift64,
 };
 use super::{bind_udp, unix_now};
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
@@ -74,6 +75,8 @@ pub struct ClientOptions {
     /// Tunnel sessions kept open.
     pub sessions: usize,
     pub connector: ConnectorConfig,
+    /// Credentials the proxy port asks for (`None`: none).
+    pub auth: Option<Arc<ProxyAuth>>,
 }
 
 impl ClientOptions {
@@ -84,6 +87,14 @@ impl ClientOptions {
                 cfg.socks5_bind
             )
         })?;
+        if !is_loopback(listen) && cfg.socks5_auth.is_none() && !cfg.allow_open_proxy {
+            return Err(format!(
+                "refusing to start: socks5_bind {listen} is not a loopback address, so anyone who can \
+                 reach it could use this proxy and your tunnel. Set \"socks5_auth\": {{\"username\": \
+                 \"...\", \"password\": \"...\"}} in the client config (SOCKS5 username/password and \
+                 HTTP Basic), or \"allow_open_proxy\": true to run an open proxy on purpose"
+            ));
+        }
         Ok(ClientOptions {
             server: cfg.server.clone(),
             access_key: cfg.access_key.clone(),
@@ -94,8 +105,18 @@ impl ClientOptions {
                 handshake_timeout: NO_ANSWER_TIMEOUT,
                 ..ConnectorConfig::default()
             },
+            auth: cfg.socks5_auth.clone().map(Arc::new),
         })
     }
+
+    /// Whether anyone who can reach the proxy port may use it (non-loopback, no credentials).
+    pub fn is_open_proxy(&self) -> bool {
+        !is_loopback(self.listen) && self.auth.is_none()
+    }
+}
+
+fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
 }
 
 /// The running client loop.
@@ -872,7 +893,9 @@ impl ClientLoop {
                         );
                         Local {
                             sock,
-                            state: LocalState::Request(ProxyFront::new()),
+                            state: LocalState::Request(ProxyFront::with_auth(
+                                self.options.auth.clone(),
+                            )),
                             pipe: None,
                             out: Vec::new(),
                             out_pos: 0,

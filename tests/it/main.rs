@@ -10,6 +10,7 @@ mod api_durability;
 mod api_http;
 mod bulk_http;
 mod cli;
+mod client_hardening;
 mod lossy_relay;
 mod proto_fuzz_props;
 mod proto_secure;
