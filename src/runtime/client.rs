@@ -40,7 +40,7 @@ pub fn run(cfg: ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
     let options = ClientOptions::from_config(&cfg).map_err(RunError::Other)?;
     if options.is_open_proxy() {
         log::warn!(
-            "WARNING: OPEN PROXY. The SOCKS5/HTTP proxy on {} asks for no credentials and is not \
+            "WARNING: OPEN PROXY. The local proxy port {} asks for no credentials and is not \
              on loopback (allow_open_proxy: true): anyone who can reach this address can use your \
              tunnel and your traffic allowance. Set socks5_auth unless this is really meant",
             options.listen

@@ -4,9 +4,9 @@
 //! connections are closed, and SOCKS5 UDP associations only see their own datagrams.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::tunnel::*;
 use serde_json::json;
@@ -242,4 +242,167 @@ except Exception as e:
     assert_eq!(run(format!("socks5h://{USER}:{pass}@{p}")), "200 5000");
     let wrong = run(format!("socks5h://{USER}:nope@{p}"));
     assert!(wrong.starts_with("error"), "wrong credentials: {wrong}");
+}
+
+/// UDP ASSOCIATE with DST hint `hint`; returns the control connection and the relay address.
+fn associate(proxy: SocketAddr, hint: SocketAddr) -> (TcpStream, SocketAddr) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    let SocketAddr::V4(h) = hint else {
+        panic!("IPv4 hint")
+    };
+    let mut req = vec![5, 3, 0, 1];
+    req.extend_from_slice(&h.ip().octets());
+    req.extend_from_slice(&h.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..4], &[5, 0, 0, 1], "UDP ASSOCIATE refused");
+    let relay = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+    (s, relay)
+}
+
+fn udp_socket(ip: &str) -> UdpSocket {
+    let s = UdpSocket::bind((ip, 0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s
+}
+
+/// Every payload (after the SOCKS5 UDP header to `echo`) that arrives on `sock` until quiet.
+fn answers(sock: &UdpSocket, echo: SocketAddr) -> Vec<String> {
+    let header = socks5_udp_packet(&Target::Ip(echo), b"").len();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[header.min(n)..n]).into_owned());
+    }
+    out
+}
+
+#[test]
+fn udp_associations_only_see_their_own_datagrams() {
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let client = Client::start(server.udp, &key);
+    let echo = start_udp_echo();
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    // Two applications, each with its own association, asking the same "resolver".
+    let (_ca, relay_a) = associate(client.proxy, any);
+    let (_cb, relay_b) = associate(client.proxy, any);
+    let (a, b) = (udp_socket("127.0.0.1"), udp_socket("127.0.0.1"));
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        let pa = socks5_udp_packet(&Target::Ip(echo), format!("A{i}").as_bytes());
+        let pb = socks5_udp_packet(&Target::Ip(echo), format!("B{i}").as_bytes());
+        a.send_to(&pa, relay_a).unwrap();
+        b.send_to(&pb, relay_b).unwrap();
+        got_a.extend(answers(&a, echo));
+        got_b.extend(answers(&b, echo));
+    }
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "{got_a:?} {got_b:?}"
+    );
+    assert!(
+        got_a.iter().all(|m| m.starts_with("echo:A")),
+        "A got {got_a:?}"
+    );
+    assert!(
+        got_b.iter().all(|m| m.starts_with("echo:B")),
+        "B got {got_b:?}"
+    );
+
+    // A third socket on the same host cannot use A's association, nor read its answers.
+    let c = udp_socket("127.0.0.1");
+    let pc = socks5_udp_packet(&Target::Ip(echo), b"C");
+    for _ in 0..5 {
+        c.send_to(&pc, relay_a).unwrap();
+    }
+    assert!(answers(&c, echo).is_empty());
+    a.send_to(&socks5_udp_packet(&Target::Ip(echo), b"A-again"), relay_a)
+        .unwrap();
+    let again = answers(&a, echo);
+    assert!(again.iter().all(|m| m == "echo:A-again"), "{again:?}");
+
+    // An association whose request named its source port accepts only that port, even before
+    // its owner sent anything.
+    let d = udp_socket("127.0.0.1");
+    let (_cd, relay_d) = associate(client.proxy, d.local_addr().unwrap());
+    let intruder = udp_socket("127.0.0.1");
+    intruder.send_to(&pc, relay_d).unwrap();
+    assert!(answers(&intruder, echo).is_empty(), "the hint was ignored");
+    d.send_to(&socks5_udp_packet(&Target::Ip(echo), b"D"), relay_d)
+        .unwrap();
+    let got_d = answers(&d, echo);
+    assert_eq!(got_d, vec!["echo:D".to_string()]);
+}
+
+#[test]
+fn lan_clients_can_use_udp_associations() {
+    let Some(lan_ip) = non_loopback_ip() else {
+        eprintln!("no non-loopback address on this machine: the LAN UDP case cannot be run here");
+        return;
+    };
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let client = Client::spawn(
+        server.udp,
+        &key,
+        json!({"socks5_bind": "0.0.0.0:0", "allow_open_proxy": true}),
+    );
+    client.wait_connected(0);
+    let echo = start_udp_echo();
+    let proxy = SocketAddr::new(lan_ip, client.proxy.port());
+    let (_control, relay) = associate(proxy, "0.0.0.0:0".parse().unwrap());
+    assert_eq!(
+        relay.ip(),
+        lan_ip,
+        "the relay address must be reachable from the LAN"
+    );
+    let s = udp_socket(&lan_ip.to_string());
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        s.send_to(&socks5_udp_packet(&Target::Ip(echo), b"lan"), relay)
+            .unwrap();
+        got = answers(&s, echo);
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got.first().map(String::as_str), Some("echo:lan"));
+}
+
+#[test]
+fn a_local_connection_that_sends_no_complete_request_is_closed() {
+    // No tunnel needed: the request never completes.
+    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let client = Client::spawn(server, &new_key(), json!({}));
+    let proxy = client.proxy;
+    let silent = TcpStream::connect(proxy).unwrap();
+    let mut half = TcpStream::connect(proxy).unwrap();
+    half.write_all(&[5, 1, 0]).unwrap(); // greeting, then nothing
+    let t = Instant::now();
+    for mut s in [silent, half] {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the method selection
+            }
+        }
+    }
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "closed after {waited:?}, expected ~10 s"
+    );
 }
