@@ -406,3 +406,41 @@ fn a_local_connection_that_sends_no_complete_request_is_closed() {
         "closed after {waited:?}, expected ~10 s"
     );
 }
+
+#[test]
+fn one_lan_address_cannot_take_every_local_connection() {
+    let Some(lan_ip) = non_loopback_ip() else {
+        eprintln!(
+            "no non-loopback address on this machine: the per-address cap cannot be run here"
+        );
+        return;
+    };
+    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let client = Client::spawn(
+        server,
+        &new_key(),
+        json!({"socks5_bind": "0.0.0.0:0", "allow_open_proxy": true}),
+    );
+    let port = client.proxy.port();
+    let greet = |addr: SocketAddr| -> bool {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut m = [0u8; 2];
+        s.write_all(&[5, 1, 0]).is_ok() && s.read_exact(&mut m).is_ok() && m == [5, 0]
+    };
+    // 256 idle connections from one LAN address are accepted (they last until the 10 s
+    // request deadline)...
+    let held: Vec<TcpStream> = (0..256)
+        .map(|_| TcpStream::connect((lan_ip, port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...the next one from that address is closed at once, while loopback is still served.
+    assert!(
+        !greet(SocketAddr::new(lan_ip, port)),
+        "the 257th was served"
+    );
+    assert!(greet(SocketAddr::from(([127, 0, 0, 1], port))));
+    drop(held);
+}
