@@ -182,6 +182,24 @@ pub struct MuxConfig {
     pub sessions: u32,
 }
 
+/// `socks5_auth`: the username and password the client's local proxy asks for (SOCKS5
+/// username/password, RFC 1929, and HTTP `Proxy-Authorization: Basic`). `Debug` hides the
+/// password.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for ProxyAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyAuth")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
 /// A client configuration — exactly the `data` object of `GET /api/subscribe/{key}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClientConfig {
@@ -191,6 +209,13 @@ pub struct ClientConfig {
     pub access_key: String,
     /// Local proxy address (SOCKS5 and HTTP on one port).
     pub socks5_bind: String,
+    /// Credentials the local proxy asks for (SOCKS5 username/password, HTTP `Basic`); required
+    /// for a non-loopback `socks5_bind` unless `allow_open_proxy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socks5_auth: Option<ProxyAuth>,
+    /// Lets a non-loopback `socks5_bind` run without credentials (an open proxy; warned about).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_open_proxy: bool,
     pub tun: TunConfig,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
@@ -205,6 +230,8 @@ impl ClientConfig {
             server,
             access_key,
             socks5_bind: DEFAULT_SOCKS5_BIND.to_string(),
+            socks5_auth: None,
+            allow_open_proxy: false,
             tun: TunConfig {
                 enable: false,
                 dns: "1.1.1.1".to_string(),
@@ -680,6 +707,12 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
 
     let mut cfg = ClientConfig::for_server(server, access_key);
     cfg.socks5_bind = socks5_bind;
+    if let Some(a) = obj.opt_obj("socks5_auth")? {
+        cfg.socks5_auth = Some(parse_proxy_auth(a)?);
+    }
+    if let Some(b) = obj.opt_bool("allow_open_proxy")? {
+        cfg.allow_open_proxy = b;
+    }
     if let Some(mut t) = obj.opt_obj("tun")? {
         if let Some(b) = t.opt_bool("enable")? {
             cfg.tun.enable = b;
@@ -707,6 +740,29 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
     }
     obj.finish()?;
     Ok(cfg)
+}
+
+/// `socks5_auth`: 1..=255 bytes each (RFC 1929), no `:` in the username (HTTP `Basic` splits
+/// at the first one), no control characters.
+fn parse_proxy_auth(mut a: Obj) -> Result<ProxyAuth, ConfigError> {
+    let username = a.req_str("username")?;
+    let password = a.req_str("password")?;
+    for (name, value) in [("username", &username), ("password", &password)] {
+        if value.is_empty() || value.len() > 255 {
+            return Err(a.err(name, "must be 1 to 255 bytes long"));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(a.err(name, "must not contain control characters"));
+        }
+    }
+    if username.contains(':') {
+        return Err(a.err(
+            "username",
+            "must not contain ':' (HTTP Basic auth splits at it)",
+        ));
+    }
+    a.finish()?;
+    Ok(ProxyAuth { username, password })
 }
 
 /// Parses a log level name (case-insensitive).
@@ -968,6 +1024,49 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.field, "mux.sessions");
+    }
+
+    #[test]
+    fn client_proxy_auth_and_open_proxy_fields() {
+        let client = |extra: &str| {
+            p(&format!(
+                r#"{{"mode":"client","server":"h:1","access_key":"{KEY}"{extra}}}"#
+            ))
+        };
+        let Config::Client(c) = client(
+            r#","socks5_bind":"0.0.0.0:1","socks5_auth":{"username":"u","password":"p:w"},"allow_open_proxy":true"#,
+        )
+        .unwrap() else {
+            panic!("expected client")
+        };
+        let auth = c.socks5_auth.clone().unwrap();
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("u", "p:w")
+        );
+        assert!(c.allow_open_proxy);
+        assert!(
+            !format!("{c:?}").contains("p:w"),
+            "Debug shows the password"
+        );
+        for (extra, field) in [
+            (
+                r#","socks5_auth":{"username":"a:b","password":"p"}"#,
+                "socks5_auth.username",
+            ),
+            (
+                r#","socks5_auth":{"username":"","password":"p"}"#,
+                "socks5_auth.username",
+            ),
+            (r#","socks5_auth":{"username":"u"}"#, "socks5_auth.password"),
+            (
+                r#","socks5_auth":{"username":"u","password":"p","x":1}"#,
+                "socks5_auth.x",
+            ),
+            (r#","allow_open_proxy":"yes""#, "allow_open_proxy"),
+        ] {
+            assert_eq!(client(extra).unwrap_err().field, field, "{extra}");
+        }
     }
 
     #[test]

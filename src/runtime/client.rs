@@ -38,6 +38,14 @@ pub fn run(cfg: ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
         log::LevelFilter::Info
     });
     let options = ClientOptions::from_config(&cfg).map_err(RunError::Other)?;
+    if options.is_open_proxy() {
+        log::warn!(
+            "WARNING: OPEN PROXY. The local proxy port {} asks for no credentials and is not \
+             on loopback (allow_open_proxy: true): anyone who can reach this address can use your \
+             tunnel and your traffic allowance. Set socks5_auth unless this is really meant",
+            options.listen
+        );
+    }
     let handle = client_loop::start(options).map_err(RunError::Other)?;
     loop {
         match signals.recv() {

@@ -166,7 +166,30 @@ pub fn client_config_from_body(source: &str, body: &[u8]) -> Result<ClientConfig
     }
 }
 
-/// Fetches `url` and returns the client config it describes.
+/// Resets the local proxy settings of a fetched config: the answer (plain HTTP, possibly from a
+/// man in the middle or a hostile panel) decides the tunnel, never how this machine's proxy is
+/// exposed. The bind comes from the command line or the default (`127.0.0.1:1088`).
+fn keep_local_proxy_settings(cfg: &mut ClientConfig) {
+    if cfg.socks5_bind != config::DEFAULT_SOCKS5_BIND || cfg.allow_open_proxy {
+        eprintln!(
+            "ostp: ignoring the subscribe answer's socks5_bind {:?}{}: the local proxy address \
+             comes from --socks5-bind or the default {}",
+            cfg.socks5_bind,
+            if cfg.allow_open_proxy {
+                " and allow_open_proxy"
+            } else {
+                ""
+            },
+            config::DEFAULT_SOCKS5_BIND
+        );
+    }
+    cfg.socks5_bind = config::DEFAULT_SOCKS5_BIND.to_string();
+    cfg.socks5_auth = None;
+    cfg.allow_open_proxy = false;
+}
+
+/// Fetches `url` and returns the client config it describes, with the local proxy settings
+/// reset to the defaults (see [`keep_local_proxy_settings`]).
 pub fn client_config_from_subscription(url: &str) -> Result<ClientConfig, RunError> {
     let parsed = parse_url(url)?;
     let (status, body) =
@@ -181,7 +204,9 @@ pub fn client_config_from_subscription(url: &str) -> Result<ClientConfig, RunErr
             "{url}: the server answered HTTP {status}"
         )));
     }
-    client_config_from_body(url, &body)
+    let mut cfg = client_config_from_body(url, &body)?;
+    keep_local_proxy_settings(&mut cfg);
+    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -222,6 +247,18 @@ mod tests {
         );
         assert!(client_config_from_body("u", br#"{"ok":false,"error":"unknown key"}"#).is_err());
         assert!(client_config_from_body("u", b"\xff").is_err());
+    }
+
+    #[test]
+    fn the_answer_never_sets_the_local_proxy() {
+        let body = format!(
+            r#"{{"mode":"client","server":"e.com:5","access_key":"{KEY}","socks5_bind":"0.0.0.0:1088","allow_open_proxy":true,"socks5_auth":{{"username":"u","password":"p"}}}}"#
+        );
+        let mut c = client_config_from_body("u", body.as_bytes()).unwrap();
+        keep_local_proxy_settings(&mut c);
+        assert_eq!(c.socks5_bind, config::DEFAULT_SOCKS5_BIND);
+        assert!(!c.allow_open_proxy);
+        assert_eq!(c.socks5_auth, None);
     }
 
     #[test]

@@ -25,7 +25,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -46,19 +47,27 @@ use super::supervisor::{
     WAIT_FOR_SESSION, XorShift64,
 };
 use super::{bind_udp, unix_now};
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
-    CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
+    AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
 
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
-/// UDP ASSOCIATE routes (slot, destination) remembered at most; beyond it the table starts over
-/// (answers are routed by destination only: the DATAGRAM frame carries no association id).
-const MAX_FLOWS: usize = 1024;
+/// Local connections from one non-loopback address at most (loopback shares only `MAX_LOCAL`).
+const MAX_LOCAL_PER_ADDR: u32 = 256;
+/// A local connection must have sent a complete SOCKS5 / HTTP request this soon after accept.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A piping connection (or a UDP association) that moved no byte either way this long is closed.
+pub const LOCAL_IDLE: Duration = Duration::from_secs(300);
+/// How often an active connection's idleness is looked at again (closing happens between
+/// `LOCAL_IDLE` and `LOCAL_IDLE + IDLE_CHECK` after the last byte).
+const IDLE_CHECK: Duration = Duration::from_secs(60);
+/// Association ids stay below 2^30 (a varint of at most 4 bytes in the DATAGRAM frame).
+const ASSOC_ID_SPACE: AssocId = 1 << 30;
 const READ_CHUNK: usize = 16 * 1024;
 const MAX_UDP: usize = 65_535;
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
@@ -74,6 +83,8 @@ pub struct ClientOptions {
     /// Tunnel sessions kept open.
     pub sessions: usize,
     pub connector: ConnectorConfig,
+    /// Credentials the proxy port asks for (`None`: none).
+    pub auth: Option<Arc<ProxyAuth>>,
 }
 
 impl ClientOptions {
@@ -84,6 +95,14 @@ impl ClientOptions {
                 cfg.socks5_bind
             )
         })?;
+        if !is_loopback(listen) && cfg.socks5_auth.is_none() && !cfg.allow_open_proxy {
+            return Err(format!(
+                "refusing to start: socks5_bind {listen} is not a loopback address, so anyone who can \
+                 reach it could use this proxy and your tunnel. Set \"socks5_auth\": {{\"username\": \
+                 \"...\", \"password\": \"...\"}} in the client config (SOCKS5 username/password and \
+                 HTTP Basic), or \"allow_open_proxy\": true to run an open proxy on purpose"
+            ));
+        }
         Ok(ClientOptions {
             server: cfg.server.clone(),
             access_key: cfg.access_key.clone(),
@@ -94,8 +113,18 @@ impl ClientOptions {
                 handshake_timeout: NO_ANSWER_TIMEOUT,
                 ..ConnectorConfig::default()
             },
+            auth: cfg.socks5_auth.clone().map(Arc::new),
         })
     }
+
+    /// Whether anyone who can reach the proxy port may use it (non-loopback, no credentials).
+    pub fn is_open_proxy(&self) -> bool {
+        !is_loopback(self.listen) && self.auth.is_none()
+    }
+}
+
+fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
 }
 
 /// The running client loop.
@@ -170,8 +199,13 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         locals: Slab::new(),
         waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
         opening: TimeoutQueue::new(OPEN_TIMEOUT),
+        request_deadlines: TimeoutQueue::new(REQUEST_TIMEOUT),
+        idle_checks: TimeoutQueue::new(IDLE_CHECK),
+        per_addr: HashMap::new(),
+        next_serial: 0,
         assocs: Slab::new(),
-        flows: HashMap::new(),
+        assoc_ids: HashMap::new(),
+        next_assoc: 0,
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
     };
@@ -230,6 +264,12 @@ enum LocalState {
 
 struct Local {
     sock: TcpStream,
+    /// Tells this connection from a later one in the same slab slot (deadline queue keys).
+    serial: u32,
+    /// The application's address (per-address caps, the UDP association's allowed sender).
+    peer: SocketAddr,
+    /// Last byte moved either way while piping.
+    last_active: Instant,
     state: LocalState,
     pipe: Option<Pipe>,
     /// Bytes to write before anything else (proxy replies while not piping).
@@ -239,13 +279,29 @@ struct Local {
     writable: bool,
 }
 
+/// One SOCKS5 UDP association: its socket and [`AssocRoute`].
 struct Assoc {
     sock: UdpSocket,
-    /// The local client's UDP address (learned from its first datagram).
-    client: Option<SocketAddr>,
-    slot: Option<usize>,
+    route: AssocRoute,
     /// The socket may hold datagrams (kept while a receive batch stops at its limit).
     readable: bool,
+}
+
+/// Who may use an association and where its datagrams go. Datagrams are accepted only from the
+/// IP address of the TCP connection that asked for it (and the port of its DST hint when it gave
+/// one); the first such sender owns it. Answers come back tagged with `id` and go to that owner
+/// only.
+struct AssocRoute {
+    id: AssocId,
+    /// The TCP peer's IP: the only address allowed to send.
+    owner_ip: IpAddr,
+    /// DST.PORT of the request when non-zero: the only port allowed to send from.
+    hint_port: Option<u16>,
+    /// The local client's UDP address (its first accepted datagram).
+    client: Option<SocketAddr>,
+    slot: Option<usize>,
+    /// Last datagram either way.
+    last_active: Instant,
 }
 
 /// The client loop's state. More than 15 fields because it owns four kinds of sockets (the
@@ -268,9 +324,18 @@ struct ClientLoop {
     waiting: TimeoutQueue<usize>,
     /// Requests whose stream waits for the server's answer, oldest first.
     opening: TimeoutQueue<usize>,
+    /// Every accepted connection by `(index, serial)`: still in `Request` at expiry → closed.
+    request_deadlines: TimeoutQueue<(usize, u32)>,
+    /// Piping connections and UDP associations by `(index, serial)`, looked at every
+    /// [`IDLE_CHECK`]: idle for [`LOCAL_IDLE`] → closed, else queued again.
+    idle_checks: TimeoutQueue<(usize, u32)>,
+    /// Open local connections per non-loopback peer address.
+    per_addr: HashMap<IpAddr, u32>,
+    next_serial: u32,
     assocs: Slab<Assoc>,
-    /// (slot, remote) → association that last sent there, for routing answers.
-    flows: HashMap<(usize, Destination), usize>,
+    /// Association id (carried by every DATAGRAM frame both ways) → association.
+    assoc_ids: HashMap<AssocId, usize>,
+    next_assoc: AssocId,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
 }
@@ -316,28 +381,28 @@ fn describe_refusal(reason: RefuseReason) -> &'static str {
 /// One association's datagrams on their way from the local application into a tunnel session.
 struct AssocUplink<'a> {
     slots: &'a mut [Slot],
-    flows: &'a mut HashMap<(usize, Destination), usize>,
-    local_ip: std::net::IpAddr,
-    assoc: usize,
-    client: &'a mut Option<SocketAddr>,
-    slot: &'a mut Option<usize>,
+    route: &'a mut AssocRoute,
+    now: Instant,
 }
 
 impl AssocUplink<'_> {
     fn forward(&mut self, datagram: &[u8], from: SocketAddr) {
-        // Only the client that owns the association may use it (first sender wins).
-        if self.client.is_some_and(|c| c != from) {
+        let a = &mut *self.route;
+        // Only the TCP peer's address (and the hinted port) may use the association; the first
+        // such sender owns it.
+        let allowed = from.ip().to_canonical() == a.owner_ip.to_canonical()
+            && a.hint_port.is_none_or(|p| p == from.port())
+            && a.client.is_none_or(|c| c == from);
+        if !allowed {
             return;
         }
-        if !from.ip().is_loopback() && from.ip() != self.local_ip {
-            return;
-        }
-        *self.client = Some(from);
+        a.client = Some(from);
+        a.last_active = self.now;
         let Ok((dest, payload)) = proxy_front::parse_socks5_udp(datagram) else {
             return;
         };
         let connected = |s: &Slot| s.state == SlotState::Connected;
-        let slot = match self.slot.filter(|s| connected(&self.slots[*s])) {
+        let slot = match a.slot.filter(|s| connected(&self.slots[*s])) {
             Some(s) => s,
             None => match self
                 .slots
@@ -351,19 +416,10 @@ impl AssocUplink<'_> {
                 None => return, // no session: drop (UDP senders retry)
             },
         };
-        *self.slot = Some(slot);
-        let Some(session) = self.slots[slot].session_mut() else {
-            return;
-        };
-        if session
-            .transport_mut()
-            .send_datagram(dest.clone(), payload)
-            .is_ok()
-        {
-            if self.flows.len() >= MAX_FLOWS && !self.flows.contains_key(&(slot, dest.clone())) {
-                self.flows.clear();
-            }
-            self.flows.insert((slot, dest), self.assoc);
+        a.slot = Some(slot);
+        if let Some(session) = self.slots[slot].session_mut() {
+            // Dropped when the queue is full: UDP senders retry.
+            let _ = session.transport_mut().send_datagram(a.id, dest, payload);
         }
     }
 }
@@ -397,7 +453,7 @@ impl ClientLoop {
             for i in 0..self.slots.len() {
                 self.receive(now, i);
             }
-            self.receive_assocs();
+            self.receive_assocs(now);
             self.run_timers(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
@@ -472,6 +528,8 @@ impl ClientLoop {
             .chain([
                 self.waiting.next_deadline(),
                 self.opening.next_deadline(),
+                self.request_deadlines.next_deadline(),
+                self.idle_checks.next_deadline(),
                 self.shutting_down,
             ])
             .flatten()
@@ -527,6 +585,40 @@ impl ClientLoop {
         }
         while let Some(l) = self.opening.pop_expired(now) {
             self.fail_request(now, l, Socks5Reply::TtlExpired);
+        }
+        self.expire_locals(now);
+    }
+
+    /// Closes connections that did not finish their request in time and idle ones.
+    fn expire_locals(&mut self, now: Instant) {
+        while let Some((idx, serial)) = self.request_deadlines.pop_expired(now) {
+            let stalled = self.locals.get(idx).is_some_and(|l| {
+                l.serial == serial
+                    && matches!(l.state, LocalState::Request(_) | LocalState::Closing)
+            });
+            if stalled {
+                log::debug!("local connection: no complete request within {REQUEST_TIMEOUT:?}");
+                self.close_local(idx);
+            }
+        }
+        while let Some((idx, serial)) = self.idle_checks.pop_expired(now) {
+            let Some(l) = self.locals.get(idx).filter(|l| l.serial == serial) else {
+                continue;
+            };
+            let last_active = match l.state {
+                LocalState::Piping { .. } => l.last_active,
+                LocalState::Udp { assoc } => self
+                    .assocs
+                    .get(assoc)
+                    .map_or(l.last_active, |a| a.route.last_active),
+                _ => continue,
+            };
+            if now.saturating_duration_since(last_active) >= LOCAL_IDLE {
+                log::debug!("local connection: idle for {LOCAL_IDLE:?}; closing it");
+                self.close_local(idx);
+            } else {
+                self.idle_checks.push_new((idx, serial), now);
+            }
         }
     }
 
@@ -659,11 +751,10 @@ impl ClientLoop {
             }
         }
         for (_, a) in self.assocs.iter_mut() {
-            if a.slot == Some(i) {
-                a.slot = None;
+            if a.route.slot == Some(i) {
+                a.route.slot = None;
             }
         }
-        self.flows.retain(|(s, _), _| *s != i);
         retry
     }
 
@@ -841,7 +932,9 @@ impl ClientLoop {
                     _ => self.close_local(l),
                 }
             }
-            TransportEvent::Datagram { dest, data } => self.datagram_in(slot, dest, &data),
+            TransportEvent::Datagram { assoc, dest, data } => {
+                self.datagram_in(now, slot, assoc, dest, &data)
+            }
             TransportEvent::StreamOpened { id, .. } => {
                 // The server never opens streams; refuse politely.
                 if let Some(c) = self.slots[slot].session_mut() {
@@ -858,12 +951,21 @@ impl ClientLoop {
     fn accept(&mut self, now: Instant) {
         loop {
             match self.listener.accept() {
-                Ok((mut sock, _peer)) => {
+                Ok((mut sock, peer)) => {
                     if self.locals.len() >= MAX_LOCAL {
                         log::warn!("too many local connections ({MAX_LOCAL}); refusing one");
                         continue;
                     }
+                    if !self.admit_peer(peer.ip()) {
+                        log::warn!(
+                            "too many local connections from {} ({MAX_LOCAL_PER_ADDR}); refusing one",
+                            peer.ip()
+                        );
+                        continue;
+                    }
                     let _ = sock.set_nodelay(true);
+                    self.next_serial = self.next_serial.wrapping_add(1);
+                    let serial = self.next_serial;
                     let idx = self.locals.insert_with(|idx| {
                         let _ = self.core.registry().register(
                             &mut sock,
@@ -872,7 +974,12 @@ impl ClientLoop {
                         );
                         Local {
                             sock,
-                            state: LocalState::Request(ProxyFront::new()),
+                            serial,
+                            peer,
+                            last_active: now,
+                            state: LocalState::Request(ProxyFront::with_auth(
+                                self.options.auth.clone(),
+                            )),
                             pipe: None,
                             out: Vec::new(),
                             out_pos: 0,
@@ -880,6 +987,7 @@ impl ClientLoop {
                             writable: true,
                         }
                     });
+                    self.request_deadlines.push_new((idx, serial), now);
                     self.drive_local(now, idx);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -890,6 +998,20 @@ impl ClientLoop {
                 }
             }
         }
+    }
+
+    /// Counts a new connection from `ip` unless that address is at [`MAX_LOCAL_PER_ADDR`]
+    /// (loopback is not counted).
+    fn admit_peer(&mut self, ip: IpAddr) -> bool {
+        if ip.to_canonical().is_loopback() {
+            return true;
+        }
+        let n = self.per_addr.entry(ip).or_insert(0);
+        if *n >= MAX_LOCAL_PER_ADDR {
+            return false;
+        }
+        *n += 1;
+        true
     }
 
     /// Advances one local connection as far as it can go.
@@ -922,7 +1044,7 @@ impl ClientLoop {
             LocalState::Waiting { .. } => {}
             LocalState::Opening { slot, .. } | LocalState::Piping { slot } => {
                 let slot = *slot;
-                self.pump_local(idx, slot);
+                self.pump_local(now, idx, slot);
             }
             LocalState::Udp { assoc } => {
                 let assoc = *assoc;
@@ -1099,7 +1221,7 @@ impl ClientLoop {
             slot,
             stream,
         };
-        self.pump_local(idx, slot);
+        self.pump_local(now, idx, slot);
     }
 
     /// A request is waiting and no session is up: bring idle slots' next attempt forward (but
@@ -1141,8 +1263,10 @@ impl ClientLoop {
             return;
         }
         l.state = LocalState::Piping { slot };
+        l.last_active = now;
+        self.idle_checks.push_new((idx, l.serial), now);
         self.opening.remove(idx);
-        self.pump_local(idx, slot);
+        self.pump_local(now, idx, slot);
     }
 
     fn fail_request(&mut self, now: Instant, idx: usize, code: Socks5Reply) {
@@ -1180,7 +1304,7 @@ impl ClientLoop {
         self.drive_local(now, idx);
     }
 
-    fn pump_local(&mut self, idx: usize, slot: usize) {
+    fn pump_local(&mut self, now: Instant, idx: usize, slot: usize) {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
@@ -1195,6 +1319,12 @@ impl ClientLoop {
         };
         let mut unlimited = u64::MAX;
         let result = pipe.pump(&mut l.sock, session.transport_mut(), &mut unlimited);
+        let moved = match &result {
+            Ok(m) | Err((_, m)) => m.to_socket + m.to_stream,
+        };
+        if moved > 0 {
+            l.last_active = now;
+        }
         match result {
             Ok(_) => {}
             Err((PipeEnd::SocketError, _)) => {
@@ -1210,6 +1340,13 @@ impl ClientLoop {
             return;
         };
         let _ = self.core.registry().deregister(&mut l.sock);
+        let ip = l.peer.ip();
+        if let Some(n) = self.per_addr.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_addr.remove(&ip);
+            }
+        }
         // A transfer cut short (tunnel lost, stream reset, user cut off) must not look complete
         // to the application: close with a reset instead of a FIN.
         if matches!(l.state, LocalState::Piping { .. })
@@ -1245,8 +1382,20 @@ impl ClientLoop {
 
     // ----- UDP ASSOCIATE -----
 
+    /// Opens a UDP association for local connection `idx`: a socket on the address the
+    /// application reached the proxy on (so LAN clients get a reachable address), a fresh id.
     fn start_assoc(&mut self, now: Instant, idx: usize, request: ProxyRequest) {
-        let bind = SocketAddr::new(self.local_addr.ip(), 0);
+        let Some(l) = self.locals.get(idx) else {
+            return;
+        };
+        let local_ip = l.sock.local_addr().map_or(self.local_addr.ip(), |a| a.ip());
+        let (owner_ip, serial) = (l.peer.ip(), l.serial);
+        let hint_port = match &request {
+            ProxyRequest::UdpAssociate { client_hint } => Some(client_hint.port()),
+            _ => None,
+        }
+        .filter(|p| *p != 0);
+        let bind = SocketAddr::new(local_ip, 0);
         let sock = match std::net::UdpSocket::bind(bind).and_then(|s| {
             s.set_nonblocking(true)?;
             crate::sys::grow_udp_buffers(&s, udp::BURST_SOCKET_BUFFER);
@@ -1263,35 +1412,54 @@ impl ClientLoop {
             }
         };
         let bound = sock.local_addr().unwrap_or(bind);
-        let a = self.assocs.insert(Assoc {
-            sock,
-            client: None,
-            slot: None,
-            readable: false,
+        let id = self.new_assoc_id();
+        let a = self.assocs.insert_with(|a| {
+            let mut sock = sock;
+            let _ =
+                self.core
+                    .registry()
+                    .register(&mut sock, Tok::Assoc(a).token(), Interest::READABLE);
+            Assoc {
+                sock,
+                route: AssocRoute {
+                    id,
+                    owner_ip,
+                    hint_port,
+                    client: None,
+                    slot: None,
+                    last_active: now,
+                },
+                readable: false,
+            }
         });
-        if let Some(assoc) = self.assocs.get_mut(a) {
-            let _ = self.core.registry().register(
-                &mut assoc.sock,
-                Tok::Assoc(a).token(),
-                Interest::READABLE,
-            );
-        }
+        self.assoc_ids.insert(id, a);
         let reply = request.success_reply(bound);
         if let Some(l) = self.locals.get_mut(idx) {
             l.state = LocalState::Udp { assoc: a };
         }
+        self.idle_checks.push_new((idx, serial), now);
         self.send_local(idx, &reply);
+    }
+
+    /// An association id not in use, in `1..ASSOC_ID_SPACE`.
+    fn new_assoc_id(&mut self) -> AssocId {
+        loop {
+            self.next_assoc = self.next_assoc % (ASSOC_ID_SPACE - 1) + 1;
+            if !self.assoc_ids.contains_key(&self.next_assoc) {
+                return self.next_assoc;
+            }
+        }
     }
 
     fn close_assoc(&mut self, a: usize) {
         if let Some(mut assoc) = self.assocs.remove(a) {
             let _ = self.core.registry().deregister(&mut assoc.sock);
+            self.assoc_ids.remove(&assoc.route.id);
         }
-        self.flows.retain(|_, v| *v != a);
     }
 
     /// Reads a batch from every UDP association socket that may hold datagrams.
-    fn receive_assocs(&mut self) {
+    fn receive_assocs(&mut self, now: Instant) {
         let ready: Vec<usize> = self
             .assocs
             .iter()
@@ -1299,17 +1467,16 @@ impl ClientLoop {
             .map(|(i, _)| i)
             .collect();
         for a in ready {
-            self.assoc_readable(a);
+            self.assoc_readable(now, a);
         }
     }
 
     /// Forwards up to one batch of the local application's datagrams into the tunnel; the
     /// association stays marked readable while the batch limit stopped it.
-    fn assoc_readable(&mut self, a: usize) {
+    fn assoc_readable(&mut self, now: Instant, a: usize) {
         let Some(Assoc {
             sock,
-            client,
-            slot,
+            route,
             readable,
         }) = self.assocs.get_mut(a)
         else {
@@ -1317,11 +1484,8 @@ impl ClientLoop {
         };
         let mut uplink = AssocUplink {
             slots: &mut self.slots,
-            flows: &mut self.flows,
-            local_ip: self.local_addr.ip(),
-            assoc: a,
-            client,
-            slot,
+            route,
+            now,
         };
         let readiness = udp::drain(sock, &mut self.buf, RECV_BATCH, |datagram, from| {
             uplink.forward(datagram, from)
@@ -1329,14 +1493,30 @@ impl ClientLoop {
         *readable = readiness.still_readable();
     }
 
-    fn datagram_in(&mut self, slot: usize, dest: Destination, data: &[u8]) {
-        let Some(&a) = self.flows.get(&(slot, dest.clone())) else {
+    /// An answer for association `id` (arriving on `slot`, the session it sends on) goes to
+    /// that association's owner only.
+    fn datagram_in(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        id: AssocId,
+        dest: Destination,
+        data: &[u8],
+    ) {
+        let Some(assoc) = self
+            .assoc_ids
+            .get(&id)
+            .and_then(|&a| self.assocs.get_mut(a))
+        else {
             return;
         };
-        let Some(assoc) = self.assocs.get(a) else {
+        if assoc.route.slot != Some(slot) {
+            return;
+        }
+        let Some(client) = assoc.route.client else {
             return;
         };
-        let Some(client) = assoc.client else { return };
+        assoc.route.last_active = now;
         let hl = proxy_front::socks5_udp_header_len(&dest);
         if hl + data.len() > self.buf.len() {
             return;

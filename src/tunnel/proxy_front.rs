@@ -1,6 +1,9 @@
-//! Sans-IO front end of the client's local proxy port: SOCKS5 (RFC 1928, no-auth only) and HTTP
-//! proxy (`CONNECT` and absolute-URI `http://` requests) on the same port, told apart by the first
-//! byte (`0x05` = SOCKS5, an ASCII letter = HTTP).
+//! Sans-IO front end of the client's local proxy port: SOCKS5 (RFC 1928) and HTTP proxy
+//! (`CONNECT` and absolute-URI `http://` requests) on the same port, told apart by the first
+//! byte (`0x05` = SOCKS5, an ASCII letter = HTTP). Without credentials SOCKS5 takes "no
+//! authentication" and HTTP needs no header; with credentials ([`ProxyFront::with_auth`]) SOCKS5
+//! requires username/password (RFC 1929) and HTTP a matching `Proxy-Authorization: Basic`
+//! (else 407), both compared in constant time.
 //!
 //! Feed bytes read from the local client into [`ProxyFront::feed`]; every call returns a
 //! [`Progress`] carrying the bytes to write back to the client now (e.g. the SOCKS5 method
@@ -21,13 +24,19 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use super::target::{self, TargetParseError};
+use crate::config::ProxyAuth;
 use crate::http_head::{HeadScanner, MAX_HEAD_BYTES, MAX_HEADERS, Scan, is_tchar};
+use crate::keys::ct_eq;
 use crate::proto::transport::Destination;
 
 const SOCKS_VERSION: u8 = 0x05;
 const METHOD_NO_AUTH: u8 = 0x00;
+const METHOD_USER_PASS: u8 = 0x02;
+/// Version byte of the RFC 1929 username/password sub-negotiation.
+const USER_PASS_VERSION: u8 = 0x01;
 const METHOD_NONE_ACCEPTABLE: u8 = 0xFF;
 const CMD_CONNECT: u8 = 0x01;
 const CMD_UDP_ASSOCIATE: u8 = 0x03;
@@ -125,8 +134,11 @@ pub enum FrontError {
     UnknownProtocol,
     /// A SOCKS5 message had a version other than 5.
     Socks5BadVersion,
-    /// The client did not offer the no-authentication method.
+    /// The client did not offer the method required (no authentication, or username/password
+    /// when credentials are configured).
     Socks5NoAcceptableMethod,
+    /// Wrong or missing credentials (SOCKS5 username/password, HTTP `Proxy-Authorization`).
+    AuthFailed,
     /// BIND or an unknown command.
     Socks5CommandNotSupported,
     /// ATYP not in {1, 3, 4}.
@@ -149,6 +161,7 @@ impl fmt::Display for FrontError {
             Self::UnknownProtocol => "unknown proxy protocol",
             Self::Socks5BadVersion => "SOCKS5: bad version",
             Self::Socks5NoAcceptableMethod => "SOCKS5: no acceptable auth method",
+            Self::AuthFailed => "wrong or missing proxy credentials",
             Self::Socks5CommandNotSupported => "SOCKS5: command not supported",
             Self::Socks5AddressTypeNotSupported => "SOCKS5: address type not supported",
             Self::Socks5BadAddress => "SOCKS5: invalid destination address",
@@ -191,6 +204,8 @@ pub enum Progress {
 enum State {
     Detect,
     Socks5Greeting,
+    /// RFC 1929 username/password sub-negotiation.
+    Socks5Auth,
     Socks5Request,
     Http,
     Done,
@@ -203,6 +218,8 @@ pub struct ProxyFront {
     buf: Vec<u8>,
     /// Finds the HTTP head's end without rescanning on every feed.
     http_head: HeadScanner,
+    /// Credentials every request must carry (`None`: no authentication).
+    auth: Option<Arc<ProxyAuth>>,
 }
 
 impl Default for ProxyFront {
@@ -220,12 +237,18 @@ enum Step {
 }
 
 impl ProxyFront {
-    /// A fresh front waiting for the first byte.
+    /// A fresh front waiting for the first byte, asking for no credentials.
     pub fn new() -> Self {
+        Self::with_auth(None)
+    }
+
+    /// A fresh front that requires `auth` (when `Some`) before any request.
+    pub fn with_auth(auth: Option<Arc<ProxyAuth>>) -> Self {
         Self {
             state: State::Detect,
             buf: Vec::new(),
             http_head: HeadScanner::new(),
+            auth,
         }
     }
 
@@ -235,7 +258,9 @@ impl ProxyFront {
     pub fn protocol(&self) -> Option<FrontProtocol> {
         match self.state {
             State::Detect => None,
-            State::Socks5Greeting | State::Socks5Request => Some(FrontProtocol::Socks5),
+            State::Socks5Greeting | State::Socks5Auth | State::Socks5Request => {
+                Some(FrontProtocol::Socks5)
+            }
             State::Http => Some(FrontProtocol::HttpForward),
             State::Done => None,
         }
@@ -255,6 +280,7 @@ impl ProxyFront {
             let step = match self.state {
                 State::Detect => self.detect(),
                 State::Socks5Greeting => self.socks5_greeting(&mut reply),
+                State::Socks5Auth => self.socks5_auth(&mut reply),
                 State::Socks5Request => self.socks5_request(&mut reply),
                 State::Http => self.http(&mut reply),
                 State::Done => Step::Failed(FrontError::Finished),
@@ -344,13 +370,47 @@ impl ProxyFront {
         let Some(methods) = buf.get(2..end) else {
             return Step::NeedMore;
         };
-        if methods.contains(&METHOD_NO_AUTH) {
-            reply.extend_from_slice(&[SOCKS_VERSION, METHOD_NO_AUTH]);
-            self.state = State::Socks5Request;
+        let (method, next) = match self.auth {
+            None => (METHOD_NO_AUTH, State::Socks5Request),
+            Some(_) => (METHOD_USER_PASS, State::Socks5Auth),
+        };
+        if methods.contains(&method) {
+            reply.extend_from_slice(&[SOCKS_VERSION, method]);
+            self.state = next;
             Step::Advance(end)
         } else {
             reply.extend_from_slice(&[SOCKS_VERSION, METHOD_NONE_ACCEPTABLE]);
             Step::Failed(FrontError::Socks5NoAcceptableMethod)
+        }
+    }
+
+    /// `VER(1) ULEN UNAME PLEN PASSWD` (RFC 1929); answered `01 00` or `01 01` (then closed).
+    fn socks5_auth(&mut self, reply: &mut Vec<u8>) -> Step {
+        let buf = &self.buf;
+        let (Some(&version), Some(&ulen)) = (buf.first(), buf.get(1)) else {
+            return Step::NeedMore;
+        };
+        let user_end = 2 + usize::from(ulen);
+        let Some(&plen) = buf.get(user_end) else {
+            return Step::NeedMore;
+        };
+        let end = user_end + 1 + usize::from(plen);
+        let Some(password) = buf.get(user_end + 1..end) else {
+            return Step::NeedMore;
+        };
+        let username = &buf[2..user_end];
+        let ok = version == USER_PASS_VERSION
+            && self
+                .auth
+                .as_deref()
+                .is_some_and(|a| credentials_match(a, username, password));
+        if ok {
+            reply.extend_from_slice(&[USER_PASS_VERSION, 0x00]);
+            self.state = State::Socks5Request;
+            Step::Advance(end)
+        } else {
+            reply.extend_from_slice(&[USER_PASS_VERSION, 0x01]);
+            Step::Failed(FrontError::AuthFailed)
         }
     }
 
@@ -411,11 +471,12 @@ impl ProxyFront {
         };
         let (head_len, total_len) = (end.head_len, end.total_len);
         let head = &self.buf[..head_len];
-        match parse_http_head(head) {
+        match parse_http_head(head, self.auth.as_deref()) {
             Ok(request) => Step::Ready(request, total_len),
             Err(error) => {
                 let status = match error {
                     FrontError::HttpHeadTooLarge => 431,
+                    FrontError::AuthFailed => 407,
                     _ => 400,
                 };
                 reply.extend_from_slice(&http_error_reply(status));
@@ -498,12 +559,17 @@ pub fn encode_socks5_reply(code: Socks5Reply, bound: SocketAddr, out: &mut Vec<u
 }
 
 /// A complete HTTP error response with a short plain-text body and `Connection: close`.
-/// Known statuses: 400, 403, 405, 431, 502, 504; anything else is sent as-is with reason "Error".
+/// Known statuses: 400, 403, 405, 407 (with `Proxy-Authenticate: Basic`), 431, 502, 504; anything
+/// else is sent as-is with reason "Error".
 pub fn http_error_reply(status: u16) -> Vec<u8> {
     let (reason, body) = match status {
         400 => ("Bad Request", "bad proxy request\n"),
         403 => ("Forbidden", "destination not allowed\n"),
         405 => ("Method Not Allowed", "method not allowed\n"),
+        407 => (
+            "Proxy Authentication Required",
+            "proxy credentials required\n",
+        ),
         431 => (
             "Request Header Fields Too Large",
             "request head too large\n",
@@ -512,8 +578,13 @@ pub fn http_error_reply(status: u16) -> Vec<u8> {
         504 => ("Gateway Timeout", "destination timed out\n"),
         _ => ("Error", "proxy error\n"),
     };
+    let challenge = if status == 407 {
+        "Proxy-Authenticate: Basic realm=\"ostp\"\r\n"
+    } else {
+        ""
+    };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\n{challenge}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -677,7 +748,63 @@ const HOP_BY_HOP: &[&str] = &[
     "host",
 ];
 
-fn parse_http_head(head: &[u8]) -> Result<ProxyRequest, FrontError> {
+/// Both fields compared in constant time (both always compared, so timing does not tell which
+/// one was wrong).
+fn credentials_match(auth: &ProxyAuth, username: &[u8], password: &[u8]) -> bool {
+    let user_ok = ct_eq(auth.username.as_bytes(), username);
+    let pass_ok = ct_eq(auth.password.as_bytes(), password);
+    user_ok & pass_ok
+}
+
+/// Whether a `Proxy-Authorization` value is `Basic base64(username:password)` for `auth`.
+fn basic_auth_matches(value: &str, auth: &ProxyAuth) -> bool {
+    let Some((scheme, token)) = value.split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return false;
+    }
+    let Some(decoded) = base64_decode(token.trim()) else {
+        return false;
+    };
+    let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    credentials_match(auth, &decoded[..colon], &decoded[colon + 1..])
+}
+
+/// Standard base64 (RFC 4648 §4, padding optional); `None` on any other byte or a bad length.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text
+        .strip_suffix("==")
+        .or(text.strip_suffix('='))
+        .unwrap_or(text);
+    if text.len() % 4 == 1 || text.len() > 1024 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in text.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn parse_http_head(head: &[u8], auth: Option<&ProxyAuth>) -> Result<ProxyRequest, FrontError> {
     let text = std::str::from_utf8(head).map_err(|_| FrontError::HttpMalformed)?;
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().ok_or(FrontError::HttpMalformed)?;
@@ -694,6 +821,14 @@ fn parse_http_head(head: &[u8]) -> Result<ProxyRequest, FrontError> {
         return Err(FrontError::HttpMalformed);
     }
     let headers = parse_headers(lines)?;
+    if let Some(auth) = auth {
+        let authorized = headers.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case("proxy-authorization") && basic_auth_matches(value, auth)
+        });
+        if !authorized {
+            return Err(FrontError::AuthFailed);
+        }
+    }
 
     if method == "CONNECT" {
         let dest = target::parse_authority(target, Some(443)).map_err(http_target_error)?;
@@ -941,6 +1076,101 @@ mod tests {
         let (reply, error) = failed(ProxyFront::new().feed(&[5, 0]));
         assert_eq!(reply, vec![5, 0xFF]);
         assert_eq!(error, FrontError::Socks5NoAcceptableMethod);
+    }
+
+    fn authed() -> ProxyFront {
+        ProxyFront::with_auth(Some(Arc::new(ProxyAuth {
+            username: "user".into(),
+            password: "pa:ss".into(),
+        })))
+    }
+
+    fn user_pass(user: &[u8], pass: &[u8]) -> Vec<u8> {
+        let mut v = vec![1, user.len() as u8];
+        v.extend_from_slice(user);
+        v.push(pass.len() as u8);
+        v.extend_from_slice(pass);
+        v
+    }
+
+    #[test]
+    fn socks5_username_password_auth() {
+        // Right credentials, byte by byte, then the request.
+        let mut input = vec![5, 2, 0, 2];
+        input.extend(user_pass(b"user", b"pa:ss"));
+        input.extend(connect_request(&[1, 10, 0, 0, 1, 0, 80]));
+        let mut front = authed();
+        let mut replies = Vec::new();
+        let mut request = None;
+        for (i, b) in input.iter().enumerate() {
+            match front.feed(&[*b]) {
+                Progress::NeedMore { reply } => replies.extend(reply),
+                Progress::Ready { reply, request: r } => {
+                    assert_eq!(i, input.len() - 1);
+                    replies.extend(reply);
+                    request = Some(r);
+                }
+                Progress::Failed { error, .. } => panic!("failed: {error}"),
+            }
+        }
+        assert_eq!(replies, vec![5, 2, 1, 0]);
+        assert_eq!(request.unwrap().dest(), Some(&ip("10.0.0.1:80")));
+        // Wrong password, wrong user, wrong sub-negotiation version: 01 01 and no request.
+        for bad in [
+            user_pass(b"user", b"pa:sS"),
+            user_pass(b"usex", b"pa:ss"),
+            user_pass(b"user", b""),
+            [&[2u8][..], &user_pass(b"user", b"pa:ss")[1..]].concat(),
+        ] {
+            let mut input = vec![5, 1, 2];
+            input.extend(bad);
+            input.extend(connect_request(&[1, 10, 0, 0, 1, 0, 80]));
+            let (reply, error) = failed(authed().feed(&input));
+            assert_eq!(reply, vec![5, 2, 1, 1]);
+            assert_eq!(error, FrontError::AuthFailed);
+        }
+        // A client offering only "no authentication" is refused outright.
+        let (reply, error) = failed(authed().feed(&[5, 1, 0]));
+        assert_eq!(reply, vec![5, 0xFF]);
+        assert_eq!(error, FrontError::Socks5NoAcceptableMethod);
+        // Without configured credentials, username/password alone is not acceptable either.
+        let (_, error) = failed(ProxyFront::new().feed(&[5, 1, 2]));
+        assert_eq!(error, FrontError::Socks5NoAcceptableMethod);
+    }
+
+    #[test]
+    fn http_proxy_basic_auth() {
+        // "user:pa:ss" in base64 (the password may contain ':').
+        let token = "dXNlcjpwYTpzcw==";
+        assert_eq!(base64_decode(token).unwrap(), b"user:pa:ss");
+        assert_eq!(base64_decode("dXNlcjpwYTpzcw").unwrap(), b"user:pa:ss");
+        assert_eq!(base64_decode("dXNl*"), None);
+        for head in [
+            format!("CONNECT h:443 HTTP/1.1\r\nProxy-Authorization: Basic {token}\r\n\r\n"),
+            format!("GET http://h/ HTTP/1.1\r\nproxy-authorization: basic  {token}\r\n\r\n"),
+        ] {
+            let (_, request) = ready(authed().feed(head.as_bytes()));
+            if let ProxyRequest::HttpForward { head, .. } = &request {
+                let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+                assert!(
+                    !text.contains("proxy-authorization"),
+                    "credentials forwarded"
+                );
+            }
+        }
+        let wrong = "dXNlcjpwYTpzUw=="; // user:pa:sS
+        for head in [
+            "CONNECT h:443 HTTP/1.1\r\n\r\n".to_string(),
+            format!("CONNECT h:443 HTTP/1.1\r\nProxy-Authorization: Basic {wrong}\r\n\r\n"),
+            format!("CONNECT h:443 HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n"),
+            format!("CONNECT h:443 HTTP/1.1\r\nAuthorization: Basic {token}\r\n\r\n"),
+        ] {
+            let (reply, error) = failed(authed().feed(head.as_bytes()));
+            assert_eq!(error, FrontError::AuthFailed, "{head}");
+            let reply = String::from_utf8(reply).unwrap();
+            assert!(reply.starts_with("HTTP/1.1 407 "), "{reply}");
+            assert!(reply.contains("Proxy-Authenticate: Basic realm=\"ostp\"\r\n"));
+        }
     }
 
     #[test]

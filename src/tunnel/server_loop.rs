@@ -46,7 +46,7 @@ use crate::config::{ServerConfig, ServerLimits};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
-    CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
+    AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{
     EndpointConfig, EndpointEvent, RefuseReason, ServerEndpoint, SessionId, SocketIndex, UserState,
@@ -642,7 +642,9 @@ impl ServerLoop {
                     self.remove_outbound(idx);
                 }
             }
-            TransportEvent::Datagram { dest, data } => self.relay_out(now, session, dest, &data),
+            TransportEvent::Datagram { assoc, dest, data } => {
+                self.relay_out(now, session, assoc, dest, &data)
+            }
             TransportEvent::StreamOpenResult { .. } | TransportEvent::StreamsAvailable => {}
             TransportEvent::Closed { .. } => {}
         }
@@ -1083,7 +1085,14 @@ impl ServerLoop {
 
     // ----- UDP relay (SOCKS5 UDP ASSOCIATE) -----
 
-    fn relay_out(&mut self, now: Instant, session: SessionId, dest: Destination, data: &[u8]) {
+    fn relay_out(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        assoc: AssocId,
+        dest: Destination,
+        data: &[u8],
+    ) {
         let Some(info) = self.sessions.get(&session) else {
             return;
         };
@@ -1094,6 +1103,7 @@ impl ServerLoop {
         let sent = self.relays.send(
             now,
             session,
+            assoc,
             &dest,
             data,
             &mut self.guard,
@@ -1114,10 +1124,11 @@ impl ServerLoop {
     /// Carries answers waiting on relay socket `index`/`v6` back into the sessions.
     fn on_relay_readable(&mut self, now: Instant, index: usize, v6: bool) {
         let mut inbound = Vec::new();
-        self.relays.receive(index, v6, |session, dest, data| {
-            inbound.push((session, dest, data.to_vec()));
-        });
-        for (session, dest, data) in inbound {
+        self.relays
+            .receive(index, v6, |session, assoc, dest, data| {
+                inbound.push((session, assoc, dest, data.to_vec()));
+            });
+        for (session, assoc, dest, data) in inbound {
             let Some(info) = self.sessions.get(&session) else {
                 continue;
             };
@@ -1128,7 +1139,7 @@ impl ServerLoop {
             let Some(s) = self.endpoint.session_mut(session) else {
                 continue;
             };
-            if s.transport_mut().send_datagram(dest, &data).is_ok() {
+            if s.transport_mut().send_datagram(assoc, dest, &data).is_ok() {
                 let moved = Moved {
                     to_socket: 0,
                     to_stream: data.len() as u64,

@@ -1,8 +1,11 @@
 //! Server side of SOCKS5 UDP ASSOCIATE: per-session UDP sockets that send the client's tunnel
 //! datagrams to their destinations and carry the answers back.
 //!
-//! Each session gets at most one relay (created on its first datagram, closed with the session or
-//! after [`RELAY_IDLE`]), with one socket per address family. Names are resolved through the
+//! Each SOCKS5 association of a session (the DATAGRAM frame's association id) gets its own relay
+//! (created on its first datagram, closed with the session or after [`RELAY_IDLE`]; at most
+//! [`MAX_RELAYS_PER_SESSION`] per session), with one socket per address family: answers come back
+//! tagged with the association whose socket received them, so two applications asking the same
+//! resolver never see each other's answers. Names are resolved through the
 //! resolver pool (a small per-relay cache; a few datagrams wait for a lookup, more are dropped —
 //! UDP senders retry). Answers from an address that the client named by domain are labelled with
 //! that domain again so the client can match them. Every destination passes the guard.
@@ -23,10 +26,12 @@ use super::driver::udp::{self, RECV_BATCH, Readiness};
 use super::resolver::{Lookup, Resolver};
 use super::slab::Slab;
 use crate::proto::SessionId;
-use crate::proto::transport::Destination;
+use crate::proto::transport::{AssocId, Destination};
 
 /// A relay closes after this long without traffic.
 pub const RELAY_IDLE: Duration = Duration::from_secs(120);
+/// Relays (associations) one session may have at once; datagrams of further ones are dropped.
+pub const MAX_RELAYS_PER_SESSION: usize = 32;
 const DNS_CACHE: usize = 32;
 const DNS_TTL: Duration = Duration::from_secs(60);
 const NAME_LABELS: usize = 64;
@@ -43,6 +48,7 @@ struct Pending {
 
 struct Relay {
     session: SessionId,
+    assoc: AssocId,
     v4: Option<UdpSocket>,
     v6: Option<UdpSocket>,
     /// Resolved address → the domain destination the client used.
@@ -59,7 +65,8 @@ pub struct RelayPool {
     /// Relay sockets with datagrams to read: marked by their READABLE event, kept while a
     /// receive stops at the batch limit (mio reports no new edge for datagrams already queued).
     readable: Vec<(usize, bool)>,
-    by_session: HashMap<SessionId, usize>,
+    /// Each session's relays by association id (at most [`MAX_RELAYS_PER_SESSION`]).
+    by_session: HashMap<SessionId, Vec<(AssocId, usize)>>,
     scratch: Box<[u8]>,
     max_relays: usize,
 }
@@ -77,15 +84,23 @@ impl RelayPool {
         }
     }
 
-    fn relay_for(&mut self, now: Instant, session: SessionId) -> Option<usize> {
-        if let Some(&i) = self.by_session.get(&session) {
+    /// The relay of `(session, assoc)`, created if the session has room for one more and the
+    /// server's relay cap (the fd budget) allows it.
+    fn relay_for(&mut self, now: Instant, session: SessionId, assoc: AssocId) -> Option<usize> {
+        let relays = self.by_session.entry(session).or_default();
+        if let Some(&(_, i)) = relays.iter().find(|(a, _)| *a == assoc) {
             return Some(i);
+        }
+        if relays.len() >= MAX_RELAYS_PER_SESSION {
+            log::debug!("udp relay: session {session:?} has {MAX_RELAYS_PER_SESSION} associations");
+            return None;
         }
         if self.relays.len() >= self.max_relays {
             return None;
         }
         let i = self.relays.insert(Relay {
             session,
+            assoc,
             v4: None,
             v6: None,
             labels: Vec::new(),
@@ -93,23 +108,25 @@ impl RelayPool {
             pending: Vec::new(),
             last_active: now,
         });
-        self.by_session.insert(session, i);
+        relays.push((assoc, i));
         Some(i)
     }
 
-    /// Sends one datagram of `session` to `dest`. Returns whether it left (for accounting).
+    /// Sends one datagram of `session`'s association `assoc` to `dest`. Returns whether it left
+    /// (for accounting).
     #[allow(clippy::too_many_arguments)]
     pub fn send(
         &mut self,
         now: Instant,
         session: SessionId,
+        assoc: AssocId,
         dest: &Destination,
         data: &[u8],
         guard: &mut DestGuard,
         poll: &Poll,
         resolver: &Resolver,
     ) -> bool {
-        let Some(idx) = self.relay_for(now, session) else {
+        let Some(idx) = self.relay_for(now, session, assoc) else {
             return false;
         };
         let Some(relay) = self.relays.get_mut(idx) else {
@@ -271,14 +288,14 @@ impl RelayPool {
     }
 
     /// Reads up to [`RECV_BATCH`] datagrams waiting on the relay socket `index`/`v6`, handing
-    /// each to `on_datagram(session, source, payload)`. [`Readiness::StillReadable`] means the
+    /// each to `on_datagram(session, association, source, payload)`. [`Readiness::StillReadable`] means the
     /// batch limit stopped it: the socket stays marked (see [`Self::any_readable`]) so the loop
     /// reads it again before waiting for events.
     pub fn receive(
         &mut self,
         index: usize,
         v6: bool,
-        mut on_datagram: impl FnMut(SessionId, Destination, &[u8]),
+        mut on_datagram: impl FnMut(SessionId, AssocId, Destination, &[u8]),
     ) -> Readiness {
         let Some(relay) = self.relays.get_mut(index) else {
             return Readiness::Drained;
@@ -291,12 +308,12 @@ impl RelayPool {
         let Some(sock) = sock else {
             return Readiness::Drained;
         };
-        let (session, labels) = (relay.session, &relay.labels);
+        let (session, assoc, labels) = (relay.session, relay.assoc, &relay.labels);
         let readiness = udp::drain(sock, &mut self.scratch, RECV_BATCH, |data, from| {
             let from = canonical(from);
             match labels.iter().find(|(a, _)| *a == from) {
-                Some((_, d)) => on_datagram(session, d.clone(), data),
-                None => on_datagram(session, Destination::Addr(from), data),
+                Some((_, d)) => on_datagram(session, assoc, d.clone(), data),
+                None => on_datagram(session, assoc, Destination::Addr(from), data),
             }
         });
         if readiness.still_readable() {
@@ -305,12 +322,22 @@ impl RelayPool {
         readiness
     }
 
-    /// Closes the relay of a session.
+    /// Closes every relay of a session.
     pub fn close_session(&mut self, session: SessionId, poll: &Poll) {
-        if let Some(idx) = self.by_session.remove(&session) {
-            if let Some(mut r) = self.relays.remove(idx) {
-                for s in [r.v4.as_mut(), r.v6.as_mut()].into_iter().flatten() {
-                    let _ = poll.registry().deregister(s);
+        for (_, idx) in self.by_session.remove(&session).unwrap_or_default() {
+            self.close_relay(idx, poll);
+        }
+    }
+
+    fn close_relay(&mut self, idx: usize, poll: &Poll) {
+        if let Some(mut r) = self.relays.remove(idx) {
+            for s in [r.v4.as_mut(), r.v6.as_mut()].into_iter().flatten() {
+                let _ = poll.registry().deregister(s);
+            }
+            if let Some(list) = self.by_session.get_mut(&r.session) {
+                list.retain(|(_, i)| *i != idx);
+                if list.is_empty() {
+                    self.by_session.remove(&r.session);
                 }
             }
         }
@@ -318,14 +345,14 @@ impl RelayPool {
 
     /// Closes relays idle for [`RELAY_IDLE`].
     pub fn expire(&mut self, now: Instant, poll: &Poll) {
-        let idle: Vec<SessionId> = self
+        let idle: Vec<usize> = self
             .relays
             .iter()
             .filter(|(_, r)| now.saturating_duration_since(r.last_active) >= RELAY_IDLE)
-            .map(|(_, r)| r.session)
+            .map(|(i, _)| i)
             .collect();
-        for s in idle {
-            self.close_session(s, poll);
+        for idx in idle {
+            self.close_relay(idx, poll);
         }
     }
 
@@ -378,10 +405,28 @@ mod tests {
         }
 
         fn send(&mut self, session: u64, dest: &Destination, data: &[u8]) -> bool {
+            self.send_on(session, 1, dest, data)
+        }
+
+        fn send_on(
+            &mut self,
+            session: u64,
+            assoc: AssocId,
+            dest: &Destination,
+            data: &[u8],
+        ) -> bool {
             let now = Instant::now();
             let (guard, poll, resolver) = (&mut self.guard, &self.poll, &self.resolver);
-            self.pool
-                .send(now, SessionId(session), dest, data, guard, poll, resolver)
+            self.pool.send(
+                now,
+                SessionId(session),
+                assoc,
+                dest,
+                data,
+                guard,
+                poll,
+                resolver,
+            )
         }
 
         fn next_answer(&mut self) -> Resolved {
@@ -431,7 +476,7 @@ mod tests {
         assert!(!rig.send(2, &localhost(real_port), b"from session 2"));
         assert_eq!(
             rig.pool.by_session.get(&SessionId(2)),
-            Some(&stale.ticket.index)
+            Some(&vec![(1, stale.ticket.index)])
         );
         let fresh = rig.next_answer();
         // The stale answer arrives first: it must not release session 2's datagram.
@@ -459,7 +504,7 @@ mod tests {
         let peer = sink();
         let peer_addr = peer.local_addr().unwrap();
         assert!(rig.send(7, &Destination::Addr(peer_addr), b"hello"));
-        let idx = rig.pool.by_session[&SessionId(7)];
+        let idx = rig.pool.by_session[&SessionId(7)][0].1;
         let relay_addr = rig.pool.relays.get(idx).unwrap().v4.as_ref().unwrap();
         let relay_addr = relay_addr.local_addr().unwrap();
         for i in 0..300u32 {
@@ -470,8 +515,11 @@ mod tests {
         let mut rounds = 0;
         loop {
             rounds += 1;
-            let r = rig.pool.receive(idx, false, |s, from, d| {
-                assert_eq!((s, from), (SessionId(7), Destination::Addr(peer_addr)));
+            let r = rig.pool.receive(idx, false, |s, a, from, d| {
+                assert_eq!(
+                    (s, a, from),
+                    (SessionId(7), 1, Destination::Addr(peer_addr))
+                );
                 got.push(u32::from_be_bytes(d.try_into().unwrap()));
             });
             if !r.still_readable() {
@@ -494,5 +542,42 @@ mod tests {
         assert!(rig.send(1, &to, b"d"), "existing relays keep working");
         rig.pool.close_session(SessionId(2), &rig.poll);
         assert!(rig.send(3, &to, b"e"));
+    }
+
+    #[test]
+    fn each_association_has_its_own_socket_and_answers_stay_in_it() {
+        let mut rig = Rig::new();
+        rig.pool = RelayPool::new(4 * MAX_RELAYS_PER_SESSION); // the per-session cap binds here
+        let echo = sink();
+        let echo_addr = Destination::Addr(echo.local_addr().unwrap());
+        assert!(rig.send_on(3, 1, &echo_addr, b"from 1"));
+        assert!(rig.send_on(3, 2, &echo_addr, b"from 2"));
+        let relays = rig.pool.by_session[&SessionId(3)].clone();
+        assert_eq!(relays.len(), 2);
+        // The destination sees two different source ports and answers each.
+        let mut buf = [0u8; 64];
+        for _ in 0..2 {
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            let mut answer = b"re:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            echo.send_to(&answer, from).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for (assoc, idx) in relays {
+            let mut got = Vec::new();
+            rig.pool.receive(idx, false, |s, a, _, d| {
+                assert_eq!((s, a), (SessionId(3), assoc));
+                got.push(d.to_vec());
+            });
+            assert_eq!(got, vec![format!("re:from {assoc}").into_bytes()]);
+        }
+        // Associations per session are capped; closing the session closes them all.
+        for a in 3..=MAX_RELAYS_PER_SESSION as AssocId {
+            assert!(rig.send_on(3, a, &echo_addr, b"x"));
+        }
+        assert!(!rig.send_on(3, 999, &echo_addr, b"x"));
+        rig.pool.close_session(SessionId(3), &rig.poll);
+        assert!(rig.pool.is_empty());
+        assert!(rig.pool.by_session.is_empty());
     }
 }

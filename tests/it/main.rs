@@ -11,6 +11,7 @@ mod api_hardening;
 mod api_http;
 mod bulk_http;
 mod cli;
+mod client_hardening;
 mod fairness;
 mod guard_api;
 mod hello_restart;

@@ -397,19 +397,20 @@ fn reset_mid_transfer_and_stream_credit_is_returned() {
 fn datagrams_are_delivered_and_bounded() {
     let mut pair = quiet_pair(42);
     let dest = Destination::Addr("8.8.8.8:53".parse().unwrap());
-    let max = pair.client.max_datagram_size(&dest);
+    let max = pair.client.max_datagram_size(7, &dest);
     assert_eq!(
-        pair.client.send_datagram(dest.clone(), &vec![0; max + 1]),
+        pair.client
+            .send_datagram(7, dest.clone(), &vec![0; max + 1]),
         Err(ostp::proto::transport::DatagramError::TooLarge)
     );
     let limit = cfg().max_datagram_queue;
     for i in 0..limit {
         pair.client
-            .send_datagram(dest.clone(), &[i as u8; 100])
+            .send_datagram(7, dest.clone(), &[i as u8; 100])
             .unwrap();
     }
     assert_eq!(
-        pair.client.send_datagram(dest.clone(), b"overflow"),
+        pair.client.send_datagram(7, dest.clone(), b"overflow"),
         Err(ostp::proto::transport::DatagramError::QueueFull)
     );
     let (mut ce, mut se) = (Vec::new(), Vec::new());
@@ -424,6 +425,7 @@ fn datagrams_are_delivered_and_bounded() {
         assert_eq!(
             *e,
             TransportEvent::Datagram {
+                assoc: 7,
                 dest: dest.clone(),
                 data: vec![i as u8; 100]
             }
@@ -431,7 +433,7 @@ fn datagrams_are_delivered_and_bounded() {
     }
     // The max-size datagram fits in one packet.
     pair.client
-        .send_datagram(dest.clone(), &vec![5; max])
+        .send_datagram(7, dest.clone(), &vec![5; max])
         .unwrap();
     se.clear();
     assert!(run_collect(
@@ -628,6 +630,7 @@ fn random_frame<'a>(rng: &mut SimRng, data: &'a [u8], peer_bit: u64) -> Frame<'a
         },
         7 => Frame::MaxStreams(rng.below(1 << 20)),
         8 => Frame::Datagram {
+            assoc: rng.below(3) as u32,
             dest: Destination::Addr("1.1.1.1:53".parse().unwrap()),
             data: &data[..len.min(500)],
         },
@@ -746,6 +749,7 @@ fn property_arbitrary_payloads_and_api_calls() {
                 }
                 8 => {
                     let _ = t.send_datagram(
+                        rng.below(3) as u32,
                         Destination::Addr("9.9.9.9:53".parse().unwrap()),
                         &data[..rng.below(300) as usize],
                     );

@@ -20,9 +20,16 @@ pub const FRAME_MAX_STREAMS: u8 = 0x08;
 pub const FRAME_DATAGRAM: u8 = 0x09;
 pub const FRAME_CLOSE: u8 = 0x0a;
 pub const FRAME_SETTINGS: u8 = 0x0b;
+/// DATAGRAM carrying a non-zero association id (0x09 is the same frame with association 0).
+pub const FRAME_DATAGRAM_ASSOC: u8 = 0x0c;
 /// STREAM frame; the low bit (0x11) marks FIN.
 pub const FRAME_STREAM: u8 = 0x10;
 pub const FRAME_STREAM_FIN: u8 = 0x11;
+
+/// Which SOCKS5 UDP association of the client a datagram belongs to: the client picks it, the
+/// server answers on it (one relay socket per association), so answers never cross associations.
+/// 0 means "none given" (older clients).
+pub type AssocId = u32;
 
 /// Largest value a varint can carry.
 pub const VARINT_MAX: u64 = (1 << 62) - 1;
@@ -269,6 +276,7 @@ pub enum Frame<'a> {
     },
     MaxStreams(u64),
     Datagram {
+        assoc: AssocId,
         dest: Destination,
         data: &'a [u8],
     },
@@ -316,10 +324,16 @@ pub fn parse_frame<'a>(r: &mut Reader<'a>) -> Result<Frame<'a>, FrameError> {
             max: r.varint()?,
         },
         FRAME_MAX_STREAMS => Frame::MaxStreams(r.varint()?),
-        FRAME_DATAGRAM => {
+        FRAME_DATAGRAM | FRAME_DATAGRAM_ASSOC => {
+            let assoc = if ty == FRAME_DATAGRAM_ASSOC {
+                AssocId::try_from(r.varint()?).map_err(|_| FrameError::ValueTooLarge)?
+            } else {
+                0
+            };
             let dest = Destination::parse(r)?;
             let len = r.varint_usize(usize::MAX)?;
             Frame::Datagram {
+                assoc,
                 dest,
                 data: r.bytes(len)?,
             }
@@ -499,11 +513,16 @@ pub fn encode_frame(w: &mut Writer<'_>, frame: &Frame<'_>) -> Option<()> {
             w.put_u8(FRAME_MAX_STREAMS)?;
             w.put_varint(*v)
         }
-        Frame::Datagram { dest, data } => {
-            if w.room() < datagram_frame_len(dest, data.len()) {
+        Frame::Datagram { assoc, dest, data } => {
+            if w.room() < datagram_frame_len(*assoc, dest, data.len()) {
                 return None;
             }
-            w.put_u8(FRAME_DATAGRAM)?;
+            if *assoc == 0 {
+                w.put_u8(FRAME_DATAGRAM)?;
+            } else {
+                w.put_u8(FRAME_DATAGRAM_ASSOC)?;
+                w.put_varint(u64::from(*assoc))?;
+            }
             dest.encode(w)?;
             w.put_varint(data.len() as u64)?;
             w.put_bytes(data)
@@ -541,8 +560,13 @@ pub fn encode_frame(w: &mut Writer<'_>, frame: &Frame<'_>) -> Option<()> {
 }
 
 /// Encoded size of a DATAGRAM frame.
-pub fn datagram_frame_len(dest: &Destination, len: usize) -> usize {
-    1 + dest.encoded_len() + varint_len(len as u64) + len
+pub fn datagram_frame_len(assoc: AssocId, dest: &Destination, len: usize) -> usize {
+    let assoc_len = if assoc == 0 {
+        0
+    } else {
+        varint_len(u64::from(assoc))
+    };
+    1 + assoc_len + dest.encoded_len() + varint_len(len as u64) + len
 }
 
 #[cfg(test)]
@@ -629,8 +653,19 @@ mod tests {
             Frame::MaxStreamData { id: 2, max: 77 },
             Frame::MaxStreams(100),
             Frame::Datagram {
-                dest,
+                assoc: 0,
+                dest: dest.clone(),
                 data: b"dns?",
+            },
+            Frame::Datagram {
+                assoc: 7,
+                dest: dest.clone(),
+                data: b"dns?",
+            },
+            Frame::Datagram {
+                assoc: AssocId::MAX,
+                dest,
+                data: b"",
             },
             Frame::Close {
                 reason: CloseReason::LimitReached,
@@ -659,6 +694,43 @@ mod tests {
             assert_eq!(&parse_frame(&mut r).unwrap(), f);
         }
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn datagram_association_id_wire_form() {
+        let dest = Destination::Addr("1.2.3.4:53".parse().unwrap());
+        let encode = |assoc| {
+            let mut buf = [0u8; 64];
+            let mut w = Writer::new(&mut buf);
+            let f = Frame::Datagram {
+                assoc,
+                dest: dest.clone(),
+                data: b"q",
+            };
+            encode_frame(&mut w, &f).unwrap();
+            assert_eq!(w.len(), datagram_frame_len(assoc, &dest, 1));
+            let n = w.len();
+            buf[..n].to_vec()
+        };
+        // Association 0 is the original 0x09 frame, byte for byte (older peers).
+        let legacy = encode(0);
+        assert_eq!(legacy[0], FRAME_DATAGRAM);
+        let tagged = encode(300);
+        assert_eq!(tagged[0], FRAME_DATAGRAM_ASSOC);
+        assert_eq!(&tagged[1..3], &[0x41, 0x2c]); // varint 300
+        assert_eq!(&tagged[3..], &legacy[1..]);
+        // An id beyond 32 bits is refused.
+        let mut buf = [0u8; 64];
+        let mut w = Writer::new(&mut buf);
+        w.put_u8(FRAME_DATAGRAM_ASSOC).unwrap();
+        w.put_varint(1 << 32).unwrap();
+        dest.encode(&mut w).unwrap();
+        w.put_varint(0).unwrap();
+        let n = w.len();
+        assert_eq!(
+            parse_frame(&mut Reader::new(&buf[..n])),
+            Err(FrameError::ValueTooLarge)
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 pub use codes::{CloseReason, OpenResult, ResetReason};
 pub use congestion::BbrState;
 pub use dest::Destination;
-pub use frame::FrameError;
+pub use frame::{AssocId, FrameError};
 pub use stream::StreamId;
 
 use congestion::{AckEvent, Bbr, DeliveryRate};
@@ -68,9 +68,6 @@ const RECV_PN_RANGES: usize = 64;
 const MAX_CLOSE_REPEATS: u32 = 4;
 /// Room kept free for the ACK frame when checking whether a datagram fits a packet.
 const DATAGRAM_HEADROOM: usize = 64;
-/// DATAGRAM frame bytes besides the destination and the data: the type byte and a two-byte
-/// length varint (enough for any datagram below 16 KiB).
-const DATAGRAM_FRAME_OVERHEAD: usize = 3;
 
 /// Which end of the session this is. Client-opened stream ids are even, server-opened odd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +178,9 @@ pub enum TransportEvent {
     },
     /// More streams may be opened (after `open_stream` returned `TooManyStreams`).
     StreamsAvailable,
+    /// A datagram of the peer's association `assoc` (0: none given).
     Datagram {
+        assoc: AssocId,
         dest: Destination,
         data: Vec<u8>,
     },
@@ -402,7 +401,7 @@ pub struct Transport {
     close_text: Vec<u8>,
 
     // Datagrams and events.
-    datagrams_out: VecDeque<(Destination, Vec<u8>)>,
+    datagrams_out: VecDeque<(AssocId, Destination, Vec<u8>)>,
     datagram_events: usize,
     events: VecDeque<TransportEvent>,
 
@@ -576,11 +575,12 @@ impl Transport {
                 max_streams,
                 &mut self.events,
             ),
-            Frame::Datagram { dest, data } => {
+            Frame::Datagram { assoc, dest, data } => {
                 if self.datagram_events < self.config.max_datagram_queue {
                     self.datagram_events += 1;
                     self.stats.datagrams_received += 1;
                     self.events.push_back(TransportEvent::Datagram {
+                        assoc,
                         dest,
                         data: data.to_vec(),
                     });
@@ -955,12 +955,17 @@ impl Transport {
     }
 
     fn write_datagrams(&mut self, w: &mut Writer<'_>) {
-        while let Some((dest, data)) = self.datagrams_out.front() {
-            if frame::datagram_frame_len(dest, data.len()) > w.room() {
+        while let Some((assoc, dest, data)) = self.datagrams_out.front() {
+            if frame::datagram_frame_len(*assoc, dest, data.len()) > w.room() {
                 return;
             }
-            if let Some((dest, data)) = self.datagrams_out.pop_front() {
-                let _ = frame::encode_frame(w, &Frame::Datagram { dest, data: &data });
+            if let Some((assoc, dest, data)) = self.datagrams_out.pop_front() {
+                let f = Frame::Datagram {
+                    assoc,
+                    dest,
+                    data: &data,
+                };
+                let _ = frame::encode_frame(w, &f);
                 self.stats.datagrams_sent += 1;
             }
         }
@@ -1095,12 +1100,18 @@ impl Transport {
         self.streams.stream_stats(id)
     }
 
-    /// Queues an unreliable datagram; dropped (error) when the queue is full.
-    pub fn send_datagram(&mut self, dest: Destination, data: &[u8]) -> Result<(), DatagramError> {
+    /// Queues an unreliable datagram of association `assoc` (0: none); dropped (error) when the
+    /// queue is full.
+    pub fn send_datagram(
+        &mut self,
+        assoc: AssocId,
+        dest: Destination,
+        data: &[u8],
+    ) -> Result<(), DatagramError> {
         if self.state != State::Open {
             return Err(DatagramError::SessionClosed);
         }
-        if frame::datagram_frame_len(&dest, data.len()) + DATAGRAM_HEADROOM
+        if frame::datagram_frame_len(assoc, &dest, data.len()) + DATAGRAM_HEADROOM
             > self.config.max_payload
         {
             return Err(DatagramError::TooLarge);
@@ -1109,15 +1120,17 @@ impl Transport {
             self.stats.datagrams_dropped += 1;
             return Err(DatagramError::QueueFull);
         }
-        self.datagrams_out.push_back((dest, data.to_vec()));
+        self.datagrams_out.push_back((assoc, dest, data.to_vec()));
         Ok(())
     }
 
-    /// Largest datagram payload that [`Transport::send_datagram`] accepts for `dest`.
-    pub fn max_datagram_size(&self, dest: &Destination) -> usize {
+    /// Largest datagram payload that [`Transport::send_datagram`] accepts for `assoc` and `dest`.
+    pub fn max_datagram_size(&self, assoc: AssocId, dest: &Destination) -> usize {
+        // The frame without data, with a two-byte length varint (any datagram below 16 KiB).
+        let frame = frame::datagram_frame_len(assoc, dest, 0) + 1;
         self.config
             .max_payload
-            .saturating_sub(DATAGRAM_HEADROOM + dest.encoded_len() + DATAGRAM_FRAME_OVERHEAD)
+            .saturating_sub(DATAGRAM_HEADROOM + frame)
     }
 
     /// Gracefully closes the session: CLOSE is sent, then after a short drain period the
