@@ -82,7 +82,7 @@ fn main() {
             t.add_traffic(id, i as u64 * 1000, i as u64 * 5000);
         }
     }
-    srv.persister.persist().unwrap();
+    srv.persister.compact().unwrap();
 
     let base = measure(&srv, "/api/server/status", 2000);
     let list = measure(&srv, "/api/users", 200);

@@ -92,7 +92,7 @@ fn storm(addr: SocketAddr, w: &Mutex<Writer>, id: usize, round: usize, stop: &At
 
 /// Checks the state file against the writers' records and adopts what is on disk.
 fn verify(state_file: &Path, writers: &[Arc<Mutex<Writer>>], round: usize) {
-    let on_disk: BTreeMap<String, Option<u64>> = ostp::users::state_file::load(state_file)
+    let on_disk: BTreeMap<String, Option<u64>> = ostp::users::load_stored(state_file)
         .unwrap_or_else(|e| panic!("round {round}: state file does not load: {e}"))
         .into_iter()
         .map(|u| (u.key, u.limit_bytes))
