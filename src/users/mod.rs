@@ -759,6 +759,11 @@ fn recover(path: &std::path::Path) -> Result<Recovered, UsersError> {
                 changes: j.committed,
             });
         }
+        log::warn!(
+            "no state file at {}: starting with only the config.json keys (if the config was \
+             renamed, the default state file name changed with it: set state_file to the old one)",
+            path.display()
+        );
         return Ok(Recovered {
             table: UserTable::new(),
             last_seq: 0,
