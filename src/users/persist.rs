@@ -146,7 +146,7 @@ struct Inner {
     queue: Mutex<Vec<(Change, Slot)>>,
     journal: Mutex<JournalState>,
     compacting: Mutex<()>,
-    min_compaction: Mutex<u64>,
+    compaction_threshold: Mutex<Option<u64>>,
     flusher: Mutex<Option<Flusher>>,
 }
 
@@ -187,7 +187,7 @@ impl Persister {
                     },
                 }),
                 compacting: Mutex::new(()),
-                min_compaction: Mutex::new(MIN_COMPACTION_BYTES),
+                compaction_threshold: Mutex::new(None),
                 flusher: Mutex::new(None),
             }),
         }
@@ -203,10 +203,11 @@ impl Persister {
         lock(&self.inner.journal).stats
     }
 
-    /// Sets the journal size below which no compaction starts (default
-    /// [`MIN_COMPACTION_BYTES`]; tests use small values).
-    pub fn set_min_compaction_bytes(&self, bytes: u64) {
-        *lock(&self.inner.min_compaction) = bytes;
+    /// Compacts whenever the journal is longer than `bytes`, whatever the snapshot size
+    /// (`None`: the default rule, longer than both [`MIN_COMPACTION_BYTES`] and the snapshot).
+    /// For tests and measurements.
+    pub fn set_compaction_threshold(&self, bytes: Option<u64>) {
+        *lock(&self.inner.compaction_threshold) = bytes;
     }
 
     /// Makes `change` durable, then applies it; returns the user it concerned. On any error
@@ -315,8 +316,9 @@ impl Persister {
     }
 
     fn compaction_due(&self, j: &JournalState) -> bool {
-        let min = *lock(&self.inner.min_compaction);
-        j.compact_wanted || j.stats.journal_len > min.max(j.stats.snapshot_len)
+        let threshold = lock(&self.inner.compaction_threshold)
+            .unwrap_or_else(|| MIN_COMPACTION_BYTES.max(j.stats.snapshot_len));
+        j.compact_wanted || j.stats.journal_len > threshold
     }
 
     /// Wakes the flusher to compact, or compacts on this thread if there is no flusher.
@@ -518,7 +520,7 @@ mod tests {
     fn concurrent_writers_never_lose_a_change() {
         let path = temp_state();
         let (_users, p) = started(&path);
-        p.set_min_compaction_bytes(4096); // compactions run during the storm
+        p.set_compaction_threshold(Some(4096)); // compactions run during the storm
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let p = p.clone();
