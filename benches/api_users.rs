@@ -1,6 +1,7 @@
 //! `cargo bench --bench api_users`: `GET /api/users` with 10,000 users over loopback HTTP —
 //! latency p50/p99 and requests/s, reported as ratios against `GET /api/server/status`
-//! (same server, same run) as the baseline.
+//! (same server, same run) as the baseline; then the write path at 50,000 users: `POST
+//! /api/users` latency, bytes written per change (journal) and per counter flush.
 
 #[path = "../tests/it/support/api.rs"]
 mod support;
@@ -82,7 +83,7 @@ fn main() {
             t.add_traffic(id, i as u64 * 1000, i as u64 * 5000);
         }
     }
-    srv.persister.persist().unwrap();
+    srv.persister.compact().unwrap();
 
     let base = measure(&srv, "/api/server/status", 2000);
     let list = measure(&srv, "/api/users", 200);
@@ -106,5 +107,60 @@ fn main() {
     println!(
         "  4 concurrent clients: status {cb:.0} req/s, users list {cl:.0} req/s (ratio x{:.3})",
         cl / cb
+    );
+    writes();
+}
+
+/// POST latency and bytes written per change and per counter flush at 50,000 users.
+fn writes() {
+    const BIG: usize = 50_000;
+    const POSTS: usize = 500;
+    let srv = TestServer::start(TOKEN);
+    {
+        let mut t = lock_users(&srv.users);
+        for i in 0..BIG {
+            let id = t
+                .create(format!("{i:032x}"), None, Some(1 << 34), 1_700_000_000)
+                .unwrap();
+            t.add_traffic(id, i as u64 * 1000, i as u64 * 5000);
+        }
+        t.take_counters();
+    }
+    srv.persister.compact().unwrap();
+    let snapshot = srv.persister.stats().snapshot_len;
+    let mut c = srv.client();
+    let before = srv.persister.stats();
+    let mut lat = Vec::with_capacity(POSTS);
+    for i in 0..POSTS {
+        let body = format!(r#"{{"key": "bench-new-user-{i:06}-abcdef", "limit_bytes": 1000}}"#);
+        let t = Instant::now();
+        let r = c.send("POST", "/api/users", Some(&body));
+        lat.push(t.elapsed());
+        assert_eq!(r.status, 200);
+    }
+    let after = srv.persister.stats();
+    lat.sort();
+    let moved = 1000;
+    {
+        let mut t = lock_users(&srv.users);
+        for i in 0..moved {
+            let id = t.user_id(&format!("{:032x}", i * 31)).unwrap();
+            t.add_traffic(id, 1, 1);
+        }
+    }
+    let flush_before = srv.persister.stats().journal_appended;
+    srv.persister.flush_counters().unwrap();
+    let flush = srv.persister.stats().journal_appended - flush_before;
+    println!("api_users writes: {BIG} users, snapshot {snapshot} B");
+    println!(
+        "  POST /api/users: p50 {:>9.3?}  p99 {:>9.3?}; {} B written per change; {} compactions",
+        lat[POSTS / 2],
+        lat[POSTS * 99 / 100],
+        (after.journal_appended - before.journal_appended) / POSTS as u64,
+        after.compactions - before.compactions
+    );
+    println!(
+        "  counter flush with {moved} users moved: {flush} B ({} B per user)",
+        flush / moved as u64
     );
 }

@@ -142,8 +142,10 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     /// Host put into share links and client configs; `None` = the API request's `Host`.
     pub public_host: Option<String>,
-    /// Runtime state (API-created users, counters).
+    /// Runtime state (API-created users, counters); its journal is `<state_file>.journal`.
     pub state_file: PathBuf,
+    /// Follow a symbolic link at `state_file` (off: such a link is refused at start).
+    pub allow_symlinked_state: bool,
     pub log_level: log::LevelFilter,
     /// Let clients reach loopback/private/link-local destinations (off by default).
     pub allow_private_destinations: bool,
@@ -588,6 +590,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         })?,
     };
     let allow_private_destinations = obj.opt_bool("allow_private_destinations")?.unwrap_or(false);
+    let allow_symlinked_state = obj.opt_bool("allow_symlinked_state")?.unwrap_or(false);
     let max_sessions = bounded_u32(&mut obj, "max_sessions", DEFAULT_MAX_SESSIONS, 1, 1_000_000)?;
     let max_sessions_per_user = bounded_u32(
         &mut obj,
@@ -605,6 +608,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         api,
         public_host,
         state_file,
+        allow_symlinked_state,
         log_level,
         allow_private_destinations,
         max_sessions,

@@ -1,7 +1,8 @@
 //! The routing table (path + method → handler, 404 / 405 with `Allow`) and the user and
-//! status handlers. Handlers lock the user table only for in-memory work, then notify the tunnel
-//! loop and make the change durable (via the `Persister`); the answer is sent only after the
-//! change is on disk.
+//! status handlers. A mutating handler validates its input, hands one [`Change`] to the
+//! `Persister` (which makes it durable, then applies it to the table), and only then tells
+//! the tunnel loop and answers: a change that could not be saved is answered 507 (disk full)
+//! or 503 and is not applied, so a retry does the right thing.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -12,7 +13,7 @@ use super::{ApiContext, auth, subscribe};
 use crate::control::ControlMsg;
 use crate::keys;
 use crate::users::persist::lock_users;
-use crate::users::{TableError, User, UserId, now_unix};
+use crate::users::{Applied, Change, CommitError, TableError, User, now_unix};
 
 /// Longest accepted user name (characters).
 pub const MAX_NAME_CHARS: usize = 128;
@@ -240,15 +241,32 @@ fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
     }
 }
 
-/// Tells the tunnel loop first (it applies the change at once), then waits until the state file
-/// holds `generation`; the caller answers only after this returns.
-fn persist_and_notify(ctx: &ApiContext, generation: u64, msg: ControlMsg) -> Result<(), ApiError> {
-    ctx.control.send(msg);
-    ctx.persister.persist_generation(generation).map_err(|e| {
-        log::error!("api: {e}");
-        ApiError::internal(
-            "the change was applied in memory but could not be saved to the state file; see the server log",
-        )
+/// Makes `change` durable and applies it; the caller answers (and tells the tunnel loop)
+/// only after this returns.
+fn commit(ctx: &ApiContext, change: Change) -> Result<Applied, ApiError> {
+    ctx.persister.commit(change).map_err(|e| match e {
+        CommitError::Table(TableError::KeyExists) => {
+            ApiError::conflict("a user with this key already exists")
+        }
+        CommitError::Table(TableError::ConfigDeclared) => ApiError::conflict(
+            "this key is declared in config.json; remove it from config.json and reload the server (SIGHUP) to delete it",
+        ),
+        CommitError::Table(TableError::NotFound) => not_found_user(),
+        CommitError::Table(e @ TableError::Full) => ApiError::new(503, e.to_string()),
+        CommitError::Persist(e) if e.is_storage_full() => {
+            log::error!("api: {e}");
+            ApiError::new(
+                507,
+                "the disk holding the state file is full; the change was not made (free some space and retry)",
+            )
+        }
+        CommitError::Persist(e) => {
+            log::error!("api: {e}");
+            ApiError::new(
+                503,
+                "the change could not be saved to the state file and was not made; see the server log, then retry",
+            )
+        }
     })
 }
 
@@ -283,19 +301,21 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
 
     let generated = custom_key.is_none();
     let mut attempts = 0;
-    let (id, key, generation): (UserId, String, u64) = loop {
+    let (applied, key) = loop {
         let key = match &custom_key {
             Some(k) => k.clone(),
             None => keys::generate_key().map_err(|e| ApiError::internal(e.to_string()))?,
         };
-        let mut t = lock_users(&ctx.users);
-        match t.create(key.clone(), name.clone(), limit_bytes, now_unix()) {
-            Ok(id) => break (id, key, t.generation()),
-            Err(TableError::KeyExists) if generated && attempts < 3 => attempts += 1,
-            Err(TableError::KeyExists) => {
-                return Err(ApiError::conflict("a user with this key already exists"));
-            }
-            Err(e) => return Err(ApiError::new(503, e.to_string())),
+        let change = Change::Create {
+            key: key.clone(),
+            name: name.clone(),
+            limit_bytes,
+            created_at: now_unix(),
+        };
+        match commit(ctx, change) {
+            Ok(applied) => break (applied, key),
+            Err(e) if e.status == 409 && generated && attempts < 3 => attempts += 1,
+            Err(e) => return Err(e),
         }
     };
     log::info!(
@@ -303,7 +323,7 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
         keys::mask(&key),
         limit_text(limit_bytes)
     );
-    persist_and_notify(ctx, generation, ControlMsg::UserAdded(id))?;
+    ctx.control.send(ControlMsg::UserAdded(applied.id));
 
     #[derive(Serialize)]
     struct Created {
@@ -329,20 +349,9 @@ fn limit_text(limit: Option<u64>) -> String {
 
 fn delete_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
     let key = path_key(key)?;
-    let (id, generation) = {
-        let mut t = lock_users(&ctx.users);
-        match t.delete(key) {
-            Ok(id) => (id, t.generation()),
-            Err(TableError::ConfigDeclared) => {
-                return Err(ApiError::conflict(
-                    "this key is declared in config.json; remove it from config.json and reload the server (SIGHUP) to delete it",
-                ));
-            }
-            Err(_) => return Err(not_found_user()),
-        }
-    };
+    let applied = commit(ctx, Change::Delete { key: key.into() })?;
     log::info!("api: deleted user {}", keys::mask(key));
-    persist_and_notify(ctx, generation, ControlMsg::UserRemoved(id))?;
+    ctx.control.send(ControlMsg::UserRemoved(applied.id));
     Ok(Response::json(
         200,
         &serde_json::json!({"key": key, "deleted": true}),
@@ -361,33 +370,33 @@ fn set_limit(ctx: &ApiContext, key: &str, body: &[u8]) -> Result<Response, ApiEr
             ));
         }
     };
-    let (id, generation, view) = {
-        let mut t = lock_users(&ctx.users);
-        let id = t.set_limit(key, limit).map_err(|_| not_found_user())?;
-        let view = t.get(id).map(UserView::of);
-        (id, t.generation(), view)
+    let change = Change::Limit {
+        key: key.into(),
+        limit_bytes: limit,
     };
+    let applied = commit(ctx, change)?;
     log::info!(
         "api: set the limit of user {} to {}",
         keys::mask(key),
         limit_text(limit)
     );
-    persist_and_notify(ctx, generation, ControlMsg::UserChanged(id))?;
-    view.map(|v| Response::json(200, &v))
-        .ok_or_else(not_found_user)
+    changed(ctx, applied)
 }
 
 fn reset_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
     let key = path_key(key)?;
-    let (id, generation, view) = {
-        let mut t = lock_users(&ctx.users);
-        let id = t.reset(key).map_err(|_| not_found_user())?;
-        let view = t.get(id).map(UserView::of);
-        (id, t.generation(), view)
-    };
+    let applied = commit(ctx, Change::Reset { key: key.into() })?;
     log::info!("api: reset the counters of user {}", keys::mask(key));
-    persist_and_notify(ctx, generation, ControlMsg::UserChanged(id))?;
-    view.map(|v| Response::json(200, &v))
+    changed(ctx, applied)
+}
+
+/// Tells the tunnel loop about a changed user and answers with the user as it is now.
+fn changed(ctx: &ApiContext, applied: Applied) -> Result<Response, ApiError> {
+    ctx.control.send(ControlMsg::UserChanged(applied.id));
+    applied
+        .user
+        .as_ref()
+        .map(|u| Response::json(200, &UserView::of(u)))
         .ok_or_else(not_found_user)
 }
 

@@ -119,8 +119,9 @@ fn run_config(path: &Path) -> Result<(), RunError> {
     }
 }
 
-/// Writes `text` to `path` atomically (temp file, fsync, rename), failing if it exists and
-/// `force` is false.
+/// Writes `text` to `path` atomically and owner-only (0600: a config holds keys and the API
+/// token; temp file created exclusively without following links, fsync, rename, dir fsync),
+/// failing if it exists and `force` is false.
 fn write_new_file(path: &Path, text: &str, force: bool) -> Result<(), RunError> {
     if path.exists() && !force {
         return Err(RunError::File(format!(
@@ -128,17 +129,8 @@ fn write_new_file(path: &Path, text: &str, force: bool) -> Result<(), RunError> 
             path.display()
         )));
     }
-    let tmp = path.with_extension("json.tmp");
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        RunError::File(format!("cannot write {}: {e}", path.display()))
-    })
+    crate::users::state_file::write_atomic(path, text.as_bytes())
+        .map_err(|e| RunError::File(format!("cannot write {}: {e}", path.display())))
 }
 
 fn init(kind: InitKind, path: &Path, force: bool, link: Option<&str>) -> Result<(), RunError> {

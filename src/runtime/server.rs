@@ -64,7 +64,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     let mut current = cfg;
     loop {
         match signals.recv() {
-            Ok(SignalEvent::Reload) => reload(&mut current, &users, &control),
+            Ok(SignalEvent::Reload) => reload(&mut current, &persister, &control),
             Ok(SignalEvent::Terminate(name)) => {
                 log::info!("{name}: shutting down");
                 break;
@@ -78,7 +78,6 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     }
     persister
         .stop_flusher()
-        .and_then(|_| persister.flush_now())
         .map_err(|e| RunError::Other(format!("final state write failed: {e}")))?;
     log::info!("state saved to {}; bye", current.state_file.display());
     Ok(())
@@ -121,7 +120,7 @@ fn announce(
 /// `allow_private_destinations`, and name the changed fields that need a restart.
 fn reload(
     current: &mut ServerConfig,
-    users: &users::SharedUsers,
+    persister: &users::Persister,
     control: &crate::control::ControlSender,
 ) {
     let mut fresh = match config::load(&current.path) {
@@ -162,7 +161,7 @@ fn reload(
             fresh.allow_private_destinations
         ));
     }
-    let changes = lock_users(users).apply_config(&fresh.access_keys, users::now_unix());
+    let changes = persister.apply_config(&fresh.access_keys, users::now_unix());
     for id in &changes.removed {
         control.send(ControlMsg::UserRemoved(*id));
     }
@@ -188,6 +187,7 @@ fn reload(
     fresh.listen = std::mem::take(&mut current.listen);
     fresh.api = current.api.clone();
     fresh.state_file = std::mem::take(&mut current.state_file);
+    fresh.allow_symlinked_state = current.allow_symlinked_state;
     fresh.public_host = current.public_host.take();
     fresh.max_sessions = current.max_sessions;
     fresh.max_sessions_per_user = current.max_sessions_per_user;
@@ -202,6 +202,10 @@ fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'s
         ("listen", running.listen != fresh.listen),
         ("api", running.api != fresh.api),
         ("state_file", running.state_file != fresh.state_file),
+        (
+            "allow_symlinked_state",
+            running.allow_symlinked_state != fresh.allow_symlinked_state,
+        ),
         ("public_host", running.public_host != fresh.public_host),
         ("max_sessions", running.max_sessions != fresh.max_sessions),
         (
@@ -219,8 +223,9 @@ fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'s
 
 /// Every user's key and name, without starting anything (for `--links`).
 pub fn list_users_offline(cfg: &ServerConfig) -> Result<Vec<(String, Option<String>)>, RunError> {
-    let stored =
-        users::state_file::load(&cfg.state_file).map_err(|e| RunError::Other(e.to_string()))?;
+    let path = users::state_file::resolve(&cfg.state_file, cfg.allow_symlinked_state)
+        .map_err(|e| RunError::Other(e.to_string()))?;
+    let stored = users::load_stored(&path).map_err(|e| RunError::Other(e.to_string()))?;
     let table = users::UserTable::from_stored(stored, &cfg.access_keys, users::now_unix());
     Ok(table
         .list()

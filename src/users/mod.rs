@@ -1,20 +1,22 @@
 //! The user table shared by the Management API and the tunnel event loop: who may connect
-//! (access keys), their limits and traffic counters, and the merge rules between `config.json`
-//! keys and users created through the API. The table itself does no I/O; [`state_file`] loads
-//! and writes its durable form and [`persist`] decides when.
+//! (access keys), their limits and traffic counters, the [`Change`]s that make up its durable
+//! history, and the merge rules between `config.json` keys and users created through the API.
+//! The table itself does no I/O; [`state_file`] (the snapshot) and [`journal`] (the changes
+//! since) hold its durable form, and [`persist`] writes them.
 //!
 //! Locking rule: the table lives in a `Mutex` ([`SharedUsers`]). Hold the lock only for
-//! in-memory work (look-ups, counter updates, cloning a [`Snapshot`]); never across I/O or
-//! JSON serialisation.
+//! in-memory work (look-ups, checking and applying a change, counter updates, cloning a
+//! [`Snapshot`]); never across I/O or JSON serialisation.
 //!
 //! Limit precedence for config-declared keys: a limit set through the API wins until
 //! `config.json` changes that key's `limit_bytes` (compared with the value config declared the
 //! last time it was applied); then the config value wins again.
 
+pub mod journal;
 pub mod persist;
 pub mod state_file;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AccessKeyEntry, ServerConfig};
 
-pub use persist::{PersistError, Persister};
+pub use persist::{Applied, CommitError, PersistError, Persister};
 
 /// The table as shared between API workers and the tunnel loop.
 pub type SharedUsers = Arc<Mutex<UserTable>>;
@@ -141,10 +143,59 @@ pub struct ConfigLimit {
 /// A consistent copy of the durable state, taken under the lock and written outside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
-    /// The table generation this snapshot reflects.
-    pub generation: u64,
+    /// The last journal change this snapshot includes (0 = none).
+    pub journal_seq: u64,
     pub users: Vec<StoredUser>,
 }
+
+/// One durable change of the table: what the API asks for, and the counter updates the
+/// flusher records. Every variant sets absolute values, so replaying it is deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Change {
+    /// A new API user.
+    Create {
+        key: String,
+        name: Option<String>,
+        limit_bytes: Option<u64>,
+        created_at: u64,
+    },
+    /// An API user removed.
+    Delete { key: String },
+    /// A user's limit set (`None` = unlimited).
+    Limit {
+        key: String,
+        limit_bytes: Option<u64>,
+    },
+    /// A user's counters zeroed.
+    Reset { key: String },
+    /// A user's counters as they are now (written by the counter flush).
+    Counters {
+        key: String,
+        bytes_up: u64,
+        bytes_down: u64,
+        connections: u64,
+        last_seen: Option<u64>,
+    },
+}
+
+impl Change {
+    /// The key the change is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Change::Create { key, .. }
+            | Change::Delete { key }
+            | Change::Limit { key, .. }
+            | Change::Reset { key }
+            | Change::Counters { key, .. } => key,
+        }
+    }
+}
+
+/// What a batch of checked-but-not-yet-applied changes will do to the table: per key, the
+/// source it will have (`None` = deleted). Lets the next change of the batch be checked as if
+/// the earlier ones were applied.
+pub type Pending = HashMap<String, Option<Source>>;
 
 /// Errors of table operations requested through the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +231,15 @@ impl std::error::Error for TableError {}
 pub enum UsersError {
     /// The state file exists but cannot be read or parsed; the server must not start.
     StateUnreadable { path: PathBuf, problem: String },
+    /// The state file is missing but its journal says there was a state with users.
+    StateMissing {
+        path: PathBuf,
+        journal: PathBuf,
+        users: u64,
+        changes: usize,
+    },
+    /// The state path is a symbolic link and `allow_symlinked_state` is off.
+    Symlink { path: PathBuf },
     /// The state could not be written.
     Persist(PersistError),
 }
@@ -191,6 +251,27 @@ impl fmt::Display for UsersError {
                 f,
                 "state file {}: {problem}. Refusing to start so that it is not overwritten; \
                  repair the file or move it away (the server then starts with only the config.json keys and zero counters)",
+                path.display()
+            ),
+            UsersError::StateMissing {
+                path,
+                journal,
+                users,
+                changes,
+            } => write!(
+                f,
+                "state file {} is missing, but its journal {} continues a state with {users} users \
+                 ({changes} changes since). Refusing to start with no users: if the file was renamed \
+                 or is on a volume that is not mounted, restore it (or point state_file in the config \
+                 at it); to really start afresh, move the journal away",
+                path.display(),
+                journal.display()
+            ),
+            UsersError::Symlink { path } => write!(
+                f,
+                "state file {} is a symbolic link; refusing to follow it (a planted link could make \
+                 the server overwrite another file with every key). Point state_file at the real \
+                 file, or set \"allow_symlinked_state\": true in the config",
                 path.display()
             ),
             UsersError::Persist(e) => write!(f, "{e}"),
@@ -223,8 +304,8 @@ pub struct UserTable {
     users: HashMap<UserId, User>,
     by_key: HashMap<String, UserId>,
     next_id: u32,
-    /// Bumped by every change that the state file must eventually reflect.
-    generation: u64,
+    /// Users whose counters moved since the last counter flush.
+    dirty: HashSet<UserId>,
 }
 
 impl UserTable {
@@ -239,6 +320,13 @@ impl UserTable {
         config_keys: &[AccessKeyEntry],
         now_unix: u64,
     ) -> UserTable {
+        let mut table = UserTable::from_snapshot(stored);
+        table.apply_config(config_keys, now_unix);
+        table
+    }
+
+    /// The table exactly as a snapshot holds it (no config merge).
+    pub fn from_snapshot(stored: Vec<StoredUser>) -> UserTable {
         let mut table = UserTable::new();
         for s in stored {
             if table.by_key.contains_key(&s.key) {
@@ -266,7 +354,6 @@ impl UserTable {
             table.by_key.insert(s.key, id);
             table.users.insert(id, user);
         }
-        table.apply_config(config_keys, now_unix);
         table
     }
 
@@ -274,16 +361,6 @@ impl UserTable {
         let id = self.next_id;
         self.next_id = self.next_id.checked_add(1)?;
         Some(UserId(id))
-    }
-
-    fn bump(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
-    }
-
-    /// The generation of the current contents (increases with every durable change).
-    pub fn generation(&self) -> u64 {
-        self.generation
     }
 
     pub fn len(&self) -> usize {
@@ -364,7 +441,6 @@ impl UserTable {
                 config_limit: None,
             },
         );
-        self.bump();
         Ok(id)
     }
 
@@ -375,7 +451,6 @@ impl UserTable {
             return Err(TableError::ConfigDeclared);
         }
         self.remove_id(id);
-        self.bump();
         Ok(id)
     }
 
@@ -383,6 +458,7 @@ impl UserTable {
         if let Some(u) = self.users.remove(&id) {
             self.by_key.remove(&u.key);
         }
+        self.dirty.remove(&id);
     }
 
     /// Sets or removes (`None`) the limit of any user.
@@ -391,7 +467,6 @@ impl UserTable {
         if let Some(u) = self.users.get_mut(&id) {
             u.limit_bytes = limit_bytes;
         }
-        self.bump();
         Ok(id)
     }
 
@@ -404,7 +479,6 @@ impl UserTable {
             u.connections = 0;
             u.resets = u.resets.wrapping_add(1);
         }
-        self.bump();
         Ok(id)
     }
 
@@ -416,7 +490,7 @@ impl UserTable {
         if let Some(u) = self.users.get_mut(&id) {
             u.bytes_up = u.bytes_up.saturating_add(up);
             u.bytes_down = u.bytes_down.saturating_add(down);
-            self.generation += 1;
+            self.dirty.insert(id);
         }
     }
 
@@ -426,7 +500,7 @@ impl UserTable {
             u.connections = u.connections.saturating_add(1);
             u.online_sessions = u.online_sessions.saturating_add(1);
             u.last_seen = Some(now_unix);
-            self.generation += 1;
+            self.dirty.insert(id);
         }
     }
 
@@ -521,9 +595,6 @@ impl UserTable {
                 }
             }
         }
-        if !changes.is_empty() {
-            self.bump();
-        }
         changes
     }
 
@@ -546,8 +617,109 @@ impl UserTable {
             })
             .collect();
         Snapshot {
-            generation: self.generation,
+            journal_seq: 0,
             users,
+        }
+    }
+
+    /// Whether any user's counters moved since the last [`UserTable::take_counters`].
+    pub fn counters_moved(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// The counters of every user whose counters moved, as changes to journal; the users are
+    /// no longer marked (hand the ids back to [`UserTable::counters_unsaved`] if the write fails).
+    pub fn take_counters(&mut self) -> (Vec<UserId>, Vec<Change>) {
+        let mut ids: Vec<UserId> = self.dirty.drain().collect();
+        ids.retain(|id| self.users.contains_key(id));
+        ids.sort_unstable();
+        let changes = ids
+            .iter()
+            .filter_map(|id| self.users.get(id))
+            .map(|u| Change::Counters {
+                key: u.key.clone(),
+                bytes_up: u.bytes_up,
+                bytes_down: u.bytes_down,
+                connections: u.connections,
+                last_seen: u.last_seen,
+            })
+            .collect();
+        (ids, changes)
+    }
+
+    /// Marks users whose counter write failed, so the next flush writes them again.
+    pub fn counters_unsaved(&mut self, ids: impl IntoIterator<Item = UserId>) {
+        self.dirty.extend(ids);
+    }
+
+    /// Checks `change` against the table as it will be once the `pending` changes of the same
+    /// batch are applied, and records its own effect in `pending`. Counter changes always pass.
+    pub fn check(&self, change: &Change, pending: &mut Pending) -> Result<(), TableError> {
+        let key = change.key();
+        let source = match pending.get(key) {
+            Some(s) => *s,
+            None => self.get_by_key(key).map(|u| u.source),
+        };
+        let after = match (change, source) {
+            (Change::Create { .. }, Some(_)) => return Err(TableError::KeyExists),
+            (Change::Create { .. }, None) => {
+                let creates = pending.values().filter(|s| s.is_some()).count() as u64;
+                if u64::from(self.next_id) + creates >= u64::from(u32::MAX) {
+                    return Err(TableError::Full);
+                }
+                Some(Source::Api)
+            }
+            (Change::Delete { .. }, Some(Source::Config)) => {
+                return Err(TableError::ConfigDeclared);
+            }
+            (Change::Delete { .. }, Some(Source::Api)) => None,
+            (Change::Counters { .. }, s) => return s.map(|_| ()).ok_or(TableError::NotFound),
+            (_, None) => return Err(TableError::NotFound),
+            (_, s) => s,
+        };
+        pending.insert(key.to_string(), after);
+        Ok(())
+    }
+
+    /// Applies a durable change. A checked change always applies; during recovery a change
+    /// that no longer fits (a create of a key the snapshot already holds, a change of a deleted
+    /// key) sets what it can, so that replaying changes the snapshot already holds is harmless.
+    pub fn apply(&mut self, change: &Change) -> Option<UserId> {
+        match change {
+            Change::Create {
+                key,
+                name,
+                limit_bytes,
+                created_at,
+            } => {
+                if let Some(id) = self.user_id(key) {
+                    self.remove_id(id);
+                }
+                self.create(key.clone(), name.clone(), *limit_bytes, *created_at)
+                    .ok()
+            }
+            Change::Delete { key } => {
+                let id = self.user_id(key)?;
+                self.remove_id(id);
+                Some(id)
+            }
+            Change::Limit { key, limit_bytes } => self.set_limit(key, *limit_bytes).ok(),
+            Change::Reset { key } => self.reset(key).ok(),
+            Change::Counters {
+                key,
+                bytes_up,
+                bytes_down,
+                connections,
+                last_seen,
+            } => {
+                let id = self.user_id(key)?;
+                let u = self.users.get_mut(&id)?;
+                u.bytes_up = *bytes_up;
+                u.bytes_down = *bytes_down;
+                u.connections = *connections;
+                u.last_seen = *last_seen;
+                Some(id)
+            }
         }
     }
 }
@@ -560,15 +732,107 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Loads the state file (a missing file is a fresh start), merges the config keys, and returns
-/// the shared table with its persister. The merged state is written back at once, so a state
-/// file always exists and reflects config.json after a successful start.
+/// The durable state as recovered from the snapshot and its journal.
+struct Recovered {
+    table: UserTable,
+    /// The last journal change applied.
+    last_seq: u64,
+    /// Users in the snapshot, journal changes replayed, journal bytes ignored.
+    snapshot_users: usize,
+    replayed: usize,
+    ignored_bytes: usize,
+}
+
+/// Reads the snapshot at `path` and replays its journal (no config merge, no writes). A missing
+/// snapshot is a fresh start, unless the journal says a state with users existed.
+fn recover(path: &std::path::Path) -> Result<Recovered, UsersError> {
+    let journal_path = journal::path_for(path);
+    let Some(snapshot) = state_file::load(path)? else {
+        // Read the journal only to learn whether a state existed (skip every change).
+        if let Some(j) = journal::read(&journal_path, u64::MAX)?
+            && (j.committed > 0 || j.header.is_some_and(|h| h.users > 0))
+        {
+            return Err(UsersError::StateMissing {
+                path: path.to_path_buf(),
+                journal: journal_path,
+                users: j.header.map_or(0, |h| h.users),
+                changes: j.committed,
+            });
+        }
+        log::warn!(
+            "no state file at {}: starting with only the config.json keys (if the config was \
+             renamed, the default state file name changed with it: set state_file to the old one)",
+            path.display()
+        );
+        return Ok(Recovered {
+            table: UserTable::new(),
+            last_seq: 0,
+            snapshot_users: 0,
+            replayed: 0,
+            ignored_bytes: 0,
+        });
+    };
+    let snapshot_users = snapshot.users.len();
+    let mut table = UserTable::from_snapshot(snapshot.users);
+    let Some(j) = journal::read(&journal_path, snapshot.journal_seq)? else {
+        if snapshot.journal_seq > 0 {
+            log::warn!(
+                "the journal {} is missing; changes acknowledged after the last compaction of {} are lost",
+                journal_path.display(),
+                path.display()
+            );
+        }
+        return Ok(Recovered {
+            table,
+            last_seq: snapshot.journal_seq,
+            snapshot_users,
+            replayed: 0,
+            ignored_bytes: 0,
+        });
+    };
+    for (_, change) in &j.changes {
+        table.apply(change);
+    }
+    Ok(Recovered {
+        table,
+        last_seq: j.last_seq,
+        snapshot_users,
+        replayed: j.changes.len(),
+        ignored_bytes: j.ignored_bytes,
+    })
+}
+
+/// Every stored user, as the snapshot and its journal hold them (read-only: for `--links`,
+/// tests and tools; safe while a server runs).
+pub fn load_stored(path: &std::path::Path) -> Result<Vec<StoredUser>, UsersError> {
+    Ok(recover(path)?.table.snapshot().users)
+}
+
+/// Loads the state (snapshot + journal; a missing state is a fresh start unless the journal
+/// says users existed), merges the config keys, and returns the shared table with its
+/// persister. The merged state is compacted at once, so after a successful start the state
+/// file exists, reflects config.json, and its journal is empty.
 pub fn open(config: &ServerConfig) -> Result<(SharedUsers, Persister), UsersError> {
-    let stored = state_file::load(&config.state_file)?;
-    let table = UserTable::from_stored(stored, &config.access_keys, now_unix());
-    let users: SharedUsers = Arc::new(Mutex::new(table));
-    let persister = Persister::new(config.state_file.clone(), users.clone());
-    persister.persist().map_err(UsersError::Persist)?;
+    let path = state_file::resolve(&config.state_file, config.allow_symlinked_state)?;
+    state_file::resolve(&journal::path_for(&path), config.allow_symlinked_state)?;
+    let mut r = recover(&path)?;
+    let held = r.table.len();
+    r.table.apply_config(&config.access_keys, now_unix());
+    log::info!(
+        "state file {}: holds {held} users ({} in the snapshot, {} journal changes replayed{}); {} users with config.json merged",
+        path.display(),
+        r.snapshot_users,
+        r.replayed,
+        if r.ignored_bytes > 0 {
+            format!(", {} bytes of an unfinished write ignored", r.ignored_bytes)
+        } else {
+            String::new()
+        },
+        r.table.len(),
+    );
+    let users: SharedUsers = Arc::new(Mutex::new(r.table));
+    let persister = Persister::new(path, users.clone(), r.last_seq);
+    persister.compact().map_err(UsersError::Persist)?;
     Ok((users, persister))
 }
 
@@ -647,23 +911,112 @@ mod tests {
     }
 
     #[test]
-    fn generation_moves_with_every_durable_change() {
+    fn counter_moves_mark_users_for_the_next_flush() {
         let mut t = UserTable::new();
-        let g0 = t.generation();
         let id = t.create(K1.into(), None, None, 0).unwrap();
-        let g1 = t.generation();
-        assert!(g1 > g0);
+        let other = t.create(K2.into(), None, None, 0).unwrap();
+        assert!(!t.counters_moved());
         t.add_traffic(id, 1, 0);
-        assert!(t.generation() > g1);
-        let g2 = t.generation();
-        t.touch(id, 9);
-        t.session_closed(id);
+        t.touch(other, 9);
+        t.session_closed(other);
+        t.add_traffic(other, 0, 0);
+        let (ids, changes) = t.take_counters();
+        assert_eq!(ids, vec![id], "only users whose counters moved are written");
         assert_eq!(
-            t.generation(),
-            g2,
-            "live-only updates do not dirty the state"
+            changes,
+            vec![Change::Counters {
+                key: K1.into(),
+                bytes_up: 1,
+                bytes_down: 0,
+                connections: 0,
+                last_seen: None
+            }]
         );
-        assert_eq!(t.snapshot().generation, g2);
+        assert!(!t.counters_moved());
+        t.counters_unsaved(ids);
+        assert!(t.counters_moved());
+        t.delete(K1).unwrap();
+        assert!(
+            t.take_counters().1.is_empty(),
+            "deleted users are not written"
+        );
+    }
+
+    #[test]
+    fn changes_are_checked_against_the_batch_before_them() {
+        let mut t = UserTable::new();
+        t.apply_config(&[entry(K1, None, None)], 0);
+        let create = |k: &str| Change::Create {
+            key: k.into(),
+            name: None,
+            limit_bytes: None,
+            created_at: 0,
+        };
+        let mut p = Pending::new();
+        assert_eq!(t.check(&create(K1), &mut p), Err(TableError::KeyExists));
+        assert_eq!(
+            t.check(&Change::Delete { key: K1.into() }, &mut p),
+            Err(TableError::ConfigDeclared)
+        );
+        assert_eq!(t.check(&create(K2), &mut p), Ok(()));
+        assert_eq!(t.check(&create(K2), &mut p), Err(TableError::KeyExists));
+        let del = Change::Delete { key: K2.into() };
+        assert_eq!(t.check(&del, &mut p), Ok(()));
+        assert_eq!(t.check(&del, &mut p), Err(TableError::NotFound));
+        let limit = Change::Limit {
+            key: K2.into(),
+            limit_bytes: Some(3),
+        };
+        assert_eq!(t.check(&limit, &mut p), Err(TableError::NotFound));
+        assert_eq!(t.check(&create(K2), &mut p), Ok(()));
+        assert_eq!(t.check(&limit, &mut p), Ok(()));
+        assert_eq!(t.len(), 1, "checking changes nothing");
+        for c in [create(K2), del, create(K2), limit] {
+            assert!(t.apply(&c).is_some());
+        }
+        assert_eq!(t.get_by_key(K2).unwrap().limit_bytes, Some(3));
+    }
+
+    #[test]
+    fn replaying_changes_the_snapshot_already_holds_is_harmless() {
+        let mut t = UserTable::new();
+        let changes = [
+            Change::Create {
+                key: K1.into(),
+                name: Some("a".into()),
+                limit_bytes: None,
+                created_at: 1,
+            },
+            Change::Counters {
+                key: K1.into(),
+                bytes_up: 5,
+                bytes_down: 6,
+                connections: 2,
+                last_seen: Some(3),
+            },
+            Change::Limit {
+                key: K1.into(),
+                limit_bytes: Some(9),
+            },
+            Change::Create {
+                key: K2.into(),
+                name: None,
+                limit_bytes: None,
+                created_at: 1,
+            },
+            Change::Delete { key: K2.into() },
+        ];
+        for c in &changes {
+            t.apply(c);
+        }
+        let want = t.snapshot().users;
+        for from in 0..changes.len() {
+            let mut again = UserTable::from_snapshot(want.clone());
+            for c in &changes[from..] {
+                again.apply(c);
+            }
+            assert_eq!(again.snapshot().users, want, "replay from {from}");
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ fn concurrent_mixed_writes_equal_the_sequential_model() {
     );
     // On disk, with no extra flush: every acknowledged change was already durable.
     check(
-        ostp::users::state_file::read(&srv.config.state_file)
+        ostp::users::load_stored(&srv.config.state_file)
             .unwrap()
             .into_iter()
             .map(|u| (u.key, u.limit_bytes))

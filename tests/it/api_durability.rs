@@ -1,6 +1,8 @@
 //! `kill -9` in the middle of an API write storm, 50 rounds: the server always restarts from a
-//! valid state file that holds every acknowledged change (a request in flight at the kill may
-//! or may not be applied — nothing else is allowed).
+//! valid state file plus journal that hold every acknowledged change (a request in flight at
+//! the kill may or may not be applied — nothing else is allowed). The kills land mid-append
+//! (acknowledged changes must come back from the journal) and, in the in-process variant
+//! whose compaction threshold is tiny, mid-compaction.
 //!
 //! Two variants: the API in a child process (this test binary re-executed, so it runs before
 //! the `ostp` binary is wired), and the real `ostp` binary (`CARGO_BIN_EXE_ostp --config X`).
@@ -90,9 +92,21 @@ fn storm(addr: SocketAddr, w: &Mutex<Writer>, id: usize, round: usize, stop: &At
     }
 }
 
+/// What the files held at a kill: the snapshot's journal position and the journal changes after it.
+fn on_disk_position(state_file: &Path) -> (u64, usize) {
+    let seq = ostp::users::state_file::read(state_file)
+        .unwrap()
+        .map_or(0, |s| s.journal_seq);
+    let journal = ostp::users::journal::path_for(state_file);
+    let replay = ostp::users::journal::read(&journal, seq)
+        .unwrap()
+        .map_or(0, |j| j.changes.len());
+    (seq, replay)
+}
+
 /// Checks the state file against the writers' records and adopts what is on disk.
 fn verify(state_file: &Path, writers: &[Arc<Mutex<Writer>>], round: usize) {
-    let on_disk: BTreeMap<String, Option<u64>> = ostp::users::state_file::load(state_file)
+    let on_disk: BTreeMap<String, Option<u64>> = ostp::users::load_stored(state_file)
         .unwrap_or_else(|e| panic!("round {round}: state file does not load: {e}"))
         .into_iter()
         .map(|u| (u.key, u.limit_bytes))
@@ -140,14 +154,25 @@ fn wait_for_api(addr: SocketAddr, child: &mut Child) {
     }
 }
 
-fn run_rounds(dir: &Path, mut spawn: impl FnMut(usize) -> (Child, SocketAddr)) {
+/// Rounds whose kill left changes in the journal, and rounds with a compaction mid-storm.
+#[derive(Debug, Default)]
+struct Coverage {
+    journal_replays: usize,
+    compactions: usize,
+}
+
+fn run_rounds(dir: &Path, mut spawn: impl FnMut(usize) -> (Child, SocketAddr)) -> Coverage {
     let writers: Vec<Arc<Mutex<Writer>>> = (0..WRITERS)
         .map(|_| Arc::new(Mutex::new(Writer::default())))
         .collect();
     let mut acked_total = 0;
+    let mut coverage = Coverage::default();
+    let state_file = dir.join("state.json");
     for round in 0..ROUNDS {
         let (mut child, addr) = spawn(round);
         wait_for_api(addr, &mut child);
+        // The start-up compaction is done once the API answers.
+        let (seq_at_start, _) = on_disk_position(&state_file);
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = writers
             .iter()
@@ -165,13 +190,21 @@ fn run_rounds(dir: &Path, mut spawn: impl FnMut(usize) -> (Child, SocketAddr)) {
         for t in threads {
             t.join().unwrap();
         }
-        verify(&dir.join("state.json"), &writers, round);
+        let (seq, replay) = on_disk_position(&state_file);
+        coverage.journal_replays += usize::from(replay > 0);
+        coverage.compactions += usize::from(seq > seq_at_start);
+        verify(&state_file, &writers, round);
         acked_total = writers.iter().map(|w| w.lock().unwrap().acked.len()).sum();
     }
     assert!(
         acked_total > ROUNDS,
         "the storm acknowledged too few writes ({acked_total})"
     );
+    assert!(
+        coverage.journal_replays > ROUNDS / 2,
+        "acknowledged changes should mostly come back from the journal: {coverage:?}"
+    );
+    coverage
 }
 
 /// Helper process for `kill_9_during_a_write_storm_in_process_api`: when started as the child
@@ -184,6 +217,9 @@ fn child_api_server() {
     };
     let dir = Path::new(&dir);
     let srv = TestServer::start_in(dir, TOKEN, Default::default());
+    // Compact every few kilobytes, on the flusher thread, so kills also land mid-compaction.
+    srv.persister.set_compaction_threshold(Some(2048));
+    srv.persister.start_flusher(Duration::from_millis(50));
     std::fs::write(dir.join("port.tmp"), srv.addr.port().to_string()).unwrap();
     std::fs::rename(dir.join("port.tmp"), dir.join("port")).unwrap();
     loop {
@@ -196,7 +232,7 @@ fn kill_9_during_a_write_storm_in_process_api() {
     let dir = temp_dir("api-kill9");
     write_config(&dir, TOKEN, 0, json!([CONFIG_KEY]));
     let exe = std::env::current_exe().unwrap();
-    run_rounds(&dir, |round| {
+    let coverage = run_rounds(&dir, |round| {
         let _ = std::fs::remove_file(dir.join("port"));
         let log = std::fs::File::create(dir.join(format!("child-{round}.log"))).unwrap();
         let mut child = Command::new(&exe)
@@ -227,6 +263,11 @@ fn kill_9_during_a_write_storm_in_process_api() {
         };
         (child, SocketAddr::from(([127, 0, 0, 1], port)))
     });
+    eprintln!("kill -9 coverage: {coverage:?}");
+    assert!(
+        coverage.compactions > ROUNDS / 4,
+        "compactions should run during the storms: {coverage:?}"
+    );
 }
 
 fn free_tcp_port() -> u16 {

@@ -160,7 +160,7 @@ fn every_endpoint_answers_as_documented() {
     assert!(msgs.iter().any(|m| matches!(m, ControlMsg::UserChanged(_))));
 
     // Every acknowledged change is already on disk.
-    let on_disk = ostp::users::state_file::read(&srv.config.state_file).unwrap();
+    let on_disk = ostp::users::load_stored(&srv.config.state_file).unwrap();
     assert!(on_disk.iter().all(|u| u.key != empty_key));
     assert_eq!(
         on_disk

@@ -21,6 +21,7 @@ mod proto_secure;
 mod proto_session_sim;
 mod proto_transport;
 mod proto_wire;
+mod storage;
 mod tunnel_e2e;
 mod tunnel_limits;
 mod tunnel_links;

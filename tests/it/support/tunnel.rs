@@ -509,12 +509,12 @@ impl Server {
         key
     }
 
-    /// (bytes_up, bytes_down) of `key` in the state file on disk, if written yet.
+    /// (bytes_up, bytes_down) of `key` in the state on disk (snapshot + journal), if written yet.
     pub fn state_file_counters(&self, key: &str) -> Option<(u64, u64)> {
-        let text = std::fs::read_to_string(self.dir.path().join("state.json")).ok()?;
-        let v: Value = serde_json::from_str(&text).ok()?;
-        let u = v["users"].as_array()?.iter().find(|u| u["key"] == key)?;
-        Some((u["bytes_up"].as_u64()?, u["bytes_down"].as_u64()?))
+        // The snapshot plus its journal (where counter flushes go).
+        let users = ostp::users::load_stored(&self.dir.path().join("state.json")).ok()?;
+        let u = users.into_iter().find(|u| u.key == key)?;
+        Some((u.bytes_up, u.bytes_down))
     }
 }
 
