@@ -273,6 +273,44 @@ struct Outbounds {
     held: Vec<usize>,
 }
 
+impl Outbounds {
+    /// Sends `name` to the resolver pool within `user`'s share of it (stream and relay lookups
+    /// alike). `None`: refused (share used up, name recently failed, pool full). A pending lookup
+    /// keeps the share until its answer arrives, and is given up on after the lookup timeout.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_lookup(
+        &mut self,
+        quotas: &mut Quotas,
+        resolver: &Resolver,
+        now: Instant,
+        user: UserId,
+        ticket: Ticket,
+        name: &str,
+        port: u16,
+    ) -> Option<Lookup> {
+        if let Err(cap) = quotas.admit_lookup(now, user, name) {
+            log::debug!("user {}: lookup of {name:?} refused ({cap:?})", user.0);
+            return None;
+        }
+        match resolver.lookup(ticket, name, port) {
+            Ok(Lookup::Pending) => {
+                self.lookups.insert(ticket, (user, name.to_string()));
+                self.lookup_timeouts.push_new(ticket, now);
+                Some(Lookup::Pending)
+            }
+            Ok(ready) => {
+                quotas.lookup_finished(user);
+                Some(ready)
+            }
+            Err(e) => {
+                log::debug!("resolver busy: {e}");
+                quotas.lookup_finished(user);
+                None
+            }
+        }
+    }
+}
+
 /// The server loop's state: the sockets it owns (listen sockets, outbounds, relays), the protocol
 /// endpoint, the policy types it consults (ledger, quotas, guard) and the loop plumbing.
 struct ServerLoop {
@@ -718,25 +756,14 @@ impl ServerLoop {
             self.resolved(now, idx, Ok(vec![SocketAddr::new(ip, port)]));
             return;
         }
-        if let Err(cap) = self.quotas.admit_lookup(now, user, &name) {
-            log::debug!("user {}: lookup of {name:?} refused ({cap:?})", user.0);
-            self.fail_outbound(idx, OpenResult::DnsFailure);
-            return;
-        }
-        match self.resolver.lookup(ticket, &name, port) {
-            Ok(Lookup::Pending) => {
-                self.out.lookups.insert(ticket, (user, name));
-                self.out.lookup_timeouts.push_new(ticket, now);
-            }
-            Ok(Lookup::Ready(addr)) => {
-                self.quotas.lookup_finished(user);
-                self.resolved(now, idx, Ok(vec![addr]));
-            }
-            Err(e) => {
-                log::debug!("resolver busy: {e}");
-                self.quotas.lookup_finished(user);
-                self.fail_outbound(idx, OpenResult::DnsFailure);
-            }
+        let (quotas, resolver) = (&mut self.quotas, &self.resolver);
+        match self
+            .out
+            .submit_lookup(quotas, resolver, now, user, ticket, &name, port)
+        {
+            Some(Lookup::Pending) => {}
+            Some(Lookup::Ready(addr)) => self.resolved(now, idx, Ok(vec![addr])),
+            None => self.fail_outbound(idx, OpenResult::DnsFailure),
         }
     }
 
@@ -748,6 +775,10 @@ impl ServerLoop {
                 continue; // answered already
             };
             self.quotas.name_failed(now, name);
+            if ticket.kind == TicketKind::Relay {
+                self.relays.forget_lookup(ticket);
+                continue;
+            }
             let idx = ticket.index;
             let resolving = self
                 .out
@@ -1100,16 +1131,15 @@ impl ServerLoop {
         if !self.ledger.allows(user, data.len()) {
             return;
         }
-        let sent = self.relays.send(
-            now,
-            session,
-            assoc,
-            &dest,
-            data,
-            &mut self.guard,
-            &self.core.poll,
-            &self.resolver,
-        );
+        // Relay lookups use the same per-user share of the resolver pool as stream lookups.
+        let (out, quotas, resolver) = (&mut self.out, &mut self.quotas, &self.resolver);
+        let mut lookup = |ticket: Ticket, name: &str, port: u16| {
+            out.submit_lookup(quotas, resolver, now, user, ticket, name, port)
+        };
+        let (guard, poll) = (&mut self.guard, &self.core.poll);
+        let sent = self
+            .relays
+            .send(now, session, assoc, &dest, data, guard, poll, &mut lookup);
         if sent {
             let moved = Moved {
                 to_socket: data.len() as u64,

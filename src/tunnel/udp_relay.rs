@@ -23,7 +23,7 @@ use super::dest_guard::{DestGuard, Verdict};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::token::Tok;
 use super::driver::udp::{self, RECV_BATCH, Readiness};
-use super::resolver::{Lookup, Resolver};
+use super::resolver::Lookup;
 use super::slab::Slab;
 use crate::proto::SessionId;
 use crate::proto::transport::{AssocId, Destination};
@@ -124,7 +124,7 @@ impl RelayPool {
         data: &[u8],
         guard: &mut DestGuard,
         poll: &Poll,
-        resolver: &Resolver,
+        lookup: &mut dyn FnMut(Ticket, &str, u16) -> Option<Lookup>,
     ) -> bool {
         let Some(idx) = self.relay_for(now, session, assoc) else {
             return false;
@@ -148,9 +148,9 @@ impl RelayPool {
                         return false;
                     }
                     let ticket = self.tickets.issue(TicketKind::Relay, idx);
-                    match resolver.lookup(ticket, name, *port) {
-                        Ok(Lookup::Ready(a)) => a,
-                        Ok(Lookup::Pending) => {
+                    match lookup(ticket, name, *port) {
+                        Some(Lookup::Ready(a)) => a,
+                        Some(Lookup::Pending) => {
                             relay.pending.push(Pending {
                                 ticket,
                                 name: name.clone(),
@@ -159,7 +159,7 @@ impl RelayPool {
                             });
                             return false;
                         }
-                        Err(_) => return false,
+                        None => return false,
                     }
                 }
             }
@@ -227,6 +227,13 @@ impl RelayPool {
                 log::debug!("udp relay: send to {addr}: {e}");
                 false
             }
+        }
+    }
+
+    /// The loop gave up on a lookup (timeout): the datagram waiting for it is dropped.
+    pub fn forget_lookup(&mut self, ticket: Ticket) {
+        if let Some(relay) = self.relays.get_mut(ticket.index) {
+            relay.pending.retain(|p| p.ticket != ticket);
         }
     }
 
@@ -379,7 +386,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::resolver::Resolved;
+    use crate::tunnel::resolver::{Resolved, Resolver};
     use mio::{Events, Waker};
     use std::sync::Arc;
 
@@ -417,6 +424,7 @@ mod tests {
         ) -> bool {
             let now = Instant::now();
             let (guard, poll, resolver) = (&mut self.guard, &self.poll, &self.resolver);
+            let mut lookup = |t: Ticket, name: &str, port: u16| resolver.lookup(t, name, port).ok();
             self.pool.send(
                 now,
                 SessionId(session),
@@ -425,7 +433,7 @@ mod tests {
                 data,
                 guard,
                 poll,
-                resolver,
+                &mut lookup,
             )
         }
 

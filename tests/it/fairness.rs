@@ -201,3 +201,38 @@ fn a_thousand_never_answering_names_leave_others_hostname_connections_working() 
     peak.sample(pid);
     peak.check("never-answering names");
 }
+
+#[test]
+fn udp_datagrams_to_never_answering_names_use_only_their_users_share_of_the_resolver() {
+    let _heavy = heavy_lock();
+    ostp::sys::raise_nofile_limit().unwrap();
+    let http = start_http();
+    let suffix = ".never-answers.test";
+    let env = vec![("OSTP_TEST_DNS_BLACKHOLE".to_string(), suffix.to_string())];
+    let (server, abuser, victim) = two_user_server(json!({}), env);
+    let attacker = Client::start(server.udp, &abuser);
+    let good = Client::start(server.udp, &victim);
+    victim_download(good.proxy, http, 1024); // both sessions are up
+    // The abuser's UDP associations send datagrams to hundreds of names that never answer: each
+    // association's relay queues up to 8 lookups, far more than the resolver pool's threads.
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut held = Vec::new();
+    for a in 0..24 {
+        let (control, relay) = socks5_udp_associate(attacker.proxy);
+        for i in 0..8 {
+            let name = format!("u{a}-{i}{suffix}");
+            let packet = socks5_udp_packet(&Target::Name(&name, 53), b"query");
+            app.send_to(&packet, relay).unwrap();
+        }
+        held.push(control);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The victim's hostname connections still work (its lookups are not stuck behind them).
+    for _ in 0..3 {
+        let took = victim_download(good.proxy, http, 64 * 1024);
+        assert!(
+            took < Duration::from_secs(5),
+            "hostname connection took {took:?}"
+        );
+    }
+}
