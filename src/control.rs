@@ -14,7 +14,8 @@ pub enum ControlMsg {
     UserAdded(UserId),
     /// A user was deleted (drop its key and close its sessions).
     UserRemoved(UserId),
-    /// A user's limit, name or source changed or its counters were reset (re-read it from the
+    /// A user's limit, name, source or settings (enabled, expiry) changed or its counters were
+    /// reset through the API or periodically (re-read it from the
     /// table; a reset is told apart by [`User::resets`](crate::users::User::resets)).
     UserChanged(UserId),
     /// `allow_private_destinations` changed (SIGHUP): judge new destinations by this value.

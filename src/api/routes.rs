@@ -13,10 +13,16 @@ use super::{ApiContext, auth, subscribe};
 use crate::control::ControlMsg;
 use crate::keys;
 use crate::users::persist::lock_users;
-use crate::users::{Applied, Change, CommitError, TableError, User, now_unix};
+use crate::users::{
+    Applied, Change, CommitError, MAX_NOTE_CHARS, Patch, ResetStrategy, Settings, TableError, User,
+    now_unix,
+};
 
 /// Longest accepted user name (characters).
 pub const MAX_NAME_CHARS: usize = 128;
+/// Latest accepted `expire_at`: 9999-12-31T23:59:59Z (a larger value is most likely
+/// milliseconds).
+pub const MAX_EXPIRE_AT: u64 = 253_402_300_799;
 
 /// A resolved API path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +41,7 @@ impl Route<'_> {
         match self {
             Route::Status | Route::Subscribe(_) => "GET",
             Route::Users => "GET, POST",
-            Route::User(_) => "GET, DELETE",
+            Route::User(_) => "GET, PATCH, DELETE",
             Route::UserLimit(_) => "PUT",
             Route::UserReset(_) => "POST",
         }
@@ -84,6 +90,7 @@ fn dispatch(ctx: &ApiContext, request: &Request) -> Result<Response, ApiError> {
         (Route::Users, "GET") => Ok(list_users(ctx)),
         (Route::Users, "POST") => create_user(ctx, &request.body),
         (Route::User(k), "GET") => get_user(ctx, k),
+        (Route::User(k), "PATCH") => patch_user(ctx, k, &request.body),
         (Route::User(k), "DELETE") => delete_user(ctx, k),
         (Route::UserLimit(k), "PUT") => set_limit(ctx, k, &request.body),
         (Route::UserReset(k), "POST") => reset_user(ctx, k),
@@ -112,6 +119,12 @@ pub struct UserView {
     pub online_sessions: u32,
     pub last_seen: Option<u64>,
     pub created_at: u64,
+    pub expire_at: Option<u64>,
+    pub enabled: bool,
+    pub reset_strategy: &'static str,
+    pub last_reset_at: Option<u64>,
+    pub next_reset_at: Option<u64>,
+    pub note: Option<String>,
 }
 
 impl UserView {
@@ -127,6 +140,12 @@ impl UserView {
             online_sessions: u.online_sessions,
             last_seen: u.last_seen,
             created_at: u.created_at,
+            expire_at: u.settings.expire_at,
+            enabled: u.settings.enabled,
+            reset_strategy: u.settings.reset_strategy.as_str(),
+            last_reset_at: u.last_reset_at,
+            next_reset_at: u.next_reset_at(),
+            note: u.settings.note.clone(),
         }
     }
 }
@@ -241,6 +260,124 @@ fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// A text field (`name`, `note`): a string of at most `max` characters without control
+/// characters, or null.
+fn text_value(field: &str, v: &Value, max: usize) -> Result<Option<String>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.chars().count() <= max && !s.chars().any(char::is_control) => {
+            Ok(Some(s.clone()))
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "{field} must be a string of at most {max} characters without control characters (or null)"
+        ))),
+    }
+}
+
+/// `expire_at`: unix seconds (a whole number ≤ [`MAX_EXPIRE_AT`]) or null.
+fn expire_value(v: &Value) -> Result<Option<u64>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_u64() {
+            Some(t) if t <= MAX_EXPIRE_AT => Ok(Some(t)),
+            Some(_) => Err(ApiError::bad_request(format!(
+                "expire_at must be unix time in seconds (at most {MAX_EXPIRE_AT}); {n} looks like milliseconds"
+            ))),
+            None => Err(ApiError::bad_request(format!(
+                "expire_at must be a whole number of unix seconds ≥ 0 (or null), not {n}"
+            ))),
+        },
+        _ => Err(ApiError::bad_request(
+            "expire_at must be a whole number of unix seconds (or null for never)",
+        )),
+    }
+}
+
+fn enabled_value(v: &Value) -> Result<bool, ApiError> {
+    v.as_bool()
+        .ok_or_else(|| ApiError::bad_request("enabled must be true or false"))
+}
+
+fn strategy_value(v: &Value) -> Result<ResetStrategy, ApiError> {
+    v.as_str().and_then(ResetStrategy::parse).ok_or_else(|| {
+        let names: Vec<&str> = ResetStrategy::ALL.iter().map(|s| s.as_str()).collect();
+        ApiError::bad_request(format!(
+            "reset_strategy must be one of \"{}\"",
+            names.join("\", \"")
+        ))
+    })
+}
+
+/// The settings a create request gives (defaults for the fields it leaves out).
+fn settings_value(map: &Map<String, Value>) -> Result<Settings, ApiError> {
+    let mut settings = Settings::default();
+    if let Some(v) = map.get("expire_at") {
+        settings.expire_at = expire_value(v)?;
+    }
+    if let Some(v) = map.get("enabled") {
+        settings.enabled = enabled_value(v)?;
+    }
+    if let Some(v) = map.get("reset_strategy") {
+        settings.reset_strategy = strategy_value(v)?;
+    }
+    if let Some(v) = map.get("note") {
+        settings.note = text_value("note", v, MAX_NOTE_CHARS)?;
+    }
+    Ok(settings)
+}
+
+/// The fields a `PATCH` may set.
+const PATCH_FIELDS: [&str; 6] = [
+    "name",
+    "note",
+    "limit_bytes",
+    "expire_at",
+    "enabled",
+    "reset_strategy",
+];
+
+/// A `PATCH` body: every field present is validated; at least one must be given.
+fn patch_value(map: &Map<String, Value>) -> Result<Patch, ApiError> {
+    reject_unknown_fields(map, &PATCH_FIELDS)?;
+    let mut patch = Patch::default();
+    for (field, v) in map {
+        match field.as_str() {
+            "name" => patch.name = Some(text_value("name", v, MAX_NAME_CHARS)?),
+            "note" => patch.note = Some(text_value("note", v, MAX_NOTE_CHARS)?),
+            "limit_bytes" => patch.limit_bytes = Some(limit_value(v)?),
+            "expire_at" => patch.expire_at = Some(expire_value(v)?),
+            "enabled" => patch.enabled = Some(enabled_value(v)?),
+            _ => patch.reset_strategy = Some(strategy_value(v)?),
+        }
+    }
+    if patch.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "the body names no field to change; fields: {}",
+            PATCH_FIELDS.join(", ")
+        )));
+    }
+    Ok(patch)
+}
+
+fn patch_user(ctx: &ApiContext, key: &str, body: &[u8]) -> Result<Response, ApiError> {
+    let key = path_key(key)?;
+    let map = json_object(body, false)?.unwrap_or_default();
+    let patch = patch_value(&map)?;
+    let fields: Vec<&str> = map.keys().map(String::as_str).collect();
+    let change = Change::Update {
+        key: key.into(),
+        patch,
+        at: now_unix(),
+    };
+    let applied = commit(ctx, change)?;
+    log::info!(
+        "api: updated user {} ({})",
+        keys::mask(key),
+        fields.join(", ")
+    );
+    changed(ctx, applied)
+}
+
 /// Makes `change` durable and applies it; the caller answers (and tells the tunnel loop)
 /// only after this returns.
 fn commit(ctx: &ApiContext, change: Change) -> Result<Applied, ApiError> {
@@ -252,6 +389,7 @@ fn commit(ctx: &ApiContext, change: Change) -> Result<Applied, ApiError> {
             "this key is declared in config.json; remove it from config.json and reload the server (SIGHUP) to delete it",
         ),
         CommitError::Table(TableError::NotFound) => not_found_user(),
+        CommitError::Table(e @ TableError::ConfigName) => ApiError::conflict(e.to_string()),
         CommitError::Table(e @ TableError::Full) => ApiError::new(503, e.to_string()),
         CommitError::Persist(e) if e.is_storage_full() => {
             log::error!("api: {e}");
@@ -272,7 +410,18 @@ fn commit(ctx: &ApiContext, change: Change) -> Result<Applied, ApiError> {
 
 fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
     let map = json_object(body, true)?.unwrap_or_default();
-    reject_unknown_fields(&map, &["key", "limit_bytes", "name"])?;
+    reject_unknown_fields(
+        &map,
+        &[
+            "key",
+            "limit_bytes",
+            "name",
+            "expire_at",
+            "enabled",
+            "reset_strategy",
+            "note",
+        ],
+    )?;
     let custom_key = match map.get("key") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -287,17 +436,10 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
         Some(v) => limit_value(v)?,
     };
     let name = match map.get("name") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => {
-            if s.chars().count() > MAX_NAME_CHARS || s.chars().any(char::is_control) {
-                return Err(ApiError::bad_request(format!(
-                    "name must be at most {MAX_NAME_CHARS} characters without control characters"
-                )));
-            }
-            Some(s.clone())
-        }
-        Some(_) => return Err(ApiError::bad_request("name must be a string")),
+        None => None,
+        Some(v) => text_value("name", v, MAX_NAME_CHARS)?,
     };
+    let settings = settings_value(&map)?;
 
     let generated = custom_key.is_none();
     let mut attempts = 0;
@@ -311,6 +453,7 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
             name: name.clone(),
             limit_bytes,
             created_at: now_unix(),
+            settings: settings.clone(),
         };
         match commit(ctx, change) {
             Ok(applied) => break (applied, key),
@@ -331,6 +474,10 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
         created: bool,
         limit_bytes: Option<u64>,
         name: Option<String>,
+        expire_at: Option<u64>,
+        enabled: bool,
+        reset_strategy: &'static str,
+        note: Option<String>,
     }
     Ok(Response::json(
         200,
@@ -339,6 +486,10 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
             created: true,
             limit_bytes,
             name,
+            expire_at: settings.expire_at,
+            enabled: settings.enabled,
+            reset_strategy: settings.reset_strategy.as_str(),
+            note: settings.note,
         },
     ))
 }
@@ -385,7 +536,11 @@ fn set_limit(ctx: &ApiContext, key: &str, body: &[u8]) -> Result<Response, ApiEr
 
 fn reset_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
     let key = path_key(key)?;
-    let applied = commit(ctx, Change::Reset { key: key.into() })?;
+    let change = Change::Reset {
+        key: key.into(),
+        at: Some(now_unix()),
+    };
+    let applied = commit(ctx, change)?;
     log::info!("api: reset the counters of user {}", keys::mask(key));
     changed(ctx, applied)
 }

@@ -119,10 +119,15 @@ pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response
     if keys::validate_key(key).is_err() {
         return Err(unknown());
     }
-    let counters = lock_users(&ctx.users)
-        .get_by_key(key)
-        .map(|u| (u.bytes_up, u.bytes_down, u.limit_bytes));
-    let Some((up, down, limit)) = counters else {
+    let counters = lock_users(&ctx.users).get_by_key(key).map(|u| {
+        (
+            u.bytes_up,
+            u.bytes_down,
+            u.limit_bytes,
+            u.settings.expire_at,
+        )
+    });
+    let Some((up, down, limit, expire)) = counters else {
         return Err(unknown());
     };
     let host = ctx
@@ -157,8 +162,9 @@ pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response
     response.headers.push((
         "subscription-userinfo",
         format!(
-            "upload={up}; download={down}; total={}; expire=0",
-            limit.unwrap_or(0)
+            "upload={up}; download={down}; total={}; expire={}",
+            limit.unwrap_or(0),
+            expire.unwrap_or(0)
         ),
     ));
     response

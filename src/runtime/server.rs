@@ -53,6 +53,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     if let Some(api) = &api {
         control.send(ControlMsg::ApiBound(api.local_addr()));
     }
+    let reset_control = control.clone();
+    persister.on_reset(move |id| reset_control.send(ControlMsg::UserChanged(id)));
     persister.start_flusher(FLUSH_INTERVAL);
     announce(
         &cfg,

@@ -179,6 +179,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
             ticket: None,
             readable: false,
             last_rx: now,
+            refusal_logged: None,
         })
         .collect();
     let mut jitter_seed = [0u8; 8];
@@ -233,6 +234,9 @@ struct Slot {
     readable: bool,
     /// Last datagram from the server.
     last_rx: Instant,
+    /// The refusal reason last logged at error level since the slot was connected (a new
+    /// reason is reported even within an outage already reported).
+    refusal_logged: Option<RefuseReason>,
 }
 
 impl Slot {
@@ -353,7 +357,7 @@ fn socks_code(result: OpenResult) -> Socks5Reply {
 fn describe_close(reason: CloseReason) -> &'static str {
     match reason {
         CloseReason::LimitReached => {
-            "the server closed the session: this key's traffic limit is reached"
+            "the server closed the session: this key's traffic limit is reached or it expired"
         }
         CloseReason::UserDeleted => {
             "the server closed the session: this key was deleted or disabled"
@@ -370,10 +374,10 @@ fn describe_close(reason: CloseReason) -> &'static str {
 fn describe_refusal(reason: RefuseReason) -> &'static str {
     match reason {
         RefuseReason::QuotaExceeded => "this key's traffic limit is reached",
-        RefuseReason::Disabled => "this key is disabled",
+        RefuseReason::Disabled => "access key disabled",
         RefuseReason::SessionLimit => "this key already has the maximum number of sessions",
         RefuseReason::ServerFull => "the server is full",
-        RefuseReason::Expired => "this key has expired",
+        RefuseReason::Expired => "access key expired",
         RefuseReason::Other(_) => "no reason given",
     }
 }
@@ -844,6 +848,7 @@ impl ClientLoop {
 
     fn slot_connected(&mut self, now: Instant, i: usize) {
         self.slots[i].state = SlotState::Connected;
+        self.slots[i].refusal_logged = None;
         if self.supervisor.connected(i) {
             log::info!("tunnel session {i} connected to {}", self.options.server);
         } else {
@@ -864,8 +869,9 @@ impl ClientLoop {
             retry_after_secs,
         };
         let retry = self.slot_failed(now, i, failure);
-        // Repeated refusals (retries, requests) are logged once per outage.
-        let level = if retry.first_report {
+        // Repeated refusals (retries, requests) are logged once per outage and reason.
+        let new_reason = self.slots[i].refusal_logged.replace(reason) != Some(reason);
+        let level = if retry.first_report || new_reason {
             log::Level::Error
         } else {
             log::Level::Debug

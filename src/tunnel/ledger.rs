@@ -12,13 +12,22 @@
 //! change, the traffic it has not yet added happened before the reset and is dropped with it.
 //! Only bytes moved between the reset and the loop's next look at the table (the next control
 //! message or sync, normally well under a millisecond) can be taken for pre-reset traffic.
+//!
+//! Access comes before budget: a disabled user, or one past its `expire_at`, is [blocked]
+//! (handshakes refused with that reason, sessions closed at once) whatever its budget. The
+//! ledger keeps every user's expiry instant and reports the next one in
+//! [`Ledger::next_deadline`], so the loop acts on it without any API call.
+//!
+//! [blocked]: Block
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::DerefMut;
 use std::time::{Duration, Instant};
 
 use super::pipe::Moved;
-use crate::users::{Budget, UserId, UserTable};
+use crate::proto::RefuseReason;
+use crate::proto::transport::CloseReason;
+use crate::users::{Budget, User, UserId, UserTable};
 
 /// How often counters are added to the user table.
 pub const ACCOUNTING_INTERVAL: Duration = Duration::from_secs(1);
@@ -27,6 +36,68 @@ pub const ACCOUNTING_INTERVAL: Duration = Duration::from_secs(1);
 pub const LIMIT_DRAIN: Duration = Duration::from_secs(3);
 /// How often draining users are checked (the check walks their sessions).
 pub const DRAIN_CHECK: Duration = Duration::from_millis(50);
+/// Longest sleep before an expiry far away is looked at again (wall-clock changes).
+const EXPIRY_RECHECK: Duration = Duration::from_secs(60);
+
+/// Why a user may not use the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Its traffic limit is reached.
+    Quota,
+    /// Its `expire_at` has passed.
+    Expired,
+    /// It was disabled.
+    Disabled,
+}
+
+impl Block {
+    /// The reason its handshakes are refused with.
+    pub fn refuse_reason(self) -> RefuseReason {
+        match self {
+            Block::Quota => RefuseReason::QuotaExceeded,
+            Block::Expired => RefuseReason::Expired,
+            Block::Disabled => RefuseReason::Disabled,
+        }
+    }
+
+    /// The reason its sessions are closed with.
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            Block::Quota | Block::Expired => CloseReason::LimitReached,
+            Block::Disabled => CloseReason::UserDeleted,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Block::Quota => "traffic limit reached",
+            Block::Expired => "access expired",
+            Block::Disabled => "disabled",
+        }
+    }
+}
+
+/// What the ledger reads from the table about one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableView {
+    pub budget: Budget,
+    /// [`User::resets`].
+    pub resets: u32,
+    pub enabled: bool,
+    /// Unix seconds.
+    pub expire_at: Option<u64>,
+}
+
+impl TableView {
+    pub fn of(u: &User) -> TableView {
+        TableView {
+            budget: u.budget(),
+            resets: u.resets,
+            enabled: u.settings.enabled,
+            expire_at: u.settings.expire_at,
+        }
+    }
+}
 
 /// What the loop must do about a user's handshakes, streams and sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +107,9 @@ pub enum Verdict {
     /// The budget just ran out while moving bytes: refuse new handshakes and streams now; the
     /// sessions stay until what was charged is delivered ([`Ledger::finish_drains`]).
     Refuse,
-    /// The table says the budget is spent: refuse the user and close its sessions now.
-    Close,
+    /// Refuse the user and close its sessions now: the table says the budget is spent, or
+    /// the user is disabled or expired.
+    Close(Block),
 }
 
 /// Where a user stands with respect to its limit.
@@ -48,8 +120,8 @@ enum Standing {
     Draining {
         until: Instant,
     },
-    /// Limit reached; sessions closed (or being closed).
-    Closed,
+    /// Limit reached, expired or disabled; sessions closed (or being closed).
+    Blocked(Block),
 }
 
 /// One user's account.
@@ -64,6 +136,9 @@ struct UserLedger {
     /// Payload the user received (destination → stream) not yet added to the table.
     pending_down: u64,
     standing: Standing,
+    enabled: bool,
+    /// Unix seconds.
+    expire_at: Option<u64>,
 }
 
 impl UserLedger {
@@ -75,6 +150,20 @@ impl UserLedger {
 
     fn has_pending(&self) -> bool {
         self.pending_up != 0 || self.pending_down != 0
+    }
+
+    /// Whether access itself is blocked at `unix_ms` (before any budget question).
+    fn access_block(&self, unix_ms: u64) -> Option<Block> {
+        if !self.enabled {
+            Some(Block::Disabled)
+        } else if self
+            .expire_at
+            .is_some_and(|e| e.saturating_mul(1000) <= unix_ms)
+        {
+            Some(Block::Expired)
+        } else {
+            None
+        }
     }
 
     /// Reads the table's view of the user. A changed reset count means the traffic not yet in
@@ -97,6 +186,8 @@ impl UserLedger {
 #[derive(Debug)]
 pub struct Ledger {
     users: HashMap<UserId, UserLedger>,
+    /// `(expire_at, user)` of every user with an expiry not yet acted on.
+    expiries: BTreeSet<(u64, UserId)>,
     /// Users in [`Standing::Draining`] (so that idle loops skip the drain check).
     draining: usize,
     next_sync: Instant,
@@ -107,25 +198,38 @@ impl Ledger {
     pub fn new(now: Instant) -> Ledger {
         Ledger {
             users: HashMap::new(),
+            expiries: BTreeSet::new(),
             draining: 0,
             next_sync: now + ACCOUNTING_INTERVAL,
             next_drain_check: now,
         }
     }
 
-    /// Takes the table's `budget` and reset count for `user` (new users are added). Returns what
-    /// changed for the user's sessions: a user whose budget is spent is closed at once unless it
-    /// is already limited (a drain in progress goes on); a limited user with budget is readmitted.
-    pub fn apply_table(&mut self, user: UserId, budget: Budget, resets: u32) -> Option<Verdict> {
+    /// Takes the table's view of `user` (new users are added) at wall-clock time `unix_ms`.
+    /// Returns what changed for the user's sessions: a disabled or expired user is closed at
+    /// once; a user whose budget is spent is closed at once unless it is already limited (a
+    /// drain in progress goes on); a blocked user with access and budget is readmitted.
+    pub fn apply_table(&mut self, user: UserId, view: TableView, unix_ms: u64) -> Option<Verdict> {
         let entry = self.users.entry(user).or_insert(UserLedger {
             table_budget: None,
-            resets,
+            resets: view.resets,
             pending_up: 0,
             pending_down: 0,
             standing: Standing::Admitted,
+            enabled: true,
+            expire_at: None,
         });
-        entry.read_table(budget, resets);
-        self.judge(user)
+        entry.read_table(view.budget, view.resets);
+        entry.enabled = view.enabled;
+        if let Some(old) = std::mem::replace(&mut entry.expire_at, view.expire_at) {
+            self.expiries.remove(&(old, user));
+        }
+        if let Some(at) = view.expire_at
+            && at.saturating_mul(1000) > unix_ms
+        {
+            self.expiries.insert((at, user));
+        }
+        self.judge(user, unix_ms)
     }
 
     /// Forgets a user (deleted): its unsynced traffic goes with it.
@@ -133,6 +237,9 @@ impl Ledger {
         if let Some(e) = self.users.remove(&user) {
             if matches!(e.standing, Standing::Draining { .. }) {
                 self.draining -= 1;
+            }
+            if let Some(at) = e.expire_at {
+                self.expiries.remove(&(at, user));
             }
         }
     }
@@ -144,11 +251,38 @@ impl Ledger {
             .is_some_and(|e| e.standing == Standing::Admitted && e.effective_budget() != Some(0))
     }
 
-    /// The bytes `user` may still move (`u64::MAX` when unlimited, 0 for unknown users).
+    /// Why `user`'s handshakes are refused (`None`: admitted).
+    pub fn refusal(&self, user: UserId) -> Option<RefuseReason> {
+        match self.users.get(&user).map(|e| e.standing) {
+            Some(Standing::Blocked(b)) => Some(b.refuse_reason()),
+            _ if self.admits(user) => None,
+            _ => Some(RefuseReason::QuotaExceeded),
+        }
+    }
+
+    /// The bytes `user` may still move (`u64::MAX` when unlimited, 0 for unknown or blocked
+    /// users).
     pub fn allowance(&self, user: UserId) -> u64 {
-        self.users
-            .get(&user)
-            .map_or(0, |e| e.effective_budget().unwrap_or(u64::MAX))
+        self.users.get(&user).map_or(0, |e| match e.standing {
+            Standing::Blocked(Block::Expired | Block::Disabled) => 0,
+            _ => e.effective_budget().unwrap_or(u64::MAX),
+        })
+    }
+
+    /// The users whose `expire_at` has come at `unix_ms`, with their verdicts (each expiry is
+    /// acted on once; extending it through the table re-arms it).
+    pub fn expire_due(&mut self, unix_ms: u64) -> Vec<(UserId, Verdict)> {
+        let mut verdicts = Vec::new();
+        while let Some(&(at, user)) = self.expiries.first() {
+            if at.saturating_mul(1000) > unix_ms {
+                break;
+            }
+            self.expiries.pop_first();
+            if let Some(v) = self.judge(user, unix_ms) {
+                verdicts.push((user, v));
+            }
+        }
+        verdicts
     }
 
     /// Whether a datagram of `len` bytes fits in `user`'s budget (datagrams are never cut).
@@ -195,7 +329,7 @@ impl Ledger {
                 continue;
             };
             if now >= until || delivered(user) {
-                e.standing = Standing::Closed;
+                e.standing = Standing::Blocked(Block::Quota);
                 done.push(user);
             } else {
                 next = next.min(until);
@@ -217,7 +351,7 @@ impl Ledger {
     pub fn sync<T: DerefMut<Target = UserTable>>(
         &mut self,
         now: Instant,
-        now_unix: u64,
+        unix_ms: u64,
         lock: impl FnOnce() -> T,
     ) -> Vec<(UserId, Verdict)> {
         self.next_sync = now + ACCOUNTING_INTERVAL;
@@ -236,7 +370,7 @@ impl Ledger {
                 if resets == e.resets {
                     table.add_traffic(user, e.pending_up, e.pending_down);
                 }
-                table.touch(user, now_unix);
+                table.touch(user, unix_ms / 1000);
                 e.pending_up = 0;
                 e.pending_down = 0;
                 e.read_table(table.budget(user), resets);
@@ -244,38 +378,50 @@ impl Ledger {
             }
         }
         for user in synced {
-            if let Some(v) = self.judge(user) {
+            if let Some(v) = self.judge(user, unix_ms) {
                 verdicts.push((user, v));
             }
         }
         verdicts
     }
 
-    /// When the ledger next needs the loop: the periodic sync, or the next drain check.
-    pub fn next_deadline(&self) -> Instant {
-        if self.draining == 0 {
+    /// When the ledger next needs the loop (`now` is wall-clock time `unix_ms`): the periodic
+    /// sync, the next drain check, or the next expiry.
+    pub fn next_deadline(&self, now: Instant, unix_ms: u64) -> Instant {
+        let mut at = if self.draining == 0 {
             self.next_sync
         } else {
             self.next_sync.min(self.next_drain_check)
+        };
+        if let Some(&(expire, _)) = self.expiries.first() {
+            let left = Duration::from_millis(expire.saturating_mul(1000).saturating_sub(unix_ms));
+            at = at.min(now + left.min(EXPIRY_RECHECK));
         }
+        at
     }
 
-    /// Moves `user` to the standing its budget calls for.
-    fn judge(&mut self, user: UserId) -> Option<Verdict> {
+    /// Moves `user` to the standing its access and budget call for.
+    fn judge(&mut self, user: UserId, unix_ms: u64) -> Option<Verdict> {
         let e = self.users.get_mut(&user)?;
         let spent = e.effective_budget() == Some(0);
         let was_draining = matches!(e.standing, Standing::Draining { .. });
-        let verdict = match (spent, e.standing) {
-            (false, Standing::Admitted) | (true, Standing::Draining { .. } | Standing::Closed) => {
+        let verdict = match (e.access_block(unix_ms), spent, e.standing) {
+            (Some(b), _, Standing::Blocked(now)) if now == b => return None,
+            (Some(b), _, _) => {
+                e.standing = Standing::Blocked(b);
+                Verdict::Close(b)
+            }
+            (None, false, Standing::Admitted)
+            | (None, true, Standing::Draining { .. } | Standing::Blocked(Block::Quota)) => {
                 return None;
             }
-            (false, _) => {
+            (None, false, _) => {
                 e.standing = Standing::Admitted;
                 Verdict::Readmit
             }
-            (true, Standing::Admitted) => {
-                e.standing = Standing::Closed;
-                Verdict::Close
+            (None, true, _) => {
+                e.standing = Standing::Blocked(Block::Quota);
+                Verdict::Close(Block::Quota)
             }
         };
         if was_draining {
@@ -291,6 +437,8 @@ mod tests {
 
     const KEY: &str = "ledger-test-key-0123456789";
     const MS: Duration = Duration::from_millis(1);
+    /// The wall clock of most tests (unix milliseconds).
+    const UNIX_MS: u64 = 1_700_000_000_000;
 
     fn down(n: u64) -> Moved {
         Moved {
@@ -319,11 +467,11 @@ mod tests {
 
     /// What the loop does on `UserAdded`/`UserChanged` (and at start).
     fn read(ledger: &mut Ledger, table: &UserTable, id: UserId) -> Option<Verdict> {
-        ledger.apply_table(id, table.budget(id), table.resets(id).unwrap())
+        ledger.apply_table(id, TableView::of(table.get(id).unwrap()), UNIX_MS)
     }
 
     fn sync(ledger: &mut Ledger, now: Instant, table: &mut UserTable) -> Vec<(UserId, Verdict)> {
-        ledger.sync(now, 7, || table)
+        ledger.sync(now, 7000, || table)
     }
 
     fn counted(table: &UserTable, id: UserId) -> (u64, u64) {
@@ -375,9 +523,15 @@ mod tests {
     fn drain_closes_the_sessions_once_the_paid_data_is_delivered() {
         let (t0, _, id, mut ledger) = setup(Some(1000));
         assert_eq!(ledger.charge(t0, id, down(1000)), Some(Verdict::Refuse));
-        assert!(ledger.next_deadline() <= t0, "checked at once");
+        assert!(
+            ledger.next_deadline(Instant::now(), UNIX_MS) <= t0,
+            "checked at once"
+        );
         assert_eq!(ledger.finish_drains(t0, |_| false), []);
-        assert_eq!(ledger.next_deadline(), t0 + DRAIN_CHECK);
+        assert_eq!(
+            ledger.next_deadline(Instant::now(), UNIX_MS),
+            t0 + DRAIN_CHECK
+        );
         assert_eq!(
             ledger.finish_drains(t0 + 10 * MS, |_| panic!("checked too often")),
             []
@@ -388,7 +542,10 @@ mod tests {
             true
         });
         assert_eq!((asked, done), (vec![id], vec![id]));
-        assert_eq!(ledger.next_deadline(), t0 + ACCOUNTING_INTERVAL);
+        assert_eq!(
+            ledger.next_deadline(Instant::now(), UNIX_MS),
+            t0 + ACCOUNTING_INTERVAL
+        );
         assert_eq!(ledger.finish_drains(t0 + LIMIT_DRAIN, |_| true), []);
         assert!(!ledger.admits(id), "still refused after the close");
     }
@@ -403,7 +560,7 @@ mod tests {
                 assert_eq!(sync(&mut ledger, now, &mut table), []);
             }
             assert_eq!(ledger.finish_drains(now, |_| false), []);
-            let next = ledger.next_deadline();
+            let next = ledger.next_deadline(Instant::now(), UNIX_MS);
             assert!(next > now && next <= t0 + LIMIT_DRAIN, "armed, never late");
             now = next;
         }
@@ -419,7 +576,7 @@ mod tests {
         assert_eq!(sync(&mut ledger, t1, &mut table), [], "the drain goes on");
         assert_eq!(counted(&table, id), (0, 1000));
         assert_eq!(ledger.finish_drains(t1, |_| true), [id]);
-        table.reset(KEY).unwrap();
+        table.reset(KEY, None).unwrap();
         assert_eq!(read(&mut ledger, &table, id), Some(Verdict::Readmit));
         assert!(ledger.admits(id));
         assert_eq!(ledger.allowance(id), 1000);
@@ -429,7 +586,7 @@ mod tests {
     fn traffic_not_yet_synced_at_a_reset_counts_before_it() {
         let (t0, mut table, id, mut ledger) = setup(Some(1000));
         ledger.charge(t0, id, down(300));
-        table.reset(KEY).unwrap(); // the API thread
+        table.reset(KEY, None).unwrap(); // the API thread
         assert_eq!(read(&mut ledger, &table, id), None);
         assert_eq!(ledger.allowance(id), 1000, "a fresh start after the reset");
         sync(&mut ledger, t0 + ACCOUNTING_INTERVAL, &mut table);
@@ -440,7 +597,7 @@ mod tests {
     fn a_sync_between_a_reset_and_its_message_drops_the_pre_reset_traffic() {
         let (t0, mut table, id, mut ledger) = setup(Some(1000));
         ledger.charge(t0, id, down(300));
-        table.reset(KEY).unwrap();
+        table.reset(KEY, None).unwrap();
         sync(&mut ledger, t0 + ACCOUNTING_INTERVAL, &mut table);
         assert_eq!(counted(&table, id), (0, 0));
         assert_eq!(ledger.allowance(id), 1000);
@@ -494,7 +651,7 @@ mod tests {
         assert_eq!(read(&mut ledger, &table, id), Some(Verdict::Readmit));
         assert_eq!(ledger.allowance(id), 2000);
         assert_eq!(
-            ledger.next_deadline(),
+            ledger.next_deadline(Instant::now(), UNIX_MS),
             t0 + ACCOUNTING_INTERVAL,
             "no drain left"
         );
@@ -508,13 +665,19 @@ mod tests {
         let (t0, mut table, id, mut ledger) = setup(Some(1000));
         ledger.charge(t0, id, down(200));
         table.set_limit(KEY, Some(150)).unwrap();
-        assert_eq!(read(&mut ledger, &table, id), Some(Verdict::Close));
+        assert_eq!(
+            read(&mut ledger, &table, id),
+            Some(Verdict::Close(Block::Quota))
+        );
         assert!(!ledger.admits(id));
         assert_eq!(read(&mut ledger, &table, id), None, "said once");
         // A new user whose budget is already spent is closed from the start.
         let other = table.create("ledger-test-key-other-0123".into(), None, Some(0), 0);
         let other = other.unwrap();
-        assert_eq!(read(&mut ledger, &table, other), Some(Verdict::Close));
+        assert_eq!(
+            read(&mut ledger, &table, other),
+            Some(Verdict::Close(Block::Quota))
+        );
     }
 
     #[test]
@@ -527,7 +690,7 @@ mod tests {
         assert_eq!(ledger.allowance(id), 0);
         assert_eq!(ledger.charge(t0, id, down(5)), None);
         assert_eq!(
-            ledger.next_deadline(),
+            ledger.next_deadline(Instant::now(), UNIX_MS),
             t0 + ACCOUNTING_INTERVAL,
             "no drain left"
         );
@@ -541,7 +704,7 @@ mod tests {
         assert!(!ledger.sync_due(t0 + ACCOUNTING_INTERVAL - MS));
         assert!(ledger.sync_due(t0 + ACCOUNTING_INTERVAL));
         let t1 = t0 + ACCOUNTING_INTERVAL;
-        let none: Vec<(UserId, Verdict)> = ledger.sync(t1, 7, || -> &mut UserTable {
+        let none: Vec<(UserId, Verdict)> = ledger.sync(t1, 7000, || -> &mut UserTable {
             panic!("locked without traffic")
         });
         assert_eq!(none, []);
@@ -563,12 +726,146 @@ mod tests {
         table.set_limit(KEY, Some(50)).unwrap(); // its message is still on the way
         assert_eq!(
             sync(&mut ledger, t0, &mut table),
-            [(id, Verdict::Close)],
+            [(id, Verdict::Close(Block::Quota))],
             "the limit was lowered below the usage"
         );
         table.set_limit(KEY, Some(500)).unwrap();
         ledger.charge(t0, id, down(1));
         assert_eq!(sync(&mut ledger, t0, &mut table), [(id, Verdict::Readmit)]);
         assert_eq!(ledger.allowance(id), 399);
+    }
+
+    fn view(table: &UserTable, id: UserId) -> TableView {
+        TableView::of(table.get(id).unwrap())
+    }
+
+    #[test]
+    fn an_expiry_closes_at_its_instant_and_extending_it_readmits() {
+        let (t0, mut table, id, mut ledger) = setup(None);
+        let expire = UNIX_MS / 1000 + 10;
+        let patch = |e: u64| crate::users::Patch {
+            expire_at: Some(Some(e)),
+            ..Default::default()
+        };
+        table.update(KEY, &patch(expire), 0).unwrap();
+        assert_eq!(ledger.apply_table(id, view(&table, id), UNIX_MS), None);
+        assert!(ledger.admits(id) && ledger.refusal(id).is_none());
+        // The loop is woken at the expiry instant itself, without any API call.
+        assert_eq!(
+            ledger.next_deadline(t0, UNIX_MS + 9_500),
+            t0 + Duration::from_millis(500)
+        );
+        assert_eq!(ledger.expire_due(expire * 1000 - 1), []);
+        assert_eq!(
+            ledger.expire_due(expire * 1000),
+            [(id, Verdict::Close(Block::Expired))]
+        );
+        assert_eq!(ledger.refusal(id), Some(RefuseReason::Expired));
+        assert!(!ledger.admits(id));
+        assert_eq!(
+            ledger.allowance(id),
+            0,
+            "an unlimited user moves nothing once expired"
+        );
+        assert_eq!(ledger.expire_due(expire * 1000 + 5000), [], "said once");
+        assert_eq!(
+            ledger.next_deadline(t0, expire * 1000),
+            t0 + ACCOUNTING_INTERVAL,
+            "no expiry left to wait for"
+        );
+        // A sync or an unrelated re-read keeps it expired.
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), expire * 1000),
+            None
+        );
+        // Extending it lets the user back in.
+        table.update(KEY, &patch(expire + 3600), 0).unwrap();
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), expire * 1000 + 1),
+            Some(Verdict::Readmit)
+        );
+        assert!(ledger.admits(id) && ledger.refusal(id).is_none());
+        assert_eq!(ledger.allowance(id), u64::MAX);
+        // An expiry already in the past when read closes at once.
+        table.update(KEY, &patch(expire - 1), 0).unwrap();
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), expire * 1000),
+            Some(Verdict::Close(Block::Expired))
+        );
+    }
+
+    #[test]
+    fn disabling_closes_at_once_and_enabling_restores_the_budget_standing() {
+        let (t0, mut table, id, mut ledger) = setup(Some(1000));
+        let enabled = |on: bool| crate::users::Patch {
+            enabled: Some(on),
+            ..Default::default()
+        };
+        table.update(KEY, &enabled(false), 0).unwrap();
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), UNIX_MS),
+            Some(Verdict::Close(Block::Disabled))
+        );
+        assert_eq!(ledger.refusal(id), Some(RefuseReason::Disabled));
+        assert_eq!(ledger.allowance(id), 0);
+        assert_eq!(Block::Disabled.close_reason(), CloseReason::UserDeleted);
+        // Disabled wins over an expiry that comes meanwhile.
+        table
+            .update(
+                KEY,
+                &crate::users::Patch {
+                    expire_at: Some(Some(UNIX_MS / 1000 + 1)),
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(ledger.apply_table(id, view(&table, id), UNIX_MS), None);
+        assert_eq!(ledger.expire_due(UNIX_MS + 2000), []);
+        assert_eq!(ledger.refusal(id), Some(RefuseReason::Disabled));
+        // Enabled again, but expired by now: refused as expired.
+        table.update(KEY, &enabled(true), 0).unwrap();
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), UNIX_MS + 2000),
+            Some(Verdict::Close(Block::Expired))
+        );
+        // Expiry removed, but the budget was spent while blocked: refused for the quota.
+        table
+            .update(
+                KEY,
+                &crate::users::Patch {
+                    expire_at: Some(None),
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        table.add_traffic(id, 0, 1000);
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), UNIX_MS + 2000),
+            Some(Verdict::Close(Block::Quota))
+        );
+        assert_eq!(ledger.refusal(id), Some(RefuseReason::QuotaExceeded));
+        table.reset(KEY, None).unwrap();
+        assert_eq!(
+            ledger.apply_table(id, view(&table, id), UNIX_MS + 2000),
+            Some(Verdict::Readmit)
+        );
+        assert!(ledger.admits(id));
+        let _ = t0;
+    }
+
+    #[test]
+    fn a_deleted_users_expiry_is_forgotten() {
+        let (t0, mut table, id, mut ledger) = setup(None);
+        let patch = crate::users::Patch {
+            expire_at: Some(Some(UNIX_MS / 1000 + 1)),
+            ..Default::default()
+        };
+        table.update(KEY, &patch, 0).unwrap();
+        ledger.apply_table(id, view(&table, id), UNIX_MS);
+        ledger.remove(id);
+        assert_eq!(ledger.next_deadline(t0, UNIX_MS), t0 + ACCOUNTING_INTERVAL);
+        assert_eq!(ledger.expire_due(UNIX_MS + 5000), []);
     }
 }

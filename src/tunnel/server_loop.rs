@@ -35,7 +35,7 @@ use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
 use super::driver::udp::{SendOutcome, UdpSockets};
 use super::hello_record::{self, HelloRecordFile};
-use super::ledger::{Ledger, Verdict};
+use super::ledger::{Ledger, TableView, Verdict};
 use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd};
 use super::quotas::{Limits, Quotas};
 use super::resolver::{Lookup, Resolved, Resolver};
@@ -51,7 +51,7 @@ use crate::proto::transport::{
 use crate::proto::{
     EndpointConfig, EndpointEvent, RefuseReason, ServerEndpoint, SessionId, SocketIndex, UserState,
 };
-use crate::users::{Budget, SharedUsers, UserId};
+use crate::users::{SharedUsers, UserId, now_unix_ms};
 
 /// Outbound connect timeout (resolution included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -348,47 +348,38 @@ fn open_result_for_io(e: &io::Error) -> OpenResult {
 impl ServerLoop {
     /// Registers every user of the table with the endpoint and the ledger (at start).
     fn load_users(&mut self) {
-        let entries: Vec<(UserId, String, Budget, u32)> = {
+        let entries: Vec<(UserId, String, TableView)> = {
             let table = crate::users::persist::lock_users(&self.users);
             table
-                .all_keys()
+                .list()
                 .into_iter()
-                .map(|(id, key)| {
-                    let resets = table.resets(id).unwrap_or(0);
-                    (id, key, table.budget(id), resets)
-                })
+                .map(|u| (u.id, u.key.clone(), TableView::of(u)))
                 .collect()
         };
         let now = Instant::now();
-        for (id, key, budget, resets) in entries {
-            self.apply_user(now, id, &key, budget, resets);
+        for (id, key, view) in entries {
+            self.apply_user(now, id, &key, view);
         }
     }
 
-    /// Re-reads one user from the table (added, limit changed, counters reset, or reloaded).
+    /// Re-reads one user from the table (added, limit or settings changed, counters reset, or
+    /// reloaded).
     fn refresh_user(&mut self, now: Instant, id: UserId) {
         let entry = {
             let table = crate::users::persist::lock_users(&self.users);
-            table.key_of(id).map(|k| {
-                (
-                    k.to_string(),
-                    table.budget(id),
-                    table.resets(id).unwrap_or(0),
-                )
-            })
+            table.get(id).map(|u| (u.key.clone(), TableView::of(u)))
         };
         match entry {
-            Some((key, budget, resets)) => self.apply_user(now, id, &key, budget, resets),
+            Some((key, view)) => self.apply_user(now, id, &key, view),
             None => self.remove_user(now, id),
         }
     }
 
-    fn apply_user(&mut self, now: Instant, id: UserId, key: &str, budget: Budget, resets: u32) {
-        let verdict = self.ledger.apply_table(id, budget, resets);
-        let state = if self.ledger.admits(id) {
-            UserState::Active
-        } else {
-            UserState::Refused(RefuseReason::QuotaExceeded)
+    fn apply_user(&mut self, now: Instant, id: UserId, key: &str, view: TableView) {
+        let verdict = self.ledger.apply_table(id, view, now_unix_ms());
+        let state = match self.ledger.refusal(id) {
+            None => UserState::Active,
+            Some(reason) => UserState::Refused(reason),
         };
         if let Err(e) = self.endpoint.set_user(id, key, state) {
             log::warn!(
@@ -427,17 +418,14 @@ impl ServerLoop {
                 self.sync_accounting(now);
                 self.close_drained(now);
             }
-            Verdict::Close => {
+            Verdict::Close(block) => {
                 log::info!(
-                    "user {}: traffic limit reached; closing its sessions",
-                    user.0
+                    "user {}: {}; closing its sessions",
+                    user.0,
+                    block.describe()
                 );
-                self.endpoint.refuse_user(
-                    now,
-                    user,
-                    RefuseReason::QuotaExceeded,
-                    CloseReason::LimitReached,
-                );
+                self.endpoint
+                    .refuse_user(now, user, block.refuse_reason(), block.close_reason());
             }
         }
     }
@@ -486,6 +474,9 @@ impl ServerLoop {
             if self.ledger.sync_due(now) {
                 self.sync_accounting(now);
             }
+            for (user, v) in self.ledger.expire_due(now_unix_ms()) {
+                self.carry_out(now, user, v);
+            }
             if let Some(record) = &mut self.hello_record {
                 record.tick(now, &self.endpoint);
             }
@@ -520,7 +511,7 @@ impl ServerLoop {
         if self.udp.any_readable() || self.relays.any_readable() {
             return Some(now);
         }
-        let mut at = self.ledger.next_deadline();
+        let mut at = self.ledger.next_deadline(now, now_unix_ms());
         if let Some(t) = self.endpoint.poll_timeout() {
             at = at.min(t);
         }
@@ -1186,9 +1177,9 @@ impl ServerLoop {
     /// Adds the ledger's unsynced traffic to the table and carries out what changed.
     fn sync_accounting(&mut self, now: Instant) {
         let users = &self.users;
-        let verdicts = self
-            .ledger
-            .sync(now, unix_now(), || crate::users::persist::lock_users(users));
+        let verdicts = self.ledger.sync(now, now_unix_ms(), || {
+            crate::users::persist::lock_users(users)
+        });
         for (user, v) in verdicts {
             self.carry_out(now, user, v);
         }

@@ -227,6 +227,7 @@ mod tests {
             name: None,
             limit_bytes: Some(5),
             created_at: 1,
+            settings: Default::default(),
         }
     }
 
@@ -266,7 +267,16 @@ mod tests {
     fn a_torn_last_record_is_ignored_at_every_cut() {
         let full = journal(
             0,
-            &[&[create(A)], &[create(B), Change::Reset { key: A.into() }]],
+            &[
+                &[create(A)],
+                &[
+                    create(B),
+                    Change::Reset {
+                        key: A.into(),
+                        at: None,
+                    },
+                ],
+            ],
         );
         let first_batch_end = journal(0, &[&[create(A)]]).len();
         for cut in first_batch_end..full.len() {

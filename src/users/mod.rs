@@ -14,6 +14,7 @@
 
 pub mod journal;
 pub mod persist;
+pub mod schedule;
 pub mod state_file;
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AccessKeyEntry, ServerConfig};
 
 pub use persist::{Applied, CommitError, PersistError, Persister};
+pub use schedule::ResetStrategy;
 
 /// The table as shared between API workers and the tunnel loop.
 pub type SharedUsers = Arc<Mutex<UserTable>>;
@@ -79,9 +81,146 @@ pub struct User {
     /// For config users: the `limit_bytes` config.json declared when it was last applied
     /// (`Some(None)` = declared no limit). `None` for API users.
     pub config_limit: Option<Option<u64>>,
+    /// Access and reset settings (set through the API, kept across reloads).
+    pub settings: Settings,
+    /// Unix seconds of the last counter reset (through the API or periodic), if any.
+    pub last_reset_at: Option<u64>,
+    /// Periodic resets fall on the boundaries after this instant (unix seconds): the creation,
+    /// the last reset, or the last change of the reset strategy.
+    pub reset_anchor: u64,
+}
+
+/// Longest accepted note (characters).
+pub const MAX_NOTE_CHARS: usize = 256;
+
+/// A user's access and reset settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Unix seconds from which handshakes are refused as expired (`None` = never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<u64>,
+    /// `false`: handshakes are refused as disabled; key, counters and settings stay.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "ResetStrategy::is_none")]
+    pub reset_strategy: ResetStrategy,
+    /// Free text for the operator (at most [`MAX_NOTE_CHARS`] characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            expire_at: None,
+            enabled: true,
+            reset_strategy: ResetStrategy::None,
+            note: None,
+        }
+    }
+}
+
+impl Settings {
+    fn is_default(&self) -> bool {
+        *self == Settings::default()
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// Deserialises a present field (even `null`) as `Some`, so that an absent field (`None`, by
+/// `#[serde(default)]`) and an explicit `null` (`Some(None)`) are told apart.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A partial update of a user (`PATCH /api/users/{key}`): only the fields present change;
+/// `Some(None)` clears a nullable field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patch {
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub name: Option<Option<String>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub note: Option<Option<String>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub limit_bytes: Option<Option<u64>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub expire_at: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_strategy: Option<ResetStrategy>,
+}
+
+impl Patch {
+    pub fn is_empty(&self) -> bool {
+        *self == Patch::default()
+    }
 }
 
 impl User {
+    /// A user with zero counters and default settings.
+    fn new(id: UserId, key: String, source: Source, created_at: u64) -> User {
+        User {
+            id,
+            key,
+            name: None,
+            limit_bytes: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            connections: 0,
+            created_at,
+            online_sessions: 0,
+            resets: 0,
+            last_seen: None,
+            source,
+            config_limit: None,
+            settings: Settings::default(),
+            last_reset_at: None,
+            reset_anchor: created_at,
+        }
+    }
+
+    /// Whether the user is past its `expire_at` at `now_unix`.
+    pub fn expired(&self, now_unix: u64) -> bool {
+        self.settings.expire_at.is_some_and(|e| e <= now_unix)
+    }
+
+    /// When the next periodic reset is due (unix seconds), if the user has a strategy.
+    pub fn next_reset_at(&self) -> Option<u64> {
+        self.settings
+            .reset_strategy
+            .next_boundary(self.reset_anchor, self.created_at)
+    }
+
     /// Bytes counted against the limit.
     pub fn used_bytes(&self) -> u64 {
         self.bytes_up.saturating_add(self.bytes_down)
@@ -131,6 +270,19 @@ pub struct StoredUser {
     pub created_at: u64,
     #[serde(default)]
     pub last_seen: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<u64>,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "ResetStrategy::is_none")]
+    pub reset_strategy: ResetStrategy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reset_at: Option<u64>,
+    /// See [`User::reset_anchor`]; absent = `created_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_anchor: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The limit config.json declared for a config key when it was last applied.
@@ -159,6 +311,8 @@ pub enum Change {
         name: Option<String>,
         limit_bytes: Option<u64>,
         created_at: u64,
+        #[serde(default, skip_serializing_if = "Settings::is_default")]
+        settings: Settings,
     },
     /// An API user removed.
     Delete { key: String },
@@ -167,8 +321,15 @@ pub enum Change {
         key: String,
         limit_bytes: Option<u64>,
     },
-    /// A user's counters zeroed.
-    Reset { key: String },
+    /// A user's counters zeroed (`at`: when, unix seconds; absent in older journals).
+    Reset {
+        key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<u64>,
+    },
+    /// Some of a user's fields set (`PATCH`); `at` (unix seconds) starts the new reset period
+    /// when the reset strategy changes.
+    Update { key: String, patch: Patch, at: u64 },
     /// A user's counters as they are now (written by the counter flush).
     Counters {
         key: String,
@@ -186,7 +347,8 @@ impl Change {
             Change::Create { key, .. }
             | Change::Delete { key }
             | Change::Limit { key, .. }
-            | Change::Reset { key }
+            | Change::Reset { key, .. }
+            | Change::Update { key, .. }
             | Change::Counters { key, .. } => key,
         }
     }
@@ -208,6 +370,8 @@ pub enum TableError {
     ConfigDeclared,
     /// The table is full (`u32` ids exhausted).
     Full,
+    /// The name of a config.json key is set by config.json.
+    ConfigName,
 }
 
 impl fmt::Display for TableError {
@@ -220,6 +384,10 @@ impl fmt::Display for TableError {
                 "this key is declared in config.json; remove it from config.json and reload the server (SIGHUP) to delete it"
             ),
             TableError::Full => write!(f, "no more user ids are available in this process"),
+            TableError::ConfigName => write!(
+                f,
+                "this key is declared in config.json, which sets its name; change the name there and reload the server (SIGHUP)"
+            ),
         }
     }
 }
@@ -334,22 +502,25 @@ impl UserTable {
             }
             let Some(id) = table.alloc_id() else { break };
             let user = User {
-                id,
-                key: s.key.clone(),
                 name: s.name,
                 limit_bytes: s.limit_bytes,
                 bytes_up: s.bytes_up,
                 bytes_down: s.bytes_down,
                 connections: s.connections,
-                created_at: s.created_at,
-                online_sessions: 0,
-                resets: 0,
                 last_seen: s.last_seen,
-                source: s.source,
                 config_limit: match s.source {
                     Source::Config => Some(s.config_limit_applied.and_then(|c| c.limit_bytes)),
                     Source::Api => None,
                 },
+                settings: Settings {
+                    expire_at: s.expire_at,
+                    enabled: s.enabled,
+                    reset_strategy: s.reset_strategy,
+                    note: s.note,
+                },
+                last_reset_at: s.last_reset_at,
+                reset_anchor: s.reset_anchor.unwrap_or(s.created_at),
+                ..User::new(id, s.key.clone(), s.source, s.created_at)
             };
             table.by_key.insert(s.key, id);
             table.users.insert(id, user);
@@ -410,7 +581,7 @@ impl UserTable {
         v
     }
 
-    /// Creates an API user. The key must already be validated.
+    /// Creates an API user with default settings. The key must already be validated.
     pub fn create(
         &mut self,
         key: String,
@@ -418,29 +589,30 @@ impl UserTable {
         limit_bytes: Option<u64>,
         now_unix: u64,
     ) -> Result<UserId, TableError> {
+        self.create_with(key, name, limit_bytes, Settings::default(), now_unix)
+    }
+
+    /// Creates an API user. The key must already be validated.
+    pub fn create_with(
+        &mut self,
+        key: String,
+        name: Option<String>,
+        limit_bytes: Option<u64>,
+        settings: Settings,
+        now_unix: u64,
+    ) -> Result<UserId, TableError> {
         if self.by_key.contains_key(&key) {
             return Err(TableError::KeyExists);
         }
         let id = self.alloc_id().ok_or(TableError::Full)?;
         self.by_key.insert(key.clone(), id);
-        self.users.insert(
-            id,
-            User {
-                id,
-                key,
-                name,
-                limit_bytes,
-                bytes_up: 0,
-                bytes_down: 0,
-                connections: 0,
-                created_at: now_unix,
-                online_sessions: 0,
-                resets: 0,
-                last_seen: None,
-                source: Source::Api,
-                config_limit: None,
-            },
-        );
+        let user = User {
+            name,
+            limit_bytes,
+            settings,
+            ..User::new(id, key, Source::Api, now_unix)
+        };
+        self.users.insert(id, user);
         Ok(id)
     }
 
@@ -470,16 +642,79 @@ impl UserTable {
         Ok(id)
     }
 
-    /// Zeroes `bytes_up`, `bytes_down` and `connections` (live sessions stay open).
-    pub fn reset(&mut self, key: &str) -> Result<UserId, TableError> {
+    /// Zeroes `bytes_up`, `bytes_down` and `connections` (live sessions stay open); `at` (unix
+    /// seconds) becomes `last_reset_at` and starts the next reset period.
+    pub fn reset(&mut self, key: &str, at: Option<u64>) -> Result<UserId, TableError> {
         let id = self.user_id(key).ok_or(TableError::NotFound)?;
         if let Some(u) = self.users.get_mut(&id) {
             u.bytes_up = 0;
             u.bytes_down = 0;
             u.connections = 0;
             u.resets = u.resets.wrapping_add(1);
+            if let Some(at) = at {
+                u.last_reset_at = Some(at);
+                u.reset_anchor = at;
+            }
         }
         Ok(id)
+    }
+
+    /// Sets the fields `patch` names; a changed reset strategy counts its periods from `at`.
+    pub fn update(&mut self, key: &str, patch: &Patch, at: u64) -> Result<UserId, TableError> {
+        let id = self.user_id(key).ok_or(TableError::NotFound)?;
+        let Some(u) = self.users.get_mut(&id) else {
+            return Err(TableError::NotFound);
+        };
+        if let Some(name) = &patch.name {
+            u.name = name.clone();
+        }
+        if let Some(note) = &patch.note {
+            u.settings.note = note.clone();
+        }
+        if let Some(limit) = patch.limit_bytes {
+            u.limit_bytes = limit;
+        }
+        if let Some(expire_at) = patch.expire_at {
+            u.settings.expire_at = expire_at;
+        }
+        if let Some(enabled) = patch.enabled {
+            u.settings.enabled = enabled;
+        }
+        if let Some(strategy) = patch.reset_strategy
+            && strategy != u.settings.reset_strategy
+        {
+            u.settings.reset_strategy = strategy;
+            u.reset_anchor = at;
+        }
+        Ok(id)
+    }
+
+    /// The periodic resets due at `now_unix`: a [`Change::Reset`] for every user whose next
+    /// reset boundary has passed (one reset, however many boundaries were missed).
+    pub fn due_resets(&self, now_unix: u64) -> Vec<Change> {
+        self.list()
+            .into_iter()
+            .filter(|u| u.next_reset_at().is_some_and(|b| b <= now_unix))
+            .map(|u| Change::Reset {
+                key: u.key.clone(),
+                at: Some(now_unix),
+            })
+            .collect()
+    }
+
+    /// The earliest periodic reset of any user (unix seconds).
+    pub fn next_reset_at(&self) -> Option<u64> {
+        self.users.values().filter_map(User::next_reset_at).min()
+    }
+
+    /// Applies the periodic resets due at `now_unix` directly (at start, before the table is
+    /// shared; the caller makes the result durable). Returns how many users were reset.
+    pub fn catch_up_resets(&mut self, now_unix: u64) -> usize {
+        let due = self.due_resets(now_unix);
+        for change in &due {
+            self.apply(change);
+        }
+        due.len()
     }
 
     /// Adds payload bytes to a user's counters (unknown ids are ignored).
@@ -573,24 +808,13 @@ impl UserTable {
                 None => {
                     let Some(id) = self.alloc_id() else { break };
                     self.by_key.insert(entry.key.clone(), id);
-                    self.users.insert(
-                        id,
-                        User {
-                            id,
-                            key: entry.key.clone(),
-                            name: entry.name.clone(),
-                            limit_bytes: entry.limit_bytes,
-                            bytes_up: 0,
-                            bytes_down: 0,
-                            connections: 0,
-                            created_at: now_unix,
-                            online_sessions: 0,
-                            resets: 0,
-                            last_seen: None,
-                            source: Source::Config,
-                            config_limit: Some(entry.limit_bytes),
-                        },
-                    );
+                    let user = User {
+                        name: entry.name.clone(),
+                        limit_bytes: entry.limit_bytes,
+                        config_limit: Some(entry.limit_bytes),
+                        ..User::new(id, entry.key.clone(), Source::Config, now_unix)
+                    };
+                    self.users.insert(id, user);
                     changes.added.push(id);
                 }
             }
@@ -614,6 +838,12 @@ impl UserTable {
                 connections: u.connections,
                 created_at: u.created_at,
                 last_seen: u.last_seen,
+                expire_at: u.settings.expire_at,
+                enabled: u.settings.enabled,
+                reset_strategy: u.settings.reset_strategy,
+                last_reset_at: u.last_reset_at,
+                reset_anchor: (u.reset_anchor != u.created_at).then_some(u.reset_anchor),
+                note: u.settings.note.clone(),
             })
             .collect();
         Snapshot {
@@ -673,6 +903,9 @@ impl UserTable {
                 return Err(TableError::ConfigDeclared);
             }
             (Change::Delete { .. }, Some(Source::Api)) => None,
+            (Change::Update { patch, .. }, Some(Source::Config)) if patch.name.is_some() => {
+                return Err(TableError::ConfigName);
+            }
             (Change::Counters { .. }, s) => return s.map(|_| ()).ok_or(TableError::NotFound),
             (_, None) => return Err(TableError::NotFound),
             (_, s) => s,
@@ -691,11 +924,13 @@ impl UserTable {
                 name,
                 limit_bytes,
                 created_at,
+                settings,
             } => {
                 if let Some(id) = self.user_id(key) {
                     self.remove_id(id);
                 }
-                self.create(key.clone(), name.clone(), *limit_bytes, *created_at)
+                let (name, settings) = (name.clone(), settings.clone());
+                self.create_with(key.clone(), name, *limit_bytes, settings, *created_at)
                     .ok()
             }
             Change::Delete { key } => {
@@ -704,7 +939,8 @@ impl UserTable {
                 Some(id)
             }
             Change::Limit { key, limit_bytes } => self.set_limit(key, *limit_bytes).ok(),
-            Change::Reset { key } => self.reset(key).ok(),
+            Change::Reset { key, at } => self.reset(key, *at).ok(),
+            Change::Update { key, patch, at } => self.update(key, patch, *at).ok(),
             Change::Counters {
                 key,
                 bytes_up,
@@ -729,6 +965,14 @@ pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Current wall-clock time in unix milliseconds (0 if the clock is before 1970).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -813,11 +1057,27 @@ pub fn load_stored(path: &std::path::Path) -> Result<Vec<StoredUser>, UsersError
 /// persister. The merged state is compacted at once, so after a successful start the state
 /// file exists, reflects config.json, and its journal is empty.
 pub fn open(config: &ServerConfig) -> Result<(SharedUsers, Persister), UsersError> {
+    open_at(config, now_unix())
+}
+
+/// [`open`] at the wall-clock time `now_unix`. Periodic resets that fell due while the server
+/// was down are made here (once per user), before the table is shared; the compaction at the
+/// end makes them durable.
+pub fn open_at(
+    config: &ServerConfig,
+    now_unix: u64,
+) -> Result<(SharedUsers, Persister), UsersError> {
     let path = state_file::resolve(&config.state_file, config.allow_symlinked_state)?;
     state_file::resolve(&journal::path_for(&path), config.allow_symlinked_state)?;
     let mut r = recover(&path)?;
     let held = r.table.len();
-    r.table.apply_config(&config.access_keys, now_unix());
+    r.table.apply_config(&config.access_keys, now_unix);
+    let caught_up = r.table.catch_up_resets(now_unix);
+    if caught_up > 0 {
+        log::info!(
+            "periodic counter resets that fell due while the server was down: {caught_up} users reset"
+        );
+    }
     log::info!(
         "state file {}: holds {held} users ({} in the snapshot, {} journal changes replayed{}); {} users with config.json merged",
         path.display(),
@@ -885,7 +1145,7 @@ mod tests {
         t.add_traffic(id, u64::MAX, u64::MAX);
         assert_eq!(t.budget(id), Budget::Exhausted);
         assert_eq!(t.resets(id), Some(0));
-        t.reset(K1).unwrap();
+        t.reset(K1, None).unwrap();
         let u = t.get(id).unwrap();
         assert_eq!((u.bytes_up, u.bytes_down, u.connections), (0, 0, 0));
         assert_eq!(
@@ -951,6 +1211,7 @@ mod tests {
             name: None,
             limit_bytes: None,
             created_at: 0,
+            settings: Default::default(),
         };
         let mut p = Pending::new();
         assert_eq!(t.check(&create(K1), &mut p), Err(TableError::KeyExists));
@@ -986,6 +1247,7 @@ mod tests {
                 name: Some("a".into()),
                 limit_bytes: None,
                 created_at: 1,
+                settings: Default::default(),
             },
             Change::Counters {
                 key: K1.into(),
@@ -1003,6 +1265,7 @@ mod tests {
                 name: None,
                 limit_bytes: None,
                 created_at: 1,
+                settings: Default::default(),
             },
             Change::Delete { key: K2.into() },
         ];
@@ -1095,5 +1358,136 @@ mod tests {
         let t2 = UserTable::from_stored(snap.users.clone(), &[entry(K1, Some("c"), Some(1))], 99);
         assert_eq!(t2.snapshot().users, snap.users);
         assert_eq!(t2.get_by_key(K2).unwrap().online_sessions, 0);
+    }
+
+    /// 2024-01-31 12:00:00 UTC.
+    const NOON: u64 = 1_706_702_400;
+    const DAY: u64 = 86_400;
+    const MIDNIGHT: u64 = NOON + DAY / 2;
+
+    fn daily(t: &mut UserTable, key: &str, created_at: u64) -> UserId {
+        let settings = Settings {
+            reset_strategy: ResetStrategy::Day,
+            ..Settings::default()
+        };
+        t.create_with(key.into(), None, None, settings, created_at)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_day_reset_falls_due_at_the_boundary_and_once_after_a_gap() {
+        let mut t = UserTable::new();
+        let id = daily(&mut t, K1, NOON);
+        let other = t.create(K2.into(), None, None, NOON).unwrap();
+        t.add_traffic(id, 5, 6);
+        t.add_traffic(other, 1, 1);
+        assert_eq!(t.next_reset_at(), Some(MIDNIGHT));
+        assert_eq!(t.due_resets(MIDNIGHT - 1), []);
+        let due = t.due_resets(MIDNIGHT);
+        assert_eq!(
+            due,
+            [Change::Reset {
+                key: K1.into(),
+                at: Some(MIDNIGHT)
+            }]
+        );
+        t.apply(&due[0]);
+        let u = t.get(id).unwrap();
+        assert_eq!((u.bytes_up, u.bytes_down, u.connections), (0, 0, 0));
+        assert_eq!(u.last_reset_at, Some(MIDNIGHT));
+        assert_eq!(t.resets(id), Some(1), "the tunnel loop tells it apart");
+        assert_eq!(t.get(other).unwrap().bytes_up, 1, "no strategy, no reset");
+        assert_eq!(t.due_resets(MIDNIGHT + DAY - 1), [], "once per period");
+        // Five boundaries missed (server down): one reset, and the next period starts then.
+        let late = MIDNIGHT + 5 * DAY + 300;
+        t.add_traffic(id, 7, 7);
+        assert_eq!(t.catch_up_resets(late), 1);
+        assert_eq!(t.get(id).unwrap().bytes_up, 0);
+        assert_eq!(t.get(id).unwrap().last_reset_at, Some(late));
+        assert_eq!(t.next_reset_at(), Some(MIDNIGHT + 6 * DAY));
+        // A manual reset mid-period leaves the next boundary where it was.
+        t.reset(K1, Some(late + 60)).unwrap();
+        assert_eq!(t.next_reset_at(), Some(MIDNIGHT + 6 * DAY));
+    }
+
+    #[test]
+    fn choosing_a_strategy_starts_its_period_then_and_patches_set_only_what_they_name() {
+        let mut t = UserTable::new();
+        let id = t.create(K1.into(), Some("a".into()), Some(9), 0).unwrap();
+        t.add_traffic(id, 3, 3);
+        let patch = Patch {
+            reset_strategy: Some(ResetStrategy::Day),
+            note: Some(Some("tg:42".into())),
+            expire_at: Some(Some(NOON)),
+            enabled: Some(false),
+            ..Patch::default()
+        };
+        t.update(K1, &patch, NOON).unwrap();
+        assert_eq!(t.due_resets(NOON + 1), [], "no reset for the years before");
+        assert_eq!(t.next_reset_at(), Some(MIDNIGHT));
+        let u = t.get(id).unwrap();
+        assert_eq!((u.name.as_deref(), u.limit_bytes), (Some("a"), Some(9)));
+        assert_eq!(u.settings.note.as_deref(), Some("tg:42"));
+        assert!(!u.settings.enabled && u.expired(NOON) && !u.expired(NOON - 1));
+        // Setting the same strategy again does not move its period.
+        t.update(K1, &patch, NOON + 100).unwrap();
+        assert_eq!(t.next_reset_at(), Some(MIDNIGHT));
+        // Explicit nulls clear; the journal form keeps null apart from absent.
+        let clear = Patch {
+            name: Some(None),
+            expire_at: Some(None),
+            limit_bytes: Some(None),
+            ..Patch::default()
+        };
+        let change = Change::Update {
+            key: K1.into(),
+            patch: clear,
+            at: 1,
+        };
+        let json = serde_json::to_string(&change).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"op":"update","key":"{K1}","patch":{{"name":null,"limit_bytes":null,"expire_at":null}},"at":1}}"#
+            )
+        );
+        assert_eq!(serde_json::from_str::<Change>(&json).unwrap(), change);
+        t.apply(&change);
+        let u = t.get(id).unwrap();
+        assert_eq!(
+            (u.name.clone(), u.limit_bytes, u.settings.expire_at),
+            (None, None, None)
+        );
+        assert_eq!(u.settings.note.as_deref(), Some("tg:42"), "absent: kept");
+        // The settings survive a snapshot round trip.
+        let again = UserTable::from_snapshot(t.snapshot().users);
+        let v = again.get_by_key(K1).unwrap();
+        assert_eq!((&v.settings, v.reset_anchor), (&u.settings, u.reset_anchor));
+    }
+
+    #[test]
+    fn a_config_keys_name_cannot_be_patched_but_its_settings_can() {
+        let mut t = UserTable::new();
+        t.apply_config(&[entry(K1, Some("cfg"), None)], 0);
+        let update = |patch: Patch| Change::Update {
+            key: K1.into(),
+            patch,
+            at: 0,
+        };
+        let name = update(Patch {
+            name: Some(Some("x".into())),
+            ..Patch::default()
+        });
+        let off = update(Patch {
+            enabled: Some(false),
+            ..Patch::default()
+        });
+        let mut p = Pending::new();
+        assert_eq!(t.check(&name, &mut p), Err(TableError::ConfigName));
+        assert_eq!(t.check(&off, &mut p), Ok(()));
+        t.apply(&off);
+        // A reload keeps what the API set.
+        t.apply_config(&[entry(K1, Some("cfg"), Some(5))], 0);
+        assert!(!t.get_by_key(K1).unwrap().settings.enabled);
     }
 }

@@ -148,7 +148,10 @@ struct Inner {
     compacting: Mutex<()>,
     compaction_threshold: Mutex<Option<u64>>,
     flusher: Mutex<Option<Flusher>>,
+    reset_listener: Mutex<Option<ResetListener>>,
 }
+
+type ResetListener = Box<dyn Fn(UserId) + Send + Sync>;
 
 /// Makes user-table changes durable; cheap to clone.
 #[derive(Clone)]
@@ -189,6 +192,7 @@ impl Persister {
                 compacting: Mutex::new(()),
                 compaction_threshold: Mutex::new(None),
                 flusher: Mutex::new(None),
+                reset_listener: Mutex::new(None),
             }),
         }
     }
@@ -213,31 +217,81 @@ impl Persister {
     /// Makes `change` durable, then applies it; returns the user it concerned. On any error
     /// the table is unchanged.
     pub fn commit(&self, change: Change) -> Result<Applied, CommitError> {
+        self.commit_each(vec![change])
+            .pop()
+            .unwrap_or_else(|| Err(self.not_processed()))
+    }
+
+    /// Commits several independent changes with one write (normally one batch, one fsync);
+    /// each is checked and answered on its own, in order.
+    pub fn commit_each(&self, changes: Vec<Change>) -> Vec<Result<Applied, CommitError>> {
         if lock(&self.inner.journal).file.is_none() {
             // The journal may hold bytes of a failed batch: rewrite it first.
-            self.compact().map_err(CommitError::Persist)?;
+            if let Err(e) = self.compact() {
+                return changes
+                    .iter()
+                    .map(|_| Err(CommitError::Persist(e.duplicate())))
+                    .collect();
+            }
         }
-        let slot: Slot = Arc::new(Mutex::new(None));
-        lock(&self.inner.queue).push((change, slot.clone()));
+        let slots: Vec<Slot> = changes.iter().map(|_| Arc::new(Mutex::new(None))).collect();
+        lock(&self.inner.queue).extend(changes.into_iter().zip(slots.iter().cloned()));
         let mut j = lock(&self.inner.journal);
-        // A holder before us may have taken our change in its batch.
-        if let Some(done) = lock(&slot).take() {
-            return done;
+        // A holder before us may have taken our changes in its batch (and compacts after it).
+        let ran = slots.iter().any(|s| lock(s).is_none());
+        if ran {
+            let batch = std::mem::take(&mut *lock(&self.inner.queue));
+            self.run_batch(&mut j, batch);
         }
-        let batch = std::mem::take(&mut *lock(&self.inner.queue));
-        self.run_batch(&mut j, batch);
-        let compact = self.compaction_due(&j);
+        let compact = ran && self.compaction_due(&j);
         drop(j);
         if compact {
             self.kick_or_compact();
         }
-        let done = lock(&slot).take();
-        done.unwrap_or_else(|| {
-            Err(CommitError::Persist(PersistError {
-                path: self.inner.journal_path.clone(),
-                error: io::Error::other("the change was not processed"),
-            }))
+        slots
+            .iter()
+            .map(|s| lock(s).take().unwrap_or_else(|| Err(self.not_processed())))
+            .collect()
+    }
+
+    fn not_processed(&self) -> CommitError {
+        CommitError::Persist(PersistError {
+            path: self.inner.journal_path.clone(),
+            error: io::Error::other("the change was not processed"),
         })
+    }
+
+    /// Makes the periodic resets due at `now_unix` (one batch), then tells the reset listener
+    /// (see [`Persister::on_reset`]) about each user reset. Returns those users.
+    pub fn run_due_resets(&self, now_unix: u64) -> Vec<UserId> {
+        let due = lock(&self.inner.users).due_resets(now_unix);
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let mut done = Vec::new();
+        for result in self.commit_each(due) {
+            match result {
+                Ok(applied) => done.push(applied.id),
+                // Deleted meanwhile: nothing to reset.
+                Err(CommitError::Table(_)) => {}
+                Err(CommitError::Persist(e)) => {
+                    log::error!("periodic counter reset: {e}; retrying at the next flush");
+                }
+            }
+        }
+        if !done.is_empty() {
+            log::info!("periodic counter reset of {} users", done.len());
+            if let Some(listener) = lock(&self.inner.reset_listener).as_ref() {
+                done.iter().for_each(|id| listener(*id));
+            }
+        }
+        done
+    }
+
+    /// Who hears of each periodic reset once it is durable and applied (the server tells its
+    /// tunnel loop, as the API does after `POST /api/users/{key}/reset`).
+    pub fn on_reset(&self, listener: impl Fn(UserId) + Send + Sync + 'static) {
+        *lock(&self.inner.reset_listener) = Some(Box::new(listener));
     }
 
     /// Checks, appends and applies one batch (journal lock held by the caller).
@@ -451,8 +505,15 @@ impl Persister {
         let mut guard = lock(state);
         loop {
             if !guard.kick && !guard.stop {
+                // Wake at the next periodic reset if it comes before the next flush.
+                let wait = lock(&self.inner.users)
+                    .next_reset_at()
+                    .map_or(interval, |at| {
+                        let left = Duration::from_secs(at.saturating_sub(super::now_unix()));
+                        interval.min(left.max(Duration::from_millis(100)))
+                    });
                 guard = cv
-                    .wait_timeout(guard, interval)
+                    .wait_timeout(guard, wait)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
@@ -461,6 +522,7 @@ impl Persister {
             }
             guard.kick = false;
             drop(guard);
+            self.run_due_resets(super::now_unix());
             if let Err(e) = self.flush_counters() {
                 log::error!("counter flush: {e}");
             }
@@ -513,6 +575,7 @@ mod tests {
             name: None,
             limit_bytes: None,
             created_at: 0,
+            settings: Default::default(),
         }
     }
 
@@ -610,6 +673,94 @@ mod tests {
             Source::Api
         );
         drop(u);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn periodic_resets_are_durable_before_they_are_announced() {
+        let path = temp_state();
+        let (users, p) = started(&path);
+        let noon = 1_706_702_400; // 2024-01-31 12:00 UTC
+        let midnight = noon + 43_200;
+        let mut create = create("aaaaaaaaaaaaaaaa");
+        if let Change::Create {
+            created_at,
+            settings,
+            ..
+        } = &mut create
+        {
+            *created_at = noon;
+            settings.reset_strategy = super::super::ResetStrategy::Day;
+        }
+        let id = p.commit(create).unwrap().id;
+        lock_users(&users).add_traffic(id, 10, 20);
+        p.flush_now().unwrap();
+        let heard = Arc::new(StdMutex::new(Vec::new()));
+        let h = heard.clone();
+        let path2 = path.clone();
+        p.on_reset(move |id| {
+            // Announced only once the reset is on disk.
+            assert_eq!(load_stored(&path2).unwrap()[0].bytes_down, 0);
+            h.lock().unwrap().push(id);
+        });
+        assert_eq!(p.run_due_resets(midnight - 1), []);
+        assert_eq!(load_stored(&path).unwrap()[0].bytes_down, 20);
+        assert_eq!(p.run_due_resets(midnight), [id]);
+        assert_eq!(*heard.lock().unwrap(), [id]);
+        let stored = &load_stored(&path).unwrap()[0];
+        assert_eq!((stored.bytes_up, stored.bytes_down), (0, 0));
+        assert_eq!(stored.last_reset_at, Some(midnight));
+        assert_eq!(p.run_due_resets(midnight + 60), [], "once per period");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_reset_missed_while_the_server_was_down_is_made_at_start() {
+        let path = temp_state();
+        let noon = 1_706_702_400;
+        let config_text = format!(
+            r#"{{"mode":"server","state_file":{:?},"access_keys":[]}}"#,
+            path.display().to_string()
+        );
+        let crate::config::Config::Server(cfg) =
+            crate::config::parse(&path.with_file_name("config.json"), &config_text).unwrap()
+        else {
+            panic!("not a server config");
+        };
+        {
+            let (users, p) = super::super::open_at(&cfg, noon).unwrap();
+            let mut create = create("aaaaaaaaaaaaaaaa");
+            if let Change::Create {
+                created_at,
+                settings,
+                ..
+            } = &mut create
+            {
+                *created_at = noon;
+                settings.reset_strategy = super::super::ResetStrategy::Day;
+            }
+            let id = p.commit(create).unwrap().id;
+            lock_users(&users).add_traffic(id, 10, 20);
+            p.flush_now().unwrap();
+        } // "down" from here, past midnight
+        let (_, _) = super::super::open_at(&cfg, noon + 43_199).unwrap();
+        assert_eq!(load_stored(&path).unwrap()[0].bytes_down, 20, "not due yet");
+        let later = noon + 3 * 86_400;
+        let (users, _p) = super::super::open_at(&cfg, later).unwrap();
+        let u = lock_users(&users)
+            .get_by_key("aaaaaaaaaaaaaaaa")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            (u.bytes_up, u.bytes_down, u.last_reset_at),
+            (0, 0, Some(later))
+        );
+        let stored = &load_stored(&path).unwrap()[0];
+        assert_eq!(
+            (stored.bytes_down, stored.last_reset_at),
+            (0, Some(later)),
+            "durable"
+        );
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

@@ -229,6 +229,12 @@ mod tests {
             connections: 3,
             created_at: 4,
             last_seen: None,
+            expire_at: Some(9),
+            enabled: false,
+            reset_strategy: crate::users::ResetStrategy::Week,
+            last_reset_at: Some(6),
+            reset_anchor: Some(6),
+            note: Some("order 17".into()),
         }
     }
 

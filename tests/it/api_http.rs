@@ -443,7 +443,12 @@ fn error_statuses_are_json_and_documented() {
             "/api/server/status",
             "GET",
         ),
-        ("PUT", user.clone(), "/api/users/{key}", "GET, DELETE"),
+        (
+            "PUT",
+            user.clone(),
+            "/api/users/{key}",
+            "GET, PATCH, DELETE",
+        ),
         ("GET", limit.clone(), "/api/users/{key}/limit", "PUT"),
         (
             "GET",
@@ -451,7 +456,12 @@ fn error_statuses_are_json_and_documented() {
             "/api/users/{key}/reset",
             "POST",
         ),
-        ("PATCH", user.clone(), "/api/users/{key}", "GET, DELETE"),
+        (
+            "POST",
+            user.clone(),
+            "/api/users/{key}",
+            "GET, PATCH, DELETE",
+        ),
     ] {
         let r = c.send(m, &p, None);
         assert_eq!(r.status, 405, "{m} {p}");
