@@ -989,9 +989,17 @@ struct Recovered {
 
 /// Reads the snapshot at `path` and replays its journal (no config merge, no writes). A missing
 /// snapshot is a fresh start, unless the journal says a state with users existed.
-fn recover(path: &std::path::Path) -> Result<Recovered, UsersError> {
+/// Reads snapshot + journal. `owner`: the caller is the server starting up (the only writer), so
+/// temp files an interrupted write left are removed; a reader (`--links` while the server runs)
+/// must never touch them: one may be a compaction in progress.
+fn recover(path: &std::path::Path, owner: bool) -> Result<Recovered, UsersError> {
     let journal_path = journal::path_for(path);
-    let Some(snapshot) = state_file::load(path)? else {
+    let snapshot = if owner {
+        state_file::load(path)?
+    } else {
+        state_file::read(path)?
+    };
+    let Some(snapshot) = snapshot else {
         // Read the journal only to learn whether a state existed (skip every change).
         if let Some(j) = journal::read(&journal_path, u64::MAX)?
             && (j.committed > 0 || j.header.is_some_and(|h| h.users > 0))
@@ -1046,10 +1054,26 @@ fn recover(path: &std::path::Path) -> Result<Recovered, UsersError> {
     })
 }
 
+/// How often [`load_stored`] reads again when snapshot and journal disagree (a compaction
+/// between its two reads), 10 ms apart.
+const READER_RETRIES: u32 = 20;
+
 /// Every stored user, as the snapshot and its journal hold them (read-only: for `--links`,
 /// tests and tools; safe while a server runs).
 pub fn load_stored(path: &std::path::Path) -> Result<Vec<StoredUser>, UsersError> {
-    Ok(recover(path)?.table.snapshot().users)
+    // A compaction may replace the snapshot and restart the journal between the two reads; the
+    // pair is then inconsistent for a moment: read again (a real inconsistency persists).
+    let mut attempt = 0;
+    loop {
+        match recover(path, false) {
+            Ok(r) => return Ok(r.table.snapshot().users),
+            Err(e) if attempt >= READER_RETRIES => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 /// Loads the state (snapshot + journal; a missing state is a fresh start unless the journal
@@ -1069,7 +1093,7 @@ pub fn open_at(
 ) -> Result<(SharedUsers, Persister), UsersError> {
     let path = state_file::resolve(&config.state_file, config.allow_symlinked_state)?;
     state_file::resolve(&journal::path_for(&path), config.allow_symlinked_state)?;
-    let mut r = recover(&path)?;
+    let mut r = recover(&path, true)?;
     let held = r.table.len();
     r.table.apply_config(&config.access_keys, now_unix);
     let caught_up = r.table.catch_up_resets(now_unix);
