@@ -16,6 +16,7 @@ mod fairness;
 mod guard_api;
 mod hello_restart;
 mod lossy_relay;
+mod metrics;
 mod proto_fuzz_props;
 mod proto_secure;
 mod proto_session_sim;
