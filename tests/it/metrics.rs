@@ -247,13 +247,18 @@ fn metrics_pass_promtool_label_users_without_keys_and_the_metrics_token_reads_on
         4,
         "the scraper changed nothing"
     );
-    assert_eq!(
-        api::Client::new(srv.addr, "")
-            .send("GET", "/metrics", None)
-            .status,
-        401
+    let openapi = api::OpenApi::load();
+    let refused = api::Client::new(srv.addr, "").send("GET", "/metrics", None);
+    assert_eq!(refused.status, 401);
+    openapi.check("GET", "/metrics", &refused);
+    let post = c.send("POST", "/metrics", Some("{}"));
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET"));
+    openapi.check("GET", "/metrics", &post);
+    assert!(
+        documented_text_200(),
+        "GET /metrics 200 text/plain is not in openapi.yaml"
     );
-    assert_eq!(c.send("POST", "/metrics", Some("{}")).status, 405);
     let s = samples(&c.send("GET", "/metrics", None).text());
     let delete_label = [
         ("route", "/api/users/{key}"),
@@ -272,6 +277,20 @@ fn metrics_pass_promtool_label_users_without_keys_and_the_metrics_token_reads_on
         ),
         Some(2.0)
     );
+}
+
+/// Whether openapi.yaml documents `GET /metrics` answering 200 with `text/plain` (the shared
+/// checker validates JSON bodies and share links only).
+fn documented_text_200() -> bool {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let json: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]["text/plain"].is_object()
 }
 
 #[test]
