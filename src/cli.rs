@@ -1,5 +1,5 @@
 //! Command-line parsing: turns `argv` into a [`Command`]. Every misuse is a [`UsageError`] with
-//! a message that says what to type instead; `main` prints it and exits non-zero.
+//! a message that says what to type instead; `main` prints it and exits with [`EXIT_USAGE`].
 
 use std::fmt;
 use std::path::PathBuf;
@@ -61,7 +61,10 @@ pub enum Command {
     Help,
 }
 
-/// A command-line mistake.
+/// Exit code of a command-line mistake (a [`UsageError`]).
+pub const EXIT_USAGE: u8 = 2;
+
+/// A command-line mistake (exit code [`EXIT_USAGE`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(pub String);
 

@@ -1,4 +1,5 @@
-//! The `ostp` binary: parses the command line and runs the chosen command.
+//! The `ostp` binary: parses the command line, runs the chosen command, and maps failures to exit
+//! codes (2 = usage, 78 = config file, 1 = anything else).
 
 use std::process::ExitCode;
 
@@ -7,14 +8,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ostp: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(ostp::cli::EXIT_USAGE);
         }
     };
     match ostp::runtime::execute(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ostp: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

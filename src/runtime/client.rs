@@ -4,26 +4,43 @@
 use std::path::Path;
 
 use super::RunError;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, ConfigError};
 use crate::logging;
 use crate::signals::{self, SignalEvent};
 use crate::tunnel::client_loop::{self, ClientOptions};
 
+/// A client config the start-up refuses: a config error (exit 78) when it came from a file; from a
+/// link or a subscription, a plain failure.
+fn refused(source: Option<&Path>, field: &str, problem: String) -> RunError {
+    match source {
+        Some(p) => RunError::Config(ConfigError {
+            file: p.to_path_buf(),
+            field: field.to_string(),
+            problem,
+        }),
+        None if field.is_empty() => RunError::Other(problem),
+        None => RunError::Other(format!("field `{field}`: {problem}")),
+    }
+}
+
 fn check_supported(cfg: &ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
-    let file = source
-        .map(|p| format!("{}: ", p.display()))
-        .unwrap_or_default();
     if cfg.tun.enable {
-        return Err(RunError::Other(format!(
-            "{file}field `tun.enable`: TUN mode is not supported by this build; set it to false and point \
-             applications at the SOCKS5/HTTP proxy on {}",
-            cfg.socks5_bind
-        )));
+        return Err(refused(
+            source,
+            "tun.enable",
+            format!(
+                "TUN mode is not supported by this build; set it to false and point applications \
+                 at the SOCKS5/HTTP proxy on {}",
+                cfg.socks5_bind
+            ),
+        ));
     }
     if cfg.turn.enabled {
-        return Err(RunError::Other(format!(
-            "{file}field `turn.enabled`: TURN relaying is not supported by this build; set it to false"
-        )));
+        return Err(refused(
+            source,
+            "turn.enabled",
+            "TURN relaying is not supported by this build; set it to false".to_string(),
+        ));
     }
     Ok(())
 }
@@ -37,7 +54,7 @@ pub fn run(cfg: ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
     } else {
         log::LevelFilter::Info
     });
-    let options = ClientOptions::from_config(&cfg).map_err(RunError::Other)?;
+    let options = ClientOptions::from_config(&cfg).map_err(|e| refused(source, "", e))?;
     if options.is_open_proxy() {
         log::warn!(
             "WARNING: OPEN PROXY. The local proxy port {} asks for no credentials and is not \

@@ -15,9 +15,17 @@ use crate::config::{self, Config, ConfigError};
 use crate::keys;
 use crate::share_link::{self, ShareLink};
 
-/// Why a command failed (printed by `main`, exit code 1).
+/// Exit code of a failed command ([`RunError::exit_code`]).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of a config-file problem (`EX_CONFIG` from sysexits.h): the file is missing,
+/// unreadable, not JSON, or invalid. Restarting cannot help, so service managers are told not to
+/// (`RestartPreventExitStatus=78` in `dist/systemd/`).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Why a command failed (printed by `main`, which exits with [`RunError::exit_code`]).
 #[derive(Debug)]
 pub enum RunError {
+    /// The config file is missing, unreadable or invalid (exit code [`EXIT_CONFIG`]).
     Config(ConfigError),
     /// A problem with a file the command reads or writes.
     File(String),
@@ -35,6 +43,17 @@ impl fmt::Display for RunError {
 }
 
 impl std::error::Error for RunError {}
+
+impl RunError {
+    /// The process exit code for this failure: [`EXIT_CONFIG`] for config-file problems,
+    /// [`EXIT_FAILURE`] otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => EXIT_CONFIG,
+            RunError::File(_) | RunError::Other(_) => EXIT_FAILURE,
+        }
+    }
+}
 
 impl From<ConfigError> for RunError {
     fn from(e: ConfigError) -> Self {
@@ -107,11 +126,14 @@ pub fn execute(command: Command) -> Result<(), RunError> {
 
 fn run_config(path: &Path) -> Result<(), RunError> {
     if !path.exists() {
-        return Err(RunError::File(format!(
-            "{}: no such file. Create one with `ostp --init server --config {}` (or client)",
-            path.display(),
-            path.display()
-        )));
+        return Err(RunError::Config(ConfigError {
+            file: path.to_path_buf(),
+            field: String::new(),
+            problem: format!(
+                "no such file. Create one with `ostp --init server --config {}` (or client)",
+                path.display()
+            ),
+        }));
     }
     match config::load(path)? {
         Config::Server(cfg) => server::run(cfg),

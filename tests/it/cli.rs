@@ -264,7 +264,7 @@ fn unsupported_client_features_refuse_to_start() {
         )
         .unwrap();
         let out = run_in(&d.0, &["--config", "c.json"]);
-        assert!(!out.status.success());
+        assert_eq!(out.status.code(), Some(78), "a config error");
         let err = text(&out.stderr);
         assert!(
             err.contains("not supported by this build") && err.contains(field),
@@ -320,4 +320,48 @@ fn first_run_creates_a_server_config_and_runs() {
         std::fs::read_to_string(d.0.join("config.json")).unwrap(),
         before
     );
+}
+
+/// Exit codes a service manager relies on: 78 (EX_CONFIG) for every config-file problem, so that
+/// `RestartPreventExitStatus=78` stops a restart loop; 2 for command-line mistakes; 1 otherwise.
+#[test]
+fn config_errors_exit_78_usage_errors_2_other_failures_1() {
+    let d = TempDir::new("exitcodes");
+    std::fs::write(d.0.join("broken.json"), r#"{"mode":"server","#).unwrap();
+    std::fs::write(
+        d.0.join("invalid.json"),
+        r#"{"mode":"server","api":{"bind":"nowhere"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.0.join("open-proxy.json"),
+        format!(r#"{{"mode":"client","server":"127.0.0.1:9","access_key":"{KEY}","socks5_bind":"0.0.0.0:0"}}"#),
+    )
+    .unwrap();
+    // A directory cannot be read as a file (chmod would not stop root).
+    std::fs::create_dir(d.0.join("dir.json")).unwrap();
+    for args in [
+        &["--config", "broken.json"][..],
+        &["--config", "invalid.json"],
+        &["--check", "--config", "invalid.json"],
+        &["--links", "--config", "broken.json"],
+        &["--config", "missing.json"],
+        &["--config", "dir.json"],
+        &["--config", "open-proxy.json"],
+    ] {
+        let out = run_in(&d.0, args);
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stderr).starts_with("ostp: "), "{args:?}");
+    }
+    for args in [&["--bogus"][..], &["--config"], &["--check", "--links"]] {
+        assert_eq!(run_in(&d.0, args).status.code(), Some(2), "{args:?}");
+    }
+    // Not a config problem: --init refusing to overwrite.
+    let out = run_in(&d.0, &["--init", "server", "--config", "broken.json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
 }

@@ -12,6 +12,7 @@ mod api_http;
 mod bulk_http;
 mod cli;
 mod client_hardening;
+mod dist;
 mod fairness;
 mod guard_api;
 mod hello_restart;
