@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod auth;
 pub mod backend;
+pub mod bulk;
 pub mod errors;
 pub mod front;
 pub mod guard;

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::errors::ApiError;
 use super::http::{Request, Response};
-use super::{ApiContext, auth, subscribe};
+use super::{ApiContext, auth, bulk, subscribe};
 use crate::control::ControlMsg;
 use crate::keys;
 use crate::users::persist::lock_users;
@@ -32,6 +32,9 @@ pub enum Route<'a> {
     User(&'a str),
     UserLimit(&'a str),
     UserReset(&'a str),
+    UserKick(&'a str),
+    UsersBulk,
+    UsersBulkDelete,
     Subscribe(&'a str),
 }
 
@@ -43,7 +46,10 @@ impl Route<'_> {
             Route::Users => "GET, POST",
             Route::User(_) => "GET, PATCH, DELETE",
             Route::UserLimit(_) => "PUT",
-            Route::UserReset(_) => "POST",
+            Route::UserReset(_)
+            | Route::UserKick(_)
+            | Route::UsersBulk
+            | Route::UsersBulkDelete => "POST",
         }
     }
 
@@ -60,9 +66,12 @@ pub fn resolve(path: &str) -> Option<Route<'_>> {
     let route = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some("server"), Some("status"), None, None) => Route::Status,
         (Some("users"), None, None, None) => Route::Users,
+        (Some("users"), Some("bulk"), None, None) => Route::UsersBulk,
+        (Some("users"), Some("bulk-delete"), None, None) => Route::UsersBulkDelete,
         (Some("users"), Some(k), None, None) if !k.is_empty() => Route::User(k),
         (Some("users"), Some(k), Some("limit"), None) if !k.is_empty() => Route::UserLimit(k),
         (Some("users"), Some(k), Some("reset"), None) if !k.is_empty() => Route::UserReset(k),
+        (Some("users"), Some(k), Some("kick"), None) if !k.is_empty() => Route::UserKick(k),
         (Some("subscribe"), Some(k), None, None) if !k.is_empty() => Route::Subscribe(k),
         _ => return None,
     };
@@ -90,7 +99,10 @@ fn dispatch(ctx: &ApiContext, request: &Request) -> Result<Response, ApiError> {
     let method = request.method();
     match (route, method) {
         (Route::Status, "GET") => Ok(status(ctx)),
-        (Route::Users, "GET") => Ok(list_users(ctx)),
+        (Route::Users, "GET") => bulk::list(ctx, request),
+        (Route::UsersBulk, "POST") => bulk::create(ctx, &request.body),
+        (Route::UsersBulkDelete, "POST") => bulk::delete(ctx, &request.body),
+        (Route::UserKick(k), "POST") => bulk::kick(ctx, k),
         (Route::Users, "POST") => create_user(ctx, &request.body),
         (Route::User(k), "GET") => get_user(ctx, k),
         (Route::User(k), "PATCH") => patch_user(ctx, k, &request.body),
@@ -163,10 +175,15 @@ fn status(ctx: &ApiContext) -> Response {
         online_sessions: u64,
         listen: Vec<String>,
         api_bind: String,
+        online_users: usize,
+        sessions: u64,
+        bytes_up: u64,
+        bytes_down: u64,
     }
-    let (total_users, online_sessions) = {
+    let (total_users, online_sessions, online_users, (bytes_up, bytes_down)) = {
         let t = lock_users(&ctx.users);
-        (t.len(), t.online_sessions())
+        let traffic = t.traffic_since_start();
+        (t.len(), t.online_sessions(), t.online_users(), traffic)
     };
     Response::json(
         200,
@@ -178,24 +195,16 @@ fn status(ctx: &ApiContext) -> Response {
             online_sessions,
             listen: ctx.config.listen.iter().map(|a| a.to_string()).collect(),
             api_bind: ctx.local_addr.to_string(),
+            online_users,
+            sessions: online_sessions,
+            bytes_up,
+            bytes_down,
         },
     )
 }
 
-fn list_users(ctx: &ApiContext) -> Response {
-    #[derive(Serialize)]
-    struct List {
-        users: Vec<UserView>,
-    }
-    let users: Vec<UserView> = {
-        let t = lock_users(&ctx.users);
-        t.list().into_iter().map(UserView::of).collect()
-    };
-    Response::json(200, &List { users })
-}
-
 /// Validates a key taken from the path.
-fn path_key(key: &str) -> Result<&str, ApiError> {
+pub(super) fn path_key(key: &str) -> Result<&str, ApiError> {
     keys::validate_key(key)
         .map(|()| key)
         .map_err(|e| ApiError::bad_request(format!("invalid key in the path: {e}")))
@@ -237,7 +246,10 @@ pub fn json_object(body: &[u8], allow_empty: bool) -> Result<Option<Map<String, 
     }
 }
 
-fn reject_unknown_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+pub(super) fn reject_unknown_fields(
+    map: &Map<String, Value>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
     if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
         let shown: String = k.chars().take(40).collect();
         return Err(ApiError::bad_request(format!(
@@ -249,7 +261,7 @@ fn reject_unknown_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(
 }
 
 /// `limit_bytes`: a whole number ≥ 0 or null.
-fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
+pub(super) fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
     match v {
         Value::Null => Ok(None),
         Value::Number(n) => n.as_u64().map(Some).ok_or_else(|| {
@@ -265,7 +277,7 @@ fn limit_value(v: &Value) -> Result<Option<u64>, ApiError> {
 
 /// A text field (`name`, `note`): a string of at most `max` characters without control
 /// characters, or null.
-fn text_value(field: &str, v: &Value, max: usize) -> Result<Option<String>, ApiError> {
+pub(super) fn text_value(field: &str, v: &Value, max: usize) -> Result<Option<String>, ApiError> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) if s.chars().count() <= max && !s.chars().any(char::is_control) => {
@@ -312,7 +324,7 @@ fn strategy_value(v: &Value) -> Result<ResetStrategy, ApiError> {
 }
 
 /// The settings a create request gives (defaults for the fields it leaves out).
-fn settings_value(map: &Map<String, Value>) -> Result<Settings, ApiError> {
+pub(super) fn settings_value(map: &Map<String, Value>) -> Result<Settings, ApiError> {
     let mut settings = Settings::default();
     if let Some(v) = map.get("expire_at") {
         settings.expire_at = expire_value(v)?;
@@ -384,7 +396,12 @@ fn patch_user(ctx: &ApiContext, key: &str, body: &[u8]) -> Result<Response, ApiE
 /// Makes `change` durable and applies it; the caller answers (and tells the tunnel loop)
 /// only after this returns.
 fn commit(ctx: &ApiContext, change: Change) -> Result<Applied, ApiError> {
-    ctx.persister.commit(change).map_err(|e| match e {
+    ctx.persister.commit(change).map_err(commit_error)
+}
+
+/// The answer to a change that was not made.
+pub(super) fn commit_error(e: CommitError) -> ApiError {
+    match e {
         CommitError::Table(TableError::KeyExists) => {
             ApiError::conflict("a user with this key already exists")
         }
@@ -408,7 +425,7 @@ fn commit(ctx: &ApiContext, change: Change) -> Result<Applied, ApiError> {
                 "the change could not be saved to the state file and was not made; see the server log, then retry",
             )
         }
-    })
+    }
 }
 
 fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
@@ -576,6 +593,12 @@ mod tests {
             Some(Route::UserReset("abc"))
         );
         assert_eq!(resolve("/api/subscribe/abc"), Some(Route::Subscribe("abc")));
+        assert_eq!(resolve("/api/users/abc/kick"), Some(Route::UserKick("abc")));
+        assert_eq!(resolve("/api/users/bulk"), Some(Route::UsersBulk));
+        assert_eq!(
+            resolve("/api/users/bulk-delete"),
+            Some(Route::UsersBulkDelete)
+        );
         for bad in [
             "/",
             "/api",

@@ -558,12 +558,22 @@ impl ServerLoop {
                     log::info!("user {}: deleted; closing its sessions", id.0);
                     self.remove_user(now, id);
                 }
+                ControlMsg::Kick(id, reply) => reply.send(self.kick(now, id)),
                 // New connections and datagrams are judged by the new value; open ones stay.
                 ControlMsg::AllowPrivateDestinations(allow) => self.guard.set_allow_private(allow),
                 ControlMsg::ApiBound(addr) => self.guard.protect_api(addr),
                 ControlMsg::Shutdown => self.begin_shutdown(now),
             }
         }
+    }
+
+    /// Closes every session of a user with `Normal` (the client reconnects at once; its key
+    /// stays valid); returns how many there were.
+    fn kick(&mut self, now: Instant, id: UserId) -> u32 {
+        let n = self.endpoint.user_session_count(id);
+        self.endpoint.close_user(now, id, CloseReason::Normal);
+        log::info!("user {}: kicked; closing {n} sessions", id.0);
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     /// Tells every client the server is going away; the loop ends once they are closed (or

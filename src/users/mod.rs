@@ -474,6 +474,8 @@ pub struct UserTable {
     next_id: u32,
     /// Users whose counters moved since the last counter flush.
     dirty: HashSet<UserId>,
+    /// Payload bytes (up, down) counted since this table was made (server start).
+    traffic_since_start: (u64, u64),
 }
 
 impl UserTable {
@@ -548,6 +550,20 @@ impl UserTable {
             .values()
             .map(|u| u64::from(u.online_sessions))
             .sum()
+    }
+
+    /// Users with at least one open session.
+    pub fn online_users(&self) -> usize {
+        self.users
+            .values()
+            .filter(|u| u.online_sessions > 0)
+            .count()
+    }
+
+    /// Payload bytes (up, down) of all users since the server started (resets and deletes
+    /// do not lower it).
+    pub fn traffic_since_start(&self) -> (u64, u64) {
+        self.traffic_since_start
     }
 
     pub fn user_id(&self, key: &str) -> Option<UserId> {
@@ -726,6 +742,9 @@ impl UserTable {
             u.bytes_up = u.bytes_up.saturating_add(up);
             u.bytes_down = u.bytes_down.saturating_add(down);
             self.dirty.insert(id);
+            let (t_up, t_down) = &mut self.traffic_since_start;
+            *t_up = t_up.saturating_add(up);
+            *t_down = t_down.saturating_add(down);
         }
     }
 
@@ -1178,9 +1197,16 @@ mod tests {
             "a reset is told apart from the traffic before it"
         );
         assert_eq!(u.online_sessions, 1, "reset keeps live sessions");
+        assert_eq!(t.online_users(), 1);
+        assert_eq!(
+            t.traffic_since_start(),
+            (u64::MAX, u64::MAX),
+            "totals since start survive resets and saturate"
+        );
         t.session_closed(id);
         t.session_closed(id);
         assert_eq!(t.get(id).unwrap().online_sessions, 0);
+        assert_eq!(t.online_users(), 0);
         t.set_limit(K1, None).unwrap();
         assert_eq!(t.budget(id), Budget::Unlimited);
         assert_eq!(t.budget(UserId(999)), Budget::Exhausted);

@@ -112,6 +112,8 @@ pub struct StoreStats {
     pub compactions: u64,
     /// The last journal change.
     pub last_seq: u64,
+    /// Batches appended to the journal since start (one write + one fsync each).
+    pub batches: u64,
     /// Counter flushes that succeeded (nothing to write counts) / failed, since start.
     pub flushes: u64,
     pub flush_failures: u64,
@@ -133,6 +135,10 @@ struct JournalState {
 
 type Slot = Arc<Mutex<Option<Result<Applied, CommitError>>>>;
 
+/// Changes queued together: a group of several is all-or-nothing (see
+/// [`Persister::commit_all`]); a group of one is an independent change.
+type Group = Vec<(Change, Slot)>;
+
 #[derive(Default)]
 struct FlusherCtl {
     stop: bool,
@@ -148,7 +154,7 @@ struct Inner {
     path: PathBuf,
     journal_path: PathBuf,
     users: SharedUsers,
-    queue: Mutex<Vec<(Change, Slot)>>,
+    queue: Mutex<Vec<Group>>,
     journal: Mutex<JournalState>,
     compacting: Mutex<()>,
     compaction_threshold: Mutex<Option<u64>>,
@@ -240,7 +246,49 @@ impl Persister {
             }
         }
         let slots: Vec<Slot> = changes.iter().map(|_| Arc::new(Mutex::new(None))).collect();
-        lock(&self.inner.queue).extend(changes.into_iter().zip(slots.iter().cloned()));
+        let groups = changes
+            .into_iter()
+            .zip(slots.iter().cloned())
+            .map(|c| vec![c]);
+        lock(&self.inner.queue).extend(groups);
+        self.run_queued(&slots)
+    }
+
+    /// Commits `changes` all-or-nothing with one write (one journal batch, one fsync): if any
+    /// does not fit the table (checked in order, each against the ones before it), none is
+    /// written or applied and the error names its index.
+    pub fn commit_all(&self, changes: Vec<Change>) -> Result<Vec<Applied>, (usize, CommitError)> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if lock(&self.inner.journal).file.is_none() {
+            if let Err(e) = self.compact() {
+                return Err((0, CommitError::Persist(e)));
+            }
+        }
+        let slots: Vec<Slot> = changes.iter().map(|_| Arc::new(Mutex::new(None))).collect();
+        let group = changes.into_iter().zip(slots.iter().cloned()).collect();
+        lock(&self.inner.queue).push(group);
+        let mut results = self.run_queued(&slots);
+        // A table error names the entry at fault; the others of the group are not processed.
+        let fault = results
+            .iter()
+            .position(|r| matches!(r, Err(CommitError::Table(_))))
+            .or_else(|| results.iter().position(Result::is_err));
+        match fault {
+            Some(i) => Err((
+                i,
+                results
+                    .swap_remove(i)
+                    .err()
+                    .unwrap_or_else(|| self.not_processed()),
+            )),
+            None => Ok(results.into_iter().flatten().collect()),
+        }
+    }
+
+    /// Runs the queue unless a holder of the journal lock already ran `slots`; answers them.
+    fn run_queued(&self, slots: &[Slot]) -> Vec<Result<Applied, CommitError>> {
         let mut j = lock(&self.inner.journal);
         // A holder before us may have taken our changes in its batch (and compacts after it).
         let ran = slots.iter().any(|s| lock(s).is_none());
@@ -299,16 +347,43 @@ impl Persister {
         *lock(&self.inner.reset_listener) = Some(Box::new(listener));
     }
 
-    /// Checks, appends and applies one batch (journal lock held by the caller).
-    fn run_batch(&self, j: &mut JournalState, batch: Vec<(Change, Slot)>) {
+    /// Checks, appends and applies one batch (journal lock held by the caller). A group of
+    /// several changes is accepted whole or refused whole.
+    fn run_batch(&self, j: &mut JournalState, batch: Vec<Group>) {
         let mut accepted = Vec::with_capacity(batch.len());
         {
             let table = lock(&self.inner.users);
             let mut pending = Pending::new();
-            for (change, slot) in batch {
-                match table.check(&change, &mut pending) {
-                    Ok(()) => accepted.push((change, slot)),
-                    Err(e) => *lock(&slot) = Some(Err(CommitError::Table(e))),
+            for group in batch {
+                if group.len() == 1 {
+                    // A failed check records nothing in `pending`.
+                    for (change, slot) in group {
+                        match table.check(&change, &mut pending) {
+                            Ok(()) => accepted.push((change, slot)),
+                            Err(e) => *lock(&slot) = Some(Err(CommitError::Table(e))),
+                        }
+                    }
+                    continue;
+                }
+                let mut trial = pending.clone();
+                let fault = group
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, (c, _))| table.check(c, &mut trial).err().map(|e| (i, e)));
+                match fault {
+                    None => {
+                        pending = trial;
+                        accepted.extend(group);
+                    }
+                    Some((at, e)) => {
+                        for (i, (_, slot)) in group.iter().enumerate() {
+                            *lock(slot) = Some(Err(if i == at {
+                                CommitError::Table(e.clone())
+                            } else {
+                                self.not_processed()
+                            }));
+                        }
+                    }
                 }
             }
         }
@@ -368,6 +443,7 @@ impl Persister {
         j.stats.last_seq = last;
         j.stats.journal_len += n;
         j.stats.journal_appended += n;
+        j.stats.batches += 1;
         if let Some(c) = &mut j.collecting {
             c.extend_from_slice(&bytes);
         }
@@ -587,6 +663,58 @@ mod tests {
             created_at: 0,
             settings: Default::default(),
         }
+    }
+
+    #[test]
+    fn commit_all_is_one_batch_and_all_or_nothing() {
+        let path = temp_state();
+        let (users, p) = started(&path);
+        let before = p.stats().batches;
+        let keys: Vec<String> = (0..50).map(|i| format!("bulk-key-{i:04}")).collect();
+        let done = p
+            .commit_all(keys.iter().map(|k| create(k)).collect())
+            .unwrap();
+        assert_eq!(done.len(), 50);
+        assert_eq!(
+            p.stats().batches,
+            before + 1,
+            "one journal batch (one fsync)"
+        );
+        assert_eq!(lock_users(&users).len(), 50);
+
+        // Entry 2 repeats entry 0: nothing of the group is written or applied.
+        let appended = p.stats().journal_appended;
+        let bad = vec![create("fresh-a"), create("fresh-b"), create("fresh-a")];
+        let (at, e) = p.commit_all(bad).unwrap_err();
+        assert_eq!(at, 2);
+        assert!(
+            matches!(e, CommitError::Table(TableError::KeyExists)),
+            "{e}"
+        );
+        // Deleting an existing and an unknown key: the unknown one (index 1) is named.
+        let dels = vec![
+            Change::Delete {
+                key: keys[0].clone(),
+            },
+            Change::Delete {
+                key: "no-such-key".into(),
+            },
+        ];
+        let (at, e) = p.commit_all(dels).unwrap_err();
+        assert_eq!(at, 1);
+        assert!(matches!(e, CommitError::Table(TableError::NotFound)), "{e}");
+        assert_eq!(p.stats().journal_appended, appended, "nothing was written");
+        assert_eq!(lock_users(&users).len(), 50);
+        assert!(lock_users(&users).get_by_key("fresh-a").is_none());
+
+        let dels = keys
+            .iter()
+            .map(|k| Change::Delete { key: k.clone() })
+            .collect();
+        assert_eq!(p.commit_all(dels).unwrap().len(), 50);
+        assert!(lock_users(&users).is_empty());
+        assert!(load_stored(&path).unwrap().is_empty(), "durable");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod api_durability;
 mod api_hardening;
 mod api_http;
 mod bulk_http;
+mod bulk_ops;
 mod cli;
 mod client_hardening;
 mod dist;

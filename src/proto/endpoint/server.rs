@@ -399,6 +399,11 @@ impl ServerEndpoint {
         }
     }
 
+    /// Number of sessions of a user (closing ones included).
+    pub fn user_session_count(&self, id: UserId) -> usize {
+        self.users.get(&id.0).map_or(0, |u| u.sessions.len())
+    }
+
     /// Number of users.
     pub fn user_count(&self) -> usize {
         self.users.len()
