@@ -378,6 +378,7 @@ fn describe_refusal(reason: RefuseReason) -> &'static str {
         RefuseReason::SessionLimit => "this key already has the maximum number of sessions",
         RefuseReason::ServerFull => "the server is full",
         RefuseReason::Expired => "access key expired",
+        RefuseReason::DeviceLimit => "device limit reached: another device is using this key",
         RefuseReason::Other(_) => "no reason given",
     }
 }
