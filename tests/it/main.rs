@@ -12,6 +12,7 @@ mod api_http;
 mod bulk_http;
 mod cli;
 mod client_hardening;
+mod devices;
 mod dist;
 mod fairness;
 mod guard_api;
