@@ -1,6 +1,7 @@
 //! `cargo bench --bench api_users`: `GET /api/users` with 10,000 users over loopback HTTP —
 //! latency p50/p99 and requests/s, reported as ratios against `GET /api/server/status`
-//! (same server, same run) as the baseline; then the write path at 50,000 users: `POST
+//! (same server, same run) as the baseline, and `GET /metrics` (per-user series on) against the
+//! same baseline; then the write path at 50,000 users: `POST
 //! /api/users` latency, bytes written per change (journal) and per counter flush.
 
 #[path = "../tests/it/support/api.rs"]
@@ -87,6 +88,7 @@ fn main() {
 
     let base = measure(&srv, "/api/server/status", 2000);
     let list = measure(&srv, "/api/users", 200);
+    let metrics = measure(&srv, "/metrics", 200);
     println!("api_users: {USERS} users, sequential, one keep-alive connection per client");
     println!(
         "  baseline GET /api/server/status: p50 {:>9.3?}  p99 {:>9.3?}  {:>8.0} req/s  ({} B)",
@@ -101,6 +103,15 @@ fn main() {
         list.p50.as_secs_f64() / base.p50.as_secs_f64(),
         list.p99.as_secs_f64() / base.p99.as_secs_f64(),
         list.per_sec / base.per_sec
+    );
+    println!(
+        "  GET /metrics ({USERS} users):     p50 {:>9.3?}  p99 {:>9.3?}  {:>8.0} req/s  ({} B)",
+        metrics.p50, metrics.p99, metrics.per_sec, metrics.bytes
+    );
+    println!(
+        "  ratio metrics/status: p50 x{:.1}, p99 x{:.1}",
+        metrics.p50.as_secs_f64() / base.p50.as_secs_f64(),
+        metrics.p99.as_secs_f64() / base.p99.as_secs_f64()
     );
     let cb = concurrent(&srv, "/api/server/status", 4, Duration::from_secs(2));
     let cl = concurrent(&srv, "/api/users", 4, Duration::from_secs(3));

@@ -75,6 +75,8 @@ pub struct ApiConfig {
     pub enabled: bool,
     pub bind: SocketAddr,
     pub token: String,
+    /// A second token that reads `GET /metrics` and nothing else (empty = none).
+    pub metrics_token: String,
 }
 
 impl Default for ApiConfig {
@@ -83,7 +85,21 @@ impl Default for ApiConfig {
             enabled: false,
             bind: DEFAULT_API_BIND.parse().expect("valid default"),
             token: String::new(),
+            metrics_token: String::new(),
         }
+    }
+}
+
+/// The `metrics` block (`GET /metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Export `ostp_user_bytes_total` per user (off for very large servers).
+    pub per_user: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { per_user: true }
     }
 }
 
@@ -140,6 +156,7 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub access_keys: Vec<AccessKeyEntry>,
     pub api: ApiConfig,
+    pub metrics: MetricsConfig,
     /// Host put into share links and client configs; `None` = the API request's `Host`.
     pub public_host: Option<String>,
     /// Runtime state (API-created users, counters); its journal is `<state_file>.journal`.
@@ -549,12 +566,23 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         if let Some(t) = a.opt_str("token")? {
             api.token = t;
         }
+        if let Some(t) = a.opt_str("metrics_token")? {
+            api.metrics_token = t;
+        }
         a.finish()?;
     }
+    let loopback_only = !api.enabled || api.bind.ip().is_loopback();
     if !api.token.is_empty() {
-        let loopback_only = !api.enabled || api.bind.ip().is_loopback();
         keys::validate_token(&api.token, loopback_only)
             .map_err(|e| ctx.err("api.token", &e.to_string()))?;
+    }
+    check_metrics_token(ctx, &api, loopback_only)?;
+    let mut metrics = MetricsConfig::default();
+    if let Some(mut m) = obj.opt_obj("metrics")? {
+        if let Some(b) = m.opt_bool("per_user")? {
+            metrics.per_user = b;
+        }
+        m.finish()?;
     }
     if api.enabled && api.token.is_empty() && !api.bind.ip().is_loopback() {
         return Err(ctx.err(
@@ -611,6 +639,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         listen,
         access_keys,
         api,
+        metrics,
         public_host,
         state_file,
         allow_symlinked_state,
@@ -620,6 +649,30 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         max_sessions_per_user,
         limits,
     })
+}
+
+/// `api.metrics_token`: validated like `api.token`, only beside a token (an open API already
+/// serves `/metrics`), and different from it (otherwise the scraper could manage users).
+fn check_metrics_token(ctx: &Ctx, api: &ApiConfig, loopback_only: bool) -> Result<(), ConfigError> {
+    let field = "api.metrics_token";
+    if api.metrics_token.is_empty() {
+        return Ok(());
+    }
+    keys::validate_token(&api.metrics_token, loopback_only)
+        .map_err(|e| ctx.err(field, &e.to_string()))?;
+    if api.token.is_empty() {
+        return Err(ctx.err(
+            field,
+            "is set but api.token is empty: an API without a token serves /metrics to every local client anyway; set api.token too",
+        ));
+    }
+    if keys::ct_eq(api.metrics_token.as_bytes(), api.token.as_bytes()) {
+        return Err(ctx.err(
+            field,
+            "is the same as api.token; give the scraper its own token so that it cannot manage users",
+        ));
+    }
+    Ok(())
 }
 
 fn parse_limits(obj: &mut Obj) -> Result<ServerLimits, ConfigError> {
@@ -1002,6 +1055,63 @@ mod tests {
         );
         assert!(with("0.0.0.0:9090", "0123456789abcdef").is_ok());
         assert!(with("0.0.0.0:9090", "pass phrase with spaces!").is_ok());
+    }
+
+    #[test]
+    fn metrics_token_and_per_user() {
+        let with = |api: Value, extra: Value| {
+            let mut v = serde_json::json!({"mode": "server", "api": api});
+            if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+                m.extend(e);
+            }
+            p(&v.to_string())
+        };
+        let none = serde_json::json!({});
+        let s = server(r#"{"mode": "server"}"#);
+        assert_eq!(
+            (s.api.metrics_token.as_str(), s.metrics.per_user),
+            ("", true)
+        );
+        let ok = with(
+            serde_json::json!({"enabled": true, "bind": "0.0.0.0:9090", "token": "0123456789abcdef", "metrics_token": "scraper-0123456789"}),
+            serde_json::json!({"metrics": {"per_user": false}}),
+        );
+        let Ok(Config::Server(s)) = ok else {
+            panic!("{ok:?}")
+        };
+        assert_eq!(s.api.metrics_token, "scraper-0123456789");
+        assert!(!s.metrics.per_user);
+        for (api, why) in [
+            (
+                serde_json::json!({"enabled": true, "bind": "0.0.0.0:9090", "token": "0123456789abcdef", "metrics_token": "short"}),
+                "at least 16",
+            ),
+            (
+                serde_json::json!({"enabled": true, "bind": "127.0.0.1:9090", "token": "x", "metrics_token": " y"}),
+                "space",
+            ),
+            (
+                serde_json::json!({"enabled": true, "bind": "127.0.0.1:9090", "metrics_token": "scraper"}),
+                "api.token is empty",
+            ),
+            (
+                serde_json::json!({"enabled": true, "bind": "127.0.0.1:9090", "token": "same-token", "metrics_token": "same-token"}),
+                "same as api.token",
+            ),
+        ] {
+            let e = with(api.clone(), none.clone()).unwrap_err();
+            assert_eq!(e.field, "api.metrics_token", "{api}");
+            assert!(e.problem.contains(why), "{api}: {e}");
+            assert!(!e.to_string().contains("same-token"), "token echoed: {e}");
+        }
+        let e = with(
+            none.clone(),
+            serde_json::json!({"metrics": {"per_user": "no"}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "metrics.per_user");
+        let e = with(none, serde_json::json!({"metrics": {"perUser": false}})).unwrap_err();
+        assert_eq!(e.field, "metrics.perUser");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! With an empty configured token the API is open: every request is accepted whatever its
 //! `Authorization` header says (config.rs allows that only on a loopback bind). With a token
 //! set, a request needs exactly one `Authorization: Bearer <token>` header (scheme
-//! case-insensitive); anything else is 401 with `WWW-Authenticate: Bearer`.
+//! case-insensitive); anything else is 401 with `WWW-Authenticate: Bearer`. `GET /metrics`
+//! also accepts the optional metrics token ([`check_head_any`]).
 
 use super::errors::ApiError;
 use super::http::{Head, Request};
@@ -20,9 +21,27 @@ pub fn check(request: &Request, token: &str) -> Result<(), ApiError> {
 /// Checks a request head against the configured token (the front end does this before it
 /// reads the body or sends `100 Continue`).
 pub fn check_head(head: &Head, token: &str) -> Result<(), ApiError> {
+    check_head_any(head, token, "")
+}
+
+/// Checks a request head against `token` or, when not empty, a second token `also` (the
+/// metrics token on `GET /metrics`). Both are compared, in constant time, whatever the first
+/// comparison gave.
+pub fn check_head_any(head: &Head, token: &str, also: &str) -> Result<(), ApiError> {
     if token.is_empty() {
         return Ok(());
     }
+    let presented = presented_token(head)?.as_bytes();
+    let first = keys::ct_eq(presented, token.as_bytes());
+    let second = !also.is_empty() && keys::ct_eq(presented, also.as_bytes());
+    if !(first | second) {
+        return Err(ApiError::unauthorized("invalid token", CHALLENGE_INVALID));
+    }
+    Ok(())
+}
+
+/// The credentials of the one `Authorization: Bearer` header.
+fn presented_token(head: &Head) -> Result<&str, ApiError> {
     let mut values = head
         .headers
         .iter()
@@ -54,10 +73,7 @@ pub fn check_head(head: &Head, token: &str) -> Result<(), ApiError> {
             CHALLENGE,
         ));
     }
-    if !keys::ct_eq(presented.as_bytes(), token.as_bytes()) {
-        return Err(ApiError::unauthorized("invalid token", CHALLENGE_INVALID));
-    }
-    Ok(())
+    Ok(presented)
 }
 
 #[cfg(test)]
@@ -91,6 +107,24 @@ mod tests {
             assert_eq!(e.status, 401, "{bad:?}");
             assert!(e.www_authenticate.unwrap().starts_with("Bearer"));
             assert!(!e.message.contains("sekret"));
+        }
+    }
+
+    #[test]
+    fn a_second_token_is_accepted_only_where_offered() {
+        let good = req("Authorization: Bearer scraper\r\n");
+        assert!(check_head_any(&good.head, "sekret", "scraper").is_ok());
+        assert!(check_head_any(&good.head, "sekret", "").is_err());
+        assert_eq!(check(&good, "sekret").unwrap_err().status, 401);
+        let api = req("Authorization: Bearer sekret\r\n");
+        assert!(check_head_any(&api.head, "sekret", "scraper").is_ok());
+        for bad in [
+            "",
+            "Authorization: Bearer \r\n",
+            "Authorization: Bearer scrape\r\n",
+        ] {
+            let e = check_head_any(&req(bad).head, "sekret", "scraper").unwrap_err();
+            assert_eq!(e.status, 401, "{bad:?}");
         }
     }
 

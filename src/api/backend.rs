@@ -171,7 +171,10 @@ fn answer(mut rq: tiny_http::Request, ctx: &ApiContext) {
                 },
                 body,
             };
-            routes::handle(ctx, &request)
+            let response = routes::handle(ctx, &request);
+            let (method, path) = (request.method(), request.path());
+            ctx.metrics.count_request(method, path, response.status);
+            response
         }
     };
     let _ = rq.respond(to_tiny(response));

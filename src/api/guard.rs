@@ -1,7 +1,8 @@
 //! The checks on a request head before the front end reads the body or sends `100 Continue`
 //! (sans-IO, takes `now`): the open API's browser defences (loopback `Host` only, same-origin
 //! only, JSON mutations only), the bearer token, and the per-address limit on failed
-//! authentications ([`FailedAuthLimiter`]).
+//! authentications ([`FailedAuthLimiter`]). `GET /metrics` also accepts the metrics token;
+//! every other route only the API token. Refusals are counted for `/metrics`.
 //!
 //! Why the browser checks apply only to the open API: a web page can make a browser send
 //! requests to the API (cross-site form posts; DNS rebinding, which makes the page same-origin
@@ -11,11 +12,13 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::admission::PeerKey;
 use super::errors::ApiError;
 use super::http::Head;
+use super::metrics::{self, Metrics};
 use super::{auth, routes};
 
 /// Addresses whose failures are remembered at once; beyond, settled entries are dropped first.
@@ -87,27 +90,62 @@ impl FailedAuthLimiter {
 pub struct Gate {
     token: String,
     limiter: FailedAuthLimiter,
+    /// Also accepted on `/metrics` (empty = none).
+    metrics_token: String,
+    /// Where refusals are counted.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Gate {
     /// `token` empty = open API.
     pub fn new(token: String, limiter: FailedAuthLimiter) -> Gate {
-        Gate { token, limiter }
+        Gate {
+            token,
+            limiter,
+            metrics_token: String::new(),
+            metrics: None,
+        }
+    }
+
+    /// Accepts `metrics_token` (if not empty) on `/metrics` and counts refusals in `metrics`.
+    pub fn with_metrics(mut self, metrics_token: String, metrics: Arc<Metrics>) -> Gate {
+        self.metrics_token = metrics_token;
+        self.metrics = Some(metrics);
+        self
     }
 
     /// `Ok` = read the body and answer; `Err` = send this error and close.
     pub fn check(&mut self, peer: PeerKey, head: &Head, now: Instant) -> Result<(), ApiError> {
+        let path = head.target.split('?').next().unwrap_or_default();
+        let result = self.check_path(peer, head, path, now);
+        if let (Err(e), Some(m)) = (&result, &self.metrics) {
+            m.count_request(&head.method, path, e.status);
+        }
+        result
+    }
+
+    fn check_path(
+        &mut self,
+        peer: PeerKey,
+        head: &Head,
+        path: &str,
+        now: Instant,
+    ) -> Result<(), ApiError> {
         if self.token.is_empty() {
             return check_open_api(head);
         }
-        let path = head.target.split('?').next().unwrap_or_default();
-        if !routes::resolve(path).is_some_and(|r| r.needs_token()) {
+        let (needs_token, also) = if path == metrics::PATH {
+            (true, self.metrics_token.as_str())
+        } else {
+            (routes::resolve(path).is_some_and(|r| r.needs_token()), "")
+        };
+        if !needs_token {
             return Ok(());
         }
         if let Some(wait) = self.limiter.wait(peer, now) {
             return Err(too_many_failures(wait));
         }
-        auth::check_head(head, &self.token).inspect_err(|_| {
+        auth::check_head_any(head, &self.token, also).inspect_err(|_| {
             if self.limiter.failed(peer, now) {
                 log::warn!(
                     "api: too many failed authentications from {}; refusing its requests for a while",
@@ -307,6 +345,70 @@ mod tests {
         let sub = head("GET /api/subscribe/somekey HTTP/1.1\r\n\r\n");
         assert!(g.check(a, &sub, t0).is_ok());
         assert!(g.check(a, &head("GET /nope HTTP/1.1\r\n\r\n"), t0).is_ok());
+    }
+
+    #[test]
+    fn metrics_token_opens_only_metrics_and_refusals_are_counted() {
+        let t0 = Instant::now();
+        let m = Arc::new(Metrics::default());
+        let mut g = Gate::new(
+            "api-token-0123456789".into(),
+            FailedAuthLimiter::new(100, Duration::from_secs(1)),
+        )
+        .with_metrics("scrape-token-0123456789".into(), m.clone());
+        let p = key("192.0.2.1");
+        let with = |path: &str, token: &str| {
+            head(&format!(
+                "GET {path} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ))
+        };
+        assert!(
+            g.check(p, &with("/metrics", "scrape-token-0123456789"), t0)
+                .is_ok()
+        );
+        assert!(
+            g.check(p, &with("/metrics", "api-token-0123456789"), t0)
+                .is_ok()
+        );
+        for path in [
+            "/api/users",
+            "/api/server/status",
+            "/api/users/abcdefabcdefabcdef",
+        ] {
+            let e = g
+                .check(p, &with(path, "scrape-token-0123456789"), t0)
+                .unwrap_err();
+            assert_eq!(e.status, 401, "{path}");
+            assert!(g.check(p, &with(path, "api-token-0123456789"), t0).is_ok());
+        }
+        let e = g
+            .check(p, &head("GET /metrics HTTP/1.1\r\n\r\n"), t0)
+            .unwrap_err();
+        assert_eq!(e.status, 401);
+        let e = g.check(p, &with("/metrics?x=1", "wrong"), t0).unwrap_err();
+        assert_eq!(e.status, 401);
+        // Without a metrics token, /metrics takes only the API token.
+        let mut plain = Gate::new(
+            "api-token-0123456789".into(),
+            FailedAuthLimiter::new(100, Duration::from_secs(1)),
+        );
+        let e = plain.check(p, &with("/metrics", ""), t0).unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(
+            plain
+                .check(p, &with("/metrics", "api-token-0123456789"), t0)
+                .is_ok()
+        );
+        let text = m.requests_text();
+        assert!(
+            text.contains("route=\"/metrics\",method=\"GET\",code=\"401\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("route=\"/api/users/{key}\",method=\"GET\",code=\"401\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("abcdefabcdefabcdef"), "{text}");
     }
 
     #[test]

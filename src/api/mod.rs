@@ -3,7 +3,8 @@
 //!   request deadlines, keep-alive) that validates requests and relays them over a private Unix
 //!   socket to
 //! - [`backend`]: the tiny_http server whose fixed worker pool runs
-//! - [`routes`] (path + method → handler), [`auth`], [`subscribe`], with JSON [`errors`].
+//! - [`routes`] (path + method → handler), [`auth`], [`subscribe`], with JSON [`errors`],
+//!   and [`metrics`] (`GET /metrics`).
 //!
 //! See `docs/api.md` for the user-facing reference.
 
@@ -14,6 +15,7 @@ pub mod errors;
 pub mod front;
 pub mod guard;
 pub mod http;
+pub mod metrics;
 pub mod routes;
 pub mod subscribe;
 
@@ -26,6 +28,7 @@ use std::time::Instant;
 use crate::config::ServerConfig;
 use crate::control::ControlSender;
 use crate::keys;
+use crate::tunnel::stats::SharedTunnelStats;
 use crate::users::{Persister, SharedUsers};
 
 pub use front::Limits;
@@ -41,6 +44,8 @@ pub struct ApiContext {
     pub token: String,
     /// The address the API actually listens on.
     pub local_addr: SocketAddr,
+    /// Request counts and the tunnel's published counters for `GET /metrics`.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Starting the API failed.
@@ -84,25 +89,29 @@ impl ApiHandle {
     }
 }
 
-/// Starts the API on `config.api.bind` with the default [`Limits`].
+/// Starts the API on `config.api.bind` with the default [`Limits`]; `/metrics` shows the
+/// counters the tunnel loop publishes into `tunnel`.
 pub fn start(
     config: Arc<ServerConfig>,
     users: SharedUsers,
     persister: Persister,
     control: ControlSender,
     started_at: Instant,
+    tunnel: SharedTunnelStats,
 ) -> Result<ApiHandle, ApiStartError> {
-    start_with_limits(
+    let metrics = Arc::new(metrics::Metrics::new(tunnel));
+    start_inner(
         config,
         users,
         persister,
         control,
         started_at,
         Limits::default(),
+        metrics,
     )
 }
 
-/// Starts the API with explicit limits (tests use small timeouts).
+/// Starts the API with explicit limits and no tunnel (tests use small timeouts).
 pub fn start_with_limits(
     config: Arc<ServerConfig>,
     users: SharedUsers,
@@ -110,6 +119,21 @@ pub fn start_with_limits(
     control: ControlSender,
     started_at: Instant,
     limits: Limits,
+) -> Result<ApiHandle, ApiStartError> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    start_inner(
+        config, users, persister, control, started_at, limits, metrics,
+    )
+}
+
+fn start_inner(
+    config: Arc<ServerConfig>,
+    users: SharedUsers,
+    persister: Persister,
+    control: ControlSender,
+    started_at: Instant,
+    limits: Limits,
+    metrics: Arc<metrics::Metrics>,
 ) -> Result<ApiHandle, ApiStartError> {
     let addr = config.api.bind;
     let listener =
@@ -123,6 +147,7 @@ pub fn start_with_limits(
         control,
         started_at,
         local_addr,
+        metrics: metrics.clone(),
     });
     let auth_text = if ctx.token.is_empty() {
         "no token (open API)".to_string()
@@ -130,12 +155,14 @@ pub fn start_with_limits(
         format!("token {}", keys::mask(&ctx.token))
     };
     let ctx_token = ctx.token.clone();
+    let metrics_token = ctx.config.api.metrics_token.clone();
     let backend = backend::Backend::start(ctx, limits.workers).map_err(ApiStartError::Io)?;
     let socket = backend.socket_path().to_path_buf();
     let gate = guard::Gate::new(
         ctx_token,
         guard::FailedAuthLimiter::new(limits.auth_failure_burst, limits.auth_failure_interval),
-    );
+    )
+    .with_metrics(metrics_token, metrics);
     let front = front::start(listener, limits.clone(), gate, move |req| {
         backend::relay(&socket, req)
     })

@@ -83,7 +83,10 @@ pub fn handle(ctx: &ApiContext, request: &Request) -> Response {
 
 fn dispatch(ctx: &ApiContext, request: &Request) -> Result<Response, ApiError> {
     let Some(route) = resolve(request.path()) else {
-        return Err(ApiError::not_found("no such endpoint"));
+        return match request.path() {
+            super::metrics::PATH => Ok(super::metrics::handle(ctx, request)),
+            _ => Err(ApiError::not_found("no such endpoint")),
+        };
     };
     if route.needs_token() {
         auth::check(request, &ctx.token)?;

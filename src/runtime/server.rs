@@ -27,7 +27,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
         Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
     }
     let (users, persister) = users::open(&cfg).map_err(|e| RunError::Other(e.to_string()))?;
-    let tunnel = server_loop::start(&cfg, users.clone(), LoopOptions::from_config(&cfg))
+    let options = LoopOptions::from_config(&cfg);
+    let tunnel_stats = options.stats.clone();
+    let tunnel = server_loop::start(&cfg, users.clone(), options)
         .map_err(|e| RunError::Other(e.to_string()))?;
     let control = tunnel.control.clone();
     let mut cfg = cfg;
@@ -44,6 +46,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
                 persister.clone(),
                 control.clone(),
                 started_at,
+                tunnel_stats,
             )
             .map_err(|e| RunError::Other(e.to_string()))?,
         )
@@ -188,6 +191,7 @@ fn reload(
     // still tells that they differ.
     fresh.listen = std::mem::take(&mut current.listen);
     fresh.api = current.api.clone();
+    fresh.metrics = current.metrics.clone();
     fresh.state_file = std::mem::take(&mut current.state_file);
     fresh.allow_symlinked_state = current.allow_symlinked_state;
     fresh.public_host = current.public_host.take();
@@ -203,6 +207,7 @@ fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'s
     let fields = [
         ("listen", running.listen != fresh.listen),
         ("api", running.api != fresh.api),
+        ("metrics", running.metrics != fresh.metrics),
         ("state_file", running.state_file != fresh.state_file),
         (
             "allow_symlinked_state",

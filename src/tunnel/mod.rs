@@ -16,6 +16,7 @@
 //! - [`hello_record`] — the server's record of answered hellos on disk (survives restarts).
 //! - [`server_loop`] — the server's mio event loop: UDP listen sockets, outbound TCP, API control
 //!   messages; carries out the ledger's verdicts.
+//! - [`stats`]       — the server loop's counters, published once per second for `GET /metrics`.
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
@@ -33,6 +34,7 @@ pub mod quotas;
 pub mod resolver;
 pub mod server_loop;
 pub mod slab;
+pub mod stats;
 pub mod supervisor;
 pub mod target;
 pub mod udp_relay;

@@ -112,6 +112,11 @@ pub struct StoreStats {
     pub compactions: u64,
     /// The last journal change.
     pub last_seq: u64,
+    /// Counter flushes that succeeded (nothing to write counts) / failed, since start.
+    pub flushes: u64,
+    pub flush_failures: u64,
+    /// Unix seconds of the last successful counter flush (0 = none yet).
+    pub last_flush_unix: u64,
 }
 
 struct JournalState {
@@ -442,12 +447,17 @@ impl Persister {
     pub fn flush_counters(&self) -> Result<(), PersistError> {
         let mut j = lock(&self.inner.journal);
         let (ids, changes) = lock(&self.inner.users).take_counters();
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let written = self.append(&mut j, &changes);
+        let written = if changes.is_empty() {
+            Ok(())
+        } else {
+            self.append(&mut j, &changes)
+        };
         if written.is_err() {
             lock(&self.inner.users).counters_unsaved(ids);
+            j.stats.flush_failures += 1;
+        } else {
+            j.stats.flushes += 1;
+            j.stats.last_flush_unix = super::now_unix();
         }
         written
     }
@@ -633,6 +643,30 @@ mod tests {
         let snap = state_file::read(&path).unwrap().unwrap();
         assert_eq!(snap.users[0].bytes_up, 11, "the snapshot alone holds it");
         assert_eq!(snap.journal_seq, p.stats().last_seq);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn flushes_and_their_failures_are_counted() {
+        let path = temp_state();
+        let (users, p) = started(&path);
+        let id = p.commit(create("aaaaaaaaaaaaaaaa")).unwrap().id;
+        assert_eq!((p.stats().flushes, p.stats().last_flush_unix), (0, 0));
+        p.flush_now().unwrap();
+        let ok = p.stats();
+        assert_eq!(ok.flushes, 1, "nothing to write is a successful flush");
+        assert!(ok.last_flush_unix >= 1_700_000_000);
+        lock_users(&users).add_traffic(id, 1, 1);
+        lock(&p.inner.journal).file = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open("/dev/full")
+                .unwrap(),
+        );
+        assert!(p.flush_now().is_err());
+        let failed = p.stats();
+        assert_eq!((failed.flushes, failed.flush_failures), (1, 1));
+        assert_eq!(failed.last_flush_unix, ok.last_flush_unix);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

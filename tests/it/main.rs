@@ -18,6 +18,7 @@ mod fairness;
 mod guard_api;
 mod hello_restart;
 mod lossy_relay;
+mod metrics;
 mod operator;
 mod proto_fuzz_props;
 mod proto_secure;

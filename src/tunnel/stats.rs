@@ -1,0 +1,83 @@
+//! The server loop's counters as `GET /metrics` sees them: [`TunnelStats`] is counted on the
+//! loop thread without locks and copied into a [`SharedTunnelStats`] once per second (with the
+//! ledger sync), so a scrape is at most about one second behind and never contends with packets.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::proto::{EndpointStats, RefuseReason};
+
+/// Label values of the refusal reasons, in [`refusal_index`] order.
+pub const REFUSAL_REASONS: [&str; 7] = [
+    "session_limit",
+    "disabled",
+    "server_full",
+    "quota_exceeded",
+    "expired",
+    "device_limit",
+    "other",
+];
+
+/// Where a refusal reason is counted in [`TunnelStats::refused`].
+pub fn refusal_index(reason: RefuseReason) -> usize {
+    match reason {
+        RefuseReason::SessionLimit => 0,
+        RefuseReason::Disabled => 1,
+        RefuseReason::ServerFull => 2,
+        RefuseReason::QuotaExceeded => 3,
+        RefuseReason::Expired => 4,
+        RefuseReason::DeviceLimit => 5,
+        RefuseReason::Other(_) => 6,
+    }
+}
+
+/// The tunnel loop's counters and gauges (plain integers: the loop owns them; 64-bit values
+/// are copied under a mutex, never shared as atomics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    /// The protocol endpoint's counters (datagrams, drops by reason, sessions created).
+    pub endpoint: EndpointStats,
+    /// Authenticated handshake refusals, by [`refusal_index`].
+    pub refused: [u64; REFUSAL_REASONS.len()],
+    /// Live sessions (gauge).
+    pub sessions: u64,
+    /// Outbound streams started (admitted by the ledger and the quotas).
+    pub streams_opened: u64,
+    /// Outbound streams open now, connecting or resolving included (gauge).
+    pub streams_active: u64,
+    /// Stream destinations the destination guard refused.
+    pub destinations_refused: u64,
+    /// Unix seconds of the copy (0 = never published).
+    pub published_unix: u64,
+}
+
+impl TunnelStats {
+    /// Counts one authenticated refusal.
+    pub fn refusal(&mut self, reason: RefuseReason) {
+        self.refused[refusal_index(reason)] += 1;
+    }
+}
+
+/// The last published copy, read by the API.
+pub type SharedTunnelStats = Arc<Mutex<TunnelStats>>;
+
+/// Locks the published copy (briefly: one copy in, one copy out), tolerating poisoning.
+pub fn lock_stats(stats: &SharedTunnelStats) -> MutexGuard<'_, TunnelStats> {
+    stats.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_label() {
+        let mut s = TunnelStats::default();
+        for (code, label) in (1u8..=6).zip(REFUSAL_REASONS) {
+            let reason = RefuseReason::from_code(code);
+            s.refusal(reason);
+            assert_eq!(REFUSAL_REASONS[refusal_index(reason)], label);
+        }
+        s.refusal(RefuseReason::Other(200));
+        assert_eq!(s.refused, [1; 7]);
+    }
+}
