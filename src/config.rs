@@ -235,6 +235,10 @@ pub struct ClientConfig {
     /// Lets a non-loopback `socks5_bind` run without credentials (an open proxy; warned about).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_open_proxy: bool,
+    /// Local IP address the tunnel's UDP sockets are bound to (the source address the server
+    /// sees); `None`: chosen by the system. Never handed out by the subscribe endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_bind_ip: Option<std::net::IpAddr>,
     pub tun: TunConfig,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
@@ -251,6 +255,7 @@ impl ClientConfig {
             socks5_bind: DEFAULT_SOCKS5_BIND.to_string(),
             socks5_auth: None,
             allow_open_proxy: false,
+            udp_bind_ip: None,
             tun: TunConfig {
                 enable: false,
                 dns: "1.1.1.1".to_string(),
@@ -769,6 +774,12 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
     }
     if let Some(b) = obj.opt_bool("allow_open_proxy")? {
         cfg.allow_open_proxy = b;
+    }
+    if let Some(ip) = obj.opt_str("udp_bind_ip")? {
+        let parsed = ip
+            .parse()
+            .map_err(|_| obj.err("udp_bind_ip", &format!("{ip:?} is not an IP address")))?;
+        cfg.udp_bind_ip = Some(parsed);
     }
     if let Some(mut t) = obj.opt_obj("tun")? {
         if let Some(b) = t.opt_bool("enable")? {

@@ -27,7 +27,7 @@ pub const KICK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The fields of one user a bulk create accepts (as `POST /api/users`); `count` defaults
 /// take all of them but `key`.
-const USER_FIELDS: [&str; 7] = [
+const USER_FIELDS: [&str; 8] = [
     "key",
     "limit_bytes",
     "name",
@@ -35,6 +35,7 @@ const USER_FIELDS: [&str; 7] = [
     "enabled",
     "reset_strategy",
     "note",
+    "max_devices",
 ];
 
 /// A created user as `POST /api/users` answers it.
@@ -48,6 +49,7 @@ struct Created {
     enabled: bool,
     reset_strategy: &'static str,
     note: Option<String>,
+    max_devices: Option<u32>,
 }
 
 impl Created {
@@ -61,6 +63,7 @@ impl Created {
             enabled: u.settings.enabled,
             reset_strategy: u.settings.reset_strategy.as_str(),
             note: u.settings.note.clone(),
+            max_devices: u.settings.max_devices,
         }
     }
 }

@@ -23,6 +23,8 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// Latest accepted `expire_at`: 9999-12-31T23:59:59Z (a larger value is most likely
 /// milliseconds).
 pub const MAX_EXPIRE_AT: u64 = 253_402_300_799;
+/// Largest accepted `max_devices`.
+pub const MAX_DEVICES: u64 = 65_535;
 
 /// A resolved API path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,7 @@ pub enum Route<'a> {
     UserKick(&'a str),
     UsersBulk,
     UsersBulkDelete,
+    UserIps(&'a str),
     Subscribe(&'a str),
 }
 
@@ -42,7 +45,7 @@ impl Route<'_> {
     /// The methods this path supports (the `Allow` header of a 405).
     pub fn allow(self) -> &'static str {
         match self {
-            Route::Status | Route::Subscribe(_) => "GET",
+            Route::Status | Route::Subscribe(_) | Route::UserIps(_) => "GET",
             Route::Users => "GET, POST",
             Route::User(_) => "GET, PATCH, DELETE",
             Route::UserLimit(_) => "PUT",
@@ -72,6 +75,7 @@ pub fn resolve(path: &str) -> Option<Route<'_>> {
         (Some("users"), Some(k), Some("limit"), None) if !k.is_empty() => Route::UserLimit(k),
         (Some("users"), Some(k), Some("reset"), None) if !k.is_empty() => Route::UserReset(k),
         (Some("users"), Some(k), Some("kick"), None) if !k.is_empty() => Route::UserKick(k),
+        (Some("users"), Some(k), Some("ips"), None) if !k.is_empty() => Route::UserIps(k),
         (Some("subscribe"), Some(k), None, None) if !k.is_empty() => Route::Subscribe(k),
         _ => return None,
     };
@@ -109,6 +113,7 @@ fn dispatch(ctx: &ApiContext, request: &Request) -> Result<Response, ApiError> {
         (Route::User(k), "DELETE") => delete_user(ctx, k),
         (Route::UserLimit(k), "PUT") => set_limit(ctx, k, &request.body),
         (Route::UserReset(k), "POST") => reset_user(ctx, k),
+        (Route::UserIps(k), "GET") => user_ips(ctx, k),
         (Route::Subscribe(k), "GET") => subscribe::handle(ctx, request, k),
         (route, _) => {
             let e = ApiError::method_not_allowed(method, route.allow());
@@ -140,6 +145,7 @@ pub struct UserView {
     pub last_reset_at: Option<u64>,
     pub next_reset_at: Option<u64>,
     pub note: Option<String>,
+    pub max_devices: Option<u32>,
 }
 
 impl UserView {
@@ -161,6 +167,7 @@ impl UserView {
             last_reset_at: u.last_reset_at,
             next_reset_at: u.next_reset_at(),
             note: u.settings.note.clone(),
+            max_devices: u.settings.max_devices,
         }
     }
 }
@@ -218,6 +225,20 @@ fn get_user(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
     let key = path_key(key)?;
     let view = lock_users(&ctx.users).get_by_key(key).map(UserView::of);
     view.map(|v| Response::json(200, &v))
+        .ok_or_else(not_found_user)
+}
+
+/// `GET /api/users/{key}/ips`: the client addresses seen in the last 24 h (this process run).
+fn user_ips(ctx: &ApiContext, key: &str) -> Result<Response, ApiError> {
+    #[derive(Serialize)]
+    struct Ips {
+        ips: Vec<crate::users::devices::IpView>,
+    }
+    let key = path_key(key)?;
+    let ips = lock_users(&ctx.users)
+        .get_by_key(key)
+        .map(|u| u.recent_ips.view(now_unix()));
+    ips.map(|ips| Response::json(200, &Ips { ips }))
         .ok_or_else(not_found_user)
 }
 
@@ -308,6 +329,22 @@ fn expire_value(v: &Value) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// `max_devices`: a whole number in 1..=[`MAX_DEVICES`] or null (no limit).
+fn devices_value(v: &Value) -> Result<Option<u32>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_u64() {
+            Some(d @ 1..=MAX_DEVICES) => Ok(u32::try_from(d).ok()),
+            _ => Err(ApiError::bad_request(format!(
+                "max_devices must be a whole number from 1 to {MAX_DEVICES} (or null for no limit), not {n}"
+            ))),
+        },
+        _ => Err(ApiError::bad_request(
+            "max_devices must be a whole number of devices ≥ 1 (or null for no limit)",
+        )),
+    }
+}
+
 fn enabled_value(v: &Value) -> Result<bool, ApiError> {
     v.as_bool()
         .ok_or_else(|| ApiError::bad_request("enabled must be true or false"))
@@ -338,17 +375,21 @@ pub(super) fn settings_value(map: &Map<String, Value>) -> Result<Settings, ApiEr
     if let Some(v) = map.get("note") {
         settings.note = text_value("note", v, MAX_NOTE_CHARS)?;
     }
+    if let Some(v) = map.get("max_devices") {
+        settings.max_devices = devices_value(v)?;
+    }
     Ok(settings)
 }
 
 /// The fields a `PATCH` may set.
-const PATCH_FIELDS: [&str; 6] = [
+const PATCH_FIELDS: [&str; 7] = [
     "name",
     "note",
     "limit_bytes",
     "expire_at",
     "enabled",
     "reset_strategy",
+    "max_devices",
 ];
 
 /// A `PATCH` body: every field present is validated; at least one must be given.
@@ -362,6 +403,7 @@ fn patch_value(map: &Map<String, Value>) -> Result<Patch, ApiError> {
             "limit_bytes" => patch.limit_bytes = Some(limit_value(v)?),
             "expire_at" => patch.expire_at = Some(expire_value(v)?),
             "enabled" => patch.enabled = Some(enabled_value(v)?),
+            "max_devices" => patch.max_devices = Some(devices_value(v)?),
             _ => patch.reset_strategy = Some(strategy_value(v)?),
         }
     }
@@ -440,6 +482,7 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
             "enabled",
             "reset_strategy",
             "note",
+            "max_devices",
         ],
     )?;
     let custom_key = match map.get("key") {
@@ -498,6 +541,7 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
         enabled: bool,
         reset_strategy: &'static str,
         note: Option<String>,
+        max_devices: Option<u32>,
     }
     Ok(Response::json(
         200,
@@ -510,6 +554,7 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
             enabled: settings.enabled,
             reset_strategy: settings.reset_strategy.as_str(),
             note: settings.note,
+            max_devices: settings.max_devices,
         },
     ))
 }
@@ -592,6 +637,7 @@ mod tests {
             resolve("/api/users/abc/reset"),
             Some(Route::UserReset("abc"))
         );
+        assert_eq!(resolve("/api/users/abc/ips"), Some(Route::UserIps("abc")));
         assert_eq!(resolve("/api/subscribe/abc"), Some(Route::Subscribe("abc")));
         assert_eq!(resolve("/api/users/abc/kick"), Some(Route::UserKick("abc")));
         assert_eq!(resolve("/api/users/bulk"), Some(Route::UsersBulk));

@@ -87,6 +87,8 @@ pub enum RefuseReason {
     QuotaExceeded,
     /// The user's access has expired.
     Expired,
+    /// The user's `max_devices` distinct client addresses already have live sessions.
+    DeviceLimit,
     /// A code this version does not know.
     Other(u8),
 }
@@ -100,6 +102,7 @@ impl RefuseReason {
             RefuseReason::ServerFull => 3,
             RefuseReason::QuotaExceeded => 4,
             RefuseReason::Expired => 5,
+            RefuseReason::DeviceLimit => 6,
             RefuseReason::Other(c) => c,
         }
     }
@@ -112,6 +115,7 @@ impl RefuseReason {
             3 => RefuseReason::ServerFull,
             4 => RefuseReason::QuotaExceeded,
             5 => RefuseReason::Expired,
+            6 => RefuseReason::DeviceLimit,
             c => RefuseReason::Other(c),
         }
     }
@@ -125,6 +129,7 @@ impl std::fmt::Display for RefuseReason {
             RefuseReason::ServerFull => f.write_str("server full"),
             RefuseReason::QuotaExceeded => f.write_str("quota exceeded"),
             RefuseReason::Expired => f.write_str("access expired"),
+            RefuseReason::DeviceLimit => f.write_str("device limit reached"),
             RefuseReason::Other(c) => write!(f, "refused (code {c})"),
         }
     }

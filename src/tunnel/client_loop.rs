@@ -85,6 +85,8 @@ pub struct ClientOptions {
     pub connector: ConnectorConfig,
     /// Credentials the proxy port asks for (`None`: none).
     pub auth: Option<Arc<ProxyAuth>>,
+    /// Local address of the tunnel's UDP sockets (`None`: any).
+    pub udp_bind_ip: Option<std::net::IpAddr>,
 }
 
 impl ClientOptions {
@@ -114,6 +116,7 @@ impl ClientOptions {
                 ..ConnectorConfig::default()
             },
             auth: cfg.socks5_auth.clone().map(Arc::new),
+            udp_bind_ip: cfg.udp_bind_ip,
         })
     }
 
@@ -378,6 +381,7 @@ fn describe_refusal(reason: RefuseReason) -> &'static str {
         RefuseReason::SessionLimit => "this key already has the maximum number of sessions",
         RefuseReason::ServerFull => "the server is full",
         RefuseReason::Expired => "access key expired",
+        RefuseReason::DeviceLimit => "device limit reached: another device is using this key",
         RefuseReason::Other(_) => "no reason given",
     }
 }
@@ -647,10 +651,10 @@ impl ClientLoop {
     }
 
     fn connect_slot(&mut self, now: Instant, i: usize, server: SocketAddr) {
-        let bind: SocketAddr = if server.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
+        let bind: SocketAddr = match self.options.udp_bind_ip {
+            Some(ip) => SocketAddr::new(ip, 0),
+            None if server.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => SocketAddr::from(([0u16; 8], 0)),
         };
         let sock = bind_udp(bind).and_then(|s| {
             s.connect(server)?;

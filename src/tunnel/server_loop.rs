@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -262,6 +262,8 @@ struct Outbound {
 
 struct SessionInfo {
     user: UserId,
+    /// The client's current address (the user's recent IPs count sessions per address).
+    ip: IpAddr,
     outbound: Vec<usize>,
 }
 
@@ -360,17 +362,24 @@ fn open_result_for_io(e: &io::Error) -> OpenResult {
 impl ServerLoop {
     /// Registers every user of the table with the endpoint and the ledger (at start).
     fn load_users(&mut self) {
-        let entries: Vec<(UserId, String, TableView)> = {
+        let entries: Vec<(UserId, String, TableView, Option<u32>)> = {
             let table = crate::users::persist::lock_users(&self.users);
             table
                 .list()
                 .into_iter()
-                .map(|u| (u.id, u.key.clone(), TableView::of(u)))
+                .map(|u| {
+                    (
+                        u.id,
+                        u.key.clone(),
+                        TableView::of(u),
+                        u.settings.max_devices,
+                    )
+                })
                 .collect()
         };
         let now = Instant::now();
-        for (id, key, view) in entries {
-            self.apply_user(now, id, &key, view);
+        for (id, key, view, max_devices) in entries {
+            self.apply_user(now, id, &key, view, max_devices);
         }
     }
 
@@ -379,15 +388,24 @@ impl ServerLoop {
     fn refresh_user(&mut self, now: Instant, id: UserId) {
         let entry = {
             let table = crate::users::persist::lock_users(&self.users);
-            table.get(id).map(|u| (u.key.clone(), TableView::of(u)))
+            table
+                .get(id)
+                .map(|u| (u.key.clone(), TableView::of(u), u.settings.max_devices))
         };
         match entry {
-            Some((key, view)) => self.apply_user(now, id, &key, view),
+            Some((key, view, max_devices)) => self.apply_user(now, id, &key, view, max_devices),
             None => self.remove_user(now, id),
         }
     }
 
-    fn apply_user(&mut self, now: Instant, id: UserId, key: &str, view: TableView) {
+    fn apply_user(
+        &mut self,
+        now: Instant,
+        id: UserId,
+        key: &str,
+        view: TableView,
+        max_devices: Option<u32>,
+    ) {
         let verdict = self.ledger.apply_table(id, view, now_unix_ms());
         let state = match self.ledger.refusal(id) {
             None => UserState::Active,
@@ -402,6 +420,7 @@ impl ServerLoop {
             self.ledger.remove(id);
             return;
         }
+        self.endpoint.set_max_devices(id, max_devices);
         if let Some(v) = verdict {
             self.carry_out(now, id, v);
         }
@@ -641,11 +660,13 @@ impl ServerLoop {
                         session,
                         SessionInfo {
                             user,
+                            ip: peer.ip(),
                             outbound: Vec::new(),
                         },
                     );
                     let mut table = crate::users::persist::lock_users(&self.users);
                     table.session_opened(user, unix_now());
+                    table.device_opened(user, peer.ip(), unix_now());
                 }
                 EndpointEvent::SessionClosed {
                     session,
@@ -664,11 +685,13 @@ impl ServerLoop {
                         self.quotas.session_closed(info.user, session);
                         let mut table = crate::users::persist::lock_users(&self.users);
                         table.session_closed(info.user);
+                        table.device_closed(info.user, info.ip, unix_now());
                     }
                     self.relays.close_session(session, &self.core.poll);
                 }
                 EndpointEvent::PeerMigrated { session, peer } => {
                     log::debug!("session {} moved to {peer}", session.0);
+                    self.session_moved(session, peer.ip());
                 }
                 EndpointEvent::Refused { user, reason } => {
                     log::debug!("user {}: handshake refused ({reason:?})", user.0);
@@ -679,6 +702,22 @@ impl ServerLoop {
                 }
             }
         }
+    }
+
+    /// A session's client address changed: its user's recent IPs count the new one (a move
+    /// between ports of one address changes nothing).
+    fn session_moved(&mut self, session: SessionId, ip: IpAddr) {
+        let Some(info) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if info.ip == ip {
+            return;
+        }
+        let (user, old) = (info.user, std::mem::replace(&mut info.ip, ip));
+        let now = unix_now();
+        let mut table = crate::users::persist::lock_users(&self.users);
+        table.device_closed(user, old, now);
+        table.device_opened(user, ip, now);
     }
 
     fn on_transport_event(&mut self, now: Instant, session: SessionId, event: TransportEvent) {

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::proto::{EndpointStats, RefuseReason};
 
 /// Label values of the refusal reasons, in [`refusal_index`] order.
-pub const REFUSAL_REASONS: [&str; 6] = [
+pub const REFUSAL_REASONS: [&str; 7] = [
     "session_limit",
     "disabled",
     "server_full",
     "quota_exceeded",
     "expired",
+    "device_limit",
     "other",
 ];
 
@@ -24,7 +25,8 @@ pub fn refusal_index(reason: RefuseReason) -> usize {
         RefuseReason::ServerFull => 2,
         RefuseReason::QuotaExceeded => 3,
         RefuseReason::Expired => 4,
-        RefuseReason::Other(_) => 5,
+        RefuseReason::DeviceLimit => 5,
+        RefuseReason::Other(_) => 6,
     }
 }
 
@@ -70,12 +72,12 @@ mod tests {
     #[test]
     fn every_reason_has_its_own_label() {
         let mut s = TunnelStats::default();
-        for (code, label) in (1u8..=5).zip(REFUSAL_REASONS) {
+        for (code, label) in (1u8..=6).zip(REFUSAL_REASONS) {
             let reason = RefuseReason::from_code(code);
             s.refusal(reason);
             assert_eq!(REFUSAL_REASONS[refusal_index(reason)], label);
         }
         s.refusal(RefuseReason::Other(200));
-        assert_eq!(s.refused, [1; 6]);
+        assert_eq!(s.refused, [1; 7]);
     }
 }

@@ -232,9 +232,13 @@ impl<J: Jitter> SlotSupervisor<J> {
         let refused_for_key = match failure {
             Failure::Refused { reason, .. } => {
                 t.refusals = t.refusals.saturating_add(1);
+                // Refusals about the key fail waiting requests at once (retrying soon won't help).
                 matches!(
                     reason,
-                    RefuseReason::QuotaExceeded | RefuseReason::Disabled | RefuseReason::Expired
+                    RefuseReason::QuotaExceeded
+                        | RefuseReason::Disabled
+                        | RefuseReason::Expired
+                        | RefuseReason::DeviceLimit
                 )
             }
             _ => false,
@@ -392,7 +396,11 @@ mod tests {
         let r = s.failed(0, t0, Failure::Closed(CloseReason::LimitReached));
         assert_eq!(r.at, t0 + KEY_CLOSED_WAIT);
         assert!(!r.refused_for_key);
-        for reason in [RefuseReason::Disabled, RefuseReason::Expired] {
+        for reason in [
+            RefuseReason::Disabled,
+            RefuseReason::Expired,
+            RefuseReason::DeviceLimit,
+        ] {
             let f = Failure::Refused {
                 reason,
                 retry_after_secs: 1,

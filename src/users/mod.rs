@@ -12,6 +12,7 @@
 //! `config.json` changes that key's `limit_bytes` (compared with the value config declared the
 //! last time it was applied); then the config value wins again.
 
+pub mod devices;
 pub mod journal;
 pub mod persist;
 pub mod schedule;
@@ -88,6 +89,8 @@ pub struct User {
     /// Periodic resets fall on the boundaries after this instant (unix seconds): the creation,
     /// the last reset, or the last change of the reset strategy.
     pub reset_anchor: u64,
+    /// Client addresses seen recently (live only, never persisted; kept by the tunnel loop).
+    pub recent_ips: devices::RecentIps,
 }
 
 /// Longest accepted note (characters).
@@ -108,6 +111,10 @@ pub struct Settings {
     /// Free text for the operator (at most [`MAX_NOTE_CHARS`] characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Most distinct client IP addresses with live sessions at once (`None`: no limit); a
+    /// handshake from one more address is refused as "device limit".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u32>,
 }
 
 impl Default for Settings {
@@ -117,6 +124,7 @@ impl Default for Settings {
             enabled: true,
             reset_strategy: ResetStrategy::None,
             note: None,
+            max_devices: None,
         }
     }
 }
@@ -178,6 +186,12 @@ pub struct Patch {
     pub enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_strategy: Option<ResetStrategy>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub max_devices: Option<Option<u32>>,
 }
 
 impl Patch {
@@ -206,6 +220,7 @@ impl User {
             settings: Settings::default(),
             last_reset_at: None,
             reset_anchor: created_at,
+            recent_ips: devices::RecentIps::default(),
         }
     }
 
@@ -283,6 +298,8 @@ pub struct StoredUser {
     pub reset_anchor: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u32>,
 }
 
 /// The limit config.json declared for a config key when it was last applied.
@@ -519,6 +536,7 @@ impl UserTable {
                     enabled: s.enabled,
                     reset_strategy: s.reset_strategy,
                     note: s.note,
+                    max_devices: s.max_devices,
                 },
                 last_reset_at: s.last_reset_at,
                 reset_anchor: s.reset_anchor.unwrap_or(s.created_at),
@@ -696,6 +714,9 @@ impl UserTable {
         if let Some(enabled) = patch.enabled {
             u.settings.enabled = enabled;
         }
+        if let Some(max_devices) = patch.max_devices {
+            u.settings.max_devices = max_devices;
+        }
         if let Some(strategy) = patch.reset_strategy
             && strategy != u.settings.reset_strategy
         {
@@ -762,6 +783,20 @@ impl UserTable {
     pub fn session_closed(&mut self, id: UserId) {
         if let Some(u) = self.users.get_mut(&id) {
             u.online_sessions = u.online_sessions.saturating_sub(1);
+        }
+    }
+
+    /// A session of `id` became live from `ip` (established, or moved there).
+    pub fn device_opened(&mut self, id: UserId, ip: std::net::IpAddr, now_unix: u64) {
+        if let Some(u) = self.users.get_mut(&id) {
+            u.recent_ips.opened(ip, now_unix);
+        }
+    }
+
+    /// A session of `id` from `ip` ended (or moved away).
+    pub fn device_closed(&mut self, id: UserId, ip: std::net::IpAddr, now_unix: u64) {
+        if let Some(u) = self.users.get_mut(&id) {
+            u.recent_ips.closed(ip, now_unix);
         }
     }
 
@@ -863,6 +898,7 @@ impl UserTable {
                 last_reset_at: u.last_reset_at,
                 reset_anchor: (u.reset_anchor != u.created_at).then_some(u.reset_anchor),
                 note: u.settings.note.clone(),
+                max_devices: u.settings.max_devices,
             })
             .collect();
         Snapshot {
@@ -1539,5 +1575,40 @@ mod tests {
         // A reload keeps what the API set.
         t.apply_config(&[entry(K1, Some("cfg"), Some(5))], 0);
         assert!(!t.get_by_key(K1).unwrap().settings.enabled);
+    }
+
+    #[test]
+    fn max_devices_is_set_cleared_and_kept_through_journal_and_snapshot() {
+        let mut t = UserTable::new();
+        t.create(K1.into(), None, None, 0).unwrap();
+        let set = Change::Update {
+            key: K1.into(),
+            patch: Patch {
+                max_devices: Some(Some(2)),
+                ..Patch::default()
+            },
+            at: 1,
+        };
+        // The journal form of the change reads back the same.
+        let json = serde_json::to_string(&set).unwrap();
+        assert!(json.contains(r#""max_devices":2"#), "{json}");
+        let set: Change = serde_json::from_str(&json).unwrap();
+        t.apply(&set);
+        assert_eq!(t.get_by_key(K1).unwrap().settings.max_devices, Some(2));
+        let t2 = UserTable::from_snapshot(t.snapshot().users);
+        assert_eq!(t2.get_by_key(K1).unwrap().settings.max_devices, Some(2));
+        // An explicit null clears it (absent leaves it alone).
+        let clear: Change = serde_json::from_str(&format!(
+            r#"{{"op":"update","key":"{K1}","patch":{{"max_devices":null}},"at":2}}"#
+        ))
+        .unwrap();
+        t.apply(&Change::Update {
+            key: K1.into(),
+            patch: Patch::default(),
+            at: 2,
+        });
+        assert_eq!(t.get_by_key(K1).unwrap().settings.max_devices, Some(2));
+        t.apply(&clear);
+        assert_eq!(t.get_by_key(K1).unwrap().settings.max_devices, None);
     }
 }

@@ -235,6 +235,7 @@ mod tests {
             last_reset_at: Some(6),
             reset_anchor: Some(6),
             note: Some("order 17".into()),
+            max_devices: Some(3),
         }
     }
 

@@ -13,6 +13,7 @@ mod bulk_http;
 mod bulk_ops;
 mod cli;
 mod client_hardening;
+mod devices;
 mod dist;
 mod fairness;
 mod guard_api;

@@ -2,7 +2,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::hello_tags::{HelloDrop, HelloTags, RecordError, hello_fingerprint};
@@ -166,6 +166,8 @@ struct User {
     sessions: Vec<SessionId>,
     /// This user's handshake bucket ([`EndpointConfig::handshake_rate_per_user`]).
     handshakes: BucketLevel,
+    /// Most distinct client IP addresses with live sessions at once (`None`: no limit).
+    max_devices: Option<u32>,
 }
 
 struct ServerSession {
@@ -332,13 +334,13 @@ impl ServerEndpoint {
             }
         }
         self.tags.set_user(id, &keys.tag_key);
-        let (sessions, handshakes) = self
+        let (sessions, handshakes, max_devices) = self
             .users
             .remove(&id.0)
-            .map(|u| (u.sessions, u.handshakes))
+            .map(|u| (u.sessions, u.handshakes, u.max_devices))
             .unwrap_or_else(|| {
                 let burst = self.config.handshake_burst_per_user;
-                (Vec::new(), BucketLevel::full(burst))
+                (Vec::new(), BucketLevel::full(burst), None)
             });
         self.users.insert(
             id.0,
@@ -347,9 +349,58 @@ impl ServerEndpoint {
                 state,
                 sessions,
                 handshakes,
+                max_devices,
             },
         );
         Ok(())
+    }
+
+    /// Sets a user's device limit: the most distinct client IP addresses with live sessions at
+    /// once (`None`: no limit). Checked when a hello is decided; live sessions stay.
+    pub fn set_max_devices(&mut self, id: UserId, max_devices: Option<u32>) -> bool {
+        match self.users.get_mut(&id.0) {
+            Some(user) => {
+                user.max_devices = max_devices;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The distinct client IP addresses of a user's sessions that are not closing (at most
+    /// `max_sessions_per_user` sessions: counted without allocating).
+    fn device_count(&self, user: &User) -> usize {
+        let live_ip = |sid: &SessionId| {
+            self.sessions
+                .get(&sid.0)
+                .filter(|e| e.close_reason.is_none())
+                .map(|e| e.peer.ip().to_canonical())
+        };
+        user.sessions
+            .iter()
+            .enumerate()
+            .filter(|(i, sid)| {
+                live_ip(sid).is_some_and(|ip| {
+                    !user.sessions[..*i]
+                        .iter()
+                        .any(|earlier| live_ip(earlier) == Some(ip))
+                })
+            })
+            .count()
+    }
+
+    /// `DeviceLimit` if a hello from `ip` would make one address more than the user's
+    /// `max_devices` have live sessions (an address that already has one is always let in).
+    fn device_refusal(&self, id: UserId, ip: IpAddr) -> Option<RefuseReason> {
+        let user = self.users.get(&id.0)?;
+        let limit = usize::try_from(user.max_devices?).unwrap_or(usize::MAX);
+        let ip = ip.to_canonical();
+        let known = user.sessions.iter().any(|sid| {
+            self.sessions
+                .get(&sid.0)
+                .is_some_and(|e| e.close_reason.is_none() && e.peer.ip().to_canonical() == ip)
+        });
+        (!known && self.device_count(user) >= limit).then_some(RefuseReason::DeviceLimit)
     }
 
     /// Changes whether a user may connect (existing sessions stay; see [`ServerEndpoint::close_user`]).
@@ -706,7 +757,9 @@ impl ServerEndpoint {
         let user = admitted.user;
         let refusal = match self.users.get(&user.0).map(|u| u.state) {
             Some(UserState::Refused(reason)) => Some(reason),
-            _ => self.make_room(user),
+            _ => self
+                .device_refusal(user, from.ip())
+                .or_else(|| self.make_room(user)),
         };
         if let Some(reason) = refusal {
             self.stats.refusals_sent += 1;
@@ -955,5 +1008,153 @@ impl ServerEndpoint {
     pub fn poll_event(&mut self) -> Option<EndpointEvent> {
         self.process_dirty();
         self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::endpoint::{ClientEvent, ClientSession, ConnectorConfig};
+    use crate::proto::transport::Destination;
+
+    const KEY: &str = "device-test-key-ABCDEFGHIJ";
+    const UNIX: u64 = 1_800_000_000;
+    const USER: UserId = UserId(1);
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn server(max_devices: Option<u32>) -> ServerEndpoint {
+        let mut s = ServerEndpoint::new(EndpointConfig::default(), [7; 32]);
+        s.set_user(USER, KEY, UserState::Active).unwrap();
+        assert!(s.set_max_devices(USER, max_devices));
+        s
+    }
+
+    /// Delivers every datagram the client wants to send to the server as coming from `from`,
+    /// and every reply or session packet for `from` back to the client.
+    fn exchange(s: &mut ServerEndpoint, c: &mut ClientSession, now: Instant, from: SocketAddr) {
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..8 {
+            let mut moved = false;
+            while let Some(n) = c.poll_transmit(now, &mut buf) {
+                s.handle_datagram(now, UNIX, SocketIndex(0), from, &mut buf[..n]);
+                moved = true;
+            }
+            while let Some(t) = s.poll_transmit(now, &mut buf) {
+                if t.to == from {
+                    c.handle_datagram(now, &mut buf[..t.len]);
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// A client that sends its hello from `from`: `Ok` if accepted, the refusal otherwise.
+    fn connect(
+        s: &mut ServerEndpoint,
+        now: Instant,
+        from: &str,
+        seed: u8,
+    ) -> (ClientSession, Result<(), RefuseReason>) {
+        let mut c =
+            ClientSession::connect(ConnectorConfig::default(), KEY, now, UNIX, [seed; 32]).unwrap();
+        exchange(s, &mut c, now, addr(from));
+        let mut result = None;
+        while let Some(ev) = c.poll_event() {
+            match ev {
+                ClientEvent::Connected => result = Some(Ok(())),
+                ClientEvent::Refused { reason, .. } => result = Some(Err(reason)),
+                _ => {}
+            }
+        }
+        (c, result.expect("the server answered"))
+    }
+
+    #[test]
+    fn a_new_address_beyond_max_devices_is_refused_and_known_addresses_are_not() {
+        let now = Instant::now();
+        let mut s = server(Some(2));
+        let (_a, r) = connect(&mut s, now, "198.51.100.1:1000", 1);
+        assert_eq!(r, Ok(()));
+        // Same address, another port (a second app on the same device): still one device.
+        let (_a2, r) = connect(&mut s, now, "198.51.100.1:2000", 2);
+        assert_eq!(r, Ok(()));
+        let (_b, r) = connect(&mut s, now, "198.51.100.2:1000", 3);
+        assert_eq!(r, Ok(()));
+        let (_c, r) = connect(&mut s, now, "198.51.100.3:1000", 4);
+        assert_eq!(r, Err(RefuseReason::DeviceLimit));
+        // Addresses already in use keep being let in.
+        let (_b2, r) = connect(&mut s, now, "198.51.100.2:3000", 5);
+        assert_eq!(r, Ok(()));
+        assert_eq!(s.session_count(), 4);
+        let refused = std::iter::from_fn(|| s.poll_event())
+            .filter(|e| {
+                matches!(
+                    e,
+                    EndpointEvent::Refused {
+                        reason: RefuseReason::DeviceLimit,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(refused, 1);
+    }
+
+    #[test]
+    fn a_device_is_admitted_once_the_other_leaves_and_no_limit_means_none() {
+        let now = Instant::now();
+        let mut s = server(Some(1));
+        let (mut a, r) = connect(&mut s, now, "127.0.0.2:1000", 1);
+        assert_eq!(r, Ok(()));
+        let (_b, r) = connect(&mut s, now, "127.0.0.3:1000", 2);
+        assert_eq!(r, Err(RefuseReason::DeviceLimit));
+        // The first device leaves gracefully: its session is gone once the close went through.
+        a.close(now, CloseReason::Normal);
+        exchange(&mut s, &mut a, now, addr("127.0.0.2:1000"));
+        let later = now + std::time::Duration::from_secs(10);
+        s.handle_timeout(later);
+        assert_eq!(s.session_count(), 0);
+        let (_b, r) = connect(&mut s, later, "127.0.0.3:1000", 3);
+        assert_eq!(r, Ok(()));
+
+        // Removing the limit lets any number of addresses in.
+        assert!(s.set_max_devices(USER, None));
+        let (_c, r) = connect(&mut s, later, "127.0.0.4:1000", 4);
+        assert_eq!(r, Ok(()));
+        assert!(!s.set_max_devices(UserId(99), Some(1)), "unknown user");
+    }
+
+    #[test]
+    fn a_session_that_roams_counts_its_new_address_and_is_kept() {
+        let now = Instant::now();
+        let mut s = server(Some(1));
+        let (mut a, r) = connect(&mut s, now, "192.0.2.1:1000", 1);
+        assert_eq!(r, Ok(()));
+        // The device moves (Wi-Fi to mobile): an authenticated packet from the new address.
+        let stream = a
+            .session_mut()
+            .unwrap()
+            .transport_mut()
+            .open_stream(Destination::Addr(addr("10.0.0.1:80")));
+        assert!(stream.is_ok());
+        // The client paces its packets: the stream's first one leaves at its timer.
+        let now = a.poll_timeout().expect("the stream is to be sent");
+        a.handle_timeout(now);
+        exchange(&mut s, &mut a, now, addr("192.0.2.9:1000"));
+        let migrated = std::iter::from_fn(|| s.poll_event())
+            .any(|e| matches!(e, EndpointEvent::PeerMigrated { .. }));
+        assert!(migrated);
+        assert_eq!(s.session_count(), 1, "the roamed session is kept");
+        // Its old address is free now; its new one is the device.
+        let (_b, r) = connect(&mut s, now, "192.0.2.1:1000", 2);
+        assert_eq!(r, Err(RefuseReason::DeviceLimit));
+        let (_c, r) = connect(&mut s, now, "192.0.2.9:2000", 3);
+        assert_eq!(r, Ok(()));
     }
 }
