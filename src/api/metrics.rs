@@ -291,18 +291,19 @@ fn render_tunnel(out: &mut Exposition, ctx: &ApiContext) {
     out.family(
         name,
         "counter",
-        "Datagrams dropped silently, by reason (probes show up as unknown_tag).",
+        "Datagrams dropped silently, by reason (probes show up as unknown_tag, replay and \
+         auth_failure).",
     );
     for (reason, n) in [
         ("unknown_tag", e.dropped_unknown),
-        ("replay", e.hello_replays),
+        ("replay", e.hello_replays + e.data_replays),
+        ("auth_failure", e.hello_auth_failed + e.data_auth_failed),
+        ("malformed", e.hello_malformed + e.data_malformed),
         ("key_limit", e.hello_key_limited),
-        ("invalid_hello", e.hello_bad),
         ("stale", e.hello_stale),
         ("rate_limited", e.hello_rate_limited),
         ("user_rate_limited", e.hello_user_rate_limited),
         ("reply_queue_full", e.replies_dropped),
-        ("invalid_data", e.data_dropped),
     ] {
         out.sample(name, &[("reason", reason)], n);
     }

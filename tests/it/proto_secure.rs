@@ -611,6 +611,10 @@ fn garbage_hellos_with_one_users_valid_tags_never_block_another_user() {
     // The attacker's garbage reached authentication only within its own allowance (burst 64,
     // then 20/s); the server's bucket never ran dry.
     assert!(stats.hello_bad <= 64 + 20 * 31, "{stats:?}");
+    // Garbage of the right length after a valid tag is an authentication failure (what the
+    // metrics report as reason="auth_failure"), not a malformed hello.
+    assert_eq!(stats.hello_auth_failed, stats.hello_bad, "{stats:?}");
+    assert_eq!(stats.hello_malformed, 0, "{stats:?}");
     assert_eq!(
         stats.hello_user_rate_limited + stats.hello_bad,
         flood.sent,

@@ -492,6 +492,17 @@ fn every_captured_packet_replayed_is_rejected_without_effect() {
         c2s.len() as u64,
         "every replayed client datagram is counted as dropped"
     );
+    // Replays whose token still matched are counted as replays (never as forgeries).
+    let data = server_after.data_dropped - server_before.data_dropped;
+    assert_eq!(
+        server_after.data_replays - server_before.data_replays,
+        data,
+        "{server_after:?}"
+    );
+    assert_eq!(
+        server_after.data_auth_failed,
+        server_before.data_auth_failed
+    );
     assert_eq!(
         w.client.stats().dropped - client_before.dropped,
         s2c.len() as u64

@@ -140,8 +140,13 @@ pub struct EndpointStats {
     ///
     /// [`MAX_HANDSHAKES_PER_EPOCH`]: super::MAX_HANDSHAKES_PER_EPOCH
     pub hello_key_limited: u64,
-    /// Hellos whose tag matched but which failed authentication or parsing.
+    /// Hellos whose tag matched but which failed authentication or parsing
+    /// (= `hello_malformed + hello_auth_failed`).
     pub hello_bad: u64,
+    /// Hellos whose tag matched but whose length or contents are malformed.
+    pub hello_malformed: u64,
+    /// Hellos whose tag matched but which failed AEAD authentication (a prober or a wrong key).
+    pub hello_auth_failed: u64,
     /// Authenticated hellos outside the clock window.
     pub hello_stale: u64,
     /// Hellos dropped by the server's handshake rate limiter.
@@ -152,8 +157,14 @@ pub struct EndpointStats {
     pub sessions_created: u64,
     /// Refusals sent.
     pub refusals_sent: u64,
-    /// Data packets dropped by a session (replay, auth failure, bad length).
+    /// Data packets dropped by a session (= `data_replays + data_auth_failed + data_malformed`).
     pub data_dropped: u64,
+    /// Data packets dropped as replays (packet number already received or too old).
+    pub data_replays: u64,
+    /// Data packets whose token matched but which failed AEAD authentication.
+    pub data_auth_failed: u64,
+    /// Data packets of an impossible length.
+    pub data_malformed: u64,
     /// Replies dropped because the reply queue was full.
     pub replies_dropped: u64,
     /// Handshake replies (accepts and refusals) queued for sending.
@@ -637,8 +648,15 @@ impl ServerEndpoint {
             }
             // Authentic, but the transport rejected it: it is closing the session (CLOSE goes out).
             Err(PacketError::Transport) => entry.confirmed = true,
-            Err(_) => {
+            Err(e) => {
                 self.stats.data_dropped += 1;
+                match e {
+                    PacketError::Replay => self.stats.data_replays += 1,
+                    PacketError::Auth => self.stats.data_auth_failed += 1,
+                    PacketError::BadLength | PacketError::Transport => {
+                        self.stats.data_malformed += 1
+                    }
+                }
                 return;
             }
         }
@@ -683,6 +701,7 @@ impl ServerEndpoint {
         let fingerprint = hello_fingerprint(data);
         let (Some(fingerprint), MIN_HELLO..=MAX_HELLO) = (fingerprint, data.len()) else {
             self.stats.hello_bad += 1;
+            self.stats.hello_malformed += 1;
             return None;
         };
         if let Err(drop) = self.tags.check(found, fingerprint) {
@@ -713,10 +732,12 @@ impl ServerEndpoint {
         let user = self.users.get(&found.user.0)?;
         let Ok((hello, header)) = handshake::open_hello(&user.keys.hello_key, data) else {
             self.stats.hello_bad += 1;
+            self.stats.hello_auth_failed += 1;
             return None;
         };
         if usize::from(hello.max_datagram) < MIN_DATAGRAM {
             self.stats.hello_bad += 1;
+            self.stats.hello_malformed += 1;
             return None;
         }
         if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS
