@@ -319,11 +319,20 @@ fn render_tunnel(out: &mut Exposition, ctx: &ApiContext) {
         "Outbound streams open, connecting or resolving.",
         t.streams_active,
     );
-    out.single(
+    out.family(
         "ostp_destinations_refused_total",
         "counter",
-        "Stream destinations refused by the destination guard.",
+        "Destinations refused by the destination guard (streams and UDP relay datagrams).",
+    );
+    out.sample(
+        "ostp_destinations_refused_total",
+        &[("kind", "stream")],
         t.destinations_refused,
+    );
+    out.sample(
+        "ostp_destinations_refused_total",
+        &[("kind", "datagram")],
+        t.datagram_destinations_refused,
     );
     if t.published_unix > 0 {
         out.single(

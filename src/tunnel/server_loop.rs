@@ -1246,6 +1246,7 @@ impl ServerLoop {
         self.stats.endpoint = self.endpoint.stats();
         self.stats.sessions = self.endpoint.session_count() as u64;
         self.stats.streams_active = self.out.table.len() as u64;
+        self.stats.datagram_destinations_refused = self.relays.refused();
         self.stats.published_unix = unix_now();
         *lock_stats(&self.published) = self.stats;
     }

@@ -46,6 +46,8 @@ pub struct TunnelStats {
     pub streams_active: u64,
     /// Stream destinations the destination guard refused.
     pub destinations_refused: u64,
+    /// UDP relay datagram destinations the destination guard refused.
+    pub datagram_destinations_refused: u64,
     /// Unix seconds of the copy (0 = never published).
     pub published_unix: u64,
 }

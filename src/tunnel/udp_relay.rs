@@ -69,6 +69,8 @@ pub struct RelayPool {
     by_session: HashMap<SessionId, Vec<(AssocId, usize)>>,
     scratch: Box<[u8]>,
     max_relays: usize,
+    /// Datagram destinations the guard refused since start.
+    refused: u64,
 }
 
 impl RelayPool {
@@ -79,6 +81,7 @@ impl RelayPool {
             relays: Slab::new(),
             tickets: TicketIssuer::new(),
             readable: Vec::new(),
+            refused: 0,
             by_session: HashMap::new(),
             scratch: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
         }
@@ -172,7 +175,7 @@ impl RelayPool {
                 relay.labels.push((addr, dest.clone()));
             }
         }
-        Self::send_to(idx, relay, addr, data, guard, now, poll)
+        Self::send_to(idx, relay, addr, data, guard, now, poll, &mut self.refused)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -184,9 +187,11 @@ impl RelayPool {
         guard: &mut DestGuard,
         now: Instant,
         poll: &Poll,
+        refused: &mut u64,
     ) -> bool {
         if let Verdict::Deny(reason) = guard.check(addr, now) {
             log::debug!("udp relay: destination refused by the guard: {reason:?}");
+            *refused += 1;
             return false;
         }
         let v6 = addr.is_ipv6();
@@ -260,6 +265,9 @@ impl RelayPool {
             .find(|a| matches!(guard.check(**a, now), Verdict::Allow))
             .copied()
         else {
+            if !addrs.is_empty() {
+                self.refused += 1; // every address the name resolved to was refused
+            }
             return;
         };
         if relay.dns.len() >= DNS_CACHE {
@@ -274,7 +282,16 @@ impl RelayPool {
                 relay.labels.push((addr, d));
             }
         }
-        Self::send_to(idx, relay, addr, &p.data, guard, now, poll);
+        Self::send_to(
+            idx,
+            relay,
+            addr,
+            &p.data,
+            guard,
+            now,
+            poll,
+            &mut self.refused,
+        );
     }
 
     /// A READABLE event for the relay socket `index`/`v6`.
@@ -364,6 +381,11 @@ impl RelayPool {
     }
 
     /// Number of live relays.
+    /// Datagram destinations the guard refused since start (for the metrics).
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
     pub fn len(&self) -> usize {
         self.relays.len()
     }
@@ -588,4 +610,15 @@ mod tests {
         assert!(rig.pool.is_empty());
         assert!(rig.pool.by_session.is_empty());
     }
+
+    #[test]
+    fn guard_refusals_are_counted() {
+        let mut rig = Rig::new();
+        rig.guard = DestGuard::new(false); // loopback refused
+        let to = Destination::Addr(sink().local_addr().unwrap());
+        assert!(!rig.send(1, &to, b"x"));
+        assert!(!rig.send(1, &to, b"y"));
+        assert_eq!(rig.pool.refused(), 2);
+    }
+
 }
