@@ -346,6 +346,7 @@ impl Loop {
             Admission::Admit => {}
             Admission::Evict(slot) => self.close(slot),
             Admission::Refuse(why) => {
+                self.gate.count_unparsed(503);
                 let _ = stream.write(&http::closing_error(&ApiError::new(503, why)));
                 let _ = stream.shutdown(Shutdown::Both);
                 return;
@@ -424,6 +425,7 @@ impl Loop {
             }
             if matches!(conn.state, State::Reading { .. }) && !conn.inbuf.is_empty() {
                 let err = ApiError::new(408, "the request was not received in time");
+                self.gate.count_unparsed(408);
                 let _ = conn.stream.write(&http::closing_error(&err));
             }
             expired.push(slot);
@@ -549,6 +551,7 @@ impl Conn {
                     }
                     Ok(None) => {}
                     Err(e) => {
+                        gate.count_unparsed(e.status);
                         self.answer_error(&e, limits);
                         return None;
                     }

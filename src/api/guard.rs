@@ -124,6 +124,15 @@ impl Gate {
         result
     }
 
+    /// Counts an error the front end answered before any request head could be parsed
+    /// (malformed HTTP, a head or request that timed out, no room for the connection):
+    /// `route="other"`, `method="other"`.
+    pub fn count_unparsed(&self, status: u16) {
+        if let Some(m) = &self.metrics {
+            m.count_request("", "", status);
+        }
+    }
+
     fn check_path(
         &mut self,
         peer: PeerKey,
@@ -454,5 +463,22 @@ mod tests {
             let e = check_open_api(&head(bad)).unwrap_err();
             assert_eq!(e.status, 403, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn errors_before_a_parsed_head_are_counted_without_a_route() {
+        let metrics = Arc::new(crate::api::metrics::Metrics::default());
+        let limiter = FailedAuthLimiter::new(2, Duration::from_secs(1));
+        let g = Gate::new(String::new(), limiter).with_metrics(String::new(), metrics.clone());
+        g.count_unparsed(400);
+        g.count_unparsed(408);
+        let text = metrics.requests_text();
+        assert!(
+            text.contains(
+                "ostp_api_requests_total{route=\"other\",method=\"other\",code=\"400\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("code=\"408\"} 1"), "{text}");
     }
 }

@@ -620,5 +620,4 @@ mod tests {
         assert!(!rig.send(1, &to, b"y"));
         assert_eq!(rig.pool.refused(), 2);
     }
-
 }
