@@ -127,6 +127,12 @@ pub struct ServerLimits {
     pub half_closed_timeout_secs: u32,
     /// File descriptors kept free for the API, the state file and new users.
     pub fd_reserve: u32,
+    /// Hellos per second (and burst) the server processes in all, and for one user. The user's
+    /// bucket is checked first, so one key's garbage can only use up that key's allowance.
+    pub handshake_rate: u32,
+    pub handshake_burst: u32,
+    pub handshake_rate_per_user: u32,
+    pub handshake_burst_per_user: u32,
 }
 
 impl Default for ServerLimits {
@@ -143,6 +149,10 @@ impl Default for ServerLimits {
             stream_idle_timeout_secs: 300,
             half_closed_timeout_secs: 60,
             fd_reserve: 256,
+            handshake_rate: 200,
+            handshake_burst: 400,
+            handshake_rate_per_user: 20,
+            handshake_burst_per_user: 64,
         }
     }
 }
@@ -723,6 +733,22 @@ fn parse_limits(obj: &mut Obj) -> Result<ServerLimits, ConfigError> {
             86_400,
         )?,
         fd_reserve: bounded_u32(obj, "fd_reserve", d.fd_reserve, 16, 1 << 20)?,
+        handshake_rate: bounded_u32(obj, "handshake_rate", d.handshake_rate, 1, 1_000_000)?,
+        handshake_burst: bounded_u32(obj, "handshake_burst", d.handshake_burst, 1, 1_000_000)?,
+        handshake_rate_per_user: bounded_u32(
+            obj,
+            "handshake_rate_per_user",
+            d.handshake_rate_per_user,
+            1,
+            1_000_000,
+        )?,
+        handshake_burst_per_user: bounded_u32(
+            obj,
+            "handshake_burst_per_user",
+            d.handshake_burst_per_user,
+            1,
+            1_000_000,
+        )?,
     };
     Ok(limits)
 }
@@ -911,7 +937,9 @@ mod tests {
                 "max_dns_lookups_per_user": 1, "dns_timeout_secs": 2,
                 "dns_negative_ttl_secs": 0, "max_buffered_bytes_per_user": 1048576,
                 "max_buffered_bytes": 4194304, "stream_idle_timeout_secs": 30,
-                "half_closed_timeout_secs": 5, "fd_reserve": 64}"#,
+                "half_closed_timeout_secs": 5, "fd_reserve": 64,
+                "handshake_rate": 50, "handshake_burst": 60,
+                "handshake_rate_per_user": 5, "handshake_burst_per_user": 8}"#,
         );
         let l = s.limits;
         assert_eq!(
@@ -929,7 +957,18 @@ mod tests {
             (30, 5)
         );
         assert_eq!(l.fd_reserve, 64);
+        assert_eq!(
+            (
+                l.handshake_rate,
+                l.handshake_burst,
+                l.handshake_rate_per_user,
+                l.handshake_burst_per_user
+            ),
+            (50, 60, 5, 8)
+        );
         for bad in [
+            r#""handshake_rate_per_user": 0"#,
+            r#""handshake_burst": 0"#,
             r#""dns_threads": 0"#,
             r#""max_buffered_bytes": 1000"#,
             r#""fd_reserve": 1"#,

@@ -106,9 +106,14 @@ pub struct LoopOptions {
 
 impl LoopOptions {
     pub fn from_config(cfg: &ServerConfig) -> Self {
+        let limits = &cfg.limits;
         let mut endpoint = EndpointConfig {
             max_sessions: cfg.max_sessions as usize,
             max_sessions_per_user: cfg.max_sessions_per_user as usize,
+            handshake_rate: limits.handshake_rate,
+            handshake_burst: limits.handshake_burst,
+            handshake_rate_per_user: limits.handshake_rate_per_user,
+            handshake_burst_per_user: limits.handshake_burst_per_user,
             ..EndpointConfig::default()
         };
         // The server's send side holds what destinations deliver faster than the tunnel carries
@@ -1260,5 +1265,32 @@ impl ServerLoop {
         for (user, v) in verdicts {
             self.carry_out(now, user, v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_limits_of_the_config_reach_the_endpoint() {
+        let text = r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
+            "handshake_rate": 50, "handshake_burst": 60,
+            "handshake_rate_per_user": 5, "handshake_burst_per_user": 8}"#;
+        let crate::config::Config::Server(cfg) =
+            crate::config::parse(std::path::Path::new("config.json"), text).unwrap()
+        else {
+            panic!("expected a server config");
+        };
+        let e = LoopOptions::from_config(&cfg).endpoint;
+        assert_eq!(
+            (
+                e.handshake_rate,
+                e.handshake_burst,
+                e.handshake_rate_per_user,
+                e.handshake_burst_per_user
+            ),
+            (50, 60, 5, 8)
+        );
     }
 }
