@@ -77,6 +77,11 @@ pub struct ApiConfig {
     pub token: String,
     /// A second token that reads `GET /metrics` and nothing else (empty = none).
     pub metrics_token: String,
+    /// API connections at once, and from one non-loopback address (loopback is not capped).
+    pub max_connections: u32,
+    pub max_connections_per_address: u32,
+    /// Seconds a connection may take to send a complete request head.
+    pub head_timeout_secs: u32,
 }
 
 impl Default for ApiConfig {
@@ -86,6 +91,9 @@ impl Default for ApiConfig {
             bind: DEFAULT_API_BIND.parse().expect("valid default"),
             token: String::new(),
             metrics_token: String::new(),
+            max_connections: 256,
+            max_connections_per_address: 32,
+            head_timeout_secs: 5,
         }
     }
 }
@@ -579,6 +587,17 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         if let Some(t) = a.opt_str("metrics_token")? {
             api.metrics_token = t;
         }
+        let d = ApiConfig::default();
+        api.max_connections = bounded_u32(&mut a, "max_connections", d.max_connections, 1, 65_536)?;
+        api.max_connections_per_address = bounded_u32(
+            &mut a,
+            "max_connections_per_address",
+            d.max_connections_per_address,
+            1,
+            65_536,
+        )?;
+        api.head_timeout_secs =
+            bounded_u32(&mut a, "head_timeout_secs", d.head_timeout_secs, 1, 300)?;
         a.finish()?;
     }
     let loopback_only = !api.enabled || api.bind.ip().is_loopback();
@@ -925,6 +944,37 @@ mod tests {
             Config::Server(s) => s,
             Config::Client(_) => panic!("expected server"),
         }
+    }
+
+    #[test]
+    fn api_connection_limits_parse_and_name_the_field() {
+        let base = r#"{"mode": "server", "api": {"enabled": true, "bind": "127.0.0.1:9090"}}"#;
+        let d = server(base).api;
+        assert_eq!(
+            (
+                d.max_connections,
+                d.max_connections_per_address,
+                d.head_timeout_secs
+            ),
+            (256, 32, 5)
+        );
+        let s = server(
+            r#"{"mode": "server", "api": {"enabled": true, "bind": "127.0.0.1:9090",
+                "max_connections": 64, "max_connections_per_address": 8, "head_timeout_secs": 2}}"#,
+        );
+        assert_eq!(
+            (
+                s.api.max_connections,
+                s.api.max_connections_per_address,
+                s.api.head_timeout_secs
+            ),
+            (64, 8, 2)
+        );
+        let e = p(r#"{"mode": "server", "api": {"max_connections_per_address": 0}}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("api.max_connections_per_address"),
+            "{e}"
+        );
     }
 
     #[test]

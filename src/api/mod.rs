@@ -90,7 +90,7 @@ impl ApiHandle {
     }
 }
 
-/// Starts the API on `config.api.bind` with the default [`Limits`]; `/metrics` shows the
+/// Starts the API on `config.api.bind` with the [`Limits`] of `config.api`; `/metrics` shows the
 /// counters the tunnel loop publishes into `tunnel`.
 pub fn start(
     config: Arc<ServerConfig>,
@@ -101,14 +101,14 @@ pub fn start(
     tunnel: SharedTunnelStats,
 ) -> Result<ApiHandle, ApiStartError> {
     let metrics = Arc::new(metrics::Metrics::new(tunnel));
+    let limits = Limits {
+        max_connections: config.api.max_connections as usize,
+        max_connections_per_address: config.api.max_connections_per_address as usize,
+        head_timeout: std::time::Duration::from_secs(config.api.head_timeout_secs.into()),
+        ..Limits::default()
+    };
     start_inner(
-        config,
-        users,
-        persister,
-        control,
-        started_at,
-        Limits::default(),
-        metrics,
+        config, users, persister, control, started_at, limits, metrics,
     )
 }
 
