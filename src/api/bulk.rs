@@ -12,7 +12,7 @@ use super::ApiContext;
 use super::errors::ApiError;
 use super::http::{Request, Response};
 use super::routes::{
-    MAX_NAME_CHARS, UserView, commit_error, json_object, limit_value, path_key,
+    Created, MAX_NAME_CHARS, UserView, commit_error, json_object, limit_value, path_key,
     reject_unknown_fields, settings_value, text_value,
 };
 use crate::control::{AskError, ControlMsg};
@@ -37,36 +37,6 @@ const USER_FIELDS: [&str; 8] = [
     "note",
     "max_devices",
 ];
-
-/// A created user as `POST /api/users` answers it.
-#[derive(Debug, Serialize)]
-struct Created {
-    key: String,
-    created: bool,
-    limit_bytes: Option<u64>,
-    name: Option<String>,
-    expire_at: Option<u64>,
-    enabled: bool,
-    reset_strategy: &'static str,
-    note: Option<String>,
-    max_devices: Option<u32>,
-}
-
-impl Created {
-    fn of(u: &User) -> Created {
-        Created {
-            key: u.key.clone(),
-            created: true,
-            limit_bytes: u.limit_bytes,
-            name: u.name.clone(),
-            expire_at: u.settings.expire_at,
-            enabled: u.settings.enabled,
-            reset_strategy: u.settings.reset_strategy.as_str(),
-            note: u.settings.note.clone(),
-            max_devices: u.settings.max_devices,
-        }
-    }
-}
 
 /// Prefixes an error with the entry it concerns (`users[3]: ...`).
 fn at(entry: &str, e: ApiError) -> ApiError {

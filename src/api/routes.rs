@@ -531,21 +531,34 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
     );
     ctx.control.send(ControlMsg::UserAdded(applied.id));
 
-    #[derive(Serialize)]
-    struct Created {
-        key: String,
-        created: bool,
-        limit_bytes: Option<u64>,
-        name: Option<String>,
-        expire_at: Option<u64>,
-        enabled: bool,
-        reset_strategy: &'static str,
-        note: Option<String>,
-        max_devices: Option<u32>,
-    }
     Ok(Response::json(
         200,
-        &Created {
+        &Created::new(key, limit_bytes, name, settings),
+    ))
+}
+
+/// A created user as `POST /api/users` (and each entry of `POST /api/users/bulk`) answers it.
+#[derive(Debug, Serialize)]
+pub(super) struct Created {
+    key: String,
+    created: bool,
+    limit_bytes: Option<u64>,
+    name: Option<String>,
+    expire_at: Option<u64>,
+    enabled: bool,
+    reset_strategy: &'static str,
+    note: Option<String>,
+    max_devices: Option<u32>,
+}
+
+impl Created {
+    pub(super) fn new(
+        key: String,
+        limit_bytes: Option<u64>,
+        name: Option<String>,
+        settings: Settings,
+    ) -> Created {
+        Created {
             key,
             created: true,
             limit_bytes,
@@ -555,8 +568,17 @@ fn create_user(ctx: &ApiContext, body: &[u8]) -> Result<Response, ApiError> {
             reset_strategy: settings.reset_strategy.as_str(),
             note: settings.note,
             max_devices: settings.max_devices,
-        },
-    ))
+        }
+    }
+
+    pub(super) fn of(u: &User) -> Created {
+        Created::new(
+            u.key.clone(),
+            u.limit_bytes,
+            u.name.clone(),
+            u.settings.clone(),
+        )
+    }
 }
 
 fn limit_text(limit: Option<u64>) -> String {

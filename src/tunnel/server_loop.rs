@@ -255,6 +255,8 @@ struct Outbound {
     stream: StreamId,
     /// This incarnation of the slab slot: matches its DNS answer and its connect deadline.
     ticket: Ticket,
+    /// In `Outbounds::held` (its socket reads wait for the user's buffered-bytes share).
+    held: bool,
     state: OutState,
     sock: Option<TcpStream>,
     pipe: Pipe,
@@ -786,6 +788,7 @@ impl ServerLoop {
             user,
             stream,
             ticket,
+            held: false,
             state: OutState::Resolving,
             sock: None,
             pipe: Pipe::new(stream, &[]),
@@ -1020,7 +1023,8 @@ impl ServerLoop {
         }
         let buffered = session.transport().send_buffered();
         self.quotas.set_session_buffered(user, o.session, buffered);
-        if end.is_none() && o.pipe.is_held_by_read_limit() && !self.out.held.contains(&idx) {
+        if end.is_none() && o.pipe.is_held_by_read_limit() && !o.held {
+            o.held = true;
             self.out.held.push(idx);
         }
         let verdict = self.ledger.charge(now, user, moved);
@@ -1101,9 +1105,11 @@ impl ServerLoop {
         }
         let mut refreshed: Vec<UserId> = Vec::new();
         for idx in std::mem::take(&mut self.out.held) {
-            let Some(user) = self.out.table.get(idx).map(|o| o.user) else {
+            let Some(o) = self.out.table.get_mut(idx) else {
                 continue;
             };
+            o.held = false;
+            let user = o.user;
             if !refreshed.contains(&user) {
                 refreshed.push(user);
                 let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
@@ -1117,8 +1123,9 @@ impl ServerLoop {
             // Wait for room worth a socket read: pumping for a few bytes at a time would spin
             // through every held stream on each wake-up.
             if self.quotas.buffer_room(user) >= PIPE_BUF {
-                self.pump(now, idx);
-            } else if !self.out.held.contains(&idx) {
+                self.pump(now, idx); // holds it again if the room did not last
+            } else if let Some(o) = self.out.table.get_mut(idx) {
+                o.held = true;
                 self.out.held.push(idx);
             }
         }

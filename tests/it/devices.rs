@@ -5,36 +5,11 @@
 //! is checked against openapi.yaml. The admission rule itself is unit-tested in
 //! `src/proto/endpoint/server.rs`, the address list in `src/users/devices.rs`.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::api::{Client as ApiClient, OpenApi, Resp};
 use crate::support::tunnel::*;
 use serde_json::{Value, json};
-
-fn http_target(http: u16) -> Target<'static> {
-    Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)))
-}
-
-/// A complete 1 MiB download through `proxy`, retried until one succeeds within `within`.
-fn download_eventually(proxy: SocketAddr, http: u16, within: Duration) -> Duration {
-    let t = Instant::now();
-    let mut last = String::new();
-    while t.elapsed() < within {
-        match socks5_connect(proxy, http_target(http)) {
-            Ok(mut s) => {
-                let (_, d, e) = http_get_bytes(&mut s, 1 << 20);
-                if d.len == 1 << 20 && e.is_none() {
-                    return t.elapsed();
-                }
-                last = format!("short download {}: {e:?}", d.len);
-            }
-            Err(code) => last = format!("SOCKS5 reply {code:#x}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no complete download within {within:?}; last attempt: {last}");
-}
 
 fn from_ip(server: &Server, key: &str, ip: &str) -> Client {
     Client::spawn(server.udp, key, json!({ "udp_bind_ip": ip }))
@@ -97,7 +72,7 @@ fn max_devices_one_refuses_a_second_address_until_the_first_leaves() {
 
     let first = from_ip(&server, &key, "127.0.0.2");
     first.wait_connected(0);
-    download_eventually(first.proxy, http, Duration::from_secs(20));
+    download_eventually(first.proxy, http, 1 << 20, Duration::from_secs(20));
     let second = from_ip(&server, &key, "127.0.0.3");
     let refused = second.proc.wait_line(Duration::from_secs(20), |l| {
         l.contains("device limit reached: another device is using this key")
@@ -116,7 +91,7 @@ fn max_devices_one_refuses_a_second_address_until_the_first_leaves() {
     let mut first = first;
     assert!(first.proc.wait_exit(Duration::from_secs(10)).is_some());
     let left_at = unix_now();
-    let took = download_eventually(second.proxy, http, Duration::from_secs(40));
+    let took = download_eventually(second.proxy, http, 1 << 20, Duration::from_secs(40));
     eprintln!("second device admitted {took:?} after the first left");
     let seen = ips(&api, &mut c, &key);
     let now = unix_now();

@@ -17,10 +17,6 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 1024 * 1024;
 
-fn http_target(http: u16) -> Target<'static> {
-    Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)))
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -69,26 +65,6 @@ fn running_download(client: &Client, http: u16) -> std::thread::JoinHandle<(u64,
         .expect("the download started");
     assert!(got >= MIB);
     download
-}
-
-/// Retries a complete 1 MiB download until one succeeds; returns how long that took.
-fn download_eventually(proxy: SocketAddr, http: u16, within: Duration) -> Duration {
-    let t = Instant::now();
-    let mut last = String::new();
-    while t.elapsed() < within {
-        match socks5_connect(proxy, http_target(http)) {
-            Ok(mut s) => {
-                let (_, d, e) = http_get_bytes(&mut s, MIB);
-                if d.len == MIB && e.is_none() {
-                    return t.elapsed();
-                }
-                last = format!("short download {} of {MIB}: {e:?}", d.len);
-            }
-            Err(code) => last = format!("SOCKS5 reply {code:#x}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no complete download within {within:?}; last attempt: {last}");
 }
 
 /// New requests fail; the client's next attempt (pulled forward by a request) is refused and
@@ -142,7 +118,7 @@ fn an_expiring_user_is_cut_within_a_second_and_extending_expire_at_lets_it_back(
 
     let v = patch(&server, &key, json!({"expire_at": unix_ms() / 1000 + 3600}));
     assert_eq!(v["enabled"], true);
-    let back = download_eventually(client.proxy, http, Duration::from_secs(40));
+    let back = download_eventually(client.proxy, http, MIB, Duration::from_secs(40));
     eprintln!("after extending expire_at: first complete download after {back:?}");
     assert!(
         back < Duration::from_secs(10),
@@ -199,7 +175,7 @@ fn a_disabled_user_is_cut_within_a_second_and_enabling_lets_it_back() {
     assert_eq!(v["online_sessions"], 0, "{v}");
 
     patch(&server, &key, json!({"enabled": true}));
-    let back = download_eventually(client.proxy, http, Duration::from_secs(40));
+    let back = download_eventually(client.proxy, http, MIB, Duration::from_secs(40));
     eprintln!("after enabling: first complete download after {back:?}");
     assert!(
         back < Duration::from_secs(10),

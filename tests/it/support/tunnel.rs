@@ -763,3 +763,30 @@ pub fn non_loopback_ip() -> Option<IpAddr> {
 pub fn mbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
+
+/// The `bulk_http` origin on loopback as a SOCKS5 target.
+pub fn http_target(http: u16) -> Target<'static> {
+    Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)))
+}
+
+/// Downloads `/bytes/n` through SOCKS5, retrying until `deadline` while the tunnel is not back
+/// (connect refused or cut). Returns the digest of the first complete download and how long it
+/// took to get one.
+pub fn download_eventually(proxy: SocketAddr, http: u16, n: u64, within: Duration) -> Duration {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < within {
+        match socks5_connect(proxy, http_target(http)) {
+            Ok(mut s) => {
+                let (_, d, e) = http_get_bytes(&mut s, n);
+                if d.len == n && e.is_none() {
+                    return t.elapsed();
+                }
+                last = format!("short download {} of {n}: {e:?}", d.len);
+            }
+            Err(code) => last = format!("SOCKS5 reply {code:#x}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no complete download within {within:?}; last attempt: {last}");
+}
