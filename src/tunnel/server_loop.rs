@@ -1021,7 +1021,7 @@ impl ServerLoop {
         if grew > 0 {
             self.quotas.pipe_grew(user, grew);
         }
-        let buffered = session.transport().send_buffered();
+        let buffered = session.transport().send_memory();
         self.quotas.set_session_buffered(user, o.session, buffered);
         if end.is_none() && o.pipe.is_held_by_read_limit() && !o.held {
             o.held = true;
@@ -1115,7 +1115,7 @@ impl ServerLoop {
                 let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
                 for sid in sessions {
                     if let Some(s) = self.endpoint.session(sid) {
-                        let buffered = s.transport().send_buffered();
+                        let buffered = s.transport().send_memory();
                         self.quotas.set_session_buffered(user, sid, buffered);
                     }
                 }

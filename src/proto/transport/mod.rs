@@ -1190,6 +1190,12 @@ impl Transport {
         self.streams.send_buffered()
     }
 
+    /// Memory allocated for all stream send buffers: at least [`Self::send_buffered`], at most
+    /// about four times it plus a few KiB per stream (the buffers shrink as they drain).
+    pub fn send_memory(&self) -> usize {
+        self.streams.send_memory()
+    }
+
     /// Bytes the peer currently holds in our receive buffers (bounded by the session window).
     pub fn recv_outstanding(&self) -> u64 {
         self.streams.recv_outstanding()

@@ -66,6 +66,8 @@ pub(super) struct StreamsState {
     open_blocked: bool,
     /// Bytes in all stream send buffers (bounded by `session_send_buffer`).
     send_buffered: usize,
+    /// Storage allocated for all stream send buffers (what they cost in memory).
+    send_memory: usize,
     /// Session-level credit the peer granted us for new stream bytes.
     send_credit: SendCredit,
     /// Session-level window we grant the peer.
@@ -101,6 +103,7 @@ impl StreamsState {
             peer_stream_window: INITIAL_STREAM_WINDOW,
             open_blocked: false,
             send_buffered: 0,
+            send_memory: 0,
             send_credit: SendCredit::new(INITIAL_SESSION_WINDOW),
             recv_window: RecvWindow::new(config.session_window),
             max_data_pending: false,
@@ -124,6 +127,10 @@ impl StreamsState {
     /// Bytes in all stream send buffers.
     pub(super) fn send_buffered(&self) -> usize {
         self.send_buffered
+    }
+
+    pub(super) fn send_memory(&self) -> usize {
+        self.send_memory
     }
 
     /// Bytes the peer currently holds in our receive buffers.
@@ -157,7 +164,9 @@ impl StreamsState {
     /// Idle session: gives back buffer storage of streams with nothing buffered.
     pub(super) fn release_idle_storage(&mut self) {
         for s in self.streams.values_mut() {
+            self.send_memory -= s.send.memory();
             s.send.release_idle_storage();
+            self.send_memory += s.send.memory();
             s.recv.release_idle_storage();
         }
     }
@@ -252,6 +261,7 @@ impl StreamsState {
         if !s.is_done() {
             return;
         }
+        self.send_memory -= s.send.memory();
         self.streams.remove(&id.0);
         if !self.is_local(id) {
             self.local_max_streams += 1;
@@ -442,16 +452,17 @@ impl StreamsState {
         let released = s.recv.discard();
         s.reset_remote = Some((reason, final_size));
         let event = Self::reset_event(s, id, reason);
-        let mut abandoned = 0;
+        let (mut abandoned, mut freed_memory) = (0, 0);
         if s.reset_local.is_none() {
             // Echo the reset so the peer learns our final size too.
             s.reset_local = Some(reason);
             s.pending.insert(PendingControl::RESET);
-            abandoned = s.send.buffered();
+            (abandoned, freed_memory) = (s.send.buffered(), s.send.memory());
             s.send.abandon();
         }
         s.pending.keep_reset_only();
         self.send_buffered -= abandoned;
+        self.send_memory -= freed_memory;
         if self.recv_window.on_received(grown).is_err() {
             return Err(TransportError::FlowControl);
         }
@@ -553,8 +564,10 @@ impl StreamsState {
                 let Some(s) = self.streams.get_mut(&id) else {
                     return;
                 };
+                let memory = s.send.memory();
                 let freed = s.send.on_acked(offset, usize::from(len), fin);
                 self.send_buffered -= freed;
+                self.send_memory = self.send_memory - memory + s.send.memory();
             }
             SentFrame::Open(id) => {
                 let Some(s) = self.streams.get_mut(&id) else {
@@ -887,7 +900,9 @@ impl StreamsState {
         if s.send.fin != FinState::Open {
             return Err(StreamError::Finished);
         }
+        let memory = s.send.memory();
         let n = s.send.write(&data[..data.len().min(session_free)]);
+        let grown = s.send.memory() - memory;
         s.bytes_written += n as u64;
         let start_waiting = n < data.len() && !s.want_writable;
         if start_waiting {
@@ -898,6 +913,7 @@ impl StreamsState {
             self.queue_send(id.0);
         }
         self.send_buffered += n;
+        self.send_memory += grown;
         Ok(n)
     }
 
@@ -975,6 +991,7 @@ impl StreamsState {
         s.reset_local = Some(reason);
         s.pending = PendingControl::RESET;
         self.send_buffered -= s.send.buffered();
+        self.send_memory -= s.send.memory();
         s.send.abandon();
         let released = s.recv.discard();
         self.release_session_credit(released);
@@ -1027,6 +1044,10 @@ mod tests {
                     assert_eq!(flag(s), queue.contains(id), "{name}: flag of {id}");
                 }
             }
+            let memory: usize = self.streams.values().map(|s| s.send.memory()).sum();
+            assert_eq!(self.send_memory, memory, "send memory accounting");
+            let buffered: usize = self.streams.values().map(|s| s.send.buffered()).sum();
+            assert_eq!(self.send_buffered, buffered, "send buffered accounting");
         }
     }
 
