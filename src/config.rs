@@ -152,7 +152,7 @@ impl Default for ServerLimits {
             max_dns_lookups_per_user: 4,
             dns_timeout_secs: 5,
             dns_negative_ttl_secs: 10,
-            max_buffered_bytes_per_user: 4 * 1024 * 1024,
+            max_buffered_bytes_per_user: 8 * 1024 * 1024,
             max_buffered_bytes: 64 * 1024 * 1024,
             stream_idle_timeout_secs: 300,
             half_closed_timeout_secs: 60,
