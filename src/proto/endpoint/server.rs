@@ -5,7 +5,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use super::hello_tags::{HelloDrop, HelloTags, RecordError, hello_fingerprint};
+use super::hello_tags::{HelloDrop, HelloTags, ImportedRecord, RecordError, hello_fingerprint};
 use super::rate_limit::{BucketLevel, TokenBucket};
 use super::{IdMap, SessionId, SocketIndex, UserId};
 use crate::proto::crypto::Key32;
@@ -243,6 +243,9 @@ pub struct ServerEndpoint {
     replies: VecDeque<Box<QueuedReply>>,
     events: VecDeque<EndpointEvent>,
     handshake_tokens: TokenBucket,
+    /// Hellos made before this unix second get silence: set after a crash, when the record of
+    /// answered hellos may miss the last ones the previous run answered (0: none).
+    hello_floor: u64,
     stats: EndpointStats,
     /// Reused by `handle_timeout` (no allocation per call).
     due_scratch: Vec<SessionId>,
@@ -276,6 +279,7 @@ impl ServerEndpoint {
             replies: VecDeque::new(),
             events: VecDeque::new(),
             handshake_tokens,
+            hello_floor: 0,
             stats: EndpointStats::default(),
             due_scratch: Vec::new(),
         }
@@ -311,21 +315,30 @@ impl ServerEndpoint {
 
     /// The record of answered hellos still inside the acceptance window, to be saved and given to
     /// [`ServerEndpoint::import_hello_record`] after a restart (so a hello captured before the
-    /// restart gets silence after it).
-    pub fn export_hello_record(&self) -> Vec<u8> {
-        self.tags.export_answered()
+    /// restart gets silence after it). `complete`: written at a graceful stop, after which
+    /// nothing is answered.
+    pub fn export_hello_record(&self, complete: bool) -> Vec<u8> {
+        self.tags.export_answered(complete)
     }
 
     /// Adds a record saved by [`ServerEndpoint::export_hello_record`]; call after the users are
-    /// set. Returns how many answered hellos it added (entries of deleted or re-keyed users and
-    /// of epochs that left the window are skipped).
+    /// set, at start (`unix_secs`: now). Entries of deleted or re-keyed users and of epochs that
+    /// left the window are skipped. An incomplete record (the previous run did not stop
+    /// gracefully, so it may have answered hellos the record misses) makes every hello made
+    /// before or in the second `unix_secs` get silence (a crashed server may be restarted within
+    /// the second): a captured hello is never answered twice, at the cost of one retry for a
+    /// client whose hello was made before the restart.
     pub fn import_hello_record(
         &mut self,
         unix_secs: u64,
         record: &[u8],
-    ) -> Result<usize, RecordError> {
+    ) -> Result<ImportedRecord, RecordError> {
         self.tags.advance(unix_secs);
-        self.tags.import_answered(record)
+        let imported = self.tags.import_answered(record)?;
+        if !imported.complete {
+            self.hello_floor = unix_secs + 1;
+        }
+        Ok(imported)
     }
 
     // ----- users -----
@@ -744,6 +757,11 @@ impl ServerEndpoint {
             || handshake::epoch_of(hello.unix_secs) != found.epoch
         {
             self.stats.hello_stale += 1;
+            return None;
+        }
+        if hello.unix_secs < self.hello_floor {
+            // Made before a crash restart: it may have been answered (see `hello_floor`).
+            self.count_drop(HelloDrop::Replay);
             return None;
         }
         if let Err(drop) = self.tags.record(found, fingerprint) {
