@@ -114,6 +114,7 @@ impl LoopOptions {
             handshake_burst: limits.handshake_burst,
             handshake_rate_per_user: limits.handshake_rate_per_user,
             handshake_burst_per_user: limits.handshake_burst_per_user,
+            recv_budget_per_user: limits.max_buffered_bytes_per_user,
             ..EndpointConfig::default()
         };
         // The server's send side holds what destinations deliver faster than the tunnel carries

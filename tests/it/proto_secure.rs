@@ -12,6 +12,7 @@ use ostp::proto::handshake::{self, RefuseReason};
 use ostp::proto::psk::{self, UserKeys};
 
 const KEY: &str = "secure-test-key-ABCDEFGHIJ";
+const OTHER_KEY: &str = "secure-test-key-other-KLMNOP";
 const UNIX: u64 = 1_800_000_000;
 
 fn addr() -> SocketAddr {
@@ -712,4 +713,54 @@ fn a_hello_answered_after_the_last_record_write_gets_silence_after_a_crash() {
     assert!(s.import_hello_record(unix, &record).unwrap().complete);
     let mut c = client(KEY, now, UNIX, 81);
     assert!(hello_exchange(&mut s, &mut c, later, unix).is_some());
+}
+
+/// Issue 8: a user's sessions share one receive budget. Each session used to announce the full
+/// 4 MiB session window, so a user with 16 sessions could park 64 MiB of uploads (to
+/// destinations that never read) in the server's memory; now the first credits of one user's
+/// sessions add up to at most the budget plus the 256 KiB every peer may send before SETTINGS,
+/// later grants reach an equal share, and another user's session still gets the full window.
+#[test]
+fn one_users_sessions_share_one_receive_budget() {
+    let now = Instant::now();
+    let budget = 8 * 1024 * 1024;
+    let config = EndpointConfig {
+        recv_budget_per_user: budget,
+        ..EndpointConfig::default()
+    };
+    let window = config.session.transport.session_window;
+    let mut s = server_with(config);
+    s.set_user(UserId(2), OTHER_KEY, UserState::Active).unwrap();
+    let mut sessions = Vec::new();
+    for seed in 0..16 {
+        let mut c = client(KEY, now, UNIX, 100 + seed);
+        assert!(hello_exchange(&mut s, &mut c, now, UNIX).is_some());
+        while let Some(e) = s.poll_event() {
+            if let EndpointEvent::SessionEstablished { session, .. } = e {
+                sessions.push(session);
+            }
+        }
+    }
+    assert_eq!(sessions.len(), 16);
+    let committed = |s: &ServerEndpoint, id| s.session(id).unwrap().transport().recv_committed();
+    let total: u64 = sessions.iter().map(|id| committed(&s, *id)).sum();
+    let initial = 256 * 1024;
+    assert_eq!(
+        committed(&s, sessions[0]),
+        window,
+        "a lone session gets the full window"
+    );
+    assert!(
+        total <= budget + 16 * initial,
+        "16 sessions were granted {total} bytes"
+    );
+    let mut c = client(OTHER_KEY, now, UNIX, 200);
+    assert!(hello_exchange(&mut s, &mut c, now, UNIX).is_some());
+    let other = std::iter::from_fn(|| s.poll_event())
+        .find_map(|e| match e {
+            EndpointEvent::SessionEstablished { session, .. } => Some(session),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(committed(&s, other), window, "another user is not affected");
 }

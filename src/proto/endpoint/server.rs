@@ -107,6 +107,12 @@ pub struct EndpointConfig {
     pub refuse_retry_secs: u16,
     /// Queued handshake replies beyond this are dropped.
     pub max_queued_replies: usize,
+    /// Receive window shared by one user's sessions: each of its `n` sessions grants at most
+    /// `recv_budget_per_user / n` ahead of what was read, and a new session's first credit is
+    /// at most what the others have not committed (never below the initial session window
+    /// every peer may use, never above the transport's `session_window`), so the stream data a
+    /// user can park on the server does not grow with its session count.
+    pub recv_budget_per_user: u64,
 }
 
 impl Default for EndpointConfig {
@@ -122,6 +128,7 @@ impl Default for EndpointConfig {
             reply_pad_max: 256,
             refuse_retry_secs: 60,
             max_queued_replies: 256,
+            recv_budget_per_user: 8 * 1024 * 1024,
         }
     }
 }
@@ -582,12 +589,40 @@ impl ServerEndpoint {
         if let Some(user) = self.users.get_mut(&entry.user.0) {
             user.sessions.retain(|s| *s != id);
         }
+        self.share_recv_budget(entry.user, None);
         let reason = entry.close_reason.unwrap_or(CloseReason::Normal);
         self.events.push_back(EndpointEvent::SessionClosed {
             session: id,
             user: entry.user,
             reason,
         });
+    }
+
+    /// Gives each session of `user` an equal share of [`EndpointConfig::recv_budget_per_user`]
+    /// as its receive window (see [`crate::proto::transport::Transport::set_recv_window`]), and
+    /// the `new` session a first credit of at most what the others have not committed: called
+    /// whenever the user's session count changes.
+    fn share_recv_budget(&mut self, user: UserId, new: Option<SessionId>) {
+        let Some(u) = self.users.get(&user.0) else {
+            return;
+        };
+        let budget = self.config.recv_budget_per_user;
+        let share = budget / u.sessions.len().max(1) as u64;
+        let mut committed = 0;
+        for id in &u.sessions {
+            if let Some(entry) = self.sessions.get_mut(&id.0) {
+                let transport = entry.session.transport_mut();
+                transport.set_recv_window(share);
+                if Some(*id) != new {
+                    committed += transport.recv_committed();
+                }
+            }
+        }
+        let first = new.and_then(|id| self.sessions.get_mut(&id.0));
+        if let Some(entry) = first {
+            let transport = entry.session.transport_mut();
+            transport.limit_first_recv_credit(budget.saturating_sub(committed));
+        }
     }
 
     fn process_dirty(&mut self) {
@@ -949,6 +984,7 @@ impl ServerEndpoint {
         if let Some(u) = self.users.get_mut(&user.0) {
             u.sessions.push(id);
         }
+        self.share_recv_budget(user, Some(id));
         self.stats.sessions_created += 1;
         self.events.push_back(EndpointEvent::SessionEstablished {
             session: id,

@@ -134,6 +134,21 @@ impl StreamsState {
     }
 
     /// Bytes the peer currently holds in our receive buffers.
+    /// Session credit granted and not yet consumed.
+    pub(super) fn recv_committed(&self) -> u64 {
+        self.recv_window.committed()
+    }
+
+    /// See [`RecvWindow::set_window`].
+    pub(super) fn set_recv_window(&mut self, window: u64, announced: bool) {
+        self.recv_window.set_window(window, announced);
+    }
+
+    /// See [`RecvWindow::limit_unannounced`].
+    pub(super) fn limit_first_recv_credit(&mut self, credit: u64, announced: bool) {
+        self.recv_window.limit_unannounced(credit, announced);
+    }
+
     pub(super) fn recv_outstanding(&self) -> u64 {
         self.recv_window.outstanding()
     }
