@@ -234,7 +234,8 @@ pub struct ServerEndpoint {
     rng: Drbg,
     users: IdMap<u32, User>,
     tags: HelloTags,
-    sessions: IdMap<u64, ServerSession>,
+    /// Boxed: the map's slack costs a pointer per empty bucket, not a whole session.
+    sessions: IdMap<u64, Box<ServerSession>>,
     tokens: IdMap<u64, (SessionId, u64)>,
     next_session: u64,
     ready: VecDeque<SessionId>,
@@ -916,7 +917,7 @@ impl ServerEndpoint {
         );
         self.sessions.insert(
             id.0,
-            ServerSession {
+            Box::new(ServerSession {
                 session,
                 user,
                 local,
@@ -926,7 +927,7 @@ impl ServerEndpoint {
                 dirty: false,
                 scheduled: None,
                 close_reason: None,
-            },
+            }),
         );
         if let Some(u) = self.users.get_mut(&user.0) {
             u.sessions.push(id);
