@@ -233,6 +233,8 @@ pub trait TokenSink {
 pub const INITIAL_AHEAD: u64 = 64;
 /// Extra packet numbers registered per received packet while the window is growing.
 pub const WINDOW_GROWTH: u64 = 2;
+/// Largest window (far below 2^32: a token table may keep the low 32 bits of a packet number).
+pub const MAX_WINDOW: usize = 1 << 20;
 
 /// The set of packet numbers a receiver currently accepts, registered by their tokens.
 ///
@@ -261,7 +263,7 @@ pub struct TokenWindow {
 impl TokenWindow {
     /// Creates the window and registers its first tokens with `sink`.
     pub fn new(token_key: Key32, size: usize, behind: usize, sink: &mut impl TokenSink) -> Self {
-        let size = size.max(16).next_power_of_two();
+        let size = size.clamp(16, MAX_WINDOW).next_power_of_two();
         let behind = (behind as u64).min(size as u64 / 2);
         let mut w = TokenWindow {
             ahead: TokenCache::new(token_key),

@@ -156,6 +156,16 @@ fn expand_u32(near: u64, low: u32) -> u64 {
         .unwrap_or(candidate)
 }
 
+/// The smallest value at or above `base` whose low 32 bits are `low`.
+fn at_or_above(base: u64, low: u32) -> u64 {
+    let candidate = (base & !0xFFFF_FFFF) | u64::from(low);
+    if candidate < base {
+        candidate + (1 << 32)
+    } else {
+        candidate
+    }
+}
+
 impl Session {
     /// Creates a session from the handshake's secret. `max_datagram` is the negotiated size.
     /// The receive tokens are registered with `sink`.
@@ -201,6 +211,12 @@ impl Session {
             probe_interval: PROBE_INITIAL,
             stats: SecureStats::default(),
         }
+    }
+
+    /// The packet number in the receive window whose low 32 bits are `low` (a token table may
+    /// keep only those: the window is far narrower than 2^32, so the answer is unique).
+    pub fn rx_packet_number(&self, low: u32) -> u64 {
+        at_or_above(self.rx_tokens.base(), low)
     }
 
     /// Handles a data packet whose token resolved to packet number `pn` (decrypts in place).
@@ -628,6 +644,20 @@ mod tests {
             Err(PacketError::Replay)
         );
         assert_eq!(server.secure_stats().replays_dropped, replays_before + 1);
+    }
+
+    #[test]
+    fn packet_numbers_are_restored_from_their_low_bits_above_the_window_base() {
+        assert_eq!(at_or_above(0, 63), 63);
+        assert_eq!(at_or_above(100, 100), 100);
+        let base = (1 << 32) - 10;
+        assert_eq!(at_or_above(base, u32::MAX - 3), (1 << 32) - 4);
+        assert_eq!(
+            at_or_above(base, 5),
+            (1 << 32) + 5,
+            "across the 2^32 boundary"
+        );
+        assert_eq!(at_or_above(7 << 32, 2047), (7 << 32) + 2047);
     }
 
     #[test]
