@@ -200,20 +200,43 @@ struct ServerSession {
     dirty: bool,
     scheduled: Option<Instant>,
     close_reason: Option<CloseReason>,
+    /// Its index in `ServerEndpoint::slots` (what its registered tokens point at).
+    slot: u32,
+}
+
+/// What a registered token stands for: 16 bytes a table bucket with the token, where a
+/// `(SessionId, u64)` took 24 (the table holds about 64 entries per idle session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TokenEntry {
+    /// Index in `ServerEndpoint::slots`.
+    slot: u32,
+    /// Low 32 bits of the packet number; the session's receive window (far narrower than 2^32)
+    /// restores the rest ([`Session::rx_packet_number`]).
+    pn_low: u32,
 }
 
 /// Registers session tokens in the global table.
 struct GlobalSink<'a> {
-    table: &'a mut IdMap<u64, (SessionId, u64)>,
-    session: SessionId,
+    table: &'a mut IdMap<u64, TokenEntry>,
+    slot: u32,
+}
+
+impl GlobalSink<'_> {
+    fn entry(&self, pn: u64) -> TokenEntry {
+        TokenEntry {
+            slot: self.slot,
+            pn_low: pn as u32,
+        }
+    }
 }
 
 impl TokenSink for GlobalSink<'_> {
     fn insert_token(&mut self, token: u64, pn: u64) {
-        self.table.entry(token).or_insert((self.session, pn));
+        let entry = self.entry(pn);
+        self.table.entry(token).or_insert(entry);
     }
     fn remove_token(&mut self, token: u64, pn: u64) {
-        if self.table.get(&token) == Some(&(self.session, pn)) {
+        if self.table.get(&token) == Some(&self.entry(pn)) {
             self.table.remove(&token);
         }
     }
@@ -241,8 +264,12 @@ pub struct ServerEndpoint {
     rng: Drbg,
     users: IdMap<u32, User>,
     tags: HelloTags,
-    sessions: IdMap<u64, ServerSession>,
-    tokens: IdMap<u64, (SessionId, u64)>,
+    /// Boxed: the map's slack costs a pointer per empty bucket, not a whole session.
+    sessions: IdMap<u64, Box<ServerSession>>,
+    tokens: IdMap<u64, TokenEntry>,
+    /// The session each token slot belongs to (`SessionId(0)`, never issued: free).
+    slots: Vec<SessionId>,
+    free_slots: Vec<u32>,
     next_session: u64,
     ready: VecDeque<SessionId>,
     dirty: Vec<SessionId>,
@@ -279,6 +306,8 @@ impl ServerEndpoint {
             tags: HelloTags::default(),
             sessions: IdMap::default(),
             tokens: IdMap::default(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
             next_session: 1,
             ready: VecDeque::new(),
             dirty: Vec::new(),
@@ -584,8 +613,12 @@ impl ServerEndpoint {
         };
         entry.session.release_tokens(&mut GlobalSink {
             table: &mut self.tokens,
-            session: id,
+            slot: entry.slot,
         });
+        if let Some(owner) = self.slots.get_mut(entry.slot as usize) {
+            *owner = SessionId(0);
+            self.free_slots.push(entry.slot);
+        }
         if let Some(user) = self.users.get_mut(&entry.user.0) {
             user.sessions.retain(|s| *s != id);
         }
@@ -655,8 +688,8 @@ impl ServerEndpoint {
         let mut token_bytes = [0u8; TOKEN_LEN];
         token_bytes.copy_from_slice(head);
         let token = u64::from_le_bytes(token_bytes);
-        if let Some(&(sid, pn)) = self.tokens.get(&token) {
-            self.handle_data(now, sid, pn, local, from, data);
+        if let Some(&found) = self.tokens.get(&token) {
+            self.handle_data(now, found, local, from, data);
         } else if self.tags.contains(token) {
             self.handle_hello(now, unix_secs, token, local, from, data);
         } else {
@@ -667,19 +700,24 @@ impl ServerEndpoint {
     fn handle_data(
         &mut self,
         now: Instant,
-        sid: SessionId,
-        pn: u64,
+        found: TokenEntry,
         local: SocketIndex,
         from: SocketAddr,
         data: &mut [u8],
     ) {
+        let sid = self
+            .slots
+            .get(found.slot as usize)
+            .copied()
+            .unwrap_or(SessionId(0));
         let Some(entry) = self.sessions.get_mut(&sid.0) else {
             self.stats.dropped_unknown += 1;
             return;
         };
+        let pn = entry.session.rx_packet_number(found.pn_low);
         let mut sink = GlobalSink {
             table: &mut self.tokens,
-            session: sid,
+            slot: found.slot,
         };
         match entry.session.handle_packet(now, pn, data, &mut sink) {
             Ok(newest) => {
@@ -954,9 +992,20 @@ impl ServerEndpoint {
         self.next_session += 1;
         let secret = handshake::session_secret(psk, &hello.client_random, server_random);
         let seed = self.rng.bytes32();
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(SessionId(0));
+                // Sessions are capped (`max_sessions`) far below 2^32.
+                (self.slots.len() - 1) as u32
+            }
+        };
+        if let Some(owner) = self.slots.get_mut(slot as usize) {
+            *owner = id;
+        }
         let mut sink = GlobalSink {
             table: &mut self.tokens,
-            session: id,
+            slot,
         };
         let session = Session::new(
             &secret,
@@ -969,7 +1018,7 @@ impl ServerEndpoint {
         );
         self.sessions.insert(
             id.0,
-            ServerSession {
+            Box::new(ServerSession {
                 session,
                 user,
                 local,
@@ -979,7 +1028,8 @@ impl ServerEndpoint {
                 dirty: false,
                 scheduled: None,
                 close_reason: None,
-            },
+                slot,
+            }),
         );
         if let Some(u) = self.users.get_mut(&user.0) {
             u.sessions.push(id);
