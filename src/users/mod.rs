@@ -1042,6 +1042,29 @@ struct Recovered {
     ignored_bytes: usize,
 }
 
+/// Names of other state files (`*.state.json`, the default naming) in the directory of `path`,
+/// at most a few, sorted: the likely old state of a renamed config.
+fn other_state_files(path: &std::path::Path) -> Vec<String> {
+    const SHOWN: usize = 5;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let own = path.file_name();
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| Some(e.file_name().as_os_str()) != own)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".state.json"))
+        .collect();
+    names.sort();
+    names.truncate(SHOWN);
+    names
+}
+
 /// Reads the snapshot at `path` and replays its journal (no config merge, no writes). A missing
 /// snapshot is a fresh start, unless the journal says a state with users existed.
 /// Reads snapshot + journal. `owner`: the caller is the server starting up (the only writer), so
@@ -1066,10 +1089,17 @@ fn recover(path: &std::path::Path, owner: bool) -> Result<Recovered, UsersError>
                 changes: j.committed,
             });
         }
+        let others = other_state_files(path);
         log::warn!(
             "no state file at {}: starting with only the config.json keys (if the config was \
-             renamed, the default state file name changed with it: set state_file to the old one)",
-            path.display()
+             renamed, the default state file name changed with it: set state_file to the old \
+             one){}",
+            path.display(),
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("; other state files beside it: {}", others.join(", "))
+            }
         );
         return Ok(Recovered {
             table: UserTable::new(),
@@ -1189,6 +1219,33 @@ mod tests {
             name: name.map(Into::into),
             limit_bytes: limit,
         }
+    }
+
+    /// A renamed config looks for `<new name>.state.json`; the warning names the old state
+    /// files beside it so the operator can point `state_file` at the right one.
+    #[test]
+    fn a_missing_state_file_names_the_other_state_files_beside_it() {
+        let dir = std::env::temp_dir().join(format!("ostp-other-states-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "router.state.json",
+            "old.state.json",
+            "old.state.json.journal",
+            "x.json",
+        ] {
+            std::fs::write(dir.join(name), b"{}").unwrap();
+        }
+        let missing = dir.join("renamed.state.json");
+        assert_eq!(
+            other_state_files(&missing),
+            vec!["old.state.json".to_string(), "router.state.json".to_string()]
+        );
+        assert_eq!(
+            other_state_files(&dir.join("router.state.json")),
+            vec!["old.state.json".to_string()]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
