@@ -52,6 +52,36 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `udp_offload`: whether the tunnel's UDP sockets send several datagrams per system call (GSO)
+/// and read several per call (GRO) where the kernel offers it (Linux).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpOffload {
+    /// Probe each socket; fall back to single datagrams when the kernel refuses.
+    #[default]
+    Auto,
+    /// One datagram per system call (for kernels whose UDP GSO misbehaves, e.g. over PPPoE).
+    Off,
+}
+
+impl UdpOffload {
+    fn is_auto(&self) -> bool {
+        *self == UdpOffload::Auto
+    }
+}
+
+/// Reads `udp_offload` (`"auto"` when absent).
+fn parse_udp_offload(obj: &mut Obj) -> Result<UdpOffload, ConfigError> {
+    match obj.opt_str("udp_offload")?.as_deref() {
+        None | Some("auto") => Ok(UdpOffload::Auto),
+        Some("off") => Ok(UdpOffload::Off),
+        Some(other) => Err(obj.err(
+            "udp_offload",
+            &format!("{other:?} is not one of \"auto\", \"off\""),
+        )),
+    }
+}
+
 /// A whole configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Config {
@@ -187,6 +217,8 @@ pub struct ServerConfig {
     pub max_sessions: u32,
     pub max_sessions_per_user: u32,
     pub limits: ServerLimits,
+    /// GSO/GRO on the listen sockets.
+    pub udp_offload: UdpOffload,
 }
 
 impl ServerConfig {
@@ -257,6 +289,9 @@ pub struct ClientConfig {
     /// sees); `None`: chosen by the system. Never handed out by the subscribe endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_bind_ip: Option<std::net::IpAddr>,
+    /// GSO/GRO on the tunnel's UDP sockets (written only when not the default `auto`).
+    #[serde(skip_serializing_if = "UdpOffload::is_auto")]
+    pub udp_offload: UdpOffload,
     pub tun: TunConfig,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
@@ -274,6 +309,7 @@ impl ClientConfig {
             socks5_auth: None,
             allow_open_proxy: false,
             udp_bind_ip: None,
+            udp_offload: UdpOffload::Auto,
             tun: TunConfig {
                 enable: false,
                 dns: "1.1.1.1".to_string(),
@@ -662,6 +698,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         10_000,
     )?;
     let limits = parse_limits(&mut obj)?;
+    let udp_offload = parse_udp_offload(&mut obj)?;
     obj.finish()?;
     Ok(ServerConfig {
         path: ctx.file.to_path_buf(),
@@ -677,6 +714,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         max_sessions,
         max_sessions_per_user,
         limits,
+        udp_offload,
     })
 }
 
@@ -826,6 +864,7 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
             .map_err(|_| obj.err("udp_bind_ip", &format!("{ip:?} is not an IP address")))?;
         cfg.udp_bind_ip = Some(parsed);
     }
+    cfg.udp_offload = parse_udp_offload(&mut obj)?;
     if let Some(mut t) = obj.opt_obj("tun")? {
         if let Some(b) = t.opt_bool("enable")? {
             cfg.tun.enable = b;
@@ -1238,6 +1277,35 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.field, "mux.sessions");
+    }
+
+    #[test]
+    fn udp_offload_defaults_to_auto_on_both_sides_and_takes_off() {
+        let base = format!(
+            r#""mode": "server", "listen": "0.0.0.0:50000", "access_keys": ["{KEY}"], "api": {{ "enabled": false }}"#
+        );
+        assert_eq!(server(&format!("{{{base}}}")).udp_offload, UdpOffload::Auto);
+        let off = server(&format!(r#"{{{base}, "udp_offload": "off"}}"#));
+        assert_eq!(off.udp_offload, UdpOffload::Off);
+        let e = p(&format!(r#"{{{base}, "udp_offload": "on"}}"#)).unwrap_err();
+        assert_eq!(e.field, "udp_offload");
+        let client = |extra: &str| {
+            p(&format!(
+                r#"{{"mode":"client","server":"h:1","access_key":"{KEY}"{extra}}}"#
+            ))
+        };
+        let Ok(Config::Client(c)) = client("") else {
+            panic!("expected a client")
+        };
+        assert_eq!(c.udp_offload, UdpOffload::Auto);
+        let Ok(Config::Client(c)) = client(r#","udp_offload":"off""#) else {
+            panic!("expected a client")
+        };
+        assert_eq!(c.udp_offload, UdpOffload::Off);
+        // Written out only when it differs from the default (the subscribe shape is unchanged).
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["udp_offload"], "off");
+        assert_eq!(client(r#","udp_offload":1"#).unwrap_err().field, "udp_offload");
     }
 
     #[test]

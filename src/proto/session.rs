@@ -17,6 +17,28 @@ pub const MIN_DATAGRAM: usize = 576;
 /// Largest datagram size either side produces.
 pub const MAX_DATAGRAM: usize = 1500;
 
+/// Datagrams written back to back by a batch transmit: `len` bytes cut every `segment` bytes (the
+/// last datagram may be shorter). The shape one GSO send takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Bytes written at the start of the caller's buffer.
+    pub len: usize,
+    /// Length of every datagram but the last.
+    pub segment: usize,
+}
+
+impl Batch {
+    /// A batch of one datagram.
+    pub fn single(len: usize) -> Batch {
+        Batch { len, segment: len }
+    }
+
+    /// How many datagrams it holds.
+    pub fn count(&self) -> usize {
+        self.len.div_ceil(self.segment.max(1))
+    }
+}
+
 /// Packet-protection settings shared by client and server.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -314,6 +336,37 @@ impl Session {
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += total as u64;
         Some(total)
+    }
+
+    /// Writes up to `max_segments` datagrams back to back into `buf`, each as
+    /// [`Session::poll_transmit`] would write it (so congestion window, pacer and the peer's token
+    /// window decide exactly as they do for single datagrams). The first datagram's length is the
+    /// segment size; a shorter datagram ends the batch, and so does a first datagram shorter than
+    /// the full size (the next one could be larger: a batch never makes packets smaller).
+    pub fn poll_transmit_batch(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        max_segments: usize,
+    ) -> Option<Batch> {
+        let segment = self.poll_transmit(now, buf)?;
+        let mut len = segment;
+        if segment < self.max_datagram.min(buf.len()) {
+            return Some(Batch::single(len));
+        }
+        for _ in 1..max_segments {
+            let Some(room) = buf.get_mut(len..len + segment) else {
+                break;
+            };
+            let Some(n) = self.poll_transmit(now, room) else {
+                break;
+            };
+            len += n;
+            if n < segment {
+                break;
+            }
+        }
+        Some(Batch { len, segment })
     }
 
     /// Earliest instant at which [`Session::handle_timeout`] (or, for a blocked session's next

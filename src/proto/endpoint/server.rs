@@ -28,7 +28,7 @@ pub enum UserState {
     Refused(RefuseReason),
 }
 
-/// A datagram the driver must send.
+/// Datagrams the driver must send: one, or a batch of equal-size datagrams back to back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
     /// Socket to send from (the one the peer's last authenticated packet arrived on).
@@ -37,6 +37,8 @@ pub struct Transmit {
     pub to: SocketAddr,
     /// Bytes written at the start of the caller's buffer.
     pub len: usize,
+    /// Length of every datagram but the last (`len` for a single datagram).
+    pub segment: usize,
 }
 
 /// Server endpoint events.
@@ -943,6 +945,18 @@ impl ServerEndpoint {
 
     /// Next datagram to send: handshake replies first, then sessions round-robin.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.poll_transmit_batch(now, buf, 1)
+    }
+
+    /// Next datagrams to send: a handshake reply alone, or a batch of up to `max_segments`
+    /// datagrams of one session ([`Session::poll_transmit_batch`]); sessions take turns a batch
+    /// at a time.
+    pub fn poll_transmit_batch(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        max_segments: usize,
+    ) -> Option<Transmit> {
         self.process_dirty();
         if let Some(reply) = self.replies.front() {
             if buf.len() >= reply.len {
@@ -952,6 +966,7 @@ impl ServerEndpoint {
                     local: reply.local,
                     to: reply.to,
                     len: reply.len,
+                    segment: reply.len,
                 });
             }
             return None;
@@ -960,11 +975,12 @@ impl ServerEndpoint {
             let Some(entry) = self.sessions.get_mut(&id.0) else {
                 continue;
             };
-            if let Some(len) = entry.session.poll_transmit(now, buf) {
+            if let Some(batch) = entry.session.poll_transmit_batch(now, buf, max_segments) {
                 let transmit = Transmit {
                     local: entry.local,
                     to: entry.peer,
-                    len,
+                    len: batch.len,
+                    segment: batch.segment,
                 };
                 self.ready.push_back(id);
                 self.after_activity(id);
