@@ -1143,6 +1143,51 @@ mod tests {
         assert_eq!(refused, 1);
     }
 
+    /// Sessions take turns a batch at a time, each batch of one session, equal datagrams.
+    #[test]
+    fn sessions_are_served_round_robin_a_batch_at_a_time() {
+        let now = Instant::now();
+        let mut config = EndpointConfig::default();
+        // A window and pacing rate that allow a few full batches at once.
+        config.session.transport.initial_cwnd_packets = 256;
+        let mut s = ServerEndpoint::new(config, [7; 32]);
+        s.set_user(USER, KEY, UserState::Active).unwrap();
+        let peers = [addr("192.0.2.1:1000"), addr("192.0.2.2:1000")];
+        let (_a, r) = connect(&mut s, now, "192.0.2.1:1000", 1);
+        assert_eq!(r, Ok(()));
+        let (_b, r) = connect(&mut s, now, "192.0.2.2:1000", 2);
+        assert_eq!(r, Ok(()));
+        let ids: Vec<SessionId> = std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                EndpointEvent::SessionEstablished { session, .. } => Some(session),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        for id in &ids {
+            let t = s.session_mut(*id).unwrap().transport_mut();
+            let stream = t
+                .open_stream(Destination::domain("example.com", 443).unwrap())
+                .unwrap();
+            t.stream_write(stream, &[3; 64 * 1024]).unwrap();
+        }
+        // Idle for a while: each pacer allows a burst.
+        let now = now + std::time::Duration::from_millis(50);
+        let mut buf = vec![0u8; 65_507];
+        let mut order = Vec::new();
+        while let Some(t) = s.poll_transmit_batch(now, &mut buf, 4) {
+            let count = t.len.div_ceil(t.segment);
+            assert!((1..=4).contains(&count), "{t:?}");
+            order.push((peers.iter().position(|p| *p == t.to).unwrap(), count));
+            if order.len() == 6 {
+                break;
+            }
+        }
+        let who: Vec<usize> = order.iter().map(|(p, _)| *p).collect();
+        assert!(who == [0, 1, 0, 1, 0, 1] || who == [1, 0, 1, 0, 1, 0], "{order:?}");
+        assert!(order.iter().all(|(_, n)| *n == 4), "full batches: {order:?}");
+    }
+
     #[test]
     fn a_device_is_admitted_once_the_other_leaves_and_no_limit_means_none() {
         let now = Instant::now();

@@ -583,4 +583,165 @@ mod tests {
             .unwrap();
         assert!(events.is_empty());
     }
+
+    /// `count` datagrams of `segment` bytes (the last `last` bytes) back to back, each filled
+    /// with its index.
+    fn batch(count: usize, segment: usize, last: usize) -> Vec<u8> {
+        let mut data = Vec::new();
+        for i in 0..count {
+            let len = if i + 1 == count { last } else { segment };
+            data.extend(std::iter::repeat_n(i as u8, len));
+        }
+        data
+    }
+
+    /// A blocking receiver with a large kernel buffer.
+    fn plain_receiver() -> std::net::UdpSocket {
+        let rx = crate::sys::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        crate::sys::grow_udp_buffers(&rx, 4 << 20);
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        rx
+    }
+
+    fn receive_all(rx: &std::net::UdpSocket, count: usize) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        (0..count)
+            .map(|_| {
+                let n = rx.recv(&mut buf).expect("datagram arrives");
+                buf[..n].to_vec()
+            })
+            .collect()
+    }
+
+    fn send(sock: &mut Socket, data: &[u8], segment: usize, to: SocketAddr) -> SendOutcome {
+        let poll = Poll::new().unwrap();
+        let mut tx = UdpTx::new();
+        tx.send(sock, poll.registry(), Token(1), 0, data, segment, Some(to))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_gso_batch_of_k_segments_arrives_as_k_datagrams_at_a_plain_receiver() {
+        let mut sock = Socket::new(bound(), UdpOffload::Auto);
+        assert_eq!(sock.max_segments(), MAX_SEGMENTS, "this kernel offers UDP GSO");
+        let rx = plain_receiver();
+        let data = batch(10, 1200, 500);
+        let out = send(&mut sock, &data, 1200, rx.local_addr().unwrap());
+        assert_eq!(out, SendOutcome::Sent);
+        let c = sock.counts();
+        assert_eq!((c.send_calls, c.datagrams_sent), (1, 10), "one system call");
+        let got = receive_all(&rx, 10);
+        let want: Vec<Vec<u8>> = data.chunks(1200).map(<[u8]>::to_vec).collect();
+        assert_eq!(got, want, "ten datagrams, in order, intact");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_gro_read_of_a_burst_splits_into_the_datagrams_sent() {
+        let mut poll = Poll::new().unwrap();
+        let mut rx = Socket::new(bound(), UdpOffload::Auto);
+        assert!(rx.gro(), "this kernel offers UDP GRO");
+        poll.registry()
+            .register(&mut rx, Token(1), Interest::READABLE)
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut tx = Socket::new(bound(), UdpOffload::Auto);
+        let first = batch(21, 1000, 300);
+        let second = batch(5, 700, 700);
+        assert_eq!(send(&mut tx, &first, 1000, to), SendOutcome::Sent);
+        assert_eq!(send(&mut tx, &second, 700, to), SendOutcome::Sent);
+        // And two single datagrams from a plain socket.
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        plain.send_to(b"one", to).unwrap();
+        plain.send_to(&[9; 1400], to).unwrap();
+        let mut want: Vec<Vec<u8>> = first.chunks(1000).map(<[u8]>::to_vec).collect();
+        want.extend(second.chunks(700).map(<[u8]>::to_vec));
+        want.push(b"one".to_vec());
+        want.push(vec![9; 1400]);
+
+        let mut events = Events::with_capacity(8);
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; RECV_BUFFER];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < want.len() && std::time::Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .unwrap();
+            while rx
+                .drain(&mut buf, RECV_BATCH, |d, _| got.push(d.to_vec()))
+                .still_readable()
+            {}
+        }
+        assert_eq!(got, want, "every datagram, in order, intact");
+        let c = rx.counts();
+        assert_eq!(c.datagrams_received, 28);
+        assert!(
+            c.recv_calls < 10,
+            "the batches were read coalesced: {} reads",
+            c.recv_calls
+        );
+    }
+
+    /// More segments than the kernel's `UDP_MAX_SEGMENTS` (64; 128 since Linux 6.x): the
+    /// segmented send fails with `EINVAL`, like a device that cannot segment.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_batch_the_kernel_refuses_goes_out_as_single_datagrams_and_gso_stays_off() {
+        let mut sock = Socket::new(bound(), UdpOffload::Auto);
+        assert!(sock.max_segments() > 1);
+        let rx = plain_receiver();
+        let to = rx.local_addr().unwrap();
+        let data = batch(200, 64, 64);
+        assert_eq!(send(&mut sock, &data, 64, to), SendOutcome::Sent);
+        assert_eq!(sock.max_segments(), 1, "GSO is off for this socket");
+        let c = sock.counts();
+        assert_eq!((c.send_calls, c.datagrams_sent), (201, 200));
+        let want: Vec<Vec<u8>> = data.chunks(64).map(<[u8]>::to_vec).collect();
+        assert_eq!(receive_all(&rx, 200), want, "nothing lost, in order");
+        // The next batch goes out as single datagrams straight away.
+        let data = batch(3, 1000, 10);
+        assert_eq!(send(&mut sock, &data, 1000, to), SendOutcome::Sent);
+        assert_eq!(sock.counts().send_calls, 204);
+        assert_eq!(receive_all(&rx, 3).concat(), data);
+    }
+
+    #[test]
+    fn errors_that_mean_no_gso_here_are_told_from_others() {
+        #[cfg(target_os = "linux")]
+        for (errno, refused) in [
+            (libc::EIO, true),
+            (libc::EINVAL, true),
+            (libc::EAGAIN, false),
+            (libc::ECONNREFUSED, false),
+            (libc::EHOSTUNREACH, false),
+        ] {
+            assert_eq!(gso_refused(&io::Error::from_raw_os_error(errno)), refused, "{errno}");
+        }
+        assert!(gso_refused(&io::ErrorKind::InvalidInput.into()));
+        assert!(!gso_refused(&io::ErrorKind::WouldBlock.into()));
+    }
+
+    #[test]
+    fn offload_off_sends_and_reads_one_datagram_per_call() {
+        let mut sock = Socket::new(bound(), UdpOffload::Off);
+        assert_eq!(sock.max_segments(), 1);
+        assert!(!sock.gro());
+        let mut rx = Socket::new(bound(), UdpOffload::Off);
+        let data = batch(5, 1000, 1000);
+        assert_eq!(
+            send(&mut sock, &data, 1000, rx.local_addr().unwrap()),
+            SendOutcome::Sent
+        );
+        assert_eq!(sock.counts().send_calls, 5);
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; RECV_BUFFER];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 5 && std::time::Instant::now() < deadline {
+            rx.drain(&mut buf, RECV_BATCH, |d, _| got.push(d.to_vec()));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(got.concat(), data);
+        let c = rx.counts();
+        assert_eq!(c.datagrams_received, 5);
+        assert!(c.recv_calls >= 5, "one datagram per read");
+    }
 }
