@@ -1305,7 +1305,10 @@ mod tests {
         // Written out only when it differs from the default (the subscribe shape is unchanged).
         let v = serde_json::to_value(&c).unwrap();
         assert_eq!(v["udp_offload"], "off");
-        assert_eq!(client(r#","udp_offload":1"#).unwrap_err().field, "udp_offload");
+        assert_eq!(
+            client(r#","udp_offload":1"#).unwrap_err().field,
+            "udp_offload"
+        );
     }
 
     #[test]

@@ -132,7 +132,8 @@ pub fn enable_udp_gro(sock: &impl AsRawFd) -> bool {
 /// Control-message space for one `u16` (`UDP_SEGMENT`) or `c_int` (`UDP_GRO`) message.
 #[cfg(target_os = "linux")]
 // SAFETY: CMSG_SPACE only does arithmetic on its argument.
-const CMSG_INT_SPACE: usize = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as _) as usize };
+const CMSG_INT_SPACE: usize =
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as _) as usize };
 
 /// A control-message buffer aligned for `cmsghdr` (8 bytes covers every target's alignment).
 #[cfg(target_os = "linux")]
@@ -151,7 +152,9 @@ fn raw_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large enough and aligned for every sockaddr type; the
             // reference is the only one to `storage` while it lives.
-            let sin = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
             sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
@@ -159,7 +162,9 @@ fn raw_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
         SocketAddr::V6(a) => {
             // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port().to_be();
             sin6.sin6_flowinfo = a.flowinfo();
@@ -177,13 +182,16 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in; storage is aligned for it.
-            let sin = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
             Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 sin6.sin6_addr.s6_addr.into(),
                 u16::from_be(sin6.sin6_port),

@@ -584,13 +584,20 @@ mod tests {
         assert_eq!(batch.segment, 1350, "full-size datagrams");
         assert!(batch.count() >= 2, "{batch:?}");
         assert!(batch.count() <= 8);
-        assert_eq!(batch.len, batch.count() * batch.segment, "all full: {batch:?}");
+        assert_eq!(
+            batch.len,
+            batch.count() * batch.segment,
+            "all full: {batch:?}"
+        );
         for datagram in buf[..batch.len].chunks_mut(batch.segment) {
             deliver(&mut s, &mut ss, now, datagram);
         }
         assert_eq!(s.secure_stats().packets_received, batch.count() as u64);
         let got = read_all(&mut s);
-        assert!(got > 0 && got < written, "the stream bytes arrived in order: {got}");
+        assert!(
+            got > 0 && got < written,
+            "the stream bytes arrived in order: {got}"
+        );
     }
 
     #[test]
@@ -622,7 +629,11 @@ mod tests {
     /// A bulk upload in lock-step 1 ms ticks (each datagram delivered at the next tick), the client
     /// sending in batches of up to `max_segments` (0: single `poll_transmit` calls). Returns the
     /// client's datagrams per tick and the sizes of its batches.
-    fn upload(config: &SessionConfig, max_segments: usize, ticks: u32) -> (Vec<Vec<Vec<u8>>>, Vec<usize>) {
+    fn upload(
+        config: &SessionConfig,
+        max_segments: usize,
+        ticks: u32,
+    ) -> (Vec<Vec<Vec<u8>>>, Vec<usize>) {
         let t0 = Instant::now();
         let (mut c, mut cs, mut s, mut ss) = pair(config, t0);
         let dest = Destination::domain("example.com", 443).unwrap();
@@ -683,9 +694,18 @@ mod tests {
         for (what, config, limit) in [("cwnd", cwnd_bound, 9), ("pacer", pacer_bound, 20)] {
             let (singles, _) = upload(&config, 0, 40);
             let (batched, sizes) = upload(&config, 16, 40);
-            assert_eq!(batched, singles, "{what}: the same datagrams at the same ticks");
-            assert!(sizes.iter().any(|n| *n > 1), "{what}: some batch held several");
-            assert!(sizes.iter().all(|n| (1..=16).contains(n)), "{what}: {sizes:?}");
+            assert_eq!(
+                batched, singles,
+                "{what}: the same datagrams at the same ticks"
+            );
+            assert!(
+                sizes.iter().any(|n| *n > 1),
+                "{what}: some batch held several"
+            );
+            assert!(
+                sizes.iter().all(|n| (1..=16).contains(n)),
+                "{what}: {sizes:?}"
+            );
             let first = singles[0].len();
             assert!(
                 (2..=limit).contains(&first),

@@ -37,7 +37,9 @@ use super::driver::core::{self, LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
-use super::driver::udp::{self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SendOutcome, UdpOffload, UdpTx};
+use super::driver::udp::{
+    self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SendOutcome, UdpOffload, UdpTx,
+};
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
 use super::resolver::{Lookup, Resolver};
@@ -831,7 +833,9 @@ impl ClientLoop {
         let buf = &mut self.buf[..MAX_BATCH_BYTES];
         while let Some(batch) = client.poll_transmit_batch(now, buf, max_segments) {
             let data = &buf[..batch.len];
-            let sent = slot.tx.send(sock, registry, token, i, data, batch.segment, None);
+            let sent = slot
+                .tx
+                .send(sock, registry, token, i, data, batch.segment, None);
             if sent == SendOutcome::Blocked {
                 return;
             }

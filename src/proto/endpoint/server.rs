@@ -1184,8 +1184,14 @@ mod tests {
             }
         }
         let who: Vec<usize> = order.iter().map(|(p, _)| *p).collect();
-        assert!(who == [0, 1, 0, 1, 0, 1] || who == [1, 0, 1, 0, 1, 0], "{order:?}");
-        assert!(order.iter().all(|(_, n)| *n == 4), "full batches: {order:?}");
+        assert!(
+            who == [0, 1, 0, 1, 0, 1] || who == [1, 0, 1, 0, 1, 0],
+            "{order:?}"
+        );
+        assert!(
+            order.iter().all(|(_, n)| *n == 4),
+            "full batches: {order:?}"
+        );
     }
 
     #[test]

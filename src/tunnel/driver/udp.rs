@@ -201,7 +201,9 @@ impl Socket {
                     self.counts.datagrams_sent += data.len().div_ceil(segment) as u64;
                     return Sent::All { lost: 0 };
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Sent::Partly { bytes: 0 },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Sent::Partly { bytes: 0 };
+                }
                 Err(e) if gso_refused(&e) => {
                     log::info!(
                         "udp: the kernel refused a segmented send ({e}); this socket sends single datagrams from now on"
@@ -263,7 +265,8 @@ fn send_gso(
     segment: usize,
     to: Option<SocketAddr>,
 ) -> io::Result<()> {
-    let segment = u16::try_from(segment).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let segment =
+        u16::try_from(segment).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     crate::sys::send_segments(sock, data, segment, to).map(|_| ())
 }
 
@@ -289,7 +292,12 @@ fn gso_refused(e: &io::Error) -> bool {
 }
 
 impl mio::event::Source for Socket {
-    fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+    fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
         self.sock.register(registry, token, interests)
     }
 
@@ -623,7 +631,11 @@ mod tests {
     #[test]
     fn a_gso_batch_of_k_segments_arrives_as_k_datagrams_at_a_plain_receiver() {
         let mut sock = Socket::new(bound(), UdpOffload::Auto);
-        assert_eq!(sock.max_segments(), MAX_SEGMENTS, "this kernel offers UDP GSO");
+        assert_eq!(
+            sock.max_segments(),
+            MAX_SEGMENTS,
+            "this kernel offers UDP GSO"
+        );
         let rx = plain_receiver();
         let data = batch(10, 1200, 500);
         let out = send(&mut sock, &data, 1200, rx.local_addr().unwrap());
@@ -714,7 +726,11 @@ mod tests {
             (libc::ECONNREFUSED, false),
             (libc::EHOSTUNREACH, false),
         ] {
-            assert_eq!(gso_refused(&io::Error::from_raw_os_error(errno)), refused, "{errno}");
+            assert_eq!(
+                gso_refused(&io::Error::from_raw_os_error(errno)),
+                refused,
+                "{errno}"
+            );
         }
         assert!(gso_refused(&io::ErrorKind::InvalidInput.into()));
         assert!(!gso_refused(&io::ErrorKind::WouldBlock.into()));
