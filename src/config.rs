@@ -18,6 +18,9 @@ pub const DEFAULT_PORT: u16 = 50000;
 pub const DEFAULT_API_BIND: &str = "127.0.0.1:9090";
 /// Default local proxy address of the client (SOCKS5 and HTTP on one port).
 pub const DEFAULT_SOCKS5_BIND: &str = "127.0.0.1:1088";
+/// Client: a local connection or UDP association idle this long is closed.
+pub const DEFAULT_LOCAL_IDLE_TIMEOUT_SECS: u32 = 300;
+const MAX_LOCAL_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// Default total number of tunnel sessions a server accepts.
 pub const DEFAULT_MAX_SESSIONS: u32 = 1024;
 /// Default number of simultaneous sessions per user.
@@ -182,7 +185,7 @@ impl Default for ServerLimits {
             max_dns_lookups_per_user: 4,
             dns_timeout_secs: 5,
             dns_negative_ttl_secs: 10,
-            max_buffered_bytes_per_user: 4 * 1024 * 1024,
+            max_buffered_bytes_per_user: 8 * 1024 * 1024,
             max_buffered_bytes: 64 * 1024 * 1024,
             stream_idle_timeout_secs: 300,
             half_closed_timeout_secs: 60,
@@ -292,6 +295,10 @@ pub struct ClientConfig {
     /// GSO/GRO on the tunnel's UDP sockets (written only when not the default `auto`).
     #[serde(skip_serializing_if = "UdpOffload::is_auto")]
     pub udp_offload: UdpOffload,
+    /// Seconds a local connection or UDP association may move nothing before it is closed
+    /// (`None`: [`DEFAULT_LOCAL_IDLE_TIMEOUT_SECS`]). Never handed out by the subscribe endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_idle_timeout_secs: Option<u32>,
     pub tun: TunConfig,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
@@ -310,6 +317,7 @@ impl ClientConfig {
             allow_open_proxy: false,
             udp_bind_ip: None,
             udp_offload: UdpOffload::Auto,
+            local_idle_timeout_secs: None,
             tun: TunConfig {
                 enable: false,
                 dns: "1.1.1.1".to_string(),
@@ -865,6 +873,15 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
         cfg.udp_bind_ip = Some(parsed);
     }
     cfg.udp_offload = parse_udp_offload(&mut obj)?;
+    if let Some(secs) = obj.opt_u64("local_idle_timeout_secs")? {
+        if !(1..=MAX_LOCAL_IDLE_TIMEOUT_SECS).contains(&secs) {
+            return Err(obj.err(
+                "local_idle_timeout_secs",
+                &format!("{secs} is out of range 1..={MAX_LOCAL_IDLE_TIMEOUT_SECS}"),
+            ));
+        }
+        cfg.local_idle_timeout_secs = Some(secs as u32);
+    }
     if let Some(mut t) = obj.opt_obj("tun")? {
         if let Some(b) = t.opt_bool("enable")? {
             cfg.tun.enable = b;
@@ -1330,6 +1347,11 @@ mod tests {
             ("u", "p:w")
         );
         assert!(c.allow_open_proxy);
+        assert_eq!(c.local_idle_timeout_secs, None, "default: 300 s");
+        let Config::Client(c) = client(r#","local_idle_timeout_secs":2"#).unwrap() else {
+            panic!("expected client")
+        };
+        assert_eq!(c.local_idle_timeout_secs, Some(2));
         assert!(
             !format!("{c:?}").contains("p:w"),
             "Debug shows the password"
@@ -1349,6 +1371,11 @@ mod tests {
                 "socks5_auth.x",
             ),
             (r#","allow_open_proxy":"yes""#, "allow_open_proxy"),
+            (r#","local_idle_timeout_secs":0"#, "local_idle_timeout_secs"),
+            (
+                r#","local_idle_timeout_secs":604801"#,
+                "local_idle_timeout_secs",
+            ),
         ] {
             assert_eq!(client(extra).unwrap_err().field, field, "{extra}");
         }

@@ -228,22 +228,33 @@ pub trait TokenSink {
     fn remove_token(&mut self, token: u64, pn: u64);
 }
 
-/// Look-ahead registered when a session starts; the window then grows by [`WINDOW_GROWTH`]
-/// packet numbers per received packet up to its full size (keeps handshakes cheap).
+/// Look-ahead registered when a session starts (both sides assume it: the sender's first limit),
+/// and the least look-ahead kept after every received packet.
 pub const INITIAL_AHEAD: u64 = 64;
 /// Extra packet numbers registered per received packet while the window is growing.
 pub const WINDOW_GROWTH: u64 = 2;
+/// Largest window (far below 2^32: a token table may keep the low 32 bits of a packet number).
+pub const MAX_WINDOW: usize = 1 << 20;
 
-/// The set of packet numbers a receiver currently accepts, with their precomputed tokens.
+/// The set of packet numbers a receiver currently accepts, registered by their tokens.
 ///
 /// Covers `base .. end`, where `base = highest_received + 1 - behind` (clamped at 0), and
 /// `end <= base + size`: `behind` slots for reordered packets, the rest look-ahead for losses.
-/// `end` starts at [`INITIAL_AHEAD`] and is always at least `highest_received + 1 + INITIAL_AHEAD`.
+/// `end` starts at [`INITIAL_AHEAD`] and is always at least `highest_received + 1 + INITIAL_AHEAD`;
+/// beyond that it grows by [`WINDOW_GROWTH`] per packet only while the peer sends densely (the
+/// caller says so), so a session that only exchanges keep-alives keeps [`INITIAL_AHEAD`] tokens.
+///
+/// Memory: one bit per slot. Tokens are not stored: a token being unregistered is recomputed from
+/// the token key (one ChaCha20 block per eight consecutive packet numbers, cached), so an idle
+/// session costs `size / 8` bytes here, not `8 * size`.
 pub struct TokenWindow {
-    cache: TokenCache,
-    ring: Box<[u64]>,
-    /// Bit per ring slot: token still registered (not yet received).
+    /// Tokens being registered, at `end`.
+    ahead: TokenCache,
+    /// Tokens being unregistered: received, slid out behind, or at teardown.
+    gone: TokenCache,
+    /// Bit per slot (`pn % size`): the token of that packet number is registered.
     live: Box<[u64]>,
+    size: u64,
     base: u64,
     end: u64,
     behind: u64,
@@ -252,17 +263,18 @@ pub struct TokenWindow {
 impl TokenWindow {
     /// Creates the window and registers its first tokens with `sink`.
     pub fn new(token_key: Key32, size: usize, behind: usize, sink: &mut impl TokenSink) -> Self {
-        let size = size.max(16).next_power_of_two();
+        let size = size.clamp(16, MAX_WINDOW).next_power_of_two();
         let behind = (behind as u64).min(size as u64 / 2);
         let mut w = TokenWindow {
-            cache: TokenCache::new(token_key),
-            ring: vec![0; size].into_boxed_slice(),
+            ahead: TokenCache::new(token_key),
+            gone: TokenCache::new(token_key),
             live: vec![0; size.div_ceil(64)].into_boxed_slice(),
+            size: size as u64,
             base: 0,
             end: 0,
             behind,
         };
-        let first_end = INITIAL_AHEAD.min(size as u64);
+        let first_end = INITIAL_AHEAD.min(w.size);
         for pn in 0..first_end {
             w.add(pn, sink);
         }
@@ -270,28 +282,23 @@ impl TokenWindow {
         w
     }
 
-    fn size(&self) -> u64 {
-        self.ring.len() as u64
-    }
-
-    fn slot(&self, pn: u64) -> (usize, usize, u64) {
-        let i = (pn % self.size()) as usize;
-        (i, i / 64, 1u64 << (i % 64))
+    fn slot(&self, pn: u64) -> (usize, u64) {
+        let i = (pn % self.size) as usize;
+        (i / 64, 1u64 << (i % 64))
     }
 
     fn add(&mut self, pn: u64, sink: &mut impl TokenSink) {
-        let token = self.cache.token(pn);
-        let (i, w, m) = self.slot(pn);
-        self.ring[i] = token;
+        let token = self.ahead.token(pn);
+        let (w, m) = self.slot(pn);
         self.live[w] |= m;
         sink.insert_token(token, pn);
     }
 
     fn drop_slot(&mut self, pn: u64, sink: &mut impl TokenSink) {
-        let (i, w, m) = self.slot(pn);
+        let (w, m) = self.slot(pn);
         if self.live[w] & m != 0 {
             self.live[w] &= !m;
-            sink.remove_token(self.ring[i], pn);
+            sink.remove_token(self.gone.token(pn), pn);
         }
     }
 
@@ -306,8 +313,9 @@ impl TokenWindow {
     }
 
     /// Records that `pn` authenticated: unregisters its token (so a replay misses), slides the
-    /// window forward if `pn` is the new highest, and grows the look-ahead.
-    pub fn received(&mut self, pn: u64, sink: &mut impl TokenSink) {
+    /// window forward if `pn` is the new highest, keeps [`INITIAL_AHEAD`] look-ahead, and grows
+    /// the look-ahead if `dense` (the peer is sending back to back, see [`TokenWindow`]).
+    pub fn received(&mut self, pn: u64, dense: bool, sink: &mut impl TokenSink) {
         if pn < self.base || pn >= self.end {
             return;
         }
@@ -318,9 +326,10 @@ impl TokenWindow {
             self.drop_slot(old, sink);
         }
         self.base = new_base;
-        let target = (self.end + WINDOW_GROWTH)
+        let growth = if dense { WINDOW_GROWTH } else { 0 };
+        let target = (self.end + growth)
             .max(pn + 1 + INITIAL_AHEAD)
-            .min(new_base + self.size());
+            .min(new_base + self.size);
         for fresh in self.end..target {
             self.add(fresh, sink);
         }
@@ -369,7 +378,7 @@ mod tests {
             assert_eq!(found, pn);
             let range = rx.open(found, &mut buf[..n]).unwrap();
             assert_eq!(&buf[range], b"0123456789");
-            window.received(found, &mut sink);
+            window.received(found, true, &mut sink);
             assert!(!sink.0.contains_key(&token), "used token must be gone");
         }
         // window slid: base = 41 - 16; the 64-slot ring is full again: 25..89 minus the received 40
@@ -384,9 +393,9 @@ mod tests {
         let mut window = TokenWindow::new([1; 32], 32, 8, &mut sink);
         assert_eq!(sink.0.len(), 32);
         assert_eq!(window.end(), 32);
-        window.received(31, &mut sink);
+        window.received(31, true, &mut sink);
         assert!(sink.0.len() <= 32);
-        window.received(31 + 30, &mut sink);
+        window.received(31 + 30, true, &mut sink);
         assert!(sink.0.len() <= 32);
         window.clear(&mut sink);
         assert!(sink.0.is_empty());
@@ -398,7 +407,7 @@ mod tests {
         let mut window = TokenWindow::new([2; 32], 512, 128, &mut sink);
         assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
         for pn in 0..400u64 {
-            window.received(pn, &mut sink);
+            window.received(pn, true, &mut sink);
             assert!(sink.0.len() <= 512);
             assert!(window.end() >= pn + 1 + INITIAL_AHEAD);
         }
@@ -408,6 +417,89 @@ mod tests {
         // A loss burst of 300 packets is still recognised.
         let jump = window.end() - 1;
         assert!(sink.0.values().any(|pn| *pn == jump));
+    }
+
+    /// Every registered token is the PRF output of its packet number, and exactly the window's
+    /// live packet numbers are registered (so recomputed tokens unregister the right entries).
+    fn assert_consistent(window: &TokenWindow, key: &Key32, sink: &MapSink) {
+        for (token, pn) in &sink.0 {
+            assert_eq!(*token, crate::proto::crypto::token_for(key, *pn), "pn {pn}");
+            assert!(
+                (window.base()..window.end()).contains(pn),
+                "pn {pn} outside"
+            );
+        }
+    }
+
+    #[test]
+    fn dense_traffic_grows_the_window_to_its_size_and_sparse_traffic_does_not() {
+        let key = [3; 32];
+        let mut sink = MapSink::default();
+        let mut window = TokenWindow::new(key, 2048, 128, &mut sink);
+        // Idle: a keep-alive now and then keeps the minimum look-ahead, nothing more.
+        for pn in 0..500u64 {
+            window.received(pn, false, &mut sink);
+            assert_eq!(window.end(), pn + 1 + INITIAL_AHEAD);
+        }
+        assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
+        assert_consistent(&window, &key, &sink);
+        // Bulk: back-to-back packets grow it to the configured size, never beyond.
+        for pn in 500..5000u64 {
+            window.received(pn, true, &mut sink);
+            assert!(window.end() - window.base() <= 2048);
+        }
+        assert_eq!(window.end() - window.base(), 2048);
+        assert_eq!(
+            sink.0.len(),
+            2048 - 128,
+            "all behind received, the rest ahead"
+        );
+        assert_consistent(&window, &key, &sink);
+        // Idle again: the look-ahead already promised stays registered (the peer may use it).
+        let end = window.end();
+        window.received(5000, false, &mut sink);
+        assert_eq!(window.end(), end);
+        assert_eq!(sink.0.len(), 2048 - 128 - 1);
+        window.clear(&mut sink);
+        assert!(
+            sink.0.is_empty(),
+            "recomputed tokens unregister every entry"
+        );
+    }
+
+    #[test]
+    fn a_peer_racing_ahead_within_the_window_is_accepted_beyond_it_is_not() {
+        let key = [4; 32];
+        let mut sink = MapSink::default();
+        let mut window = TokenWindow::new(key, 256, 32, &mut sink);
+        for pn in 0..300u64 {
+            window.received(pn, true, &mut sink);
+        }
+        let (base, end) = (window.base(), window.end());
+        assert_eq!(end - base, 256);
+        // Beyond the window: not registered, and a stray call changes nothing.
+        let beyond = crate::proto::crypto::token_for(&key, end);
+        assert!(!sink.0.contains_key(&beyond));
+        window.received(end, true, &mut sink);
+        assert_eq!((window.base(), window.end()), (base, end));
+        // The last packet number inside it (a burst of losses before it) is still recognised.
+        let last = crate::proto::crypto::token_for(&key, end - 1);
+        assert_eq!(sink.0.get(&last), Some(&(end - 1)));
+        window.received(end - 1, true, &mut sink);
+        assert!(!sink.0.contains_key(&last), "used once");
+        assert_eq!(window.base(), end - 32);
+        assert!(window.end() >= end + INITIAL_AHEAD);
+        // The lost packets that slid out behind were unregistered; the late ones still within
+        // `behind` are accepted once.
+        assert_consistent(&window, &key, &sink);
+        let late = end - 5;
+        let token = crate::proto::crypto::token_for(&key, late);
+        assert_eq!(sink.0.get(&token), Some(&late));
+        window.received(late, true, &mut sink);
+        assert!(!sink.0.contains_key(&token));
+        let slid_out = crate::proto::crypto::token_for(&key, window.base() - 1);
+        assert!(!sink.0.contains_key(&slid_out));
+        assert_consistent(&window, &key, &sink);
     }
 
     #[test]

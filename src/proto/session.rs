@@ -107,6 +107,11 @@ pub const PROBE_RESERVE: u64 = 16;
 pub const PROBE_INITIAL: Duration = Duration::from_millis(200);
 /// Longest probe interval while blocked.
 pub const PROBE_MAX: Duration = Duration::from_secs(8);
+/// Packets received less than this apart count as dense: only then does the receive token window
+/// grow beyond its minimum look-ahead (a peer sending less often than this needs no more than
+/// [`INITIAL_AHEAD`] packet numbers in flight unless its RTT exceeds several seconds), so an idle
+/// session's keep-alives do not grow it.
+pub const DENSE_GAP: Duration = Duration::from_millis(100);
 
 /// One protected session.
 ///
@@ -132,6 +137,8 @@ pub struct Session {
     sealer: Sealer,
     opener: Opener,
     rx_tokens: TokenWindow,
+    /// When the last packet authenticated (for [`DENSE_GAP`]).
+    last_rx: Option<Instant>,
     replay: ReplayWindow,
     padding: PaddingPolicy,
     rng: Drbg,
@@ -171,6 +178,16 @@ fn expand_u32(near: u64, low: u32) -> u64 {
         .unwrap_or(candidate)
 }
 
+/// The smallest value at or above `base` whose low 32 bits are `low`.
+fn at_or_above(base: u64, low: u32) -> u64 {
+    let candidate = (base & !0xFFFF_FFFF) | u64::from(low);
+    if candidate < base {
+        candidate + (1 << 32)
+    } else {
+        candidate
+    }
+}
+
 impl Session {
     /// Creates a session from the handshake's secret. `max_datagram` is the negotiated size.
     /// The receive tokens are registered with `sink`.
@@ -203,6 +220,7 @@ impl Session {
             sealer: Sealer::new(secret, tx_dir),
             opener,
             rx_tokens,
+            last_rx: None,
             replay: ReplayWindow::new(),
             padding: config.padding,
             rng: Drbg::new(rng_seed),
@@ -215,6 +233,12 @@ impl Session {
             probe_interval: PROBE_INITIAL,
             stats: SecureStats::default(),
         }
+    }
+
+    /// The packet number in the receive window whose low 32 bits are `low` (a token table may
+    /// keep only those: the window is far narrower than 2^32, so the answer is unique).
+    pub fn rx_packet_number(&self, low: u32) -> u64 {
+        at_or_above(self.rx_tokens.base(), low)
     }
 
     /// Handles a data packet whose token resolved to packet number `pn` (decrypts in place).
@@ -245,7 +269,11 @@ impl Session {
         };
         let newest = self.replay.highest().is_none_or(|highest| pn > highest);
         self.replay.mark(pn);
-        self.rx_tokens.received(pn, sink);
+        let dense = self
+            .last_rx
+            .is_some_and(|at| now.saturating_duration_since(at) < DENSE_GAP);
+        self.last_rx = Some(now);
+        self.rx_tokens.received(pn, dense, sink);
         self.stats.packets_received += 1;
         self.stats.bytes_received += packet.len() as u64;
         let plaintext = packet.get(range).ok_or(PacketError::BadLength)?;
@@ -712,6 +740,165 @@ mod tests {
                 "{what}: the first flight was limited ({first} datagrams)"
             );
         }
+    }
+
+    /// Delivers every packet either side has to send to the other, until both are quiet.
+    /// Returns the client's packets as delivered (for replays).
+    fn exchange(
+        now: Instant,
+        (client, client_sink): (&mut Session, &mut MapSink),
+        (server, server_sink): (&mut Session, &mut MapSink),
+    ) -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut sent = Vec::new();
+        loop {
+            let mut moved = false;
+            while let Some(n) = client.poll_transmit(now, &mut buf) {
+                sent.push(buf[..n].to_vec());
+                let token = u64::from_le_bytes(buf[..TOKEN_LEN].try_into().unwrap());
+                let pn = server_sink.0[&token];
+                server
+                    .handle_packet(now, pn, &mut buf[..n], server_sink)
+                    .unwrap();
+                moved = true;
+            }
+            while let Some(n) = server.poll_transmit(now, &mut buf) {
+                let token = u64::from_le_bytes(buf[..TOKEN_LEN].try_into().unwrap());
+                let pn = client_sink.0[&token];
+                client
+                    .handle_packet(now, pn, &mut buf[..n], client_sink)
+                    .unwrap();
+                moved = true;
+            }
+            if !moved {
+                return sent;
+            }
+        }
+    }
+
+    /// Issue 9: keep-alives of an idle session do not grow its token window (it used to gain a
+    /// registered token per received packet, up to the full window); a bulk transfer grows it to
+    /// the configured size; replays stay dropped after growth.
+    #[test]
+    fn the_receive_window_grows_with_a_bulk_transfer_not_with_keep_alives() {
+        let t0 = Instant::now();
+        let secret = [9u8; 32];
+        let config = SessionConfig::default();
+        let (mut client_sink, mut server_sink) = (MapSink::default(), MapSink::default());
+        let mut client = Session::new(
+            &secret,
+            Side::Client,
+            &config,
+            1350,
+            t0,
+            [1; 32],
+            &mut client_sink,
+        );
+        let mut server = Session::new(
+            &secret,
+            Side::Server,
+            &config,
+            1350,
+            t0,
+            [2; 32],
+            &mut server_sink,
+        );
+        let mut now = t0;
+        exchange(
+            now,
+            (&mut client, &mut client_sink),
+            (&mut server, &mut server_sink),
+        );
+        // Ten minutes of idleness: keep-alives both ways.
+        for _ in 0..120 {
+            now += Duration::from_secs(5);
+            client.handle_timeout(now);
+            server.handle_timeout(now);
+            exchange(
+                now,
+                (&mut client, &mut client_sink),
+                (&mut server, &mut server_sink),
+            );
+        }
+        assert!(
+            client.secure_stats().packets_sent >= 40,
+            "keep-alives flowed"
+        );
+        assert!(!server.is_closed());
+        assert_eq!(
+            server_sink.0.len() as u64,
+            INITIAL_AHEAD,
+            "idle: minimum look-ahead"
+        );
+        // A bulk upload: the window grows to its configured size.
+        let dest = Destination::domain("example.com", 443).unwrap();
+        let id = client.transport_mut().open_stream(dest).unwrap();
+        let mut delivered = Vec::new();
+        for _ in 0..400 {
+            now += Duration::from_millis(1);
+            let t = client.transport_mut();
+            t.stream_write(id, &[0x5A; 16 * 1024]).unwrap();
+            client.handle_timeout(now);
+            server.handle_timeout(now);
+            delivered.extend(exchange(
+                now,
+                (&mut client, &mut client_sink),
+                (&mut server, &mut server_sink),
+            ));
+            while let Some(ev) = server.poll_event() {
+                if let TransportEvent::StreamOpened { id, .. } = ev {
+                    server.transport_mut().accept_stream(id).unwrap();
+                }
+            }
+            let mut sink = [0u8; 64 * 1024];
+            while server
+                .transport_mut()
+                .stream_read(id, &mut sink)
+                .is_ok_and(|n| n > 0)
+            {}
+        }
+        let window = server.rx_tokens.end() - server.rx_tokens.base();
+        assert_eq!(window, 2048, "grown to the configured window");
+        assert!(
+            server_sink.0.len() > 1500,
+            "{} registered",
+            server_sink.0.len()
+        );
+        // Replays of old and recent packets: their tokens are gone, and the replay window
+        // rejects them even when handed the packet number directly.
+        let replays_before = server.secure_stats().replays_dropped;
+        for packet in [
+            &delivered[0],
+            &delivered[delivered.len() / 2],
+            delivered.last().unwrap(),
+        ] {
+            let token = u64::from_le_bytes(packet[..TOKEN_LEN].try_into().unwrap());
+            assert!(
+                !server_sink.0.contains_key(&token),
+                "a used token is unregistered"
+            );
+        }
+        let last = server.replay.highest().unwrap();
+        let mut replay = delivered.last().unwrap().clone();
+        assert_eq!(
+            server.handle_packet(now, last, &mut replay, &mut server_sink),
+            Err(PacketError::Replay)
+        );
+        assert_eq!(server.secure_stats().replays_dropped, replays_before + 1);
+    }
+
+    #[test]
+    fn packet_numbers_are_restored_from_their_low_bits_above_the_window_base() {
+        assert_eq!(at_or_above(0, 63), 63);
+        assert_eq!(at_or_above(100, 100), 100);
+        let base = (1 << 32) - 10;
+        assert_eq!(at_or_above(base, u32::MAX - 3), (1 << 32) - 4);
+        assert_eq!(
+            at_or_above(base, 5),
+            (1 << 32) + 5,
+            "across the 2^32 boundary"
+        );
+        assert_eq!(at_or_above(7 << 32, 2047), (7 << 32) + 2047);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use super::supervisor::{
     WAIT_FOR_SESSION, XorShift64,
 };
 use super::{bind_udp, unix_now};
-use crate::config::{ClientConfig, ProxyAuth};
+use crate::config::{self, ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::transport::{
@@ -63,11 +63,6 @@ const MAX_LOCAL: usize = 4096;
 const MAX_LOCAL_PER_ADDR: u32 = 256;
 /// A local connection must have sent a complete SOCKS5 / HTTP request this soon after accept.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A piping connection (or a UDP association) that moved no byte either way this long is closed.
-pub const LOCAL_IDLE: Duration = Duration::from_secs(300);
-/// How often an active connection's idleness is looked at again (closing happens between
-/// `LOCAL_IDLE` and `LOCAL_IDLE + IDLE_CHECK` after the last byte).
-const IDLE_CHECK: Duration = Duration::from_secs(60);
 /// Association ids stay below 2^30 (a varint of at most 4 bytes in the DATAGRAM frame).
 const ASSOC_ID_SPACE: AssocId = 1 << 30;
 const READ_CHUNK: usize = 16 * 1024;
@@ -91,6 +86,9 @@ pub struct ClientOptions {
     pub udp_bind_ip: Option<std::net::IpAddr>,
     /// GSO/GRO on the session sockets.
     pub udp_offload: UdpOffload,
+    /// A piping connection (or a UDP association) that moved no byte either way this long is
+    /// closed (between this and this + [`ClientOptions::idle_check`] after its last byte).
+    pub local_idle: Duration,
 }
 
 impl ClientOptions {
@@ -122,7 +120,17 @@ impl ClientOptions {
             auth: cfg.socks5_auth.clone().map(Arc::new),
             udp_bind_ip: cfg.udp_bind_ip,
             udp_offload: cfg.udp_offload,
+            local_idle: Duration::from_secs(u64::from(
+                cfg.local_idle_timeout_secs
+                    .unwrap_or(config::DEFAULT_LOCAL_IDLE_TIMEOUT_SECS),
+            )),
         })
+    }
+
+    /// How often an active connection's idleness is looked at again: a fifth of
+    /// [`ClientOptions::local_idle`], between 1 s and 60 s.
+    pub fn idle_check(&self) -> Duration {
+        (self.local_idle / 5).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
     /// Whether anyone who can reach the proxy port may use it (non-loopback, no credentials).
@@ -193,6 +201,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     let mut jitter_seed = [0u8; 8];
     keys::fill_random(&mut jitter_seed).map_err(|e| e.to_string())?;
     let jitter = XorShift64::new(u64::from_le_bytes(jitter_seed));
+    let idle_check = options.idle_check();
     let lp = ClientLoop {
         core,
         tickets: TicketIssuer::new(),
@@ -209,7 +218,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
         opening: TimeoutQueue::new(OPEN_TIMEOUT),
         request_deadlines: TimeoutQueue::new(REQUEST_TIMEOUT),
-        idle_checks: TimeoutQueue::new(IDLE_CHECK),
+        idle_checks: TimeoutQueue::new(idle_check),
         per_addr: HashMap::new(),
         next_serial: 0,
         assocs: Slab::new(),
@@ -340,7 +349,8 @@ struct ClientLoop {
     /// Every accepted connection by `(index, serial)`: still in `Request` at expiry → closed.
     request_deadlines: TimeoutQueue<(usize, u32)>,
     /// Piping connections and UDP associations by `(index, serial)`, looked at every
-    /// [`IDLE_CHECK`]: idle for [`LOCAL_IDLE`] → closed, else queued again.
+    /// [`ClientOptions::idle_check`]: idle for [`ClientOptions::local_idle`] → closed, else
+    /// queued again.
     idle_checks: TimeoutQueue<(usize, u32)>,
     /// Open local connections per non-loopback peer address.
     per_addr: HashMap<IpAddr, u32>,
@@ -640,8 +650,9 @@ impl ClientLoop {
                     .map_or(l.last_active, |a| a.route.last_active),
                 _ => continue,
             };
-            if now.saturating_duration_since(last_active) >= LOCAL_IDLE {
-                log::debug!("local connection: idle for {LOCAL_IDLE:?}; closing it");
+            let idle = self.options.local_idle;
+            if now.saturating_duration_since(last_active) >= idle {
+                log::debug!("local connection: idle for {idle:?}; closing it");
                 self.close_local(idx);
             } else {
                 self.idle_checks.push_new((idx, serial), now);

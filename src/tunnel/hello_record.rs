@@ -2,6 +2,9 @@
 //! captured before a restart gets silence after it: loaded at start, written when it changed
 //! at most every [`WRITE_INTERVAL`] and at shutdown, atomically and owner-only, by a writer
 //! thread (the loop only serialises the record, a few KiB, and never waits for the disk).
+//! Records written while running are marked incomplete and only the one written at a graceful
+//! stop complete; finding an incomplete one at start (a crash) makes the endpoint silence every
+//! hello made before the restart, so the hellos answered after the last write are covered too.
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -12,8 +15,8 @@ use std::time::{Duration, Instant};
 use crate::proto::ServerEndpoint;
 use crate::users::state_file::write_atomic;
 
-/// How often a changed record is written (a hello answered in the last interval before a crash
-/// can be answered once more after it; a graceful shutdown writes the rest).
+/// How often a changed record is written (what a crash loses of it is covered by silencing the
+/// hellos made before the restart; a graceful shutdown writes the rest).
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest record file read (the record itself stays far below: about 8 bytes per hello the
 /// handshake rate limiter let through in the last 8 minutes).
@@ -39,16 +42,27 @@ pub struct HelloRecordFile {
 }
 
 impl HelloRecordFile {
-    /// Loads the record of the previous run into `endpoint` (its users already set) and starts
-    /// the writer thread.
+    /// Loads the record of the previous run into `endpoint` (its users already set), marks the
+    /// file as belonging to a running server (so a crash from now on is noticed at the next
+    /// start) and starts the writer thread.
     pub fn open(path: PathBuf, endpoint: &mut ServerEndpoint, now: Instant, unix: u64) -> Self {
         match read_bounded(&path) {
             Ok(Some(bytes)) => match endpoint.import_hello_record(unix, &bytes) {
-                Ok(n) => log::debug!("{}: {n} answered hellos remembered", path.display()),
+                Ok(r) if r.complete => {
+                    log::debug!("{}: {} answered hellos remembered", path.display(), r.added)
+                }
+                Ok(r) => log::warn!(
+                    "{}: the previous run did not stop cleanly; {} answered hellos remembered,                      and hellos made before now get silence (a client whose hello was in flight                      retries)",
+                    path.display(),
+                    r.added
+                ),
                 Err(e) => log::warn!("{}: ignored ({e})", path.display()),
             },
             Ok(None) => {}
             Err(e) => log::warn!("{}: cannot read it ({e})", path.display()),
+        }
+        if let Err(e) = write_atomic(&path, &endpoint.export_hello_record(false)) {
+            log::warn!("{}: cannot write it ({e})", path.display());
         }
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1);
         let target = path.clone();
@@ -93,7 +107,7 @@ impl HelloRecordFile {
             return;
         }
         let Some(tx) = &self.tx else { return };
-        match tx.try_send(endpoint.export_hello_record()) {
+        match tx.try_send(endpoint.export_hello_record(false)) {
             Ok(()) => self.written = generation,
             Err(TrySendError::Full(_)) => {}
             Err(TrySendError::Disconnected(_)) => self.tx = None,
@@ -107,7 +121,7 @@ impl HelloRecordFile {
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
-        if let Err(e) = write_atomic(&self.path, &endpoint.export_hello_record()) {
+        if let Err(e) = write_atomic(&self.path, &endpoint.export_hello_record(true)) {
             log::warn!("{}: cannot write it ({e})", self.path.display());
         }
     }
@@ -154,9 +168,15 @@ mod tests {
         let now = Instant::now();
         let file = HelloRecordFile::open(path.clone(), &mut endpoint, now, 1_800_000_000);
         assert_eq!(file.next_deadline(), now + WRITE_INTERVAL);
+        // While the server runs, the file on disk says so: a crash now is noticed at the next
+        // start.
+        let running = std::fs::read(&path).unwrap();
+        let imported = endpoint.import_hello_record(1_800_000_000, &running);
+        assert!(!imported.unwrap().complete);
         file.finish(&endpoint);
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(endpoint.import_hello_record(1_800_000_000, &bytes), Ok(0));
+        let imported = endpoint.import_hello_record(1_800_000_000, &bytes).unwrap();
+        assert_eq!((imported.added, imported.complete), (0, true));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

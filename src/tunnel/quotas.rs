@@ -25,7 +25,8 @@ pub struct Limits {
     pub max_lookups: usize,
     /// Lookups queued or running for one user.
     pub max_lookups_per_user: usize,
-    /// Bytes the server holds for all users (transport send buffers + pipe buffers).
+    /// Bytes the server holds for all users: memory of transport send buffers (allocated, not
+    /// just filled) + pipe buffers.
     pub max_buffered: usize,
     /// Bytes the server holds for one user.
     pub max_buffered_per_user: usize,
@@ -56,7 +57,7 @@ struct Share {
     lookups: usize,
     /// Pipe buffers allocated for the user's streams.
     pipe_bytes: usize,
-    /// The user's sessions and what each holds in its transport send buffers.
+    /// The user's sessions and the memory of each one's transport send buffers.
     sessions: Vec<(SessionId, usize)>,
 }
 

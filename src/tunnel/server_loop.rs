@@ -112,6 +112,7 @@ impl LoopOptions {
             handshake_burst: limits.handshake_burst,
             handshake_rate_per_user: limits.handshake_rate_per_user,
             handshake_burst_per_user: limits.handshake_burst_per_user,
+            recv_budget_per_user: limits.max_buffered_bytes_per_user,
             ..EndpointConfig::default()
         };
         // The server's send side holds what destinations deliver faster than the tunnel carries
@@ -1029,7 +1030,7 @@ impl ServerLoop {
         if grew > 0 {
             self.quotas.pipe_grew(user, grew);
         }
-        let buffered = session.transport().send_buffered();
+        let buffered = session.transport().send_memory();
         self.quotas.set_session_buffered(user, o.session, buffered);
         if end.is_none() && o.pipe.is_held_by_read_limit() && !o.held {
             o.held = true;
@@ -1123,7 +1124,7 @@ impl ServerLoop {
                 let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
                 for sid in sessions {
                     if let Some(s) = self.endpoint.session(sid) {
-                        let buffered = s.transport().send_buffered();
+                        let buffered = s.transport().send_memory();
                         self.quotas.set_session_buffered(user, sid, buffered);
                     }
                 }

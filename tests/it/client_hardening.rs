@@ -444,3 +444,73 @@ fn one_lan_address_cannot_take_every_local_connection() {
     assert!(greet(SocketAddr::from(([127, 0, 0, 1], port))));
     drop(held);
 }
+
+/// A TCP echo server on loopback (one thread per connection, for the test's lifetime).
+fn start_tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 8: idle local connections time out (4,096 idle ones used to lock everyone out). With
+/// `local_idle_timeout_secs: 2` a piping connection that moves nothing is closed 2–3 s after its
+/// last byte, while one that keeps talking stays open; the connection slot is given back.
+#[test]
+fn idle_local_connections_are_closed_and_busy_ones_are_kept() {
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let client = Client::spawn(server.udp, &key, json!({"local_idle_timeout_secs": 2}));
+    client.wait_connected(0);
+    let echo = start_tcp_echo();
+    let open = || {
+        let mut s = socks5_connect(client.proxy, Target::Ip(echo)).expect("CONNECT");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 5];
+        s.write_all(b"hello").unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello", "the connection pipes");
+        s
+    };
+    let mut idle = open();
+    let idle_since = Instant::now();
+    let busy = open();
+    // The busy one talks every 400 ms from another thread for 5 s (past two idle timeouts).
+    let talker = std::thread::spawn(move || {
+        let mut s = busy;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            let mut b = [0u8; 4];
+            s.write_all(b"ping").unwrap();
+            s.read_exact(&mut b)
+                .expect("the busy connection was closed");
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let mut b = [0u8; 1];
+    let closed = match idle.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    let after = idle_since.elapsed();
+    assert!(closed, "the idle connection was not closed");
+    assert!(
+        after >= Duration::from_secs(2) && after < Duration::from_secs(5),
+        "closed {after:?} after its last byte, expected 2–3 s"
+    );
+    talker.join().expect("the busy connection stayed open");
+}

@@ -22,6 +22,7 @@ mod lossy_relay;
 mod metrics;
 mod operator;
 mod proto_fuzz_props;
+mod proto_memory;
 mod proto_secure;
 mod proto_session_sim;
 mod proto_transport;

@@ -11,7 +11,9 @@
 //! The record survives a restart through [`HelloTags::export_answered`] and
 //! [`HelloTags::import_answered`]: each user and epoch is written with one of its tags (not its
 //! user number or key), so the record finds its user again in the next run by the same lookup
-//! as a hello, and only epochs still inside the window are kept.
+//! as a hello, and only epochs still inside the window are kept. A record says whether it is
+//! complete (written at a graceful stop) or a snapshot of a running server, which may have
+//! answered more hellos after it (see [`ImportedRecord::complete`]).
 //!
 //! Tags are not single-use: several hellos of one key (devices sharing it) may carry the same tag.
 //! What makes a hello a replay is its nonce, which the key holder picks at random per hello and
@@ -30,8 +32,23 @@ pub const MAX_TAGS_PER_USER: usize = 4 * HELLO_SLOTS as usize;
 /// 2 KiB per key and epoch and 8 KiB per key (four epochs held); in total at most what the
 /// handshake rate limiter lets through in four epochs.
 pub const MAX_HANDSHAKES_PER_EPOCH: usize = 256;
-/// First bytes of an exported record (format version 1).
-const RECORD_MAGIC: &[u8; 8] = b"OSTPHLO1";
+/// First bytes of an exported record (format version 2: then one flags byte, see
+/// [`RECORD_COMPLETE`]).
+const RECORD_MAGIC: &[u8; 8] = b"OSTPHLO2";
+/// Version 1 records (no flags byte) are read as incomplete.
+const RECORD_MAGIC_V1: &[u8; 8] = b"OSTPHLO1";
+/// Flag: the record is complete (the server stopped after writing it).
+const RECORD_COMPLETE: u8 = 1;
+
+/// What [`HelloTags::import_answered`] took from a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportedRecord {
+    /// Answered hellos added.
+    pub added: usize,
+    /// The record was written at a graceful stop, so it holds every hello the previous run
+    /// answered. An incomplete one (a crash) may miss the hellos answered after it was written.
+    pub complete: bool,
+}
 
 /// Why an exported record could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,9 +229,11 @@ impl HelloTags {
 
     /// The record of answered hellos of the epochs still inside the window, for
     /// [`HelloTags::import_answered`] after a restart: per user and epoch, one tag of that epoch
-    /// and the fingerprints (8 + 8 + 2 + 8 × n bytes), after 8 magic bytes.
-    pub fn export_answered(&self) -> Vec<u8> {
+    /// and the fingerprints (8 + 8 + 2 + 8 × n bytes), after 8 magic bytes and a flags byte
+    /// saying whether it is `complete` (nothing will be answered after it: a graceful stop).
+    pub fn export_answered(&self, complete: bool) -> Vec<u8> {
         let mut out = RECORD_MAGIC.to_vec();
+        out.push(if complete { RECORD_COMPLETE } else { 0 });
         let Some(current) = self.epoch else {
             return out;
         };
@@ -233,9 +252,9 @@ impl HelloTags {
     /// Adds an exported record to the answered hellos; call once the clock is known
     /// ([`HelloTags::advance`]) and the users are registered. Entries of users no longer
     /// registered (or re-keyed) and of epochs that left the window are skipped. Returns how many
-    /// hellos were added; a malformed record adds nothing.
-    pub fn import_answered(&mut self, record: &[u8]) -> Result<usize, RecordError> {
-        let entries = parse_record(record)?;
+    /// hellos were added and whether the record was complete; a malformed record adds nothing.
+    pub fn import_answered(&mut self, record: &[u8]) -> Result<ImportedRecord, RecordError> {
+        let (complete, entries) = parse_record(record)?;
         // Register E+2 for everyone now, so its entries find their tags too.
         self.prepare_next_epoch(usize::MAX);
         let mut added = 0;
@@ -250,7 +269,7 @@ impl HelloTags {
                 }
             }
         }
-        Ok(added)
+        Ok(ImportedRecord { added, complete })
     }
 
     fn epoch_tags(&self, found: TagMatch) -> Option<&EpochTags> {
@@ -348,10 +367,17 @@ impl HelloTags {
 type RecordEntry<'a> = (u64, u64, &'a [u8]);
 
 /// The entries of an exported record.
-fn parse_record(record: &[u8]) -> Result<Vec<RecordEntry<'_>>, RecordError> {
-    let mut rest = record
-        .strip_prefix(RECORD_MAGIC.as_slice())
-        .ok_or(RecordError::NotARecord)?;
+/// Whether the record is complete, and its entries.
+fn parse_record(record: &[u8]) -> Result<(bool, Vec<RecordEntry<'_>>), RecordError> {
+    let (complete, mut rest) = if let Some(v1) = record.strip_prefix(RECORD_MAGIC_V1.as_slice()) {
+        (false, v1)
+    } else {
+        let v2 = record
+            .strip_prefix(RECORD_MAGIC.as_slice())
+            .ok_or(RecordError::NotARecord)?;
+        let (&flags, rest) = v2.split_first().ok_or(RecordError::Truncated)?;
+        (flags & RECORD_COMPLETE != 0, rest)
+    };
     let mut entries = Vec::new();
     while !rest.is_empty() {
         let (head, tail) = rest.split_at_checked(18).ok_or(RecordError::Truncated)?;
@@ -370,7 +396,7 @@ fn parse_record(record: &[u8]) -> Result<Vec<RecordEntry<'_>>, RecordError> {
         entries.push((word(0), word(8), fingerprints));
         rest = tail;
     }
-    Ok(entries)
+    Ok((complete, entries))
 }
 
 /// Removes one user-epoch's tags from the table (unless another user owns a colliding tag).
@@ -571,14 +597,20 @@ mod tests {
         assert_eq!(t.recorded(), 5);
         // One epoch later, E-1 has left the window: it is not exported.
         t.advance(UNIX + EPOCH_SECS);
-        let record = t.export_answered();
-        assert_eq!(record.len(), 8 + 2 * 18 + 4 * 8);
+        let record = t.export_answered(true);
+        assert_eq!(record.len(), 9 + 2 * 18 + 4 * 8);
         // A restarted server: users 0 and 2 known (user 1 deleted meanwhile), clock at E+1.
         let mut fresh = HelloTags::default();
         fresh.set_user(UserId(10), &key(0));
         fresh.set_user(UserId(12), &key(2));
         fresh.advance(UNIX + EPOCH_SECS);
-        assert_eq!(fresh.import_answered(&record), Ok(4));
+        let imported = |added| {
+            Ok(ImportedRecord {
+                added,
+                complete: true,
+            })
+        };
+        assert_eq!(fresh.import_answered(&record), imported(4));
         let m0 = TagMatch {
             user: UserId(10),
             epoch: E,
@@ -592,17 +624,17 @@ mod tests {
             .unwrap();
         assert_eq!(fresh.check(m2, 99), Err(HelloDrop::Replay));
         // Importing twice adds nothing; a re-keyed user's entries are skipped.
-        assert_eq!(fresh.import_answered(&record), Ok(0));
+        assert_eq!(fresh.import_answered(&record), imported(0));
         let mut rekeyed = HelloTags::default();
         rekeyed.set_user(UserId(10), &key(7));
         rekeyed.advance(UNIX + EPOCH_SECS);
-        assert_eq!(rekeyed.import_answered(&record), Ok(0));
+        assert_eq!(rekeyed.import_answered(&record), imported(0));
         // Two epochs later nothing of it is in the window any more.
         let mut late = HelloTags::default();
         late.set_user(UserId(10), &key(0));
         late.advance(UNIX + 3 * EPOCH_SECS);
-        assert_eq!(late.import_answered(&record), Ok(0));
-        assert!(late.export_answered().len() <= RECORD_MAGIC.len());
+        assert_eq!(late.import_answered(&record), imported(0));
+        assert!(late.export_answered(false).len() <= RECORD_MAGIC.len() + 1);
     }
 
     #[test]
@@ -610,7 +642,7 @@ mod tests {
         let mut t = table(1);
         t.advance(UNIX);
         t.record(found(&t, 0, E, 0).unwrap(), 3).unwrap();
-        let record = t.export_answered();
+        let record = t.export_answered(false);
         let mut fresh = table(1);
         fresh.advance(UNIX);
         assert_eq!(
@@ -621,16 +653,31 @@ mod tests {
             fresh.import_answered(&record[..record.len() - 1]),
             Err(RecordError::Truncated)
         );
-        let mut huge = record[..8 + 16].to_vec();
+        let mut huge = record[..9 + 16].to_vec();
         huge.extend_from_slice(&300u16.to_le_bytes());
         huge.extend_from_slice(&[0; 300 * 8]);
         assert_eq!(
             fresh.import_answered(&huge),
             Err(RecordError::TooManyFingerprints)
         );
+        assert_eq!(
+            fresh.import_answered(RECORD_MAGIC),
+            Err(RecordError::Truncated),
+            "no flags byte"
+        );
         assert_eq!(fresh.recorded(), 0);
-        assert_eq!(fresh.import_answered(&record), Ok(1));
-        assert_eq!(fresh.import_answered(RECORD_MAGIC), Ok(0));
+        let incomplete = |added| {
+            Ok(ImportedRecord {
+                added,
+                complete: false,
+            })
+        };
+        assert_eq!(fresh.import_answered(&record), incomplete(1));
+        // A version 1 record (no flags byte) is read, as incomplete.
+        let mut v1 = RECORD_MAGIC_V1.to_vec();
+        v1.extend_from_slice(&record[9..]);
+        assert_eq!(fresh.import_answered(&v1), incomplete(0), "already known");
+        assert_eq!(fresh.import_answered(RECORD_MAGIC_V1), incomplete(0));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use super::hello_tags::{HelloDrop, HelloTags, RecordError, hello_fingerprint};
+use super::hello_tags::{HelloDrop, HelloTags, ImportedRecord, RecordError, hello_fingerprint};
 use super::rate_limit::{BucketLevel, TokenBucket};
 use super::{IdMap, SessionId, SocketIndex, UserId};
 use crate::proto::crypto::Key32;
@@ -109,6 +109,12 @@ pub struct EndpointConfig {
     pub refuse_retry_secs: u16,
     /// Queued handshake replies beyond this are dropped.
     pub max_queued_replies: usize,
+    /// Receive window shared by one user's sessions: each of its `n` sessions grants at most
+    /// `recv_budget_per_user / n` ahead of what was read, and a new session's first credit is
+    /// at most what the others have not committed (never below the initial session window
+    /// every peer may use, never above the transport's `session_window`), so the stream data a
+    /// user can park on the server does not grow with its session count.
+    pub recv_budget_per_user: u64,
 }
 
 impl Default for EndpointConfig {
@@ -124,6 +130,7 @@ impl Default for EndpointConfig {
             reply_pad_max: 256,
             refuse_retry_secs: 60,
             max_queued_replies: 256,
+            recv_budget_per_user: 8 * 1024 * 1024,
         }
     }
 }
@@ -195,20 +202,43 @@ struct ServerSession {
     dirty: bool,
     scheduled: Option<Instant>,
     close_reason: Option<CloseReason>,
+    /// Its index in `ServerEndpoint::slots` (what its registered tokens point at).
+    slot: u32,
+}
+
+/// What a registered token stands for: 16 bytes a table bucket with the token, where a
+/// `(SessionId, u64)` took 24 (the table holds about 64 entries per idle session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TokenEntry {
+    /// Index in `ServerEndpoint::slots`.
+    slot: u32,
+    /// Low 32 bits of the packet number; the session's receive window (far narrower than 2^32)
+    /// restores the rest ([`Session::rx_packet_number`]).
+    pn_low: u32,
 }
 
 /// Registers session tokens in the global table.
 struct GlobalSink<'a> {
-    table: &'a mut IdMap<u64, (SessionId, u64)>,
-    session: SessionId,
+    table: &'a mut IdMap<u64, TokenEntry>,
+    slot: u32,
+}
+
+impl GlobalSink<'_> {
+    fn entry(&self, pn: u64) -> TokenEntry {
+        TokenEntry {
+            slot: self.slot,
+            pn_low: pn as u32,
+        }
+    }
 }
 
 impl TokenSink for GlobalSink<'_> {
     fn insert_token(&mut self, token: u64, pn: u64) {
-        self.table.entry(token).or_insert((self.session, pn));
+        let entry = self.entry(pn);
+        self.table.entry(token).or_insert(entry);
     }
     fn remove_token(&mut self, token: u64, pn: u64) {
-        if self.table.get(&token) == Some(&(self.session, pn)) {
+        if self.table.get(&token) == Some(&self.entry(pn)) {
             self.table.remove(&token);
         }
     }
@@ -236,8 +266,12 @@ pub struct ServerEndpoint {
     rng: Drbg,
     users: IdMap<u32, User>,
     tags: HelloTags,
-    sessions: IdMap<u64, ServerSession>,
-    tokens: IdMap<u64, (SessionId, u64)>,
+    /// Boxed: the map's slack costs a pointer per empty bucket, not a whole session.
+    sessions: IdMap<u64, Box<ServerSession>>,
+    tokens: IdMap<u64, TokenEntry>,
+    /// The session each token slot belongs to (`SessionId(0)`, never issued: free).
+    slots: Vec<SessionId>,
+    free_slots: Vec<u32>,
     next_session: u64,
     ready: VecDeque<SessionId>,
     dirty: Vec<SessionId>,
@@ -245,6 +279,9 @@ pub struct ServerEndpoint {
     replies: VecDeque<Box<QueuedReply>>,
     events: VecDeque<EndpointEvent>,
     handshake_tokens: TokenBucket,
+    /// Hellos made before this unix second get silence: set after a crash, when the record of
+    /// answered hellos may miss the last ones the previous run answered (0: none).
+    hello_floor: u64,
     stats: EndpointStats,
     /// Reused by `handle_timeout` (no allocation per call).
     due_scratch: Vec<SessionId>,
@@ -271,6 +308,8 @@ impl ServerEndpoint {
             tags: HelloTags::default(),
             sessions: IdMap::default(),
             tokens: IdMap::default(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
             next_session: 1,
             ready: VecDeque::new(),
             dirty: Vec::new(),
@@ -278,6 +317,7 @@ impl ServerEndpoint {
             replies: VecDeque::new(),
             events: VecDeque::new(),
             handshake_tokens,
+            hello_floor: 0,
             stats: EndpointStats::default(),
             due_scratch: Vec::new(),
         }
@@ -313,21 +353,30 @@ impl ServerEndpoint {
 
     /// The record of answered hellos still inside the acceptance window, to be saved and given to
     /// [`ServerEndpoint::import_hello_record`] after a restart (so a hello captured before the
-    /// restart gets silence after it).
-    pub fn export_hello_record(&self) -> Vec<u8> {
-        self.tags.export_answered()
+    /// restart gets silence after it). `complete`: written at a graceful stop, after which
+    /// nothing is answered.
+    pub fn export_hello_record(&self, complete: bool) -> Vec<u8> {
+        self.tags.export_answered(complete)
     }
 
     /// Adds a record saved by [`ServerEndpoint::export_hello_record`]; call after the users are
-    /// set. Returns how many answered hellos it added (entries of deleted or re-keyed users and
-    /// of epochs that left the window are skipped).
+    /// set, at start (`unix_secs`: now). Entries of deleted or re-keyed users and of epochs that
+    /// left the window are skipped. An incomplete record (the previous run did not stop
+    /// gracefully, so it may have answered hellos the record misses) makes every hello made
+    /// before or in the second `unix_secs` get silence (a crashed server may be restarted within
+    /// the second): a captured hello is never answered twice, at the cost of one retry for a
+    /// client whose hello was made before the restart.
     pub fn import_hello_record(
         &mut self,
         unix_secs: u64,
         record: &[u8],
-    ) -> Result<usize, RecordError> {
+    ) -> Result<ImportedRecord, RecordError> {
         self.tags.advance(unix_secs);
-        self.tags.import_answered(record)
+        let imported = self.tags.import_answered(record)?;
+        if !imported.complete {
+            self.hello_floor = unix_secs + 1;
+        }
+        Ok(imported)
     }
 
     // ----- users -----
@@ -566,17 +615,49 @@ impl ServerEndpoint {
         };
         entry.session.release_tokens(&mut GlobalSink {
             table: &mut self.tokens,
-            session: id,
+            slot: entry.slot,
         });
+        if let Some(owner) = self.slots.get_mut(entry.slot as usize) {
+            *owner = SessionId(0);
+            self.free_slots.push(entry.slot);
+        }
         if let Some(user) = self.users.get_mut(&entry.user.0) {
             user.sessions.retain(|s| *s != id);
         }
+        self.share_recv_budget(entry.user, None);
         let reason = entry.close_reason.unwrap_or(CloseReason::Normal);
         self.events.push_back(EndpointEvent::SessionClosed {
             session: id,
             user: entry.user,
             reason,
         });
+    }
+
+    /// Gives each session of `user` an equal share of [`EndpointConfig::recv_budget_per_user`]
+    /// as its receive window (see [`crate::proto::transport::Transport::set_recv_window`]), and
+    /// the `new` session a first credit of at most what the others have not committed: called
+    /// whenever the user's session count changes.
+    fn share_recv_budget(&mut self, user: UserId, new: Option<SessionId>) {
+        let Some(u) = self.users.get(&user.0) else {
+            return;
+        };
+        let budget = self.config.recv_budget_per_user;
+        let share = budget / u.sessions.len().max(1) as u64;
+        let mut committed = 0;
+        for id in &u.sessions {
+            if let Some(entry) = self.sessions.get_mut(&id.0) {
+                let transport = entry.session.transport_mut();
+                transport.set_recv_window(share);
+                if Some(*id) != new {
+                    committed += transport.recv_committed();
+                }
+            }
+        }
+        let first = new.and_then(|id| self.sessions.get_mut(&id.0));
+        if let Some(entry) = first {
+            let transport = entry.session.transport_mut();
+            transport.limit_first_recv_credit(budget.saturating_sub(committed));
+        }
     }
 
     fn process_dirty(&mut self) {
@@ -609,8 +690,8 @@ impl ServerEndpoint {
         let mut token_bytes = [0u8; TOKEN_LEN];
         token_bytes.copy_from_slice(head);
         let token = u64::from_le_bytes(token_bytes);
-        if let Some(&(sid, pn)) = self.tokens.get(&token) {
-            self.handle_data(now, sid, pn, local, from, data);
+        if let Some(&found) = self.tokens.get(&token) {
+            self.handle_data(now, found, local, from, data);
         } else if self.tags.contains(token) {
             self.handle_hello(now, unix_secs, token, local, from, data);
         } else {
@@ -621,19 +702,24 @@ impl ServerEndpoint {
     fn handle_data(
         &mut self,
         now: Instant,
-        sid: SessionId,
-        pn: u64,
+        found: TokenEntry,
         local: SocketIndex,
         from: SocketAddr,
         data: &mut [u8],
     ) {
+        let sid = self
+            .slots
+            .get(found.slot as usize)
+            .copied()
+            .unwrap_or(SessionId(0));
         let Some(entry) = self.sessions.get_mut(&sid.0) else {
             self.stats.dropped_unknown += 1;
             return;
         };
+        let pn = entry.session.rx_packet_number(found.pn_low);
         let mut sink = GlobalSink {
             table: &mut self.tokens,
-            session: sid,
+            slot: found.slot,
         };
         match entry.session.handle_packet(now, pn, data, &mut sink) {
             Ok(newest) => {
@@ -746,6 +832,11 @@ impl ServerEndpoint {
             || handshake::epoch_of(hello.unix_secs) != found.epoch
         {
             self.stats.hello_stale += 1;
+            return None;
+        }
+        if hello.unix_secs < self.hello_floor {
+            // Made before a crash restart: it may have been answered (see `hello_floor`).
+            self.count_drop(HelloDrop::Replay);
             return None;
         }
         if let Err(drop) = self.tags.record(found, fingerprint) {
@@ -903,9 +994,20 @@ impl ServerEndpoint {
         self.next_session += 1;
         let secret = handshake::session_secret(psk, &hello.client_random, server_random);
         let seed = self.rng.bytes32();
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(SessionId(0));
+                // Sessions are capped (`max_sessions`) far below 2^32.
+                (self.slots.len() - 1) as u32
+            }
+        };
+        if let Some(owner) = self.slots.get_mut(slot as usize) {
+            *owner = id;
+        }
         let mut sink = GlobalSink {
             table: &mut self.tokens,
-            session: id,
+            slot,
         };
         let session = Session::new(
             &secret,
@@ -918,7 +1020,7 @@ impl ServerEndpoint {
         );
         self.sessions.insert(
             id.0,
-            ServerSession {
+            Box::new(ServerSession {
                 session,
                 user,
                 local,
@@ -928,11 +1030,13 @@ impl ServerEndpoint {
                 dirty: false,
                 scheduled: None,
                 close_reason: None,
-            },
+                slot,
+            }),
         );
         if let Some(u) = self.users.get_mut(&user.0) {
             u.sessions.push(id);
         }
+        self.share_recv_budget(user, Some(id));
         self.stats.sessions_created += 1;
         self.events.push_back(EndpointEvent::SessionEstablished {
             session: id,

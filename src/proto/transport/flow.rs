@@ -85,11 +85,36 @@ impl RecvWindow {
         Ok(())
     }
 
+    /// Credit granted and not yet consumed: the most the peer can make us hold from now on.
+    pub fn committed(&self) -> u64 {
+        self.advertised - self.consumed
+    }
+
+    /// Changes how far ahead of what was consumed future grants reach. Lowering it revokes
+    /// nothing the peer was told; while the peer was told nothing (`announced` false) the
+    /// advertised limit follows it.
+    pub fn set_window(&mut self, window: u64, announced: bool) {
+        self.window = window;
+        if !announced {
+            self.advertised = self.consumed + window;
+        }
+    }
+
+    /// While the peer was told nothing, lowers the first credit it will be told to `credit`
+    /// (later grants reach the window again as the application reads).
+    pub fn limit_unannounced(&mut self, credit: u64, announced: bool) {
+        if !announced {
+            self.advertised = self.advertised.min(self.consumed + credit);
+        }
+    }
+
     /// Records consumed bytes. Returns the new limit if it moved enough to advertise.
     pub fn on_consumed(&mut self, n: u64) -> Option<u64> {
         self.consumed = (self.consumed + n).min(self.received);
         let target = self.consumed + self.window;
-        if target - self.advertised >= self.window / WINDOW_UPDATE_FRACTION {
+        if target > self.advertised
+            && target - self.advertised >= self.window / WINDOW_UPDATE_FRACTION
+        {
             self.advertised = target;
             Some(target)
         } else {
@@ -110,6 +135,43 @@ mod tests {
         assert!(!c.raise(50));
         assert!(c.raise(200));
         assert_eq!(c.available(), 140);
+    }
+
+    #[test]
+    fn a_lowered_window_revokes_nothing_announced_and_grants_less_from_then_on() {
+        let mut w = RecvWindow::new(1000);
+        w.set_window(400, false);
+        assert_eq!(
+            (w.advertised(), w.committed()),
+            (400, 400),
+            "not announced yet"
+        );
+        w.set_window(1000, true);
+        w.on_received(400).unwrap();
+        assert_eq!(w.on_consumed(400), Some(1400));
+        w.set_window(200, true);
+        assert_eq!(w.advertised(), 1400, "announced credit stays");
+        w.on_received(1000).unwrap();
+        assert_eq!(
+            w.on_consumed(700),
+            None,
+            "1100 read + 200 < 1400: nothing to grant"
+        );
+        assert_eq!(w.committed(), 300);
+        assert_eq!(
+            w.on_consumed(200),
+            Some(1500),
+            "200 ahead of what was read, not 1000"
+        );
+        assert_eq!(w.committed(), 200);
+        // A first credit below the window grows back to the window as data is read.
+        let mut w = RecvWindow::new(1000);
+        w.limit_unannounced(300, false);
+        assert_eq!(w.committed(), 300);
+        w.limit_unannounced(100, true);
+        assert_eq!(w.committed(), 300, "announced: unchanged");
+        w.on_received(300).unwrap();
+        assert_eq!(w.on_consumed(300), Some(1300));
     }
 
     #[test]

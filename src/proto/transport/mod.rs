@@ -395,6 +395,8 @@ pub struct Transport {
 
     // Session control frames.
     settings_pending: bool,
+    /// SETTINGS or MAX_DATA was written once: the peer may know our session window.
+    window_announced: bool,
     ping_pending: bool,
     close_pending: bool,
     close_repeats: u32,
@@ -445,6 +447,7 @@ impl Transport {
             eliciting_since_ack: 0,
             streams: StreamsState::new(&config, side),
             settings_pending: true,
+            window_announced: false,
             ping_pending: false,
             close_pending: false,
             close_repeats: 0,
@@ -928,6 +931,7 @@ impl Transport {
             };
             if frame::encode_frame(w, &f).is_some() {
                 self.settings_pending = false;
+                self.window_announced = true;
                 packet.push_frame(SentFrame::Settings);
             }
         }
@@ -935,6 +939,7 @@ impl Transport {
             let f = Frame::MaxData(self.streams.advertised_max_data());
             if frame::encode_frame(w, &f).is_some() {
                 self.streams.max_data_pending = false;
+                self.window_announced = true;
                 packet.push_frame(SentFrame::MaxData);
             }
         }
@@ -1188,6 +1193,37 @@ impl Transport {
     /// Bytes held in all stream send buffers (bounded by the session send buffer).
     pub fn send_buffered(&self) -> usize {
         self.streams.send_buffered()
+    }
+
+    /// Sets how far the session receive window reaches ahead of what the application read,
+    /// clamped to [`INITIAL_SESSION_WINDOW`] ..= the configured `session_window`: a server
+    /// shares one user's receive budget among its sessions this way. Lowering it revokes no
+    /// credit the peer was told (it shrinks as the application reads); set before the first
+    /// packet, it is what SETTINGS announces.
+    pub fn set_recv_window(&mut self, window: u64) {
+        let window = window.clamp(INITIAL_SESSION_WINDOW, self.config.session_window);
+        self.streams.set_recv_window(window, self.window_announced);
+    }
+
+    /// Before anything was announced to the peer: lowers the first session credit SETTINGS
+    /// will announce to `credit` (at least [`INITIAL_SESSION_WINDOW`]); grants reach the window
+    /// again as the application reads. No effect once announced.
+    pub fn limit_first_recv_credit(&mut self, credit: u64) {
+        let credit = credit.max(INITIAL_SESSION_WINDOW);
+        self.streams
+            .limit_first_recv_credit(credit, self.window_announced);
+    }
+
+    /// Session credit granted to the peer and not yet read by the application: the most stream
+    /// data the peer can make this session hold from now on.
+    pub fn recv_committed(&self) -> u64 {
+        self.streams.recv_committed()
+    }
+
+    /// Memory allocated for all stream send buffers: at least [`Self::send_buffered`], at most
+    /// about four times it plus a few KiB per stream (the buffers shrink as they drain).
+    pub fn send_memory(&self) -> usize {
+        self.streams.send_memory()
     }
 
     /// Bytes the peer currently holds in our receive buffers (bounded by the session window).

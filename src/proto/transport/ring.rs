@@ -1,8 +1,10 @@
 //! A growable byte ring with a hard capacity limit, used for stream send and receive buffers.
 //!
 //! Positions are relative to the head (the oldest byte still held). Storage grows by doubling up
-//! to the limit (amortised, never per packet) and is kept while the stream is busy; it is
-//! released by [`ByteRing::shrink_if_empty`] when the session goes idle.
+//! to the limit and shrinks when the contents fall to a quarter of it (both amortised, never per
+//! packet), so what a ring holds in memory stays within a small factor of what it holds in data:
+//! a stream that once took a burst does not keep the burst's storage while it trickles. The last
+//! few KiB are released by [`ByteRing::shrink_if_empty`] when the session goes idle.
 
 #[derive(Debug, Clone)]
 pub struct ByteRing {
@@ -37,6 +39,11 @@ impl ByteRing {
         self.limit
     }
 
+    /// Bytes of storage allocated (what the ring costs in memory, holes included).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Makes room for `need` bytes from the head. Returns `false` if `need` exceeds the limit.
     pub fn reserve(&mut self, need: usize) -> bool {
         if need <= self.buf.len() {
@@ -49,11 +56,16 @@ impl ByteRing {
             .next_power_of_two()
             .max(MIN_ALLOC)
             .min(self.limit.max(need));
-        let mut new_buf = vec![0u8; new_cap];
+        self.reallocate(new_cap);
+        true
+    }
+
+    /// Moves the contents into fresh storage of `cap` bytes (at least the length), head at 0.
+    fn reallocate(&mut self, cap: usize) {
+        let mut new_buf = vec![0u8; cap];
         self.copy_out(0, &mut new_buf[..self.len]);
         self.buf = new_buf;
         self.head = 0;
-        true
     }
 
     /// Appends as much of `data` as the limit allows; returns the count appended.
@@ -112,6 +124,23 @@ impl ByteRing {
         if self.len == 0 {
             self.head = 0;
         }
+        self.shrink_to_fit_contents();
+    }
+
+    /// Halves storage (or more) once the contents fill at most a quarter of it: memory stays
+    /// within 4× the contents (plus [`MIN_ALLOC`]), and a shrink copies at most a quarter of what
+    /// the ring had to take in to grow to that size, so the copying stays amortised.
+    fn shrink_to_fit_contents(&mut self) {
+        let cap = self.buf.len();
+        if cap <= MIN_ALLOC || self.len > cap / 4 {
+            return;
+        }
+        if self.len == 0 {
+            self.buf = Vec::new();
+            self.head = 0;
+            return;
+        }
+        self.reallocate((self.len * 2).next_power_of_two().max(MIN_ALLOC));
     }
 
     /// Frees storage if the ring is empty and holds more than `keep` bytes of capacity.
@@ -140,6 +169,35 @@ mod tests {
         assert_eq!(r.push(&vec![1; 20_000]), 10_000 - 3500);
         assert_eq!(r.len(), 10_000);
         assert_eq!(r.push(&[1]), 0);
+    }
+
+    #[test]
+    fn storage_follows_the_contents_down() {
+        let mut r = ByteRing::new(1 << 20);
+        let data: Vec<u8> = (0..=255).cycle().take(600_000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&data), 600_000);
+        assert_eq!(r.capacity(), 1 << 20);
+        // A burst taken and then acknowledged down to a trickle: storage shrinks with it, and
+        // the bytes still held survive every move.
+        r.consume(590_000);
+        assert!(r.capacity() <= 4 * 10_000 + MIN_ALLOC, "{}", r.capacity());
+        let mut out = vec![0u8; 10_000];
+        r.copy_out(0, &mut out);
+        assert_eq!(out, &data[590_000..]);
+        // Wrapped contents move intact too.
+        let cap = r.capacity();
+        assert_eq!(r.push(&data[..cap - 10_000]), cap - 10_000);
+        r.consume(cap - 3000);
+        let mut tail = vec![0u8; 3000];
+        r.copy_out(0, &mut tail);
+        assert_eq!(tail, &data[cap - 13_000..cap - 10_000]);
+        assert!(r.capacity() <= 4 * 3000 + MIN_ALLOC);
+        r.consume(3000);
+        assert_eq!(r.capacity(), 0, "an emptied ring holds nothing");
+        // Small rings are left alone: no reallocation churn for a stream's last few KiB.
+        r.push(&data[..1000]);
+        r.consume(900);
+        assert_eq!(r.capacity(), MIN_ALLOC);
     }
 
     #[test]

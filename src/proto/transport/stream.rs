@@ -95,6 +95,11 @@ impl SendHalf {
         self.buf.len()
     }
 
+    /// Bytes of storage the send buffer holds (its memory cost, at least [`Self::buffered`]).
+    pub fn memory(&self) -> usize {
+        self.buf.capacity()
+    }
+
     pub fn limit(&self) -> usize {
         self.buf.limit()
     }
