@@ -55,6 +55,36 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `udp_offload`: whether the tunnel's UDP sockets send several datagrams per system call (GSO)
+/// and read several per call (GRO) where the kernel offers it (Linux).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpOffload {
+    /// Probe each socket; fall back to single datagrams when the kernel refuses.
+    #[default]
+    Auto,
+    /// One datagram per system call (for kernels whose UDP GSO misbehaves, e.g. over PPPoE).
+    Off,
+}
+
+impl UdpOffload {
+    fn is_auto(&self) -> bool {
+        *self == UdpOffload::Auto
+    }
+}
+
+/// Reads `udp_offload` (`"auto"` when absent).
+fn parse_udp_offload(obj: &mut Obj) -> Result<UdpOffload, ConfigError> {
+    match obj.opt_str("udp_offload")?.as_deref() {
+        None | Some("auto") => Ok(UdpOffload::Auto),
+        Some("off") => Ok(UdpOffload::Off),
+        Some(other) => Err(obj.err(
+            "udp_offload",
+            &format!("{other:?} is not one of \"auto\", \"off\""),
+        )),
+    }
+}
+
 /// A whole configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Config {
@@ -190,6 +220,8 @@ pub struct ServerConfig {
     pub max_sessions: u32,
     pub max_sessions_per_user: u32,
     pub limits: ServerLimits,
+    /// GSO/GRO on the listen sockets.
+    pub udp_offload: UdpOffload,
 }
 
 impl ServerConfig {
@@ -260,6 +292,9 @@ pub struct ClientConfig {
     /// sees); `None`: chosen by the system. Never handed out by the subscribe endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_bind_ip: Option<std::net::IpAddr>,
+    /// GSO/GRO on the tunnel's UDP sockets (written only when not the default `auto`).
+    #[serde(skip_serializing_if = "UdpOffload::is_auto")]
+    pub udp_offload: UdpOffload,
     /// Seconds a local connection or UDP association may move nothing before it is closed
     /// (`None`: [`DEFAULT_LOCAL_IDLE_TIMEOUT_SECS`]). Never handed out by the subscribe endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,6 +316,7 @@ impl ClientConfig {
             socks5_auth: None,
             allow_open_proxy: false,
             udp_bind_ip: None,
+            udp_offload: UdpOffload::Auto,
             local_idle_timeout_secs: None,
             tun: TunConfig {
                 enable: false,
@@ -670,6 +706,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         10_000,
     )?;
     let limits = parse_limits(&mut obj)?;
+    let udp_offload = parse_udp_offload(&mut obj)?;
     obj.finish()?;
     Ok(ServerConfig {
         path: ctx.file.to_path_buf(),
@@ -685,6 +722,7 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         max_sessions,
         max_sessions_per_user,
         limits,
+        udp_offload,
     })
 }
 
@@ -834,6 +872,7 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
             .map_err(|_| obj.err("udp_bind_ip", &format!("{ip:?} is not an IP address")))?;
         cfg.udp_bind_ip = Some(parsed);
     }
+    cfg.udp_offload = parse_udp_offload(&mut obj)?;
     if let Some(secs) = obj.opt_u64("local_idle_timeout_secs")? {
         if !(1..=MAX_LOCAL_IDLE_TIMEOUT_SECS).contains(&secs) {
             return Err(obj.err(
@@ -1255,6 +1294,38 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.field, "mux.sessions");
+    }
+
+    #[test]
+    fn udp_offload_defaults_to_auto_on_both_sides_and_takes_off() {
+        let base = format!(
+            r#""mode": "server", "listen": "0.0.0.0:50000", "access_keys": ["{KEY}"], "api": {{ "enabled": false }}"#
+        );
+        assert_eq!(server(&format!("{{{base}}}")).udp_offload, UdpOffload::Auto);
+        let off = server(&format!(r#"{{{base}, "udp_offload": "off"}}"#));
+        assert_eq!(off.udp_offload, UdpOffload::Off);
+        let e = p(&format!(r#"{{{base}, "udp_offload": "on"}}"#)).unwrap_err();
+        assert_eq!(e.field, "udp_offload");
+        let client = |extra: &str| {
+            p(&format!(
+                r#"{{"mode":"client","server":"h:1","access_key":"{KEY}"{extra}}}"#
+            ))
+        };
+        let Ok(Config::Client(c)) = client("") else {
+            panic!("expected a client")
+        };
+        assert_eq!(c.udp_offload, UdpOffload::Auto);
+        let Ok(Config::Client(c)) = client(r#","udp_offload":"off""#) else {
+            panic!("expected a client")
+        };
+        assert_eq!(c.udp_offload, UdpOffload::Off);
+        // Written out only when it differs from the default (the subscribe shape is unchanged).
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["udp_offload"], "off");
+        assert_eq!(
+            client(r#","udp_offload":1"#).unwrap_err().field,
+            "udp_offload"
+        );
     }
 
     #[test]

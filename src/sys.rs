@@ -1,11 +1,13 @@
 //! The few socket options the standard library cannot set: `IPV6_V6ONLY` before `bind` (so
-//! `0.0.0.0:P` and `[::]:P` can both be listened on), larger UDP socket buffers, and an abortive
-//! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data) — and the process's
-//! open-file limit (`RLIMIT_NOFILE`), raised to its hard limit at server start.
+//! `0.0.0.0:P` and `[::]:P` can both be listened on), larger UDP socket buffers, an abortive
+//! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data), UDP segmentation
+//! offload on Linux (`UDP_SEGMENT` sends, `UDP_GRO` receives, with their control messages) — and
+//! the process's open-file limit (`RLIMIT_NOFILE`), raised to its hard limit at server start.
 //!
 //! `unsafe` is allowed here only: these are plain `libc` FFI calls on a descriptor this module
-//! creates and immediately wraps in an `OwnedFd` (so it is closed on every error path), with
-//! properly sized, zero-initialised `sockaddr_in6` / `c_int` arguments.
+//! creates and immediately wraps in an `OwnedFd` (so it is closed on every error path), or that
+//! the caller keeps open for the call, with properly sized, zero-initialised `sockaddr_*` /
+//! `msghdr` / `c_int` arguments and control-message buffers aligned for `cmsghdr`.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -21,7 +23,7 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 }
 
 fn set_int_opt(
-    fd: &OwnedFd,
+    fd: &impl AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
@@ -109,6 +111,202 @@ pub fn reset_on_close(sock: &impl AsRawFd) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
+}
+
+/// Whether the kernel segments UDP sends on `sock` (`UDP_SEGMENT`, Linux 4.18+). The probe sets
+/// a socket-wide segment size and clears it again, so that only sends carrying the control
+/// message are segmented.
+#[cfg(target_os = "linux")]
+pub fn udp_gso_supported(sock: &impl AsRawFd) -> bool {
+    set_int_opt(sock, libc::SOL_UDP, libc::UDP_SEGMENT, 1200).is_ok()
+        && set_int_opt(sock, libc::SOL_UDP, libc::UDP_SEGMENT, 0).is_ok()
+}
+
+/// Asks the kernel to coalesce received datagrams of one flow into one read (`UDP_GRO`, Linux
+/// 5.0+); the segment size then arrives as a control message. Returns whether it is on.
+#[cfg(target_os = "linux")]
+pub fn enable_udp_gro(sock: &impl AsRawFd) -> bool {
+    set_int_opt(sock, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok()
+}
+
+/// Control-message space for one `u16` (`UDP_SEGMENT`) or `c_int` (`UDP_GRO`) message.
+#[cfg(target_os = "linux")]
+// SAFETY: CMSG_SPACE only does arithmetic on its argument.
+const CMSG_INT_SPACE: usize =
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as _) as usize };
+
+/// A control-message buffer aligned for `cmsghdr` (8 bytes covers every target's alignment).
+#[cfg(target_os = "linux")]
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 32]);
+
+#[cfg(target_os = "linux")]
+const _: () = assert!(CMSG_INT_SPACE <= 32 && std::mem::align_of::<libc::cmsghdr>() <= 8);
+
+/// `addr` as a raw socket address and its length.
+#[cfg(target_os = "linux")]
+fn raw_addr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for every sockaddr type; the
+            // reference is the only one to `storage` while it lives.
+            let sin = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// The address the kernel wrote into `storage` (`None` for a family other than IPv4/IPv6).
+#[cfg(target_os = "linux")]
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in; storage is aligned for it.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                sin6.sin6_addr.s6_addr.into(),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Sends `data` as one `sendmsg` that the kernel cuts into datagrams of `segment` bytes (the last
+/// may be shorter), to `to` (`None`: the connected peer). The kernel takes all of it or nothing.
+#[cfg(target_os = "linux")]
+pub fn send_segments(
+    sock: &impl AsRawFd,
+    data: &[u8],
+    segment: u16,
+    to: Option<SocketAddr>,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut name = to.map(raw_addr);
+    let mut control = CmsgBuf([0; 32]);
+    // SAFETY: an all-zero msghdr is a valid value (musl has padding fields, so build it so).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    if let Some((storage, len)) = name.as_mut() {
+        msg.msg_name = (storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = *len;
+    }
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only does arithmetic on its argument.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as _) } as _;
+    // SAFETY: msg_control points to `msg_controllen` (≤ 32) writable bytes aligned for cmsghdr,
+    // enough for one header and a u16, so the first header is in bounds; it is checked for null.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as _) as _;
+        libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
+    }
+    // SAFETY: every pointer in `msg` (name, iovec → data, control) points to a live local or to
+    // `data` for the duration of the call; the kernel only reads them.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One datagram read by [`recv_segments`]: `len` bytes, coalesced from datagrams of `segment`
+/// bytes when the kernel reported a GRO segment size (the last may be shorter).
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub from: Option<SocketAddr>,
+    pub segment: Option<usize>,
+    /// The buffer was too small: the tail was cut off.
+    pub truncated: bool,
+}
+
+/// Reads once from `sock` into `buf` with `recvmsg`, collecting the `UDP_GRO` segment size.
+#[cfg(target_os = "linux")]
+pub fn recv_segments(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = CmsgBuf([0; 32]);
+    // SAFETY: an all-zero msghdr is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = CMSG_INT_SPACE as _;
+    // SAFETY: every pointer in `msg` points to a live, writable local (or `buf`) of the stated
+    // length for the duration of the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut segment = None;
+    // SAFETY: the kernel filled `msg_controllen` bytes of `control` with well-formed control
+    // messages; CMSG_FIRSTHDR / CMSG_NXTHDR stay within them and return null at the end, and a
+    // UDP_GRO message carries a c_int (read unaligned).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                let size = libc::CMSG_DATA(cmsg).cast::<libc::c_int>().read_unaligned();
+                segment = usize::try_from(size).ok().filter(|s| *s > 0);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Received {
+        len: n as usize,
+        from: socket_addr(&storage),
+        segment,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
 }
 
 /// Highest soft fd limit asked for (Linux's default `fs.nr_open`).

@@ -35,4 +35,4 @@ pub use endpoint::{
 };
 pub use handshake::RefuseReason;
 pub use packet::PaddingPolicy;
-pub use session::{SecureStats, Session, SessionConfig};
+pub use session::{Batch, SecureStats, Session, SessionConfig};

@@ -17,6 +17,28 @@ pub const MIN_DATAGRAM: usize = 576;
 /// Largest datagram size either side produces.
 pub const MAX_DATAGRAM: usize = 1500;
 
+/// Datagrams written back to back by a batch transmit: `len` bytes cut every `segment` bytes (the
+/// last datagram may be shorter). The shape one GSO send takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Bytes written at the start of the caller's buffer.
+    pub len: usize,
+    /// Length of every datagram but the last.
+    pub segment: usize,
+}
+
+impl Batch {
+    /// A batch of one datagram.
+    pub fn single(len: usize) -> Batch {
+        Batch { len, segment: len }
+    }
+
+    /// How many datagrams it holds.
+    pub fn count(&self) -> usize {
+        self.len.div_ceil(self.segment.max(1))
+    }
+}
+
 /// Packet-protection settings shared by client and server.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -344,6 +366,37 @@ impl Session {
         Some(total)
     }
 
+    /// Writes up to `max_segments` datagrams back to back into `buf`, each as
+    /// [`Session::poll_transmit`] would write it (so congestion window, pacer and the peer's token
+    /// window decide exactly as they do for single datagrams). The first datagram's length is the
+    /// segment size; a shorter datagram ends the batch, and so does a first datagram shorter than
+    /// the full size (the next one could be larger: a batch never makes packets smaller).
+    pub fn poll_transmit_batch(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        max_segments: usize,
+    ) -> Option<Batch> {
+        let segment = self.poll_transmit(now, buf)?;
+        let mut len = segment;
+        if segment < self.max_datagram.min(buf.len()) {
+            return Some(Batch::single(len));
+        }
+        for _ in 1..max_segments {
+            let Some(room) = buf.get_mut(len..len + segment) else {
+                break;
+            };
+            let Some(n) = self.poll_transmit(now, room) else {
+                break;
+            };
+            len += n;
+            if n < segment {
+                break;
+            }
+        }
+        Some(Batch { len, segment })
+    }
+
     /// Earliest instant at which [`Session::handle_timeout`] (or, for a blocked session's next
     /// probe, [`Session::poll_transmit`]) must run. After `handle_timeout(now)` and
     /// `poll_transmit` until `None`, this is later than `now` (or `None`).
@@ -499,6 +552,194 @@ mod tests {
             wakeups += 1;
         }
         assert!(wakeups < 100, "{wakeups} wake-ups in 2 s while blocked");
+    }
+
+    /// A client and a server session on one secret, with their token maps.
+    fn pair(config: &SessionConfig, t0: Instant) -> (Session, MapSink, Session, MapSink) {
+        let secret = [9u8; 32];
+        let (mut cs, mut ss) = (MapSink::default(), MapSink::default());
+        let c = Session::new(&secret, Side::Client, config, 1350, t0, [3; 32], &mut cs);
+        let s = Session::new(&secret, Side::Server, config, 1350, t0, [4; 32], &mut ss);
+        (c, cs, s, ss)
+    }
+
+    /// Hands one datagram to `to`, looking its packet number up by token.
+    fn deliver(to: &mut Session, sink: &mut MapSink, now: Instant, datagram: &mut [u8]) {
+        let token = u64::from_le_bytes(datagram[..TOKEN_LEN].try_into().unwrap());
+        let pn = sink.0[&token];
+        to.handle_packet(now, pn, datagram, sink).unwrap();
+    }
+
+    /// Reads every stream byte the session holds; returns how many.
+    fn read_all(s: &mut Session) -> usize {
+        let mut got = 0;
+        let mut scratch = vec![0u8; 64 * 1024];
+        while let Some(ev) = s.poll_event() {
+            if let TransportEvent::StreamOpened { id, .. } = ev {
+                s.transport_mut().accept_stream(id).unwrap();
+            }
+            if let TransportEvent::StreamOpened { id, .. } | TransportEvent::StreamReadable { id } =
+                ev
+            {
+                while let Ok(n) = s.transport_mut().stream_read(id, &mut scratch) {
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                }
+            }
+        }
+        got
+    }
+
+    fn bulk_config() -> SessionConfig {
+        let mut config = SessionConfig::default();
+        config.transport.initial_cwnd_packets = 256;
+        config
+    }
+
+    #[test]
+    fn a_batch_holds_full_size_datagrams_that_each_open_at_the_peer_in_order() {
+        let t0 = Instant::now();
+        let (mut c, _, mut s, mut ss) = pair(&bulk_config(), t0);
+        let dest = Destination::domain("example.com", 443).unwrap();
+        let t = c.transport_mut();
+        let id = t.open_stream(dest).unwrap();
+        let written = t.stream_write(id, &[0x5A; 64 * 1024]).unwrap();
+        let now = t0 + Duration::from_millis(50);
+        let mut buf = vec![0u8; 65_507];
+        let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
+        assert_eq!(batch.segment, 1350, "full-size datagrams");
+        assert!(batch.count() >= 2, "{batch:?}");
+        assert!(batch.count() <= 8);
+        assert_eq!(
+            batch.len,
+            batch.count() * batch.segment,
+            "all full: {batch:?}"
+        );
+        for datagram in buf[..batch.len].chunks_mut(batch.segment) {
+            deliver(&mut s, &mut ss, now, datagram);
+        }
+        assert_eq!(s.secure_stats().packets_received, batch.count() as u64);
+        let got = read_all(&mut s);
+        assert!(
+            got > 0 && got < written,
+            "the stream bytes arrived in order: {got}"
+        );
+    }
+
+    #[test]
+    fn a_shorter_datagram_ends_the_batch_and_a_short_first_one_goes_alone() {
+        let t0 = Instant::now();
+        let (mut c, _, mut s, mut ss) = pair(&bulk_config(), t0);
+        let dest = Destination::domain("example.com", 443).unwrap();
+        let id = c.transport_mut().open_stream(dest).unwrap();
+        // Two and a bit datagrams of data.
+        c.transport_mut().stream_write(id, &[1; 3000]).unwrap();
+        let now = t0 + Duration::from_millis(50);
+        let mut buf = vec![0u8; 65_507];
+        let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
+        assert_eq!(batch.segment, 1350);
+        assert_eq!(batch.count(), 3, "{batch:?}");
+        assert!(batch.len < 3 * batch.segment, "the last one is shorter");
+        for datagram in buf[..batch.len].chunks_mut(batch.segment) {
+            deliver(&mut s, &mut ss, now, datagram);
+        }
+        assert_eq!(read_all(&mut s), 3000);
+        // A small write: its datagram is short, so it goes alone (the next could be larger).
+        c.transport_mut().stream_write(id, &[2; 10]).unwrap();
+        let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
+        assert_eq!(batch.count(), 1);
+        assert_eq!(batch.segment, batch.len);
+        assert!(batch.len < 1350);
+    }
+
+    /// A bulk upload in lock-step 1 ms ticks (each datagram delivered at the next tick), the client
+    /// sending in batches of up to `max_segments` (0: single `poll_transmit` calls). Returns the
+    /// client's datagrams per tick and the sizes of its batches.
+    fn upload(
+        config: &SessionConfig,
+        max_segments: usize,
+        ticks: u32,
+    ) -> (Vec<Vec<Vec<u8>>>, Vec<usize>) {
+        let t0 = Instant::now();
+        let (mut c, mut cs, mut s, mut ss) = pair(config, t0);
+        let dest = Destination::domain("example.com", 443).unwrap();
+        let id = c.transport_mut().open_stream(dest).unwrap();
+        let mut buf = vec![0u8; 65_507];
+        let (mut to_server, mut to_client): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+        let (mut per_tick, mut batches) = (Vec::new(), Vec::new());
+        for tick in 0..ticks {
+            // Idle first: the pacer's burst allowance is full at the first tick.
+            let now = t0 + Duration::from_millis(50 + u64::from(tick));
+            for mut d in to_server.drain(..) {
+                deliver(&mut s, &mut ss, now, &mut d);
+            }
+            read_all(&mut s);
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now);
+            }
+            while let Some(n) = s.poll_transmit(now, &mut buf) {
+                to_client.push(buf[..n].to_vec());
+            }
+            for mut d in to_client.drain(..) {
+                deliver(&mut c, &mut cs, now, &mut d);
+            }
+            while c.poll_event().is_some() {}
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+            }
+            let _ = c.transport_mut().stream_write(id, &[7; 64 * 1024]);
+            let mut sent = Vec::new();
+            if max_segments == 0 {
+                while let Some(n) = c.poll_transmit(now, &mut buf) {
+                    sent.push(buf[..n].to_vec());
+                }
+            } else {
+                while let Some(b) = c.poll_transmit_batch(now, &mut buf, max_segments) {
+                    batches.push(b.count());
+                    sent.extend(buf[..b.len].chunks(b.segment).map(<[u8]>::to_vec));
+                }
+            }
+            to_server.extend(sent.iter().cloned());
+            per_tick.push(sent);
+        }
+        (per_tick, batches)
+    }
+
+    /// Batches are exactly the datagrams single sends would produce at the same instants: the
+    /// congestion window and the pacer decide as before, a batch only groups them.
+    #[test]
+    fn batches_respect_the_congestion_window_and_the_pacer_like_single_sends() {
+        // Congestion-window limited: a pacer burst far larger than the window.
+        let mut cwnd_bound = SessionConfig::default();
+        cwnd_bound.transport.initial_cwnd_packets = 8;
+        cwnd_bound.transport.pacing_burst = Duration::from_secs(1);
+        // Pacer limited: a large window, the default 2 ms burst.
+        let pacer_bound = bulk_config();
+        // (what, config, most datagrams in the first flight: the limit, not the 48 datagrams of
+        // data written)
+        for (what, config, limit) in [("cwnd", cwnd_bound, 9), ("pacer", pacer_bound, 20)] {
+            let (singles, _) = upload(&config, 0, 40);
+            let (batched, sizes) = upload(&config, 16, 40);
+            assert_eq!(
+                batched, singles,
+                "{what}: the same datagrams at the same ticks"
+            );
+            assert!(
+                sizes.iter().any(|n| *n > 1),
+                "{what}: some batch held several"
+            );
+            assert!(
+                sizes.iter().all(|n| (1..=16).contains(n)),
+                "{what}: {sizes:?}"
+            );
+            let first = singles[0].len();
+            assert!(
+                (2..=limit).contains(&first),
+                "{what}: the first flight was limited ({first} datagrams)"
+            );
+        }
     }
 
     /// Delivers every packet either side has to send to the other, until both are quiet.

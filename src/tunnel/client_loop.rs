@@ -37,7 +37,9 @@ use super::driver::core::{self, LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
-use super::driver::udp::{self, RECV_BATCH, SendOutcome, UdpTx};
+use super::driver::udp::{
+    self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SendOutcome, UdpOffload, UdpTx,
+};
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
 use super::resolver::{Lookup, Resolver};
@@ -82,6 +84,8 @@ pub struct ClientOptions {
     pub auth: Option<Arc<ProxyAuth>>,
     /// Local address of the tunnel's UDP sockets (`None`: any).
     pub udp_bind_ip: Option<std::net::IpAddr>,
+    /// GSO/GRO on the session sockets.
+    pub udp_offload: UdpOffload,
     /// A piping connection (or a UDP association) that moved no byte either way this long is
     /// closed (between this and this + [`ClientOptions::idle_check`] after its last byte).
     pub local_idle: Duration,
@@ -115,6 +119,7 @@ impl ClientOptions {
             },
             auth: cfg.socks5_auth.clone().map(Arc::new),
             udp_bind_ip: cfg.udp_bind_ip,
+            udp_offload: cfg.udp_offload,
             local_idle: Duration::from_secs(u64::from(
                 cfg.local_idle_timeout_secs
                     .unwrap_or(config::DEFAULT_LOCAL_IDLE_TIMEOUT_SECS),
@@ -221,6 +226,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         next_assoc: 0,
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
+        closed_io: IoCounts::default(),
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -234,7 +240,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
 /// One tunnel-session slot: its socket and session (its timing is [`SlotSupervisor`]'s).
 struct Slot {
     state: SlotState,
-    sock: Option<UdpSocket>,
+    sock: Option<udp::Socket>,
     client: Option<ClientSession>,
     /// The session's streams → the local connection of each; its length is the slot's load.
     streams: HashMap<StreamId, usize>,
@@ -355,6 +361,8 @@ struct ClientLoop {
     next_assoc: AssocId,
     buf: Box<[u8]>,
     shutting_down: Option<Instant>,
+    /// System calls and datagrams of session sockets already closed.
+    closed_io: IoCounts,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -489,6 +497,17 @@ impl ClientLoop {
         }
         self.resolver.shutdown();
         log::debug!("client loop: {wakeups} wake-ups");
+        let mut io = self.closed_io;
+        for sock in self.slots.iter().filter_map(|s| s.sock.as_ref()) {
+            io.add(sock.counts());
+        }
+        log::info!(
+            "client udp: {} datagrams sent in {} calls, {} received in {} calls",
+            io.datagrams_sent,
+            io.send_calls,
+            io.datagrams_received,
+            io.recv_calls
+        );
         log::info!("client stopped");
     }
 
@@ -672,7 +691,7 @@ impl ClientLoop {
             Ok(s)
         });
         let mut sock = match sock {
-            Ok(s) => s,
+            Ok(s) => udp::Socket::new(s, self.options.udp_offload),
             Err(e) => {
                 log::warn!("cannot open a UDP socket towards {server}: {e}");
                 self.slot_failed(now, i, Failure::Local);
@@ -705,6 +724,7 @@ impl ClientLoop {
                 let slot = &mut self.slots[i];
                 if let Some(mut old) = slot.sock.take() {
                     let _ = self.core.registry().deregister(&mut old);
+                    self.closed_io.add(old.counts());
                 }
                 slot.sock = Some(sock);
                 slot.client = Some(c);
@@ -758,6 +778,7 @@ impl ClientLoop {
         slot.tx.clear();
         if let Some(mut s) = slot.sock.take() {
             let _ = self.core.registry().deregister(&mut s);
+            self.closed_io.add(s.counts());
         }
         for (_, idx) in std::mem::take(&mut slot.streams) {
             if matches!(
@@ -790,11 +811,11 @@ impl ClientLoop {
         if !*readable {
             return;
         }
-        let (Some(sock), Some(client)) = (sock.as_ref(), client.as_mut()) else {
+        let (Some(sock), Some(client)) = (sock.as_mut(), client.as_mut()) else {
             *readable = false;
             return;
         };
-        let readiness = udp::drain(sock, &mut self.buf, RECV_BATCH, |datagram, _| {
+        let readiness = sock.drain(&mut self.buf, RECV_BATCH, |datagram, _| {
             *last_rx = now;
             client.handle_datagram(now, datagram);
         });
@@ -819,9 +840,14 @@ impl ClientLoop {
             return;
         };
         let token = Tok::Slot(i).token();
-        while let Some(len) = client.poll_transmit(now, &mut self.buf) {
-            let data = &self.buf[..len];
-            if slot.tx.send(sock, registry, token, i, data, None) == SendOutcome::Blocked {
+        let max_segments = sock.max_segments();
+        let buf = &mut self.buf[..MAX_BATCH_BYTES];
+        while let Some(batch) = client.poll_transmit_batch(now, buf, max_segments) {
+            let data = &buf[..batch.len];
+            let sent = slot
+                .tx
+                .send(sock, registry, token, i, data, batch.segment, None);
+            if sent == SendOutcome::Blocked {
                 return;
             }
         }

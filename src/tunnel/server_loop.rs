@@ -33,7 +33,7 @@ use super::driver::core::{LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
-use super::driver::udp::{SendOutcome, UdpSockets};
+use super::driver::udp::{MAX_BATCH_BYTES, RECV_BUFFER, SendOutcome, UdpSockets};
 use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, TableView, Verdict};
 use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd};
@@ -62,8 +62,6 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// Send buffer per session on the server (all streams together).
 pub const SERVER_SESSION_SEND_BUFFER: usize = 2 * 1024 * 1024;
-/// Largest UDP datagram handled.
-const MAX_UDP: usize = 2048;
 /// Lookups waiting for a resolver thread (beyond one running per thread).
 const DNS_QUEUE: usize = 256;
 /// Fds the loop holds whatever the traffic (epoll, waker, stdio, log) beside its listen sockets.
@@ -175,7 +173,7 @@ pub fn start(
         local_addrs.push(local);
         sockets.push(sock);
     }
-    let udp = UdpSockets::register(sockets, core.registry())
+    let udp = UdpSockets::register(sockets, cfg.udp_offload, core.registry())
         .map_err(|e| StartError(format!("cannot watch the listen sockets: {e}")))?;
     let resolver = Resolver::new(
         cfg.limits.dns_threads as usize,
@@ -222,7 +220,8 @@ pub fn start(
         sessions: HashMap::new(),
         relays: RelayPool::new(max_relays),
         ledger: Ledger::new(Instant::now()),
-        buf: vec![0u8; MAX_UDP].into_boxed_slice(),
+        // One buffer for GRO reads and GSO batches (never both at once).
+        buf: vec![0u8; RECV_BUFFER.max(MAX_BATCH_BYTES)].into_boxed_slice(),
         shutting_down: None,
         hello_record: None,
         quotas,
@@ -544,7 +543,14 @@ impl ServerLoop {
         if let Some(record) = self.hello_record.take() {
             record.finish(&self.endpoint);
         }
-        log::info!("tunnel loop stopped");
+        let io = self.udp.counts();
+        log::info!(
+            "tunnel loop stopped (udp: {} datagrams sent in {} calls, {} received in {} calls)",
+            io.datagrams_sent,
+            io.send_calls,
+            io.datagrams_received,
+            io.recv_calls
+        );
     }
 
     /// When the loop must wake up at the latest (`now`: sockets still hold datagrams).
@@ -642,10 +648,12 @@ impl ServerLoop {
         if self.udp.is_blocked() {
             return;
         }
-        while let Some(t) = self.endpoint.poll_transmit(now, &mut self.buf) {
-            let data = &self.buf[..t.len];
+        let max_segments = self.udp.max_segments();
+        let buf = &mut self.buf[..MAX_BATCH_BYTES];
+        while let Some(t) = self.endpoint.poll_transmit_batch(now, buf, max_segments) {
+            let data = &buf[..t.len];
             let local = t.local.0 as usize;
-            if self.udp.send(registry, local, data, t.to) == SendOutcome::Blocked {
+            if self.udp.send(registry, local, data, t.segment, t.to) == SendOutcome::Blocked {
                 return;
             }
         }

@@ -82,6 +82,67 @@ fn curl_http_absolute_uri_download_is_intact() {
     );
 }
 
+/// `(datagrams, calls)` sent, from the UDP counts a process logs when it stops.
+fn sent_counts(proc: &mut Proc) -> (u64, u64) {
+    proc.signal("TERM");
+    assert!(
+        proc.wait_exit(Duration::from_secs(10)).is_some(),
+        "{} stops",
+        proc.name
+    );
+    let log = proc.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" datagrams sent in "))
+        .unwrap_or_else(|| panic!("{}: no UDP counts logged", proc.name));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let at = numbers.len() - 4;
+    (numbers[at], numbers[at + 1])
+}
+
+/// `udp_offload: "off"` on one side and `auto` on the other, both ways round: the download is
+/// intact, the `off` side sends one datagram per system call, and the `auto` server batches.
+#[test]
+fn downloads_are_intact_with_udp_offload_off_on_one_side() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let n = size(50_000_000, 8_000_000);
+    for server_off in [true, false] {
+        let key = new_key();
+        let (server_mode, client_mode) = if server_off {
+            ("off", "auto")
+        } else {
+            ("auto", "off")
+        };
+        let mut spec = ServerSpec::new(&key);
+        spec.extra = json!({ "udp_offload": server_mode });
+        let mut server = Server::start(spec);
+        let mut client = Client::spawn(server.udp, &key, json!({ "udp_offload": client_mode }));
+        client.wait_connected(0);
+        let proxy = client.proxy.to_string();
+        let what = format!("server {server_mode}, client {client_mode}");
+        curl_download(&["--socks5-hostname", &proxy], http, n, &what);
+        let (client_datagrams, client_calls) = sent_counts(&mut client.proc);
+        let (server_datagrams, server_calls) = sent_counts(&mut server.proc);
+        eprintln!(
+            "{what}: server sent {server_datagrams} datagrams in {server_calls} calls, client {client_datagrams} in {client_calls}"
+        );
+        assert!(server_datagrams as f64 * 1350.0 >= n as f64, "{what}");
+        if server_off {
+            assert_eq!(server_datagrams, server_calls, "{what}: one per call");
+        } else {
+            assert_eq!(client_datagrams, client_calls, "{what}: one per call");
+            assert!(
+                server_datagrams > server_calls,
+                "{what}: the server sent batches ({server_datagrams} in {server_calls})"
+            );
+        }
+    }
+}
+
 #[test]
 fn hundred_parallel_downloads_are_intact() {
     let _heavy = heavy_lock();

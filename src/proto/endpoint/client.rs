@@ -11,7 +11,7 @@ use crate::proto::handshake::{
 use crate::proto::packet::{TOKEN_LEN, TokenSink};
 use crate::proto::psk::{AccessKeyError, UserKeys};
 use crate::proto::rng::Drbg;
-use crate::proto::session::{MAX_DATAGRAM, MIN_DATAGRAM, Session, SessionConfig};
+use crate::proto::session::{Batch, MAX_DATAGRAM, MIN_DATAGRAM, Session, SessionConfig};
 use crate::proto::transport::{CloseReason, Side, TransportEvent};
 
 /// Client connector settings.
@@ -309,19 +309,33 @@ impl ClientSession {
 
     /// Next datagram to send to the server.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        self.poll_transmit_batch(now, buf, 1).map(|b| b.len)
+    }
+
+    /// Next datagrams to send to the server: a hello alone, or a batch of up to `max_segments`
+    /// datagrams of the session ([`Session::poll_transmit_batch`]).
+    pub fn poll_transmit_batch(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        max_segments: usize,
+    ) -> Option<Batch> {
         if let Some((len, bytes)) = self.outgoing_hello.take() {
             if buf.len() < len {
                 return None;
             }
             buf[..len].copy_from_slice(&bytes[..len]);
-            return Some(len);
+            return Some(Batch::single(len));
         }
         if !matches!(self.state, ClientState::Established) {
             return None;
         }
-        let len = self.session.as_mut()?.poll_transmit(now, buf);
+        let batch = self
+            .session
+            .as_mut()?
+            .poll_transmit_batch(now, buf, max_segments);
         self.drain_session();
-        len
+        batch
     }
 
     /// Earliest instant at which [`ClientSession::handle_timeout`] must run.

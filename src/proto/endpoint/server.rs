@@ -28,7 +28,7 @@ pub enum UserState {
     Refused(RefuseReason),
 }
 
-/// A datagram the driver must send.
+/// Datagrams the driver must send: one, or a batch of equal-size datagrams back to back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
     /// Socket to send from (the one the peer's last authenticated packet arrived on).
@@ -37,6 +37,8 @@ pub struct Transmit {
     pub to: SocketAddr,
     /// Bytes written at the start of the caller's buffer.
     pub len: usize,
+    /// Length of every datagram but the last (`len` for a single datagram).
+    pub segment: usize,
 }
 
 /// Server endpoint events.
@@ -1047,6 +1049,18 @@ impl ServerEndpoint {
 
     /// Next datagram to send: handshake replies first, then sessions round-robin.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.poll_transmit_batch(now, buf, 1)
+    }
+
+    /// Next datagrams to send: a handshake reply alone, or a batch of up to `max_segments`
+    /// datagrams of one session ([`Session::poll_transmit_batch`]); sessions take turns a batch
+    /// at a time.
+    pub fn poll_transmit_batch(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        max_segments: usize,
+    ) -> Option<Transmit> {
         self.process_dirty();
         if let Some(reply) = self.replies.front() {
             if buf.len() >= reply.len {
@@ -1056,6 +1070,7 @@ impl ServerEndpoint {
                     local: reply.local,
                     to: reply.to,
                     len: reply.len,
+                    segment: reply.len,
                 });
             }
             return None;
@@ -1064,11 +1079,12 @@ impl ServerEndpoint {
             let Some(entry) = self.sessions.get_mut(&id.0) else {
                 continue;
             };
-            if let Some(len) = entry.session.poll_transmit(now, buf) {
+            if let Some(batch) = entry.session.poll_transmit_batch(now, buf, max_segments) {
                 let transmit = Transmit {
                     local: entry.local,
                     to: entry.peer,
-                    len,
+                    len: batch.len,
+                    segment: batch.segment,
                 };
                 self.ready.push_back(id);
                 self.after_activity(id);
@@ -1229,6 +1245,57 @@ mod tests {
             })
             .count();
         assert_eq!(refused, 1);
+    }
+
+    /// Sessions take turns a batch at a time, each batch of one session, equal datagrams.
+    #[test]
+    fn sessions_are_served_round_robin_a_batch_at_a_time() {
+        let now = Instant::now();
+        let mut config = EndpointConfig::default();
+        // A window and pacing rate that allow a few full batches at once.
+        config.session.transport.initial_cwnd_packets = 256;
+        let mut s = ServerEndpoint::new(config, [7; 32]);
+        s.set_user(USER, KEY, UserState::Active).unwrap();
+        let peers = [addr("192.0.2.1:1000"), addr("192.0.2.2:1000")];
+        let (_a, r) = connect(&mut s, now, "192.0.2.1:1000", 1);
+        assert_eq!(r, Ok(()));
+        let (_b, r) = connect(&mut s, now, "192.0.2.2:1000", 2);
+        assert_eq!(r, Ok(()));
+        let ids: Vec<SessionId> = std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                EndpointEvent::SessionEstablished { session, .. } => Some(session),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        for id in &ids {
+            let t = s.session_mut(*id).unwrap().transport_mut();
+            let stream = t
+                .open_stream(Destination::domain("example.com", 443).unwrap())
+                .unwrap();
+            t.stream_write(stream, &[3; 64 * 1024]).unwrap();
+        }
+        // Idle for a while: each pacer allows a burst.
+        let now = now + std::time::Duration::from_millis(50);
+        let mut buf = vec![0u8; 65_507];
+        let mut order = Vec::new();
+        while let Some(t) = s.poll_transmit_batch(now, &mut buf, 4) {
+            let count = t.len.div_ceil(t.segment);
+            assert!((1..=4).contains(&count), "{t:?}");
+            order.push((peers.iter().position(|p| *p == t.to).unwrap(), count));
+            if order.len() == 6 {
+                break;
+            }
+        }
+        let who: Vec<usize> = order.iter().map(|(p, _)| *p).collect();
+        assert!(
+            who == [0, 1, 0, 1, 0, 1] || who == [1, 0, 1, 0, 1, 0],
+            "{order:?}"
+        );
+        assert!(
+            order.iter().all(|(_, n)| *n == 4),
+            "full batches: {order:?}"
+        );
     }
 
     #[test]
