@@ -159,6 +159,8 @@ pub struct AckEvent {
     pub bytes_acked: u64,
     pub bytes_in_flight: u64,
     pub rtt_sample: Option<Duration>,
+    /// The delay the peer reported holding the ACK back (at most `max_ack_delay`).
+    pub ack_delay: Duration,
     pub rate: Option<RateSample>,
     pub delivered: u64,
 }
@@ -281,7 +283,8 @@ impl Bbr {
             self.round_max_rtt = Duration::ZERO;
         }
         if let Some(rtt) = ev.rtt_sample {
-            self.round_max_rtt = self.round_max_rtt.max(rtt);
+            // The peer's deliberate ACK delay (decimation) is not queueing.
+            self.round_max_rtt = self.round_max_rtt.max(rtt.saturating_sub(ev.ack_delay));
         }
         self.check_drain(ev);
         self.update_min_rtt(ev, round_start);
@@ -500,6 +503,7 @@ mod tests {
                 bytes_acked: bw / 20,
                 bytes_in_flight: bw / 20,
                 rtt_sample: Some(rtt),
+                ack_delay: Duration::ZERO,
                 rate: Some(RateSample {
                     delivery_rate: bw,
                     is_app_limited: false,
@@ -519,5 +523,40 @@ mod tests {
             bbr.cwnd()
         );
         assert!(bbr.pacing_rate() >= bw * 3 / 4 && bbr.pacing_rate() <= bw * 5 / 4);
+    }
+
+    /// A delayed ACK (the receiver decimates its ACKs) inflates the raw RTT sample by the
+    /// reported ACK delay; that is not a queue, so startup goes on while the bandwidth grows.
+    #[test]
+    fn reported_ack_delay_does_not_end_startup() {
+        let t0 = Instant::now();
+        let mss = 1200u64;
+        let mut bbr = Bbr::new(t0, mss as usize, 10, Duration::from_millis(100));
+        let rtt = Duration::from_millis(40);
+        let ack_delay = Duration::from_millis(25);
+        let (mut now, mut delivered, mut bw) = (t0, 0, 100_000u64);
+        for round in 0..6 {
+            now += rtt + ack_delay;
+            let acked = bw * 40 / 1000;
+            delivered += acked;
+            // Every round: one sample at the minimum, one held back by the peer's ACK delay.
+            for (sample, delay) in [(rtt, Duration::ZERO), (rtt + ack_delay, ack_delay)] {
+                bbr.on_ack(&AckEvent {
+                    now,
+                    bytes_acked: acked / 2,
+                    bytes_in_flight: acked,
+                    rtt_sample: Some(sample),
+                    ack_delay: delay,
+                    rate: Some(RateSample {
+                        delivery_rate: bw,
+                        is_app_limited: false,
+                        prior_delivered: delivered - acked,
+                    }),
+                    delivered,
+                });
+            }
+            assert_eq!(bbr.state(), BbrState::Startup, "round {round}");
+            bw *= 2;
+        }
     }
 }

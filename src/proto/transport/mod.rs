@@ -17,6 +17,7 @@
 //! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `recovery.rs`,
 //! `congestion.rs`, `pacing.rs` and `flow.rs` the algorithms; `frame.rs` the wire format.
 
+mod ack;
 mod codes;
 mod congestion;
 mod dest;
@@ -39,10 +40,10 @@ pub use dest::Destination;
 pub use frame::{AssocId, FrameError};
 pub use stream::StreamId;
 
+use ack::{AckState, AckUrgency};
 use congestion::{AckEvent, Bbr, DeliveryRate};
 use frame::{AckFrame, Frame, Reader, Writer};
 use pacing::Pacer;
-use ranges::RangeSet;
 use recovery::{
     INITIAL_PACKET_THRESHOLD, MAX_ACK_DELAY, MAX_PACKET_THRESHOLD, MAX_PTO, PacketState,
     RttEstimator, SentFrame, SentLog, SentPacket,
@@ -58,8 +59,6 @@ pub const INITIAL_SESSION_WINDOW: u64 = 256 * 1024;
 pub const INITIAL_MAX_STREAMS: u64 = 16;
 /// Smallest `max_payload` the transport works with.
 pub const MIN_PAYLOAD: usize = 512;
-/// Send an ACK after this many ack-eliciting packets (or after [`recovery::MAX_ACK_DELAY`]).
-const ACK_ELICITING_THRESHOLD: u32 = 2;
 /// ACK ranges written per ACK frame.
 const MAX_ACK_RANGES_SENT: usize = 32;
 /// Received packet-number ranges remembered for ACKs (oldest dropped first).
@@ -105,7 +104,8 @@ pub struct TransportConfig {
     pub initial_cwnd_packets: u64,
     /// Sent packets tracked at most (bounds in-flight bookkeeping).
     pub max_tracked_packets: usize,
-    /// Burst allowed by the pacer after idle.
+    /// Shortest pacing burst (in sending time; at least 10 full packets): the pacer lets this
+    /// much go at once after idle, and wakes the loop when half of it has refilled.
     pub pacing_burst: Duration,
 }
 
@@ -306,6 +306,8 @@ pub struct TransportStats {
     /// Bytes per second.
     pub bandwidth_estimate: u64,
     pub packets_sent: u64,
+    /// Packets sent that carried nothing but an ACK (and padding).
+    pub ack_only_sent: u64,
     pub packets_received: u64,
     pub packets_lost: u64,
     /// Packets declared lost that were acknowledged later (reordering).
@@ -384,11 +386,7 @@ pub struct Transport {
     ack_runs: Vec<(u64, u64)>,
 
     // Receiving and ACK generation.
-    recv_pns: RangeSet,
-    largest_recv: Option<(u64, Instant)>,
-    ack_needed: bool,
-    ack_immediate: bool,
-    eliciting_since_ack: u32,
+    acks: AckState,
 
     /// The stream set, its queues and session flow control.
     streams: StreamsState,
@@ -417,6 +415,12 @@ impl Transport {
             config.initial_cwnd_packets,
             config.initial_rtt,
         );
+        let pacer = Pacer::new(
+            now,
+            config.pacing_burst,
+            config.max_payload,
+            cc.pacing_rate(),
+        );
         let mut timers = TimerTable::default();
         timers.set(Timer::Idle, now + config.idle_timeout);
         timers.set(Timer::KeepAlive, now + config.keepalive_interval);
@@ -434,15 +438,11 @@ impl Transport {
             last_ack_eliciting_sent: None,
             cc,
             rate: DeliveryRate::new(now),
-            pacer: Pacer::new(now, config.pacing_burst),
+            pacer,
             lost_scratch: Vec::new(),
             packet_threshold: INITIAL_PACKET_THRESHOLD,
             ack_runs: Vec::new(),
-            recv_pns: RangeSet::new(RECV_PN_RANGES),
-            largest_recv: None,
-            ack_needed: false,
-            ack_immediate: false,
-            eliciting_since_ack: 0,
+            acks: AckState::new(RECV_PN_RANGES),
             streams: StreamsState::new(&config, side),
             settings_pending: true,
             ping_pending: false,
@@ -513,24 +513,17 @@ impl Transport {
     }
 
     fn on_packet_received(&mut self, now: Instant, pn: u64, ack_eliciting: bool) {
-        let in_order = match self.largest_recv {
-            None => pn == 0,
-            Some((largest, _)) => pn == largest + 1,
-        };
-        if self.largest_recv.is_none_or(|(l, _)| pn > l) {
-            self.largest_recv = Some((pn, now));
+        let urgency = self.acks.on_received(now, pn, ack_eliciting);
+        if urgency == AckUrgency::Delayed && !self.timers.is_armed(Timer::AckDelay) {
+            self.timers
+                .set(Timer::AckDelay, now + ack::ack_delay(self.rtt.smoothed));
         }
-        self.recv_pns.insert_evicting_lowest(pn..pn + 1);
-        if !ack_eliciting {
-            return;
-        }
-        self.ack_needed = true;
-        self.eliciting_since_ack += 1;
-        if !in_order || self.eliciting_since_ack >= ACK_ELICITING_THRESHOLD {
-            self.ack_immediate = true;
-        } else if !self.ack_immediate && !self.timers.is_armed(Timer::AckDelay) {
-            self.timers.set(Timer::AckDelay, now + MAX_ACK_DELAY);
-        }
+    }
+
+    /// Asks for the owed ACK (if any) to go out with the next `poll_transmit`: the layer below
+    /// calls this when the peer has used up much of the packet numbers it was allowed.
+    pub fn request_ack(&mut self) {
+        self.acks.request_immediate();
     }
 
     fn violation(&mut self, now: Instant, error: TransportError) -> TransportError {
@@ -675,12 +668,14 @@ impl Transport {
             self.largest_acked = Some(ack.largest);
         }
         let mut rtt_sample = None;
+        let mut ack_delay = Duration::ZERO;
         if let Some((pn, time_sent, true)) = largest_newly_acked {
             if pn == ack.largest {
                 let sample = now.saturating_duration_since(time_sent);
                 let delay = Duration::from_micros(ack.delay_micros.min(1 << 32));
                 self.rtt.update(sample, delay);
                 rtt_sample = Some(sample);
+                ack_delay = delay.min(MAX_ACK_DELAY);
             }
         }
         if largest_newly_acked.is_some() && self.pto_count > 0 {
@@ -696,6 +691,7 @@ impl Transport {
                 bytes_acked,
                 bytes_in_flight: self.bytes_in_flight,
                 rtt_sample,
+                ack_delay,
                 rate: sample,
                 delivered: self.rate.delivered(),
             });
@@ -840,8 +836,8 @@ impl Transport {
             State::Closing { reason } => return self.transmit_close(reason, buf),
             State::Open => {}
         }
-        let ack_due =
-            self.ack_needed && (self.ack_immediate || self.timers.is_expired(Timer::AckDelay, now));
+        let ack_due = self.acks.is_due()
+            || (self.acks.is_needed() && self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
         let window_open = self.window_open();
         let send_data = pending && window_open && self.pacer.can_send(now);
@@ -852,7 +848,7 @@ impl Transport {
             return None;
         }
         let mut w = Writer::new(buf);
-        if self.ack_needed {
+        if self.acks.is_needed() {
             self.write_ack(now, &mut w);
         }
         let mut packet = SentPacket::new(now, congestion::DeliverySnapshot::new(now));
@@ -874,6 +870,8 @@ impl Transport {
             self.pacer.on_sent(now, len, self.cc.pacing_rate());
             self.last_ack_eliciting_sent = Some(now);
             self.arm_pto();
+        } else {
+            self.stats.ack_only_sent += 1;
         }
         self.sent.push(pn, packet);
         self.sent.pop_resolved(self.lost_cutoff(now));
@@ -904,16 +902,14 @@ impl Transport {
     }
 
     fn write_ack(&mut self, now: Instant, w: &mut Writer<'_>) {
-        let Some((_, largest_time)) = self.largest_recv else {
+        let Some((_, largest_time)) = self.acks.largest() else {
             return;
         };
         let delay = now.saturating_duration_since(largest_time).as_micros() as u64;
-        let ranges = self.recv_pns.iter().rev().map(|r| (r.start, r.end - 1));
+        let ranges = self.acks.ranges().map(|r| (r.start, r.end - 1));
         if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
-            self.ack_needed = false;
-            self.ack_immediate = false;
+            self.acks.on_ack_sent();
             self.timers.stop(Timer::AckDelay);
-            self.eliciting_since_ack = 0;
         }
     }
 
@@ -974,16 +970,17 @@ impl Transport {
     // ------------------------------------------------------------------ timers
 
     /// Earliest instant at which [`Transport::handle_timeout`] (or, for pacing,
-    /// [`Transport::poll_transmit`]) must be called: the earliest armed `Timer`, or the
-    /// pacer's next send time while data waits for it. Never an instant at or before the `now`
-    /// of the last `handle_timeout`, unless a timer was armed that early since.
+    /// [`Transport::poll_transmit`]) must be called: the earliest armed `Timer`, or, while data
+    /// waits for the pacer alone, when its next burst is ready (at least half of
+    /// `pacing_burst` away: a pacing-limited loop wakes once per burst). Never an instant at or
+    /// before the `now` of the last `handle_timeout`, unless a timer was armed that early since.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timers = self.timers.next_timeout();
         let pacing = (self.state == State::Open
             && self.has_pending_eliciting()
             && self.window_open()
-            && self.pacer.next_send_time() > self.last_now)
-            .then(|| self.pacer.next_send_time());
+            && !self.pacer.can_send(self.last_now))
+        .then(|| self.pacer.wake_time());
         match (timers, pacing) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1009,7 +1006,7 @@ impl Transport {
                     self.enter_closed(CloseReason::IdleTimeout, false);
                     return;
                 }
-                Timer::AckDelay => self.ack_immediate = true,
+                Timer::AckDelay => self.acks.request_immediate(),
                 // Loss detection re-arms the PTO, so a PTO that loss detection moved or disarmed
                 // is no longer expired when its turn comes.
                 Timer::LossDetection => self.detect_lost(now),
