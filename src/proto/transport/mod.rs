@@ -1197,6 +1197,142 @@ impl Transport {
 mod tests {
     use super::*;
 
+    /// A client sending one bulk stream to a server over a 20 ms RTT path without other
+    /// impairments (packets in `lost` vanish), both running their timers, time advancing in
+    /// 250 µs steps. Returns, per client packet number that arrived, whether the server
+    /// answered it with an ACK-only packet right away.
+    fn acks_per_packet(until_pn: u64, lost: &[u64]) -> Vec<(u64, bool)> {
+        const ONE_WAY: Duration = Duration::from_millis(10);
+        let t0 = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, t0);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        let id = client
+            .open_stream(Destination::domain("bulk.test", 9).unwrap())
+            .unwrap();
+        let data = vec![7u8; 2 * 1024 * 1024];
+        assert!(client.stream_write(id, &data).unwrap() > 1024 * 1024);
+        let mut buf = [0u8; 1500];
+        // (arrival, packet number, payload) per direction.
+        let mut to_server: VecDeque<(Instant, u64, Vec<u8>)> = VecDeque::new();
+        let mut to_client: VecDeque<(Instant, u64, Vec<u8>)> = VecDeque::new();
+        let mut answered = Vec::new();
+        let mut now = t0;
+        while answered.last().is_none_or(|&(pn, _)| pn < until_pn) {
+            now += Duration::from_micros(250);
+            assert!(now < t0 + Duration::from_secs(10), "stuck at {answered:?}");
+            while to_client.front().is_some_and(|p| p.0 <= now) {
+                let (_, pn, payload) = to_client.pop_front().unwrap();
+                client.handle_payload(now, pn, &payload).unwrap();
+            }
+            while to_server.front().is_some_and(|p| p.0 <= now) {
+                let (_, pn, payload) = to_server.pop_front().unwrap();
+                server.handle_payload(now, pn, &payload).unwrap();
+                while let Some(ev) = server.poll_event() {
+                    if let TransportEvent::StreamOpened { id, .. } = ev {
+                        server.accept_stream(id).unwrap();
+                    }
+                }
+                let acks_before = server.stats().ack_only_sent;
+                while let Some((spn, len)) = server.poll_transmit(now, &mut buf) {
+                    to_client.push_back((now + ONE_WAY, spn, buf[..len].to_vec()));
+                }
+                answered.push((pn, server.stats().ack_only_sent > acks_before));
+            }
+            for t in [&mut client, &mut server] {
+                if t.poll_timeout().is_some_and(|at| at <= now) {
+                    t.handle_timeout(now);
+                }
+            }
+            while let Some((pn, len)) = client.poll_transmit(now, &mut buf) {
+                if !lost.contains(&pn) {
+                    to_server.push_back((now + ONE_WAY, pn, buf[..len].to_vec()));
+                }
+            }
+            while let Some((spn, len)) = server.poll_transmit(now, &mut buf) {
+                to_client.push_back((now + ONE_WAY, spn, buf[..len].to_vec()));
+            }
+        }
+        answered
+    }
+
+    /// Quick ACKs (one per two packets) at the start, then one ACK-only packet per ten in
+    /// steady state (at most one per six, the bound; one per two before decimation).
+    #[test]
+    fn acks_are_decimated_after_the_start() {
+        let answered = acks_per_packet(400, &[]);
+        let acks = |range: std::ops::Range<u64>| {
+            let packets = answered.iter().filter(|(pn, _)| range.contains(pn));
+            (packets.clone().count(), packets.filter(|(_, a)| *a).count())
+        };
+        let (start, start_acks) = acks(0..ack::QUICK_START_PACKETS);
+        assert!(
+            start_acks * 2 + 2 >= start,
+            "{start_acks} ACKs for {start} packets"
+        );
+        let (steady, steady_acks) = acks(ack::QUICK_START_PACKETS + 10..400);
+        assert!(steady > 250, "{steady} packets");
+        assert!(
+            steady_acks * 6 <= steady && steady_acks * 12 >= steady,
+            "{steady_acks} ACKs for {steady} packets"
+        );
+    }
+
+    /// A packet after a gap is acknowledged at once (the sender learns of the loss now), and
+    /// the next packets are acknowledged quickly while the sender recovers.
+    #[test]
+    fn a_gap_is_acknowledged_at_once_then_quickly() {
+        let answered = acks_per_packet(400, &[300]);
+        let at = |pn| answered.iter().find(|(p, _)| *p == pn).map(|&(_, a)| a);
+        assert_eq!(at(301), Some(true), "the packet after the gap");
+        let quick = (302..302 + ack::QUICK_AFTER_GAP).filter(|&pn| at(pn) == Some(true));
+        assert_eq!(quick.count() as u64, ack::QUICK_AFTER_GAP / 2);
+        let after = (330..390).filter(|&pn| at(pn) == Some(true)).count();
+        assert!(after <= 7, "decimated again after recovery: {after} ACKs");
+    }
+
+    /// A pacing-limited sender asks to be woken when its next burst is ready, at least 1 ms
+    /// (half the minimum burst) away, never microseconds after the last packet.
+    #[test]
+    fn pacing_limited_sender_wakes_once_per_burst() {
+        let t0 = Instant::now();
+        // A fast start: 1,024 packets of window at a 10 ms initial RTT (~350 MB/s pacing).
+        let config = TransportConfig {
+            initial_cwnd_packets: 1024,
+            initial_rtt: Duration::from_millis(10),
+            ..TransportConfig::default()
+        };
+        let mut client = Transport::new(config, Side::Client, t0);
+        // The server's SETTINGS open its windows beyond the initial 64 KiB.
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        let mut buf = [0u8; 1500];
+        let (pn, len) = server.poll_transmit(t0, &mut buf).unwrap();
+        client.handle_payload(t0, pn, &buf[..len]).unwrap();
+        let id = client
+            .open_stream(Destination::domain("bulk.test", 9).unwrap())
+            .unwrap();
+        client.stream_write(id, &vec![1u8; 2 << 20]).unwrap();
+        let mut now = t0;
+        // Two wake-ups (the third would be cwnd-limited: no ACKs come back here).
+        for _ in 0..2 {
+            let mut burst = 0;
+            while client.poll_transmit(now, &mut buf).is_some() {
+                burst += 1;
+            }
+            let wake = client.poll_timeout().unwrap();
+            assert!(
+                wake >= now + Duration::from_millis(1),
+                "wake-up {:?} away",
+                wake - now
+            );
+            assert!(burst >= 100, "{burst} packets per wake-up");
+            now = wake;
+        }
+        assert!(
+            client.stats().bytes_in_flight < client.stats().cwnd,
+            "pacing, not cwnd, limited"
+        );
+    }
+
     /// Every error variant has its own message a user can act on (not the `Debug` name).
     #[test]
     fn error_messages_are_per_variant() {
