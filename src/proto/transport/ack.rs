@@ -15,14 +15,15 @@
 //!   [`QUICK_AFTER_GAP`] packet numbers beyond the largest received: the peer is then in loss
 //!   recovery, and prompt ACKs let its packet-threshold loss detection fire early.
 //! * **Immediately** (the next `poll_transmit` sends an ACK even alone): an ack-eliciting packet
-//!   that does not directly follow the largest received (a gap, or a late/reordered packet), and
-//!   whenever the layer below asks for it ([`AckState::request_immediate`]: the session does so
-//!   when the peer has used half the packet numbers we last allowed it, so the token window
-//!   never stalls it for want of an ACK that would have announced more).
+//!   that does not directly follow the largest received (a gap, or a late/reordered packet).
 //!
-//! Any packet we send while an ACK is owed carries it, so stream and session window updates
-//! (MAX_DATA, MAX_STREAM_DATA), which go out as soon as they are queued, always acknowledge
-//! everything received: a peer waiting on our flow-control window hears of its ACKs with them.
+//! The peer's windows: any packet we send while an ACK is owed carries it, so stream and session
+//! window updates (MAX_DATA, MAX_STREAM_DATA), which go out as soon as they are queued, always
+//! acknowledge everything received. The secure layer's token window needs no rule of its own:
+//! every packet we send announces a window end at least `INITIAL_AHEAD` (64) packet numbers
+//! beyond the highest we received, and we send one at least every [`DECIMATED_THRESHOLD`]
+//! ack-eliciting packets, so decimation costs the peer at most that many of the packet numbers
+//! it may use beyond its `PROBE_RESERVE` (checked at compile time below).
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -39,6 +40,13 @@ pub const QUICK_START_PACKETS: u64 = 100;
 /// A gap or a reordered packet keeps quick-ack mode for this many packet numbers beyond the
 /// largest received.
 pub const QUICK_AFTER_GAP: u64 = 8;
+
+// Decimation never leaves the peer blocked on our token window: the window end we announce
+// with each ACK stays ahead of what it may send before the next ACK, with its probe reserve.
+const _: () = assert!(
+    DECIMATED_THRESHOLD as u64 + crate::proto::session::PROBE_RESERVE
+        < crate::proto::packet::INITIAL_AHEAD / 2
+);
 
 /// What a received packet asks of the ACK machinery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +134,7 @@ impl AckState {
         }
     }
 
-    /// The owed ACK (if any) must go out now: the delayed-ACK timer fired, or the layer below
-    /// asks for it.
+    /// The owed ACK (if any) must go out now: the delayed-ACK timer fired.
     pub fn request_immediate(&mut self) {
         self.immediate = self.needed;
     }

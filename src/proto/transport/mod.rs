@@ -520,12 +520,6 @@ impl Transport {
         }
     }
 
-    /// Asks for the owed ACK (if any) to go out with the next `poll_transmit`: the layer below
-    /// calls this when the peer has used up much of the packet numbers it was allowed.
-    pub fn request_ack(&mut self) {
-        self.acks.request_immediate();
-    }
-
     fn violation(&mut self, now: Instant, error: TransportError) -> TransportError {
         log::debug!("transport: closing on protocol violation {error:?}");
         self.close_inner(now, CloseReason::ProtocolViolation, b"");
