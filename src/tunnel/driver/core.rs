@@ -146,7 +146,10 @@ mod tests {
         let t0 = Instant::now();
         core.wait(&mut events, t0, Some(t0 + Duration::from_micros(300)))
             .unwrap();
-        assert!(t0.elapsed() >= Duration::from_micros(300), "slept until the timer");
+        assert!(
+            t0.elapsed() >= Duration::from_micros(300),
+            "slept until the timer"
+        );
         assert_eq!(core.wakeups(), 1);
         assert_eq!(
             poll_wait(now + Duration::from_millis(5), now),
