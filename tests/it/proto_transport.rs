@@ -176,6 +176,30 @@ fn bulk_download_acks_are_decimated() {
     }
 }
 
+/// A path whose bandwidth-delay product is about one packet (100 Mbit/s, 100 µs RTT, like a LAN
+/// or loopback): the receiver's decimated ACKs (one per ten packets) must not leave the sender
+/// waiting for the delayed-ACK timer every window. Before the congestion window made room for
+/// them (`CWND_EXTRA_PACKETS`), BBR settled at a 4-packet window and 34 Mbit/s here.
+#[test]
+fn tiny_bdp_path_is_not_stalled_by_decimated_acks() {
+    let size = 8_000_000;
+    let link = LinkConfig {
+        delay: Duration::from_micros(50),
+        rate_bps: Some(100_000_000),
+        queue_bytes: 256 * 1024,
+        mtu: 1280,
+        ..LinkConfig::default()
+    };
+    let r = run_bulk(link, 5, 1, 0, size, cfg(), Duration::from_secs(60));
+    assert!(r.completed, "{r:?}");
+    let mbps = size as f64 * 8.0 / r.virtual_time.as_secs_f64() / 1e6;
+    assert!(
+        mbps > 90.0,
+        "{mbps:.1} Mbit/s over a 100 Mbit/s path: {:?}",
+        r.server
+    );
+}
+
 fn messy_link(one_way: Duration, loss: f64) -> LinkConfig {
     LinkConfig {
         delay: one_way,

@@ -21,6 +21,11 @@ const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
 /// Minimum congestion window, in packets.
 const MIN_CWND_PACKETS: u64 = 4;
+/// Packets added to the window target on top of `gain × BDP`: 3 for delayed ACKs (as BBR does)
+/// plus the peer's ACK decimation (it holds up to `DECIMATED_THRESHOLD` delivered packets
+/// unacknowledged, and they count as in flight). Without it a path with a BDP of a few packets
+/// (loopback, a LAN) would wait for the peer's delayed-ACK timer every window.
+const CWND_EXTRA_PACKETS: u64 = 3 + super::ack::DECIMATED_THRESHOLD as u64;
 /// Absolute RTT inflation tolerated in startup on top of 50 % (jitter on short paths).
 const QUEUE_RTT_MARGIN: Duration = Duration::from_millis(4);
 /// Startup ends after this many rounds without 25 % bandwidth growth.
@@ -437,7 +442,7 @@ impl Bbr {
 
     fn set_cwnd(&mut self, ev: &AckEvent) {
         if let Some(bdp) = self.bdp(self.cwnd_gain) {
-            let target = bdp + 3 * self.mss;
+            let target = bdp + CWND_EXTRA_PACKETS * self.mss;
             if self.filled_pipe {
                 self.cwnd = (self.cwnd + ev.bytes_acked).min(target);
             } else if self.cwnd < target || ev.delivered < self.initial_cwnd {
@@ -518,7 +523,7 @@ mod tests {
         assert_eq!(bbr.bandwidth(), bw);
         let bdp = bw / 20;
         assert!(
-            bbr.cwnd() <= 2 * bdp + 3 * mss && bbr.cwnd() >= bdp,
+            bbr.cwnd() <= 2 * bdp + CWND_EXTRA_PACKETS * mss && bbr.cwnd() >= bdp,
             "{}",
             bbr.cwnd()
         );
