@@ -38,8 +38,10 @@ pub const DECIMATED_THRESHOLD: u32 = 10;
 /// The peer's packet numbers below this are acknowledged in quick-ack mode (its startup).
 pub const QUICK_START_PACKETS: u64 = 100;
 /// A gap or a reordered packet keeps quick-ack mode for this many packet numbers beyond the
-/// largest received.
-pub const QUICK_AFTER_GAP: u64 = 8;
+/// largest received (twice the decimation threshold; measured: with 8, goodput at 5 % random
+/// loss was 2 % below the pre-decimation value over 8 seeds of the 100 Mbit/s, 50 ms sim; with
+/// 20 it is level).
+pub const QUICK_AFTER_GAP: u64 = 20;
 
 // Decimation never leaves the peer blocked on our token window: the window end we announce
 // with each ACK stays ahead of what it may send before the next ACK, with its probe reserve.
