@@ -14,8 +14,9 @@
 //!
 //! Where things live: this file holds [`Transport`] (recovery, ACKs, the session's own frames,
 //! datagrams, close and the public API); `streams.rs` the stream set, its queues and session
-//! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `ack.rs` when ACKs are owed and due; `recovery.rs`,
-//! `congestion.rs`, `pacing.rs` and `flow.rs` the algorithms; `frame.rs` the wire format.
+//! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `ack.rs` when an
+//! ACK is owed and due; `recovery.rs`, `congestion.rs`, `pacing.rs` and `flow.rs` the
+//! algorithms; `frame.rs` the wire format.
 
 mod ack;
 mod codes;
