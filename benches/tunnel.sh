@@ -7,8 +7,15 @@
 # available) shadowsocks-libev (ss-server + ss-local, chacha20-ietf-poly1305), then prints a
 # markdown table: single-stream download MB/s (ostp / direct / shadowsocks), CPU seconds per GB
 # of server and client, TTFB median, idle and peak RSS, 100 concurrent streams, server RSS with
-# 1,000 idle sessions, and goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
-# 1 % and 5 % loss. Every section is independent: a failing one prints "n/a" and the run goes on.
+# 1,000 idle sessions, goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
+# 1 % and 5 % loss, and ostp's event-loop wake-ups per GB of a single-stream download. Every
+# section is independent: a failing one prints "n/a" and the run goes on.
+#
+# Loop wake-ups are counted by the loops themselves (`LoopCore::wait` returns; no tracing, so the
+# measurement does not slow what it measures): the server exports `ostp_loop_wakeups_total` in
+# GET /metrics (published about once a second, so it is read 1.2 s after the download), and a
+# second client started with RUST_LOG=debug just for this download logs "client loop: N
+# wake-ups" when it stops (its own start-up and 1.2 s of idling are included: a few wake-ups).
 #
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
 # TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (30), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
@@ -204,6 +211,43 @@ write_client_config() {
 EOF
 }
 
+# metric NAME: the value of an unlabelled series in the ostp server's GET /metrics.
+metric() {
+    curl -s --max-time 5 -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT/metrics" |
+        awk -v n="$1" '$1 == n {print $2; found=1; exit} END {if (!found) exit 1}'
+}
+
+# per_gb BEFORE AFTER BYTES: (AFTER - BEFORE) per 1e9 bytes, whole number.
+per_gb() {
+    if [[ -z $1 || -z $2 || -z $3 || $3 == 0 ]]; then
+        echo "n/a"
+        return
+    fi
+    awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN {printf "%.0f", (b - a) / (n / 1e9)}'
+}
+
+# loop_wakeups: one single-stream download through a fresh debug-logging client; sets WAKE_S and
+# WAKE_C (wake-ups per GB of the server's tunnel loop and of the client's loop).
+loop_wakeups() {
+    local socks bytes w0 w1 pid n
+    socks=$(free_port)
+    bytes=$((SIZE_MB * 1000 * 1000))
+    write_client_config "$WORK/wake.json" "$OSTP_PORT" "$socks"
+    start ostp-wake env RUST_LOG=debug "$OSTP" --config "$WORK/wake.json"
+    pid=$STARTED_PID
+    if wait_tcp "$socks" 10 && sleep 1.2 && w0=$(metric ostp_loop_wakeups_total) &&
+        download --socks5-hostname "127.0.0.1:$socks" -- "http://127.0.0.1:$BULK_PORT/bytes/$bytes" "$bytes" >/dev/null; then
+        sleep 1.2
+        w1=$(metric ostp_loop_wakeups_total) && WAKE_S=$(per_gb "$w0" "$w1" "$bytes")
+        stop "$pid"
+        n=$(grep -o 'client loop: [0-9]* wake-ups' "$WORK/ostp-wake.log" | awk '{print $3}' | tail -n 1)
+        [[ -n $n ]] && WAKE_C=$(per_gb 0 "$n" "$bytes")
+    else
+        stop "$pid"
+    fi
+    log "ostp: loop wake-ups per GB: server $WAKE_S, client $WAKE_C"
+}
+
 # ---------------------------------------------------------------------------------------------
 # build
 
@@ -243,6 +287,8 @@ for k in direct ostp ss; do
     declare "RSS_IDLE_S_$k=n/a" "RSS_IDLE_C_$k=n/a" "RSS_PEAK_S_$k=n/a" "RSS_PEAK_C_$k=n/a"
 done
 IDLE_SESSIONS_RSS=n/a
+WAKE_S=n/a
+WAKE_C=n/a
 LOSSY_1=n/a
 LOSSY_5=n/a
 
@@ -287,6 +333,7 @@ EOF
         log "ostp: ttfb $TTFB_ostp ms, $STREAMS streams $CONC_ostp MB/s"
         RSS_PEAK_S_ostp=$(mem_mb "$SERVER_PID" VmHWM)
         RSS_PEAK_C_ostp=$(mem_mb "$CLIENT_PID" VmHWM)
+        loop_wakeups
     else
         log "ostp server/client did not come up (see $WORK/ostp-*.log):"
         tail -n 5 "$WORK/ostp-server.log" "$WORK/ostp-client.log" >&2 2>/dev/null
@@ -426,5 +473,6 @@ row "client CPU (s per GB)" "$CPUC_ostp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_
 row "server RSS idle / peak (MB)" "$RSS_IDLE_S_ostp / $RSS_PEAK_S_ostp" "–" "$RSS_IDLE_S_ss / $RSS_PEAK_S_ss" "–" "–"
 row "client RSS idle / peak (MB)" "$RSS_IDLE_C_ostp / $RSS_PEAK_C_ostp" "–" "$RSS_IDLE_C_ss / $RSS_PEAK_C_ss" "–" "–"
 row "server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_SESSIONS_RSS" "–" "–" "–" "–"
+row "loop wake-ups per GB, server / client" "$WAKE_S / $WAKE_C" "–" "–" "–" "–"
 row "goodput 100 Mbit/s, 50 ms RTT, 1 % loss (MB/s; link max 12.5)" "$LOSSY_1" "–" "–" "–" "–"
 row "goodput 100 Mbit/s, 50 ms RTT, 5 % loss (MB/s; link max 12.5)" "$LOSSY_5" "–" "–" "–" "–"

@@ -334,6 +334,12 @@ fn render_tunnel(out: &mut Exposition, ctx: &ApiContext) {
         &[("kind", "datagram")],
         t.datagram_destinations_refused,
     );
+    out.single(
+        "ostp_loop_wakeups_total",
+        "counter",
+        "Times the tunnel loop woke up from its wait (a spinning loop shows here).",
+        t.loop_wakeups,
+    );
     if t.published_unix > 0 {
         out.single(
             "ostp_tunnel_stats_timestamp_seconds",

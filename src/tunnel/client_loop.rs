@@ -461,7 +461,6 @@ impl ClientLoop {
             if self.slots.len() == 1 { "" } else { "s" }
         );
         let mut events = core::events();
-        let mut wakeups: u64 = 0;
         loop {
             let now = Instant::now();
             let deadline = self.next_deadline(now);
@@ -469,7 +468,6 @@ impl ClientLoop {
                 log::error!("client loop: poll failed: {e}");
                 break;
             }
-            wakeups += 1;
             let now = Instant::now();
             for event in events.iter() {
                 self.dispatch(now, event);
@@ -496,7 +494,7 @@ impl ClientLoop {
             }
         }
         self.resolver.shutdown();
-        log::debug!("client loop: {wakeups} wake-ups");
+        log::debug!("client loop: {} wake-ups", self.core.wakeups());
         let mut io = self.closed_io;
         for sock in self.slots.iter().filter_map(|s| s.sock.as_ref()) {
             io.add(sock.counts());

@@ -1268,6 +1268,7 @@ impl ServerLoop {
         self.stats.sessions = self.endpoint.session_count() as u64;
         self.stats.streams_active = self.out.table.len() as u64;
         self.stats.datagram_destinations_refused = self.relays.refused();
+        self.stats.loop_wakeups = self.core.wakeups();
         self.stats.published_unix = unix_now();
         *lock_stats(&self.published) = self.stats;
     }

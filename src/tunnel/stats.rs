@@ -48,6 +48,8 @@ pub struct TunnelStats {
     pub destinations_refused: u64,
     /// UDP relay datagram destinations the destination guard refused.
     pub datagram_destinations_refused: u64,
+    /// Times the tunnel loop woke up (returns from its wait).
+    pub loop_wakeups: u64,
     /// Unix seconds of the copy (0 = never published).
     pub published_unix: u64,
 }

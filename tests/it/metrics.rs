@@ -217,6 +217,7 @@ fn metrics_pass_promtool_label_users_without_keys_and_the_metrics_token_reads_on
         Some(1.0)
     );
     assert!(value_of(&s, "process_cpu_seconds_total", &[]).is_some_and(|v| v >= 0.0));
+    assert!(value_of(&s, "ostp_loop_wakeups_total", &[]).is_some_and(|v| v >= 0.0));
     for name in [
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",

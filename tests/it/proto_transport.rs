@@ -110,6 +110,96 @@ fn bulk_both_ways_20_percent_loss() {
     );
 }
 
+/// ACK decimation in a bulk download: the receiver sends at most one ACK-only packet per six
+/// data packets on a clean path (it sent one per two before decimation), and the transfer,
+/// loss detection and BBR are unharmed on lossy and messy paths. Prints the ratio per path.
+#[test]
+fn bulk_download_acks_are_decimated() {
+    let size = if cfg!(debug_assertions) {
+        4_000_000
+    } else {
+        50_000_000
+    };
+    let bench_link = |loss| LinkConfig {
+        delay: Duration::from_millis(25),
+        loss,
+        rate_bps: Some(100_000_000),
+        queue_bytes: 625_000,
+        mtu: 1280,
+        ..LinkConfig::default()
+    };
+    let cases = [
+        (
+            "clean 20 ms RTT",
+            link(Duration::from_millis(10), 0.0),
+            Some(6),
+        ),
+        ("100 Mbit/s 50 ms RTT", bench_link(0.0), None),
+        ("100 Mbit/s 50 ms RTT 1 % loss", bench_link(0.01), None),
+        (
+            "messy 40 ms RTT 2 % loss",
+            messy_link(Duration::from_millis(20), 0.02),
+            None,
+        ),
+    ];
+    for (i, (name, link, max_ratio)) in cases.into_iter().enumerate() {
+        let r = run_bulk(
+            link,
+            30 + i as u64,
+            1,
+            0,
+            size,
+            cfg(),
+            Duration::from_secs(600),
+        );
+        assert!(r.completed && r.verified_bytes == size, "{name}: {r:?}");
+        assert_eq!(r.violations, 0);
+        let data = r.server.packets_sent - r.server.ack_only_sent;
+        let acks = r.client.ack_only_sent;
+        eprintln!(
+            "{name}: {acks} ACK-only packets for {data} data packets (1 per {:.1}), \
+             {:.1} Mbit/s, lost {}",
+            data as f64 / acks.max(1) as f64,
+            size as f64 * 8.0 / r.virtual_time.as_secs_f64() / 1e6,
+            r.server.packets_lost,
+        );
+        if let Some(max) = max_ratio {
+            assert_eq!(
+                r.server.packets_lost, 0,
+                "{name}: the clean path lost packets"
+            );
+            assert!(
+                acks * max <= data,
+                "{name}: {acks} ACK-only packets for {data} data packets (more than 1 per {max})"
+            );
+        }
+    }
+}
+
+/// A path whose bandwidth-delay product is about one packet (100 Mbit/s, 100 µs RTT, like a LAN
+/// or loopback): the receiver's decimated ACKs (one per ten packets) must not leave the sender
+/// waiting for the delayed-ACK timer every window. Before the congestion window made room for
+/// them (`CWND_EXTRA_PACKETS`), BBR settled at a 4-packet window and 34 Mbit/s here.
+#[test]
+fn tiny_bdp_path_is_not_stalled_by_decimated_acks() {
+    let size = 8_000_000;
+    let link = LinkConfig {
+        delay: Duration::from_micros(50),
+        rate_bps: Some(100_000_000),
+        queue_bytes: 256 * 1024,
+        mtu: 1280,
+        ..LinkConfig::default()
+    };
+    let r = run_bulk(link, 5, 1, 0, size, cfg(), Duration::from_secs(60));
+    assert!(r.completed, "{r:?}");
+    let mbps = size as f64 * 8.0 / r.virtual_time.as_secs_f64() / 1e6;
+    assert!(
+        mbps > 90.0,
+        "{mbps:.1} Mbit/s over a 100 Mbit/s path: {:?}",
+        r.server
+    );
+}
+
 fn messy_link(one_way: Duration, loss: f64) -> LinkConfig {
     LinkConfig {
         delay: one_way,

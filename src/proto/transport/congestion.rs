@@ -21,6 +21,11 @@ const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
 /// Minimum congestion window, in packets.
 const MIN_CWND_PACKETS: u64 = 4;
+/// Packets added to the window target on top of `gain × BDP`: 3 for delayed ACKs (as BBR does)
+/// plus the peer's ACK decimation (it holds up to `DECIMATED_THRESHOLD` delivered packets
+/// unacknowledged, and they count as in flight). Without it a path with a BDP of a few packets
+/// (loopback, a LAN) would wait for the peer's delayed-ACK timer every window.
+const CWND_EXTRA_PACKETS: u64 = 3 + super::ack::DECIMATED_THRESHOLD as u64;
 /// Absolute RTT inflation tolerated in startup on top of 50 % (jitter on short paths).
 const QUEUE_RTT_MARGIN: Duration = Duration::from_millis(4);
 /// Startup ends after this many rounds without 25 % bandwidth growth.
@@ -159,6 +164,8 @@ pub struct AckEvent {
     pub bytes_acked: u64,
     pub bytes_in_flight: u64,
     pub rtt_sample: Option<Duration>,
+    /// The delay the peer reported holding the ACK back (at most `max_ack_delay`).
+    pub ack_delay: Duration,
     pub rate: Option<RateSample>,
     pub delivered: u64,
 }
@@ -281,7 +288,8 @@ impl Bbr {
             self.round_max_rtt = Duration::ZERO;
         }
         if let Some(rtt) = ev.rtt_sample {
-            self.round_max_rtt = self.round_max_rtt.max(rtt);
+            // The peer's deliberate ACK delay (decimation) is not queueing.
+            self.round_max_rtt = self.round_max_rtt.max(rtt.saturating_sub(ev.ack_delay));
         }
         self.check_drain(ev);
         self.update_min_rtt(ev, round_start);
@@ -434,7 +442,7 @@ impl Bbr {
 
     fn set_cwnd(&mut self, ev: &AckEvent) {
         if let Some(bdp) = self.bdp(self.cwnd_gain) {
-            let target = bdp + 3 * self.mss;
+            let target = bdp + CWND_EXTRA_PACKETS * self.mss;
             if self.filled_pipe {
                 self.cwnd = (self.cwnd + ev.bytes_acked).min(target);
             } else if self.cwnd < target || ev.delivered < self.initial_cwnd {
@@ -500,6 +508,7 @@ mod tests {
                 bytes_acked: bw / 20,
                 bytes_in_flight: bw / 20,
                 rtt_sample: Some(rtt),
+                ack_delay: Duration::ZERO,
                 rate: Some(RateSample {
                     delivery_rate: bw,
                     is_app_limited: false,
@@ -514,10 +523,45 @@ mod tests {
         assert_eq!(bbr.bandwidth(), bw);
         let bdp = bw / 20;
         assert!(
-            bbr.cwnd() <= 2 * bdp + 3 * mss && bbr.cwnd() >= bdp,
+            bbr.cwnd() <= 2 * bdp + CWND_EXTRA_PACKETS * mss && bbr.cwnd() >= bdp,
             "{}",
             bbr.cwnd()
         );
         assert!(bbr.pacing_rate() >= bw * 3 / 4 && bbr.pacing_rate() <= bw * 5 / 4);
+    }
+
+    /// A delayed ACK (the receiver decimates its ACKs) inflates the raw RTT sample by the
+    /// reported ACK delay; that is not a queue, so startup goes on while the bandwidth grows.
+    #[test]
+    fn reported_ack_delay_does_not_end_startup() {
+        let t0 = Instant::now();
+        let mss = 1200u64;
+        let mut bbr = Bbr::new(t0, mss as usize, 10, Duration::from_millis(100));
+        let rtt = Duration::from_millis(40);
+        let ack_delay = Duration::from_millis(25);
+        let (mut now, mut delivered, mut bw) = (t0, 0, 100_000u64);
+        for round in 0..6 {
+            now += rtt + ack_delay;
+            let acked = bw * 40 / 1000;
+            delivered += acked;
+            // Every round: one sample at the minimum, one held back by the peer's ACK delay.
+            for (sample, delay) in [(rtt, Duration::ZERO), (rtt + ack_delay, ack_delay)] {
+                bbr.on_ack(&AckEvent {
+                    now,
+                    bytes_acked: acked / 2,
+                    bytes_in_flight: acked,
+                    rtt_sample: Some(sample),
+                    ack_delay: delay,
+                    rate: Some(RateSample {
+                        delivery_rate: bw,
+                        is_app_limited: false,
+                        prior_delivered: delivered - acked,
+                    }),
+                    delivered,
+                });
+            }
+            assert_eq!(bbr.state(), BbrState::Startup, "round {round}");
+            bw *= 2;
+        }
     }
 }

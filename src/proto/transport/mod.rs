@@ -14,9 +14,11 @@
 //!
 //! Where things live: this file holds [`Transport`] (recovery, ACKs, the session's own frames,
 //! datagrams, close and the public API); `streams.rs` the stream set, its queues and session
-//! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `recovery.rs`,
-//! `congestion.rs`, `pacing.rs` and `flow.rs` the algorithms; `frame.rs` the wire format.
+//! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `ack.rs` when an
+//! ACK is owed and due; `recovery.rs`, `congestion.rs`, `pacing.rs` and `flow.rs` the
+//! algorithms; `frame.rs` the wire format.
 
+mod ack;
 mod codes;
 mod congestion;
 mod dest;
@@ -39,10 +41,10 @@ pub use dest::Destination;
 pub use frame::{AssocId, FrameError};
 pub use stream::StreamId;
 
+use ack::{AckState, AckUrgency};
 use congestion::{AckEvent, Bbr, DeliveryRate};
 use frame::{AckFrame, Frame, Reader, Writer};
 use pacing::Pacer;
-use ranges::RangeSet;
 use recovery::{
     INITIAL_PACKET_THRESHOLD, MAX_ACK_DELAY, MAX_PACKET_THRESHOLD, MAX_PTO, PacketState,
     RttEstimator, SentFrame, SentLog, SentPacket,
@@ -58,8 +60,6 @@ pub const INITIAL_SESSION_WINDOW: u64 = 256 * 1024;
 pub const INITIAL_MAX_STREAMS: u64 = 16;
 /// Smallest `max_payload` the transport works with.
 pub const MIN_PAYLOAD: usize = 512;
-/// Send an ACK after this many ack-eliciting packets (or after [`recovery::MAX_ACK_DELAY`]).
-const ACK_ELICITING_THRESHOLD: u32 = 2;
 /// ACK ranges written per ACK frame.
 const MAX_ACK_RANGES_SENT: usize = 32;
 /// Received packet-number ranges remembered for ACKs (oldest dropped first).
@@ -105,7 +105,8 @@ pub struct TransportConfig {
     pub initial_cwnd_packets: u64,
     /// Sent packets tracked at most (bounds in-flight bookkeeping).
     pub max_tracked_packets: usize,
-    /// Burst allowed by the pacer after idle.
+    /// Shortest pacing burst (in sending time; at least 10 full packets): the pacer lets this
+    /// much go at once after idle, and wakes the loop when half of it has refilled.
     pub pacing_burst: Duration,
 }
 
@@ -306,6 +307,8 @@ pub struct TransportStats {
     /// Bytes per second.
     pub bandwidth_estimate: u64,
     pub packets_sent: u64,
+    /// Packets sent that carried nothing but an ACK (and padding).
+    pub ack_only_sent: u64,
     pub packets_received: u64,
     pub packets_lost: u64,
     /// Packets declared lost that were acknowledged later (reordering).
@@ -384,11 +387,7 @@ pub struct Transport {
     ack_runs: Vec<(u64, u64)>,
 
     // Receiving and ACK generation.
-    recv_pns: RangeSet,
-    largest_recv: Option<(u64, Instant)>,
-    ack_needed: bool,
-    ack_immediate: bool,
-    eliciting_since_ack: u32,
+    acks: AckState,
 
     /// The stream set, its queues and session flow control.
     streams: StreamsState,
@@ -419,6 +418,12 @@ impl Transport {
             config.initial_cwnd_packets,
             config.initial_rtt,
         );
+        let pacer = Pacer::new(
+            now,
+            config.pacing_burst,
+            config.max_payload,
+            cc.pacing_rate(),
+        );
         let mut timers = TimerTable::default();
         timers.set(Timer::Idle, now + config.idle_timeout);
         timers.set(Timer::KeepAlive, now + config.keepalive_interval);
@@ -436,15 +441,11 @@ impl Transport {
             last_ack_eliciting_sent: None,
             cc,
             rate: DeliveryRate::new(now),
-            pacer: Pacer::new(now, config.pacing_burst),
+            pacer,
             lost_scratch: Vec::new(),
             packet_threshold: INITIAL_PACKET_THRESHOLD,
             ack_runs: Vec::new(),
-            recv_pns: RangeSet::new(RECV_PN_RANGES),
-            largest_recv: None,
-            ack_needed: false,
-            ack_immediate: false,
-            eliciting_since_ack: 0,
+            acks: AckState::new(RECV_PN_RANGES),
             streams: StreamsState::new(&config, side),
             settings_pending: true,
             window_announced: false,
@@ -516,23 +517,10 @@ impl Transport {
     }
 
     fn on_packet_received(&mut self, now: Instant, pn: u64, ack_eliciting: bool) {
-        let in_order = match self.largest_recv {
-            None => pn == 0,
-            Some((largest, _)) => pn == largest + 1,
-        };
-        if self.largest_recv.is_none_or(|(l, _)| pn > l) {
-            self.largest_recv = Some((pn, now));
-        }
-        self.recv_pns.insert_evicting_lowest(pn..pn + 1);
-        if !ack_eliciting {
-            return;
-        }
-        self.ack_needed = true;
-        self.eliciting_since_ack += 1;
-        if !in_order || self.eliciting_since_ack >= ACK_ELICITING_THRESHOLD {
-            self.ack_immediate = true;
-        } else if !self.ack_immediate && !self.timers.is_armed(Timer::AckDelay) {
-            self.timers.set(Timer::AckDelay, now + MAX_ACK_DELAY);
+        let urgency = self.acks.on_received(now, pn, ack_eliciting);
+        if urgency == AckUrgency::Delayed && !self.timers.is_armed(Timer::AckDelay) {
+            self.timers
+                .set(Timer::AckDelay, now + ack::ack_delay(self.rtt.smoothed));
         }
     }
 
@@ -678,12 +666,14 @@ impl Transport {
             self.largest_acked = Some(ack.largest);
         }
         let mut rtt_sample = None;
+        let mut ack_delay = Duration::ZERO;
         if let Some((pn, time_sent, true)) = largest_newly_acked {
             if pn == ack.largest {
                 let sample = now.saturating_duration_since(time_sent);
                 let delay = Duration::from_micros(ack.delay_micros.min(1 << 32));
                 self.rtt.update(sample, delay);
                 rtt_sample = Some(sample);
+                ack_delay = delay.min(MAX_ACK_DELAY);
             }
         }
         if largest_newly_acked.is_some() && self.pto_count > 0 {
@@ -699,6 +689,7 @@ impl Transport {
                 bytes_acked,
                 bytes_in_flight: self.bytes_in_flight,
                 rtt_sample,
+                ack_delay,
                 rate: sample,
                 delivered: self.rate.delivered(),
             });
@@ -843,8 +834,8 @@ impl Transport {
             State::Closing { reason } => return self.transmit_close(reason, buf),
             State::Open => {}
         }
-        let ack_due =
-            self.ack_needed && (self.ack_immediate || self.timers.is_expired(Timer::AckDelay, now));
+        let ack_due = self.acks.is_due()
+            || (self.acks.is_needed() && self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
         let window_open = self.window_open();
         let send_data = pending && window_open && self.pacer.can_send(now);
@@ -855,7 +846,7 @@ impl Transport {
             return None;
         }
         let mut w = Writer::new(buf);
-        if self.ack_needed {
+        if self.acks.is_needed() {
             self.write_ack(now, &mut w);
         }
         let mut packet = SentPacket::new(now, congestion::DeliverySnapshot::new(now));
@@ -877,6 +868,8 @@ impl Transport {
             self.pacer.on_sent(now, len, self.cc.pacing_rate());
             self.last_ack_eliciting_sent = Some(now);
             self.arm_pto();
+        } else {
+            self.stats.ack_only_sent += 1;
         }
         self.sent.push(pn, packet);
         self.sent.pop_resolved(self.lost_cutoff(now));
@@ -907,16 +900,14 @@ impl Transport {
     }
 
     fn write_ack(&mut self, now: Instant, w: &mut Writer<'_>) {
-        let Some((_, largest_time)) = self.largest_recv else {
+        let Some((_, largest_time)) = self.acks.largest() else {
             return;
         };
         let delay = now.saturating_duration_since(largest_time).as_micros() as u64;
-        let ranges = self.recv_pns.iter().rev().map(|r| (r.start, r.end - 1));
+        let ranges = self.acks.ranges().map(|r| (r.start, r.end - 1));
         if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
-            self.ack_needed = false;
-            self.ack_immediate = false;
+            self.acks.on_ack_sent();
             self.timers.stop(Timer::AckDelay);
-            self.eliciting_since_ack = 0;
         }
     }
 
@@ -979,16 +970,17 @@ impl Transport {
     // ------------------------------------------------------------------ timers
 
     /// Earliest instant at which [`Transport::handle_timeout`] (or, for pacing,
-    /// [`Transport::poll_transmit`]) must be called: the earliest armed `Timer`, or the
-    /// pacer's next send time while data waits for it. Never an instant at or before the `now`
-    /// of the last `handle_timeout`, unless a timer was armed that early since.
+    /// [`Transport::poll_transmit`]) must be called: the earliest armed `Timer`, or, while data
+    /// waits for the pacer alone, when its next burst is ready (at least half of
+    /// `pacing_burst` away: a pacing-limited loop wakes once per burst). Never an instant at or
+    /// before the `now` of the last `handle_timeout`, unless a timer was armed that early since.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timers = self.timers.next_timeout();
         let pacing = (self.state == State::Open
             && self.has_pending_eliciting()
             && self.window_open()
-            && self.pacer.next_send_time() > self.last_now)
-            .then(|| self.pacer.next_send_time());
+            && !self.pacer.can_send(self.last_now))
+        .then(|| self.pacer.wake_time());
         match (timers, pacing) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1014,7 +1006,7 @@ impl Transport {
                     self.enter_closed(CloseReason::IdleTimeout, false);
                     return;
                 }
-                Timer::AckDelay => self.ack_immediate = true,
+                Timer::AckDelay => self.acks.request_immediate(),
                 // Loss detection re-arms the PTO, so a PTO that loss detection moved or disarmed
                 // is no longer expired when its turn comes.
                 Timer::LossDetection => self.detect_lost(now),
@@ -1235,6 +1227,142 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client sending one bulk stream to a server over a 20 ms RTT path without other
+    /// impairments (packets in `lost` vanish), both running their timers, time advancing in
+    /// 250 µs steps. Returns, per client packet number that arrived, whether the server
+    /// answered it with an ACK-only packet right away.
+    fn acks_per_packet(until_pn: u64, lost: &[u64]) -> Vec<(u64, bool)> {
+        const ONE_WAY: Duration = Duration::from_millis(10);
+        let t0 = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, t0);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        let id = client
+            .open_stream(Destination::domain("bulk.test", 9).unwrap())
+            .unwrap();
+        let data = vec![7u8; 2 * 1024 * 1024];
+        assert!(client.stream_write(id, &data).unwrap() > 1024 * 1024);
+        let mut buf = [0u8; 1500];
+        // (arrival, packet number, payload) per direction.
+        let mut to_server: VecDeque<(Instant, u64, Vec<u8>)> = VecDeque::new();
+        let mut to_client: VecDeque<(Instant, u64, Vec<u8>)> = VecDeque::new();
+        let mut answered = Vec::new();
+        let mut now = t0;
+        while answered.last().is_none_or(|&(pn, _)| pn < until_pn) {
+            now += Duration::from_micros(250);
+            assert!(now < t0 + Duration::from_secs(10), "stuck at {answered:?}");
+            while to_client.front().is_some_and(|p| p.0 <= now) {
+                let (_, pn, payload) = to_client.pop_front().unwrap();
+                client.handle_payload(now, pn, &payload).unwrap();
+            }
+            while to_server.front().is_some_and(|p| p.0 <= now) {
+                let (_, pn, payload) = to_server.pop_front().unwrap();
+                server.handle_payload(now, pn, &payload).unwrap();
+                while let Some(ev) = server.poll_event() {
+                    if let TransportEvent::StreamOpened { id, .. } = ev {
+                        server.accept_stream(id).unwrap();
+                    }
+                }
+                let acks_before = server.stats().ack_only_sent;
+                while let Some((spn, len)) = server.poll_transmit(now, &mut buf) {
+                    to_client.push_back((now + ONE_WAY, spn, buf[..len].to_vec()));
+                }
+                answered.push((pn, server.stats().ack_only_sent > acks_before));
+            }
+            for t in [&mut client, &mut server] {
+                if t.poll_timeout().is_some_and(|at| at <= now) {
+                    t.handle_timeout(now);
+                }
+            }
+            while let Some((pn, len)) = client.poll_transmit(now, &mut buf) {
+                if !lost.contains(&pn) {
+                    to_server.push_back((now + ONE_WAY, pn, buf[..len].to_vec()));
+                }
+            }
+            while let Some((spn, len)) = server.poll_transmit(now, &mut buf) {
+                to_client.push_back((now + ONE_WAY, spn, buf[..len].to_vec()));
+            }
+        }
+        answered
+    }
+
+    /// Quick ACKs (one per two packets) at the start, then one ACK-only packet per ten in
+    /// steady state (at most one per six, the bound; one per two before decimation).
+    #[test]
+    fn acks_are_decimated_after_the_start() {
+        let answered = acks_per_packet(400, &[]);
+        let acks = |range: std::ops::Range<u64>| {
+            let packets = answered.iter().filter(|(pn, _)| range.contains(pn));
+            (packets.clone().count(), packets.filter(|(_, a)| *a).count())
+        };
+        let (start, start_acks) = acks(0..ack::QUICK_START_PACKETS);
+        assert!(
+            start_acks * 2 + 2 >= start,
+            "{start_acks} ACKs for {start} packets"
+        );
+        let (steady, steady_acks) = acks(ack::QUICK_START_PACKETS + 10..400);
+        assert!(steady > 250, "{steady} packets");
+        assert!(
+            steady_acks * 6 <= steady && steady_acks * 12 >= steady,
+            "{steady_acks} ACKs for {steady} packets"
+        );
+    }
+
+    /// A packet after a gap is acknowledged at once (the sender learns of the loss now), and
+    /// the next packets are acknowledged quickly while the sender recovers.
+    #[test]
+    fn a_gap_is_acknowledged_at_once_then_quickly() {
+        let answered = acks_per_packet(400, &[300]);
+        let at = |pn| answered.iter().find(|(p, _)| *p == pn).map(|&(_, a)| a);
+        assert_eq!(at(301), Some(true), "the packet after the gap");
+        let quick = (302..302 + ack::QUICK_AFTER_GAP).filter(|&pn| at(pn) == Some(true));
+        assert_eq!(quick.count() as u64, ack::QUICK_AFTER_GAP / 2);
+        let after = (330..390).filter(|&pn| at(pn) == Some(true)).count();
+        assert!(after <= 7, "decimated again after recovery: {after} ACKs");
+    }
+
+    /// A pacing-limited sender asks to be woken when its next burst is ready, at least 1 ms
+    /// (half the minimum burst) away, never microseconds after the last packet.
+    #[test]
+    fn pacing_limited_sender_wakes_once_per_burst() {
+        let t0 = Instant::now();
+        // A fast start: 1,024 packets of window at a 10 ms initial RTT (~350 MB/s pacing).
+        let config = TransportConfig {
+            initial_cwnd_packets: 1024,
+            initial_rtt: Duration::from_millis(10),
+            ..TransportConfig::default()
+        };
+        let mut client = Transport::new(config, Side::Client, t0);
+        // The server's SETTINGS open its windows beyond the initial 64 KiB.
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        let mut buf = [0u8; 1500];
+        let (pn, len) = server.poll_transmit(t0, &mut buf).unwrap();
+        client.handle_payload(t0, pn, &buf[..len]).unwrap();
+        let id = client
+            .open_stream(Destination::domain("bulk.test", 9).unwrap())
+            .unwrap();
+        client.stream_write(id, &vec![1u8; 2 << 20]).unwrap();
+        let mut now = t0;
+        // Two wake-ups (the third would be cwnd-limited: no ACKs come back here).
+        for _ in 0..2 {
+            let mut burst = 0;
+            while client.poll_transmit(now, &mut buf).is_some() {
+                burst += 1;
+            }
+            let wake = client.poll_timeout().unwrap();
+            assert!(
+                wake >= now + Duration::from_millis(1),
+                "wake-up {:?} away",
+                wake - now
+            );
+            assert!(burst >= 100, "{burst} packets per wake-up");
+            now = wake;
+        }
+        assert!(
+            client.stats().bytes_in_flight < client.stats().cwnd,
+            "pacing, not cwnd, limited"
+        );
+    }
 
     /// Every error variant has its own message a user can act on (not the `Debug` name).
     #[test]
