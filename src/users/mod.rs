@@ -1239,7 +1239,10 @@ mod tests {
         let missing = dir.join("renamed.state.json");
         assert_eq!(
             other_state_files(&missing),
-            vec!["old.state.json".to_string(), "router.state.json".to_string()]
+            vec![
+                "old.state.json".to_string(),
+                "router.state.json".to_string()
+            ]
         );
         assert_eq!(
             other_state_files(&dir.join("router.state.json")),
