@@ -8,7 +8,8 @@
 # markdown table: single-stream download MB/s (ostp / direct / shadowsocks), CPU seconds per GB
 # of server and client, TTFB median, idle and peak RSS, 100 concurrent streams, server RSS with
 # 1,000 idle sessions, goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
-# 1 % and 5 % loss, and ostp's event-loop wake-ups per GB of a single-stream download. Every
+# 1 % and 5 % loss, ostp's event-loop wake-ups per GB of a single-stream download, and the
+# single stream again with a `-C target-cpu=native` build of ostp. Every
 # section is independent: a failing one prints "n/a" and the run goes on.
 #
 # Loop wake-ups are counted by the loops themselves (`LoopCore::wait` returns; no tracing, so the
@@ -19,7 +20,8 @@
 #
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
 # TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (30), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
-# OSTP_BIN (use this ostp binary instead of building one), CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
+# OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
+# build to use), SKIP_NATIVE=1, CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
 
 set -u
 
@@ -408,6 +410,42 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# ostp built for this machine's CPU (RUSTFLAGS="-C target-cpu=native", own target dir): its own
+# rows, same origin and run. Skipped with SKIP_NATIVE=1, and with NO_BUILD=1 unless NATIVE_BIN
+# names a binary (a stale one is never run).
+
+MBPS_native=n/a CPUS_native=n/a CPUC_native=n/a
+NATIVE=${NATIVE_BIN:-$ROOT/target/native/release/ostp}
+if [[ -z ${SKIP_NATIVE:-} && ( -n ${NATIVE_BIN:-} || -z ${NO_BUILD:-} ) && -f $WORK/server.json ]]; then
+    if [[ -z ${NATIVE_BIN:-} ]]; then
+        log "building ostp with -C target-cpu=native (target/native)"
+        (cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/native" RUSTFLAGS="-C target-cpu=native" \
+            cargo build --release --bin ostp) >&2 || { log "native build failed"; NATIVE="$WORK/missing-native"; }
+    fi
+    if [[ -x $NATIVE ]]; then
+        NATIVE_PORT=$(free_port)
+        NATIVE_SOCKS=$(free_port)
+        sed -e "s/127.0.0.1:$OSTP_PORT/127.0.0.1:$NATIVE_PORT/" -e 's/"api":{[^}]*}/"api":{"enabled":false}/' \
+            "$WORK/server.json" >"$WORK/native-server.json"
+        write_client_config "$WORK/native-client.json" "$NATIVE_PORT" "$NATIVE_SOCKS"
+        start native-server "$NATIVE" --config "$WORK/native-server.json"
+        native_server=$STARTED_PID
+        sleep 0.3
+        start native-client "$NATIVE" --config "$WORK/native-client.json"
+        native_client=$STARTED_PID
+        if wait_tcp "$NATIVE_SOCKS" 10 && alive "$native_server"; then
+            sleep 0.5
+            single_stream native "$native_server" "$native_client" --socks5-hostname "127.0.0.1:$NATIVE_SOCKS"
+            MBPS_native=$SS_MBPS CPUS_native=$SS_CPU_SERVER CPUC_native=$SS_CPU_CLIENT
+        else
+            log "native ostp did not come up"
+        fi
+        stop "$native_client"
+        stop "$native_server"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
 # shadowsocks-libev baseline
 
 if [[ -z ${SKIP_SS:-} ]]; then
@@ -470,6 +508,9 @@ row "TTFB median (ms)" "$TTFB_ostp" "$TTFB_direct" "$TTFB_ss" \
     "$(ratio "$TTFB_ostp" "$TTFB_direct")" "$(ratio "$TTFB_ostp" "$TTFB_ss")"
 row "server CPU (s per GB)" "$CPUS_ostp" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_ostp" "$CPUS_ss")"
 row "client CPU (s per GB)" "$CPUC_ostp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_ostp" "$CPUC_ss")"
+row "single stream, \`-C target-cpu=native\` build (MB/s)" "$MBPS_native" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_native" "$MBPS_ss")"
+row "server CPU, native build (s per GB)" "$CPUS_native" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_native" "$CPUS_ss")"
+row "client CPU, native build (s per GB)" "$CPUC_native" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_native" "$CPUC_ss")"
 row "server RSS idle / peak (MB)" "$RSS_IDLE_S_ostp / $RSS_PEAK_S_ostp" "–" "$RSS_IDLE_S_ss / $RSS_PEAK_S_ss" "–" "–"
 row "client RSS idle / peak (MB)" "$RSS_IDLE_C_ostp / $RSS_PEAK_C_ostp" "–" "$RSS_IDLE_C_ss / $RSS_PEAK_C_ss" "–" "–"
 row "server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_SESSIONS_RSS" "–" "–" "–" "–"
