@@ -42,6 +42,14 @@ pub mod label {
     pub const C2S_TOKEN: &[u8; 8] = b"ostpC2ST";
     /// Session secret → server-to-client token key.
     pub const S2C_TOKEN: &[u8; 8] = b"ostpS2CT";
+    /// Hello key → key of the TCP hello record's length mask.
+    pub const HELLO_LEN: &[u8; 8] = b"ostpTLEN";
+    /// Reply key → key of the TCP reply record's length mask.
+    pub const REPLY_LEN: &[u8; 8] = b"ostpRLEN";
+    /// Session secret → client-to-server TCP frame length masks.
+    pub const C2S_LEN: &[u8; 8] = b"ostpC2SL";
+    /// Session secret → server-to-client TCP frame length masks.
+    pub const S2C_LEN: &[u8; 8] = b"ostpS2CL";
 }
 
 /// Builds the 16-byte PRF input `label (8 bytes) || param (u64 little-endian)`.
@@ -94,10 +102,7 @@ pub fn halves(value: &[u8; 32]) -> (&[u8; 16], &[u8; 16]) {
 pub fn token_block(token_key: &Key32, generation: u32, block: u32) -> [u64; 8] {
     let mut nonce = [0u8; 12];
     nonce[..4].copy_from_slice(&generation.to_le_bytes());
-    let mut cipher = ChaCha20::new(token_key.into(), (&nonce).into());
-    cipher.seek(u64::from(block) * 64);
-    let mut bytes = [0u8; 64];
-    cipher.apply_keystream(&mut bytes);
+    let bytes = keystream_block(token_key, &nonce, block);
     let mut out = [0u64; 8];
     for (slot, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
         let mut b = [0u8; 8];
@@ -105,6 +110,16 @@ pub fn token_block(token_key: &Key32, generation: u32, block: u32) -> [u64; 8] {
         *slot = u64::from_le_bytes(b);
     }
     out
+}
+
+/// One ChaCha20 keystream block (RFC 8439): key `key`, nonce `nonce`, block counter `block`. Used
+/// as a PRF over the counter (lookup tokens, TCP-carrier length masks).
+pub fn keystream_block(key: &Key32, nonce: &[u8; 12], block: u32) -> [u8; 64] {
+    let mut cipher = ChaCha20::new(key.into(), nonce.into());
+    cipher.seek(u64::from(block) * 64);
+    let mut bytes = [0u8; 64];
+    cipher.apply_keystream(&mut bytes);
+    bytes
 }
 
 /// Packet-number generation: the packet key changes every 2^32 packets.

@@ -6,6 +6,8 @@
 //! - [`handshake`]: hello / accept / refusal wire formats.
 //! - [`packet`], [`replay`]: data packet protection (rotating tokens, hidden packet numbers, AEAD,
 //!   padding) and the replay window.
+//! - [`carrier`]: the TCP carrier's framing (masked lengths, implicit frame numbers; §7 of the
+//!   protocol; the carrier itself is not wired up yet).
 //! - [`transport`]: frames, reliability, congestion control, streams (carried inside packets).
 //! - [`session`]: one protected session = packet protection + `Transport`.
 //! - [`id_map`]: the deterministic id-keyed hash map used by the endpoint and the stream table.
@@ -13,6 +15,7 @@
 //!   connector — the API the data plane drives.
 //!
 //! The wire format is specified in `docs/PROTOCOL.md`.
+pub mod carrier;
 pub mod crypto;
 pub mod endpoint;
 #[cfg(any(test, feature = "test-util"))]

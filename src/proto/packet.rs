@@ -41,6 +41,14 @@ impl Direction {
         }
     }
 
+    /// Label of the TCP carrier's frame length masks in this direction.
+    pub(super) fn length_label(self) -> &'static [u8; 8] {
+        match self {
+            Direction::ClientToServer => label::C2S_LEN,
+            Direction::ServerToClient => label::S2C_LEN,
+        }
+    }
+
     fn token_label(self) -> &'static [u8; 8] {
         match self {
             Direction::ClientToServer => label::C2S_TOKEN,
@@ -87,8 +95,9 @@ impl Default for PaddingPolicy {
     }
 }
 
-/// Per-direction key material derived from the session secret.
-struct DirectionKeys {
+/// Per-direction key material derived from the session secret (also used by the TCP carrier's
+/// frames, `carrier.rs`).
+pub(super) struct DirectionKeys {
     key_base: Key32,
     direction: Direction,
     generation: u32,
@@ -97,7 +106,7 @@ struct DirectionKeys {
 }
 
 impl DirectionKeys {
-    fn new(secret: &Key32, direction: Direction) -> Self {
+    pub(super) fn new(secret: &Key32, direction: Direction) -> Self {
         DirectionKeys {
             key_base: *secret,
             direction,
@@ -108,7 +117,7 @@ impl DirectionKeys {
     }
 
     /// The AEAD for `pn`'s key generation (implicit re-key every 2^32 packets).
-    fn aead_for(&mut self, pn: u64) -> &PacketAead {
+    pub(super) fn aead_for(&mut self, pn: u64) -> &PacketAead {
         let generation = generation_of(pn);
         if generation != self.generation {
             let key = prf_labeled(
