@@ -37,19 +37,20 @@ pub const HELLO_SLOTS: u16 = 16;
 /// Bytes of the hello lookup tag.
 pub const HELLO_TAG_LEN: usize = 8;
 /// Offset of the hello ciphertext.
-const HELLO_CT: usize = HELLO_TAG_LEN + XNONCE_LEN;
+pub(crate) const HELLO_CT: usize = HELLO_TAG_LEN + XNONCE_LEN;
 /// Bytes of the hello header (tag and nonce) that the reply binds as AAD.
 pub const HELLO_HEADER_LEN: usize = HELLO_CT;
 /// Fixed hello plaintext bytes (before padding).
-const HELLO_PLAIN: usize = 44;
+pub(crate) const HELLO_PLAIN: usize = 44;
+
 /// Smallest hello on the wire.
 pub const MIN_HELLO: usize = HELLO_CT + HELLO_PLAIN + TAG_LEN;
 /// Largest hello accepted or produced.
 pub const MAX_HELLO: usize = 1200;
 /// Fixed reply plaintext bytes of an accept (before padding).
-const ACCEPT_PLAIN: usize = 44;
+pub(crate) const ACCEPT_PLAIN: usize = 44;
 /// Fixed reply plaintext bytes of a refusal (before padding).
-const REFUSE_PLAIN: usize = 13;
+pub(crate) const REFUSE_PLAIN: usize = 13;
 /// Smallest reply on the wire.
 pub const MIN_REPLY: usize = XNONCE_LEN + REFUSE_PLAIN + TAG_LEN;
 /// Unpadded length of an accept.
@@ -193,12 +194,7 @@ pub fn write_hello(
     let (head, rest) = packet.split_at_mut(HELLO_CT);
     let plain_len = rest.len() - TAG_LEN;
     let (plain, tag_out) = rest.split_at_mut(plain_len);
-    plain.fill(0);
-    plain[0] = VERSION;
-    plain[1] = TYPE_HELLO;
-    plain[2..4].copy_from_slice(&hello.max_datagram.to_le_bytes());
-    plain[4..12].copy_from_slice(&hello.unix_secs.to_le_bytes());
-    plain[12..44].copy_from_slice(&hello.client_random);
+    encode_hello(plain, hello);
     let tag = HandshakeAead::new(hello_key).seal(&nonce, &head[..HELLO_TAG_LEN], plain);
     tag_out.copy_from_slice(&tag);
     let mut header = [0u8; HELLO_CT];
@@ -231,23 +227,37 @@ pub fn open_hello(
     HandshakeAead::new(hello_key)
         .open(&nonce, &head[..HELLO_TAG_LEN], plain, &tag_bytes)
         .map_err(|_| HandshakeError::BadAuth)?;
-    if plain[0] != VERSION || plain[1] != TYPE_HELLO {
+    let hello = decode_hello(plain)?;
+    let mut header = [0u8; HELLO_CT];
+    header.copy_from_slice(head);
+    Ok((hello, header))
+}
+
+/// Writes a hello's plaintext (fixed fields, then zero padding) into `plain`
+/// (at least [`HELLO_PLAIN`] bytes).
+pub(crate) fn encode_hello(plain: &mut [u8], hello: &Hello) {
+    plain.fill(0);
+    plain[0] = VERSION;
+    plain[1] = TYPE_HELLO;
+    plain[2..4].copy_from_slice(&hello.max_datagram.to_le_bytes());
+    plain[4..12].copy_from_slice(&hello.unix_secs.to_le_bytes());
+    plain[12..44].copy_from_slice(&hello.client_random);
+}
+
+/// Reads an authenticated hello plaintext.
+pub(crate) fn decode_hello(plain: &[u8]) -> Result<Hello, HandshakeError> {
+    if plain.len() < HELLO_PLAIN || plain[0] != VERSION || plain[1] != TYPE_HELLO {
         return Err(HandshakeError::BadFormat);
     }
     let mut client_random = [0u8; 32];
     client_random.copy_from_slice(&plain[12..44]);
-    let hello = Hello {
+    let mut unix = [0u8; 8];
+    unix.copy_from_slice(&plain[4..12]);
+    Ok(Hello {
         max_datagram: u16::from_le_bytes([plain[2], plain[3]]),
-        unix_secs: u64::from_le_bytes(
-            plain[4..12]
-                .try_into()
-                .map_err(|_| HandshakeError::BadFormat)?,
-        ),
+        unix_secs: u64::from_le_bytes(unix),
         client_random,
-    };
-    let mut header = [0u8; HELLO_CT];
-    header.copy_from_slice(head);
-    Ok((hello, header))
+    })
 }
 
 /// The server's answer to a hello.
@@ -296,10 +306,7 @@ pub fn write_reply(
     rng: &mut Drbg,
     out: &mut [u8],
 ) -> Option<usize> {
-    let fixed = match reply {
-        Reply::Accept { .. } => ACCEPT_PLAIN,
-        Reply::Refuse { .. } => REFUSE_PLAIN,
-    };
+    let fixed = reply_plain_len(reply);
     let pad = rng.up_to(u32::from(pad_max)) as usize;
     let len = (XNONCE_LEN + fixed + TAG_LEN + pad).min(MAX_REPLY);
     if out.len() < len {
@@ -312,6 +319,24 @@ pub fn write_reply(
     let rest = &mut packet[XNONCE_LEN..];
     let plain_len = rest.len() - TAG_LEN;
     let (plain, tag_out) = rest.split_at_mut(plain_len);
+    encode_reply(plain, reply);
+    let key = reply_key(psk, &hello.client_random);
+    let tag = HandshakeAead::new(&key).seal(&nonce, hello_header, plain);
+    tag_out.copy_from_slice(&tag);
+    Some(len)
+}
+
+/// Fixed plaintext bytes of `reply` (before padding).
+pub(crate) fn reply_plain_len(reply: &Reply) -> usize {
+    match reply {
+        Reply::Accept { .. } => ACCEPT_PLAIN,
+        Reply::Refuse { .. } => REFUSE_PLAIN,
+    }
+}
+
+/// Writes a reply's plaintext (fixed fields, then zero padding) into `plain` (at least
+/// [`reply_plain_len`] bytes).
+pub(crate) fn encode_reply(plain: &mut [u8], reply: &Reply) {
     plain.fill(0);
     plain[0] = VERSION;
     match reply {
@@ -336,10 +361,6 @@ pub fn write_reply(
             plain[11..13].copy_from_slice(&retry_after_secs.to_le_bytes());
         }
     }
-    let key = reply_key(psk, &hello.client_random);
-    let tag = HandshakeAead::new(&key).seal(&nonce, hello_header, plain);
-    tag_out.copy_from_slice(&tag);
-    Some(len)
 }
 
 /// Authenticates and decodes a reply to `sent` (`reply_key` precomputed by the caller).
@@ -365,14 +386,17 @@ pub fn open_reply(
     HandshakeAead::new(reply_key)
         .open(&nonce, &sent.header, plain, &tag_bytes)
         .map_err(|_| HandshakeError::BadAuth)?;
-    if plain[0] != VERSION {
+    decode_reply(plain)
+}
+
+/// Reads an authenticated reply plaintext.
+pub(crate) fn decode_reply(plain: &[u8]) -> Result<Reply, HandshakeError> {
+    if plain.len() < REFUSE_PLAIN || plain[0] != VERSION {
         return Err(HandshakeError::BadFormat);
     }
-    let server_unix_secs = u64::from_le_bytes(
-        plain[2..10]
-            .try_into()
-            .map_err(|_| HandshakeError::BadFormat)?,
-    );
+    let mut unix = [0u8; 8];
+    unix.copy_from_slice(&plain[2..10]);
+    let server_unix_secs = u64::from_le_bytes(unix);
     match plain[1] {
         TYPE_ACCEPT if plain.len() >= ACCEPT_PLAIN => {
             let mut server_random = [0u8; 32];

@@ -1,13 +1,11 @@
-//! The TCP carrier's byte framing (docs/PROTOCOL.md §7): data frames with keystream-masked lengths
-//! and implicit frame numbers ([`FrameWriter`] seals, [`FrameReader`] finds frame boundaries in a
-//! byte stream and opens them), and the length masks of the hello and reply records. Sans-IO: the
-//! caller owns the socket and the bounded buffers; nothing here panics on input.
+//! The TCP carrier's data frames (docs/PROTOCOL.md §7.4): keystream-masked lengths and implicit
+//! frame numbers ([`FrameWriter`] seals, [`FrameReader`] finds frame boundaries in a byte stream
+//! and opens them).
 
-use super::crypto::{Key32, TAG_LEN, keystream_block, label, prf_labeled};
-use super::packet::{Direction, DirectionKeys};
+use super::LENGTH_LEN;
+use crate::proto::crypto::{Key32, TAG_LEN, keystream_block, prf_labeled};
+use crate::proto::packet::{Direction, DirectionKeys};
 
-/// Bytes of the masked length that starts every record and frame.
-pub const LENGTH_LEN: usize = 2;
 /// Largest frame plaintext either side may ever announce (the negotiated limit is at most this).
 pub const MAX_FRAME_PLAINTEXT: usize = 16 * 1024;
 /// Bytes a frame adds around its plaintext (masked length + AEAD tag).
@@ -25,23 +23,6 @@ pub enum FrameError {
     Auth,
     /// An earlier frame failed.
     Failed,
-}
-
-/// The length mask of a hello record (§7.1): the user's hello key and the hello's nonce.
-pub fn hello_length_mask(hello_key: &Key32, nonce: &[u8; 24]) -> u16 {
-    record_mask(&prf_labeled(hello_key, label::HELLO_LEN, 0), nonce)
-}
-
-/// The length mask of a reply record (§7.3): the hello's reply key and the reply's nonce.
-pub fn reply_length_mask(reply_key: &Key32, nonce: &[u8; 24]) -> u16 {
-    record_mask(&prf_labeled(reply_key, label::REPLY_LEN, 0), nonce)
-}
-
-fn record_mask(key: &Key32, nonce: &[u8; 24]) -> u16 {
-    let mut n = [0u8; 12];
-    n.copy_from_slice(&nonce[..12]);
-    let block = keystream_block(key, &n, 0);
-    u16::from_le_bytes([block[0], block[1]])
 }
 
 /// The length masks of one direction's frames, one ChaCha20 block per 32 frames (cached).
@@ -408,23 +389,5 @@ mod tests {
         assert_eq!(writer.frames(), 0);
         assert_eq!(writer.seal(&mut buf, 1), Some(1 + FRAME_OVERHEAD));
         assert_eq!(writer.frames(), 1);
-    }
-
-    #[test]
-    fn record_masks_depend_on_key_and_nonce() {
-        let (k1, k2) = ([1u8; 32], [2u8; 32]);
-        let (n1, n2) = ([3u8; 24], [4u8; 24]);
-        let masks = [
-            hello_length_mask(&k1, &n1),
-            hello_length_mask(&k2, &n1),
-            hello_length_mask(&k1, &n2),
-            reply_length_mask(&k1, &n1),
-        ];
-        for (i, a) in masks.iter().enumerate() {
-            for b in &masks[i + 1..] {
-                assert_ne!(a, b);
-            }
-        }
-        assert_eq!(hello_length_mask(&k1, &n1), masks[0], "deterministic");
     }
 }

@@ -1,0 +1,14 @@
+//! The TCP carrier (docs/PROTOCOL.md §7): the same session over one TCP connection where UDP is
+//! blocked. [`records`] owns the hello and reply records (masked lengths, bound to each other),
+//! [`frames`] the data frames. Sans-IO: the caller owns the socket and its bounded buffers, and
+//! nothing here panics on input. (Not wired into the loops yet: issue 12.)
+
+pub mod frames;
+pub mod records;
+
+pub use frames::{
+    FRAME_OVERHEAD, FrameError, FrameReader, FrameWriter, MAX_FRAME_PLAINTEXT, OpenedFrame,
+};
+
+/// Bytes of the masked length in every record and frame.
+pub const LENGTH_LEN: usize = 2;
