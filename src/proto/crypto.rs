@@ -50,6 +50,10 @@ pub mod label {
     pub const C2S_LEN: &[u8; 8] = b"ostpC2SL";
     /// Session secret → server-to-client TCP frame length masks.
     pub const S2C_LEN: &[u8; 8] = b"ostpS2CL";
+    /// Session secret → client-to-server TCP frame key (generation in the parameter).
+    pub const C2S_FRAME_KEY: &[u8; 8] = b"ostpC2SF";
+    /// Session secret → server-to-client TCP frame key (generation in the parameter).
+    pub const S2C_FRAME_KEY: &[u8; 8] = b"ostpS2CF";
 }
 
 /// Builds the 16-byte PRF input `label (8 bytes) || param (u64 little-endian)`.

@@ -49,6 +49,14 @@ impl Direction {
         }
     }
 
+    /// Label of the TCP carrier's frame keys in this direction.
+    pub(super) fn frame_key_label(self) -> &'static [u8; 8] {
+        match self {
+            Direction::ClientToServer => label::C2S_FRAME_KEY,
+            Direction::ServerToClient => label::S2C_FRAME_KEY,
+        }
+    }
+
     fn token_label(self) -> &'static [u8; 8] {
         match self {
             Direction::ClientToServer => label::C2S_TOKEN,
@@ -95,40 +103,54 @@ impl Default for PaddingPolicy {
     }
 }
 
-/// Per-direction key material derived from the session secret (also used by the TCP carrier's
-/// frames, `carrier.rs`).
-pub(super) struct DirectionKeys {
+/// The AEAD keys of one direction, one per generation of 2^32 packet (or frame) numbers:
+/// `PRFL(secret, label, generation)`. The TCP carrier's frames (`carrier/frames.rs`) use their
+/// own labels, so a frame and a datagram never share a key.
+pub(super) struct GenerationKeys {
     key_base: Key32,
-    direction: Direction,
+    label: &'static [u8; 8],
     generation: u32,
     aead: PacketAead,
-    token_key: Key32,
 }
 
-impl DirectionKeys {
-    pub(super) fn new(secret: &Key32, direction: Direction) -> Self {
-        DirectionKeys {
+impl GenerationKeys {
+    pub(super) fn new(secret: &Key32, label: &'static [u8; 8]) -> Self {
+        GenerationKeys {
             key_base: *secret,
-            direction,
+            label,
             generation: 0,
-            aead: PacketAead::new(&prf_labeled(secret, direction.key_label(), 0)),
-            token_key: prf_labeled(secret, direction.token_label(), 0),
+            aead: PacketAead::new(&prf_labeled(secret, label, 0)),
         }
     }
 
-    /// The AEAD for `pn`'s key generation (implicit re-key every 2^32 packets).
+    /// The AEAD for `pn`'s key generation (implicit re-key every 2^32 numbers).
     pub(super) fn aead_for(&mut self, pn: u64) -> &PacketAead {
         let generation = generation_of(pn);
         if generation != self.generation {
-            let key = prf_labeled(
-                &self.key_base,
-                self.direction.key_label(),
-                u64::from(generation),
-            );
+            let key = prf_labeled(&self.key_base, self.label, u64::from(generation));
             self.aead = PacketAead::new(&key);
             self.generation = generation;
         }
         &self.aead
+    }
+}
+
+/// Per-direction key material of datagrams, derived from the session secret.
+struct DirectionKeys {
+    keys: GenerationKeys,
+    token_key: Key32,
+}
+
+impl DirectionKeys {
+    fn new(secret: &Key32, direction: Direction) -> Self {
+        DirectionKeys {
+            keys: GenerationKeys::new(secret, direction.key_label()),
+            token_key: prf_labeled(secret, direction.token_label(), 0),
+        }
+    }
+
+    fn aead_for(&mut self, pn: u64) -> &PacketAead {
+        self.keys.aead_for(pn)
     }
 }
 

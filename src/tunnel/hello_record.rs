@@ -4,7 +4,8 @@
 //! thread (the loop only serialises the record, a few KiB, and never waits for the disk).
 //! Records written while running are marked incomplete and only the one written at a graceful
 //! stop complete; finding an incomplete one at start (a crash) makes the endpoint silence every
-//! hello made before the restart, so the hellos answered after the last write are covered too.
+//! hello made before the restart, so the hellos answered after the last write are covered too
+//! (except those of clients whose clock ran ahead by more than the downtime: docs/PROTOCOL.md §3.1).
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -52,7 +53,8 @@ impl HelloRecordFile {
                     log::debug!("{}: {} answered hellos remembered", path.display(), r.added)
                 }
                 Ok(r) => log::warn!(
-                    "{}: the previous run did not stop cleanly; {} answered hellos remembered,                      and hellos made before now get silence (a client whose hello was in flight                      retries)",
+                    "{}: the previous run did not stop cleanly; {} answered hellos remembered, and hellos made \
+                     before now get silence (a client whose hello was in flight retries)",
                     path.display(),
                     r.added
                 ),

@@ -4,7 +4,7 @@
 
 use super::LENGTH_LEN;
 use crate::proto::crypto::{Key32, TAG_LEN, keystream_block, prf_labeled};
-use crate::proto::packet::{Direction, DirectionKeys};
+use crate::proto::packet::{Direction, GenerationKeys};
 
 /// Largest frame plaintext either side may ever announce (the negotiated limit is at most this).
 pub const MAX_FRAME_PLAINTEXT: usize = 16 * 1024;
@@ -57,7 +57,7 @@ impl LengthMasks {
 
 /// Seals the frames of one direction, numbering them 0, 1, 2, … .
 pub struct FrameWriter {
-    keys: DirectionKeys,
+    keys: GenerationKeys,
     masks: LengthMasks,
     next: u64,
 }
@@ -66,7 +66,7 @@ impl FrameWriter {
     /// Writer of `direction`'s frames from the session secret.
     pub fn new(secret: &Key32, direction: Direction) -> Self {
         FrameWriter {
-            keys: DirectionKeys::new(secret, direction),
+            keys: GenerationKeys::new(secret, direction.frame_key_label()),
             masks: LengthMasks::new(secret, direction),
             next: 0,
         }
@@ -110,7 +110,7 @@ pub struct OpenedFrame {
 
 /// Finds and opens the frames of one direction in the received byte stream.
 pub struct FrameReader {
-    keys: DirectionKeys,
+    keys: GenerationKeys,
     masks: LengthMasks,
     next: u64,
     /// Largest sealed length (plaintext limit + tag) accepted.
@@ -125,7 +125,7 @@ impl FrameReader {
     /// (clamped to 1 ..= [`MAX_FRAME_PLAINTEXT`]).
     pub fn new(secret: &Key32, direction: Direction, plaintext_limit: usize) -> Self {
         FrameReader {
-            keys: DirectionKeys::new(secret, direction),
+            keys: GenerationKeys::new(secret, direction.frame_key_label()),
             masks: LengthMasks::new(secret, direction),
             next: 0,
             max_sealed: plaintext_limit.clamp(1, MAX_FRAME_PLAINTEXT) + TAG_LEN,
@@ -349,6 +349,21 @@ mod tests {
         if let Ok((frames, _)) = read_some(&mut r, &stream, 1 << 20) {
             assert!(frames.is_empty(), "opened with the wrong keys");
         }
+    }
+
+    /// Frames have their own keys: frame n and datagram n of a session (same secret, same
+    /// number) never share a key and nonce.
+    #[test]
+    fn frame_keys_are_not_the_datagram_keys() {
+        use crate::proto::crypto::{PacketAead, label, prf_labeled};
+        let mut writer = FrameWriter::new(&SECRET, DIR);
+        let mut frame = vec![0u8; 64 + FRAME_OVERHEAD];
+        writer.seal(&mut frame, 64).unwrap();
+        let datagram_key = prf_labeled(&SECRET, label::C2S_KEY, 0);
+        let mut body = vec![0u8; 64];
+        let tag = PacketAead::new(&datagram_key).seal(0, &frame[..LENGTH_LEN], &mut body);
+        assert_ne!(body, frame[LENGTH_LEN..LENGTH_LEN + 64]);
+        assert_ne!(tag[..], frame[LENGTH_LEN + 64..]);
     }
 
     #[test]

@@ -364,8 +364,10 @@ impl ServerEndpoint {
     /// left the window are skipped. An incomplete record (the previous run did not stop
     /// gracefully, so it may have answered hellos the record misses) makes every hello made
     /// before or in the second `unix_secs` get silence (a crashed server may be restarted within
-    /// the second): a captured hello is never answered twice, at the cost of one retry for a
-    /// client whose hello was made before the restart.
+    /// the second), by the hello's own timestamp: a captured hello is not answered twice unless
+    /// its client's clock ran ahead of the server's by more than the downtime (the clock window
+    /// accepts up to 120 s ahead). A client whose hello was made before the restart retries; one
+    /// whose clock is behind gets silence until its clock passes the restart (at most 120 s).
     pub fn import_hello_record(
         &mut self,
         unix_secs: u64,

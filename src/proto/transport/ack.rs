@@ -43,8 +43,11 @@ pub const QUICK_START_PACKETS: u64 = 100;
 /// 20 it is level).
 pub const QUICK_AFTER_GAP: u64 = 20;
 
-// Decimation never leaves the peer blocked on our token window: the window end we announce
-// with each ACK stays ahead of what it may send before the next ACK, with its probe reserve.
+// The count threshold alone never blocks the peer on our token window: an ACK goes out at
+// least every DECIMATED_THRESHOLD packets, and the window end it announces is at least
+// INITIAL_AHEAD beyond the largest received, more than the threshold plus the probe reserve.
+// (With more packets in flight than that, the window has grown with the dense traffic; the ACK
+// timer bounds the rest.)
 const _: () = assert!(
     DECIMATED_THRESHOLD as u64 + crate::proto::session::PROBE_RESERVE
         < crate::proto::packet::INITIAL_AHEAD / 2
