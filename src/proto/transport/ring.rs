@@ -1,10 +1,13 @@
 //! A growable byte ring with a hard capacity limit, used for stream send and receive buffers.
 //!
 //! Positions are relative to the head (the oldest byte still held). Storage grows by doubling up
-//! to the limit and shrinks when the contents fall to a quarter of it (both amortised, never per
-//! packet), so what a ring holds in memory stays within a small factor of what it holds in data:
-//! a stream that once took a burst does not keep the burst's storage while it trickles. The last
-//! few KiB are released by [`ByteRing::shrink_if_empty`] when the session goes idle.
+//! to the limit (amortised, never per packet). A send buffer consumes with
+//! [`ByteRing::consume_and_fit`], which also halves storage once the contents fall to a quarter of
+//! it (down to [`KEEP_WHILE_BUSY`]), so what it holds in memory stays within a small factor of what
+//! it holds in data: a stream that once took a burst does not keep the burst's storage while it
+//! trickles (the server charges a user for this storage). A receive buffer, emptied by every read,
+//! keeps its storage while busy (no reallocation per read). Everything is released by
+//! [`ByteRing::shrink_if_empty`] when the session goes idle.
 
 #[derive(Debug, Clone)]
 pub struct ByteRing {
@@ -16,6 +19,9 @@ pub struct ByteRing {
 }
 
 const MIN_ALLOC: usize = 4096;
+/// [`ByteRing::consume_and_fit`] never shrinks below this (one pipe read): a ring that a stream
+/// fills and empties in small steps is not reallocated on every step.
+pub const KEEP_WHILE_BUSY: usize = 16 * 1024;
 
 impl ByteRing {
     pub fn new(limit: usize) -> Self {
@@ -124,23 +130,19 @@ impl ByteRing {
         if self.len == 0 {
             self.head = 0;
         }
-        self.shrink_to_fit_contents();
     }
 
-    /// Halves storage (or more) once the contents fill at most a quarter of it: memory stays
-    /// within 4× the contents (plus [`MIN_ALLOC`]), and a shrink copies at most a quarter of what
-    /// the ring had to take in to grow to that size, so the copying stays amortised.
-    fn shrink_to_fit_contents(&mut self) {
+    /// [`ByteRing::consume`], then halves storage (or more) once the contents fill at most a
+    /// quarter of it, never below [`KEEP_WHILE_BUSY`]: memory stays within 4× the contents (or
+    /// that floor), and a shrink copies at most a quarter of what the ring had to take in to grow
+    /// to that size, so the copying stays amortised.
+    pub fn consume_and_fit(&mut self, n: usize) {
+        self.consume(n);
         let cap = self.buf.len();
-        if cap <= MIN_ALLOC || self.len > cap / 4 {
+        if cap <= KEEP_WHILE_BUSY || self.len > cap / 4 {
             return;
         }
-        if self.len == 0 {
-            self.buf = Vec::new();
-            self.head = 0;
-            return;
-        }
-        self.reallocate((self.len * 2).next_power_of_two().max(MIN_ALLOC));
+        self.reallocate((self.len * 2).next_power_of_two().max(KEEP_WHILE_BUSY));
     }
 
     /// Frees storage if the ring is empty and holds more than `keep` bytes of capacity.
@@ -179,7 +181,7 @@ mod tests {
         assert_eq!(r.capacity(), 1 << 20);
         // A burst taken and then acknowledged down to a trickle: storage shrinks with it, and
         // the bytes still held survive every move.
-        r.consume(590_000);
+        r.consume_and_fit(590_000);
         assert!(r.capacity() <= 4 * 10_000 + MIN_ALLOC, "{}", r.capacity());
         let mut out = vec![0u8; 10_000];
         r.copy_out(0, &mut out);
@@ -187,17 +189,24 @@ mod tests {
         // Wrapped contents move intact too.
         let cap = r.capacity();
         assert_eq!(r.push(&data[..cap - 10_000]), cap - 10_000);
-        r.consume(cap - 3000);
+        r.consume_and_fit(cap - 3000);
         let mut tail = vec![0u8; 3000];
         r.copy_out(0, &mut tail);
         assert_eq!(tail, &data[cap - 13_000..cap - 10_000]);
-        assert!(r.capacity() <= 4 * 3000 + MIN_ALLOC);
-        r.consume(3000);
-        assert_eq!(r.capacity(), 0, "an emptied ring holds nothing");
-        // Small rings are left alone: no reallocation churn for a stream's last few KiB.
-        r.push(&data[..1000]);
-        r.consume(900);
-        assert_eq!(r.capacity(), MIN_ALLOC);
+        assert_eq!(r.capacity(), KEEP_WHILE_BUSY, "never below the busy floor");
+        // At the floor a ring that fills and empties in small steps is never reallocated.
+        for _ in 0..100 {
+            r.push(&data[..5000]);
+            r.consume_and_fit(r.len());
+            assert_eq!(r.capacity(), KEEP_WHILE_BUSY);
+        }
+        // Plain `consume` (receive buffers, emptied by every read) keeps storage while busy.
+        let mut recv = ByteRing::new(1 << 20);
+        recv.push(&data[..300_000]);
+        recv.consume(300_000);
+        assert_eq!(recv.capacity(), 1 << 19);
+        recv.shrink_if_empty(0);
+        assert_eq!(recv.capacity(), 0, "released when the session goes idle");
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl SendHalf {
                 break;
             }
             let n = (first.end - self.base) as usize;
-            self.buf.consume(n);
+            self.buf.consume_and_fit(n);
             freed += n;
             self.base = first.end;
             self.acked.remove(first);
