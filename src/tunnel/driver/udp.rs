@@ -95,15 +95,29 @@ enum Sent {
 }
 
 /// A tunnel UDP socket and what it offloads: GSO (a batch of equal datagrams in one send; probed
-/// when created, turned off for good the first time the kernel refuses a batch with `EIO` or
-/// `EINVAL`, the batch then going out as single datagrams) and GRO (several datagrams per read).
-/// With [`UdpOffload::Off`], and on systems other than Linux, one datagram per system call.
+/// when created) and GRO (several datagrams per read). When the kernel refuses a segmented send
+/// (`EIO`, `EINVAL`: the route's device cannot segment, or one destination's path MTU is below
+/// the segment size) the batch goes out as single datagrams, that destination gets single
+/// datagrams from then on, and GSO is turned off for the socket only after
+/// [`GSO_REFUSALS_TO_DISABLE`] refusals in a row — one peer behind a small-MTU tunnel does not
+/// cost every other user of a listen socket its offload. With [`UdpOffload::Off`], and on systems
+/// other than Linux, one datagram per system call.
 pub struct Socket {
     sock: UdpSocket,
     gso: bool,
     gro: bool,
+    /// Segmented sends refused in a row (reset by one that succeeds).
+    gso_refusals: u32,
+    /// Destinations that refused a segmented send (at most [`REFUSING_PEERS`], oldest dropped;
+    /// `None`: the connected peer).
+    refusing: Vec<Option<SocketAddr>>,
     counts: IoCounts,
 }
+
+/// Refused segmented sends in a row (whatever the destination) that turn GSO off for a socket.
+pub const GSO_REFUSALS_TO_DISABLE: u32 = 8;
+/// Destinations remembered as refusing segmented sends, per socket.
+const REFUSING_PEERS: usize = 16;
 
 impl Socket {
     /// Wraps `sock`, probing GSO and turning GRO on unless `mode` is `Off`.
@@ -116,6 +130,8 @@ impl Socket {
             sock,
             gso,
             gro,
+            gso_refusals: 0,
+            refusing: Vec::new(),
             counts: IoCounts::default(),
         }
     }
@@ -194,31 +210,43 @@ impl Socket {
     /// connected peer): one GSO send when the socket can, else one send per datagram.
     fn send_batch(&mut self, data: &[u8], segment: usize, to: Option<SocketAddr>) -> Sent {
         let segment = segment.clamp(1, data.len().max(1));
-        if self.gso && data.len() > segment {
+        if self.gso && data.len() > segment && !self.refusing.contains(&to) {
             self.counts.send_calls += 1;
             match send_gso(&self.sock, data, segment, to) {
                 Ok(()) => {
+                    self.gso_refusals = 0;
                     self.counts.datagrams_sent += data.len().div_ceil(segment) as u64;
                     return Sent::All { lost: 0 };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Sent::Partly { bytes: 0 };
                 }
-                Err(e) if gso_refused(&e) => {
-                    log::info!(
-                        "udp: the kernel refused a segmented send ({e}); this socket sends single datagrams from now on"
-                    );
-                    self.gso = false;
-                }
-                Err(e) => {
-                    log::debug!("udp send to {to:?}: {e}");
-                    return Sent::All {
-                        lost: data.len().div_ceil(segment),
-                    };
-                }
+                Err(e) if gso_refused(&e) => self.gso_refused_by(to, &e),
+                // Anything else (say a pending ICMP error on a connected socket) may concern
+                // only the first datagram: the batch goes out one by one.
+                Err(e) => log::debug!("udp segmented send to {to:?}: {e}"),
             }
         }
         self.send_singles(data, segment, to)
+    }
+
+    /// The kernel refused a segmented send to `to`: single datagrams for that destination from
+    /// now on, and for the whole socket after [`GSO_REFUSALS_TO_DISABLE`] refusals in a row.
+    fn gso_refused_by(&mut self, to: Option<SocketAddr>, e: &io::Error) {
+        self.gso_refusals += 1;
+        if self.refusing.len() == REFUSING_PEERS {
+            self.refusing.remove(0);
+        }
+        self.refusing.push(to);
+        if self.gso_refusals >= GSO_REFUSALS_TO_DISABLE {
+            log::info!(
+                "udp: the kernel refused {} segmented sends in a row ({e}); this socket sends single datagrams from now on",
+                self.gso_refusals
+            );
+            self.gso = false;
+        } else {
+            log::debug!("udp: segmented send to {to:?} refused ({e}); single datagrams to it");
+        }
     }
 
     fn send_singles(&mut self, data: &[u8], segment: usize, to: Option<SocketAddr>) -> Sent {
@@ -694,7 +722,9 @@ mod tests {
     }
 
     /// More segments than the kernel's `UDP_MAX_SEGMENTS` (64; 128 since Linux 6.x): the
-    /// segmented send fails with `EINVAL`, like a device that cannot segment.
+    /// segmented send fails with `EINVAL`, like a destination whose path cannot carry a segment.
+    /// Nothing is lost; that destination gets single datagrams, others keep GSO, and only
+    /// refusals in a row turn it off for the socket.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_batch_the_kernel_refuses_goes_out_as_single_datagrams_and_gso_stays_off() {
@@ -704,16 +734,38 @@ mod tests {
         let to = rx.local_addr().unwrap();
         let data = batch(200, 64, 64);
         assert_eq!(send(&mut sock, &data, 64, to), SendOutcome::Sent);
-        assert_eq!(sock.max_segments(), 1, "GSO is off for this socket");
         let c = sock.counts();
         assert_eq!((c.send_calls, c.datagrams_sent), (201, 200));
         let want: Vec<Vec<u8>> = data.chunks(64).map(<[u8]>::to_vec).collect();
         assert_eq!(receive_all(&rx, 200), want, "nothing lost, in order");
-        // The next batch goes out as single datagrams straight away.
+        // That destination gets single datagrams straight away...
         let data = batch(3, 1000, 10);
         assert_eq!(send(&mut sock, &data, 1000, to), SendOutcome::Sent);
         assert_eq!(sock.counts().send_calls, 204);
         assert_eq!(receive_all(&rx, 3).concat(), data);
+        // ...while another one still gets one segmented send.
+        let rx2 = plain_receiver();
+        let to2 = rx2.local_addr().unwrap();
+        assert_eq!(send(&mut sock, &data, 1000, to2), SendOutcome::Sent);
+        assert_eq!(sock.counts().send_calls, 205);
+        assert_eq!(receive_all(&rx2, 3).concat(), data);
+        assert!(
+            sock.max_segments() > 1,
+            "one refusing destination keeps GSO on"
+        );
+        // Refusals in a row from many destinations: the socket gives GSO up.
+        let receivers: Vec<std::net::UdpSocket> = (0..GSO_REFUSALS_TO_DISABLE)
+            .map(|_| plain_receiver())
+            .collect();
+        let big = batch(200, 64, 64);
+        for r in &receivers {
+            assert_eq!(
+                send(&mut sock, &big, 64, r.local_addr().unwrap()),
+                SendOutcome::Sent
+            );
+            assert_eq!(receive_all(r, 200).len(), 200);
+        }
+        assert_eq!(sock.max_segments(), 1, "GSO is off for this socket");
     }
 
     #[test]
