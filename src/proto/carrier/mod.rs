@@ -1,9 +1,11 @@
 //! The TCP carrier (docs/PROTOCOL.md §7): the same session over one TCP connection where UDP is
 //! blocked. [`records`] owns the hello and reply records (masked lengths, bound to each other),
+//! [`gate`] the server's decision on a connection's first bytes,
 //! [`frames`] the data frames. Sans-IO: the caller owns the socket and its bounded buffers, and
 //! nothing here panics on input. (Not wired into the loops yet: issue 12.)
 
 pub mod frames;
+pub mod gate;
 pub mod records;
 
 pub use frames::{
