@@ -5,6 +5,12 @@
 //! packet), so what a ring holds in memory stays within a small factor of what it holds in data:
 //! a stream that once took a burst does not keep the burst's storage while it trickles. The last
 //! few KiB are released by [`ByteRing::shrink_if_empty`] when the session goes idle.
+//!
+//! A ring that fills and empties over and over (a receive buffer taking a batch of datagrams and
+//! handing it to a socket right away) would free its storage at every empty and grow it again by
+//! doubling at the next batch: allocation, zeroing and copying on every batch. Such a ring keeps
+//! a *retained* floor of storage ([`ByteRing::with_retain`]) while it drains; only storage above
+//! the floor follows the contents down, and an idle session still frees it all.
 
 #[derive(Debug, Clone)]
 pub struct ByteRing {
@@ -13,17 +19,26 @@ pub struct ByteRing {
     /// Bytes from head that are logically part of the ring (may include unwritten holes).
     len: usize,
     limit: usize,
+    /// Storage kept while draining (0: storage follows the contents all the way down).
+    retain: usize,
 }
 
 const MIN_ALLOC: usize = 4096;
 
 impl ByteRing {
     pub fn new(limit: usize) -> Self {
+        Self::with_retain(limit, 0)
+    }
+
+    /// A ring that, once it has grown, keeps up to `retain` bytes of storage while it drains
+    /// (released by [`ByteRing::shrink_if_empty`]).
+    pub fn with_retain(limit: usize, retain: usize) -> Self {
         Self {
             buf: Vec::new(),
             head: 0,
             len: 0,
             limit,
+            retain: retain.min(limit),
         }
     }
 
@@ -130,17 +145,22 @@ impl ByteRing {
     /// Halves storage (or more) once the contents fill at most a quarter of it: memory stays
     /// within 4× the contents (plus [`MIN_ALLOC`]), and a shrink copies at most a quarter of what
     /// the ring had to take in to grow to that size, so the copying stays amortised.
+    /// A retaining ring never shrinks below its floor here.
     fn shrink_to_fit_contents(&mut self) {
         let cap = self.buf.len();
-        if cap <= MIN_ALLOC || self.len > cap / 4 {
+        let floor = self.retain.max(MIN_ALLOC);
+        if cap <= floor || self.len > cap / 4 {
             return;
         }
-        if self.len == 0 {
+        if self.len == 0 && self.retain == 0 {
             self.buf = Vec::new();
             self.head = 0;
             return;
         }
-        self.reallocate((self.len * 2).next_power_of_two().max(MIN_ALLOC));
+        let target = (self.len * 2).next_power_of_two().max(floor);
+        if target < cap {
+            self.reallocate(target);
+        }
     }
 
     /// Frees storage if the ring is empty and holds more than `keep` bytes of capacity.
@@ -198,6 +218,47 @@ mod tests {
         r.push(&data[..1000]);
         r.consume(900);
         assert_eq!(r.capacity(), MIN_ALLOC);
+    }
+
+    #[test]
+    fn a_retaining_ring_keeps_its_floor_through_fill_and_drain_cycles() {
+        let retain = 128 * 1024;
+        let mut r = ByteRing::with_retain(1 << 21, retain);
+        let batch: Vec<u8> = (0..=255).cycle().take(90_000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&batch), batch.len());
+        let cap = r.capacity();
+        assert_eq!(cap, retain);
+        let mut out = vec![0u8; 16 * 1024];
+        for round in 0..5 {
+            // Drained in socket-sized pieces down to empty: the storage stays (no regrowth by
+            // doubling at the next batch), and the bytes come out in order.
+            let mut taken = 0;
+            while !r.is_empty() {
+                let n = out.len().min(r.len());
+                r.copy_out(0, &mut out[..n]);
+                assert_eq!(&out[..n], &batch[taken..taken + n], "round {round}");
+                r.consume(n);
+                taken += n;
+                assert_eq!(r.capacity(), cap, "round {round}");
+            }
+            assert_eq!(r.push(&batch), batch.len());
+            assert_eq!(r.capacity(), cap, "round {round}");
+        }
+        // A burst beyond the floor shrinks back to the floor, not below, and keeps its bytes.
+        r.consume(r.len());
+        let big: Vec<u8> = (0..=255).cycle().take(600_000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&big), big.len());
+        assert_eq!(r.capacity(), 1 << 20);
+        r.consume(590_000);
+        assert_eq!(r.capacity(), retain);
+        let mut tail = vec![0u8; 10_000];
+        r.copy_out(0, &mut tail);
+        assert_eq!(tail, &big[590_000..]);
+        // An idle session still frees it all.
+        r.consume(10_000);
+        assert_eq!(r.capacity(), retain);
+        r.shrink_if_empty(0);
+        assert_eq!(r.capacity(), 0);
     }
 
     #[test]

@@ -258,6 +258,13 @@ pub enum RecvError {
     TooFragmented,
 }
 
+/// Receive-buffer storage a stream keeps while it drains (freed when the session goes idle or
+/// the stream ends): a batch of datagrams (up to 64 × ~1.4 KB) fits, so a stream whose bytes
+/// go to the socket as fast as they arrive does not free and regrow its buffer per batch.
+/// Receive storage is not charged to a user's buffered-bytes share (send storage is, and keeps
+/// following its contents).
+const RECV_RETAIN: usize = 128 * 1024;
+
 #[derive(Debug)]
 pub struct RecvHalf {
     buf: ByteRing,
@@ -277,7 +284,7 @@ pub struct RecvHalf {
 impl RecvHalf {
     pub fn new(window: u64, range_limit: usize) -> Self {
         Self {
-            buf: ByteRing::new(window as usize),
+            buf: ByteRing::with_retain(window as usize, RECV_RETAIN),
             read: 0,
             received: RangeSet::new(range_limit),
             highest: 0,
