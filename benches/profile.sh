@@ -93,14 +93,74 @@ fi
 
 if [[ -z ${NO_BUILD:-} ]]; then
     log "building release with line tables into $PROF_TARGET"
-    (cd "$ROOT" && CARGO_TARGET_DIR=$PROF_TARGET CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
-        CARGO_PROFILE_RELEASE_STRIP=false cargo build --release --bin ostp --example bulk_http) >&2 ||
-        { echo "build failed" >&2; exit 1; }
+    # Two builds, as in tunnel.sh: built together, the example's dev-dependency would switch the
+    # test-util feature on in the profiled binary too.
+    for what in "--example bulk_http" "--bin ostp"; do
+        # shellcheck disable=SC2086
+        (cd "$ROOT" && CARGO_TARGET_DIR=$PROF_TARGET CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+            CARGO_PROFILE_RELEASE_STRIP=false cargo build --release $what) >&2 ||
+            { echo "build failed" >&2; exit 1; }
+    done
 fi
 [[ -x $OSTP && -x $BULK ]] || { echo "missing $OSTP or $BULK (run without NO_BUILD)" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
 # one profiled run
+
+# selfcost FILE MODE: self cost per function (MODE fn) or per source file (MODE file) from a
+# callgrind.out file, largest first. callgrind_annotate's own self view mixes inlined code into
+# the thread entry points in LTO builds, so the format is read directly: each cost line belongs
+# to the current fn= (function) and fl=/fi=/fe= (source file); the line after calls= is the
+# callee's inclusive cost and is skipped.
+selfcost() {
+    awk -v mode="$2" '
+        function nm(kind, v,   id, rest) {
+            id = v; sub(/\).*/, "", id); sub(/^\(/, "", id)
+            rest = v; if (sub(/^\([0-9]+\) /, "", rest)) names[kind, id] = rest
+            return names[kind, id]
+        }
+        /^[0-9+*-]/ {
+            if (skip) { skip = 0; next }
+            n = split($0, f, " "); c = f[n] + 0
+            if (mode == "fn") cost[fn] += c; else cost[cur] += c
+            total += c
+            next
+        }
+        /^fn=/ { fn = nm("fn", substr($0, 4)); cur = fl; next }
+        /^fl=/ { fl = nm("fl", substr($0, 4)); cur = fl; next }
+        /^f[ie]=/ { cur = nm("fl", substr($0, 4)); next }
+        /^cf[il]=/ { nm("fl", substr($0, 5)); next }
+        /^cfn=/ { nm("fn", substr($0, 5)); next }
+        /^calls=/ { skip = 1; next }
+        END {
+            for (k in cost) {
+                name = k; sub(/^.*\/(src|library)\//, "", name)
+                printf "%14d %5.1f%%  %s\n", cost[k], 100 * cost[k] / total, substr(name, 1, 140)
+            }
+        }' "$1" | sort -rn
+}
+
+# callers FILE REGEX: inclusive cost of calls into functions matching REGEX, per caller.
+callers() {
+    awk -v pat="$2" '
+        function nm(kind, v,   id, rest) {
+            id = v; sub(/\).*/, "", id); sub(/^\(/, "", id)
+            rest = v; if (sub(/^\([0-9]+\) /, "", rest)) names[kind, id] = rest
+            return names[kind, id]
+        }
+        /^[0-9+*-]/ {
+            if (skip) { skip = 0; if (callee ~ pat) cost[fn " -> " callee] += $NF }
+            next
+        }
+        /^fn=/ { fn = nm("fn", substr($0, 4)); next }
+        /^cfn=/ { callee = nm("fn", substr($0, 5)); next }
+        /^calls=/ { skip = 1; next }
+        /^summary:/ { total = $2 }
+        END {
+            for (k in cost)
+                printf "%14d %5.1f%%  %s\n", cost[k], 100 * cost[k] / total, substr(k, 1, 140)
+        }' "$1" | sort -rn
+}
 
 # report NAME FILE: instructions per MB and the top functions and files.
 report() {
@@ -111,18 +171,17 @@ report() {
     echo
     echo "### top $TOP functions by inclusive cost"
     callgrind_annotate --inclusive=yes --threshold=100 "$file" 2>/dev/null |
-        awk '/^-+$/ {n++; next} n >= 3 && NF' | head -n "$TOP"
+        awk '/^-+$/ {n++; next} n >= 3 && NF' | grep -v -e 'PROGRAM TOTALS' -e 'file:function' |
+        head -n "$TOP"
     echo
     echo "### top $TOP functions by self cost"
-    callgrind_annotate --inclusive=no --threshold=100 "$file" 2>/dev/null |
-        awk '/^-+$/ {n++; next} n >= 3 && NF' | head -n "$TOP"
+    selfcost "$file" fn | head -n "$TOP"
     echo
     echo "### top $TOP source files by self cost (inlined code counted where it was written)"
-    callgrind_annotate --inclusive=no --threshold=100 "$file" 2>/dev/null |
-        awk '/^-+$/ {n++; next} n >= 3 && NF {
-                gsub(",", "", $1); split($2, a, ":"); f = a[1]
-                sub(/.*\/(src|library)\//, "", f); cost[f] += $1
-             } END {for (f in cost) printf "%15.0f  %s\n", cost[f], f}' | sort -rn | head -n "$TOP"
+    selfcost "$file" file | head -n "$TOP"
+    echo
+    echo "### copying and allocation by caller"
+    callers "$file" '^(__mem(cpy|move|set)|malloc|calloc|realloc|free)' | head -n 10
 }
 
 # profile_side SIDE: origin, server, client (SIDE under callgrind), one download.

@@ -1,8 +1,10 @@
 //! Splicing one TCP socket to one tunnel stream: the byte pump shared by the server (outbound
 //! connections) and the client (local proxy connections).
 //!
-//! Each direction has one fixed buffer of [`PIPE_BUF`] bytes, allocated once per connection, so
-//! memory per connection is bounded and nothing is allocated per packet. Backpressure runs both
+//! Socket → stream goes through one fixed buffer of [`PIPE_BUF`] bytes, allocated on first use;
+//! stream → socket writes straight from the stream's receive buffer (no copy in between; the
+//! other buffer only ever holds the proxy reply). Memory per connection is bounded and nothing
+//! is allocated per packet. Backpressure runs both
 //! ways: when the stream's send buffer is full the socket is no longer read (the TCP window closes
 //! towards the sender); when the socket cannot take more, the stream is no longer read (the
 //! tunnel's flow-control window closes towards the peer).
@@ -97,7 +99,7 @@ impl Chunk {
 pub struct Moved {
     /// Socket → stream (accepted by the stream).
     pub to_stream: u64,
-    /// Stream → socket (read from the stream).
+    /// Stream → socket (written to the socket, and so read from the stream).
     pub to_socket: u64,
 }
 
@@ -204,6 +206,8 @@ impl Pipe {
             return Err(ReplyError::TooLong);
         }
         debug_assert!(self.to_socket.is_empty());
+        // Only the reply ever goes through this buffer: allocate just what it needs.
+        self.to_socket = Chunk::new(reply.len());
         self.to_socket.fill_from(reply);
         self.awaiting_reply = false;
         Ok(())
@@ -343,33 +347,38 @@ impl Pipe {
             if *budget == 0 {
                 return Ok(());
             }
-            let limit = usize::try_from(*budget).unwrap_or(usize::MAX);
-            // Until the stream has bytes, read through a 1-byte probe so an idle direction
-            // allocates no buffer (a FIN alone reads as 0 either way).
-            let mut probe = [0u8; 1];
-            let unallocated = self.to_socket.allocated() == 0
-                && tr
-                    .stream_stats(self.stream)
-                    .is_some_and(|s| s.recv_buffered == 0);
-            let into = if unallocated {
-                &mut probe[..]
-            } else {
-                self.to_socket.space(limit)
-            };
-            match tr.stream_read(self.stream, into) {
-                Ok(0) => self.stream_eof = true,
-                Ok(n) => {
-                    if unallocated {
-                        self.to_socket.fill_from(&probe[..n]);
-                    } else {
-                        self.to_socket.filled(n);
-                    }
-                    moved.to_socket += n as u64;
-                    *budget = budget.saturating_sub(n as u64);
-                }
-                Err(StreamError::Blocked) => return Ok(()),
+            // The socket takes the bytes straight from the stream's receive buffer: no copy.
+            let data = match tr.stream_peek(self.stream) {
+                Ok((first, _)) => first,
                 Err(_) => return Err(PipeEnd::StreamGone),
+            };
+            if data.is_empty() {
+                match tr.stream_consume(self.stream, 0) {
+                    Ok(_) => self.stream_eof = true,
+                    Err(StreamError::Blocked) => return Ok(()),
+                    Err(_) => return Err(PipeEnd::StreamGone),
+                }
+                continue;
             }
+            if !self.sock_writable {
+                return Ok(());
+            }
+            let limit = usize::try_from(*budget).unwrap_or(usize::MAX);
+            let n = match sock.write(&data[..data.len().min(limit)]) {
+                Ok(0) => return Err(PipeEnd::SocketError),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.sock_writable = false;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(PipeEnd::SocketError),
+            };
+            if tr.stream_consume(self.stream, n).is_err() {
+                return Err(PipeEnd::StreamGone);
+            }
+            moved.to_socket += n as u64;
+            *budget = budget.saturating_sub(n as u64);
         }
     }
 
@@ -513,6 +522,95 @@ mod tests {
             Pipe::new(id, &[]).send_reply(b"x"),
             Err(ReplyError::NotAwaiting)
         );
+    }
+
+    /// A socket that takes at most `max_write` bytes per call and would block on every other
+    /// call (a slow application reading through a small TCP window).
+    struct SlowSock {
+        inner: MemSock,
+        max_write: usize,
+        block_next: bool,
+    }
+
+    impl Read for SlowSock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl Write for SlowSock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.block_next = !self.block_next;
+            if !self.block_next {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.max_write);
+            self.inner.write(&buf[..n])
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ShutdownWrite for SlowSock {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.inner.shutdown_write()
+        }
+    }
+
+    /// Stream → socket writes straight from the stream's receive buffer: a transfer larger than
+    /// the buffer (so it wraps), through a socket taking odd-sized pieces and blocking often,
+    /// arrives whole and in order, is counted once, and the pipe allocates no buffer for it.
+    #[test]
+    fn stream_to_socket_moves_in_place_through_partial_writes() {
+        let mut now = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
+        let id = client
+            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
+            .unwrap();
+        deliver(&mut server, now, transmit(&mut client, now));
+        server.answer_open(id, OpenResult::Ok).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut sock = SlowSock {
+            inner: MemSock::default(),
+            max_write: 7_001,
+            block_next: false,
+        };
+        let mut pipe = Pipe::new(id, &[]);
+        pipe.sock_readable = false; // nothing comes from the socket: socket -> stream stays idle
+        let (mut written, mut moved, mut budget) = (0, 0u64, u64::MAX);
+        for _ in 0..2_000 {
+            if written < data.len() {
+                written += server.stream_write(id, &data[written..]).unwrap();
+                if written == data.len() {
+                    server.stream_finish(id).unwrap();
+                }
+            }
+            now += std::time::Duration::from_millis(5);
+            deliver(&mut client, now, transmit(&mut server, now));
+            events(&mut client);
+            sock.block_next = false; // the socket became writable again
+            pipe.sock_writable = true;
+            match pipe.pump(&mut sock, &mut client, &mut budget) {
+                Ok(m) => moved += m.to_socket,
+                Err((end, m)) => {
+                    moved += m.to_socket;
+                    assert_eq!(end, PipeEnd::Done);
+                    break;
+                }
+            }
+            assert_eq!(pipe.buffer_bytes(), 0, "stream -> socket used a pipe buffer");
+            deliver(&mut server, now, transmit(&mut client, now));
+            events(&mut server);
+            if sock.inner.output.len() == data.len() && sock.inner.shut {
+                break;
+            }
+        }
+        assert_eq!(sock.inner.output.len(), data.len());
+        assert!(sock.inner.output == data, "bytes reordered or corrupted");
+        assert!(sock.inner.shut, "the stream's FIN did not shut the socket");
+        assert_eq!(moved, data.len() as u64);
     }
 
     #[test]

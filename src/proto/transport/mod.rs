@@ -1081,6 +1081,18 @@ impl Transport {
         self.streams.read(id, buf)
     }
 
+    /// In-order data ready to read, in place (at most two slices: the buffer may wrap; both
+    /// empty when nothing is ready). Hand what was used to [`Transport::stream_consume`].
+    pub fn stream_peek(&self, id: StreamId) -> Result<(&[u8], &[u8]), StreamError> {
+        self.streams.peek(id)
+    }
+
+    /// [`Transport::stream_read`] without the copy: marks up to `n` peeked bytes as read, with
+    /// the same results (`Ok(0)`: finished and all read; `Err(Blocked)`: no data yet).
+    pub fn stream_consume(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
+        self.streams.consume(id, n)
+    }
+
     /// Finishes our direction (FIN after all written data).
     pub fn stream_finish(&mut self, id: StreamId) -> Result<(), StreamError> {
         self.check_open()?;

@@ -128,6 +128,21 @@ impl ByteRing {
         out[first..].copy_from_slice(&self.buf[..n - first]);
     }
 
+    /// The first `n` bytes from the head as at most two slices (the second is empty unless the
+    /// range wraps), read in place without copying. `n` must be within the logical length.
+    pub fn as_slices(&self, n: usize) -> (&[u8], &[u8]) {
+        debug_assert!(n <= self.len);
+        let cap = self.buf.len();
+        if cap == 0 || n == 0 {
+            return (&[], &[]);
+        }
+        let first = n.min(cap - self.head);
+        (
+            &self.buf[self.head..self.head + first],
+            &self.buf[..n - first],
+        )
+    }
+
     /// Drops `n` bytes from the head.
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.len);
@@ -259,6 +274,22 @@ mod tests {
         assert_eq!(r.capacity(), retain);
         r.shrink_if_empty(0);
         assert_eq!(r.capacity(), 0);
+    }
+
+    #[test]
+    fn slices_read_wrapped_contents_in_place() {
+        let mut r = ByteRing::new(MIN_ALLOC);
+        let data: Vec<u8> = (0..=255).cycle().take(6000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&data[..4000]), 4000);
+        r.consume(3000);
+        assert_eq!(r.push(&data[4000..]), 2000);
+        // Head at 3000 of 4096: 1096 bytes before the wrap, 1904 after it.
+        let (a, b) = r.as_slices(r.len());
+        assert_eq!((a.len(), b.len()), (1096, 1904));
+        assert_eq!([a, b].concat(), &data[3000..]);
+        let (a, b) = r.as_slices(10);
+        assert_eq!((a, b.len()), (&data[3000..3010], 0));
+        assert_eq!(ByteRing::new(10).as_slices(0), (&[][..], &[][..]));
     }
 
     #[test]

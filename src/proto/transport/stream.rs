@@ -366,6 +366,20 @@ impl RecvHalf {
             return 0;
         }
         self.buf.copy_out(0, &mut out[..n]);
+        self.advance(n)
+    }
+
+    /// The readable bytes in place, as at most two slices (the buffer may wrap).
+    pub fn peek(&self) -> (&[u8], &[u8]) {
+        self.buf.as_slices(self.readable())
+    }
+
+    /// Marks up to `n` readable bytes as read (after [`RecvHalf::peek`]); returns the count.
+    pub fn advance(&mut self, n: usize) -> usize {
+        let n = n.min(self.readable());
+        if n == 0 {
+            return 0;
+        }
         self.buf.consume(n);
         self.read += n as u64;
         self.received.remove_below(self.read);

@@ -861,15 +861,25 @@ impl StreamsState {
     }
 
     fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        let missing = self.missing(id);
+        self.streams.get_mut(&id.0).ok_or(missing)
+    }
+
+    fn stream_ref(&self, id: StreamId) -> Result<&Stream, StreamError> {
+        self.streams.get(&id.0).ok_or_else(|| self.missing(id))
+    }
+
+    /// The error for a stream that is not in the set: closed, or never opened.
+    fn missing(&self, id: StreamId) -> StreamError {
         let known = if self.is_local(id) {
             id.seq() < self.next_local_seq
         } else {
             id.seq() < self.next_peer_seq
         };
-        match self.streams.get_mut(&id.0) {
-            Some(s) => Ok(s),
-            None if known => Err(StreamError::Closed),
-            None => Err(StreamError::UnknownStream),
+        if known {
+            StreamError::Closed
+        } else {
+            StreamError::UnknownStream
         }
     }
 
@@ -945,12 +955,31 @@ impl StreamsState {
 
     /// Reads in-order data (see [`super::Transport::stream_read`]).
     pub(super) fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let (a, b) = self.peek(id)?;
+        let first = a.len().min(buf.len());
+        let second = b.len().min(buf.len() - first);
+        buf[..first].copy_from_slice(&a[..first]);
+        buf[first..first + second].copy_from_slice(&b[..second]);
+        self.consume(id, first + second)
+    }
+
+    /// In-order data in place (see [`super::Transport::stream_peek`]).
+    pub(super) fn peek(&self, id: StreamId) -> Result<(&[u8], &[u8]), StreamError> {
+        let s = self.stream_ref(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        Ok(s.recv.peek())
+    }
+
+    /// Marks peeked data as read (see [`super::Transport::stream_consume`]).
+    pub(super) fn consume(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
         let s = self.stream_mut(id)?;
         if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
             return Err(StreamError::Reset(reason));
         }
         s.readable_notified = false;
-        let n = s.recv.read(buf);
+        let n = s.recv.advance(n);
         if n == 0 {
             if s.recv.is_finished() {
                 s.finished_notified = true;
