@@ -73,7 +73,11 @@ mod tests {
             }
         }
         // 4,096 keys over 1,024 buckets: about 4 each; a weak mix piles them up.
-        assert!(buckets.iter().all(|&n| n <= 16), "{:?}", buckets.iter().max());
+        assert!(
+            buckets.iter().all(|&n| n <= 16),
+            "{:?}",
+            buckets.iter().max()
+        );
     }
 
     #[test]

@@ -52,6 +52,7 @@ use super::{bind_udp, unix_now};
 use crate::config::{self, ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
+use crate::proto::id_map::IdMap;
 use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
@@ -190,7 +191,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
             state: SlotState::Idle,
             sock: None,
             client: None,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             tx: UdpTx::new(),
             ticket: None,
             readable: false,
@@ -243,7 +244,7 @@ struct Slot {
     sock: Option<udp::Socket>,
     client: Option<ClientSession>,
     /// The session's streams → the local connection of each; its length is the slot's load.
-    streams: HashMap<StreamId, usize>,
+    streams: IdMap<StreamId, usize>,
     /// A datagram the socket would not take; WRITABLE interest is registered only meanwhile.
     tx: UdpTx,
     /// The server-name lookup this slot waits for (`Resolving` only).

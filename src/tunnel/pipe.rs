@@ -600,7 +600,11 @@ mod tests {
                     break;
                 }
             }
-            assert_eq!(pipe.buffer_bytes(), 0, "stream -> socket used a pipe buffer");
+            assert_eq!(
+                pipe.buffer_bytes(),
+                0,
+                "stream -> socket used a pipe buffer"
+            );
             deliver(&mut server, now, transmit(&mut client, now));
             events(&mut server);
             if sock.inner.output.len() == data.len() && sock.inner.shut {

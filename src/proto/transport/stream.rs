@@ -360,6 +360,7 @@ impl RecvHalf {
     }
 
     /// Copies readable bytes into `out`; returns the count.
+    #[cfg(test)]
     pub fn read(&mut self, out: &mut [u8]) -> usize {
         let n = self.readable().min(out.len());
         if n == 0 {
