@@ -1,10 +1,12 @@
 //! Splicing one TCP socket to one tunnel stream: the byte pump shared by the server (outbound
 //! connections) and the client (local proxy connections).
 //!
-//! Socket → stream goes through one fixed buffer of [`PIPE_BUF`] bytes, allocated on first use;
-//! stream → socket writes straight from the stream's receive buffer (no copy in between; the
-//! other buffer only ever holds the proxy reply). Memory per connection is bounded and nothing
-//! is allocated per packet. Backpressure runs both
+//! Bytes move in place: socket reads land straight in the stream's send buffer
+//! ([`Transport::stream_write_space`], at most [`PIPE_BUF`] per read) and socket writes take
+//! them straight from its receive buffer ([`Transport::stream_peek`]), no copy in between. The
+//! pipe's own buffers hold only early bytes (read before the stream existed) and the proxy
+//! reply, each allocated for what it holds. Memory per connection is bounded and nothing is
+//! allocated per packet. Backpressure runs both
 //! ways: when the stream's send buffer is full the socket is no longer read (the TCP window closes
 //! towards the sender); when the socket cannot take more, the stream is no longer read (the
 //! tunnel's flow-control window closes towards the peer).
@@ -23,11 +25,12 @@ use std::net::Shutdown;
 
 use crate::proto::transport::{ResetReason, StreamError, StreamId, Transport};
 
-/// Bytes buffered per direction per connection.
+/// Most bytes one socket read moves into the stream (and the longest proxy reply).
 pub const PIPE_BUF: usize = 16 * 1024;
 
-/// A fixed buffer with a consumed prefix, allocated on first use (a connection that never moves
-/// bytes one way costs no buffer that way) and kept until the pipe is dropped.
+/// A buffer with a consumed prefix for bytes that cannot move in place (early bytes, the proxy
+/// reply): allocated when first filled, for `capacity` bytes, and kept until the pipe is dropped
+/// (pipe memory only grows, which the server's buffered-bytes accounting relies on).
 struct Chunk {
     buf: Box<[u8]>,
     capacity: usize,
@@ -70,19 +73,6 @@ impl Chunk {
             self.start = 0;
             self.end = 0;
         }
-    }
-
-    /// Empty buffer space of at most `limit` bytes (only when fully drained).
-    fn space(&mut self, limit: usize) -> &mut [u8] {
-        debug_assert!(self.is_empty());
-        self.allocate();
-        let n = limit.min(self.buf.len());
-        &mut self.buf[..n]
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.start = 0;
-        self.end = n;
     }
 
     fn fill_from(&mut self, data: &[u8]) {
@@ -163,7 +153,7 @@ impl Pipe {
     /// into the stream first.
     pub fn new(stream: StreamId, early: &[u8]) -> Pipe {
         // Early data (e.g. a forwarded HTTP request head) may exceed one buffer; never cut it.
-        let mut to_stream = Chunk::new(PIPE_BUF.max(early.len()));
+        let mut to_stream = Chunk::new(early.len());
         if !early.is_empty() {
             to_stream.fill_from(early);
         }
@@ -294,14 +284,28 @@ impl Pipe {
             if !self.sock_readable || *budget == 0 || self.read_limit == 0 {
                 return Ok(());
             }
+            // The socket's bytes go straight into the stream's send buffer: no copy.
             let limit = usize::try_from(*budget)
                 .unwrap_or(usize::MAX)
-                .min(self.read_limit);
-            match sock.read(self.to_stream.space(limit)) {
+                .min(self.read_limit)
+                .min(PIPE_BUF);
+            let room = match tr.stream_write_space(self.stream, limit) {
+                Ok(room) => room,
+                Err(StreamError::Finished) => return Ok(()),
+                Err(_) => return Err(PipeEnd::StreamGone),
+            };
+            if room.is_empty() {
+                return Ok(()); // stream send buffer full: wait for StreamWritable
+            }
+            match sock.read(room) {
                 Ok(0) => self.sock_eof = true,
                 Ok(n) => {
-                    self.to_stream.filled(n);
+                    if tr.stream_write_commit(self.stream, n).is_err() {
+                        return Err(PipeEnd::StreamGone);
+                    }
                     self.read_limit -= n;
+                    moved.to_stream += n as u64;
+                    *budget = budget.saturating_sub(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.sock_readable = false;
@@ -614,6 +618,66 @@ mod tests {
         assert_eq!(sock.inner.output.len(), data.len());
         assert!(sock.inner.output == data, "bytes reordered or corrupted");
         assert!(sock.inner.shut, "the stream's FIN did not shut the socket");
+        assert_eq!(moved, data.len() as u64);
+    }
+
+    /// Socket → stream reads straight into the stream's send buffer: with a buffer far smaller
+    /// than the transfer, the pipe stops when it is full, is woken by `StreamWritable` (the only
+    /// time it is pumped again here), and every byte arrives in order with no pipe buffer.
+    #[test]
+    fn socket_to_stream_reads_in_place_and_waits_for_room() {
+        let mut now = Instant::now();
+        let config = TransportConfig {
+            send_buffer: 8 * 1024,
+            session_send_buffer: 8 * 1024,
+            ..TransportConfig::default()
+        };
+        let mut client = Transport::new(config, Side::Client, now);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
+        let id = client
+            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
+            .unwrap();
+        deliver(&mut server, now, transmit(&mut client, now));
+        server.answer_open(id, OpenResult::Ok).unwrap();
+        deliver(&mut client, now, transmit(&mut server, now));
+        events(&mut client);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let mut sock = MemSock {
+            input: data.clone(),
+            ..MemSock::default()
+        };
+        let mut pipe = Pipe::new(id, &[]);
+        let (mut got, mut moved, mut budget) = (Vec::new(), 0u64, u64::MAX);
+        let mut wake = true;
+        for _ in 0..1_000 {
+            if wake {
+                let m = pipe.pump(&mut sock, &mut client, &mut budget).unwrap();
+                moved += m.to_stream;
+                assert_eq!(
+                    pipe.buffer_bytes(),
+                    0,
+                    "socket -> stream used a pipe buffer"
+                );
+                assert!(client.stream_write_capacity(id) == 0 || sock.input.is_empty());
+            }
+            now += std::time::Duration::from_millis(5);
+            deliver(&mut server, now, transmit(&mut client, now));
+            events(&mut server);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = server.stream_read(id, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            deliver(&mut client, now, transmit(&mut server, now));
+            wake = events(&mut client).contains(&TransportEvent::StreamWritable { id });
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        assert_eq!(got.len(), data.len(), "the pipe was never woken again");
+        assert!(got == data, "bytes reordered or corrupted");
         assert_eq!(moved, data.len() as u64);
     }
 

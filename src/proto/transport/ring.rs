@@ -94,6 +94,32 @@ impl ByteRing {
         n
     }
 
+    /// Free space right after the contents for up to `max` more bytes, to be filled in place
+    /// and handed to [`ByteRing::commit`]: contiguous, so it may be shorter than `max` where the
+    /// storage wraps (the next call continues at the start). Grows storage as [`ByteRing::push`]
+    /// would; empty when the ring is at its limit.
+    pub fn spare(&mut self, max: usize) -> &mut [u8] {
+        let max = max.min(self.limit - self.len);
+        if max == 0 || !self.reserve(self.len + max) {
+            return &mut [];
+        }
+        let cap = self.buf.len();
+        let end = self.head + self.len;
+        let (start, room) = if end < cap {
+            (end, cap - end)
+        } else {
+            (end - cap, self.head - (end - cap))
+        };
+        let n = max.min(room);
+        &mut self.buf[start..start + n]
+    }
+
+    /// Appends the first `n` bytes of the last [`ByteRing::spare`] slice to the contents.
+    pub fn commit(&mut self, n: usize) {
+        debug_assert!(self.len + n <= self.buf.len());
+        self.len = (self.len + n).min(self.buf.len());
+    }
+
     /// Writes `data` at `pos` (relative to head), growing the logical length if needed.
     /// Returns `false` if that would exceed the limit.
     pub fn write_at(&mut self, pos: usize, data: &[u8]) -> bool {
@@ -290,6 +316,34 @@ mod tests {
         let (a, b) = r.as_slices(10);
         assert_eq!((a, b.len()), (&data[3000..3010], 0));
         assert_eq!(ByteRing::new(10).as_slices(0), (&[][..], &[][..]));
+    }
+
+    #[test]
+    fn spare_space_is_filled_in_place_around_the_wrap() {
+        let mut r = ByteRing::new(MIN_ALLOC);
+        let data: Vec<u8> = (0..=255).cycle().take(8000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&data[..3000]), 3000);
+        r.consume(2000); // head 2000, contents 1000, storage 4096
+        let mut fed = 3000;
+        // Up to the end of the storage, then from its start up to the head.
+        for expect in [1096, 2000, 0] {
+            let free = MIN_ALLOC - r.len();
+            let room = r.spare(10_000);
+            assert_eq!(room.len(), expect.min(free));
+            let n = room.len();
+            room.copy_from_slice(&data[fed..fed + n]);
+            r.commit(n);
+            fed += n;
+        }
+        assert_eq!(r.len(), MIN_ALLOC);
+        let mut out = vec![0u8; MIN_ALLOC];
+        r.copy_out(0, &mut out);
+        assert_eq!(out, &data[2000..2000 + MIN_ALLOC]);
+        // An empty ring grows for what is asked.
+        let mut g = ByteRing::new(1 << 20);
+        assert_eq!(g.spare(10_000).len(), 10_000);
+        g.commit(10);
+        assert_eq!((g.len(), g.capacity()), (10, 16_384));
     }
 
     #[test]

@@ -112,6 +112,16 @@ impl SendHalf {
         self.buf.push(data)
     }
 
+    /// Space for up to `max` more bytes, filled in place (see [`ByteRing::spare`]).
+    pub fn spare(&mut self, max: usize) -> &mut [u8] {
+        self.buf.spare(max)
+    }
+
+    /// Queues `n` bytes written into the last [`SendHalf::spare`] slice.
+    pub fn commit(&mut self, n: usize) {
+        self.buf.commit(n)
+    }
+
     /// All data and the FIN are acknowledged.
     pub fn is_complete(&self) -> bool {
         self.fin == FinState::Acked && self.buf.is_empty()

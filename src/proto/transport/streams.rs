@@ -942,6 +942,48 @@ impl StreamsState {
         Ok(n)
     }
 
+    /// Free send-buffer space filled in place (see [`super::Transport::stream_write_space`]).
+    pub(super) fn write_space(
+        &mut self,
+        id: StreamId,
+        max: usize,
+    ) -> Result<&mut [u8], StreamError> {
+        let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        if s.send.fin != FinState::Open {
+            return Err(StreamError::Finished);
+        }
+        let memory = s.send.memory();
+        let room = s.send.spare(max.min(session_free)).len();
+        let grown = s.send.memory() - memory;
+        if room == 0 && max > 0 && !s.want_writable {
+            s.want_writable = true;
+            self.writable_waiters.push(id.0);
+        }
+        self.send_memory += grown;
+        // Same slice again (no growth this time), now that the accounting is done.
+        let s = self.stream_mut(id)?;
+        Ok(s.send.spare(room))
+    }
+
+    /// Queues bytes written in place (see [`super::Transport::stream_write_commit`]).
+    pub(super) fn write_commit(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
+        let s = self.stream_mut(id)?;
+        if s.is_reset() || s.send.fin != FinState::Open {
+            return Err(StreamError::Finished);
+        }
+        s.send.commit(n);
+        s.bytes_written += n as u64;
+        if n > 0 {
+            self.queue_send(id.0);
+        }
+        self.send_buffered += n;
+        Ok(n)
+    }
+
     /// How many bytes [`StreamsState::write`] would accept right now.
     pub(super) fn write_capacity(&self, id: StreamId) -> usize {
         match self.streams.get(&id.0) {
