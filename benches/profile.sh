@@ -171,7 +171,8 @@ report() {
     echo
     echo "### top $TOP functions by inclusive cost"
     callgrind_annotate --inclusive=yes --threshold=100 "$file" 2>/dev/null |
-        awk '/^-+$/ {n++; next} n >= 3 && NF' | grep -v -e 'PROGRAM TOTALS' -e 'file:function' |
+        awk '/^-+$/ {n++; next} n >= 3 && NF' | grep -v -e 'PROGRAM TOTALS' -e 'file:function' \
+            -e ':clone ' -e ':start_thread ' -e 'thread_start' -e 'vtable.shim' -e '__rust_begin_short_backtrace' |
         head -n "$TOP"
     echo
     echo "### top $TOP functions by self cost"
