@@ -52,6 +52,7 @@ use super::{bind_udp, unix_now};
 use crate::config::{self, ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
+use crate::proto::id_map::IdMap;
 use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
@@ -190,7 +191,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
             state: SlotState::Idle,
             sock: None,
             client: None,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             tx: UdpTx::new(),
             ticket: None,
             readable: false,
@@ -222,6 +223,8 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         per_addr: HashMap::new(),
         next_serial: 0,
         assocs: Slab::new(),
+        assoc_ready: Vec::new(),
+        assoc_scratch: Vec::new(),
         assoc_ids: HashMap::new(),
         next_assoc: 0,
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
@@ -243,7 +246,7 @@ struct Slot {
     sock: Option<udp::Socket>,
     client: Option<ClientSession>,
     /// The session's streams → the local connection of each; its length is the slot's load.
-    streams: HashMap<StreamId, usize>,
+    streams: IdMap<StreamId, usize>,
     /// A datagram the socket would not take; WRITABLE interest is registered only meanwhile.
     tx: UdpTx,
     /// The server-name lookup this slot waits for (`Resolving` only).
@@ -356,6 +359,11 @@ struct ClientLoop {
     per_addr: HashMap<IpAddr, u32>,
     next_serial: u32,
     assocs: Slab<Assoc>,
+    /// Associations marked readable (each once while its flag is set; stale entries of closed
+    /// ones are skipped): the loop visits these, never every association.
+    assoc_ready: Vec<usize>,
+    /// The previous `assoc_ready`, reused so marking allocates nothing in steady state.
+    assoc_scratch: Vec<usize>,
     /// Association id (carried by every DATAGRAM frame both ways) → association.
     assoc_ids: HashMap<AssocId, usize>,
     next_assoc: AssocId,
@@ -523,7 +531,10 @@ impl ClientLoop {
             }
             Some(Tok::Assoc(a)) => {
                 if let Some(assoc) = self.assocs.get_mut(a) {
-                    assoc.readable |= event.is_readable();
+                    if event.is_readable() && !assoc.readable {
+                        assoc.readable = true;
+                        self.assoc_ready.push(a);
+                    }
                 }
             }
             Some(Tok::Conn(t)) => {
@@ -545,8 +556,7 @@ impl ClientLoop {
     /// liveness samples, session timers, request and open timeouts, shutdown), or not at all
     /// while a slot socket may still hold datagrams.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let assoc_readable = self.assocs.iter().any(|(_, a)| a.readable);
-        if assoc_readable || self.slots.iter().any(|s| s.readable) {
+        if !self.assoc_ready.is_empty() || self.slots.iter().any(|s| s.readable) {
             return Some(now);
         }
         let deadlines = self.slots.iter().enumerate().flat_map(|(i, s)| {
@@ -1505,15 +1515,16 @@ impl ClientLoop {
 
     /// Reads a batch from every UDP association socket that may hold datagrams.
     fn receive_assocs(&mut self, now: Instant) {
-        let ready: Vec<usize> = self
-            .assocs
-            .iter()
-            .filter(|(_, a)| a.readable)
-            .map(|(i, _)| i)
-            .collect();
-        for a in ready {
+        if self.assoc_ready.is_empty() {
+            return;
+        }
+        let mut ready = std::mem::take(&mut self.assoc_scratch);
+        std::mem::swap(&mut ready, &mut self.assoc_ready);
+        for &a in &ready {
             self.assoc_readable(now, a);
         }
+        ready.clear();
+        self.assoc_scratch = ready;
     }
 
     /// Forwards up to one batch of the local application's datagrams into the tunnel; the
@@ -1527,6 +1538,9 @@ impl ClientLoop {
         else {
             return;
         };
+        if !*readable {
+            return; // a stale entry: drained already, or the slot now holds another association
+        }
         let mut uplink = AssocUplink {
             slots: &mut self.slots,
             route,
@@ -1536,6 +1550,9 @@ impl ClientLoop {
             uplink.forward(datagram, from)
         });
         *readable = readiness.still_readable();
+        if *readable {
+            self.assoc_ready.push(a);
+        }
     }
 
     /// An answer for association `id` (arriving on `slot`, the session it sends on) goes to

@@ -20,12 +20,13 @@
 //!
 //! [blocked]: Block
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ops::DerefMut;
 use std::time::{Duration, Instant};
 
 use super::pipe::Moved;
 use crate::proto::RefuseReason;
+use crate::proto::id_map::IdMap;
 use crate::proto::transport::CloseReason;
 use crate::users::{Budget, User, UserId, UserTable};
 
@@ -185,7 +186,7 @@ impl UserLedger {
 /// Every user's account (see the module docs).
 #[derive(Debug)]
 pub struct Ledger {
-    users: HashMap<UserId, UserLedger>,
+    users: IdMap<UserId, UserLedger>,
     /// `(expire_at, user)` of every user with an expiry not yet acted on.
     expiries: BTreeSet<(u64, UserId)>,
     /// Users in [`Standing::Draining`] (so that idle loops skip the drain check).
@@ -197,7 +198,7 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(now: Instant) -> Ledger {
         Ledger {
-            users: HashMap::new(),
+            users: IdMap::default(),
             expiries: BTreeSet::new(),
             draining: 0,
             next_sync: now + ACCOUNTING_INTERVAL,

@@ -1,8 +1,12 @@
 //! Splicing one TCP socket to one tunnel stream: the byte pump shared by the server (outbound
 //! connections) and the client (local proxy connections).
 //!
-//! Each direction has one fixed buffer of [`PIPE_BUF`] bytes, allocated once per connection, so
-//! memory per connection is bounded and nothing is allocated per packet. Backpressure runs both
+//! Bytes move in place: socket reads land straight in the stream's send buffer
+//! ([`Transport::stream_write_space`], at most [`PIPE_BUF`] per read) and socket writes take
+//! them straight from its receive buffer ([`Transport::stream_peek`]), no copy in between. The
+//! pipe's own buffers hold only early bytes (read before the stream existed) and the proxy
+//! reply, each allocated for what it holds. Memory per connection is bounded and nothing is
+//! allocated per packet. Backpressure runs both
 //! ways: when the stream's send buffer is full the socket is no longer read (the TCP window closes
 //! towards the sender); when the socket cannot take more, the stream is no longer read (the
 //! tunnel's flow-control window closes towards the peer).
@@ -21,11 +25,12 @@ use std::net::Shutdown;
 
 use crate::proto::transport::{ResetReason, StreamError, StreamId, Transport};
 
-/// Bytes buffered per direction per connection.
+/// Most bytes one socket read moves into the stream (and the longest proxy reply).
 pub const PIPE_BUF: usize = 16 * 1024;
 
-/// A fixed buffer with a consumed prefix, allocated on first use (a connection that never moves
-/// bytes one way costs no buffer that way) and kept until the pipe is dropped.
+/// A buffer with a consumed prefix for bytes that cannot move in place (early bytes, the proxy
+/// reply): allocated when first filled, for `capacity` bytes, and kept until the pipe is dropped
+/// (pipe memory only grows, which the server's buffered-bytes accounting relies on).
 struct Chunk {
     buf: Box<[u8]>,
     capacity: usize,
@@ -70,19 +75,6 @@ impl Chunk {
         }
     }
 
-    /// Empty buffer space of at most `limit` bytes (only when fully drained).
-    fn space(&mut self, limit: usize) -> &mut [u8] {
-        debug_assert!(self.is_empty());
-        self.allocate();
-        let n = limit.min(self.buf.len());
-        &mut self.buf[..n]
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.start = 0;
-        self.end = n;
-    }
-
     fn fill_from(&mut self, data: &[u8]) {
         self.allocate();
         let n = data.len().min(self.buf.len());
@@ -97,7 +89,7 @@ impl Chunk {
 pub struct Moved {
     /// Socket → stream (accepted by the stream).
     pub to_stream: u64,
-    /// Stream → socket (read from the stream).
+    /// Stream → socket (written to the socket, and so read from the stream).
     pub to_socket: u64,
 }
 
@@ -161,7 +153,7 @@ impl Pipe {
     /// into the stream first.
     pub fn new(stream: StreamId, early: &[u8]) -> Pipe {
         // Early data (e.g. a forwarded HTTP request head) may exceed one buffer; never cut it.
-        let mut to_stream = Chunk::new(PIPE_BUF.max(early.len()));
+        let mut to_stream = Chunk::new(early.len());
         if !early.is_empty() {
             to_stream.fill_from(early);
         }
@@ -204,6 +196,8 @@ impl Pipe {
             return Err(ReplyError::TooLong);
         }
         debug_assert!(self.to_socket.is_empty());
+        // Only the reply ever goes through this buffer: allocate just what it needs.
+        self.to_socket = Chunk::new(reply.len());
         self.to_socket.fill_from(reply);
         self.awaiting_reply = false;
         Ok(())
@@ -290,14 +284,28 @@ impl Pipe {
             if !self.sock_readable || *budget == 0 || self.read_limit == 0 {
                 return Ok(());
             }
+            // The socket's bytes go straight into the stream's send buffer: no copy.
             let limit = usize::try_from(*budget)
                 .unwrap_or(usize::MAX)
-                .min(self.read_limit);
-            match sock.read(self.to_stream.space(limit)) {
+                .min(self.read_limit)
+                .min(PIPE_BUF);
+            let room = match tr.stream_write_space(self.stream, limit) {
+                Ok(room) => room,
+                Err(StreamError::Finished) => return Ok(()),
+                Err(_) => return Err(PipeEnd::StreamGone),
+            };
+            if room.is_empty() {
+                return Ok(()); // stream send buffer full: wait for StreamWritable
+            }
+            match sock.read(room) {
                 Ok(0) => self.sock_eof = true,
                 Ok(n) => {
-                    self.to_stream.filled(n);
+                    if tr.stream_write_commit(self.stream, n).is_err() {
+                        return Err(PipeEnd::StreamGone);
+                    }
                     self.read_limit -= n;
+                    moved.to_stream += n as u64;
+                    *budget = budget.saturating_sub(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.sock_readable = false;
@@ -343,33 +351,38 @@ impl Pipe {
             if *budget == 0 {
                 return Ok(());
             }
-            let limit = usize::try_from(*budget).unwrap_or(usize::MAX);
-            // Until the stream has bytes, read through a 1-byte probe so an idle direction
-            // allocates no buffer (a FIN alone reads as 0 either way).
-            let mut probe = [0u8; 1];
-            let unallocated = self.to_socket.allocated() == 0
-                && tr
-                    .stream_stats(self.stream)
-                    .is_some_and(|s| s.recv_buffered == 0);
-            let into = if unallocated {
-                &mut probe[..]
-            } else {
-                self.to_socket.space(limit)
-            };
-            match tr.stream_read(self.stream, into) {
-                Ok(0) => self.stream_eof = true,
-                Ok(n) => {
-                    if unallocated {
-                        self.to_socket.fill_from(&probe[..n]);
-                    } else {
-                        self.to_socket.filled(n);
-                    }
-                    moved.to_socket += n as u64;
-                    *budget = budget.saturating_sub(n as u64);
-                }
-                Err(StreamError::Blocked) => return Ok(()),
+            // The socket takes the bytes straight from the stream's receive buffer: no copy.
+            let data = match tr.stream_peek(self.stream) {
+                Ok((first, _)) => first,
                 Err(_) => return Err(PipeEnd::StreamGone),
+            };
+            if data.is_empty() {
+                match tr.stream_consume(self.stream, 0) {
+                    Ok(_) => self.stream_eof = true,
+                    Err(StreamError::Blocked) => return Ok(()),
+                    Err(_) => return Err(PipeEnd::StreamGone),
+                }
+                continue;
             }
+            if !self.sock_writable {
+                return Ok(());
+            }
+            let limit = usize::try_from(*budget).unwrap_or(usize::MAX);
+            let n = match sock.write(&data[..data.len().min(limit)]) {
+                Ok(0) => return Err(PipeEnd::SocketError),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.sock_writable = false;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(PipeEnd::SocketError),
+            };
+            if tr.stream_consume(self.stream, n).is_err() {
+                return Err(PipeEnd::StreamGone);
+            }
+            moved.to_socket += n as u64;
+            *budget = budget.saturating_sub(n as u64);
         }
     }
 
@@ -513,6 +526,159 @@ mod tests {
             Pipe::new(id, &[]).send_reply(b"x"),
             Err(ReplyError::NotAwaiting)
         );
+    }
+
+    /// A socket that takes at most `max_write` bytes per call and would block on every other
+    /// call (a slow application reading through a small TCP window).
+    struct SlowSock {
+        inner: MemSock,
+        max_write: usize,
+        block_next: bool,
+    }
+
+    impl Read for SlowSock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+
+    impl Write for SlowSock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.block_next = !self.block_next;
+            if !self.block_next {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.max_write);
+            self.inner.write(&buf[..n])
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ShutdownWrite for SlowSock {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.inner.shutdown_write()
+        }
+    }
+
+    /// Stream → socket writes straight from the stream's receive buffer: a transfer larger than
+    /// the buffer (so it wraps), through a socket taking odd-sized pieces and blocking often,
+    /// arrives whole and in order, is counted once, and the pipe allocates no buffer for it.
+    #[test]
+    fn stream_to_socket_moves_in_place_through_partial_writes() {
+        let mut now = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
+        let id = client
+            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
+            .unwrap();
+        deliver(&mut server, now, transmit(&mut client, now));
+        server.answer_open(id, OpenResult::Ok).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut sock = SlowSock {
+            inner: MemSock::default(),
+            max_write: 7_001,
+            block_next: false,
+        };
+        let mut pipe = Pipe::new(id, &[]);
+        pipe.sock_readable = false; // nothing comes from the socket: socket -> stream stays idle
+        let (mut written, mut moved, mut budget) = (0, 0u64, u64::MAX);
+        for _ in 0..2_000 {
+            if written < data.len() {
+                written += server.stream_write(id, &data[written..]).unwrap();
+                if written == data.len() {
+                    server.stream_finish(id).unwrap();
+                }
+            }
+            now += std::time::Duration::from_millis(5);
+            deliver(&mut client, now, transmit(&mut server, now));
+            events(&mut client);
+            sock.block_next = false; // the socket became writable again
+            pipe.sock_writable = true;
+            match pipe.pump(&mut sock, &mut client, &mut budget) {
+                Ok(m) => moved += m.to_socket,
+                Err((end, m)) => {
+                    moved += m.to_socket;
+                    assert_eq!(end, PipeEnd::Done);
+                    break;
+                }
+            }
+            assert_eq!(
+                pipe.buffer_bytes(),
+                0,
+                "stream -> socket used a pipe buffer"
+            );
+            deliver(&mut server, now, transmit(&mut client, now));
+            events(&mut server);
+            if sock.inner.output.len() == data.len() && sock.inner.shut {
+                break;
+            }
+        }
+        assert_eq!(sock.inner.output.len(), data.len());
+        assert!(sock.inner.output == data, "bytes reordered or corrupted");
+        assert!(sock.inner.shut, "the stream's FIN did not shut the socket");
+        assert_eq!(moved, data.len() as u64);
+    }
+
+    /// Socket → stream reads straight into the stream's send buffer: with a buffer far smaller
+    /// than the transfer, the pipe stops when it is full, is woken by `StreamWritable` (the only
+    /// time it is pumped again here), and every byte arrives in order with no pipe buffer.
+    #[test]
+    fn socket_to_stream_reads_in_place_and_waits_for_room() {
+        let mut now = Instant::now();
+        let config = TransportConfig {
+            send_buffer: 8 * 1024,
+            session_send_buffer: 8 * 1024,
+            ..TransportConfig::default()
+        };
+        let mut client = Transport::new(config, Side::Client, now);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
+        let id = client
+            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
+            .unwrap();
+        deliver(&mut server, now, transmit(&mut client, now));
+        server.answer_open(id, OpenResult::Ok).unwrap();
+        deliver(&mut client, now, transmit(&mut server, now));
+        events(&mut client);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let mut sock = MemSock {
+            input: data.clone(),
+            ..MemSock::default()
+        };
+        let mut pipe = Pipe::new(id, &[]);
+        let (mut got, mut moved, mut budget) = (Vec::new(), 0u64, u64::MAX);
+        let mut wake = true;
+        for _ in 0..1_000 {
+            if wake {
+                let m = pipe.pump(&mut sock, &mut client, &mut budget).unwrap();
+                moved += m.to_stream;
+                assert_eq!(
+                    pipe.buffer_bytes(),
+                    0,
+                    "socket -> stream used a pipe buffer"
+                );
+                assert!(client.stream_write_capacity(id) == 0 || sock.input.is_empty());
+            }
+            now += std::time::Duration::from_millis(5);
+            deliver(&mut server, now, transmit(&mut client, now));
+            events(&mut server);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = server.stream_read(id, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            deliver(&mut client, now, transmit(&mut server, now));
+            wake = events(&mut client).contains(&TransportEvent::StreamWritable { id });
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        assert_eq!(got.len(), data.len(), "the pipe was never woken again");
+        assert!(got == data, "bytes reordered or corrupted");
+        assert_eq!(moved, data.len() as u64);
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! lookup's share only when its answer really arrives: `getaddrinfo` cannot be cancelled, so a
 //! resolver thread stays busy until then even if the loop gave up on the ticket earlier).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::proto::SessionId;
+use crate::proto::id_map::IdMap;
 use crate::users::UserId;
 
 /// The limits, from `config.json` (see the README's "Limits" section).
@@ -78,7 +79,7 @@ const NEGATIVE_CACHE: usize = 1024;
 #[derive(Debug)]
 pub struct Quotas {
     limits: Limits,
-    users: HashMap<UserId, Share>,
+    users: IdMap<UserId, Share>,
     streams: usize,
     lookups: usize,
     buffered: usize,
@@ -90,7 +91,7 @@ impl Quotas {
     pub fn new(limits: Limits) -> Quotas {
         Quotas {
             limits,
-            users: HashMap::new(),
+            users: IdMap::default(),
             streams: 0,
             lookups: 0,
             buffered: 0,

@@ -46,6 +46,7 @@ use super::{bind_udp, unix_now};
 use crate::config::{ServerConfig, ServerLimits};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
+use crate::proto::id_map::IdMap;
 use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
@@ -210,14 +211,14 @@ pub fn start(
         guard,
         out: Outbounds {
             table: Slab::new(),
-            by_stream: HashMap::new(),
+            by_stream: IdMap::default(),
             tickets: TicketIssuer::new(),
             connect_timeouts: TimeoutQueue::new(CONNECT_TIMEOUT),
             lookups: HashMap::new(),
             lookup_timeouts: TimeoutQueue::new(lookup_timeout),
             held: Vec::new(),
         },
-        sessions: HashMap::new(),
+        sessions: IdMap::default(),
         relays: RelayPool::new(max_relays),
         ledger: Ledger::new(Instant::now()),
         // One buffer for GRO reads and GSO batches (never both at once).
@@ -278,7 +279,7 @@ struct SessionInfo {
 struct Outbounds {
     table: Slab<Outbound>,
     /// (session, stream) → outbound index.
-    by_stream: HashMap<(SessionId, StreamId), usize>,
+    by_stream: IdMap<(SessionId, StreamId), usize>,
     /// Identity of each outbound incarnation (and of its DNS lookup).
     tickets: TicketIssuer,
     /// Outbound connects (DNS included) in the order they began, failing at [`CONNECT_TIMEOUT`].
@@ -342,7 +343,7 @@ struct ServerLoop {
     guard: DestGuard,
     /// Outbound TCP connections of tunnel streams and their bookkeeping.
     out: Outbounds,
-    sessions: HashMap<SessionId, SessionInfo>,
+    sessions: IdMap<SessionId, SessionInfo>,
     relays: RelayPool,
     /// Per-user budgets, unsynced traffic and limits.
     ledger: Ledger,
@@ -566,6 +567,9 @@ impl ServerLoop {
             at = at.min(t);
         }
         if let Some(t) = self.out.lookup_timeouts.next_deadline() {
+            at = at.min(t);
+        }
+        if let Some(t) = self.relays.next_expiry() {
             at = at.min(t);
         }
         if !self.out.table.is_empty() {

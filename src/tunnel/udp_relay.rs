@@ -11,8 +11,6 @@
 //! that domain again so the client can match them. Every destination passes the guard.
 //! At most `max_relays` relays exist at once (their sockets count against the server's fd
 //! budget); a session's first datagram beyond that is dropped.
-
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -26,6 +24,7 @@ use super::driver::udp::{self, RECV_BATCH, Readiness};
 use super::resolver::Lookup;
 use super::slab::Slab;
 use crate::proto::SessionId;
+use crate::proto::id_map::IdMap;
 use crate::proto::transport::{AssocId, Destination};
 
 /// A relay closes after this long without traffic.
@@ -66,11 +65,15 @@ pub struct RelayPool {
     /// receive stops at the batch limit (mio reports no new edge for datagrams already queued).
     readable: Vec<(usize, bool)>,
     /// Each session's relays by association id (at most [`MAX_RELAYS_PER_SESSION`]).
-    by_session: HashMap<SessionId, Vec<(AssocId, usize)>>,
+    by_session: IdMap<SessionId, Vec<(AssocId, usize)>>,
     scratch: Box<[u8]>,
     max_relays: usize,
     /// Datagram destinations the guard refused since start.
     refused: u64,
+    /// No relay can be idle for [`RELAY_IDLE`] before this (a lower bound: activity only moves
+    /// the real deadlines later). `expire` scans the relays only once it has passed, never on
+    /// every loop iteration; `None` while there are no relays.
+    next_expiry: Option<Instant>,
 }
 
 impl RelayPool {
@@ -82,7 +85,8 @@ impl RelayPool {
             tickets: TicketIssuer::new(),
             readable: Vec::new(),
             refused: 0,
-            by_session: HashMap::new(),
+            by_session: IdMap::default(),
+            next_expiry: None,
             scratch: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
         }
     }
@@ -112,6 +116,8 @@ impl RelayPool {
             last_active: now,
         });
         relays.push((assoc, i));
+        let due = now + RELAY_IDLE;
+        self.next_expiry = Some(self.next_expiry.map_or(due, |t| t.min(due)));
         Some(i)
     }
 
@@ -367,17 +373,31 @@ impl RelayPool {
         }
     }
 
-    /// Closes relays idle for [`RELAY_IDLE`].
+    /// Closes relays idle for [`RELAY_IDLE`]. Cheap until [`RelayPool::next_expiry`]: only
+    /// then are the relays scanned (and the next bound taken from the survivors).
     pub fn expire(&mut self, now: Instant, poll: &Poll) {
-        let idle: Vec<usize> = self
-            .relays
-            .iter()
-            .filter(|(_, r)| now.saturating_duration_since(r.last_active) >= RELAY_IDLE)
-            .map(|(i, _)| i)
-            .collect();
+        if self.next_expiry.is_none_or(|t| now < t) {
+            return;
+        }
+        let mut idle = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (i, r) in self.relays.iter() {
+            let due = r.last_active + RELAY_IDLE;
+            if now >= due {
+                idle.push(i);
+            } else {
+                next = Some(next.map_or(due, |t| t.min(due)));
+            }
+        }
+        self.next_expiry = next;
         for idx in idle {
             self.close_relay(idx, poll);
         }
+    }
+
+    /// When [`RelayPool::expire`] has work at the earliest (`None`: no relays).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.next_expiry
     }
 
     /// Number of live relays.
@@ -558,6 +578,36 @@ mod tests {
         }
         assert_eq!(rounds, 2);
         assert_eq!(got, (0..300).collect::<Vec<_>>());
+    }
+
+    /// Thousands of relays: each closes at its own idle deadline (not before, not never), the
+    /// pool's next expiry follows the oldest survivor, and activity postpones a relay's end.
+    #[test]
+    fn idle_relays_expire_at_their_deadlines_at_scale() {
+        let poll = Poll::new().unwrap();
+        let mut pool = RelayPool::new(10_000);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for i in 0..3_000u64 {
+            assert!(
+                pool.relay_for(t0 + ms(i), SessionId(i / 4), (i % 4) as AssocId)
+                    .is_some()
+            );
+        }
+        assert_eq!(pool.next_expiry(), Some(t0 + RELAY_IDLE));
+        // Relay 0 was active late: it outlives its creation deadline.
+        let first = pool.by_session[&SessionId(0)][0].1;
+        pool.relays.get_mut(first).unwrap().last_active = t0 + ms(5_000);
+        pool.expire(t0 + RELAY_IDLE - ms(1), &poll);
+        assert_eq!(pool.len(), 3_000, "nothing is idle yet");
+        pool.expire(t0 + RELAY_IDLE + ms(1_499), &poll);
+        assert_eq!(pool.len(), 3_000 - 1_499, "relays 1..=1499 are idle");
+        assert!(pool.relays.get(first).is_some(), "the active relay stays");
+        assert_eq!(pool.next_expiry(), Some(t0 + ms(1_500) + RELAY_IDLE));
+        pool.expire(t0 + ms(5_000) + RELAY_IDLE, &poll);
+        assert_eq!(pool.len(), 0);
+        assert_eq!(pool.next_expiry(), None);
+        assert!(pool.by_session.is_empty());
     }
 
     #[test]

@@ -1070,6 +1070,25 @@ impl Transport {
         self.streams.write(id, data)
     }
 
+    /// [`Transport::stream_write`] without the copy, step 1: free send-buffer space for up to
+    /// `max` bytes to fill in place (contiguous, so possibly shorter; empty when the buffer is
+    /// full: wait for `StreamWritable`). Step 2, [`Transport::stream_write_commit`], queues what
+    /// was filled; nothing else may touch the stream in between.
+    pub fn stream_write_space(
+        &mut self,
+        id: StreamId,
+        max: usize,
+    ) -> Result<&mut [u8], StreamError> {
+        self.check_open()?;
+        self.streams.write_space(id, max)
+    }
+
+    /// Queues the first `n` bytes of the slice [`Transport::stream_write_space`] returned.
+    pub fn stream_write_commit(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
+        self.check_open()?;
+        self.streams.write_commit(id, n)
+    }
+
     /// How many bytes [`Transport::stream_write`] would accept right now.
     pub fn stream_write_capacity(&self, id: StreamId) -> usize {
         self.streams.write_capacity(id)
@@ -1079,6 +1098,18 @@ impl Transport {
     /// `Err(Blocked)` means no data yet.
     pub fn stream_read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
         self.streams.read(id, buf)
+    }
+
+    /// In-order data ready to read, in place (at most two slices: the buffer may wrap; both
+    /// empty when nothing is ready). Hand what was used to [`Transport::stream_consume`].
+    pub fn stream_peek(&self, id: StreamId) -> Result<(&[u8], &[u8]), StreamError> {
+        self.streams.peek(id)
+    }
+
+    /// [`Transport::stream_read`] without the copy: marks up to `n` peeked bytes as read, with
+    /// the same results (`Ok(0)`: finished and all read; `Err(Blocked)`: no data yet).
+    pub fn stream_consume(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
+        self.streams.consume(id, n)
     }
 
     /// Finishes our direction (FIN after all written data).

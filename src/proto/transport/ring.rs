@@ -1,13 +1,16 @@
 //! A growable byte ring with a hard capacity limit, used for stream send and receive buffers.
 //!
 //! Positions are relative to the head (the oldest byte still held). Storage grows by doubling up
-//! to the limit (amortised, never per packet). A send buffer consumes with
-//! [`ByteRing::consume_and_fit`], which also halves storage once the contents fall to a quarter of
-//! it (down to [`KEEP_WHILE_BUSY`]), so what it holds in memory stays within a small factor of what
-//! it holds in data: a stream that once took a burst does not keep the burst's storage while it
-//! trickles (the server charges a user for this storage). A receive buffer, emptied by every read,
-//! keeps its storage while busy (no reallocation per read). Everything is released by
-//! [`ByteRing::shrink_if_empty`] when the session goes idle.
+//! to the limit and shrinks when the contents fall to a quarter of it (both amortised, never per
+//! packet), so what a ring holds in memory stays within a small factor of what it holds in data:
+//! a stream that once took a burst does not keep the burst's storage while it trickles. The last
+//! few KiB are released by [`ByteRing::shrink_if_empty`] when the session goes idle.
+//!
+//! A ring that fills and empties over and over (a receive buffer taking a batch of datagrams and
+//! handing it to a socket right away) would free its storage at every empty and grow it again by
+//! doubling at the next batch: allocation, zeroing and copying on every batch. Such a ring keeps
+//! a *retained* floor of storage ([`ByteRing::with_retain`]) while it drains; only storage above
+//! the floor follows the contents down, and an idle session still frees it all.
 
 #[derive(Debug, Clone)]
 pub struct ByteRing {
@@ -16,20 +19,26 @@ pub struct ByteRing {
     /// Bytes from head that are logically part of the ring (may include unwritten holes).
     len: usize,
     limit: usize,
+    /// Storage kept while draining (0: storage follows the contents all the way down).
+    retain: usize,
 }
 
 const MIN_ALLOC: usize = 4096;
-/// [`ByteRing::consume_and_fit`] never shrinks below this (one pipe read): a ring that a stream
-/// fills and empties in small steps is not reallocated on every step.
-pub const KEEP_WHILE_BUSY: usize = 16 * 1024;
 
 impl ByteRing {
     pub fn new(limit: usize) -> Self {
+        Self::with_retain(limit, 0)
+    }
+
+    /// A ring that, once it has grown, keeps up to `retain` bytes of storage while it drains
+    /// (released by [`ByteRing::shrink_if_empty`]).
+    pub fn with_retain(limit: usize, retain: usize) -> Self {
         Self {
             buf: Vec::new(),
             head: 0,
             len: 0,
             limit,
+            retain: retain.min(limit),
         }
     }
 
@@ -85,6 +94,32 @@ impl ByteRing {
         n
     }
 
+    /// Free space right after the contents for up to `max` more bytes, to be filled in place
+    /// and handed to [`ByteRing::commit`]: contiguous, so it may be shorter than `max` where the
+    /// storage wraps (the next call continues at the start). Grows storage as [`ByteRing::push`]
+    /// would; empty when the ring is at its limit.
+    pub fn spare(&mut self, max: usize) -> &mut [u8] {
+        let max = max.min(self.limit - self.len);
+        if max == 0 || !self.reserve(self.len + max) {
+            return &mut [];
+        }
+        let cap = self.buf.len();
+        let end = self.head + self.len;
+        let (start, room) = if end < cap {
+            (end, cap - end)
+        } else {
+            (end - cap, self.head - (end - cap))
+        };
+        let n = max.min(room);
+        &mut self.buf[start..start + n]
+    }
+
+    /// Appends the first `n` bytes of the last [`ByteRing::spare`] slice to the contents.
+    pub fn commit(&mut self, n: usize) {
+        debug_assert!(self.len + n <= self.buf.len());
+        self.len = (self.len + n).min(self.buf.len());
+    }
+
     /// Writes `data` at `pos` (relative to head), growing the logical length if needed.
     /// Returns `false` if that would exceed the limit.
     pub fn write_at(&mut self, pos: usize, data: &[u8]) -> bool {
@@ -119,6 +154,21 @@ impl ByteRing {
         out[first..].copy_from_slice(&self.buf[..n - first]);
     }
 
+    /// The first `n` bytes from the head as at most two slices (the second is empty unless the
+    /// range wraps), read in place without copying. `n` must be within the logical length.
+    pub fn as_slices(&self, n: usize) -> (&[u8], &[u8]) {
+        debug_assert!(n <= self.len);
+        let cap = self.buf.len();
+        if cap == 0 || n == 0 {
+            return (&[], &[]);
+        }
+        let first = n.min(cap - self.head);
+        (
+            &self.buf[self.head..self.head + first],
+            &self.buf[..n - first],
+        )
+    }
+
     /// Drops `n` bytes from the head.
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.len);
@@ -130,19 +180,28 @@ impl ByteRing {
         if self.len == 0 {
             self.head = 0;
         }
+        self.shrink_to_fit_contents();
     }
 
-    /// [`ByteRing::consume`], then halves storage (or more) once the contents fill at most a
-    /// quarter of it, never below [`KEEP_WHILE_BUSY`]: memory stays within 4× the contents (or
-    /// that floor), and a shrink copies at most a quarter of what the ring had to take in to grow
-    /// to that size, so the copying stays amortised.
-    pub fn consume_and_fit(&mut self, n: usize) {
-        self.consume(n);
+    /// Halves storage (or more) once the contents fill at most a quarter of it: memory stays
+    /// within 4× the contents (plus [`MIN_ALLOC`]), and a shrink copies at most a quarter of what
+    /// the ring had to take in to grow to that size, so the copying stays amortised.
+    /// A retaining ring never shrinks below its floor here.
+    fn shrink_to_fit_contents(&mut self) {
         let cap = self.buf.len();
-        if cap <= KEEP_WHILE_BUSY || self.len > cap / 4 {
+        let floor = self.retain.max(MIN_ALLOC);
+        if cap <= floor || self.len > cap / 4 {
             return;
         }
-        self.reallocate((self.len * 2).next_power_of_two().max(KEEP_WHILE_BUSY));
+        if self.len == 0 && self.retain == 0 {
+            self.buf = Vec::new();
+            self.head = 0;
+            return;
+        }
+        let target = (self.len * 2).next_power_of_two().max(floor);
+        if target < cap {
+            self.reallocate(target);
+        }
     }
 
     /// Frees storage if the ring is empty and holds more than `keep` bytes of capacity.
@@ -181,7 +240,7 @@ mod tests {
         assert_eq!(r.capacity(), 1 << 20);
         // A burst taken and then acknowledged down to a trickle: storage shrinks with it, and
         // the bytes still held survive every move.
-        r.consume_and_fit(590_000);
+        r.consume(590_000);
         assert!(r.capacity() <= 4 * 10_000 + MIN_ALLOC, "{}", r.capacity());
         let mut out = vec![0u8; 10_000];
         r.copy_out(0, &mut out);
@@ -189,24 +248,102 @@ mod tests {
         // Wrapped contents move intact too.
         let cap = r.capacity();
         assert_eq!(r.push(&data[..cap - 10_000]), cap - 10_000);
-        r.consume_and_fit(cap - 3000);
+        r.consume(cap - 3000);
         let mut tail = vec![0u8; 3000];
         r.copy_out(0, &mut tail);
         assert_eq!(tail, &data[cap - 13_000..cap - 10_000]);
-        assert_eq!(r.capacity(), KEEP_WHILE_BUSY, "never below the busy floor");
-        // At the floor a ring that fills and empties in small steps is never reallocated.
-        for _ in 0..100 {
-            r.push(&data[..5000]);
-            r.consume_and_fit(r.len());
-            assert_eq!(r.capacity(), KEEP_WHILE_BUSY);
+        assert!(r.capacity() <= 4 * 3000 + MIN_ALLOC);
+        r.consume(3000);
+        assert_eq!(r.capacity(), 0, "an emptied ring holds nothing");
+        // Small rings are left alone: no reallocation churn for a stream's last few KiB.
+        r.push(&data[..1000]);
+        r.consume(900);
+        assert_eq!(r.capacity(), MIN_ALLOC);
+    }
+
+    #[test]
+    fn a_retaining_ring_keeps_its_floor_through_fill_and_drain_cycles() {
+        let retain = 128 * 1024;
+        let mut r = ByteRing::with_retain(1 << 21, retain);
+        let batch: Vec<u8> = (0..=255).cycle().take(90_000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&batch), batch.len());
+        let cap = r.capacity();
+        assert_eq!(cap, retain);
+        let mut out = vec![0u8; 16 * 1024];
+        for round in 0..5 {
+            // Drained in socket-sized pieces down to empty: the storage stays (no regrowth by
+            // doubling at the next batch), and the bytes come out in order.
+            let mut taken = 0;
+            while !r.is_empty() {
+                let n = out.len().min(r.len());
+                r.copy_out(0, &mut out[..n]);
+                assert_eq!(&out[..n], &batch[taken..taken + n], "round {round}");
+                r.consume(n);
+                taken += n;
+                assert_eq!(r.capacity(), cap, "round {round}");
+            }
+            assert_eq!(r.push(&batch), batch.len());
+            assert_eq!(r.capacity(), cap, "round {round}");
         }
-        // Plain `consume` (receive buffers, emptied by every read) keeps storage while busy.
-        let mut recv = ByteRing::new(1 << 20);
-        recv.push(&data[..300_000]);
-        recv.consume(300_000);
-        assert_eq!(recv.capacity(), 1 << 19);
-        recv.shrink_if_empty(0);
-        assert_eq!(recv.capacity(), 0, "released when the session goes idle");
+        // A burst beyond the floor shrinks back to the floor, not below, and keeps its bytes.
+        r.consume(r.len());
+        let big: Vec<u8> = (0..=255).cycle().take(600_000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&big), big.len());
+        assert_eq!(r.capacity(), 1 << 20);
+        r.consume(590_000);
+        assert_eq!(r.capacity(), retain);
+        let mut tail = vec![0u8; 10_000];
+        r.copy_out(0, &mut tail);
+        assert_eq!(tail, &big[590_000..]);
+        // An idle session still frees it all.
+        r.consume(10_000);
+        assert_eq!(r.capacity(), retain);
+        r.shrink_if_empty(0);
+        assert_eq!(r.capacity(), 0);
+    }
+
+    #[test]
+    fn slices_read_wrapped_contents_in_place() {
+        let mut r = ByteRing::new(MIN_ALLOC);
+        let data: Vec<u8> = (0..=255).cycle().take(6000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&data[..4000]), 4000);
+        r.consume(3000);
+        assert_eq!(r.push(&data[4000..]), 2000);
+        // Head at 3000 of 4096: 1096 bytes before the wrap, 1904 after it.
+        let (a, b) = r.as_slices(r.len());
+        assert_eq!((a.len(), b.len()), (1096, 1904));
+        assert_eq!([a, b].concat(), &data[3000..]);
+        let (a, b) = r.as_slices(10);
+        assert_eq!((a, b.len()), (&data[3000..3010], 0));
+        assert_eq!(ByteRing::new(10).as_slices(0), (&[][..], &[][..]));
+    }
+
+    #[test]
+    fn spare_space_is_filled_in_place_around_the_wrap() {
+        let mut r = ByteRing::new(MIN_ALLOC);
+        let data: Vec<u8> = (0..=255).cycle().take(8000).map(|b| b as u8).collect();
+        assert_eq!(r.push(&data[..3000]), 3000);
+        r.consume(2000); // head 2000, contents 1000, storage 4096
+        let mut fed = 3000;
+        // Up to the end of the storage, then from its start up to the head.
+        for expect in [1096, 2000, 0] {
+            let free = MIN_ALLOC - r.len();
+            let room = r.spare(10_000);
+            assert_eq!(room.len(), expect.min(free));
+            let n = room.len();
+            room.copy_from_slice(&data[fed..fed + n]);
+            r.commit(n);
+            fed += n;
+        }
+        assert_eq!(r.len(), MIN_ALLOC);
+        let mut out = vec![0u8; MIN_ALLOC];
+        r.copy_out(0, &mut out);
+        assert_eq!(out, &data[2000..2000 + MIN_ALLOC]);
+        // An empty ring grows for what is asked.
+        let mut g = ByteRing::new(1 << 20);
+        assert_eq!(g.spare(10_000).len(), 10_000);
+        g.commit(10);
+        assert_eq!((g.len(), g.capacity()), (10, 16_384));
     }
 
     #[test]

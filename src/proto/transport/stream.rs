@@ -71,7 +71,7 @@ pub struct SendHalf {
 impl SendHalf {
     pub fn new(buffer_limit: usize, max_data: u64) -> Self {
         Self {
-            buf: ByteRing::new(buffer_limit),
+            buf: ByteRing::with_retain(buffer_limit, SEND_RETAIN),
             base: 0,
             next: 0,
             max_data,
@@ -110,6 +110,16 @@ impl SendHalf {
 
     pub fn write(&mut self, data: &[u8]) -> usize {
         self.buf.push(data)
+    }
+
+    /// Space for up to `max` more bytes, filled in place (see [`ByteRing::spare`]).
+    pub fn spare(&mut self, max: usize) -> &mut [u8] {
+        self.buf.spare(max)
+    }
+
+    /// Queues `n` bytes written into the last [`SendHalf::spare`] slice.
+    pub fn commit(&mut self, n: usize) {
+        self.buf.commit(n)
     }
 
     /// All data and the FIN are acknowledged.
@@ -210,7 +220,7 @@ impl SendHalf {
                 break;
             }
             let n = (first.end - self.base) as usize;
-            self.buf.consume_and_fit(n);
+            self.buf.consume(n);
             freed += n;
             self.base = first.end;
             self.acked.remove(first);
@@ -258,6 +268,18 @@ pub enum RecvError {
     TooFragmented,
 }
 
+/// Send-buffer storage a stream keeps while it drains: one pipe read, so a stream that is filled
+/// and acknowledged in small steps is not reallocated on every step (storage above it follows the
+/// contents down: the server charges a user for it).
+pub const SEND_RETAIN: usize = 16 * 1024;
+
+/// Receive-buffer storage a stream keeps while it drains (freed when the session goes idle or
+/// the stream ends): a batch of datagrams (up to 64 × ~1.4 KB) fits, so a stream whose bytes
+/// go to the socket as fast as they arrive does not free and regrow its buffer per batch.
+/// Receive storage is not charged to a user's buffered-bytes share (send storage is, and keeps
+/// following its contents).
+const RECV_RETAIN: usize = 128 * 1024;
+
 #[derive(Debug)]
 pub struct RecvHalf {
     buf: ByteRing,
@@ -277,7 +299,7 @@ pub struct RecvHalf {
 impl RecvHalf {
     pub fn new(window: u64, range_limit: usize) -> Self {
         Self {
-            buf: ByteRing::new(window as usize),
+            buf: ByteRing::with_retain(window as usize, RECV_RETAIN),
             read: 0,
             received: RangeSet::new(range_limit),
             highest: 0,
@@ -353,12 +375,27 @@ impl RecvHalf {
     }
 
     /// Copies readable bytes into `out`; returns the count.
+    #[cfg(test)]
     pub fn read(&mut self, out: &mut [u8]) -> usize {
         let n = self.readable().min(out.len());
         if n == 0 {
             return 0;
         }
         self.buf.copy_out(0, &mut out[..n]);
+        self.advance(n)
+    }
+
+    /// The readable bytes in place, as at most two slices (the buffer may wrap).
+    pub fn peek(&self) -> (&[u8], &[u8]) {
+        self.buf.as_slices(self.readable())
+    }
+
+    /// Marks up to `n` readable bytes as read (after [`RecvHalf::peek`]); returns the count.
+    pub fn advance(&mut self, n: usize) -> usize {
+        let n = n.min(self.readable());
+        if n == 0 {
+            return 0;
+        }
         self.buf.consume(n);
         self.read += n as u64;
         self.received.remove_below(self.read);

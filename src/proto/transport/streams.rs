@@ -861,15 +861,25 @@ impl StreamsState {
     }
 
     fn stream_mut(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        let missing = self.missing(id);
+        self.streams.get_mut(&id.0).ok_or(missing)
+    }
+
+    fn stream_ref(&self, id: StreamId) -> Result<&Stream, StreamError> {
+        self.streams.get(&id.0).ok_or_else(|| self.missing(id))
+    }
+
+    /// The error for a stream that is not in the set: closed, or never opened.
+    fn missing(&self, id: StreamId) -> StreamError {
         let known = if self.is_local(id) {
             id.seq() < self.next_local_seq
         } else {
             id.seq() < self.next_peer_seq
         };
-        match self.streams.get_mut(&id.0) {
-            Some(s) => Ok(s),
-            None if known => Err(StreamError::Closed),
-            None => Err(StreamError::UnknownStream),
+        if known {
+            StreamError::Closed
+        } else {
+            StreamError::UnknownStream
         }
     }
 
@@ -932,6 +942,48 @@ impl StreamsState {
         Ok(n)
     }
 
+    /// Free send-buffer space filled in place (see [`super::Transport::stream_write_space`]).
+    pub(super) fn write_space(
+        &mut self,
+        id: StreamId,
+        max: usize,
+    ) -> Result<&mut [u8], StreamError> {
+        let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let s = self.stream_mut(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        if s.send.fin != FinState::Open {
+            return Err(StreamError::Finished);
+        }
+        let memory = s.send.memory();
+        let room = s.send.spare(max.min(session_free)).len();
+        let grown = s.send.memory() - memory;
+        if room == 0 && max > 0 && !s.want_writable {
+            s.want_writable = true;
+            self.writable_waiters.push(id.0);
+        }
+        self.send_memory += grown;
+        // Same slice again (no growth this time), now that the accounting is done.
+        let s = self.stream_mut(id)?;
+        Ok(s.send.spare(room))
+    }
+
+    /// Queues bytes written in place (see [`super::Transport::stream_write_commit`]).
+    pub(super) fn write_commit(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
+        let s = self.stream_mut(id)?;
+        if s.is_reset() || s.send.fin != FinState::Open {
+            return Err(StreamError::Finished);
+        }
+        s.send.commit(n);
+        s.bytes_written += n as u64;
+        if n > 0 {
+            self.queue_send(id.0);
+        }
+        self.send_buffered += n;
+        Ok(n)
+    }
+
     /// How many bytes [`StreamsState::write`] would accept right now.
     pub(super) fn write_capacity(&self, id: StreamId) -> usize {
         match self.streams.get(&id.0) {
@@ -945,12 +997,31 @@ impl StreamsState {
 
     /// Reads in-order data (see [`super::Transport::stream_read`]).
     pub(super) fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let (a, b) = self.peek(id)?;
+        let first = a.len().min(buf.len());
+        let second = b.len().min(buf.len() - first);
+        buf[..first].copy_from_slice(&a[..first]);
+        buf[first..first + second].copy_from_slice(&b[..second]);
+        self.consume(id, first + second)
+    }
+
+    /// In-order data in place (see [`super::Transport::stream_peek`]).
+    pub(super) fn peek(&self, id: StreamId) -> Result<(&[u8], &[u8]), StreamError> {
+        let s = self.stream_ref(id)?;
+        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
+            return Err(StreamError::Reset(reason));
+        }
+        Ok(s.recv.peek())
+    }
+
+    /// Marks peeked data as read (see [`super::Transport::stream_consume`]).
+    pub(super) fn consume(&mut self, id: StreamId, n: usize) -> Result<usize, StreamError> {
         let s = self.stream_mut(id)?;
         if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
             return Err(StreamError::Reset(reason));
         }
         s.readable_notified = false;
-        let n = s.recv.read(buf);
+        let n = s.recv.advance(n);
         if n == 0 {
             if s.recv.is_finished() {
                 s.finished_notified = true;
@@ -1191,7 +1262,7 @@ mod tests {
             held > 0 && held < 4 * 1200,
             "a trickle is still held: {held}"
         );
-        let bound = (4 * held).max(super::super::ring::KEEP_WHILE_BUSY);
+        let bound = (4 * held).max(super::super::stream::SEND_RETAIN);
         assert!(memory <= bound, "{memory} bytes kept for {held}");
     }
 }
