@@ -630,6 +630,7 @@ impl Transport {
         let mut runs = std::mem::take(&mut self.ack_runs);
         runs.clear();
         for (lo, hi) in ack.ranges() {
+            self.pmtu.on_ack_range(lo, hi, now);
             self.sent.unresolved_in(lo, hi, |a, b| runs.push((a, b)));
         }
         for &(lo, hi) in &runs {
@@ -643,7 +644,7 @@ impl Transport {
                         // Declared lost, yet it arrived: reordering. Tolerate more of it, and
                         // let the streams know the data was delivered after all.
                         p.state = PacketState::Acked;
-                        self.pmtu.on_acked(pn, p.size as usize, now, loss_delay);
+                        self.pmtu.on_acked(pn, p.size as usize);
                         let count = p.frames().len();
                         let mut frames = [SentFrame::MaxData; recovery::MAX_FRAMES_PER_PACKET];
                         frames[..count].copy_from_slice(p.frames());
@@ -662,7 +663,7 @@ impl Transport {
                     PacketState::Outstanding => {}
                 }
                 p.state = PacketState::Acked;
-                self.pmtu.on_acked(pn, p.size as usize, now, loss_delay);
+                self.pmtu.on_acked(pn, p.size as usize);
                 let (size, eliciting, time_sent) =
                     (u64::from(p.size), p.ack_eliciting, p.time_sent);
                 let snapshot = p.delivery;
@@ -684,6 +685,7 @@ impl Transport {
             self.sent.mark_resolved(lo..hi + 1);
         }
         self.ack_runs = runs;
+        self.pmtu.on_ack_frame(ack.largest, now, loss_delay);
         if self.largest_acked.is_none_or(|l| ack.largest > l) {
             self.largest_acked = Some(ack.largest);
         }
@@ -757,7 +759,7 @@ impl Transport {
             }
             if pn + threshold <= largest || p.time_sent + delay <= now {
                 p.state = PacketState::Lost;
-                self.pmtu.on_lost(pn, p.size as usize, self.next_pn, now);
+                self.pmtu.on_lost(pn, p.size as usize);
                 lost_bytes += u64::from(p.size);
                 lost_packets += 1;
                 lost.extend_from_slice(p.frames());
@@ -770,6 +772,7 @@ impl Transport {
         if let Some(pn) = cursor {
             self.sent.advance_cursor(pn);
         }
+        self.pmtu.on_losses(self.next_pn, false, now);
         self.bytes_in_flight -= lost_bytes;
         self.stats.packets_lost += lost_packets;
         for f in lost.drain(..) {
@@ -793,12 +796,13 @@ impl Transport {
         for (pn, p) in self.sent.iter_mut() {
             if p.in_flight() {
                 p.state = PacketState::Lost;
-                self.pmtu.on_lost(pn, p.size as usize, self.next_pn, now);
+                self.pmtu.on_lost(pn, p.size as usize);
                 lost_bytes += u64::from(p.size);
                 lost.extend_from_slice(p.frames());
             }
         }
         self.bytes_in_flight -= lost_bytes;
+        self.pmtu.on_losses(self.next_pn, true, now);
         for f in lost.drain(..) {
             self.on_frame_lost(f);
         }

@@ -10,12 +10,14 @@
 //! probe only counts as lost when a packet sent after it was acknowledged at least a loss delay
 //! after it was sent (the path worked, the probe did not), so a blackout costs nothing.
 //!
-//! Black holes (a route change lowers the MTU): [`BLACK_HOLE_LOSSES`] large packets (above the
-//! fallback size) lost with no newer large packet acknowledged in between make the size fall back
-//! — to `base`, or from `base` to `floor` — and the search restarts at once. RACK-detected losses
-//! sit below a newer acknowledged packet and never count; in practice a black hole shows as a
-//! probe timeout that loses a whole flight of large packets. At `floor` there is nothing left to
-//! fall back to: the session then relies on its idle timeout.
+//! Black holes (a route change lowers the MTU) show as large packets (above the fallback size)
+//! lost while no newer large packet is acknowledged: the size falls back — to `base`, or from
+//! `base` to `floor` — after a probe timeout that lost [`BLACK_HOLE_LOSSES`] of them (a bulk
+//! flight), two probe timeouts in a row that lost any, or [`BLACK_HOLE_BURSTS`] separate
+//! bursts of them (small packets getting through and acknowledged). Then the search restarts
+//! at once: a false alarm (a blackout, a tail drop) costs about one round trip at the smaller
+//! size. At `floor` there is nothing left to fall back to: if even that is black-holed, the
+//! session ends by its idle timeout like on any dead path.
 
 use std::time::{Duration, Instant};
 
@@ -23,8 +25,11 @@ use std::time::{Duration, Instant};
 pub const MAX_PROBES: u8 = 3;
 /// The search ends when the largest confirmed and the smallest failed size are this close.
 pub const GRANULARITY: u16 = 8;
-/// Large packets lost without a newer large one acknowledged before the size falls back.
+/// Large packets lost in one probe timeout (no newer large one acknowledged) that make the
+/// size fall back.
 pub const BLACK_HOLE_LOSSES: u16 = 4;
+/// Separate bursts of large losses (no newer large packet acknowledged) that make it fall back.
+pub const BLACK_HOLE_BURSTS: u16 = 3;
 /// After a search completes, the next search (trying larger sizes again) starts this much later.
 pub const RAISE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -73,7 +78,14 @@ pub struct Pmtud {
     probe_losses: u8,
     /// Losses of large packets with a packet number at or above this count towards a black hole.
     count_from: u64,
-    large_losses: u16,
+    /// Bursts (runs of consecutive packet numbers) of large losses counted.
+    bursts: u16,
+    /// The last large loss counted.
+    last_lost: Option<u64>,
+    /// Large losses in the current loss pass.
+    pass_losses: u16,
+    /// Probe timeouts in a row that lost large packets.
+    suspicious_ptos: u16,
     stats: PmtuStats,
 }
 
@@ -86,8 +98,13 @@ impl Pmtud {
     /// to `floor`. The sizes are ordered (`floor <= base <= max`) by clamping.
     pub fn new(floor: usize, base: usize, max: usize, now: Instant) -> Self {
         let base = size16(base);
-        let floor = size16(floor).min(base);
         let max = size16(max).max(base);
+        // Without a search there is no discovery at all: no fall back either.
+        let floor = if max > base {
+            size16(floor).min(base)
+        } else {
+            base
+        };
         Pmtud {
             floor,
             base,
@@ -103,7 +120,10 @@ impl Pmtud {
             probe: None,
             probe_losses: 0,
             count_from: 0,
-            large_losses: 0,
+            bursts: 0,
+            last_lost: None,
+            pass_losses: 0,
+            suspicious_ptos: 0,
             stats: PmtuStats::default(),
         }
     }
@@ -153,25 +173,43 @@ impl Pmtud {
         self.stats.probes_sent += 1;
     }
 
-    /// Packet `pn` of `size` payload bytes was acknowledged (probe or not). `loss_delay` is the
-    /// transport's RACK time threshold: a probe older than that below an acknowledged packet
-    /// is lost.
-    pub fn on_acked(&mut self, pn: u64, size: usize, now: Instant, loss_delay: Duration) {
-        if size > usize::from(self.fallback()) && pn >= self.count_from {
-            self.count_from = pn + 1;
-            self.large_losses = 0;
-        }
+    /// An ACK frame acknowledged packets `lo..=hi` (called per range, before [`Self::on_acked`]).
+    pub fn on_ack_range(&mut self, lo: u64, hi: u64, now: Instant) {
         let Some(probe) = self.probe else {
             return;
         };
-        if probe.pn == pn {
+        if (lo..=hi).contains(&probe.pn) {
             self.probe = None;
             self.probe_losses = 0;
             if probe.size > self.current && probe.size < self.failed {
                 self.current = probe.size;
             }
             self.settle(now);
-        } else if pn > probe.pn && now >= probe.sent + loss_delay {
+        }
+    }
+
+    /// Packet `pn` (not a probe) of `size` payload bytes was newly acknowledged: a large one
+    /// proves large packets get through.
+    pub fn on_acked(&mut self, pn: u64, size: usize) {
+        if size > usize::from(self.fallback()) && pn >= self.count_from {
+            self.count_from = pn + 1;
+            self.clear_suspicion();
+        }
+    }
+
+    fn clear_suspicion(&mut self) {
+        self.bursts = 0;
+        self.suspicious_ptos = 0;
+        self.last_lost = None;
+    }
+
+    /// After an ACK frame whose largest acknowledged packet is `largest`: an outstanding probe
+    /// below it and older than `loss_delay` (the transport's RACK time threshold) is lost.
+    pub fn on_ack_frame(&mut self, largest: u64, now: Instant, loss_delay: Duration) {
+        let Some(probe) = self.probe else {
+            return;
+        };
+        if largest > probe.pn && now >= probe.sent + loss_delay {
             self.probe = None;
             self.stats.probes_lost += 1;
             self.probe_losses += 1;
@@ -202,25 +240,40 @@ impl Pmtud {
         }
     }
 
-    /// Packet `pn` of `size` payload bytes (not a probe) was declared lost; `next_pn` is the
-    /// packet number the transport sends next. Returns `true` when this made the size fall back.
-    pub fn on_lost(&mut self, pn: u64, size: usize, next_pn: u64, now: Instant) -> bool {
-        if self.probe.is_some_and(|p| p.pn == pn) {
-            // A probe's loss is judged in `on_acked` (it needs a newer acknowledgement).
-            return false;
-        }
+    /// Packet `pn` of `size` payload bytes (not a probe) was declared lost. Call
+    /// [`Self::on_losses`] when the loss pass is done.
+    pub fn on_lost(&mut self, pn: u64, size: usize) {
         if size <= usize::from(self.fallback()) || pn < self.count_from {
-            return false;
+            return;
         }
-        self.large_losses += 1;
-        if self.large_losses < BLACK_HOLE_LOSSES || self.current <= self.floor {
+        if self.last_lost.is_none_or(|last| pn != last + 1) {
+            self.bursts = self.bursts.saturating_add(1);
+        }
+        self.last_lost = Some(pn);
+        self.pass_losses = self.pass_losses.saturating_add(1);
+    }
+
+    /// A loss pass (`pto`: a probe timeout that declared the whole flight lost) ended; `next_pn`
+    /// is the packet number the transport sends next. Returns `true` when the size fell back:
+    /// after [`BLACK_HOLE_BURSTS`] separate bursts of large losses, or a probe timeout that lost
+    /// [`BLACK_HOLE_LOSSES`] large packets, or two probe timeouts in a row that lost large
+    /// packets, all without a newer large packet acknowledged.
+    pub fn on_losses(&mut self, next_pn: u64, pto: bool, now: Instant) -> bool {
+        let losses = std::mem::take(&mut self.pass_losses);
+        if pto && losses > 0 {
+            self.suspicious_ptos = self.suspicious_ptos.saturating_add(1);
+        }
+        let black_hole = self.bursts >= BLACK_HOLE_BURSTS
+            || (pto && losses >= BLACK_HOLE_LOSSES)
+            || self.suspicious_ptos >= 2;
+        if !black_hole || self.current <= self.floor {
             return false;
         }
         self.current = self.fallback();
         self.stats.black_holes += 1;
         // Packets already sent at the old size say nothing about the new one.
         self.count_from = next_pn;
-        self.large_losses = 0;
+        self.clear_suspicion();
         self.probe = None;
         self.probe_losses = 0;
         self.failed = self.max + 1;
@@ -237,29 +290,36 @@ mod tests {
     const RTT: Duration = Duration::from_millis(40);
     const LOSS_DELAY: Duration = Duration::from_millis(45);
 
-    /// Drives the search over a path that carries payloads up to `path` (probes larger are
-    /// lost; a later packet's ACK reveals it one RTT later). Returns the final size and the
-    /// round trips it took.
+    /// Drives the search over a path that carries payloads up to `path`: each round a probe
+    /// goes out, then a data packet; the ACK for the data packet (and the probe, if it fit)
+    /// comes back two RTTs later. Returns the final size and the rounds it took.
     fn search(p: &mut Pmtud, path: usize, t0: Instant) -> (usize, u32) {
         let mut now = t0;
         let mut pn = 0;
-        for rtt in 0..200 {
-            if let Some(size) = p.probe_due(now) {
-                p.on_probe_sent(pn, size, now);
-                let probe_pn = pn;
-                pn += 1;
-                now += RTT * 2;
-                if size <= path {
-                    p.on_acked(probe_pn, size, now, LOSS_DELAY);
-                }
-                // A data packet sent after the probe is acknowledged.
-                p.on_acked(pn, 100, now, LOSS_DELAY);
-                pn += 1;
+        for round in 0..200 {
+            let Some(size) = p.probe_due(now) else {
+                return (p.current(), round);
+            };
+            p.on_probe_sent(pn, size, now);
+            now += RTT * 2;
+            if size <= path {
+                p.on_ack_range(pn, pn + 1, now);
             } else {
-                return (p.current(), rtt);
+                p.on_ack_range(pn + 1, pn + 1, now);
             }
+            p.on_acked(pn + 1, 100);
+            p.on_ack_frame(pn + 1, now, LOSS_DELAY);
+            pn += 2;
         }
         panic!("search did not end");
+    }
+
+    /// A flight of `count` large packets from `first` lost at a probe timeout.
+    fn pto_flight(p: &mut Pmtud, first: u64, count: u64, size: usize, now: Instant) -> bool {
+        for pn in first..first + count {
+            p.on_lost(pn, size);
+        }
+        p.on_losses(first + count, true, now)
     }
 
     #[test]
@@ -275,9 +335,12 @@ mod tests {
     fn bisects_below_a_smaller_path_and_never_exceeds_it() {
         let t0 = Instant::now();
         let mut p = Pmtud::new(1172, 1322, 1444, t0);
-        let (size, rtts) = search(&mut p, 1372, t0);
-        assert!(size <= 1372 && size + usize::from(GRANULARITY) > 1372, "{size}");
-        assert!(rtts < 30, "{rtts} round trips");
+        let (size, rounds) = search(&mut p, 1372, t0);
+        assert!(
+            size <= 1372 && size + usize::from(GRANULARITY) > 1372,
+            "{size}"
+        );
+        assert!(rounds < 30, "{rounds} rounds");
     }
 
     #[test]
@@ -286,10 +349,13 @@ mod tests {
         let mut p = Pmtud::new(1172, 1322, 1322, t0);
         assert_eq!(p.probe_due(t0), None);
         assert_eq!(p.current(), 1322);
+        // Nothing falls back either.
+        assert!(!pto_flight(&mut p, 0, 100, 1322, t0));
     }
 
     /// A probe whose ACK is merely late (no newer packet acknowledged a loss delay after it)
-    /// is not lost; two lost probes in a row do not fail a size, the third does.
+    /// is not lost; two lost probes in a row do not fail a size, the third does; lost probes
+    /// never shrink the size.
     #[test]
     fn probe_loss_needs_evidence_and_three_in_a_row() {
         let t0 = Instant::now();
@@ -299,12 +365,12 @@ mod tests {
         // A blackout: nothing newer acknowledged; the probe stays outstanding.
         assert_eq!(p.probe_due(t0 + RTT * 10), None);
         // A newer packet acknowledged too soon after the probe: reordering, not loss.
-        p.on_acked(1, 100, t0 + Duration::from_millis(10), LOSS_DELAY);
+        p.on_ack_frame(1, t0 + Duration::from_millis(10), LOSS_DELAY);
         assert_eq!(p.stats().probes_lost, 0);
         let mut now = t0 + RTT * 11;
         let mut probe_pn = 0;
         for lost in 1..=3 {
-            p.on_acked(probe_pn + 1, 100, now, LOSS_DELAY);
+            p.on_ack_frame(probe_pn + 1, now, LOSS_DELAY);
             assert_eq!(p.stats().probes_lost, lost);
             now += RTT;
             let next = p.probe_due(now);
@@ -314,10 +380,14 @@ mod tests {
                 p.on_probe_sent(probe_pn, 1444, now);
                 now += RTT * 2;
             } else {
-                assert_eq!(next, Some(1322 + (1444 - 1322) / 2), "bisect after 3 losses");
+                assert_eq!(
+                    next,
+                    Some(1322 + (1444 - 1322) / 2),
+                    "bisect after 3 losses"
+                );
             }
         }
-        assert_eq!(p.current(), 1322, "lost probes never shrink the size");
+        assert_eq!(p.current(), 1322);
     }
 
     #[test]
@@ -327,40 +397,67 @@ mod tests {
         search(&mut p, 1444, t0);
         assert_eq!(p.current(), 1444);
         let now = t0 + Duration::from_secs(1);
-        // Large packet 100 acknowledged; older losses (RACK) never count.
-        p.on_acked(100, 1444, now, LOSS_DELAY);
+        p.on_acked(100, 1444);
+        // Older losses and small losses never count.
         for pn in 90..100 {
-            assert!(!p.on_lost(pn, 1444, 200, now));
+            p.on_lost(pn, 1444);
         }
-        // Small losses do not count either.
         for pn in 101..110 {
-            assert!(!p.on_lost(pn, 1300, 200, now));
+            p.on_lost(pn, 1300);
         }
-        // A probe timeout loses a flight of large packets.
-        let fell: Vec<bool> = (110..114).map(|pn| p.on_lost(pn, 1444, 200, now)).collect();
-        assert_eq!(fell, [false, false, false, true]);
+        assert!(!p.on_losses(200, true, now));
+        // A probe timeout loses a flight of large packets (packet 200 is sent next).
+        for pn in 110..114 {
+            p.on_lost(pn, 1444);
+        }
+        assert!(p.on_losses(200, true, now));
         assert_eq!(p.current(), 1322);
         assert_eq!(p.stats().black_holes, 1);
         // The rest of that flight (sent before the fall back) does not count again.
-        for pn in 114..200 {
-            assert!(!p.on_lost(pn, 1444, 300, now));
-        }
+        assert!(!pto_flight(&mut p, 114, 86, 1444, now));
         // The search restarts at once.
         assert_eq!(p.probe_due(now), Some(1444));
         p.on_probe_sent(300, 1444, now);
         // Base-size packets black-holed too: fall back to the floor.
-        let fell: Vec<bool> = (301..305).map(|pn| p.on_lost(pn, 1322, 400, now)).collect();
-        assert_eq!(fell, [false, false, false, true]);
+        assert!(pto_flight(&mut p, 301, 10, 1322, now));
         assert_eq!(p.current(), 1172);
         // At the floor nothing falls further.
-        for pn in 400..420 {
-            assert!(!p.on_lost(pn, 1172, 500, now));
-        }
+        assert!(!pto_flight(&mut p, 400, 20, 1172, now));
         assert_eq!(p.current(), 1172);
         let (size, _) = search(&mut p, 1250, now);
-        assert!(size <= 1250 && size + usize::from(GRANULARITY) > 1250, "{size}");
+        assert!(
+            size <= 1250 && size + usize::from(GRANULARITY) > 1250,
+            "{size}"
+        );
     }
 
+    /// Low-rate traffic: one large packet per probe timeout, twice in a row.
+    #[test]
+    fn two_probe_timeouts_in_a_row_are_a_black_hole() {
+        let t0 = Instant::now();
+        let mut p = Pmtud::new(1172, 1322, 1444, t0);
+        search(&mut p, 1444, t0);
+        assert!(!pto_flight(&mut p, 10, 1, 1444, t0));
+        assert!(pto_flight(&mut p, 11, 1, 1444, t0));
+        assert_eq!(p.current(), 1322);
+    }
+
+    /// Small packets acknowledged, large ones lost (RACK): three separate bursts.
+    #[test]
+    fn three_bursts_of_large_losses_are_a_black_hole() {
+        let t0 = Instant::now();
+        let mut p = Pmtud::new(1172, 1322, 1444, t0);
+        search(&mut p, 1444, t0);
+        for (i, first) in [10u64, 20, 30].into_iter().enumerate() {
+            for pn in first..first + 3 {
+                p.on_lost(pn, 1444);
+            }
+            p.on_acked(first + 5, 200);
+            assert_eq!(p.on_losses(100, false, t0), i == 2);
+        }
+    }
+
+    /// Congestion and random loss: a newer large packet gets through between the bursts.
     #[test]
     fn a_large_ack_between_losses_resets_the_count() {
         let t0 = Instant::now();
@@ -369,9 +466,12 @@ mod tests {
         for round in 0..10u64 {
             let first = 10 + round * 10;
             for pn in first..first + 3 {
-                assert!(!p.on_lost(pn, 1444, 1000, t0));
+                p.on_lost(pn, 1444);
             }
-            p.on_acked(first + 5, 1444, t0, LOSS_DELAY);
+            assert!(!p.on_losses(first + 10, false, t0));
+            p.on_acked(first + 5, 1444);
+            assert!(!pto_flight(&mut p, first + 6, 2, 1444, t0));
+            p.on_acked(first + 9, 1444);
         }
         assert_eq!(p.current(), 1444);
     }
