@@ -588,10 +588,35 @@ mod tests {
 
     /// A client and a server session on one secret, with their token maps.
     fn pair(config: &SessionConfig, t0: Instant) -> (Session, MapSink, Session, MapSink) {
+        pair_sized(config, 1350, t0)
+    }
+
+    /// Like [`pair`] with `max_datagram` negotiated.
+    fn pair_sized(
+        config: &SessionConfig,
+        max_datagram: usize,
+        t0: Instant,
+    ) -> (Session, MapSink, Session, MapSink) {
         let secret = [9u8; 32];
         let (mut cs, mut ss) = (MapSink::default(), MapSink::default());
-        let c = Session::new(&secret, Side::Client, config, 1350, t0, [3; 32], &mut cs);
-        let s = Session::new(&secret, Side::Server, config, 1350, t0, [4; 32], &mut ss);
+        let c = Session::new(
+            &secret,
+            Side::Client,
+            config,
+            max_datagram,
+            t0,
+            [3; 32],
+            &mut cs,
+        );
+        let s = Session::new(
+            &secret,
+            Side::Server,
+            config,
+            max_datagram,
+            t0,
+            [4; 32],
+            &mut ss,
+        );
         (c, cs, s, ss)
     }
 
@@ -658,6 +683,51 @@ mod tests {
             got > 0 && got < written,
             "the stream bytes arrived in order: {got}"
         );
+    }
+
+    /// With 1,472 negotiated, the first batch leads with a path-MTU probe (a padded PING, then
+    /// one 1,350-byte datagram: a batch never makes packets smaller); once the peer's ACK
+    /// confirms it, batches carry 1,472-byte segments.
+    #[test]
+    fn a_probe_leads_a_batch_and_once_confirmed_batches_are_full_size() {
+        let t0 = Instant::now();
+        let (mut c, mut cs, mut s, mut ss) = pair_sized(&bulk_config(), MAX_DATAGRAM, t0);
+        assert_eq!(c.current_max_datagram(), BASE_DATAGRAM);
+        let dest = Destination::domain("example.com", 443).unwrap();
+        let id = c.transport_mut().open_stream(dest).unwrap();
+        c.transport_mut().stream_write(id, &[7; 64 * 1024]).unwrap();
+        let now = t0 + Duration::from_millis(50);
+        let mut buf = vec![0u8; 65_507];
+        let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
+        assert_eq!(
+            batch,
+            Batch {
+                len: MAX_DATAGRAM + BASE_DATAGRAM,
+                segment: MAX_DATAGRAM
+            }
+        );
+        for datagram in buf[..batch.len].chunks_mut(batch.segment) {
+            deliver(&mut s, &mut ss, now, datagram);
+        }
+        let mut reply = vec![0u8; MAX_DATAGRAM];
+        let later = now + Duration::from_millis(30);
+        s.handle_timeout(later);
+        while let Some(n) = s.poll_transmit(later, &mut reply) {
+            deliver(&mut c, &mut cs, later, &mut reply[..n]);
+        }
+        assert_eq!(c.current_max_datagram(), MAX_DATAGRAM, "probe confirmed");
+        let batch = c.poll_transmit_batch(later, &mut buf, 8).expect("a batch");
+        assert_eq!(batch.segment, MAX_DATAGRAM);
+        assert!(batch.count() >= 2, "{batch:?}");
+        assert_eq!(
+            batch.len,
+            batch.count() * MAX_DATAGRAM,
+            "all full: {batch:?}"
+        );
+        for datagram in buf[..batch.len].chunks_mut(batch.segment) {
+            deliver(&mut s, &mut ss, later, datagram);
+        }
+        assert!(read_all(&mut s) > 0);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! datagrams, close and the public API); `streams.rs` the stream set, its queues and session
 //! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `ack.rs` when an
 //! ACK is owed and due; `recovery.rs`, `congestion.rs`, `pacing.rs` and `flow.rs` the
-//! algorithms; `frame.rs` the wire format.
+//! algorithms; `pmtu.rs` path-MTU discovery (the packet size); `frame.rs` the wire format.
 
 mod ack;
 mod codes;
