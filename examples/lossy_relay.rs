@@ -12,7 +12,8 @@
 //! Link options apply to both directions; prefix with `up-` (client → upstream) or `down-`
 //! (upstream → client) to set one direction, e.g. `--down-loss 0.05`. `--queue-ms` sizes the
 //! bottleneck queue in milliseconds of transmission at the configured rate (default 50).
-//! `--rate-mbit 0` means unlimited. `--stats SECS` prints counters to stderr periodically.
+//! `--rate-mbit 0` means unlimited. `--mtu BYTES` drops longer datagrams (a path MTU in UDP
+//! payload bytes: 1472 for a 1,500-byte IPv4 path; default: no limit). `--stats SECS` prints counters to stderr periodically.
 //! The first stdout line is the bound listen address (useful with port 0).
 
 use std::cmp::Reverse;
@@ -75,6 +76,8 @@ pub struct LinkConfig {
     pub reorder: f64,
     /// Probability of delivering a second copy.
     pub dup: f64,
+    /// Datagrams longer than this are dropped (a path MTU, as UDP payload bytes); 0 = no limit.
+    pub mtu: usize,
 }
 
 impl Default for LinkConfig {
@@ -87,6 +90,7 @@ impl Default for LinkConfig {
             loss: 0.0,
             reorder: 0.0,
             dup: 0.0,
+            mtu: 0,
         }
     }
 }
@@ -96,6 +100,8 @@ impl Default for LinkConfig {
 pub enum Fate {
     /// Random loss.
     Lost,
+    /// Longer than the link's MTU.
+    TooBig,
     /// The bottleneck queue was full.
     QueueFull,
     /// Delivered at the given time (ns); `duplicate_at` is set when a copy is delivered too.
@@ -111,6 +117,7 @@ pub struct LinkStats {
     pub queue_drops: u64,
     pub reordered: u64,
     pub duplicated: u64,
+    pub too_big: u64,
 }
 
 /// One direction of the emulated link: decides, for a packet arriving at time `now` (ns since an
@@ -148,6 +155,10 @@ impl LinkModel {
     pub fn on_packet(&mut self, now: u64, len: usize) -> Fate {
         self.stats.packets += 1;
         self.stats.bytes += len as u64;
+        if self.config.mtu > 0 && len > self.config.mtu {
+            self.stats.too_big += 1;
+            return Fate::TooBig;
+        }
         if self.rng.chance(self.config.loss) {
             self.stats.lost += 1;
             return Fate::Lost;
@@ -240,7 +251,7 @@ pub fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, 
     while let Some(arg) = args.next() {
         if arg == "--help" || arg == "-h" {
             return Err("usage: lossy_relay --listen ADDR --upstream ADDR [--rate-mbit M] [--queue-ms Q] \
-                 [--delay-ms D] [--jitter-ms J] [--loss P] [--reorder P] [--dup P] [--seed S] [--stats SECS]\n\
+                 [--delay-ms D] [--jitter-ms J] [--loss P] [--reorder P] [--dup P] [--mtu BYTES] [--seed S] [--stats SECS]\n\
                  link options may be prefixed with up- or down- (e.g. --down-loss 0.05)"
                 .into());
         }
@@ -288,6 +299,7 @@ pub fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, 
                         "loss" => config.loss = probability()?,
                         "reorder" => config.reorder = probability()?,
                         "dup" => config.dup = probability()?,
+                        "mtu" => config.mtu = number as usize,
                         _ => return Err(format!("unknown option --{name}")),
                     }
                 }
@@ -433,8 +445,8 @@ impl Relay {
     fn print_stats(&self) {
         let line = |name: &str, s: &LinkStats| {
             format!(
-                "{name}: packets={} bytes={} lost={} queue_drops={} reordered={} duplicated={}",
-                s.packets, s.bytes, s.lost, s.queue_drops, s.reordered, s.duplicated
+                "{name}: packets={} bytes={} lost={} queue_drops={} too_big={} reordered={} duplicated={}",
+                s.packets, s.bytes, s.lost, s.queue_drops, s.too_big, s.reordered, s.duplicated
             )
         };
         eprintln!(
@@ -628,6 +640,31 @@ mod tests {
         let inversions = times.windows(2).filter(|w| w[1] < w[0]).count();
         assert!(inversions > 100, "inversions {inversions}");
         assert!((150..250).contains(&(link.stats.reordered as usize)));
+    }
+
+    #[test]
+    fn datagrams_above_the_mtu_are_dropped() {
+        let mut link = model(LinkConfig {
+            mtu: 1400,
+            ..LinkConfig::default()
+        });
+        assert!(matches!(link.on_packet(0, 1400), Fate::Deliver { .. }));
+        assert_eq!(link.on_packet(1, 1401), Fate::TooBig);
+        assert_eq!(link.stats.too_big, 1);
+        let options = parse_options(
+            [
+                "--listen",
+                "127.0.0.1:1",
+                "--upstream",
+                "127.0.0.1:2",
+                "--down-mtu",
+                "1300",
+            ]
+            .into_iter()
+            .map(String::from),
+        )
+        .unwrap();
+        assert_eq!((options.up.mtu, options.down.mtu), (0, 1300));
     }
 
     #[test]

@@ -14,8 +14,24 @@ use super::transport::{CloseReason, Side, Transport, TransportConfig, TransportE
 
 /// Smallest datagram size a peer may announce.
 pub const MIN_DATAGRAM: usize = 576;
-/// Largest datagram size either side produces.
-pub const MAX_DATAGRAM: usize = 1500;
+/// Largest datagram size either side produces or accepts: a full 1,500-byte IPv4 packet
+/// (20 bytes IP + 8 UDP header), never more, whatever the local link (loopback) allows.
+pub const MAX_DATAGRAM: usize = 1472;
+/// Largest datagram towards an IPv6 peer (40 bytes IP + 8 UDP in 1,500).
+pub const MAX_DATAGRAM_V6: usize = 1452;
+/// Datagram size every session starts with, before path-MTU discovery confirms more.
+pub const BASE_DATAGRAM: usize = 1350;
+/// Smallest size a black hole makes a session fall back to (below [`BASE_DATAGRAM`]).
+pub const FLOOR_DATAGRAM: usize = 1200;
+
+/// The largest datagram the address family of `peer` allows.
+pub fn family_max_datagram(peer: &std::net::SocketAddr) -> usize {
+    if peer.is_ipv6() && peer.ip().to_canonical().is_ipv6() {
+        MAX_DATAGRAM_V6
+    } else {
+        MAX_DATAGRAM
+    }
+}
 
 /// Datagrams written back to back by a batch transmit: `len` bytes cut every `segment` bytes (the
 /// last datagram may be shorter). The shape one GSO send takes.
@@ -42,7 +58,8 @@ impl Batch {
 /// Packet-protection settings shared by client and server.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Largest UDP payload this side sends or accepts (the MTU budget).
+    /// Largest UDP payload this side sends or accepts: the upper bound of path-MTU discovery
+    /// (sessions start at [`BASE_DATAGRAM`] and probe up to the negotiated value).
     pub max_datagram: usize,
     /// Padding of data packets.
     pub padding: PaddingPolicy,
@@ -50,14 +67,15 @@ pub struct SessionConfig {
     pub token_window: usize,
     /// Of those, how many lie behind the highest received packet (reordering tolerance).
     pub token_behind: usize,
-    /// Transport settings (`max_payload` is overwritten with the MTU budget minus overhead).
+    /// Transport settings (`max_payload` and the `pmtu_*` sizes are overwritten with the
+    /// datagram sizes minus overhead).
     pub transport: TransportConfig,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            max_datagram: 1350,
+            max_datagram: MAX_DATAGRAM,
             padding: PaddingPolicy::default(),
             token_window: 2048,
             token_behind: 128,
@@ -189,7 +207,9 @@ fn at_or_above(base: u64, low: u32) -> u64 {
 }
 
 impl Session {
-    /// Creates a session from the handshake's secret. `max_datagram` is the negotiated size.
+    /// Creates a session from the handshake's secret. `max_datagram` is the negotiated size: the
+    /// session starts at [`BASE_DATAGRAM`] (or below, if that is less) and path-MTU discovery
+    /// probes up to it.
     /// The receive tokens are registered with `sink`.
     pub fn new(
         secret: &Key32,
@@ -205,9 +225,13 @@ impl Session {
             Side::Server => (Direction::ServerToClient, Direction::ClientToServer),
         };
         let max_datagram = max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM);
-        let max_payload = max_datagram - DATA_OVERHEAD - HEADER_LEN;
+        let overhead = DATA_OVERHEAD + HEADER_LEN;
+        let max_payload = max_datagram - overhead;
+        let base = BASE_DATAGRAM.min(max_datagram);
         let mut transport_config = config.transport.clone();
-        transport_config.max_payload = max_payload;
+        transport_config.max_payload = base - overhead;
+        transport_config.pmtu_max_payload = max_payload;
+        transport_config.pmtu_floor_payload = FLOOR_DATAGRAM.min(base) - overhead;
         let opener = Opener::new(secret, rx_dir);
         let rx_tokens = TokenWindow::new(
             *opener.token_key(),
@@ -358,7 +382,9 @@ impl Session {
         }
         let window_end = self.rx_tokens.end() as u32;
         buf[TOKEN_LEN..body].copy_from_slice(&window_end.to_le_bytes());
-        let padded = self.padding.padded_len(len, payload_cap, &mut self.rng);
+        // Padding stays within the current path size (a probe, larger, is not padded further).
+        let pad_cap = payload_cap.min(self.transport.max_payload_now());
+        let padded = self.padding.padded_len(len, pad_cap, &mut self.rng);
         buf[body + len..body + padded].fill(0);
         let total = self.sealer.seal(pn, buf, HEADER_LEN + padded)?;
         self.stats.packets_sent += 1;
@@ -370,7 +396,8 @@ impl Session {
     /// [`Session::poll_transmit`] would write it (so congestion window, pacer and the peer's token
     /// window decide exactly as they do for single datagrams). The first datagram's length is the
     /// segment size; a shorter datagram ends the batch, and so does a first datagram shorter than
-    /// the full size (the next one could be larger: a batch never makes packets smaller).
+    /// the current full size (the next one could be larger: a batch never makes packets
+    /// smaller). A path-MTU probe, larger than the full size, is followed by one datagram.
     pub fn poll_transmit_batch(
         &mut self,
         now: Instant,
@@ -379,7 +406,7 @@ impl Session {
     ) -> Option<Batch> {
         let segment = self.poll_transmit(now, buf)?;
         let mut len = segment;
-        if segment < self.max_datagram.min(buf.len()) {
+        if segment < self.current_max_datagram().min(buf.len()) {
             return Some(Batch::single(len));
         }
         for _ in 1..max_segments {
@@ -446,9 +473,14 @@ impl Session {
         self.stats
     }
 
-    /// Negotiated maximum datagram size.
+    /// Negotiated maximum datagram size (the upper bound of path-MTU discovery).
     pub fn max_datagram(&self) -> usize {
         self.max_datagram
+    }
+
+    /// Largest datagram sent now: the size path-MTU discovery confirmed (probes are larger).
+    pub fn current_max_datagram(&self) -> usize {
+        self.transport.max_payload_now() + DATA_OVERHEAD + HEADER_LEN
     }
 
     /// Unregisters all receive tokens (called when the session is dropped).
@@ -556,10 +588,35 @@ mod tests {
 
     /// A client and a server session on one secret, with their token maps.
     fn pair(config: &SessionConfig, t0: Instant) -> (Session, MapSink, Session, MapSink) {
+        pair_sized(config, 1350, t0)
+    }
+
+    /// Like [`pair`] with `max_datagram` negotiated.
+    fn pair_sized(
+        config: &SessionConfig,
+        max_datagram: usize,
+        t0: Instant,
+    ) -> (Session, MapSink, Session, MapSink) {
         let secret = [9u8; 32];
         let (mut cs, mut ss) = (MapSink::default(), MapSink::default());
-        let c = Session::new(&secret, Side::Client, config, 1350, t0, [3; 32], &mut cs);
-        let s = Session::new(&secret, Side::Server, config, 1350, t0, [4; 32], &mut ss);
+        let c = Session::new(
+            &secret,
+            Side::Client,
+            config,
+            max_datagram,
+            t0,
+            [3; 32],
+            &mut cs,
+        );
+        let s = Session::new(
+            &secret,
+            Side::Server,
+            config,
+            max_datagram,
+            t0,
+            [4; 32],
+            &mut ss,
+        );
         (c, cs, s, ss)
     }
 
@@ -626,6 +683,51 @@ mod tests {
             got > 0 && got < written,
             "the stream bytes arrived in order: {got}"
         );
+    }
+
+    /// With 1,472 negotiated, the first batch leads with a path-MTU probe (a padded PING, then
+    /// one 1,350-byte datagram: a batch never makes packets smaller); once the peer's ACK
+    /// confirms it, batches carry 1,472-byte segments.
+    #[test]
+    fn a_probe_leads_a_batch_and_once_confirmed_batches_are_full_size() {
+        let t0 = Instant::now();
+        let (mut c, mut cs, mut s, mut ss) = pair_sized(&bulk_config(), MAX_DATAGRAM, t0);
+        assert_eq!(c.current_max_datagram(), BASE_DATAGRAM);
+        let dest = Destination::domain("example.com", 443).unwrap();
+        let id = c.transport_mut().open_stream(dest).unwrap();
+        c.transport_mut().stream_write(id, &[7; 64 * 1024]).unwrap();
+        let now = t0 + Duration::from_millis(50);
+        let mut buf = vec![0u8; 65_507];
+        let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
+        assert_eq!(
+            batch,
+            Batch {
+                len: MAX_DATAGRAM + BASE_DATAGRAM,
+                segment: MAX_DATAGRAM
+            }
+        );
+        for datagram in buf[..batch.len].chunks_mut(batch.segment) {
+            deliver(&mut s, &mut ss, now, datagram);
+        }
+        let mut reply = vec![0u8; MAX_DATAGRAM];
+        let later = now + Duration::from_millis(30);
+        s.handle_timeout(later);
+        while let Some(n) = s.poll_transmit(later, &mut reply) {
+            deliver(&mut c, &mut cs, later, &mut reply[..n]);
+        }
+        assert_eq!(c.current_max_datagram(), MAX_DATAGRAM, "probe confirmed");
+        let batch = c.poll_transmit_batch(later, &mut buf, 8).expect("a batch");
+        assert_eq!(batch.segment, MAX_DATAGRAM);
+        assert!(batch.count() >= 2, "{batch:?}");
+        assert_eq!(
+            batch.len,
+            batch.count() * MAX_DATAGRAM,
+            "all full: {batch:?}"
+        );
+        for datagram in buf[..batch.len].chunks_mut(batch.segment) {
+            deliver(&mut s, &mut ss, later, datagram);
+        }
+        assert!(read_all(&mut s) > 0);
     }
 
     #[test]

@@ -65,6 +65,11 @@ struct World {
     /// Datagrams moved and events seen so far: an iteration that changes nothing here did no
     /// work (see the busy-loop rule in [`World::run_until`]).
     work: u64,
+    /// (time, length) of every datagram put on the client→server / server→client link.
+    wire_c2s: Vec<(Instant, usize)>,
+    wire_s2c: Vec<(Instant, usize)>,
+    /// (time, length) of every datagram the server received from the client→server link.
+    arrived_c2s: Vec<(Instant, usize)>,
 }
 
 impl World {
@@ -123,6 +128,9 @@ impl World {
             sent_to: Vec::new(),
             buf: vec![0u8; 2048],
             work: 0,
+            wire_c2s: Vec::new(),
+            wire_s2c: Vec::new(),
+            arrived_c2s: Vec::new(),
         }
     }
 
@@ -157,6 +165,7 @@ impl World {
             if self.capture {
                 self.captured_c2s.push(self.buf[..n].to_vec());
             }
+            self.wire_c2s.push((now, n));
             self.c2s.send(now, &self.buf[..n]);
         }
         while let Some(t) = self.server.poll_transmit(now, &mut self.buf) {
@@ -165,10 +174,12 @@ impl World {
                 self.captured_s2c.push(self.buf[..t.len].to_vec());
             }
             self.sent_to.push(t.to);
+            self.wire_s2c.push((now, t.len));
             self.s2c.send(now, &self.buf[..t.len]);
         }
         while let Some(mut d) = self.c2s.recv(now) {
             self.work += 1;
+            self.arrived_c2s.push((now, d.len()));
             self.server
                 .handle_datagram(now, unix, self.client_socket, self.client_addr, &mut d);
         }
@@ -912,4 +923,204 @@ fn forty_sessions_of_one_key_connect_in_one_epoch_over_the_network_and_replays_g
     assert!(replayed >= 80);
     assert_eq!(server.stats().replies_sent, replies);
     assert_eq!(server.session_count(), sessions);
+}
+
+// ------------------------------------------------------------------ path-MTU discovery
+
+/// 40 ms RTT, 100 Mbit/s, datagrams above `mtu` bytes (UDP payload) dropped.
+fn mtu_link(mtu: usize, loss: f64) -> LinkConfig {
+    LinkConfig {
+        delay: Duration::from_millis(20),
+        jitter: Duration::from_millis(1),
+        loss,
+        rate_bps: Some(100_000_000),
+        queue_bytes: 512 * 1024,
+        mtu,
+        ..LinkConfig::default()
+    }
+}
+
+const RTT: Duration = Duration::from_millis(40);
+
+/// When the second datagram with a length in `sizes` went on the wire, after `from` (the first
+/// may be the probe that confirmed the size; the second carries data at that size).
+fn second_within(
+    wire: &[(Instant, usize)],
+    from: Instant,
+    sizes: std::ops::RangeInclusive<usize>,
+) -> Option<Duration> {
+    wire.iter()
+        .filter(|(at, len)| sizes.contains(len) && *at >= from)
+        .nth(1)
+        .map(|(at, _)| *at - from)
+}
+
+/// Average datagram size of the bulk part (datagrams above 1,000 bytes) of `wire`.
+fn bulk_bytes_per_datagram(wire: &[(Instant, usize)]) -> usize {
+    let bulk: Vec<usize> = wire.iter().map(|w| w.1).filter(|&l| l > 1000).collect();
+    bulk.iter().sum::<usize>() / bulk.len().max(1)
+}
+
+/// A 1,500-byte path (1,472 bytes of UDP payload): both directions reach 1,472-byte datagrams
+/// within a few round trips of the first data, the bulk runs at that size, and nothing larger
+/// ever goes out (before path-MTU discovery every datagram was at most 1,350 bytes).
+#[test]
+fn pmtu_reaches_1472_on_a_1500_byte_path_within_a_few_round_trips() {
+    let mut w = World::new(mtu_link(1472, 0.0), KEY, 0, 21);
+    transfer(&mut w, transfer_size(), |_| {});
+    // The first large datagram (above the handshake sizes) marks the start of the transfer.
+    let data_start = w.wire_c2s.iter().find(|x| x.1 > 1000).unwrap().0;
+    let up = second_within(&w.wire_c2s, data_start, 1472..=1472).expect("client at 1,472");
+    let down = second_within(&w.wire_s2c, data_start, 1472..=1472).expect("server at 1,472");
+    assert!(up <= RTT * 3, "client probed after {up:?}");
+    assert!(down <= RTT * 4, "server probed after {down:?}");
+    // Full-size data after the probe was confirmed: count datagrams of exactly 1,472 bytes.
+    let full = |wire: &[(Instant, usize)]| wire.iter().filter(|x| x.1 == 1472).count();
+    assert!(
+        full(&w.wire_c2s) > 1000,
+        "{} full datagrams",
+        full(&w.wire_c2s)
+    );
+    let largest = w.wire_c2s.iter().chain(&w.wire_s2c).map(|x| x.1).max();
+    assert_eq!(
+        largest,
+        Some(1472),
+        "never larger than a 1,500-byte IPv4 packet"
+    );
+    assert_eq!(w.c2s.stats().dropped_mtu + w.s2c.stats().dropped_mtu, 0);
+    let avg = bulk_bytes_per_datagram(&w.wire_c2s);
+    assert!(avg > 1440, "bulk bytes per datagram {avg}");
+    let client = w.client.session().unwrap();
+    assert_eq!(client.current_max_datagram(), 1472);
+    let server = w.server.session(SessionId(1)).unwrap();
+    assert_eq!(server.current_max_datagram(), 1472);
+    println!("1500 path: up {up:?} down {down:?}, bulk {avg} bytes per datagram");
+}
+
+/// A path that drops datagrams above 1,400 bytes: the search ends at most 8 bytes below 1,400,
+/// and every datagram the link dropped for its size was a probe (no data packet ever was).
+#[test]
+fn pmtu_converges_below_a_1400_byte_path_without_losing_data() {
+    let mut w = World::new(mtu_link(1400, 0.0), KEY, 0, 22);
+    transfer(&mut w, transfer_size() * 4, |_| {});
+    for (side, session) in [
+        ("client", w.client.session().unwrap()),
+        ("server", w.server.session(SessionId(1)).unwrap()),
+    ] {
+        let size = session.current_max_datagram();
+        let pmtu = session.transport().pmtu_stats();
+        assert!((1392..=1400).contains(&size), "{side} at {size}: {pmtu:?}");
+        assert_eq!(pmtu.black_holes, 0, "{side}");
+        assert!(
+            pmtu.probes_lost >= 3,
+            "{side} learned 1,472 fails: {pmtu:?}"
+        );
+    }
+    let client_probes = w
+        .client
+        .session()
+        .unwrap()
+        .transport()
+        .pmtu_stats()
+        .probes_sent;
+    let server_probes = w
+        .server
+        .session(SessionId(1))
+        .unwrap()
+        .transport()
+        .pmtu_stats()
+        .probes_sent;
+    assert!(w.c2s.stats().dropped_mtu <= u64::from(client_probes));
+    assert!(w.s2c.stats().dropped_mtu <= u64::from(server_probes));
+    let data_start = w.wire_c2s.iter().find(|x| x.1 > 1000).unwrap().0;
+    let settled = second_within(&w.wire_c2s, data_start, 1392..=1400).unwrap();
+    assert!(settled < RTT * 30, "search took {settled:?}");
+    println!(
+        "1400 path: client settled at {} after {settled:?}",
+        w.client.session().unwrap().current_max_datagram()
+    );
+}
+
+/// The path MTU drops to 1,300 mid-transfer (a route change): full-size packets vanish. The
+/// session falls back (1,472 → base 1,350, still too large → floor 1,200) and searches again
+/// below 1,300; the upload stalls for at most 15 RTTs (two probe timeouts, the second backed
+/// off), then completes intact.
+#[test]
+fn pmtu_black_hole_mid_transfer_falls_back_and_the_transfer_continues() {
+    let mut w = World::new(mtu_link(1472, 0.0), KEY, 0, 23);
+    let mut changed_at = None;
+    transfer(&mut w, transfer_size() * 4, |w| {
+        changed_at = Some(w.now);
+        for link in [&mut w.c2s, &mut w.s2c] {
+            let config = LinkConfig {
+                mtu: 1300,
+                ..link.config().clone()
+            };
+            link.set_config(config);
+        }
+    });
+    let changed_at = changed_at.unwrap();
+    let client = w.client.session().unwrap();
+    let size = client.current_max_datagram();
+    let pmtu = client.transport().pmtu_stats();
+    // Through the floor (1,200) and searching again: it ends somewhere that gets through.
+    assert!((1200..=1300).contains(&size), "client at {size}: {pmtu:?}");
+    assert!(pmtu.black_holes >= 1, "{pmtu:?}");
+    // The longest gap between data datagrams arriving at the server after the change.
+    let arrivals: Vec<Instant> = w
+        .arrived_c2s
+        .iter()
+        .filter(|(at, len)| *at >= changed_at && *len > 1000)
+        .map(|x| x.0)
+        .collect();
+    let stall = arrivals
+        .windows(2)
+        .map(|p| p[1] - p[0])
+        .chain(arrivals.first().map(|&a| a - changed_at))
+        .max()
+        .unwrap();
+    assert!(stall < RTT * 15, "upload stalled for {stall:?}");
+    println!("black hole: stalled {stall:?}, client now at {size}, {pmtu:?}");
+}
+
+/// 5 % random loss on a 1,500-byte path: lost probes and lost full-size packets do not shrink
+/// the size; every run ends at 1,472.
+#[test]
+fn pmtu_random_loss_does_not_shrink_the_size() {
+    for seed in [31, 32, 33] {
+        let mut w = World::new(mtu_link(1472, 0.05), KEY, 0, seed);
+        transfer(&mut w, transfer_size() / 2, |_| {});
+        for (side, session) in [
+            ("client", w.client.session().unwrap()),
+            ("server", w.server.session(SessionId(1)).unwrap()),
+        ] {
+            let pmtu = session.transport().pmtu_stats();
+            assert_eq!(
+                session.current_max_datagram(),
+                1472,
+                "seed {seed} {side}: {pmtu:?}"
+            );
+        }
+        let avg = bulk_bytes_per_datagram(&w.wire_c2s);
+        assert!(avg > 1440, "seed {seed}: bulk bytes per datagram {avg}");
+    }
+}
+
+/// Towards an IPv6 peer the bound is 1,452 (40 bytes of IPv6 header), even on a path that
+/// would carry more.
+#[test]
+fn pmtu_ipv6_peer_is_capped_at_1452() {
+    let mut w = World::new(mtu_link(1500, 0.0), KEY, 0, 24);
+    w.client_addr = "[2001:db8::10]:40000".parse().unwrap();
+    transfer(&mut w, transfer_size() / 2, |_| {});
+    let largest = w.wire_c2s.iter().chain(&w.wire_s2c).map(|x| x.1).max();
+    assert_eq!(largest, Some(1452));
+    assert_eq!(w.client.session().unwrap().current_max_datagram(), 1452);
+    assert_eq!(
+        w.server
+            .session(SessionId(1))
+            .unwrap()
+            .current_max_datagram(),
+        1452
+    );
 }

@@ -130,7 +130,8 @@ fn downloads_are_intact_with_udp_offload_off_on_one_side() {
         eprintln!(
             "{what}: server sent {server_datagrams} datagrams in {server_calls} calls, client {client_datagrams} in {client_calls}"
         );
-        assert!(server_datagrams as f64 * 1350.0 >= n as f64, "{what}");
+        // Datagrams carry at most 1,472 bytes (path-MTU discovery on loopback stops there).
+        assert!(server_datagrams as f64 * 1472.0 >= n as f64, "{what}");
         if server_off {
             assert_eq!(server_datagrams, server_calls, "{what}: one per call");
         } else {

@@ -892,7 +892,8 @@ impl ServerEndpoint {
             .config
             .session
             .max_datagram
-            .min(usize::from(admitted.hello.max_datagram));
+            .min(usize::from(admitted.hello.max_datagram))
+            .min(crate::proto::session::family_max_datagram(&from));
         self.create_session(
             now,
             user,

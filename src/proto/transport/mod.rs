@@ -16,7 +16,7 @@
 //! datagrams, close and the public API); `streams.rs` the stream set, its queues and session
 //! flow control; `stream.rs` one stream's halves; `timer.rs` the named timers; `ack.rs` when an
 //! ACK is owed and due; `recovery.rs`, `congestion.rs`, `pacing.rs` and `flow.rs` the
-//! algorithms; `frame.rs` the wire format.
+//! algorithms; `pmtu.rs` path-MTU discovery (the packet size); `frame.rs` the wire format.
 
 mod ack;
 mod codes;
@@ -25,6 +25,7 @@ mod dest;
 mod flow;
 pub mod frame;
 mod pacing;
+mod pmtu;
 mod ranges;
 mod recovery;
 mod ring;
@@ -39,12 +40,14 @@ pub use codes::{CloseReason, OpenResult, ResetReason};
 pub use congestion::BbrState;
 pub use dest::Destination;
 pub use frame::{AssocId, FrameError};
+pub use pmtu::PmtuStats;
 pub use stream::StreamId;
 
 use ack::{AckState, AckUrgency};
 use congestion::{AckEvent, Bbr, DeliveryRate};
 use frame::{AckFrame, Frame, Reader, Writer};
 use pacing::Pacer;
+use pmtu::Pmtud;
 use recovery::{
     INITIAL_PACKET_THRESHOLD, MAX_ACK_DELAY, MAX_PACKET_THRESHOLD, MAX_PTO, PacketState,
     RttEstimator, SentFrame, SentLog, SentPacket,
@@ -79,8 +82,13 @@ pub enum Side {
 /// Limits and timers. Defaults suit a router: memory per session is bounded by the windows.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
-    /// Bytes of frames per packet (the secure layer passes MTU minus its overhead).
+    /// Bytes of frames per packet (the secure layer passes MTU minus its overhead): the safe
+    /// start of path-MTU discovery, and the limit for unreliable datagrams.
     pub max_payload: usize,
+    /// Path-MTU discovery probes up to this payload size (off when not above `max_payload`).
+    pub pmtu_max_payload: usize,
+    /// With discovery on, black-holed packets make the size fall back at most to this.
+    pub pmtu_floor_payload: usize,
     /// Receive window per stream (bytes the peer may send beyond what we read).
     pub stream_window: u64,
     /// Receive window for the whole session (all streams together).
@@ -114,6 +122,8 @@ impl Default for TransportConfig {
     fn default() -> Self {
         Self {
             max_payload: 1200,
+            pmtu_max_payload: 1200,
+            pmtu_floor_payload: 1200,
             stream_window: 2 * 1024 * 1024,
             session_window: 4 * 1024 * 1024,
             max_streams: 128,
@@ -135,6 +145,8 @@ impl TransportConfig {
     /// Clamps values to what the protocol needs (windows not below the initial values, etc.).
     fn sanitized(mut self) -> Self {
         self.max_payload = self.max_payload.clamp(MIN_PAYLOAD, 65_000);
+        self.pmtu_max_payload = self.pmtu_max_payload.clamp(self.max_payload, 65_000);
+        self.pmtu_floor_payload = self.pmtu_floor_payload.clamp(MIN_PAYLOAD, self.max_payload);
         self.stream_window = self.stream_window.clamp(INITIAL_STREAM_WINDOW, 1 << 30);
         self.session_window = self
             .session_window
@@ -382,6 +394,7 @@ pub struct Transport {
     cc: Bbr,
     rate: DeliveryRate,
     pacer: Pacer,
+    pmtu: Pmtud,
     lost_scratch: Vec<SentFrame>,
     packet_threshold: u64,
     ack_runs: Vec<(u64, u64)>,
@@ -442,6 +455,12 @@ impl Transport {
             cc,
             rate: DeliveryRate::new(now),
             pacer,
+            pmtu: Pmtud::new(
+                config.pmtu_floor_payload,
+                config.max_payload,
+                config.pmtu_max_payload,
+                now,
+            ),
             lost_scratch: Vec::new(),
             packet_threshold: INITIAL_PACKET_THRESHOLD,
             ack_runs: Vec::new(),
@@ -607,9 +626,11 @@ impl Transport {
         }
         let mut bytes_acked = 0u64;
         let mut largest_newly_acked: Option<(u64, Instant, bool)> = None;
+        let loss_delay = self.rtt.loss_delay();
         let mut runs = std::mem::take(&mut self.ack_runs);
         runs.clear();
         for (lo, hi) in ack.ranges() {
+            self.pmtu.on_ack_range(lo, hi, now);
             self.sent.unresolved_in(lo, hi, |a, b| runs.push((a, b)));
         }
         for &(lo, hi) in &runs {
@@ -623,6 +644,7 @@ impl Transport {
                         // Declared lost, yet it arrived: reordering. Tolerate more of it, and
                         // let the streams know the data was delivered after all.
                         p.state = PacketState::Acked;
+                        self.pmtu.on_acked(pn, p.size as usize);
                         let count = p.frames().len();
                         let mut frames = [SentFrame::MaxData; recovery::MAX_FRAMES_PER_PACKET];
                         frames[..count].copy_from_slice(p.frames());
@@ -641,6 +663,7 @@ impl Transport {
                     PacketState::Outstanding => {}
                 }
                 p.state = PacketState::Acked;
+                self.pmtu.on_acked(pn, p.size as usize);
                 let (size, eliciting, time_sent) =
                     (u64::from(p.size), p.ack_eliciting, p.time_sent);
                 let snapshot = p.delivery;
@@ -662,6 +685,7 @@ impl Transport {
             self.sent.mark_resolved(lo..hi + 1);
         }
         self.ack_runs = runs;
+        self.pmtu.on_ack_frame(ack.largest, now, loss_delay);
         if self.largest_acked.is_none_or(|l| ack.largest > l) {
             self.largest_acked = Some(ack.largest);
         }
@@ -735,6 +759,7 @@ impl Transport {
             }
             if pn + threshold <= largest || p.time_sent + delay <= now {
                 p.state = PacketState::Lost;
+                self.pmtu.on_lost(pn, p.size as usize);
                 lost_bytes += u64::from(p.size);
                 lost_packets += 1;
                 lost.extend_from_slice(p.frames());
@@ -747,6 +772,7 @@ impl Transport {
         if let Some(pn) = cursor {
             self.sent.advance_cursor(pn);
         }
+        self.pmtu.on_losses(self.next_pn, false, now);
         self.bytes_in_flight -= lost_bytes;
         self.stats.packets_lost += lost_packets;
         for f in lost.drain(..) {
@@ -767,14 +793,16 @@ impl Transport {
         self.stats.pto_count += 1;
         let mut lost = std::mem::take(&mut self.lost_scratch);
         let mut lost_bytes = 0;
-        for (_, p) in self.sent.iter_mut() {
+        for (pn, p) in self.sent.iter_mut() {
             if p.in_flight() {
                 p.state = PacketState::Lost;
+                self.pmtu.on_lost(pn, p.size as usize);
                 lost_bytes += u64::from(p.size);
                 lost.extend_from_slice(p.frames());
             }
         }
         self.bytes_in_flight -= lost_bytes;
+        self.pmtu.on_losses(self.next_pn, true, now);
         for f in lost.drain(..) {
             self.on_frame_lost(f);
         }
@@ -827,11 +855,10 @@ impl Transport {
     /// returns its packet number and length, or `None` if nothing should be sent now.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(u64, usize)> {
         self.last_now = now;
-        let max = buf.len().min(self.config.max_payload);
-        let buf = &mut buf[..max];
+        let max = buf.len().min(self.pmtu.current());
         match self.state {
             State::Closed => return None,
-            State::Closing { reason } => return self.transmit_close(reason, buf),
+            State::Closing { reason } => return self.transmit_close(reason, &mut buf[..max]),
             State::Open => {}
         }
         let ack_due = self.acks.is_due()
@@ -845,7 +872,12 @@ impl Transport {
         if !send_data && !ack_due {
             return None;
         }
-        let mut w = Writer::new(buf);
+        if send_data {
+            if let Some(probe) = self.transmit_probe(now, buf) {
+                return Some(probe);
+            }
+        }
+        let mut w = Writer::new(&mut buf[..max]);
         if self.acks.is_needed() {
             self.write_ack(now, &mut w);
         }
@@ -877,6 +909,25 @@ impl Transport {
             .set(Timer::KeepAlive, now + self.config.keepalive_interval);
         self.stats.packets_sent += 1;
         Some((pn, len))
+    }
+
+    /// Sends a path-MTU probe when one is due and fits `buf`: a PING padded to the probe size.
+    /// It is outside the congestion window and the probe timeout, carries nothing to
+    /// retransmit, and its loss is no congestion signal.
+    fn transmit_probe(&mut self, now: Instant, buf: &mut [u8]) -> Option<(u64, usize)> {
+        let size = self.pmtu.probe_due(now)?;
+        let (first, padding) = buf.get_mut(..size)?.split_first_mut()?;
+        *first = frame::FRAME_PING;
+        padding.fill(frame::FRAME_PADDING);
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        let mut packet = SentPacket::new(now, congestion::DeliverySnapshot::new(now));
+        // Not ack-eliciting in the log: no bytes in flight, no PTO, no retransmission.
+        packet.size = size as u32;
+        self.sent.push(pn, packet);
+        self.pmtu.on_probe_sent(pn, size, now);
+        self.stats.packets_sent += 1;
+        Some((pn, size))
     }
 
     fn transmit_close(&mut self, reason: CloseReason, buf: &mut [u8]) -> Option<(u64, usize)> {
@@ -952,7 +1003,14 @@ impl Transport {
 
     fn write_datagrams(&mut self, w: &mut Writer<'_>) {
         while let Some((assoc, dest, data)) = self.datagrams_out.front() {
-            if frame::datagram_frame_len(*assoc, dest, data.len()) > w.room() {
+            let len = frame::datagram_frame_len(*assoc, dest, data.len());
+            if len + DATAGRAM_HEADROOM > self.pmtu.current() {
+                // Queued before a black hole shrank packets below it: it can never go.
+                self.datagrams_out.pop_front();
+                self.stats.datagrams_dropped += 1;
+                continue;
+            }
+            if len > w.room() {
                 return;
             }
             if let Some((assoc, dest, data)) = self.datagrams_out.pop_front() {
@@ -965,6 +1023,17 @@ impl Transport {
                 self.stats.datagrams_sent += 1;
             }
         }
+    }
+
+    /// Largest payload a packet may have now (path-MTU discovery's current size; a probe is
+    /// larger).
+    pub fn max_payload_now(&self) -> usize {
+        self.pmtu.current()
+    }
+
+    /// Path-MTU discovery counters.
+    pub fn pmtu_stats(&self) -> PmtuStats {
+        self.pmtu.stats()
     }
 
     // ------------------------------------------------------------------ timers
