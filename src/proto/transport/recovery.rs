@@ -190,6 +190,8 @@ impl SentLog {
                 .is_none_or(|last| sent.saturating_duration_since(last) >= RELEASE_AFTER)
             {
                 self.packets = VecDeque::new();
+                // Everything below `base_pn` is forgotten below anyway.
+                self.resolved = RangeSet::new(usize::MAX);
             }
             self.last_drain = Some(sent);
         }
