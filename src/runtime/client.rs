@@ -48,6 +48,7 @@ fn check_supported(cfg: &ClientConfig, source: Option<&Path>) -> Result<(), RunE
 /// Runs a client until SIGTERM/SIGINT.
 pub fn run(cfg: ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
     check_supported(&cfg, source)?;
+    super::malloc::tune();
     let signals = signals::install().map_err(|e| RunError::Other(e.to_string()))?;
     logging::init(if cfg.debug {
         log::LevelFilter::Debug

@@ -1,9 +1,11 @@
 //! Top-level commands: what `ostp` does for each [`Command`]. Server and client start-up live in
 //! [`server`] and [`client`]; this file holds the small one-shot commands (`--init`, `--check`,
-//! `--links`, `--generate-key`) and the first-run config creation.
+//! `--links`, `--generate-key`) and the first-run config creation; [`malloc`] holds the
+//! allocator settings both apply at start.
 
 pub mod client;
 pub mod fetch;
+pub mod malloc;
 pub mod server;
 
 use std::fmt;

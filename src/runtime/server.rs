@@ -17,6 +17,7 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs a server until SIGTERM/SIGINT.
 pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
+    super::malloc::tune();
     let signals = signals::install().map_err(|e| RunError::Other(e.to_string()))?;
     logging::init(cfg.log_level);
     let started_at = Instant::now();

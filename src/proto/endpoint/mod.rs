@@ -6,6 +6,8 @@
 //!   record of answered hellos that makes every hello single-use (exported and imported across
 //!   restarts).
 //! - [`rate_limit`]: the handshake token bucket.
+//! - `token_table`: the server's table of registered session tokens (16-byte buckets, sized for
+//!   its load).
 //! - [`client`]: the client connector (handshake with retries, then one [`Session`]).
 //!
 //! None of them reads a clock, a socket or a global RNG.
@@ -20,6 +22,7 @@ pub mod client;
 pub mod hello_tags;
 pub mod rate_limit;
 pub mod server;
+mod token_table;
 
 pub use super::handshake::HELLO_SLOTS;
 pub use client::{ClientEvent, ClientSession, ClientStats, ConnectorConfig};

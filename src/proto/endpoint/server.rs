@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::hello_tags::{HelloDrop, HelloTags, ImportedRecord, RecordError, hello_fingerprint};
 use super::rate_limit::{BucketLevel, TokenBucket};
+use super::token_table::{TokenEntry, TokenTable};
 use super::{IdMap, SessionId, SocketIndex, UserId};
 use crate::proto::crypto::Key32;
 use crate::proto::handshake::{
@@ -206,20 +207,9 @@ struct ServerSession {
     slot: u32,
 }
 
-/// What a registered token stands for: 16 bytes a table bucket with the token, where a
-/// `(SessionId, u64)` took 24 (the table holds about 64 entries per idle session).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TokenEntry {
-    /// Index in `ServerEndpoint::slots`.
-    slot: u32,
-    /// Low 32 bits of the packet number; the session's receive window (far narrower than 2^32)
-    /// restores the rest ([`Session::rx_packet_number`]).
-    pn_low: u32,
-}
-
 /// Registers session tokens in the global table.
 struct GlobalSink<'a> {
-    table: &'a mut IdMap<u64, TokenEntry>,
+    table: &'a mut TokenTable,
     slot: u32,
 }
 
@@ -234,13 +224,10 @@ impl GlobalSink<'_> {
 
 impl TokenSink for GlobalSink<'_> {
     fn insert_token(&mut self, token: u64, pn: u64) {
-        let entry = self.entry(pn);
-        self.table.entry(token).or_insert(entry);
+        self.table.insert(token, self.entry(pn));
     }
     fn remove_token(&mut self, token: u64, pn: u64) {
-        if self.table.get(&token) == Some(&self.entry(pn)) {
-            self.table.remove(&token);
-        }
+        self.table.remove(token, self.entry(pn));
     }
 }
 
@@ -268,7 +255,7 @@ pub struct ServerEndpoint {
     tags: HelloTags,
     /// Boxed: the map's slack costs a pointer per empty bucket, not a whole session.
     sessions: IdMap<u64, Box<ServerSession>>,
-    tokens: IdMap<u64, TokenEntry>,
+    tokens: TokenTable,
     /// The session each token slot belongs to (`SessionId(0)`, never issued: free).
     slots: Vec<SessionId>,
     free_slots: Vec<u32>,
@@ -307,7 +294,7 @@ impl ServerEndpoint {
             users: IdMap::default(),
             tags: HelloTags::default(),
             sessions: IdMap::default(),
-            tokens: IdMap::default(),
+            tokens: TokenTable::default(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             next_session: 1,
@@ -692,7 +679,7 @@ impl ServerEndpoint {
         let mut token_bytes = [0u8; TOKEN_LEN];
         token_bytes.copy_from_slice(head);
         let token = u64::from_le_bytes(token_bytes);
-        if let Some(&found) = self.tokens.get(&token) {
+        if let Some(found) = self.tokens.get(token) {
             self.handle_data(now, found, local, from, data);
         } else if self.tags.contains(token) {
             self.handle_hello(now, unix_secs, token, local, from, data);

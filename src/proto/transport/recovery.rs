@@ -109,7 +109,14 @@ pub struct SentLog {
     resolved: RangeSet,
     /// Every packet below this number is acked or lost (loss detection starts here).
     scan_cursor: u64,
+    /// When the newest packet of the last drain (the log ran empty) was sent.
+    last_drain: Option<Instant>,
 }
+
+/// The log gives its buffer back when it drains and had not drained for this long: an idle
+/// session (a keep-alive every few seconds) holds none, a bulk transfer (never drains) and an
+/// interactive one (drains every round trip) reallocate at most once per this period.
+pub const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 impl SentLog {
     pub fn new() -> Self {
@@ -118,7 +125,14 @@ impl SentLog {
             packets: VecDeque::new(),
             resolved: RangeSet::new(usize::MAX),
             scan_cursor: 0,
+            last_drain: None,
         }
+    }
+
+    /// Bytes of heap the log holds (memory accounting, tests).
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.packets.capacity() * std::mem::size_of::<SentPacket>()
     }
 
     pub fn len(&self) -> usize {
@@ -130,10 +144,17 @@ impl SentLog {
         self.base_pn
     }
 
-    /// Appends the packet with number `pn` (must be `base_pn + len`).
+    /// Appends the packet with number `pn` (must be `base_pn + len`). A packet that elicits no
+    /// ACK sent while nothing is outstanding is resolved at once (not stored).
     pub fn push(&mut self, pn: u64, packet: SentPacket) {
         if self.packets.is_empty() {
             self.base_pn = pn;
+            if !packet.ack_eliciting {
+                self.base_pn = pn + 1;
+                self.resolved.remove_below(self.base_pn);
+                self.scan_cursor = self.scan_cursor.max(self.base_pn);
+                return;
+            }
         }
         debug_assert_eq!(pn, self.base_pn + self.packets.len() as u64);
         self.packets.push_back(packet);
@@ -148,6 +169,7 @@ impl SentLog {
     /// ones sent before `lost_cutoff` (lost packets are remembered a little longer so that a
     /// late ACK for them reveals reordering).
     pub fn pop_resolved(&mut self, lost_cutoff: Option<Instant>) {
+        let mut newest_popped = None;
         while let Some(p) = self.packets.front() {
             let pop = match p.state {
                 PacketState::Acked => true,
@@ -158,8 +180,20 @@ impl SentLog {
             if !pop {
                 break;
             }
+            newest_popped = Some(p.time_sent);
             self.packets.pop_front();
             self.base_pn += 1;
+        }
+        if let (Some(sent), true) = (newest_popped, self.packets.is_empty()) {
+            if self
+                .last_drain
+                .is_none_or(|last| sent.saturating_duration_since(last) >= RELEASE_AFTER)
+            {
+                self.packets = VecDeque::new();
+                // Everything below `base_pn` is forgotten below anyway.
+                self.resolved = RangeSet::new(usize::MAX);
+            }
+            self.last_drain = Some(sent);
         }
         self.resolved.remove_below(self.base_pn);
         self.scan_cursor = self.scan_cursor.max(self.base_pn);
@@ -293,6 +327,46 @@ mod tests {
         assert_eq!(r.smoothed, Duration::from_micros(53_750));
         assert_eq!(r.var, Duration::from_micros(26_250));
         assert_eq!(r.min, Duration::from_millis(50));
+    }
+
+    fn eliciting(t: Instant) -> SentPacket {
+        let mut p = SentPacket::new(t, DeliverySnapshot::new(t));
+        p.ack_eliciting = true;
+        p
+    }
+
+    #[test]
+    fn an_idle_log_gives_its_buffer_back_and_a_busy_one_keeps_it() {
+        let t = Instant::now();
+        let mut log = SentLog::new();
+        // The first drain releases (nothing drained before).
+        log.push(0, eliciting(t));
+        assert!(log.heap_bytes() > 0);
+        log.get_mut(0).unwrap().state = PacketState::Acked;
+        log.pop_resolved(None);
+        assert_eq!(log.heap_bytes(), 0);
+        // Interactive: drains 50 ms apart keep the buffer (no allocation per round trip).
+        let mut at = t;
+        for pn in 1..10 {
+            at += Duration::from_millis(50);
+            log.push(pn, eliciting(at));
+            log.get_mut(pn).unwrap().state = PacketState::Acked;
+            log.pop_resolved(None);
+            if pn > 1 {
+                assert!(log.heap_bytes() > 0, "released at pn {pn}");
+            }
+        }
+        // A keep-alive after a quiet period: released once acknowledged.
+        at += Duration::from_secs(15);
+        log.push(10, eliciting(at));
+        log.get_mut(10).unwrap().state = PacketState::Acked;
+        log.pop_resolved(None);
+        assert_eq!(log.heap_bytes(), 0);
+        // An ACK-only packet while nothing is outstanding is not stored at all.
+        log.push(11, SentPacket::new(at, DeliverySnapshot::new(at)));
+        assert_eq!((log.len(), log.heap_bytes()), (0, 0));
+        log.push(12, eliciting(at));
+        assert!(log.get_mut(12).is_some() && log.get_mut(11).is_none());
     }
 
     #[test]
