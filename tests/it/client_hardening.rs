@@ -101,10 +101,12 @@ fn a_non_loopback_proxy_needs_credentials_or_an_explicit_open_flag() {
         .wait_exit(Duration::from_secs(20))
         .expect("a client with an open non-loopback proxy must refuse to start");
     assert!(!status.success());
-    let log = refused.log_text();
+    // The log reader may still be draining the exited process's stderr: wait for the line.
+    let line = refused.wait_line(Duration::from_secs(5), |l| l.contains("refusing to start"));
     assert!(
-        log.contains("refusing to start") && log.contains("socks5_auth"),
-        "{log}"
+        line.is_some_and(|l| l.contains("socks5_auth")),
+        "{}",
+        refused.log_text()
     );
     // Explicit flag: starts, with a loud warning.
     let open = spawn_client_config(&dir, server, json!({"allow_open_proxy": true}));
