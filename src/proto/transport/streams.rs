@@ -915,9 +915,8 @@ impl StreamsState {
         Ok(())
     }
 
-    /// Queues data (see [`super::Transport::stream_write`]).
-    pub(super) fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
-        let session_free = self.limits.session_send_buffer - self.send_buffered;
+    /// Stream `id` if the application may still write to it.
+    fn writable_stream(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
         let s = self.stream_mut(id)?;
         if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
             return Err(StreamError::Reset(reason));
@@ -925,6 +924,13 @@ impl StreamsState {
         if s.send.fin != FinState::Open {
             return Err(StreamError::Finished);
         }
+        Ok(s)
+    }
+
+    /// Queues data (see [`super::Transport::stream_write`]).
+    pub(super) fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let s = self.writable_stream(id)?;
         let memory = s.send.memory();
         let n = s.send.write(&data[..data.len().min(session_free)]);
         let grown = s.send.memory() - memory;
@@ -949,13 +955,7 @@ impl StreamsState {
         max: usize,
     ) -> Result<&mut [u8], StreamError> {
         let session_free = self.limits.session_send_buffer - self.send_buffered;
-        let s = self.stream_mut(id)?;
-        if let Some(reason) = s.reset_remote.map(|(r, _)| r).or(s.reset_local) {
-            return Err(StreamError::Reset(reason));
-        }
-        if s.send.fin != FinState::Open {
-            return Err(StreamError::Finished);
-        }
+        let s = self.writable_stream(id)?;
         let memory = s.send.memory();
         let room = s.send.spare(max.min(session_free)).len();
         let grown = s.send.memory() - memory;
