@@ -74,6 +74,55 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
 }
 
+/// Sets "don't fragment" on a tunnel UDP socket and tells the kernel not to apply its cached path
+/// MTU (`IP_PMTUDISC_PROBE` / `IPV6_PMTUDISC_PROBE`): a datagram too large for the path is dropped
+/// by the network (or refused with `EMSGSIZE` above the device's MTU) instead of being fragmented
+/// by the sender's kernel, so path-MTU probing (`proto/transport/pmtu.rs`) sees the truth — on a
+/// PPPoE link (MTU 1492) a 1,472-byte probe must be lost, not fragmented and confirmed. Linux
+/// only; elsewhere a no-op. Returns whether the option is set.
+pub fn set_udp_no_fragment(sock: &impl AsRawFd, ipv6: bool) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let (level, name, value) = if ipv6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_PROBE,
+            )
+        } else {
+            (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_PROBE,
+            )
+        };
+        set_int_opt(sock, level, name, value).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (sock, ipv6);
+        false
+    }
+}
+
+/// The socket's `IP_MTU_DISCOVER` mode (tests).
+#[cfg(target_os = "linux")]
+pub fn udp_pmtu_discover(sock: &impl AsRawFd) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `sock` is open; `value` and `len` are valid for writes of the stated size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
 /// Asks for `bytes` of kernel receive and send buffer on a UDP socket (the kernel may cap it at
 /// `net.core.rmem_max` / `wmem_max`). Failures are ignored: defaults still work, only slower.
 pub fn grow_udp_buffers(sock: &UdpSocket, bytes: usize) {

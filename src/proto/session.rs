@@ -406,7 +406,10 @@ impl Session {
     ) -> Option<Batch> {
         let segment = self.poll_transmit(now, buf)?;
         let mut len = segment;
-        if segment < self.current_max_datagram().min(buf.len()) {
+        // Only full-size datagrams lead a batch: a shorter one goes alone, and so does a path-MTU
+        // probe (larger than the current size): it must never share a segmented send whose
+        // segment size the path may refuse.
+        if segment != self.current_max_datagram().min(buf.len()) {
             return Some(Batch::single(len));
         }
         for _ in 1..max_segments {
@@ -685,11 +688,11 @@ mod tests {
         );
     }
 
-    /// With 1,472 negotiated, the first batch leads with a path-MTU probe (a padded PING, then
-    /// one 1,350-byte datagram: a batch never makes packets smaller); once the peer's ACK
-    /// confirms it, batches carry 1,472-byte segments.
+    /// With 1,472 negotiated, the first transmit is a path-MTU probe (a padded PING) sent alone
+    /// (a segmented send whose segment size the path may refuse must not carry data with it);
+    /// once the peer's ACK confirms it, batches carry 1,472-byte segments.
     #[test]
-    fn a_probe_leads_a_batch_and_once_confirmed_batches_are_full_size() {
+    fn a_probe_goes_alone_and_once_confirmed_batches_are_full_size() {
         let t0 = Instant::now();
         let (mut c, mut cs, mut s, mut ss) = pair_sized(&bulk_config(), MAX_DATAGRAM, t0);
         assert_eq!(c.current_max_datagram(), BASE_DATAGRAM);
@@ -699,12 +702,12 @@ mod tests {
         let now = t0 + Duration::from_millis(50);
         let mut buf = vec![0u8; 65_507];
         let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
+        assert_eq!(batch, Batch::single(MAX_DATAGRAM), "the probe alone");
+        deliver(&mut s, &mut ss, now, &mut buf[..batch.len]);
+        let batch = c.poll_transmit_batch(now, &mut buf, 8).expect("a batch");
         assert_eq!(
-            batch,
-            Batch {
-                len: MAX_DATAGRAM + BASE_DATAGRAM,
-                segment: MAX_DATAGRAM
-            }
+            batch.segment, BASE_DATAGRAM,
+            "then data at the current size"
         );
         for datagram in buf[..batch.len].chunks_mut(batch.segment) {
             deliver(&mut s, &mut ss, now, datagram);

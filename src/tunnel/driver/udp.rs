@@ -122,6 +122,9 @@ const REFUSING_PEERS: usize = 16;
 impl Socket {
     /// Wraps `sock`, probing GSO and turning GRO on unless `mode` is `Off`.
     pub fn new(sock: UdpSocket, mode: UdpOffload) -> Socket {
+        // Path-MTU probes must be dropped when too large, never fragmented by our kernel.
+        let ipv6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+        crate::sys::set_udp_no_fragment(&sock, ipv6);
         let (gso, gro) = match mode {
             UdpOffload::Off => (false, false),
             UdpOffload::Auto => probe(&sock),
@@ -766,6 +769,23 @@ mod tests {
             assert_eq!(receive_all(r, 200).len(), 200);
         }
         assert_eq!(sock.max_segments(), 1, "GSO is off for this socket");
+    }
+
+    /// Tunnel sockets never let the kernel fragment: path-MTU probes must be lost when too big.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn tunnel_sockets_set_dont_fragment() {
+        for offload in [UdpOffload::Auto, UdpOffload::Off] {
+            let sock = Socket::new(bound(), offload);
+            assert!(
+                crate::sys::set_udp_no_fragment(&sock.sock, false),
+                "settable"
+            );
+            assert_eq!(
+                crate::sys::udp_pmtu_discover(&sock.sock),
+                Some(libc::IP_PMTUDISC_PROBE)
+            );
+        }
     }
 
     #[test]
