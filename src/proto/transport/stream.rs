@@ -278,7 +278,9 @@ pub const SEND_RETAIN: usize = 16 * 1024;
 /// go to the socket as fast as they arrive does not free and regrow its buffer per batch.
 /// Receive storage is not charged to a user's buffered-bytes share (send storage is, and keeps
 /// following its contents).
-const RECV_RETAIN: usize = 128 * 1024;
+/// On the server, whose peers are strangers, a stream keeps only [`SEND_RETAIN`]: 256 streams
+/// of one user each holding 128 KiB after a burst would be 32 MiB outside every budget.
+pub const RECV_RETAIN: usize = 128 * 1024;
 
 #[derive(Debug)]
 pub struct RecvHalf {
@@ -297,9 +299,9 @@ pub struct RecvHalf {
 }
 
 impl RecvHalf {
-    pub fn new(window: u64, range_limit: usize) -> Self {
+    pub fn new(window: u64, range_limit: usize, retain: usize) -> Self {
         Self {
-            buf: ByteRing::with_retain(window as usize, RECV_RETAIN),
+            buf: ByteRing::with_retain(window as usize, retain),
             read: 0,
             received: RangeSet::new(range_limit),
             highest: 0,
@@ -308,6 +310,11 @@ impl RecvHalf {
             window,
             discarding: false,
         }
+    }
+
+    /// Bytes of storage the receive buffer holds.
+    pub fn memory(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Bytes held in the reassembly buffer (including holes).
@@ -518,10 +525,11 @@ impl Stream {
         send_max: u64,
         recv_window: u64,
         recv_ranges: usize,
+        recv_retain: usize,
     ) -> Self {
         Self {
             send: SendHalf::new(send_buffer, send_max),
-            recv: RecvHalf::new(recv_window, recv_ranges),
+            recv: RecvHalf::new(recv_window, recv_ranges, recv_retain),
             dest: None,
             open,
             reset_local: None,
@@ -625,7 +633,7 @@ mod tests {
 
     #[test]
     fn recv_half_reassembles_and_enforces_window() {
-        let mut r = RecvHalf::new(100, 8);
+        let mut r = RecvHalf::new(100, 8, RECV_RETAIN);
         assert_eq!(r.on_data(10, &[2u8; 10], false), Ok(20));
         assert_eq!(r.readable(), 0);
         assert_eq!(r.on_data(0, &[1u8; 10], false), Ok(0));
@@ -662,7 +670,7 @@ mod tests {
 
     #[test]
     fn recv_half_limits_fragmentation() {
-        let mut r = RecvHalf::new(1000, 2);
+        let mut r = RecvHalf::new(1000, 2, RECV_RETAIN);
         r.on_data(10, &[0], false).unwrap();
         r.on_data(20, &[0], false).unwrap();
         assert_eq!(r.on_data(30, &[0], false), Err(RecvError::TooFragmented));

@@ -41,6 +41,8 @@ struct StreamLimits {
     session_send_buffer: usize,
     stream_window: u64,
     max_recv_ranges: usize,
+    /// Receive-buffer storage a draining stream keeps (see `stream::RECV_RETAIN`).
+    recv_retain: usize,
 }
 
 /// Every stream of a session and the session-wide state they share. More than fifteen fields
@@ -91,6 +93,10 @@ impl StreamsState {
                 session_send_buffer: config.session_send_buffer,
                 stream_window: config.stream_window,
                 max_recv_ranges: config.max_recv_ranges,
+                recv_retain: match side {
+                    Side::Client => super::stream::RECV_RETAIN,
+                    Side::Server => super::stream::SEND_RETAIN,
+                },
             },
             streams: IdMap::default(),
             send_queue: VecDeque::new(),
@@ -211,6 +217,7 @@ impl StreamsState {
             self.peer_stream_window,
             self.limits.stream_window,
             self.limits.max_recv_ranges,
+            self.limits.recv_retain,
         )
     }
 
@@ -1221,6 +1228,30 @@ mod tests {
         streams.clear_queues();
         streams.assert_queues_consistent();
         assert!(!streams.has_pending());
+    }
+
+    /// A server's streams keep little receive storage once drained (its peers are strangers: a
+    /// user's 256 streams each keeping 128 KiB after one burst would be 32 MiB outside every
+    /// budget); a client's keep enough for a batch of datagrams (no regrowth per batch).
+    #[test]
+    fn drained_receive_storage_kept_depends_on_the_side() {
+        let config = TransportConfig::default().sanitized();
+        let retained = |side| {
+            let mut streams = StreamsState::new(&config, side);
+            let id = StreamId(if side == Side::Server { 0 } else { 1 });
+            let mut events = VecDeque::new();
+            let data = vec![5u8; 120_000];
+            for (i, chunk) in data.chunks(1200).enumerate() {
+                streams
+                    .on_stream_frame(id, (i * 1200) as u64, chunk, false, &mut events)
+                    .unwrap();
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            while matches!(streams.read(id, &mut buf), Ok(n) if n > 0) {}
+            streams.streams.get(&id.0).map(|s| s.recv.memory()).unwrap()
+        };
+        assert_eq!(retained(Side::Server), super::super::stream::SEND_RETAIN);
+        assert_eq!(retained(Side::Client), 128 * 1024);
     }
 
     /// A stream that took a burst and had it acknowledged down to a trickle gives the burst's
