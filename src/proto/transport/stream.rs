@@ -313,6 +313,7 @@ impl RecvHalf {
     }
 
     /// Bytes of storage the receive buffer holds.
+    #[cfg(test)]
     pub fn memory(&self) -> usize {
         self.buf.capacity()
     }
