@@ -115,9 +115,11 @@ impl ByteRing {
     }
 
     /// Appends the first `n` bytes of the last [`ByteRing::spare`] slice to the contents.
-    pub fn commit(&mut self, n: usize) {
-        debug_assert!(self.len + n <= self.buf.len());
-        self.len = (self.len + n).min(self.buf.len());
+    /// Returns how many bytes were committed: never more than the storage holds, whatever `n`.
+    pub fn commit(&mut self, n: usize) -> usize {
+        let n = n.min(self.buf.len() - self.len);
+        self.len += n;
+        n
     }
 
     /// Writes `data` at `pos` (relative to head), growing the logical length if needed.
@@ -344,6 +346,9 @@ mod tests {
         assert_eq!(g.spare(10_000).len(), 10_000);
         g.commit(10);
         assert_eq!((g.len(), g.capacity()), (10, 16_384));
+        // A caller claiming more than the storage holds gets only what fits.
+        assert_eq!(g.commit(1 << 20), 16_384 - 10);
+        assert_eq!(g.len(), 16_384);
     }
 
     #[test]

@@ -117,8 +117,9 @@ impl SendHalf {
         self.buf.spare(max)
     }
 
-    /// Queues `n` bytes written into the last [`SendHalf::spare`] slice.
-    pub fn commit(&mut self, n: usize) {
+    /// Queues `n` bytes written into the last [`SendHalf::spare`] slice; returns how many were
+    /// queued (at most what that slice held).
+    pub fn commit(&mut self, n: usize) -> usize {
         self.buf.commit(n)
     }
 

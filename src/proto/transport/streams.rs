@@ -982,7 +982,8 @@ impl StreamsState {
         if s.is_reset() || s.send.fin != FinState::Open {
             return Err(StreamError::Finished);
         }
-        s.send.commit(n);
+        // Accounting follows what the ring took, never a caller's larger `n`.
+        let n = s.send.commit(n);
         s.bytes_written += n as u64;
         if n > 0 {
             self.queue_send(id.0);
