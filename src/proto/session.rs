@@ -516,28 +516,9 @@ mod tests {
     #[test]
     fn blocked_session_with_an_ack_due_never_reports_a_past_deadline() {
         let t0 = Instant::now();
-        let secret = [7u8; 32];
         let mut config = SessionConfig::default();
         config.transport.initial_cwnd_packets = 256;
-        let (mut client_sink, mut server_sink) = (MapSink::default(), MapSink::default());
-        let mut client = Session::new(
-            &secret,
-            Side::Client,
-            &config,
-            1350,
-            t0,
-            [1; 32],
-            &mut client_sink,
-        );
-        let mut server = Session::new(
-            &secret,
-            Side::Server,
-            &config,
-            1350,
-            t0,
-            [2; 32],
-            &mut server_sink,
-        );
+        let (mut client, mut client_sink, mut server, _) = pair(&config, t0);
         let mut buf = vec![0u8; MAX_DATAGRAM];
         // Upstream blackout: the client fills the server's initial window; all of it is lost.
         let dest = Destination::domain("example.com", 443).unwrap();
@@ -887,27 +868,8 @@ mod tests {
     #[test]
     fn the_receive_window_grows_with_a_bulk_transfer_not_with_keep_alives() {
         let t0 = Instant::now();
-        let secret = [9u8; 32];
-        let config = SessionConfig::default();
-        let (mut client_sink, mut server_sink) = (MapSink::default(), MapSink::default());
-        let mut client = Session::new(
-            &secret,
-            Side::Client,
-            &config,
-            1350,
-            t0,
-            [1; 32],
-            &mut client_sink,
-        );
-        let mut server = Session::new(
-            &secret,
-            Side::Server,
-            &config,
-            1350,
-            t0,
-            [2; 32],
-            &mut server_sink,
-        );
+        let (mut client, mut client_sink, mut server, mut server_sink) =
+            pair(&SessionConfig::default(), t0);
         let mut now = t0;
         exchange(
             now,
