@@ -14,3 +14,6 @@ pub use frames::{
 
 /// Bytes of the masked length in every record and frame.
 pub const LENGTH_LEN: usize = 2;
+
+/// Largest sealed frame on the wire (a caller's frame buffer needs this many bytes).
+pub const MAX_FRAME_LEN: usize = MAX_FRAME_PLAINTEXT + FRAME_OVERHEAD;

@@ -203,6 +203,37 @@ impl ClientSession {
         self.retry_delay = (self.retry_delay * 2).min(self.config.max_retry);
     }
 
+    /// Starts connecting over the TCP carrier (docs/PROTOCOL.md §7): the hello record is the
+    /// first output of [`ClientSession::poll_transmit_frame`]; no hello is retransmitted (the
+    /// handshake timeout still applies). Interface stub: issue 12 fills it in.
+    pub fn connect_carrier(
+        config: ConnectorConfig,
+        access_key: &str,
+        now: Instant,
+        unix_secs: u64,
+        rng_seed: [u8; 32],
+    ) -> Result<Self, AccessKeyError> {
+        Self::connect(config, access_key, now, unix_secs, rng_seed)
+    }
+
+    /// Bytes read from the carrier connection, in order (the reply record, then frames; partial
+    /// ones allowed): returns how many leading bytes were consumed (the caller keeps the rest).
+    /// `Err`: the connection is unusable (framing failure); the session is closed.
+    pub fn handle_carrier_input(
+        &mut self,
+        _now: Instant,
+        _input: &mut [u8],
+    ) -> Result<usize, crate::proto::carrier::FrameError> {
+        Ok(0)
+    }
+
+    /// The next bytes to write to the carrier connection (the hello record first, then sealed
+    /// frames) into `buf` (at least `carrier::MAX_FRAME_LEN` bytes), or `None`. The caller asks
+    /// only while its bounded write buffer has room.
+    pub fn poll_transmit_frame(&mut self, _now: Instant, _buf: &mut [u8]) -> Option<usize> {
+        None
+    }
+
     /// Handles a datagram from the server (decrypted in place).
     pub fn handle_datagram(&mut self, now: Instant, data: &mut [u8]) {
         match self.state {

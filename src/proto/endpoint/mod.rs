@@ -28,7 +28,8 @@ pub use super::handshake::HELLO_SLOTS;
 pub use client::{ClientEvent, ClientSession, ClientStats, ConnectorConfig};
 pub use hello_tags::{ImportedRecord, MAX_HANDSHAKES_PER_EPOCH, MAX_TAGS_PER_USER, RecordError};
 pub use server::{
-    EndpointConfig, EndpointEvent, EndpointStats, ServerEndpoint, Transmit, UserState,
+    CarrierDirectory, CarrierHello, EndpointConfig, EndpointEvent, EndpointStats, ServerEndpoint,
+    Transmit, UserState,
 };
 
 pub use super::id_map::IdHasher;

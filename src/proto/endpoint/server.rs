@@ -247,6 +247,42 @@ struct QueuedReply {
     bytes: [u8; MAX_REPLY],
 }
 
+/// What became of a whole hello record that arrived on a TCP connection
+/// (docs/PROTOCOL.md §7.2 step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CarrierHello {
+    /// Accepted: the first `reply_len` bytes of the caller's reply buffer are the reply record
+    /// (§7.3); the session lives on this connection from now on (frames both ways).
+    Accepted {
+        /// The new session (a `SessionEstablished` event follows, as on UDP).
+        session: SessionId,
+        /// Bytes of the reply record.
+        reply_len: usize,
+    },
+    /// An authenticated refusal: write the `reply_len` bytes of the reply record, then FIN.
+    Refused {
+        /// Bytes of the reply record.
+        reply_len: usize,
+    },
+    /// The record failed a later gate (rate limit, AEAD, clock window, replay): not OSTP after all.
+    NotOstp,
+}
+
+/// The endpoint's hello tags as the TCP gate sees them ([`crate::proto::carrier::gate`]).
+pub struct CarrierDirectory<'a> {
+    #[allow(dead_code)] // interface stub: filled in by the carrier work (issue 12)
+    endpoint: &'a ServerEndpoint,
+}
+
+impl crate::proto::carrier::gate::HelloDirectory for CarrierDirectory<'_> {
+    fn user_of_tag(&self, _tag: u64) -> Option<(UserId, Key32)> {
+        None // interface stub (issue 12)
+    }
+    fn already_answered(&self, _tag: u64, _fingerprint: u64) -> bool {
+        true // interface stub (issue 12)
+    }
+}
+
 /// The server side of the protocol for all sockets and sessions.
 pub struct ServerEndpoint {
     config: EndpointConfig,
@@ -1139,6 +1175,61 @@ impl ServerEndpoint {
     pub fn poll_event(&mut self) -> Option<EndpointEvent> {
         self.process_dirty();
         self.events.pop_front()
+    }
+
+    // --- TCP carrier sessions (docs/PROTOCOL.md §7). Interface stubs: issue 12 fills them in. ---
+
+    /// The hello tags as the TCP gate needs them (`HelloGate::step`).
+    pub fn carrier_directory(&self) -> CarrierDirectory<'_> {
+        CarrierDirectory { endpoint: self }
+    }
+
+    /// A whole hello record (the gate's `GateStep::Hello { user, len }`: `record` is its first
+    /// `len` bytes) from a TCP connection of `peer`: authenticated like a datagram hello (§3.3
+    /// steps 4–10). On `Accepted`/`Refused` the reply record is written into `reply` (at least
+    /// `carrier::records::MAX_REPLY_RECORD` bytes).
+    pub fn handle_carrier_hello(
+        &mut self,
+        _now: Instant,
+        _peer: SocketAddr,
+        _user: UserId,
+        _record: &mut [u8],
+        _reply: &mut [u8],
+    ) -> CarrierHello {
+        CarrierHello::NotOstp
+    }
+
+    /// Bytes read from the TCP connection of carrier session `session` (everything after the
+    /// hello record, in order, possibly partial frames): opens every whole frame in place and
+    /// hands its payload to the session. Returns how many leading bytes were consumed (the
+    /// caller keeps the rest and appends to it). `Err`: the connection broke its framing (§7.4
+    /// failure): the session is closed; the caller discards the connection's input until a random
+    /// deadline, then FINs.
+    pub fn handle_carrier_input(
+        &mut self,
+        _now: Instant,
+        _session: SessionId,
+        _input: &mut [u8],
+    ) -> Result<usize, crate::proto::carrier::FrameError> {
+        Ok(0)
+    }
+
+    /// A carrier session that may have frames to send (each session is queued once until
+    /// [`ServerEndpoint::poll_transmit_frame`] returns `None` for it).
+    pub fn poll_carrier_ready(&mut self) -> Option<SessionId> {
+        None
+    }
+
+    /// The next sealed frame of carrier session `session` written to `buf` (at least
+    /// `carrier::MAX_FRAME_LEN` bytes); its length, or `None` when it has nothing to send now.
+    /// The caller asks only while the connection's bounded write buffer has room (backpressure).
+    pub fn poll_transmit_frame(
+        &mut self,
+        _now: Instant,
+        _session: SessionId,
+        _buf: &mut [u8],
+    ) -> Option<usize> {
+        None
     }
 }
 
