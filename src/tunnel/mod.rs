@@ -20,12 +20,15 @@
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
+//! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
+//!   that bypass the tunnel.
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;
+pub mod exclude;
 pub mod hello_record;
 pub mod ledger;
 pub mod pipe;
