@@ -22,6 +22,7 @@
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
 //! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
 //!   that bypass the tunnel.
+//! - [`tun`]         — TUN capture: packet views and rewriting, the TCP NAT of the system stack.
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
@@ -40,6 +41,7 @@ pub mod slab;
 pub mod stats;
 pub mod supervisor;
 pub mod target;
+pub mod tun;
 pub mod udp_relay;
 
 use std::io;
