@@ -137,12 +137,17 @@ impl<'a> Packet<'a> {
 
     /// The UDP payload (empty for TCP).
     pub fn udp_payload(&self) -> &[u8] {
+        &self.buf[self.udp_payload_range()]
+    }
+
+    /// Where the UDP payload is in the buffer (empty for TCP).
+    pub fn udp_payload_range(&self) -> std::ops::Range<usize> {
         if self.protocol != UDP {
-            return &[];
+            return 0..0;
         }
         let l = &self.buf[self.ip_len + 4..self.ip_len + 6];
         let udp_len = usize::from(u16::from_be_bytes([l[0], l[1]]));
-        &self.buf[self.ip_len + UDP_HEADER..self.ip_len + udp_len]
+        self.ip_len + UDP_HEADER..self.ip_len + udp_len
     }
 
     /// Rewrites source and destination (addresses of the packet's own family only: a caller
