@@ -74,6 +74,48 @@ impl UdpOffload {
 }
 
 /// Reads `udp_offload` (`"auto"` when absent).
+/// The `tun` block's fields (the caller refuses unknown ones).
+fn parse_tun(t: &mut Obj, tun: &mut TunConfig) -> Result<(), ConfigError> {
+    if let Some(b) = t.opt_bool("enable")? {
+        tun.enable = b;
+    }
+    if let Some(d) = t.opt_str("dns")? {
+        tun.dns = d;
+    }
+    if tun.dns_addr().is_none() {
+        return Err(t.err(
+            "dns",
+            &format!(
+                "{:?} is not an IP address (optionally with :port), e.g. \"1.1.1.1\"",
+                tun.dns
+            ),
+        ));
+    }
+    if let Some(name) = t.opt_str("name")? {
+        let ok = (1..=15).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok {
+            return Err(t.err(
+                "name",
+                &format!("{name:?} is not an interface name (1-15 letters, digits, '_', '.', '-')"),
+            ));
+        }
+        tun.name = Some(name);
+    }
+    if let Some(mtu) = t.opt_u64("mtu")? {
+        if !(1280..=65_535).contains(&mtu) {
+            return Err(t.err("mtu", &format!("{mtu} is out of range 1280..=65535")));
+        }
+        tun.mtu = Some(mtu as u32);
+    }
+    tun.auto_route = t.opt_bool("auto_route")?;
+    tun.kill_switch = t.opt_bool("kill_switch")?;
+    tun.ipv6 = t.opt_bool("ipv6")?;
+    Ok(())
+}
+
 fn parse_udp_offload(obj: &mut Obj) -> Result<UdpOffload, ConfigError> {
     match obj.opt_str("udp_offload")?.as_deref() {
         None | Some("auto") => Ok(UdpOffload::Auto),
@@ -234,11 +276,41 @@ impl ServerConfig {
     }
 }
 
-/// `tun` block of a client config (not supported by this build; must stay disabled).
+/// `tun` block of a client config: system-wide capture through a TUN device (Linux). The
+/// optional fields are written only when set (the subscribe endpoint hands out `enable`/`dns`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TunConfig {
     pub enable: bool,
+    /// Where every captured DNS query goes (an IP address, port 53 unless given).
     pub dns: String,
+    /// Interface name (default `ostp0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Interface MTU (default 1500).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Route all traffic into the device (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_route: Option<bool>,
+    /// Keep the routes while the tunnel is down: captured traffic is dropped, never sent around
+    /// the tunnel (default false: routes exist only while a session is up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kill_switch: Option<bool>,
+    /// Capture IPv6 too (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
+}
+
+impl TunConfig {
+    /// `dns` as an address (port 53 unless given).
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        let d = self.dns.trim();
+        d.parse::<SocketAddr>().ok().or_else(|| {
+            d.parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+    }
 }
 
 /// `turn` block of a client config (not supported by this build; must stay disabled).
@@ -321,6 +393,11 @@ impl ClientConfig {
             tun: TunConfig {
                 enable: false,
                 dns: "1.1.1.1".to_string(),
+                name: None,
+                mtu: None,
+                auto_route: None,
+                kill_switch: None,
+                ipv6: None,
             },
             turn: TurnConfig { enabled: false },
             mux: MuxConfig {
@@ -883,12 +960,7 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
         cfg.local_idle_timeout_secs = Some(secs as u32);
     }
     if let Some(mut t) = obj.opt_obj("tun")? {
-        if let Some(b) = t.opt_bool("enable")? {
-            cfg.tun.enable = b;
-        }
-        if let Some(d) = t.opt_str("dns")? {
-            cfg.tun.dns = d;
-        }
+        parse_tun(&mut t, &mut cfg.tun)?;
         t.finish()?;
     }
     if let Some(mut t) = obj.opt_obj("turn")? {

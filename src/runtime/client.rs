@@ -24,17 +24,6 @@ fn refused(source: Option<&Path>, field: &str, problem: String) -> RunError {
 }
 
 fn check_supported(cfg: &ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
-    if cfg.tun.enable {
-        return Err(refused(
-            source,
-            "tun.enable",
-            format!(
-                "TUN mode is not supported by this build; set it to false and point applications \
-                 at the SOCKS5/HTTP proxy on {}",
-                cfg.socks5_bind
-            ),
-        ));
-    }
     if cfg.turn.enabled {
         return Err(refused(
             source,

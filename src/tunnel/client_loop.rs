@@ -49,6 +49,10 @@ use super::supervisor::{
     WAIT_FOR_SESSION, XorShift64,
 };
 use super::{bind_udp, unix_now};
+
+#[path = "client_tun.rs"]
+mod tun_capture;
+use super::tun::front::TunFront;
 use crate::config::{self, ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
@@ -57,6 +61,8 @@ use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
+pub use tun_capture::TunOptions;
+use tun_capture::TunState;
 
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
@@ -90,6 +96,8 @@ pub struct ClientOptions {
     /// A piping connection (or a UDP association) that moved no byte either way this long is
     /// closed (between this and this + [`ClientOptions::idle_check`] after its last byte).
     pub local_idle: Duration,
+    /// TUN mode (`tun.enable`).
+    pub tun: Option<TunOptions>,
 }
 
 impl ClientOptions {
@@ -125,6 +133,7 @@ impl ClientOptions {
                 cfg.local_idle_timeout_secs
                     .unwrap_or(config::DEFAULT_LOCAL_IDLE_TIMEOUT_SECS),
             )),
+            tun: cfg.tun.enable.then(|| tun_options(&cfg.tun)),
         })
     }
 
@@ -137,6 +146,26 @@ impl ClientOptions {
     /// Whether anyone who can reach the proxy port may use it (non-loopback, no credentials).
     pub fn is_open_proxy(&self) -> bool {
         !is_loopback(self.listen) && self.auth.is_none()
+    }
+}
+
+/// TUN mode settings from the config's `tun` block (defaults where a field is absent).
+fn tun_options(t: &config::TunConfig) -> TunOptions {
+    let defaults = super::tun::device::TunSettings::default();
+    TunOptions {
+        settings: super::tun::device::TunSettings {
+            name: t.name.clone().unwrap_or(defaults.name.clone()),
+            mtu: t.mtu.unwrap_or(defaults.mtu),
+            ipv6: if t.ipv6 == Some(false) {
+                None
+            } else {
+                defaults.ipv6
+            },
+            auto_route: t.auto_route.unwrap_or(true),
+            ..defaults
+        },
+        dns: t.dns_addr(),
+        kill_switch: t.kill_switch.unwrap_or(false),
     }
 }
 
@@ -203,6 +232,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     keys::fill_random(&mut jitter_seed).map_err(|e| e.to_string())?;
     let jitter = XorShift64::new(u64::from_le_bytes(jitter_seed));
     let idle_check = options.idle_check();
+    let tun = match &options.tun {
+        Some(t) => Some(TunState::open(t, core.registry(), now)?),
+        None => None,
+    };
     let lp = ClientLoop {
         core,
         tickets: TicketIssuer::new(),
@@ -230,6 +263,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         buf: vec![0u8; MAX_UDP].into_boxed_slice(),
         shutting_down: None,
         closed_io: IoCounts::default(),
+        tun,
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -302,6 +336,8 @@ struct Local {
     out_pos: usize,
     readable: bool,
     writable: bool,
+    /// Accepted from TUN mode's listener (a captured connection, not a proxy client).
+    captured: bool,
 }
 
 /// One SOCKS5 UDP association: its socket and [`AssocRoute`].
@@ -371,6 +407,8 @@ struct ClientLoop {
     shutting_down: Option<Instant>,
     /// System calls and datagrams of session sockets already closed.
     closed_io: IoCounts,
+    /// TUN mode's device, listeners and flows (`tun.enable`).
+    tun: Option<TunState>,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -486,6 +524,7 @@ impl ClientLoop {
                 self.receive(now, i);
             }
             self.receive_assocs(now);
+            self.tun_receive(now);
             self.run_timers(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
@@ -521,6 +560,12 @@ impl ClientLoop {
     fn dispatch(&mut self, now: Instant, event: &mio::event::Event) {
         match Tok::decode(event.token()) {
             Some(Tok::Listener) => self.accept(now),
+            Some(Tok::Tun) => {
+                if let Some(t) = self.tun.as_mut() {
+                    t.readable = true;
+                }
+            }
+            Some(Tok::TunListener(i)) => self.tun_accept(now, i),
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     slot.readable |= event.is_readable();
@@ -576,6 +621,7 @@ impl ClientLoop {
                 self.request_deadlines.next_deadline(),
                 self.idle_checks.next_deadline(),
                 self.shutting_down,
+                self.tun_deadline(now),
             ])
             .flatten()
             .min()
@@ -632,6 +678,7 @@ impl ClientLoop {
             self.fail_request(now, l, Socks5Reply::TtlExpired);
         }
         self.expire_locals(now);
+        self.tun_timers(now);
     }
 
     /// Closes connections that did not finish their request in time and idle ones.
@@ -694,7 +741,13 @@ impl ClientLoop {
             None if server.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
             None => SocketAddr::from(([0u16; 8], 0)),
         };
+        let mark = self.options.tun.as_ref().map(|t| t.settings.fwmark);
         let sock = bind_udp(bind).and_then(|s| {
+            // TUN mode: the tunnel's own packets carry the mark that keeps them out of the
+            // device (set before `connect`, which picks the route).
+            if let Some(mark) = mark {
+                crate::sys::set_mark(&s, mark)?;
+            }
             s.connect(server)?;
             Ok(s)
         });
@@ -1040,6 +1093,7 @@ impl ClientLoop {
                             out_pos: 0,
                             readable: true,
                             writable: true,
+                            captured: false,
                         }
                     });
                     self.request_deadlines.push_new((idx, serial), now);
@@ -1431,6 +1485,9 @@ impl ClientLoop {
         if let LocalState::Udp { assoc } = l.state {
             self.close_assoc(assoc);
         }
+        if l.captured {
+            self.tun_closed(Instant::now(), l.peer);
+        }
         self.waiting.remove(idx);
         self.opening.remove(idx);
     }
@@ -1565,6 +1622,10 @@ impl ClientLoop {
         dest: Destination,
         data: &[u8],
     ) {
+        if TunFront::owns(id) {
+            self.tun_datagram_in(now, id, data);
+            return;
+        }
         let Some(assoc) = self
             .assoc_ids
             .get(&id)

@@ -53,6 +53,9 @@ pub enum FrontProtocol {
     HttpConnect,
     /// HTTP request with an absolute `http://` URI, forwarded with a rewritten head.
     HttpForward,
+    /// A connection captured on its way elsewhere (TUN mode): the destination is known, no
+    /// request was read and no reply is written (a failure just closes it).
+    Transparent,
 }
 
 /// A complete request from the local client.
@@ -511,7 +514,7 @@ impl ProxyRequest {
         match self.protocol() {
             FrontProtocol::Socks5 => socks5_reply(Socks5Reply::Succeeded, bound),
             FrontProtocol::HttpConnect => HTTP_CONNECT_ESTABLISHED.to_vec(),
-            FrontProtocol::HttpForward => Vec::new(),
+            FrontProtocol::HttpForward | FrontProtocol::Transparent => Vec::new(),
         }
     }
 
@@ -521,6 +524,7 @@ impl ProxyRequest {
     pub fn failure_reply(&self, code: Socks5Reply) -> Vec<u8> {
         match self.protocol() {
             FrontProtocol::Socks5 => socks5_reply(code, unspecified_v4()),
+            FrontProtocol::Transparent => Vec::new(),
             FrontProtocol::HttpConnect | FrontProtocol::HttpForward => {
                 let status = match code.http_status() {
                     200 => 502,

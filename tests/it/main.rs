@@ -29,6 +29,7 @@ mod proto_transport;
 mod proto_wire;
 mod storage;
 mod tun_device;
+mod tun_mode;
 mod tunnel_e2e;
 mod tunnel_limits;
 mod tunnel_links;

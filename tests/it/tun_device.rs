@@ -64,8 +64,11 @@ fn the_device_and_its_policy_routing_come_and_go_with_it() {
             mtu: 1400,
             ..TunSettings::default()
         };
-        let dev = TunDevice::create(&settings).expect("TUN device (needs root)");
+        let mut dev = TunDevice::create(&settings).expect("TUN device (needs root)");
         assert_eq!(dev.name(), "ostp0");
+        assert_eq!(our_rules(), "", "no routes before set_routes");
+        dev.set_routes(true).unwrap();
+        dev.set_routes(true).unwrap(); // twice: no duplicate, no error
         let link = ip("addr show dev ostp0");
         assert!(link.contains("mtu 1400"), "{link}");
         assert!(link.contains(",UP"), "{link}");
@@ -89,6 +92,15 @@ fn the_device_and_its_policy_routing_come_and_go_with_it() {
             "interface left after drop"
         );
         assert_eq!(ip("-4 route show table 20300"), "");
+        // Withdrawn and installed again while the device lives (kill switch off: routes only
+        // while a session is up).
+        let mut dev = TunDevice::create(&settings).unwrap();
+        dev.set_routes(true).unwrap();
+        dev.set_routes(false).unwrap();
+        assert_eq!(our_rules(), "");
+        assert!(!dev.routes_installed());
+        dev.set_routes(true).unwrap();
+        assert_eq!(our_rules().lines().count(), 4);
     });
 }
 
@@ -110,7 +122,8 @@ fn rules_left_by_a_killed_run_are_removed_at_the_next_start() {
         assert_eq!(our_rules(), "");
         // And creating the device cleans them too (then installs its own, once).
         ip("-4 rule add priority 20301 not fwmark 20300 table 20300");
-        let dev = TunDevice::create(&TunSettings::default()).unwrap();
+        let mut dev = TunDevice::create(&TunSettings::default()).unwrap();
+        dev.set_routes(true).unwrap();
         assert_eq!(our_rules().lines().count(), 4, "{}", our_rules());
         drop(dev);
         assert_eq!(our_rules(), "");

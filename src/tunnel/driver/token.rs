@@ -30,6 +30,10 @@ pub enum Tok {
     Conn(usize),
     /// Client: the UDP socket of a SOCKS5 UDP ASSOCIATE.
     Assoc(usize),
+    /// Client: the TUN device (TUN mode).
+    Tun,
+    /// Client: TUN mode's listener `i` for reflected TCP connections (0: IPv4, 1: IPv6).
+    TunListener(usize),
 }
 
 impl Tok {
@@ -43,6 +47,8 @@ impl Tok {
             Tok::Slot(i) => (6, i),
             Tok::Conn(i) => (7, i),
             Tok::Assoc(i) => (8, i),
+            Tok::Tun => (12, 0),
+            Tok::TunListener(i) => (13, i),
         }
     }
 
@@ -69,6 +75,8 @@ impl Tok {
             6 => Tok::Slot(index),
             7 => Tok::Conn(index),
             8 => Tok::Assoc(index),
+            12 if index == 0 => Tok::Tun,
+            13 => Tok::TunListener(index),
             _ => return None,
         })
     }
@@ -107,6 +115,8 @@ mod tests {
             Tok::Conn(0),
             Tok::Conn(MAX_INDEX),
             Tok::Assoc(7),
+            Tok::Tun,
+            Tok::TunListener(1),
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");

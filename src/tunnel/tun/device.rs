@@ -154,8 +154,8 @@ impl fmt::Debug for TunDevice {
 }
 
 impl TunDevice {
-    /// Opens the device (non-blocking), sets addresses and MTU, brings it up, and with
-    /// `auto_route` installs the routes and rules. Leftovers of a killed run are removed first.
+    /// Opens the device (non-blocking), sets addresses and MTU and brings it up; leftovers of a
+    /// killed run are removed first. Routes come with [`TunDevice::set_routes`].
     pub fn create(settings: &TunSettings) -> Result<TunDevice, TunError> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -187,10 +187,31 @@ impl TunDevice {
         let mut rtnl = Rtnl::open()?;
         clean_with(&mut rtnl, settings);
         device.configure(&mut rtnl)?;
-        if settings.auto_route {
-            device.install_routes(&mut rtnl)?;
-        }
         Ok(device)
+    }
+
+    /// Installs (`true`) or removes the routes and rules that send all traffic into the device
+    /// (nothing when `auto_route` is off; installing twice is a no-op). A failed install removes
+    /// what it had added.
+    pub fn set_routes(&mut self, on: bool) -> Result<(), TunError> {
+        if !on {
+            self.remove_routes();
+            return Ok(());
+        }
+        if !self.settings.auto_route || !self.installed.is_empty() {
+            return Ok(());
+        }
+        let mut rtnl = Rtnl::open()?;
+        let result = self.install_routes(&mut rtnl);
+        if result.is_err() {
+            self.remove_routes();
+        }
+        result
+    }
+
+    /// Whether the routes are installed.
+    pub fn routes_installed(&self) -> bool {
+        !self.installed.is_empty()
     }
 
     fn configure(&mut self, rtnl: &mut Rtnl) -> Result<(), TunError> {

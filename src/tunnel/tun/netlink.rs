@@ -23,6 +23,9 @@ const IFF_UP: u32 = 0x1;
 const IFLA_MTU: u16 = 4;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+/// No duplicate address detection: the address is usable at once (a point-to-point device has
+/// no neighbours to ask).
+const IFA_F_NODAD: u8 = 0x02;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
@@ -119,6 +122,7 @@ pub fn add_address(seq: u32, index: u32, ip: IpAddr, prefix: u8) -> Request {
     let mut fixed = [0u8; 8];
     fixed[0] = family(ip.is_ipv6());
     fixed[1] = prefix;
+    fixed[2] = IFA_F_NODAD;
     fixed[4..8].copy_from_slice(&index.to_ne_bytes());
     let octets = ip_octets(ip);
     Request::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, seq, &fixed)

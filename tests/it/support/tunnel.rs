@@ -329,19 +329,15 @@ pub struct ServerSpec {
     pub extra: Value,
     /// Extra environment variables of the server process (test-only hooks).
     pub env: Vec<(String, String)>,
-    /// Run inside this network namespace (`support::netns`), listening (tunnel and API) on this
-    /// address of it instead of 127.0.0.1.
-    pub netns: Option<(String, Ipv4Addr)>,
+    /// The address the server listens on (tunnel and API; default 127.0.0.1).
+    pub host: Ipv4Addr,
+    /// Run inside this network namespace (`support::netns`; `host` must be one of its addresses).
+    pub netns: Option<String>,
     /// Also listen on TCP (the carrier, docs/PROTOCOL.md §7) on the tunnel's port number.
     pub tcp_carrier: bool,
 }
 
 impl ServerSpec {
-    /// The address the server listens on.
-    pub fn host(&self) -> Ipv4Addr {
-        self.netns.as_ref().map_or(Ipv4Addr::LOCALHOST, |(_, a)| *a)
-    }
-
     pub fn new(key: &str) -> Self {
         ServerSpec {
             config_keys: vec![(key.to_string(), None)],
@@ -349,6 +345,7 @@ impl ServerSpec {
             api: true,
             extra: json!({}),
             env: Vec::new(),
+            host: Ipv4Addr::LOCALHOST,
             netns: None,
             tcp_carrier: false,
         }
@@ -380,7 +377,7 @@ impl Server {
                     return Server {
                         proc,
                         dir,
-                        udp: SocketAddr::from((spec.host(), port)),
+                        udp: SocketAddr::from((spec.host, port)),
                         api,
                         spec,
                         api_port,
@@ -406,7 +403,7 @@ impl Server {
                 None => json!(k),
             })
             .collect();
-        let host = spec.host();
+        let host = spec.host;
         let mut cfg = json!({
             "mode": "server",
             "listen": format!("{host}:{udp_port}"),
@@ -425,7 +422,7 @@ impl Server {
         let path = dir.path().join("config.json");
         std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         let mut cmd = match &spec.netns {
-            Some((ns, _)) => {
+            Some(ns) => {
                 let mut cmd = Command::new("ip");
                 cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ostp"), "--config"])
                     .arg(&path)

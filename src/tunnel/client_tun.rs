@@ -1,0 +1,300 @@
+//! The client loop's TUN mode (a child module of `client_loop`, kept apart so the loop file stays
+//! about the proxy port and the sessions): the device's readiness, packets through
+//! [`TunFront`] (TCP reflected into the device, UDP flows to tunnel datagrams and their answers
+//! back), the listeners that accept the reflected connections (they become local connections
+//! with a known destination, like proxy requests without a reply), the once-a-second expiry, and
+//! the routes: with the kill switch they stay for the client's lifetime, without it they exist
+//! only while a session is up (so traffic is never black-holed and never leaks while up).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use mio::Interest;
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+
+use super::{ClientLoop, Local, LocalState, SlotState};
+use crate::proto::transport::{AssocId, Destination};
+use crate::tunnel::driver::token::Tok;
+use crate::tunnel::proxy_front::{FrontProtocol, ProxyRequest};
+use crate::tunnel::tun::device::{TunDevice, TunSettings};
+use crate::tunnel::tun::front::{TunAddrs, TunFront, TunVerdict};
+
+/// Packets read from the device per loop turn before other sockets get their turn.
+const TUN_BATCH: usize = 64;
+/// Largest packet read from or written to the device (the MTU is at most 65,535).
+const TUN_PACKET: usize = 65_535;
+/// How often flows are expired.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+
+/// TUN mode settings of a client loop.
+#[derive(Debug, Clone)]
+pub struct TunOptions {
+    pub settings: TunSettings,
+    /// `tun.dns`: where captured DNS goes.
+    pub dns: Option<SocketAddr>,
+    /// Keep the routes while no session is up (captured traffic is dropped meanwhile).
+    pub kill_switch: bool,
+}
+
+/// TUN mode's state in the client loop.
+pub(super) struct TunState {
+    device: TunDevice,
+    front: TunFront,
+    listeners: Vec<TcpListener>,
+    /// The device may hold packets.
+    pub(super) readable: bool,
+    kill_switch: bool,
+    /// Each UDP flow stays on one session (the server's relay for it lives there).
+    flow_slots: HashMap<AssocId, usize>,
+    forgotten: Vec<AssocId>,
+    next_expire: Instant,
+    packet: Box<[u8]>,
+}
+
+impl TunState {
+    /// Creates the device and binds the listeners on its addresses (same port in both
+    /// families). Routes come later ([`ClientLoop::tun_routes`]).
+    pub(super) fn open(
+        options: &TunOptions,
+        registry: &mio::Registry,
+        now: Instant,
+    ) -> Result<TunState, String> {
+        let device = TunDevice::create(&options.settings).map_err(|e| e.to_string())?;
+        let settings = device.settings().clone();
+        let v4 = SocketAddr::new(IpAddr::V4(settings.ipv4.0), 0);
+        let mut listeners =
+            vec![TcpListener::bind(v4).map_err(|e| format!("TUN listener on {v4}: {e}"))?];
+        let port = listeners[0].local_addr().map_err(|e| e.to_string())?.port();
+        if let Some((v6, _)) = settings.ipv6 {
+            let addr = SocketAddr::new(IpAddr::V6(v6), port);
+            listeners
+                .push(TcpListener::bind(addr).map_err(|e| format!("TUN listener on {addr}: {e}"))?);
+        }
+        for (i, l) in listeners.iter_mut().enumerate() {
+            registry
+                .register(l, Tok::TunListener(i).token(), Interest::READABLE)
+                .map_err(|e| e.to_string())?;
+        }
+        registry
+            .register(
+                &mut SourceFd(&device.file().as_raw_fd()),
+                Tok::Tun.token(),
+                Interest::READABLE,
+            )
+            .map_err(|e| e.to_string())?;
+        let front = TunFront::new(
+            TunAddrs {
+                v4: settings.ipv4.0,
+                v6: settings.ipv6.map(|(a, _)| a),
+                listener_port: port,
+            },
+            options.dns,
+        );
+        log::info!(
+            "TUN mode: device {} ({}/{}{}), DNS to {}, kill switch {}",
+            device.name(),
+            settings.ipv4.0,
+            settings.ipv4.1,
+            settings
+                .ipv6
+                .map_or(String::new(), |(a, l)| format!(", {a}/{l}")),
+            options
+                .dns
+                .map_or_else(|| "the addressed servers".to_string(), |d| d.to_string()),
+            if options.kill_switch { "on" } else { "off" }
+        );
+        Ok(TunState {
+            device,
+            front,
+            listeners,
+            readable: true,
+            kill_switch: options.kill_switch,
+            flow_slots: HashMap::new(),
+            forgotten: Vec::new(),
+            next_expire: now + EXPIRE_EVERY,
+            packet: vec![0u8; TUN_PACKET].into_boxed_slice(),
+        })
+    }
+
+    /// Writes one packet to the device; a full device queue drops it (TCP retransmits, UDP
+    /// senders retry), as a router would.
+    fn write(&self, packet: &[u8]) {
+        match self.device.file().write(packet) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => log::debug!("TUN write: {e}"),
+        }
+    }
+}
+
+impl ClientLoop {
+    /// Reads up to [`TUN_BATCH`] packets from the device and acts on each.
+    pub(super) fn tun_receive(&mut self, now: Instant) {
+        let Some(mut tun) = self.tun.take() else {
+            return;
+        };
+        if tun.readable {
+            for _ in 0..TUN_BATCH {
+                let n = match tun.device.file().read(&mut tun.packet) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            log::debug!("TUN read: {e}");
+                        }
+                        tun.readable = false;
+                        break;
+                    }
+                };
+                let mut packet = std::mem::take(&mut tun.packet);
+                match tun.front.handle(&mut packet[..n], now) {
+                    TunVerdict::Reflect => tun.write(&packet[..n]),
+                    TunVerdict::Datagram {
+                        id, dest, payload, ..
+                    } => self.tun_uplink(&mut tun, id, dest, &packet[payload]),
+                    TunVerdict::Drop(_) => {}
+                }
+                tun.packet = packet;
+            }
+        }
+        self.tun = Some(tun);
+    }
+
+    /// One captured UDP datagram into the tunnel, on its flow's session.
+    fn tun_uplink(&mut self, tun: &mut TunState, id: AssocId, dest: SocketAddr, data: &[u8]) {
+        let connected = |s: &super::Slot| s.state == SlotState::Connected;
+        let slot = match tun.flow_slots.get(&id) {
+            Some(&s) if self.slots.get(s).is_some_and(connected) => s,
+            _ => match self.pick_slot() {
+                Some(s) => s,
+                None => return, // no session: dropped (the kill switch keeps it off the wire)
+            },
+        };
+        tun.flow_slots.insert(id, slot);
+        if let Some(session) = self.slots[slot].session_mut() {
+            // Dropped when the queue is full: UDP senders retry.
+            let _ = session
+                .transport_mut()
+                .send_datagram(id, Destination::from(dest), data);
+        }
+    }
+
+    /// An answer from the tunnel for a TUN flow: written to the device as an IP/UDP packet.
+    pub(super) fn tun_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+        let Some(tun) = self.tun.as_mut() else {
+            return;
+        };
+        let mut packet = std::mem::take(&mut tun.packet);
+        if let Some(n) = tun.front.reply(id, data, &mut packet, now) {
+            tun.write(&packet[..n]);
+        }
+        tun.packet = packet;
+    }
+
+    /// Accepts reflected connections on listener `i`: each becomes a local connection waiting
+    /// for a stream to its original destination.
+    pub(super) fn tun_accept(&mut self, now: Instant, i: usize) {
+        loop {
+            let Some(tun) = self.tun.as_mut() else {
+                return;
+            };
+            let Some(listener) = tun.listeners.get(i) else {
+                return;
+            };
+            let (mut sock, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::warn!("TUN listener: {e}");
+                    }
+                    return;
+                }
+            };
+            let Some(dest) = tun.front.accepted(peer) else {
+                continue; // not a reflected connection (someone connected to the device address)
+            };
+            if self.locals.len() >= super::MAX_LOCAL {
+                log::warn!(
+                    "too many local connections ({}); refusing one",
+                    super::MAX_LOCAL
+                );
+                tun.front.closed(peer, now);
+                crate::sys::reset_on_close(&sock);
+                continue;
+            }
+            let _ = sock.set_nodelay(true);
+            self.next_serial = self.next_serial.wrapping_add(1);
+            let serial = self.next_serial;
+            let request = ProxyRequest::Connect {
+                dest: Destination::from(dest),
+                protocol: FrontProtocol::Transparent,
+                early_data: Vec::new(),
+            };
+            let idx = self.locals.insert_with(|idx| {
+                let _ = self.core.registry().register(
+                    &mut sock,
+                    Tok::Conn(idx).token(),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+                Local {
+                    sock,
+                    serial,
+                    peer,
+                    last_active: now,
+                    state: LocalState::Waiting { request },
+                    pipe: None,
+                    out: Vec::new(),
+                    out_pos: 0,
+                    readable: true,
+                    writable: true,
+                    captured: true,
+                }
+            });
+            self.try_open(now, idx);
+        }
+    }
+
+    /// A captured connection from `peer` is gone: its NAT entry may expire.
+    pub(super) fn tun_closed(&mut self, now: Instant, peer: SocketAddr) {
+        if let Some(tun) = self.tun.as_mut() {
+            tun.front.closed(peer, now);
+        }
+    }
+
+    /// Flow expiry (once a second) and the routes (kill switch off: only while a session is
+    /// up). A failure to install routes is logged and tried again next second.
+    pub(super) fn tun_timers(&mut self, now: Instant) {
+        let up = self.slots.iter().any(|s| s.state == SlotState::Connected);
+        let Some(tun) = self.tun.as_mut() else {
+            return;
+        };
+        let want = (tun.kill_switch || up) && self.shutting_down.is_none();
+        if want != tun.device.routes_installed() && now >= tun.next_expire {
+            match tun.device.set_routes(want) {
+                Ok(()) if want => log::info!("TUN mode: all traffic now goes into the tunnel"),
+                Ok(()) => log::info!("TUN mode: no session; traffic goes around the tunnel"),
+                Err(e) => log::warn!("TUN mode: {e}"),
+            }
+        }
+        if now < tun.next_expire {
+            return;
+        }
+        tun.next_expire = now + EXPIRE_EVERY;
+        let mut forgotten = std::mem::take(&mut tun.forgotten);
+        tun.front.expire(now, &mut forgotten);
+        for id in forgotten.drain(..) {
+            tun.flow_slots.remove(&id);
+        }
+        tun.forgotten = forgotten;
+    }
+
+    /// When TUN mode needs the loop again (expiry, a readable device).
+    pub(super) fn tun_deadline(&self, now: Instant) -> Option<Instant> {
+        let tun = self.tun.as_ref()?;
+        Some(if tun.readable { now } else { tun.next_expire })
+    }
+}

@@ -1,0 +1,320 @@
+//! TUN mode end to end, with real processes in network namespaces the test creates: the client
+//! runs in namespace "inside" whose only link goes to our namespace (where the server runs); the
+//! origin and a DNS responder run in namespace "outside", which only our namespace can reach. So
+//! plain programs in "inside" (no proxy settings) reach "outside" through the client's TUN
+//! device and the tunnel, or not at all. Root only: CI runs as root.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::bulk_http;
+use crate::support::netns::Netns;
+use crate::support::tunnel::*;
+
+/// The origin (`bulk_http`, IPv4 and IPv6) and a DNS responder in `outside`.
+struct Outside {
+    ns: Netns,
+    http: u16,
+    http6: u16,
+    dns: SocketAddr,
+}
+
+fn start_outside() -> Outside {
+    let ns = Netns::create();
+    let (v4, v6) = (ns.ns_addr, ns.ns_addr6);
+    let (l4, l6, dns) = ns.run_inside(|| {
+        (
+            std::net::TcpListener::bind((v4, 0)).unwrap(),
+            std::net::TcpListener::bind((v6, 0)).unwrap(),
+            UdpSocket::bind((v4, 53)).unwrap(),
+        )
+    });
+    let (http, http6) = (
+        l4.local_addr().unwrap().port(),
+        l6.local_addr().unwrap().port(),
+    );
+    std::thread::spawn(move || bulk_http::serve(l4));
+    std::thread::spawn(move || bulk_http::serve(l6));
+    let dns_addr = dns.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = dns.recv_from(&mut buf) {
+            let mut answer = b"answer:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = dns.send_to(&answer, from);
+        }
+    });
+    Outside {
+        ns,
+        http,
+        http6,
+        dns: dns_addr,
+    }
+}
+
+/// `GET /sum/n` straight from the origin (our namespace reaches `outside` directly).
+fn expected_sum_at(addr: SocketAddr, n: u64) -> u64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /sum/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    u64::from_str_radix(text.split("fnv1a64=").nth(1).unwrap().trim(), 16).unwrap()
+}
+
+/// The server in our namespace, on our end of the link to `inside`.
+fn start_server(inside: &Netns) -> (Server, String) {
+    let key = new_key();
+    let mut spec = ServerSpec::new(&key);
+    spec.host = inside.host_addr;
+    (Server::start(spec), key)
+}
+
+/// The client in `inside` with TUN mode on (`tun` fields merged in).
+fn start_client(
+    inside: &Netns,
+    dir: &Path,
+    server: SocketAddr,
+    key: &str,
+    tun: serde_json::Value,
+) -> Proc {
+    let mut tun_block = json!({"enable": true});
+    if let (Some(t), Some(extra)) = (tun_block.as_object_mut(), tun.as_object()) {
+        t.extend(extra.clone());
+    }
+    let cfg = json!({
+        "mode": "client",
+        "server": server.to_string(),
+        "access_key": key,
+        "socks5_bind": "127.0.0.1:0",
+        "tun": tun_block,
+    });
+    let path = dir.join("client.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let mut cmd = inside.command(env!("CARGO_BIN_EXE_ostp"));
+    cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
+    Proc::spawn("client", cmd)
+}
+
+/// curl run in `inside`; (digest of the body, success).
+fn curl_inside(inside: &Netns, args: &[&str]) -> (Digest, bool, String) {
+    let mut child = inside
+        .command("curl")
+        .args(["-sS", "--max-time", "120", "--noproxy", "*"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl is installed");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (d, _) = digest_reader(&mut out);
+    let ok = child.wait().unwrap().success();
+    (d, ok, err_thread.join().unwrap())
+}
+
+/// Our rules, routes and interface in `inside` (all empty once the client is gone).
+fn leftovers(inside: &Netns) -> String {
+    let mut s = String::new();
+    for fam in ["-4", "-6"] {
+        for line in inside.output("ip", &[fam, "rule", "show"]).lines() {
+            if line.starts_with("20300:") || line.starts_with("20301:") {
+                s += &format!("rule {fam} {line}\n");
+            }
+        }
+        s += &inside.output("ip", &[fam, "route", "show", "table", "20300"]);
+    }
+    if inside.output("ip", &["link", "show"]).contains("ostp0") {
+        s += "interface ostp0\n";
+    }
+    s
+}
+
+/// Sends a UDP datagram from `inside` to `to` with python3 and returns the answer and where it
+/// came from.
+fn udp_exchange_inside(inside: &Netns, to: SocketAddr, payload: &str) -> Result<String, String> {
+    let family = if to.is_ipv6() { "AF_INET6" } else { "AF_INET" };
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.socket(socket.{family},socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         for i in range(5):\n\
+         \x20 s.sendto(b'{payload}',('{ip}',{port}))\n\
+         \x20 try:\n\
+         \x20   d,a=s.recvfrom(512); print(d.decode(),a[0],a[1]); sys.exit(0)\n\
+         \x20 except socket.timeout: pass\n\
+         sys.exit(1)\n",
+        ip = to.ip(),
+        port = to.port()
+    );
+    let out = inside
+        .command("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn plain_programs_in_a_namespace_reach_the_internet_only_through_the_tun_device() {
+    let _lock = heavy_lock();
+    let outside = start_outside();
+    let inside = Netns::create();
+    // Without the tunnel, "inside" has no route to "outside".
+    let (_, ok, _) = curl_inside(
+        &inside,
+        &[
+            "--max-time",
+            "2",
+            &format!("http://{}:{}/bytes/1", outside.ns.ns_addr, outside.http),
+        ],
+    );
+    assert!(!ok, "inside reached outside without the tunnel");
+
+    let (server, key) = start_server(&inside);
+    let dir = TempDir::new("tun-client");
+    let dns = outside.dns;
+    let client = start_client(
+        &inside,
+        dir.path(),
+        server.udp,
+        &key,
+        json!({"dns": dns.ip().to_string()}),
+    );
+    client
+        .wait_line(Duration::from_secs(20), |l| {
+            l.contains("all traffic now goes into the tunnel")
+        })
+        .unwrap_or_else(|| panic!("TUN routes never came up:\n{}", client.log_text()));
+
+    // TCP over IPv4: a large download with plain curl, intact, counted by the server.
+    let n = size(100_000_000, 10_000_000);
+    let origin = SocketAddr::new(IpAddr::V4(outside.ns.ns_addr), outside.http);
+    let expected = expected_sum_at(origin, n);
+    let t = Instant::now();
+    let (d, ok, err) = curl_inside(&inside, &[&format!("http://{origin}/bytes/{n}")]);
+    assert!(ok, "curl through TUN: {err}\n{}", client.log_text());
+    assert_eq!((d.len, d.fnv), (n, expected), "download intact");
+    eprintln!(
+        "TUN: {n} bytes in {:.2?} = {:.1} MB/s",
+        t.elapsed(),
+        mbps(n, t.elapsed())
+    );
+    let ((_, down), counted) = server.wait_counters(&key, Duration::from_secs(5), |_, d| d >= n);
+    assert!(
+        counted,
+        "the server counted {down} of {n} bytes: not through the tunnel?"
+    );
+
+    // TCP over IPv6.
+    let origin6 = SocketAddr::new(IpAddr::V6(outside.ns.ns_addr6), outside.http6);
+    let m = 2_000_000;
+    let expected6 = expected_sum_at(origin6, m);
+    let (d, ok, err) = curl_inside(&inside, &[&format!("http://{origin6}/bytes/{m}")]);
+    assert!(ok, "curl over IPv6 through TUN: {err}");
+    assert_eq!((d.len, d.fnv), (m, expected6));
+
+    // DNS to any address is answered by tun.dns, through the tunnel, as if from the address
+    // asked (IPv4 and IPv6 both).
+    for asked in ["8.8.8.8:53", "[2001:4860:4860::8888]:53"] {
+        let asked: SocketAddr = asked.parse().unwrap();
+        let answer = udp_exchange_inside(&inside, asked, "q1")
+            .unwrap_or_else(|e| panic!("no DNS answer for {asked}: {e}\n{}", client.log_text()));
+        assert_eq!(answer, format!("answer:q1 {} {}", asked.ip(), asked.port()));
+    }
+
+    // SIGTERM: nothing is left behind.
+    client.signal("TERM");
+    let mut client = client;
+    assert!(
+        client
+            .wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    assert_eq!(leftovers(&inside), "", "left after SIGTERM");
+}
+
+#[test]
+fn with_the_kill_switch_nothing_but_the_tunnels_udp_leaves_while_the_server_is_down() {
+    let _lock = heavy_lock();
+    let outside = start_outside();
+    let inside = Netns::create();
+    // A way around the tunnel, as every real host has: a default route out of the only link.
+    inside.output(
+        "ip",
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &inside.host_addr.to_string(),
+        ],
+    );
+    // A server address where nothing answers: the tunnel never comes up. Counted: what leaves
+    // through the namespace's only link (the device's own traffic is not on the wire).
+    let server = SocketAddr::new(IpAddr::V4(inside.host_addr), free_udp_port());
+    let dir = TempDir::new("tun-kill");
+    let client = start_client(
+        &inside,
+        dir.path(),
+        server,
+        &new_key(),
+        json!({"kill_switch": true}),
+    );
+    client
+        .wait_line(Duration::from_secs(20), |l| {
+            l.contains("all traffic now goes into the tunnel")
+        })
+        .unwrap_or_else(|| panic!("kill switch routes never came up:\n{}", client.log_text()));
+    let port = server.port();
+    inside.nft(&format!(
+        "table inet watch {{\n chain out {{\n type filter hook output priority 0;\n \
+           oifname {wire} udp dport {port} counter;\n \
+           oifname {wire} udp dport != {port} counter;\n \
+           oifname {wire} meta l4proto tcp counter;\n }}\n}}\n",
+        wire = inside.ns_if
+    ));
+    // The inside host keeps trying (TCP, UDP, DNS) for a few seconds.
+    let target = format!("http://{}:{}/bytes/1", outside.ns.ns_addr, outside.http);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        let (_, ok, _) = curl_inside(&inside, &["--max-time", "1", &target]);
+        assert!(!ok, "reached the origin with the server down");
+        let _ = udp_exchange_inside(&inside, outside.dns, "leak?");
+    }
+    let rules = inside.output("nft", &["list", "table", "inet", "watch"]);
+    let counts: Vec<u64> = rules
+        .lines()
+        .filter_map(|l| l.split("packets ").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 3, "{rules}");
+    assert!(
+        counts[0] > 0,
+        "the client did not keep trying the tunnel:\n{rules}"
+    );
+    assert_eq!(
+        counts[1], 0,
+        "UDP other than the tunnel's left the host:\n{rules}"
+    );
+    assert_eq!(counts[2], 0, "TCP left the host:\n{rules}");
+    assert!(client.log_text().contains("kill switch on"));
+}
