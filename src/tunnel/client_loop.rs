@@ -232,8 +232,18 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     keys::fill_random(&mut jitter_seed).map_err(|e| e.to_string())?;
     let jitter = XorShift64::new(u64::from_le_bytes(jitter_seed));
     let idle_check = options.idle_check();
+    // TUN mode: the server's name is resolved before any route goes in (later lookups may have
+    // to go through the tunnel itself), then the device is created.
+    let mut last_server_addr = None;
     let tun = match &options.tun {
-        Some(t) => Some(TunState::open(t, core.registry(), now)?),
+        Some(t) => {
+            use std::net::ToSocketAddrs;
+            last_server_addr = (host.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next());
+            Some(TunState::open(t, core.registry(), now)?)
+        }
         None => None,
     };
     let lp = ClientLoop {
@@ -264,6 +274,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         shutting_down: None,
         closed_io: IoCounts::default(),
         tun,
+        last_server_addr,
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -409,6 +420,8 @@ struct ClientLoop {
     closed_io: IoCounts,
     /// TUN mode's device, listeners and flows (`tun.enable`).
     tun: Option<TunState>,
+    /// The server's address as last resolved (used when a later lookup fails).
+    last_server_addr: Option<SocketAddr>,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -726,11 +739,26 @@ impl ClientLoop {
                 continue;
             }
             match r.result.ok().and_then(|a| a.first().copied()) {
-                Some(addr) => self.connect_slot(now, i, addr),
-                None => {
-                    log::warn!("cannot resolve the server name {:?}; will retry", self.host);
-                    self.slot_failed(now, i, Failure::Local);
+                Some(addr) => {
+                    self.last_server_addr = Some(addr);
+                    self.connect_slot(now, i, addr)
                 }
+                // A resolver that fails after it once answered (a DNS outage, or TUN mode with
+                // the kill switch, where DNS goes through the tunnel that is down): use the
+                // address it gave last.
+                None => match self.last_server_addr {
+                    Some(addr) => {
+                        log::warn!(
+                            "cannot resolve the server name {:?}; using its last address {addr}",
+                            self.host
+                        );
+                        self.connect_slot(now, i, addr)
+                    }
+                    None => {
+                        log::warn!("cannot resolve the server name {:?}; will retry", self.host);
+                        self.slot_failed(now, i, Failure::Local);
+                    }
+                },
             }
         }
     }
