@@ -313,6 +313,15 @@ impl TunConfig {
     }
 }
 
+/// `dns_forward` block of a client config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DnsForwardConfig {
+    /// Where the forwarder listens, UDP and TCP (default `127.0.0.1:5353`).
+    pub bind: SocketAddr,
+    /// The resolver queries go to through the tunnel (default `1.1.1.1:53`).
+    pub upstream: SocketAddr,
+}
+
 /// `turn` block of a client config (not supported by this build; must stay disabled).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TurnConfig {
@@ -372,6 +381,9 @@ pub struct ClientConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_idle_timeout_secs: Option<u32>,
     pub tun: TunConfig,
+    /// A local DNS endpoint whose queries go through the tunnel. Never part of a subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_forward: Option<DnsForwardConfig>,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
     pub debug: bool,
@@ -399,6 +411,7 @@ impl ClientConfig {
                 kill_switch: None,
                 ipv6: None,
             },
+            dns_forward: None,
             turn: TurnConfig { enabled: false },
             mux: MuxConfig {
                 enabled: false,
@@ -962,6 +975,21 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
     if let Some(mut t) = obj.opt_obj("tun")? {
         parse_tun(&mut t, &mut cfg.tun)?;
         t.finish()?;
+    }
+    if let Some(mut d) = obj.opt_obj("dns_forward")? {
+        let mut addr = |name: &str, default: &str| -> Result<SocketAddr, ConfigError> {
+            let text = d.opt_str(name)?.unwrap_or_else(|| default.to_string());
+            text.parse().map_err(|_| {
+                d.err(
+                    name,
+                    &format!("{text:?} is not an IP address with a port, e.g. {default:?}"),
+                )
+            })
+        };
+        let bind = addr("bind", "127.0.0.1:5353")?;
+        let upstream = addr("upstream", "1.1.1.1:53")?;
+        cfg.dns_forward = Some(DnsForwardConfig { bind, upstream });
+        d.finish()?;
     }
     if let Some(mut t) = obj.opt_obj("turn")? {
         if let Some(b) = t.opt_bool("enabled")? {

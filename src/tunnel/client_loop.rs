@@ -50,6 +50,8 @@ use super::supervisor::{
 };
 use super::{bind_udp, unix_now};
 
+#[path = "client_dns.rs"]
+mod dns_forward;
 #[path = "client_tun.rs"]
 mod tun_capture;
 use super::tun::front::TunFront;
@@ -61,6 +63,8 @@ use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
+use dns_forward::DnsForward;
+pub use dns_forward::DnsForwardOptions;
 pub use tun_capture::TunOptions;
 use tun_capture::TunState;
 
@@ -70,8 +74,10 @@ const MAX_LOCAL: usize = 4096;
 const MAX_LOCAL_PER_ADDR: u32 = 256;
 /// A local connection must have sent a complete SOCKS5 / HTTP request this soon after accept.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Association ids stay below 2^30 (a varint of at most 4 bytes in the DATAGRAM frame).
-const ASSOC_ID_SPACE: AssocId = 1 << 30;
+/// Association ids stay below 2^30 (a varint of at most 4 bytes in the DATAGRAM frame): SOCKS5
+/// associations take `1 .. 2^29`, TUN flows `2^29 .. 2^29 + 2^28`
+/// ([`TunFront`](super::tun::front::TunFront)), the DNS forwarder's flows the rest.
+const ASSOC_ID_SPACE: AssocId = 1 << 29;
 const READ_CHUNK: usize = 16 * 1024;
 const MAX_UDP: usize = 65_535;
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
@@ -98,6 +104,8 @@ pub struct ClientOptions {
     pub local_idle: Duration,
     /// TUN mode (`tun.enable`).
     pub tun: Option<TunOptions>,
+    /// The DNS forwarder (`dns_forward`).
+    pub dns_forward: Option<DnsForwardOptions>,
 }
 
 impl ClientOptions {
@@ -134,6 +142,10 @@ impl ClientOptions {
                     .unwrap_or(config::DEFAULT_LOCAL_IDLE_TIMEOUT_SECS),
             )),
             tun: cfg.tun.enable.then(|| tun_options(&cfg.tun)),
+            dns_forward: cfg.dns_forward.map(|d| DnsForwardOptions {
+                bind: d.bind,
+                upstream: d.upstream,
+            }),
         })
     }
 
@@ -246,6 +258,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         }
         None => None,
     };
+    let dns = match &options.dns_forward {
+        Some(d) => Some(DnsForward::open(d, core.registry(), now)?),
+        None => None,
+    };
     let lp = ClientLoop {
         core,
         tickets: TicketIssuer::new(),
@@ -275,6 +291,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         closed_io: IoCounts::default(),
         tun,
         last_server_addr,
+        dns,
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -422,6 +439,8 @@ struct ClientLoop {
     tun: Option<TunState>,
     /// The server's address as last resolved (used when a later lookup fails).
     last_server_addr: Option<SocketAddr>,
+    /// The DNS forwarder (`dns_forward`).
+    dns: Option<DnsForward>,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -538,6 +557,7 @@ impl ClientLoop {
             }
             self.receive_assocs(now);
             self.tun_receive(now);
+            self.dns_receive(now);
             self.run_timers(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
@@ -579,6 +599,12 @@ impl ClientLoop {
                 }
             }
             Some(Tok::TunListener(i)) => self.tun_accept(now, i),
+            Some(Tok::DnsUdp) => {
+                if let Some(d) = self.dns.as_mut() {
+                    d.readable = true;
+                }
+            }
+            Some(Tok::DnsTcp) => self.dns_accept(now),
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     slot.readable |= event.is_readable();
@@ -635,6 +661,7 @@ impl ClientLoop {
                 self.idle_checks.next_deadline(),
                 self.shutting_down,
                 self.tun_deadline(now),
+                self.dns_deadline(now),
             ])
             .flatten()
             .min()
@@ -1652,6 +1679,10 @@ impl ClientLoop {
     ) {
         if TunFront::owns(id) {
             self.tun_datagram_in(now, id, data);
+            return;
+        }
+        if DnsForward::owns(id) {
+            self.dns_datagram_in(id, data);
             return;
         }
         let Some(assoc) = self

@@ -15,6 +15,7 @@ mod cli;
 mod client_hardening;
 mod devices;
 mod dist;
+mod dns_forward;
 mod fairness;
 mod guard_api;
 mod hello_restart;

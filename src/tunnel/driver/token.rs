@@ -34,6 +34,10 @@ pub enum Tok {
     Tun,
     /// Client: TUN mode's listener `i` for reflected TCP connections (0: IPv4, 1: IPv6).
     TunListener(usize),
+    /// Client: the DNS forwarder's UDP socket.
+    DnsUdp,
+    /// Client: the DNS forwarder's TCP listener.
+    DnsTcp,
 }
 
 impl Tok {
@@ -49,6 +53,8 @@ impl Tok {
             Tok::Assoc(i) => (8, i),
             Tok::Tun => (12, 0),
             Tok::TunListener(i) => (13, i),
+            Tok::DnsUdp => (14, 0),
+            Tok::DnsTcp => (15, 0),
         }
     }
 
@@ -77,6 +83,8 @@ impl Tok {
             8 => Tok::Assoc(index),
             12 if index == 0 => Tok::Tun,
             13 => Tok::TunListener(index),
+            14 if index == 0 => Tok::DnsUdp,
+            15 if index == 0 => Tok::DnsTcp,
             _ => return None,
         })
     }
@@ -117,6 +125,8 @@ mod tests {
             Tok::Assoc(7),
             Tok::Tun,
             Tok::TunListener(1),
+            Tok::DnsUdp,
+            Tok::DnsTcp,
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");

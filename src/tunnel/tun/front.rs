@@ -14,10 +14,11 @@ use super::nat::{NatRefusal, TcpNat};
 use super::wire::{self, Packet, Unhandled};
 use crate::proto::transport::AssocId;
 
-/// TUN flows use association ids from here up (the SOCKS5 associations use those below).
-pub const FIRST_FLOW_ID: AssocId = 1 << 30;
+/// TUN flows use association ids from here (the SOCKS5 associations use those below; all stay
+/// below 2^30, a varint of at most 4 bytes on the wire).
+pub const FIRST_FLOW_ID: AssocId = 1 << 29;
 /// Ids of TUN flows: `FIRST_FLOW_ID .. FIRST_FLOW_ID + FLOW_ID_SPACE`.
-const FLOW_ID_SPACE: AssocId = 1 << 30;
+pub const FLOW_ID_SPACE: AssocId = 1 << 28;
 /// A UDP flow without a datagram either way for this long is forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(120);
 /// At most this many UDP flows (the oldest is forgotten beyond).
@@ -239,9 +240,9 @@ impl TunFront {
         }
     }
 
-    /// Whether `id` is a TUN flow's (not a SOCKS5 association's).
+    /// Whether `id` is a TUN flow's.
     pub fn owns(id: AssocId) -> bool {
-        id >= FIRST_FLOW_ID
+        (FIRST_FLOW_ID..FIRST_FLOW_ID + FLOW_ID_SPACE).contains(&id)
     }
 
     /// An answer from the tunnel for flow `id`: written into `out` as an IP/UDP packet from the
@@ -269,9 +270,12 @@ impl TunFront {
         self.nat.accepted(peer.port()).map(|d| self.redirect_dns(d))
     }
 
-    /// The accepted connection from `peer` is closed.
+    /// The accepted connection from `peer` is closed (ignored unless `peer` is the virtual
+    /// peer).
     pub fn closed(&mut self, peer: SocketAddr, now: Instant) {
-        self.nat.closed(peer.port(), now);
+        if self.addrs.peer(peer.is_ipv6()) == Some(peer.ip()) {
+            self.nat.closed(peer.port(), now);
+        }
     }
 
     /// Forgets idle flows (call about once a second); returns the UDP flows forgotten.
