@@ -10,7 +10,8 @@
 # 1,000 idle sessions, goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
 # 1 % and 5 % loss, ostp's event-loop wake-ups per GB of a single-stream download, and the
 # single stream again with a `-C target-cpu=native` build of ostp and over the TCP carrier
-# (`listen_tcp` on the server, `transport.mode: "uot"` on the client). Every
+# (`listen_tcp` on the server, `transport.mode: "uot"` on the client), and (as root) through TUN
+# mode beside SOCKS5 in a pair of network namespaces. Every
 # section is independent: a failing one prints "n/a" and the run goes on.
 #
 # Loop wake-ups are counted by the loops themselves (`LoopCore::wait` returns; no tracing, so the
@@ -22,7 +23,7 @@
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
 # TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (30), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
 # OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
-# build to use), SKIP_NATIVE=1, SKIP_TCP=1, CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
+# build to use), SKIP_NATIVE=1, SKIP_TCP=1, SKIP_TUN=1, CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
 
 set -u
 
@@ -46,13 +47,22 @@ PIDS=()
 
 log() { echo "[bench] $*" >&2; }
 
+NETNS=()
+# The curl command of `download` (a namespace runs it through `ip netns exec`) and the origin's
+# host in the URLs of `single_stream`.
+CURL_CMD=(curl)
+ORIGIN_HOST=127.0.0.1
+
 cleanup() {
-    local pid
+    local pid ns
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null
     done
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null
+    done
+    for ns in "${NETNS[@]}"; do
+        ip netns del "$ns" 2>/dev/null
     done
     rm -rf "$WORK"
 }
@@ -141,7 +151,7 @@ download() {
     done
     shift
     url=$1 bytes=$2
-    out=$(curl -s -o /dev/null --max-time "$CURL_MAX_S" "${args[@]}" -w '%{size_download} %{time_total}' "$url") || return 1
+    out=$("${CURL_CMD[@]}" -s -o /dev/null --max-time "$CURL_MAX_S" "${args[@]}" -w '%{size_download} %{time_total}' "$url") || return 1
     [[ ${out%% *} == "$bytes" ]] || return 1
     echo "$out"
 }
@@ -156,7 +166,7 @@ single_stream() {
     SS_MBPS=n/a SS_CPU_SERVER=n/a SS_CPU_CLIENT=n/a
     s0=$([[ -n $spid ]] && cpu_ticks "$spid")
     c0=$([[ -n $cpid ]] && cpu_ticks "$cpid")
-    if out=$(download "$@" -- "http://127.0.0.1:$BULK_PORT/bytes/$bytes" "$bytes"); then
+    if out=$(download "$@" -- "http://$ORIGIN_HOST:$BULK_PORT/bytes/$bytes" "$bytes"); then
         s1=$([[ -n $spid ]] && cpu_ticks "$spid")
         c1=$([[ -n $cpid ]] && cpu_ticks "$cpid")
         SS_MBPS=$(mbps $out)
@@ -475,6 +485,75 @@ if [[ -z ${SKIP_TCP:-} && -x $OSTP && -f $WORK/server.json ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# TUN mode vs SOCKS5 (root only; SKIP_TUN=1 skips). Namespace "in" holds the client (TUN mode,
+# with its SOCKS5 port too) and curl, namespace "out" the origin; the server runs here, on our end
+# of "in"'s link, so "in" reaches "out" only through the tunnel. Both rows are measured in this
+# topology, same run: plain curl (captured by the TUN device) and curl through SOCKS5.
+
+MBPS_tun=n/a CPUS_tun=n/a CPUC_tun=n/a MBPS_tunsocks=n/a CPUS_tunsocks=n/a CPUC_tunsocks=n/a
+if [[ -z ${SKIP_TUN:-} && $(id -u) == 0 && -x $OSTP && -x $BULK && -f $WORK/server.json ]] &&
+    command -v ip >/dev/null; then
+    NS_IN="ostp-bench-in-$$" NS_OUT="ostp-bench-out-$$"
+    NETNS+=("$NS_IN" "$NS_OUT")
+    tun_net() {
+        ip netns add "$NS_IN" && ip netns add "$NS_OUT" &&
+            ip link add "obi$$" type veth peer name "obin$$" && ip link set "obin$$" netns "$NS_IN" &&
+            ip addr add 10.211.0.1/30 dev "obi$$" && ip link set "obi$$" up &&
+            ip -n "$NS_IN" addr add 10.211.0.2/30 dev "obin$$" && ip -n "$NS_IN" link set "obin$$" up &&
+            ip -n "$NS_IN" link set lo up &&
+            ip link add "obo$$" type veth peer name "obon$$" && ip link set "obon$$" netns "$NS_OUT" &&
+            ip addr add 10.211.0.5/30 dev "obo$$" && ip link set "obo$$" up &&
+            ip -n "$NS_OUT" addr add 10.211.0.6/30 dev "obon$$" && ip -n "$NS_OUT" link set "obon$$" up &&
+            ip -n "$NS_OUT" link set lo up
+    }
+    if tun_net 2>"$WORK/tun-net.log"; then
+        start tun-origin ip netns exec "$NS_OUT" "$BULK" --listen 10.211.0.6:0
+        tun_origin_pid=$STARTED_PID
+        for _ in $(seq 50); do
+            [[ -s $WORK/tun-origin.out ]] && break
+            sleep 0.1
+        done
+        TUN_ORIGIN=$(head -n1 "$WORK/tun-origin.out" 2>/dev/null)
+        TUN_PORT=$(free_port)
+        sed -e "s/\"listen\":\"127.0.0.1:$OSTP_PORT\"/\"listen\":\"10.211.0.1:$TUN_PORT\"/" \
+            -e 's/"api":{[^}]*}/"api":{"enabled":false}/' "$WORK/server.json" >"$WORK/tun-server.json"
+        printf '{"mode":"client","server":"10.211.0.1:%s","access_key":"%s","socks5_bind":"127.0.0.1:1088","tun":{"enable":true,"dns":"1.1.1.1"}}\n' \
+            "$TUN_PORT" "$ACCESS_KEY" >"$WORK/tun-client.json"
+        start tun-server "$OSTP" --config "$WORK/tun-server.json"
+        tun_server=$STARTED_PID
+        sleep 0.3
+        start tun-client ip netns exec "$NS_IN" "$OSTP" --config "$WORK/tun-client.json"
+        tun_client=$STARTED_PID
+        for _ in $(seq 100); do
+            grep -q "all traffic now goes into the tunnel" "$WORK/tun-client.log" 2>/dev/null && break
+            sleep 0.1
+        done
+        if [[ -n $TUN_ORIGIN ]] && grep -q "all traffic now goes into the tunnel" "$WORK/tun-client.log"; then
+            saved_bulk=$BULK_PORT
+            BULK_PORT=$TUN_ORIGIN ORIGIN_HOST=10.211.0.6
+            CURL_CMD=(ip netns exec "$NS_IN" curl)
+            single_stream tun "$tun_server" "$tun_client"
+            MBPS_tun=$SS_MBPS CPUS_tun=$SS_CPU_SERVER CPUC_tun=$SS_CPU_CLIENT
+            single_stream tun-socks5 "$tun_server" "$tun_client" --socks5-hostname 127.0.0.1:1088
+            MBPS_tunsocks=$SS_MBPS CPUS_tunsocks=$SS_CPU_SERVER CPUC_tunsocks=$SS_CPU_CLIENT
+            CURL_CMD=(curl)
+            BULK_PORT=$saved_bulk ORIGIN_HOST=127.0.0.1
+        else
+            log "TUN mode did not come up (see $WORK/tun-*.log)"
+        fi
+        stop "$tun_client"
+        stop "$tun_server"
+        stop "$tun_origin_pid"
+    else
+        log "cannot build the TUN bench namespaces: $(cat "$WORK/tun-net.log")"
+    fi
+    ip netns del "$NS_IN" 2>/dev/null
+    ip netns del "$NS_OUT" 2>/dev/null
+    ip link del "obi$$" 2>/dev/null
+    ip link del "obo$$" 2>/dev/null
+fi
+
+# ---------------------------------------------------------------------------------------------
 # shadowsocks-libev baseline
 
 if [[ -z ${SKIP_SS:-} ]]; then
@@ -543,6 +622,9 @@ row "client CPU, native build (s per GB)" "$CPUC_native" "–" "$CPUC_ss" "–" 
 row "single stream over the TCP carrier (MB/s)" "$MBPS_tcp" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_tcp" "$MBPS_ss")"
 row "server CPU, TCP carrier (s per GB)" "$CPUS_tcp" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_tcp" "$CPUS_ss")"
 row "client CPU, TCP carrier (s per GB)" "$CPUC_tcp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_tcp" "$CPUC_ss")"
+row "single stream, TUN mode, plain curl in a namespace (MB/s)" "$MBPS_tun" "–" "–" "–" "–"
+row "single stream, same client and namespace via SOCKS5 (MB/s)" "$MBPS_tunsocks" "–" "–" "–" "–"
+row "client CPU, TUN mode / via SOCKS5 (s per GB)" "$CPUC_tun / $CPUC_tunsocks" "–" "–" "–" "–"
 row "server RSS idle / peak (MB)" "$RSS_IDLE_S_ostp / $RSS_PEAK_S_ostp" "–" "$RSS_IDLE_S_ss / $RSS_PEAK_S_ss" "–" "–"
 row "client RSS idle / peak (MB)" "$RSS_IDLE_C_ostp / $RSS_PEAK_C_ostp" "–" "$RSS_IDLE_C_ss / $RSS_PEAK_C_ss" "–" "–"
 row "server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_SESSIONS_RSS" "–" "–" "–" "–"
