@@ -313,6 +313,32 @@ impl TunConfig {
     }
 }
 
+/// `exclude` block of a client config (checked by [`crate::tunnel::exclude::Exclude`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ExcludeConfig {
+    /// Address ranges (`10.0.0.0/8`, `192.168.1.7`, `fd00::/8`).
+    pub ips: Vec<String>,
+    /// Domain suffixes (`example.com` matches it and its subdomains).
+    pub domains: Vec<String>,
+}
+
+impl ExcludeConfig {
+    /// Nothing excluded.
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty() && self.domains.is_empty()
+    }
+
+    /// The matcher.
+    pub fn matcher(
+        &self,
+    ) -> Result<crate::tunnel::exclude::Exclude, crate::tunnel::exclude::ExcludeError> {
+        crate::tunnel::exclude::Exclude::new(
+            self.ips.iter().map(String::as_str),
+            self.domains.iter().map(String::as_str),
+        )
+    }
+}
+
 /// `dns_forward` block of a client config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DnsForwardConfig {
@@ -384,6 +410,10 @@ pub struct ClientConfig {
     /// A local DNS endpoint whose queries go through the tunnel. Never part of a subscription.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_forward: Option<DnsForwardConfig>,
+    /// Destinations connected directly instead of through the tunnel (split routing). Never
+    /// part of a subscription.
+    #[serde(skip_serializing_if = "ExcludeConfig::is_empty")]
+    pub exclude: ExcludeConfig,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
     pub debug: bool,
@@ -412,6 +442,7 @@ impl ClientConfig {
                 ipv6: None,
             },
             dns_forward: None,
+            exclude: ExcludeConfig::default(),
             turn: TurnConfig { enabled: false },
             mux: MuxConfig {
                 enabled: false,
@@ -550,6 +581,28 @@ impl<'a> Obj<'a> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(self.err(name, &format!("must be a string, not {}", type_name(&v)))),
+        }
+    }
+
+    /// A list of strings (absent or null: empty).
+    fn opt_str_list(&mut self, name: &str) -> Result<Vec<String>, ConfigError> {
+        match self.take(name) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(s) => Ok(s),
+                    other => Err(self.err(
+                        &format!("{name}[{i}]"),
+                        &format!("must be a string, not {}", type_name(&other)),
+                    )),
+                })
+                .collect(),
+            Some(v) => Err(self.err(
+                name,
+                &format!("must be a list of strings, not {}", type_name(&v)),
+            )),
         }
     }
 
@@ -975,6 +1028,20 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
     if let Some(mut t) = obj.opt_obj("tun")? {
         parse_tun(&mut t, &mut cfg.tun)?;
         t.finish()?;
+    }
+    if let Some(mut e) = obj.opt_obj("exclude")? {
+        cfg.exclude = ExcludeConfig {
+            ips: e.opt_str_list("ips")?,
+            domains: e.opt_str_list("domains")?,
+        };
+        if let Err(problem) = cfg.exclude.matcher() {
+            let field = match problem {
+                crate::tunnel::exclude::ExcludeError::BadCidr(_) => "ips",
+                crate::tunnel::exclude::ExcludeError::BadDomain(_) => "domains",
+            };
+            return Err(e.err(field, &problem.to_string()));
+        }
+        e.finish()?;
     }
     if let Some(mut d) = obj.opt_obj("dns_forward")? {
         let mut addr = |name: &str, default: &str| -> Result<SocketAddr, ConfigError> {
