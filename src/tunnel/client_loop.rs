@@ -54,6 +54,7 @@ use super::{bind_udp, unix_now};
 mod dns_forward;
 #[path = "client_tun.rs"]
 mod tun_capture;
+use super::exclude::Exclude;
 use super::tun::front::TunFront;
 use crate::config::{self, ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
@@ -106,6 +107,8 @@ pub struct ClientOptions {
     pub tun: Option<TunOptions>,
     /// The DNS forwarder (`dns_forward`).
     pub dns_forward: Option<DnsForwardOptions>,
+    /// Destinations connected directly (`exclude`; TUN mode: routes that bypass the device).
+    pub exclude: Arc<Exclude>,
 }
 
 impl ClientOptions {
@@ -124,6 +127,7 @@ impl ClientOptions {
                  HTTP Basic), or \"allow_open_proxy\": true to run an open proxy on purpose"
             ));
         }
+        let exclude = cfg.exclude.matcher().map_err(|e| format!("exclude: {e}"))?;
         Ok(ClientOptions {
             server: cfg.server.clone(),
             access_key: cfg.access_key.clone(),
@@ -141,7 +145,8 @@ impl ClientOptions {
                 cfg.local_idle_timeout_secs
                     .unwrap_or(config::DEFAULT_LOCAL_IDLE_TIMEOUT_SECS),
             )),
-            tun: cfg.tun.enable.then(|| tun_options(&cfg.tun)),
+            tun: cfg.tun.enable.then(|| tun_options(&cfg.tun, &exclude)),
+            exclude: Arc::new(exclude),
             dns_forward: cfg.dns_forward.map(|d| DnsForwardOptions {
                 bind: d.bind,
                 upstream: d.upstream,
@@ -162,8 +167,9 @@ impl ClientOptions {
 }
 
 /// TUN mode settings from the config's `tun` block (defaults where a field is absent).
-fn tun_options(t: &config::TunConfig) -> TunOptions {
+fn tun_options(t: &config::TunConfig, exclude: &Exclude) -> TunOptions {
     let defaults = super::tun::device::TunSettings::default();
+    let bypass = exclude.ranges().iter().map(|r| r.network()).collect();
     TunOptions {
         settings: super::tun::device::TunSettings {
             name: t.name.clone().unwrap_or(defaults.name.clone()),
@@ -174,6 +180,7 @@ fn tun_options(t: &config::TunConfig) -> TunOptions {
                 defaults.ipv6
             },
             auto_route: t.auto_route.unwrap_or(true),
+            bypass,
             ..defaults
         },
         dns: t.dns_addr(),

@@ -61,6 +61,27 @@ impl Cidr {
         Ok(Cidr { addr, prefix })
     }
 
+    /// The range's first address and prefix length.
+    pub fn network(&self) -> (IpAddr, u8) {
+        let masked = match self.addr {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((bits & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((bits & mask).into())
+            }
+        };
+        (masked, self.prefix)
+    }
+
     /// Whether `ip` is inside the range (an IPv4-mapped IPv6 address counts as its IPv4 one).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
@@ -120,6 +141,11 @@ impl Exclude {
             .map(normalise_domain)
             .collect::<Result<_, _>>()?;
         Ok(Exclude { ranges, domains })
+    }
+
+    /// The address ranges.
+    pub fn ranges(&self) -> &[Cidr] {
+        &self.ranges
     }
 
     /// Nothing is excluded.

@@ -139,3 +139,37 @@ fn a_bad_interface_name_is_refused_clearly() {
     let err = in_new_netns(|| TunDevice::create(&long).unwrap_err().to_string());
     assert!(err.contains("not an interface name"), "{err}");
 }
+
+#[test]
+fn excluded_ranges_bypass_the_device() {
+    in_new_netns(|| {
+        // The host's own way out: a default route through another interface.
+        ip("link add d0 type veth peer name d1");
+        ip("addr add 192.0.2.1/24 dev d0");
+        ip("link set d1 up");
+        ip("link set d0 up");
+        ip("route add default via 192.0.2.254");
+        let settings = TunSettings {
+            bypass: vec![
+                ("10.99.0.0".parse().unwrap(), 16),
+                ("2001:db8:99::".parse().unwrap(), 48),
+            ],
+            ipv6: None,
+            ..TunSettings::default()
+        };
+        let mut dev = TunDevice::create(&settings).unwrap();
+        dev.set_routes(true).unwrap();
+        let table = ip("-4 route show table 20300");
+        assert!(table.contains("throw 10.99.0.0/16"), "{table}");
+        assert!(
+            ip("route get 10.99.1.1").contains("dev d0"),
+            "excluded: direct"
+        );
+        assert!(
+            ip("route get 8.8.8.8").contains("dev ostp0"),
+            "everything else: the device"
+        );
+        drop(dev);
+        assert_eq!(ip("-4 route show table 20300"), "");
+    });
+}

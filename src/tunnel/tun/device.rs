@@ -34,6 +34,8 @@ pub struct TunSettings {
     pub fwmark: u32,
     /// Priority of the first of the two rules per family (the second is `priority + 1`).
     pub priority: u32,
+    /// Ranges that bypass the device (`exclude.ips`): `throw` routes in the table.
+    pub bypass: Vec<(IpAddr, u8)>,
 }
 
 impl Default for TunSettings {
@@ -47,6 +49,7 @@ impl Default for TunSettings {
             table: 20_300,
             fwmark: 20_300,
             priority: 20_300,
+            bypass: Vec::new(),
         }
     }
 }
@@ -267,6 +270,18 @@ impl TunDevice {
             rtnl.run(netlink::route(seq, true, &route))
                 .map_err(|e| errno_error("add the default route of the TUN table", e))?;
             self.installed.push(Installed::Route(route));
+            for &(dst, dst_len) in s.bypass.iter().filter(|(ip, _)| ip.is_ipv6() == v6) {
+                let throw = Route {
+                    dst,
+                    dst_len,
+                    oif: 0,
+                    table: s.table,
+                };
+                let seq = rtnl.next_seq();
+                rtnl.run(netlink::route(seq, true, &throw))
+                    .map_err(|e| errno_error("add an excluded range to the TUN table", e))?;
+                self.installed.push(Installed::Route(throw));
+            }
             for rule in our_rules(&s, v6) {
                 let seq = rtnl.next_seq();
                 rtnl.run(netlink::rule(seq, true, &rule))

@@ -40,6 +40,8 @@ const FIB_RULE_INVERT: u32 = 0x2;
 const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RTN_UNICAST: u8 = 1;
+/// A route that ends the lookup in its table, so the next rule decides (a bypass).
+const RTN_THROW: u8 = 9;
 
 /// The kernel's main routing table.
 pub const MAIN_TABLE: u32 = 254;
@@ -130,7 +132,8 @@ pub fn add_address(seq: u32, index: u32, ip: IpAddr, prefix: u8) -> Request {
         .attr(IFA_ADDRESS, &octets)
 }
 
-/// A route to `dst/dst_len` through interface `oif` in `table`.
+/// A route to `dst/dst_len` in `table`: through interface `oif`, or (`oif` 0) a `throw` route
+/// that sends the lookup on to the next rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     pub dst: IpAddr,
@@ -148,7 +151,7 @@ pub fn route(seq: u32, add: bool, r: &Route) -> Request {
     fixed[4] = if r.table < 256 { r.table as u8 } else { 0 };
     fixed[5] = RTPROT_STATIC;
     fixed[6] = RT_SCOPE_UNIVERSE;
-    fixed[7] = RTN_UNICAST;
+    fixed[7] = if r.oif == 0 { RTN_THROW } else { RTN_UNICAST };
     let (kind, flags) = if add {
         (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL)
     } else {
@@ -158,7 +161,10 @@ pub fn route(seq: u32, add: bool, r: &Route) -> Request {
     if r.dst_len > 0 {
         req = req.attr(RTA_DST, &ip_octets(r.dst));
     }
-    req.attr_u32(RTA_OIF, r.oif)
+    if r.oif != 0 {
+        req = req.attr_u32(RTA_OIF, r.oif);
+    }
+    req
 }
 
 /// A policy-routing rule: at `priority`, look up `table` — for packets *without* `not_fwmark`
