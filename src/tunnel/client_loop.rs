@@ -50,10 +50,8 @@ use super::supervisor::{
 };
 use super::{bind_udp, unix_now};
 
-#[path = "client_dns.rs"]
 mod dns_forward;
-#[path = "client_tun.rs"]
-mod tun_capture;
+mod tun_mode;
 use super::exclude::Exclude;
 use super::tun::front::TunFront;
 use crate::config::{self, ClientConfig, ProxyAuth};
@@ -66,8 +64,8 @@ use crate::proto::transport::{
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
 use dns_forward::DnsForward;
 pub use dns_forward::DnsForwardOptions;
-pub use tun_capture::TunOptions;
-use tun_capture::TunState;
+pub use tun_mode::TunOptions;
+use tun_mode::TunState;
 
 /// Local connections accepted at most (each holds two 32 KiB buffers while piping).
 const MAX_LOCAL: usize = 4096;
