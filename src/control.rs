@@ -27,6 +27,8 @@ pub enum ControlMsg {
     AllowPrivateDestinations(bool),
     /// The management API listens on this address: the destination guard refuses it always.
     ApiBound(std::net::SocketAddr),
+    /// Client: the `exclude` lists changed (SIGHUP): connect these destinations directly.
+    Exclude(std::sync::Arc<crate::tunnel::exclude::Exclude>),
     /// Stop the loop.
     Shutdown,
 }

@@ -60,12 +60,31 @@ pub fn run(cfg: ClientConfig, source: Option<&Path>) -> Result<(), RunError> {
                 log::info!("{name}: closing the tunnel");
                 break;
             }
-            Ok(SignalEvent::Reload) => log::info!("SIGHUP: nothing to reload in client mode"),
+            Ok(SignalEvent::Reload) => reload(&handle, source),
             Err(_) => break,
         }
     }
     handle.shutdown();
     Ok(())
+}
+
+/// SIGHUP: re-reads the config file and applies what a running client can change (`exclude`).
+fn reload(handle: &client_loop::ClientLoopHandle, source: Option<&Path>) {
+    let Some(path) = source else {
+        log::info!("SIGHUP: no config file to reload (started from a link or a subscription)");
+        return;
+    };
+    match crate::config::load(path) {
+        Ok(crate::config::Config::Client(cfg)) => match cfg.exclude.matcher() {
+            Ok(exclude) => handle.reload_exclude(exclude),
+            Err(e) => log::warn!("SIGHUP: exclude: {e}; keeping the old lists"),
+        },
+        Ok(_) => log::warn!(
+            "SIGHUP: {} is no longer a client config; ignored",
+            path.display()
+        ),
+        Err(e) => log::warn!("SIGHUP: {e}; keeping the running settings"),
+    }
 }
 
 /// Opens `sessions` tunnel sessions and keeps them idle (benchmarks of server memory).

@@ -199,6 +199,11 @@ pub struct ClientLoopHandle {
 }
 
 impl ClientLoopHandle {
+    /// New `exclude` lists (SIGHUP).
+    pub fn reload_exclude(&self, exclude: Exclude) {
+        self.control.send(ControlMsg::Exclude(Arc::new(exclude)));
+    }
+
     /// Closes the sessions gracefully and joins the thread.
     pub fn shutdown(mut self) {
         self.control.send(ControlMsg::Shutdown);
@@ -674,6 +679,9 @@ impl ClientLoop {
 
     fn drain_control(&mut self, now: Instant) {
         while let Ok(msg) = self.control_rx.try_recv() {
+            if let ControlMsg::Exclude(exclude) = &msg {
+                self.set_exclude(exclude.clone());
+            }
             if msg == ControlMsg::Shutdown && self.shutting_down.is_none() {
                 for slot in &mut self.slots {
                     if let Some(c) = slot.client.as_mut() {

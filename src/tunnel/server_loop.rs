@@ -600,6 +600,7 @@ impl ServerLoop {
                 ControlMsg::AllowPrivateDestinations(allow) => self.guard.set_allow_private(allow),
                 ControlMsg::ApiBound(addr) => self.guard.protect_api(addr),
                 ControlMsg::Shutdown => self.begin_shutdown(now),
+                ControlMsg::Exclude(_) => {} // a client setting
             }
         }
     }

@@ -241,6 +241,22 @@ fn plain_programs_in_a_namespace_reach_the_internet_only_through_the_tun_device(
         assert_eq!(answer, format!("answer:q1 {} {}", asked.ip(), asked.port()));
     }
 
+    // SIGHUP re-reads `exclude`: its ranges bypass the device at once.
+    let path = dir.path().join("client.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["exclude"] = json!({"ips": ["10.123.0.0/16"], "domains": ["example.com"]});
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let from = client.line_count();
+    client.signal("HUP");
+    client
+        .wait_line_from(from, Duration::from_secs(10), |l| {
+            l.contains("exclude reloaded")
+        })
+        .unwrap_or_else(|| panic!("no reload:\n{}", client.log_text()));
+    let table = inside.output("ip", &["-4", "route", "show", "table", "20300"]);
+    assert!(table.contains("throw 10.123.0.0/16"), "{table}");
+
     // SIGTERM: nothing is left behind.
     client.signal("TERM");
     let mut client = client;

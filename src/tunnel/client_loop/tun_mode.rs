@@ -292,6 +292,21 @@ impl ClientLoop {
         tun.forgotten = forgotten;
     }
 
+    /// New `exclude` lists: kept for connections, and TUN mode's bypass routes replaced.
+    pub(super) fn set_exclude(&mut self, exclude: std::sync::Arc<crate::tunnel::exclude::Exclude>) {
+        log::info!(
+            "exclude reloaded: {} address ranges",
+            exclude.ranges().len()
+        );
+        if let Some(tun) = self.tun.as_mut() {
+            let bypass = exclude.ranges().iter().map(|r| r.network()).collect();
+            if let Err(e) = tun.device.set_bypass(bypass) {
+                log::warn!("TUN mode: {e}");
+            }
+        }
+        self.options.exclude = exclude;
+    }
+
     /// When TUN mode needs the loop again (expiry, a readable device).
     pub(super) fn tun_deadline(&self, now: Instant) -> Option<Instant> {
         let tun = self.tun.as_ref()?;

@@ -212,6 +212,17 @@ impl TunDevice {
         result
     }
 
+    /// Replaces the ranges that bypass the device (installed at once when the routes are).
+    pub fn set_bypass(&mut self, bypass: Vec<(IpAddr, u8)>) -> Result<(), TunError> {
+        if bypass == self.settings.bypass {
+            return Ok(());
+        }
+        let was = self.routes_installed();
+        self.remove_routes();
+        self.settings.bypass = bypass;
+        self.set_routes(was)
+    }
+
     /// Whether the routes are installed.
     pub fn routes_installed(&self) -> bool {
         !self.installed.is_empty()
