@@ -1180,6 +1180,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let s = server(include_str!("../config.json.example"));
+        assert_eq!(s.listen_tcp, s.listen);
+        assert!(s.fallback.is_some());
+    }
+
+    #[test]
     fn tcp_carrier_fields_parse_like_listen_and_name_the_field() {
         let s = server(r#"{"mode": "server"}"#);
         assert!(s.listen_tcp.is_empty(), "no TCP listener unless asked");
