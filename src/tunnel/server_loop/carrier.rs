@@ -801,8 +801,8 @@ impl Carriers {
                     break;
                 };
                 match io.endpoint.poll_transmit_frame(io.now, *session, spare) {
-                    Some(n) => output.commit(n),
-                    None => *more = false,
+                    Some(n) if n > 0 => output.commit(n),
+                    _ => *more = false,
                 }
             }
             if output.is_empty() || !c.writable {
@@ -865,8 +865,8 @@ impl Carriers {
         };
         while let Some(spare) = output.spare_at_least(MAX_FRAME_LEN) {
             match io.endpoint.poll_transmit_frame(io.now, session, spare) {
-                Some(n) => output.commit(n),
-                None => break,
+                Some(n) if n > 0 => output.commit(n),
+                _ => break,
             }
         }
         c.phase = Phase::Flush { output, until };
