@@ -6,11 +6,14 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
 use crate::support::tunnel::*;
+use ostp::proto::carrier::MAX_FRAME_LEN;
+use ostp::proto::endpoint::{ClientEvent, ClientSession, ConnectorConfig};
+use ostp::proto::transport::{Destination, OpenResult, StreamId, TransportEvent};
 
 /// A server with a TCP carrier listener (and `extra` config fields); its TCP address.
 fn tcp_server(extra: Value) -> (Server, SocketAddr) {
@@ -264,4 +267,286 @@ fn a_thousand_idle_strangers_are_bounded_and_new_connections_still_get_in() {
     s.write_all(&http_probe()).unwrap();
     wait_metric(&server, "ostp_tcp_connections_accepted_total 1001");
     silent_for(&mut s, Duration::from_millis(200)).unwrap();
+}
+
+// ----- real hellos over TCP (a client session driven by the test on a std TcpStream) -----
+
+/// A client session over the TCP carrier, driven on a blocking socket with short read timeouts.
+struct CarrierClient {
+    sock: TcpStream,
+    session: ClientSession,
+    input: Vec<u8>,
+    filled: usize,
+    out: Vec<u8>,
+    /// The first bytes this client wrote: its hello record.
+    hello: Vec<u8>,
+    connected: bool,
+    refused: bool,
+    /// The response head received on the stream, then the digest of its body.
+    data: Vec<u8>,
+    head_done: bool,
+    digest: Digest,
+    finished: bool,
+    opened: Option<OpenResult>,
+    stream: Option<StreamId>,
+    /// The server closed the connection.
+    eof: bool,
+}
+
+impl CarrierClient {
+    fn connect(tcp: SocketAddr, key: &str, seed: u8) -> CarrierClient {
+        let now = Instant::now();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let session =
+            ClientSession::connect_carrier(ConnectorConfig::default(), key, now, unix, [seed; 32])
+                .unwrap();
+        let sock = TcpStream::connect(tcp).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(5)))
+            .unwrap();
+        let mut c = CarrierClient {
+            sock,
+            session,
+            input: vec![0u8; 4 * MAX_FRAME_LEN],
+            filled: 0,
+            out: vec![0u8; MAX_FRAME_LEN],
+            hello: Vec::new(),
+            connected: false,
+            refused: false,
+            data: Vec::new(),
+            head_done: false,
+            digest: Digest::new(),
+            finished: false,
+            opened: None,
+            stream: None,
+            eof: false,
+        };
+        c.write_frames();
+        c
+    }
+
+    fn write_frames(&mut self) {
+        let now = Instant::now();
+        while let Some(n) = self.session.poll_transmit_frame(now, &mut self.out) {
+            if self.hello.is_empty() {
+                self.hello = self.out[..n].to_vec();
+            }
+            if self.sock.write_all(&self.out[..n]).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One round: read what arrived, feed it, collect events, write frames.
+    fn step(&mut self) {
+        let now = Instant::now();
+        if self.session.poll_timeout().is_some_and(|t| t <= now) {
+            self.session.handle_timeout(now);
+        }
+        if !self.eof {
+            match self.sock.read(&mut self.input[self.filled..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.filled += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => self.eof = true,
+            }
+        }
+        if self.filled > 0 {
+            let used = self
+                .session
+                .handle_carrier_input(now, &mut self.input[..self.filled])
+                .expect("the server's frames authenticate");
+            self.input.copy_within(used..self.filled, 0);
+            self.filled -= used;
+        }
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                ClientEvent::Connected => self.connected = true,
+                ClientEvent::Refused { .. } | ClientEvent::HandshakeTimeout => self.refused = true,
+                ClientEvent::Transport(TransportEvent::StreamOpenResult { result, .. }) => {
+                    self.opened = Some(result)
+                }
+                ClientEvent::Transport(TransportEvent::StreamFinished { .. }) => {
+                    self.finished = true
+                }
+                ClientEvent::Transport(_) => {}
+            }
+        }
+        self.read_streams();
+        self.write_frames();
+    }
+
+    fn read_streams(&mut self) {
+        let Some(stream) = self.stream() else { return };
+        let Some(s) = self.session.session_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = s.transport_mut().stream_read(stream, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut chunk = &buf[..n];
+            if !self.head_done {
+                self.data.extend_from_slice(chunk);
+                let Some(end) = self.data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                self.head_done = true;
+                let body_start = end + 4;
+                let in_chunk = n - (self.data.len() - body_start);
+                chunk = &buf[in_chunk..n];
+                self.data.truncate(body_start);
+            }
+            self.digest.update(chunk);
+        }
+    }
+
+    fn stream(&self) -> Option<StreamId> {
+        self.stream
+    }
+
+    /// Opens a stream to `dest` and sends `request` on it.
+    fn open(&mut self, dest: SocketAddr, request: &[u8]) {
+        let t = self.session.session_mut().unwrap().transport_mut();
+        let id = t.open_stream(Destination::Addr(dest)).unwrap();
+        assert_eq!(t.stream_write(id, request).unwrap(), request.len());
+        self.stream = Some(id);
+        self.write_frames();
+    }
+
+    fn run_until(&mut self, timeout: Duration, mut done: impl FnMut(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            self.step();
+            if done(self) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// A server with a TCP listener for `key` (and `extra` config fields); its TCP address.
+fn tcp_server_for(key: &str, extra: Value) -> (Server, SocketAddr) {
+    let port = free_tcp_port();
+    let mut spec = ServerSpec::new(key);
+    let mut extra = extra;
+    extra["listen_tcp"] = json!(format!("127.0.0.1:{port}"));
+    spec.extra = extra;
+    (
+        Server::start(spec),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    )
+}
+
+#[test]
+fn a_hello_over_tcp_is_answered_and_the_session_carries_a_stream() {
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(&key, json!({}));
+    let http = start_http();
+    let mut c = CarrierClient::connect(tcp, &key, 1);
+    assert!(
+        c.run_until(Duration::from_secs(10), |c| c.connected || c.refused),
+        "no answer to a hello over TCP"
+    );
+    assert!(c.connected, "the hello was refused");
+    let n: u64 = 300_000;
+    let dest = SocketAddr::from(([127, 0, 0, 1], http));
+    c.open(
+        dest,
+        format!("GET /bytes/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        c.run_until(Duration::from_secs(30), |c| c.finished),
+        "the download over the carrier did not finish (opened: {:?}, {} bytes)",
+        c.opened,
+        c.digest.len
+    );
+    assert_eq!(c.opened, Some(OpenResult::Ok));
+    let head = String::from_utf8_lossy(&c.data).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The body is intact: its length and checksum are the server's.
+    assert_eq!(c.digest.len, n);
+    assert_eq!(c.digest.fnv, expected_sum(http, n));
+    // Accounted like a UDP session: the user's counters moved, the carrier is counted.
+    let ((_, down), moved) = server.wait_counters(&key, Duration::from_secs(5), |_, d| d >= n);
+    assert!(moved, "bytes_down {down} < {n}");
+    wait_metric(&server, "ostp_tcp_carrier_sessions_total 1");
+    wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
+}
+
+#[test]
+fn a_replayed_hello_gets_silence_or_the_fallback_on_either_carrier() {
+    let key = new_key();
+    let fallback = start_fallback();
+    let (server, tcp) = tcp_server_for(&key, json!({}));
+    let mut c = CarrierClient::connect(tcp, &key, 2);
+    assert!(c.run_until(Duration::from_secs(10), |c| c.connected));
+    let captured = c.hello.clone();
+    // Replayed on a new connection while the original is alive, and after it closed.
+    let mut replay = TcpStream::connect(tcp).unwrap();
+    replay.write_all(&captured).unwrap();
+    silent_for(&mut replay, Duration::from_millis(1000)).expect("a replayed hello");
+    drop(c);
+    let mut replay2 = TcpStream::connect(tcp).unwrap();
+    replay2.write_all(&captured).unwrap();
+    silent_for(&mut replay2, Duration::from_millis(1000)).expect("a replay after the close");
+    wait_metric(&server, r#"ostp_tcp_not_ostp_total{reason="replay"} 2"#);
+    // A hello answered over UDP, replayed over TCP: silence too (one replay record).
+    let now = Instant::now();
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut u =
+        ClientSession::connect(ConnectorConfig::default(), &key, now, unix, [3; 32]).unwrap();
+    let mut datagram = vec![0u8; 2048];
+    let n = u.poll_transmit(now, &mut datagram).unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.send_to(&datagram[..n], server.udp).unwrap();
+    let mut answer = [0u8; 2048];
+    assert!(
+        sock.recv_from(&mut answer).is_ok(),
+        "the UDP hello is answered"
+    );
+    let mut cross = TcpStream::connect(tcp).unwrap();
+    cross.write_all(&datagram[..n]).unwrap();
+    silent_for(&mut cross, Duration::from_millis(1000)).expect("a UDP hello replayed over TCP");
+    wait_metric(&server, r#"ostp_tcp_not_ostp_total{reason="replay"} 3"#);
+    drop(server);
+
+    // With a fallback, the replay gets exactly what the website sends.
+    let (server, tcp) = tcp_server_for(&key, json!({"fallback": {"target": fallback.to_string()}}));
+    let mut c = CarrierClient::connect(tcp, &key, 4);
+    assert!(c.run_until(Duration::from_secs(10), |c| c.connected));
+    let mut replay = TcpStream::connect(tcp).unwrap();
+    replay
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    replay.write_all(&c.hello).unwrap();
+    replay.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    replay.read_to_end(&mut got).unwrap();
+    assert_eq!(got, fallback_answer(&c.hello));
+    wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 1"#);
+}
+
+#[test]
+fn real_clients_connect_while_a_thousand_strangers_hold_connections() {
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(&key, json!({}));
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(tcp).unwrap())
+        .collect();
+    wait_metric(&server, "ostp_tcp_connections_accepted_total 1000");
+    let mut c = CarrierClient::connect(tcp, &key, 5);
+    assert!(
+        c.run_until(Duration::from_secs(10), |c| c.connected),
+        "a real client was kept out by idle strangers"
+    );
+    drop(idle);
 }
