@@ -50,6 +50,10 @@ impl fmt::Display for UserId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SocketIndex(pub u32);
 
+/// The [`SocketIndex`] a carrier session reports in `ServerEndpoint::session_peer`: it has no
+/// UDP socket (it lives on its TCP connection), and no driver socket has this index.
+pub const CARRIER_SOCKET: SocketIndex = SocketIndex(u32::MAX);
+
 /// Server-side session handle (never reused within an endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);

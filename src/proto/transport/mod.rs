@@ -321,6 +321,8 @@ pub struct TransportStats {
     pub packets_sent: u64,
     /// Packets sent that carried nothing but an ACK (and padding).
     pub ack_only_sent: u64,
+    /// ACK frames sent (alone or with other frames; always 0 over a reliable carrier).
+    pub ack_frames_sent: u64,
     pub packets_received: u64,
     pub packets_lost: u64,
     /// Packets declared lost that were acknowledged later (reordering).
@@ -330,6 +332,8 @@ pub struct TransportStats {
     pub pto_count: u64,
     /// Stream bytes sent for the first time / sent again.
     pub stream_bytes_sent: u64,
+    /// Stream bytes queued again after a loss: the inner retransmissions (always 0 over a
+    /// reliable carrier, where nothing is ever declared lost).
     pub stream_bytes_retransmitted: u64,
     /// Stream bytes delivered to the application.
     pub stream_bytes_received: u64,
@@ -420,9 +424,31 @@ pub struct Transport {
     events: VecDeque<TransportEvent>,
 
     stats: TransportStats,
+
+    /// Reliable-carrier mode (docs/PROTOCOL.md §7.5): every packet written counts as delivered.
+    reliable: bool,
 }
 
 impl Transport {
+    /// A transport for a reliable carrier (the TCP carrier, docs/PROTOCOL.md §7.5): a packet
+    /// written counts as delivered at once (its frames are acknowledged on the spot, so stream
+    /// data leaves the send buffer); nothing is retransmitted; no loss detection, PTO,
+    /// congestion window, pacer or path-MTU discovery (every packet may take `max_payload`);
+    /// no ACK frames are sent and received ones are ignored. Flow control, keepalive, idle
+    /// timeout, CLOSE and datagrams work as on UDP; a CLOSE written ends the session at once.
+    pub fn new_reliable(mut config: TransportConfig, side: Side, now: Instant) -> Self {
+        config.pmtu_max_payload = config.max_payload;
+        config.pmtu_floor_payload = config.max_payload;
+        let mut transport = Self::new(config, side, now);
+        transport.reliable = true;
+        transport
+    }
+
+    /// Whether this transport runs in reliable-carrier mode ([`Transport::new_reliable`]).
+    pub fn is_reliable(&self) -> bool {
+        self.reliable
+    }
+
     pub fn new(config: TransportConfig, side: Side, now: Instant) -> Self {
         let config = config.sanitized();
         let cc = Bbr::new(
@@ -477,6 +503,7 @@ impl Transport {
             events: VecDeque::new(),
             stats: TransportStats::default(),
             config,
+            reliable: false,
         }
     }
 
@@ -531,7 +558,9 @@ impl Transport {
         }
         self.stats.packets_received += 1;
         self.timers.set(Timer::Idle, now + self.config.idle_timeout);
-        self.on_packet_received(now, pn, ack_eliciting);
+        if !self.reliable {
+            self.on_packet_received(now, pn, ack_eliciting);
+        }
         Ok(())
     }
 
@@ -556,6 +585,8 @@ impl Transport {
     ) -> Result<FrameOutcome, TransportError> {
         match frame {
             Frame::Padding | Frame::Ping => {}
+            // Over a reliable carrier every packet was delivered when written: ACKs mean nothing.
+            Frame::Ack(_) if self.reliable => {}
             Frame::Ack(ack) => self.on_ack_frame(now, &ack)?,
             Frame::StreamOpen { id, dest } => {
                 self.streams
@@ -861,6 +892,9 @@ impl Transport {
             State::Closing { reason } => return self.transmit_close(reason, &mut buf[..max]),
             State::Open => {}
         }
+        if self.reliable {
+            return self.transmit_reliable(now, &mut buf[..max]);
+        }
         let ack_due = self.acks.is_due()
             || (self.acks.is_needed() && self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
@@ -930,6 +964,29 @@ impl Transport {
         Some((pn, size))
     }
 
+    /// Reliable-carrier mode: writes what is pending (flow control permitting) and treats the
+    /// packet as acknowledged at once. No sent-packet log, no bytes in flight, no ACK.
+    fn transmit_reliable(&mut self, now: Instant, buf: &mut [u8]) -> Option<(u64, usize)> {
+        if !self.has_pending_eliciting() {
+            return None;
+        }
+        let mut w = Writer::new(buf);
+        let mut packet = SentPacket::new(now, congestion::DeliverySnapshot::new(now));
+        if !self.write_frames(&mut w, &mut packet) {
+            return None;
+        }
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        for f in packet.frames() {
+            self.streams.on_frame_acked(*f);
+        }
+        self.streams.wake_writers(&mut self.events);
+        self.timers
+            .set(Timer::KeepAlive, now + self.config.keepalive_interval);
+        self.stats.packets_sent += 1;
+        Some((pn, w.len()))
+    }
+
     fn transmit_close(&mut self, reason: CloseReason, buf: &mut [u8]) -> Option<(u64, usize)> {
         if !self.close_pending {
             return None;
@@ -947,6 +1004,10 @@ impl Transport {
         let pn = self.next_pn;
         self.next_pn += 1;
         self.stats.packets_sent += 1;
+        if self.reliable {
+            // Delivered once written: nothing to repeat, nothing to wait for.
+            self.enter_closed(reason, false);
+        }
         Some((pn, w.len()))
     }
 
@@ -957,6 +1018,7 @@ impl Transport {
         let delay = now.saturating_duration_since(largest_time).as_micros() as u64;
         let ranges = self.acks.ranges().map(|r| (r.start, r.end - 1));
         if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
+            self.stats.ack_frames_sent += 1;
             self.acks.on_ack_sent();
             self.timers.stop(Timer::AckDelay);
         }
@@ -1046,6 +1108,7 @@ impl Transport {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timers = self.timers.next_timeout();
         let pacing = (self.state == State::Open
+            && !self.reliable
             && self.has_pending_eliciting()
             && self.window_open()
             && !self.pacer.can_send(self.last_now))
