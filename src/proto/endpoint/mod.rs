@@ -18,6 +18,8 @@ use std::fmt;
 
 use super::handshake::{HELLO_TAG_LEN, MAX_HELLO, MIN_HELLO};
 
+#[cfg(test)]
+mod carrier_tests;
 pub mod client;
 pub mod hello_tags;
 pub mod rate_limit;

@@ -1070,6 +1070,7 @@ impl ServerEndpoint {
 
     /// Creates an accepted session: `max_datagram` is the negotiated datagram size, or the
     /// frame plaintext limit of a carrier session.
+    #[allow(clippy::too_many_arguments)]
     fn create_session(
         &mut self,
         now: Instant,
@@ -1404,7 +1405,10 @@ impl ServerEndpoint {
             }
             Err(e) => {
                 self.stats.data_dropped += 1;
-                self.stats.data_auth_failed += 1;
+                match e {
+                    FrameError::Length => self.stats.data_malformed += 1,
+                    FrameError::Auth | FrameError::Failed => self.stats.data_auth_failed += 1,
+                }
                 self.drop_carrier_session(session, CloseReason::ProtocolViolation);
                 Err(e)
             }
