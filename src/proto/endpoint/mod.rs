@@ -1,7 +1,8 @@
 //! Server endpoint and client connector: the public face of the protocol core for the data plane.
 //!
 //! - [`server`]: the server endpoint — user registry, session table keyed by rotating per-packet
-//!   tokens (one hash lookup per datagram), roaming, session caps, handshake processing.
+//!   tokens (one hash lookup per datagram), roaming, session caps, handshake processing, and
+//!   carrier sessions (TCP, docs/PROTOCOL.md §7) in the same session map.
 //! - [`hello_tags`]: the epoch and hello-tag table (finds a hello's user in one lookup) and the
 //!   record of answered hellos that makes every hello single-use (exported and imported across
 //!   restarts).

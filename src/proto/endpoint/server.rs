@@ -1,4 +1,5 @@
-//! The server endpoint: users, sessions, roaming, caps and handshake processing for all sockets.
+//! The server endpoint: users, sessions, roaming, caps and handshake processing for all sockets
+//! and TCP carrier connections.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};

@@ -8,6 +8,8 @@
 //! half-close, reset), keepalive, idle timeout and graceful close. Packet protection
 //! (encryption, packet-number hiding, padding) belongs to the layer below, which hands us
 //! authenticated payloads with their packet numbers and asks us for the next payload to send.
+//! Over the TCP carrier ([`Transport::new_reliable`], docs/PROTOCOL.md §7.5) a packet written
+//! counts as delivered: no ACKs, retransmission, loss detection, congestion control or pacing.
 //!
 //! Nothing here reads the clock, touches sockets or allocates per packet on the data path.
 //! Every buffer is bounded by [`TransportConfig`].
@@ -1390,6 +1392,55 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reliable-carrier mode: an ACK (even of a packet never sent, a violation on UDP) is
+    /// ignored, nothing is acknowledged back, and written stream data leaves the send buffer at
+    /// once with no timer armed for it.
+    #[test]
+    fn a_reliable_transport_ignores_acks_and_counts_written_as_delivered() {
+        let now = Instant::now();
+        let config = TransportConfig {
+            max_payload: 16 * 1024,
+            ..TransportConfig::default()
+        };
+        let mut t = Transport::new_reliable(config.clone(), Side::Client, now);
+        let mut peer = Transport::new_reliable(config, Side::Server, now);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut w = Writer::new(&mut buf);
+        frame::encode_ack(&mut w, 0, [(900, 1000)].into_iter(), 4).unwrap();
+        w.put_u8(frame::FRAME_PING).unwrap();
+        let len = w.len();
+        t.handle_payload(now, 0, &buf[..len]).unwrap();
+        assert!(!t.is_closing());
+        let id = t
+            .open_stream(Destination::domain("example.com", 443).unwrap())
+            .unwrap();
+        assert_eq!(t.stream_write(id, &[7; 40_000]).unwrap(), 40_000);
+        let mut sent = 0;
+        while let Some((pn, len)) = t.poll_transmit(now, &mut buf) {
+            assert!(len <= 16 * 1024);
+            peer.handle_payload(now, pn, &buf[..len]).unwrap();
+            sent += 1;
+        }
+        assert!(sent >= 3, "40 KB in 16 KiB packets: {sent}");
+        assert_eq!(t.send_buffered(), 0);
+        let stats = t.stats();
+        assert_eq!((stats.bytes_in_flight, stats.ack_frames_sent), (0, 0));
+        // Only the keepalive and idle timers: no ACK delay, loss detection, PTO or pacing.
+        assert!(t.poll_timeout().unwrap() >= now + Duration::from_secs(15));
+        assert!(peer.poll_timeout().unwrap() >= now + Duration::from_secs(15));
+        while let Some((_, len)) = peer.poll_transmit(now, &mut buf) {
+            let mut r = Reader::new(&buf[..len]);
+            while !r.is_empty() {
+                let f = frame::parse_frame(&mut r).unwrap();
+                assert!(
+                    !matches!(f, Frame::Ack(_)),
+                    "no ACK over a reliable carrier"
+                );
+            }
+        }
+        assert_eq!(peer.stats().ack_frames_sent, 0);
+    }
 
     /// A client sending one bulk stream to a server over a 20 ms RTT path without other
     /// impairments (packets in `lost` vanish), both running their timers, time advancing in
