@@ -23,6 +23,9 @@
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
+//! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
+//!   that bypass the tunnel.
+//! - [`tun`]         — TUN capture: packet views and rewriting, the TCP NAT of the system stack.
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
@@ -30,6 +33,7 @@ pub mod carrier_conns;
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;
+pub mod exclude;
 pub mod hello_record;
 pub mod ledger;
 pub mod pipe;
@@ -41,6 +45,7 @@ pub mod slab;
 pub mod stats;
 pub mod supervisor;
 pub mod target;
+pub mod tun;
 pub mod udp_relay;
 
 use std::io;

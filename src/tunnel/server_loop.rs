@@ -395,6 +395,7 @@ impl ServerLoop {
             stats: &mut self.stats.tcp,
             registry: self.core.poll.registry(),
             now,
+            unix: unix_now(),
         };
         (&mut self.carriers, io)
     }

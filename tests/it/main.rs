@@ -29,6 +29,7 @@ mod proto_transport;
 mod proto_wire;
 mod storage;
 mod tcp_carrier;
+mod tun_device;
 mod tunnel_e2e;
 mod tunnel_limits;
 mod tunnel_links;

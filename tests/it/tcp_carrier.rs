@@ -13,18 +13,22 @@ use serde_json::{Value, json};
 use crate::support::tunnel::*;
 use ostp::proto::carrier::MAX_FRAME_LEN;
 use ostp::proto::endpoint::{ClientEvent, ClientSession, ConnectorConfig};
-use ostp::proto::transport::{Destination, OpenResult, StreamId, TransportEvent};
+use ostp::proto::transport::{CloseReason, Destination, OpenResult, StreamId, TransportEvent};
 
-/// A server with a TCP carrier listener (and `extra` config fields); its TCP address.
+/// A server with a TCP carrier listener on its UDP port number (and `extra` config fields); its
+/// TCP address.
 fn tcp_server(extra: Value) -> (Server, SocketAddr) {
-    let key = new_key();
-    let port = free_tcp_port();
-    let mut spec = ServerSpec::new(&key);
-    let mut extra = extra;
-    extra["listen_tcp"] = json!(format!("127.0.0.1:{port}"));
+    tcp_server_for(&new_key(), extra)
+}
+
+/// The same for `key`.
+fn tcp_server_for(key: &str, extra: Value) -> (Server, SocketAddr) {
+    let mut spec = ServerSpec::new(key);
+    spec.tcp_carrier = true;
     spec.extra = extra;
     let server = Server::start(spec);
-    (server, SocketAddr::from(([127, 0, 0, 1], port)))
+    let tcp = server.udp;
+    (server, tcp)
 }
 
 /// 300 pseudo-random bytes (no `\r\n\r\n` in them, so the test fallback reads to the end).
@@ -289,8 +293,11 @@ struct CarrierClient {
     finished: bool,
     opened: Option<OpenResult>,
     stream: Option<StreamId>,
-    /// The server closed the connection.
+    /// The session was closed by the server, and why.
+    closed_by_server: Option<CloseReason>,
+    /// The server closed the connection (FIN), or it was reset.
     eof: bool,
+    reset: bool,
 }
 
 impl CarrierClient {
@@ -321,7 +328,9 @@ impl CarrierClient {
             finished: false,
             opened: None,
             stream: None,
+            closed_by_server: None,
             eof: false,
+            reset: false,
         };
         c.write_frames();
         c
@@ -350,7 +359,10 @@ impl CarrierClient {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.filled += n,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => self.eof = true,
+                Err(_) => {
+                    self.eof = true;
+                    self.reset = true;
+                }
             }
         }
         if self.filled > 0 {
@@ -371,6 +383,10 @@ impl CarrierClient {
                 ClientEvent::Transport(TransportEvent::StreamFinished { .. }) => {
                     self.finished = true
                 }
+                ClientEvent::Transport(TransportEvent::Closed {
+                    reason,
+                    by_peer: true,
+                }) => self.closed_by_server = Some(reason),
                 ClientEvent::Transport(_) => {}
             }
         }
@@ -429,19 +445,6 @@ impl CarrierClient {
     }
 }
 
-/// A server with a TCP listener for `key` (and `extra` config fields); its TCP address.
-fn tcp_server_for(key: &str, extra: Value) -> (Server, SocketAddr) {
-    let port = free_tcp_port();
-    let mut spec = ServerSpec::new(key);
-    let mut extra = extra;
-    extra["listen_tcp"] = json!(format!("127.0.0.1:{port}"));
-    spec.extra = extra;
-    (
-        Server::start(spec),
-        SocketAddr::from(([127, 0, 0, 1], port)),
-    )
-}
-
 #[test]
 fn a_hello_over_tcp_is_answered_and_the_session_carries_a_stream() {
     let key = new_key();
@@ -476,6 +479,19 @@ fn a_hello_over_tcp_is_answered_and_the_session_carries_a_stream() {
     assert!(moved, "bytes_down {down} < {n}");
     wait_metric(&server, "ostp_tcp_carrier_sessions_total 1");
     wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
+    // The session's end: its CLOSE frame arrives, then a FIN (not a reset).
+    let (status, v) = server.api("POST", &format!("/api/users/{key}/kick"), None);
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        c.run_until(Duration::from_secs(10), |c| c.eof),
+        "the connection stayed open after the session ended"
+    );
+    assert_eq!(c.closed_by_server, Some(CloseReason::Normal));
+    assert!(
+        !c.reset,
+        "the connection was reset instead of closed with a FIN"
+    );
+    wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 0"#);
 }
 
 #[test]
@@ -549,4 +565,26 @@ fn real_clients_connect_while_a_thousand_strangers_hold_connections() {
         "a real client was kept out by idle strangers"
     );
     drop(idle);
+}
+
+#[test]
+fn a_carrier_that_breaks_its_framing_gets_nothing_more_and_no_early_close() {
+    let key = new_key();
+    let fallback = start_fallback();
+    // Even with a fallback: a broken carrier is discarded, never spliced (§7.4).
+    let (server, tcp) = tcp_server_for(&key, json!({"fallback": {"target": fallback.to_string()}}));
+    let mut c = CarrierClient::connect(tcp, &key, 6);
+    assert!(c.run_until(Duration::from_secs(10), |c| c.connected));
+    // Let whatever the server had to say arrive, then flip to garbage.
+    c.run_until(Duration::from_millis(300), |_| false);
+    // More than the largest frame: its masked length is out of range or its AEAD fails.
+    c.sock.write_all(&random_probe().repeat(70)).unwrap();
+    silent_for(&mut c.sock, Duration::from_millis(1000)).expect("a carrier that broke its framing");
+    wait_metric(&server, r#"ostp_tcp_not_ostp_total{reason="framing"} 1"#);
+    wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 0"#);
+    wait_metric(
+        &server,
+        r#"ostp_tcp_connections{state="unauthenticated"} 1"#,
+    );
+    wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 0"#);
 }

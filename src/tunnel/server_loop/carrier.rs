@@ -124,6 +124,8 @@ pub(super) struct CarrierIo<'a> {
     pub stats: &'a mut TcpStats,
     pub registry: &'a Registry,
     pub now: Instant,
+    /// Wall-clock unix seconds (the hello tags' epochs, the clock window).
+    pub unix: u64,
 }
 
 /// The TCP listeners and every accepted connection.
@@ -432,7 +434,7 @@ impl Carriers {
                 }
             }
         }
-        match gate.step(io.now, buf.data(), &io.endpoint.carrier_directory()) {
+        match gate.step(io.now, buf.data(), &io.endpoint.carrier_directory(io.unix)) {
             GateStep::NeedMore if eof => self.not_ostp(io, idx, NotOstpReason::Truncated),
             // Cannot happen (the gate decides within its buffer); never wait forever on it.
             GateStep::NeedMore if buf.is_full() => {
@@ -462,7 +464,7 @@ impl Carriers {
         };
         match io
             .endpoint
-            .handle_carrier_hello(io.now, c.peer, user, record, reply)
+            .handle_carrier_hello(io.now, io.unix, c.peer, user, record, reply)
         {
             CarrierHello::Accepted { session, reply_len } => {
                 output.commit(reply_len);
@@ -719,9 +721,10 @@ impl Carriers {
             }
             match input.read_from(&mut c.sock) {
                 Ok(0) => {
+                    // §7.5: the connection's end ends the session (`SessionClosed` follows).
                     *read_closed = true;
                     io.endpoint
-                        .close_session(io.now, session, CloseReason::Normal);
+                        .carrier_connection_lost(session, CloseReason::Normal);
                     return;
                 }
                 Ok(n) => budget = budget.saturating_sub(n),
@@ -770,12 +773,12 @@ impl Carriers {
         }
     }
 
-    /// §7.4 failure: the session is over (the endpoint closed it) and the connection is read and
+    /// §7.4 failure: the session is over (at once, no CLOSE) and the connection is read and
     /// discarded until a random deadline: no byte more is written to it.
     fn framing_failed(&mut self, io: &mut CarrierIo, idx: usize, session: SessionId) {
         self.by_session.remove(&session);
         io.endpoint
-            .close_session(io.now, session, CloseReason::ProtocolViolation);
+            .carrier_connection_lost(session, CloseReason::ProtocolViolation);
         self.not_ostp(io, idx, NotOstpReason::Framing);
     }
 
@@ -815,9 +818,6 @@ impl Carriers {
                     return;
                 }
                 Err(_) => {
-                    let session = *session;
-                    io.endpoint
-                        .close_session(io.now, session, CloseReason::Normal);
                     self.close(io, idx, false);
                     return;
                 }
@@ -970,7 +970,7 @@ impl Carriers {
             Phase::Carrier { session, .. } => {
                 self.by_session.remove(session);
                 io.endpoint
-                    .close_session(io.now, *session, CloseReason::Normal);
+                    .carrier_connection_lost(*session, CloseReason::Normal);
             }
             Phase::Splice(s) => {
                 let _ = io.registry.deregister(&mut s.target);
