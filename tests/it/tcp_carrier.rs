@@ -588,3 +588,56 @@ fn a_carrier_that_breaks_its_framing_gets_nothing_more_and_no_early_close() {
     );
     wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 0"#);
 }
+
+/// The value of the sample `name` (no labels) in `/metrics`.
+fn metric_value(server: &Server, name: &str) -> f64 {
+    let text = metrics(server);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[test]
+fn a_client_that_stops_reading_holds_its_session_back_without_spinning_and_resumes() {
+    let _heavy = heavy_lock();
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(&key, json!({}));
+    let http = start_http();
+    let mut c = CarrierClient::connect(tcp, &key, 7);
+    assert!(c.run_until(Duration::from_secs(10), |c| c.connected));
+    let n: u64 = size(64 << 20, 24 << 20);
+    let dest = SocketAddr::from(([127, 0, 0, 1], http));
+    c.open(
+        dest,
+        format!("GET /bytes/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert!(c.run_until(Duration::from_secs(10), |c| c.digest.len > 0));
+    // Stop reading: the socket fills, the server's write buffer fills, the session stops.
+    let rss_before = metric_value(&server, "process_resident_memory_bytes");
+    std::thread::sleep(Duration::from_millis(1500));
+    let wakeups = metric_value(&server, "ostp_loop_wakeups_total");
+    std::thread::sleep(Duration::from_millis(2000));
+    let idle_wakeups = metric_value(&server, "ostp_loop_wakeups_total") - wakeups;
+    let rss = metric_value(&server, "process_resident_memory_bytes");
+    eprintln!(
+        "paused: {idle_wakeups} wake-ups in 2 s, rss {:.1} → {:.1} MB",
+        rss_before / 1e6,
+        rss / 1e6
+    );
+    assert!(
+        idle_wakeups < 100.0,
+        "the loop spun while the carrier was blocked: {idle_wakeups} wake-ups in 2 s"
+    );
+    assert!(
+        rss < rss_before + 16e6,
+        "the server buffered what the client did not read: {rss} bytes"
+    );
+    // Reading again: everything arrives, intact.
+    assert!(
+        c.run_until(Duration::from_secs(180), |c| c.finished),
+        "the transfer did not resume: {} of {n} bytes",
+        c.digest.len
+    );
+    assert_eq!(c.digest.len, n);
+    assert_eq!(c.digest.fnv, expected_sum(http, n));
+}
