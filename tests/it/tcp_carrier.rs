@@ -1,8 +1,12 @@
-//! The server's TCP carrier port against strangers (docs/PROTOCOL.md §7.2), with a real `ostp`
-//! server process on loopback: probes (random bytes, an HTTP request, a TLS ClientHello) get no
-//! byte from ostp and are not closed within the first second without a fallback, and get exactly
-//! what the fallback website sends with one; idle unauthenticated connections are bounded (the
-//! oldest closed with a FIN) and never stop new connections being accepted.
+//! The server's TCP carrier port (docs/PROTOCOL.md §7), with a real `ostp` server process on
+//! loopback. Strangers: probes (random bytes, an HTTP request, a TLS ClientHello) get no byte from
+//! ostp and are not closed within the first second without a fallback, and get exactly what the
+//! fallback website sends with one; idle unauthenticated connections are bounded (the oldest
+//! closed with a FIN) and never keep real clients out. Real hellos (a client session driven by
+//! the test over a std `TcpStream`): answered, carrying a checksummed download, accounted like
+//! UDP; the session's end is a CLOSE then a FIN; replays (captured over TCP or UDP) get silence or
+//! the fallback; a carrier that breaks its framing is discarded, never spliced; a client that
+//! stops reading holds its session back without the loop spinning, and resumes.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
