@@ -645,3 +645,56 @@ fn a_client_that_stops_reading_holds_its_session_back_without_spinning_and_resum
     assert_eq!(c.digest.len, n);
     assert_eq!(c.digest.fnv, expected_sum(http, n));
 }
+
+/// Rewrites config.json with `edit` and sends SIGHUP; returns the log lines of the reload.
+fn reload_with(server: &Server, edit: impl FnOnce(&mut Value)) -> String {
+    let path = server.dir.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let from = server.proc.line_count();
+    server.proc.signal("HUP");
+    server
+        .proc
+        .wait_line_from(from, Duration::from_secs(10), |l| l.contains("reloaded"))
+        .unwrap_or_else(|| panic!("no reload line:\n{}", server.proc.log_text()));
+    server.proc.log_text()
+}
+
+#[test]
+fn sighup_sets_and_removes_the_fallback_for_new_strangers() {
+    let fallback = start_fallback();
+    let (server, tcp) = tcp_server(json!({}));
+    let probe = random_probe();
+    let ask = |tcp| {
+        let mut s = TcpStream::connect(tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&probe).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        s
+    };
+    let mut before = ask(tcp);
+    let log = reload_with(&server, |cfg| {
+        cfg["fallback"] = json!({"target": fallback.to_string()});
+    });
+    assert!(log.contains(&format!("fallback {fallback}")), "{log}");
+    let mut got = Vec::new();
+    ask(tcp).read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got,
+        fallback_answer(&probe),
+        "a new stranger gets the fallback"
+    );
+    // The stranger decided before the reload stays discarded.
+    silent_for(&mut before, Duration::from_millis(300)).unwrap();
+    let log = reload_with(&server, |cfg| {
+        cfg.as_object_mut().unwrap().remove("fallback");
+    });
+    assert!(log.contains("no fallback"), "{log}");
+    silent_for(&mut ask(tcp), Duration::from_millis(1000)).expect("discarded again");
+    // listen_tcp is restart-only: named, not applied.
+    let log = reload_with(&server, |cfg| {
+        cfg["listen_tcp"] = json!("127.0.0.1:1");
+    });
+    assert!(log.contains("listen_tcp changed"), "{log}");
+}
