@@ -775,3 +775,53 @@ fn only_carrier_sessions_are_named_ready_and_each_once() {
     assert_eq!(named, HashSet::from([id]));
     assert!(s.poll_carrier_ready().is_none(), "named once");
 }
+
+#[test]
+fn a_stream_larger_than_every_window_gets_its_credit_without_acks() {
+    // 6 MiB on one stream: more than the 2 MiB stream window and the 4 MiB session window, so
+    // MAX_STREAM_DATA and MAX_DATA must be sent (there are no ACKs to carry anything).
+    let now = Instant::now();
+    let mut s = server(None);
+    let (mut c, mut conn, id) = connected(&mut s, now, "198.51.100.7:40000", 20, 64 * 1024);
+    let mut echo = EchoTest::new(1, 6 * 1024 * 1024);
+    echo.run(&mut s, &mut c, &mut conn, now);
+    assert_reliable(&s, id, &c);
+}
+
+#[test]
+fn a_quiet_live_connection_is_kept_open_by_keepalives() {
+    let t0 = Instant::now();
+    let mut s = server(None);
+    let (mut c, mut conn, id) = connected(&mut s, t0, "198.51.100.7:40000", 21, 1_000);
+    let idle = EndpointConfig::default().session.transport.idle_timeout;
+    let mut now = t0;
+    while now < t0 + idle * 3 {
+        now = [s.poll_timeout(), c.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("keepalive and idle timers are armed");
+        s.handle_timeout(now);
+        c.handle_timeout(now);
+        conn.pump(&mut s, &mut c, now);
+        assert!(s.session(id).is_some(), "closed at {:?}", now - t0);
+        assert!(c.is_connected(), "client closed at {:?}", now - t0);
+    }
+    assert_reliable(&s, id, &c);
+}
+
+#[test]
+fn a_connector_finished_before_its_hello_left_never_sends_it() {
+    // Closed while the TCP connection was still being set up.
+    let now = Instant::now();
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    let mut c = client(now, 22);
+    c.close(now, CloseReason::Normal);
+    assert!(c.poll_transmit_frame(now, &mut buf).is_none());
+    // Or timed out before the connection was writable.
+    let mut c = client(now, 23);
+    let t = c.poll_timeout().expect("handshake timeout armed");
+    c.handle_timeout(t);
+    assert!(c.is_finished());
+    assert!(c.poll_transmit_frame(t, &mut buf).is_none());
+}

@@ -351,6 +351,12 @@ impl ClientSession {
     /// only while its bounded write buffer has room.
     pub fn poll_transmit_frame(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         let carrier = self.carrier.as_mut()?;
+        if matches!(self.state, ClientState::Finished) {
+            // Closed or timed out before the hello left: it must never leave now (the server
+            // would answer it and count a device nobody uses).
+            carrier.outgoing = None;
+            return None;
+        }
         if let Some((len, bytes)) = carrier.outgoing.take() {
             let Some(out) = buf.get_mut(..len) else {
                 carrier.outgoing = Some((len, bytes));

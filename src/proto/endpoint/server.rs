@@ -575,8 +575,16 @@ impl ServerEndpoint {
 
     /// A session, for stream operations and accounting. Marks it for transmission.
     pub fn session_mut(&mut self, id: SessionId) -> Option<&mut Session> {
-        self.touch(id);
+        // One lookup (this runs on every stream operation of the server loop).
         let entry = self.sessions.get_mut(&id.0)?;
+        if !entry.queued {
+            entry.queued = true;
+            if entry.carrier {
+                self.carrier_ready.push_back(id);
+            } else {
+                self.ready.push_back(id);
+            }
+        }
         if !entry.dirty {
             entry.dirty = true;
             self.dirty.push(id);
@@ -1382,9 +1390,9 @@ impl ServerEndpoint {
     /// hello record, in order, possibly partial frames): opens every whole frame in place and
     /// hands its payload to the session. Returns how many leading bytes were consumed (the
     /// caller keeps the rest and appends to it). `Err`: the connection broke its framing (§7.4
-    /// failure), or `session` is no live carrier session: the session is closed at once
-    /// (`SessionClosed` with `ProtocolViolation`, no CLOSE sent); the caller discards the
-    /// connection's input until a random deadline, then FINs.
+    /// failure): the session is closed at once (`SessionClosed` with `ProtocolViolation`, no
+    /// CLOSE sent) — or `session` is no live carrier session (nothing to close); either way the
+    /// caller discards the connection's input until a random deadline, then FINs.
     pub fn handle_carrier_input(
         &mut self,
         now: Instant,
@@ -1433,7 +1441,8 @@ impl ServerEndpoint {
     }
 
     /// A carrier session that may have frames to send. Each session is named once, then not
-    /// again until [`ServerEndpoint::poll_transmit_frame`] returned `None` for it: the caller
+    /// again until [`ServerEndpoint::poll_transmit_frame`] returned `None` for it (a caller that
+    /// polls a session it was not given may see it named once more: harmless); the caller
     /// keeps polling a named session (when its connection is writable again, if it stopped for
     /// backpressure) until `None`.
     pub fn poll_carrier_ready(&mut self) -> Option<SessionId> {
