@@ -244,6 +244,7 @@ fn probes_get_exactly_what_the_fallback_sends() {
 
 #[test]
 fn a_thousand_idle_strangers_are_bounded_and_new_connections_still_get_in() {
+    ostp::sys::raise_nofile_limit().unwrap(); // 1,000 sockets in this process
     let (server, tcp) = tcp_server(json!({}));
     let conns: Vec<TcpStream> = (0..1000)
         .map(|_| TcpStream::connect(tcp).unwrap())
@@ -557,6 +558,7 @@ fn a_replayed_hello_gets_silence_or_the_fallback_on_either_carrier() {
 
 #[test]
 fn real_clients_connect_while_a_thousand_strangers_hold_connections() {
+    ostp::sys::raise_nofile_limit().unwrap();
     let key = new_key();
     let (server, tcp) = tcp_server_for(&key, json!({}));
     let idle: Vec<TcpStream> = (0..1000)
