@@ -144,6 +144,7 @@ pub(super) struct Carriers {
     deadlines: DeadlineHeap,
     /// Connections to service again without a new event (budget used up).
     busy: Vec<ConnKey>,
+    busy_spare: Vec<ConnKey>,
     fallback: Option<SocketAddr>,
     rng: Drbg,
     serials: u64,
@@ -188,6 +189,7 @@ impl Carriers {
             splices: OldestFirst::new(max_unauthenticated),
             deadlines: DeadlineHeap::default(),
             busy: Vec::new(),
+            busy_spare: Vec::new(),
             fallback,
             rng: Drbg::new(seed),
             serials: 0,
@@ -375,12 +377,16 @@ impl Carriers {
                 self.accept(io, i);
             }
         }
-        for key in std::mem::take(&mut self.busy) {
+        // Swapped with a kept list: no allocation per wake-up.
+        let mut list = std::mem::take(&mut self.busy_spare);
+        std::mem::swap(&mut list, &mut self.busy);
+        for key in list.drain(..) {
             if let Some(c) = self.conns.get_mut(key.index).filter(|c| c.key == key) {
                 c.queued = false;
                 self.service(io, key.index);
             }
         }
+        self.busy_spare = list;
     }
 
     fn mark_busy(&mut self, idx: usize) {
