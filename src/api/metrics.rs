@@ -336,6 +336,19 @@ fn render_tunnel(out: &mut Exposition, ctx: &ApiContext) {
         t.datagram_destinations_refused,
     );
     render_tcp(out, &t.tcp);
+    let name = "ostp_retransmitted_bytes_total";
+    out.family(
+        name,
+        "counter",
+        "Stream bytes the tunnel sent again after a loss, by carrier (over TCP always 0: TCP \
+         retransmits, the tunnel inside never does).",
+    );
+    for (carrier, n) in [
+        ("udp", t.endpoint.retransmitted_bytes_udp),
+        ("tcp", t.endpoint.retransmitted_bytes_tcp),
+    ] {
+        out.sample(name, &[("carrier", carrier)], n);
+    }
     out.single(
         "ostp_loop_wakeups_total",
         "counter",
