@@ -29,6 +29,9 @@ pub enum ControlMsg {
     ApiBound(std::net::SocketAddr),
     /// Client: the `exclude` lists changed (SIGHUP): connect these destinations directly.
     Exclude(std::sync::Arc<crate::tunnel::exclude::Exclude>),
+    /// `fallback.target` changed (SIGHUP): where TCP connections found not to be OSTP from now
+    /// on are spliced (`None`: discarded); splices already running stay.
+    Fallback(Option<std::net::SocketAddr>),
     /// Stop the loop.
     Shutdown,
 }

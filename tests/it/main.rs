@@ -29,6 +29,7 @@ mod proto_session_sim;
 mod proto_transport;
 mod proto_wire;
 mod storage;
+mod tcp_carrier;
 mod tun_device;
 mod tun_mode;
 mod tunnel_e2e;

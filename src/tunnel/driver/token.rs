@@ -38,6 +38,12 @@ pub enum Tok {
     DnsUdp,
     /// Client: the DNS forwarder's TCP listener.
     DnsTcp,
+    /// Server: TCP carrier listener `i` (config `listen_tcp` order).
+    TcpListen(usize),
+    /// Server: an accepted TCP carrier connection (slab index).
+    Carrier(usize),
+    /// Server: the fallback-website socket spliced to carrier connection `i`.
+    Fallback(usize),
 }
 
 impl Tok {
@@ -55,6 +61,9 @@ impl Tok {
             Tok::TunListener(i) => (13, i),
             Tok::DnsUdp => (14, 0),
             Tok::DnsTcp => (15, 0),
+            Tok::TcpListen(i) => (9, i),
+            Tok::Carrier(i) => (10, i),
+            Tok::Fallback(i) => (11, i),
         }
     }
 
@@ -85,6 +94,9 @@ impl Tok {
             13 => Tok::TunListener(index),
             14 if index == 0 => Tok::DnsUdp,
             15 if index == 0 => Tok::DnsTcp,
+            9 => Tok::TcpListen(index),
+            10 => Tok::Carrier(index),
+            11 => Tok::Fallback(index),
             _ => return None,
         })
     }
@@ -127,6 +139,9 @@ mod tests {
             Tok::TunListener(1),
             Tok::DnsUdp,
             Tok::DnsTcp,
+            Tok::TcpListen(0),
+            Tok::Carrier(MAX_INDEX),
+            Tok::Fallback(MAX_INDEX),
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");
@@ -158,6 +173,9 @@ mod tests {
                 Tok::Slot(i),
                 Tok::Conn(i),
                 Tok::Assoc(i),
+                Tok::TcpListen(i),
+                Tok::Carrier(i),
+                Tok::Fallback(i),
             ] {
                 assert!(seen.insert(t.token()), "{t:?} collides");
             }
