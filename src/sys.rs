@@ -67,6 +67,79 @@ fn bind_udp_v6only(addr: SocketAddrV6) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from(fd))
 }
 
+/// `addr` as a `sockaddr_storage` and the length of the family's `sockaddr_in*`.
+fn raw_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value; it is large and aligned enough for
+    // every family's address, and we fill in every meaningful field of the one we write.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is at least as large and aligned as sockaddr_in.
+            let sa = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is at least as large and aligned as sockaddr_in6.
+            let sa = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_flowinfo = a.flowinfo();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            sa.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Starts a non-blocking TCP connection to `addr` (the connect completes later: wait for the
+/// socket to become writable); with `mark`, the socket carries that firewall mark from before
+/// `connect` (TUN mode: it must not be routed into the device).
+pub fn tcp_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<std::net::TcpStream> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
+    let raw = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    check(raw)?;
+    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if let Some(mark) = mark {
+        set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
+    }
+    let (sa, len) = raw_sockaddr(addr);
+    // SAFETY: `sa` holds a valid address of `len` bytes for the socket's family.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    Ok(std::net::TcpStream::from(fd))
+}
+
 /// Binds a UDP socket; IPv6 sockets are v6-only.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     match addr {

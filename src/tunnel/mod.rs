@@ -42,6 +42,7 @@ pub mod quotas;
 pub mod resolver;
 pub mod server_loop;
 pub mod slab;
+pub mod splice;
 pub mod stats;
 pub mod supervisor;
 pub mod target;

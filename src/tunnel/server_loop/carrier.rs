@@ -21,10 +21,11 @@ use crate::proto::rng::Drbg;
 use crate::proto::transport::CloseReason;
 use crate::proto::{ServerEndpoint, SessionId};
 use crate::tunnel::carrier_conns::{
-    ByteBuf, ConnKey, DeadlineHeap, Half, NotOstpReason, OldestFirst, Stranger, stranger_fate,
+    ConnKey, DeadlineHeap, NotOstpReason, OldestFirst, Stranger, stranger_fate,
 };
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::slab::Slab;
+use crate::tunnel::splice::{ByteBuf, Half};
 use crate::tunnel::stats::TcpStats;
 
 /// Connections accepted per listener per loop iteration (the rest wait for the next one).
