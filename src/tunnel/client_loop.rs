@@ -50,6 +50,7 @@ use super::supervisor::{
 };
 use super::{bind_udp, unix_now};
 
+mod direct;
 mod dns_forward;
 mod tun_mode;
 use super::exclude::Exclude;
@@ -62,6 +63,7 @@ use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
+use direct::Direct;
 use dns_forward::DnsForward;
 pub use dns_forward::DnsForwardOptions;
 pub use tun_mode::TunOptions;
@@ -357,6 +359,8 @@ enum LocalState {
     Udp { assoc: usize },
     /// Writing a final reply, then closing.
     Closing,
+    /// An excluded destination connected directly, without the tunnel (split routing).
+    Direct(Box<Direct>),
 }
 
 struct Local {
@@ -615,6 +619,17 @@ impl ClientLoop {
                 }
             }
             Some(Tok::DnsTcp) => self.dns_accept(now),
+            Some(Tok::Direct(t)) => {
+                if let Some(LocalState::Direct(d)) = self.locals.get_mut(t).map(|l| &mut l.state) {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        d.readable = true;
+                    }
+                    if event.is_writable() || event.is_write_closed() || event.is_error() {
+                        d.writable = true;
+                    }
+                }
+                self.drive_local(now, t);
+            }
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     slot.readable |= event.is_readable();
@@ -751,7 +766,7 @@ impl ClientLoop {
                 continue;
             };
             let last_active = match l.state {
-                LocalState::Piping { .. } => l.last_active,
+                LocalState::Piping { .. } | LocalState::Direct(_) => l.last_active,
                 LocalState::Udp { assoc } => self
                     .assocs
                     .get(assoc)
@@ -770,6 +785,11 @@ impl ClientLoop {
 
     fn drain_resolver(&mut self, now: Instant) {
         while let Some(r) = self.resolver.try_recv() {
+            if r.ticket.kind == TicketKind::Direct {
+                let addr = r.result.ok().and_then(|a| a.first().copied());
+                self.direct_resolved(now, r.ticket, addr);
+                continue;
+            }
             let i = r.ticket.index;
             let ok = self
                 .slots
@@ -1219,6 +1239,7 @@ impl ClientLoop {
             }
             LocalState::Request(_) => self.read_request(now, idx),
             LocalState::Waiting { .. } => {}
+            LocalState::Direct(_) => self.drive_direct(now, idx),
             LocalState::Opening { slot, .. } | LocalState::Piping { slot } => {
                 let slot = *slot;
                 self.pump_local(now, idx, slot);
@@ -1323,6 +1344,10 @@ impl ClientLoop {
     fn handle_request(&mut self, now: Instant, idx: usize, request: ProxyRequest) {
         if let ProxyRequest::UdpAssociate { .. } = request {
             self.start_assoc(now, idx, request);
+            return;
+        }
+        if self.is_excluded(&request) {
+            self.start_direct(now, idx, request);
             return;
         }
         if let Some(l) = self.locals.get_mut(idx) {
@@ -1450,9 +1475,14 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
-        let reply = match &l.state {
+        let reply = match &mut l.state {
             LocalState::Waiting { request, .. } | LocalState::Opening { request, .. } => {
                 request.failure_reply(code)
+            }
+            LocalState::Direct(d) => {
+                d.close(self.core.registry());
+                self.opening.remove(idx);
+                d.request.failure_reply(code)
             }
             _ => Vec::new(),
         };
@@ -1517,6 +1547,10 @@ impl ClientLoop {
             return;
         };
         let _ = self.core.registry().deregister(&mut l.sock);
+        if let LocalState::Direct(d) = &mut l.state {
+            d.close(self.core.registry());
+            self.opening.remove(idx);
+        }
         let ip = l.peer.ip();
         if let Some(n) = self.per_addr.get_mut(&ip) {
             *n -= 1;

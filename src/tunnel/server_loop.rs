@@ -943,6 +943,7 @@ impl ServerLoop {
                 }
             }
             match ticket.kind {
+                TicketKind::Direct => {} // a client lookup
                 TicketKind::Relay => {
                     let addrs = result.unwrap_or_default();
                     let poll = &self.core.poll;

@@ -28,6 +28,7 @@ mod proto_secure;
 mod proto_session_sim;
 mod proto_transport;
 mod proto_wire;
+mod split_routing;
 mod storage;
 mod tcp_carrier;
 mod tun_device;

@@ -16,6 +16,8 @@ pub enum TicketKind {
     Relay,
     /// Client: the server's host name for a session slot (index = slot index).
     ServerName,
+    /// Client: an excluded destination's name, connected directly (index = local connection).
+    Direct,
 }
 
 /// One lookup's claim ticket, returned unchanged with its answer.

@@ -38,6 +38,9 @@ pub enum Tok {
     DnsUdp,
     /// Client: the DNS forwarder's TCP listener.
     DnsTcp,
+    /// Client: the destination socket of direct connection `i` (split routing; `i` is the local
+    /// connection's index).
+    Direct(usize),
     /// Server: TCP carrier listener `i` (config `listen_tcp` order).
     TcpListen(usize),
     /// Server: an accepted TCP carrier connection (slab index).
@@ -61,6 +64,7 @@ impl Tok {
             Tok::TunListener(i) => (13, i),
             Tok::DnsUdp => (14, 0),
             Tok::DnsTcp => (15, 0),
+            Tok::Direct(i) => (16, i),
             Tok::TcpListen(i) => (9, i),
             Tok::Carrier(i) => (10, i),
             Tok::Fallback(i) => (11, i),
@@ -94,6 +98,7 @@ impl Tok {
             13 => Tok::TunListener(index),
             14 if index == 0 => Tok::DnsUdp,
             15 if index == 0 => Tok::DnsTcp,
+            16 => Tok::Direct(index),
             9 => Tok::TcpListen(index),
             10 => Tok::Carrier(index),
             11 => Tok::Fallback(index),
@@ -139,6 +144,7 @@ mod tests {
             Tok::TunListener(1),
             Tok::DnsUdp,
             Tok::DnsTcp,
+            Tok::Direct(3),
             Tok::TcpListen(0),
             Tok::Carrier(MAX_INDEX),
             Tok::Fallback(MAX_INDEX),
