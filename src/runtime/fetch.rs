@@ -137,7 +137,7 @@ pub fn client_config_from_body(source: &str, body: &[u8]) -> Result<ClientConfig
     if text.starts_with("ostp://") {
         let line = text.lines().next().unwrap_or_default();
         let link = ShareLink::parse(line).map_err(|e| RunError::Other(format!("{source}: {e}")))?;
-        return Ok(ClientConfig::for_server(link.server(), link.key));
+        return Ok(link.client_config());
     }
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| RunError::Other(format!("{source}: the answer is not JSON: {e}")))?;

@@ -20,9 +20,14 @@
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
+//! - [`carrier_choice`] — the client's carrier policy (sans-IO): UDP or the TCP carrier, the
+//!   `auto` fall-back to TCP and the UDP probes that move back.
+//! - [`carrier_link`] — a client session's TCP carrier connection: socket and bounded buffers.
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
+pub mod carrier_choice;
+pub mod carrier_link;
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;
