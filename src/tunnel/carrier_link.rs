@@ -114,6 +114,12 @@ impl CarrierLink {
         self.readable && self.connected && self.end.is_none()
     }
 
+    /// Whether the loop must take another turn before it sleeps: bytes may be waiting, or the
+    /// connection ended and the session must be told.
+    pub fn needs_turn(&self) -> bool {
+        self.wants_read() || self.end.is_some()
+    }
+
     /// Why the connection ended, once it has.
     pub fn end(&self) -> Option<&LinkEnd> {
         self.end.as_ref()
