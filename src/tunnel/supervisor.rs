@@ -361,7 +361,7 @@ mod tests {
         let mut s = sup(1, t0);
         s.failed(0, t0, Failure::Carrier);
         s.failed(0, t0, Failure::Carrier);
-        assert!(!s.attempt_due(0, t0 + secs(1.0)));
+        assert!(!s.attempt_due(0, t0 + secs(0.9)));
         // Moving the slot to another carrier: no waiting, and not counted as a failure.
         s.restart(0, t0 + secs(1.0));
         assert!(s.attempt_due(0, t0 + secs(1.0)));
