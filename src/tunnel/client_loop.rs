@@ -234,6 +234,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         carrier: CarrierChoice::new(options_transport.mode, now),
         probe: None,
         server_addr: None,
+        announced: None,
         locals: Slab::new(),
         waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
         opening: TimeoutQueue::new(OPEN_TIMEOUT),
@@ -386,6 +387,8 @@ struct ClientLoop {
     probe: Option<Probe>,
     /// The server's address as last resolved (the probe's destination).
     server_addr: Option<SocketAddr>,
+    /// The carrier of the last session announced at info level (a change is announced again).
+    announced: Option<Carrier>,
     locals: Slab<Local>,
     /// Requests waiting for a session, oldest first.
     waiting: TimeoutQueue<usize>,
@@ -1122,7 +1125,8 @@ impl ClientLoop {
             _ => String::new(),
         };
         self.carrier.answered(carrier, now);
-        if self.supervisor.connected(i) {
+        let changed = self.announced.replace(carrier) != Some(carrier);
+        if self.supervisor.connected(i) || changed {
             log::info!(
                 "tunnel session {i} connected to {}{over}",
                 self.options.server
