@@ -4,11 +4,15 @@
 //! and deadlines. The client loop ([`super::client_loop`]) does the I/O.
 //!
 //! The rules of `auto` (`udp` and `uot` never switch):
-//! - start on UDP; a UDP hello unanswered for [`FALLBACK_AFTER`] (only [`SUSPECT_FALLBACK_AFTER`]
-//!   right after a UDP session died) moves to TCP, as do [`UDP_DEATHS`] UDP sessions dying
-//!   (silent, idle timeout) within [`DEATH_WINDOW`];
+//! - start on UDP; a UDP hello unanswered for [`FALLBACK_AFTER`] moves to TCP;
+//! - a UDP session that dies (silent, idle timeout) moves to TCP at once and probes UDP at once
+//!   (a restarted server answers the probe and UDP is back within a round trip; a blocked path
+//!   does not, and the reconnect is already on TCP); the [`UDP_DEATHS`]th death within
+//!   [`DEATH_WINDOW`] moves to TCP without the immediate probe (UDP handshakes work there but
+//!   sessions do not last);
 //! - on TCP, an attempt that never reaches the server (connection refused, closed or unanswered
-//!   before the reply) moves back to UDP, so a client alternates until one carrier answers;
+//!   before the reply) before any TCP session came up moves back to UDP, so a client alternates
+//!   until one carrier answers;
 //! - once a TCP session is up, a UDP handshake probe runs [`PROBE_FIRST`] later, then at doubling
 //!   gaps up to [`PROBE_MAX`]; a probe the server answers moves back to UDP.
 
@@ -18,9 +22,8 @@ use crate::config::CarrierMode;
 
 /// A UDP hello unanswered this long moves `auto` to the TCP carrier.
 pub const FALLBACK_AFTER: Duration = Duration::from_secs(3);
-/// The same, right after a UDP session died (the path is suspect; hellos are retried after 1 s).
-pub const SUSPECT_FALLBACK_AFTER: Duration = Duration::from_millis(1500);
-/// This many UDP sessions dying within [`DEATH_WINDOW`] move `auto` to the TCP carrier.
+/// This many UDP sessions dying within [`DEATH_WINDOW`] move `auto` to the TCP carrier without
+/// an immediate UDP probe.
 pub const UDP_DEATHS: u32 = 3;
 /// See [`UDP_DEATHS`].
 pub const DEATH_WINDOW: Duration = Duration::from_secs(120);
@@ -83,8 +86,8 @@ pub struct CarrierChoice {
     current: Carrier,
     /// Since when a UDP hello has waited for an answer (`auto` on UDP).
     udp_waiting_since: Option<Instant>,
-    /// A UDP session died since UDP was last answered.
-    udp_suspect: bool,
+    /// A TCP session came up since the last switch to TCP.
+    tcp_answered: bool,
     /// UDP deaths counted since `deaths_since`.
     deaths: u32,
     deaths_since: Instant,
@@ -103,7 +106,7 @@ impl CarrierChoice {
                 CarrierMode::Udp | CarrierMode::Auto => Carrier::Udp,
             },
             udp_waiting_since: None,
-            udp_suspect: false,
+            tcp_answered: false,
             deaths: 0,
             deaths_since: now,
             probe_at: None,
@@ -124,6 +127,7 @@ impl CarrierChoice {
     fn switch(&mut self, to: Carrier, why: &'static str) -> Switch {
         self.current = to;
         self.udp_waiting_since = None;
+        self.tcp_answered = false;
         self.probe_at = None;
         if to == Carrier::Udp {
             self.probe_gap = PROBE_FIRST;
@@ -141,13 +145,13 @@ impl CarrierChoice {
     /// The server answered a hello over `carrier` (accepted or refused: either way it is reachable).
     pub fn answered(&mut self, carrier: Carrier, now: Instant) {
         match carrier {
-            Carrier::Udp => {
-                self.udp_waiting_since = None;
-                self.udp_suspect = false;
-            }
+            Carrier::Udp => self.udp_waiting_since = None,
             Carrier::Tcp => {
-                if self.auto() && self.current == Carrier::Tcp && !self.probing {
-                    self.probe_at.get_or_insert(now + self.probe_gap);
+                if self.auto() && self.current == Carrier::Tcp {
+                    self.tcp_answered = true;
+                    if !self.probing && self.probe_at.is_none() {
+                        self.schedule_probe(now);
+                    }
                 }
             }
         }
@@ -168,26 +172,23 @@ impl CarrierChoice {
                     self.deaths_since = now;
                 }
                 self.deaths += 1;
-                self.udp_suspect = true;
-                (self.deaths >= UDP_DEATHS).then(|| {
+                if self.deaths >= UDP_DEATHS {
                     self.deaths = 0;
-                    self.switch(Carrier::Tcp, "UDP sessions keep dying")
-                })
+                    return Some(self.switch(Carrier::Tcp, "UDP sessions keep dying"));
+                }
+                let switch = self.switch(Carrier::Tcp, "the UDP session went silent");
+                self.probe_at = Some(now);
+                Some(switch)
             }
             (Carrier::Udp, Loss::Other) => {
                 self.udp_waiting_since = None;
                 None
             }
-            (Carrier::Tcp, Loss::Unanswered) if !self.tcp_proven() => {
+            (Carrier::Tcp, Loss::Unanswered) if !self.tcp_answered => {
                 Some(self.switch(Carrier::Udp, "the TCP carrier did not answer either"))
             }
             (Carrier::Tcp, _) => None,
         }
-    }
-
-    /// A TCP session came up since the switch to TCP (from then on probes are scheduled).
-    fn tcp_proven(&self) -> bool {
-        self.probe_at.is_some() || self.probing
     }
 
     /// When [`Self::poll`] next has something to do.
@@ -196,16 +197,8 @@ impl CarrierChoice {
             return None;
         }
         match self.current {
-            Carrier::Udp => self.udp_waiting_since.map(|t| t + self.fallback_after()),
+            Carrier::Udp => self.udp_waiting_since.map(|t| t + FALLBACK_AFTER),
             Carrier::Tcp => self.probe_at.filter(|_| !self.probing),
-        }
-    }
-
-    fn fallback_after(&self) -> Duration {
-        if self.udp_suspect {
-            SUSPECT_FALLBACK_AFTER
-        } else {
-            FALLBACK_AFTER
         }
     }
 
@@ -233,13 +226,16 @@ impl CarrierChoice {
             return None;
         }
         if answered {
-            self.udp_suspect = false;
-            self.deaths = 0;
             return Some(self.switch(Carrier::Udp, "UDP is answered again"));
         }
-        self.probe_gap = (self.probe_gap * 2).min(PROBE_MAX);
-        self.probe_at = Some(now + self.probe_gap);
+        self.schedule_probe(now);
         None
+    }
+
+    /// The next probe one gap from `now`; the gap after it is twice as long.
+    fn schedule_probe(&mut self, now: Instant) {
+        self.probe_at = Some(now + self.probe_gap);
+        self.probe_gap = (self.probe_gap * 2).min(PROBE_MAX);
     }
 }
 
@@ -319,57 +315,70 @@ mod tests {
         assert_eq!(s.map(to(Carrier::Tcp)), Some(Carrier::Tcp));
     }
 
-    #[test]
-    fn repeated_udp_deaths_within_the_window_move_to_tcp() {
-        let t0 = Instant::now();
-        let mut c = CarrierChoice::new(CarrierMode::Auto, t0);
-        // Each session is answered, then dies: the answers must not reset the count.
-        for k in 0..UDP_DEATHS - 1 {
-            c.answered(Carrier::Udp, t0 + secs(20.0 * f64::from(k)));
-            let at = t0 + secs(20.0 * f64::from(k) + 10.0);
-            assert_eq!(c.lost(Carrier::Udp, at, Loss::Died), None);
-        }
-        c.answered(Carrier::Udp, t0 + secs(45.0));
-        let s = c.lost(Carrier::Udp, t0 + secs(50.0), Loss::Died);
+    /// A UDP session dies at `at`: expect a switch to TCP; returns whether a probe is due at once.
+    fn udp_death(c: &mut CarrierChoice, at: Instant) -> bool {
+        c.answered(Carrier::Udp, at - secs(10.0));
+        let s = c.lost(Carrier::Udp, at, Loss::Died);
         assert_eq!(s.map(to(Carrier::Tcp)), Some(Carrier::Tcp));
-        assert_eq!(c.current(), Carrier::Tcp);
+        c.next_deadline() == Some(at)
     }
 
     #[test]
-    fn deaths_spread_wider_than_the_window_do_not_switch() {
+    fn a_udp_session_that_dies_moves_to_tcp_and_probes_udp_at_once() {
+        let t0 = Instant::now();
+        let mut c = CarrierChoice::new(CarrierMode::Auto, t0);
+        let died = t0 + secs(20.0);
+        assert!(udp_death(&mut c, died), "probe due at once");
+        assert_eq!(c.current(), Carrier::Tcp);
+        // Reconnecting over TCP does not delay the probe.
+        c.answered(Carrier::Tcp, died + secs(0.5));
+        assert_eq!(c.next_deadline(), Some(died));
+        assert_eq!(c.poll(died + secs(0.5)), Some(Action::Probe));
+        // A restarted server answers the probe: back to UDP.
+        let s = c.probe_done(died + secs(0.6), true);
+        assert_eq!(s.map(to(Carrier::Udp)), Some(Carrier::Udp));
+        // A blocked path does not: stay on TCP, probe again later.
+        assert!(udp_death(&mut c, died + secs(30.0)));
+        assert_eq!(c.poll(died + secs(30.0)), Some(Action::Probe));
+        assert_eq!(c.probe_done(died + secs(35.0), false), None);
+        assert_eq!(c.current(), Carrier::Tcp);
+        // The quick probe did not count: the next comes after the first gap.
+        assert_eq!(c.next_deadline(), Some(died + secs(35.0) + PROBE_FIRST));
+    }
+
+    #[test]
+    fn repeated_udp_deaths_move_to_tcp_without_the_quick_probe() {
+        let t0 = Instant::now();
+        let mut c = CarrierChoice::new(CarrierMode::Auto, t0);
+        // Handshakes work (each probe is answered), sessions keep dying.
+        for k in 0..UDP_DEATHS - 1 {
+            let at = t0 + secs(20.0 + 20.0 * f64::from(k));
+            assert!(udp_death(&mut c, at), "death {k}: quick probe");
+            assert_eq!(c.poll(at), Some(Action::Probe));
+            assert!(c.probe_done(at + secs(0.1), true).is_some());
+        }
+        let last = t0 + secs(20.0 + 20.0 * f64::from(UDP_DEATHS - 1));
+        assert!(
+            !udp_death(&mut c, last),
+            "no quick probe after the last death"
+        );
+        assert_eq!(c.next_deadline(), None);
+        c.answered(Carrier::Tcp, last + secs(1.0));
+        assert_eq!(c.next_deadline(), Some(last + secs(1.0) + PROBE_FIRST));
+    }
+
+    #[test]
+    fn deaths_spread_wider_than_the_window_keep_the_quick_probe() {
         let t0 = Instant::now();
         let mut c = CarrierChoice::new(CarrierMode::Auto, t0);
         let gap = DEATH_WINDOW.as_secs_f64() / f64::from(UDP_DEATHS - 1) + 1.0;
         for k in 0..10 {
-            let at = t0 + secs(gap * f64::from(k));
-            assert_eq!(c.lost(Carrier::Udp, at, Loss::Died), None, "death {k}");
-            c.answered(Carrier::Udp, at + secs(0.1));
+            let at = t0 + secs(20.0 + gap * f64::from(k));
+            assert!(udp_death(&mut c, at), "death {k}");
+            assert_eq!(c.poll(at), Some(Action::Probe));
+            assert!(c.probe_done(at + secs(0.1), true).is_some());
         }
         assert_eq!(c.current(), Carrier::Udp);
-    }
-
-    #[test]
-    fn after_a_udp_death_an_unanswered_hello_falls_back_sooner() {
-        let t0 = Instant::now();
-        let mut c = CarrierChoice::new(CarrierMode::Auto, t0);
-        c.answered(Carrier::Udp, t0);
-        assert_eq!(c.lost(Carrier::Udp, t0 + secs(10.0), Loss::Died), None);
-        let t1 = t0 + secs(10.5);
-        c.attempt_started(Carrier::Udp, t1);
-        assert_eq!(c.next_deadline(), Some(t1 + SUSPECT_FALLBACK_AFTER));
-        assert!(matches!(
-            c.poll(t1 + SUSPECT_FALLBACK_AFTER),
-            Some(Action::Switch(Switch {
-                to: Carrier::Tcp,
-                ..
-            }))
-        ));
-        // Once UDP is answered again, the normal delay is back.
-        let mut c = CarrierChoice::new(CarrierMode::Auto, t0);
-        let _ = c.lost(Carrier::Udp, t0, Loss::Died);
-        c.answered(Carrier::Udp, t0 + secs(1.0));
-        c.attempt_started(Carrier::Udp, t0 + secs(2.0));
-        assert_eq!(c.next_deadline(), Some(t0 + secs(2.0) + FALLBACK_AFTER));
     }
 
     #[test]
