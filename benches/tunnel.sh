@@ -9,7 +9,8 @@
 # of server and client, TTFB median, idle and peak RSS, 100 concurrent streams, server RSS with
 # 1,000 idle sessions, goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
 # 1 % and 5 % loss, ostp's event-loop wake-ups per GB of a single-stream download, and the
-# single stream again with a `-C target-cpu=native` build of ostp. Every
+# single stream again with a `-C target-cpu=native` build of ostp and over the TCP carrier
+# (`listen_tcp` on the server, `transport.mode: "uot"` on the client). Every
 # section is independent: a failing one prints "n/a" and the run goes on.
 #
 # Loop wake-ups are counted by the loops themselves (`LoopCore::wait` returns; no tracing, so the
@@ -21,7 +22,7 @@
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
 # TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (30), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
 # OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
-# build to use), SKIP_NATIVE=1, CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
+# build to use), SKIP_NATIVE=1, SKIP_TCP=1, CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
 
 set -u
 
@@ -446,6 +447,34 @@ if [[ -z ${SKIP_NATIVE:-} && ( -n ${NATIVE_BIN:-} || -z ${NO_BUILD:-} ) && -f $W
 fi
 
 # ---------------------------------------------------------------------------------------------
+# ostp over the TCP carrier (docs/PROTOCOL.md §7): its own server (UDP and TCP on one port) and a
+# client in `uot` mode; same origin and run. Skipped with SKIP_TCP=1; n/a if either side refuses.
+
+MBPS_tcp=n/a CPUS_tcp=n/a CPUC_tcp=n/a
+if [[ -z ${SKIP_TCP:-} && -x $OSTP && -f $WORK/server.json ]]; then
+    TCP_PORT=$(free_port)
+    TCP_SOCKS=$(free_port)
+    sed -e "s/\"listen\":\"127.0.0.1:$OSTP_PORT\"/\"listen\":\"127.0.0.1:$TCP_PORT\",\"listen_tcp\":\"127.0.0.1:$TCP_PORT\"/" \
+        -e 's/"api":{[^}]*}/"api":{"enabled":false}/' "$WORK/server.json" >"$WORK/tcp-server.json"
+    write_client_config "$WORK/tcp-client.json" "$TCP_PORT" "$TCP_SOCKS"
+    sed -i -e 's/"debug":false}/"debug":false,"transport":{"mode":"uot"}}/' "$WORK/tcp-client.json"
+    start tcp-server "$OSTP" --config "$WORK/tcp-server.json"
+    tcp_server=$STARTED_PID
+    sleep 0.3
+    start tcp-client "$OSTP" --config "$WORK/tcp-client.json"
+    tcp_client=$STARTED_PID
+    if wait_tcp "$TCP_SOCKS" 10 && alive "$tcp_server" && alive "$tcp_client"; then
+        sleep 0.5
+        single_stream tcp-carrier "$tcp_server" "$tcp_client" --socks5-hostname "127.0.0.1:$TCP_SOCKS"
+        MBPS_tcp=$SS_MBPS CPUS_tcp=$SS_CPU_SERVER CPUC_tcp=$SS_CPU_CLIENT
+    else
+        log "ostp over TCP did not come up (see $WORK/tcp-*.log)"
+    fi
+    stop "$tcp_client"
+    stop "$tcp_server"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # shadowsocks-libev baseline
 
 if [[ -z ${SKIP_SS:-} ]]; then
@@ -511,6 +540,9 @@ row "client CPU (s per GB)" "$CPUC_ostp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_
 row "single stream, \`-C target-cpu=native\` build (MB/s)" "$MBPS_native" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_native" "$MBPS_ss")"
 row "server CPU, native build (s per GB)" "$CPUS_native" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_native" "$CPUS_ss")"
 row "client CPU, native build (s per GB)" "$CPUC_native" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_native" "$CPUC_ss")"
+row "single stream over the TCP carrier (MB/s)" "$MBPS_tcp" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_tcp" "$MBPS_ss")"
+row "server CPU, TCP carrier (s per GB)" "$CPUS_tcp" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_tcp" "$CPUS_ss")"
+row "client CPU, TCP carrier (s per GB)" "$CPUC_tcp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_tcp" "$CPUC_ss")"
 row "server RSS idle / peak (MB)" "$RSS_IDLE_S_ostp / $RSS_PEAK_S_ostp" "–" "$RSS_IDLE_S_ss / $RSS_PEAK_S_ss" "–" "–"
 row "client RSS idle / peak (MB)" "$RSS_IDLE_C_ostp / $RSS_PEAK_C_ostp" "–" "$RSS_IDLE_C_ss / $RSS_PEAK_C_ss" "–" "–"
 row "server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_SESSIONS_RSS" "–" "–" "–" "–"

@@ -1,8 +1,9 @@
 //! The few socket options the standard library cannot set: `IPV6_V6ONLY` before `bind` (so
 //! `0.0.0.0:P` and `[::]:P` can both be listened on), larger UDP socket buffers, an abortive
 //! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data), UDP segmentation
-//! offload on Linux (`UDP_SEGMENT` sends, `UDP_GRO` receives, with their control messages) — and
-//! the process's open-file limit (`RLIMIT_NOFILE`), raised to its hard limit at server start.
+//! offload on Linux (`UDP_SEGMENT` sends, `UDP_GRO` receives, with their control messages), the
+//! process's open-file limit (`RLIMIT_NOFILE`), raised to its hard limit at server start — and
+//! for TUN mode the device ioctl (`TUNSETIFF`), `SO_MARK` and the rtnetlink socket.
 //!
 //! `unsafe` is allowed here only: these are plain `libc` FFI calls on a descriptor this module
 //! creates and immediately wraps in an `OwnedFd` (so it is closed on every error path), or that
@@ -392,6 +393,129 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         lim.rlim_cur = target;
     }
     Ok(u64::from(lim.rlim_cur))
+}
+
+// --- TUN mode (Linux): the device, the firewall mark, the rtnetlink socket ---
+
+/// Attaches `dev` (an open `/dev/net/tun`) to the TUN interface `name` (`IFF_TUN | IFF_NO_PI`:
+/// bare IP packets), creating it if needed; returns the name the kernel gave it.
+#[cfg(target_os = "linux")]
+pub fn tun_attach(dev: &impl AsRawFd, name: &str) -> io::Result<String> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0', ' ']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not an interface name (1-15 characters, no '/' or spaces)"),
+        ));
+    }
+    // SAFETY: an all-zero ifreq is a valid value; we fill in the name and the flags.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: `dev` is an open /dev/net/tun; TUNSETIFF reads and writes one ifreq, which `req`
+    // is, valid for the call.
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), libc::TUNSETIFF as _, &mut req) })?;
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The index of interface `name` (0 when there is none).
+#[cfg(target_os = "linux")]
+pub fn interface_index(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+/// Sets `SO_MARK` (the firewall mark policy routing looks at; needs CAP_NET_ADMIN).
+#[cfg(target_os = "linux")]
+pub fn set_mark(sock: &impl AsRawFd, mark: u32) -> io::Result<()> {
+    set_int_opt(sock, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
+}
+
+/// A `NETLINK_ROUTE` socket (blocking, close-on-exec), bound with a kernel-chosen port id, with
+/// a receive timeout of `timeout` (a missing acknowledgement is an error, not a hang).
+#[cfg(target_os = "linux")]
+pub fn netlink_route_socket(timeout: std::time::Duration) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    check(raw)?;
+    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero sockaddr_nl is valid (port id 0: the kernel assigns one).
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `sa` is a valid sockaddr_nl and the length matches its type.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    })?;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: the option value is a timeval of the stated size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Sends one netlink message to the kernel.
+#[cfg(target_os = "linux")]
+pub fn netlink_send(fd: &impl AsRawFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: an all-zero sockaddr_nl addresses the kernel (port id 0).
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `msg` is valid for reads of its length; `sa` is a valid sockaddr_nl.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives what the kernel sent (one or more netlink messages) into `buf`.
+#[cfg(target_os = "linux")]
+pub fn netlink_recv(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! A protected session: packet protection (keys, tokens, replay window, padding) around the
-//! transport's `Transport` state machine. Shared by the server endpoint and the client.
+//! transport's `Transport` state machine, or, over the TCP carrier, sealed frames around a
+//! reliable-carrier transport. Shared by the server endpoint and the client.
 
 use std::time::{Duration, Instant};
 
+use super::carrier::{FRAME_OVERHEAD, FrameError, FrameReader, FrameWriter, LENGTH_LEN};
 use super::crypto::Key32;
 use super::packet::{
     DATA_OVERHEAD, Direction, INITIAL_AHEAD, MAX_PACKET_NUMBER, MIN_DATA_PACKET, Opener,
@@ -170,6 +172,35 @@ pub struct Session {
     probe_at: Option<Instant>,
     probe_interval: Duration,
     stats: SecureStats,
+    /// Over the TCP carrier: the frame sealer and opener (no tokens, no replay window in use).
+    frames: Option<Box<CarrierFrames>>,
+}
+
+/// A carrier session's framing (docs/PROTOCOL.md §7.4).
+struct CarrierFrames {
+    writer: FrameWriter,
+    reader: FrameReader,
+    /// The negotiated frame plaintext limit.
+    limit: usize,
+}
+
+/// Registers nothing: a carrier session has no lookup tokens.
+struct NoTokens;
+
+impl TokenSink for NoTokens {
+    fn insert_token(&mut self, _token: u64, _pn: u64) {}
+    fn remove_token(&mut self, _token: u64, _pn: u64) {}
+}
+
+/// Smallest frame plaintext limit a carrier session uses (the smallest datagram a peer may
+/// announce).
+pub const MIN_FRAME_LIMIT: usize = MIN_DATAGRAM;
+
+fn directions(side: Side) -> (Direction, Direction) {
+    match side {
+        Side::Client => (Direction::ClientToServer, Direction::ServerToClient),
+        Side::Server => (Direction::ServerToClient, Direction::ClientToServer),
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -220,18 +251,79 @@ impl Session {
         rng_seed: [u8; 32],
         sink: &mut impl TokenSink,
     ) -> Self {
-        let (tx_dir, rx_dir) = match side {
-            Side::Client => (Direction::ClientToServer, Direction::ServerToClient),
-            Side::Server => (Direction::ServerToClient, Direction::ClientToServer),
-        };
         let max_datagram = max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM);
         let overhead = DATA_OVERHEAD + HEADER_LEN;
-        let max_payload = max_datagram - overhead;
         let base = BASE_DATAGRAM.min(max_datagram);
         let mut transport_config = config.transport.clone();
         transport_config.max_payload = base - overhead;
-        transport_config.pmtu_max_payload = max_payload;
+        transport_config.pmtu_max_payload = max_datagram - overhead;
         transport_config.pmtu_floor_payload = FLOOR_DATAGRAM.min(base) - overhead;
+        let transport = Transport::new(transport_config, side, now);
+        Self::assemble(
+            secret,
+            side,
+            config,
+            max_datagram,
+            transport,
+            rng_seed,
+            sink,
+        )
+    }
+
+    /// Creates a session over the TCP carrier (docs/PROTOCOL.md §7.4, §7.5): sealed frames of
+    /// at most `frame_limit` plaintext bytes (the negotiated limit, clamped to
+    /// [`MIN_FRAME_LIMIT`] ..= `carrier::MAX_FRAME_PLAINTEXT`) around a reliable-carrier
+    /// transport. It has no lookup tokens and no replay window: use
+    /// [`Session::handle_frames`] and [`Session::poll_transmit_frame`], never the datagram calls.
+    pub fn new_carrier(
+        secret: &Key32,
+        side: Side,
+        config: &SessionConfig,
+        frame_limit: usize,
+        now: Instant,
+        rng_seed: [u8; 32],
+    ) -> Self {
+        let limit = frame_limit.clamp(MIN_FRAME_LIMIT, super::carrier::MAX_FRAME_PLAINTEXT);
+        let mut transport_config = config.transport.clone();
+        transport_config.max_payload = limit;
+        let transport = Transport::new_reliable(transport_config, side, now);
+        // The smallest token window: its tokens go nowhere and are never used.
+        let datagram = SessionConfig {
+            token_window: 16,
+            token_behind: 0,
+            transport: TransportConfig::default(),
+            ..config.clone()
+        };
+        let mut session = Self::assemble(
+            secret,
+            side,
+            &datagram,
+            MAX_DATAGRAM,
+            transport,
+            rng_seed,
+            &mut NoTokens,
+        );
+        let (tx_dir, rx_dir) = directions(side);
+        session.max_datagram = limit;
+        session.max_payload = limit;
+        session.frames = Some(Box::new(CarrierFrames {
+            writer: FrameWriter::new(secret, tx_dir),
+            reader: FrameReader::new(secret, rx_dir, limit),
+            limit,
+        }));
+        session
+    }
+
+    fn assemble(
+        secret: &Key32,
+        side: Side,
+        config: &SessionConfig,
+        max_datagram: usize,
+        transport: Transport,
+        rng_seed: [u8; 32],
+        sink: &mut impl TokenSink,
+    ) -> Self {
+        let (tx_dir, rx_dir) = directions(side);
         let opener = Opener::new(secret, rx_dir);
         let rx_tokens = TokenWindow::new(
             *opener.token_key(),
@@ -240,7 +332,7 @@ impl Session {
             sink,
         );
         Session {
-            transport: Transport::new(transport_config, side, now),
+            transport,
             sealer: Sealer::new(secret, tx_dir),
             opener,
             rx_tokens,
@@ -249,14 +341,63 @@ impl Session {
             padding: config.padding,
             rng: Drbg::new(rng_seed),
             max_datagram,
-            max_payload,
+            max_payload: max_datagram - (DATA_OVERHEAD + HEADER_LEN),
             next_pn: 0,
             // Every receiver starts with INITIAL_AHEAD tokens registered.
             tx_limit: INITIAL_AHEAD,
             probe_at: None,
             probe_interval: PROBE_INITIAL,
             stats: SecureStats::default(),
+            frames: None,
         }
+    }
+
+    /// Whether this session runs over the TCP carrier ([`Session::new_carrier`]).
+    pub fn is_carrier(&self) -> bool {
+        self.frames.is_some()
+    }
+
+    /// Carrier session: opens every whole frame at the front of `input` (decrypting in place)
+    /// and hands its payload to the transport; returns how many leading bytes were consumed
+    /// (a partial frame stays for the caller to complete). `Err`: the framing failed (§7.4): the
+    /// connection is no longer interpreted. A datagram session always fails.
+    pub fn handle_frames(&mut self, now: Instant, input: &mut [u8]) -> Result<usize, FrameError> {
+        let Some(frames) = self.frames.as_deref_mut() else {
+            return Err(FrameError::Failed);
+        };
+        let mut consumed = 0;
+        while let Some(rest) = input.get_mut(consumed..) {
+            let n = frames.reader.frames();
+            let Some(opened) = frames.reader.open(rest)? else {
+                break;
+            };
+            let payload = rest.get(opened.plaintext.clone()).unwrap_or_default();
+            self.stats.packets_received += 1;
+            self.stats.bytes_received += opened.len as u64;
+            consumed += opened.len;
+            if self.transport.handle_payload(now, n, payload).is_err() {
+                // A protocol violation: the transport is closing (its CLOSE goes out).
+                break;
+            }
+        }
+        Ok(consumed)
+    }
+
+    /// Carrier session: writes the next sealed frame into `buf` (at least
+    /// `carrier::MAX_FRAME_LEN` bytes, or the frame limit + `FRAME_OVERHEAD`) and returns its
+    /// length; padded as datagrams are (§4.1), with the frame limit as budget. `None`: nothing
+    /// to send now (or a datagram session).
+    pub fn poll_transmit_frame(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let frames = self.frames.as_deref_mut()?;
+        let budget = buf.len().checked_sub(FRAME_OVERHEAD)?.min(frames.limit);
+        let body = buf.get_mut(LENGTH_LEN..LENGTH_LEN + budget)?;
+        let (_, len) = self.transport.poll_transmit(now, body)?;
+        let padded = self.padding.padded_len(len, budget, &mut self.rng);
+        body[len..padded].fill(0);
+        let total = frames.writer.seal(buf, padded)?;
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += total as u64;
+        Some(total)
     }
 
     /// The packet number in the receive window whose low 32 bits are `low` (a token table may

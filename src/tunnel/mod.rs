@@ -23,6 +23,9 @@
 //! - [`carrier_choice`] — the client's carrier policy (sans-IO): UDP or the TCP carrier, the
 //!   `auto` fall-back to TCP and the UDP probes that move back.
 //! - [`carrier_link`] — a client session's TCP carrier connection: socket and bounded buffers.
+//! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
+//!   that bypass the tunnel.
+//! - [`tun`]         — TUN capture: packet views and rewriting, the TCP NAT of the system stack.
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
@@ -31,6 +34,7 @@ pub mod carrier_link;
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;
+pub mod exclude;
 pub mod hello_record;
 pub mod ledger;
 pub mod pipe;
@@ -42,6 +46,7 @@ pub mod slab;
 pub mod stats;
 pub mod supervisor;
 pub mod target;
+pub mod tun;
 pub mod udp_relay;
 
 use std::io;

@@ -28,6 +28,7 @@ mod proto_session_sim;
 mod proto_transport;
 mod proto_wire;
 mod storage;
+mod tun_device;
 mod tunnel_e2e;
 mod tunnel_limits;
 mod tunnel_links;

@@ -2,7 +2,8 @@
 //! blocked. [`records`] owns the hello and reply records (masked lengths, bound to each other),
 //! [`gate`] the server's decision on a connection's first bytes,
 //! [`frames`] the data frames. Sans-IO: the caller owns the socket and its bounded buffers, and
-//! nothing here panics on input. (Not wired into the loops yet: issue 12.)
+//! nothing here panics on input. Carrier sessions (`Session::new_carrier`) and their handshake
+//! live in `session.rs` and `endpoint/` (not wired into the loops yet: issue 12).
 
 pub mod frames;
 pub mod gate;

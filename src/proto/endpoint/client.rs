@@ -1,9 +1,12 @@
-//! The client connector: runs the handshake (fresh hello per retry) and then one protected session.
+//! The client connector: runs the handshake (fresh hello per retry over UDP, one hello record
+//! over the TCP carrier) and then one protected session.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::IdMap;
+use crate::proto::carrier::records::{self, MAX_HELLO_RECORD, REPLY_HEAD, SentHelloRecord};
+use crate::proto::carrier::{FrameError, MAX_FRAME_PLAINTEXT};
 use crate::proto::crypto::Key32;
 use crate::proto::handshake::{
     self, HELLO_SLOTS, Hello, MAX_HELLO, RefuseReason, Reply, SentHello,
@@ -114,6 +117,16 @@ pub struct ClientSession {
     events: VecDeque<ClientEvent>,
     clock_offset: Option<i64>,
     stats: ClientStats,
+    /// Connecting over the TCP carrier ([`ClientSession::connect_carrier`]).
+    carrier: Option<Box<CarrierHandshake>>,
+}
+
+/// The TCP carrier's handshake state: the one hello record, and what opens its reply.
+struct CarrierHandshake {
+    /// The record, until `poll_transmit_frame` hands it out.
+    outgoing: Option<(usize, [u8; MAX_HELLO_RECORD])>,
+    sent: SentHelloRecord,
+    reply_key: Key32,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -155,6 +168,7 @@ impl ClientSession {
             events: VecDeque::new(),
             clock_offset: None,
             stats: ClientStats::default(),
+            carrier: None,
         };
         client.send_hello(now);
         Ok(client)
@@ -203,9 +217,11 @@ impl ClientSession {
         self.retry_delay = (self.retry_delay * 2).min(self.config.max_retry);
     }
 
-    /// Starts connecting over the TCP carrier (docs/PROTOCOL.md §7): the hello record is the
+    /// Starts connecting over the TCP carrier (docs/PROTOCOL.md §7): the hello record
+    /// (announcing [`MAX_FRAME_PLAINTEXT`] as the largest frame plaintext accepted) is the
     /// first output of [`ClientSession::poll_transmit_frame`]; no hello is retransmitted (the
-    /// handshake timeout still applies). Interface stub: issue 12 fills it in.
+    /// handshake timeout still applies). The datagram calls (`poll_transmit*`,
+    /// `handle_datagram`) do nothing on such a connector.
     pub fn connect_carrier(
         config: ConnectorConfig,
         access_key: &str,
@@ -213,29 +229,156 @@ impl ClientSession {
         unix_secs: u64,
         rng_seed: [u8; 32],
     ) -> Result<Self, AccessKeyError> {
-        Self::connect(config, access_key, now, unix_secs, rng_seed)
+        let mut client = Self::connect(config, access_key, now, unix_secs, rng_seed)?;
+        client.pending.clear();
+        client.outgoing_hello = None;
+        client.stats.hellos_sent = 0;
+        client.next_retry = now + client.config.handshake_timeout;
+        let hello = Hello {
+            unix_secs: client.unix_at(now),
+            client_random: client.rng.bytes32(),
+            max_datagram: MAX_FRAME_PLAINTEXT as u16,
+        };
+        let epoch = handshake::epoch_of(hello.unix_secs);
+        let slot = client.slot % HELLO_SLOTS;
+        let mut bytes = [0u8; MAX_HELLO_RECORD];
+        let written = records::write_hello(
+            &client.keys.hello_key,
+            &client.keys.tag_key,
+            epoch,
+            slot,
+            &hello,
+            client.config.hello_pad_max,
+            &mut client.rng,
+            &mut bytes,
+        );
+        let Some((len, sent)) = written else {
+            // Unreachable: the buffer holds the largest record.
+            client.state = ClientState::Finished;
+            return Ok(client);
+        };
+        client.stats.hellos_sent = 1;
+        client.carrier = Some(Box::new(CarrierHandshake {
+            outgoing: Some((len, bytes)),
+            sent,
+            reply_key: handshake::reply_key(&client.keys.psk, &hello.client_random),
+        }));
+        Ok(client)
+    }
+
+    /// Whether this connector runs over the TCP carrier.
+    pub fn is_carrier(&self) -> bool {
+        self.carrier.is_some()
     }
 
     /// Bytes read from the carrier connection, in order (the reply record, then frames; partial
     /// ones allowed): returns how many leading bytes were consumed (the caller keeps the rest).
-    /// `Err`: the connection is unusable (framing failure); the session is closed.
+    /// `Err`: the connection is unusable (a reply or frame that does not open, or input after
+    /// the connector finished); the session is closed (a `Transport(Closed)` event with
+    /// `ProtocolViolation` if it was connected).
     pub fn handle_carrier_input(
         &mut self,
-        _now: Instant,
-        _input: &mut [u8],
-    ) -> Result<usize, crate::proto::carrier::FrameError> {
-        Ok(0)
+        now: Instant,
+        input: &mut [u8],
+    ) -> Result<usize, FrameError> {
+        let mut consumed = 0;
+        if matches!(self.state, ClientState::Handshaking) {
+            let Some(used) = self.carrier_reply(now, input)? else {
+                return Ok(0);
+            };
+            consumed = used;
+        }
+        if !matches!(self.state, ClientState::Established) {
+            return if consumed > 0 {
+                Ok(consumed)
+            } else {
+                Err(FrameError::Failed)
+            };
+        }
+        let session = self.session.as_mut().ok_or(FrameError::Failed)?;
+        let rest = input.get_mut(consumed..).unwrap_or_default();
+        match session.handle_frames(now, rest) {
+            Ok(n) => {
+                self.drain_session();
+                Ok(consumed + n)
+            }
+            Err(e) => {
+                self.drain_session();
+                self.state = ClientState::Finished;
+                self.events
+                    .push_back(ClientEvent::Transport(TransportEvent::Closed {
+                        reason: CloseReason::ProtocolViolation,
+                        by_peer: false,
+                    }));
+                Err(e)
+            }
+        }
+    }
+
+    /// The reply record at the front of `input`: `Ok(None)` while incomplete, else the bytes it
+    /// took (the connector is then established or finished).
+    fn carrier_reply(&mut self, now: Instant, input: &[u8]) -> Result<Option<usize>, FrameError> {
+        let carrier = self.carrier.as_ref().ok_or(FrameError::Failed)?;
+        let Some(head) = input
+            .get(..REPLY_HEAD)
+            .and_then(|h| <[u8; REPLY_HEAD]>::try_from(h).ok())
+        else {
+            return Ok(None);
+        };
+        let Some(len) = records::reply_record_len(&carrier.reply_key, &head) else {
+            return Err(self.carrier_failed(FrameError::Length));
+        };
+        let Some(record) = input.get(..len) else {
+            return Ok(None);
+        };
+        let reply = match records::open_reply(&carrier.reply_key, &carrier.sent, record) {
+            Ok(reply) => reply,
+            Err(_) => return Err(self.carrier_failed(FrameError::Auth)),
+        };
+        let hello = carrier.sent.hello;
+        self.on_reply(now, reply, &hello);
+        Ok(Some(len))
+    }
+
+    fn carrier_failed(&mut self, error: FrameError) -> FrameError {
+        self.stats.dropped += 1;
+        self.state = ClientState::Finished;
+        error
     }
 
     /// The next bytes to write to the carrier connection (the hello record first, then sealed
     /// frames) into `buf` (at least `carrier::MAX_FRAME_LEN` bytes), or `None`. The caller asks
     /// only while its bounded write buffer has room.
-    pub fn poll_transmit_frame(&mut self, _now: Instant, _buf: &mut [u8]) -> Option<usize> {
-        None
+    pub fn poll_transmit_frame(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let carrier = self.carrier.as_mut()?;
+        if matches!(self.state, ClientState::Finished) {
+            // Closed or timed out before the hello left: it must never leave now (the server
+            // would answer it and count a device nobody uses).
+            carrier.outgoing = None;
+            return None;
+        }
+        if let Some((len, bytes)) = carrier.outgoing.take() {
+            let Some(out) = buf.get_mut(..len) else {
+                carrier.outgoing = Some((len, bytes));
+                return None;
+            };
+            out.copy_from_slice(&bytes[..len]);
+            return Some(len);
+        }
+        if !matches!(self.state, ClientState::Established) {
+            return None;
+        }
+        let sent = self.session.as_mut()?.poll_transmit_frame(now, buf);
+        self.drain_session();
+        sent
     }
 
     /// Handles a datagram from the server (decrypted in place).
     pub fn handle_datagram(&mut self, now: Instant, data: &mut [u8]) {
+        if self.carrier.is_some() {
+            self.stats.dropped += 1;
+            return;
+        }
         match self.state {
             ClientState::Handshaking => self.handle_reply(now, data),
             ClientState::Established => {
@@ -273,6 +416,11 @@ impl ClientSession {
             self.stats.dropped += 1;
             return;
         };
+        self.on_reply(now, reply, &hello);
+    }
+
+    /// An authenticated reply to `hello` (either carrier): connects or finishes.
+    fn on_reply(&mut self, now: Instant, reply: Reply, hello: &Hello) {
         let local_unix = self.unix_at(now);
         match reply {
             Reply::Accept {
@@ -285,21 +433,33 @@ impl ClientSession {
                 );
                 let secret =
                     handshake::session_secret(&self.keys.psk, &hello.client_random, &server_random);
-                let max = self
-                    .config
-                    .session
-                    .max_datagram
-                    .min(usize::from(max_datagram));
                 let seed = self.rng.bytes32();
-                let session = Session::new(
-                    &secret,
-                    Side::Client,
-                    &self.config.session,
-                    max,
-                    now,
-                    seed,
-                    &mut self.tokens,
-                );
+                let session = if self.carrier.is_some() {
+                    let limit = MAX_FRAME_PLAINTEXT.min(usize::from(max_datagram));
+                    Session::new_carrier(
+                        &secret,
+                        Side::Client,
+                        &self.config.session,
+                        limit,
+                        now,
+                        seed,
+                    )
+                } else {
+                    let max = self
+                        .config
+                        .session
+                        .max_datagram
+                        .min(usize::from(max_datagram));
+                    Session::new(
+                        &secret,
+                        Side::Client,
+                        &self.config.session,
+                        max,
+                        now,
+                        seed,
+                        &mut self.tokens,
+                    )
+                };
                 self.session = Some(session);
                 self.pending.clear();
                 self.outgoing_hello = None;
@@ -351,6 +511,9 @@ impl ClientSession {
         buf: &mut [u8],
         max_segments: usize,
     ) -> Option<Batch> {
+        if self.carrier.is_some() {
+            return None;
+        }
         if let Some((len, bytes)) = self.outgoing_hello.take() {
             if buf.len() < len {
                 return None;
@@ -390,7 +553,7 @@ impl ClientSession {
                     self.pending.clear();
                     self.outgoing_hello = None;
                     self.events.push_back(ClientEvent::HandshakeTimeout);
-                } else if now >= self.next_retry {
+                } else if now >= self.next_retry && self.carrier.is_none() {
                     self.send_hello(now);
                 }
             }

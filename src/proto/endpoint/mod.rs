@@ -1,7 +1,8 @@
 //! Server endpoint and client connector: the public face of the protocol core for the data plane.
 //!
 //! - [`server`]: the server endpoint — user registry, session table keyed by rotating per-packet
-//!   tokens (one hash lookup per datagram), roaming, session caps, handshake processing.
+//!   tokens (one hash lookup per datagram), roaming, session caps, handshake processing, and
+//!   carrier sessions (TCP, docs/PROTOCOL.md §7) in the same session map.
 //! - [`hello_tags`]: the epoch and hello-tag table (finds a hello's user in one lookup) and the
 //!   record of answered hellos that makes every hello single-use (exported and imported across
 //!   restarts).
@@ -18,6 +19,8 @@ use std::fmt;
 
 use super::handshake::{HELLO_TAG_LEN, MAX_HELLO, MIN_HELLO};
 
+#[cfg(test)]
+mod carrier_tests;
 pub mod client;
 pub mod hello_tags;
 pub mod rate_limit;
@@ -49,6 +52,10 @@ impl fmt::Display for UserId {
 /// Index of the local UDP socket a datagram arrived on / must leave from (driver-defined).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SocketIndex(pub u32);
+
+/// The [`SocketIndex`] a carrier session reports in `ServerEndpoint::session_peer`: it has no
+/// UDP socket (it lives on its TCP connection), and no driver socket has this index.
+pub const CARRIER_SOCKET: SocketIndex = SocketIndex(u32::MAX);
 
 /// Server-side session handle (never reused within an endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,14 +1,18 @@
-//! The server endpoint: users, sessions, roaming, caps and handshake processing for all sockets.
+//! The server endpoint: users, sessions, roaming, caps and handshake processing for all sockets
+//! and TCP carrier connections.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use super::hello_tags::{HelloDrop, HelloTags, ImportedRecord, RecordError, hello_fingerprint};
+use super::hello_tags::{
+    HelloDrop, HelloTags, ImportedRecord, RecordError, TagMatch, hello_fingerprint,
+};
 use super::rate_limit::{BucketLevel, TokenBucket};
 use super::token_table::{TokenEntry, TokenTable};
-use super::{IdMap, SessionId, SocketIndex, UserId};
+use super::{CARRIER_SOCKET, IdMap, SessionId, SocketIndex, UserId};
+use crate::proto::carrier::{FrameError, MAX_FRAME_PLAINTEXT, records};
 use crate::proto::crypto::Key32;
 use crate::proto::handshake::{
     self, CLOCK_WINDOW_SECS, HELLO_HEADER_LEN, Hello, MAX_HELLO, MAX_REPLY, MIN_HELLO,
@@ -203,8 +207,11 @@ struct ServerSession {
     dirty: bool,
     scheduled: Option<Instant>,
     close_reason: Option<CloseReason>,
-    /// Its index in `ServerEndpoint::slots` (what its registered tokens point at).
+    /// Its index in `ServerEndpoint::slots` (what its registered tokens point at; none for a
+    /// carrier session).
     slot: u32,
+    /// Runs over the TCP carrier: no tokens, its own ready queue, `local` is [`CARRIER_SOCKET`].
+    carrier: bool,
 }
 
 /// Registers session tokens in the global table.
@@ -240,6 +247,13 @@ struct AdmittedHello {
     len: usize,
 }
 
+/// Where a new session lives: behind a local UDP socket, or on a TCP carrier connection.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    Datagram(SocketIndex),
+    Carrier,
+}
+
 struct QueuedReply {
     local: SocketIndex,
     to: SocketAddr,
@@ -268,18 +282,25 @@ pub enum CarrierHello {
     NotOstp,
 }
 
-/// The endpoint's hello tags as the TCP gate sees them ([`crate::proto::carrier::gate`]).
+/// The endpoint's hello tags as the TCP gate sees them ([`crate::proto::carrier::gate`]): the
+/// live tag table and the one record of answered hellos shared with UDP.
 pub struct CarrierDirectory<'a> {
-    #[allow(dead_code)] // interface stub: filled in by the carrier work (issue 12)
     endpoint: &'a ServerEndpoint,
 }
 
 impl crate::proto::carrier::gate::HelloDirectory for CarrierDirectory<'_> {
-    fn user_of_tag(&self, _tag: u64) -> Option<(UserId, Key32)> {
-        None // interface stub (issue 12)
+    fn user_of_tag(&self, tag: u64) -> Option<(UserId, Key32)> {
+        let found = self.endpoint.tags.lookup(tag)?;
+        let user = self.endpoint.users.get(&found.user.0)?;
+        Some((found.user, user.keys.hello_key))
     }
-    fn already_answered(&self, _tag: u64, _fingerprint: u64) -> bool {
-        true // interface stub (issue 12)
+
+    /// Also true when the tag is unknown or its key used up its hellos of the epoch: such a
+    /// hello would get silence either way.
+    fn already_answered(&self, tag: u64, fingerprint: u64) -> bool {
+        let tags = &self.endpoint.tags;
+        tags.lookup(tag)
+            .is_none_or(|found| tags.check(found, fingerprint).is_err())
     }
 }
 
@@ -297,6 +318,8 @@ pub struct ServerEndpoint {
     free_slots: Vec<u32>,
     next_session: u64,
     ready: VecDeque<SessionId>,
+    /// Carrier sessions that may have frames to send ([`ServerEndpoint::poll_carrier_ready`]).
+    carrier_ready: VecDeque<SessionId>,
     dirty: Vec<SessionId>,
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     replies: VecDeque<Box<QueuedReply>>,
@@ -335,6 +358,7 @@ impl ServerEndpoint {
             free_slots: Vec::new(),
             next_session: 1,
             ready: VecDeque::new(),
+            carrier_ready: VecDeque::new(),
             dirty: Vec::new(),
             timers: BinaryHeap::new(),
             replies: VecDeque::new(),
@@ -551,10 +575,15 @@ impl ServerEndpoint {
 
     /// A session, for stream operations and accounting. Marks it for transmission.
     pub fn session_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        // One lookup (this runs on every stream operation of the server loop).
         let entry = self.sessions.get_mut(&id.0)?;
         if !entry.queued {
             entry.queued = true;
-            self.ready.push_back(id);
+            if entry.carrier {
+                self.carrier_ready.push_back(id);
+            } else {
+                self.ready.push_back(id);
+            }
         }
         if !entry.dirty {
             entry.dirty = true;
@@ -568,7 +597,8 @@ impl ServerEndpoint {
         self.sessions.get(&id.0).map(|s| &s.session)
     }
 
-    /// User and current peer address of a session.
+    /// User, local socket and current peer address of a session. A carrier session's local
+    /// socket is [`CARRIER_SOCKET`] (its peer is the TCP connection's remote address).
     pub fn session_peer(&self, id: SessionId) -> Option<(UserId, SocketIndex, SocketAddr)> {
         self.sessions.get(&id.0).map(|s| (s.user, s.local, s.peer))
     }
@@ -588,11 +618,17 @@ impl ServerEndpoint {
         }
     }
 
+    /// Queues a session for sending: a datagram session in the ready queue of
+    /// `poll_transmit_batch`, a carrier session in the one of `poll_carrier_ready`.
     fn touch(&mut self, id: SessionId) {
         if let Some(entry) = self.sessions.get_mut(&id.0) {
             if !entry.queued {
                 entry.queued = true;
-                self.ready.push_back(id);
+                if entry.carrier {
+                    self.carrier_ready.push_back(id);
+                } else {
+                    self.ready.push_back(id);
+                }
             }
         }
     }
@@ -638,13 +674,15 @@ impl ServerEndpoint {
         let Some(mut entry) = self.sessions.remove(&id.0) else {
             return;
         };
-        entry.session.release_tokens(&mut GlobalSink {
-            table: &mut self.tokens,
-            slot: entry.slot,
-        });
-        if let Some(owner) = self.slots.get_mut(entry.slot as usize) {
-            *owner = SessionId(0);
-            self.free_slots.push(entry.slot);
+        if !entry.carrier {
+            entry.session.release_tokens(&mut GlobalSink {
+                table: &mut self.tokens,
+                slot: entry.slot,
+            });
+            if let Some(owner) = self.slots.get_mut(entry.slot as usize) {
+                *owner = SessionId(0);
+                self.free_slots.push(entry.slot);
+            }
         }
         if let Some(user) = self.users.get_mut(&entry.user.0) {
             user.sessions.retain(|s| *s != id);
@@ -793,7 +831,14 @@ impl ServerEndpoint {
         let Some(psk) = self.users.get(&admitted.user.0).map(|u| u.keys.psk) else {
             return;
         };
-        let reply = self.decide_hello(now, unix_secs, &psk, &admitted, local, from);
+        let reply = self.decide_hello(
+            now,
+            unix_secs,
+            &psk,
+            (admitted.user, &admitted.hello),
+            Wire::Datagram(local),
+            from,
+        );
         self.queue_reply(&psk, &admitted, &reply, local, from);
     }
 
@@ -817,23 +862,7 @@ impl ServerEndpoint {
             self.stats.hello_malformed += 1;
             return None;
         };
-        if let Err(drop) = self.tags.check(found, fingerprint) {
-            self.count_drop(drop);
-            return None;
-        }
-        // The tag owner's bucket first: hellos that fail authentication after a valid tag cost
-        // that user's allowance, and only what it lets through can reach the server's bucket.
-        let (rate, burst) = (
-            self.config.handshake_rate_per_user,
-            self.config.handshake_burst_per_user,
-        );
-        let user = self.users.get_mut(&found.user.0)?;
-        if !user.handshakes.take(now, rate, burst) {
-            self.stats.hello_user_rate_limited += 1;
-            return None;
-        }
-        if !self.handshake_tokens.take(now) {
-            self.stats.hello_rate_limited += 1;
+        if !self.admit_unopened(now, found, fingerprint) {
             return None;
         }
         if self.replies.len() >= self.config.max_queued_replies {
@@ -848,24 +877,7 @@ impl ServerEndpoint {
             self.stats.hello_auth_failed += 1;
             return None;
         };
-        if usize::from(hello.max_datagram) < MIN_DATAGRAM {
-            self.stats.hello_bad += 1;
-            self.stats.hello_malformed += 1;
-            return None;
-        }
-        if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS
-            || handshake::epoch_of(hello.unix_secs) != found.epoch
-        {
-            self.stats.hello_stale += 1;
-            return None;
-        }
-        if hello.unix_secs < self.hello_floor {
-            // Made before a crash restart: it may have been answered (see `hello_floor`).
-            self.count_drop(HelloDrop::Replay);
-            return None;
-        }
-        if let Err(drop) = self.tags.record(found, fingerprint) {
-            self.count_drop(drop);
+        if !self.admit_opened(unix_secs, found, fingerprint, &hello) {
             return None;
         }
         Some(AdmittedHello {
@@ -876,6 +888,65 @@ impl ServerEndpoint {
         })
     }
 
+    /// The gates before a hello (datagram or carrier record) is opened: the record of
+    /// answered hellos, then the tag owner's bucket (hellos that fail authentication after a
+    /// valid tag cost that user's allowance, and only what it lets through can reach the
+    /// server's bucket), then the server's bucket.
+    fn admit_unopened(&mut self, now: Instant, found: TagMatch, fingerprint: u64) -> bool {
+        if let Err(drop) = self.tags.check(found, fingerprint) {
+            self.count_drop(drop);
+            return false;
+        }
+        let (rate, burst) = (
+            self.config.handshake_rate_per_user,
+            self.config.handshake_burst_per_user,
+        );
+        let Some(user) = self.users.get_mut(&found.user.0) else {
+            return false;
+        };
+        if !user.handshakes.take(now, rate, burst) {
+            self.stats.hello_user_rate_limited += 1;
+            return false;
+        }
+        if !self.handshake_tokens.take(now) {
+            self.stats.hello_rate_limited += 1;
+            return false;
+        }
+        true
+    }
+
+    /// The gates after a hello authenticated: its size, the clock window, the restart floor,
+    /// and the record (the hello is recorded as answered when this returns true).
+    fn admit_opened(
+        &mut self,
+        unix_secs: u64,
+        found: TagMatch,
+        fingerprint: u64,
+        hello: &Hello,
+    ) -> bool {
+        if usize::from(hello.max_datagram) < MIN_DATAGRAM {
+            self.stats.hello_bad += 1;
+            self.stats.hello_malformed += 1;
+            return false;
+        }
+        if hello.unix_secs.abs_diff(unix_secs) > CLOCK_WINDOW_SECS
+            || handshake::epoch_of(hello.unix_secs) != found.epoch
+        {
+            self.stats.hello_stale += 1;
+            return false;
+        }
+        if hello.unix_secs < self.hello_floor {
+            // Made before a crash restart: it may have been answered (see `hello_floor`).
+            self.count_drop(HelloDrop::Replay);
+            return false;
+        }
+        if let Err(drop) = self.tags.record(found, fingerprint) {
+            self.count_drop(drop);
+            return false;
+        }
+        true
+    }
+
     fn count_drop(&mut self, drop: HelloDrop) {
         match drop {
             HelloDrop::Replay => self.stats.hello_replays += 1,
@@ -883,17 +954,16 @@ impl ServerEndpoint {
         }
     }
 
-    /// Accepts (creating the session) or refuses an admitted hello.
+    /// Accepts (creating the session) or refuses an admitted hello of `user`.
     fn decide_hello(
         &mut self,
         now: Instant,
         unix_secs: u64,
         psk: &Key32,
-        admitted: &AdmittedHello,
-        local: SocketIndex,
+        (user, hello): (UserId, &Hello),
+        wire: Wire,
         from: SocketAddr,
     ) -> Reply {
-        let user = admitted.user;
         let refusal = match self.users.get(&user.0).map(|u| u.state) {
             Some(UserState::Refused(reason)) => Some(reason),
             _ => self
@@ -911,20 +981,23 @@ impl ServerEndpoint {
             };
         }
         let server_random = self.rng.bytes32();
-        let max_datagram = self
-            .config
-            .session
-            .max_datagram
-            .min(usize::from(admitted.hello.max_datagram))
-            .min(crate::proto::session::family_max_datagram(&from));
+        let max_datagram = match wire {
+            Wire::Datagram(_) => self
+                .config
+                .session
+                .max_datagram
+                .min(usize::from(hello.max_datagram))
+                .min(crate::proto::session::family_max_datagram(&from)),
+            // The frame plaintext limit: min(server limit, client's), §7.3.
+            Wire::Carrier => MAX_FRAME_PLAINTEXT.min(usize::from(hello.max_datagram)),
+        };
         self.create_session(
             now,
-            user,
-            psk,
-            &admitted.hello,
+            (user, psk),
+            hello,
             &server_random,
             max_datagram,
-            local,
+            wire,
             from,
         );
         Reply::Accept {
@@ -1004,22 +1077,80 @@ impl ServerEndpoint {
         None
     }
 
+    /// Creates an accepted session: `max_datagram` is the negotiated datagram size, or the
+    /// frame plaintext limit of a carrier session.
     #[allow(clippy::too_many_arguments)]
     fn create_session(
         &mut self,
         now: Instant,
-        user: UserId,
-        psk: &Key32,
+        (user, psk): (UserId, &Key32),
         hello: &Hello,
         server_random: &[u8; 32],
         max_datagram: usize,
-        local: SocketIndex,
+        wire: Wire,
         peer: SocketAddr,
     ) {
         let id = SessionId(self.next_session);
         self.next_session += 1;
         let secret = handshake::session_secret(psk, &hello.client_random, server_random);
         let seed = self.rng.bytes32();
+        let (session, local, slot, carrier) = match wire {
+            Wire::Datagram(local) => {
+                let (session, slot) =
+                    self.new_datagram_session(id, &secret, max_datagram, now, seed);
+                (session, local, slot, false)
+            }
+            Wire::Carrier => {
+                let session = Session::new_carrier(
+                    &secret,
+                    Side::Server,
+                    &self.config.session,
+                    max_datagram,
+                    now,
+                    seed,
+                );
+                (session, CARRIER_SOCKET, u32::MAX, true)
+            }
+        };
+        self.sessions.insert(
+            id.0,
+            Box::new(ServerSession {
+                session,
+                user,
+                local,
+                peer,
+                confirmed: false,
+                queued: false,
+                dirty: false,
+                scheduled: None,
+                close_reason: None,
+                slot,
+                carrier,
+            }),
+        );
+        if let Some(u) = self.users.get_mut(&user.0) {
+            u.sessions.push(id);
+        }
+        self.share_recv_budget(user, Some(id));
+        self.stats.sessions_created += 1;
+        self.events.push_back(EndpointEvent::SessionEstablished {
+            session: id,
+            user,
+            peer,
+        });
+        self.touch(id);
+        self.after_activity(id);
+    }
+
+    /// A datagram session with its tokens registered under a fresh slot.
+    fn new_datagram_session(
+        &mut self,
+        id: SessionId,
+        secret: &Key32,
+        max_datagram: usize,
+        now: Instant,
+        seed: [u8; 32],
+    ) -> (Session, u32) {
         let slot = match self.free_slots.pop() {
             Some(slot) => slot,
             None => {
@@ -1036,7 +1167,7 @@ impl ServerEndpoint {
             slot,
         };
         let session = Session::new(
-            &secret,
+            secret,
             Side::Server,
             &self.config.session,
             max_datagram,
@@ -1044,33 +1175,7 @@ impl ServerEndpoint {
             seed,
             &mut sink,
         );
-        self.sessions.insert(
-            id.0,
-            Box::new(ServerSession {
-                session,
-                user,
-                local,
-                peer,
-                confirmed: false,
-                queued: false,
-                dirty: false,
-                scheduled: None,
-                close_reason: None,
-                slot,
-            }),
-        );
-        if let Some(u) = self.users.get_mut(&user.0) {
-            u.sessions.push(id);
-        }
-        self.share_recv_budget(user, Some(id));
-        self.stats.sessions_created += 1;
-        self.events.push_back(EndpointEvent::SessionEstablished {
-            session: id,
-            user,
-            peer,
-        });
-        self.touch(id);
-        self.after_activity(id);
+        (session, slot)
     }
 
     /// Next datagram to send: handshake replies first, then sessions round-robin.
@@ -1177,59 +1282,198 @@ impl ServerEndpoint {
         self.events.pop_front()
     }
 
-    // --- TCP carrier sessions (docs/PROTOCOL.md §7). Interface stubs: issue 12 fills them in. ---
+    // --- TCP carrier sessions (docs/PROTOCOL.md §7) ---
+    //
+    // A carrier session lives in the same session map as a datagram session (same user
+    // accounting, caps, device limits, receive budget, timers and events) but has no tokens and
+    // never appears in `poll_transmit_batch`: its frames come out of `poll_transmit_frame`, and
+    // `poll_carrier_ready` names the sessions that may have some. Ordering at the end: a CLOSE
+    // frame (ours, after `close_session`/`close_user`/a violation) is returned by
+    // `poll_transmit_frame` *before* the session is removed and its `SessionClosed` event queued,
+    // so a loop that writes every frame it got and then acts on `SessionClosed` (flush the
+    // connection's write buffer, then FIN) never loses the CLOSE. An idle timeout or a peer's
+    // CLOSE ends the session with nothing left to send.
 
-    /// The hello tags as the TCP gate needs them (`HelloGate::step`).
-    pub fn carrier_directory(&self) -> CarrierDirectory<'_> {
+    /// The hello tags as the TCP gate needs them (`HelloGate::step`), after moving the tag
+    /// table to `unix_secs` (a TCP-only server has no datagrams to do it).
+    pub fn carrier_directory(&mut self, unix_secs: u64) -> CarrierDirectory<'_> {
+        self.tags.advance(unix_secs);
         CarrierDirectory { endpoint: self }
     }
 
     /// A whole hello record (the gate's `GateStep::Hello { user, len }`: `record` is its first
     /// `len` bytes) from a TCP connection of `peer`: authenticated like a datagram hello (§3.3
-    /// steps 4–10). On `Accepted`/`Refused` the reply record is written into `reply` (at least
-    /// `carrier::records::MAX_REPLY_RECORD` bytes).
+    /// steps 4–10: the user's and the server's handshake buckets, the XAEAD open, version and
+    /// type, the clock window, the record of answered hellos shared with UDP, the restart floor,
+    /// the user's state, device limit and the session caps). On `Accepted`/`Refused` the reply
+    /// record is written into `reply` (at least `carrier::records::MAX_REPLY_RECORD` bytes;
+    /// shorter: `NotOstp`). `record` is decrypted in place.
     pub fn handle_carrier_hello(
         &mut self,
-        _now: Instant,
-        _peer: SocketAddr,
-        _user: UserId,
-        _record: &mut [u8],
-        _reply: &mut [u8],
+        now: Instant,
+        unix_secs: u64,
+        peer: SocketAddr,
+        user: UserId,
+        record: &mut [u8],
+        reply: &mut [u8],
     ) -> CarrierHello {
-        CarrierHello::NotOstp
+        self.tags.advance(unix_secs);
+        if reply.len() < records::MAX_REPLY_RECORD {
+            return CarrierHello::NotOstp;
+        }
+        let Some((hello, head)) = self.admit_carrier_hello(now, unix_secs, user, record) else {
+            return CarrierHello::NotOstp;
+        };
+        let Some(psk) = self.users.get(&user.0).map(|u| u.keys.psk) else {
+            return CarrierHello::NotOstp;
+        };
+        let next_session = SessionId(self.next_session);
+        let answer = self.decide_hello(now, unix_secs, &psk, (user, &hello), Wire::Carrier, peer);
+        let pad = self.config.reply_pad_max;
+        let written = records::write_reply(&psk, &head, &hello, &answer, pad, &mut self.rng, reply);
+        let Some(reply_len) = written else {
+            // Unreachable (the buffer was checked); never leave a session without its reply.
+            if matches!(answer, Reply::Accept { .. }) {
+                self.remove_session(next_session);
+            }
+            return CarrierHello::NotOstp;
+        };
+        self.stats.replies_sent += 1;
+        match answer {
+            Reply::Accept { .. } => CarrierHello::Accepted {
+                session: next_session,
+                reply_len,
+            },
+            Reply::Refuse { .. } => CarrierHello::Refused { reply_len },
+        }
+    }
+
+    /// The gates of a carrier hello before it is decided; `Some` once it is recorded as answered.
+    fn admit_carrier_hello(
+        &mut self,
+        now: Instant,
+        unix_secs: u64,
+        user: UserId,
+        record: &mut [u8],
+    ) -> Option<(Hello, [u8; records::HELLO_HEAD])> {
+        let tag = record
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)?;
+        let found = self.tags.lookup(tag).filter(|f| f.user == user)?;
+        let Some(fingerprint) = hello_fingerprint(record) else {
+            self.stats.hello_bad += 1;
+            self.stats.hello_malformed += 1;
+            return None;
+        };
+        if !self.admit_unopened(now, found, fingerprint) {
+            return None;
+        }
+        let hello_key = self.users.get(&user.0)?.keys.hello_key;
+        let Ok((hello, head)) = records::open_hello(&hello_key, record) else {
+            self.stats.hello_bad += 1;
+            self.stats.hello_auth_failed += 1;
+            return None;
+        };
+        if !self.admit_opened(unix_secs, found, fingerprint, &hello) {
+            return None;
+        }
+        Some((hello, head))
+    }
+
+    /// Whether `session` is a live carrier session.
+    pub fn is_carrier_session(&self, session: SessionId) -> bool {
+        self.sessions.get(&session.0).is_some_and(|e| e.carrier)
     }
 
     /// Bytes read from the TCP connection of carrier session `session` (everything after the
     /// hello record, in order, possibly partial frames): opens every whole frame in place and
     /// hands its payload to the session. Returns how many leading bytes were consumed (the
     /// caller keeps the rest and appends to it). `Err`: the connection broke its framing (§7.4
-    /// failure): the session is closed; the caller discards the connection's input until a random
-    /// deadline, then FINs.
+    /// failure): the session is closed at once (`SessionClosed` with `ProtocolViolation`, no
+    /// CLOSE sent) — or `session` is no live carrier session (nothing to close); either way the
+    /// caller discards the connection's input until a random deadline, then FINs.
     pub fn handle_carrier_input(
         &mut self,
-        _now: Instant,
-        _session: SessionId,
-        _input: &mut [u8],
-    ) -> Result<usize, crate::proto::carrier::FrameError> {
-        Ok(0)
+        now: Instant,
+        session: SessionId,
+        input: &mut [u8],
+    ) -> Result<usize, FrameError> {
+        let Some(entry) = self.sessions.get_mut(&session.0).filter(|e| e.carrier) else {
+            return Err(FrameError::Failed);
+        };
+        let before = entry.session.secure_stats().packets_received;
+        match entry.session.handle_frames(now, input) {
+            Ok(consumed) => {
+                if entry.session.secure_stats().packets_received > before {
+                    entry.confirmed = true;
+                }
+                self.touch(session);
+                self.after_activity(session);
+                Ok(consumed)
+            }
+            Err(e) => {
+                self.stats.data_dropped += 1;
+                match e {
+                    FrameError::Length => self.stats.data_malformed += 1,
+                    FrameError::Auth | FrameError::Failed => self.stats.data_auth_failed += 1,
+                }
+                self.drop_carrier_session(session, CloseReason::ProtocolViolation);
+                Err(e)
+            }
+        }
     }
 
-    /// A carrier session that may have frames to send (each session is queued once until
-    /// [`ServerEndpoint::poll_transmit_frame`] returns `None` for it).
+    /// The TCP connection of carrier session `session` ended (FIN, RST, error): the session ends
+    /// at once with `reason` (`SessionClosed` follows; nothing more can be sent).
+    pub fn carrier_connection_lost(&mut self, session: SessionId, reason: CloseReason) {
+        if self.is_carrier_session(session) {
+            self.drop_carrier_session(session, reason);
+        }
+    }
+
+    fn drop_carrier_session(&mut self, session: SessionId, reason: CloseReason) {
+        self.after_activity(session);
+        if let Some(entry) = self.sessions.get_mut(&session.0) {
+            entry.close_reason.get_or_insert(reason);
+        }
+        self.remove_session(session);
+    }
+
+    /// A carrier session that may have frames to send. Each session is named once, then not
+    /// again until [`ServerEndpoint::poll_transmit_frame`] returned `None` for it (a caller that
+    /// polls a session it was not given may see it named once more: harmless); the caller
+    /// keeps polling a named session (when its connection is writable again, if it stopped for
+    /// backpressure) until `None`.
     pub fn poll_carrier_ready(&mut self) -> Option<SessionId> {
+        self.process_dirty();
+        while let Some(id) = self.carrier_ready.pop_front() {
+            if self.sessions.contains_key(&id.0) {
+                return Some(id);
+            }
+        }
         None
     }
 
     /// The next sealed frame of carrier session `session` written to `buf` (at least
-    /// `carrier::MAX_FRAME_LEN` bytes); its length, or `None` when it has nothing to send now.
-    /// The caller asks only while the connection's bounded write buffer has room (backpressure).
+    /// `carrier::MAX_FRAME_LEN` bytes); its length, or `None` when it has nothing to send now
+    /// (or is gone). The caller asks only while the connection's bounded write buffer has room
+    /// (backpressure). A CLOSE frame is the session's last: it is removed right after
+    /// (`SessionClosed` queued), see the ordering note above.
     pub fn poll_transmit_frame(
         &mut self,
-        _now: Instant,
-        _session: SessionId,
-        _buf: &mut [u8],
+        now: Instant,
+        session: SessionId,
+        buf: &mut [u8],
     ) -> Option<usize> {
-        None
+        self.process_dirty();
+        let entry = self.sessions.get_mut(&session.0).filter(|e| e.carrier)?;
+        let sent = entry.session.poll_transmit_frame(now, buf);
+        if sent.is_none() {
+            entry.queued = false;
+        }
+        self.after_activity(session);
+        sent
     }
 }
 

@@ -8,6 +8,8 @@
 //! half-close, reset), keepalive, idle timeout and graceful close. Packet protection
 //! (encryption, packet-number hiding, padding) belongs to the layer below, which hands us
 //! authenticated payloads with their packet numbers and asks us for the next payload to send.
+//! Over the TCP carrier ([`Transport::new_reliable`], docs/PROTOCOL.md §7.5) a packet written
+//! counts as delivered: no ACKs, retransmission, loss detection, congestion control or pacing.
 //!
 //! Nothing here reads the clock, touches sockets or allocates per packet on the data path.
 //! Every buffer is bounded by [`TransportConfig`].
@@ -321,6 +323,8 @@ pub struct TransportStats {
     pub packets_sent: u64,
     /// Packets sent that carried nothing but an ACK (and padding).
     pub ack_only_sent: u64,
+    /// ACK frames sent (alone or with other frames; always 0 over a reliable carrier).
+    pub ack_frames_sent: u64,
     pub packets_received: u64,
     pub packets_lost: u64,
     /// Packets declared lost that were acknowledged later (reordering).
@@ -330,6 +334,8 @@ pub struct TransportStats {
     pub pto_count: u64,
     /// Stream bytes sent for the first time / sent again.
     pub stream_bytes_sent: u64,
+    /// Stream bytes queued again after a loss: the inner retransmissions (always 0 over a
+    /// reliable carrier, where nothing is ever declared lost).
     pub stream_bytes_retransmitted: u64,
     /// Stream bytes delivered to the application.
     pub stream_bytes_received: u64,
@@ -420,9 +426,31 @@ pub struct Transport {
     events: VecDeque<TransportEvent>,
 
     stats: TransportStats,
+
+    /// Reliable-carrier mode (docs/PROTOCOL.md §7.5): every packet written counts as delivered.
+    reliable: bool,
 }
 
 impl Transport {
+    /// A transport for a reliable carrier (the TCP carrier, docs/PROTOCOL.md §7.5): a packet
+    /// written counts as delivered at once (its frames are acknowledged on the spot, so stream
+    /// data leaves the send buffer); nothing is retransmitted; no loss detection, PTO,
+    /// congestion window, pacer or path-MTU discovery (every packet may take `max_payload`);
+    /// no ACK frames are sent and received ones are ignored. Flow control, keepalive, idle
+    /// timeout, CLOSE and datagrams work as on UDP; a CLOSE written ends the session at once.
+    pub fn new_reliable(mut config: TransportConfig, side: Side, now: Instant) -> Self {
+        config.pmtu_max_payload = config.max_payload;
+        config.pmtu_floor_payload = config.max_payload;
+        let mut transport = Self::new(config, side, now);
+        transport.reliable = true;
+        transport
+    }
+
+    /// Whether this transport runs in reliable-carrier mode ([`Transport::new_reliable`]).
+    pub fn is_reliable(&self) -> bool {
+        self.reliable
+    }
+
     pub fn new(config: TransportConfig, side: Side, now: Instant) -> Self {
         let config = config.sanitized();
         let cc = Bbr::new(
@@ -477,6 +505,7 @@ impl Transport {
             events: VecDeque::new(),
             stats: TransportStats::default(),
             config,
+            reliable: false,
         }
     }
 
@@ -531,7 +560,9 @@ impl Transport {
         }
         self.stats.packets_received += 1;
         self.timers.set(Timer::Idle, now + self.config.idle_timeout);
-        self.on_packet_received(now, pn, ack_eliciting);
+        if !self.reliable {
+            self.on_packet_received(now, pn, ack_eliciting);
+        }
         Ok(())
     }
 
@@ -556,6 +587,8 @@ impl Transport {
     ) -> Result<FrameOutcome, TransportError> {
         match frame {
             Frame::Padding | Frame::Ping => {}
+            // Over a reliable carrier every packet was delivered when written: ACKs mean nothing.
+            Frame::Ack(_) if self.reliable => {}
             Frame::Ack(ack) => self.on_ack_frame(now, &ack)?,
             Frame::StreamOpen { id, dest } => {
                 self.streams
@@ -861,6 +894,9 @@ impl Transport {
             State::Closing { reason } => return self.transmit_close(reason, &mut buf[..max]),
             State::Open => {}
         }
+        if self.reliable {
+            return self.transmit_reliable(now, &mut buf[..max]);
+        }
         let ack_due = self.acks.is_due()
             || (self.acks.is_needed() && self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
@@ -930,6 +966,29 @@ impl Transport {
         Some((pn, size))
     }
 
+    /// Reliable-carrier mode: writes what is pending (flow control permitting) and treats the
+    /// packet as acknowledged at once. No sent-packet log, no bytes in flight, no ACK.
+    fn transmit_reliable(&mut self, now: Instant, buf: &mut [u8]) -> Option<(u64, usize)> {
+        if !self.has_pending_eliciting() {
+            return None;
+        }
+        let mut w = Writer::new(buf);
+        let mut packet = SentPacket::new(now, congestion::DeliverySnapshot::new(now));
+        if !self.write_frames(&mut w, &mut packet) {
+            return None;
+        }
+        let pn = self.next_pn;
+        self.next_pn += 1;
+        for f in packet.frames() {
+            self.streams.on_frame_acked(*f);
+        }
+        self.streams.wake_writers(&mut self.events);
+        self.timers
+            .set(Timer::KeepAlive, now + self.config.keepalive_interval);
+        self.stats.packets_sent += 1;
+        Some((pn, w.len()))
+    }
+
     fn transmit_close(&mut self, reason: CloseReason, buf: &mut [u8]) -> Option<(u64, usize)> {
         if !self.close_pending {
             return None;
@@ -947,6 +1006,10 @@ impl Transport {
         let pn = self.next_pn;
         self.next_pn += 1;
         self.stats.packets_sent += 1;
+        if self.reliable {
+            // Delivered once written: nothing to repeat, nothing to wait for.
+            self.enter_closed(reason, false);
+        }
         Some((pn, w.len()))
     }
 
@@ -957,6 +1020,7 @@ impl Transport {
         let delay = now.saturating_duration_since(largest_time).as_micros() as u64;
         let ranges = self.acks.ranges().map(|r| (r.start, r.end - 1));
         if frame::encode_ack(w, delay, ranges, MAX_ACK_RANGES_SENT).is_some() {
+            self.stats.ack_frames_sent += 1;
             self.acks.on_ack_sent();
             self.timers.stop(Timer::AckDelay);
         }
@@ -1046,6 +1110,7 @@ impl Transport {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timers = self.timers.next_timeout();
         let pacing = (self.state == State::Open
+            && !self.reliable
             && self.has_pending_eliciting()
             && self.window_open()
             && !self.pacer.can_send(self.last_now))
@@ -1327,6 +1392,55 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reliable-carrier mode: an ACK (even of a packet never sent, a violation on UDP) is
+    /// ignored, nothing is acknowledged back, and written stream data leaves the send buffer at
+    /// once with no timer armed for it.
+    #[test]
+    fn a_reliable_transport_ignores_acks_and_counts_written_as_delivered() {
+        let now = Instant::now();
+        let config = TransportConfig {
+            max_payload: 16 * 1024,
+            ..TransportConfig::default()
+        };
+        let mut t = Transport::new_reliable(config.clone(), Side::Client, now);
+        let mut peer = Transport::new_reliable(config, Side::Server, now);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut w = Writer::new(&mut buf);
+        frame::encode_ack(&mut w, 0, [(900, 1000)].into_iter(), 4).unwrap();
+        w.put_u8(frame::FRAME_PING).unwrap();
+        let len = w.len();
+        t.handle_payload(now, 0, &buf[..len]).unwrap();
+        assert!(!t.is_closing());
+        let id = t
+            .open_stream(Destination::domain("example.com", 443).unwrap())
+            .unwrap();
+        assert_eq!(t.stream_write(id, &[7; 40_000]).unwrap(), 40_000);
+        let mut sent = 0;
+        while let Some((pn, len)) = t.poll_transmit(now, &mut buf) {
+            assert!(len <= 16 * 1024);
+            peer.handle_payload(now, pn, &buf[..len]).unwrap();
+            sent += 1;
+        }
+        assert!(sent >= 3, "40 KB in 16 KiB packets: {sent}");
+        assert_eq!(t.send_buffered(), 0);
+        let stats = t.stats();
+        assert_eq!((stats.bytes_in_flight, stats.ack_frames_sent), (0, 0));
+        // Only the keepalive and idle timers: no ACK delay, loss detection, PTO or pacing.
+        assert!(t.poll_timeout().unwrap() >= now + Duration::from_secs(15));
+        assert!(peer.poll_timeout().unwrap() >= now + Duration::from_secs(15));
+        while let Some((_, len)) = peer.poll_transmit(now, &mut buf) {
+            let mut r = Reader::new(&buf[..len]);
+            while !r.is_empty() {
+                let f = frame::parse_frame(&mut r).unwrap();
+                assert!(
+                    !matches!(f, Frame::Ack(_)),
+                    "no ACK over a reliable carrier"
+                );
+            }
+        }
+        assert_eq!(peer.stats().ack_frames_sent, 0);
+    }
 
     /// A client sending one bulk stream to a server over a 20 ms RTT path without other
     /// impairments (packets in `lost` vanish), both running their timers, time advancing in

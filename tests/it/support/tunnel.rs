@@ -129,7 +129,12 @@ pub fn new_key() -> String {
 
 /// The `bulk_http` example server on 127.0.0.1 (runs until the test process exits).
 pub fn start_http() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    start_http_on(Ipv4Addr::LOCALHOST)
+}
+
+/// The `bulk_http` example server on `ip` (e.g. `0.0.0.0`, for a server in a namespace).
+pub fn start_http_on(ip: Ipv4Addr) -> u16 {
+    let listener = TcpListener::bind((ip, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || bulk_http::serve(listener));
     port
@@ -324,9 +329,19 @@ pub struct ServerSpec {
     pub extra: Value,
     /// Extra environment variables of the server process (test-only hooks).
     pub env: Vec<(String, String)>,
+    /// Run inside this network namespace (`support::netns`), listening (tunnel and API) on this
+    /// address of it instead of 127.0.0.1.
+    pub netns: Option<(String, Ipv4Addr)>,
+    /// Also listen on TCP (the carrier, docs/PROTOCOL.md §7) on the tunnel's port number.
+    pub tcp_carrier: bool,
 }
 
 impl ServerSpec {
+    /// The address the server listens on.
+    pub fn host(&self) -> Ipv4Addr {
+        self.netns.as_ref().map_or(Ipv4Addr::LOCALHOST, |(_, a)| *a)
+    }
+
     pub fn new(key: &str) -> Self {
         ServerSpec {
             config_keys: vec![(key.to_string(), None)],
@@ -334,6 +349,8 @@ impl ServerSpec {
             api: true,
             extra: json!({}),
             env: Vec::new(),
+            netns: None,
+            tcp_carrier: false,
         }
     }
 }
@@ -363,7 +380,7 @@ impl Server {
                     return Server {
                         proc,
                         dir,
-                        udp: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                        udp: SocketAddr::from((spec.host(), port)),
                         api,
                         spec,
                         api_port,
@@ -389,21 +406,34 @@ impl Server {
                 None => json!(k),
             })
             .collect();
+        let host = spec.host();
         let mut cfg = json!({
             "mode": "server",
-            "listen": format!("127.0.0.1:{udp_port}"),
+            "listen": format!("{host}:{udp_port}"),
             "access_keys": keys,
-            "api": {"enabled": spec.api, "bind": format!("127.0.0.1:{api_port}"), "token": TOKEN},
+            "api": {"enabled": spec.api, "bind": format!("{host}:{api_port}"), "token": TOKEN},
             "state_file": "state.json",
             "log_level": "info",
             "allow_private_destinations": spec.allow_private,
         });
+        if spec.tcp_carrier {
+            cfg["listen_tcp"] = json!(format!("{host}:{udp_port}"));
+        }
         if let (Value::Object(c), Value::Object(e)) = (&mut cfg, spec.extra.clone()) {
             c.extend(e);
         }
         let path = dir.path().join("config.json");
         std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-        let mut cmd = ostp_command(&path);
+        let mut cmd = match &spec.netns {
+            Some((ns, _)) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ostp"), "--config"])
+                    .arg(&path)
+                    .env_remove("RUST_LOG");
+                cmd
+            }
+            None => ostp_command(&path),
+        };
         cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn("server", cmd);
         let ready = proc.wait_line(START_TIMEOUT, |l| {
