@@ -185,11 +185,20 @@ fn uot_hundred_parallel_downloads_are_intact() {
 }
 
 #[test]
-fn uot_carries_udp_associate_datagrams() {
+fn uot_reaches_the_same_port_and_carries_udp_associate_datagrams() {
     let echo = start_udp_echo();
     let key = new_key();
-    let (_server, tcp) = server_with_tcp(&key);
-    let (c, _blackhole) = uot_client(&key, tcp);
+    // The server listens on TCP on its UDP port number; the client has no `tcp_port`.
+    let mut spec = ServerSpec::new(&key);
+    spec.tcp_carrier = true;
+    let server = Server::start(spec);
+    let transport = json!({ "transport": { "mode": "uot" } });
+    let c = Client::spawn(server.udp, &key, transport);
+    c.proc
+        .wait_line(Duration::from_secs(20), |l| {
+            connected_over_tcp(l) && l.contains(&format!("({})", server.udp))
+        })
+        .unwrap_or_else(|| panic!("no TCP session on the same port:\n{}", c.proc.log_text()));
     let (_control, relay) = socks5_udp_associate(c.proxy);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(500)))
