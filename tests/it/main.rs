@@ -11,6 +11,7 @@ mod api_hardening;
 mod api_http;
 mod bulk_http;
 mod bulk_ops;
+mod carrier_client;
 mod cli;
 mod client_hardening;
 mod devices;
