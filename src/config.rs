@@ -25,6 +25,8 @@ const MAX_LOCAL_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_MAX_SESSIONS: u32 = 1024;
 /// Default number of simultaneous sessions per user.
 pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 32;
+/// Default bound on TCP connections undecided or being discarded (and on fallback splices).
+pub const DEFAULT_MAX_UNAUTHENTICATED_TCP: u32 = 256;
 /// Most sessions a client may spread its streams over.
 pub const MAX_MUX_SESSIONS: u32 = 16;
 
@@ -222,6 +224,20 @@ pub struct ServerConfig {
     pub limits: ServerLimits,
     /// GSO/GRO on the listen sockets.
     pub udp_offload: UdpOffload,
+    /// TCP addresses of the TCP carrier (docs/PROTOCOL.md §7); empty: no TCP listener.
+    pub listen_tcp: Vec<SocketAddr>,
+    /// Where TCP connections that are not OSTP are spliced; `None`: read and discarded.
+    pub fallback: Option<FallbackConfig>,
+    /// TCP connections undecided or being discarded at once (beyond: the oldest is closed); also
+    /// the most fallback splices at once.
+    pub max_unauthenticated_tcp: u32,
+}
+
+/// The `fallback` block: the website that TCP connections which are not OSTP are handed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackConfig {
+    /// An IP address and port (no name: nothing is resolved on the tunnel loop).
+    pub target: SocketAddr,
 }
 
 impl ServerConfig {
@@ -567,36 +583,40 @@ fn parse_socket_addr(obj: &Obj, field: &str, s: &str) -> Result<SocketAddr, Conf
     })
 }
 
-fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
-    let listen = match obj.take("listen") {
-        None | Some(Value::Null) => {
-            vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))]
-        }
-        Some(Value::String(s)) => vec![parse_socket_addr(&obj, "listen", &s)?],
+/// A `host:port` string or a non-empty list of them without duplicates (`listen`,
+/// `listen_tcp`); `None` when the field is absent. Port 0 is refused.
+fn parse_addr_list(
+    ctx: &Ctx,
+    obj: &mut Obj,
+    name: &str,
+) -> Result<Option<Vec<SocketAddr>>, ConfigError> {
+    let list = match obj.take(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => vec![parse_socket_addr(obj, name, &s)?],
         Some(Value::Array(items)) => {
             let mut out = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
-                let field = format!("listen[{i}]");
+                let field = format!("{name}[{i}]");
                 let Value::String(s) = item else {
                     return Err(ctx.err(
                         &field,
                         &format!("must be a string, not {}", type_name(&item)),
                     ));
                 };
-                let addr = parse_socket_addr(&obj, &field, &s)?;
+                let addr = parse_socket_addr(obj, &field, &s)?;
                 if out.contains(&addr) {
                     return Err(ctx.err(&field, &format!("{addr} is listed twice")));
                 }
                 out.push(addr);
             }
             if out.is_empty() {
-                return Err(ctx.err("listen", "the list is empty; give at least one host:port"));
+                return Err(ctx.err(name, "the list is empty; give at least one host:port"));
             }
             out
         }
         Some(v) => {
             return Err(ctx.err(
-                "listen",
+                name,
                 &format!(
                     "must be a \"host:port\" string or a list of them, not {}",
                     type_name(&v)
@@ -604,9 +624,46 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
             ));
         }
     };
-    if let Some(a) = listen.iter().find(|a| a.port() == 0) {
-        return Err(ctx.err("listen", &format!("{a}: the port must not be 0")));
+    if let Some(a) = list.iter().find(|a| a.port() == 0) {
+        return Err(ctx.err(name, &format!("{a}: the port must not be 0")));
     }
+    Ok(Some(list))
+}
+
+/// `fallback`: `{"target": "IP:port"}`, where connections to `listen_tcp` that are not OSTP go.
+fn parse_fallback(obj: &mut Obj) -> Result<Option<FallbackConfig>, ConfigError> {
+    let Some(mut f) = obj.opt_obj("fallback")? else {
+        return Ok(None);
+    };
+    let target = f.req_str("target")?;
+    let target = target.parse().map_err(|_| {
+        f.err(
+            "target",
+            &format!("{target:?} is not an IP address with a port (like \"127.0.0.1:8080\")"),
+        )
+    })?;
+    f.finish()?;
+    Ok(Some(FallbackConfig { target }))
+}
+
+fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
+    let listen = parse_addr_list(ctx, &mut obj, "listen")?
+        .unwrap_or_else(|| vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))]);
+    let listen_tcp = parse_addr_list(ctx, &mut obj, "listen_tcp")?.unwrap_or_default();
+    let fallback = parse_fallback(&mut obj)?;
+    if fallback.is_some() && listen_tcp.is_empty() {
+        return Err(ctx.err(
+            "fallback",
+            "is set but listen_tcp is not: the fallback serves connections to the TCP listener",
+        ));
+    }
+    let max_unauthenticated_tcp = bounded_u32(
+        &mut obj,
+        "max_unauthenticated_tcp",
+        DEFAULT_MAX_UNAUTHENTICATED_TCP,
+        1,
+        65_536,
+    )?;
 
     let mut access_keys: Vec<AccessKeyEntry> = Vec::new();
     match obj.take("access_keys") {
@@ -766,6 +823,9 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         max_sessions_per_user,
         limits,
         udp_offload,
+        listen_tcp,
+        fallback,
+        max_unauthenticated_tcp,
     })
 }
 
@@ -1032,6 +1092,7 @@ pub fn server_template(access_key: &str, api_token: &str) -> String {
     let v = serde_json::json!({
         "mode": "server",
         "listen": format!("0.0.0.0:{DEFAULT_PORT}"),
+        "listen_tcp": format!("0.0.0.0:{DEFAULT_PORT}"),
         "access_keys": [access_key],
         "api": { "enabled": true, "bind": DEFAULT_API_BIND, "token": api_token },
         "public_host": "",
@@ -1191,6 +1252,84 @@ mod tests {
         assert_eq!(s.state_file, PathBuf::from("/etc/ostp/state/s.json"));
         assert_eq!(s.public_host.as_deref(), Some("vpn.example.com"));
         assert_eq!(s.log_level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let s = server(include_str!("../config.json.example"));
+        assert_eq!(s.listen_tcp, s.listen);
+        assert!(s.fallback.is_some());
+    }
+
+    #[test]
+    fn tcp_carrier_fields_parse_like_listen_and_name_the_field() {
+        let s = server(r#"{"mode": "server"}"#);
+        assert!(s.listen_tcp.is_empty(), "no TCP listener unless asked");
+        assert_eq!(s.fallback, None);
+        assert_eq!(s.max_unauthenticated_tcp, 256);
+        let s = server(
+            r#"{"mode": "server", "listen_tcp": "0.0.0.0:443",
+                "fallback": {"target": "127.0.0.1:8080"}, "max_unauthenticated_tcp": 10}"#,
+        );
+        assert_eq!(s.listen_tcp, ["0.0.0.0:443".parse().unwrap()]);
+        let target = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(s.fallback, Some(FallbackConfig { target }));
+        assert_eq!(s.max_unauthenticated_tcp, 10);
+        let s = server(r#"{"mode": "server", "listen_tcp": ["0.0.0.0:443", "[::]:443"]}"#);
+        assert_eq!(s.listen_tcp.len(), 2);
+        for (text, field, problem) in [
+            (r#""listen_tcp": []"#, "listen_tcp", "empty"),
+            (r#""listen_tcp": 443"#, "listen_tcp", "a list of them"),
+            (
+                r#""listen_tcp": "0.0.0.0:0""#,
+                "listen_tcp",
+                "must not be 0",
+            ),
+            (
+                r#""listen_tcp": ["1.2.3.4:5", 6]"#,
+                "listen_tcp[1]",
+                "a string",
+            ),
+            (
+                r#""listen_tcp": ["1.2.3.4:5", "1.2.3.4:5"]"#,
+                "listen_tcp[1]",
+                "twice",
+            ),
+            (
+                r#""listen_tcp": "example.com:443""#,
+                "listen_tcp",
+                "IP address",
+            ),
+            (
+                r#""listen_tcp": "0.0.0.0:1", "fallback": {"target": "localhost:80"}"#,
+                "fallback.target",
+                "IP address with a port",
+            ),
+            (
+                r#""listen_tcp": "0.0.0.0:1", "fallback": {}"#,
+                "fallback.target",
+                "required",
+            ),
+            (
+                r#""listen_tcp": "0.0.0.0:1", "fallback": {"target": "127.0.0.1:80", "x": 1}"#,
+                "fallback.x",
+                "unknown field",
+            ),
+            (
+                r#""fallback": {"target": "127.0.0.1:80"}"#,
+                "fallback",
+                "listen_tcp is not",
+            ),
+            (
+                r#""max_unauthenticated_tcp": 0"#,
+                "max_unauthenticated_tcp",
+                "range",
+            ),
+        ] {
+            let e = p(&format!(r#"{{"mode": "server", {text}}}"#)).unwrap_err();
+            assert_eq!(e.field, field, "{text}: {e}");
+            assert!(e.problem.contains(problem), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -1508,6 +1647,8 @@ mod tests {
     fn templates_parse() {
         let s = server(&server_template(KEY, "tok"));
         assert!(s.api.enabled);
+        // One share link serves both carriers: TCP on the same port number as UDP.
+        assert_eq!(s.listen_tcp, s.listen);
         assert_eq!(s.public_host, None);
         assert!(matches!(
             p(&client_template("[::1]:5", KEY)).unwrap(),

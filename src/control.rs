@@ -27,6 +27,9 @@ pub enum ControlMsg {
     AllowPrivateDestinations(bool),
     /// The management API listens on this address: the destination guard refuses it always.
     ApiBound(std::net::SocketAddr),
+    /// `fallback.target` changed (SIGHUP): where TCP connections found not to be OSTP from now
+    /// on are spliced (`None`: discarded); splices already running stay.
+    Fallback(Option<std::net::SocketAddr>),
     /// Stop the loop.
     Shutdown,
 }

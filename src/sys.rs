@@ -75,6 +75,61 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
 }
 
+/// A TCP listener (`SO_REUSEADDR`, backlog 1,024); IPv6 listeners are v6-only, like
+/// [`bind_udp`], so `0.0.0.0:P` and `[::]:P` can both be listened on.
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check(raw)?;
+    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let rc = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: an all-zero sockaddr_in is a valid value; we fill in every meaningful field.
+            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            // SAFETY: `sa` is a valid sockaddr_in and the length matches its type.
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+            // SAFETY: an all-zero sockaddr_in6 is a valid value; we fill in every meaningful field.
+            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_flowinfo = a.flowinfo();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            sa.sin6_scope_id = a.scope_id();
+            // SAFETY: `sa` is a valid sockaddr_in6 and the length matches its type.
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    check(rc)?;
+    // SAFETY: `fd` is a bound stream socket.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
 /// Sets "don't fragment" on a tunnel UDP socket and tells the kernel not to apply its cached path
 /// MTU (`IP_PMTUDISC_PROBE` / `IPV6_PMTUDISC_PROBE`): a datagram too large for the path is dropped
 /// by the network (or refused with `EMSGSIZE` above the device's MTU) instead of being fragmented

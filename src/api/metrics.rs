@@ -12,6 +12,7 @@ use super::errors::ApiError;
 use super::http::{Request, Response};
 use super::{ApiContext, auth, routes};
 use crate::keys;
+use crate::tunnel::carrier_conns::NOT_OSTP_REASONS;
 use crate::tunnel::stats::{REFUSAL_REASONS, SharedTunnelStats, lock_stats};
 use crate::users::User;
 use crate::users::persist::lock_users;
@@ -334,6 +335,20 @@ fn render_tunnel(out: &mut Exposition, ctx: &ApiContext) {
         &[("kind", "datagram")],
         t.datagram_destinations_refused,
     );
+    render_tcp(out, &t.tcp);
+    let name = "ostp_retransmitted_bytes_total";
+    out.family(
+        name,
+        "counter",
+        "Stream bytes the tunnel sent again after a loss, by carrier (over TCP always 0: TCP \
+         retransmits, the tunnel inside never does).",
+    );
+    for (carrier, n) in [
+        ("udp", t.endpoint.retransmitted_bytes_udp),
+        ("tcp", t.endpoint.retransmitted_bytes_tcp),
+    ] {
+        out.sample(name, &[("carrier", carrier)], n);
+    }
     out.single(
         "ostp_loop_wakeups_total",
         "counter",
@@ -347,6 +362,59 @@ fn render_tunnel(out: &mut Exposition, ctx: &ApiContext) {
             "When the tunnel loop last published these counters (about once per second).",
             t.published_unix,
         );
+    }
+}
+
+/// The TCP carrier's counters (all zero without `listen_tcp`).
+fn render_tcp(out: &mut Exposition, t: &crate::tunnel::stats::TcpStats) {
+    out.single(
+        "ostp_tcp_connections_accepted_total",
+        "counter",
+        "TCP connections accepted on the listen_tcp addresses.",
+        t.accepted,
+    );
+    out.single(
+        "ostp_tcp_carrier_sessions_total",
+        "counter",
+        "Hellos over TCP answered with an accept (sessions carried over TCP).",
+        t.sessions,
+    );
+    let name = "ostp_tcp_not_ostp_total";
+    out.family(
+        name,
+        "counter",
+        "TCP connections found not to be OSTP (probes, replays, broken carriers), by reason.",
+    );
+    for (reason, n) in NOT_OSTP_REASONS.iter().zip(t.not_ostp) {
+        out.sample(name, &[("reason", reason)], n);
+    }
+    let name = "ostp_tcp_strangers_total";
+    out.family(
+        name,
+        "counter",
+        "What not-OSTP TCP connections got: the fallback, a failed fallback connect (then \
+         discarded), read-and-discard, or closed early at max_unauthenticated_tcp.",
+    );
+    for (fate, n) in [
+        ("fallback", t.fallback_splices),
+        ("fallback_failed", t.fallback_failed),
+        ("discarded", t.discards),
+        ("evicted", t.evicted),
+    ] {
+        out.sample(name, &[("fate", fate)], n);
+    }
+    let name = "ostp_tcp_connections";
+    out.family(
+        name,
+        "gauge",
+        "TCP connections now: undecided or discarding, carrying a session, spliced to the fallback.",
+    );
+    for (state, n) in [
+        ("unauthenticated", t.unauthenticated),
+        ("carrier", t.carriers),
+        ("fallback", t.splices),
+    ] {
+        out.sample(name, &[("state", state)], n);
     }
 }
 

@@ -141,11 +141,9 @@ pub fn offer(udp_port: u16, tcp_port: Option<u16>) -> Offer {
     }
 }
 
-/// The server's TCP carrier port, if it has one. Hook (issue 12): the server's `listen_tcp` is
-/// added on another branch; until it is merged here, the server offers UDP only. Once merged:
-/// `config.listen_tcp.first().map(|a| a.port())`.
-fn tcp_carrier_port(_config: &ServerConfig) -> Option<u16> {
-    None
+/// The server's TCP carrier port (its first `listen_tcp` address), if it listens on TCP.
+fn tcp_carrier_port(config: &ServerConfig) -> Option<u16> {
+    config.listen_tcp.first().map(|a| a.port())
 }
 
 /// Answers a subscribe request.

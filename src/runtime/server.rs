@@ -38,6 +38,9 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     for (l, bound) in cfg.listen.iter_mut().zip(&tunnel.local_addrs) {
         l.set_port(bound.port());
     }
+    for (l, bound) in cfg.listen_tcp.iter_mut().zip(&tunnel.tcp_addrs) {
+        l.set_port(bound.port());
+    }
     let shared_cfg = Arc::new(cfg.clone());
     let api = if cfg.api.enabled {
         Some(
@@ -62,7 +65,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
     persister.start_flusher(FLUSH_INTERVAL);
     announce(
         &cfg,
-        &tunnel.local_addrs,
+        (&tunnel.local_addrs, &tunnel.tcp_addrs),
         api.as_ref().map(|a| a.local_addr()),
         &users,
     );
@@ -91,11 +94,19 @@ pub fn run(cfg: ServerConfig) -> Result<(), RunError> {
 
 fn announce(
     cfg: &ServerConfig,
-    tunnel_addrs: &[std::net::SocketAddr],
+    (udp_addrs, tcp_addrs): (&[std::net::SocketAddr], &[std::net::SocketAddr]),
     api_addr: Option<std::net::SocketAddr>,
     users: &users::SharedUsers,
 ) {
-    let listen: Vec<String> = tunnel_addrs.iter().map(|a| a.to_string()).collect();
+    let mut listen: Vec<String> = udp_addrs.iter().map(|a| a.to_string()).collect();
+    if !tcp_addrs.is_empty() {
+        let tcp: Vec<String> = tcp_addrs.iter().map(|a| a.to_string()).collect();
+        listen.push(format!("tcp {}", tcp.join(", ")));
+        match cfg.fallback {
+            Some(f) => log::info!("tcp: connections that are not OSTP go to {}", f.target),
+            None => log::info!("tcp: connections that are not OSTP are read and discarded"),
+        }
+    }
     let (count, first_key) = {
         let table = lock_users(users);
         let first = table.all_keys().into_iter().next().map(|(_, k)| k);
@@ -122,8 +133,8 @@ fn announce(
     }
 }
 
-/// SIGHUP: re-read config.json; apply keys, names, limits, the log level and
-/// `allow_private_destinations`, and name the changed fields that need a restart.
+/// SIGHUP: re-read config.json; apply keys, names, limits, the log level,
+/// `allow_private_destinations` and `fallback`, and name the changed fields that need a restart.
 fn reload(
     current: &mut ServerConfig,
     persister: &users::Persister,
@@ -167,6 +178,14 @@ fn reload(
             fresh.allow_private_destinations
         ));
     }
+    if fresh.fallback != current.fallback {
+        let target = fresh.fallback.map(|f| f.target);
+        control.send(ControlMsg::Fallback(target));
+        applied.push(match target {
+            Some(t) => format!("fallback {t}"),
+            None => "no fallback".to_string(),
+        });
+    }
     let changes = persister.apply_config(&fresh.access_keys, users::now_unix());
     for id in &changes.removed {
         control.send(ControlMsg::UserRemoved(*id));
@@ -191,6 +210,8 @@ fn reload(
     // What is running keeps the old values of the restart-only fields, so that the next reload
     // still tells that they differ.
     fresh.listen = std::mem::take(&mut current.listen);
+    fresh.listen_tcp = std::mem::take(&mut current.listen_tcp);
+    fresh.max_unauthenticated_tcp = current.max_unauthenticated_tcp;
     fresh.api = current.api.clone();
     fresh.metrics = current.metrics.clone();
     fresh.state_file = std::mem::take(&mut current.state_file);
@@ -207,6 +228,11 @@ fn reload(
 fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'static str> {
     let fields = [
         ("listen", running.listen != fresh.listen),
+        ("listen_tcp", running.listen_tcp != fresh.listen_tcp),
+        (
+            "max_unauthenticated_tcp",
+            running.max_unauthenticated_tcp != fresh.max_unauthenticated_tcp,
+        ),
         ("api", running.api != fresh.api),
         ("metrics", running.metrics != fresh.metrics),
         ("state_file", running.state_file != fresh.state_file),
@@ -260,18 +286,34 @@ mod tests {
         assert_eq!(restart_only_changes(&running, &running), Vec::<&str>::new());
         let live = server_config(
             r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
+                "log_level": "debug", "allow_private_destinations": true,
+                "listen_tcp": "127.0.0.1:9000", "fallback": {"target": "127.0.0.1:80"}}"#,
+        );
+        let running_tcp = server_config(
+            r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
+                "listen_tcp": "127.0.0.1:9000"}"#,
+        );
+        assert_eq!(
+            restart_only_changes(&running_tcp, &live),
+            Vec::<&str>::new(),
+            "the fallback target reloads"
+        );
+        assert_eq!(restart_only_changes(&running, &live), ["listen_tcp"]);
+        let live = server_config(
+            r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
                 "log_level": "debug", "allow_private_destinations": true}"#,
         );
         assert_eq!(restart_only_changes(&running, &live), Vec::<&str>::new());
         let fresh = server_config(
             r#"{"mode": "server", "listen": "127.0.0.1:9001", "access_keys": [],
                 "public_host": "vpn.example.com", "max_sessions": 7,
-                "max_sessions_per_user": 3}"#,
+                "max_sessions_per_user": 3, "max_unauthenticated_tcp": 9}"#,
         );
         assert_eq!(
             restart_only_changes(&running, &fresh),
             [
                 "listen",
+                "max_unauthenticated_tcp",
                 "public_host",
                 "max_sessions",
                 "max_sessions_per_user"

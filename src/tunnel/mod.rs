@@ -14,8 +14,11 @@
 //! - [`ledger`]      — the server's per-user traffic policy (sans-IO): budgets, unsynced traffic,
 //!   the limit cut and drain, the sync with the user table.
 //! - [`hello_record`] — the server's record of answered hellos on disk (survives restarts).
-//! - [`server_loop`] — the server's mio event loop: UDP listen sockets, outbound TCP, API control
-//!   messages; carries out the ledger's verdicts.
+//! - [`server_loop`] — the server's mio event loop: UDP listen sockets, TCP carrier connections
+//!   (`server_loop/carrier.rs`), outbound TCP, API control messages; carries out the ledger's
+//!   verdicts.
+//! - [`carrier_conns`] — the pure types behind TCP carrier connections: bounded buffers, the
+//!   deadline heap, the oldest-first bound on strangers, the fallback splice's byte mover.
 //! - [`stats`]       — the server loop's counters, published once per second for `GET /metrics`.
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
@@ -30,6 +33,7 @@
 //!   liveness replacement, demand retries, request and open timeouts.
 
 pub mod carrier_choice;
+pub mod carrier_conns;
 pub mod carrier_link;
 pub mod client_loop;
 pub mod dest_guard;

@@ -18,6 +18,8 @@
 //!   the state file and new users); idle streams are reset, lookups time out, failed names are
 //!   cached briefly.
 
+mod carrier;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::net::TcpStream;
 
+use self::carrier::{CarrierIo, Carriers};
 use super::dest_guard::DestGuard;
 use super::driver;
 use super::driver::core::{LoopCore, LoopThread};
@@ -75,7 +78,7 @@ const IDLE_SWEEP: Duration = Duration::from_secs(1);
 /// most relays (2 sockets each).
 fn quotas_for(cfg: &ServerConfig, nofile: u64) -> (Quotas, usize) {
     let l: &ServerLimits = &cfg.limits;
-    let fixed = cfg.listen.len() as u64 + FIXED_FDS;
+    let fixed = (cfg.listen.len() + cfg.listen_tcp.len()) as u64 + FIXED_FDS;
     let budget = Quotas::fd_budget(nofile, u64::from(l.fd_reserve), fixed);
     let relay_fds = (2 * cfg.max_sessions as usize).min(budget / 4);
     let max_streams = (l.max_streams as usize).min(budget - relay_fds);
@@ -134,6 +137,8 @@ pub struct ServerLoopHandle {
     pub control: ControlSender,
     /// The UDP addresses actually bound (port 0 resolved).
     pub local_addrs: Vec<SocketAddr>,
+    /// The TCP carrier addresses actually bound (`listen_tcp` order).
+    pub tcp_addrs: Vec<SocketAddr>,
     thread: LoopThread,
 }
 
@@ -194,6 +199,17 @@ pub fn start(
     let (control, control_rx) = core.control_channel();
     let mut seed = [0u8; 32];
     keys::fill_random(&mut seed).map_err(|e| StartError(e.to_string()))?;
+    let mut carrier_seed = [0u8; 32];
+    keys::fill_random(&mut carrier_seed).map_err(|e| StartError(e.to_string()))?;
+    let carriers = Carriers::bind(
+        &cfg.listen_tcp,
+        core.registry(),
+        cfg.fallback.map(|f| f.target),
+        cfg.max_unauthenticated_tcp as usize,
+        carrier_seed,
+    )
+    .map_err(|e| StartError(format!("cannot listen on tcp {}: {}", e.addr, e.error)))?;
+    let tcp_addrs = carriers.local_addrs.clone();
     let published = options.stats;
     let endpoint = ServerEndpoint::new(options.endpoint, seed);
     let mut guard = DestGuard::new(cfg.allow_private_destinations);
@@ -219,6 +235,7 @@ pub fn start(
             held: Vec::new(),
         },
         sessions: IdMap::default(),
+        carriers,
         relays: RelayPool::new(max_relays),
         ledger: Ledger::new(Instant::now()),
         // One buffer for GRO reads and GSO batches (never both at once).
@@ -239,6 +256,7 @@ pub fn start(
     Ok(ServerLoopHandle {
         control,
         local_addrs,
+        tcp_addrs,
         thread,
     })
 }
@@ -344,6 +362,8 @@ struct ServerLoop {
     /// Outbound TCP connections of tunnel streams and their bookkeeping.
     out: Outbounds,
     sessions: IdMap<SessionId, SessionInfo>,
+    /// The TCP carrier: listeners, accepted connections, strangers and fallback splices.
+    carriers: Carriers,
     relays: RelayPool,
     /// Per-user budgets, unsynced traffic and limits.
     ledger: Ledger,
@@ -368,6 +388,24 @@ fn open_result_for_io(e: &io::Error) -> OpenResult {
 }
 
 impl ServerLoop {
+    /// The carrier connections and what servicing them needs (split borrows of the loop).
+    fn carrier_io(&mut self, now: Instant) -> (&mut Carriers, CarrierIo<'_>) {
+        let io = CarrierIo {
+            endpoint: &mut self.endpoint,
+            stats: &mut self.stats.tcp,
+            registry: self.core.poll.registry(),
+            now,
+            unix: unix_now(),
+        };
+        (&mut self.carriers, io)
+    }
+
+    /// Frames of carrier sessions that the endpoint has ready go to their connections.
+    fn flush_carriers(&mut self, now: Instant) {
+        let (carriers, mut io) = self.carrier_io(now);
+        carriers.flush_ready(&mut io);
+    }
+
     /// Registers every user of the table with the endpoint and the ledger (at start).
     fn load_users(&mut self) {
         let entries: Vec<(UserId, String, TableView, Option<u32>)> = {
@@ -489,8 +527,25 @@ impl ServerLoop {
                     Some(Tok::Outbound(idx)) => {
                         self.on_outbound_event(now, idx, readable, writable)
                     }
+                    Some(Tok::TcpListen(i)) => {
+                        let (carriers, mut io) = self.carrier_io(now);
+                        carriers.accept(&mut io, i);
+                    }
+                    Some(Tok::Carrier(idx)) => {
+                        let (carriers, mut io) = self.carrier_io(now);
+                        carriers.on_conn_event(&mut io, idx, readable, writable);
+                    }
+                    Some(Tok::Fallback(idx)) => {
+                        let (carriers, mut io) = self.carrier_io(now);
+                        carriers.on_fallback_event(&mut io, idx, readable, writable);
+                    }
                     _ => {}
                 }
+            }
+            {
+                let (carriers, mut io) = self.carrier_io(now);
+                carriers.service_busy(&mut io);
+                carriers.expire(&mut io);
             }
             self.relays.take_readable(&mut relay_events);
             for (index, v6) in relay_events.drain(..) {
@@ -521,7 +576,9 @@ impl ServerLoop {
                 record.tick(now, &self.endpoint);
             }
             self.flush_transmits(now);
+            self.flush_carriers(now);
             self.process_endpoint_events(now);
+            self.flush_carriers(now);
             if let Some(deadline) = self.shutting_down {
                 if self.endpoint.session_count() == 0 || now >= deadline {
                     break;
@@ -530,6 +587,7 @@ impl ServerLoop {
         }
         let now = Instant::now();
         self.flush_transmits(now);
+        self.flush_carriers(now);
         self.sync_accounting(now);
         self.publish_stats();
         let sessions: Vec<(SessionId, UserId)> =
@@ -556,7 +614,7 @@ impl ServerLoop {
 
     /// When the loop must wake up at the latest (`now`: sockets still hold datagrams).
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
-        if self.udp.any_readable() || self.relays.any_readable() {
+        if self.udp.any_readable() || self.relays.any_readable() || self.carriers.has_work() {
             return Some(now);
         }
         let mut at = self.ledger.next_deadline(now, now_unix_ms());
@@ -570,6 +628,9 @@ impl ServerLoop {
             at = at.min(t);
         }
         if let Some(t) = self.relays.next_expiry() {
+            at = at.min(t);
+        }
+        if let Some(t) = self.carriers.next_deadline() {
             at = at.min(t);
         }
         if !self.out.table.is_empty() {
@@ -599,6 +660,8 @@ impl ServerLoop {
                 // New connections and datagrams are judged by the new value; open ones stay.
                 ControlMsg::AllowPrivateDestinations(allow) => self.guard.set_allow_private(allow),
                 ControlMsg::ApiBound(addr) => self.guard.protect_api(addr),
+                // Strangers decided from now on go there; running splices stay.
+                ControlMsg::Fallback(target) => self.carriers.set_fallback(target),
                 ControlMsg::Shutdown => self.begin_shutdown(now),
             }
         }
@@ -708,6 +771,8 @@ impl ServerLoop {
                         table.device_closed(info.user, info.ip, unix_now());
                     }
                     self.relays.close_session(session, &self.core.poll);
+                    let (carriers, mut io) = self.carrier_io(now);
+                    carriers.session_closed(&mut io, session);
                 }
                 EndpointEvent::PeerMigrated { session, peer } => {
                     log::debug!("session {} moved to {peer}", session.0);
@@ -1273,6 +1338,7 @@ impl ServerLoop {
         self.stats.streams_active = self.out.table.len() as u64;
         self.stats.datagram_destinations_refused = self.relays.refused();
         self.stats.loop_wakeups = self.core.wakeups();
+        self.carriers.gauges(&mut self.stats.tcp);
         self.stats.published_unix = unix_now();
         *lock_stats(&self.published) = self.stats;
     }

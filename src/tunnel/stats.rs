@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::carrier_conns::NOT_OSTP_REASONS;
 use crate::proto::{EndpointStats, RefuseReason};
 
 /// Label values of the refusal reasons, in [`refusal_index`] order.
@@ -50,8 +51,35 @@ pub struct TunnelStats {
     pub datagram_destinations_refused: u64,
     /// Times the tunnel loop woke up (returns from its wait).
     pub loop_wakeups: u64,
+    /// TCP carrier: the counters of the `listen_tcp` connections.
+    pub tcp: TcpStats,
     /// Unix seconds of the copy (0 = never published).
     pub published_unix: u64,
+}
+
+/// The TCP carrier's counters and gauges (docs/PROTOCOL.md §7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Connections accepted on the `listen_tcp` addresses.
+    pub accepted: u64,
+    /// Hellos over TCP answered with an accept (carrier sessions) / with a refusal.
+    pub sessions: u64,
+    pub refused: u64,
+    /// Connections found not to be OSTP, by [`NotOstpReason::index`](super::carrier_conns::NotOstpReason::index).
+    pub not_ostp: [u64; NOT_OSTP_REASONS.len()],
+    /// Not-OSTP connections handed to the fallback, and fallback connects that failed (those
+    /// connections are discarded instead).
+    pub fallback_splices: u64,
+    pub fallback_failed: u64,
+    /// Not-OSTP connections read and discarded until their random deadline.
+    pub discards: u64,
+    /// Connections closed early because `max_unauthenticated_tcp` was reached (undecided or
+    /// discarding ones, and fallback splices).
+    pub evicted: u64,
+    /// Connections now undecided or discarding / carrying a session / spliced (gauges).
+    pub unauthenticated: u64,
+    pub carriers: u64,
+    pub splices: u64,
 }
 
 impl TunnelStats {

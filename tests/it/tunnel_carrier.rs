@@ -114,6 +114,12 @@ fn uot_client_moves_intact_bytes_through_socks5_without_udp() {
     let http = start_http();
     let key = new_key();
     let (server, tcp) = server_with_tcp(&key);
+    let (_, sub) = server.api("GET", &format!("/api/subscribe/{key}"), None);
+    assert_eq!(
+        sub["data"]["transport"],
+        json!({ "mode": "auto", "tcp_port": tcp.port() }),
+        "a TCP port other than the UDP one is handed out"
+    );
     // The client's UDP side points at a socket that never answers: only TCP can carry this.
     let (c, _blackhole) = uot_client(&key, tcp);
     let n = size(200_000_000, 20_000_000);
@@ -192,6 +198,11 @@ fn uot_reaches_the_same_port_and_carries_udp_associate_datagrams() {
     let mut spec = ServerSpec::new(&key);
     spec.tcp_carrier = true;
     let server = Server::start(spec);
+    // The subscribe answer offers both carriers and hands out auto (same port: no tcp_port).
+    let (status, sub) = server.api("GET", &format!("/api/subscribe/{key}"), None);
+    assert_eq!(status, 200, "{sub}");
+    assert_eq!(sub["carriers"], json!(["udp", "tcp"]));
+    assert_eq!(sub["data"]["transport"], json!({ "mode": "auto" }));
     let transport = json!({ "transport": { "mode": "uot" } });
     let c = Client::spawn(server.udp, &key, transport);
     c.proc

@@ -183,6 +183,11 @@ pub struct EndpointStats {
     pub replies_dropped: u64,
     /// Handshake replies (accepts and refusals) queued for sending.
     pub replies_sent: u64,
+    /// Stream bytes the transports sent again after a loss, of sessions over UDP and over the
+    /// TCP carrier (always 0 there: reliable-carrier mode never retransmits). Live sessions
+    /// included.
+    pub retransmitted_bytes_udp: u64,
+    pub retransmitted_bytes_tcp: u64,
 }
 
 struct User {
@@ -370,9 +375,18 @@ impl ServerEndpoint {
         }
     }
 
-    /// Counters.
+    /// Counters (the retransmission totals add up the live sessions: one pass over them).
     pub fn stats(&self) -> EndpointStats {
-        self.stats
+        let mut stats = self.stats;
+        for entry in self.sessions.values() {
+            let n = entry.session.transport().stats().stream_bytes_retransmitted;
+            if entry.carrier {
+                stats.retransmitted_bytes_tcp += n;
+            } else {
+                stats.retransmitted_bytes_udp += n;
+            }
+        }
+        stats
     }
 
     /// Number of live sessions.
@@ -686,6 +700,12 @@ impl ServerEndpoint {
         }
         if let Some(user) = self.users.get_mut(&entry.user.0) {
             user.sessions.retain(|s| *s != id);
+        }
+        let retransmitted = entry.session.transport().stats().stream_bytes_retransmitted;
+        if entry.carrier {
+            self.stats.retransmitted_bytes_tcp += retransmitted;
+        } else {
+            self.stats.retransmitted_bytes_udp += retransmitted;
         }
         self.share_recv_budget(entry.user, None);
         let reason = entry.close_reason.unwrap_or(CloseReason::Normal);

@@ -30,6 +30,12 @@ pub enum Tok {
     Conn(usize),
     /// Client: the UDP socket of a SOCKS5 UDP ASSOCIATE.
     Assoc(usize),
+    /// Server: TCP carrier listener `i` (config `listen_tcp` order).
+    TcpListen(usize),
+    /// Server: an accepted TCP carrier connection (slab index).
+    Carrier(usize),
+    /// Server: the fallback-website socket spliced to carrier connection `i`.
+    Fallback(usize),
 }
 
 impl Tok {
@@ -43,6 +49,9 @@ impl Tok {
             Tok::Slot(i) => (6, i),
             Tok::Conn(i) => (7, i),
             Tok::Assoc(i) => (8, i),
+            Tok::TcpListen(i) => (9, i),
+            Tok::Carrier(i) => (10, i),
+            Tok::Fallback(i) => (11, i),
         }
     }
 
@@ -69,6 +78,9 @@ impl Tok {
             6 => Tok::Slot(index),
             7 => Tok::Conn(index),
             8 => Tok::Assoc(index),
+            9 => Tok::TcpListen(index),
+            10 => Tok::Carrier(index),
+            11 => Tok::Fallback(index),
             _ => return None,
         })
     }
@@ -107,6 +119,9 @@ mod tests {
             Tok::Conn(0),
             Tok::Conn(MAX_INDEX),
             Tok::Assoc(7),
+            Tok::TcpListen(0),
+            Tok::Carrier(MAX_INDEX),
+            Tok::Fallback(MAX_INDEX),
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");
@@ -138,6 +153,9 @@ mod tests {
                 Tok::Slot(i),
                 Tok::Conn(i),
                 Tok::Assoc(i),
+                Tok::TcpListen(i),
+                Tok::Carrier(i),
+                Tok::Fallback(i),
             ] {
                 assert!(seen.insert(t.token()), "{t:?} collides");
             }

@@ -1,0 +1,1033 @@
+//! The server loop's TCP carrier connections (docs/PROTOCOL.md §7): the `listen_tcp` listeners,
+//! each accepted connection's first-bytes gate, carrier sessions' frames both ways through
+//! bounded buffers (the socket's send buffer is the transport's backpressure), and strangers —
+//! spliced to the fallback website, or read and discarded until a random deadline, then FIN.
+//! Nothing is ever written to a connection before its hello was authenticated. Policy and
+//! buffers are the pure types of [`crate::tunnel::carrier_conns`]; this file moves bytes.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
+
+use crate::proto::carrier::MAX_FRAME_LEN;
+use crate::proto::carrier::gate::{GATE_BUFFER, GateStep, HelloGate, NotOstp, discard_deadline};
+use crate::proto::carrier::records::MAX_REPLY_RECORD;
+use crate::proto::endpoint::CarrierHello;
+use crate::proto::id_map::IdMap;
+use crate::proto::rng::Drbg;
+use crate::proto::transport::CloseReason;
+use crate::proto::{ServerEndpoint, SessionId};
+use crate::tunnel::carrier_conns::{
+    ByteBuf, ConnKey, DeadlineHeap, Half, NotOstpReason, OldestFirst, Stranger, stranger_fate,
+};
+use crate::tunnel::driver::token::Tok;
+use crate::tunnel::slab::Slab;
+use crate::tunnel::stats::TcpStats;
+
+/// Connections accepted per listener per loop iteration (the rest wait for the next one).
+const ACCEPT_BATCH: usize = 64;
+/// Bytes one connection may read (or a carrier session write) per service before others get a
+/// turn; a connection that had more is serviced again on the next iteration.
+const IO_BUDGET: usize = 256 * 1024;
+/// A carrier connection's write buffer: a few full frames (more waits in the session).
+const CARRIER_WRITE_BUF: usize = 4 * MAX_FRAME_LEN;
+/// Each direction of a fallback splice.
+const SPLICE_BUF: usize = 16 * 1024;
+/// A fallback splice that moves nothing either way for this long is closed.
+const SPLICE_IDLE: Duration = Duration::from_secs(120);
+/// How long the fallback may take to accept the connection.
+const FALLBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refusal or a closed session's last frames may take to leave before the
+/// connection is dropped.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After our FIN, incoming bytes are read (and dropped) until the peer's FIN or this long, so
+/// the close does not turn into a reset because of unread data.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// What a connection is doing.
+enum Phase {
+    /// Undecided: the first bytes are read into a buffer of [`GATE_BUFFER`] bytes.
+    Gate { gate: HelloGate, buf: ByteBuf },
+    /// Carrying `session`: frames in (`input`, one whole frame at most) and out (`output`).
+    Carrier {
+        session: SessionId,
+        input: ByteBuf,
+        output: ByteBuf,
+        /// The session may have more frames (it left the endpoint's ready queue before `None`).
+        more: bool,
+        /// The peer sent its FIN (the session is being closed).
+        read_closed: bool,
+    },
+    /// Writing what is left (a refusal, a closed session's last frames), then FIN.
+    Flush { output: ByteBuf, until: Instant },
+    /// Not OSTP, no fallback: read and dropped until `until`, then FIN.
+    Discard { until: Instant },
+    /// Not OSTP: spliced to the fallback.
+    Splice(Box<Splice>),
+    /// Our FIN is sent: read and dropped until the peer's FIN or `until`, then closed.
+    Finish { until: Instant },
+}
+
+/// A stranger's connection spliced to the fallback website.
+struct Splice {
+    target: TcpStream,
+    connected: bool,
+    target_readable: bool,
+    target_writable: bool,
+    /// Client → fallback (the bytes read before the decision first).
+    up: Half,
+    /// Fallback → client.
+    down: Half,
+    started: Instant,
+    last_activity: Instant,
+}
+
+impl Phase {
+    /// When the phase ends at the latest.
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Gate { gate, .. } => Some(gate.deadline()),
+            Phase::Carrier { .. } => None,
+            Phase::Flush { until, .. } | Phase::Discard { until } | Phase::Finish { until } => {
+                Some(*until)
+            }
+            Phase::Splice(s) if s.connected => Some(s.last_activity + SPLICE_IDLE),
+            Phase::Splice(s) => Some(s.started + FALLBACK_CONNECT_TIMEOUT),
+        }
+    }
+}
+
+/// One accepted TCP connection.
+struct Conn {
+    key: ConnKey,
+    sock: TcpStream,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    /// Edge-triggered readiness not yet used up.
+    readable: bool,
+    writable: bool,
+    /// Counted in `Carriers::strangers` (undecided, discarding, or finishing after a discard).
+    stranger: bool,
+    /// Counted in `Carriers::splices`.
+    spliced: bool,
+    /// In `Carriers::busy`.
+    queued: bool,
+    phase: Phase,
+}
+
+/// What a service of one connection needs from the rest of the loop.
+pub(super) struct CarrierIo<'a> {
+    pub endpoint: &'a mut ServerEndpoint,
+    pub stats: &'a mut TcpStats,
+    pub registry: &'a Registry,
+    pub now: Instant,
+    /// Wall-clock unix seconds (the hello tags' epochs, the clock window).
+    pub unix: u64,
+}
+
+/// The TCP listeners and every accepted connection.
+pub(super) struct Carriers {
+    listeners: Vec<TcpListener>,
+    /// A listener that hit [`ACCEPT_BATCH`] (more may wait).
+    listener_busy: Vec<bool>,
+    /// The addresses actually bound (port 0 resolved).
+    pub local_addrs: Vec<SocketAddr>,
+    conns: Slab<Conn>,
+    by_session: IdMap<SessionId, usize>,
+    /// Undecided and discarding connections, at most `max_unauthenticated_tcp`.
+    strangers: OldestFirst,
+    /// Fallback splices, at most `max_unauthenticated_tcp`.
+    splices: OldestFirst,
+    deadlines: DeadlineHeap,
+    /// Connections to service again without a new event (budget used up).
+    busy: Vec<ConnKey>,
+    busy_spare: Vec<ConnKey>,
+    fallback: Option<SocketAddr>,
+    rng: Drbg,
+    serials: u64,
+}
+
+/// A listener could not be set up.
+#[derive(Debug)]
+pub(super) struct BindError {
+    pub addr: SocketAddr,
+    pub error: io::Error,
+}
+
+impl Carriers {
+    /// Binds the `listen_tcp` addresses and registers them.
+    pub fn bind(
+        addrs: &[SocketAddr],
+        registry: &Registry,
+        fallback: Option<SocketAddr>,
+        max_unauthenticated: usize,
+        seed: [u8; 32],
+    ) -> Result<Carriers, BindError> {
+        let mut listeners = Vec::new();
+        let mut local_addrs = Vec::new();
+        for (i, &addr) in addrs.iter().enumerate() {
+            let bound = crate::sys::listen_tcp(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                let mut l = TcpListener::from_std(l);
+                registry.register(&mut l, Tok::TcpListen(i).token(), Interest::READABLE)?;
+                Ok(l)
+            });
+            let l = bound.map_err(|error| BindError { addr, error })?;
+            local_addrs.push(l.local_addr().unwrap_or(addr));
+            listeners.push(l);
+        }
+        Ok(Carriers {
+            listener_busy: vec![false; listeners.len()],
+            listeners,
+            local_addrs,
+            conns: Slab::new(),
+            by_session: IdMap::default(),
+            strangers: OldestFirst::new(max_unauthenticated),
+            splices: OldestFirst::new(max_unauthenticated),
+            deadlines: DeadlineHeap::default(),
+            busy: Vec::new(),
+            busy_spare: Vec::new(),
+            fallback,
+            rng: Drbg::new(seed),
+            serials: 0,
+        })
+    }
+
+    /// Where strangers go from now on (SIGHUP).
+    pub fn set_fallback(&mut self, fallback: Option<SocketAddr>) {
+        self.fallback = fallback;
+    }
+
+    /// Work that cannot wait for an event (a listener or connection stopped at its budget).
+    pub fn has_work(&self) -> bool {
+        !self.busy.is_empty() || self.listener_busy.iter().any(|b| *b)
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.next_deadline()
+    }
+
+    /// Gauges for `/metrics`.
+    pub fn gauges(&self, stats: &mut TcpStats) {
+        stats.unauthenticated = self.strangers.members() as u64;
+        stats.carriers = self.by_session.len() as u64;
+        stats.splices = self.splices.members() as u64;
+    }
+
+    fn live(&self, key: ConnKey) -> bool {
+        self.conns.get(key.index).is_some_and(|c| c.key == key)
+    }
+
+    fn is_stranger(conns: &Slab<Conn>, key: &ConnKey) -> bool {
+        conns
+            .get(key.index)
+            .is_some_and(|c| c.key == *key && c.stranger)
+    }
+
+    fn is_spliced(conns: &Slab<Conn>, key: &ConnKey) -> bool {
+        conns
+            .get(key.index)
+            .is_some_and(|c| c.key == *key && c.spliced)
+    }
+
+    // ----- events -----
+
+    /// Listener `i` is readable (or was left with connections waiting).
+    pub fn accept(&mut self, io: &mut CarrierIo, i: usize) {
+        let Some(listener) = self.listeners.get(i) else {
+            return;
+        };
+        let mut accepted = Vec::new();
+        let mut busy = true;
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok(pair) => accepted.push(pair),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    busy = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of fds or memory: the connection waits in the backlog; the next
+                    // arrival (or a closed connection's fd) lets it in.
+                    log::debug!("tcp accept on {:?}: {e}", self.local_addrs.get(i));
+                    busy = false;
+                    break;
+                }
+            }
+        }
+        if let Some(b) = self.listener_busy.get_mut(i) {
+            *b = busy;
+        }
+        for (sock, peer) in accepted {
+            self.accepted(io, sock, peer);
+        }
+    }
+
+    fn accepted(&mut self, io: &mut CarrierIo, mut sock: TcpStream, peer: SocketAddr) {
+        io.stats.accepted += 1;
+        let _ = sock.set_nodelay(true);
+        let index = self.conns.next_index();
+        let token = Tok::Carrier(index).token();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = io.registry.register(&mut sock, token, interest) {
+            log::warn!("cannot register a tcp connection: {e}");
+            return;
+        }
+        self.serials += 1;
+        let key = ConnKey {
+            index,
+            serial: self.serials,
+        };
+        let gate = HelloGate::new(io.now);
+        self.deadlines.push(gate.deadline(), key);
+        let conn = Conn {
+            key,
+            sock,
+            peer,
+            accepted_at: io.now,
+            readable: false,
+            writable: false,
+            stranger: false,
+            spliced: false,
+            queued: false,
+            phase: Phase::Gate {
+                gate,
+                buf: ByteBuf::new(GATE_BUFFER),
+            },
+        };
+        let idx = self.conns.insert(conn);
+        debug_assert_eq!(idx, index);
+        self.enter_strangers(io, key);
+    }
+
+    /// `key` is undecided or discarding: counted against the bound; the oldest over it closed.
+    fn enter_strangers(&mut self, io: &mut CarrierIo, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key.index) else {
+            return;
+        };
+        if c.stranger {
+            return;
+        }
+        c.stranger = true;
+        let conns = &self.conns;
+        self.strangers.enter(key, |k| Self::is_stranger(conns, k));
+        while self.strangers.over_cap() {
+            let conns = &self.conns;
+            let Some(oldest) = self.strangers.pop_oldest(|k| Self::is_stranger(conns, k)) else {
+                break;
+            };
+            if let Some(c) = self.conns.get_mut(oldest.index) {
+                c.stranger = false;
+            }
+            io.stats.evicted += 1;
+            self.close(io, oldest.index, true);
+        }
+    }
+
+    fn leave_strangers(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(idx) {
+            if std::mem::take(&mut c.stranger) {
+                self.strangers.leave();
+            }
+        }
+    }
+
+    /// A readiness event on an accepted connection.
+    pub fn on_conn_event(
+        &mut self,
+        io: &mut CarrierIo,
+        idx: usize,
+        readable: bool,
+        writable: bool,
+    ) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        c.readable |= readable;
+        c.writable |= writable;
+        self.service(io, idx);
+    }
+
+    /// A readiness event on a fallback socket.
+    pub fn on_fallback_event(
+        &mut self,
+        io: &mut CarrierIo,
+        idx: usize,
+        readable: bool,
+        writable: bool,
+    ) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if let Phase::Splice(s) = &mut c.phase {
+            s.target_readable |= readable;
+            s.target_writable |= writable;
+            self.service(io, idx);
+        }
+    }
+
+    /// Services the listeners and connections left with work by their budget.
+    pub fn service_busy(&mut self, io: &mut CarrierIo) {
+        for i in 0..self.listeners.len() {
+            if self.listener_busy.get(i).copied().unwrap_or(false) {
+                self.accept(io, i);
+            }
+        }
+        // Swapped with a kept list: no allocation per wake-up.
+        let mut list = std::mem::take(&mut self.busy_spare);
+        std::mem::swap(&mut list, &mut self.busy);
+        for key in list.drain(..) {
+            if let Some(c) = self.conns.get_mut(key.index).filter(|c| c.key == key) {
+                c.queued = false;
+                self.service(io, key.index);
+            }
+        }
+        self.busy_spare = list;
+    }
+
+    fn mark_busy(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(idx) {
+            if !c.queued {
+                c.queued = true;
+                self.busy.push(c.key);
+            }
+        }
+    }
+
+    /// Does whatever the connection's phase and readiness allow.
+    fn service(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get(idx) else {
+            return;
+        };
+        match c.phase {
+            Phase::Gate { .. } => self.service_gate(io, idx),
+            Phase::Carrier { .. } => {
+                self.carrier_input(io, idx);
+                self.carrier_output(io, idx);
+            }
+            Phase::Flush { .. } => self.flush(io, idx),
+            Phase::Discard { .. } | Phase::Finish { .. } => self.drain(io, idx),
+            Phase::Splice(_) => self.splice(io, idx),
+        }
+    }
+
+    // ----- the gate -----
+
+    fn service_gate(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Phase::Gate { gate, buf } = &mut c.phase else {
+            return;
+        };
+        let mut eof = false;
+        while c.readable && !buf.is_full() {
+            match buf.read_from(&mut c.sock) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close(io, idx, false);
+                    return;
+                }
+            }
+        }
+        match gate.step(io.now, buf.data(), &io.endpoint.carrier_directory(io.unix)) {
+            GateStep::NeedMore if eof => self.not_ostp(io, idx, NotOstpReason::Truncated),
+            // Cannot happen (the gate decides within its buffer); never wait forever on it.
+            GateStep::NeedMore if buf.is_full() => {
+                self.not_ostp(io, idx, NotOstpReason::Gate(NotOstp::BadLength))
+            }
+            GateStep::NeedMore => {}
+            GateStep::Hello { user, len } => self.hello(io, idx, user, len),
+            GateStep::NotOstp(r) => self.not_ostp(io, idx, NotOstpReason::Gate(r)),
+        }
+    }
+
+    /// A whole hello record of `user` is the first `len` bytes: authenticate and answer it.
+    fn hello(&mut self, io: &mut CarrierIo, idx: usize, user: crate::proto::UserId, len: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Phase::Gate { buf, .. } = &mut c.phase else {
+            return;
+        };
+        let mut output = ByteBuf::new(CARRIER_WRITE_BUF);
+        let (Some(record), Some(reply)) = (
+            buf.data_mut().get_mut(..len),
+            output.spare_at_least(MAX_REPLY_RECORD),
+        ) else {
+            self.not_ostp(io, idx, NotOstpReason::Hello);
+            return;
+        };
+        match io
+            .endpoint
+            .handle_carrier_hello(io.now, io.unix, c.peer, user, record, reply)
+        {
+            CarrierHello::Accepted { session, reply_len } => {
+                output.commit(reply_len);
+                let early = buf.data().get(len..).unwrap_or_default();
+                let input = ByteBuf::with_bytes(MAX_FRAME_LEN, early);
+                c.phase = Phase::Carrier {
+                    session,
+                    input,
+                    output,
+                    more: true,
+                    read_closed: false,
+                };
+                io.stats.sessions += 1;
+                self.by_session.insert(session, idx);
+                self.leave_strangers(idx);
+                self.feed(io, idx);
+                self.carrier_output(io, idx);
+                self.carrier_input(io, idx);
+            }
+            CarrierHello::Refused { reply_len } => {
+                output.commit(reply_len);
+                io.stats.refused += 1;
+                let until = io.now + FLUSH_TIMEOUT;
+                c.phase = Phase::Flush { output, until };
+                self.deadlines.push(until, c.key);
+                self.leave_strangers(idx);
+                self.flush(io, idx);
+            }
+            CarrierHello::NotOstp => self.not_ostp(io, idx, NotOstpReason::Hello),
+        }
+    }
+
+    // ----- strangers -----
+
+    /// The connection is not OSTP: fallback or discard. Nothing is ever written to it by us.
+    fn not_ostp(&mut self, io: &mut CarrierIo, idx: usize, reason: NotOstpReason) {
+        io.stats.not_ostp[reason.index()] += 1;
+        match stranger_fate(reason, self.fallback) {
+            Stranger::Fallback(target) => self.start_splice(io, idx, target),
+            Stranger::Discard => self.start_discard(io, idx, reason),
+        }
+    }
+
+    fn start_discard(&mut self, io: &mut CarrierIo, idx: usize, reason: NotOstpReason) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        // A framing failure starts its own random wait; strangers at the door count from the
+        // accept (§7.2).
+        let from = if reason == NotOstpReason::Framing {
+            io.now
+        } else {
+            c.accepted_at
+        };
+        let until = discard_deadline(from, &mut self.rng);
+        if let Phase::Splice(mut s) = std::mem::replace(&mut c.phase, Phase::Discard { until }) {
+            let _ = io.registry.deregister(&mut s.target);
+        }
+        io.stats.discards += 1;
+        let key = c.key;
+        self.deadlines.push(until, key);
+        if std::mem::take(&mut c.spliced) {
+            self.splices.leave();
+        }
+        self.enter_strangers(io, key);
+        if self.live(key) {
+            self.drain(io, idx);
+        }
+    }
+
+    fn start_splice(&mut self, io: &mut CarrierIo, idx: usize, target: SocketAddr) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let early = match &c.phase {
+            Phase::Gate { buf, .. } => buf.data(),
+            _ => &[],
+        };
+        let registered = TcpStream::connect(target).and_then(|mut t| {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            io.registry
+                .register(&mut t, Tok::Fallback(idx).token(), interest)?;
+            Ok(t)
+        });
+        let target_sock = match registered {
+            Ok(t) => t,
+            Err(e) => {
+                log::debug!("fallback {target}: {e}");
+                io.stats.fallback_failed += 1;
+                self.start_discard(io, idx, NotOstpReason::Hello);
+                return;
+            }
+        };
+        let splice = Splice {
+            target: target_sock,
+            connected: false,
+            target_readable: false,
+            target_writable: false,
+            up: Half::new(SPLICE_BUF, early),
+            down: Half::new(SPLICE_BUF, &[]),
+            started: io.now,
+            last_activity: io.now,
+        };
+        c.phase = Phase::Splice(Box::new(splice));
+        c.spliced = true;
+        let key = c.key;
+        io.stats.fallback_splices += 1;
+        self.deadlines.push(io.now + FALLBACK_CONNECT_TIMEOUT, key);
+        self.leave_strangers(idx);
+        let conns = &self.conns;
+        self.splices.enter(key, |k| Self::is_spliced(conns, k));
+        while self.splices.over_cap() {
+            let conns = &self.conns;
+            let Some(oldest) = self.splices.pop_oldest(|k| Self::is_spliced(conns, k)) else {
+                break;
+            };
+            if let Some(c) = self.conns.get_mut(oldest.index) {
+                c.spliced = false;
+            }
+            io.stats.evicted += 1;
+            self.close(io, oldest.index, false);
+        }
+        if self.live(key) {
+            self.splice(io, idx);
+        }
+    }
+
+    /// Moves bytes both ways between a stranger and the fallback, passing each end on.
+    fn splice(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Conn {
+            sock,
+            readable,
+            writable,
+            phase,
+            ..
+        } = c;
+        let Phase::Splice(s) = phase else {
+            return;
+        };
+        if !s.connected && (s.target_writable || s.target_readable) {
+            match connect_result(&s.target) {
+                Some(Ok(())) => {
+                    s.connected = true;
+                    s.last_activity = io.now;
+                }
+                Some(Err(e)) => {
+                    log::debug!("fallback connect: {e}");
+                    io.stats.fallback_failed += 1;
+                    self.start_discard(io, idx, NotOstpReason::Hello);
+                    return;
+                }
+                None => s.target_writable = false,
+            }
+        }
+        let connected = s.connected;
+        let mut target = &s.target;
+        let mut client = &*sock;
+        let up = s.up.pump(
+            &mut client,
+            readable,
+            &mut target,
+            &mut s.target_writable,
+            connected,
+            IO_BUDGET,
+        );
+        let down = if connected {
+            s.down.pump(
+                &mut target,
+                &mut s.target_readable,
+                &mut client,
+                writable,
+                true,
+                IO_BUDGET,
+            )
+        } else {
+            Ok(Default::default())
+        };
+        let (up, down) = match (up, down) {
+            (Ok(u), Ok(d)) => (u, d),
+            _ => {
+                self.close(io, idx, false);
+                return;
+            }
+        };
+        if up.shut_dst {
+            let _ = s.target.shutdown(Shutdown::Write);
+        }
+        if down.shut_dst {
+            let _ = sock.shutdown(Shutdown::Write);
+        }
+        if up.read + up.written + down.read + down.written > 0 {
+            s.last_activity = io.now;
+        }
+        if s.up.finished() && s.down.finished() {
+            self.close(io, idx, false);
+            return;
+        }
+        let more =
+            connected && (s.up.may_read_more(*readable) || s.down.may_read_more(s.target_readable));
+        if more {
+            self.mark_busy(idx);
+        }
+    }
+
+    /// Reads and drops what a discarded or finishing connection sends; a finishing one closes
+    /// at the peer's FIN.
+    fn drain(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        match drain_reads(&mut c.sock, &mut c.readable, IO_BUDGET) {
+            Drained::Open => {}
+            Drained::Budget => self.mark_busy(idx),
+            Drained::Eof if matches!(c.phase, Phase::Finish { .. }) => self.close(io, idx, false),
+            // A discarded stranger's FIN changes nothing: it is closed at its deadline.
+            Drained::Eof => {}
+            Drained::Error => self.close(io, idx, false),
+        }
+    }
+
+    // ----- carrier sessions -----
+
+    /// Reads frames into the session, a budget's worth at most.
+    fn carrier_input(&mut self, io: &mut CarrierIo, idx: usize) {
+        let mut budget = IO_BUDGET;
+        loop {
+            let Some(c) = self.conns.get_mut(idx) else {
+                return;
+            };
+            let Phase::Carrier {
+                session,
+                input,
+                read_closed,
+                ..
+            } = &mut c.phase
+            else {
+                return;
+            };
+            let session = *session;
+            if !c.readable || *read_closed {
+                return;
+            }
+            if budget == 0 {
+                self.mark_busy(idx);
+                return;
+            }
+            if input.is_full() {
+                // The endpoint takes every whole frame and no frame is larger than the buffer.
+                self.framing_failed(io, idx, session);
+                return;
+            }
+            match input.read_from(&mut c.sock) {
+                Ok(0) => {
+                    // §7.5: the connection's end ends the session (`SessionClosed` follows).
+                    *read_closed = true;
+                    io.endpoint
+                        .carrier_connection_lost(session, CloseReason::Normal);
+                    return;
+                }
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.close(io, idx, false);
+                    return;
+                }
+            }
+            if !self.feed(io, idx) {
+                return;
+            }
+        }
+    }
+
+    /// Hands the whole frames read so far to the session. `false`: the connection left the
+    /// carrier phase (framing failure).
+    fn feed(&mut self, io: &mut CarrierIo, idx: usize) -> bool {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return false;
+        };
+        let Phase::Carrier { session, input, .. } = &mut c.phase else {
+            return false;
+        };
+        let session = *session;
+        if input.is_empty() {
+            return true;
+        }
+        match io
+            .endpoint
+            .handle_carrier_input(io.now, session, input.data_mut())
+        {
+            Ok(n) => {
+                input.consume(n);
+                true
+            }
+            Err(e) => {
+                log::debug!("carrier session {}: framing failure: {e:?}", session.0);
+                self.framing_failed(io, idx, session);
+                false
+            }
+        }
+    }
+
+    /// §7.4 failure: the session is over (at once, no CLOSE) and the connection is read and
+    /// discarded until a random deadline: no byte more is written to it.
+    fn framing_failed(&mut self, io: &mut CarrierIo, idx: usize, session: SessionId) {
+        self.by_session.remove(&session);
+        io.endpoint
+            .carrier_connection_lost(session, CloseReason::ProtocolViolation);
+        self.not_ostp(io, idx, NotOstpReason::Framing);
+    }
+
+    /// Frames from the session into the write buffer and on to the socket, while both have
+    /// room (backpressure: a full socket stops the polling; writable resumes it).
+    fn carrier_output(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Phase::Carrier {
+            session,
+            output,
+            more,
+            ..
+        } = &mut c.phase
+        else {
+            return;
+        };
+        let mut budget = IO_BUDGET;
+        loop {
+            while *more {
+                let Some(spare) = output.spare_at_least(MAX_FRAME_LEN) else {
+                    break;
+                };
+                match io.endpoint.poll_transmit_frame(io.now, *session, spare) {
+                    Some(n) if n > 0 => output.commit(n),
+                    _ => *more = false,
+                }
+            }
+            if output.is_empty() || !c.writable {
+                return;
+            }
+            match output.write_to(&mut c.sock) {
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.writable = false;
+                    return;
+                }
+                Err(_) => {
+                    self.close(io, idx, false);
+                    return;
+                }
+            }
+            if !*more && output.is_empty() {
+                return;
+            }
+            if budget == 0 {
+                self.mark_busy(idx);
+                return;
+            }
+        }
+    }
+
+    /// The endpoint has frames for some carrier sessions.
+    pub fn flush_ready(&mut self, io: &mut CarrierIo) {
+        while let Some(session) = io.endpoint.poll_carrier_ready() {
+            let Some(&idx) = self.by_session.get(&session) else {
+                continue;
+            };
+            if let Some(Conn {
+                phase: Phase::Carrier { more, .. },
+                ..
+            }) = self.conns.get_mut(idx)
+            {
+                *more = true;
+            }
+            self.carrier_output(io, idx);
+        }
+    }
+
+    /// A session ended: if it was a carrier, its last frames leave, then FIN.
+    pub fn session_closed(&mut self, io: &mut CarrierIo, session: SessionId) {
+        let Some(idx) = self.by_session.remove(&session) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let until = io.now + FLUSH_TIMEOUT;
+        let phase = std::mem::replace(&mut c.phase, Phase::Finish { until });
+        let Phase::Carrier { mut output, .. } = phase else {
+            c.phase = phase;
+            return;
+        };
+        while let Some(spare) = output.spare_at_least(MAX_FRAME_LEN) {
+            match io.endpoint.poll_transmit_frame(io.now, session, spare) {
+                Some(n) if n > 0 => output.commit(n),
+                _ => break,
+            }
+        }
+        c.phase = Phase::Flush { output, until };
+        self.deadlines.push(until, c.key);
+        self.flush(io, idx);
+    }
+
+    /// Writes what is left, then FIN.
+    fn flush(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Phase::Flush { output, .. } = &mut c.phase else {
+            return;
+        };
+        if c.writable && !output.is_empty() {
+            match output.write_to(&mut c.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+                Err(_) => {
+                    self.close(io, idx, false);
+                    return;
+                }
+            }
+        }
+        if output.is_empty() {
+            self.finish(io, idx);
+        } else {
+            self.drain_only(io, idx);
+        }
+    }
+
+    /// Reads and drops incoming bytes without changing the phase.
+    fn drain_only(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        match drain_reads(&mut c.sock, &mut c.readable, IO_BUDGET) {
+            Drained::Open | Drained::Eof => {}
+            Drained::Budget => self.mark_busy(idx),
+            Drained::Error => self.close(io, idx, false),
+        }
+    }
+
+    /// FIN now; closed at the peer's FIN or after [`LINGER`].
+    fn finish(&mut self, io: &mut CarrierIo, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let _ = c.sock.shutdown(Shutdown::Write);
+        let until = io.now + LINGER;
+        c.phase = Phase::Finish { until };
+        self.deadlines.push(until, c.key);
+        self.drain(io, idx);
+    }
+
+    // ----- deadlines and closing -----
+
+    /// Carries out the deadlines that are due: the hello deadline, discard deadlines, flush and
+    /// linger limits, fallback connect and idle timeouts.
+    pub fn expire(&mut self, io: &mut CarrierIo) {
+        while let Some(key) = self.deadlines.pop_due(io.now) {
+            let Some(c) = self.conns.get(key.index).filter(|c| c.key == key) else {
+                continue;
+            };
+            match c.phase.deadline() {
+                Some(at) if at <= io.now => {}
+                // An idle splice moved since: its entry follows its activity.
+                Some(at) if matches!(c.phase, Phase::Splice(_)) => {
+                    self.deadlines.push(at, key);
+                    continue;
+                }
+                _ => continue,
+            }
+            match &c.phase {
+                Phase::Gate { .. } => self.service_gate(io, key.index),
+                Phase::Discard { .. } => self.finish(io, key.index),
+                Phase::Splice(s) if !s.connected => {
+                    io.stats.fallback_failed += 1;
+                    self.start_discard(io, key.index, NotOstpReason::Hello);
+                }
+                _ => self.close(io, key.index, false),
+            }
+        }
+    }
+
+    /// Forgets a connection. `graceful`: drop what it sent and FIN (an evicted stranger); else
+    /// just close.
+    fn close(&mut self, io: &mut CarrierIo, idx: usize, graceful: bool) {
+        let Some(mut c) = self.conns.remove(idx) else {
+            return;
+        };
+        if c.stranger {
+            self.strangers.leave();
+        }
+        if c.spliced {
+            self.splices.leave();
+        }
+        let _ = io.registry.deregister(&mut c.sock);
+        match &mut c.phase {
+            Phase::Carrier { session, .. } => {
+                self.by_session.remove(session);
+                io.endpoint
+                    .carrier_connection_lost(*session, CloseReason::Normal);
+            }
+            Phase::Splice(s) => {
+                let _ = io.registry.deregister(&mut s.target);
+            }
+            _ => {}
+        }
+        if graceful {
+            let mut readable = true;
+            let _ = drain_reads(&mut c.sock, &mut readable, IO_BUDGET);
+            let _ = c.sock.shutdown(Shutdown::Write);
+        }
+    }
+}
+
+/// Whether a non-blocking connect finished: `None` while it is still under way.
+fn connect_result(sock: &TcpStream) -> Option<io::Result<()>> {
+    match sock.take_error() {
+        Ok(Some(e)) | Err(e) => return Some(Err(e)),
+        Ok(None) => {}
+    }
+    match sock.peer_addr() {
+        Ok(_) => Some(Ok(())),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+enum Drained {
+    /// Read until the socket had nothing more.
+    Open,
+    /// The budget ran out first.
+    Budget,
+    Eof,
+    Error,
+}
+
+/// Reads and drops up to `budget` bytes.
+fn drain_reads(sock: &mut TcpStream, readable: &mut bool, budget: usize) -> Drained {
+    let mut scratch = [0u8; 4096];
+    let mut total = 0;
+    while *readable {
+        if total >= budget {
+            return Drained::Budget;
+        }
+        match sock.read(&mut scratch) {
+            Ok(0) => return Drained::Eof,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => *readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Drained::Error,
+        }
+    }
+    Drained::Open
+}
