@@ -395,6 +395,45 @@ impl fmt::Debug for ProxyAuth {
     }
 }
 
+/// `transport.mode`: which carrier the client's tunnel sessions use (docs/PROTOCOL.md §7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CarrierMode {
+    /// UDP only (the default, for compatibility with servers without a TCP listener).
+    #[default]
+    Udp,
+    /// The TCP carrier only ("UDP over TCP", the reference implementation's name).
+    Uot,
+    /// UDP first; TCP when UDP goes unanswered or keeps dying; back to UDP when it works again.
+    Auto,
+}
+
+impl CarrierMode {
+    /// The config and share-link spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CarrierMode::Udp => "udp",
+            CarrierMode::Uot => "uot",
+            CarrierMode::Auto => "auto",
+        }
+    }
+}
+
+/// The client's `transport` block: the carrier mode and where the TCP carrier listens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TransportConfig {
+    pub mode: CarrierMode,
+    /// Port of the server's TCP carrier; `None`: the port of `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
+}
+
+impl TransportConfig {
+    fn is_default(&self) -> bool {
+        *self == TransportConfig::default()
+    }
+}
+
 /// A client configuration — exactly the `data` object of `GET /api/subscribe/{key}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClientConfig {
@@ -422,6 +461,9 @@ pub struct ClientConfig {
     /// (`None`: [`DEFAULT_LOCAL_IDLE_TIMEOUT_SECS`]). Never handed out by the subscribe endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_idle_timeout_secs: Option<u32>,
+    /// Carrier mode and TCP carrier port (written only when not the default: UDP, same port).
+    #[serde(skip_serializing_if = "TransportConfig::is_default")]
+    pub transport: TransportConfig,
     pub tun: TunConfig,
     /// A local DNS endpoint whose queries go through the tunnel. Never part of a subscription.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -448,6 +490,7 @@ impl ClientConfig {
             udp_bind_ip: None,
             udp_offload: UdpOffload::Auto,
             local_idle_timeout_secs: None,
+            transport: TransportConfig::default(),
             tun: TunConfig {
                 enable: false,
                 dns: "1.1.1.1".to_string(),
@@ -1085,6 +1128,9 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
         }
         cfg.local_idle_timeout_secs = Some(secs as u32);
     }
+    if let Some(t) = obj.opt_obj("transport")? {
+        cfg.transport = parse_transport(t)?;
+    }
     if let Some(mut t) = obj.opt_obj("tun")? {
         parse_tun(&mut t, &mut cfg.tun)?;
         t.finish()?;
@@ -1136,6 +1182,28 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
     }
     obj.finish()?;
     Ok(cfg)
+}
+
+/// `transport`: `mode` one of `udp` (default), `uot`, `auto`; `tcp_port` 1..=65535.
+fn parse_transport(mut t: Obj) -> Result<TransportConfig, ConfigError> {
+    let mode = match t.opt_str("mode")?.as_deref() {
+        None | Some("udp") => CarrierMode::Udp,
+        Some("uot") => CarrierMode::Uot,
+        Some("auto") => CarrierMode::Auto,
+        Some(other) => {
+            return Err(t.err(
+                "mode",
+                &format!("{other:?} is not one of \"udp\", \"uot\", \"auto\""),
+            ));
+        }
+    };
+    let tcp_port = match t.opt_u64("tcp_port")? {
+        None => None,
+        Some(p @ 1..=65535) => Some(p as u16),
+        Some(p) => return Err(t.err("tcp_port", &format!("{p} is not a port in 1-65535"))),
+    };
+    t.finish()?;
+    Ok(TransportConfig { mode, tcp_port })
 }
 
 /// `socks5_auth`: 1..=255 bytes each (RFC 1929), no `:` in the username (HTTP `Basic` splits
@@ -1207,8 +1275,15 @@ pub fn server_template(access_key: &str, api_token: &str) -> String {
 
 /// A client config as JSON text (for `--init client`).
 pub fn client_template(server: &str, access_key: &str) -> String {
-    let cfg = ClientConfig::for_server(server.to_string(), access_key.to_string());
-    let mut s = serde_json::to_string_pretty(&cfg).unwrap_or_default();
+    client_config_text(&ClientConfig::for_server(
+        server.to_string(),
+        access_key.to_string(),
+    ))
+}
+
+/// A client config as pretty JSON text with a final newline.
+pub fn client_config_text(cfg: &ClientConfig) -> String {
+    let mut s = serde_json::to_string_pretty(cfg).unwrap_or_default();
     s.push('\n');
     s
 }
@@ -1632,6 +1707,54 @@ mod tests {
             client(r#","udp_offload":1"#).unwrap_err().field,
             "udp_offload"
         );
+    }
+
+    #[test]
+    fn client_transport_modes_ports_and_errors() {
+        let client = |extra: &str| {
+            p(&format!(
+                r#"{{"mode":"client","server":"h:1","access_key":"{KEY}"{extra}}}"#
+            ))
+        };
+        let Ok(Config::Client(c)) = client("") else {
+            panic!("expected a client")
+        };
+        assert_eq!(c.transport, TransportConfig::default());
+        assert_eq!(c.transport.mode, CarrierMode::Udp);
+        for (mode, want) in [
+            ("udp", CarrierMode::Udp),
+            ("uot", CarrierMode::Uot),
+            ("auto", CarrierMode::Auto),
+        ] {
+            let extra = format!(r#","transport":{{"mode":"{mode}","tcp_port":443}}"#);
+            let Ok(Config::Client(c)) = client(&extra) else {
+                panic!("expected a client for {mode}")
+            };
+            assert_eq!(c.transport.mode, want);
+            assert_eq!(c.transport.tcp_port, Some(443));
+            // What it writes parses back to the same config.
+            let text = serde_json::to_string(&c).unwrap();
+            assert!(text.contains(&format!(
+                r#""transport":{{"mode":"{mode}","tcp_port":443}}"#
+            )));
+            assert_eq!(p(&text).unwrap(), Config::Client(c));
+        }
+        let Ok(Config::Client(c)) = client(r#","transport":{}"#) else {
+            panic!("expected a client")
+        };
+        assert_eq!(c.transport, TransportConfig::default());
+        for (extra, field) in [
+            (r#","transport":{"mode":"tcp"}"#, "transport.mode"),
+            (r#","transport":{"mode":"UOT"}"#, "transport.mode"),
+            (r#","transport":{"mode":1}"#, "transport.mode"),
+            (r#","transport":{"tcp_port":0}"#, "transport.tcp_port"),
+            (r#","transport":{"tcp_port":65536}"#, "transport.tcp_port"),
+            (r#","transport":{"tcp_port":"443"}"#, "transport.tcp_port"),
+            (r#","transport":{"port":443}"#, "transport.port"),
+            (r#","transport":"auto""#, "transport"),
+        ] {
+            assert_eq!(client(extra).unwrap_err().field, field, "{extra}");
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! `ostp://KEY@HOST:PORT` share links: formatting (IPv6 hosts in brackets) and parsing.
+//! `ostp://KEY@HOST:PORT[?type=udp|uot]` share links: formatting (IPv6 hosts in brackets) and
+//! parsing, including the carrier the link asks for.
 
 use std::fmt;
 
+use crate::config::{CarrierMode, ClientConfig};
 use crate::keys;
 
 /// A parsed share link.
@@ -11,6 +13,8 @@ pub struct ShareLink {
     /// Host without brackets (`example.com`, `203.0.113.7`, `2001:db8::1`).
     pub host: String,
     pub port: u16,
+    /// The carrier of `?type=`: `udp` or `uot` (the TCP carrier); `None` when the link has none.
+    pub carrier: Option<CarrierMode>,
 }
 
 /// Why a string is not a share link.
@@ -21,6 +25,8 @@ pub enum LinkError {
     BadKey(keys::KeyError),
     MissingHost,
     BadPort(String),
+    /// `?type=` names a carrier this client does not know.
+    UnknownType(String),
 }
 
 impl fmt::Display for LinkError {
@@ -37,6 +43,11 @@ impl fmt::Display for LinkError {
             LinkError::BadPort(p) => {
                 write!(f, "the share link's port {p:?} is not a number in 1-65535")
             }
+            LinkError::UnknownType(t) => write!(
+                f,
+                "the share link asks for transport type {t:?}, which this client does not \
+                 support (known: \"udp\", \"uot\"); refusing rather than guessing"
+            ),
         }
     }
 }
@@ -54,13 +65,18 @@ pub fn host_port(host: &str, port: u16) -> String {
 }
 
 impl ShareLink {
-    /// Parses `ostp://KEY@HOST:PORT` (a trailing `/`, `?query` or `#fragment` is ignored).
+    /// Parses `ostp://KEY@HOST:PORT` (a trailing `/` or `#fragment` is ignored). In the query,
+    /// `type=udp` and `type=uot` choose the carrier, any other `type` is an error, other
+    /// parameters are ignored.
     pub fn parse(link: &str) -> Result<ShareLink, LinkError> {
         let rest = link
             .trim()
             .strip_prefix("ostp://")
             .ok_or(LinkError::NotOstp)?;
-        let rest = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let rest = rest.split('#').next().unwrap_or("");
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let carrier = parse_type(query)?;
+        let rest = rest.split('/').next().unwrap_or("");
         let (key, addr) = rest.rsplit_once('@').ok_or(LinkError::MissingKey)?;
         if key.is_empty() {
             return Err(LinkError::MissingKey);
@@ -88,7 +104,15 @@ impl ShareLink {
             key: key.to_string(),
             host: host.to_string(),
             port,
+            carrier,
         })
+    }
+
+    /// The client config this link describes (the carrier of `?type=`, UDP without one).
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::for_server(self.server(), self.key.clone());
+        cfg.transport.mode = self.carrier.unwrap_or_default();
+        cfg
     }
 
     /// The server address as `host:port` (IPv6 in brackets).
@@ -104,8 +128,28 @@ impl fmt::Display for ShareLink {
             "ostp://{}@{}",
             self.key,
             host_port(&self.host, self.port)
-        )
+        )?;
+        match self.carrier {
+            Some(mode) => write!(f, "?type={}", mode.as_str()),
+            None => Ok(()),
+        }
     }
+}
+
+/// The carrier named by the query's `type` parameters (the last one counts).
+fn parse_type(query: &str) -> Result<Option<CarrierMode>, LinkError> {
+    let mut carrier = None;
+    for param in query.split('&') {
+        let Some(value) = param.strip_prefix("type=") else {
+            continue;
+        };
+        carrier = Some(match value {
+            "udp" => CarrierMode::Udp,
+            "uot" => CarrierMode::Uot,
+            other => return Err(LinkError::UnknownType(other.to_string())),
+        });
+    }
+    Ok(carrier)
 }
 
 /// Formats a share link.
@@ -145,6 +189,38 @@ mod tests {
             assert_eq!(parsed.port, 50000);
             assert_eq!(parsed.to_string(), link);
         }
+    }
+
+    #[test]
+    fn type_chooses_the_carrier_and_unknown_types_are_refused() {
+        let link = |q: &str| ShareLink::parse(&format!("ostp://{KEY}@example.com:443{q}"));
+        let uot = link("?type=uot").unwrap();
+        assert_eq!(uot.carrier, Some(CarrierMode::Uot));
+        assert_eq!(uot.client_config().transport.mode, CarrierMode::Uot);
+        assert_eq!(uot.client_config().server, "example.com:443");
+        assert_eq!(
+            uot.to_string(),
+            format!("ostp://{KEY}@example.com:443?type=uot")
+        );
+        let udp = link("/?foo=1&type=udp#name").unwrap();
+        assert_eq!(udp.carrier, Some(CarrierMode::Udp));
+        assert_eq!(udp.client_config().transport.mode, CarrierMode::Udp);
+        // No type: as before this parameter existed (UDP), and other parameters are ignored.
+        for q in ["", "/", "?sni=x", "#type=uot"] {
+            let plain = link(q).unwrap();
+            assert_eq!(plain.carrier, None, "{q}");
+            assert_eq!(plain.client_config().transport.mode, CarrierMode::Udp);
+            assert_eq!(plain.to_string(), format!("ostp://{KEY}@example.com:443"));
+        }
+        for bad in ["tcp", "auto", "UOT", "", "quic"] {
+            let e = link(&format!("?type={bad}")).unwrap_err();
+            assert_eq!(e, LinkError::UnknownType(bad.to_string()));
+            assert!(e.to_string().contains("does not support"), "{e}");
+        }
+        assert_eq!(
+            link("?type=uot&type=ws"),
+            Err(LinkError::UnknownType("ws".into()))
+        );
     }
 
     #[test]

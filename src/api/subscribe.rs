@@ -4,14 +4,16 @@
 //! Content negotiation: `text/plain` is chosen only when the `Accept` header ranks it strictly
 //! higher than `application/json`; everything else (no header, `*/*`, ties, unknown types)
 //! gets JSON. The host is `public_host` if configured, else the request's `Host` (port
-//! stripped), else the API bind IP; the port is the tunnel's listen port.
+//! stripped), else the API bind IP; the port is the tunnel's listen port. The JSON answer also
+//! says which carriers the server offers (`"carriers"`), and where it offers the TCP carrier the
+//! config it hands out runs in `auto` transport mode.
 
 use serde::Serialize;
 
 use super::ApiContext;
 use super::errors::ApiError;
 use super::http::{Request, Response};
-use crate::config::ClientConfig;
+use crate::config::{CarrierMode, ClientConfig, ServerConfig, TransportConfig};
 use crate::keys;
 use crate::share_link;
 use crate::users::persist::lock_users;
@@ -113,6 +115,37 @@ fn is_port(p: &str) -> bool {
     !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// What the server offers: the carrier names for `"carriers"` and the client's `transport` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub carriers: &'static [&'static str],
+    pub transport: TransportConfig,
+}
+
+/// The offer of a server whose tunnel listens on UDP `udp_port` and, if `tcp_port`, on TCP there:
+/// with TCP the client runs `auto` (UDP first, TCP when UDP is blocked), told the TCP port only
+/// when it differs from the UDP one.
+pub fn offer(udp_port: u16, tcp_port: Option<u16>) -> Offer {
+    match tcp_port {
+        None => Offer {
+            carriers: &["udp"],
+            transport: TransportConfig::default(),
+        },
+        Some(tcp) => Offer {
+            carriers: &["udp", "tcp"],
+            transport: TransportConfig {
+                mode: CarrierMode::Auto,
+                tcp_port: (tcp != udp_port).then_some(tcp),
+            },
+        },
+    }
+}
+
+/// The server's TCP carrier port (its first `listen_tcp` address), if it listens on TCP.
+fn tcp_carrier_port(config: &ServerConfig) -> Option<u16> {
+    config.listen_tcp.first().map(|a| a.port())
+}
+
 /// Answers a subscribe request.
 pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response, ApiError> {
     let unknown = || ApiError::not_found("unknown access key").for_subscribe();
@@ -137,6 +170,7 @@ pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response
         .or_else(|| request.header("host").and_then(host_from_header))
         .unwrap_or_else(|| ctx.local_addr.ip().to_string());
     let port = ctx.config.tunnel_port();
+    let offer = offer(port, tcp_carrier_port(&ctx.config));
     log::debug!("api: subscribe for user {}", keys::mask(key));
 
     let mut response = match negotiate(request.header("accept")) {
@@ -148,13 +182,17 @@ pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response
             struct Sub {
                 ok: bool,
                 data: ClientConfig,
+                carriers: &'static [&'static str],
             }
             let server = share_link::host_port(&host, port);
+            let mut data = ClientConfig::for_server(server, key.to_string());
+            data.transport = offer.transport;
             Response::json(
                 200,
                 &Sub {
                     ok: true,
-                    data: ClientConfig::for_server(server, key.to_string()),
+                    data,
+                    carriers: offer.carriers,
                 },
             )
         }
@@ -202,6 +240,31 @@ mod tests {
         ] {
             assert_eq!(negotiate(accept), want, "{accept:?}");
         }
+    }
+
+    #[test]
+    fn offer_names_the_carriers_and_hands_out_auto_with_tcp() {
+        let udp_only = offer(50000, None);
+        assert_eq!(udp_only.carriers, ["udp"]);
+        // Nothing changes for clients of a UDP-only server: no transport block is written.
+        assert_eq!(udp_only.transport, TransportConfig::default());
+        let same_port = offer(50000, Some(50000));
+        assert_eq!(same_port.carriers, ["udp", "tcp"]);
+        assert_eq!(
+            same_port.transport,
+            TransportConfig {
+                mode: CarrierMode::Auto,
+                tcp_port: None
+            }
+        );
+        assert_eq!(offer(50000, Some(443)).transport.tcp_port, Some(443));
+        let mut cfg = ClientConfig::for_server("h:50000".into(), "k".into());
+        cfg.transport = offer(50000, Some(443)).transport;
+        let v = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(
+            v["transport"],
+            serde_json::json!({"mode": "auto", "tcp_port": 443})
+        );
     }
 
     #[test]

@@ -137,7 +137,7 @@ pub fn client_config_from_body(source: &str, body: &[u8]) -> Result<ClientConfig
     if text.starts_with("ostp://") {
         let line = text.lines().next().unwrap_or_default();
         let link = ShareLink::parse(line).map_err(|e| RunError::Other(format!("{source}: {e}")))?;
-        return Ok(ClientConfig::for_server(link.server(), link.key));
+        return Ok(link.client_config());
     }
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| RunError::Other(format!("{source}: the answer is not JSON: {e}")))?;
@@ -245,6 +245,19 @@ mod tests {
                 .server,
             "[::1]:7"
         );
+        // The carrier of a share link and of a subscribe answer offering TCP is kept.
+        let uot = format!("ostp://{KEY}@e.com:5?type=uot\n");
+        let c = client_config_from_body("u", uot.as_bytes()).unwrap();
+        assert_eq!(c.transport.mode, config::CarrierMode::Uot);
+        let bad = format!("ostp://{KEY}@e.com:5?type=ws\n");
+        let e = client_config_from_body("u", bad.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("\"ws\""), "{e}");
+        let offered = format!(
+            r#"{{"ok":true,"carriers":["udp","tcp"],"data":{{"mode":"client","server":"e.com:5","access_key":"{KEY}","transport":{{"mode":"auto","tcp_port":443}}}}}}"#
+        );
+        let c = client_config_from_body("u", offered.as_bytes()).unwrap();
+        assert_eq!(c.transport.mode, config::CarrierMode::Auto);
+        assert_eq!(c.transport.tcp_port, Some(443));
         assert!(client_config_from_body("u", br#"{"ok":false,"error":"unknown key"}"#).is_err());
         assert!(client_config_from_body("u", b"\xff").is_err());
     }

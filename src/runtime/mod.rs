@@ -103,7 +103,7 @@ pub fn execute(command: Command) -> Result<(), RunError> {
         }
         Command::RunLink { link, socks5_bind } => {
             let link = ShareLink::parse(&link).map_err(|e| RunError::Other(e.to_string()))?;
-            let mut cfg = config::ClientConfig::for_server(link.server(), link.key);
+            let mut cfg = link.client_config();
             if let Some(bind) = socks5_bind {
                 cfg.socks5_bind = bind;
             }
@@ -175,18 +175,20 @@ fn init(kind: InitKind, path: &Path, force: bool, link: Option<&str>) -> Result<
             );
         }
         InitKind::Client => {
-            let (server, key, from_link) = match link {
+            let (cfg, from_link) = match link {
                 Some(l) => {
                     let l = ShareLink::parse(l).map_err(|e| RunError::Other(e.to_string()))?;
-                    (l.server(), l.key, true)
+                    (l.client_config(), true)
                 }
                 None => (
-                    format!("example.com:{}", config::DEFAULT_PORT),
-                    keys::generate_key()?,
+                    config::ClientConfig::for_server(
+                        format!("example.com:{}", config::DEFAULT_PORT),
+                        keys::generate_key()?,
+                    ),
                     false,
                 ),
             };
-            write_new_file(path, &config::client_template(&server, &key), force)?;
+            write_new_file(path, &config::client_config_text(&cfg), force)?;
             println!("Wrote a client config to {}", path.display());
             if !from_link {
                 println!(

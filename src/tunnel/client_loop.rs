@@ -19,9 +19,16 @@
 //! - A stream's proxy reply (SOCKS5 / HTTP CONNECT success) is always the first byte the
 //!   application gets: until the server answers the open, only application → stream moves.
 //! - Every failure produces a log line a user understands.
+//! - Carriers (`transport.mode`): a slot's session runs over its own UDP socket or over one TCP
+//!   connection (the TCP carrier, [`CarrierLink`]); everything above the session is the same.
+//!   In `auto` the carrier of new sessions is [`CarrierChoice`]'s: on a move to TCP, UDP
+//!   handshakes in progress restart over TCP; on the move back (a UDP probe was answered), TCP
+//!   sessions retire: no new streams while another session is up, replaced once their streams
+//!   are gone.
 //!
 //! The timing decisions (backoff, refusal retries, liveness, demand retries, request and open
-//! timeouts) are [`super::supervisor`]'s; this loop moves bytes and acts on them.
+//! timeouts) are [`super::supervisor`]'s, the choice of carrier [`super::carrier_choice`]'s;
+//! this loop moves bytes and acts on them.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -33,6 +40,8 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::carrier_choice::{self, Action, Carrier, CarrierChoice, Loss, Switch};
+use super::carrier_link::CarrierLink;
 use super::driver::core::{self, LoopCore, LoopThread};
 use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::timeouts::TimeoutQueue;
@@ -55,7 +64,7 @@ mod dns_forward;
 mod tun_mode;
 use super::exclude::Exclude;
 use super::tun::front::TunFront;
-use crate::config::{self, ClientConfig, ProxyAuth};
+use crate::config::{self, ClientConfig, ProxyAuth, TransportConfig};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
 use crate::proto::id_map::IdMap;
@@ -109,6 +118,8 @@ pub struct ClientOptions {
     pub dns_forward: Option<DnsForwardOptions>,
     /// Destinations connected directly (`exclude`; TUN mode: routes that bypass the device).
     pub exclude: Arc<Exclude>,
+    /// Carrier mode and the TCP carrier's port.
+    pub transport: TransportConfig,
 }
 
 impl ClientOptions {
@@ -151,6 +162,7 @@ impl ClientOptions {
                 bind: d.bind,
                 upstream: d.upstream,
             }),
+            transport: cfg.transport,
         })
     }
 
@@ -243,6 +255,9 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         .map(|_| Slot {
             state: SlotState::Idle,
             sock: None,
+            tcp: None,
+            carrier: Carrier::Udp,
+            retiring: false,
             client: None,
             streams: IdMap::default(),
             tx: UdpTx::new(),
@@ -274,6 +289,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         Some(d) => Some(DnsForward::open(d, core.registry(), now)?),
         None => None,
     };
+    let options_transport = options.transport;
     let lp = ClientLoop {
         core,
         tickets: TicketIssuer::new(),
@@ -286,6 +302,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         options,
         slots,
         supervisor: SlotSupervisor::new(count, now, jitter),
+        carrier: CarrierChoice::new(options_transport.mode, now),
+        probe: None,
+        server_addr: None,
+        announced: None,
         locals: Slab::new(),
         waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
         opening: TimeoutQueue::new(OPEN_TIMEOUT),
@@ -317,7 +337,15 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
 /// One tunnel-session slot: its socket and session (its timing is [`SlotSupervisor`]'s).
 struct Slot {
     state: SlotState,
+    /// The session's UDP socket (UDP carrier).
     sock: Option<udp::Socket>,
+    /// The session's TCP connection (TCP carrier; then `sock`, `tx` and `readable` are unused).
+    tcp: Option<CarrierLink>,
+    /// What carries the slot's attempt or session.
+    carrier: Carrier,
+    /// A TCP session kept for its streams after `auto` moved back to UDP: it gets new streams
+    /// only while no other session is up and is replaced once its streams are gone.
+    retiring: bool,
     client: Option<ClientSession>,
     /// The session's streams → the local connection of each; its length is the slot's load.
     streams: IdMap<StreamId, usize>,
@@ -407,6 +435,15 @@ struct AssocRoute {
     last_active: Instant,
 }
 
+/// A UDP handshake that only checks whether the server answers over UDP again (`auto` while on
+/// TCP); its token is `Tok::Slot(slots.len())`, one past the last slot.
+struct Probe {
+    sock: udp::Socket,
+    client: ClientSession,
+    tx: UdpTx,
+    readable: bool,
+}
+
 /// The client loop's state. More than 15 fields because it owns four kinds of sockets (the
 /// listener, local connections, session slots, UDP associations) plus the policy that times
 /// them (supervisor, request queues); each field is one of those and documented where not obvious.
@@ -422,6 +459,14 @@ struct ClientLoop {
     options: ClientOptions,
     slots: Vec<Slot>,
     supervisor: SlotSupervisor<XorShift64>,
+    /// Which carrier new sessions use (`transport.mode`).
+    carrier: CarrierChoice,
+    /// The UDP probe in progress, if any.
+    probe: Option<Probe>,
+    /// The server's address as last resolved (the probe's destination).
+    server_addr: Option<SocketAddr>,
+    /// The carrier of the last session announced at info level (a change is announced again).
+    announced: Option<Carrier>,
     locals: Slab<Local>,
     /// Requests waiting for a session, oldest first.
     waiting: TimeoutQueue<usize>,
@@ -545,12 +590,13 @@ impl AssocUplink<'_> {
 impl ClientLoop {
     fn run(mut self) {
         log::info!(
-            "ostp {} client: SOCKS5 and HTTP proxy on {}, tunnel to {} ({} session{})",
+            "ostp {} client: SOCKS5 and HTTP proxy on {}, tunnel to {} ({} session{}, transport {})",
             env!("CARGO_PKG_VERSION"),
             self.local_addr,
             self.options.server,
             self.slots.len(),
-            if self.slots.len() == 1 { "" } else { "s" }
+            if self.slots.len() == 1 { "" } else { "s" },
+            self.options.transport.mode.as_str()
         );
         let mut events = core::events();
         loop {
@@ -569,6 +615,7 @@ impl ClientLoop {
             for i in 0..self.slots.len() {
                 self.receive(now, i);
             }
+            self.receive_probe(now);
             self.receive_assocs(now);
             self.tun_receive(now);
             self.dns_receive(now);
@@ -577,6 +624,8 @@ impl ClientLoop {
                 self.process_slot_events(now, i);
                 self.flush(now, i);
             }
+            self.drive_probe(now);
+            self.retire_idle(now);
             if let Some(deadline) = self.shutting_down {
                 let done = self
                     .slots
@@ -630,8 +679,17 @@ impl ClientLoop {
                 }
                 self.drive_local(now, t);
             }
+            Some(Tok::Slot(i)) if i == self.slots.len() => {
+                if let Some(p) = self.probe.as_mut() {
+                    p.readable |= event.is_readable();
+                }
+            }
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
+                    if let Some(link) = slot.tcp.as_mut() {
+                        link.on_event(event);
+                        return;
+                    }
                     slot.readable |= event.is_readable();
                     if event.is_writable() {
                         Self::retry_blocked(self.core.registry(), i, slot);
@@ -665,7 +723,12 @@ impl ClientLoop {
     /// liveness samples, session timers, request and open timeouts, shutdown), or not at all
     /// while a slot socket may still hold datagrams.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        if !self.assoc_ready.is_empty() || self.slots.iter().any(|s| s.readable) {
+        let slot_readable =
+            |s: &Slot| s.readable || s.tcp.as_ref().is_some_and(CarrierLink::needs_turn);
+        if !self.assoc_ready.is_empty()
+            || self.slots.iter().any(slot_readable)
+            || self.probe.as_ref().is_some_and(|p| p.readable)
+        {
             return Some(now);
         }
         let deadlines = self.slots.iter().enumerate().flat_map(|(i, s)| {
@@ -687,6 +750,8 @@ impl ClientLoop {
                 self.shutting_down,
                 self.tun_deadline(now),
                 self.dns_deadline(now),
+                self.carrier.next_deadline(),
+                self.probe.as_ref().and_then(|p| p.client.poll_timeout()),
             ])
             .flatten()
             .min()
@@ -737,6 +802,18 @@ impl ClientLoop {
         }
         if self.supervisor.liveness_due(now) {
             self.check_liveness(now);
+        }
+        if self.shutting_down.is_none() {
+            match self.carrier.poll(now) {
+                Some(Action::Switch(switch)) => self.carrier_switched(now, switch),
+                Some(Action::Probe) => self.start_probe(now),
+                None => {}
+            }
+        }
+        if let Some(p) = self.probe.as_mut() {
+            if p.client.poll_timeout().is_some_and(|t| now >= t) {
+                p.client.handle_timeout(now);
+            }
         }
         // Requests waiting too long for a session, opens waiting too long for the answer.
         while let Some(l) = self.waiting.pop_expired(now) {
@@ -823,7 +900,22 @@ impl ClientLoop {
         }
     }
 
+    /// Starts slot `i`'s session with the server at `server` over the current carrier.
     fn connect_slot(&mut self, now: Instant, i: usize, server: SocketAddr) {
+        self.server_addr = Some(server);
+        let carrier = self.carrier.current();
+        self.slots[i].carrier = carrier;
+        match carrier {
+            Carrier::Udp => self.connect_udp(now, i, server),
+            Carrier::Tcp => self.connect_tcp(now, i, server),
+        }
+        if self.slots[i].state == SlotState::Handshaking {
+            self.carrier.attempt_started(carrier, now);
+        }
+    }
+
+    /// A connected UDP socket towards `server` (bound to `udp_bind_ip` if set), READABLE.
+    fn open_udp(&self, server: SocketAddr, token: mio::Token) -> Result<udp::Socket, String> {
         let bind: SocketAddr = match self.options.udp_bind_ip {
             Some(ip) => SocketAddr::new(ip, 0),
             None if server.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -841,52 +933,88 @@ impl ClientLoop {
         });
         let mut sock = match sock {
             Ok(s) => udp::Socket::new(s, self.options.udp_offload),
+            Err(e) => return Err(format!("cannot open a UDP socket towards {server}: {e}")),
+        };
+        // WRITABLE only while a datagram is blocked (`flush`).
+        self.core
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)
+            .map_err(|e| format!("cannot register a UDP socket: {e}"))?;
+        Ok(sock)
+    }
+
+    /// A new connector for `carrier` (`None`: logged, the slot or probe fails).
+    fn new_client(
+        &self,
+        now: Instant,
+        carrier: Carrier,
+        config: ConnectorConfig,
+    ) -> Option<ClientSession> {
+        let mut seed = [0u8; 32];
+        keys::fill_random(&mut seed).ok()?;
+        let key = &self.options.access_key;
+        let client = match carrier {
+            Carrier::Udp => ClientSession::connect(config, key, now, unix_now(), seed),
+            Carrier::Tcp => ClientSession::connect_carrier(config, key, now, unix_now(), seed),
+        };
+        client
+            .map_err(|e| log::error!("the access key cannot be used: {e:?}"))
+            .ok()
+    }
+
+    fn connect_udp(&mut self, now: Instant, i: usize, server: SocketAddr) {
+        let mut sock = match self.open_udp(server, Tok::Slot(i).token()) {
+            Ok(s) => s,
             Err(e) => {
-                log::warn!("cannot open a UDP socket towards {server}: {e}");
+                log::warn!("{e}");
                 self.slot_failed(now, i, Failure::Local);
                 return;
             }
         };
-        // WRITABLE only while a datagram is blocked (`flush`).
-        if let Err(e) =
-            self.core
-                .registry()
-                .register(&mut sock, Tok::Slot(i).token(), Interest::READABLE)
-        {
-            log::warn!("cannot register a UDP socket: {e}");
+        let Some(c) = self.new_client(now, Carrier::Udp, self.options.connector.clone()) else {
+            let _ = self.core.registry().deregister(&mut sock);
             self.slot_failed(now, i, Failure::Local);
             return;
+        };
+        let slot = &mut self.slots[i];
+        if let Some(mut old) = slot.sock.take() {
+            let _ = self.core.registry().deregister(&mut old);
+            self.closed_io.add(old.counts());
         }
-        let mut seed = [0u8; 32];
-        if keys::fill_random(&mut seed).is_err() {
-            self.slot_failed(now, i, Failure::Local);
-            return;
-        }
-        match ClientSession::connect(
-            self.options.connector.clone(),
-            &self.options.access_key,
-            now,
-            unix_now(),
-            seed,
-        ) {
-            Ok(c) => {
-                let slot = &mut self.slots[i];
-                if let Some(mut old) = slot.sock.take() {
-                    let _ = self.core.registry().deregister(&mut old);
-                    self.closed_io.add(old.counts());
-                }
-                slot.sock = Some(sock);
-                slot.client = Some(c);
-                slot.state = SlotState::Handshaking;
-                slot.tx.clear();
-                slot.readable = true;
-                log::debug!("session {i}: handshake with {server}");
-            }
+        slot.sock = Some(sock);
+        slot.client = Some(c);
+        slot.state = SlotState::Handshaking;
+        slot.tx.clear();
+        slot.readable = true;
+        log::debug!("session {i}: handshake with {server}");
+    }
+
+    /// Connects slot `i` to the TCP carrier: the host of `server`, port `transport.tcp_port` or
+    /// the same port.
+    fn connect_tcp(&mut self, now: Instant, i: usize, server: SocketAddr) {
+        let port = self.options.transport.tcp_port.unwrap_or(server.port());
+        let addr = SocketAddr::new(server.ip(), port);
+        let token = Tok::Slot(i).token();
+        let mark = self.options.tun.as_ref().map(|t| t.settings.fwmark);
+        let mut link = match CarrierLink::connect(addr, mark, self.core.registry(), token) {
+            Ok(l) => l,
             Err(e) => {
-                log::error!("the access key cannot be used: {e:?}");
-                self.slot_failed(now, i, Failure::Local);
+                log::warn!("tunnel session {i}: cannot connect to the TCP carrier at {addr}: {e}");
+                self.slot_failed(now, i, Failure::Carrier);
+                return;
             }
-        }
+        };
+        let Some(c) = self.new_client(now, Carrier::Tcp, self.options.connector.clone()) else {
+            link.deregister(self.core.registry());
+            self.slot_failed(now, i, Failure::Local);
+            return;
+        };
+        let slot = &mut self.slots[i];
+        slot.tcp = Some(link);
+        slot.client = Some(c);
+        slot.state = SlotState::Handshaking;
+        slot.readable = false;
+        log::debug!("session {i}: handshake with {addr} over TCP");
     }
 
     /// Replaces connected sessions that stopped answering (see
@@ -921,13 +1049,46 @@ impl ClientLoop {
     /// attempt.
     fn slot_failed(&mut self, now: Instant, i: usize, failure: Failure) -> Retry {
         let retry = self.supervisor.failed(i, now, failure);
+        let slot = &self.slots[i];
+        let loss = match failure {
+            Failure::NoAnswer => Loss::Unanswered,
+            Failure::Carrier if slot.state != SlotState::Connected => Loss::Unanswered,
+            Failure::Carrier | Failure::Silent | Failure::Closed(CloseReason::IdleTimeout) => {
+                Loss::Died
+            }
+            _ => Loss::Other,
+        };
+        let carrier = slot.carrier;
+        self.teardown(now, i);
+        if let Some(switch) = self.carrier.lost(carrier, now, loss) {
+            self.carrier_switched(now, switch);
+        }
+        retry
+    }
+
+    /// Slot `i` starts over at once without counting a failure (a change of carrier).
+    fn restart_slot(&mut self, now: Instant, i: usize) {
+        if let Some(c) = self.slots[i].client.as_mut() {
+            c.close(now, CloseReason::Normal);
+        }
+        self.flush(now, i); // the CLOSE, as far as the socket takes it
+        self.teardown(now, i);
+        self.supervisor.restart(i, now);
+    }
+
+    /// Closes slot `i`'s session, socket and everything that used them; the slot is `Idle`.
+    fn teardown(&mut self, now: Instant, i: usize) {
         let slot = &mut self.slots[i];
         slot.state = SlotState::Idle;
         slot.client = None;
+        slot.retiring = false;
         slot.tx.clear();
         if let Some(mut s) = slot.sock.take() {
             let _ = self.core.registry().deregister(&mut s);
             self.closed_io.add(s.counts());
+        }
+        if let Some(mut link) = slot.tcp.take() {
+            link.deregister(self.core.registry());
         }
         for (_, idx) in std::mem::take(&mut slot.streams) {
             if matches!(
@@ -944,7 +1105,43 @@ impl ClientLoop {
                 a.route.slot = None;
             }
         }
-        retry
+    }
+
+    /// New sessions use `switch.to` from now on: handshakes in progress over the other carrier
+    /// start over; connected TCP sessions retire when the move is back to UDP (connected UDP
+    /// sessions stay: they work).
+    fn carrier_switched(&mut self, now: Instant, switch: Switch) {
+        log::info!(
+            "tunnel carrier: {}; new sessions use {}",
+            switch.why,
+            switch.to.name()
+        );
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if slot.carrier == switch.to {
+                continue;
+            }
+            match slot.state {
+                SlotState::Handshaking => self.restart_slot(now, i),
+                SlotState::Connected if switch.to == Carrier::Udp => slot.retiring = true,
+                _ => {}
+            }
+        }
+        self.retire_idle(now);
+    }
+
+    /// Replaces retiring sessions whose streams are all gone.
+    fn retire_idle(&mut self, now: Instant) {
+        if self.shutting_down.is_some() {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if slot.retiring && slot.state == SlotState::Connected && slot.streams.is_empty() {
+                log::debug!("tunnel session {i}: retired from the TCP carrier");
+                self.restart_slot(now, i);
+            }
+        }
     }
 
     /// Reads a batch from slot `i`'s socket if it may hold datagrams (ICMP errors while the
@@ -952,11 +1149,18 @@ impl ClientLoop {
     fn receive(&mut self, now: Instant, i: usize) {
         let Slot {
             sock,
+            tcp,
             client,
             readable,
             last_rx,
             ..
         } = &mut self.slots[i];
+        if let (Some(link), Some(client)) = (tcp.as_mut(), client.as_mut()) {
+            if link.receive(now, client) > 0 {
+                *last_rx = now;
+            }
+            return;
+        }
         if !*readable {
             return;
         }
@@ -981,6 +1185,10 @@ impl ClientLoop {
     fn flush(&mut self, now: Instant, i: usize) {
         let registry = self.core.poll.registry();
         let slot = &mut self.slots[i];
+        if let (Some(link), Some(client)) = (slot.tcp.as_mut(), slot.client.as_mut()) {
+            link.flush(now, client);
+            return;
+        }
         Self::retry_blocked(registry, i, slot);
         if slot.tx.is_blocked() {
             return;
@@ -1027,6 +1235,19 @@ impl ClientLoop {
                 ClientEvent::Transport(te) => self.on_transport_event(now, i, te),
             }
         }
+        let ended = self.slots[i].tcp.as_ref().and_then(|l| {
+            l.end()
+                .map(|e| format!("tunnel session {i}: TCP carrier {}: {e}", l.peer()))
+        });
+        if let Some(what) = ended {
+            // Reported once per outage; the carrier choice may move to UDP meanwhile.
+            if self.slot_failed(now, i, Failure::Carrier).first_report {
+                log::warn!("{what}; reconnecting");
+            } else {
+                log::debug!("{what}; reconnecting");
+            }
+            return;
+        }
         let finished = self.slots[i]
             .client
             .as_ref()
@@ -1037,12 +1258,23 @@ impl ClientLoop {
     }
 
     fn slot_connected(&mut self, now: Instant, i: usize) {
-        self.slots[i].state = SlotState::Connected;
-        self.slots[i].refusal_logged = None;
-        if self.supervisor.connected(i) {
-            log::info!("tunnel session {i} connected to {}", self.options.server);
+        let slot = &mut self.slots[i];
+        slot.state = SlotState::Connected;
+        slot.refusal_logged = None;
+        let carrier = slot.carrier;
+        let over = match (&slot.tcp, carrier) {
+            (Some(link), Carrier::Tcp) => format!(" over the TCP carrier ({})", link.peer()),
+            _ => String::new(),
+        };
+        self.carrier.answered(carrier, now);
+        let changed = self.announced.replace(carrier) != Some(carrier);
+        if self.supervisor.connected(i) || changed {
+            log::info!(
+                "tunnel session {i} connected to {}{over}",
+                self.options.server
+            );
         } else {
-            log::debug!("tunnel session {i} connected");
+            log::debug!("tunnel session {i} connected{over}");
         }
         self.serve_waiting(now);
     }
@@ -1058,6 +1290,8 @@ impl ClientLoop {
             reason,
             retry_after_secs,
         };
+        // An authenticated answer: the carrier works.
+        self.carrier.answered(self.slots[i].carrier, now);
         let retry = self.slot_failed(now, i, failure);
         // Repeated refusals (retries, requests) are logged once per outage and reason.
         let new_reason = self.slots[i].refusal_logged.replace(reason) != Some(reason);
@@ -1139,6 +1373,94 @@ impl ClientLoop {
             }
             TransportEvent::StreamsAvailable => self.serve_waiting(now),
             TransportEvent::Closed { .. } => {}
+        }
+    }
+
+    // ----- UDP probe (`auto` on TCP) -----
+
+    /// Starts a UDP handshake with the server, only to learn whether UDP is answered again.
+    fn start_probe(&mut self, now: Instant) {
+        let token = Tok::Slot(self.slots.len()).token();
+        let opened = self
+            .server_addr
+            .ok_or_else(|| "the server's address is not known yet".to_string())
+            .and_then(|server| self.open_udp(server, token));
+        let config = ConnectorConfig {
+            handshake_timeout: carrier_choice::PROBE_TIMEOUT,
+            ..self.options.connector.clone()
+        };
+        let probe = opened.and_then(|sock| {
+            let client = self
+                .new_client(now, Carrier::Udp, config)
+                .ok_or_else(|| "no connector".to_string())?;
+            Ok(Probe {
+                sock,
+                client,
+                tx: UdpTx::new(),
+                readable: true,
+            })
+        });
+        match probe {
+            Ok(p) => {
+                log::debug!("tunnel carrier: probing UDP");
+                self.probe = Some(p);
+            }
+            Err(e) => {
+                log::debug!("tunnel carrier: cannot probe UDP: {e}");
+                self.carrier.probe_done(now, false);
+            }
+        }
+    }
+
+    fn receive_probe(&mut self, now: Instant) {
+        let Some(p) = self.probe.as_mut().filter(|p| p.readable) else {
+            return;
+        };
+        let client = &mut p.client;
+        let readiness = p.sock.drain(&mut self.buf, RECV_BATCH, |datagram, _| {
+            client.handle_datagram(now, datagram)
+        });
+        p.readable = readiness.still_readable();
+    }
+
+    /// Sends the probe's hellos and acts on its outcome: answered (accepted or refused) or not.
+    fn drive_probe(&mut self, now: Instant) {
+        let Some(p) = self.probe.as_mut() else {
+            return;
+        };
+        let mut answered = None;
+        while let Some(ev) = p.client.poll_event() {
+            match ev {
+                ClientEvent::Connected | ClientEvent::Refused { .. } => answered = Some(true),
+                ClientEvent::HandshakeTimeout => answered = Some(false),
+                ClientEvent::Transport(_) => {}
+            }
+        }
+        if answered == Some(true) {
+            p.client.close(now, CloseReason::Normal);
+        }
+        let registry = self.core.poll.registry();
+        let token = Tok::Slot(self.slots.len()).token();
+        let buf = &mut self.buf[..MAX_BATCH_BYTES];
+        while let Some(batch) = p.client.poll_transmit_batch(now, buf, 1) {
+            let data = &buf[..batch.len];
+            let sent =
+                p.tx.send(&mut p.sock, registry, token, 0, data, batch.len, None);
+            if sent == SendOutcome::Blocked {
+                p.tx.clear(); // a lost hello is retried, a lost CLOSE ends by idle timeout
+                break;
+            }
+        }
+        let Some(answered) = answered.or(p.client.is_finished().then_some(false)) else {
+            return;
+        };
+        if let Some(mut p) = self.probe.take() {
+            let _ = self.core.registry().deregister(&mut p.sock);
+            self.closed_io.add(p.sock.counts());
+        }
+        log::debug!("tunnel carrier: UDP probe answered: {answered}");
+        if let Some(switch) = self.carrier.probe_done(now, answered) {
+            self.carrier_switched(now, switch);
         }
     }
 
@@ -1356,12 +1678,13 @@ impl ClientLoop {
         self.try_open(now, idx);
     }
 
+    /// The connected slot with the fewest streams, retiring ones only when no other is up.
     fn pick_slot(&self) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.state == SlotState::Connected)
-            .min_by_key(|(_, s)| s.streams.len())
+            .min_by_key(|(_, s)| (s.retiring, s.streams.len()))
             .map(|(i, _)| i)
     }
 

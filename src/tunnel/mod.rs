@@ -23,13 +23,18 @@
 //! - [`udp_relay`]   — the server side of SOCKS5 UDP ASSOCIATE.
 //! - [`client_loop`] — the client's mio event loop: the local proxy port, tunnel sessions with
 //!   reconnects, streams spread over sessions, UDP ASSOCIATE.
+//! - [`carrier_choice`] — the client's carrier policy (sans-IO): UDP or the TCP carrier, the
+//!   `auto` fall-back to TCP and the UDP probes that move back.
+//! - [`carrier_link`] — a client session's TCP carrier connection: socket and bounded buffers.
 //! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
 //!   that bypass the tunnel.
 //! - [`tun`]         — TUN capture: packet views and rewriting, the TCP NAT of the system stack.
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
+pub mod carrier_choice;
 pub mod carrier_conns;
+pub mod carrier_link;
 pub mod client_loop;
 pub mod dest_guard;
 pub mod driver;

@@ -88,6 +88,8 @@ pub enum Failure {
     NoAnswer,
     /// A connected session heard nothing for [`DEAD_AFTER`] while waiting for an answer.
     Silent,
+    /// The TCP carrier connection could not be made, or ended (closed, broken, bad bytes).
+    Carrier,
     /// The session closed for this reason.
     Closed(CloseReason),
     /// The session finished without anything to report (e.g. our own close).
@@ -250,6 +252,15 @@ impl<J: Jitter> SlotSupervisor<J> {
         }
     }
 
+    /// Idle slot `i` starts its next attempt now, without counting a failure (its session was
+    /// ended on purpose to move it to another carrier).
+    pub fn restart(&mut self, i: usize, now: Instant) {
+        let t = &mut self.slots[i];
+        t.next_attempt = now;
+        t.waiting_since = None;
+        t.pto_base = 0;
+    }
+
     /// A request waits and no session is up: pull idle slot `i`'s next attempt forward, but not
     /// closer than [`DEMAND_RETRY_GAP`] (doubling per consecutive refusal up to
     /// [`REFUSED_RETRY_GAP_MAX`]) to its last failure.
@@ -342,6 +353,19 @@ mod tests {
         // A connection resets it.
         s.connected(0);
         assert_eq!(s.failed(0, t0, Failure::Silent).at, t0 + secs(0.5));
+    }
+
+    #[test]
+    fn a_restart_is_due_at_once_and_keeps_the_backoff() {
+        let t0 = Instant::now();
+        let mut s = sup(1, t0);
+        s.failed(0, t0, Failure::Carrier);
+        s.failed(0, t0, Failure::Carrier);
+        assert!(!s.attempt_due(0, t0 + secs(0.9)));
+        // Moving the slot to another carrier: no waiting, and not counted as a failure.
+        s.restart(0, t0 + secs(1.0));
+        assert!(s.attempt_due(0, t0 + secs(1.0)));
+        assert_eq!(s.failed(0, t0, Failure::Carrier).at, t0 + secs(2.0));
     }
 
     #[test]

@@ -199,6 +199,7 @@ fn subscribe_gives_config_or_share_link() {
         }),
         "the client sends Host: 127.0.0.1 first (our Client adds it), so that wins"
     );
+    assert_eq!(v["carriers"], json!(["udp"]), "no TCP listener: UDP only");
     assert_eq!(
         r.header("subscription-userinfo"),
         Some("upload=3; download=4; total=1000; expire=0")

@@ -151,6 +151,23 @@ fn init_never_overwrites_without_force_and_writes_valid_configs() {
     assert_eq!(c["access_key"], KEY);
     let out = run_in(&d.0, &["--check", "--config", "c.json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A link's carrier goes into the config; an unknown one is refused, nothing written.
+    let link = format!("ostp://{KEY}@example.com:443?type=uot");
+    let out = run_in(&d.0, &["--init", "client", &link, "--config", "u.json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.0.join("u.json")).unwrap()).unwrap();
+    assert_eq!(c["transport"], serde_json::json!({"mode": "uot"}));
+    let link = format!("ostp://{KEY}@example.com:443?type=grpc");
+    let out = run_in(&d.0, &["--init", "client", &link, "--config", "g.json"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("\"grpc\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!d.0.join("g.json").exists());
 }
 
 #[test]
@@ -238,10 +255,7 @@ fn links_cover_config_keys_with_public_host() {
 #[test]
 fn unsupported_client_features_refuse_to_start() {
     let d = TempDir::new("tun");
-    for (field, json) in [
-        ("tun.enable", r#""tun":{"enable":true,"dns":"1.1.1.1"}"#),
-        ("turn.enabled", r#""turn":{"enabled":true}"#),
-    ] {
+    for (field, json) in [("turn.enabled", r#""turn":{"enabled":true}"#)] {
         std::fs::write(
             d.0.join("c.json"),
             format!(r#"{{"mode":"client","server":"127.0.0.1:9","access_key":"{KEY}","socks5_bind":"127.0.0.1:0",{json}}}"#),

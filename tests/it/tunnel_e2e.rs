@@ -444,41 +444,61 @@ fn destination_guard_allows_loopback_when_configured() {
     );
 }
 
-#[test]
-fn tun_and_turn_are_refused_at_start() {
-    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
-    for (field, extra) in [
-        ("tun.enable", json!({"tun": {"enable": true}})),
-        ("turn.enabled", json!({"turn": {"enabled": true}})),
-    ] {
-        let dir = TempDir::new("unsupported");
-        let mut cfg = json!({
-            "mode": "client",
-            "server": server.to_string(),
-            "access_key": new_key(),
-            "socks5_bind": "127.0.0.1:0",
-        });
-        if let (serde_json::Value::Object(c), serde_json::Value::Object(e)) = (&mut cfg, extra) {
-            c.extend(e);
-        }
-        let path = dir.path().join("client.json");
-        std::fs::write(&path, cfg.to_string()).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"))
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{field}: the client must not run");
-        assert!(
-            stderr.contains("not supported by this build"),
-            "{field}: stderr was {stderr:?}"
-        );
-        assert!(
-            stderr.contains(field),
-            "{field}: names the field: {stderr:?}"
-        );
+/// A client config for `server` with `extra` fields, written to `dir`.
+fn client_config(
+    dir: &TempDir,
+    server: SocketAddr,
+    extra: serde_json::Value,
+) -> std::path::PathBuf {
+    let mut cfg = json!({
+        "mode": "client",
+        "server": server.to_string(),
+        "access_key": new_key(),
+        "socks5_bind": "127.0.0.1:0",
+    });
+    if let (serde_json::Value::Object(c), serde_json::Value::Object(e)) = (&mut cfg, extra) {
+        c.extend(e);
     }
+    let path = dir.path().join("client.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn turn_is_refused_at_start() {
+    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let dir = TempDir::new("unsupported");
+    let path = client_config(&dir, server, json!({"turn": {"enabled": true}}));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the client must not run");
+    assert!(stderr.contains("not supported by this build"), "{stderr:?}");
+    assert!(
+        stderr.contains("turn.enabled"),
+        "names the field: {stderr:?}"
+    );
+}
+
+#[test]
+fn tun_mode_without_cap_net_admin_says_what_it_needs() {
+    // Root without CAP_NET_ADMIN (dropped from the bounding set before exec).
+    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let dir = TempDir::new("tun-nocap");
+    let path = client_config(&dir, server, json!({"tun": {"enable": true}}));
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set", "-net_admin", "--inh-caps", "-net_admin"])
+        .arg(env!("CARGO_BIN_EXE_ostp"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the client must not run: {stderr}");
+    assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr:?}");
 }
 
 #[test]
