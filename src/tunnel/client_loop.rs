@@ -50,9 +50,12 @@ use super::supervisor::{
 };
 use super::{bind_udp, unix_now};
 
+#[path = "client_redir.rs"]
+mod redir_capture;
 #[path = "client_tun.rs"]
 mod tun_capture;
 use super::tun::front::TunFront;
+use super::udp_flows::REDIR_FLOW_IDS;
 use crate::config::{self, ClientConfig, ProxyAuth};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
@@ -61,6 +64,8 @@ use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
+pub use redir_capture::RedirOptions;
+use redir_capture::RedirState;
 pub use tun_capture::TunOptions;
 use tun_capture::TunState;
 
@@ -98,6 +103,8 @@ pub struct ClientOptions {
     pub local_idle: Duration,
     /// TUN mode (`tun.enable`).
     pub tun: Option<TunOptions>,
+    /// Router mode (`redir.enabled`).
+    pub redir: Option<RedirOptions>,
 }
 
 impl ClientOptions {
@@ -134,6 +141,12 @@ impl ClientOptions {
                     .unwrap_or(config::DEFAULT_LOCAL_IDLE_TIMEOUT_SECS),
             )),
             tun: cfg.tun.enable.then(|| tun_options(&cfg.tun)),
+            redir: cfg
+                .redir
+                .as_ref()
+                .filter(|r| r.enabled)
+                .and_then(|r| r.bind_addr())
+                .map(|bind| RedirOptions { bind }),
         })
     }
 
@@ -236,6 +249,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         Some(t) => Some(TunState::open(t, core.registry(), now)?),
         None => None,
     };
+    let redir = match &options.redir {
+        Some(r) => Some(RedirState::open(r, core.registry(), now)?),
+        None => None,
+    };
     let lp = ClientLoop {
         core,
         tickets: TicketIssuer::new(),
@@ -264,6 +281,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         shutting_down: None,
         closed_io: IoCounts::default(),
         tun,
+        redir,
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -336,8 +354,17 @@ struct Local {
     out_pos: usize,
     readable: bool,
     writable: bool,
-    /// Accepted from TUN mode's listener (a captured connection, not a proxy client).
-    captured: bool,
+    /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
+    captured: Option<Capture>,
+}
+
+/// Which capture mode accepted a local connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// TUN mode's listener (its NAT entry is released at close).
+    Tun,
+    /// Router mode's listener (an nftables `redirect`).
+    Redir,
 }
 
 /// One SOCKS5 UDP association: its socket and [`AssocRoute`].
@@ -409,6 +436,8 @@ struct ClientLoop {
     closed_io: IoCounts,
     /// TUN mode's device, listeners and flows (`tun.enable`).
     tun: Option<TunState>,
+    /// Router mode's listeners, TPROXY sockets and flows (`redir.enabled`).
+    redir: Option<RedirState>,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -525,6 +554,7 @@ impl ClientLoop {
             }
             self.receive_assocs(now);
             self.tun_receive(now);
+            self.redir_receive(now);
             self.run_timers(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
@@ -566,6 +596,8 @@ impl ClientLoop {
                 }
             }
             Some(Tok::TunListener(i)) => self.tun_accept(now, i),
+            Some(Tok::RedirListener(i)) => self.redir_accept(now, i),
+            Some(Tok::RedirUdp(i)) => self.redir_readable(i),
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     slot.readable |= event.is_readable();
@@ -622,6 +654,7 @@ impl ClientLoop {
                 self.idle_checks.next_deadline(),
                 self.shutting_down,
                 self.tun_deadline(now),
+                self.redir_deadline(now),
             ])
             .flatten()
             .min()
@@ -679,6 +712,7 @@ impl ClientLoop {
         }
         self.expire_locals(now);
         self.tun_timers(now);
+        self.redir_timers(now);
     }
 
     /// Closes connections that did not finish their request in time and idle ones.
@@ -1093,7 +1127,7 @@ impl ClientLoop {
                             out_pos: 0,
                             readable: true,
                             writable: true,
-                            captured: false,
+                            captured: None,
                         }
                     });
                     self.request_deadlines.push_new((idx, serial), now);
@@ -1450,7 +1484,8 @@ impl ClientLoop {
         };
         let _ = self.core.registry().deregister(&mut l.sock);
         let ip = l.peer.ip();
-        if let Some(n) = self.per_addr.get_mut(&ip) {
+        // Captured connections are not counted per address (`admit_captured`).
+        if let (None, Some(n)) = (l.captured, self.per_addr.get_mut(&ip)) {
             *n -= 1;
             if *n == 0 {
                 self.per_addr.remove(&ip);
@@ -1485,11 +1520,89 @@ impl ClientLoop {
         if let LocalState::Udp { assoc } = l.state {
             self.close_assoc(assoc);
         }
-        if l.captured {
+        if l.captured == Some(Capture::Tun) {
             self.tun_closed(Instant::now(), l.peer);
         }
         self.waiting.remove(idx);
         self.opening.remove(idx);
+    }
+
+    // ----- captured connections and flows (TUN and router mode) -----
+
+    /// A connection captured on its way to `dest` becomes a local connection waiting for a
+    /// stream there (no proxy request, no reply; only the global cap [`MAX_LOCAL`] applies: one
+    /// LAN host may have many). Refused with a reset beyond the cap.
+    fn admit_captured(
+        &mut self,
+        now: Instant,
+        mut sock: TcpStream,
+        peer: SocketAddr,
+        dest: SocketAddr,
+        capture: Capture,
+    ) {
+        if self.locals.len() >= MAX_LOCAL {
+            log::warn!("too many local connections ({MAX_LOCAL}); refusing one");
+            if capture == Capture::Tun {
+                self.tun_closed(now, peer);
+            }
+            crate::sys::reset_on_close(&sock);
+            return;
+        }
+        let _ = sock.set_nodelay(true);
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let serial = self.next_serial;
+        let request = ProxyRequest::Connect {
+            dest: Destination::from(dest),
+            protocol: proxy_front::FrontProtocol::Transparent,
+            early_data: Vec::new(),
+        };
+        let idx = self.locals.insert_with(|idx| {
+            let _ = self.core.registry().register(
+                &mut sock,
+                Tok::Conn(idx).token(),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            Local {
+                sock,
+                serial,
+                peer,
+                last_active: now,
+                state: LocalState::Waiting { request },
+                pipe: None,
+                out: Vec::new(),
+                out_pos: 0,
+                readable: true,
+                writable: true,
+                captured: Some(capture),
+            }
+        });
+        self.try_open(now, idx);
+    }
+
+    /// One captured UDP datagram into the tunnel, on its flow's session (`flow_slots`: the
+    /// session each flow uses; the server's relay for it lives there). Dropped without a session
+    /// or when the session's datagram queue is full: UDP senders retry.
+    fn send_flow_datagram(
+        &mut self,
+        flow_slots: &mut HashMap<AssocId, usize>,
+        id: AssocId,
+        dest: SocketAddr,
+        data: &[u8],
+    ) {
+        let connected = |s: &Slot| s.state == SlotState::Connected;
+        let slot = match flow_slots.get(&id) {
+            Some(&s) if self.slots.get(s).is_some_and(connected) => s,
+            _ => match self.pick_slot() {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        flow_slots.insert(id, slot);
+        if let Some(session) = self.slots[slot].session_mut() {
+            let _ = session
+                .transport_mut()
+                .send_datagram(id, Destination::from(dest), data);
+        }
     }
 
     // ----- UDP ASSOCIATE -----
@@ -1624,6 +1737,10 @@ impl ClientLoop {
     ) {
         if TunFront::owns(id) {
             self.tun_datagram_in(now, id, data);
+            return;
+        }
+        if REDIR_FLOW_IDS.contains(&id) {
+            self.redir_datagram_in(now, id, data);
             return;
         }
         let Some(assoc) = self

@@ -27,6 +27,7 @@ mod proto_secure;
 mod proto_session_sim;
 mod proto_transport;
 mod proto_wire;
+mod router_mode;
 mod storage;
 mod tun_device;
 mod tun_mode;

@@ -34,6 +34,10 @@ pub enum Tok {
     Tun,
     /// Client: TUN mode's listener `i` for reflected TCP connections (0: IPv4, 1: IPv6).
     TunListener(usize),
+    /// Client: router mode's TCP listener `i` for redirected connections (0: first family).
+    RedirListener(usize),
+    /// Client: router mode's UDP socket `i` that TPROXY hands the LAN's datagrams to.
+    RedirUdp(usize),
 }
 
 impl Tok {
@@ -49,6 +53,8 @@ impl Tok {
             Tok::Assoc(i) => (8, i),
             Tok::Tun => (12, 0),
             Tok::TunListener(i) => (13, i),
+            Tok::RedirListener(i) => (14, i),
+            Tok::RedirUdp(i) => (15, i),
         }
     }
 
@@ -77,6 +83,8 @@ impl Tok {
             8 => Tok::Assoc(index),
             12 if index == 0 => Tok::Tun,
             13 => Tok::TunListener(index),
+            14 => Tok::RedirListener(index),
+            15 => Tok::RedirUdp(index),
             _ => return None,
         })
     }
@@ -117,6 +125,8 @@ mod tests {
             Tok::Assoc(7),
             Tok::Tun,
             Tok::TunListener(1),
+            Tok::RedirListener(1),
+            Tok::RedirUdp(MAX_INDEX),
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");
