@@ -767,6 +767,61 @@ mod tests {
     }
 
     #[test]
+    fn tcp_listeners_share_a_port_across_families_and_direct_connections_have_no_other_destination()
+    {
+        let v4 = listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        if let Ok(v6) = listen_tcp(SocketAddr::from(([0u16; 8], port))) {
+            assert_eq!(v6.local_addr().unwrap().port(), port);
+        }
+        v4.set_nonblocking(false).unwrap();
+        let client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
+        let (server, _) = v4.accept().unwrap();
+        // Not redirected: conntrack knows no other destination (or none at all).
+        match original_dst(&server, false) {
+            Ok(dest) => assert_eq!(dest, server.local_addr().unwrap()),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}"),
+        }
+        drop(client);
+    }
+
+    #[test]
+    fn a_transparent_receiver_reports_each_datagrams_destination_and_a_replier_binds_anywhere() {
+        let rx = match transparent_udp("127.0.0.1:0".parse().unwrap(), TransparentRole::Receiver) {
+            Ok(s) => s,
+            // Without CAP_NET_ADMIN the kernel refuses IP_TRANSPARENT (the client says so).
+            Err(e) => return assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}"),
+        };
+        let to = rx.local_addr().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"hello", to).unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = None;
+        for _ in 0..200 {
+            match recv_original_dst(&rx, &mut buf) {
+                Ok(d) => {
+                    got = d;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let d = got.expect("a datagram with its destination");
+        assert_eq!((d.from, d.to, d.len), (tx.local_addr().unwrap(), to, 5));
+        assert_eq!(&buf[..5], b"hello");
+        // A replier may bind to an address this host does not have, twice (answers to two
+        // applications from one destination).
+        let foreign: SocketAddr = "203.0.113.9:53".parse().unwrap();
+        let a = transparent_udp(foreign, TransparentRole::Replier).unwrap();
+        let b = transparent_udp(foreign, TransparentRole::Replier).unwrap();
+        assert_eq!(a.local_addr().unwrap(), foreign);
+        assert_eq!(b.local_addr().unwrap(), foreign);
+    }
+
+    #[test]
     fn reset_on_close_makes_the_peer_see_a_reset() {
         use std::io::Read;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,6 +1,6 @@
 //! Top-level commands: what `ostp` does for each [`Command`]. Server and client start-up live in
 //! [`server`] and [`client`]; this file holds the small one-shot commands (`--init`, `--check`,
-//! `--links`, `--generate-key`) and the first-run config creation; [`malloc`] holds the
+//! `--links`, `--generate-key`, `--router-rules`) and the first-run config creation; [`malloc`] holds the
 //! allocator settings both apply at start.
 
 pub mod client;
@@ -408,6 +408,13 @@ fn check(path: &Path) -> Result<(), RunError> {
             println!("  access key:  {}", keys::mask(&c.access_key));
             println!("  proxy:       {} (SOCKS5 and HTTP)", c.socks5_bind);
             println!("  sessions:    {}", c.session_count());
+            if let Some(r) = c.redir.as_ref().filter(|r| r.enabled) {
+                println!(
+                    "  router mode: {} for {} (rules: ostp --router-rules)",
+                    r.bind,
+                    r.lan_interfaces().join(", ")
+                );
+            }
             if c.tun.enable || c.turn.enabled {
                 println!(
                     "  WARNING:     tun/turn are not supported by this build; the client will refuse to start"
