@@ -19,6 +19,10 @@
 //! - A stream's proxy reply (SOCKS5 / HTTP CONNECT success) is always the first byte the
 //!   application gets: until the server answers the open, only application → stream moves.
 //! - Every failure produces a log line a user understands.
+//! - Capture modes hand over connections and UDP flows that were not addressed to a proxy: TUN
+//!   mode (`client_tun.rs`) and router mode (`client_redir.rs`, nftables `redirect` + TPROXY);
+//!   both become local connections without a request (`admit_captured`) and flow datagrams
+//!   (`send_flow_datagram`).
 //!
 //! The timing decisions (backoff, refusal retries, liveness, demand retries, request and open
 //! timeouts) are [`super::supervisor`]'s; this loop moves bytes and acts on them.

@@ -342,3 +342,46 @@ fn a_lan_behind_the_router_reaches_the_internet_through_the_tunnel_and_private_r
             .is_some_and(|s| s.success())
     );
 }
+
+#[test]
+fn the_fw4_include_loads_inside_fw4s_table_and_the_standalone_table_reloads() {
+    let dir = TempDir::new("router-rules");
+    let config = dir.path().join("client.json");
+    let cfg = json!({
+        "mode": "client",
+        "server": "[2001:db8::5]:50000",
+        "access_key": new_key(),
+        "redir": {"enabled": true, "bind": "[::]:1099", "interfaces": ["br-lan", "wlan0"]},
+    });
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let ns = Netns::create();
+    // fw4 puts the files of /etc/nftables.d/ inside its own table.
+    let fw4 = router_rules(&config, &["fw4"]);
+    ns.nft(&format!("table inet fw4 {{\n{fw4}}}\n"));
+    let listed = ns.output("nft", &["list", "table", "inet", "fw4"]);
+    for needle in [
+        "chain ostp_redirect_tcp",
+        "chain ostp_tproxy_udp",
+        "redirect to :1099",
+        "2001:db8::5",
+    ] {
+        assert!(listed.contains(needle), "{needle} missing:\n{listed}");
+    }
+    // The standalone table loads twice (the second load replaces the first).
+    let nft = router_rules(&config, &[]);
+    ns.nft(&nft);
+    ns.nft(&nft);
+    let listed = ns.output("nft", &["list", "table", "inet", "ostp"]);
+    assert_eq!(listed.matches("chain redirect_tcp").count(), 1, "{listed}");
+    // A server name is resolved when the rules are printed, and the header says so.
+    let named = dir.path().join("named.json");
+    let mut cfg = cfg;
+    cfg["server"] = json!("localhost:50000");
+    std::fs::write(&named, cfg.to_string()).unwrap();
+    let text = router_rules(&named, &[]);
+    assert!(
+        text.contains("# Server: localhost resolved when these rules were generated to 127.0.0.1"),
+        "{text}"
+    );
+    assert!(text.contains("elements = { 127.0.0.1 }"), "{text}");
+}
