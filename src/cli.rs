@@ -52,6 +52,11 @@ pub enum Command {
     Links {
         config: PathBuf,
     },
+    /// Print router mode's nftables rules (or its policy routing) for the client config.
+    RouterRules {
+        config: PathBuf,
+        flavor: crate::tunnel::router_rules::Flavor,
+    },
     /// Open N idle sessions with the client config (benchmarks).
     BenchIdleSessions {
         config: PathBuf,
@@ -90,6 +95,10 @@ USAGE:
                                       overwrites without --force. A client config can start from a share link
     ostp --check [--config PATH]      validate the config and print a summary
     ostp --links [--config PATH]      print a share link per user
+    ostp --router-rules [nft|fw4|routing] [--config PATH]
+                                      print router mode's nftables rules for the client config
+                                      (nft: a standalone table, fw4: an OpenWrt /etc/nftables.d/
+                                      include) or the policy routing they need (routing)
     ostp --generate-key [-c N]        print N fresh access keys (default 1)
     ostp --version | --help
 
@@ -128,6 +137,7 @@ where
     let mut url: Option<String> = None;
     let mut socks5_bind: Option<String> = None;
     let mut bench_sessions: Option<u32> = None;
+    let mut flavor = crate::tunnel::router_rules::Flavor::Nftables;
 
     let set_action = |a: &'static str, action: &mut Option<&'static str>| {
         if let Some(prev) = action
@@ -155,6 +165,18 @@ where
             "--check" => set_action("check", &mut action)?,
             "--links" => set_action("links", &mut action)?,
             "--generate-key" => set_action("generate-key", &mut action)?,
+            "--router-rules" => {
+                set_action("router-rules", &mut action)?;
+                // An optional flavour follows.
+                if let Some(next) = args.get(i + 1).filter(|a| !a.starts_with('-')) {
+                    flavor = crate::tunnel::router_rules::Flavor::parse(next).ok_or_else(|| {
+                        UsageError(format!(
+                            "--router-rules takes nft, fw4 or routing, not {next:?}"
+                        ))
+                    })?;
+                    i += 1;
+                }
+            }
             "--force" => force = true,
             "--init" => {
                 set_action("init", &mut action)?;
@@ -246,6 +268,13 @@ where
             no_extras("--links")?;
             Command::Links {
                 config: config_path(),
+            }
+        }
+        Some("router-rules") => {
+            no_extras("--router-rules")?;
+            Command::RouterRules {
+                config: config_path(),
+                flavor,
             }
         }
         Some("generate-key") => {
@@ -368,6 +397,28 @@ mod tests {
             }
         );
         assert_eq!(p(&["--version"]).unwrap(), Command::Version);
+        use crate::tunnel::router_rules::Flavor;
+        assert_eq!(
+            p(&["--router-rules", "-c", "c.json"]).unwrap(),
+            Command::RouterRules {
+                config: "c.json".into(),
+                flavor: Flavor::Nftables
+            }
+        );
+        assert_eq!(
+            p(&["--router-rules", "fw4"]).unwrap(),
+            Command::RouterRules {
+                config: "config.json".into(),
+                flavor: Flavor::Fw4
+            }
+        );
+        assert_eq!(
+            p(&["--config", "c.json", "--router-rules", "routing"]).unwrap(),
+            Command::RouterRules {
+                config: "c.json".into(),
+                flavor: Flavor::Routing
+            }
+        );
         assert!(matches!(
             p(&["ostp://k@h:1"]).unwrap(),
             Command::RunLink { .. }
@@ -395,6 +446,8 @@ mod tests {
             &["--init", "server", "ostp://k@h:1"],
             &["--socks5-bind", "127.0.0.1:1"],
             &["--subscribe"],
+            &["--router-rules", "iptables"],
+            &["--router-rules", "fw4", "--force"],
         ] {
             assert!(p(bad).is_err(), "{bad:?} should be rejected");
         }

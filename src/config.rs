@@ -18,6 +18,10 @@ pub const DEFAULT_PORT: u16 = 50000;
 pub const DEFAULT_API_BIND: &str = "127.0.0.1:9090";
 /// Default local proxy address of the client (SOCKS5 and HTTP on one port).
 pub const DEFAULT_SOCKS5_BIND: &str = "127.0.0.1:1088";
+/// Default address of router mode's port (TCP `redirect` and UDP TPROXY).
+pub const DEFAULT_REDIR_BIND: &str = "0.0.0.0:1090";
+/// LAN interface router mode's rules capture when `redir.interfaces` is not set (OpenWrt's).
+pub const DEFAULT_LAN_INTERFACE: &str = "br-lan";
 /// Client: a local connection or UDP association idle this long is closed.
 pub const DEFAULT_LOCAL_IDLE_TIMEOUT_SECS: u32 = 300;
 const MAX_LOCAL_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
@@ -94,11 +98,7 @@ fn parse_tun(t: &mut Obj, tun: &mut TunConfig) -> Result<(), ConfigError> {
         ));
     }
     if let Some(name) = t.opt_str("name")? {
-        let ok = (1..=15).contains(&name.len())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if !ok {
+        if !is_interface_name(&name) {
             return Err(t.err(
                 "name",
                 &format!("{name:?} is not an interface name (1-15 letters, digits, '_', '.', '-')"),
@@ -116,6 +116,63 @@ fn parse_tun(t: &mut Obj, tun: &mut TunConfig) -> Result<(), ConfigError> {
     tun.kill_switch = t.opt_bool("kill_switch")?;
     tun.ipv6 = t.opt_bool("ipv6")?;
     Ok(())
+}
+
+/// A Linux interface name: 1-15 letters, digits, '_', '.', '-'.
+fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// The `redir` block (router mode); the caller refuses unknown fields.
+fn parse_redir(r: &mut Obj) -> Result<RedirConfig, ConfigError> {
+    let enabled = r.opt_bool("enabled")?.unwrap_or(false);
+    let bind = r
+        .opt_str("bind")?
+        .unwrap_or_else(|| DEFAULT_REDIR_BIND.to_string());
+    let addr = parse_socket_addr(r, &r.path("bind"), &bind)?;
+    if addr.port() == 0 {
+        return Err(r.err(
+            "bind",
+            "needs a port (the rules send traffic to it), e.g. 1090",
+        ));
+    }
+    let interfaces = match r.take("interfaces") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(list)) => {
+            let mut names = Vec::new();
+            for v in &list {
+                match v.as_str() {
+                    Some(n) if is_interface_name(n) => names.push(n.to_string()),
+                    _ => {
+                        return Err(r.err(
+                            "interfaces",
+                            &format!(
+                                "{v} is not an interface name (1-15 letters, digits, '_', '.', '-')"
+                            ),
+                        ));
+                    }
+                }
+            }
+            if names.is_empty() {
+                return Err(r.err("interfaces", "must name at least one LAN interface"));
+            }
+            Some(names)
+        }
+        Some(v) => {
+            return Err(r.err(
+                "interfaces",
+                &format!("must be a list of interface names, not {}", type_name(&v)),
+            ));
+        }
+    };
+    Ok(RedirConfig {
+        enabled,
+        bind,
+        interfaces,
+    })
 }
 
 fn parse_udp_offload(obj: &mut Obj) -> Result<UdpOffload, ConfigError> {
@@ -364,6 +421,34 @@ pub struct DnsForwardConfig {
     pub upstream: SocketAddr,
 }
 
+/// `redir` block of a client config: router transparent mode (Linux). The LAN's TCP arrives
+/// through an nftables `redirect`, its UDP through TPROXY, both on `bind`'s port
+/// (`ostp --router-rules` prints the rules). Written only when present in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RedirConfig {
+    pub enabled: bool,
+    /// Address of the port (default [`DEFAULT_REDIR_BIND`]; an unspecified address listens in
+    /// both families).
+    pub bind: String,
+    /// LAN interfaces the rules capture (default [`DEFAULT_LAN_INTERFACE`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interfaces: Option<Vec<String>>,
+}
+
+impl RedirConfig {
+    /// `bind` as an address (validated when the config was read).
+    pub fn bind_addr(&self) -> Option<SocketAddr> {
+        self.bind.parse().ok()
+    }
+
+    /// The LAN interfaces the rules capture.
+    pub fn lan_interfaces(&self) -> Vec<String> {
+        self.interfaces
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_LAN_INTERFACE.to_string()])
+    }
+}
+
 /// `turn` block of a client config (not supported by this build; must stay disabled).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TurnConfig {
@@ -472,6 +557,10 @@ pub struct ClientConfig {
     /// part of a subscription.
     #[serde(skip_serializing_if = "ExcludeConfig::is_empty")]
     pub exclude: ExcludeConfig,
+    /// Router transparent mode (written only when set; never handed out by the subscribe
+    /// endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redir: Option<RedirConfig>,
     pub turn: TurnConfig,
     pub mux: MuxConfig,
     pub debug: bool,
@@ -502,6 +591,7 @@ impl ClientConfig {
             },
             dns_forward: None,
             exclude: ExcludeConfig::default(),
+            redir: None,
             turn: TurnConfig { enabled: false },
             mux: MuxConfig {
                 enabled: false,
@@ -1164,6 +1254,10 @@ fn parse_client(mut obj: Obj) -> Result<ClientConfig, ConfigError> {
         cfg.dns_forward = Some(DnsForwardConfig { bind, upstream });
         d.finish()?;
     }
+    if let Some(mut r) = obj.opt_obj("redir")? {
+        cfg.redir = Some(parse_redir(&mut r)?);
+        r.finish()?;
+    }
     if let Some(mut t) = obj.opt_obj("turn")? {
         if let Some(b) = t.opt_bool("enabled")? {
             cfg.turn.enabled = b;
@@ -1675,6 +1769,50 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.field, "mux.sessions");
+    }
+
+    #[test]
+    fn redir_block_is_validated_defaulted_and_written_only_when_set() {
+        let client = |extra: &str| {
+            p(&format!(
+                r#"{{"mode":"client","server":"h:1","access_key":"{KEY}"{extra}}}"#
+            ))
+        };
+        let Ok(Config::Client(plain)) = client("") else {
+            panic!("expected a client")
+        };
+        assert_eq!(plain.redir, None);
+        assert!(serde_json::to_value(&plain).unwrap().get("redir").is_none());
+        let Ok(Config::Client(c)) = client(r#","redir":{"enabled":true}"#) else {
+            panic!("expected a client")
+        };
+        let r = c.redir.clone().unwrap();
+        assert!(r.enabled);
+        assert_eq!(r.bind_addr(), Some("0.0.0.0:1090".parse().unwrap()));
+        assert_eq!(r.lan_interfaces(), vec!["br-lan".to_string()]);
+        assert_eq!(
+            serde_json::to_value(&c).unwrap()["redir"],
+            serde_json::json!({"enabled": true, "bind": "0.0.0.0:1090"})
+        );
+        let Ok(Config::Client(c)) = client(
+            r#","redir":{"enabled":true,"bind":"[::]:1091","interfaces":["lan0","wlan-guest"]}"#,
+        ) else {
+            panic!("expected a client")
+        };
+        let r = c.redir.unwrap();
+        assert_eq!(r.bind_addr(), Some("[::]:1091".parse().unwrap()));
+        assert_eq!(r.lan_interfaces(), vec!["lan0", "wlan-guest"]);
+        for (bad, field) in [
+            (r#","redir":{"bind":"1090"}"#, "redir.bind"),
+            (r#","redir":{"bind":"0.0.0.0:0"}"#, "redir.bind"),
+            (r#","redir":{"enabled":"yes"}"#, "redir.enabled"),
+            (r#","redir":{"interfaces":[]}"#, "redir.interfaces"),
+            (r#","redir":{"interfaces":["a b"]}"#, "redir.interfaces"),
+            (r#","redir":{"interfaces":"br-lan"}"#, "redir.interfaces"),
+            (r#","redir":{"port":1}"#, "redir.port"),
+        ] {
+            assert_eq!(client(bad).unwrap_err().field, field, "{bad}");
+        }
     }
 
     #[test]

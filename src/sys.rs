@@ -3,7 +3,9 @@
 //! close (`SO_LINGER` 0: the peer sees a reset, not an orderly end of data), UDP segmentation
 //! offload on Linux (`UDP_SEGMENT` sends, `UDP_GRO` receives, with their control messages), the
 //! process's open-file limit (`RLIMIT_NOFILE`), raised to its hard limit at server start — and
-//! for TUN mode the device ioctl (`TUNSETIFF`), `SO_MARK` and the rtnetlink socket.
+//! for TUN mode the device ioctl (`TUNSETIFF`), `SO_MARK` and the rtnetlink socket; for router
+//! mode the original destination of a redirected connection (`SO_ORIGINAL_DST`), transparent
+//! sockets (`IP_TRANSPARENT`) and `recvmsg` with a datagram's original destination.
 //!
 //! `unsafe` is allowed here only: these are plain `libc` FFI calls on a descriptor this module
 //! creates and immediately wraps in an `OwnedFd` (so it is closed on every error path), or that
@@ -67,38 +69,6 @@ fn bind_udp_v6only(addr: SocketAddrV6) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from(fd))
 }
 
-/// `addr` as a `sockaddr_storage` and the length of the family's `sockaddr_in*`.
-fn raw_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is a valid value; it is large and aligned enough for
-    // every family's address, and we fill in every meaningful field of the one we write.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is at least as large and aligned as sockaddr_in.
-            let sa = unsafe {
-                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            sa.sin_family = libc::AF_INET as libc::sa_family_t;
-            sa.sin_port = a.port().to_be();
-            sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_storage is at least as large and aligned as sockaddr_in6.
-            let sa = unsafe {
-                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sa.sin6_port = a.port().to_be();
-            sa.sin6_flowinfo = a.flowinfo();
-            sa.sin6_addr.s6_addr = a.ip().octets();
-            sa.sin6_scope_id = a.scope_id();
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
 /// Starts a non-blocking TCP connection to `addr` (the connect completes later: wait for the
 /// socket to become writable); with `mark`, the socket carries that firewall mark from before
 /// `connect` (TUN mode: it must not be routed into the device).
@@ -122,7 +92,7 @@ pub fn tcp_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<std::net::
     if let Some(mark) = mark {
         set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
-    let (sa, len) = raw_sockaddr(addr);
+    let (sa, len) = raw_addr(addr);
     // SAFETY: `sa` holds a valid address of `len` bytes for the socket's family.
     let rc = unsafe {
         libc::connect(
@@ -146,61 +116,6 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
         SocketAddr::V4(_) => UdpSocket::bind(addr),
         SocketAddr::V6(v6) => bind_udp_v6only(v6),
     }
-}
-
-/// A TCP listener (`SO_REUSEADDR`, backlog 1,024); IPv6 listeners are v6-only, like
-/// [`bind_udp`], so `0.0.0.0:P` and `[::]:P` can both be listened on.
-pub fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
-    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    check(raw)?;
-    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    let rc = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: an all-zero sockaddr_in is a valid value; we fill in every meaningful field.
-            let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-            sa.sin_family = libc::AF_INET as libc::sa_family_t;
-            sa.sin_port = a.port().to_be();
-            sa.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            // SAFETY: `sa` is a valid sockaddr_in and the length matches its type.
-            unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            }
-        }
-        SocketAddr::V6(a) => {
-            set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-            // SAFETY: an all-zero sockaddr_in6 is a valid value; we fill in every meaningful field.
-            let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sa.sin6_port = a.port().to_be();
-            sa.sin6_flowinfo = a.flowinfo();
-            sa.sin6_addr.s6_addr = a.ip().octets();
-            sa.sin6_scope_id = a.scope_id();
-            // SAFETY: `sa` is a valid sockaddr_in6 and the length matches its type.
-            unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            }
-        }
-    };
-    check(rc)?;
-    // SAFETY: `fd` is a bound stream socket.
-    check(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
-    Ok(std::net::TcpListener::from(fd))
 }
 
 /// Sets "don't fragment" on a tunnel UDP socket and tells the kernel not to apply its cached path
@@ -646,6 +561,222 @@ pub fn netlink_recv(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+// --- Router mode (Linux): original destinations and transparent sockets ---
+
+/// The destination a TCP connection redirected by nftables (`redirect`) was addressed to before
+/// the rewrite: `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6) from conntrack.
+/// Fails (`ENOENT`) for a connection conntrack does not know.
+#[cfg(target_os = "linux")]
+pub fn original_dst(sock: &impl AsRawFd, ipv6: bool) -> io::Result<SocketAddr> {
+    let (level, name) = if ipv6 {
+        (libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)
+    } else {
+        (libc::SOL_IP, libc::SO_ORIGINAL_DST)
+    };
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `sock` is open; `storage` and `len` are valid for writes of the stated size, and
+    // the kernel writes at most `len` bytes (a sockaddr_in or sockaddr_in6).
+    check(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    socket_addr(&storage).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination of an unknown address family",
+        )
+    })
+}
+
+/// What a transparent UDP socket is for ([`transparent_udp`]).
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransparentRole {
+    /// The socket TPROXY hands captured datagrams to: each arrives with its original
+    /// destination (`IP_RECVORIGDSTADDR`, read with [`recv_original_dst`]).
+    Receiver,
+    /// A socket that answers from a captured flow's original destination (bound to that foreign
+    /// address, `SO_REUSEADDR` so answers to several applications can share it).
+    Replier,
+}
+
+/// A non-blocking, close-on-exec UDP socket with `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (it may
+/// bind to addresses that are not the host's and receives what TPROXY hands it; needs
+/// CAP_NET_ADMIN), bound to `addr`; IPv6 sockets are v6-only.
+#[cfg(target_os = "linux")]
+pub fn transparent_udp(addr: SocketAddr, role: TransparentRole) -> io::Result<UdpSocket> {
+    let v6 = addr.is_ipv6();
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
+    let raw = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    check(raw)?;
+    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if v6 {
+        set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        set_int_opt(&fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?;
+    } else {
+        set_int_opt(&fd, libc::SOL_IP, libc::IP_TRANSPARENT, 1)?;
+    }
+    match role {
+        TransparentRole::Receiver if v6 => {
+            set_int_opt(&fd, libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR, 1)?
+        }
+        TransparentRole::Receiver => set_int_opt(&fd, libc::SOL_IP, libc::IP_RECVORIGDSTADDR, 1)?,
+        TransparentRole::Replier => set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?,
+    }
+    let (storage, len) = raw_addr(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes for `addr`'s family.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// A TCP listener on `addr` (IPv6: v6-only, so `0.0.0.0:P` and `[::]:P` can both listen),
+/// `SO_REUSEADDR`, non-blocking, close-on-exec.
+#[cfg(target_os = "linux")]
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let family = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
+    let raw = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    check(raw)?;
+    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if addr.is_ipv6() {
+        set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let (storage, len) = raw_addr(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes for `addr`'s family.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })?;
+    // SAFETY: `fd` is a bound stream socket.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// One datagram read by [`recv_original_dst`]: `len` bytes from `from`, addressed to `to`
+/// before TPROXY diverted it.
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Diverted {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    /// The buffer was too small: the tail was cut off.
+    pub truncated: bool,
+}
+
+/// A control-message buffer for one `sockaddr_in6`, aligned for `cmsghdr`.
+#[cfg(target_os = "linux")]
+#[repr(C, align(8))]
+struct AddrCmsgBuf([u8; 64]);
+
+#[cfg(target_os = "linux")]
+// SAFETY: CMSG_SPACE only does arithmetic on its argument.
+const _: () = assert!(
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::sockaddr_in6>() as _) } as usize <= 64
+);
+
+/// Reads one datagram from a [`TransparentRole::Receiver`] socket with its source and original
+/// destination (`IP_ORIGDSTADDR` / `IPV6_ORIGDSTADDR`). `Ok(None)`: a datagram without them
+/// (not diverted by TPROXY), consumed.
+#[cfg(target_os = "linux")]
+pub fn recv_original_dst(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<Diverted>> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = AddrCmsgBuf([0; 64]);
+    // SAFETY: an all-zero msghdr is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: every pointer in `msg` points to a live, writable local (or `buf`) of the stated
+    // length for the duration of the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut to = None;
+    // SAFETY: the kernel filled `msg_controllen` bytes of `control` with well-formed control
+    // messages; CMSG_FIRSTHDR / CMSG_NXTHDR stay within them and return null at the end. An
+    // ORIGDSTADDR message carries a sockaddr_in / sockaddr_in6 (its length is checked), copied
+    // unaligned into a zeroed sockaddr_storage before it is read.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            let size = match (level, kind) {
+                (libc::SOL_IP, libc::IP_ORIGDSTADDR) => std::mem::size_of::<libc::sockaddr_in>(),
+                (libc::SOL_IPV6, libc::IPV6_ORIGDSTADDR) => {
+                    std::mem::size_of::<libc::sockaddr_in6>()
+                }
+                _ => 0,
+            };
+            let have = ((*cmsg).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+            if size > 0 && have >= size {
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                std::ptr::copy_nonoverlapping(
+                    libc::CMSG_DATA(cmsg),
+                    (&mut storage as *mut libc::sockaddr_storage).cast::<u8>(),
+                    size,
+                );
+                to = socket_addr(&storage);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(match (socket_addr(&from), to) {
+        (Some(from), Some(to)) => Some(Diverted {
+            len: n as usize,
+            from,
+            to,
+            truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        }),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -674,6 +805,61 @@ mod tests {
             ),
         }
         grow_udp_buffers(&v4, 1 << 20);
+    }
+
+    #[test]
+    fn tcp_listeners_share_a_port_across_families_and_direct_connections_have_no_other_destination()
+    {
+        let v4 = listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        if let Ok(v6) = listen_tcp(SocketAddr::from(([0u16; 8], port))) {
+            assert_eq!(v6.local_addr().unwrap().port(), port);
+        }
+        v4.set_nonblocking(false).unwrap();
+        let client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
+        let (server, _) = v4.accept().unwrap();
+        // Not redirected: conntrack knows no other destination (or none at all).
+        match original_dst(&server, false) {
+            Ok(dest) => assert_eq!(dest, server.local_addr().unwrap()),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}"),
+        }
+        drop(client);
+    }
+
+    #[test]
+    fn a_transparent_receiver_reports_each_datagrams_destination_and_a_replier_binds_anywhere() {
+        let rx = match transparent_udp("127.0.0.1:0".parse().unwrap(), TransparentRole::Receiver) {
+            Ok(s) => s,
+            // Without CAP_NET_ADMIN the kernel refuses IP_TRANSPARENT (the client says so).
+            Err(e) => return assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}"),
+        };
+        let to = rx.local_addr().unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"hello", to).unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = None;
+        for _ in 0..200 {
+            match recv_original_dst(&rx, &mut buf) {
+                Ok(d) => {
+                    got = d;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let d = got.expect("a datagram with its destination");
+        assert_eq!((d.from, d.to, d.len), (tx.local_addr().unwrap(), to, 5));
+        assert_eq!(&buf[..5], b"hello");
+        // A replier may bind to an address this host does not have, twice (answers to two
+        // applications from one destination).
+        let foreign: SocketAddr = "203.0.113.9:53".parse().unwrap();
+        let a = transparent_udp(foreign, TransparentRole::Replier).unwrap();
+        let b = transparent_udp(foreign, TransparentRole::Replier).unwrap();
+        assert_eq!(a.local_addr().unwrap(), foreign);
+        assert_eq!(b.local_addr().unwrap(), foreign);
     }
 
     #[test]

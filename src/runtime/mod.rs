@@ -1,6 +1,6 @@
 //! Top-level commands: what `ostp` does for each [`Command`]. Server and client start-up live in
 //! [`server`] and [`client`]; this file holds the small one-shot commands (`--init`, `--check`,
-//! `--links`, `--generate-key`) and the first-run config creation; [`malloc`] holds the
+//! `--links`, `--generate-key`, `--router-rules`) and the first-run config creation; [`malloc`] holds the
 //! allocator settings both apply at start.
 
 pub mod client;
@@ -16,6 +16,7 @@ use crate::cli::{self, Command, InitKind};
 use crate::config::{self, Config, ConfigError};
 use crate::keys;
 use crate::share_link::{self, ShareLink};
+use crate::tunnel::router_rules::{Flavor as RulesFlavor, RouterRules};
 
 /// Exit code of a failed command ([`RunError::exit_code`]).
 pub const EXIT_FAILURE: u8 = 1;
@@ -95,6 +96,7 @@ pub fn execute(command: Command) -> Result<(), RunError> {
         } => init(kind, &config, force, link.as_deref()),
         Command::Check { config } => check(&config),
         Command::Links { config } => links(&config),
+        Command::RouterRules { config, flavor } => router_rules(&config, flavor),
         Command::Run { config, explicit } => {
             if !explicit && !config.exists() {
                 first_run(&config)?;
@@ -287,6 +289,62 @@ fn links(path: &Path) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Prints router mode's rules for the client config at `path`; the server's name (if it is
+/// one) is resolved now, so that its addresses can be left out of the capture.
+fn router_rules(path: &Path, flavor: RulesFlavor) -> Result<(), RunError> {
+    let cfg = match config::load(path)? {
+        Config::Client(c) => c,
+        Config::Server(_) => {
+            return Err(RunError::Other(format!(
+                "{}: --router-rules needs a client config (router mode runs the client)",
+                path.display()
+            )));
+        }
+    };
+    let redir = cfg.redir.clone().unwrap_or(config::RedirConfig {
+        enabled: false,
+        bind: config::DEFAULT_REDIR_BIND.to_string(),
+        interfaces: None,
+    });
+    if !redir.enabled {
+        eprintln!(
+            "note: \"redir\": {{\"enabled\": true}} is not set in {}: the client does not listen for \
+             these rules until it is",
+            path.display()
+        );
+    }
+    let port = redir.bind_addr().map_or(1090, |a| a.port());
+    let (host, server_port) = cfg.server_host_port().unwrap_or_default();
+    let server_addrs: Vec<std::net::IpAddr> = match host.parse() {
+        Ok(ip) => vec![ip],
+        Err(_) => {
+            use std::net::ToSocketAddrs;
+            let mut addrs: Vec<std::net::IpAddr> = (host.as_str(), server_port)
+                .to_socket_addrs()
+                .map_err(|e| {
+                    RunError::Other(format!(
+                        "cannot resolve the server name {host:?} ({e}); the rules must leave the \
+                         server's addresses alone, so they need them"
+                    ))
+                })?
+                .map(|a| a.ip())
+                .collect();
+            addrs.sort();
+            addrs.dedup();
+            addrs
+        }
+    };
+    let rules = RouterRules {
+        port,
+        interfaces: redir.lan_interfaces(),
+        server_host: host,
+        server_addrs,
+        source: path.display().to_string(),
+    };
+    print!("{}", rules.render(flavor));
+    Ok(())
+}
+
 fn check(path: &Path) -> Result<(), RunError> {
     let cfg = config::load(path)?;
     println!("{}: OK", path.display());
@@ -352,6 +410,13 @@ fn check(path: &Path) -> Result<(), RunError> {
             println!("  access key:  {}", keys::mask(&c.access_key));
             println!("  proxy:       {} (SOCKS5 and HTTP)", c.socks5_bind);
             println!("  sessions:    {}", c.session_count());
+            if let Some(r) = c.redir.as_ref().filter(|r| r.enabled) {
+                println!(
+                    "  router mode: {} for {} (rules: ostp --router-rules)",
+                    r.bind,
+                    r.lan_interfaces().join(", ")
+                );
+            }
             if c.tun.enable || c.turn.enabled {
                 println!(
                     "  WARNING:     tun/turn are not supported by this build; the client will refuse to start"

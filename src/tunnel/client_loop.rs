@@ -25,6 +25,10 @@
 //!   handshakes in progress restart over TCP; on the move back (a UDP probe was answered), TCP
 //!   sessions retire: no new streams while another session is up, replaced once their streams
 //!   are gone.
+//! - Capture modes hand over connections and UDP flows that were not addressed to a proxy: TUN
+//!   mode (`client_loop/tun_mode.rs`) and router mode (`client_loop/redir.rs`, nftables `redirect` + TPROXY);
+//!   both become local connections without a request (`admit_captured`) and flow datagrams
+//!   (`send_flow_datagram`).
 //!
 //! The timing decisions (backoff, refusal retries, liveness, demand retries, request and open
 //! timeouts) are [`super::supervisor`]'s, the choice of carrier [`super::carrier_choice`]'s;
@@ -61,9 +65,11 @@ use super::{bind_udp, unix_now};
 
 mod direct;
 mod dns_forward;
+mod redir;
 mod tun_mode;
 use super::exclude::Exclude;
 use super::tun::front::TunFront;
+use super::udp_flows::REDIR_FLOW_IDS;
 use crate::config::{self, ClientConfig, ProxyAuth, TransportConfig};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
@@ -75,6 +81,8 @@ use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Se
 use direct::Direct;
 use dns_forward::DnsForward;
 pub use dns_forward::DnsForwardOptions;
+pub use redir::RedirOptions;
+use redir::RedirState;
 pub use tun_mode::TunOptions;
 use tun_mode::TunState;
 
@@ -120,6 +128,8 @@ pub struct ClientOptions {
     pub exclude: Arc<Exclude>,
     /// Carrier mode and the TCP carrier's port.
     pub transport: TransportConfig,
+    /// Router mode (`redir.enabled`).
+    pub redir: Option<RedirOptions>,
 }
 
 impl ClientOptions {
@@ -163,6 +173,12 @@ impl ClientOptions {
                 upstream: d.upstream,
             }),
             transport: cfg.transport,
+            redir: cfg
+                .redir
+                .as_ref()
+                .filter(|r| r.enabled)
+                .and_then(|r| r.bind_addr())
+                .map(|bind| RedirOptions { bind }),
         })
     }
 
@@ -290,6 +306,10 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         None => None,
     };
     let options_transport = options.transport;
+    let redir = match &options.redir {
+        Some(r) => Some(RedirState::open(r, core.registry(), now)?),
+        None => None,
+    };
     let lp = ClientLoop {
         core,
         tickets: TicketIssuer::new(),
@@ -324,6 +344,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         tun,
         last_server_addr,
         dns,
+        redir,
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -406,8 +427,17 @@ struct Local {
     out_pos: usize,
     readable: bool,
     writable: bool,
-    /// Accepted from TUN mode's listener (a captured connection, not a proxy client).
-    captured: bool,
+    /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
+    captured: Option<Capture>,
+}
+
+/// Which capture mode accepted a local connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// TUN mode's listener (its NAT entry is released at close).
+    Tun,
+    /// Router mode's listener (an nftables `redirect`).
+    Redir,
 }
 
 /// One SOCKS5 UDP association: its socket and [`AssocRoute`].
@@ -500,6 +530,8 @@ struct ClientLoop {
     last_server_addr: Option<SocketAddr>,
     /// The DNS forwarder (`dns_forward`).
     dns: Option<DnsForward>,
+    /// Router mode's listeners, TPROXY sockets and flows (`redir.enabled`).
+    redir: Option<RedirState>,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -619,6 +651,7 @@ impl ClientLoop {
             self.receive_assocs(now);
             self.tun_receive(now);
             self.dns_receive(now);
+            self.redir_receive(now);
             self.run_timers(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
@@ -684,6 +717,8 @@ impl ClientLoop {
                     p.readable |= event.is_readable();
                 }
             }
+            Some(Tok::RedirListener(i)) => self.redir_accept(now, i),
+            Some(Tok::RedirUdp(i)) => self.redir_readable(i),
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     if let Some(link) = slot.tcp.as_mut() {
@@ -752,6 +787,7 @@ impl ClientLoop {
                 self.dns_deadline(now),
                 self.carrier.next_deadline(),
                 self.probe.as_ref().and_then(|p| p.client.poll_timeout()),
+                self.redir_deadline(now),
             ])
             .flatten()
             .min()
@@ -824,6 +860,7 @@ impl ClientLoop {
         }
         self.expire_locals(now);
         self.tun_timers(now);
+        self.redir_timers(now);
     }
 
     /// Closes connections that did not finish their request in time and idle ones.
@@ -1503,7 +1540,7 @@ impl ClientLoop {
                             out_pos: 0,
                             readable: true,
                             writable: true,
-                            captured: false,
+                            captured: None,
                         }
                     });
                     self.request_deadlines.push_new((idx, serial), now);
@@ -1875,7 +1912,8 @@ impl ClientLoop {
             self.opening.remove(idx);
         }
         let ip = l.peer.ip();
-        if let Some(n) = self.per_addr.get_mut(&ip) {
+        // Captured connections are not counted per address (`admit_captured`).
+        if let (None, Some(n)) = (l.captured, self.per_addr.get_mut(&ip)) {
             *n -= 1;
             if *n == 0 {
                 self.per_addr.remove(&ip);
@@ -1910,11 +1948,89 @@ impl ClientLoop {
         if let LocalState::Udp { assoc } = l.state {
             self.close_assoc(assoc);
         }
-        if l.captured {
+        if l.captured == Some(Capture::Tun) {
             self.tun_closed(Instant::now(), l.peer);
         }
         self.waiting.remove(idx);
         self.opening.remove(idx);
+    }
+
+    // ----- captured connections and flows (TUN and router mode) -----
+
+    /// A connection captured on its way to `dest` becomes a local connection waiting for a
+    /// stream there (no proxy request, no reply; only the global cap [`MAX_LOCAL`] applies: one
+    /// LAN host may have many). Refused with a reset beyond the cap.
+    fn admit_captured(
+        &mut self,
+        now: Instant,
+        mut sock: TcpStream,
+        peer: SocketAddr,
+        dest: SocketAddr,
+        capture: Capture,
+    ) {
+        if self.locals.len() >= MAX_LOCAL {
+            log::warn!("too many local connections ({MAX_LOCAL}); refusing one");
+            if capture == Capture::Tun {
+                self.tun_closed(now, peer);
+            }
+            crate::sys::reset_on_close(&sock);
+            return;
+        }
+        let _ = sock.set_nodelay(true);
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let serial = self.next_serial;
+        let request = ProxyRequest::Connect {
+            dest: Destination::from(dest),
+            protocol: proxy_front::FrontProtocol::Transparent,
+            early_data: Vec::new(),
+        };
+        let idx = self.locals.insert_with(|idx| {
+            let _ = self.core.registry().register(
+                &mut sock,
+                Tok::Conn(idx).token(),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            Local {
+                sock,
+                serial,
+                peer,
+                last_active: now,
+                state: LocalState::Waiting { request },
+                pipe: None,
+                out: Vec::new(),
+                out_pos: 0,
+                readable: true,
+                writable: true,
+                captured: Some(capture),
+            }
+        });
+        self.try_open(now, idx);
+    }
+
+    /// One captured UDP datagram into the tunnel, on its flow's session (`flow_slots`: the
+    /// session each flow uses; the server's relay for it lives there). Dropped without a session
+    /// or when the session's datagram queue is full: UDP senders retry.
+    fn send_flow_datagram(
+        &mut self,
+        flow_slots: &mut HashMap<AssocId, usize>,
+        id: AssocId,
+        dest: SocketAddr,
+        data: &[u8],
+    ) {
+        let connected = |s: &Slot| s.state == SlotState::Connected;
+        let slot = match flow_slots.get(&id) {
+            Some(&s) if self.slots.get(s).is_some_and(connected) => s,
+            _ => match self.pick_slot() {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        flow_slots.insert(id, slot);
+        if let Some(session) = self.slots[slot].session_mut() {
+            let _ = session
+                .transport_mut()
+                .send_datagram(id, Destination::from(dest), data);
+        }
     }
 
     // ----- UDP ASSOCIATE -----
@@ -2053,6 +2169,10 @@ impl ClientLoop {
         }
         if DnsForward::owns(id) {
             self.dns_datagram_in(id, data);
+            return;
+        }
+        if REDIR_FLOW_IDS.contains(&id) {
+            self.redir_datagram_in(now, id, data);
             return;
         }
         let Some(assoc) = self

@@ -29,6 +29,8 @@
 //! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
 //!   that bypass the tunnel.
 //! - [`tun`]         — TUN capture: packet views and rewriting, the TCP NAT of the system stack.
+//! - [`udp_flows`]   — the capture modes' UDP flows (TUN, router TPROXY) and their association ids.
+//! - [`router_rules`] — the nftables ruleset and policy routing of router mode (`--router-rules`).
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
 
@@ -45,6 +47,7 @@ pub mod pipe;
 pub mod proxy_front;
 pub mod quotas;
 pub mod resolver;
+pub mod router_rules;
 pub mod server_loop;
 pub mod slab;
 pub mod splice;
@@ -52,6 +55,7 @@ pub mod stats;
 pub mod supervisor;
 pub mod target;
 pub mod tun;
+pub mod udp_flows;
 pub mod udp_relay;
 
 use std::io;

@@ -29,6 +29,7 @@ mod proto_secure;
 mod proto_session_sim;
 mod proto_transport;
 mod proto_wire;
+mod router_mode;
 mod split_routing;
 mod storage;
 mod tcp_carrier;

@@ -17,11 +17,11 @@ use crate::proto::transport::{AssocId, Destination};
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::driver::udp;
 use crate::tunnel::proxy_front::{FrontProtocol, ProxyRequest};
-use crate::tunnel::tun::front::{FIRST_FLOW_ID, FLOW_ID_SPACE};
+use crate::tunnel::udp_flows::DNS_FORWARD_IDS;
 
-/// The forwarder's association ids: above TUN mode's, below 2^30.
-const FIRST_ID: AssocId = FIRST_FLOW_ID + FLOW_ID_SPACE;
-const ID_SPACE: AssocId = (1 << 30) - FIRST_ID;
+/// The forwarder's association ids.
+const FIRST_ID: AssocId = DNS_FORWARD_IDS.start;
+const ID_SPACE: AssocId = DNS_FORWARD_IDS.end - DNS_FORWARD_IDS.start;
 /// A querying address without a query for this long is forgotten.
 const CLIENT_IDLE: Duration = Duration::from_secs(30);
 /// Querying addresses remembered at most (the oldest is forgotten beyond).
@@ -87,7 +87,7 @@ impl DnsForward {
 
     /// Whether `id` is one of the forwarder's associations.
     pub(super) fn owns(id: AssocId) -> bool {
-        (FIRST_ID..FIRST_ID + ID_SPACE).contains(&id)
+        DNS_FORWARD_IDS.contains(&id)
     }
 
     /// The association of querying address `client` (a new one when needed).
@@ -224,7 +224,7 @@ impl ClientLoop {
                     out_pos: 0,
                     readable: true,
                     writable: true,
-                    captured: false,
+                    captured: None,
                 }
             });
             self.try_open(now, idx);

@@ -16,10 +16,9 @@ use mio::Interest;
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 
-use super::{ClientLoop, Local, LocalState, SlotState};
-use crate::proto::transport::{AssocId, Destination};
+use super::{Capture, ClientLoop, SlotState};
+use crate::proto::transport::AssocId;
 use crate::tunnel::driver::token::Tok;
-use crate::tunnel::proxy_front::{FrontProtocol, ProxyRequest};
 use crate::tunnel::tun::device::{TunDevice, TunSettings};
 use crate::tunnel::tun::front::{TunAddrs, TunFront, TunVerdict};
 
@@ -154,32 +153,13 @@ impl ClientLoop {
                     TunVerdict::Reflect => tun.write(&packet[..n]),
                     TunVerdict::Datagram {
                         id, dest, payload, ..
-                    } => self.tun_uplink(&mut tun, id, dest, &packet[payload]),
+                    } => self.send_flow_datagram(&mut tun.flow_slots, id, dest, &packet[payload]),
                     TunVerdict::Drop(_) => {}
                 }
                 tun.packet = packet;
             }
         }
         self.tun = Some(tun);
-    }
-
-    /// One captured UDP datagram into the tunnel, on its flow's session.
-    fn tun_uplink(&mut self, tun: &mut TunState, id: AssocId, dest: SocketAddr, data: &[u8]) {
-        let connected = |s: &super::Slot| s.state == SlotState::Connected;
-        let slot = match tun.flow_slots.get(&id) {
-            Some(&s) if self.slots.get(s).is_some_and(connected) => s,
-            _ => match self.pick_slot() {
-                Some(s) => s,
-                None => return, // no session: dropped (the kill switch keeps it off the wire)
-            },
-        };
-        tun.flow_slots.insert(id, slot);
-        if let Some(session) = self.slots[slot].session_mut() {
-            // Dropped when the queue is full: UDP senders retry.
-            let _ = session
-                .transport_mut()
-                .send_datagram(id, Destination::from(dest), data);
-        }
     }
 
     /// An answer from the tunnel for a TUN flow: written to the device as an IP/UDP packet.
@@ -204,7 +184,7 @@ impl ClientLoop {
             let Some(listener) = tun.listeners.get(i) else {
                 return;
             };
-            let (mut sock, peer) = match listener.accept() {
+            let (sock, peer) = match listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -217,44 +197,7 @@ impl ClientLoop {
             let Some(dest) = tun.front.accepted(peer) else {
                 continue; // not a reflected connection (someone connected to the device address)
             };
-            if self.locals.len() >= super::MAX_LOCAL {
-                log::warn!(
-                    "too many local connections ({}); refusing one",
-                    super::MAX_LOCAL
-                );
-                tun.front.closed(peer, now);
-                crate::sys::reset_on_close(&sock);
-                continue;
-            }
-            let _ = sock.set_nodelay(true);
-            self.next_serial = self.next_serial.wrapping_add(1);
-            let serial = self.next_serial;
-            let request = ProxyRequest::Connect {
-                dest: Destination::from(dest),
-                protocol: FrontProtocol::Transparent,
-                early_data: Vec::new(),
-            };
-            let idx = self.locals.insert_with(|idx| {
-                let _ = self.core.registry().register(
-                    &mut sock,
-                    Tok::Conn(idx).token(),
-                    Interest::READABLE | Interest::WRITABLE,
-                );
-                Local {
-                    sock,
-                    serial,
-                    peer,
-                    last_active: now,
-                    state: LocalState::Waiting { request },
-                    pipe: None,
-                    out: Vec::new(),
-                    out_pos: 0,
-                    readable: true,
-                    writable: true,
-                    captured: true,
-                }
-            });
-            self.try_open(now, idx);
+            self.admit_captured(now, sock, peer, dest, Capture::Tun);
         }
     }
 

@@ -47,6 +47,10 @@ pub enum Tok {
     Carrier(usize),
     /// Server: the fallback-website socket spliced to carrier connection `i`.
     Fallback(usize),
+    /// Client: router mode's TCP listener `i` for redirected connections (0: first family).
+    RedirListener(usize),
+    /// Client: router mode's UDP socket `i` that TPROXY hands the LAN's datagrams to.
+    RedirUdp(usize),
 }
 
 impl Tok {
@@ -68,6 +72,8 @@ impl Tok {
             Tok::TcpListen(i) => (9, i),
             Tok::Carrier(i) => (10, i),
             Tok::Fallback(i) => (11, i),
+            Tok::RedirListener(i) => (17, i),
+            Tok::RedirUdp(i) => (18, i),
         }
     }
 
@@ -102,6 +108,8 @@ impl Tok {
             9 => Tok::TcpListen(index),
             10 => Tok::Carrier(index),
             11 => Tok::Fallback(index),
+            17 => Tok::RedirListener(index),
+            18 => Tok::RedirUdp(index),
             _ => return None,
         })
     }
@@ -148,6 +156,8 @@ mod tests {
             Tok::TcpListen(0),
             Tok::Carrier(MAX_INDEX),
             Tok::Fallback(MAX_INDEX),
+            Tok::RedirListener(1),
+            Tok::RedirUdp(MAX_INDEX),
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");

@@ -5,24 +5,17 @@
 //! answers are written back as IP/UDP packets from the original destination. DNS to any address
 //! (UDP and TCP port 53) goes to `tun.dns`. Everything else is dropped and counted.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::nat::{NatRefusal, TcpNat};
 use super::wire::{self, Packet, Unhandled};
 use crate::proto::transport::AssocId;
+use crate::tunnel::udp_flows::{MAX_UDP_FLOWS, TUN_FLOW_IDS, UdpFlows};
 
-/// TUN flows use association ids from here (the SOCKS5 associations use those below; all stay
-/// below 2^30, a varint of at most 4 bytes on the wire).
-pub const FIRST_FLOW_ID: AssocId = 1 << 29;
-/// Ids of TUN flows: `FIRST_FLOW_ID .. FIRST_FLOW_ID + FLOW_ID_SPACE`.
-pub const FLOW_ID_SPACE: AssocId = 1 << 28;
-/// A UDP flow without a datagram either way for this long is forgotten.
-pub const UDP_IDLE: Duration = Duration::from_secs(120);
-/// At most this many UDP flows (the oldest is forgotten beyond).
-pub const MAX_UDP_FLOWS: usize = 4096;
+/// TUN flows use association ids from here up (the SOCKS5 associations use those below).
+pub const FIRST_FLOW_ID: AssocId = TUN_FLOW_IDS.start;
 /// NAT ports handed out to captured TCP connections.
 const NAT_PORTS: std::ops::Range<u16> = 10_000..60_000;
 
@@ -56,14 +49,6 @@ pub enum TunDrop {
     Multicast,
     /// A family the device has no address of (IPv6 with IPv6 off).
     Family,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct UdpFlow {
-    app: SocketAddr,
-    /// The destination the application addressed (answers come from it).
-    dest: SocketAddr,
-    last: Instant,
 }
 
 /// The addresses of TUN mode: the device's own (the listener's) and the virtual peer the
@@ -112,9 +97,7 @@ pub struct TunFront {
     addrs: TunAddrs,
     dns: Option<SocketAddr>,
     nat: TcpNat,
-    flows: HashMap<AssocId, UdpFlow>,
-    flow_ids: HashMap<(SocketAddr, SocketAddr), AssocId>,
-    next_id: AssocId,
+    flows: UdpFlows,
     stats: TunStats,
 }
 
@@ -125,9 +108,7 @@ impl TunFront {
             addrs,
             dns,
             nat: TcpNat::new(NAT_PORTS.start, NAT_PORTS.end - NAT_PORTS.start),
-            flows: HashMap::new(),
-            flow_ids: HashMap::new(),
-            next_id: 0,
+            flows: UdpFlows::new(TUN_FLOW_IDS, MAX_UDP_FLOWS),
             stats: TunStats::default(),
         }
     }
@@ -187,49 +168,12 @@ impl TunFront {
             return TunVerdict::Drop(TunDrop::Multicast);
         }
         let payload = p.udp_payload_range();
-        let (id, opened) = match self.flow_ids.get(&(app, dest)) {
-            Some(&id) => (id, false),
-            None => (self.open_flow(app, dest, now), true),
-        };
-        if let Some(f) = self.flows.get_mut(&id) {
-            f.last = now;
-        }
+        let (id, opened) = self.flows.outbound(app, dest, now);
         TunVerdict::Datagram {
             id,
             dest: self.redirect_dns(dest),
             payload,
             opened,
-        }
-    }
-
-    fn open_flow(&mut self, app: SocketAddr, dest: SocketAddr, now: Instant) -> AssocId {
-        if self.flows.len() >= MAX_UDP_FLOWS {
-            if let Some((&oldest, _)) = self.flows.iter().min_by_key(|(_, f)| f.last) {
-                self.forget(oldest);
-            }
-        }
-        let id = loop {
-            self.next_id = (self.next_id + 1) % FLOW_ID_SPACE;
-            let id = FIRST_FLOW_ID + self.next_id;
-            if !self.flows.contains_key(&id) {
-                break id;
-            }
-        };
-        self.flows.insert(
-            id,
-            UdpFlow {
-                app,
-                dest,
-                last: now,
-            },
-        );
-        self.flow_ids.insert((app, dest), id);
-        id
-    }
-
-    fn forget(&mut self, id: AssocId) {
-        if let Some(f) = self.flows.remove(&id) {
-            self.flow_ids.remove(&(f.app, f.dest));
         }
     }
 
@@ -242,7 +186,7 @@ impl TunFront {
 
     /// Whether `id` is a TUN flow's.
     pub fn owns(id: AssocId) -> bool {
-        (FIRST_FLOW_ID..FIRST_FLOW_ID + FLOW_ID_SPACE).contains(&id)
+        TUN_FLOW_IDS.contains(&id)
     }
 
     /// An answer from the tunnel for flow `id`: written into `out` as an IP/UDP packet from the
@@ -255,8 +199,7 @@ impl TunFront {
         out: &mut [u8],
         now: Instant,
     ) -> Option<usize> {
-        let f = self.flows.get_mut(&id)?;
-        f.last = now;
+        let f = self.flows.inbound(id, now)?;
         wire::write_udp(out, f.dest, f.app, data)
     }
 
@@ -281,14 +224,7 @@ impl TunFront {
     /// Forgets idle flows (call about once a second); returns the UDP flows forgotten.
     pub fn expire(&mut self, now: Instant, forgotten: &mut Vec<AssocId>) {
         self.nat.expire(now);
-        for (&id, f) in &self.flows {
-            if now.saturating_duration_since(f.last) >= UDP_IDLE {
-                forgotten.push(id);
-            }
-        }
-        for &id in forgotten.iter() {
-            self.forget(id);
-        }
+        self.flows.expire(now, forgotten);
     }
 }
 
@@ -302,6 +238,7 @@ fn is_multicast_or_broadcast(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::udp_flows::UDP_IDLE;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -1,5 +1,6 @@
 //! Network namespaces that a test creates and removes itself (CI runs as root): one namespace
-//! joined to the test's own namespace by a veth pair, a command runner inside it, and nftables
+//! joined to the test's own namespace by a veth pair (and, for topologies like LAN ↔ router ↔
+//! WAN, to other namespaces by [`Netns::link`]), a command runner inside it, and nftables
 //! rulesets loaded into it (to drop UDP, or a share of a port's packets, where the kernel has no
 //! netem). Everything is removed when the [`Netns`] is dropped.
 
@@ -143,6 +144,51 @@ impl Netns {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Joins this namespace to `other` by another veth pair: `self_if` here with `self_addrs`,
+    /// `other_if` there with `other_addrs` (`addr/len`; IPv6 ones without duplicate address
+    /// detection), both ends up. The pair goes away with either namespace.
+    pub fn link(
+        &self,
+        self_if: &str,
+        self_addrs: &[&str],
+        other: &Netns,
+        other_if: &str,
+        other_addrs: &[&str],
+    ) {
+        must(&[
+            "ip",
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            self_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            other_if,
+            "netns",
+            &other.name,
+        ]);
+        for (ns, ifname, addrs) in [(self, self_if, self_addrs), (other, other_if, other_addrs)] {
+            for addr in addrs {
+                let mut args = vec!["ip", "-n", &ns.name, "addr", "add", addr, "dev", ifname];
+                if addr.contains(':') {
+                    args.push("nodad");
+                }
+                must(&args);
+            }
+            must(&["ip", "-n", &ns.name, "link", "set", ifname, "up"]);
+        }
+    }
+
+    /// Runs `ip args...` inside the namespace (panics when it fails).
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["ip", "-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        must(&all);
     }
 
     /// Loads an nftables ruleset inside the namespace (`nft -f -`).
