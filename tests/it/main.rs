@@ -12,6 +12,7 @@ mod api_http;
 mod bulk_http;
 mod bulk_ops;
 mod carrier_client;
+mod carrier_netns;
 mod cli;
 mod client_hardening;
 mod devices;

@@ -191,6 +191,11 @@ impl Netns {
         must(&all);
     }
 
+    /// Removes the nftables table `table` (family inet) inside the namespace.
+    pub fn nft_delete_table(&self, table: &str) {
+        self.output("nft", &["delete", "table", "inet", table]);
+    }
+
     /// Loads an nftables ruleset inside the namespace (`nft -f -`).
     pub fn nft(&self, ruleset: &str) {
         use std::io::Write;
