@@ -41,12 +41,15 @@ fn ip(args: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Our rules as `ip rule` shows them (priority lines 20300/20301 of both families).
+/// Our rules as `ip rule` shows them (priority lines 20297..=20301 of both families).
 fn our_rules() -> String {
     let mut s = String::new();
     for fam in ["-4", "-6"] {
         for line in ip(&format!("{fam} rule show")).lines() {
-            if line.starts_with("20300:") || line.starts_with("20301:") {
+            if ["20297:", "20298:", "20299:", "20300:", "20301:"]
+                .iter()
+                .any(|p| line.starts_with(p))
+            {
                 s.push_str(fam);
                 s.push(' ');
                 s.push_str(line.trim());
@@ -78,6 +81,9 @@ fn the_device_and_its_policy_routing_come_and_go_with_it() {
         assert!(ip("-6 route show table 20300").contains("default dev ostp0"));
         let rules = our_rules();
         for expect in [
+            "-4 20297:\tfrom all fwmark 0x4f4c lookup main",
+            "-4 20298:\tfrom all ipproto udp dport 53 lookup 20300",
+            "-6 20299:\tfrom all ipproto tcp dport 53 lookup 20300",
             "-4 20300:\tfrom all lookup main suppress_prefixlength 0",
             "-4 20301:\tnot from all fwmark 0x4f4c lookup 20300",
             "-6 20300:\tfrom all lookup main suppress_prefixlength 0",
@@ -100,7 +106,7 @@ fn the_device_and_its_policy_routing_come_and_go_with_it() {
         assert_eq!(our_rules(), "");
         assert!(!dev.routes_installed());
         dev.set_routes(true).unwrap();
-        assert_eq!(our_rules().lines().count(), 4);
+        assert_eq!(our_rules().lines().count(), 10);
     });
 }
 
@@ -120,11 +126,18 @@ fn rules_left_by_a_killed_run_are_removed_at_the_next_start() {
         assert_eq!(our_rules().lines().count(), 4);
         assert_eq!(clean_leftovers(&TunSettings::default()).unwrap(), 4);
         assert_eq!(our_rules(), "");
-        // And creating the device cleans them too (then installs its own, once).
+        // And creating the device cleans them too (then installs its own, once), including a
+        // `throw` route of an excluded range (those outlive the process that added them).
         ip("-4 rule add priority 20301 not fwmark 20300 table 20300");
-        let mut dev = TunDevice::create(&TunSettings::default()).unwrap();
+        ip("route add throw 10.99.0.0/16 table 20300");
+        let settings = TunSettings {
+            bypass: vec![("10.99.0.0".parse().unwrap(), 16)],
+            ..TunSettings::default()
+        };
+        let mut dev = TunDevice::create(&settings).unwrap();
         dev.set_routes(true).unwrap();
-        assert_eq!(our_rules().lines().count(), 4, "{}", our_rules());
+        assert_eq!(our_rules().lines().count(), 10, "{}", our_rules());
+        assert!(dev.routes_installed());
         drop(dev);
         assert_eq!(our_rules(), "");
     });

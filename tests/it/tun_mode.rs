@@ -132,7 +132,7 @@ fn leftovers(inside: &Netns) -> String {
     let mut s = String::new();
     for fam in ["-4", "-6"] {
         for line in inside.output("ip", &[fam, "rule", "show"]).lines() {
-            if line.starts_with("20300:") || line.starts_with("20301:") {
+            if (20297..=20301).any(|p| line.starts_with(&format!("{p}:"))) {
                 s += &format!("rule {fam} {line}\n");
             }
         }
@@ -234,7 +234,14 @@ fn plain_programs_in_a_namespace_reach_the_internet_only_through_the_tun_device(
 
     // DNS to any address is answered by tun.dns, through the tunnel, as if from the address
     // asked (IPv4 and IPv6 both).
-    for asked in ["8.8.8.8:53", "[2001:4860:4860::8888]:53"] {
+    // The resolver on the LAN (the usual DHCP setup; the main table's connected route would
+    // reach it directly) is captured too.
+    let lan_resolver = format!("{}:53", inside.host_addr);
+    for asked in [
+        "8.8.8.8:53",
+        "[2001:4860:4860::8888]:53",
+        lan_resolver.as_str(),
+    ] {
         let asked: SocketAddr = asked.parse().unwrap();
         let answer = udp_exchange_inside(&inside, asked, "q1")
             .unwrap_or_else(|e| panic!("no DNS answer for {asked}: {e}\n{}", client.log_text()));

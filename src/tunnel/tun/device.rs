@@ -32,7 +32,8 @@ pub struct TunSettings {
     pub table: u32,
     /// The mark on the tunnel's own sockets (they bypass the table).
     pub fwmark: u32,
-    /// Priority of the first of the two rules per family (the second is `priority + 1`).
+    /// Priority of the main-table rule; the marked-traffic and DNS rules take the three below,
+    /// the catch-all the one above (`priority - 3 ..= priority + 1`).
     pub priority: u32,
     /// Ranges that bypass the device (`exclude.ips`): `throw` routes in the table.
     pub bypass: Vec<(IpAddr, u8)>,
@@ -357,16 +358,41 @@ fn unspecified(v6: bool) -> IpAddr {
     }
 }
 
-/// The two rules per family: the main table without its default route first, then everything
-/// not marked into the TUN table.
-fn our_rules(s: &TunSettings, v6: bool) -> [Rule; 2] {
+/// The rules per family: the tunnel's own (marked) packets to the main table first; then DNS
+/// (UDP and TCP port 53) into the TUN table — also to a resolver on the LAN, which the main
+/// table's connected route would otherwise reach directly; then the main table without its
+/// default route; then everything unmarked into the TUN table. (A rule's "not" inverts its whole
+/// selector, so the DNS rules cannot say "not marked": the first rule does that.)
+fn our_rules(s: &TunSettings, v6: bool) -> [Rule; 5] {
+    let dns = |priority, proto| Rule {
+        v6,
+        priority,
+        table: s.table,
+        not_fwmark: None,
+        suppress_prefixlen: None,
+        proto_dport: Some((proto, 53)),
+        fwmark: None,
+    };
     [
+        Rule {
+            v6,
+            priority: s.priority - 3,
+            table: MAIN_TABLE,
+            not_fwmark: None,
+            suppress_prefixlen: None,
+            proto_dport: None,
+            fwmark: Some(s.fwmark),
+        },
+        dns(s.priority - 2, 17),
+        dns(s.priority - 1, 6),
         Rule {
             v6,
             priority: s.priority,
             table: MAIN_TABLE,
             not_fwmark: None,
             suppress_prefixlen: Some(0),
+            proto_dport: None,
+            fwmark: None,
         },
         Rule {
             v6,
@@ -374,12 +400,27 @@ fn our_rules(s: &TunSettings, v6: bool) -> [Rule; 2] {
             table: s.table,
             not_fwmark: Some(s.fwmark),
             suppress_prefixlen: None,
+            proto_dport: None,
+            fwmark: None,
         },
     ]
 }
 
 fn clean_with(rtnl: &mut Rtnl, s: &TunSettings) -> usize {
     let mut removed = 0;
+    // `throw` routes are not tied to the interface: they outlive a killed run.
+    for &(dst, dst_len) in &s.bypass {
+        let throw = Route {
+            dst,
+            dst_len,
+            oif: 0,
+            table: s.table,
+        };
+        let seq = rtnl.next_seq();
+        if rtnl.run(netlink::route(seq, false, &throw)).is_ok() {
+            removed += 1;
+        }
+    }
     for v6 in [false, true] {
         for rule in our_rules(s, v6) {
             // The same rule may be there more than once (several killed runs).
@@ -393,7 +434,7 @@ fn clean_with(rtnl: &mut Rtnl, s: &TunSettings) -> usize {
         }
     }
     if removed > 0 {
-        log::info!("tun: removed {removed} routing rules left by an earlier run");
+        log::info!("tun: removed {removed} routing rules and routes left by an earlier run");
     }
     removed
 }

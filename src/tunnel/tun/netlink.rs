@@ -9,6 +9,7 @@ const NLMSG_HEADER: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
@@ -34,6 +35,8 @@ const FRA_FWMARK: u16 = 10;
 const FRA_SUPPRESS_PREFIXLEN: u16 = 14;
 const FRA_TABLE: u16 = 15;
 const FRA_FWMASK: u16 = 16;
+const FRA_IP_PROTO: u16 = 22;
+const FRA_DPORT_RANGE: u16 = 24;
 
 const FR_ACT_TO_TBL: u8 = 1;
 const FIB_RULE_INVERT: u32 = 0x2;
@@ -152,8 +155,10 @@ pub fn route(seq: u32, add: bool, r: &Route) -> Request {
     fixed[5] = RTPROT_STATIC;
     fixed[6] = RT_SCOPE_UNIVERSE;
     fixed[7] = if r.oif == 0 { RTN_THROW } else { RTN_UNICAST };
+    // A route left by a killed run (a `throw` route outlives its process) is replaced, not an
+    // error.
     let (kind, flags) = if add {
-        (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL)
+        (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE)
     } else {
         (RTM_DELROUTE, 0)
     };
@@ -178,6 +183,10 @@ pub struct Rule {
     pub table: u32,
     pub not_fwmark: Option<u32>,
     pub suppress_prefixlen: Option<u32>,
+    /// Only packets of this IP protocol to this destination port (`ipproto P dport N`).
+    pub proto_dport: Option<(u8, u16)>,
+    /// Only packets carrying this mark (`fwmark M`).
+    pub fwmark: Option<u32>,
 }
 
 /// `ip rule add|del ...` for `rule`.
@@ -198,13 +207,21 @@ pub fn rule(seq: u32, add: bool, r: &Rule) -> Request {
     let mut req = Request::new(kind, flags, seq, &fixed)
         .attr_u32(FRA_PRIORITY, r.priority)
         .attr_u32(FRA_TABLE, r.table);
-    if let Some(mark) = r.not_fwmark {
+    if let Some(mark) = r.not_fwmark.or(r.fwmark) {
         req = req
             .attr_u32(FRA_FWMARK, mark)
             .attr_u32(FRA_FWMASK, u32::MAX);
     }
     if let Some(len) = r.suppress_prefixlen {
         req = req.attr_u32(FRA_SUPPRESS_PREFIXLEN, len);
+    }
+    if let Some((proto, port)) = r.proto_dport {
+        let mut range = [0u8; 4];
+        range[..2].copy_from_slice(&port.to_ne_bytes());
+        range[2..].copy_from_slice(&port.to_ne_bytes());
+        req = req
+            .attr(FRA_IP_PROTO, &[proto])
+            .attr(FRA_DPORT_RANGE, &range);
     }
     req
 }
@@ -314,6 +331,8 @@ mod tests {
                 table: 5210,
                 not_fwmark: Some(0x6f73),
                 suppress_prefixlen: None,
+                proto_dport: None,
+                fwmark: None,
             },
         );
         let b = not_mark.bytes();
@@ -329,6 +348,8 @@ mod tests {
                 table: MAIN_TABLE,
                 not_fwmark: None,
                 suppress_prefixlen: Some(0),
+                proto_dport: None,
+                fwmark: None,
             },
         );
         let b = suppress.bytes();
