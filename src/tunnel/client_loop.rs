@@ -1921,9 +1921,12 @@ impl ClientLoop {
         }
         // A transfer cut short (tunnel lost, stream reset, user cut off) must not look complete
         // to the application: close with a reset instead of a FIN.
-        if matches!(l.state, LocalState::Piping { .. })
-            && !l.pipe.as_ref().is_some_and(|p| p.is_done())
-        {
+        let cut = matches!(l.state, LocalState::Piping { .. })
+            && !l.pipe.as_ref().is_some_and(|p| p.is_done());
+        // A captured connection whose open failed has no proxy reply to carry the failure: it
+        // is reset, as a refused connection would be, never ended with a clean FIN.
+        let refused_capture = matches!(l.state, LocalState::Closing) && l.captured.is_some();
+        if cut || refused_capture {
             crate::sys::reset_on_close(&l.sock);
         }
         let stream = match l.state {

@@ -700,3 +700,36 @@ fn sighup_sets_and_removes_the_fallback_for_new_strangers() {
     });
     assert!(log.contains("listen_tcp changed"), "{log}");
 }
+
+#[test]
+fn a_hello_that_fails_after_decryption_reaches_the_fallback_as_sent() {
+    // A client clock 130 s ahead: the tag (the next epoch's) passes the gate, the clock window
+    // refuses the hello after the endpoint opened it. The website must get the bytes the client
+    // sent, not the decrypted record.
+    let key = new_key();
+    let fallback = start_fallback();
+    let (server, tcp) = tcp_server_for(&key, json!({"fallback": {"target": fallback.to_string()}}));
+    let now = Instant::now();
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut skewed =
+        ClientSession::connect_carrier(ConnectorConfig::default(), &key, now, unix + 130, [9; 32])
+            .unwrap();
+    let mut record = vec![0u8; MAX_FRAME_LEN];
+    let n = skewed.poll_transmit_frame(now, &mut record).unwrap();
+    record.truncate(n);
+    let mut s = TcpStream::connect(tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&record).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got,
+        fallback_answer(&record),
+        "the fallback saw other bytes"
+    );
+    wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 1"#);
+}

@@ -46,6 +46,8 @@ pub(super) struct TunState {
     listeners: Vec<TcpListener>,
     /// The device may hold packets.
     pub(super) readable: bool,
+    /// Routes were installed or withdrawn at least once.
+    routes_tried: bool,
     kill_switch: bool,
     /// Each UDP flow stays on one session (the server's relay for it lives there).
     flow_slots: HashMap<AssocId, usize>,
@@ -107,6 +109,7 @@ impl TunState {
             if options.kill_switch { "on" } else { "off" }
         );
         Ok(TunState {
+            routes_tried: false,
             device,
             front,
             listeners,
@@ -216,7 +219,13 @@ impl ClientLoop {
             return;
         };
         let want = (tun.kill_switch || up) && self.shutting_down.is_none();
-        if want != tun.device.routes_installed() && now >= tun.next_expire {
+        // `auto_route: false` installs nothing: nothing to switch (or to log).
+        let managed = tun.device.settings().auto_route;
+        // The kill switch's routes go in at once (the first call, at start); changes while
+        // running are looked at once a second.
+        let first = !tun.routes_tried;
+        if managed && want != tun.device.routes_installed() && (first || now >= tun.next_expire) {
+            tun.routes_tried = true;
             match tun.device.set_routes(want) {
                 Ok(()) if want => log::info!("TUN mode: all traffic now goes into the tunnel"),
                 Ok(()) => log::info!("TUN mode: no session; traffic goes around the tunnel"),

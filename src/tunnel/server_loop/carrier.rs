@@ -462,13 +462,21 @@ impl Carriers {
             return;
         };
         let mut output = ByteBuf::new(CARRIER_WRITE_BUF);
-        let (Some(record), Some(reply)) = (
-            buf.data_mut().get_mut(..len),
+        // The endpoint opens the record in place; a hello that fails after that (clock window,
+        // record) goes to the fallback, which must get the bytes the client sent: open a copy.
+        let mut record = [0u8; GATE_BUFFER];
+        let (Some(sent), Some(reply)) = (
+            buf.data().get(..len),
             output.spare_at_least(MAX_REPLY_RECORD),
         ) else {
             self.not_ostp(io, idx, NotOstpReason::Hello);
             return;
         };
+        let Some(record) = record.get_mut(..len) else {
+            self.not_ostp(io, idx, NotOstpReason::Hello);
+            return;
+        };
+        record.copy_from_slice(sent);
         match io
             .endpoint
             .handle_carrier_hello(io.now, io.unix, c.peer, user, record, reply)
