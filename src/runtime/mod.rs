@@ -340,6 +340,19 @@ fn router_rules(path: &Path, flavor: RulesFlavor) -> Result<(), RunError> {
         server_host: host,
         server_addrs,
         source: path.display().to_string(),
+        exclude: cfg
+            .exclude
+            .matcher()
+            .map(|m| {
+                m.ranges()
+                    .iter()
+                    .map(|r| {
+                        let (ip, prefix) = r.network();
+                        format!("{ip}/{prefix}")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     print!("{}", rules.render(flavor));
     Ok(())
@@ -417,9 +430,21 @@ fn check(path: &Path) -> Result<(), RunError> {
                     r.lan_interfaces().join(", ")
                 );
             }
-            if c.tun.enable || c.turn.enabled {
+            if c.tun.enable {
                 println!(
-                    "  WARNING:     tun/turn are not supported by this build; the client will refuse to start"
+                    "  TUN mode:    device {} (needs root or CAP_NET_ADMIN), DNS to {}, kill switch {}",
+                    c.tun.name.as_deref().unwrap_or("ostp0"),
+                    c.tun.dns,
+                    if c.tun.kill_switch == Some(true) {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                );
+            }
+            if c.turn.enabled {
+                println!(
+                    "  WARNING:     turn is not supported by this build; the client will refuse to start"
                 );
             }
         }

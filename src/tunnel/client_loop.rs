@@ -92,9 +92,8 @@ const MAX_LOCAL: usize = 4096;
 const MAX_LOCAL_PER_ADDR: u32 = 256;
 /// A local connection must have sent a complete SOCKS5 / HTTP request this soon after accept.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Association ids stay below 2^30 (a varint of at most 4 bytes in the DATAGRAM frame): SOCKS5
-/// associations take `1 .. 2^29`, TUN flows `2^29 .. 2^29 + 2^28`
-/// ([`TunFront`](super::tun::front::TunFront)), the DNS forwarder's flows the rest.
+/// SOCKS5 associations take ids `1 .. 2^29`; the capture modes' and the DNS forwarder's ranges
+/// above it are in [`super::udp_flows`] (all below 2^30: a varint of at most 4 bytes).
 const ASSOC_ID_SPACE: AssocId = 1 << 29;
 const READ_CHUNK: usize = 16 * 1024;
 const MAX_UDP: usize = 65_535;

@@ -84,6 +84,8 @@ pub struct RouterRules {
     pub server_addrs: Vec<IpAddr>,
     /// The config file the rules come from (named in the header).
     pub source: String,
+    /// `exclude.ips` (`addr/prefix`, as given): bypassed like the private ranges.
+    pub exclude: Vec<String>,
 }
 
 impl RouterRules {
@@ -170,8 +172,30 @@ impl RouterRules {
         };
         let strings = |list: &[&str]| list.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let addrs = |list: &[IpAddr]| list.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        set(&mut s, "bypass4", "ipv4_addr", true, &strings(BYPASS_V4));
-        set(&mut s, "bypass6", "ipv6_addr", true, &strings(BYPASS_V6));
+        let with_excluded = |fixed: &[&str], v6: bool| {
+            let mut all = strings(fixed);
+            all.extend(
+                self.exclude
+                    .iter()
+                    .filter(|r| r.contains(':') == v6)
+                    .cloned(),
+            );
+            all
+        };
+        set(
+            &mut s,
+            "bypass4",
+            "ipv4_addr",
+            true,
+            &with_excluded(BYPASS_V4, false),
+        );
+        set(
+            &mut s,
+            "bypass6",
+            "ipv6_addr",
+            true,
+            &with_excluded(BYPASS_V6, true),
+        );
         set(&mut s, "server4", "ipv4_addr", false, &addrs(&v4));
         set(&mut s, "server6", "ipv6_addr", false, &addrs(&v6));
         let ifaces: Vec<String> = self.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
@@ -242,7 +266,35 @@ mod tests {
             server_host: server_host.into(),
             server_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             source: "/etc/ostp/config.json".into(),
+            exclude: vec!["203.0.113.0/24".into(), "2001:db8:77::/48".into()],
         }
+    }
+
+    #[test]
+    fn excluded_ranges_are_bypassed_in_their_family() {
+        let text = rules("198.51.100.9", &["198.51.100.9"]).render(Flavor::Nftables);
+        let v4 = text
+            .split("set bypass4")
+            .nth(1)
+            .unwrap()
+            .split('}')
+            .next()
+            .unwrap();
+        let v6 = text
+            .split("set bypass6")
+            .nth(1)
+            .unwrap()
+            .split('}')
+            .next()
+            .unwrap();
+        assert!(
+            v4.contains("203.0.113.0/24") && !v4.contains("2001:db8:77::/48"),
+            "{v4}"
+        );
+        assert!(
+            v6.contains("2001:db8:77::/48") && !v6.contains("203.0.113.0/24"),
+            "{v6}"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! [`gate`] the server's decision on a connection's first bytes,
 //! [`frames`] the data frames. Sans-IO: the caller owns the socket and its bounded buffers, and
 //! nothing here panics on input. Carrier sessions (`Session::new_carrier`) and their handshake
-//! live in `session.rs` and `endpoint/` (not wired into the loops yet: issue 12).
+//! live in `session.rs` and `endpoint/` (the loops drive them: `tunnel/server_loop/carrier.rs`, `tunnel/carrier_link.rs`).
 
 pub mod frames;
 pub mod gate;

@@ -213,15 +213,44 @@ impl TunDevice {
         result
     }
 
-    /// Replaces the ranges that bypass the device (installed at once when the routes are).
+    /// Replaces the ranges that bypass the device. With the routes installed, only the `throw`
+    /// routes that differ are added and removed (new ones first): the rules and the default
+    /// route stay, so nothing leaks around the tunnel while the lists change.
     pub fn set_bypass(&mut self, bypass: Vec<(IpAddr, u8)>) -> Result<(), TunError> {
         if bypass == self.settings.bypass {
             return Ok(());
         }
-        let was = self.routes_installed();
-        self.remove_routes();
-        self.settings.bypass = bypass;
-        self.set_routes(was)
+        let old = std::mem::replace(&mut self.settings.bypass, bypass);
+        if !self.routes_installed() {
+            return Ok(());
+        }
+        let mut rtnl = Rtnl::open()?;
+        let throw = |(dst, dst_len): (IpAddr, u8), table| Route {
+            dst,
+            dst_len,
+            oif: 0,
+            table,
+        };
+        let table = self.settings.table;
+        let wanted: Vec<(IpAddr, u8)> = self.settings.bypass.clone();
+        for &range in wanted.iter().filter(|r| !old.contains(r)) {
+            if range.0.is_ipv6() && self.settings.ipv6.is_none() {
+                continue;
+            }
+            let route = throw(range, table);
+            let seq = rtnl.next_seq();
+            rtnl.run(netlink::route(seq, true, &route))
+                .map_err(|e| errno_error("add an excluded range to the TUN table", e))?;
+            self.installed.push(Installed::Route(route));
+        }
+        for &range in old.iter().filter(|r| !wanted.contains(r)) {
+            let route = throw(range, table);
+            let seq = rtnl.next_seq();
+            let _ = rtnl.run(netlink::route(seq, false, &route));
+            self.installed
+                .retain(|i| !matches!(i, Installed::Route(r) if *r == route));
+        }
+        Ok(())
     }
 
     /// Whether the routes are installed.

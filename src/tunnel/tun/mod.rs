@@ -3,7 +3,7 @@
 //! it ("system stack": the kernel's TCP, no userspace TCP stack), [`netlink`] builds the
 //! rtnetlink requests and [`device`] creates the interface and its policy routing (Linux);
 //! [`front`] decides each packet's fate (reflect TCP, UDP flows to tunnel datagrams, DNS to
-//! `tun.dns`). The driver in the client loop comes next.
+//! `tun.dns`). The driver is the client loop's `tun_mode` child module.
 
 #[cfg(target_os = "linux")]
 pub mod device;
