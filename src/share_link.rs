@@ -1,5 +1,6 @@
-//! `ostp://KEY@HOST:PORT[?type=udp|uot]` share links: formatting (IPv6 hosts in brackets) and
-//! parsing, including the carrier the link asks for.
+//! `ostp://KEY@HOST:PORT[?type=udp|uot&tun=true&dns=IP&name=NAME]` share links: formatting (IPv6
+//! hosts in brackets) and parsing, including the carrier and the TUN settings the link asks for;
+//! a parameter this build cannot honour is refused, never silently ignored.
 
 use std::fmt;
 
@@ -15,6 +16,12 @@ pub struct ShareLink {
     pub port: u16,
     /// The carrier of `?type=`: `udp` or `uot` (the TCP carrier); `None` when the link has none.
     pub carrier: Option<CarrierMode>,
+    /// `tun=true|false`: TUN mode (`tun.enable`).
+    pub tun: Option<bool>,
+    /// `dns=IP[:port]`: TUN mode's resolver (`tun.dns`).
+    pub dns: Option<String>,
+    /// `name=...`: the profile's display name (shown at start).
+    pub name: Option<String>,
 }
 
 /// Why a string is not a share link.
@@ -27,6 +34,8 @@ pub enum LinkError {
     BadPort(String),
     /// `?type=` names a carrier this client does not know.
     UnknownType(String),
+    /// A query parameter this build cannot honour (a TLS carrier, …), or a bad value.
+    Unsupported(String),
 }
 
 impl fmt::Display for LinkError {
@@ -47,6 +56,11 @@ impl fmt::Display for LinkError {
                 f,
                 "the share link asks for transport type {t:?}, which this client does not \
                  support (known: \"udp\", \"uot\"); refusing rather than guessing"
+            ),
+            LinkError::Unsupported(what) => write!(
+                f,
+                "the share link asks for {what}, which this build cannot honour (it knows type, \
+                 tun, dns and name); refusing rather than ignoring it"
             ),
         }
     }
@@ -75,7 +89,7 @@ impl ShareLink {
             .ok_or(LinkError::NotOstp)?;
         let rest = rest.split('#').next().unwrap_or("");
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let carrier = parse_type(query)?;
+        let params = parse_query(query)?;
         let rest = rest.split('/').next().unwrap_or("");
         let (key, addr) = rest.rsplit_once('@').ok_or(LinkError::MissingKey)?;
         if key.is_empty() {
@@ -104,14 +118,24 @@ impl ShareLink {
             key: key.to_string(),
             host: host.to_string(),
             port,
-            carrier,
+            carrier: params.carrier,
+            tun: params.tun,
+            dns: params.dns,
+            name: params.name,
         })
     }
 
-    /// The client config this link describes (the carrier of `?type=`, UDP without one).
+    /// The client config this link describes (the carrier of `?type=`, UDP without one; TUN
+    /// mode and its resolver when the link asks for them).
     pub fn client_config(&self) -> ClientConfig {
         let mut cfg = ClientConfig::for_server(self.server(), self.key.clone());
         cfg.transport.mode = self.carrier.unwrap_or_default();
+        if let Some(tun) = self.tun {
+            cfg.tun.enable = tun;
+        }
+        if let Some(dns) = &self.dns {
+            cfg.tun.dns = dns.clone();
+        }
         cfg
     }
 
@@ -129,27 +153,109 @@ impl fmt::Display for ShareLink {
             self.key,
             host_port(&self.host, self.port)
         )?;
-        match self.carrier {
-            Some(mode) => write!(f, "?type={}", mode.as_str()),
-            None => Ok(()),
+        let mut params = Vec::new();
+        if let Some(mode) = self.carrier {
+            params.push(format!("type={}", mode.as_str()));
         }
+        if let Some(tun) = self.tun {
+            params.push(format!("tun={tun}"));
+        }
+        if let Some(dns) = &self.dns {
+            params.push(format!("dns={}", percent_encode(dns)));
+        }
+        if let Some(name) = &self.name {
+            params.push(format!("name={}", percent_encode(name)));
+        }
+        if !params.is_empty() {
+            write!(f, "?{}", params.join("&"))?;
+        }
+        Ok(())
     }
 }
 
-/// The carrier named by the query's `type` parameters (the last one counts).
-fn parse_type(query: &str) -> Result<Option<CarrierMode>, LinkError> {
-    let mut carrier = None;
-    for param in query.split('&') {
-        let Some(value) = param.strip_prefix("type=") else {
-            continue;
-        };
-        carrier = Some(match value {
-            "udp" => CarrierMode::Udp,
-            "uot" => CarrierMode::Uot,
-            other => return Err(LinkError::UnknownType(other.to_string())),
-        });
+/// What a link's query asks for.
+#[derive(Default)]
+struct Params {
+    carrier: Option<CarrierMode>,
+    tun: Option<bool>,
+    dns: Option<String>,
+    name: Option<String>,
+}
+
+/// The query's parameters (the last of a repeated one counts); anything this build cannot honour
+/// is an error.
+fn parse_query(query: &str) -> Result<Params, LinkError> {
+    let mut p = Params::default();
+    for param in query.split('&').filter(|s| !s.is_empty()) {
+        let (key, raw) = param.split_once('=').unwrap_or((param, ""));
+        let value = percent_decode(raw)
+            .ok_or_else(|| LinkError::Unsupported(format!("a badly encoded {key:?}")))?;
+        match key {
+            "type" => {
+                p.carrier = Some(match value.as_str() {
+                    "udp" => CarrierMode::Udp,
+                    "uot" => CarrierMode::Uot,
+                    other => return Err(LinkError::UnknownType(other.to_string())),
+                })
+            }
+            "tun" => {
+                p.tun = Some(match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => return Err(LinkError::Unsupported(format!("tun={other:?}"))),
+                })
+            }
+            "dns" => {
+                let ok = value.parse::<std::net::IpAddr>().is_ok()
+                    || value.parse::<std::net::SocketAddr>().is_ok();
+                if !ok {
+                    return Err(LinkError::Unsupported(format!("dns={value:?} (not an IP)")));
+                }
+                p.dns = Some(value);
+            }
+            "name" => p.name = Some(value),
+            other => return Err(LinkError::Unsupported(format!("the parameter {other:?}"))),
+        }
     }
-    Ok(carrier)
+    Ok(p)
+}
+
+/// `%XX` and `+` decoded; `None` when an escape is broken or the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Everything but unreserved characters (RFC 3986) as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Formats a share link.
@@ -202,11 +308,11 @@ mod tests {
             uot.to_string(),
             format!("ostp://{KEY}@example.com:443?type=uot")
         );
-        let udp = link("/?foo=1&type=udp#name").unwrap();
+        let udp = link("/?type=udp#name").unwrap();
         assert_eq!(udp.carrier, Some(CarrierMode::Udp));
         assert_eq!(udp.client_config().transport.mode, CarrierMode::Udp);
-        // No type: as before this parameter existed (UDP), and other parameters are ignored.
-        for q in ["", "/", "?sni=x", "#type=uot"] {
+        // No type: as before this parameter existed (UDP).
+        for q in ["", "/", "#type=uot"] {
             let plain = link(q).unwrap();
             assert_eq!(plain.carrier, None, "{q}");
             assert_eq!(plain.client_config().transport.mode, CarrierMode::Udp);
@@ -221,6 +327,35 @@ mod tests {
             link("?type=uot&type=ws"),
             Err(LinkError::UnknownType("ws".into()))
         );
+    }
+
+    #[test]
+    fn tun_dns_and_name_are_honoured_and_anything_else_is_refused() {
+        let link = |q: &str| ShareLink::parse(&format!("ostp://{KEY}@example.com:443{q}"));
+        let l = link("?type=uot&tun=true&dns=9.9.9.9&name=Home%20router").unwrap();
+        assert_eq!(
+            (l.tun, l.dns.as_deref(), l.name.as_deref()),
+            (Some(true), Some("9.9.9.9"), Some("Home router"))
+        );
+        let cfg = l.client_config();
+        assert!(cfg.tun.enable);
+        assert_eq!(cfg.tun.dns, "9.9.9.9");
+        assert_eq!(cfg.transport.mode, CarrierMode::Uot);
+        // It formats back to an equivalent link.
+        assert_eq!(ShareLink::parse(&l.to_string()).unwrap(), l);
+        assert!(!link("?tun=0").unwrap().client_config().tun.enable);
+        for bad in [
+            "?security=tls",
+            "?sni=example.com",
+            "?tun=yes",
+            "?dns=resolver.example",
+            "?name=%zz",
+            "?flow=xtls",
+        ] {
+            let e = link(bad).unwrap_err();
+            assert!(matches!(e, LinkError::Unsupported(_)), "{bad}: {e:?}");
+            assert!(e.to_string().contains("cannot honour"), "{e}");
+        }
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub fn execute(command: Command) -> Result<(), RunError> {
         }
         Command::RunLink { link, socks5_bind } => {
             let link = ShareLink::parse(&link).map_err(|e| RunError::Other(e.to_string()))?;
+            if let Some(name) = &link.name {
+                eprintln!("ostp: profile {name:?}");
+            }
             let mut cfg = link.client_config();
             if let Some(bind) = socks5_bind {
                 cfg.socks5_bind = bind;
