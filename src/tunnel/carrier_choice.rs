@@ -94,6 +94,9 @@ pub struct CarrierChoice {
     /// When the next UDP probe is due (`auto` on TCP, once TCP answered).
     probe_at: Option<Instant>,
     probe_gap: Duration,
+    /// When new sessions last moved to UDP (a UDP period that outlived [`DEATH_WINDOW`] was
+    /// healthy: the probe gap starts over after it).
+    udp_since: Instant,
     probing: bool,
 }
 
@@ -111,6 +114,7 @@ impl CarrierChoice {
             deaths_since: now,
             probe_at: None,
             probe_gap: PROBE_FIRST,
+            udp_since: now,
             probing: false,
         }
     }
@@ -124,15 +128,26 @@ impl CarrierChoice {
         self.mode == CarrierMode::Auto
     }
 
-    fn switch(&mut self, to: Carrier, why: &'static str) -> Switch {
+    fn switch(&mut self, to: Carrier, why: &'static str, now: Instant) -> Switch {
+        if to == Carrier::Tcp && self.current == Carrier::Udp && self.udp_was_healthy(now) {
+            self.probe_gap = PROBE_FIRST;
+        }
         self.current = to;
+        if to == Carrier::Udp {
+            self.udp_since = now;
+        }
         self.udp_waiting_since = None;
         self.tcp_answered = false;
         self.probe_at = None;
-        if to == Carrier::Udp {
-            self.probe_gap = PROBE_FIRST;
-        }
         Switch { to, why }
+    }
+
+    /// Whether the UDP period that ends now lasted longer than [`DEATH_WINDOW`]: then it was
+    /// healthy and the next probes start over from the first gap. A short one (UDP answers a probe, then its
+    /// sessions die) keeps the gap growing, so a path that kills UDP flows is not switched back
+    /// and forth at a steady rate.
+    fn udp_was_healthy(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.udp_since) > DEATH_WINDOW
     }
 
     /// A session attempt sent its hello over `carrier`.
@@ -164,7 +179,7 @@ impl CarrierChoice {
         }
         match (carrier, loss) {
             (Carrier::Udp, Loss::Unanswered) => {
-                Some(self.switch(Carrier::Tcp, "no answer over UDP"))
+                Some(self.switch(Carrier::Tcp, "no answer over UDP", now))
             }
             (Carrier::Udp, Loss::Died) => {
                 if now.saturating_duration_since(self.deaths_since) > DEATH_WINDOW {
@@ -174,9 +189,9 @@ impl CarrierChoice {
                 self.deaths += 1;
                 if self.deaths >= UDP_DEATHS {
                     self.deaths = 0;
-                    return Some(self.switch(Carrier::Tcp, "UDP sessions keep dying"));
+                    return Some(self.switch(Carrier::Tcp, "UDP sessions keep dying", now));
                 }
-                let switch = self.switch(Carrier::Tcp, "the UDP session went silent");
+                let switch = self.switch(Carrier::Tcp, "the UDP session went silent", now);
                 self.probe_at = Some(now);
                 Some(switch)
             }
@@ -185,7 +200,7 @@ impl CarrierChoice {
                 None
             }
             (Carrier::Tcp, Loss::Unanswered) if !self.tcp_answered => {
-                Some(self.switch(Carrier::Udp, "the TCP carrier did not answer either"))
+                Some(self.switch(Carrier::Udp, "the TCP carrier did not answer either", now))
             }
             (Carrier::Tcp, _) => None,
         }
@@ -209,9 +224,11 @@ impl CarrierChoice {
             return None;
         }
         match self.current {
-            Carrier::Udp => Some(Action::Switch(
-                self.switch(Carrier::Tcp, "no answer over UDP"),
-            )),
+            Carrier::Udp => Some(Action::Switch(self.switch(
+                Carrier::Tcp,
+                "no answer over UDP",
+                now,
+            ))),
             Carrier::Tcp => {
                 self.probing = true;
                 self.probe_at = None;
@@ -226,7 +243,7 @@ impl CarrierChoice {
             return None;
         }
         if answered {
-            return Some(self.switch(Carrier::Udp, "UDP is answered again"));
+            return Some(self.switch(Carrier::Udp, "UDP is answered again", now));
         }
         self.schedule_probe(now);
         None
@@ -455,11 +472,36 @@ mod tests {
         assert_eq!(c.next_deadline(), None);
         // A stray second report changes nothing.
         assert_eq!(c.probe_done(at + secs(0.3), true), None);
-        // The next fall-back starts the probes from the first gap again.
-        let t1 = at + secs(100.0);
+        // A fall-back after a healthy UDP period (longer than DEATH_WINDOW) starts the probes
+        // from the first gap again.
+        let t1 = at + DEATH_WINDOW + secs(10.0);
         c.attempt_started(Carrier::Udp, t1);
         let _ = c.poll(t1 + FALLBACK_AFTER);
         c.answered(Carrier::Tcp, t1 + secs(4.0));
         assert_eq!(c.next_deadline(), Some(t1 + secs(4.0) + PROBE_FIRST));
+    }
+
+    #[test]
+    fn a_path_that_keeps_killing_udp_sessions_is_probed_less_and_less_often() {
+        // UDP answers every probe, then its session dies 10 s later: each trip back to UDP must
+        // wait longer than the last (the old policy reset the gap on every move to UDP).
+        let mut now = Instant::now();
+        let mut c = CarrierChoice::new(CarrierMode::Auto, now);
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            now += secs(10.0);
+            let s = c.lost(Carrier::Udp, now, Loss::Died);
+            assert_eq!(s.map(to(Carrier::Tcp)), Some(Carrier::Tcp));
+            c.answered(Carrier::Tcp, now + secs(0.5));
+            let probe = c.next_deadline().expect("a probe is scheduled");
+            waits.push((probe - now).as_secs());
+            assert_eq!(c.poll(probe), Some(Action::Probe));
+            now = probe + secs(0.2);
+            assert!(c.probe_done(now, true).is_some(), "back to UDP");
+        }
+        // The quick probes after single deaths stay (a restarted server comes back at once),
+        // but every third death waits twice as long as the one before.
+        let slow: Vec<u64> = waits.iter().copied().filter(|w| *w > 0).collect();
+        assert_eq!(slow, [30, 60, 120], "{waits:?}");
     }
 }
