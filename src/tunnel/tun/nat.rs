@@ -35,7 +35,10 @@ pub enum NatRefusal {
 #[derive(Debug)]
 pub struct TcpNat {
     first: u16,
-    entries: Vec<Option<Entry>>,
+    /// Ports in the range.
+    count: usize,
+    /// Live entries by port index (memory follows the flows, not the range: routers).
+    entries: HashMap<usize, Entry>,
     by_flow: HashMap<(SocketAddr, SocketAddr), u16>,
     /// Where the search for a free port starts (ports are handed out round-robin, so a port is
     /// not reused right after it was freed).
@@ -48,7 +51,8 @@ impl TcpNat {
         let count = usize::from(count).min(usize::from(u16::MAX - first) + 1);
         TcpNat {
             first,
-            entries: vec![None; count],
+            count,
+            entries: HashMap::new(),
             by_flow: HashMap::new(),
             cursor: 0,
         }
@@ -84,12 +88,15 @@ impl TcpNat {
             return Err(NatRefusal::UnknownFlow);
         }
         let index = self.free_index().ok_or(NatRefusal::Full)?;
-        self.entries[index] = Some(Entry {
-            app,
-            dest,
-            last: now,
-            pinned: false,
-        });
+        self.entries.insert(
+            index,
+            Entry {
+                app,
+                dest,
+                last: now,
+                pinned: false,
+            },
+        );
         let port = self.first + index as u16;
         self.by_flow.insert((app, dest), port);
         Ok(port)
@@ -121,40 +128,46 @@ impl TcpNat {
     }
 
     /// Frees entries unused for [`UNPINNED_IDLE`] whose connection is not open (SYNs never
-    /// accepted, closed connections). One pass over the range; call about once a second.
+    /// accepted, closed connections). One pass over the live flows; call about once a second.
     pub fn expire(&mut self, now: Instant) {
-        for index in 0..self.entries.len() {
-            if let Some(e) = self.entries[index] {
-                if !e.pinned && now.saturating_duration_since(e.last) >= UNPINNED_IDLE {
-                    self.free(index);
-                }
+        let by_flow = &mut self.by_flow;
+        self.entries.retain(|_, e| {
+            let stale = !e.pinned && now.saturating_duration_since(e.last) >= UNPINNED_IDLE;
+            if stale {
+                by_flow.remove(&(e.app, e.dest));
             }
-        }
+            !stale
+        });
     }
 
     fn slot_mut(&mut self, port: u16) -> Option<&mut Entry> {
         let index = usize::from(port.checked_sub(self.first)?);
-        self.entries.get_mut(index)?.as_mut()
+        self.entries.get_mut(&index)
     }
 
     fn free(&mut self, index: usize) {
-        if let Some(e) = self.entries[index].take() {
+        if let Some(e) = self.entries.remove(&index) {
             self.by_flow.remove(&(e.app, e.dest));
         }
     }
 
     fn free_index(&mut self) -> Option<usize> {
-        let n = self.entries.len();
-        for step in 0..n {
-            let index = (self.cursor + step) % n;
-            if self.entries[index].is_none() {
-                self.cursor = (index + 1) % n;
-                return Some(index);
+        let n = self.count;
+        if self.entries.len() < n {
+            for step in 0..n {
+                let index = (self.cursor + step) % n;
+                if !self.entries.contains_key(&index) {
+                    self.cursor = (index + 1) % n;
+                    return Some(index);
+                }
             }
         }
         // Full: the longest-idle unpinned flow (earliest last packet) gives its port up.
-        let victim = (0..n)
-            .filter_map(|i| self.entries[i].filter(|e| !e.pinned).map(|e| (e.last, i)))
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.pinned)
+            .map(|(&i, e)| (e.last, i))
             .min()
             .map(|(_, i)| i)?;
         self.free(victim);
