@@ -124,6 +124,18 @@ fn uot_client_moves_intact_bytes_through_socks5_without_udp() {
     let (c, _blackhole) = uot_client(&key, tcp);
     let n = size(200_000_000, 20_000_000);
     curl_socks5(c.proxy, http, n);
+    // The same through the HTTP proxy (absolute-URI request, then CONNECT).
+    let m = size(50_000_000, 5_000_000);
+    for how in [&["-x"][..], &["-p", "-x"][..]] {
+        let url = format!("http://127.0.0.1:{http}/bytes/{m}");
+        let proxy = format!("http://{}", c.proxy);
+        let mut args: Vec<&str> = vec!["-f", "--noproxy", ""];
+        args.extend_from_slice(&how[..how.len() - 1]);
+        args.extend([how[how.len() - 1], proxy.as_str(), url.as_str()]);
+        let (d, status, err) = curl(&args);
+        assert!(status.success(), "curl {how:?} failed ({status}): {err}");
+        assert_eq!((d.len, d.fnv), (m, expected_sum(http, m)), "{how:?}");
+    }
     // Upload: the HTTP server answers an uploaded body with its length and checksum.
     let up = size(50_000_000, 5_000_000);
     let mut s = socks5_connect(c.proxy, http_target(http)).unwrap();
@@ -144,7 +156,9 @@ fn uot_client_moves_intact_bytes_through_socks5_without_udp() {
     );
     // Counted like UDP sessions.
     let ((bytes_up, bytes_down), ok) =
-        server.wait_counters(&key, Duration::from_secs(5), |u, d| u >= up && d >= n);
+        server.wait_counters(&key, Duration::from_secs(5), |u, d| {
+            u >= up && d >= n + 2 * m
+        });
     assert!(ok, "counters {bytes_up} up, {bytes_down} down");
     assert!(
         !c.proc.log_text().contains("new sessions use"),
