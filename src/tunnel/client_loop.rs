@@ -1965,7 +1965,7 @@ impl ClientLoop {
     fn admit_captured(
         &mut self,
         now: Instant,
-        mut sock: TcpStream,
+        sock: TcpStream,
         peer: SocketAddr,
         dest: SocketAddr,
         capture: Capture,
@@ -1978,6 +1978,19 @@ impl ClientLoop {
             crate::sys::reset_on_close(&sock);
             return;
         }
+        self.open_transparent(now, sock, peer, dest, Some(capture));
+    }
+
+    /// A local connection whose destination is known without a proxy request (a captured one,
+    /// or the DNS forwarder's TCP side): waiting for a stream to `dest`, no reply written.
+    fn open_transparent(
+        &mut self,
+        now: Instant,
+        mut sock: TcpStream,
+        peer: SocketAddr,
+        dest: SocketAddr,
+        captured: Option<Capture>,
+    ) {
         let _ = sock.set_nodelay(true);
         self.next_serial = self.next_serial.wrapping_add(1);
         let serial = self.next_serial;
@@ -2003,7 +2016,7 @@ impl ClientLoop {
                 out_pos: 0,
                 readable: true,
                 writable: true,
-                captured: Some(capture),
+                captured,
             }
         });
         self.try_open(now, idx);
@@ -2170,7 +2183,7 @@ impl ClientLoop {
             return;
         }
         if DnsForward::owns(id) {
-            self.dns_datagram_in(id, data);
+            self.dns_datagram_in(now, id, data);
             return;
         }
         if REDIR_FLOW_IDS.contains(&id) {

@@ -4,7 +4,6 @@
 //! association per querying address (so each gets only its own answers); TCP connections become
 //! streams to `upstream`, exactly like captured connections (no request read, no reply written).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,18 +11,15 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::net::{TcpListener, UdpSocket};
 
-use super::{ClientLoop, Local, LocalState};
+use super::ClientLoop;
 use crate::proto::transport::{AssocId, Destination};
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::driver::udp;
-use crate::tunnel::proxy_front::{FrontProtocol, ProxyRequest};
-use crate::tunnel::udp_flows::DNS_FORWARD_IDS;
+use crate::tunnel::udp_flows::{DNS_FORWARD_IDS, UdpFlows};
 
-/// The forwarder's association ids.
-const FIRST_ID: AssocId = DNS_FORWARD_IDS.start;
-const ID_SPACE: AssocId = DNS_FORWARD_IDS.end - DNS_FORWARD_IDS.start;
-/// A querying address without a query for this long is forgotten.
-const CLIENT_IDLE: Duration = Duration::from_secs(30);
+/// How often idle querying addresses are forgotten (after `udp_flows::UDP_IDLE` without a
+/// query or an answer).
+const EXPIRE_EVERY: Duration = Duration::from_secs(5);
 /// Querying addresses remembered at most (the oldest is forgotten beyond).
 const MAX_CLIENTS: usize = 1024;
 /// Queries read per loop turn.
@@ -43,9 +39,10 @@ pub(super) struct DnsForward {
     udp: UdpSocket,
     tcp: TcpListener,
     upstream: SocketAddr,
-    ids: HashMap<SocketAddr, AssocId>,
-    clients: HashMap<AssocId, (SocketAddr, Instant)>,
-    next_id: AssocId,
+    /// Querying address → association (flows to `upstream`).
+    clients: UdpFlows,
+    /// Reused by expiry (no allocation per call).
+    forgotten: Vec<AssocId>,
     /// The UDP socket may hold queries.
     pub(super) readable: bool,
     next_expire: Instant,
@@ -77,11 +74,10 @@ impl DnsForward {
             udp,
             tcp,
             upstream: options.upstream,
-            ids: HashMap::new(),
-            clients: HashMap::new(),
-            next_id: 0,
+            clients: UdpFlows::new(DNS_FORWARD_IDS, MAX_CLIENTS),
+            forgotten: Vec::new(),
             readable: true,
-            next_expire: now + CLIENT_IDLE,
+            next_expire: now + EXPIRE_EVERY,
         })
     }
 
@@ -90,51 +86,13 @@ impl DnsForward {
         DNS_FORWARD_IDS.contains(&id)
     }
 
-    /// The association of querying address `client` (a new one when needed).
-    fn id_of(&mut self, client: SocketAddr, now: Instant) -> AssocId {
-        if let Some(&id) = self.ids.get(&client) {
-            if let Some(c) = self.clients.get_mut(&id) {
-                c.1 = now;
-            }
-            return id;
-        }
-        if self.clients.len() >= MAX_CLIENTS {
-            if let Some((&oldest, _)) = self.clients.iter().min_by_key(|(_, c)| c.1) {
-                self.forget(oldest);
-            }
-        }
-        let id = loop {
-            self.next_id = (self.next_id + 1) % ID_SPACE;
-            let id = FIRST_ID + self.next_id;
-            if !self.clients.contains_key(&id) {
-                break id;
-            }
-        };
-        self.ids.insert(client, id);
-        self.clients.insert(id, (client, now));
-        id
-    }
-
-    fn forget(&mut self, id: AssocId) {
-        if let Some((client, _)) = self.clients.remove(&id) {
-            self.ids.remove(&client);
-        }
-    }
-
     fn expire(&mut self, now: Instant) {
         if now < self.next_expire {
             return;
         }
-        self.next_expire = now + CLIENT_IDLE / 4;
-        let idle: Vec<AssocId> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| now.saturating_duration_since(c.1) >= CLIENT_IDLE)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in idle {
-            self.forget(id);
-        }
+        self.next_expire = now + EXPIRE_EVERY;
+        self.clients.expire(now, &mut self.forgotten);
+        self.forgotten.clear();
     }
 }
 
@@ -146,35 +104,37 @@ impl ClientLoop {
             return;
         };
         if dns.readable {
-            let mut queries: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-            let readiness = udp::drain(&dns.udp, &mut self.buf, RECV_BATCH, |q, from| {
-                queries.push((from, q.to_vec()));
+            let slot = self.pick_slot();
+            let slots = &mut self.slots;
+            let DnsForward {
+                udp,
+                upstream,
+                clients,
+                ..
+            } = &mut dns;
+            let readiness = udp::drain(udp, &mut self.buf, RECV_BATCH, |query, from| {
+                let (id, _) = clients.outbound(from, *upstream, now);
+                let Some(session) = slot.and_then(|s| slots[s].session_mut()) else {
+                    return; // no session: dropped (resolvers retry)
+                };
+                let _ =
+                    session
+                        .transport_mut()
+                        .send_datagram(id, Destination::from(*upstream), query);
             });
             dns.readable = readiness.still_readable();
-            let slot = self.pick_slot();
-            for (from, query) in queries {
-                let id = dns.id_of(from, now);
-                let Some(session) = slot.and_then(|s| self.slots[s].session_mut()) else {
-                    continue;
-                };
-                let _ = session.transport_mut().send_datagram(
-                    id,
-                    Destination::from(dns.upstream),
-                    &query,
-                );
-            }
         }
         dns.expire(now);
         self.dns = Some(dns);
     }
 
     /// An answer from the tunnel: to the address that asked.
-    pub(super) fn dns_datagram_in(&mut self, id: AssocId, data: &[u8]) {
-        let Some(dns) = self.dns.as_ref() else {
+    pub(super) fn dns_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+        let Some(dns) = self.dns.as_mut() else {
             return;
         };
-        if let Some(&(client, _)) = dns.clients.get(&id) {
-            let _ = dns.udp.send_to(data, client);
+        if let Some(flow) = dns.clients.inbound(id, now) {
+            let _ = dns.udp.send_to(data, flow.app);
         }
     }
 
@@ -184,7 +144,7 @@ impl ClientLoop {
             let Some(dns) = self.dns.as_ref() else {
                 return;
             };
-            let (mut sock, peer) = match dns.tcp.accept() {
+            let (sock, peer) = match dns.tcp.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -199,35 +159,7 @@ impl ClientLoop {
                 log::warn!("DNS forwarder: too many local connections; refusing one");
                 continue;
             }
-            let _ = sock.set_nodelay(true);
-            self.next_serial = self.next_serial.wrapping_add(1);
-            let serial = self.next_serial;
-            let request = ProxyRequest::Connect {
-                dest: Destination::from(upstream),
-                protocol: FrontProtocol::Transparent,
-                early_data: Vec::new(),
-            };
-            let idx = self.locals.insert_with(|idx| {
-                let _ = self.core.registry().register(
-                    &mut sock,
-                    Tok::Conn(idx).token(),
-                    Interest::READABLE | Interest::WRITABLE,
-                );
-                Local {
-                    sock,
-                    serial,
-                    peer,
-                    last_active: now,
-                    state: LocalState::Waiting { request },
-                    pipe: None,
-                    out: Vec::new(),
-                    out_pos: 0,
-                    readable: true,
-                    writable: true,
-                    captured: None,
-                }
-            });
-            self.try_open(now, idx);
+            self.open_transparent(now, sock, peer, upstream, None);
         }
     }
 
