@@ -43,13 +43,22 @@ fn set_int_opt(
     })
 }
 
-/// Binds an IPv6 UDP socket with `IPV6_V6ONLY` set.
-fn bind_udp_v6only(addr: SocketAddrV6) -> io::Result<UdpSocket> {
+/// A new socket (close-on-exec, plus `flags` such as `SOCK_NONBLOCK`), owned from the start.
+fn new_socket(
+    family: libc::c_int,
+    kind: libc::c_int,
+    protocol: libc::c_int,
+) -> io::Result<OwnedFd> {
     // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
-    let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let raw = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol) };
     check(raw)?;
     // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Binds an IPv6 UDP socket with `IPV6_V6ONLY` set.
+fn bind_udp_v6only(addr: SocketAddrV6) -> io::Result<UdpSocket> {
+    let fd = new_socket(libc::AF_INET6, libc::SOCK_DGRAM, 0)?;
     set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
     // SAFETY: an all-zero sockaddr_in6 is a valid value; we fill in every meaningful field.
     let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
@@ -78,17 +87,7 @@ pub fn tcp_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<std::net::
     } else {
         libc::AF_INET6
     };
-    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
-    let raw = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    check(raw)?;
-    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = new_socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
     if let Some(mark) = mark {
         set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)?;
     }
@@ -488,17 +487,7 @@ pub fn set_mark(sock: &impl AsRawFd, mark: u32) -> io::Result<()> {
 /// a receive timeout of `timeout` (a missing acknowledgement is an error, not a hang).
 #[cfg(target_os = "linux")]
 pub fn netlink_route_socket(timeout: std::time::Duration) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    check(raw)?;
-    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = new_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
     // SAFETY: an all-zero sockaddr_nl is valid (port id 0: the kernel assigns one).
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -614,17 +603,7 @@ pub enum TransparentRole {
 pub fn transparent_udp(addr: SocketAddr, role: TransparentRole) -> io::Result<UdpSocket> {
     let v6 = addr.is_ipv6();
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
-    let raw = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    check(raw)?;
-    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = new_socket(family, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0)?;
     if v6 {
         set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
         set_int_opt(&fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?;
@@ -659,17 +638,7 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     } else {
         libc::AF_INET
     };
-    // SAFETY: socket(2) returns a new descriptor or -1; we take ownership right away.
-    let raw = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    check(raw)?;
-    // SAFETY: `raw` is a freshly created, valid descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = new_socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
     if addr.is_ipv6() {
         set_int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
     }
