@@ -193,6 +193,23 @@ impl ClientOptions {
     }
 }
 
+/// The next connection waiting on `listener`, or `None` once none is (a failure other than
+/// "would block" is logged with `what`).
+fn accept_next(listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        match listener.accept() {
+            Ok(x) => return Some(x),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    log::warn!("{what}: {e}");
+                }
+                return None;
+            }
+        }
+    }
+}
+
 /// TUN mode settings from the config's `tun` block (defaults where a field is absent).
 fn tun_options(t: &config::TunConfig, exclude: &Exclude) -> TunOptions {
     let defaults = super::tun::device::TunSettings::default();
@@ -1503,56 +1520,59 @@ impl ClientLoop {
     // ----- local connections -----
 
     fn accept(&mut self, now: Instant) {
-        loop {
-            match self.listener.accept() {
-                Ok((mut sock, peer)) => {
-                    if self.locals.len() >= MAX_LOCAL {
-                        log::warn!("too many local connections ({MAX_LOCAL}); refusing one");
-                        continue;
-                    }
-                    if !self.admit_peer(peer.ip()) {
-                        log::warn!(
-                            "too many local connections from {} ({MAX_LOCAL_PER_ADDR}); refusing one",
-                            peer.ip()
-                        );
-                        continue;
-                    }
-                    let _ = sock.set_nodelay(true);
-                    self.next_serial = self.next_serial.wrapping_add(1);
-                    let serial = self.next_serial;
-                    let idx = self.locals.insert_with(|idx| {
-                        let _ = self.core.registry().register(
-                            &mut sock,
-                            Tok::Conn(idx).token(),
-                            Interest::READABLE | Interest::WRITABLE,
-                        );
-                        Local {
-                            sock,
-                            serial,
-                            peer,
-                            last_active: now,
-                            state: LocalState::Request(ProxyFront::with_auth(
-                                self.options.auth.clone(),
-                            )),
-                            pipe: None,
-                            out: Vec::new(),
-                            out_pos: 0,
-                            readable: true,
-                            writable: true,
-                            captured: None,
-                        }
-                    });
-                    self.request_deadlines.push_new((idx, serial), now);
-                    self.drive_local(now, idx);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("accepting a local connection: {e}");
-                    return;
-                }
+        while let Some((sock, peer)) = accept_next(&self.listener, "accepting a local connection") {
+            if self.locals.len() >= MAX_LOCAL {
+                log::warn!("too many local connections ({MAX_LOCAL}); refusing one");
+                continue;
             }
+            if !self.admit_peer(peer.ip()) {
+                log::warn!(
+                    "too many local connections from {} ({MAX_LOCAL_PER_ADDR}); refusing one",
+                    peer.ip()
+                );
+                continue;
+            }
+            let front = ProxyFront::with_auth(self.options.auth.clone());
+            let idx = self.insert_local(now, sock, peer, LocalState::Request(front), None);
+            if let Some(serial) = self.locals.get(idx).map(|l| l.serial) {
+                self.request_deadlines.push_new((idx, serial), now);
+            }
+            self.drive_local(now, idx);
         }
+    }
+
+    /// A new local connection in `state` (registered for both directions, no delay); its index.
+    fn insert_local(
+        &mut self,
+        now: Instant,
+        mut sock: TcpStream,
+        peer: SocketAddr,
+        state: LocalState,
+        captured: Option<Capture>,
+    ) -> usize {
+        let _ = sock.set_nodelay(true);
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let serial = self.next_serial;
+        self.locals.insert_with(|idx| {
+            let _ = self.core.registry().register(
+                &mut sock,
+                Tok::Conn(idx).token(),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            Local {
+                sock,
+                serial,
+                peer,
+                last_active: now,
+                state,
+                pipe: None,
+                out: Vec::new(),
+                out_pos: 0,
+                readable: true,
+                writable: true,
+                captured,
+            }
+        })
     }
 
     /// Counts a new connection from `ip` unless that address is at [`MAX_LOCAL_PER_ADDR`]
@@ -1986,39 +2006,17 @@ impl ClientLoop {
     fn open_transparent(
         &mut self,
         now: Instant,
-        mut sock: TcpStream,
+        sock: TcpStream,
         peer: SocketAddr,
         dest: SocketAddr,
         captured: Option<Capture>,
     ) {
-        let _ = sock.set_nodelay(true);
-        self.next_serial = self.next_serial.wrapping_add(1);
-        let serial = self.next_serial;
         let request = ProxyRequest::Connect {
             dest: Destination::from(dest),
             protocol: proxy_front::FrontProtocol::Transparent,
             early_data: Vec::new(),
         };
-        let idx = self.locals.insert_with(|idx| {
-            let _ = self.core.registry().register(
-                &mut sock,
-                Tok::Conn(idx).token(),
-                Interest::READABLE | Interest::WRITABLE,
-            );
-            Local {
-                sock,
-                serial,
-                peer,
-                last_active: now,
-                state: LocalState::Waiting { request },
-                pipe: None,
-                out: Vec::new(),
-                out_pos: 0,
-                readable: true,
-                writable: true,
-                captured,
-            }
-        });
+        let idx = self.insert_local(now, sock, peer, LocalState::Waiting { request }, captured);
         self.try_open(now, idx);
     }
 

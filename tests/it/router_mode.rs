@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -142,24 +142,10 @@ fn start_origins(wan: &Netns) -> (u16, u16, u16) {
 
 /// curl run in the LAN host: (body digest, success, body text when short, stderr).
 fn curl_lan(lan: &Netns, url: &str, max_time: &str) -> (Digest, bool, String) {
-    let mut child = lan
-        .command("curl")
-        .args(["-sS", "--noproxy", "*", "--max-time", max_time, "-g", url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("curl is installed");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let (d, _) = digest_reader(&mut out);
-    let ok = child.wait().unwrap().success();
-    (d, ok, err_thread.join().unwrap())
+    let mut cmd = lan.command("curl");
+    cmd.args(["-sS", "--noproxy", "*", "--max-time", max_time, "-g", url]);
+    let (d, status, err) = run_curl(cmd);
+    (d, status.success(), err)
 }
 
 /// A short body fetched by curl in the LAN host.

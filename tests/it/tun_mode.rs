@@ -7,7 +7,6 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -106,25 +105,11 @@ fn start_client(
 
 /// curl run in `inside`; (digest of the body, success).
 fn curl_inside(inside: &Netns, args: &[&str]) -> (Digest, bool, String) {
-    let mut child = inside
-        .command("curl")
-        .args(["-sS", "--max-time", "120", "--noproxy", "*"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("curl is installed");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let (d, _) = digest_reader(&mut out);
-    let ok = child.wait().unwrap().success();
-    (d, ok, err_thread.join().unwrap())
+    let mut cmd = inside.command("curl");
+    cmd.args(["-sS", "--max-time", "120", "--noproxy", "*"])
+        .args(args);
+    let (d, status, err) = run_curl(cmd);
+    (d, status.success(), err)
 }
 
 /// Our rules, routes and interface in `inside` (all empty once the client is gone).

@@ -4,7 +4,6 @@
 //! association per querying address (so each gets only its own answers); TCP connections become
 //! streams to `upstream`, exactly like captured connections (no request read, no reply written).
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -144,15 +143,8 @@ impl ClientLoop {
             let Some(dns) = self.dns.as_ref() else {
                 return;
             };
-            let (sock, peer) = match dns.tcp.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("DNS forwarder: {e}");
-                    }
-                    return;
-                }
+            let Some((sock, peer)) = super::accept_next(&dns.tcp, "DNS forwarder") else {
+                return;
             };
             let upstream = dns.upstream;
             if self.locals.len() >= super::MAX_LOCAL || !self.admit_peer(peer.ip()) {

@@ -184,15 +184,8 @@ impl ClientLoop {
             let Some(listener) = self.redir.as_ref().and_then(|r| r.listeners.get(i)) else {
                 return;
             };
-            let (sock, peer) = match listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("router mode listener: {e}");
-                    }
-                    return;
-                }
+            let Some((sock, peer)) = super::accept_next(listener, "router mode listener") else {
+                return;
             };
             let local = sock.local_addr().ok();
             let v6 = local.is_some_and(|a| matches!(a.ip().to_canonical(), IpAddr::V6(_)));

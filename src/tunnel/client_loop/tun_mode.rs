@@ -187,15 +187,8 @@ impl ClientLoop {
             let Some(listener) = tun.listeners.get(i) else {
                 return;
             };
-            let (sock, peer) = match listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("TUN listener: {e}");
-                    }
-                    return;
-                }
+            let Some((sock, peer)) = super::accept_next(listener, "TUN listener") else {
+                return;
             };
             let Some(dest) = tun.front.accepted(peer) else {
                 continue; // not a reflected connection (someone connected to the device address)

@@ -758,9 +758,15 @@ pub fn http_get_request_len(n: u64) -> usize {
 
 /// Runs curl with `args`, hashing stdout; returns (digest, exit status, stderr).
 pub fn curl(args: &[&str]) -> (Digest, std::process::ExitStatus, String) {
-    let mut child = Command::new("curl")
-        .args(["-sS", "--max-time", "300"])
-        .args(args)
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "300"]).args(args);
+    run_curl(cmd)
+}
+
+/// Runs a prepared curl command (e.g. inside a network namespace), hashing stdout; returns
+/// (digest, exit status, stderr).
+pub fn run_curl(mut cmd: Command) -> (Digest, std::process::ExitStatus, String) {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
