@@ -28,6 +28,15 @@ use crate::tunnel::slab::Slab;
 use crate::tunnel::splice::{ByteBuf, Half};
 use crate::tunnel::stats::TcpStats;
 
+/// The two groups of connections bounded by `max_unauthenticated_tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bounded {
+    /// Undecided or discarding connections.
+    Strangers,
+    /// Fallback splices.
+    Splices,
+}
+
 /// Connections accepted per listener per loop iteration (the rest wait for the next one).
 const ACCEPT_BATCH: usize = 64;
 /// Bytes one connection may read (or a carrier session write) per service before others get a
@@ -314,18 +323,42 @@ impl Carriers {
             return;
         }
         c.stranger = true;
+        self.enter_bounded(io, key, Bounded::Strangers);
+    }
+
+    /// Counts `key` in one of the two bounded groups and closes the oldest members over the
+    /// bound (strangers gracefully, with FIN; splices at once).
+    fn enter_bounded(&mut self, io: &mut CarrierIo, key: ConnKey, group: Bounded) {
+        let member = |conns: &Slab<Conn>, k: &ConnKey| match group {
+            Bounded::Strangers => Self::is_stranger(conns, k),
+            Bounded::Splices => Self::is_spliced(conns, k),
+        };
+        let set = match group {
+            Bounded::Strangers => &mut self.strangers,
+            Bounded::Splices => &mut self.splices,
+        };
         let conns = &self.conns;
-        self.strangers.enter(key, |k| Self::is_stranger(conns, k));
-        while self.strangers.over_cap() {
+        set.enter(key, |k| member(conns, k));
+        loop {
+            let set = match group {
+                Bounded::Strangers => &mut self.strangers,
+                Bounded::Splices => &mut self.splices,
+            };
+            if !set.over_cap() {
+                break;
+            }
             let conns = &self.conns;
-            let Some(oldest) = self.strangers.pop_oldest(|k| Self::is_stranger(conns, k)) else {
+            let Some(oldest) = set.pop_oldest(|k| member(conns, k)) else {
                 break;
             };
             if let Some(c) = self.conns.get_mut(oldest.index) {
-                c.stranger = false;
+                match group {
+                    Bounded::Strangers => c.stranger = false,
+                    Bounded::Splices => c.spliced = false,
+                }
             }
             io.stats.evicted += 1;
-            self.close(io, oldest.index, true);
+            self.close(io, oldest.index, group == Bounded::Strangers);
         }
     }
 
@@ -589,19 +622,7 @@ impl Carriers {
         io.stats.fallback_splices += 1;
         self.deadlines.push(io.now + FALLBACK_CONNECT_TIMEOUT, key);
         self.leave_strangers(idx);
-        let conns = &self.conns;
-        self.splices.enter(key, |k| Self::is_spliced(conns, k));
-        while self.splices.over_cap() {
-            let conns = &self.conns;
-            let Some(oldest) = self.splices.pop_oldest(|k| Self::is_spliced(conns, k)) else {
-                break;
-            };
-            if let Some(c) = self.conns.get_mut(oldest.index) {
-                c.spliced = false;
-            }
-            io.stats.evicted += 1;
-            self.close(io, oldest.index, false);
-        }
+        self.enter_bounded(io, key, Bounded::Splices);
         if self.live(key) {
             self.splice(io, idx);
         }
