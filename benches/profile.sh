@@ -15,6 +15,7 @@
 # table ranks source files (the inlined code keeps its own file in the line tables).
 #
 # Tunables (environment): SIDE (server | client | both, default both), SIZE_MB (50), TOP (20),
+# CARRIER (udp | uot: the client uses the TCP carrier; default udp),
 # NO_BUILD=1 (reuse the last profiling build), OSTP_BIN (profile this binary instead; it needs
 # symbols), KEEP=1 (keep the work directory with the callgrind.out files). Requires curl.
 
@@ -23,6 +24,7 @@ set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PROF_TARGET=${PROF_TARGET:-$ROOT/target/profiling}
 SIDE=${SIDE:-both}
+CARRIER=${CARRIER:-udp}
 SIZE_MB=${SIZE_MB:-50}
 TOP=${TOP:-20}
 OSTP=${OSTP_BIN:-$PROF_TARGET/release/ostp}
@@ -193,10 +195,10 @@ profile_side() {
     socks=$(free_port)
     bytes=$((SIZE_MB * 1000 * 1000))
     cat >"$WORK/server.json" <<EOF
-{"mode":"server","listen":"127.0.0.1:$port","access_keys":["$key"],"allow_private_destinations":true}
+{"mode":"server","listen":"127.0.0.1:$port","listen_tcp":"127.0.0.1:$port","access_keys":["$key"],"allow_private_destinations":true}
 EOF
     cat >"$WORK/client.json" <<EOF
-{"mode":"client","server":"127.0.0.1:$port","access_key":"$key","socks5_bind":"127.0.0.1:$socks","tun":{"enable":false,"dns":"1.1.1.1"},"turn":{"enabled":false},"mux":{"enabled":false,"sessions":1},"debug":false}
+{"mode":"client","server":"127.0.0.1:$port","access_key":"$key","socks5_bind":"127.0.0.1:$socks","transport":{"mode":"$CARRIER"},"tun":{"enable":false,"dns":"1.1.1.1"},"turn":{"enabled":false},"mux":{"enabled":false,"sessions":1},"debug":false}
 EOF
     local vg=(valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.$side.%p")
     scmd=("$OSTP" --config "$WORK/server.json")
@@ -241,7 +243,7 @@ done
 BULK_PORT=$(head -n1 "$WORK/bulk.out" 2>/dev/null)
 [[ -n $BULK_PORT ]] && wait_tcp "$BULK_PORT" 5 || { echo "bulk_http did not start" >&2; exit 1; }
 
-echo "# ostp callgrind profile: $SIZE_MB MB single-stream download through SOCKS5"
+echo "# ostp callgrind profile: $SIZE_MB MB single-stream download through SOCKS5 ($CARRIER carrier)"
 case $SIDE in
 server | client) profile_side "$SIDE" ;;
 *)
