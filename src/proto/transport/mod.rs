@@ -71,8 +71,6 @@ const MAX_ACK_RANGES_SENT: usize = 32;
 const RECV_PN_RANGES: usize = 64;
 /// How many times a closing endpoint repeats CLOSE in answer to incoming packets.
 const MAX_CLOSE_REPEATS: u32 = 4;
-/// Room kept free for the ACK frame when checking whether a datagram fits a packet.
-const DATAGRAM_HEADROOM: usize = 64;
 
 /// Which end of the session this is. Client-opened stream ids are even, server-opened odd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1068,7 +1066,7 @@ impl Transport {
     fn write_datagrams(&mut self, w: &mut Writer<'_>) {
         while let Some((assoc, dest, data)) = self.datagrams_out.front() {
             let len = frame::datagram_frame_len(*assoc, dest, data.len());
-            if len + DATAGRAM_HEADROOM > self.pmtu.current() {
+            if len > self.pmtu.current() {
                 // Queued before a black hole shrank packets below it: it can never go.
                 self.datagrams_out.pop_front();
                 self.stats.datagrams_dropped += 1;
@@ -1263,7 +1261,9 @@ impl Transport {
     }
 
     /// Queues an unreliable datagram of association `assoc` (0: none); dropped (error) when the
-    /// queue is full.
+    /// queue is full. A datagram may fill a whole packet of the current path-MTU size (when an
+    /// ACK or control frames took room first, it goes in the next packet): QUIC's 1,200-1,350
+    /// byte packets fit from the first packet on, larger ones once path-MTU discovery allows.
     pub fn send_datagram(
         &mut self,
         assoc: AssocId,
@@ -1273,9 +1273,7 @@ impl Transport {
         if self.state != State::Open {
             return Err(DatagramError::SessionClosed);
         }
-        if frame::datagram_frame_len(assoc, &dest, data.len()) + DATAGRAM_HEADROOM
-            > self.config.max_payload
-        {
+        if frame::datagram_frame_len(assoc, &dest, data.len()) > self.pmtu.current() {
             return Err(DatagramError::TooLarge);
         }
         if self.datagrams_out.len() >= self.config.max_datagram_queue {
@@ -1286,13 +1284,12 @@ impl Transport {
         Ok(())
     }
 
-    /// Largest datagram payload that [`Transport::send_datagram`] accepts for `assoc` and `dest`.
+    /// Largest datagram payload that [`Transport::send_datagram`] accepts for `assoc` and `dest`
+    /// now (it grows when path-MTU discovery finds a larger size).
     pub fn max_datagram_size(&self, assoc: AssocId, dest: &Destination) -> usize {
         // The frame without data, with a two-byte length varint (any datagram below 16 KiB).
         let frame = frame::datagram_frame_len(assoc, dest, 0) + 1;
-        self.config
-            .max_payload
-            .saturating_sub(DATAGRAM_HEADROOM + frame)
+        self.pmtu.current().saturating_sub(frame)
     }
 
     /// Gracefully closes the session: CLOSE is sent, then after a short drain period the
