@@ -130,7 +130,7 @@ fn metrics(server: &Server) -> String {
 }
 
 /// Waits (the loop publishes once a second) until `/metrics` has `line`.
-fn wait_metric(server: &Server, line: &str) {
+pub(crate) fn wait_metric(server: &Server, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = metrics(server);

@@ -2,13 +2,14 @@
 //! a `uot` client moves intact bytes through SOCKS5 with UDP unusable (a bulk download and
 //! upload, 100 parallel downloads, UDP ASSOCIATE datagrams); an `auto` client whose UDP
 //! is dropped carries traffic over TCP within 10 s (from the start, and when UDP stops in the
-//! middle of a session) and comes back to UDP once UDP is answered again. UDP is dropped by a
+//! middle of a session) and comes back to UDP once UDP is answered again, make-before-break: a
+//! long-lived stream stays on its TCP session while new streams go over UDP. UDP is dropped by a
 //! small in-test gate relay in front of the server's UDP port; the client reaches the TCP
 //! carrier directly (`transport.tcp_port`).
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -328,5 +329,89 @@ fn auto_moves_to_tcp_when_udp_stops_and_back_when_it_returns() {
     assert!(
         gate.passed() > before + 50,
         "the traffic did not go over UDP"
+    );
+}
+
+/// A TCP echo server on 127.0.0.1 (one thread per connection).
+fn start_tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `msg` on `s` and reads the same bytes back.
+fn echo_round(s: &mut std::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    std::io::Read::read_exact(s, &mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn auto_moves_new_streams_back_to_udp_while_a_long_stream_stays_on_tcp() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let echo = start_tcp_echo();
+    let key = new_key();
+    let (server, tcp) = server_with_tcp(&key);
+    let gate = Gate::start(server.udp, true);
+    let c = client(gate.addr, tcp, &key, "auto");
+    c.proc
+        .wait_line(Duration::from_secs(20), connected_over_tcp)
+        .unwrap_or_else(|| panic!("not over TCP:\n{}", c.proc.log_text()));
+    // A long-lived stream (a websocket, a download) opened over TCP.
+    let mut long = socks5_connect(c.proxy, Target::Ip(echo)).unwrap();
+    echo_round(&mut long, b"before the move");
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
+
+    // UDP returns: the probe 30 s after the TCP session came up finds it.
+    let from = c.proc.line_count();
+    gate.block(false);
+    let (back, _) = c
+        .proc
+        .wait_line_from(from, Duration::from_secs(45), |l| {
+            l.contains("UDP is answered again; new sessions use UDP")
+        })
+        .unwrap_or_else(|| panic!("never back on UDP:\n{}", c.proc.log_text()));
+    // A UDP session comes up beside the TCP one, which keeps the long stream.
+    c.proc
+        .wait_line_from(back, Duration::from_secs(10), udp_session_line)
+        .unwrap_or_else(|| {
+            panic!(
+                "no UDP session beside the long stream:\n{}",
+                c.proc.log_text()
+            )
+        });
+    let before = gate.passed();
+    traffic_within(c.proxy, http, Duration::from_secs(10));
+    assert!(
+        gate.passed() > before + 50,
+        "new streams did not go over UDP"
+    );
+    echo_round(&mut long, b"after the move, still on the TCP session");
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
+    // Its last stream gone, the TCP session closes; traffic stays on UDP.
+    drop(long);
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 0"#);
+    let before = gate.passed();
+    traffic_within(c.proxy, http, Duration::from_secs(10));
+    assert!(gate.passed() > before + 50, "traffic left UDP");
+    assert!(
+        c.proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("no answer over UDP"))
+            .count()
+            == 1,
+        "the client moved to TCP again:\n{}",
+        c.proc.log_text()
     );
 }
