@@ -2,7 +2,8 @@
 //! loopback. Strangers: probes (random bytes, an HTTP request, a TLS ClientHello) get no byte from
 //! ostp and are not closed within the first second without a fallback, and get exactly what the
 //! fallback website sends with one; idle unauthenticated connections are bounded (the oldest
-//! closed with a FIN) and never keep real clients out. Real hellos (a client session driven by
+//! closed with a FIN) and never keep real clients out; a probe shorter than the gate needs that
+//! then waits reaches the fallback after a short random quiet time, not the hello deadline. Real hellos (a client session driven by
 //! the test over a std `TcpStream`): answered, carrying a checksummed download, accounted like
 //! UDP; the session's end is a CLOSE then a FIN; replays (captured over TCP or UDP) get silence or
 //! the fallback; a carrier that breaks its framing is discarded, never spliced; a client that
@@ -240,6 +241,65 @@ fn probes_get_exactly_what_the_fallback_sends() {
     }
     wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 3"#);
     wait_metric(&server, r#"ostp_tcp_connections{state="fallback"} 0"#);
+}
+
+/// A website that answers whatever first bytes it gets at once (`seen N bytes: ...`), then
+/// keeps the connection open.
+fn start_eager_fallback() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                if let Ok(n @ 1..) = conn.read(&mut buf) {
+                    let _ = write!(conn, "seen {n} bytes: {:?}", &buf[..n]);
+                    let _ = conn.read(&mut buf);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn short_probes_that_then_wait_reach_the_fallback_after_a_short_quiet_time() {
+    let fallback = start_eager_fallback();
+    let (server, tcp) = tcp_server(json!({"fallback": {"target": fallback.to_string()}}));
+    let probes: [&[u8]; 2] = [b"\r\n", b"GET "];
+    let threads: Vec<_> = probes
+        .into_iter()
+        .map(|probe| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(tcp).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                let t = Instant::now();
+                s.write_all(probe).unwrap();
+                let mut got = [0u8; 256];
+                let n = s.read(&mut got).unwrap();
+                (
+                    probe,
+                    t.elapsed(),
+                    String::from_utf8_lossy(&got[..n]).into_owned(),
+                )
+            })
+        })
+        .collect();
+    for t in threads {
+        let (probe, took, got) = t.join().unwrap();
+        assert_eq!(
+            got,
+            format!("seen {} bytes: {probe:?}", probe.len()),
+            "the website gets every byte the prober sent"
+        );
+        // The quiet time is 1-2 s (random); the hello deadline (10 s) is not waited for.
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{probe:?}: the fallback answered after {took:?}"
+        );
+    }
+    wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 2"#);
 }
 
 #[test]

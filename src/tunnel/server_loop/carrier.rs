@@ -21,7 +21,7 @@ use crate::proto::rng::Drbg;
 use crate::proto::transport::CloseReason;
 use crate::proto::{ServerEndpoint, SessionId};
 use crate::tunnel::carrier_conns::{
-    ConnKey, DeadlineHeap, NotOstpReason, OldestFirst, Stranger, stranger_fate,
+    ConnKey, DeadlineHeap, NotOstpReason, OldestFirst, Stranger, quiet_deadline, stranger_fate,
 };
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::slab::Slab;
@@ -59,8 +59,14 @@ const LINGER: Duration = Duration::from_secs(5);
 
 /// What a connection is doing.
 enum Phase {
-    /// Undecided: the first bytes are read into a buffer of [`GATE_BUFFER`] bytes.
-    Gate { gate: HelloGate, buf: ByteBuf },
+    /// Undecided: the first bytes are read into a buffer of [`GATE_BUFFER`] bytes; once some
+    /// arrived, the connection is given up when no more come until `quiet_until`
+    /// ([`quiet_deadline`]).
+    Gate {
+        gate: HelloGate,
+        buf: ByteBuf,
+        quiet_until: Option<Instant>,
+    },
     /// Carrying `session`: frames in (`input`, one whole frame at most) and out (`output`).
     Carrier {
         session: SessionId,
@@ -99,7 +105,9 @@ impl Phase {
     /// When the phase ends at the latest.
     fn deadline(&self) -> Option<Instant> {
         match self {
-            Phase::Gate { gate, .. } => Some(gate.deadline()),
+            Phase::Gate {
+                gate, quiet_until, ..
+            } => Some(quiet_until.map_or(gate.deadline(), |q| q.min(gate.deadline()))),
             Phase::Carrier { .. } => None,
             Phase::Flush { until, .. } | Phase::Discard { until } | Phase::Finish { until } => {
                 Some(*until)
@@ -307,6 +315,7 @@ impl Carriers {
             phase: Phase::Gate {
                 gate,
                 buf: ByteBuf::new(GATE_BUFFER),
+                quiet_until: None,
             },
         };
         let idx = self.conns.insert(conn);
@@ -455,9 +464,15 @@ impl Carriers {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
-        let Phase::Gate { gate, buf } = &mut c.phase else {
+        let Phase::Gate {
+            gate,
+            buf,
+            quiet_until,
+        } = &mut c.phase
+        else {
             return;
         };
+        let before = buf.data().len();
         let mut eof = false;
         while c.readable && !buf.is_full() {
             match buf.read_from(&mut c.sock) {
@@ -479,6 +494,14 @@ impl Carriers {
             // Cannot happen (the gate decides within its buffer); never wait forever on it.
             GateStep::NeedMore if buf.is_full() => {
                 self.not_ostp(io, idx, NotOstpReason::Gate(NotOstp::BadLength))
+            }
+            GateStep::NeedMore if buf.data().len() > before => {
+                let at = quiet_deadline(io.now, &mut self.rng);
+                *quiet_until = Some(at);
+                self.deadlines.push(at, c.key);
+            }
+            GateStep::NeedMore if quiet_until.is_some_and(|q| io.now >= q) => {
+                self.not_ostp(io, idx, NotOstpReason::Gate(NotOstp::Timeout))
             }
             GateStep::NeedMore => {}
             GateStep::Hello { user, len } => self.hello(io, idx, user, len),
