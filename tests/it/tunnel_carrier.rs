@@ -415,3 +415,54 @@ fn auto_moves_new_streams_back_to_udp_while_a_long_stream_stays_on_tcp() {
         c.proc.log_text()
     );
 }
+
+/// The subscribe endpoint's `text/plain` answer (the share link), asked with `Host: 127.0.0.1`.
+fn subscribe_link(server: &Server, key: &str) -> String {
+    let mut s = std::net::TcpStream::connect(server.api_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /api/subscribe/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").expect("a response");
+    body.trim().to_string()
+}
+
+#[test]
+fn a_subscribed_share_link_carries_another_tcp_port_and_runs_auto_over_it() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let key = new_key();
+    let (server, tcp) = server_with_tcp(&key);
+    let link = subscribe_link(&server, &key);
+    let udp = server.udp.port();
+    assert_eq!(
+        link,
+        format!("ostp://{key}@127.0.0.1:{udp}?tcp_port={}", tcp.port())
+    );
+    // The link's UDP address behind a gate that drops everything: only the link's TCP port works.
+    let gate = Gate::start(server.udp, true);
+    let link = link.replace(&format!("127.0.0.1:{udp}"), &gate.addr.to_string());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"));
+    cmd.arg(&link)
+        .args(["--socks5-bind", "127.0.0.1:0"])
+        .env_remove("RUST_LOG");
+    let p = Proc::spawn("client", cmd);
+    let line = p
+        .wait_line(Duration::from_secs(10), |l| l.contains("transport auto"))
+        .unwrap_or_else(|| panic!("not in auto mode:\n{}", p.log_text()));
+    let proxy: SocketAddr = line
+        .split("HTTP proxy on ")
+        .nth(1)
+        .and_then(|r| r.split([',', ' ']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no proxy address in {line:?}"));
+    traffic_within(proxy, http, Duration::from_secs(10));
+    p.wait_line(Duration::from_secs(1), |l| {
+        connected_over_tcp(l) && l.contains(&format!("({tcp})"))
+    })
+    .unwrap_or_else(|| panic!("not over the link's TCP port:\n{}", p.log_text()));
+}
