@@ -1,6 +1,6 @@
 //! The small pure types behind the server's TCP carrier connections (docs/PROTOCOL.md §7.2):
 //! the deadline heap, the oldest-first bound on unauthenticated
-//! connections and fallback splices, the not-OSTP reasons, the quiet time after which a partial
+//! connections and fallback splices, their slice of the fd budget, the not-OSTP reasons, the quiet time after which a partial
 //! hello is given up, and what a stranger gets (the splice's
 //! byte mover is [`super::splice`]). The loop (`server_loop/carrier.rs`) owns the
 //! sockets and only moves bytes and dispatches.
@@ -129,6 +129,43 @@ impl OldestFirst {
     }
 }
 
+/// The TCP connections' slice of the process's fd budget: accepted connections and fallback
+/// sockets hold at most `cap` fds together, so they never take the fds of outbound streams.
+#[derive(Debug)]
+pub struct FdSlice {
+    cap: usize,
+    used: usize,
+}
+
+impl FdSlice {
+    pub fn new(cap: usize) -> Self {
+        FdSlice { cap, used: 0 }
+    }
+
+    /// Whether one more fd fits.
+    pub fn has_room(&self) -> bool {
+        self.used < self.cap
+    }
+
+    /// Takes one fd if it fits.
+    pub fn take(&mut self) -> bool {
+        let room = self.has_room();
+        if room {
+            self.used += 1;
+        }
+        room
+    }
+
+    /// `n` fds were closed.
+    pub fn give(&mut self, n: usize) {
+        self.used = self.used.saturating_sub(n);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used
+    }
+}
+
 /// Why a connection is treated as not OSTP (the `reason` label of the metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotOstpReason {
@@ -230,6 +267,19 @@ mod tests {
             q.leave();
         }
         assert!(q.order.len() <= 2 * q.members() + 20, "{}", q.order.len());
+    }
+
+    #[test]
+    fn the_fd_slice_never_hands_out_more_than_its_cap() {
+        let mut fds = FdSlice::new(2);
+        assert!(fds.take() && fds.take());
+        assert!(!fds.has_room() && !fds.take());
+        assert_eq!(fds.used(), 2);
+        fds.give(1);
+        assert!(fds.take());
+        fds.give(5);
+        assert_eq!(fds.used(), 0, "never below zero");
+        assert!(!FdSlice::new(0).take());
     }
 
     #[test]
