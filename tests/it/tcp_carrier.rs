@@ -181,30 +181,34 @@ fn probes_get_no_byte_and_are_not_closed_within_a_second_without_a_fallback() {
     }
 }
 
-/// A tiny website: reads a request up to its blank line or the end of the stream, answers with
-/// what it saw, and closes.
-fn start_fallback() -> SocketAddr {
+/// A website on loopback: `answer` serves each connection on its own thread.
+fn start_website(answer: fn(TcpStream)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                conn.set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = conn.write_all(&fallback_answer(&got));
-            });
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || answer(conn));
         }
     });
     addr
+}
+
+/// A tiny website: reads a request up to its blank line or the end of the stream, answers with
+/// what it saw, and closes.
+fn start_fallback() -> SocketAddr {
+    start_website(|mut conn| {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn.write_all(&fallback_answer(&got));
+    })
 }
 
 fn fallback_answer(request: &[u8]) -> Vec<u8> {
@@ -246,21 +250,13 @@ fn probes_get_exactly_what_the_fallback_sends() {
 /// A website that answers whatever first bytes it gets at once (`seen N bytes: ...`), then
 /// keeps the connection open.
 fn start_eager_fallback() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                if let Ok(n @ 1..) = conn.read(&mut buf) {
-                    let _ = write!(conn, "seen {n} bytes: {:?}", &buf[..n]);
-                    let _ = conn.read(&mut buf);
-                }
-            });
+    start_website(|mut conn| {
+        let mut buf = [0u8; 4096];
+        if let Ok(n @ 1..) = conn.read(&mut buf) {
+            let _ = write!(conn, "seen {n} bytes: {:?}", &buf[..n]);
+            let _ = conn.read(&mut buf);
         }
-    });
-    addr
+    })
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -313,14 +313,20 @@ fn auto_moves_to_tcp_when_udp_stops_and_back_when_it_returns() {
     std::thread::sleep((t + Duration::from_secs(14)).saturating_duration_since(Instant::now()));
     let from = c.proc.line_count();
     gate.block(false);
+    // The retired TCP session had no streams: a UDP session replaces it (logged at info: the
+    // carrier changed) and carries the traffic.
+    back_on_udp(&c, &gate, http, from);
+}
+
+/// Waits (from log line `from`) for `auto`'s move back to UDP and a UDP session after it, then
+/// checks that a new download goes over UDP (through `gate`).
+fn back_on_udp(c: &Client, gate: &Gate, http: u16, from: usize) {
     let (back, _) = c
         .proc
         .wait_line_from(from, Duration::from_secs(45), |l| {
             l.contains("UDP is answered again; new sessions use UDP")
         })
         .unwrap_or_else(|| panic!("never back on UDP:\n{}", c.proc.log_text()));
-    // The retired TCP session had no streams: a UDP session replaces it (logged at info: the
-    // carrier changed) and carries the traffic.
     c.proc
         .wait_line_from(back, Duration::from_secs(10), udp_session_line)
         .unwrap_or_else(|| panic!("no UDP session after the probe:\n{}", c.proc.log_text()));
@@ -328,23 +334,8 @@ fn auto_moves_to_tcp_when_udp_stops_and_back_when_it_returns() {
     traffic_within(c.proxy, http, Duration::from_secs(10));
     assert!(
         gate.passed() > before + 50,
-        "the traffic did not go over UDP"
+        "new streams did not go over UDP"
     );
-}
-
-/// A TCP echo server on 127.0.0.1 (one thread per connection).
-fn start_tcp_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    addr
 }
 
 /// Writes `msg` on `s` and reads the same bytes back.
@@ -359,7 +350,7 @@ fn echo_round(s: &mut std::net::TcpStream, msg: &[u8]) {
 fn auto_moves_new_streams_back_to_udp_while_a_long_stream_stays_on_tcp() {
     let _heavy = heavy_lock();
     let http = start_http();
-    let echo = start_tcp_echo();
+    let echo = crate::client_hardening::start_tcp_echo();
     let key = new_key();
     let (server, tcp) = server_with_tcp(&key);
     let gate = Gate::start(server.udp, true);
@@ -375,27 +366,9 @@ fn auto_moves_new_streams_back_to_udp_while_a_long_stream_stays_on_tcp() {
     // UDP returns: the probe 30 s after the TCP session came up finds it.
     let from = c.proc.line_count();
     gate.block(false);
-    let (back, _) = c
-        .proc
-        .wait_line_from(from, Duration::from_secs(45), |l| {
-            l.contains("UDP is answered again; new sessions use UDP")
-        })
-        .unwrap_or_else(|| panic!("never back on UDP:\n{}", c.proc.log_text()));
-    // A UDP session comes up beside the TCP one, which keeps the long stream.
-    c.proc
-        .wait_line_from(back, Duration::from_secs(10), udp_session_line)
-        .unwrap_or_else(|| {
-            panic!(
-                "no UDP session beside the long stream:\n{}",
-                c.proc.log_text()
-            )
-        });
-    let before = gate.passed();
-    traffic_within(c.proxy, http, Duration::from_secs(10));
-    assert!(
-        gate.passed() > before + 50,
-        "new streams did not go over UDP"
-    );
+    // A UDP session comes up beside the TCP one, which keeps the long stream, and takes the
+    // new streams.
+    back_on_udp(&c, &gate, http, from);
     echo_round(&mut long, b"after the move, still on the TCP session");
     crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
     // Its last stream gone, the TCP session closes; traffic stays on UDP.
