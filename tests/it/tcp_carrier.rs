@@ -248,13 +248,13 @@ fn probes_get_exactly_what_the_fallback_sends() {
 }
 
 /// A website that answers whatever first bytes it gets at once (`seen N bytes: ...`), then
-/// keeps the connection open.
+/// closes.
 fn start_eager_fallback() -> SocketAddr {
     start_website(|mut conn| {
         let mut buf = [0u8; 4096];
         if let Ok(n @ 1..) = conn.read(&mut buf) {
-            let _ = write!(conn, "seen {n} bytes: {:?}", &buf[..n]);
-            let _ = conn.read(&mut buf);
+            let answer = format!("seen {n} bytes: {:?}", &buf[..n]);
+            let _ = conn.write_all(answer.as_bytes());
         }
     })
 }
@@ -272,13 +272,9 @@ fn short_probes_that_then_wait_reach_the_fallback_after_a_short_quiet_time() {
                 s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
                 let t = Instant::now();
                 s.write_all(probe).unwrap();
-                let mut got = [0u8; 256];
-                let n = s.read(&mut got).unwrap();
-                (
-                    probe,
-                    t.elapsed(),
-                    String::from_utf8_lossy(&got[..n]).into_owned(),
-                )
+                let mut got = String::new();
+                s.read_to_string(&mut got).unwrap();
+                (probe, t.elapsed(), got)
             })
         })
         .collect();
