@@ -1,6 +1,8 @@
-//! `ostp://KEY@HOST:PORT[?type=udp|uot&tun=true&dns=IP&name=NAME]` share links: formatting (IPv6
-//! hosts in brackets) and parsing, including the carrier and the TUN settings the link asks for;
-//! a parameter this build cannot honour is refused, never silently ignored.
+//! `ostp://KEY@HOST:PORT[?type=udp|uot&tcp_port=N&tun=true&dns=IP&name=NAME]` share links:
+//! formatting (IPv6 hosts in brackets) and parsing, including the carrier, the server's TCP
+//! carrier port (`tcp_port`, ours; the reference implementation's links never carry it) and the
+//! TUN settings the link asks for; a parameter this build cannot honour is refused, never
+//! silently ignored.
 
 use std::fmt;
 
@@ -16,6 +18,9 @@ pub struct ShareLink {
     pub port: u16,
     /// The carrier of `?type=`: `udp` or `uot` (the TCP carrier); `None` when the link has none.
     pub carrier: Option<CarrierMode>,
+    /// `tcp_port=N`: the server also offers the TCP carrier, on port `N` (the same as `port` or
+    /// not); without `type` such a link runs `auto`.
+    pub tcp_port: Option<u16>,
     /// `tun=true|false`: TUN mode (`tun.enable`).
     pub tun: Option<bool>,
     /// `dns=IP[:port]`: TUN mode's resolver (`tun.dns`).
@@ -60,7 +65,7 @@ impl fmt::Display for LinkError {
             LinkError::Unsupported(what) => write!(
                 f,
                 "the share link asks for {what}, which this build cannot honour (it knows type, \
-                 tun, dns and name); refusing rather than ignoring it"
+                 tcp_port, tun, dns and name); refusing rather than ignoring it"
             ),
         }
     }
@@ -79,6 +84,24 @@ pub fn host_port(host: &str, port: u16) -> String {
 }
 
 impl ShareLink {
+    /// A link to `host:port` (brackets around an IPv6 host optional) for `key`; `tcp_port`: the
+    /// server's TCP carrier port when it offers one. No other parameters.
+    pub fn new(key: &str, host: &str, port: u16, tcp_port: Option<u16>) -> ShareLink {
+        ShareLink {
+            key: key.to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            carrier: None,
+            tcp_port,
+            tun: None,
+            dns: None,
+            name: None,
+        }
+    }
+
     /// Parses `ostp://KEY@HOST:PORT` (a trailing `/` or `#fragment` is ignored). In the query,
     /// `type=udp` and `type=uot` choose the carrier, any other `type` is an error, other
     /// parameters are ignored.
@@ -119,17 +142,24 @@ impl ShareLink {
             host: host.to_string(),
             port,
             carrier: params.carrier,
+            tcp_port: params.tcp_port,
             tun: params.tun,
             dns: params.dns,
             name: params.name,
         })
     }
 
-    /// The client config this link describes (the carrier of `?type=`, UDP without one; TUN
-    /// mode and its resolver when the link asks for them).
+    /// The client config this link describes (the carrier of `?type=`; without one `auto` when
+    /// the link names a `tcp_port`, else UDP; TUN mode and its resolver when the link asks for
+    /// them).
     pub fn client_config(&self) -> ClientConfig {
         let mut cfg = ClientConfig::for_server(self.server(), self.key.clone());
-        cfg.transport.mode = self.carrier.unwrap_or_default();
+        cfg.transport.mode = match (self.carrier, self.tcp_port) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => CarrierMode::Auto,
+            (None, None) => CarrierMode::Udp,
+        };
+        cfg.transport.tcp_port = self.tcp_port.filter(|p| *p != self.port);
         if let Some(tun) = self.tun {
             cfg.tun.enable = tun;
         }
@@ -157,6 +187,9 @@ impl fmt::Display for ShareLink {
         if let Some(mode) = self.carrier {
             params.push(format!("type={}", mode.as_str()));
         }
+        if let Some(port) = self.tcp_port {
+            params.push(format!("tcp_port={port}"));
+        }
         if let Some(tun) = self.tun {
             params.push(format!("tun={tun}"));
         }
@@ -177,6 +210,7 @@ impl fmt::Display for ShareLink {
 #[derive(Default)]
 struct Params {
     carrier: Option<CarrierMode>,
+    tcp_port: Option<u16>,
     tun: Option<bool>,
     dns: Option<String>,
     name: Option<String>,
@@ -197,6 +231,11 @@ fn parse_query(query: &str) -> Result<Params, LinkError> {
                     "uot" => CarrierMode::Uot,
                     other => return Err(LinkError::UnknownType(other.to_string())),
                 })
+            }
+            "tcp_port" => {
+                let port = value.parse::<u16>().ok().filter(|p| *p != 0);
+                let bad = || LinkError::Unsupported(format!("tcp_port={value:?} (not 1-65535)"));
+                p.tcp_port = Some(port.ok_or_else(bad)?);
             }
             "tun" => {
                 p.tun = Some(match value.as_str() {
@@ -258,9 +297,15 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// Formats a share link.
-pub fn format(key: &str, host: &str, port: u16) -> String {
-    format!("ostp://{key}@{}", host_port(host, port))
+/// Formats a share link; `tcp_port`: the server's TCP carrier port when it offers one (then
+/// the link runs `auto`).
+pub fn format(key: &str, host: &str, port: u16, tcp_port: Option<u16>) -> String {
+    ShareLink::new(key, host, port, tcp_port).to_string()
+}
+
+/// The server's TCP carrier port (its first `listen_tcp` address), if it listens on TCP.
+pub fn tcp_carrier_port(config: &crate::config::ServerConfig) -> Option<u16> {
+    config.listen_tcp.first().map(|a| a.port())
 }
 
 #[cfg(test)]
@@ -272,15 +317,15 @@ mod tests {
     #[test]
     fn formats_ipv4_names_and_ipv6() {
         assert_eq!(
-            format(KEY, "example.com", 50000),
+            format(KEY, "example.com", 50000, None),
             format!("ostp://{KEY}@example.com:50000")
         );
         assert_eq!(
-            format(KEY, "2001:db8::1", 443),
+            format(KEY, "2001:db8::1", 443, None),
             format!("ostp://{KEY}@[2001:db8::1]:443")
         );
         assert_eq!(
-            format(KEY, "[2001:db8::1]", 443),
+            format(KEY, "[2001:db8::1]", 443, None),
             format!("ostp://{KEY}@[2001:db8::1]:443")
         );
     }
@@ -288,7 +333,7 @@ mod tests {
     #[test]
     fn parses_what_it_formats() {
         for host in ["example.com", "203.0.113.7", "2001:db8::1"] {
-            let link = format(KEY, host, 50000);
+            let link = format(KEY, host, 50000, None);
             let parsed = ShareLink::parse(&link).unwrap();
             assert_eq!(parsed.key, KEY);
             assert_eq!(parsed.host, host);
@@ -356,6 +401,46 @@ mod tests {
             assert!(matches!(e, LinkError::Unsupported(_)), "{bad}: {e:?}");
             assert!(e.to_string().contains("cannot honour"), "{e}");
         }
+    }
+
+    #[test]
+    fn tcp_port_carries_the_tcp_carrier_port_and_means_auto_without_a_type() {
+        let link = |q: &str| ShareLink::parse(&format!("ostp://{KEY}@example.com:443{q}"));
+        // Another port than the UDP one: auto, told the TCP port.
+        let other = link("?tcp_port=8443").unwrap();
+        assert_eq!(other.tcp_port, Some(8443));
+        let cfg = other.client_config();
+        assert_eq!(cfg.transport.mode, CarrierMode::Auto);
+        assert_eq!(cfg.transport.tcp_port, Some(8443));
+        assert_eq!(cfg.server, "example.com:443");
+        assert_eq!(
+            format(KEY, "example.com", 443, Some(8443)),
+            format!("ostp://{KEY}@example.com:443?tcp_port=8443")
+        );
+        assert_eq!(ShareLink::parse(&other.to_string()).unwrap(), other);
+        // The same port: auto, no tcp_port in the config (it is the port of `server`).
+        let same = link("?tcp_port=443").unwrap().client_config();
+        assert_eq!(same.transport.mode, CarrierMode::Auto);
+        assert_eq!(same.transport.tcp_port, None);
+        // With a type, the type decides the carrier; uot goes to the TCP port.
+        let uot = link("?type=uot&tcp_port=8443").unwrap();
+        assert_eq!(uot.client_config().transport.mode, CarrierMode::Uot);
+        assert_eq!(uot.client_config().transport.tcp_port, Some(8443));
+        assert_eq!(
+            uot.to_string(),
+            format!("ostp://{KEY}@example.com:443?type=uot&tcp_port=8443")
+        );
+        let udp = link("?tcp_port=8443&type=udp").unwrap().client_config();
+        assert_eq!(udp.transport.mode, CarrierMode::Udp);
+        for bad in ["0", "65536", "", "x", "-1"] {
+            let e = link(&format!("?tcp_port={bad}")).unwrap_err();
+            assert!(matches!(e, LinkError::Unsupported(_)), "{bad}: {e:?}");
+        }
+        // IPv6 hosts keep their brackets.
+        assert_eq!(
+            format(KEY, "[2001:db8::1]", 443, Some(443)),
+            format!("ostp://{KEY}@[2001:db8::1]:443?tcp_port=443")
+        );
     }
 
     #[test]

@@ -6,14 +6,15 @@
 //! gets JSON. The host is `public_host` if configured, else the request's `Host` (port
 //! stripped), else the API bind IP; the port is the tunnel's listen port. The JSON answer also
 //! says which carriers the server offers (`"carriers"`), and where it offers the TCP carrier the
-//! config it hands out runs in `auto` transport mode.
+//! config it hands out runs in `auto` transport mode; the share link then names the TCP port
+//! (`?tcp_port=N`, which means `auto` to our clients).
 
 use serde::Serialize;
 
 use super::ApiContext;
 use super::errors::ApiError;
 use super::http::{Request, Response};
-use crate::config::{CarrierMode, ClientConfig, ServerConfig, TransportConfig};
+use crate::config::{CarrierMode, ClientConfig, TransportConfig};
 use crate::keys;
 use crate::share_link;
 use crate::users::persist::lock_users;
@@ -141,11 +142,6 @@ pub fn offer(udp_port: u16, tcp_port: Option<u16>) -> Offer {
     }
 }
 
-/// The server's TCP carrier port (its first `listen_tcp` address), if it listens on TCP.
-fn tcp_carrier_port(config: &ServerConfig) -> Option<u16> {
-    config.listen_tcp.first().map(|a| a.port())
-}
-
 /// Answers a subscribe request.
 pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response, ApiError> {
     let unknown = || ApiError::not_found("unknown access key").for_subscribe();
@@ -170,12 +166,14 @@ pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response
         .or_else(|| request.header("host").and_then(host_from_header))
         .unwrap_or_else(|| ctx.local_addr.ip().to_string());
     let port = ctx.config.tunnel_port();
-    let offer = offer(port, tcp_carrier_port(&ctx.config));
+    let tcp_port = share_link::tcp_carrier_port(&ctx.config);
+    let offer = offer(port, tcp_port);
     log::debug!("api: subscribe for user {}", keys::mask(key));
 
     let mut response = match negotiate(request.header("accept")) {
         Representation::ShareLink => {
-            Response::text(200, format!("{}\n", share_link::format(key, &host, port)))
+            let link = share_link::format(key, &host, port, tcp_port);
+            Response::text(200, format!("{link}\n"))
         }
         Representation::Json => {
             #[derive(Serialize)]

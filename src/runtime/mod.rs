@@ -232,11 +232,21 @@ fn first_run(path: &Path) -> Result<(), RunError> {
     );
     println!(
         "  {}",
-        share_link::format(&key, &host, config::DEFAULT_PORT)
+        share_link::format(
+            &key,
+            &host,
+            config::DEFAULT_PORT,
+            Some(config::DEFAULT_PORT)
+        )
     );
     println!(
         "Connect with: ostp \"{}\"",
-        share_link::format(&key, &host, config::DEFAULT_PORT)
+        share_link::format(
+            &key,
+            &host,
+            config::DEFAULT_PORT,
+            Some(config::DEFAULT_PORT)
+        )
     );
     Ok(())
 }
@@ -270,7 +280,7 @@ fn links(path: &Path) -> Result<(), RunError> {
         Config::Server(s) => s,
         Config::Client(c) => {
             let (host, port) = c.server_host_port().unwrap_or_default();
-            println!("{}", share_link::format(&c.access_key, &host, port));
+            println!("{}", share_link::format(&c.access_key, &host, port, None));
             return Ok(());
         }
     };
@@ -283,7 +293,8 @@ fn links(path: &Path) -> Result<(), RunError> {
         );
     }
     for (key, name) in users {
-        let link = share_link::format(&key, &host, cfg.tunnel_port());
+        let tcp_port = share_link::tcp_carrier_port(&cfg);
+        let link = share_link::format(&key, &host, cfg.tunnel_port(), tcp_port);
         match name {
             Some(n) => println!("{link}  # {n}"),
             None => println!("{link}"),

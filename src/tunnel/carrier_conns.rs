@@ -1,15 +1,32 @@
 //! The small pure types behind the server's TCP carrier connections (docs/PROTOCOL.md §7.2):
 //! the deadline heap, the oldest-first bound on unauthenticated
-//! connections and fallback splices, the not-OSTP reasons and what a stranger gets (the splice's
+//! connections and fallback splices, their slice of the fd budget, the not-OSTP reasons, the quiet time after which a partial
+//! hello is given up, and what a stranger gets (the splice's
 //! byte mover is [`super::splice`]). The loop (`server_loop/carrier.rs`) owns the
 //! sockets and only moves bytes and dispatches.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::proto::carrier::gate::NotOstp;
+use crate::proto::rng::Drbg;
+
+/// A connection whose first bytes are fewer than the gate needs and then stop for a time drawn
+/// uniformly from this range (milliseconds) is not OSTP (§7.2): a prober that sends `\r\n` or a
+/// short partial request reaches the fallback about as fast as a website would see it, not at
+/// the hello deadline. A real client writes its whole hello at once; its tail is late only
+/// after a lost segment, which TCP resends well within the range.
+pub const QUIET_MS: std::ops::RangeInclusive<u64> = 1_000..=2_000;
+
+/// When an undecided connection whose last bytes arrived at `last_bytes` is given up (see
+/// [`QUIET_MS`]).
+pub fn quiet_deadline(last_bytes: Instant, rng: &mut Drbg) -> Instant {
+    let (lo, hi) = (*QUIET_MS.start(), *QUIET_MS.end());
+    let span = u32::try_from(hi - lo).unwrap_or(u32::MAX);
+    last_bytes + Duration::from_millis(lo + u64::from(rng.up_to(span)))
+}
 
 /// A connection's identity: its slab index and the serial of this incarnation (indices are
 /// reused; serials never are).
@@ -112,6 +129,43 @@ impl OldestFirst {
     }
 }
 
+/// The TCP connections' slice of the process's fd budget: accepted connections and fallback
+/// sockets hold at most `cap` fds together, so they never take the fds of outbound streams.
+#[derive(Debug)]
+pub struct FdSlice {
+    cap: usize,
+    used: usize,
+}
+
+impl FdSlice {
+    pub fn new(cap: usize) -> Self {
+        FdSlice { cap, used: 0 }
+    }
+
+    /// Whether one more fd fits.
+    pub fn has_room(&self) -> bool {
+        self.used < self.cap
+    }
+
+    /// Takes one fd if it fits.
+    pub fn take(&mut self) -> bool {
+        let room = self.has_room();
+        if room {
+            self.used += 1;
+        }
+        room
+    }
+
+    /// `n` fds were closed.
+    pub fn give(&mut self, n: usize) {
+        self.used = self.used.saturating_sub(n);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used
+    }
+}
+
 /// Why a connection is treated as not OSTP (the `reason` label of the metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotOstpReason {
@@ -172,7 +226,18 @@ pub fn stranger_fate(reason: NotOstpReason, fallback: Option<SocketAddr>) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn quiet_deadlines_are_random_within_the_range() {
+        let t0 = Instant::now();
+        let mut rng = Drbg::new([7; 32]);
+        let waits: Vec<u64> = (0..200)
+            .map(|_| (quiet_deadline(t0, &mut rng) - t0).as_millis() as u64)
+            .collect();
+        assert!(waits.iter().all(|w| QUIET_MS.contains(w)), "{waits:?}");
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(max - min > 500, "not spread: {min}..{max}");
+    }
 
     #[test]
     fn oldest_first_evicts_the_oldest_live_member_and_stays_compact() {
@@ -202,6 +267,19 @@ mod tests {
             q.leave();
         }
         assert!(q.order.len() <= 2 * q.members() + 20, "{}", q.order.len());
+    }
+
+    #[test]
+    fn the_fd_slice_never_hands_out_more_than_its_cap() {
+        let mut fds = FdSlice::new(2);
+        assert!(fds.take() && fds.take());
+        assert!(!fds.has_room() && !fds.take());
+        assert_eq!(fds.used(), 2);
+        fds.give(1);
+        assert!(fds.take());
+        fds.give(5);
+        assert_eq!(fds.used(), 0, "never below zero");
+        assert!(!FdSlice::new(0).take());
     }
 
     #[test]

@@ -23,8 +23,10 @@
 //!   connection (the TCP carrier, [`CarrierLink`]); everything above the session is the same.
 //!   In `auto` the carrier of new sessions is [`CarrierChoice`]'s: on a move to TCP, UDP
 //!   handshakes in progress restart over TCP; on the move back (a UDP probe was answered), TCP
-//!   sessions retire: no new streams while another session is up, replaced once their streams
-//!   are gone.
+//!   sessions retire, make-before-break: a TCP session with streams hands its place to a spare
+//!   slot that connects over UDP beside it, takes no new streams once another session is up
+//!   and is closed when its last stream ends (however long that stream lives); one without
+//!   streams is replaced at once.
 //! - Capture modes hand over connections and UDP flows that were not addressed to a proxy: TUN
 //!   mode (`client_loop/tun_mode.rs`) and router mode (`client_loop/redir.rs`, nftables `redirect` + TPROXY);
 //!   both become local connections without a request (`admit_captured`) and flow datagrams
@@ -283,8 +285,15 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     let (control, control_rx) = core.control_channel();
     let now = Instant::now();
     let count = options.sessions.max(1);
-    let slots = (0..count)
-        .map(|_| Slot {
+    // `auto` gets one spare slot per session slot: a retiring TCP session moves aside into it.
+    let spares = if options.transport.mode == crate::config::CarrierMode::Auto {
+        count
+    } else {
+        0
+    };
+    let slots = (0..count + spares)
+        .map(|i| Slot {
+            spare: i >= count,
             state: SlotState::Idle,
             sock: None,
             tcp: None,
@@ -337,7 +346,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         port,
         options,
         slots,
-        supervisor: SlotSupervisor::new(count, now, jitter),
+        supervisor: SlotSupervisor::new(count + spares, now, jitter),
         carrier: CarrierChoice::new(options_transport.mode, now),
         probe: None,
         server_addr: None,
@@ -383,6 +392,10 @@ struct Slot {
     /// A TCP session kept for its streams after `auto` moved back to UDP: it gets new streams
     /// only while no other session is up and is replaced once its streams are gone.
     retiring: bool,
+    /// Not one of the `mux.sessions` slots the supervisor keeps up: an idle spare never
+    /// attempts a session; a retiring session hands its slot's place to a spare and becomes
+    /// the spare itself (`auto` only: one spare per slot).
+    spare: bool,
     client: Option<ClientSession>,
     /// The session's streams → the local connection of each; its length is the slot's load.
     streams: IdMap<StreamId, usize>,
@@ -642,8 +655,8 @@ impl ClientLoop {
             env!("CARGO_PKG_VERSION"),
             self.local_addr,
             self.options.server,
-            self.slots.len(),
-            if self.slots.len() == 1 { "" } else { "s" },
+            self.options.sessions.max(1),
+            if self.options.sessions <= 1 { "" } else { "s" },
             self.options.transport.mode.as_str()
         );
         let mut events = core::events();
@@ -783,8 +796,8 @@ impl ClientLoop {
             return Some(now);
         }
         let deadlines = self.slots.iter().enumerate().flat_map(|(i, s)| {
-            // No new attempts while shutting down (`run_timers` would not start them).
-            let attempts = self.shutting_down.is_none() || s.state != SlotState::Idle;
+            // No new attempts while shutting down or on a spare (`run_timers` starts none).
+            let attempts = s.state != SlotState::Idle || (self.shutting_down.is_none() && !s.spare);
             [
                 attempts
                     .then(|| self.supervisor.next_deadline(i, s.state))
@@ -831,6 +844,7 @@ impl ClientLoop {
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if slot.state == SlotState::Idle
+                && !slot.spare
                 && self.supervisor.attempt_due(i, now)
                 && self.shutting_down.is_none()
             {
@@ -1162,7 +1176,7 @@ impl ClientLoop {
 
     /// New sessions use `switch.to` from now on: handshakes in progress over the other carrier
     /// start over; connected TCP sessions retire when the move is back to UDP (connected UDP
-    /// sessions stay: they work).
+    /// sessions stay: they work), each with streams beside its replacement ([`Self::retire`]).
     fn carrier_switched(&mut self, now: Instant, switch: Switch) {
         log::info!(
             "tunnel carrier: {}; new sessions use {}",
@@ -1176,14 +1190,40 @@ impl ClientLoop {
             }
             match slot.state {
                 SlotState::Handshaking => self.restart_slot(now, i),
-                SlotState::Connected if switch.to == Carrier::Udp => slot.retiring = true,
+                SlotState::Connected if switch.to == Carrier::Udp && !slot.retiring => {
+                    self.retire(now, i)
+                }
                 _ => {}
             }
         }
         self.retire_idle(now);
     }
 
-    /// Replaces retiring sessions whose streams are all gone.
+    /// Connected slot `i` retires (make-before-break): with streams, and a spare idle, the
+    /// spare takes `i`'s place among the supervised slots and connects at once over the
+    /// current carrier while `i`, now the spare, keeps its session for its streams
+    /// ([`Self::pick_slot`] prefers the new session once it is up). Without streams (or
+    /// without a free spare) the session stays in place until [`Self::retire_idle`] replaces it.
+    fn retire(&mut self, now: Instant, i: usize) {
+        self.slots[i].retiring = true;
+        if self.slots[i].spare || self.slots[i].streams.is_empty() {
+            return;
+        }
+        let free = |s: &Slot| s.spare && s.state == SlotState::Idle;
+        let Some(j) = self.slots.iter().position(free) else {
+            return;
+        };
+        log::debug!(
+            "tunnel session {i}: retiring with {} streams; session {j} connects beside it",
+            self.slots[i].streams.len()
+        );
+        self.slots[i].spare = true;
+        self.slots[j].spare = false;
+        self.supervisor.restart(j, now);
+    }
+
+    /// Ends retiring sessions whose streams are all gone: a spare's is closed (its
+    /// replacement is already there), a supervised slot's is replaced over the current carrier.
     fn retire_idle(&mut self, now: Instant) {
         if self.shutting_down.is_some() {
             return;
@@ -1813,7 +1853,7 @@ impl ClientLoop {
             return;
         }
         for (i, slot) in self.slots.iter().enumerate() {
-            if slot.state == SlotState::Idle {
+            if slot.state == SlotState::Idle && !slot.spare {
                 self.supervisor.demand_retry(i, now);
             }
         }

@@ -27,7 +27,7 @@ pub struct Limits {
     /// Lookups queued or running for one user.
     pub max_lookups_per_user: usize,
     /// Bytes the server holds for all users: memory of transport send buffers (allocated, not
-    /// just filled) + pipe buffers.
+    /// just filled) + pipe buffers + TCP carrier sessions' frame buffers.
     pub max_buffered: usize,
     /// Bytes the server holds for one user.
     pub max_buffered_per_user: usize,
@@ -58,17 +58,78 @@ struct Share {
     lookups: usize,
     /// Pipe buffers allocated for the user's streams.
     pipe_bytes: usize,
-    /// The user's sessions and the memory of each one's transport send buffers.
-    sessions: Vec<(SessionId, usize)>,
+    /// The user's sessions and the memory each one holds.
+    sessions: Vec<SessionMemory>,
+}
+
+/// What one session holds: its transport send buffers (they grow and shrink) and the frame
+/// buffers of its TCP carrier connection (fixed while it lives; 0 over UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SessionMemory {
+    id: SessionId,
+    send: usize,
+    carrier: usize,
+}
+
+impl SessionMemory {
+    fn total(&self) -> usize {
+        self.send + self.carrier
+    }
 }
 
 impl Share {
     fn buffered(&self) -> usize {
-        self.pipe_bytes + self.sessions.iter().map(|(_, b)| *b).sum::<usize>()
+        self.pipe_bytes
+            + self
+                .sessions
+                .iter()
+                .map(SessionMemory::total)
+                .sum::<usize>()
+    }
+
+    /// The entry of `session`, created empty if missing.
+    fn session(&mut self, id: SessionId) -> &mut SessionMemory {
+        match self.sessions.iter().position(|s| s.id == id) {
+            Some(pos) => &mut self.sessions[pos],
+            None => {
+                self.sessions.push(SessionMemory {
+                    id,
+                    send: 0,
+                    carrier: 0,
+                });
+                let last = self.sessions.len() - 1;
+                &mut self.sessions[last]
+            }
+        }
     }
 
     fn is_empty(&self) -> bool {
         self.streams == 0 && self.lookups == 0 && self.pipe_bytes == 0 && self.sessions.is_empty()
+    }
+}
+
+/// How the process's fd budget ([`Quotas::fd_budget`]) is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdSplit {
+    /// UDP relay sockets (2 per session at most).
+    pub relays: usize,
+    /// TCP carrier connections: accepted connections (sessions, strangers) and fallback sockets.
+    pub tcp: usize,
+    /// What is left for outbound streams.
+    pub streams: usize,
+}
+
+impl FdSplit {
+    /// Relays get up to 2 × `max_sessions`, TCP connections up to `tcp_conns` (0 without
+    /// `listen_tcp`), each at most a quarter of `budget`; streams the rest.
+    pub fn new(budget: usize, max_sessions: usize, tcp_conns: usize) -> FdSplit {
+        let relays = max_sessions.saturating_mul(2).min(budget / 4);
+        let tcp = tcp_conns.min(budget / 4);
+        FdSplit {
+            relays,
+            tcp,
+            streams: budget - relays - tcp,
+        }
     }
 }
 
@@ -195,14 +256,17 @@ impl Quotas {
 
     /// What session `session` of `user` now holds in its transport send buffers.
     pub fn set_session_buffered(&mut self, user: UserId, session: SessionId, bytes: usize) {
-        let share = self.share(user);
-        let old = match share.sessions.iter_mut().find(|(s, _)| *s == session) {
-            Some(entry) => std::mem::replace(&mut entry.1, bytes),
-            None => {
-                share.sessions.push((session, bytes));
-                0
-            }
-        };
+        let old = std::mem::replace(&mut self.share(user).session(session).send, bytes);
+        self.buffered = (self.buffered + bytes).saturating_sub(old);
+    }
+
+    /// Session `session` of `user` runs over a TCP carrier connection whose frame buffers take
+    /// `bytes` for as long as it lives (charged like send buffers, freed with the session). The
+    /// charge is at most half the user's share: these buffers never shrink, and a share near
+    /// its minimum (64 KiB) must still leave room to move bytes.
+    pub fn carrier_session(&mut self, user: UserId, session: SessionId, bytes: usize) {
+        let bytes = bytes.min(self.limits.max_buffered_per_user / 2);
+        let old = std::mem::replace(&mut self.share(user).session(session).carrier, bytes);
         self.buffered = (self.buffered + bytes).saturating_sub(old);
     }
 
@@ -211,9 +275,9 @@ impl Quotas {
         let Some(share) = self.users.get_mut(&user) else {
             return;
         };
-        if let Some(pos) = share.sessions.iter().position(|(s, _)| *s == session) {
-            let (_, bytes) = share.sessions.swap_remove(pos);
-            self.buffered = self.buffered.saturating_sub(bytes);
+        if let Some(pos) = share.sessions.iter().position(|s| s.id == session) {
+            let gone = share.sessions.swap_remove(pos);
+            self.buffered = self.buffered.saturating_sub(gone.total());
         }
         self.forget_if_idle(user);
     }
@@ -223,7 +287,7 @@ impl Quotas {
         self.users
             .get(&user)
             .into_iter()
-            .flat_map(|s| s.sessions.iter().map(|(id, _)| *id))
+            .flat_map(|s| s.sessions.iter().map(|m| m.id))
     }
 
     /// Bytes `user` may still add to what the server holds for it (its share and the global
@@ -362,6 +426,43 @@ mod tests {
         assert_eq!(q.totals().2, 250);
         assert_eq!(q.sessions_of(B).collect::<Vec<_>>(), vec![s3]);
         assert!(!q.users.contains_key(&A), "an idle user is forgotten");
+    }
+
+    #[test]
+    fn carrier_frame_buffers_count_like_send_buffers_until_the_session_closes() {
+        let mut q = Quotas::new(limits());
+        let (s1, s2) = (SessionId(1), SessionId(2));
+        q.carrier_session(A, s1, 250);
+        assert_eq!(q.buffer_room(A), 350);
+        // Send-buffer updates do not forget the carrier's buffers, nor the other way round.
+        q.set_session_buffered(A, s1, 100);
+        assert_eq!(q.buffer_room(A), 250);
+        q.carrier_session(A, s1, 250);
+        assert_eq!(q.buffer_room(A), 250, "charged once, not per call");
+        q.set_session_buffered(A, s2, 50);
+        assert_eq!(q.buffer_room(B), 1000 - 400, "global cap");
+        q.session_closed(A, s1);
+        assert_eq!(q.buffer_room(A), 550);
+        q.session_closed(A, s2);
+        assert_eq!(q.totals().2, 0);
+        assert!(!q.users.contains_key(&A));
+        // Never more than half the share: a small share still leaves room to move bytes.
+        q.carrier_session(B, s1, 10_000);
+        assert_eq!(q.buffer_room(B), 300);
+    }
+
+    #[test]
+    fn tcp_connections_take_their_share_of_the_fd_budget() {
+        // Without listen_tcp: relays and streams only.
+        let udp = FdSplit::new(1000, 100, 0);
+        assert_eq!((udp.relays, udp.tcp, udp.streams), (200, 0, 800));
+        // With it: sessions + 3 × strangers come off the streams.
+        let tcp = FdSplit::new(1000, 100, 100 + 3 * 30);
+        assert_eq!((tcp.relays, tcp.tcp, tcp.streams), (200, 190, 610));
+        // A small budget: each at most a quarter, streams keep at least half.
+        let small = FdSplit::new(700, 1024, 1024 + 768);
+        assert_eq!((small.relays, small.tcp, small.streams), (175, 175, 350));
+        assert_eq!(FdSplit::new(0, 10, 10).streams, 0);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use super::driver::udp::{MAX_BATCH_BYTES, RECV_BUFFER, SendOutcome, UdpSockets};
 use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, TableView, Verdict};
 use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd};
-use super::quotas::{Limits, Quotas};
+use super::quotas::{FdSplit, Limits, Quotas};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
 use super::stats::{SharedTunnelStats, TunnelStats, lock_stats};
@@ -73,15 +73,22 @@ const FIXED_FDS: u64 = 16;
 /// How often open streams are checked for idleness.
 const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
-/// The loop's quotas from the config and the fd limit in force: streams and relay sockets
-/// together stay below the soft `RLIMIT_NOFILE` minus the reserve. Returns the quotas and the
-/// most relays (2 sockets each).
-fn quotas_for(cfg: &ServerConfig, nofile: u64) -> (Quotas, usize) {
+/// The loop's quotas from the config and the fd limit in force: streams, relay sockets and TCP
+/// carrier connections together stay below the soft `RLIMIT_NOFILE` minus the reserve.
+/// Returns the quotas and the fd split (relays take 2 sockets each).
+fn quotas_for(cfg: &ServerConfig, nofile: u64) -> (Quotas, FdSplit) {
     let l: &ServerLimits = &cfg.limits;
     let fixed = (cfg.listen.len() + cfg.listen_tcp.len()) as u64 + FIXED_FDS;
     let budget = Quotas::fd_budget(nofile, u64::from(l.fd_reserve), fixed);
-    let relay_fds = (2 * cfg.max_sessions as usize).min(budget / 4);
-    let max_streams = (l.max_streams as usize).min(budget - relay_fds);
+    // Carrier sessions (at most one per session) and strangers and splices (3 per allowed
+    // stranger).
+    let tcp_conns = if cfg.listen_tcp.is_empty() {
+        0
+    } else {
+        cfg.max_sessions as usize + 3 * cfg.max_unauthenticated_tcp as usize
+    };
+    let fds = FdSplit::new(budget, cfg.max_sessions as usize, tcp_conns);
+    let max_streams = (l.max_streams as usize).min(fds.streams);
     let secs = |n: u32| Duration::from_secs(u64::from(n));
     let limits = Limits {
         max_streams,
@@ -95,7 +102,7 @@ fn quotas_for(cfg: &ServerConfig, nofile: u64) -> (Quotas, usize) {
         lookup_timeout: secs(l.dns_timeout_secs),
         negative_ttl: secs(l.dns_negative_ttl_secs),
     };
-    (Quotas::new(limits), relay_fds / 2)
+    (Quotas::new(limits), fds)
 }
 
 /// Settings of the server loop beyond `ServerConfig`.
@@ -188,11 +195,13 @@ pub fn start(
     )
     .map_err(|e| StartError(format!("cannot start DNS threads: {e}")))?;
     let nofile = crate::sys::nofile_limit().map_or(1024, |(soft, _)| soft);
-    let (quotas, max_relays) = quotas_for(cfg, nofile);
+    let (quotas, fds) = quotas_for(cfg, nofile);
+    let max_relays = fds.relays / 2;
     log::info!(
-        "tunnel: open-file limit {nofile}: up to {} outbound streams ({} per user), {max_relays} UDP relays, {} fds kept in reserve",
+        "tunnel: open-file limit {nofile}: up to {} outbound streams ({} per user), {max_relays} UDP relays, {} TCP connections, {} fds kept in reserve",
         quotas.limits().max_streams,
         quotas.limits().max_streams_per_user,
+        fds.tcp,
         cfg.limits.fd_reserve
     );
     let lookup_timeout = quotas.limits().lookup_timeout;
@@ -206,6 +215,7 @@ pub fn start(
         core.registry(),
         cfg.fallback.map(|f| f.target),
         cfg.max_unauthenticated_tcp as usize,
+        fds.tcp,
         carrier_seed,
     )
     .map_err(|e| StartError(format!("cannot listen on tcp {}: {}", e.addr, e.error)))?;
@@ -748,6 +758,10 @@ impl ServerLoop {
                             outbound: Vec::new(),
                         },
                     );
+                    if self.endpoint.is_carrier_session(session) {
+                        self.quotas
+                            .carrier_session(user, session, carrier::SESSION_BUFFERS);
+                    }
                     let mut table = crate::users::persist::lock_users(&self.users);
                     table.session_opened(user, unix_now());
                     table.device_opened(user, peer.ip(), unix_now());
@@ -1361,16 +1375,45 @@ impl ServerLoop {
 mod tests {
     use super::*;
 
-    #[test]
-    fn handshake_limits_of_the_config_reach_the_endpoint() {
-        let text = r#"{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": [],
-            "handshake_rate": 50, "handshake_burst": 60,
-            "handshake_rate_per_user": 5, "handshake_burst_per_user": 8}"#;
+    fn server_config(extra: &str) -> ServerConfig {
+        let text = format!(
+            r#"{{"mode": "server", "listen": "127.0.0.1:9000", "access_keys": []{extra}}}"#
+        );
         let crate::config::Config::Server(cfg) =
-            crate::config::parse(std::path::Path::new("config.json"), text).unwrap()
+            crate::config::parse(std::path::Path::new("config.json"), &text).unwrap()
         else {
             panic!("expected a server config");
         };
+        cfg
+    }
+
+    #[test]
+    fn tcp_connections_count_in_the_fd_budget() {
+        let nofile = 4000;
+        let udp = server_config(r#", "max_streams": 100000"#);
+        let tcp = server_config(
+            r#", "max_streams": 100000, "listen_tcp": "127.0.0.1:9000", "max_sessions": 300,
+            "max_unauthenticated_tcp": 100"#,
+        );
+        let (udp_quotas, udp_fds) = quotas_for(&udp, nofile);
+        assert_eq!(udp_fds.tcp, 0, "no listen_tcp, no TCP connections");
+        let (tcp_quotas, tcp_fds) = quotas_for(&tcp, nofile);
+        assert_eq!(tcp_fds.tcp, 300 + 3 * 100);
+        let fixed = 2 + FIXED_FDS;
+        let budget = (nofile - 256 - fixed) as usize;
+        assert!(
+            tcp_quotas.limits().max_streams + tcp_fds.relays + tcp_fds.tcp <= budget,
+            "streams, relays and TCP connections within the budget"
+        );
+        assert!(tcp_quotas.limits().max_streams < udp_quotas.limits().max_streams);
+    }
+
+    #[test]
+    fn handshake_limits_of_the_config_reach_the_endpoint() {
+        let cfg = server_config(
+            r#", "handshake_rate": 50, "handshake_burst": 60,
+            "handshake_rate_per_user": 5, "handshake_burst_per_user": 8"#,
+        );
         let e = LoopOptions::from_config(&cfg).endpoint;
         assert_eq!(
             (

@@ -306,7 +306,7 @@ fn first_run_creates_a_server_config_and_runs() {
         serde_json::from_str(&std::fs::read_to_string(d.0.join("config.json")).unwrap()).unwrap();
     let key = cfg["access_keys"][0].as_str().unwrap();
     assert!(link.starts_with(&format!("ostp://{key}@")), "{link}");
-    assert!(link.ends_with(":50000"), "{link}");
+    assert!(link.ends_with(":50000?tcp_port=50000"), "{link}"); // TCP on the same port: auto
     assert_eq!(cfg["api"]["bind"], "127.0.0.1:9090");
     // A second start must reuse the file, not overwrite it.
     let before = std::fs::read_to_string(d.0.join("config.json")).unwrap();

@@ -448,7 +448,7 @@ fn one_lan_address_cannot_take_every_local_connection() {
 }
 
 /// A TCP echo server on loopback (one thread per connection, for the test's lifetime).
-fn start_tcp_echo() -> SocketAddr {
+pub(crate) fn start_tcp_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {

@@ -2,7 +2,8 @@
 //! loopback. Strangers: probes (random bytes, an HTTP request, a TLS ClientHello) get no byte from
 //! ostp and are not closed within the first second without a fallback, and get exactly what the
 //! fallback website sends with one; idle unauthenticated connections are bounded (the oldest
-//! closed with a FIN) and never keep real clients out. Real hellos (a client session driven by
+//! closed with a FIN) and never keep real clients out; a probe shorter than the gate needs that
+//! then waits reaches the fallback after a short random quiet time, not the hello deadline. Real hellos (a client session driven by
 //! the test over a std `TcpStream`): answered, carrying a checksummed download, accounted like
 //! UDP; the session's end is a CLOSE then a FIN; replays (captured over TCP or UDP) get silence or
 //! the fallback; a carrier that breaks its framing is discarded, never spliced; a client that
@@ -130,7 +131,7 @@ fn metrics(server: &Server) -> String {
 }
 
 /// Waits (the loop publishes once a second) until `/metrics` has `line`.
-fn wait_metric(server: &Server, line: &str) {
+pub(crate) fn wait_metric(server: &Server, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = metrics(server);
@@ -180,30 +181,34 @@ fn probes_get_no_byte_and_are_not_closed_within_a_second_without_a_fallback() {
     }
 }
 
-/// A tiny website: reads a request up to its blank line or the end of the stream, answers with
-/// what it saw, and closes.
-fn start_fallback() -> SocketAddr {
+/// A website on loopback: `answer` serves each connection on its own thread.
+fn start_website(answer: fn(TcpStream)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                conn.set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = conn.write_all(&fallback_answer(&got));
-            });
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || answer(conn));
         }
     });
     addr
+}
+
+/// A tiny website: reads a request up to its blank line or the end of the stream, answers with
+/// what it saw, and closes.
+fn start_fallback() -> SocketAddr {
+    start_website(|mut conn| {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn.write_all(&fallback_answer(&got));
+    })
 }
 
 fn fallback_answer(request: &[u8]) -> Vec<u8> {
@@ -240,6 +245,53 @@ fn probes_get_exactly_what_the_fallback_sends() {
     }
     wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 3"#);
     wait_metric(&server, r#"ostp_tcp_connections{state="fallback"} 0"#);
+}
+
+/// A website that answers whatever first bytes it gets at once (`seen N bytes: ...`), then
+/// closes.
+fn start_eager_fallback() -> SocketAddr {
+    start_website(|mut conn| {
+        let mut buf = [0u8; 4096];
+        if let Ok(n @ 1..) = conn.read(&mut buf) {
+            let answer = format!("seen {n} bytes: {:?}", &buf[..n]);
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    })
+}
+
+#[test]
+fn short_probes_that_then_wait_reach_the_fallback_after_a_short_quiet_time() {
+    let fallback = start_eager_fallback();
+    let (server, tcp) = tcp_server(json!({"fallback": {"target": fallback.to_string()}}));
+    let probes: [&[u8]; 2] = [b"\r\n", b"GET "];
+    let threads: Vec<_> = probes
+        .into_iter()
+        .map(|probe| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(tcp).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                let t = Instant::now();
+                s.write_all(probe).unwrap();
+                let mut got = String::new();
+                s.read_to_string(&mut got).unwrap();
+                (probe, t.elapsed(), got)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (probe, took, got) = t.join().unwrap();
+        assert_eq!(
+            got,
+            format!("seen {} bytes: {probe:?}", probe.len()),
+            "the website gets every byte the prober sent"
+        );
+        // The quiet time is 1-2 s (random); the hello deadline (10 s) is not waited for.
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{probe:?}: the fallback answered after {took:?}"
+        );
+    }
+    wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 2"#);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! a `uot` client moves intact bytes through SOCKS5 with UDP unusable (a bulk download and
 //! upload, 100 parallel downloads, UDP ASSOCIATE datagrams); an `auto` client whose UDP
 //! is dropped carries traffic over TCP within 10 s (from the start, and when UDP stops in the
-//! middle of a session) and comes back to UDP once UDP is answered again. UDP is dropped by a
+//! middle of a session) and comes back to UDP once UDP is answered again, make-before-break: a
+//! long-lived stream stays on its TCP session while new streams go over UDP. UDP is dropped by a
 //! small in-test gate relay in front of the server's UDP port; the client reaches the TCP
 //! carrier directly (`transport.tcp_port`).
 
@@ -312,14 +313,20 @@ fn auto_moves_to_tcp_when_udp_stops_and_back_when_it_returns() {
     std::thread::sleep((t + Duration::from_secs(14)).saturating_duration_since(Instant::now()));
     let from = c.proc.line_count();
     gate.block(false);
+    // The retired TCP session had no streams: a UDP session replaces it (logged at info: the
+    // carrier changed) and carries the traffic.
+    back_on_udp(&c, &gate, http, from);
+}
+
+/// Waits (from log line `from`) for `auto`'s move back to UDP and a UDP session after it, then
+/// checks that a new download goes over UDP (through `gate`).
+fn back_on_udp(c: &Client, gate: &Gate, http: u16, from: usize) {
     let (back, _) = c
         .proc
         .wait_line_from(from, Duration::from_secs(45), |l| {
             l.contains("UDP is answered again; new sessions use UDP")
         })
         .unwrap_or_else(|| panic!("never back on UDP:\n{}", c.proc.log_text()));
-    // The retired TCP session had no streams: a UDP session replaces it (logged at info: the
-    // carrier changed) and carries the traffic.
     c.proc
         .wait_line_from(back, Duration::from_secs(10), udp_session_line)
         .unwrap_or_else(|| panic!("no UDP session after the probe:\n{}", c.proc.log_text()));
@@ -327,6 +334,108 @@ fn auto_moves_to_tcp_when_udp_stops_and_back_when_it_returns() {
     traffic_within(c.proxy, http, Duration::from_secs(10));
     assert!(
         gate.passed() > before + 50,
-        "the traffic did not go over UDP"
+        "new streams did not go over UDP"
     );
+}
+
+/// Writes `msg` on `s` and reads the same bytes back.
+fn echo_round(s: &mut std::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    std::io::Read::read_exact(s, &mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn auto_moves_new_streams_back_to_udp_while_a_long_stream_stays_on_tcp() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let echo = crate::client_hardening::start_tcp_echo();
+    let key = new_key();
+    let (server, tcp) = server_with_tcp(&key);
+    let gate = Gate::start(server.udp, true);
+    let c = client(gate.addr, tcp, &key, "auto");
+    c.proc
+        .wait_line(Duration::from_secs(20), connected_over_tcp)
+        .unwrap_or_else(|| panic!("not over TCP:\n{}", c.proc.log_text()));
+    // A long-lived stream (a websocket, a download) opened over TCP.
+    let mut long = socks5_connect(c.proxy, Target::Ip(echo)).unwrap();
+    echo_round(&mut long, b"before the move");
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
+
+    // UDP returns: the probe 30 s after the TCP session came up finds it.
+    let from = c.proc.line_count();
+    gate.block(false);
+    // A UDP session comes up beside the TCP one, which keeps the long stream, and takes the
+    // new streams.
+    back_on_udp(&c, &gate, http, from);
+    echo_round(&mut long, b"after the move, still on the TCP session");
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 1"#);
+    // Its last stream gone, the TCP session closes; traffic stays on UDP.
+    drop(long);
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 0"#);
+    let before = gate.passed();
+    traffic_within(c.proxy, http, Duration::from_secs(10));
+    assert!(gate.passed() > before + 50, "traffic left UDP");
+    assert!(
+        c.proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("no answer over UDP"))
+            .count()
+            == 1,
+        "the client moved to TCP again:\n{}",
+        c.proc.log_text()
+    );
+}
+
+/// The subscribe endpoint's `text/plain` answer (the share link), asked with `Host: 127.0.0.1`.
+fn subscribe_link(server: &Server, key: &str) -> String {
+    let mut s = std::net::TcpStream::connect(server.api_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /api/subscribe/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").expect("a response");
+    body.trim().to_string()
+}
+
+#[test]
+fn a_subscribed_share_link_carries_another_tcp_port_and_runs_auto_over_it() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let key = new_key();
+    let (server, tcp) = server_with_tcp(&key);
+    let link = subscribe_link(&server, &key);
+    let udp = server.udp.port();
+    assert_eq!(
+        link,
+        format!("ostp://{key}@127.0.0.1:{udp}?tcp_port={}", tcp.port())
+    );
+    // The link's UDP address behind a gate that drops everything: only the link's TCP port works.
+    let gate = Gate::start(server.udp, true);
+    let link = link.replace(&format!("127.0.0.1:{udp}"), &gate.addr.to_string());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"));
+    cmd.arg(&link)
+        .args(["--socks5-bind", "127.0.0.1:0"])
+        .env_remove("RUST_LOG");
+    let p = Proc::spawn("client", cmd);
+    let line = p
+        .wait_line(Duration::from_secs(10), |l| l.contains("transport auto"))
+        .unwrap_or_else(|| panic!("not in auto mode:\n{}", p.log_text()));
+    let proxy: SocketAddr = line
+        .split("HTTP proxy on ")
+        .nth(1)
+        .and_then(|r| r.split([',', ' ']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no proxy address in {line:?}"));
+    traffic_within(proxy, http, Duration::from_secs(10));
+    p.wait_line(Duration::from_secs(1), |l| {
+        connected_over_tcp(l) && l.contains(&format!("({tcp})"))
+    })
+    .unwrap_or_else(|| panic!("not over the link's TCP port:\n{}", p.log_text()));
 }

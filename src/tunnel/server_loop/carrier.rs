@@ -21,7 +21,8 @@ use crate::proto::rng::Drbg;
 use crate::proto::transport::CloseReason;
 use crate::proto::{ServerEndpoint, SessionId};
 use crate::tunnel::carrier_conns::{
-    ConnKey, DeadlineHeap, NotOstpReason, OldestFirst, Stranger, stranger_fate,
+    ConnKey, DeadlineHeap, FdSlice, NotOstpReason, OldestFirst, Stranger, quiet_deadline,
+    stranger_fate,
 };
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::slab::Slab;
@@ -37,6 +38,9 @@ enum Bounded {
     Splices,
 }
 
+/// Whether a connection is (still) a member of a bounded group.
+type Member = fn(&Slab<Conn>, &ConnKey) -> bool;
+
 /// Connections accepted per listener per loop iteration (the rest wait for the next one).
 const ACCEPT_BATCH: usize = 64;
 /// Bytes one connection may read (or a carrier session write) per service before others get a
@@ -44,6 +48,9 @@ const ACCEPT_BATCH: usize = 64;
 const IO_BUDGET: usize = 256 * 1024;
 /// A carrier connection's write buffer: a few full frames (more waits in the session).
 const CARRIER_WRITE_BUF: usize = 4 * MAX_FRAME_LEN;
+/// A carrier session's frame buffers (one whole frame in, [`CARRIER_WRITE_BUF`] out), charged
+/// to its user's buffered share for as long as it lives.
+pub(super) const SESSION_BUFFERS: usize = MAX_FRAME_LEN + CARRIER_WRITE_BUF;
 /// Each direction of a fallback splice.
 const SPLICE_BUF: usize = 16 * 1024;
 /// A fallback splice that moves nothing either way for this long is closed.
@@ -59,8 +66,14 @@ const LINGER: Duration = Duration::from_secs(5);
 
 /// What a connection is doing.
 enum Phase {
-    /// Undecided: the first bytes are read into a buffer of [`GATE_BUFFER`] bytes.
-    Gate { gate: HelloGate, buf: ByteBuf },
+    /// Undecided: the first bytes are read into a buffer of [`GATE_BUFFER`] bytes; once some
+    /// arrived, the connection is given up when no more come until `quiet_until`
+    /// ([`quiet_deadline`]).
+    Gate {
+        gate: HelloGate,
+        buf: ByteBuf,
+        quiet_until: Option<Instant>,
+    },
     /// Carrying `session`: frames in (`input`, one whole frame at most) and out (`output`).
     Carrier {
         session: SessionId,
@@ -99,7 +112,9 @@ impl Phase {
     /// When the phase ends at the latest.
     fn deadline(&self) -> Option<Instant> {
         match self {
-            Phase::Gate { gate, .. } => Some(gate.deadline()),
+            Phase::Gate {
+                gate, quiet_until, ..
+            } => Some(quiet_until.map_or(gate.deadline(), |q| q.min(gate.deadline()))),
             Phase::Carrier { .. } => None,
             Phase::Flush { until, .. } | Phase::Discard { until } | Phase::Finish { until } => {
                 Some(*until)
@@ -152,6 +167,11 @@ pub(super) struct Carriers {
     /// Fallback splices, at most `max_unauthenticated_tcp`.
     splices: OldestFirst,
     deadlines: DeadlineHeap,
+    /// The fds of accepted connections and fallback sockets, within their slice of the budget.
+    fds: FdSlice,
+    /// Accepting stopped for want of an fd (connections wait in the backlog): resumed as soon
+    /// as one is closed.
+    accept_paused: bool,
     /// Connections to service again without a new event (budget used up).
     busy: Vec<ConnKey>,
     busy_spare: Vec<ConnKey>,
@@ -168,12 +188,14 @@ pub(super) struct BindError {
 }
 
 impl Carriers {
-    /// Binds the `listen_tcp` addresses and registers them.
+    /// Binds the `listen_tcp` addresses and registers them; accepted connections and fallback
+    /// sockets hold at most `max_fds` fds.
     pub fn bind(
         addrs: &[SocketAddr],
         registry: &Registry,
         fallback: Option<SocketAddr>,
         max_unauthenticated: usize,
+        max_fds: usize,
         seed: [u8; 32],
     ) -> Result<Carriers, BindError> {
         let mut listeners = Vec::new();
@@ -198,6 +220,8 @@ impl Carriers {
             strangers: OldestFirst::new(max_unauthenticated),
             splices: OldestFirst::new(max_unauthenticated),
             deadlines: DeadlineHeap::default(),
+            fds: FdSlice::new(max_fds),
+            accept_paused: false,
             busy: Vec::new(),
             busy_spare: Vec::new(),
             fallback,
@@ -247,14 +271,26 @@ impl Carriers {
 
     /// Listener `i` is readable (or was left with connections waiting).
     pub fn accept(&mut self, io: &mut CarrierIo, i: usize) {
-        let Some(listener) = self.listeners.get(i) else {
-            return;
-        };
-        let mut accepted = Vec::new();
         let mut busy = true;
         for _ in 0..ACCEPT_BATCH {
+            if !self.fds.has_room() && self.strangers.members() == 0 {
+                // Every fd of the slice carries a session or a splice: the connection waits in
+                // the backlog until one closes (`fd_closed`).
+                self.accept_paused = true;
+                busy = false;
+                break;
+            }
+            let Some(listener) = self.listeners.get(i) else {
+                return;
+            };
             match listener.accept() {
-                Ok(pair) => accepted.push(pair),
+                Ok((sock, peer)) => {
+                    if !self.fds.has_room() {
+                        // At the slice's cap the oldest stranger makes room (a FIN).
+                        self.evict_oldest(io, Bounded::Strangers);
+                    }
+                    self.accepted(io, sock, peer)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     busy = false;
                     break;
@@ -272,8 +308,13 @@ impl Carriers {
         if let Some(b) = self.listener_busy.get_mut(i) {
             *b = busy;
         }
-        for (sock, peer) in accepted {
-            self.accepted(io, sock, peer);
+    }
+
+    /// `n` fds were closed: a paused accept resumes.
+    fn fd_closed(&mut self, n: usize) {
+        self.fds.give(n);
+        if std::mem::take(&mut self.accept_paused) {
+            self.listener_busy.fill(true);
         }
     }
 
@@ -287,6 +328,7 @@ impl Carriers {
             log::warn!("cannot register a tcp connection: {e}");
             return;
         }
+        self.fds.take();
         self.serials += 1;
         let key = ConnKey {
             index,
@@ -307,6 +349,7 @@ impl Carriers {
             phase: Phase::Gate {
                 gate,
                 buf: ByteBuf::new(GATE_BUFFER),
+                quiet_until: None,
             },
         };
         let idx = self.conns.insert(conn);
@@ -327,39 +370,37 @@ impl Carriers {
     }
 
     /// Counts `key` in one of the two bounded groups and closes the oldest members over the
-    /// bound (strangers gracefully, with FIN; splices at once).
+    /// bound.
     fn enter_bounded(&mut self, io: &mut CarrierIo, key: ConnKey, group: Bounded) {
-        let member = |conns: &Slab<Conn>, k: &ConnKey| match group {
-            Bounded::Strangers => Self::is_stranger(conns, k),
-            Bounded::Splices => Self::is_spliced(conns, k),
-        };
-        let set = match group {
-            Bounded::Strangers => &mut self.strangers,
-            Bounded::Splices => &mut self.splices,
-        };
-        let conns = &self.conns;
+        let (set, conns, member) = self.bounded(group);
         set.enter(key, |k| member(conns, k));
-        loop {
-            let set = match group {
-                Bounded::Strangers => &mut self.strangers,
-                Bounded::Splices => &mut self.splices,
-            };
-            if !set.over_cap() {
-                break;
-            }
-            let conns = &self.conns;
-            let Some(oldest) = set.pop_oldest(|k| member(conns, k)) else {
-                break;
-            };
-            if let Some(c) = self.conns.get_mut(oldest.index) {
-                match group {
-                    Bounded::Strangers => c.stranger = false,
-                    Bounded::Splices => c.spliced = false,
-                }
-            }
-            io.stats.evicted += 1;
-            self.close(io, oldest.index, group == Bounded::Strangers);
+        while self.bounded(group).0.over_cap() && self.evict_oldest(io, group) {}
+    }
+
+    /// A bounded group, the connections and its membership test.
+    fn bounded(&mut self, group: Bounded) -> (&mut OldestFirst, &Slab<Conn>, Member) {
+        match group {
+            Bounded::Strangers => (&mut self.strangers, &self.conns, Self::is_stranger),
+            Bounded::Splices => (&mut self.splices, &self.conns, Self::is_spliced),
         }
+    }
+
+    /// Closes the oldest member of `group` (strangers gracefully, with FIN; splices at once);
+    /// `false` if it has none.
+    fn evict_oldest(&mut self, io: &mut CarrierIo, group: Bounded) -> bool {
+        let (set, conns, member) = self.bounded(group);
+        let Some(oldest) = set.pop_oldest(|k| member(conns, k)) else {
+            return false;
+        };
+        if let Some(c) = self.conns.get_mut(oldest.index) {
+            match group {
+                Bounded::Strangers => c.stranger = false,
+                Bounded::Splices => c.spliced = false,
+            }
+        }
+        io.stats.evicted += 1;
+        self.close(io, oldest.index, group == Bounded::Strangers);
+        true
     }
 
     fn leave_strangers(&mut self, idx: usize) {
@@ -455,9 +496,15 @@ impl Carriers {
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
-        let Phase::Gate { gate, buf } = &mut c.phase else {
+        let Phase::Gate {
+            gate,
+            buf,
+            quiet_until,
+        } = &mut c.phase
+        else {
             return;
         };
+        let before = buf.data().len();
         let mut eof = false;
         while c.readable && !buf.is_full() {
             match buf.read_from(&mut c.sock) {
@@ -479,6 +526,14 @@ impl Carriers {
             // Cannot happen (the gate decides within its buffer); never wait forever on it.
             GateStep::NeedMore if buf.is_full() => {
                 self.not_ostp(io, idx, NotOstpReason::Gate(NotOstp::BadLength))
+            }
+            GateStep::NeedMore if buf.data().len() > before => {
+                let at = quiet_deadline(io.now, &mut self.rng);
+                *quiet_until = Some(at);
+                self.deadlines.push(at, c.key);
+            }
+            GateStep::NeedMore if quiet_until.is_some_and(|q| io.now >= q) => {
+                self.not_ostp(io, idx, NotOstpReason::Gate(NotOstp::Timeout))
             }
             GateStep::NeedMore => {}
             GateStep::Hello { user, len } => self.hello(io, idx, user, len),
@@ -568,9 +623,15 @@ impl Carriers {
             c.accepted_at
         };
         let until = discard_deadline(from, &mut self.rng);
-        if let Phase::Splice(mut s) = std::mem::replace(&mut c.phase, Phase::Discard { until }) {
+        let phase = std::mem::replace(&mut c.phase, Phase::Discard { until });
+        if let Phase::Splice(mut s) = phase {
             let _ = io.registry.deregister(&mut s.target);
+            drop(s);
+            self.fd_closed(1);
         }
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
         io.stats.discards += 1;
         let key = c.key;
         self.deadlines.push(until, key);
@@ -584,7 +645,14 @@ impl Carriers {
     }
 
     fn start_splice(&mut self, io: &mut CarrierIo, idx: usize, target: SocketAddr) {
+        if !self.fds.take() {
+            // No fd for the fallback socket: discarded instead (as a failed fallback).
+            io.stats.fallback_failed += 1;
+            self.start_discard(io, idx, NotOstpReason::Hello);
+            return;
+        }
         let Some(c) = self.conns.get_mut(idx) else {
+            self.fds.give(1);
             return;
         };
         let early = match &c.phase {
@@ -601,6 +669,7 @@ impl Carriers {
             Ok(t) => t,
             Err(e) => {
                 log::debug!("fallback {target}: {e}");
+                self.fds.give(1);
                 io.stats.fallback_failed += 1;
                 self.start_discard(io, idx, NotOstpReason::Hello);
                 return;
@@ -1018,6 +1087,9 @@ impl Carriers {
             let _ = drain_reads(&mut c.sock, &mut readable, IO_BUDGET);
             let _ = c.sock.shutdown(Shutdown::Write);
         }
+        let fds = 1 + usize::from(matches!(c.phase, Phase::Splice(_)));
+        drop(c);
+        self.fd_closed(fds);
     }
 }
 
