@@ -311,6 +311,12 @@ pub struct ServerConfig {
     pub metrics: MetricsConfig,
     /// Host put into share links and client configs; `None` = the API request's `Host`.
     pub public_host: Option<String>,
+    /// UDP port put into share links and client configs when clients reach the server on
+    /// another port than it listens on (a port forward); `None` = the first `listen` port.
+    pub public_port: Option<u16>,
+    /// TCP-carrier port put into share links and client configs when clients reach it on
+    /// another port (behind nginx `stream`, a port forward); `None` = the first `listen_tcp` port.
+    pub public_tcp_port: Option<u16>,
     /// Runtime state (API-created users, counters); its journal is `<state_file>.journal`.
     pub state_file: PathBuf,
     /// Follow a symbolic link at `state_file` (off: such a link is refused at start).
@@ -340,12 +346,19 @@ pub struct FallbackConfig {
 }
 
 impl ServerConfig {
-    /// The tunnel port put into share links: the first listen address's port.
+    /// The UDP port put into share links and client configs: `public_port`, else the first
+    /// listen address's port.
     pub fn tunnel_port(&self) -> u16 {
-        self.listen
-            .first()
-            .map(|a| a.port())
+        self.public_port
+            .or_else(|| self.listen.first().map(|a| a.port()))
             .unwrap_or(DEFAULT_PORT)
+    }
+
+    /// The TCP-carrier port clients are told (links, subscribe), if the server offers the
+    /// TCP carrier at all.
+    pub fn public_tcp_carrier_port(&self) -> Option<u16> {
+        let first = self.listen_tcp.first()?;
+        Some(self.public_tcp_port.unwrap_or(first.port()))
     }
 }
 
@@ -1011,6 +1024,9 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         }
     }
 
+    let public_port = opt_port(&mut obj, "public_port")?;
+    let public_tcp_port = opt_port(&mut obj, "public_tcp_port")?;
+
     let state_file = match obj.opt_str("state_file")? {
         Some(s) if s.trim().is_empty() => {
             return Err(ctx.err("state_file", "must not be empty"));
@@ -1048,6 +1064,8 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
         api,
         metrics,
         public_host,
+        public_port,
+        public_tcp_port,
         state_file,
         allow_symlinked_state,
         log_level,
@@ -1291,13 +1309,18 @@ fn parse_transport(mut t: Obj) -> Result<TransportConfig, ConfigError> {
             ));
         }
     };
-    let tcp_port = match t.opt_u64("tcp_port")? {
-        None => None,
-        Some(p @ 1..=65535) => Some(p as u16),
-        Some(p) => return Err(t.err("tcp_port", &format!("{p} is not a port in 1-65535"))),
-    };
+    let tcp_port = opt_port(&mut t, "tcp_port")?;
     t.finish()?;
     Ok(TransportConfig { mode, tcp_port })
+}
+
+/// An optional port number field (1..=65535).
+fn opt_port(obj: &mut Obj, name: &str) -> Result<Option<u16>, ConfigError> {
+    match obj.opt_u64(name)? {
+        None => Ok(None),
+        Some(p @ 1..=65535) => Ok(Some(p as u16)),
+        Some(p) => Err(obj.err(name, &format!("{p} is not a port in 1-65535"))),
+    }
 }
 
 /// `socks5_auth`: 1..=255 bytes each (RFC 1929), no `:` in the username (HTTP `Basic` splits
@@ -1498,6 +1521,39 @@ mod tests {
         assert_eq!(s.log_level, log::LevelFilter::Info);
         assert!(!s.allow_private_destinations);
         assert_eq!(s.tunnel_port(), 50000);
+        assert_eq!(s.public_tcp_carrier_port(), None);
+    }
+
+    /// Behind nginx `stream` or a port forward, links and client configs name the ports clients
+    /// reach, not the ones ostp listens on.
+    #[test]
+    fn public_ports_name_what_clients_reach() {
+        let base = format!(
+            r#""mode": "server", "listen": "0.0.0.0:50000", "listen_tcp": "127.0.0.1:50001", "access_keys": ["{KEY}"]"#
+        );
+        let s = server(&format!("{{{base}}}"));
+        assert_eq!(
+            (s.tunnel_port(), s.public_tcp_carrier_port()),
+            (50000, Some(50001))
+        );
+        let s = server(&format!(
+            r#"{{{base}, "public_port": 5353, "public_tcp_port": 443}}"#
+        ));
+        assert_eq!(
+            (s.tunnel_port(), s.public_tcp_carrier_port()),
+            (5353, Some(443))
+        );
+        // No TCP listener: no TCP port is offered, whatever public_tcp_port says.
+        let s = server(
+            r#"{"mode": "server", "listen": "0.0.0.0:50000", "access_keys": [], "public_tcp_port": 443}"#,
+        );
+        assert_eq!(s.public_tcp_carrier_port(), None);
+        for bad in ["0", "65536", "\"443\""] {
+            let text = format!(r#"{{{base}, "public_tcp_port": {bad}}}"#);
+            assert!(p(&text).is_err(), "{bad}");
+            let text = format!(r#"{{{base}, "public_port": {bad}}}"#);
+            assert!(p(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -303,11 +303,6 @@ pub fn format(key: &str, host: &str, port: u16, tcp_port: Option<u16>) -> String
     ShareLink::new(key, host, port, tcp_port).to_string()
 }
 
-/// The server's TCP carrier port (its first `listen_tcp` address), if it listens on TCP.
-pub fn tcp_carrier_port(config: &crate::config::ServerConfig) -> Option<u16> {
-    config.listen_tcp.first().map(|a| a.port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

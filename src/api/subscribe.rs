@@ -166,7 +166,7 @@ pub fn handle(ctx: &ApiContext, request: &Request, key: &str) -> Result<Response
         .or_else(|| request.header("host").and_then(host_from_header))
         .unwrap_or_else(|| ctx.local_addr.ip().to_string());
     let port = ctx.config.tunnel_port();
-    let tcp_port = share_link::tcp_carrier_port(&ctx.config);
+    let tcp_port = ctx.config.public_tcp_carrier_port();
     let offer = offer(port, tcp_port);
     log::debug!("api: subscribe for user {}", keys::mask(key));
 

@@ -293,7 +293,7 @@ fn links(path: &Path) -> Result<(), RunError> {
         );
     }
     for (key, name) in users {
-        let tcp_port = share_link::tcp_carrier_port(&cfg);
+        let tcp_port = cfg.public_tcp_carrier_port();
         let link = share_link::format(&key, &host, cfg.tunnel_port(), tcp_port);
         match name {
             Some(n) => println!("{link}  # {n}"),

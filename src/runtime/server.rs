@@ -217,6 +217,8 @@ fn reload(
     fresh.state_file = std::mem::take(&mut current.state_file);
     fresh.allow_symlinked_state = current.allow_symlinked_state;
     fresh.public_host = current.public_host.take();
+    fresh.public_port = current.public_port;
+    fresh.public_tcp_port = current.public_tcp_port;
     fresh.max_sessions = current.max_sessions;
     fresh.max_sessions_per_user = current.max_sessions_per_user;
     *current = fresh;
@@ -241,6 +243,11 @@ fn restart_only_changes(running: &ServerConfig, fresh: &ServerConfig) -> Vec<&'s
             running.allow_symlinked_state != fresh.allow_symlinked_state,
         ),
         ("public_host", running.public_host != fresh.public_host),
+        ("public_port", running.public_port != fresh.public_port),
+        (
+            "public_tcp_port",
+            running.public_tcp_port != fresh.public_tcp_port,
+        ),
         ("max_sessions", running.max_sessions != fresh.max_sessions),
         (
             "max_sessions_per_user",
@@ -306,8 +313,8 @@ mod tests {
         assert_eq!(restart_only_changes(&running, &live), Vec::<&str>::new());
         let fresh = server_config(
             r#"{"mode": "server", "listen": "127.0.0.1:9001", "access_keys": [],
-                "public_host": "vpn.example.com", "max_sessions": 7,
-                "max_sessions_per_user": 3, "max_unauthenticated_tcp": 9}"#,
+                "public_host": "vpn.example.com", "max_sessions": 7, "public_port": 53,
+                "max_sessions_per_user": 3, "max_unauthenticated_tcp": 9, "public_tcp_port": 443}"#,
         );
         assert_eq!(
             restart_only_changes(&running, &fresh),
@@ -315,6 +322,8 @@ mod tests {
                 "listen",
                 "max_unauthenticated_tcp",
                 "public_host",
+                "public_port",
+                "public_tcp_port",
                 "max_sessions",
                 "max_sessions_per_user"
             ]
