@@ -64,10 +64,13 @@ use super::supervisor::{
 use super::{bind_udp, unix_now};
 
 mod direct;
+mod direct_udp;
 mod dns_forward;
+mod learn;
 mod redir;
 mod tun_mode;
 use super::exclude::Exclude;
+use super::learned::LearnedAddrs;
 use super::tun::front::TunFront;
 use super::udp_flows::REDIR_FLOW_IDS;
 use crate::config::{self, ClientConfig, ProxyAuth, TransportConfig};
@@ -79,6 +82,7 @@ use crate::proto::transport::{
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
 use direct::Direct;
+use direct_udp::DirectUdp;
 use dns_forward::DnsForward;
 pub use dns_forward::DnsForwardOptions;
 pub use redir::RedirOptions;
@@ -361,6 +365,8 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         last_server_addr,
         dns,
         redir,
+        learned: LearnedAddrs::default(),
+        direct_udp: DirectUdp::default(),
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -548,6 +554,10 @@ struct ClientLoop {
     dns: Option<DnsForward>,
     /// Router mode's listeners, TPROXY sockets and flows (`redir.enabled`).
     redir: Option<RedirState>,
+    /// Addresses excluded names resolved to (split routing where only addresses are seen).
+    learned: LearnedAddrs,
+    /// Captured UDP flows to learned addresses, relayed directly.
+    direct_udp: DirectUdp,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -735,6 +745,7 @@ impl ClientLoop {
             }
             Some(Tok::RedirListener(i)) => self.redir_accept(now, i),
             Some(Tok::RedirUdp(i)) => self.redir_readable(i),
+            Some(Tok::DirectUdp(i)) => self.direct_udp.mark_readable(i),
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     if let Some(link) = slot.tcp.as_mut() {
@@ -804,6 +815,7 @@ impl ClientLoop {
                 self.carrier.next_deadline(),
                 self.probe.as_ref().and_then(|p| p.client.poll_timeout()),
                 self.redir_deadline(now),
+                self.direct_udp.deadline(now),
             ])
             .flatten()
             .min()
@@ -1724,7 +1736,7 @@ impl ClientLoop {
             self.start_assoc(now, idx, request);
             return;
         }
-        if self.is_excluded(&request) {
+        if self.is_excluded(&request, now) {
             self.start_direct(now, idx, request);
             return;
         }
@@ -1859,7 +1871,7 @@ impl ClientLoop {
                 request.failure_reply(code)
             }
             LocalState::Direct(d) => {
-                d.close(self.core.registry());
+                d.close(self.core.registry(), &mut self.learned);
                 self.opening.remove(idx);
                 d.request.failure_reply(code)
             }
@@ -1927,7 +1939,7 @@ impl ClientLoop {
         };
         let _ = self.core.registry().deregister(&mut l.sock);
         if let LocalState::Direct(d) = &mut l.state {
-            d.close(self.core.registry());
+            d.close(self.core.registry(), &mut self.learned);
             self.opening.remove(idx);
         }
         let ip = l.peer.ip();
@@ -1996,6 +2008,10 @@ impl ClientLoop {
                 self.tun_closed(now, peer);
             }
             crate::sys::reset_on_close(&sock);
+            return;
+        }
+        if self.is_learned(dest.ip(), now) {
+            self.admit_direct(now, sock, peer, dest, capture);
             return;
         }
         self.open_transparent(now, sock, peer, dest, Some(capture));
@@ -2176,6 +2192,9 @@ impl ClientLoop {
         dest: Destination,
         data: &[u8],
     ) {
+        if dest.port() == 53 && !TunFront::owns(id) && !DnsForward::owns(id) {
+            self.learn_from_dns(now, data); // a SOCKS5 association's DNS answer
+        }
         if TunFront::owns(id) {
             self.tun_datagram_in(now, id, data);
             return;
