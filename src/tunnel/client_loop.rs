@@ -451,6 +451,8 @@ struct Local {
     writable: bool,
     /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
     captured: Option<Capture>,
+    /// DNS over TCP: the answers written to the application are read for split routing.
+    dns_tap: Option<Box<super::dns_wire::TcpFramer>>,
 }
 
 /// Which capture mode accepted a local connection.
@@ -1583,6 +1585,7 @@ impl ClientLoop {
                 readable: true,
                 writable: true,
                 captured,
+                dns_tap: None,
             }
         })
     }
@@ -1916,7 +1919,18 @@ impl ClientLoop {
             return;
         };
         let mut unlimited = u64::MAX;
-        let result = pipe.pump(&mut l.sock, session.transport_mut(), &mut unlimited);
+        let result = match l.dns_tap.as_deref_mut() {
+            Some(framer) => {
+                let (exclude, learned) = (&self.options.exclude, &mut self.learned);
+                let mut tapped = learn::Tapped {
+                    sock: &mut l.sock,
+                    framer,
+                    each: |m: &[u8]| _ = learn::learn_answer(exclude, learned, now, m),
+                };
+                pipe.pump(&mut tapped, session.transport_mut(), &mut unlimited)
+            }
+            None => pipe.pump(&mut l.sock, session.transport_mut(), &mut unlimited),
+        };
         let moved = match &result {
             Ok(m) | Err((_, m)) => m.to_socket + m.to_stream,
         };
@@ -2033,6 +2047,15 @@ impl ClientLoop {
             early_data: Vec::new(),
         };
         let idx = self.insert_local(now, sock, peer, LocalState::Waiting { request }, captured);
+        // DNS over TCP (captured port 53 or `tun.dns`; the DNS forwarder's TCP side is the one
+        // caller without a capture): its answers teach split routing.
+        let tun_dns = self.options.tun.as_ref().and_then(|t| t.dns);
+        let dns = dest.port() == 53 || tun_dns == Some(dest) || captured.is_none();
+        if dns && self.options.exclude.has_domains() {
+            if let Some(l) = self.locals.get_mut(idx) {
+                l.dns_tap = Some(Box::default());
+            }
+        }
         self.try_open(now, idx);
     }
 

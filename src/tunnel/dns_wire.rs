@@ -300,6 +300,53 @@ impl<'a> DnsAnswer<'a> {
     }
 }
 
+/// Longest DNS-over-TCP message [`TcpFramer`] keeps whole; longer ones (zone transfers, not
+/// answers to applications' lookups) are skipped, so a connection buffers at most this much.
+pub const MAX_TCP_MESSAGE: usize = 16 * 1024;
+
+/// Splits a DNS-over-TCP byte stream (RFC 1035 §4.2.2: a 2-byte length before each message)
+/// into messages: bytes are fed in as they pass, whole messages come out. Bounded
+/// ([`MAX_TCP_MESSAGE`]); the buffer is allocated on the first byte.
+#[derive(Debug, Default)]
+pub struct TcpFramer {
+    buf: Vec<u8>,
+    /// Bytes of an overlong message still to pass unbuffered.
+    skip: usize,
+}
+
+impl TcpFramer {
+    /// Takes the next bytes of the stream (any split); `each` gets every message they complete.
+    pub fn feed(&mut self, mut bytes: &[u8], mut each: impl FnMut(&[u8])) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let want = match self.buf.get(..2) {
+                Some(l) => 2 + usize::from(u16::from_be_bytes([l[0], l[1]])),
+                None => 2,
+            };
+            if want > 2 + MAX_TCP_MESSAGE {
+                // Too long to keep: let the rest of it pass.
+                self.skip = want - self.buf.len();
+                self.buf.clear();
+                continue;
+            }
+            let n = (want - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == want && want > 2 {
+                each(&self.buf[2..]);
+                self.buf.clear();
+            } else if self.buf.len() == 2 && want == 2 && self.buf == [0, 0] {
+                self.buf.clear(); // an empty message
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -500,6 +547,30 @@ pub(crate) mod tests {
         let root = Builder::response("", 0);
         let a = DnsAnswer::parse(&root.msg).unwrap();
         assert_eq!(a.question().text(&mut [0; MAX_NAME]), Some(""));
+    }
+
+    #[test]
+    fn tcp_messages_are_found_in_any_split_and_overlong_ones_skipped() {
+        let mut b = Builder::response("example.com", 1);
+        b.record_q(TYPE_A, 60, &[1, 2, 3, 4]);
+        let msg = b.msg.clone();
+        let mut stream = Vec::new();
+        for m in [&msg[..], &[0u8; MAX_TCP_MESSAGE + 1][..], &msg[..]] {
+            stream.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            stream.extend_from_slice(m);
+        }
+        stream.extend_from_slice(&[0, 0]); // an empty message
+        stream.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        stream.extend_from_slice(&msg);
+        for split in [1, 2, 3, 7, 100, stream.len()] {
+            let mut f = TcpFramer::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(split) {
+                f.feed(chunk, |m| got.push(m.to_vec()));
+            }
+            assert_eq!(got, vec![msg.clone(); 3], "split {split}");
+            assert!(f.buf.capacity() <= 2 + MAX_TCP_MESSAGE);
+        }
     }
 
     /// A small xorshift, so the fuzz loop is reproducible without a dependency.

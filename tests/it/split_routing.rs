@@ -112,7 +112,11 @@ fn counted_for_download(
 ) -> u64 {
     let before = server.counters(key).1;
     let d = download(proxy, Target::Ip(target), n);
-    assert_eq!((d.len, d.fnv), (n, expected), "download from {target} intact");
+    assert_eq!(
+        (d.len, d.fnv),
+        (n, expected),
+        "download from {target} intact"
+    );
     let ((_, after), _) =
         server.wait_counters(key, Duration::from_secs(2), |_, down| down >= before + n);
     after - before
@@ -138,13 +142,24 @@ fn resolve(forwarder: SocketAddr, name: &str) -> Vec<u8> {
 fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until_a_reload() {
     let http = start_origin();
     let origin = SocketAddr::from(([127, 0, 0, 3], http));
-    let resolver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (resolver, resolver_tcp) = loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) {
+            break (udp, tcp);
+        }
+    };
     let upstream = resolver.local_addr().unwrap();
-    let table = [("www.direct.test", [127, 0, 0, 3]), ("other.test", [127, 0, 0, 3])]
-        .into_iter()
-        .map(|(n, a)| (n.to_string(), a.into()))
-        .collect();
-    dns::serve_udp(resolver, table);
+    let table: std::collections::HashMap<_, _> = [
+        ("www.direct.test", [127, 0, 0, 3]),
+        ("other.test", [127, 0, 0, 3]),
+        ("tcp.direct.test", [127, 0, 0, 4]),
+    ]
+    .into_iter()
+    .map(|(n, a)| (n.to_string(), a.into()))
+    .collect();
+    dns::serve_udp(resolver, table.clone());
+    dns::serve_tcp(resolver_tcp, table);
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key));
     let dir = TempDir::new("learned");
@@ -178,7 +193,10 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     let answer = resolve(forwarder, "other.test");
     assert!(answer.ends_with(&[127, 0, 0, 3]), "{answer:?}");
     let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
-    assert!(counted >= n, "a name not excluded teaches nothing: {counted}");
+    assert!(
+        counted >= n,
+        "a name not excluded teaches nothing: {counted}"
+    );
 
     // An excluded name resolved to it (through a CNAME): direct from now on.
     let answer = resolve(forwarder, "WWW.direct.test");
@@ -189,6 +207,25 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
         "the learned address went through the tunnel ({counted} bytes counted)\n{}",
         client.log_text()
     );
+
+    // The same over TCP (two answers on one connection, each split across reads).
+    let origin4 = SocketAddr::from(([127, 0, 0, 4], http));
+    let counted = counted_for_download(&server, &key, proxy, origin4, n, expected);
+    assert!(counted >= n, "not learned yet: {counted}");
+    let mut s = std::net::TcpStream::connect(forwarder).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for id in [1, 2] {
+        let q = dns::query("tcp.direct.test", id);
+        s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
+        s.write_all(&q).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut a).unwrap();
+        assert!(a.ends_with(&[127, 0, 0, 4]), "{a:?}");
+    }
+    let counted = counted_for_download(&server, &key, proxy, origin4, n, expected);
+    assert!(counted < n / 2, "learned over TCP: {counted}");
 
     // SIGHUP with the name no longer excluded: its address goes through the tunnel again.
     std::fs::write(&path, config(&["else.test"])).unwrap();

@@ -386,7 +386,13 @@ fn addresses_an_excluded_name_resolved_to_are_connected_around_the_tunnel() {
     let origin = std::net::Ipv4Addr::new(198, 18, o[2], o[3]);
     let origin_cidr = format!("{origin}/32");
     crate::support::netns::must(&["ip", "addr", "add", &origin_cidr, "dev", &inside.host_if]);
-    inside.ip(&["route", "add", "default", "via", &inside.host_addr.to_string()]);
+    inside.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &inside.host_addr.to_string(),
+    ]);
     let host = IpAddr::V4(origin);
     let (http, udp) = dns::start_whoami(host);
     let resolver = UdpSocket::bind((inside.host_addr, 0)).unwrap();
@@ -431,7 +437,11 @@ fn addresses_an_excluded_name_resolved_to_are_connected_around_the_tunnel() {
     let asked: SocketAddr = "8.8.8.8:53".parse().unwrap();
     let a = dns_exchange_inside(&inside, asked, &dns::query("other.test", 1)).unwrap();
     assert!(a.ends_with(&origin.octets()), "{a:?}");
-    assert_eq!(tcp_seen_from(), tunnel, "a name not excluded teaches nothing");
+    assert_eq!(
+        tcp_seen_from(),
+        tunnel,
+        "a name not excluded teaches nothing"
+    );
 
     // The excluded name (a CNAME chain in the answer), through the captured DNS: its address
     // is connected directly from now on, TCP and UDP, while the query itself went through the

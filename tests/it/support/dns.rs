@@ -74,16 +74,43 @@ pub fn serve_udp(sock: UdpSocket, table: HashMap<String, Ipv4Addr>) {
     });
 }
 
+/// Answers DNS over TCP (length-prefixed messages) on `listener` from `table`.
+pub fn serve_tcp(listener: TcpListener, table: HashMap<String, Ipv4Addr>) {
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut len = [0u8; 2];
+            while s.read_exact(&mut len).is_ok() {
+                let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if s.read_exact(&mut q).is_err() {
+                    break;
+                }
+                let Some(a) = answer(&q, &table) else { break };
+                let mut out = (a.len() as u16).to_be_bytes().to_vec();
+                out.extend_from_slice(&a);
+                // Two writes: the client must frame answers across reads.
+                let _ = s.write_all(&out[..3]).and_then(|()| s.write_all(&out[3..]));
+            }
+        }
+    });
+}
+
 /// A TCP server (any request, an HTTP/1.0 answer) and a UDP server on `ip`, both answering with
 /// the IP address they were reached from; their ports.
 pub fn start_whoami(ip: IpAddr) -> (u16, u16) {
     let tcp = TcpListener::bind((ip, 0)).unwrap();
     let udp = UdpSocket::bind((ip, 0)).unwrap();
-    let ports = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+    let ports = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
     std::thread::spawn(move || {
         for s in tcp.incoming() {
             let Ok(mut s) = s else { continue };
-            let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            let peer = s
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
             let _ = write!(
