@@ -2216,7 +2216,8 @@ impl ClientLoop {
         data: &[u8],
     ) {
         if dest.port() == 53 && !TunFront::owns(id) && !DnsForward::owns(id) {
-            self.learn_from_dns(now, data); // a SOCKS5 association's DNS answer
+            // A SOCKS5 association's or a router-mode flow's DNS answer.
+            self.learn_from_dns(now, data);
         }
         if TunFront::owns(id) {
             self.tun_datagram_in(now, id, data);

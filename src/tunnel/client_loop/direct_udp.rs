@@ -107,8 +107,8 @@ fn open_socket(dest: SocketAddr, mark: Option<u32>) -> io::Result<std::net::UdpS
 
 impl ClientLoop {
     /// A captured datagram of flow `id` to `dest`: sent directly when the flow is direct already
-    /// or `dest` is a learned address (true), else left to the tunnel (false). DNS (port 53)
-    /// always goes through the tunnel.
+    /// or `dest` is a learned address (true), else left to the tunnel (false). DNS (port 53,
+    /// `tun.dns`) always goes through the tunnel.
     pub(super) fn direct_flow_send(
         &mut self,
         now: Instant,
@@ -116,7 +116,7 @@ impl ClientLoop {
         dest: SocketAddr,
         data: &[u8],
     ) -> bool {
-        if dest.port() == 53 {
+        if dest.port() == 53 || self.options.tun.as_ref().and_then(|t| t.dns) == Some(dest) {
             return false;
         }
         let registry = self.core.registry();

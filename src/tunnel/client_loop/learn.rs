@@ -1,6 +1,6 @@
 //! Split routing by name where the client sees only addresses (a child module of
-//! `client_loop`): DNS answers passing through the client — TUN mode's captured DNS, the DNS
-//! forwarder, SOCKS5 associations to port 53 — teach [`LearnedAddrs`] the addresses of names
+//! `client_loop`): DNS answers passing through the client — TUN and router mode's captured DNS,
+//! the DNS forwarder, SOCKS5 associations to port 53 — teach [`LearnedAddrs`] the addresses of names
 //! under `exclude.domains`; captured TCP connections (TUN and router mode) to such an address
 //! are then connected directly ([`super::direct`]), as are SOCKS5/HTTP requests by address.
 //! DNS over TCP (captured port 53, the forwarder's TCP side) is read as it passes to the
