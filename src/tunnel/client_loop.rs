@@ -2024,7 +2024,7 @@ impl ClientLoop {
             crate::sys::reset_on_close(&sock);
             return;
         }
-        if self.is_learned(dest.ip(), now) {
+        if self.captured_goes_direct(dest, now) {
             self.admit_direct(now, sock, peer, dest, capture);
             return;
         }

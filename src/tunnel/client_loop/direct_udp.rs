@@ -116,38 +116,26 @@ impl ClientLoop {
         dest: SocketAddr,
         data: &[u8],
     ) -> bool {
-        if dest.port() == 53 || self.options.tun.as_ref().and_then(|t| t.dns) == Some(dest) {
-            return false;
-        }
-        let registry = self.core.registry();
-        let d = &mut self.direct_udp;
-        let i = match d.by_id.get(&id).copied() {
+        let d = &self.direct_udp;
+        let existing = d.by_id.get(&id).copied();
+        let i = match existing {
             Some(i) if d.flows.get(i).is_some_and(|f| f.dest == dest) => i,
-            existing => {
+            _ => {
                 if let Some(i) = existing {
-                    d.close(i, registry, &mut self.learned); // the id names another flow now
+                    // The id names another flow now.
+                    let registry = self.core.registry();
+                    self.direct_udp.close(i, registry, &mut self.learned);
                 }
-                if !self.learned.hold(dest.ip(), now) {
+                if !self.captured_goes_direct(dest, now) {
                     return false;
                 }
-                if d.flows.len() >= MAX_DIRECT_FLOWS {
-                    let lru = d.flows.iter().min_by_key(|(_, f)| f.last).map(|(i, _)| i);
-                    if let Some(lru) = lru {
-                        d.close(lru, registry, &mut self.learned);
-                    }
-                }
-                let mark = self.options.tun.as_ref().map(|t| t.settings.fwmark);
-                match Self::open_direct_flow(d, registry, id, dest, mark, now) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        log::debug!("direct UDP to {dest}: {e}; through the tunnel instead");
-                        self.learned.release(dest.ip(), now);
-                        return false;
-                    }
+                match self.open_direct_flow(id, dest, now) {
+                    Some(i) => i,
+                    None => return false,
                 }
             }
         };
-        if let Some(f) = d.flows.get_mut(i) {
+        if let Some(f) = self.direct_udp.flows.get_mut(i) {
             f.last = now;
             if let Err(e) = f.sock.send(data) {
                 log::debug!("direct UDP to {dest}: {e}");
@@ -156,30 +144,45 @@ impl ClientLoop {
         true
     }
 
-    fn open_direct_flow(
-        d: &mut DirectUdp,
-        registry: &mio::Registry,
-        id: AssocId,
-        dest: SocketAddr,
-        mark: Option<u32>,
-        now: Instant,
-    ) -> io::Result<usize> {
-        let sock = open_socket(dest, mark)?;
-        let mut sock = UdpSocket::from_std(sock);
-        let i = d.flows.next_index();
-        registry.register(&mut sock, Tok::DirectUdp(i).token(), Interest::READABLE)?;
-        let i = d.flows.insert(Flow {
-            sock,
-            id,
-            dest,
-            last: now,
-            readable: true,
+    /// Opens flow `id`'s socket to `dest` (a learned address, held from now until the flow
+    /// closes), closing the least recently used flow when full; `None` when it cannot be opened
+    /// (the flow goes through the tunnel then).
+    fn open_direct_flow(&mut self, id: AssocId, dest: SocketAddr, now: Instant) -> Option<usize> {
+        let registry = self.core.registry();
+        let d = &mut self.direct_udp;
+        if d.flows.len() >= MAX_DIRECT_FLOWS {
+            let lru = d.flows.iter().min_by_key(|(_, f)| f.last).map(|(i, _)| i);
+            if let Some(lru) = lru {
+                d.close(lru, registry, &mut self.learned);
+            }
+        }
+        let mark = self.options.tun.as_ref().map(|t| t.settings.fwmark);
+        let opened = open_socket(dest, mark).and_then(|sock| {
+            let mut sock = UdpSocket::from_std(sock);
+            let i = d.flows.next_index();
+            registry.register(&mut sock, Tok::DirectUdp(i).token(), Interest::READABLE)?;
+            Ok(d.flows.insert(Flow {
+                sock,
+                id,
+                dest,
+                last: now,
+                readable: true,
+            }))
         });
-        d.by_id.insert(id, i);
-        d.any_readable = true;
-        d.next_expire.get_or_insert(now + EXPIRE_EVERY);
-        log::debug!("direct UDP flow to {dest} (a learned address)");
-        Ok(i)
+        match opened {
+            Ok(i) => {
+                d.by_id.insert(id, i);
+                d.any_readable = true;
+                d.next_expire.get_or_insert(now + EXPIRE_EVERY);
+                self.learned.hold(dest.ip(), now);
+                log::debug!("direct UDP flow to {dest} (a learned address)");
+                Some(i)
+            }
+            Err(e) => {
+                log::debug!("direct UDP to {dest}: {e}; through the tunnel instead");
+                None
+            }
+        }
     }
 
     /// Reads answers from the direct sockets that may hold some; each goes back through its

@@ -99,6 +99,13 @@ impl ClientLoop {
         self.learned.contains(ip, now)
     }
 
+    /// Whether a captured connection or flow to `dest` goes direct: a learned address, unless
+    /// it is DNS (port 53 or `tun.dns`), which always goes through the tunnel.
+    pub(super) fn captured_goes_direct(&mut self, dest: SocketAddr, now: Instant) -> bool {
+        let tun_dns = self.options.tun.as_ref().and_then(|t| t.dns);
+        dest.port() != 53 && tun_dns != Some(dest) && self.is_learned(dest.ip(), now)
+    }
+
     /// A captured connection to a learned address: connected directly, no request read, no
     /// reply written (a failure resets it, as a refused tunnel stream would).
     pub(super) fn admit_direct(
