@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Shortest life of a learned address. Resolvers and browsers keep answers in their own caches
-/// for a minute or more even when the TTL is lower (Chrome's host cache holds entries for 60 s;
-/// CDNs answer with TTLs of 20–60 s), and an application connects after it resolved: a shorter
-/// life would send a connection made from a cached answer through the tunnel.
+/// Shortest life of a learned address. Applications keep answers in their own caches for about
+/// a minute whatever the TTL (Chrome keeps a system-resolver answer for 60 s; CDNs answer with
+/// TTLs of 20–60 s, some of 0), and connect some time after they resolved: a shorter life would
+/// send a connection made from a cached answer through the tunnel.
 pub const MIN_TTL: Duration = Duration::from_secs(60);
 /// Longest life of a learned address. Addresses move (CDNs reuse them for other names), so a
 /// learned address must not bypass the tunnel for a day because its answer said so; two hours
