@@ -2,8 +2,8 @@
 //! CONNECT to an excluded address, a SOCKS5 CONNECT by an excluded name and an HTTP request to an
 //! excluded address are connected directly by the client (intact, and the server counts
 //! nothing), while the same origin reached at a non-excluded address goes through the tunnel.
-//! An address an excluded name resolved to through the DNS forwarder goes direct too, until a
-//! reload drops the name.
+//! An address an excluded name resolved to through the DNS forwarder (UDP and TCP) or a SOCKS5
+//! UDP association goes direct too, until a reload drops the name.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::support::bulk_http;
 use crate::support::dns;
+use crate::support::netns::Netns;
 use crate::support::tunnel::*;
 
 /// The origin on every IPv4 and IPv6 loopback address, one port.
@@ -238,4 +239,60 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
         .unwrap_or_else(|| panic!("no reload:\n{}", client.log_text()));
     let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
     assert!(counted >= n, "forgotten at the reload: {counted}");
+}
+
+#[test]
+fn a_dns_answer_through_a_socks5_udp_association_teaches_the_proxy_too() {
+    // The resolver must be on port 53 (only those answers are read): in a namespace of its
+    // own, which the server reaches over the veth pair.
+    let ns = Netns::create();
+    let resolver = ns.run_inside(|| std::net::UdpSocket::bind((ns.ns_addr, 53)).unwrap());
+    let resolver_addr = resolver.local_addr().unwrap();
+    let table = [("udp.direct.test".to_string(), [127, 0, 0, 5].into())]
+        .into_iter()
+        .collect();
+    dns::serve_udp(resolver, table);
+    let http = start_origin();
+    let origin = SocketAddr::from(([127, 0, 0, 5], http));
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let client = Client::spawn(
+        server.udp,
+        &key,
+        json!({"exclude": {"domains": ["direct.test"]}}),
+    );
+    client.wait_connected(0);
+    let n = 1_000_000;
+    let expected = expected_sum(http, n);
+    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
+    assert!(counted >= n, "not learned yet: {counted}");
+
+    let (_control, relay) = socks5_udp_associate(client.proxy);
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let packet = socks5_udp_packet(
+        &Target::Ip(resolver_addr),
+        &dns::query("udp.direct.test", 9),
+    );
+    let mut buf = [0u8; 1024];
+    let answer = (0..20)
+        .find_map(|_| {
+            app.send_to(&packet, relay).unwrap();
+            app.recv_from(&mut buf)
+                .ok()
+                .map(|(len, _)| buf[..len].to_vec())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no answer through the association\n{}",
+                client.proc.log_text()
+            )
+        });
+    assert!(answer.ends_with(&[127, 0, 0, 5]), "{answer:?}");
+    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
+    assert!(
+        counted < n / 2,
+        "learned through the association: {counted}"
+    );
 }
