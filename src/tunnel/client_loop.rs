@@ -66,10 +66,13 @@ use super::supervisor::{
 use super::{bind_udp, unix_now};
 
 mod direct;
+mod direct_udp;
 mod dns_forward;
+mod learn;
 mod redir;
 mod tun_mode;
 use super::exclude::Exclude;
+use super::learned::LearnedAddrs;
 use super::tun::front::TunFront;
 use super::udp_flows::REDIR_FLOW_IDS;
 use crate::config::{self, ClientConfig, ProxyAuth, TransportConfig};
@@ -81,6 +84,7 @@ use crate::proto::transport::{
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
 use direct::Direct;
+use direct_udp::DirectUdp;
 use dns_forward::DnsForward;
 pub use dns_forward::DnsForwardOptions;
 pub use redir::RedirOptions;
@@ -370,6 +374,8 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         last_server_addr,
         dns,
         redir,
+        learned: LearnedAddrs::default(),
+        direct_udp: DirectUdp::default(),
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
         .map_err(|e| format!("cannot start the client thread: {e}"))?;
@@ -458,6 +464,8 @@ struct Local {
     writable: bool,
     /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
     captured: Option<Capture>,
+    /// DNS over TCP: the answers written to the application are read for split routing.
+    dns_tap: Option<Box<super::dns_wire::TcpFramer>>,
 }
 
 /// Which capture mode accepted a local connection.
@@ -561,6 +569,10 @@ struct ClientLoop {
     dns: Option<DnsForward>,
     /// Router mode's listeners, TPROXY sockets and flows (`redir.enabled`).
     redir: Option<RedirState>,
+    /// Addresses excluded names resolved to (split routing where only addresses are seen).
+    learned: LearnedAddrs,
+    /// Captured UDP flows to learned addresses, relayed directly.
+    direct_udp: DirectUdp,
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -748,6 +760,7 @@ impl ClientLoop {
             }
             Some(Tok::RedirListener(i)) => self.redir_accept(now, i),
             Some(Tok::RedirUdp(i)) => self.redir_readable(i),
+            Some(Tok::DirectUdp(i)) => self.direct_udp.mark_readable(i),
             Some(Tok::Slot(i)) => {
                 if let Some(slot) = self.slots.get_mut(i) {
                     if let Some(link) = slot.tcp.as_mut() {
@@ -817,6 +830,7 @@ impl ClientLoop {
                 self.carrier.next_deadline(),
                 self.probe.as_ref().and_then(|p| p.client.poll_timeout()),
                 self.redir_deadline(now),
+                self.direct_udp.deadline(now),
             ])
             .flatten()
             .min()
@@ -1611,6 +1625,7 @@ impl ClientLoop {
                 readable: true,
                 writable: true,
                 captured,
+                dns_tap: None,
             }
         })
     }
@@ -1764,7 +1779,7 @@ impl ClientLoop {
             self.start_assoc(now, idx, request);
             return;
         }
-        if self.is_excluded(&request) {
+        if self.is_excluded(&request, now) {
             self.start_direct(now, idx, request);
             return;
         }
@@ -1899,7 +1914,7 @@ impl ClientLoop {
                 request.failure_reply(code)
             }
             LocalState::Direct(d) => {
-                d.close(self.core.registry());
+                d.close(self.core.registry(), &mut self.learned);
                 self.opening.remove(idx);
                 d.request.failure_reply(code)
             }
@@ -1944,7 +1959,18 @@ impl ClientLoop {
             return;
         };
         let mut unlimited = u64::MAX;
-        let result = pipe.pump(&mut l.sock, session.transport_mut(), &mut unlimited);
+        let result = match l.dns_tap.as_deref_mut() {
+            Some(framer) => {
+                let (exclude, learned) = (&self.options.exclude, &mut self.learned);
+                let mut tapped = learn::Tapped {
+                    sock: &mut l.sock,
+                    framer,
+                    each: |m: &[u8]| _ = learn::learn_answer(exclude, learned, now, m),
+                };
+                pipe.pump(&mut tapped, session.transport_mut(), &mut unlimited)
+            }
+            None => pipe.pump(&mut l.sock, session.transport_mut(), &mut unlimited),
+        };
         let moved = match &result {
             Ok(m) | Err((_, m)) => m.to_socket + m.to_stream,
         };
@@ -1967,7 +1993,7 @@ impl ClientLoop {
         };
         let _ = self.core.registry().deregister(&mut l.sock);
         if let LocalState::Direct(d) = &mut l.state {
-            d.close(self.core.registry());
+            d.close(self.core.registry(), &mut self.learned);
             self.opening.remove(idx);
         }
         let ip = l.peer.ip();
@@ -2038,6 +2064,10 @@ impl ClientLoop {
             crate::sys::reset_on_close(&sock);
             return;
         }
+        if self.captured_goes_direct(dest, now) {
+            self.admit_direct(now, sock, peer, dest, capture);
+            return;
+        }
         self.open_transparent(now, sock, peer, dest, Some(capture));
     }
 
@@ -2057,6 +2087,15 @@ impl ClientLoop {
             early_data: Vec::new(),
         };
         let idx = self.insert_local(now, sock, peer, LocalState::Waiting { request }, captured);
+        // DNS over TCP (captured port 53 or `tun.dns`; the DNS forwarder's TCP side is the one
+        // caller without a capture): its answers teach split routing.
+        let tun_dns = self.options.tun.as_ref().and_then(|t| t.dns);
+        let dns = dest.port() == 53 || tun_dns == Some(dest) || captured.is_none();
+        if dns && self.options.exclude.has_domains() {
+            if let Some(l) = self.locals.get_mut(idx) {
+                l.dns_tap = Some(Box::default());
+            }
+        }
         self.try_open(now, idx);
     }
 
@@ -2216,6 +2255,10 @@ impl ClientLoop {
         dest: Destination,
         data: &[u8],
     ) {
+        if dest.port() == 53 && !TunFront::owns(id) && !DnsForward::owns(id) {
+            // A SOCKS5 association's or a router-mode flow's DNS answer.
+            self.learn_from_dns(now, data);
+        }
         if TunFront::owns(id) {
             self.tun_datagram_in(now, id, data);
             return;

@@ -148,6 +148,11 @@ impl Exclude {
         &self.ranges
     }
 
+    /// Whether any domain suffix is excluded (DNS answers are worth looking at).
+    pub fn has_domains(&self) -> bool {
+        !self.domains.is_empty()
+    }
+
     /// Nothing is excluded.
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty() && self.domains.is_empty()

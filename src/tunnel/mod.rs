@@ -28,6 +28,10 @@
 //! - [`carrier_link`] — a client session's TCP carrier connection: socket and bounded buffers.
 //! - [`exclude`]     — split routing on the client: destinations (CIDR ranges, domain suffixes)
 //!   that bypass the tunnel.
+//! - [`dns_wire`]    — a total, read-only view of DNS responses: the question and its A/AAAA
+//!   answers (CNAME chains followed), for split routing by name in the capture modes.
+//! - [`learned`]     — split routing's learned addresses (sans-IO): excluded names' answers,
+//!   TTL-clamped, bounded, held while a direct connection is open.
 //! - [`tun`]         — TUN capture: packet views and rewriting, the TCP NAT of the system stack.
 //! - [`udp_flows`]   — the capture modes' UDP flows (TUN, router TPROXY) and their association ids.
 //! - [`router_rules`] — the nftables ruleset and policy routing of router mode (`--router-rules`).
@@ -39,9 +43,11 @@ pub mod carrier_conns;
 pub mod carrier_link;
 pub mod client_loop;
 pub mod dest_guard;
+pub mod dns_wire;
 pub mod driver;
 pub mod exclude;
 pub mod hello_record;
+pub mod learned;
 pub mod ledger;
 pub mod pipe;
 pub mod proxy_front;

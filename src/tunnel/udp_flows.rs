@@ -120,6 +120,11 @@ impl UdpFlows {
         Some(*f)
     }
 
+    /// Flow `id` as it is (not kept alive by the look).
+    pub fn get(&self, id: AssocId) -> Option<UdpFlow> {
+        self.flows.get(&id).copied()
+    }
+
     fn forget(&mut self, id: AssocId) {
         if let Some(f) = self.flows.remove(&id) {
             self.by_pair.remove(&(f.app, f.dest));

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::bulk_http;
+use crate::support::dns;
 use crate::support::netns::Netns;
 use crate::support::tunnel::*;
 
@@ -208,17 +209,10 @@ fn router_rules(config: &Path, flavor: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn a_lan_behind_the_router_reaches_the_internet_through_the_tunnel_and_private_ranges_directly() {
-    let _lock = heavy_lock();
-    let lab = build_lab();
-    let (bulk, who, udp) = start_origins(&lab.wan);
-    let origin4: IpAddr = ORIGIN4.parse().unwrap();
-    let origin6: IpAddr = ORIGIN6.parse().unwrap();
-    // Without router mode the LAN cannot reach the origin at all.
-    let (_, ok, _) = curl_lan(&lab.lan, &format!("http://{ORIGIN4}:{who}/"), "2");
-    assert!(!ok, "the LAN reached the origin without the tunnel");
-
+/// The server in the WAN namespace and the client on the router (config fields `extra` merged
+/// in) with its rules and policy routing installed; waits for the tunnel. The directory holds
+/// the client's config.
+fn start_router_client(lab: &Lab, extra: serde_json::Value) -> (Server, String, Proc, TempDir) {
     let key = new_key();
     let mut spec = ServerSpec::new(&key);
     spec.host = lab.wan.ns_addr;
@@ -226,13 +220,16 @@ fn a_lan_behind_the_router_reaches_the_internet_through_the_tunnel_and_private_r
     let server = Server::start(spec);
     let dir = TempDir::new("router-client");
     let config = dir.path().join("client.json");
-    let cfg = json!({
+    let mut cfg = json!({
         "mode": "client",
         "server": server.udp.to_string(),
         "access_key": key,
         "socks5_bind": "127.0.0.1:0",
         "redir": {"enabled": true, "bind": "0.0.0.0:1090", "interfaces": [LAN_IF]},
     });
+    if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
     std::fs::write(&config, cfg.to_string()).unwrap();
     let rules = router_rules(&config, &[]);
     assert!(rules.contains(&format!("\"{LAN_IF}\"")), "{rules}");
@@ -263,6 +260,21 @@ fn a_lan_behind_the_router_reaches_the_internet_through_the_tunnel_and_private_r
         "{}",
         client.log_text()
     );
+    (server, key, client, dir)
+}
+
+#[test]
+fn a_lan_behind_the_router_reaches_the_internet_through_the_tunnel_and_private_ranges_directly() {
+    let _lock = heavy_lock();
+    let lab = build_lab();
+    let (bulk, who, udp) = start_origins(&lab.wan);
+    let origin4: IpAddr = ORIGIN4.parse().unwrap();
+    let origin6: IpAddr = ORIGIN6.parse().unwrap();
+    // Without router mode the LAN cannot reach the origin at all.
+    let (_, ok, _) = curl_lan(&lab.lan, &format!("http://{ORIGIN4}:{who}/"), "2");
+    assert!(!ok, "the LAN reached the origin without the tunnel");
+
+    let (server, key, client, _dir) = start_router_client(&lab, json!({}));
 
     // TCP over IPv4: plain curl reaches the origin, which sees the server, not the LAN host.
     let answer = fetch_lan(&lab.lan, &format!("http://{ORIGIN4}:{who}/"))
@@ -370,4 +382,102 @@ fn the_fw4_include_loads_inside_fw4s_table_and_the_standalone_table_reloads() {
         "{text}"
     );
     assert!(text.contains("elements = { 127.0.0.1 }"), "{text}");
+}
+
+/// A second public-looking origin, which the router itself can reach (a route through the WAN
+/// link): the client's direct connections get there, from the router's WAN address.
+const ORIGIN_DIRECT4: &str = "46.46.46.46";
+/// The router's address on the WAN link.
+const ROUTER_WAN4: &str = "172.30.0.1";
+
+#[test]
+fn addresses_an_excluded_name_resolved_to_through_the_forwarder_bypass_the_tunnel_in_router_mode() {
+    let _lock = heavy_lock();
+    let lab = build_lab();
+    lab.wan
+        .ip(&["addr", "add", &format!("{ORIGIN_DIRECT4}/32"), "dev", "lo"]);
+    lab.router.ip(&[
+        "route",
+        "add",
+        &format!("{ORIGIN_DIRECT4}/32"),
+        "via",
+        WAN_LINK4,
+    ]);
+    let (who, udp, resolver) = lab.wan.run_inside(|| {
+        let who = TcpListener::bind((ORIGIN_DIRECT4, 0)).unwrap();
+        let udp = UdpSocket::bind((ORIGIN_DIRECT4, 0)).unwrap();
+        let resolver = UdpSocket::bind((WAN_LINK4, 0)).unwrap();
+        (who, udp, resolver)
+    });
+    let (who_port, udp_port) = (
+        who.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    let upstream = resolver.local_addr().unwrap();
+    std::thread::spawn(move || serve_whoami(who));
+    std::thread::spawn(move || serve_udp_whoami(udp));
+    let origin: std::net::Ipv4Addr = ORIGIN_DIRECT4.parse().unwrap();
+    dns::serve_udp(
+        resolver,
+        [("www.direct.test".to_string(), origin)]
+            .into_iter()
+            .collect(),
+    );
+    let forwarder = "192.168.77.1:5353";
+    let (_server, _key, client, _dir) = start_router_client(
+        &lab,
+        json!({
+            "dns_forward": {"bind": forwarder, "upstream": upstream.to_string()},
+            "exclude": {"domains": ["direct.test"]},
+        }),
+    );
+    let url = format!("http://{ORIGIN_DIRECT4}:{who_port}/");
+    let udp_to = SocketAddr::new(IpAddr::V4(origin), udp_port);
+    // Not learned yet: through the tunnel (the origin sees the server, on its own address).
+    assert_eq!(
+        fetch_lan(&lab.lan, &url).unwrap(),
+        format!("peer={ORIGIN_DIRECT4}")
+    );
+    let answer = udp_exchange_lan(&lab.lan, udp_to, "a").unwrap();
+    assert!(
+        answer.starts_with(&format!("a from {ORIGIN_DIRECT4} ")),
+        "{answer}"
+    );
+
+    // The LAN host resolves the excluded name through the forwarder (dnsmasq's `server=`).
+    let q: String = dns::query("www.direct.test", 7)
+        .iter()
+        .map(|b| format!("\\x{b:02x}"))
+        .collect();
+    let script = format!(
+        "import socket\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         for i in range(5):\n\
+         \x20 s.sendto(b'{q}',('192.168.77.1',5353))\n\
+         \x20 try:\n\
+         \x20   d,a=s.recvfrom(512); print(d[-4:].hex()); break\n\
+         \x20 except socket.timeout: pass\n"
+    );
+    let out = lab.lan.output("python3", &["-c", &script]);
+    assert_eq!(
+        out.trim(),
+        "2e2e2e2e",
+        "the answer carries {ORIGIN_DIRECT4}"
+    );
+
+    // From now on the router connects to it directly: the origin sees the router's WAN side.
+    let seen = fetch_lan(&lab.lan, &url).unwrap();
+    assert_eq!(
+        seen,
+        format!("peer={ROUTER_WAN4}"),
+        "TCP to the learned address\n{}",
+        client.log_text()
+    );
+    let answer = udp_exchange_lan(&lab.lan, udp_to, "b").unwrap();
+    assert!(
+        answer.starts_with(&format!("b from {ROUTER_WAN4} | {ORIGIN_DIRECT4} ")),
+        "UDP to the learned address, answered as if from the origin: {answer}"
+    );
+    client.signal("TERM");
 }

@@ -2,6 +2,8 @@
 //! CONNECT to an excluded address, a SOCKS5 CONNECT by an excluded name and an HTTP request to an
 //! excluded address are connected directly by the client (intact, and the server counts
 //! nothing), while the same origin reached at a non-excluded address goes through the tunnel.
+//! An address an excluded name resolved to through the DNS forwarder (UDP and TCP) or a SOCKS5
+//! UDP association goes direct too, until a reload drops the name.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -10,6 +12,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::bulk_http;
+use crate::support::dns;
+use crate::support::netns::Netns;
 use crate::support::tunnel::*;
 
 /// The origin on every IPv4 and IPv6 loopback address, one port.
@@ -95,4 +99,200 @@ fn excluded_destinations_are_connected_directly_and_the_rest_goes_through_the_tu
         Target::Ip(SocketAddr::from(([127, 0, 0, 2], closed))),
     );
     assert_eq!(err.err(), Some(0x05), "SOCKS5 connection refused");
+}
+
+/// Downloads `n` bytes from `target` through the proxy (intact) and returns how many bytes the
+/// server counted meanwhile (waiting up to 2 s for a count of `n`).
+fn counted_for_download(
+    server: &Server,
+    key: &str,
+    proxy: SocketAddr,
+    target: SocketAddr,
+    n: u64,
+    expected: u64,
+) -> u64 {
+    let before = server.counters(key).1;
+    let d = download(proxy, Target::Ip(target), n);
+    assert_eq!(
+        (d.len, d.fnv),
+        (n, expected),
+        "download from {target} intact"
+    );
+    let ((_, after), _) =
+        server.wait_counters(key, Duration::from_secs(2), |_, down| down >= before + n);
+    after - before
+}
+
+/// Asks the DNS forwarder for `name`; the answer (retried: UDP).
+fn resolve(forwarder: SocketAddr, name: &str) -> Vec<u8> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let q = dns::query(name, 0x4242);
+    let mut buf = [0u8; 512];
+    for _ in 0..20 {
+        s.send_to(&q, forwarder).unwrap();
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            return buf[..n].to_vec();
+        }
+    }
+    panic!("no answer for {name} from the forwarder");
+}
+
+#[test]
+fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until_a_reload() {
+    let http = start_origin();
+    let origin = SocketAddr::from(([127, 0, 0, 3], http));
+    let (resolver, resolver_tcp) = loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) {
+            break (udp, tcp);
+        }
+    };
+    let upstream = resolver.local_addr().unwrap();
+    let table: std::collections::HashMap<_, _> = [
+        ("www.direct.test", [127, 0, 0, 3]),
+        ("other.test", [127, 0, 0, 3]),
+        ("tcp.direct.test", [127, 0, 0, 4]),
+    ]
+    .into_iter()
+    .map(|(n, a)| (n.to_string(), a.into()))
+    .collect();
+    dns::serve_udp(resolver, table.clone());
+    dns::serve_tcp(resolver_tcp, table);
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let dir = TempDir::new("learned");
+    let path = dir.path().join("client.json");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let config = |domains: &[&str]| {
+        json!({
+            "mode": "client",
+            "server": server.udp.to_string(),
+            "access_key": key,
+            "socks5_bind": proxy.to_string(),
+            "dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()},
+            "exclude": {"domains": domains},
+        })
+        .to_string()
+    };
+    std::fs::write(&path, config(&["direct.test"])).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"));
+    cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
+    let client = Proc::spawn("client", cmd);
+    client
+        .wait_line(Duration::from_secs(20), |l| l.contains("connected"))
+        .unwrap_or_else(|| panic!("no session:\n{}", client.log_text()));
+    let n = 1_000_000;
+    let expected = expected_sum(http, n);
+
+    // Not learned yet, and after a name that is not excluded resolved to it: the tunnel.
+    let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
+    assert!(counted >= n, "through the tunnel: {counted}");
+    let answer = resolve(forwarder, "other.test");
+    assert!(answer.ends_with(&[127, 0, 0, 3]), "{answer:?}");
+    let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
+    assert!(
+        counted >= n,
+        "a name not excluded teaches nothing: {counted}"
+    );
+
+    // An excluded name resolved to it (through a CNAME): direct from now on.
+    let answer = resolve(forwarder, "WWW.direct.test");
+    assert!(answer.ends_with(&[127, 0, 0, 3]), "{answer:?}");
+    let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
+    assert!(
+        counted < n / 2,
+        "the learned address went through the tunnel ({counted} bytes counted)\n{}",
+        client.log_text()
+    );
+
+    // The same over TCP (two answers on one connection, each split across reads).
+    let origin4 = SocketAddr::from(([127, 0, 0, 4], http));
+    let counted = counted_for_download(&server, &key, proxy, origin4, n, expected);
+    assert!(counted >= n, "not learned yet: {counted}");
+    let mut s = std::net::TcpStream::connect(forwarder).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for id in [1, 2] {
+        let q = dns::query("tcp.direct.test", id);
+        s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
+        s.write_all(&q).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut a).unwrap();
+        assert!(a.ends_with(&[127, 0, 0, 4]), "{a:?}");
+    }
+    let counted = counted_for_download(&server, &key, proxy, origin4, n, expected);
+    assert!(counted < n / 2, "learned over TCP: {counted}");
+
+    // SIGHUP with the name no longer excluded: its address goes through the tunnel again.
+    std::fs::write(&path, config(&["else.test"])).unwrap();
+    let from = client.line_count();
+    client.signal("HUP");
+    client
+        .wait_line_from(from, Duration::from_secs(10), |l| {
+            l.contains("exclude reloaded")
+        })
+        .unwrap_or_else(|| panic!("no reload:\n{}", client.log_text()));
+    let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
+    assert!(counted >= n, "forgotten at the reload: {counted}");
+}
+
+#[test]
+fn a_dns_answer_through_a_socks5_udp_association_teaches_the_proxy_too() {
+    // The resolver must be on port 53 (only those answers are read): in a namespace of its
+    // own, which the server reaches over the veth pair.
+    let ns = Netns::create();
+    let resolver = ns.run_inside(|| std::net::UdpSocket::bind((ns.ns_addr, 53)).unwrap());
+    let resolver_addr = resolver.local_addr().unwrap();
+    let table = [("udp.direct.test".to_string(), [127, 0, 0, 5].into())]
+        .into_iter()
+        .collect();
+    dns::serve_udp(resolver, table);
+    let http = start_origin();
+    let origin = SocketAddr::from(([127, 0, 0, 5], http));
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let client = Client::spawn(
+        server.udp,
+        &key,
+        json!({"exclude": {"domains": ["direct.test"]}}),
+    );
+    client.wait_connected(0);
+    let n = 1_000_000;
+    let expected = expected_sum(http, n);
+    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
+    assert!(counted >= n, "not learned yet: {counted}");
+
+    let (_control, relay) = socks5_udp_associate(client.proxy);
+    let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let packet = socks5_udp_packet(
+        &Target::Ip(resolver_addr),
+        &dns::query("udp.direct.test", 9),
+    );
+    let mut buf = [0u8; 1024];
+    let answer = (0..20)
+        .find_map(|_| {
+            app.send_to(&packet, relay).unwrap();
+            app.recv_from(&mut buf)
+                .ok()
+                .map(|(len, _)| buf[..len].to_vec())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no answer through the association\n{}",
+                client.proc.log_text()
+            )
+        });
+    assert!(answer.ends_with(&[127, 0, 0, 5]), "{answer:?}");
+    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
+    assert!(
+        counted < n / 2,
+        "learned through the association: {counted}"
+    );
 }

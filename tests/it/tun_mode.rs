@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::bulk_http;
+use crate::support::dns;
 use crate::support::netns::Netns;
 use crate::support::tunnel::*;
 
@@ -85,17 +86,32 @@ fn start_client(
     key: &str,
     tun: serde_json::Value,
 ) -> Proc {
+    start_client_with(inside, dir, server, key, tun, json!({}))
+}
+
+/// [`start_client`] with more top-level fields (`extra`) merged into the config.
+fn start_client_with(
+    inside: &Netns,
+    dir: &Path,
+    server: SocketAddr,
+    key: &str,
+    tun: serde_json::Value,
+    extra: serde_json::Value,
+) -> Proc {
     let mut tun_block = json!({"enable": true});
     if let (Some(t), Some(extra)) = (tun_block.as_object_mut(), tun.as_object()) {
         t.extend(extra.clone());
     }
-    let cfg = json!({
+    let mut cfg = json!({
         "mode": "client",
         "server": server.to_string(),
         "access_key": key,
         "socks5_bind": "127.0.0.1:0",
         "tun": tun_block,
     });
+    if let (Some(c), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        c.extend(extra.clone());
+    }
     let path = dir.join("client.json");
     std::fs::write(&path, cfg.to_string()).unwrap();
     let mut cmd = inside.command(env!("CARGO_BIN_EXE_ostp"));
@@ -325,4 +341,121 @@ fn with_the_kill_switch_nothing_but_the_tunnels_udp_leaves_while_the_server_is_d
     );
     assert_eq!(counts[2], 0, "TCP left the host:\n{rules}");
     assert!(client.log_text().contains("kill switch on"));
+}
+
+/// Sends the DNS query `q` from `inside` to `to` with python3; the answer's bytes.
+fn dns_exchange_inside(inside: &Netns, to: SocketAddr, q: &[u8]) -> Result<Vec<u8>, String> {
+    let hex: String = q.iter().map(|b| format!("{b:02x}")).collect();
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         for i in range(5):\n\
+         \x20 s.sendto(bytes.fromhex('{hex}'),('{ip}',{port}))\n\
+         \x20 try:\n\
+         \x20   d,a=s.recvfrom(512); print(d.hex()); sys.exit(0)\n\
+         \x20 except socket.timeout: pass\n\
+         sys.exit(1)\n",
+        ip = to.ip(),
+        port = to.port()
+    );
+    let out = inside
+        .command("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
+#[test]
+fn addresses_an_excluded_name_resolved_to_are_connected_around_the_tunnel() {
+    let _lock = heavy_lock();
+    let inside = Netns::create();
+    let (server, key) = start_server(&inside);
+    // The origin: an address of ours behind inside's default route (added here; the TUN routes
+    // override a default route, not the link's own /30). Its who-am-I servers say which address
+    // they were reached from: their own (the tunnel server, in our namespace, connected) or
+    // inside's (the client connected directly, around the device).
+    let o = inside.host_addr.octets();
+    let origin = std::net::Ipv4Addr::new(198, 18, o[2], o[3]);
+    let origin_cidr = format!("{origin}/32");
+    crate::support::netns::must(&["ip", "addr", "add", &origin_cidr, "dev", &inside.host_if]);
+    inside.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &inside.host_addr.to_string(),
+    ]);
+    let host = IpAddr::V4(origin);
+    let (http, udp) = dns::start_whoami(host);
+    let resolver = UdpSocket::bind((inside.host_addr, 0)).unwrap();
+    let resolver_addr = resolver.local_addr().unwrap();
+    let table = ["www.direct.test", "other.test"]
+        .into_iter()
+        .map(|n| (n.to_string(), origin))
+        .collect();
+    dns::serve_udp(resolver, table);
+    let dir = TempDir::new("tun-learned");
+    let client = start_client_with(
+        &inside,
+        dir.path(),
+        server.udp,
+        &key,
+        json!({"dns": resolver_addr.to_string()}),
+        json!({"exclude": {"domains": ["direct.test"]}}),
+    );
+    client
+        .wait_line(Duration::from_secs(20), |l| {
+            l.contains("all traffic now goes into the tunnel")
+        })
+        .unwrap_or_else(|| panic!("TUN routes never came up:\n{}", client.log_text()));
+    let url = format!("http://{host}:{http}/");
+    let tcp_seen_from = || {
+        inside.output(
+            "curl",
+            &["-sS", "--max-time", "10", "--noproxy", "*", url.as_str()],
+        )
+    };
+    let udp_to = SocketAddr::new(host, udp);
+    let udp_seen_from = || {
+        let answer = udp_exchange_inside(&inside, udp_to, "who")
+            .unwrap_or_else(|e| panic!("no UDP answer: {e}\n{}", client.log_text()));
+        answer.split(' ').next().unwrap_or_default().to_string()
+    };
+    let (tunnel, direct) = (origin.to_string(), inside.ns_addr.to_string());
+    assert_eq!(tcp_seen_from(), tunnel, "TCP through the tunnel at first");
+    assert_eq!(udp_seen_from(), tunnel, "UDP through the tunnel at first");
+
+    // A name that is not excluded resolves to the address: nothing changes.
+    let asked: SocketAddr = "8.8.8.8:53".parse().unwrap();
+    let a = dns_exchange_inside(&inside, asked, &dns::query("other.test", 1)).unwrap();
+    assert!(a.ends_with(&origin.octets()), "{a:?}");
+    assert_eq!(
+        tcp_seen_from(),
+        tunnel,
+        "a name not excluded teaches nothing"
+    );
+
+    // The excluded name (a CNAME chain in the answer), through the captured DNS: its address
+    // is connected directly from now on, TCP and UDP, while the query itself went through the
+    // tunnel to tun.dns.
+    let a = dns_exchange_inside(&inside, asked, &dns::query("www.direct.test", 2)).unwrap();
+    assert!(a.ends_with(&origin.octets()), "{a:?}");
+    assert_eq!(
+        tcp_seen_from(),
+        direct,
+        "TCP to the learned address went through the tunnel\n{}",
+        client.log_text()
+    );
+    assert_eq!(udp_seen_from(), direct, "UDP to the learned address");
+    client.signal("TERM");
+    let mut client = client;
+    assert!(client.wait_exit(Duration::from_secs(10)).is_some());
 }

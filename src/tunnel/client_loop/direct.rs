@@ -6,7 +6,7 @@
 //! reply comes first, as for a tunnel stream.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::Instant;
 
 use mio::Interest;
@@ -16,6 +16,7 @@ use super::{ClientLoop, LocalState};
 use crate::proto::transport::Destination;
 use crate::tunnel::driver::ticket::{Ticket, TicketKind};
 use crate::tunnel::driver::token::Tok;
+use crate::tunnel::learned::LearnedAddrs;
 use crate::tunnel::proxy_front::{ProxyRequest, Socks5Reply};
 use crate::tunnel::resolver::Lookup;
 use crate::tunnel::splice::Half;
@@ -37,6 +38,8 @@ pub(super) struct Direct {
     /// Destination → local application.
     down: Half,
     ticket: Option<Ticket>,
+    /// The learned address this connection holds (released at close).
+    held: Option<IpAddr>,
 }
 
 impl Direct {
@@ -57,22 +60,29 @@ impl Direct {
             up: Half::new(DIRECT_BUF.max(early.len()), &early),
             down: Half::new(DIRECT_BUF, &[]),
             ticket: None,
+            held: None,
         }
     }
 
-    /// Deregisters and drops the destination socket.
-    pub(super) fn close(&mut self, registry: &mio::Registry) {
+    /// Deregisters and drops the destination socket, and releases the learned address it held.
+    pub(super) fn close(&mut self, registry: &mio::Registry, learned: &mut LearnedAddrs) {
         if let Some(mut sock) = self.sock.take() {
             let _ = registry.deregister(&mut sock);
+        }
+        if let Some(ip) = self.held.take() {
+            learned.release(ip, Instant::now());
         }
     }
 }
 
 impl ClientLoop {
-    /// Whether `request`'s destination bypasses the tunnel.
-    pub(super) fn is_excluded(&self, request: &ProxyRequest) -> bool {
+    /// Whether `request`'s destination bypasses the tunnel (an address may be excluded by range
+    /// or learned from an excluded name's DNS answer).
+    pub(super) fn is_excluded(&mut self, request: &ProxyRequest, now: Instant) -> bool {
         match request.dest() {
-            Some(Destination::Addr(a)) => self.options.exclude.excludes_ip(a.ip()),
+            Some(Destination::Addr(a)) => {
+                self.options.exclude.excludes_ip(a.ip()) || self.is_learned(a.ip(), now)
+            }
             Some(Destination::Domain { name, .. }) => self.options.exclude.excludes_domain(name),
             None => false,
         }
@@ -84,7 +94,12 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
-        l.state = LocalState::Direct(Box::new(Direct::new(request)));
+        let mut direct = Direct::new(request);
+        if let Some(Destination::Addr(a)) = &dest {
+            // Held while open: new connections to it keep going direct past its TTL.
+            direct.held = self.learned.hold(a.ip(), now).then_some(a.ip());
+        }
+        l.state = LocalState::Direct(Box::new(direct));
         self.opening.push(idx, now);
         match dest {
             Some(Destination::Addr(addr)) => self.direct_connect(now, idx, addr),

@@ -127,8 +127,13 @@ impl ClientLoop {
         self.dns = Some(dns);
     }
 
-    /// An answer from the tunnel: to the address that asked.
+    /// An answer from the tunnel: to the address that asked (an excluded name's addresses are
+    /// learned on the way).
     pub(super) fn dns_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+        if self.dns.is_none() {
+            return;
+        }
+        self.learn_from_dns(now, data);
         let Some(dns) = self.dns.as_mut() else {
             return;
         };

@@ -207,6 +207,7 @@ impl ClientLoop {
     /// Reads up to [`UDP_BATCH`] datagrams from each TPROXY socket that may hold some; each
     /// goes into the tunnel on its flow.
     pub(super) fn redir_receive(&mut self, now: Instant) {
+        self.direct_udp_receive(now);
         let Some(mut redir) = self.redir.take() else {
             return;
         };
@@ -233,7 +234,10 @@ impl ClientLoop {
                     continue;
                 }
                 let (id, _) = redir.flows.outbound(d.from, d.to, now);
-                self.send_flow_datagram(&mut redir.flow_slots, id, d.to, &buf[..d.len]);
+                let data = buf.get(..d.len).unwrap_or_default();
+                if !self.direct_flow_send(now, id, d.to, data) {
+                    self.send_flow_datagram(&mut redir.flow_slots, id, d.to, data);
+                }
             }
         }
         self.buf = buf;
@@ -273,6 +277,8 @@ impl ClientLoop {
         redir.flows.expire(now, &mut forgotten);
         for id in forgotten.drain(..) {
             redir.flow_slots.remove(&id);
+            let registry = self.core.registry();
+            self.direct_udp.forget(id, registry, &mut self.learned);
         }
         redir.forgotten = forgotten;
         redir.repliers.expire(now);

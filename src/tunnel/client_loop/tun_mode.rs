@@ -136,6 +136,7 @@ impl TunState {
 impl ClientLoop {
     /// Reads up to [`TUN_BATCH`] packets from the device and acts on each.
     pub(super) fn tun_receive(&mut self, now: Instant) {
+        self.direct_udp_receive(now);
         let Some(mut tun) = self.tun.take() else {
             return;
         };
@@ -156,7 +157,12 @@ impl ClientLoop {
                     TunVerdict::Reflect => tun.write(&packet[..n]),
                     TunVerdict::Datagram {
                         id, dest, payload, ..
-                    } => self.send_flow_datagram(&mut tun.flow_slots, id, dest, &packet[payload]),
+                    } => {
+                        let data = packet.get(payload).unwrap_or_default();
+                        if !self.direct_flow_send(now, id, dest, data) {
+                            self.send_flow_datagram(&mut tun.flow_slots, id, dest, data);
+                        }
+                    }
                     TunVerdict::Drop(_) => {}
                 }
                 tun.packet = packet;
@@ -165,8 +171,15 @@ impl ClientLoop {
         self.tun = Some(tun);
     }
 
-    /// An answer from the tunnel for a TUN flow: written to the device as an IP/UDP packet.
+    /// An answer from the tunnel (or a direct socket) for a TUN flow: written to the device as
+    /// an IP/UDP packet. A DNS answer teaches split routing the addresses of excluded names.
     pub(super) fn tun_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+        let Some(tun) = self.tun.as_ref() else {
+            return;
+        };
+        if tun.front.flow_dest(id).is_some_and(|d| d.port() == 53) {
+            self.learn_from_dns(now, data);
+        }
         let Some(tun) = self.tun.as_mut() else {
             return;
         };
@@ -233,14 +246,19 @@ impl ClientLoop {
         tun.front.expire(now, &mut forgotten);
         for id in forgotten.drain(..) {
             tun.flow_slots.remove(&id);
+            let registry = self.core.registry();
+            self.direct_udp.forget(id, registry, &mut self.learned);
         }
         tun.forgotten = forgotten;
     }
 
-    /// New `exclude` lists: kept for connections, and TUN mode's bypass routes replaced.
+    /// New `exclude` lists: kept for connections, TUN mode's bypass routes replaced, and the
+    /// addresses learned for names no longer excluded forgotten (open connections stay).
     pub(super) fn set_exclude(&mut self, exclude: std::sync::Arc<crate::tunnel::exclude::Exclude>) {
+        let forgotten = self.learned.retain_names(|n| exclude.excludes_domain(n));
         log::info!(
-            "exclude reloaded: {} address ranges",
+            "exclude reloaded: {} address ranges; {forgotten} learned address(es) of names no \
+             longer excluded forgotten",
             exclude.ranges().len()
         );
         if let Some(tun) = self.tun.as_mut() {

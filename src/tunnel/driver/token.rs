@@ -51,6 +51,8 @@ pub enum Tok {
     RedirListener(usize),
     /// Client: router mode's UDP socket `i` that TPROXY hands the LAN's datagrams to.
     RedirUdp(usize),
+    /// Client: the UDP socket of direct capture flow `i` (split routing by learned address).
+    DirectUdp(usize),
 }
 
 impl Tok {
@@ -74,6 +76,7 @@ impl Tok {
             Tok::Fallback(i) => (11, i),
             Tok::RedirListener(i) => (17, i),
             Tok::RedirUdp(i) => (18, i),
+            Tok::DirectUdp(i) => (19, i),
         }
     }
 
@@ -110,6 +113,7 @@ impl Tok {
             11 => Tok::Fallback(index),
             17 => Tok::RedirListener(index),
             18 => Tok::RedirUdp(index),
+            19 => Tok::DirectUdp(index),
             _ => return None,
         })
     }
@@ -158,6 +162,7 @@ mod tests {
             Tok::Fallback(MAX_INDEX),
             Tok::RedirListener(1),
             Tok::RedirUdp(MAX_INDEX),
+            Tok::DirectUdp(MAX_INDEX),
         ];
         for t in all {
             assert_eq!(Tok::decode(t.token()), Some(t), "{t:?}");

@@ -203,6 +203,12 @@ impl TunFront {
         wire::write_udp(out, f.dest, f.app, data)
     }
 
+    /// The destination the application of flow `id` addressed (before `tun.dns` replaced a
+    /// DNS server's), while the flow is known.
+    pub fn flow_dest(&self, id: AssocId) -> Option<SocketAddr> {
+        self.flows.get(id).map(|f| f.dest)
+    }
+
     /// The listener accepted a connection from `peer` (a virtual peer and NAT port): the
     /// destination to open a stream to (`tun.dns` for port 53), or `None` when it is not ours.
     pub fn accepted(&mut self, peer: SocketAddr) -> Option<SocketAddr> {

@@ -17,7 +17,8 @@ pub struct Netns {
     pub host_addr: Ipv4Addr,
     pub ns_addr: Ipv4Addr,
     pub ns_addr6: Ipv6Addr,
-    host_if: String,
+    /// Our end of the veth pair.
+    pub host_if: String,
     /// The namespace's end of the veth pair (its only link to the world).
     pub ns_if: String,
 }
