@@ -10,14 +10,7 @@
 //! handing it to a socket right away) would free its storage at every empty and grow it again by
 //! doubling at the next batch: allocation, zeroing and copying on every batch. Such a ring keeps
 //! a *retained* floor of storage ([`ByteRing::with_retain`]) while it drains; only storage above
-//! the floor follows the contents down, and an idle session still frees it all. Storage above the
-//! floor has the same problem one size up (a TCP-carrier client takes 64-256 KiB per read and
-//! hands it on at once): 128 KiB and more comes from `mmap`, so every regrowth was an `mmap`,
-//! a `munmap` and a page fault per 4 KiB. A ring [`ByteRing::keeping_bursts`] therefore shrinks
-//! only after its contents stayed at a quarter of its storage or less while half the storage
-//! drained through: a ring that refills every batch keeps its size; one that went from bulk to a
-//! trickle gives the storage back after that trickle (and when the session goes idle). Rings
-//! whose storage is charged to a user (the server's) keep following their contents.
+//! the floor follows the contents down, and an idle session still frees it all.
 
 #[derive(Debug, Clone)]
 pub struct ByteRing {
@@ -28,10 +21,6 @@ pub struct ByteRing {
     limit: usize,
     /// Storage kept while draining (0: storage follows the contents all the way down).
     retain: usize,
-    /// Storage above the floor stays through fill-and-drain cycles (see the module doc).
-    keep_bursts: bool,
-    /// Bytes consumed since the contents were last above a quarter of storage.
-    low_drained: usize,
 }
 
 const MIN_ALLOC: usize = 4096;
@@ -50,16 +39,7 @@ impl ByteRing {
             len: 0,
             limit,
             retain: retain.min(limit),
-            keep_bursts: false,
-            low_drained: 0,
         }
-    }
-
-    /// This ring keeps storage above its floor through fill-and-drain cycles and shrinks it only
-    /// after a trickle (see the module doc).
-    pub fn keeping_bursts(mut self) -> Self {
-        self.keep_bursts = true;
-        self
     }
 
     pub fn len(&self) -> usize {
@@ -101,7 +81,6 @@ impl ByteRing {
         self.copy_out(0, &mut new_buf[..self.len]);
         self.buf = new_buf;
         self.head = 0;
-        self.low_drained = 0;
     }
 
     /// Appends as much of `data` as the limit allows; returns the count appended.
@@ -198,11 +177,6 @@ impl ByteRing {
         if self.buf.is_empty() {
             return;
         }
-        if self.len > self.buf.len() / 4 {
-            self.low_drained = 0;
-        } else {
-            self.low_drained = self.low_drained.saturating_add(n);
-        }
         self.head = (self.head + n) % self.buf.len();
         self.len -= n;
         if self.len == 0 {
@@ -214,15 +188,11 @@ impl ByteRing {
     /// Halves storage (or more) once the contents fill at most a quarter of it: memory stays
     /// within 4× the contents (plus [`MIN_ALLOC`]), and a shrink copies at most a quarter of what
     /// the ring had to take in to grow to that size, so the copying stays amortised.
-    /// A retaining ring never shrinks below its floor here; one keeping bursts shrinks above it
-    /// only once half its storage drained through while the contents stayed low.
+    /// A retaining ring never shrinks below its floor here.
     fn shrink_to_fit_contents(&mut self) {
         let cap = self.buf.len();
         let floor = self.retain.max(MIN_ALLOC);
         if cap <= floor || self.len > cap / 4 {
-            return;
-        }
-        if self.keep_bursts && self.low_drained < cap / 2 {
             return;
         }
         if self.len == 0 && self.retain == 0 {
@@ -296,7 +266,7 @@ mod tests {
     #[test]
     fn a_retaining_ring_keeps_its_floor_through_fill_and_drain_cycles() {
         let retain = 128 * 1024;
-        let mut r = ByteRing::with_retain(1 << 21, retain).keeping_bursts();
+        let mut r = ByteRing::with_retain(1 << 21, retain);
         let batch: Vec<u8> = (0..=255).cycle().take(90_000).map(|b| b as u8).collect();
         assert_eq!(r.push(&batch), batch.len());
         let cap = r.capacity();
@@ -317,42 +287,16 @@ mod tests {
             assert_eq!(r.push(&batch), batch.len());
             assert_eq!(r.capacity(), cap, "round {round}");
         }
-        // Bursts beyond the floor that fill and drain keep their storage (no mmap, munmap and
-        // page faults per burst).
+        // A burst beyond the floor shrinks back to the floor, not below, and keeps its bytes.
         r.consume(r.len());
         let big: Vec<u8> = (0..=255).cycle().take(600_000).map(|b| b as u8).collect();
-        for round in 0..4 {
-            assert_eq!(r.push(&big), big.len());
-            assert_eq!(r.capacity(), 1 << 20, "round {round}");
-            while !r.is_empty() {
-                r.consume(out.len().min(r.len()));
-                assert_eq!(r.capacity(), 1 << 20, "round {round}");
-            }
-        }
-        // Drained down to a trickle, the burst's storage goes back to the floor, not below,
-        // once half of it drained through at the trickle, and the bytes survive the move.
         assert_eq!(r.push(&big), big.len());
-        r.consume(590_000);
         assert_eq!(r.capacity(), 1 << 20);
-        let mut trickled = 0;
-        while r.capacity() > retain {
-            assert!(
-                trickled <= (1 << 19) + 1000,
-                "still {} after {trickled}",
-                r.capacity()
-            );
-            assert_eq!(r.push(&big[..1000]), 1000);
-            r.consume(1000);
-            trickled += 1000;
-        }
-        assert!(trickled >= 1 << 19, "shrank after {trickled} bytes");
+        r.consume(590_000);
         assert_eq!(r.capacity(), retain);
         let mut tail = vec![0u8; 10_000];
         r.copy_out(0, &mut tail);
-        assert!(
-            tail.chunks(1000).all(|c| c == &big[..1000]),
-            "bytes moved intact"
-        );
+        assert_eq!(tail, &big[590_000..]);
         // An idle session still frees it all.
         r.consume(10_000);
         assert_eq!(r.capacity(), retain);

@@ -279,10 +279,8 @@ pub const SEND_RETAIN: usize = 16 * 1024;
 /// go to the socket as fast as they arrive does not free and regrow its buffer per batch.
 /// Receive storage is not charged to a user's buffered-bytes share (send storage is, and keeps
 /// following its contents).
-/// Such a ring also keeps storage above the floor through fill-and-drain cycles (a TCP-carrier
-/// read of up to 256 KiB; see `ring`'s module doc). On the server, whose peers are strangers, a
-/// stream keeps only [`SEND_RETAIN`] and follows its contents down: 256 streams of one user
-/// each holding 128 KiB after a burst would be 32 MiB outside every budget.
+/// On the server, whose peers are strangers, a stream keeps only [`SEND_RETAIN`]: 256 streams
+/// of one user each holding 128 KiB after a burst would be 32 MiB outside every budget.
 pub const RECV_RETAIN: usize = 128 * 1024;
 
 #[derive(Debug)]
@@ -303,13 +301,8 @@ pub struct RecvHalf {
 
 impl RecvHalf {
     pub fn new(window: u64, range_limit: usize, retain: usize) -> Self {
-        let buf = ByteRing::with_retain(window as usize, retain);
         Self {
-            buf: if retain >= RECV_RETAIN {
-                buf.keeping_bursts()
-            } else {
-                buf
-            },
+            buf: ByteRing::with_retain(window as usize, retain),
             read: 0,
             received: RangeSet::new(range_limit),
             highest: 0,
