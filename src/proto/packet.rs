@@ -154,27 +154,26 @@ impl DirectionKeys {
     }
 }
 
-/// Caches one ChaCha20 block of tokens (eight consecutive packet numbers).
+/// Caches one ChaCha20 block of tokens (eight consecutive packet numbers) of the token key its
+/// owner passes in (the owner keeps the key once for all its caches).
 struct TokenCache {
-    key: Key32,
     /// `pn / 8` of the cached block, `u64::MAX` when empty.
     block_id: u64,
     tokens: [u64; 8],
 }
 
 impl TokenCache {
-    fn new(key: Key32) -> Self {
+    fn new() -> Self {
         TokenCache {
-            key,
             block_id: u64::MAX,
             tokens: [0; 8],
         }
     }
 
-    fn token(&mut self, pn: u64) -> u64 {
+    fn token(&mut self, key: &Key32, pn: u64) -> u64 {
         let id = pn / 8;
         if id != self.block_id {
-            self.tokens = token_block(&self.key, generation_of(pn), (pn as u32) / 8);
+            self.tokens = token_block(key, generation_of(pn), (pn as u32) / 8);
             self.block_id = id;
         }
         self.tokens[(pn % 8) as usize]
@@ -191,7 +190,7 @@ impl Sealer {
     /// Sender state for `direction` from the session secret.
     pub fn new(secret: &Key32, direction: Direction) -> Self {
         let keys = DirectionKeys::new(secret, direction);
-        let tokens = TokenCache::new(keys.token_key);
+        let tokens = TokenCache::new();
         Sealer { keys, tokens }
     }
 
@@ -203,7 +202,7 @@ impl Sealer {
         if packet.len() < total {
             return None;
         }
-        let token = self.tokens.token(pn).to_le_bytes();
+        let token = self.tokens.token(&self.keys.token_key, pn).to_le_bytes();
         let (head, rest) = packet.split_at_mut(TOKEN_LEN);
         head.copy_from_slice(&token);
         let (body, tail) = rest.split_at_mut(plaintext_len);
@@ -283,6 +282,7 @@ pub const MIN_BITMAP_SLOTS: u64 = 64;
 /// default 2,048). Tokens are not stored: a token being unregistered is recomputed from the token
 /// key (one ChaCha20 block per eight consecutive packet numbers, cached).
 pub struct TokenWindow {
+    token_key: Key32,
     /// Tokens being registered, at `end`.
     ahead: TokenCache,
     /// Tokens being unregistered: received, slid out behind, or at teardown.
@@ -303,8 +303,9 @@ impl TokenWindow {
         let behind = (behind as u64).min(size as u64 / 2);
         let first_end = INITIAL_AHEAD.min(size as u64);
         let mut w = TokenWindow {
-            ahead: TokenCache::new(token_key),
-            gone: TokenCache::new(token_key),
+            token_key,
+            ahead: TokenCache::new(),
+            gone: TokenCache::new(),
             live: bitmap(first_end),
             size: size as u64,
             base: 0,
@@ -344,7 +345,7 @@ impl TokenWindow {
     }
 
     fn add(&mut self, pn: u64, sink: &mut impl TokenSink) {
-        let token = self.ahead.token(pn);
+        let token = self.ahead.token(&self.token_key, pn);
         let (w, m) = self.slot(pn);
         self.live[w] |= m;
         sink.insert_token(token, pn);
@@ -354,7 +355,7 @@ impl TokenWindow {
         let (w, m) = self.slot(pn);
         if self.live[w] & m != 0 {
             self.live[w] &= !m;
-            sink.remove_token(self.gone.token(pn), pn);
+            sink.remove_token(self.gone.token(&self.token_key, pn), pn);
         }
     }
 
