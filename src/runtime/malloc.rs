@@ -12,8 +12,8 @@
 //! glibc also gives threads their own arenas (up to 8 per core): each is a 64 MiB reservation
 //! with its own partly used pages and free lists. ostp allocates on one thread (the tunnel loop);
 //! the API, DNS and helper threads allocate little and rarely, so they share the main arena
-//! (an idle server with the API on held 22 arenas, about 130 KB of their pages; measured with
-//! `/proc/PID/smaps`).
+//! (an idle server with the API on held 16 arenas, glibc's cap on a 2-core machine, with 124 KB
+//! of pages besides the main one; measured with `/proc/PID/smaps`).
 //!
 //! `unsafe` is allowed here only: `mallopt` and (in tests) `mallinfo2` are plain libc calls
 //! with integer arguments and results.
