@@ -154,27 +154,26 @@ impl DirectionKeys {
     }
 }
 
-/// Caches one ChaCha20 block of tokens (eight consecutive packet numbers).
+/// Caches one ChaCha20 block of tokens (eight consecutive packet numbers) of the token key its
+/// owner passes in (the owner keeps the key once for all its caches).
 struct TokenCache {
-    key: Key32,
     /// `pn / 8` of the cached block, `u64::MAX` when empty.
     block_id: u64,
     tokens: [u64; 8],
 }
 
 impl TokenCache {
-    fn new(key: Key32) -> Self {
+    fn new() -> Self {
         TokenCache {
-            key,
             block_id: u64::MAX,
             tokens: [0; 8],
         }
     }
 
-    fn token(&mut self, pn: u64) -> u64 {
+    fn token(&mut self, key: &Key32, pn: u64) -> u64 {
         let id = pn / 8;
         if id != self.block_id {
-            self.tokens = token_block(&self.key, generation_of(pn), (pn as u32) / 8);
+            self.tokens = token_block(key, generation_of(pn), (pn as u32) / 8);
             self.block_id = id;
         }
         self.tokens[(pn % 8) as usize]
@@ -191,7 +190,7 @@ impl Sealer {
     /// Sender state for `direction` from the session secret.
     pub fn new(secret: &Key32, direction: Direction) -> Self {
         let keys = DirectionKeys::new(secret, direction);
-        let tokens = TokenCache::new(keys.token_key);
+        let tokens = TokenCache::new();
         Sealer { keys, tokens }
     }
 
@@ -203,7 +202,7 @@ impl Sealer {
         if packet.len() < total {
             return None;
         }
-        let token = self.tokens.token(pn).to_le_bytes();
+        let token = self.tokens.token(&self.keys.token_key, pn).to_le_bytes();
         let (head, rest) = packet.split_at_mut(TOKEN_LEN);
         head.copy_from_slice(&token);
         let (body, tail) = rest.split_at_mut(plaintext_len);
@@ -266,6 +265,8 @@ pub const INITIAL_AHEAD: u64 = 64;
 pub const WINDOW_GROWTH: u64 = 2;
 /// Largest window (far below 2^32: a token table may keep the low 32 bits of a packet number).
 pub const MAX_WINDOW: usize = 1 << 20;
+/// Smallest bitmap of a [`TokenWindow`] (slots; one `u64`).
+pub const MIN_BITMAP_SLOTS: u64 = 64;
 
 /// The set of packet numbers a receiver currently accepts, registered by their tokens.
 ///
@@ -275,15 +276,19 @@ pub const MAX_WINDOW: usize = 1 << 20;
 /// beyond that it grows by [`WINDOW_GROWTH`] per packet only while the peer sends densely (the
 /// caller says so), so a session that only exchanges keep-alives keeps [`INITIAL_AHEAD`] tokens.
 ///
-/// Memory: one bit per slot. Tokens are not stored: a token being unregistered is recomputed from
-/// the token key (one ChaCha20 block per eight consecutive packet numbers, cached), so an idle
-/// session costs `size / 8` bytes here, not `8 * size`.
+/// Memory: one bit per packet number of `base .. end`, in a bitmap sized for that span (a power
+/// of two, at least [`MIN_BITMAP_SLOTS`]): it grows with the window and shrinks when the span
+/// falls below 3/8 of it, so an idle session keeps 32 bytes here, not `size / 8` (256 for the
+/// default 2,048). Tokens are not stored: a token being unregistered is recomputed from the token
+/// key (one ChaCha20 block per eight consecutive packet numbers, cached).
 pub struct TokenWindow {
+    token_key: Key32,
     /// Tokens being registered, at `end`.
     ahead: TokenCache,
     /// Tokens being unregistered: received, slid out behind, or at teardown.
     gone: TokenCache,
-    /// Bit per slot (`pn % size`): the token of that packet number is registered.
+    /// Bit per slot (`pn % (64 * live.len())`, a power of two at least `end - base`): the token
+    /// of that packet number is registered.
     live: Box<[u64]>,
     size: u64,
     base: u64,
@@ -296,16 +301,17 @@ impl TokenWindow {
     pub fn new(token_key: Key32, size: usize, behind: usize, sink: &mut impl TokenSink) -> Self {
         let size = size.clamp(16, MAX_WINDOW).next_power_of_two();
         let behind = (behind as u64).min(size as u64 / 2);
+        let first_end = INITIAL_AHEAD.min(size as u64);
         let mut w = TokenWindow {
-            ahead: TokenCache::new(token_key),
-            gone: TokenCache::new(token_key),
-            live: vec![0; size.div_ceil(64)].into_boxed_slice(),
+            token_key,
+            ahead: TokenCache::new(),
+            gone: TokenCache::new(),
+            live: bitmap(first_end),
             size: size as u64,
             base: 0,
             end: 0,
             behind,
         };
-        let first_end = INITIAL_AHEAD.min(w.size);
         for pn in 0..first_end {
             w.add(pn, sink);
         }
@@ -314,12 +320,32 @@ impl TokenWindow {
     }
 
     fn slot(&self, pn: u64) -> (usize, u64) {
-        let i = (pn % self.size) as usize;
+        let slots = self.live.len() as u64 * 64;
+        let i = (pn & (slots - 1)) as usize;
         (i / 64, 1u64 << (i % 64))
     }
 
+    /// Moves the live bits of `base .. end` into a bitmap for a span of `span` slots.
+    fn resize_bitmap(&mut self, span: u64) {
+        let old = std::mem::replace(&mut self.live, bitmap(span));
+        let old_slots = old.len() as u64 * 64;
+        for pn in self.base..self.end {
+            let i = pn & (old_slots - 1);
+            if old[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                let (w, m) = self.slot(pn);
+                self.live[w] |= m;
+            }
+        }
+    }
+
+    /// Bytes of the bitmap (for memory tests).
+    #[cfg(test)]
+    fn bitmap_bytes(&self) -> usize {
+        self.live.len() * 8
+    }
+
     fn add(&mut self, pn: u64, sink: &mut impl TokenSink) {
-        let token = self.ahead.token(pn);
+        let token = self.ahead.token(&self.token_key, pn);
         let (w, m) = self.slot(pn);
         self.live[w] |= m;
         sink.insert_token(token, pn);
@@ -329,7 +355,7 @@ impl TokenWindow {
         let (w, m) = self.slot(pn);
         if self.live[w] & m != 0 {
             self.live[w] &= !m;
-            sink.remove_token(self.gone.token(pn), pn);
+            sink.remove_token(self.gone.token(&self.token_key, pn), pn);
         }
     }
 
@@ -361,6 +387,13 @@ impl TokenWindow {
         let target = (self.end + growth)
             .max(pn + 1 + INITIAL_AHEAD)
             .min(new_base + self.size);
+        let span = target.max(self.end) - new_base;
+        let slots = self.live.len() as u64 * 64;
+        // Shrinks only below 3/8 of the slots (to at most half): a span moving back and forth
+        // resizes at most once per 5/8 of the new size in packets, amortised O(1) per packet.
+        if span > slots || (span * 8 <= slots * 3 && slots > MIN_BITMAP_SLOTS) {
+            self.resize_bitmap(span);
+        }
         for fresh in self.end..target {
             self.add(fresh, sink);
         }
@@ -373,6 +406,12 @@ impl TokenWindow {
             self.drop_slot(pn, sink);
         }
     }
+}
+
+/// A zeroed bitmap for a window spanning `span` packet numbers (a power of two of slots).
+fn bitmap(span: u64) -> Box<[u64]> {
+    let slots = span.max(MIN_BITMAP_SLOTS).next_power_of_two();
+    vec![0; (slots / 64) as usize].into_boxed_slice()
 }
 
 #[cfg(test)]
@@ -496,6 +535,45 @@ mod tests {
             sink.0.is_empty(),
             "recomputed tokens unregister every entry"
         );
+    }
+
+    #[test]
+    fn the_bitmap_follows_the_span_of_the_window() {
+        let key = [5; 32];
+        let mut sink = MapSink::default();
+        let mut window = TokenWindow::new(key, 2048, 128, &mut sink);
+        // Idle: 128 behind + 64 ahead in 256 slots (the full 2,048-slot bitmap was 256 bytes).
+        for pn in 0..300u64 {
+            window.received(pn, false, &mut sink);
+        }
+        assert_eq!(window.end() - window.base(), 192);
+        assert_eq!(window.bitmap_bytes(), 32);
+        // Bulk: grows with the window, every registered token still the window's own.
+        for pn in 300..3000u64 {
+            window.received(pn, true, &mut sink);
+            assert!(window.bitmap_bytes() * 8 >= (window.end() - window.base()) as usize);
+        }
+        assert_eq!(window.bitmap_bytes(), 256);
+        assert_consistent(&window, &key, &sink);
+        // The peer uses up the promised look-ahead sparsely: the span and the bitmap shrink.
+        let end = window.end();
+        for pn in 3000..end + 10 {
+            window.received(pn, false, &mut sink);
+        }
+        assert_eq!(window.end() - window.base(), 192);
+        assert_eq!(window.bitmap_bytes(), 32);
+        assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
+        assert_consistent(&window, &key, &sink);
+        // A loss burst, then a late packet from behind: both found through the moved bits.
+        let late = window.end() - 1;
+        window.received(late, false, &mut sink);
+        let behind = late - 100;
+        assert!(
+            !sink.0.values().any(|pn| *pn == behind),
+            "never registered twice"
+        );
+        window.clear(&mut sink);
+        assert!(sink.0.is_empty(), "every live bit unregistered its token");
     }
 
     #[test]

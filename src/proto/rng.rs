@@ -3,19 +3,24 @@
 //! The core never reads a global RNG: the driver passes 32 seed bytes (from `getrandom` in
 //! production, fixed in tests). Output is the ChaCha20 keystream under the seed with a zero nonce,
 //! buffered one 64-byte block at a time; the key is ratcheted every 2^20 blocks.
+//!
+//! Every session holds one, so the generator keeps only its key, block counter and current
+//! block (about 100 bytes), and sets up a ChaCha20 instance per block it makes (a key copy and a
+//! seek; the cipher state with its own keystream buffer would double that).
 
 use chacha20::ChaCha20;
-use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 
 /// Blocks produced before the generator replaces its key with its own output.
 const RATCHET_BLOCKS: u32 = 1 << 20;
 
 /// ChaCha20-based CSPRNG.
 pub struct Drbg {
-    cipher: ChaCha20,
-    block: [u8; 64],
-    used: usize,
+    key: [u8; 32],
+    /// Blocks made under `key` (the next block's ChaCha20 counter).
     blocks: u32,
+    used: u8,
+    block: [u8; 64],
 }
 
 impl std::fmt::Debug for Drbg {
@@ -28,25 +33,29 @@ impl Drbg {
     /// Creates a generator from a 32-byte seed.
     pub fn new(seed: [u8; 32]) -> Self {
         Drbg {
-            cipher: ChaCha20::new((&seed).into(), (&[0u8; 12]).into()),
-            block: [0; 64],
-            used: 64,
+            key: seed,
             blocks: 0,
+            used: 64,
+            block: [0; 64],
         }
+    }
+
+    /// Keystream block number `self.blocks` under `self.key` into `self.block`.
+    fn next_block(&mut self) {
+        let mut cipher = ChaCha20::new((&self.key).into(), (&[0u8; 12]).into());
+        cipher.seek(u64::from(self.blocks) * 64);
+        self.block = [0; 64];
+        cipher.apply_keystream(&mut self.block);
+        self.blocks += 1;
     }
 
     fn refill(&mut self) {
         if self.blocks >= RATCHET_BLOCKS {
-            let mut key = [0u8; 32];
-            self.block = [0; 64];
-            self.cipher.apply_keystream(&mut self.block);
-            key.copy_from_slice(&self.block[..32]);
-            self.cipher = ChaCha20::new((&key).into(), (&[0u8; 12]).into());
+            self.next_block();
+            self.key.copy_from_slice(&self.block[..32]);
             self.blocks = 0;
         }
-        self.block = [0; 64];
-        self.cipher.apply_keystream(&mut self.block);
-        self.blocks += 1;
+        self.next_block();
         self.used = 0;
     }
 
@@ -57,11 +66,12 @@ impl Drbg {
             if self.used == 64 {
                 self.refill();
             }
-            let n = (out.len() - written).min(64 - self.used);
-            out[written..written + n].copy_from_slice(&self.block[self.used..self.used + n]);
+            let used = usize::from(self.used);
+            let n = (out.len() - written).min(64 - used);
+            out[written..written + n].copy_from_slice(&self.block[used..used + n]);
             // Never hand out the same keystream bytes twice.
-            self.block[self.used..self.used + n].fill(0);
-            self.used += n;
+            self.block[used..used + n].fill(0);
+            self.used += n as u8;
             written += n;
         }
     }
@@ -116,6 +126,27 @@ mod tests {
         assert_eq!(x, y);
         assert_ne!(x, z);
         assert_ne!(a.bytes32(), x);
+    }
+
+    #[test]
+    fn output_is_the_chacha20_keystream_and_the_state_is_small() {
+        let seed = [7; 32];
+        let mut expected = [0u8; 200];
+        ChaCha20::new((&seed).into(), (&[0u8; 12]).into()).apply_keystream(&mut expected);
+        let mut r = Drbg::new(seed);
+        let mut got = [0u8; 200];
+        // Odd piece sizes cross the block boundaries at different offsets.
+        for chunk in got.chunks_mut(7) {
+            r.fill(chunk);
+        }
+        assert_eq!(got, expected);
+        // Every session holds one: the key, a counter and one block (was 208 bytes with a
+        // ChaCha20 instance and its own keystream buffer inside).
+        assert!(
+            std::mem::size_of::<Drbg>() <= 104,
+            "{}",
+            std::mem::size_of::<Drbg>()
+        );
     }
 
     #[test]

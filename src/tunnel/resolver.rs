@@ -9,6 +9,9 @@
 //!   own deadline per ticket and ignores late results (a ticket names one incarnation of its owner).
 //! - Memory is bounded: at most `queue_capacity` queued requests, one in flight per thread, and
 //!   `queue_capacity + threads` undelivered results (workers wait when the loop does not drain).
+//! - Threads start on demand: one at start, another whenever a request is submitted while every
+//!   thread has one (up to `threads`), so an idle process does not keep 16 threads (their stacks,
+//!   kernel stacks) for a pool it is not using. Started threads stay until shutdown.
 //! - [`Resolver::shutdown`] (also run on drop) closes the queue and joins the threads; a thread
 //!   stuck in `getaddrinfo` delays it by at most the system resolver's own timeout.
 //! - Fairness (per-user shares of the pool, lookup timeouts, negative caching) is decided by the
@@ -18,10 +21,11 @@
 //!   `getaddrinfo` stuck on a dead name server would (up to [`BLACKHOLE_HOLD`], or until shut
 //!   down), so tests can starve the pool deterministically without a real broken DNS server.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -102,61 +106,91 @@ struct Job {
     port: u16,
 }
 
+/// The blocking lookup a worker runs ([`resolve_blocking`]; tests pass slow stand-ins).
+type LookupFn = fn(&str, u16) -> Result<Vec<SocketAddr>, ResolveError>;
+
+/// What every worker shares, and what starting another one needs.
+struct Shared {
+    jobs: Mutex<Receiver<Job>>,
+    results: SyncSender<Resolved>,
+    waker: Arc<Waker>,
+    stop: AtomicBool,
+    /// Requests submitted and not yet answered (queued or being looked up).
+    outstanding: AtomicUsize,
+    lookup: LookupFn,
+}
+
 /// The resolver pool. Owned by the event loop thread.
 pub struct Resolver {
     jobs: Option<SyncSender<Job>>,
     results: Receiver<Resolved>,
-    threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    /// Started workers (grows on demand up to `max_threads`).
+    threads: RefCell<Vec<JoinHandle<()>>>,
+    max_threads: usize,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Resolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Resolver")
-            .field("threads", &self.threads.len())
+            .field("threads", &self.thread_count())
+            .field("max_threads", &self.max_threads)
             .field("open", &self.jobs.is_some())
             .finish()
     }
 }
 
 impl Resolver {
-    /// Starts `threads` workers (clamped to 1..=16) with a queue of `queue_capacity` requests
-    /// (at least 1). `waker` is woken after every result is posted.
+    /// A pool of at most `threads` workers (clamped to 1..=16; one starts now, the others when
+    /// requests wait) with a queue of `queue_capacity` requests (at least 1). `waker` is woken
+    /// after every result is posted.
     pub fn new(threads: usize, queue_capacity: usize, waker: Arc<Waker>) -> io::Result<Self> {
-        let threads = threads.clamp(1, 16);
+        Self::with_lookup(threads, queue_capacity, waker, resolve_blocking)
+    }
+
+    fn with_lookup(
+        threads: usize,
+        queue_capacity: usize,
+        waker: Arc<Waker>,
+        lookup: LookupFn,
+    ) -> io::Result<Self> {
+        let max_threads = threads.clamp(1, 16);
         let queue_capacity = queue_capacity.max(1);
         let (job_tx, job_rx) = mpsc::sync_channel::<Job>(queue_capacity);
-        let (result_tx, results) = mpsc::sync_channel::<Resolved>(queue_capacity + threads);
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handles = Vec::with_capacity(threads);
-        for i in 0..threads {
-            let job_rx = Arc::clone(&job_rx);
-            let result_tx = result_tx.clone();
-            let waker = Arc::clone(&waker);
-            let worker_stop = Arc::clone(&stop);
-            let spawned = std::thread::Builder::new()
-                .name(format!("ostp-dns-{i}"))
-                .stack_size(128 * 1024)
-                .spawn(move || worker(&job_rx, &result_tx, &waker, &worker_stop));
-            match spawned {
-                Ok(handle) => handles.push(handle),
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    drop(job_tx);
-                    for handle in handles {
-                        let _ = handle.join();
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(Self {
+        let (result_tx, results) = mpsc::sync_channel::<Resolved>(queue_capacity + max_threads);
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new(job_rx),
+            results: result_tx,
+            waker,
+            stop: AtomicBool::new(false),
+            outstanding: AtomicUsize::new(0),
+            lookup,
+        });
+        let resolver = Self {
             jobs: Some(job_tx),
             results,
-            threads: handles,
-            stop,
-        })
+            threads: RefCell::new(Vec::with_capacity(max_threads)),
+            max_threads,
+            shared,
+        };
+        resolver.start_worker()?;
+        Ok(resolver)
+    }
+
+    /// Workers started so far.
+    pub fn thread_count(&self) -> usize {
+        self.threads.borrow().len()
+    }
+
+    fn start_worker(&self) -> io::Result<()> {
+        let mut threads = self.threads.borrow_mut();
+        let shared = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("ostp-dns-{}", threads.len()))
+            .stack_size(128 * 1024)
+            .spawn(move || worker(&shared))?;
+        threads.push(handle);
+        Ok(())
     }
 
     /// Resolves `host:port`. IP literals (bare or bracketed IPv6) are answered at once; names are
@@ -171,8 +205,22 @@ impl Resolver {
             host: host.to_owned(),
             port,
         };
-        match jobs.try_send(job) {
-            Ok(()) => Ok(Lookup::Pending),
+        // Counted before the send, so the worker's decrement never comes first.
+        let outstanding = self.shared.outstanding.fetch_add(1, Ordering::Relaxed) + 1;
+        let sent = jobs.try_send(job);
+        if sent.is_err() {
+            self.shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
+            Ok(()) => {
+                let started = self.thread_count();
+                if outstanding > started && started < self.max_threads {
+                    if let Err(e) = self.start_worker() {
+                        log::warn!("resolver: cannot start another thread ({started} run): {e}");
+                    }
+                }
+                Ok(Lookup::Pending)
+            }
             Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::ShutDown),
         }
@@ -198,11 +246,11 @@ impl Resolver {
     /// Stops accepting requests, lets the workers finish their current lookup (queued ones are
     /// skipped), and joins them. Undelivered results are discarded.
     pub fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
         // Unblock workers waiting for room in the result channel.
         while self.results.try_recv().is_ok() {}
-        for handle in self.threads.drain(..) {
+        for handle in self.threads.get_mut().drain(..) {
             // Keep draining so no worker waits forever on a full result channel.
             while !handle.is_finished() {
                 while self.results.try_recv().is_ok() {}
@@ -228,12 +276,15 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
     inner.parse().ok()
 }
 
-fn worker(
-    jobs: &Mutex<Receiver<Job>>,
-    results: &SyncSender<Resolved>,
-    waker: &Waker,
-    stop: &AtomicBool,
-) {
+fn worker(shared: &Shared) {
+    let Shared {
+        jobs,
+        results,
+        waker,
+        stop,
+        outstanding,
+        lookup,
+    } = shared;
     loop {
         let job = {
             let Ok(guard) = jobs.lock() else { return };
@@ -249,7 +300,9 @@ fn worker(
         if blackhole(&job.host, stop) {
             return;
         }
-        let result = resolve_blocking(&job.host, job.port);
+        let result = lookup(&job.host, job.port);
+        // Before the send: a caller that sees this result also sees this thread free.
+        outstanding.fetch_sub(1, Ordering::Relaxed);
         if results
             .send(Resolved {
                 ticket: job.ticket,
@@ -444,6 +497,52 @@ mod tests {
         );
     }
 
+    /// A lookup that takes 300 ms (a slow name server).
+    fn slow_lookup(_host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+    }
+
+    #[test]
+    fn threads_start_only_when_requests_wait() {
+        let mut poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
+        let resolver = Resolver::with_lookup(3, 8, waker, slow_lookup).unwrap();
+        assert_eq!(resolver.thread_count(), 1, "an idle pool keeps one thread");
+        let started = Instant::now();
+        for serial in 0..5 {
+            assert_eq!(
+                resolver.lookup(t(serial), "slow.example", 1),
+                Ok(Lookup::Pending)
+            );
+        }
+        assert_eq!(
+            resolver.thread_count(),
+            3,
+            "grown to its cap while requests wait"
+        );
+        assert_eq!(collect(&mut poll, &resolver, 5).len(), 5);
+        // Three threads: 300 + 300 ms; one would take 1.5 s.
+        assert!(
+            started.elapsed() < Duration::from_millis(1200),
+            "{:?}",
+            started.elapsed()
+        );
+        // Requests one at a time each find the thread free: it stays alone.
+        let mut poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
+        let resolver = Resolver::with_lookup(3, 8, waker, slow_lookup).unwrap();
+        for serial in 0..3 {
+            resolver.lookup(t(serial), "slow.example", 1).unwrap();
+            collect(&mut poll, &resolver, 1);
+        }
+        assert_eq!(
+            resolver.thread_count(),
+            1,
+            "sequential requests, one thread"
+        );
+    }
+
     #[test]
     fn full_queue_is_refused_immediately_and_shutdown_joins() {
         let (mut poll, mut resolver) = pool(1, 2);
@@ -469,7 +568,7 @@ mod tests {
         let results = collect(&mut poll, &resolver, accepted);
         assert_eq!(results.len(), accepted);
         resolver.shutdown();
-        assert!(resolver.threads.is_empty());
+        assert_eq!(resolver.thread_count(), 0);
         assert_eq!(
             resolver.lookup(t(9), "localhost", 1),
             Err(SubmitError::ShutDown)
