@@ -1262,8 +1262,9 @@ impl Transport {
 
     /// Queues an unreliable datagram of association `assoc` (0: none); dropped (error) when the
     /// queue is full. A datagram may fill a whole packet of the current path-MTU size (when an
-    /// ACK or control frames took room first, it goes in the next packet): QUIC's 1,200-1,350
-    /// byte packets fit from the first packet on, larger ones once path-MTU discovery allows.
+    /// ACK or control frames took room first, it goes in the next packet): 1,300-1,312 bytes at
+    /// the start size (QUIC's usual 1,200-1,300-byte packets), more once path-MTU discovery
+    /// found a larger size, 1,150-1,160 at its floor.
     pub fn send_datagram(
         &mut self,
         assoc: AssocId,
