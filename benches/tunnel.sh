@@ -25,7 +25,8 @@
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
 # TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (100), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
 # OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
-# build to use), SKIP_NATIVE=1, SKIP_TCP=1, SKIP_TUN=1, CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
+# build to use), SKIP_NATIVE=1, SKIP_TCP=1, SKIP_TUN=1, TUN_MTU (the TUN
+# client's `tun.mtu`; default: the config default), CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
 
 set -u
 
@@ -519,8 +520,8 @@ if [[ -z ${SKIP_TUN:-} && $(id -u) == 0 && -x $OSTP && -x $BULK && -f $WORK/serv
         TUN_PORT=$(free_port)
         sed -e "s/\"listen\":\"127.0.0.1:$OSTP_PORT\"/\"listen\":\"10.211.0.1:$TUN_PORT\"/" \
             -e 's/"api":{[^}]*}/"api":{"enabled":false}/' "$WORK/server.json" >"$WORK/tun-server.json"
-        printf '{"mode":"client","server":"10.211.0.1:%s","access_key":"%s","socks5_bind":"127.0.0.1:1088","tun":{"enable":true,"dns":"1.1.1.1"}}\n' \
-            "$TUN_PORT" "$ACCESS_KEY" >"$WORK/tun-client.json"
+        printf '{"mode":"client","server":"10.211.0.1:%s","access_key":"%s","socks5_bind":"127.0.0.1:1088","tun":{"enable":true,"dns":"1.1.1.1"%s}}\n' \
+            "$TUN_PORT" "$ACCESS_KEY" "${TUN_MTU:+,\"mtu\":$TUN_MTU}" >"$WORK/tun-client.json"
         start tun-server "$OSTP" --config "$WORK/tun-server.json"
         tun_server=$STARTED_PID
         sleep 0.3

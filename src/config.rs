@@ -372,7 +372,7 @@ pub struct TunConfig {
     /// Interface name (default `ostp0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Interface MTU (default 1500).
+    /// Interface MTU (default 9000, see `tun::device::DEFAULT_MTU`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     /// Route all traffic into the device (default true).
