@@ -785,3 +785,52 @@ fn a_hello_that_fails_after_decryption_reaches_the_fallback_as_sent() {
     );
     wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 1"#);
 }
+
+/// Opens a carrier session of `key`, downloads `n` bytes over it and says whether the download
+/// finished intact within `timeout`.
+fn carrier_download(tcp: SocketAddr, key: &str, seed: u8, http: u16, n: u64) -> Result<(), String> {
+    let mut c = CarrierClient::connect(tcp, key, seed);
+    if !c.run_until(Duration::from_secs(10), |c| c.connected || c.refused) || !c.connected {
+        return Err("no session".into());
+    }
+    let dest = SocketAddr::from(([127, 0, 0, 1], http));
+    c.open(
+        dest,
+        format!("GET /bytes/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    if !c.run_until(Duration::from_secs(10), |c| c.finished) {
+        return Err(format!("stalled after {} bytes", c.digest.len));
+    }
+    if (c.digest.len, c.digest.fnv) != (n, expected_sum(http, n)) {
+        return Err(format!("{} bytes, not intact", c.digest.len));
+    }
+    Ok(())
+}
+
+#[test]
+fn idle_carrier_sessions_leave_their_users_and_everyone_else_room_to_move_bytes() {
+    // A 1 MiB share per user and 1 MiB for all: 14 idle carrier sessions used to be charged
+    // 14 x 82 KB of frame buffers for their whole life (more than the share and the global
+    // cap), and every download, theirs and other users', stalled for good.
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(
+        &key,
+        json!({"max_buffered_bytes_per_user": 1_048_576, "max_buffered_bytes": 1_048_576}),
+    );
+    let other = server.create_user(None);
+    let http = start_http();
+    let mut idle = Vec::new();
+    for seed in 0..14u8 {
+        let mut c = CarrierClient::connect(tcp, &key, 100 + seed);
+        assert!(
+            c.run_until(Duration::from_secs(10), |c| c.connected),
+            "idle session {seed} did not connect"
+        );
+        idle.push(c);
+    }
+    wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 14"#);
+    let n = 2_000_000;
+    carrier_download(tcp, &key, 50, http, n).expect("the same user's download");
+    carrier_download(tcp, &other, 51, http, n).expect("another user's download");
+    drop(idle);
+}
