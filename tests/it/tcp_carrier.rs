@@ -7,7 +7,9 @@
 //! the test over a std `TcpStream`): answered, carrying a checksummed download, accounted like
 //! UDP; the session's end is a CLOSE then a FIN; replays (captured over TCP or UDP) get silence or
 //! the fallback; a carrier that breaks its framing is discarded, never spliced; a client that
-//! stops reading holds its session back without the loop spinning, and resumes.
+//! stops reading holds its session back without the loop spinning, and resumes; idle carrier
+//! sessions hold no buffered share (downloads of their user and others still move); a stranger
+//! still reaches the fallback when the connections' fd slice is full.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -833,4 +835,65 @@ fn idle_carrier_sessions_leave_their_users_and_everyone_else_room_to_move_bytes(
     carrier_download(tcp, &key, 50, http, n).expect("the same user's download");
     carrier_download(tcp, &other, 51, http, n).expect("another user's download");
     drop(idle);
+}
+
+#[test]
+fn a_stranger_still_reaches_the_fallback_when_the_fd_slice_is_full() {
+    // max_sessions 1 + 3 x max_unauthenticated_tcp 2: the TCP connections' slice is 7 fds.
+    // A website that holds requests for /hold and answers the others at once.
+    let fallback = start_website(|mut conn| {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        if got.starts_with(b"GET /hold") {
+            let _ = conn.read(&mut buf); // until the splice is closed
+        } else {
+            let _ = conn.write_all(&fallback_answer(&got));
+        }
+    });
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(
+        &key,
+        json!({"fallback": {"target": fallback.to_string()}, "max_sessions": 1,
+               "max_unauthenticated_tcp": 2}),
+    );
+    // Two held splices (4 fds), a carrier session (1), an idle stranger (1).
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(tcp).unwrap();
+            s.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    wait_metric(&server, r#"ostp_tcp_connections{state="fallback"} 2"#);
+    let mut session = CarrierClient::connect(tcp, &key, 7);
+    assert!(session.run_until(Duration::from_secs(10), |c| c.connected));
+    let idle = TcpStream::connect(tcp).unwrap();
+    wait_metric(
+        &server,
+        r#"ostp_tcp_connections{state="unauthenticated"} 1"#,
+    );
+    // The 7th fd: a prober whose request needs an 8th for its fallback socket.
+    let mut probe = TcpStream::connect(tcp).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    probe.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let _ = probe.read_to_end(&mut got);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&fallback_answer(request)),
+        "the prober must see the website, not silence"
+    );
+    drop((held, idle));
 }

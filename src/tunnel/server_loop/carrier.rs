@@ -384,11 +384,16 @@ impl Carriers {
         let index = self.conns.next_index();
         let token = Tok::Carrier(index).token();
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = io.registry.register(&mut sock, token, interest) {
-            log::warn!("cannot register a tcp connection: {e}");
+        if !self.fds.take() {
+            // `accept` made room first; never hold more fds than the slice (closed unanswered).
+            debug_assert!(self.fds.has_room(), "an accepted connection without an fd");
             return;
         }
-        self.fds.take();
+        if let Err(e) = io.registry.register(&mut sock, token, interest) {
+            log::warn!("cannot register a tcp connection: {e}");
+            self.fds.give(1);
+            return;
+        }
         self.serials += 1;
         let key = ConnKey {
             index,
@@ -715,6 +720,12 @@ impl Carriers {
     }
 
     fn start_splice(&mut self, io: &mut CarrierIo, idx: usize, target: SocketAddr) {
+        if !self.fds.has_room() {
+            // At the slice's cap the oldest other stranger makes room (a FIN), as at accept:
+            // a stranger gets the fallback whenever one can (a prober sees the website).
+            self.leave_strangers(idx);
+            self.evict_oldest(io, Bounded::Strangers);
+        }
         if !self.fds.take() {
             // No fd for the fallback socket: discarded instead (as a failed fallback).
             io.stats.fallback_failed += 1;
