@@ -838,6 +838,19 @@ fn idle_carrier_sessions_leave_their_users_and_everyone_else_room_to_move_bytes(
 }
 
 #[test]
+fn a_user_with_the_smallest_share_still_downloads_over_the_carrier() {
+    // 64 KiB, the minimum: a busy carrier session's buffers (80 KiB) are charged at most half,
+    // and only while they hold bytes (charged for the session's whole life, half the share
+    // left ~25 KB/s in a debug build: 245 KB of this in its 10 s).
+    let key = new_key();
+    let (_server, tcp) = tcp_server_for(&key, json!({"max_buffered_bytes_per_user": 65_536}));
+    let http = start_http();
+    let t = Instant::now();
+    carrier_download(tcp, &key, 60, http, 400_000).expect("download with a 64 KiB share");
+    eprintln!("400 KB with a 64 KiB share in {:.2?}", t.elapsed());
+}
+
+#[test]
 fn a_stranger_still_reaches_the_fallback_when_the_fd_slice_is_full() {
     // max_sessions 1 + 3 x max_unauthenticated_tcp 2: the TCP connections' slice is 7 fds.
     // A website that holds requests for /hold and answers the others at once.

@@ -247,9 +247,12 @@ impl Carriers {
         self.fallback = fallback;
     }
 
-    /// Work that cannot wait for an event (a listener or connection stopped at its budget).
+    /// Work that cannot wait for an event (a listener or connection stopped at its budget, or
+    /// a change of what carrier sessions hold not yet charged: streams held for room may go on).
     pub fn has_work(&self) -> bool {
-        !self.busy.is_empty() || self.listener_busy.iter().any(|b| *b)
+        !self.busy.is_empty()
+            || self.listener_busy.iter().any(|b| *b)
+            || !self.memory_changed.is_empty()
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
