@@ -26,7 +26,8 @@
 //!   sessions retire, make-before-break: a TCP session with streams hands its place to a spare
 //!   slot that connects over UDP beside it, takes no new streams once another session is up
 //!   and is closed when its last stream ends (however long that stream lives); one without
-//!   streams is replaced at once.
+//!   streams is replaced at once. If the server refuses the second session (session or device
+//!   limit of the key), the move is break-before-make instead, with no failure counted.
 //! - Capture modes hand over connections and UDP flows that were not addressed to a proxy: TUN
 //!   mode (`client_loop/tun_mode.rs`) and router mode (`client_loop/redir.rs`, nftables `redirect` + TPROXY);
 //!   both become local connections without a request (`admit_captured`) and flow datagrams
@@ -614,6 +615,17 @@ fn describe_refusal(reason: RefuseReason) -> &'static str {
     }
 }
 
+/// The connected slot with the fewest streams, retiring ones only when no other is up: where
+/// new streams and new UDP associations go.
+fn pick_slot(slots: &[Slot]) -> Option<usize> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.state == SlotState::Connected)
+        .min_by_key(|(_, s)| (s.retiring, s.streams.len()))
+        .map(|(i, _)| i)
+}
+
 /// One association's datagrams on their way from the local application into a tunnel session.
 struct AssocUplink<'a> {
     slots: &'a mut [Slot],
@@ -640,14 +652,9 @@ impl AssocUplink<'_> {
         let connected = |s: &Slot| s.state == SlotState::Connected;
         let slot = match a.slot.filter(|s| connected(&self.slots[*s])) {
             Some(s) => s,
-            None => match self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| connected(s))
-                .min_by_key(|(_, s)| s.streams.len())
-                .map(|(i, _)| i)
-            {
+            // A new association goes where a new stream would (not to a retiring session
+            // while another is up).
+            None => match pick_slot(self.slots) {
                 Some(s) => s,
                 None => return, // no session: drop (UDP senders retry)
             },
@@ -1236,6 +1243,36 @@ impl ClientLoop {
         self.supervisor.restart(j, now);
     }
 
+    /// Slot `i`, connecting beside a retiring session ([`Self::retire`]), was refused for the
+    /// key's session or device limit: the server allows no second session now. The move
+    /// falls back to break-before-make: `i` becomes the idle spare again and the retiring
+    /// session takes its place back, replaced once its streams end ([`Self::retire_idle`]). No
+    /// failure is counted and no waiting request fails. `false`: not that case.
+    fn break_before_make(&mut self, now: Instant, i: usize, reason: RefuseReason) -> bool {
+        if !matches!(
+            reason,
+            RefuseReason::SessionLimit | RefuseReason::DeviceLimit
+        ) || self.slots[i].spare
+        {
+            return false;
+        }
+        let aside = |s: &Slot| s.spare && s.retiring && s.state == SlotState::Connected;
+        let Some(k) = self.slots.iter().position(aside) else {
+            return false;
+        };
+        log::info!(
+            "tunnel session {i}: the server allows no second session now ({}); session {k} \
+             stays on the TCP carrier until its streams end",
+            describe_refusal(reason)
+        );
+        self.teardown(now, i);
+        self.slots[i].spare = true;
+        self.slots[k].spare = false;
+        self.retire_idle(now);
+        self.serve_waiting(now);
+        true
+    }
+
     /// Ends retiring sessions whose streams are all gone: a spare's is closed (its
     /// replacement is already there), a supervised slot's is replaced over the current carrier.
     fn retire_idle(&mut self, now: Instant) {
@@ -1399,6 +1436,9 @@ impl ClientLoop {
         };
         // An authenticated answer: the carrier works.
         self.carrier.answered(self.slots[i].carrier, now);
+        if self.break_before_make(now, i, reason) {
+            return;
+        }
         let retry = self.slot_failed(now, i, failure);
         // Repeated refusals (retries, requests) are logged once per outage and reason.
         let new_reason = self.slots[i].refusal_logged.replace(reason) != Some(reason);
@@ -1789,14 +1829,9 @@ impl ClientLoop {
         self.try_open(now, idx);
     }
 
-    /// The connected slot with the fewest streams, retiring ones only when no other is up.
+    /// The slot for a new stream or association ([`pick_slot`]).
     fn pick_slot(&self) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.state == SlotState::Connected)
-            .min_by_key(|(_, s)| (s.retiring, s.streams.len()))
-            .map(|(i, _)| i)
+        pick_slot(&self.slots)
     }
 
     /// Opens the stream of a waiting request, or queues it until a session is up.
@@ -2296,5 +2331,71 @@ impl ClientLoop {
         let _ = assoc
             .sock
             .send_to(&self.buf[..written + data.len()], client);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(retiring: bool, streams: usize) -> Slot {
+        let mut s = Slot {
+            spare: false,
+            state: SlotState::Connected,
+            sock: None,
+            tcp: None,
+            carrier: if retiring { Carrier::Tcp } else { Carrier::Udp },
+            retiring,
+            client: None,
+            streams: IdMap::default(),
+            tx: UdpTx::new(),
+            ticket: None,
+            readable: false,
+            last_rx: Instant::now(),
+            refusal_logged: None,
+        };
+        for n in 0..streams {
+            s.streams.insert(StreamId(n as u64 * 4), n);
+        }
+        s
+    }
+
+    #[test]
+    fn a_new_association_avoids_the_retiring_session_like_a_new_stream() {
+        // The retiring TCP session has no stream left in its count, the new UDP session 3.
+        let mut slots = vec![slot(true, 0), slot(false, 3)];
+        assert_eq!(pick_slot(&slots), Some(1));
+        let owner = SocketAddr::from(([127, 0, 0, 1], 5000));
+        let mut route = AssocRoute {
+            id: 1,
+            owner_ip: owner.ip(),
+            hint_port: None,
+            client: None,
+            slot: None,
+            last_active: Instant::now(),
+        };
+        let mut datagram = vec![0, 0, 0, 1, 10, 0, 0, 1, 0, 53];
+        datagram.extend_from_slice(b"query");
+        AssocUplink {
+            slots: &mut slots,
+            route: &mut route,
+            now: Instant::now(),
+        }
+        .forward(&datagram, owner);
+        assert_eq!(
+            route.slot,
+            Some(1),
+            "the association went to the retiring session"
+        );
+        // With no other session up, the retiring one still serves.
+        slots[1].state = SlotState::Idle;
+        route.slot = None;
+        AssocUplink {
+            slots: &mut slots,
+            route: &mut route,
+            now: Instant::now(),
+        }
+        .forward(&datagram, owner);
+        assert_eq!(route.slot, Some(0));
     }
 }

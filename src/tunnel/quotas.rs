@@ -63,7 +63,7 @@ struct Share {
 }
 
 /// What one session holds: its transport send buffers (they grow and shrink) and the frame
-/// buffers of its TCP carrier connection (fixed while it lives; 0 over UDP).
+/// buffers of its TCP carrier connection (only while bytes are in them; 0 over UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SessionMemory {
     id: SessionId,
@@ -260,10 +260,11 @@ impl Quotas {
         self.buffered = (self.buffered + bytes).saturating_sub(old);
     }
 
-    /// Session `session` of `user` runs over a TCP carrier connection whose frame buffers take
-    /// `bytes` for as long as it lives (charged like send buffers, freed with the session). The
-    /// charge is at most half the user's share: these buffers never shrink, and a share near
-    /// its minimum (64 KiB) must still leave room to move bytes.
+    /// Session `session` of `user` runs over a TCP carrier connection whose frame buffers now
+    /// hold `bytes` of storage (only while bytes are in them: 0 for an idle session; charged
+    /// like send buffers, freed with the session). The charge is at most half the user's share:
+    /// a busy carrier holds its buffers for as long as it is busy, and a share near its minimum
+    /// (64 KiB) must still leave room to move bytes.
     pub fn carrier_session(&mut self, user: UserId, session: SessionId, bytes: usize) {
         let bytes = bytes.min(self.limits.max_buffered_per_user / 2);
         let old = std::mem::replace(&mut self.share(user).session(session).carrier, bytes);
@@ -449,6 +450,26 @@ mod tests {
         // Never more than half the share: a small share still leaves room to move bytes.
         q.carrier_session(B, s1, 10_000);
         assert_eq!(q.buffer_room(B), 300);
+    }
+
+    #[test]
+    fn idle_carrier_sessions_give_their_charge_back_and_leave_room_for_everyone() {
+        let mut limits = limits();
+        limits.max_buffered = 2_000;
+        let mut q = Quotas::new(limits);
+        // A's 1,000 carrier sessions were each busy once (a frame buffer held), then went idle:
+        // the loop charges what their buffers hold now, 0.
+        for i in 0..1_000 {
+            q.carrier_session(A, SessionId(i), 250);
+            q.carrier_session(A, SessionId(i), 0);
+        }
+        assert_eq!(q.totals().2, 0);
+        assert_eq!(q.buffer_room(B), 600, "another user keeps its whole share");
+        assert_eq!(q.buffer_room(A), 600, "and so does A");
+        // Busy again: charged while busy, at most half the share each.
+        q.carrier_session(A, SessionId(7), 10_000);
+        assert_eq!(q.buffer_room(A), 300);
+        assert_eq!(q.buffer_room(B), 600);
     }
 
     #[test]

@@ -410,6 +410,17 @@ impl ServerLoop {
         (&mut self.carriers, io)
     }
 
+    /// Carrier sessions' frame buffers count in their users' buffered shares while they hold
+    /// storage (only while bytes are in them).
+    fn charge_carrier_memory(&mut self) {
+        let (quotas, sessions) = (&mut self.quotas, &self.sessions);
+        self.carriers.memory_changes(|session, held| {
+            if let Some(info) = sessions.get(&session) {
+                quotas.carrier_session(info.user, session, held);
+            }
+        });
+    }
+
     /// Frames of carrier sessions that the endpoint has ready go to their connections.
     fn flush_carriers(&mut self, now: Instant) {
         let (carriers, mut io) = self.carrier_io(now);
@@ -568,6 +579,7 @@ impl ServerLoop {
             self.process_endpoint_events(now);
             self.expire_outbound(now);
             self.expire_lookups(now);
+            self.charge_carrier_memory();
             self.release_held(now);
             if now >= self.next_idle_sweep {
                 self.next_idle_sweep = now + IDLE_SWEEP;
@@ -759,8 +771,8 @@ impl ServerLoop {
                         },
                     );
                     if self.endpoint.is_carrier_session(session) {
-                        self.quotas
-                            .carrier_session(user, session, carrier::SESSION_BUFFERS);
+                        let held = self.carriers.session_memory(session);
+                        self.quotas.carrier_session(user, session, held);
                     }
                     let mut table = crate::users::persist::lock_users(&self.users);
                     table.session_opened(user, unix_now());

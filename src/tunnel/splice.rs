@@ -5,21 +5,98 @@
 use std::io::{self, Read, Write};
 
 /// A byte buffer of fixed capacity with a consumed prefix: filled at the tail, drained at the
-/// head, compacted only when the tail runs short (allocated once, never grows).
+/// head, compacted only when the tail runs short (never grows). Its storage is allocated at
+/// once ([`ByteBuf::new`]) or on first use ([`ByteBuf::lazy`]); an empty buffer can give its
+/// storage back ([`ByteBuf::release`]), so an idle owner holds no bytes.
 #[derive(Debug)]
 pub struct ByteBuf {
+    /// Empty while unallocated, else exactly `cap` bytes.
     buf: Box<[u8]>,
+    cap: usize,
     start: usize,
     end: usize,
 }
 
+/// Storage of one size kept for reuse by [`ByteBuf::ensure`] / [`ByteBuf::release`]: at most
+/// `keep` spare buffers, so buffers that come and go with each burst cost no allocation, and
+/// what idle owners leave behind is bounded by `keep` × `size`, not by the number of owners.
+#[derive(Debug)]
+pub struct BufPool {
+    size: usize,
+    keep: usize,
+    free: Vec<Box<[u8]>>,
+}
+
+impl BufPool {
+    pub fn new(size: usize, keep: usize) -> Self {
+        BufPool {
+            size,
+            keep,
+            free: Vec::new(),
+        }
+    }
+
+    fn take(&mut self) -> Box<[u8]> {
+        self.free
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
+    }
+
+    fn give(&mut self, buf: Box<[u8]>) {
+        if buf.len() == self.size && self.free.len() < self.keep {
+            self.free.push(buf);
+        }
+    }
+
+    /// Bytes held in spare buffers.
+    pub fn spare_bytes(&self) -> usize {
+        self.free.len() * self.size
+    }
+}
+
 impl ByteBuf {
     pub fn new(capacity: usize) -> Self {
+        let mut b = ByteBuf::lazy(capacity);
+        b.allocate();
+        b
+    }
+
+    /// A buffer of `capacity` bytes whose storage is allocated only when bytes go in.
+    pub fn lazy(capacity: usize) -> Self {
         ByteBuf {
-            buf: vec![0u8; capacity].into_boxed_slice(),
+            buf: Box::default(),
+            cap: capacity,
             start: 0,
             end: 0,
         }
+    }
+
+    fn allocate(&mut self) {
+        if self.buf.len() != self.cap {
+            self.buf = vec![0u8; self.cap].into_boxed_slice();
+        }
+    }
+
+    /// Allocates the storage (from `pool` when it has the size) if it is not yet.
+    pub fn ensure(&mut self, pool: &mut BufPool) {
+        if self.buf.len() != self.cap && pool.size == self.cap {
+            self.buf = pool.take();
+        }
+        self.allocate();
+    }
+
+    /// Gives the storage back to `pool` if no byte is in it; `true` if it did.
+    pub fn release(&mut self, pool: &mut BufPool) -> bool {
+        if !self.is_empty() || self.buf.is_empty() {
+            return false;
+        }
+        pool.give(std::mem::take(&mut self.buf));
+        true
+    }
+
+    /// Bytes of storage allocated now (0 or the capacity).
+    pub fn allocated(&self) -> usize {
+        self.buf.len()
     }
 
     /// A buffer of `capacity` bytes holding `bytes` (at most `capacity` of them).
@@ -32,7 +109,7 @@ impl ByteBuf {
     }
 
     pub fn capacity(&self) -> usize {
-        self.buf.len()
+        self.cap
     }
 
     pub fn len(&self) -> usize {
@@ -73,6 +150,7 @@ impl ByteBuf {
     /// Free space at the tail; compacts first when the tail is short (less than half the
     /// capacity), so some space is always offered while the buffer is not full.
     pub fn spare(&mut self) -> &mut [u8] {
+        self.allocate();
         let cap = self.capacity();
         if self.start > 0 && cap - self.end < cap / 2 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -87,6 +165,7 @@ impl ByteBuf {
         if self.capacity() - self.len() < n {
             return None;
         }
+        self.allocate();
         if self.capacity() - self.end < n {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -222,6 +301,35 @@ impl Half {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lazy_byte_buf_holds_storage_only_while_bytes_are_in_it() {
+        let mut pool = BufPool::new(8, 1);
+        let mut b = ByteBuf::lazy(8);
+        assert_eq!((b.allocated(), b.capacity()), (0, 8));
+        assert!(!b.is_full() && b.data().is_empty());
+        assert!(!b.release(&mut pool), "nothing to give back");
+        b.ensure(&mut pool);
+        assert_eq!(b.allocated(), 8);
+        b.spare()[..3].copy_from_slice(b"abc");
+        b.commit(3);
+        assert!(!b.release(&mut pool), "bytes are in it");
+        b.consume(3);
+        assert!(b.release(&mut pool));
+        assert_eq!((b.allocated(), pool.spare_bytes()), (0, 8));
+        // Used again without `ensure`: allocates by itself, never reads into nothing.
+        let mut src: &[u8] = b"xyz";
+        assert_eq!(b.read_from(&mut src).unwrap(), 3);
+        assert_eq!(b.data(), b"xyz");
+        // The pool keeps at most `keep` buffers and hands them out again.
+        let mut c = ByteBuf::lazy(8);
+        c.ensure(&mut pool);
+        assert_eq!(pool.spare_bytes(), 0);
+        b.consume(3);
+        assert!(b.release(&mut pool) && c.release(&mut pool));
+        assert_eq!(pool.spare_bytes(), 8, "bounded by keep");
+        assert!(ByteBuf::lazy(8).spare_at_least(9).is_none());
+    }
 
     #[test]
     fn byte_buf_fills_drains_and_compacts_without_growing() {

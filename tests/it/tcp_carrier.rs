@@ -7,7 +7,9 @@
 //! the test over a std `TcpStream`): answered, carrying a checksummed download, accounted like
 //! UDP; the session's end is a CLOSE then a FIN; replays (captured over TCP or UDP) get silence or
 //! the fallback; a carrier that breaks its framing is discarded, never spliced; a client that
-//! stops reading holds its session back without the loop spinning, and resumes.
+//! stops reading holds its session back without the loop spinning, and resumes; idle carrier
+//! sessions hold no buffered share (downloads of their user and others still move); a stranger
+//! still reaches the fallback when the connections' fd slice is full.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -784,4 +786,127 @@ fn a_hello_that_fails_after_decryption_reaches_the_fallback_as_sent() {
         "the fallback saw other bytes"
     );
     wait_metric(&server, r#"ostp_tcp_strangers_total{fate="fallback"} 1"#);
+}
+
+/// Opens a carrier session of `key`, downloads `n` bytes over it and says whether the download
+/// finished intact within `timeout`.
+fn carrier_download(tcp: SocketAddr, key: &str, seed: u8, http: u16, n: u64) -> Result<(), String> {
+    let mut c = CarrierClient::connect(tcp, key, seed);
+    if !c.run_until(Duration::from_secs(10), |c| c.connected || c.refused) || !c.connected {
+        return Err("no session".into());
+    }
+    let dest = SocketAddr::from(([127, 0, 0, 1], http));
+    c.open(
+        dest,
+        format!("GET /bytes/{n} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    if !c.run_until(Duration::from_secs(10), |c| c.finished) {
+        return Err(format!("stalled after {} bytes", c.digest.len));
+    }
+    if (c.digest.len, c.digest.fnv) != (n, expected_sum(http, n)) {
+        return Err(format!("{} bytes, not intact", c.digest.len));
+    }
+    Ok(())
+}
+
+#[test]
+fn idle_carrier_sessions_leave_their_users_and_everyone_else_room_to_move_bytes() {
+    // A 1 MiB share per user and 1 MiB for all: 14 idle carrier sessions used to be charged
+    // 14 x 82 KB of frame buffers for their whole life (more than the share and the global
+    // cap), and every download, theirs and other users', stalled for good.
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(
+        &key,
+        json!({"max_buffered_bytes_per_user": 1_048_576, "max_buffered_bytes": 1_048_576}),
+    );
+    let other = server.create_user(None);
+    let http = start_http();
+    let mut idle = Vec::new();
+    for seed in 0..14u8 {
+        let mut c = CarrierClient::connect(tcp, &key, 100 + seed);
+        assert!(
+            c.run_until(Duration::from_secs(10), |c| c.connected),
+            "idle session {seed} did not connect"
+        );
+        idle.push(c);
+    }
+    wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 14"#);
+    let n = 2_000_000;
+    carrier_download(tcp, &key, 50, http, n).expect("the same user's download");
+    carrier_download(tcp, &other, 51, http, n).expect("another user's download");
+    drop(idle);
+}
+
+#[test]
+fn a_user_with_the_smallest_share_still_downloads_over_the_carrier() {
+    // 64 KiB, the minimum: a busy carrier session's buffers (80 KiB) are charged at most half,
+    // and only while they hold bytes (charged for the session's whole life, half the share
+    // left ~25 KB/s in a debug build: 245 KB of this in its 10 s).
+    let key = new_key();
+    let (_server, tcp) = tcp_server_for(&key, json!({"max_buffered_bytes_per_user": 65_536}));
+    let http = start_http();
+    let t = Instant::now();
+    carrier_download(tcp, &key, 60, http, 400_000).expect("download with a 64 KiB share");
+    eprintln!("400 KB with a 64 KiB share in {:.2?}", t.elapsed());
+}
+
+#[test]
+fn a_stranger_still_reaches_the_fallback_when_the_fd_slice_is_full() {
+    // max_sessions 1 + 3 x max_unauthenticated_tcp 2: the TCP connections' slice is 7 fds.
+    // A website that holds requests for /hold and answers the others at once.
+    let fallback = start_website(|mut conn| {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        if got.starts_with(b"GET /hold") {
+            let _ = conn.read(&mut buf); // until the splice is closed
+        } else {
+            let _ = conn.write_all(&fallback_answer(&got));
+        }
+    });
+    let key = new_key();
+    let (server, tcp) = tcp_server_for(
+        &key,
+        json!({"fallback": {"target": fallback.to_string()}, "max_sessions": 1,
+               "max_unauthenticated_tcp": 2}),
+    );
+    // Two held splices (4 fds), a carrier session (1), an idle stranger (1).
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(tcp).unwrap();
+            s.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    wait_metric(&server, r#"ostp_tcp_connections{state="fallback"} 2"#);
+    let mut session = CarrierClient::connect(tcp, &key, 7);
+    assert!(session.run_until(Duration::from_secs(10), |c| c.connected));
+    let idle = TcpStream::connect(tcp).unwrap();
+    wait_metric(
+        &server,
+        r#"ostp_tcp_connections{state="unauthenticated"} 1"#,
+    );
+    // The 7th fd: a prober whose request needs an 8th for its fallback socket.
+    let mut probe = TcpStream::connect(tcp).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    probe.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let _ = probe.read_to_end(&mut got);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&fallback_answer(request)),
+        "the prober must see the website, not silence"
+    );
+    drop((held, idle));
 }

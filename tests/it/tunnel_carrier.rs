@@ -3,7 +3,9 @@
 //! upload, 100 parallel downloads, UDP ASSOCIATE datagrams); an `auto` client whose UDP
 //! is dropped carries traffic over TCP within 10 s (from the start, and when UDP stops in the
 //! middle of a session) and comes back to UDP once UDP is answered again, make-before-break: a
-//! long-lived stream stays on its TCP session while new streams go over UDP. UDP is dropped by a
+//! long-lived stream stays on its TCP session while new streams go over UDP (and, when the key
+//! allows one session only, break-before-make: the TCP session is replaced once its streams end,
+//! with no refusal reported as a failure). UDP is dropped by a
 //! small in-test gate relay in front of the server's UDP port; the client reaches the TCP
 //! carrier directly (`transport.tcp_port`).
 
@@ -438,4 +440,74 @@ fn a_subscribed_share_link_carries_another_tcp_port_and_runs_auto_over_it() {
         connected_over_tcp(l) && l.contains(&format!("({tcp})"))
     })
     .unwrap_or_else(|| panic!("not over the link's TCP port:\n{}", p.log_text()));
+}
+
+#[test]
+fn auto_moves_back_to_udp_break_before_make_when_the_key_allows_one_session() {
+    let _heavy = heavy_lock();
+    let http = start_http();
+    let echo = crate::client_hardening::start_tcp_echo();
+    let key = new_key();
+    let tcp = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let mut spec = ServerSpec::new(&key);
+    spec.extra = json!({ "listen_tcp": tcp.to_string(), "max_sessions_per_user": 1 });
+    let server = Server::start(spec);
+    let gate = Gate::start(server.udp, true);
+    let c = client(gate.addr, tcp, &key, "auto");
+    c.proc
+        .wait_line(Duration::from_secs(20), connected_over_tcp)
+        .unwrap_or_else(|| panic!("not over TCP:\n{}", c.proc.log_text()));
+    let mut long = socks5_connect(c.proxy, Target::Ip(echo)).unwrap();
+    echo_round(&mut long, b"before the move");
+
+    // UDP returns: the session beside the TCP one is refused (one session per key), so the
+    // move waits for the long stream; meanwhile new streams still work over TCP.
+    let from = c.proc.line_count();
+    gate.block(false);
+    let (back, _) = c
+        .proc
+        .wait_line_from(from, Duration::from_secs(45), |l| {
+            l.contains("UDP is answered again; new sessions use UDP")
+        })
+        .unwrap_or_else(|| panic!("never back on UDP:\n{}", c.proc.log_text()));
+    std::thread::sleep(Duration::from_secs(2));
+    traffic_within(c.proxy, http, Duration::from_secs(5));
+    let log = c.proc.log_text();
+    let after: Vec<&str> = log.lines().skip(back).collect();
+    assert!(
+        !after
+            .iter()
+            .any(|l| l.contains("the server refused this key")),
+        "the refused second session was reported as a failure:\n{log}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|l| l.contains("the server allows no second session now")),
+        "{log}"
+    );
+    echo_round(&mut long, b"after the refusal, still on the TCP session");
+    // Its last stream gone, the TCP session is replaced by a UDP one that carries new traffic.
+    let from = c.proc.line_count();
+    drop(long);
+    c.proc
+        .wait_line_from(from, Duration::from_secs(10), udp_session_line)
+        .unwrap_or_else(|| panic!("no UDP session:\n{}", c.proc.log_text()));
+    let before = gate.passed();
+    traffic_within(c.proxy, http, Duration::from_secs(10));
+    assert!(
+        gate.passed() > before + 50,
+        "new streams did not go over UDP"
+    );
+    crate::tcp_carrier::wait_metric(&server, r#"ostp_tcp_connections{state="carrier"} 0"#);
+    // Not a failure: no refusal reported as an error, no backoff, no move back to TCP.
+    let log = c.proc.log_text();
+    assert!(!log.contains("the server refused this key"), "{log}");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("no answer over UDP"))
+            .count(),
+        1,
+        "{log}"
+    );
 }

@@ -26,7 +26,7 @@ use crate::tunnel::carrier_conns::{
 };
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::slab::Slab;
-use crate::tunnel::splice::{ByteBuf, Half};
+use crate::tunnel::splice::{BufPool, ByteBuf, Half};
 use crate::tunnel::stats::TcpStats;
 
 /// The two groups of connections bounded by `max_unauthenticated_tcp`.
@@ -48,9 +48,9 @@ const ACCEPT_BATCH: usize = 64;
 const IO_BUDGET: usize = 256 * 1024;
 /// A carrier connection's write buffer: a few full frames (more waits in the session).
 const CARRIER_WRITE_BUF: usize = 4 * MAX_FRAME_LEN;
-/// A carrier session's frame buffers (one whole frame in, [`CARRIER_WRITE_BUF`] out), charged
-/// to its user's buffered share for as long as it lives.
-pub(super) const SESSION_BUFFERS: usize = MAX_FRAME_LEN + CARRIER_WRITE_BUF;
+/// Spare frame buffers of each size kept for reuse (a carrier session holds its buffers only
+/// while bytes are in them): what idle sessions leave behind is at most this many of each.
+const SPARE_BUFFERS: usize = 8;
 /// Each direction of a fallback splice.
 const SPLICE_BUF: usize = 16 * 1024;
 /// A fallback splice that moves nothing either way for this long is closed.
@@ -75,10 +75,13 @@ enum Phase {
         quiet_until: Option<Instant>,
     },
     /// Carrying `session`: frames in (`input`, one whole frame at most) and out (`output`).
+    /// Both hold storage only while bytes are in them (an idle session holds none); `charged`
+    /// is what the loop was last told they hold ([`Carriers::memory_changes`]).
     Carrier {
         session: SessionId,
         input: ByteBuf,
         output: ByteBuf,
+        charged: usize,
         /// The session may have more frames (it left the endpoint's ready queue before `None`).
         more: bool,
         /// The peer sent its FIN (the session is being closed).
@@ -178,6 +181,12 @@ pub(super) struct Carriers {
     fallback: Option<SocketAddr>,
     rng: Drbg,
     serials: u64,
+    /// Spare storage for carrier sessions' input ([`MAX_FRAME_LEN`]) and output
+    /// ([`CARRIER_WRITE_BUF`]) buffers.
+    in_pool: BufPool,
+    out_pool: BufPool,
+    /// Carrier sessions whose buffers' storage changed since the loop last asked.
+    memory_changed: Vec<SessionId>,
 }
 
 /// A listener could not be set up.
@@ -227,6 +236,9 @@ impl Carriers {
             fallback,
             rng: Drbg::new(seed),
             serials: 0,
+            in_pool: BufPool::new(MAX_FRAME_LEN, SPARE_BUFFERS),
+            out_pool: BufPool::new(CARRIER_WRITE_BUF, SPARE_BUFFERS),
+            memory_changed: Vec::new(),
         })
     }
 
@@ -235,13 +247,64 @@ impl Carriers {
         self.fallback = fallback;
     }
 
-    /// Work that cannot wait for an event (a listener or connection stopped at its budget).
+    /// Work that cannot wait for an event (a listener or connection stopped at its budget, or
+    /// a change of what carrier sessions hold not yet charged: streams held for room may go on).
     pub fn has_work(&self) -> bool {
-        !self.busy.is_empty() || self.listener_busy.iter().any(|b| *b)
+        !self.busy.is_empty()
+            || self.listener_busy.iter().any(|b| *b)
+            || !self.memory_changed.is_empty()
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.next_deadline()
+    }
+
+    /// Bytes the frame buffers of carrier session `session` hold now (0 while idle).
+    pub fn session_memory(&self, session: SessionId) -> usize {
+        let conn = self
+            .by_session
+            .get(&session)
+            .and_then(|&i| self.conns.get(i));
+        match conn.map(|c| &c.phase) {
+            Some(Phase::Carrier { input, output, .. }) => input.allocated() + output.allocated(),
+            _ => 0,
+        }
+    }
+
+    /// Calls `charge` with each carrier session whose [`Self::session_memory`] changed since
+    /// the last call and what it holds now (the loop charges it to the user's buffered share).
+    pub fn memory_changes(&mut self, mut charge: impl FnMut(SessionId, usize)) {
+        let mut changed = std::mem::take(&mut self.memory_changed);
+        for session in changed.drain(..) {
+            charge(session, self.session_memory(session));
+        }
+        self.memory_changed = changed;
+    }
+
+    /// Gives back the storage of a carrier session's empty buffers and notes a change of what
+    /// it holds.
+    fn settle(&mut self, idx: usize) {
+        let Some(Conn {
+            phase:
+                Phase::Carrier {
+                    session,
+                    input,
+                    output,
+                    charged,
+                    ..
+                },
+            ..
+        }) = self.conns.get_mut(idx)
+        else {
+            return;
+        };
+        input.release(&mut self.in_pool);
+        output.release(&mut self.out_pool);
+        let held = input.allocated() + output.allocated();
+        if held != *charged {
+            *charged = held;
+            self.memory_changed.push(*session);
+        }
     }
 
     /// Gauges for `/metrics`.
@@ -324,11 +387,16 @@ impl Carriers {
         let index = self.conns.next_index();
         let token = Tok::Carrier(index).token();
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = io.registry.register(&mut sock, token, interest) {
-            log::warn!("cannot register a tcp connection: {e}");
+        if !self.fds.take() {
+            // `accept` made room first; never hold more fds than the slice (closed unanswered).
+            debug_assert!(self.fds.has_room(), "an accepted connection without an fd");
             return;
         }
-        self.fds.take();
+        if let Err(e) = io.registry.register(&mut sock, token, interest) {
+            log::warn!("cannot register a tcp connection: {e}");
+            self.fds.give(1);
+            return;
+        }
         self.serials += 1;
         let key = ConnKey {
             index,
@@ -483,6 +551,7 @@ impl Carriers {
             Phase::Carrier { .. } => {
                 self.carrier_input(io, idx);
                 self.carrier_output(io, idx);
+                self.settle(idx);
             }
             Phase::Flush { .. } => self.flush(io, idx),
             Phase::Discard { .. } | Phase::Finish { .. } => self.drain(io, idx),
@@ -549,7 +618,8 @@ impl Carriers {
         let Phase::Gate { buf, .. } = &mut c.phase else {
             return;
         };
-        let mut output = ByteBuf::new(CARRIER_WRITE_BUF);
+        let mut output = ByteBuf::lazy(CARRIER_WRITE_BUF);
+        output.ensure(&mut self.out_pool);
         // The endpoint opens the record in place; a hello that fails after that (clock window,
         // record) goes to the fallback, which must get the bytes the client sent: open a copy.
         let mut record = [0u8; GATE_BUFFER];
@@ -572,11 +642,18 @@ impl Carriers {
             CarrierHello::Accepted { session, reply_len } => {
                 output.commit(reply_len);
                 let early = buf.data().get(len..).unwrap_or_default();
-                let input = ByteBuf::with_bytes(MAX_FRAME_LEN, early);
+                let mut input = ByteBuf::lazy(MAX_FRAME_LEN);
+                if !early.is_empty() {
+                    input.ensure(&mut self.in_pool);
+                    let n = early.len().min(MAX_FRAME_LEN);
+                    input.spare()[..n].copy_from_slice(&early[..n]);
+                    input.commit(n);
+                }
                 c.phase = Phase::Carrier {
                     session,
                     input,
                     output,
+                    charged: 0,
                     more: true,
                     read_closed: false,
                 };
@@ -586,6 +663,7 @@ impl Carriers {
                 self.feed(io, idx);
                 self.carrier_output(io, idx);
                 self.carrier_input(io, idx);
+                self.settle(idx);
             }
             CarrierHello::Refused { reply_len } => {
                 output.commit(reply_len);
@@ -645,6 +723,12 @@ impl Carriers {
     }
 
     fn start_splice(&mut self, io: &mut CarrierIo, idx: usize, target: SocketAddr) {
+        if !self.fds.has_room() {
+            // At the slice's cap the oldest other stranger makes room (a FIN), as at accept:
+            // a stranger gets the fallback whenever one can (a prober sees the website).
+            self.leave_strangers(idx);
+            self.evict_oldest(io, Bounded::Strangers);
+        }
         if !self.fds.take() {
             // No fd for the fallback socket: discarded instead (as a failed fallback).
             io.stats.fallback_failed += 1;
@@ -824,6 +908,7 @@ impl Carriers {
                 self.framing_failed(io, idx, session);
                 return;
             }
+            input.ensure(&mut self.in_pool);
             match input.read_from(&mut c.sock) {
                 Ok(0) => {
                     // §7.5: the connection's end ends the session (`SessionClosed` follows).
@@ -903,6 +988,9 @@ impl Carriers {
             return;
         };
         let mut budget = IO_BUDGET;
+        if *more {
+            output.ensure(&mut self.out_pool);
+        }
         loop {
             while *more {
                 let Some(spare) = output.spare_at_least(MAX_FRAME_LEN) else {
@@ -951,6 +1039,7 @@ impl Carriers {
                 *more = true;
             }
             self.carrier_output(io, idx);
+            self.settle(idx);
         }
     }
 
