@@ -301,9 +301,8 @@ impl PendingQueries {
         self.list.retain(|q| now < q.expires);
         let to = canonical_addr(to);
         let expires = now + QUERY_LIFE;
-        let same = |q: &&mut Query| {
-            q.flow == flow && q.to == to && q.id == id && q.question == *question
-        };
+        let same =
+            |q: &&mut Query| q.flow == flow && q.to == to && q.id == id && q.question == *question;
         if let Some(q) = self.list.iter_mut().find(same) {
             q.expires = expires; // a retry
             return;
@@ -344,9 +343,10 @@ impl PendingQueries {
         now: Instant,
     ) -> bool {
         let from = canonical_addr(from);
-        let found = self.list.iter().position(|q| {
-            q.flow == flow && q.to == from && q.id == id && q.question == *question
-        });
+        let found = self
+            .list
+            .iter()
+            .position(|q| q.flow == flow && q.to == from && q.id == id && q.question == *question);
         match found {
             Some(i) => self.list.swap_remove(i).expires > now,
             None => false,
@@ -441,7 +441,11 @@ mod tests {
         l.release(ip("10.0.0.1"), late);
         assert_eq!(l.len(), 2, "one still open");
         l.release(ip("10.0.0.1"), late);
-        assert_eq!(l.len(), 1, "the last release of an expired entry forgets it");
+        assert_eq!(
+            l.len(),
+            1,
+            "the last release of an expired entry forgets it"
+        );
         l.release(ip("10.0.0.1"), late); // a release after it is gone: harmless
     }
 
@@ -495,7 +499,10 @@ mod tests {
         assert!(l.hold(ip("203.0.113.8"), t0));
         l.protect(ip("203.0.113.7"));
         l.protect(ip("::ffff:203.0.113.8"));
-        assert!(!l.contains(ip("203.0.113.7"), t0), "the server's: forgotten");
+        assert!(
+            !l.contains(ip("203.0.113.7"), t0),
+            "the server's: forgotten"
+        );
         assert!(!l.contains(ip("203.0.113.8"), t0), "held, but nothing new");
         assert!(!l.learn(ip("203.0.113.7"), 60, "x.example", t0));
         assert!(l.learn(ip("203.0.113.9"), 60, "x.example", t0));
@@ -548,7 +555,13 @@ mod tests {
         assert!(!p.answered(flow, to, 0, &q, t0), "the oldest made room");
         assert!(p.answered(flow, to, MAX_QUERIES_PER_FLOW as u16 + 3, &q, t0));
         for f in 0..(MAX_QUERIES as u32 + 10) {
-            p.note(QueryFlow::Datagrams(f), to, 1, &q, t0 + Duration::from_millis(100));
+            p.note(
+                QueryFlow::Datagrams(f),
+                to,
+                1,
+                &q,
+                t0 + Duration::from_millis(100),
+            );
         }
         assert_eq!(p.len(), MAX_QUERIES);
     }

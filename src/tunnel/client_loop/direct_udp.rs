@@ -126,7 +126,7 @@ impl ClientLoop {
                     let registry = self.core.registry();
                     self.direct_udp.close(i, registry, &mut self.learned);
                 }
-                if !self.captured_goes_direct(dest, now) {
+                if !self.learned_goes_direct(dest, now) {
                     return false;
                 }
                 match self.open_direct_flow(id, dest, now) {
