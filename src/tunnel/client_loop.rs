@@ -465,7 +465,8 @@ struct Local {
     writable: bool,
     /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
     captured: Option<Capture>,
-    /// DNS over TCP: the answers written to the application are read for split routing.
+    /// DNS over TCP to `tun.dns` or the forwarder's upstream: queries and answers read for
+    /// split routing.
     dns_tap: Option<Box<learn::DnsTap>>,
 }
 

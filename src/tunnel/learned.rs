@@ -342,13 +342,17 @@ impl PendingQueries {
         question: &DnsName,
         now: Instant,
     ) -> bool {
+        self.list.retain(|q| now < q.expires);
         let from = canonical_addr(from);
         let found = self
             .list
             .iter()
             .position(|q| q.flow == flow && q.to == from && q.id == id && q.question == *question);
         match found {
-            Some(i) => self.list.swap_remove(i).expires > now,
+            Some(i) => {
+                self.list.swap_remove(i);
+                true
+            }
             None => false,
         }
     }
