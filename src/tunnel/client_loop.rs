@@ -73,7 +73,7 @@ mod learn;
 mod redir;
 mod tun_mode;
 use super::exclude::Exclude;
-use super::learned::LearnedAddrs;
+use super::learned::{LearnedAddrs, QueryFlow};
 use super::tun::front::TunFront;
 use super::udp_flows::REDIR_FLOW_IDS;
 use crate::config::{self, ClientConfig, ProxyAuth, TransportConfig};
@@ -376,6 +376,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         dns,
         redir,
         learned: LearnedAddrs::default(),
+        dns_queries: Default::default(),
         direct_udp: DirectUdp::default(),
     };
     let thread = LoopThread::spawn("ostp-client", move || lp.run())
@@ -465,8 +466,9 @@ struct Local {
     writable: bool,
     /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
     captured: Option<Capture>,
-    /// DNS over TCP: the answers written to the application are read for split routing.
-    dns_tap: Option<Box<super::dns_wire::TcpFramer>>,
+    /// DNS over TCP to `tun.dns` or the forwarder's upstream: queries and answers read for
+    /// split routing.
+    dns_tap: Option<Box<learn::DnsTap>>,
 }
 
 /// Which capture mode accepted a local connection.
@@ -572,6 +574,8 @@ struct ClientLoop {
     redir: Option<RedirState>,
     /// Addresses excluded names resolved to (split routing where only addresses are seen).
     learned: LearnedAddrs,
+    /// DNS queries whose answers may teach `learned`.
+    dns_queries: super::learned::PendingQueries,
     /// Captured UDP flows to learned addresses, relayed directly.
     direct_udp: DirectUdp,
 }
@@ -631,6 +635,8 @@ struct AssocUplink<'a> {
     slots: &'a mut [Slot],
     route: &'a mut AssocRoute,
     now: Instant,
+    /// DNS queries to a resolver that teaches split routing are remembered.
+    dns: learn::Teacher<'a>,
 }
 
 impl AssocUplink<'_> {
@@ -660,6 +666,9 @@ impl AssocUplink<'_> {
             },
         };
         a.slot = Some(slot);
+        if let Destination::Addr(to) = &dest {
+            self.dns.query(QueryFlow::Datagrams(a.id), *to, payload);
+        }
         if let Some(session) = self.slots[slot].session_mut() {
             // Dropped when the queue is full: UDP senders retry.
             let _ = session.transport_mut().send_datagram(a.id, dest, payload);
@@ -1995,12 +2004,12 @@ impl ClientLoop {
         };
         let mut unlimited = u64::MAX;
         let result = match l.dns_tap.as_deref_mut() {
-            Some(framer) => {
-                let (exclude, learned) = (&self.options.exclude, &mut self.learned);
+            Some(tap) => {
+                let (learned, pending) = (&mut self.learned, &mut self.dns_queries);
                 let mut tapped = learn::Tapped {
                     sock: &mut l.sock,
-                    framer,
-                    each: |m: &[u8]| _ = learn::learn_answer(exclude, learned, now, m),
+                    tap,
+                    teacher: learn::Teacher::new(&self.options, learned, pending, now),
                 };
                 pipe.pump(&mut tapped, session.transport_mut(), &mut unlimited)
             }
@@ -2099,7 +2108,7 @@ impl ClientLoop {
             crate::sys::reset_on_close(&sock);
             return;
         }
-        if self.captured_goes_direct(dest, now) {
+        if self.learned_goes_direct(dest, now) {
             self.admit_direct(now, sock, peer, dest, capture);
             return;
         }
@@ -2122,14 +2131,11 @@ impl ClientLoop {
             early_data: Vec::new(),
         };
         let idx = self.insert_local(now, sock, peer, LocalState::Waiting { request }, captured);
-        // DNS over TCP (captured port 53 or `tun.dns`; the DNS forwarder's TCP side is the one
-        // caller without a capture): its answers teach split routing.
-        let tun_dns = self.options.tun.as_ref().and_then(|t| t.dns);
-        let dns = dest.port() == 53 || tun_dns == Some(dest) || captured.is_none();
-        if dns && self.options.exclude.has_domains() {
-            if let Some(l) = self.locals.get_mut(idx) {
-                l.dns_tap = Some(Box::default());
-            }
+        // DNS over TCP to `tun.dns` or the forwarder's upstream: its answers teach split routing.
+        let serial = self.locals.get(idx).map_or(0, |l| l.serial);
+        let tap = self.dns_tap(idx, serial, dest);
+        if let Some(l) = self.locals.get_mut(idx) {
+            l.dns_tap = tap;
         }
         self.try_open(now, idx);
     }
@@ -2266,10 +2272,12 @@ impl ClientLoop {
         if !*readable {
             return; // a stale entry: drained already, or the slot now holds another association
         }
+        let (learned, pending) = (&mut self.learned, &mut self.dns_queries);
         let mut uplink = AssocUplink {
             slots: &mut self.slots,
             route,
             now,
+            dns: learn::Teacher::new(&self.options, learned, pending, now),
         };
         let readiness = udp::drain(sock, &mut self.buf, RECV_BATCH, |datagram, from| {
             uplink.forward(datagram, from)
@@ -2290,10 +2298,7 @@ impl ClientLoop {
         dest: Destination,
         data: &[u8],
     ) {
-        if dest.port() == 53 && !TunFront::owns(id) && !DnsForward::owns(id) {
-            // A SOCKS5 association's or a router-mode flow's DNS answer.
-            self.learn_from_dns(now, data);
-        }
+        self.dns_answer_in(now, id, &dest, data);
         if TunFront::owns(id) {
             self.tun_datagram_in(now, id, data);
             return;

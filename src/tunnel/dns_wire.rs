@@ -27,6 +27,8 @@ pub enum DnsError {
     Truncated,
     /// A query, not a response; or not a standard query's response.
     NotAResponse,
+    /// A response, not a query; or not a standard query.
+    NotAQuery,
     /// An error answer (NXDOMAIN, SERVFAIL, ...): nothing to learn.
     ErrorCode(u8),
     /// Not exactly one question.
@@ -41,6 +43,7 @@ impl fmt::Display for DnsError {
         match self {
             DnsError::Truncated => write!(f, "truncated DNS message"),
             DnsError::NotAResponse => write!(f, "not a DNS response to a standard query"),
+            DnsError::NotAQuery => write!(f, "not a standard DNS query"),
             DnsError::ErrorCode(c) => write!(f, "DNS error answer (rcode {c})"),
             DnsError::Questions(n) => write!(f, "{n} questions instead of one"),
             DnsError::BadName => write!(f, "malformed name"),
@@ -111,23 +114,34 @@ impl DnsName {
     }
 }
 
+/// Compression pointers followed at most in one name (RFC 1035 sets no limit; real names use
+/// one or two). Pointers must point backwards, so they cannot loop, but a chain of them could
+/// otherwise cost thousands of hops per name.
+const MAX_HOPS: u32 = 16;
+/// Labels read at most in one name (255 bytes hold at most 127 of them).
+const MAX_LABELS: u32 = 128;
+
 /// Reads the name at `pos` of `msg`: the name and the offset just past it where it started
-/// (a pointer ends the name in place). Pointers must point before the label they replace, so
-/// decoding always ends.
-fn read_name(msg: &[u8], pos: usize) -> Result<(DnsName, usize), DnsError> {
+/// (a pointer ends the name in place). Pointers must point before the label they replace and
+/// at most [`MAX_HOPS`] are followed (and [`MAX_LABELS`] labels read), so decoding always ends
+/// after a bounded amount of work, which is added to `steps` (one per label or pointer).
+fn read_name(msg: &[u8], pos: usize, steps: &mut u32) -> Result<(DnsName, usize), DnsError> {
     let mut name = DnsName::empty();
     let mut at = pos;
     let mut end = None;
+    let (mut hops, mut labels) = (0u32, 0u32);
     loop {
+        *steps += 1;
         let len = *msg.get(at).ok_or(DnsError::Truncated)?;
         match len & 0xC0 {
             0x00 if len == 0 => {
                 return Ok((name, end.unwrap_or(at + 1)));
             }
             0x00 => {
+                labels += 1;
                 let n = usize::from(len);
                 let label = msg.get(at + 1..at + 1 + n).ok_or(DnsError::Truncated)?;
-                if name.len + 1 + n + 1 > MAX_NAME {
+                if name.len + 1 + n + 1 > MAX_NAME || labels > MAX_LABELS {
                     return Err(DnsError::BadName);
                 }
                 name.wire[name.len] = len;
@@ -138,10 +152,12 @@ fn read_name(msg: &[u8], pos: usize) -> Result<(DnsName, usize), DnsError> {
                 at += 1 + n;
             }
             0xC0 => {
+                hops += 1;
                 let low = *msg.get(at + 1).ok_or(DnsError::Truncated)?;
                 let target = usize::from(u16::from_be_bytes([len & 0x3F, low]));
-                if target >= at {
-                    return Err(DnsError::BadName); // forwards or onto itself: a possible loop
+                if target >= at || hops > MAX_HOPS {
+                    // Forwards or onto itself (a possible loop), or a chain too long.
+                    return Err(DnsError::BadName);
                 }
                 end.get_or_insert(at + 2);
                 at = target;
@@ -162,6 +178,7 @@ fn u32_at(msg: &[u8], at: usize) -> Result<u32, DnsError> {
 }
 
 /// One resource record of the answer section.
+#[derive(Clone, Copy)]
 struct Record {
     owner: DnsName,
     rtype: u16,
@@ -171,9 +188,22 @@ struct Record {
     data: (usize, usize),
 }
 
+impl Record {
+    const EMPTY: Record = Record {
+        owner: DnsName {
+            wire: [0; MAX_NAME],
+            len: 0,
+        },
+        rtype: 0,
+        class: 0,
+        ttl: 0,
+        data: (0, 0),
+    };
+}
+
 /// Reads the record at `pos`: it and the offset past it.
-fn read_record(msg: &[u8], pos: usize) -> Result<(Record, usize), DnsError> {
-    let (owner, at) = read_name(msg, pos)?;
+fn read_record(msg: &[u8], pos: usize, steps: &mut u32) -> Result<(Record, usize), DnsError> {
+    let (owner, at) = read_name(msg, pos, steps)?;
     let rtype = u16_at(msg, at)?;
     let class = u16_at(msg, at + 2)?;
     let ttl = u32_at(msg, at + 4)?;
@@ -193,9 +223,51 @@ fn read_record(msg: &[u8], pos: usize) -> Result<(Record, usize), DnsError> {
     Ok((record, end))
 }
 
+/// The header's ID, flags and question of a message with exactly one question, and the offset
+/// past the question.
+fn read_question(msg: &[u8], steps: &mut u32) -> Result<(u16, u16, DnsName, usize), DnsError> {
+    if msg.len() < HEADER {
+        return Err(DnsError::Truncated);
+    }
+    let id = u16_at(msg, 0)?;
+    let flags = u16_at(msg, 2)?;
+    let questions = u16_at(msg, 4)?;
+    if questions != 1 {
+        return Err(DnsError::Questions(questions));
+    }
+    let (question, at) = read_name(msg, HEADER, steps)?;
+    let qtype_class_end = at + 4;
+    if qtype_class_end > msg.len() {
+        return Err(DnsError::Truncated);
+    }
+    Ok((id, flags, question, qtype_class_end))
+}
+
+/// A standard query (QR clear, opcode QUERY) with one question: what an application asked, so
+/// that only an answer to it is believed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The header's ID, which the answer repeats.
+    pub id: u16,
+    /// The question's name.
+    pub question: DnsName,
+}
+
+impl DnsQuery {
+    /// Views `msg` as a standard query with one question.
+    pub fn parse(msg: &[u8]) -> Result<DnsQuery, DnsError> {
+        let (id, flags, question, _) = read_question(msg, &mut 0)?;
+        if flags & 0x8000 != 0 || (flags >> 11) & 0xF != 0 {
+            return Err(DnsError::NotAQuery);
+        }
+        Ok(DnsQuery { id, question })
+    }
+}
+
 /// A DNS response's question and answer section.
 pub struct DnsAnswer<'a> {
     msg: &'a [u8],
+    id: u16,
     question: DnsName,
     /// Offset of the first answer record.
     answers_at: usize,
@@ -218,21 +290,19 @@ impl<'a> DnsAnswer<'a> {
         if rcode != 0 {
             return Err(DnsError::ErrorCode(rcode));
         }
-        let questions = u16_at(msg, 4)?;
-        if questions != 1 {
-            return Err(DnsError::Questions(questions));
-        }
-        let (question, at) = read_name(msg, HEADER)?;
-        let qtype_class_end = at + 4;
-        if qtype_class_end > msg.len() {
-            return Err(DnsError::Truncated);
-        }
+        let (id, _, question, answers_at) = read_question(msg, &mut 0)?;
         Ok(DnsAnswer {
             msg,
+            id,
             question,
-            answers_at: qtype_class_end,
+            answers_at,
             answer_count: usize::from(u16_at(msg, 6)?).min(MAX_RECORDS),
         })
+    }
+
+    /// The header's ID (the query's).
+    pub fn id(&self) -> u16 {
+        self.id
     }
 
     /// The question's name.
@@ -243,14 +313,33 @@ impl<'a> DnsAnswer<'a> {
     /// Calls `found(address, ttl)` for each A/AAAA record (class IN) of the question's name or
     /// of a name it is a CNAME of (in the answer section, at most [`MAX_CHAIN`] links); a TTL is
     /// the smallest along its chain. Records after a malformed one are not looked at.
-    pub fn addresses(&self, mut found: impl FnMut(IpAddr, u32)) {
+    pub fn addresses(&self, found: impl FnMut(IpAddr, u32)) {
+        self.addresses_counted(found, &mut 0);
+    }
+
+    /// [`Self::addresses`], adding the name-decoding steps taken to `steps`. The answer
+    /// section is read once (at most [`MAX_RECORDS`] records, each name at most [`MAX_HOPS`]
+    /// pointers and [`MAX_LABELS`] labels), and the CNAME chain is walked over what was read.
+    fn addresses_counted(&self, mut found: impl FnMut(IpAddr, u32), steps: &mut u32) {
+        let mut records = [Record::EMPTY; MAX_RECORDS];
+        let mut count = 0;
+        let mut at = self.answers_at;
+        while count < self.answer_count {
+            let Ok((record, next)) = read_record(self.msg, at, steps) else {
+                break;
+            };
+            records[count] = record;
+            count += 1;
+            at = next;
+        }
+        let records = &records[..count];
         let mut target = self.question;
         let mut chain_ttl = u32::MAX;
         for _ in 0..=MAX_CHAIN {
             let mut next = None;
-            self.each_record(|r| {
+            for r in records {
                 if r.class != CLASS_IN || r.owner != target {
-                    return;
+                    continue;
                 }
                 let data = self.msg.get(r.data.0..r.data.1).unwrap_or_default();
                 let ttl = r.ttl.min(chain_ttl);
@@ -265,7 +354,7 @@ impl<'a> DnsAnswer<'a> {
                     }
                     (TYPE_CNAME, _) if next.is_none() => {
                         // The CNAME's target: a name inside RDATA (pointers may leave it).
-                        if let Ok((alias, end)) = read_name(self.msg, r.data.0) {
+                        if let Ok((alias, end)) = read_name(self.msg, r.data.0, steps) {
                             if end <= r.data.1 {
                                 next = Some((alias, r.ttl));
                             }
@@ -273,28 +362,13 @@ impl<'a> DnsAnswer<'a> {
                     }
                     _ => {}
                 }
-            });
+            }
             match next {
                 Some((alias, ttl)) if alias != target => {
                     target = alias;
                     chain_ttl = chain_ttl.min(ttl);
                 }
                 _ => return,
-            }
-        }
-    }
-
-    /// Calls `f` for each well-formed answer record, in order, stopping at the first malformed
-    /// one or the message's end.
-    fn each_record(&self, mut f: impl FnMut(&Record)) {
-        let mut at = self.answers_at;
-        for _ in 0..self.answer_count {
-            match read_record(self.msg, at) {
-                Ok((record, next)) => {
-                    f(&record);
-                    at = next;
-                }
-                Err(_) => return,
             }
         }
     }
@@ -305,43 +379,73 @@ impl<'a> DnsAnswer<'a> {
 pub const MAX_TCP_MESSAGE: usize = 16 * 1024;
 
 /// Splits a DNS-over-TCP byte stream (RFC 1035 §4.2.2: a 2-byte length before each message)
-/// into messages: bytes are fed in as they pass, whole messages come out. Bounded
-/// ([`MAX_TCP_MESSAGE`]); the buffer is allocated on the first byte.
-#[derive(Debug, Default)]
+/// into messages: bytes are fed in as they pass, whole messages come out. Bounded: a message
+/// longer than the framer's maximum passes unbuffered; the buffer is allocated with exactly the
+/// announced length when the message's first byte arrives and freed when it is complete, so an
+/// idle connection (or one that sent only a length) holds no buffer.
+#[derive(Debug)]
 pub struct TcpFramer {
+    /// Longest message kept whole.
+    max: usize,
+    /// The length prefix read so far.
+    head: [u8; 2],
+    head_len: usize,
+    /// The message's bytes so far.
     buf: Vec<u8>,
     /// Bytes of an overlong message still to pass unbuffered.
     skip: usize,
 }
 
+impl Default for TcpFramer {
+    fn default() -> Self {
+        TcpFramer::new(MAX_TCP_MESSAGE)
+    }
+}
+
 impl TcpFramer {
+    /// A framer keeping messages of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        TcpFramer {
+            max,
+            head: [0; 2],
+            head_len: 0,
+            buf: Vec::new(),
+            skip: 0,
+        }
+    }
+
     /// Takes the next bytes of the stream (any split); `each` gets every message they complete.
     pub fn feed(&mut self, mut bytes: &[u8], mut each: impl FnMut(&[u8])) {
-        while !bytes.is_empty() {
+        while let Some((&first, rest)) = bytes.split_first() {
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len());
                 self.skip -= n;
                 bytes = &bytes[n..];
                 continue;
             }
-            let want = match self.buf.get(..2) {
-                Some(l) => 2 + usize::from(u16::from_be_bytes([l[0], l[1]])),
-                None => 2,
-            };
-            if want > 2 + MAX_TCP_MESSAGE {
-                // Too long to keep: let the rest of it pass.
-                self.skip = want - self.buf.len();
-                self.buf.clear();
+            if self.head_len < 2 {
+                self.head[self.head_len] = first;
+                self.head_len += 1;
+                bytes = rest;
+                let len = usize::from(u16::from_be_bytes(self.head));
+                if self.head_len == 2 && (len == 0 || len > self.max) {
+                    // An empty message, or one too long to keep: let it pass.
+                    self.skip = len;
+                    self.head_len = 0;
+                }
                 continue;
+            }
+            let want = usize::from(u16::from_be_bytes(self.head));
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(want);
             }
             let n = (want - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
-            if self.buf.len() == want && want > 2 {
-                each(&self.buf[2..]);
-                self.buf.clear();
-            } else if self.buf.len() == 2 && want == 2 && self.buf == [0, 0] {
-                self.buf.clear(); // an empty message
+            if self.buf.len() == want {
+                each(&self.buf);
+                self.buf = Vec::new();
+                self.head_len = 0;
             }
         }
     }
@@ -506,13 +610,16 @@ pub(crate) mod tests {
         b.msg.extend_from_slice(&[0xC0, at as u8]);
         b.rest(TYPE_A, 60, &[1, 2, 3, 4]);
         assert_eq!(collect(&b.msg).unwrap().1, vec![]);
-        assert_eq!(read_name(&b.msg, at).err(), Some(DnsError::BadName));
+        assert_eq!(read_name(&b.msg, at, &mut 0).err(), Some(DnsError::BadName));
         // Two pointers to each other, and a pointer forwards.
         let msg = [0xC0, 2, 0xC0, 0];
-        assert_eq!(read_name(&msg, 2).err(), Some(DnsError::BadName));
-        assert_eq!(read_name(&msg, 0).err(), Some(DnsError::BadName));
+        assert_eq!(read_name(&msg, 2, &mut 0).err(), Some(DnsError::BadName));
+        assert_eq!(read_name(&msg, 0, &mut 0).err(), Some(DnsError::BadName));
         // Reserved label types.
-        assert_eq!(read_name(&[0x40, 0], 0).err(), Some(DnsError::BadName));
+        assert_eq!(
+            read_name(&[0x40, 0], 0, &mut 0).err(),
+            Some(DnsError::BadName)
+        );
     }
 
     #[test]
@@ -571,6 +678,100 @@ pub(crate) mod tests {
             assert_eq!(got, vec![msg.clone(); 3], "split {split}");
             assert!(f.buf.capacity() <= 2 + MAX_TCP_MESSAGE);
         }
+    }
+
+    /// Most name-decoding steps one answer can take: every record's owner and each CNAME
+    /// link's target, each at most a step per pointer and per label plus its end.
+    const WORK_BOUND: u32 = (MAX_RECORDS + MAX_CHAIN + 1) as u32 * (MAX_HOPS + MAX_LABELS + 1);
+
+    /// A response to `x.test` whose first record's RDATA holds `hops` pointers, each to the one
+    /// before (the first to the question), followed by `records` records owned by the last.
+    fn pointer_chain(hops: usize, records: u16) -> (Vec<u8>, usize) {
+        let mut b = Builder::response("x.test", records + 1);
+        b.msg.extend_from_slice(&[0xC0, 12]);
+        let rdata_at = b.msg.len() + 10;
+        let mut rdata = Vec::new();
+        let mut prev = 12usize;
+        for i in 0..hops {
+            rdata.extend_from_slice(&[0xC0 | (prev >> 8) as u8, prev as u8]);
+            prev = rdata_at + 2 * i;
+        }
+        b.rest(99, 60, &rdata);
+        for _ in 0..records {
+            b.msg
+                .extend_from_slice(&[0xC0 | (prev >> 8) as u8, prev as u8]);
+            b.rest(TYPE_A, 60, &[10, 0, 0, 9]);
+        }
+        (b.msg, prev)
+    }
+
+    #[test]
+    fn a_long_pointer_chain_costs_a_bounded_amount_of_work() {
+        // 6,800 backward pointers in a 16 KB answer, and 127 records whose owner is the chain's
+        // end: without a cap on hops, each owner took 6,800 steps, on each CNAME pass.
+        let (msg, last) = pointer_chain(6_800, 127);
+        assert!(msg.len() < 16 * 1024);
+        assert_eq!(
+            read_name(&msg, last, &mut 0).err(),
+            Some(DnsError::BadName),
+            "too many hops"
+        );
+        let a = DnsAnswer::parse(&msg).unwrap();
+        let mut steps = 0;
+        a.addresses_counted(|_, _| {}, &mut steps);
+        assert!(steps <= WORK_BOUND, "{steps} steps");
+        // A chain of MAX_HOPS pointers is a name (x.test), and every record may use it: still
+        // within the bound.
+        let (msg, last) = pointer_chain(MAX_HOPS as usize - 1, MAX_RECORDS as u16 - 1);
+        let mut steps = 0;
+        let (name, _) = read_name(&msg, last, &mut steps).unwrap();
+        assert_eq!(name, DnsAnswer::parse(&msg).unwrap().question);
+        let mut found = 0;
+        let mut steps = 0;
+        DnsAnswer::parse(&msg)
+            .unwrap()
+            .addresses_counted(|_, _| found += 1, &mut steps);
+        assert_eq!(found, MAX_RECORDS - 1);
+        assert!(steps <= WORK_BOUND, "{steps} steps");
+        // One pointer more (the owner's own, to a chain of MAX_HOPS): not a name.
+        let (msg, last) = pointer_chain(MAX_HOPS as usize, 1);
+        assert!(read_name(&msg, last, &mut 0).is_ok());
+        let mut found = 0;
+        DnsAnswer::parse(&msg).unwrap().addresses(|_, _| found += 1);
+        assert_eq!(found, 0);
+    }
+
+    #[test]
+    fn queries_are_read_with_their_id_and_question() {
+        let mut q = Builder::response("WWW.Example.com", 0).msg;
+        q[2] = 0x01; // QR clear, RD
+        let query = DnsQuery::parse(&q).unwrap();
+        assert_eq!(query.id, 0x1234);
+        let answer = Builder::response("www.example.com", 0);
+        assert_eq!(
+            query.question,
+            *DnsAnswer::parse(&answer.msg).unwrap().question()
+        );
+        assert_eq!(DnsAnswer::parse(&answer.msg).unwrap().id(), 0x1234);
+        assert_eq!(
+            DnsQuery::parse(&answer.msg).err(),
+            Some(DnsError::NotAQuery)
+        );
+        q[2] = 0x01 | (2 << 3); // opcode STATUS
+        assert_eq!(DnsQuery::parse(&q).err(), Some(DnsError::NotAQuery));
+    }
+
+    #[test]
+    fn the_tcp_framer_holds_exactly_one_message_and_nothing_between_messages() {
+        let mut f = TcpFramer::default();
+        let mut got = Vec::new();
+        f.feed(&[0, 100], |m| got.push(m.to_vec()));
+        assert_eq!(f.buf.capacity(), 0, "a length and silence: no buffer");
+        f.feed(&[7], |m| got.push(m.to_vec()));
+        assert_eq!(f.buf.capacity(), 100, "exactly the announced length");
+        f.feed(&[7; 99], |m| got.push(m.to_vec()));
+        assert_eq!(got, vec![vec![7u8; 100]]);
+        assert_eq!(f.buf.capacity(), 0, "freed after the message");
     }
 
     /// A small xorshift, so the fuzz loop is reproducible without a dependency.

@@ -74,6 +74,26 @@ fn build_lab() -> Lab {
     Lab { lan, router, wan }
 }
 
+/// The LAN host asks `to` (a Python address tuple, of `family`) for www.direct.test over UDP;
+/// the answer's last four bytes in hex.
+fn resolve_lan(lan: &Netns, to: &str, family: &str) -> String {
+    let q: String = dns::query("www.direct.test", 7)
+        .iter()
+        .map(|b| format!("\\x{b:02x}"))
+        .collect();
+    let script = format!(
+        "import socket\n\
+         s=socket.socket(socket.{family},socket.SOCK_DGRAM)\n\
+         s.settimeout(2)\n\
+         for i in range(5):\n\
+         \x20 s.sendto(b'{q}',{to})\n\
+         \x20 try:\n\
+         \x20   d,a=s.recvfrom(512); print(d[-4:].hex()); break\n\
+         \x20 except socket.timeout: pass\n"
+    );
+    lan.output("python3", &["-c", &script]).trim().to_string()
+}
+
 /// An origin that answers each HTTP request (one per connection) with the address that
 /// connected, as `peer=IP`.
 fn serve_whoami(listener: TcpListener) {
@@ -391,7 +411,7 @@ const ORIGIN_DIRECT4: &str = "46.46.46.46";
 const ROUTER_WAN4: &str = "172.30.0.1";
 
 #[test]
-fn addresses_an_excluded_name_resolved_to_through_the_forwarder_bypass_the_tunnel_in_router_mode() {
+fn addresses_an_excluded_name_resolved_to_through_captured_dns_bypass_the_tunnel_in_router_mode() {
     let _lock = heavy_lock();
     let lab = build_lab();
     lab.wan
@@ -403,11 +423,14 @@ fn addresses_an_excluded_name_resolved_to_through_the_forwarder_bypass_the_tunne
         "via",
         WAN_LINK4,
     ]);
-    let (who, udp, resolver) = lab.wan.run_inside(|| {
+    // Two resolvers on port 53 at captured (not bypassed) addresses: the forwarder's
+    // upstream, and one a LAN host picks itself.
+    let (who, udp, resolver, rogue) = lab.wan.run_inside(|| {
         let who = TcpListener::bind((ORIGIN_DIRECT4, 0)).unwrap();
         let udp = UdpSocket::bind((ORIGIN_DIRECT4, 0)).unwrap();
-        let resolver = UdpSocket::bind((WAN_LINK4, 0)).unwrap();
-        (who, udp, resolver)
+        let resolver = UdpSocket::bind((ORIGIN4, 53)).unwrap();
+        let rogue = UdpSocket::bind((ORIGIN6, 53)).unwrap();
+        (who, udp, resolver, rogue)
     });
     let (who_port, udp_port) = (
         who.local_addr().unwrap().port(),
@@ -417,12 +440,11 @@ fn addresses_an_excluded_name_resolved_to_through_the_forwarder_bypass_the_tunne
     std::thread::spawn(move || serve_whoami(who));
     std::thread::spawn(move || serve_udp_whoami(udp));
     let origin: std::net::Ipv4Addr = ORIGIN_DIRECT4.parse().unwrap();
-    dns::serve_udp(
-        resolver,
-        [("www.direct.test".to_string(), origin)]
-            .into_iter()
-            .collect(),
-    );
+    let table: std::collections::HashMap<_, _> = [("www.direct.test".to_string(), origin)]
+        .into_iter()
+        .collect();
+    dns::serve_udp(resolver, table.clone());
+    dns::serve_udp(rogue, table);
     let forwarder = "192.168.77.1:5353";
     let (_server, _key, client, _dir) = start_router_client(
         &lab,
@@ -444,24 +466,21 @@ fn addresses_an_excluded_name_resolved_to_through_the_forwarder_bypass_the_tunne
         "{answer}"
     );
 
-    // The LAN host resolves the excluded name through the forwarder (dnsmasq's `server=`).
-    let q: String = dns::query("www.direct.test", 7)
-        .iter()
-        .map(|b| format!("\\x{b:02x}"))
-        .collect();
-    let script = format!(
-        "import socket\n\
-         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-         s.settimeout(2)\n\
-         for i in range(5):\n\
-         \x20 s.sendto(b'{q}',('192.168.77.1',5353))\n\
-         \x20 try:\n\
-         \x20   d,a=s.recvfrom(512); print(d[-4:].hex()); break\n\
-         \x20 except socket.timeout: pass\n"
-    );
-    let out = lab.lan.output("python3", &["-c", &script]);
+    // The LAN host asks a resolver of its own choosing (captured, through the tunnel): the
+    // answer arrives but teaches nothing (else any LAN host could pick what goes direct).
     assert_eq!(
-        out.trim(),
+        resolve_lan(&lab.lan, &format!("('{ORIGIN6}',53)"), "AF_INET6"),
+        "2e2e2e2e"
+    );
+    assert_eq!(
+        fetch_lan(&lab.lan, &url).unwrap(),
+        format!("peer={ORIGIN_DIRECT4}"),
+        "learned from a resolver the LAN host picked\n{}",
+        client.log_text()
+    );
+    // The LAN host asks the forwarder's upstream itself (captured on its way to port 53).
+    assert_eq!(
+        resolve_lan(&lab.lan, &format!("('{ORIGIN4}',53)"), "AF_INET"),
         "2e2e2e2e",
         "the answer carries {ORIGIN_DIRECT4}"
     );

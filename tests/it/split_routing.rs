@@ -3,7 +3,8 @@
 //! excluded address are connected directly by the client (intact, and the server counts
 //! nothing), while the same origin reached at a non-excluded address goes through the tunnel.
 //! An address an excluded name resolved to through the DNS forwarder (UDP and TCP) or a SOCKS5
-//! UDP association goes direct too, until a reload drops the name.
+//! UDP association to the forwarder's upstream goes direct too (except to port 53), until a
+//! reload drops the name; answers from other resolvers and forged answers teach nothing.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -27,6 +28,15 @@ fn start_origin() -> u16 {
             return port;
         }
     }
+}
+
+/// The same origin inside `ns` (at its address, reached over the veth pair): learned addresses
+/// must be real ones, never loopback. Its address.
+fn origin_in(ns: &Netns) -> SocketAddr {
+    let l = ns.run_inside(|| TcpListener::bind((ns.ns_addr, 0)).unwrap());
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || bulk_http::serve(l));
+    addr
 }
 
 fn download(proxy: SocketAddr, target: Target, n: u64) -> Digest {
@@ -142,7 +152,9 @@ fn resolve(forwarder: SocketAddr, name: &str) -> Vec<u8> {
 #[test]
 fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until_a_reload() {
     let http = start_origin();
-    let origin = SocketAddr::from(([127, 0, 0, 3], http));
+    let (ns3, ns4) = (Netns::create(), Netns::create());
+    let (origin, origin4) = (origin_in(&ns3), origin_in(&ns4));
+    let (ip3, ip4) = (ns3.ns_addr, ns4.ns_addr);
     let (resolver, resolver_tcp) = loop {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
@@ -152,12 +164,12 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     };
     let upstream = resolver.local_addr().unwrap();
     let table: std::collections::HashMap<_, _> = [
-        ("www.direct.test", [127, 0, 0, 3]),
-        ("other.test", [127, 0, 0, 3]),
-        ("tcp.direct.test", [127, 0, 0, 4]),
+        ("www.direct.test", ip3),
+        ("other.test", ip3),
+        ("tcp.direct.test", ip4),
     ]
     .into_iter()
-    .map(|(n, a)| (n.to_string(), a.into()))
+    .map(|(n, a)| (n.to_string(), a))
     .collect();
     dns::serve_udp(resolver, table.clone());
     dns::serve_tcp(resolver_tcp, table);
@@ -192,7 +204,7 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
     assert!(counted >= n, "through the tunnel: {counted}");
     let answer = resolve(forwarder, "other.test");
-    assert!(answer.ends_with(&[127, 0, 0, 3]), "{answer:?}");
+    assert!(answer.ends_with(&ip3.octets()), "{answer:?}");
     let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
     assert!(
         counted >= n,
@@ -201,7 +213,7 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
 
     // An excluded name resolved to it (through a CNAME): direct from now on.
     let answer = resolve(forwarder, "WWW.direct.test");
-    assert!(answer.ends_with(&[127, 0, 0, 3]), "{answer:?}");
+    assert!(answer.ends_with(&ip3.octets()), "{answer:?}");
     let counted = counted_for_download(&server, &key, proxy, origin, n, expected);
     assert!(
         counted < n / 2,
@@ -210,7 +222,6 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     );
 
     // The same over TCP (two answers on one connection, each split across reads).
-    let origin4 = SocketAddr::from(([127, 0, 0, 4], http));
     let counted = counted_for_download(&server, &key, proxy, origin4, n, expected);
     assert!(counted >= n, "not learned yet: {counted}");
     let mut s = std::net::TcpStream::connect(forwarder).unwrap();
@@ -223,7 +234,7 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
         s.read_exact(&mut len).unwrap();
         let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
         s.read_exact(&mut a).unwrap();
-        assert!(a.ends_with(&[127, 0, 0, 4]), "{a:?}");
+        assert!(a.ends_with(&ip4.octets()), "{a:?}");
     }
     let counted = counted_for_download(&server, &key, proxy, origin4, n, expected);
     assert!(counted < n / 2, "learned over TCP: {counted}");
@@ -241,40 +252,47 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     assert!(counted >= n, "forgotten at the reload: {counted}");
 }
 
-#[test]
-fn a_dns_answer_through_a_socks5_udp_association_teaches_the_proxy_too() {
-    // The resolver must be on port 53 (only those answers are read): in a namespace of its
-    // own, which the server reaches over the veth pair.
-    let ns = Netns::create();
-    let resolver = ns.run_inside(|| std::net::UdpSocket::bind((ns.ns_addr, 53)).unwrap());
-    let resolver_addr = resolver.local_addr().unwrap();
-    let table = [("udp.direct.test".to_string(), [127, 0, 0, 5].into())]
-        .into_iter()
-        .collect();
-    dns::serve_udp(resolver, table);
-    let http = start_origin();
-    let origin = SocketAddr::from(([127, 0, 0, 5], http));
-    let key = new_key();
-    let server = Server::start(ServerSpec::new(&key));
-    let client = Client::spawn(
-        server.udp,
-        &key,
-        json!({"exclude": {"domains": ["direct.test"]}}),
-    );
-    client.wait_connected(0);
-    let n = 1_000_000;
-    let expected = expected_sum(http, n);
-    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
-    assert!(counted >= n, "not learned yet: {counted}");
+/// A resolver on port 53 of `ns` answering "udp.direct.test" with `real`; with `forge`, each
+/// genuine answer is followed by one nobody asked for (another ID, another name: what an
+/// off-path attacker sprays at the server's relay ports) giving "forged.direct.test" `ns`'s own
+/// address.
+fn resolver_on_53(ns: &Netns, real: std::net::Ipv4Addr, forge: bool) -> SocketAddr {
+    let sock = ns.run_inside(|| std::net::UdpSocket::bind((ns.ns_addr, 53)).unwrap());
+    let addr = sock.local_addr().unwrap();
+    let table: std::collections::HashMap<String, std::net::Ipv4Addr> = [
+        ("udp.direct.test", real),
+        ("forged.direct.test", ns.ns_addr),
+    ]
+    .into_iter()
+    .map(|(n, a)| (n.to_string(), a))
+    .collect();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if let Some(a) = dns::answer(&buf[..n], &table) {
+                let _ = sock.send_to(&a, from);
+            }
+            if forge {
+                let forged = dns::answer(&dns::query("forged.direct.test", 0x7777), &table);
+                let _ = sock.send_to(&forged.unwrap(), from);
+            }
+        }
+    });
+    addr
+}
 
-    let (_control, relay) = socks5_udp_associate(client.proxy);
+/// Asks `resolver` for "udp.direct.test" through a SOCKS5 UDP association of `proxy`.
+fn resolve_through_association(
+    proxy: SocketAddr,
+    resolver: SocketAddr,
+    real: std::net::Ipv4Addr,
+    client: &Client,
+) {
+    let (_control, relay) = socks5_udp_associate(proxy);
     let app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     app.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    let packet = socks5_udp_packet(
-        &Target::Ip(resolver_addr),
-        &dns::query("udp.direct.test", 9),
-    );
+    let packet = socks5_udp_packet(&Target::Ip(resolver), &dns::query("udp.direct.test", 9));
     let mut buf = [0u8; 1024];
     let answer = (0..20)
         .find_map(|_| {
@@ -289,10 +307,66 @@ fn a_dns_answer_through_a_socks5_udp_association_teaches_the_proxy_too() {
                 client.proc.log_text()
             )
         });
-    assert!(answer.ends_with(&[127, 0, 0, 5]), "{answer:?}");
+    assert!(answer.ends_with(&real.octets()), "{answer:?}");
+    // Let a forged datagram that follows the answer arrive too.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn a_dns_answer_through_a_socks5_udp_association_teaches_only_from_the_configured_resolver() {
+    // Resolvers on port 53, each in a namespace of its own which the server reaches over the
+    // veth pair: the forwarder's upstream (which also sprays forged answers) and another one.
+    // The learned address is other_ns's (an origin on it, and on its TCP port 53); the forged
+    // one is ns's.
+    let (ns, other_ns) = (Netns::create(), Netns::create());
+    let real = other_ns.ns_addr;
+    let upstream = resolver_on_53(&ns, real, true);
+    let other = resolver_on_53(&other_ns, real, false);
+    let http = start_origin();
+    let origin = origin_in(&other_ns);
+    let forged_origin = origin_in(&ns);
+    let dns_port = other_ns.run_inside(|| TcpListener::bind((real, 53)).unwrap());
+    std::thread::spawn(move || bulk_http::serve(dns_port));
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let client = Client::spawn(
+        server.udp,
+        &key,
+        json!({
+            "exclude": {"domains": ["direct.test"]},
+            "dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()},
+        }),
+    );
+    client.wait_connected(0);
+    let n = 1_000_000;
+    let expected = expected_sum(http, n);
+    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
+    assert!(counted >= n, "not learned yet: {counted}");
+
+    // A resolver the application chose (not tun.dns, not the forwarder's upstream): its
+    // answer reaches the application but teaches nothing.
+    resolve_through_association(client.proxy, other, real, &client);
+    let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
+    assert!(
+        counted >= n,
+        "learned from an unconfigured resolver: {counted}"
+    );
+
+    // The forwarder's upstream: its answer teaches; the forged one that followed does not.
+    resolve_through_association(client.proxy, upstream, real, &client);
     let counted = counted_for_download(&server, &key, client.proxy, origin, n, expected);
     assert!(
         counted < n / 2,
         "learned through the association: {counted}"
+    );
+    let counted = counted_for_download(&server, &key, client.proxy, forged_origin, n, expected);
+    assert!(counted >= n, "a forged answer was learned: {counted}");
+    // Port 53 of the learned address (a SOCKS5 request by address): through the tunnel.
+    let dns_origin = SocketAddr::new(real.into(), 53);
+    let counted = counted_for_download(&server, &key, client.proxy, dns_origin, n, expected);
+    assert!(
+        counted >= n,
+        "DNS to a learned address went direct: {counted}"
     );
 }

@@ -398,7 +398,9 @@ fn addresses_an_excluded_name_resolved_to_are_connected_around_the_tunnel() {
     ]);
     let host = IpAddr::V4(origin);
     let (http, udp) = dns::start_whoami(host);
-    let resolver = UdpSocket::bind((inside.host_addr, 0)).unwrap();
+    // The resolver (tun.dns) is on the origin's address too: once learned, DNS to it must
+    // still go through the tunnel.
+    let resolver = UdpSocket::bind((origin, 0)).unwrap();
     let resolver_addr = resolver.local_addr().unwrap();
     let table = ["www.direct.test", "other.test"]
         .into_iter()
@@ -458,6 +460,13 @@ fn addresses_an_excluded_name_resolved_to_are_connected_around_the_tunnel() {
         client.log_text()
     );
     assert_eq!(udp_seen_from(), direct, "UDP to the learned address");
+    // tun.dns is on the learned address: DNS still goes through the tunnel (the resolver
+    // answers whoami.test with the address it was asked from).
+    let a = dns_exchange_inside(&inside, asked, &dns::query("whoami.test", 3)).unwrap();
+    assert!(
+        a.ends_with(&origin.octets()),
+        "DNS to tun.dns on a learned address went around the tunnel: {a:?}"
+    );
     client.signal("TERM");
     let mut client = client;
     assert!(client.wait_exit(Duration::from_secs(10)).is_some());

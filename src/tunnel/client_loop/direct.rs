@@ -77,11 +77,12 @@ impl Direct {
 
 impl ClientLoop {
     /// Whether `request`'s destination bypasses the tunnel (an address may be excluded by range
-    /// or learned from an excluded name's DNS answer).
+    /// or learned from an excluded name's DNS answer; DNS to a learned address never goes
+    /// direct).
     pub(super) fn is_excluded(&mut self, request: &ProxyRequest, now: Instant) -> bool {
         match request.dest() {
             Some(Destination::Addr(a)) => {
-                self.options.exclude.excludes_ip(a.ip()) || self.is_learned(a.ip(), now)
+                self.options.exclude.excludes_ip(a.ip()) || self.learned_goes_direct(*a, now)
             }
             Some(Destination::Domain { name, .. }) => self.options.exclude.excludes_domain(name),
             None => false,

@@ -105,6 +105,27 @@ fn open_socket(dest: SocketAddr, mark: Option<u32>) -> io::Result<std::net::UdpS
     Ok(sock)
 }
 
+/// Reads up to [`RECV_BATCH`] answers from `sock` (connected to `dest`) into `buf`, each to
+/// `each`; whether it may hold more. Only `WouldBlock` ends the batch early: on a connected
+/// UDP socket an ICMP error (`ECONNREFUSED`, unreachable) is reported before the answers
+/// queued behind it, so other errors are logged and reading goes on.
+fn read_batch(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    dest: SocketAddr,
+    mut each: impl FnMut(&[u8]),
+) -> bool {
+    for _ in 0..RECV_BATCH {
+        match sock.recv(buf) {
+            Ok(n) => each(buf.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => log::debug!("direct UDP from {dest}: {e}"),
+        }
+    }
+    true
+}
+
 impl ClientLoop {
     /// A captured datagram of flow `id` to `dest`: sent directly when the flow is direct already
     /// or `dest` is a learned address (true), else left to the tunnel (false). DNS (port 53,
@@ -126,7 +147,7 @@ impl ClientLoop {
                     let registry = self.core.registry();
                     self.direct_udp.close(i, registry, &mut self.learned);
                 }
-                if !self.captured_goes_direct(dest, now) {
+                if !self.learned_goes_direct(dest, now) {
                     return false;
                 }
                 match self.open_direct_flow(id, dest, now) {
@@ -193,27 +214,19 @@ impl ClientLoop {
             d.any_readable = false;
             let mut buf = std::mem::take(&mut self.buf);
             for (_, f) in d.flows.iter_mut() {
-                for _ in 0..RECV_BATCH {
-                    if !f.readable {
-                        break;
-                    }
-                    match f.sock.recv(&mut buf) {
-                        Ok(n) => {
-                            f.last = now;
-                            let data = buf.get(..n).unwrap_or_default();
-                            if TunFront::owns(f.id) {
-                                self.tun_datagram_in(now, f.id, data);
-                            } else if REDIR_FLOW_IDS.contains(&f.id) {
-                                self.redir_datagram_in(now, f.id, data);
-                            }
+                if f.readable {
+                    let id = f.id;
+                    let mut answered = false;
+                    f.readable = read_batch(&f.sock, &mut buf, f.dest, |data| {
+                        answered = true;
+                        if TunFront::owns(id) {
+                            self.tun_datagram_in(now, id, data);
+                        } else if REDIR_FLOW_IDS.contains(&id) {
+                            self.redir_datagram_in(now, id, data);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            if e.kind() != io::ErrorKind::WouldBlock {
-                                log::debug!("direct UDP from {}: {e}", f.dest);
-                            }
-                            f.readable = false;
-                        }
+                    });
+                    if answered {
+                        f.last = now;
                     }
                 }
                 d.any_readable |= f.readable;
@@ -233,5 +246,29 @@ impl ClientLoop {
             d.next_expire = (!d.flows.is_empty()).then_some(now + EXPIRE_EVERY);
         }
         self.direct_udp = d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_icmp_error_does_not_hide_the_answers_queued_behind_it() {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dest = peer.local_addr().unwrap();
+        let sock = open_socket(dest, None).unwrap();
+        peer.send_to(b"answer", sock.local_addr().unwrap()).unwrap();
+        drop(peer);
+        // The next datagram finds the port closed: an ICMP port unreachable comes back and
+        // the socket reports ECONNREFUSED before the queued answer.
+        sock.send(b"query").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let sock = UdpSocket::from_std(sock);
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        let more = read_batch(&sock, &mut buf, dest, |d| got.push(d.to_vec()));
+        assert_eq!(got, vec![b"answer".to_vec()]);
+        assert!(!more, "drained: WouldBlock ends the batch");
     }
 }

@@ -11,9 +11,11 @@ use mio::Interest;
 use mio::net::{TcpListener, UdpSocket};
 
 use super::ClientLoop;
+use super::learn::Teacher;
 use crate::proto::transport::{AssocId, Destination};
 use crate::tunnel::driver::token::Tok;
 use crate::tunnel::driver::udp;
+use crate::tunnel::learned::QueryFlow;
 use crate::tunnel::udp_flows::{DNS_FORWARD_IDS, UdpFlows};
 
 /// How often idle querying addresses are forgotten (after `udp_flows::UDP_IDLE` without a
@@ -105,6 +107,8 @@ impl ClientLoop {
         if dns.readable {
             let slot = self.pick_slot();
             let slots = &mut self.slots;
+            let (learned, pending) = (&mut self.learned, &mut self.dns_queries);
+            let mut teacher = Teacher::new(&self.options, learned, pending, now);
             let DnsForward {
                 udp,
                 upstream,
@@ -113,6 +117,7 @@ impl ClientLoop {
             } = &mut dns;
             let readiness = udp::drain(udp, &mut self.buf, RECV_BATCH, |query, from| {
                 let (id, _) = clients.outbound(from, *upstream, now);
+                teacher.query(QueryFlow::Datagrams(id), *upstream, query);
                 let Some(session) = slot.and_then(|s| slots[s].session_mut()) else {
                     return; // no session: dropped (resolvers retry)
                 };
@@ -127,13 +132,8 @@ impl ClientLoop {
         self.dns = Some(dns);
     }
 
-    /// An answer from the tunnel: to the address that asked (an excluded name's addresses are
-    /// learned on the way).
+    /// An answer from the tunnel: to the address that asked.
     pub(super) fn dns_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
-        if self.dns.is_none() {
-            return;
-        }
-        self.learn_from_dns(now, data);
         let Some(dns) = self.dns.as_mut() else {
             return;
         };

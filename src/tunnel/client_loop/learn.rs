@@ -1,77 +1,167 @@
 //! Split routing by name where the client sees only addresses (a child module of
-//! `client_loop`): DNS answers passing through the client — TUN and router mode's captured DNS,
-//! the DNS forwarder, SOCKS5 associations to port 53 — teach [`LearnedAddrs`] the addresses of names
-//! under `exclude.domains`; captured TCP connections (TUN and router mode) to such an address
-//! are then connected directly ([`super::direct`]), as are SOCKS5/HTTP requests by address.
-//! DNS over TCP (captured port 53, the forwarder's TCP side) is read as it passes to the
-//! application ([`Tapped`]).
+//! `client_loop`): DNS answers passing through the client from a resolver it was configured with
+//! (`tun.dns`, the DNS forwarder's `upstream`) teach [`LearnedAddrs`] the addresses of names
+//! under `exclude.domains` — but only an answer to a query the client itself forwarded on the
+//! same flow or connection, from the address it went to, with its ID and question
+//! ([`PendingQueries`]). Captured TCP connections and UDP flows (TUN and router mode) to such an
+//! address are then connected directly ([`super::direct`]), as are SOCKS5/HTTP requests by
+//! address. DNS over TCP to those resolvers is read as it passes ([`Tapped`]).
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use super::{Capture, ClientLoop, LocalState};
-use crate::proto::transport::Destination;
-use crate::tunnel::dns_wire::{DnsAnswer, TcpFramer};
-use crate::tunnel::exclude::Exclude;
-use crate::tunnel::learned::LearnedAddrs;
+use super::{Capture, ClientLoop, ClientOptions, LocalState};
+use crate::proto::transport::{AssocId, Destination};
+use crate::tunnel::dns_wire::{DnsAnswer, DnsQuery, TcpFramer};
+use crate::tunnel::learned::{LearnedAddrs, PendingQueries, QueryFlow};
 use crate::tunnel::pipe::ShutdownWrite;
 use crate::tunnel::proxy_front::{FrontProtocol, ProxyRequest};
 
-/// Learns the addresses of DNS answer `msg` when its question is under `exclude.domains`
-/// (anything else is ignored); how many.
-pub(super) fn learn_answer(
-    exclude: &Exclude,
-    learned: &mut LearnedAddrs,
+/// Longest DNS-over-TCP query remembered (queries are a few hundred bytes at most).
+const MAX_TCP_QUERY: usize = 1024;
+
+/// Whether answers from `addr` may teach: it is `tun.dns` or the forwarder's `upstream`. Any
+/// other resolver is one a LAN host or a local application chose, and would let it pick
+/// addresses that go around the tunnel for everyone.
+fn teaches(options: &ClientOptions, addr: SocketAddr) -> bool {
+    let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+    let tun_dns = options.tun.as_ref().and_then(|t| t.dns);
+    let upstream = options.dns_forward.map(|d| d.upstream);
+    [tun_dns, upstream]
+        .into_iter()
+        .flatten()
+        .any(|r| SocketAddr::new(r.ip().to_canonical(), r.port()) == addr)
+}
+
+/// The DNS side of split routing for one call: queries going out are remembered, answers
+/// coming back are checked against them and teach.
+pub(super) struct Teacher<'a> {
+    options: &'a ClientOptions,
+    learned: &'a mut LearnedAddrs,
+    pending: &'a mut PendingQueries,
     now: Instant,
-    msg: &[u8],
-) -> u32 {
-    if !exclude.has_domains() {
-        return 0;
-    }
-    let Ok(answer) = DnsAnswer::parse(msg) else {
-        return 0;
-    };
-    let mut text = [0u8; 255];
-    let Some(name) = answer.question().text(&mut text) else {
-        return 0;
-    };
-    if !exclude.excludes_domain(name) {
-        return 0;
-    }
-    let mut count = 0u32;
-    answer.addresses(|ip, ttl| {
-        if learned.learn(ip, ttl, name, now) {
-            count += 1;
+}
+
+impl<'a> Teacher<'a> {
+    pub(super) fn new(
+        options: &'a ClientOptions,
+        learned: &'a mut LearnedAddrs,
+        pending: &'a mut PendingQueries,
+        now: Instant,
+    ) -> Self {
+        Teacher {
+            options,
+            learned,
+            pending,
+            now,
         }
-    });
-    if count > 0 {
-        log::debug!("split routing: {name} resolved to {count} address(es) that go direct");
     }
-    count
+
+    /// `msg` leaves on `flow` for `to`: a query for an excluded name to a resolver that
+    /// teaches is remembered; anything else is ignored.
+    pub(super) fn query(&mut self, flow: QueryFlow, to: SocketAddr, msg: &[u8]) {
+        let exclude = &self.options.exclude;
+        if !exclude.has_domains() || !teaches(self.options, to) {
+            return;
+        }
+        let Ok(query) = DnsQuery::parse(msg) else {
+            return;
+        };
+        let mut text = [0u8; 255];
+        if query
+            .question
+            .text(&mut text)
+            .is_some_and(|name| exclude.excludes_domain(name))
+        {
+            self.pending
+                .note(flow, to, query.id, &query.question, self.now);
+        }
+    }
+
+    /// `msg` arrived on `flow` from `from`: when it answers a remembered query, its addresses
+    /// are learned (CNAME chains followed); how many.
+    pub(super) fn answer(&mut self, flow: QueryFlow, from: SocketAddr, msg: &[u8]) -> u32 {
+        if self.pending.is_empty() || !teaches(self.options, from) {
+            return 0;
+        }
+        let Ok(answer) = DnsAnswer::parse(msg) else {
+            return 0;
+        };
+        let (id, question) = (answer.id(), answer.question());
+        if !self.pending.answered(flow, from, id, question, self.now) {
+            return 0;
+        }
+        let mut text = [0u8; 255];
+        let Some(name) = question.text(&mut text) else {
+            return 0;
+        };
+        if !self.options.exclude.excludes_domain(name) {
+            return 0; // a reload since the query
+        }
+        let mut count = 0u32;
+        answer.addresses(|ip, ttl| {
+            if self.learned.learn(ip, ttl, name, self.now) {
+                count += 1;
+            }
+        });
+        if count > 0 {
+            log::debug!("split routing: {name} resolved to {count} address(es) that go direct");
+        }
+        count
+    }
 }
 
-/// A DNS-over-TCP connection's socket as its pipe sees it: what is written to the application
-/// also goes through the framer, and each whole answer to `each`.
-pub(super) struct Tapped<'a, F: FnMut(&[u8])> {
+/// DNS over TCP on a local connection to a resolver that teaches: the application's queries
+/// and the answers it gets, framed as they pass.
+#[derive(Debug)]
+pub(super) struct DnsTap {
+    flow: QueryFlow,
+    resolver: SocketAddr,
+    queries: TcpFramer,
+    answers: TcpFramer,
+}
+
+/// A DNS-over-TCP connection's socket as its pipe sees it: what the application writes goes
+/// through the query framer, what is written to it through the answer framer.
+pub(super) struct Tapped<'a, 'b> {
     pub(super) sock: &'a mut TcpStream,
-    pub(super) framer: &'a mut TcpFramer,
-    pub(super) each: F,
+    pub(super) tap: &'a mut DnsTap,
+    pub(super) teacher: Teacher<'b>,
 }
 
-impl<F: FnMut(&[u8])> Read for Tapped<'_, F> {
+impl Read for Tapped<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.read(buf)
+        let n = self.sock.read(buf)?;
+        let DnsTap {
+            flow,
+            resolver,
+            queries,
+            ..
+        } = &mut *self.tap;
+        let teacher = &mut self.teacher;
+        queries.feed(buf.get(..n).unwrap_or_default(), |m| {
+            teacher.query(*flow, *resolver, m)
+        });
+        Ok(n)
     }
 }
 
-impl<F: FnMut(&[u8])> Write for Tapped<'_, F> {
+impl Write for Tapped<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.sock.write(buf)?;
-        self.framer
-            .feed(buf.get(..n).unwrap_or_default(), &mut self.each);
+        let DnsTap {
+            flow,
+            resolver,
+            answers,
+            ..
+        } = &mut *self.tap;
+        let teacher = &mut self.teacher;
+        answers.feed(buf.get(..n).unwrap_or_default(), |m| {
+            _ = teacher.answer(*flow, *resolver, m)
+        });
         Ok(n)
     }
 
@@ -80,30 +170,80 @@ impl<F: FnMut(&[u8])> Write for Tapped<'_, F> {
     }
 }
 
-impl<F: FnMut(&[u8])> ShutdownWrite for Tapped<'_, F> {
+impl ShutdownWrite for Tapped<'_, '_> {
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.sock.shutdown_write()
     }
 }
 
 impl ClientLoop {
-    /// A DNS answer on its way to an application: when its question is under
-    /// `exclude.domains`, its addresses (CNAME chains followed) are learned. Anything that is
-    /// not such an answer is ignored.
-    pub(super) fn learn_from_dns(&mut self, now: Instant, msg: &[u8]) {
-        learn_answer(&self.options.exclude, &mut self.learned, now, msg);
+    /// The tunnel server's addresses are never learned.
+    fn protect_server(&mut self) {
+        for a in [self.server_addr, self.last_server_addr]
+            .into_iter()
+            .flatten()
+        {
+            self.learned.protect(a.ip());
+        }
     }
 
-    /// Whether connections to `ip` go direct because an excluded name resolved to it.
-    pub(super) fn is_learned(&mut self, ip: IpAddr, now: Instant) -> bool {
-        self.learned.contains(ip, now)
+    /// A datagram of flow `id` leaves for `to` through the tunnel: a query whose answer may
+    /// teach is remembered.
+    pub(super) fn dns_query_out(&mut self, now: Instant, id: AssocId, to: SocketAddr, msg: &[u8]) {
+        let (learned, pending) = (&mut self.learned, &mut self.dns_queries);
+        Teacher::new(&self.options, learned, pending, now).query(QueryFlow::Datagrams(id), to, msg);
     }
 
-    /// Whether a captured connection or flow to `dest` goes direct: a learned address, unless
-    /// it is DNS (port 53 or `tun.dns`), which always goes through the tunnel.
-    pub(super) fn captured_goes_direct(&mut self, dest: SocketAddr, now: Instant) -> bool {
+    /// A datagram from the tunnel for association `id`, sent by `from`: the answer to a
+    /// remembered query teaches split routing.
+    pub(super) fn dns_answer_in(
+        &mut self,
+        now: Instant,
+        id: AssocId,
+        from: &Destination,
+        msg: &[u8],
+    ) {
+        let Destination::Addr(from) = from else {
+            return;
+        };
+        if self.dns_queries.is_empty() {
+            return;
+        }
+        self.protect_server();
+        let (learned, pending) = (&mut self.learned, &mut self.dns_queries);
+        Teacher::new(&self.options, learned, pending, now).answer(
+            QueryFlow::Datagrams(id),
+            *from,
+            msg,
+        );
+    }
+
+    /// The tap for local connection `idx` (`serial`) to `dest` when it is DNS over TCP to a
+    /// resolver that teaches (and names are excluded).
+    pub(super) fn dns_tap(
+        &mut self,
+        idx: usize,
+        serial: u32,
+        dest: SocketAddr,
+    ) -> Option<Box<DnsTap>> {
+        if !self.options.exclude.has_domains() || !teaches(&self.options, dest) {
+            return None;
+        }
+        self.protect_server();
+        Some(Box::new(DnsTap {
+            flow: QueryFlow::Conn { index: idx, serial },
+            resolver: dest,
+            queries: TcpFramer::new(MAX_TCP_QUERY),
+            answers: TcpFramer::default(),
+        }))
+    }
+
+    /// Whether a new connection or flow to `dest` goes direct because an excluded name
+    /// resolved to its address — never DNS (port 53 or `tun.dns`), which always goes through
+    /// the tunnel.
+    pub(super) fn learned_goes_direct(&mut self, dest: SocketAddr, now: Instant) -> bool {
         let tun_dns = self.options.tun.as_ref().and_then(|t| t.dns);
-        dest.port() != 53 && tun_dns != Some(dest) && self.is_learned(dest.ip(), now)
+        dest.port() != 53 && tun_dns != Some(dest) && self.learned.contains(dest.ip(), now)
     }
 
     /// A captured connection to a learned address: connected directly, no request read, no

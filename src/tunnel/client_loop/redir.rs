@@ -235,6 +235,7 @@ impl ClientLoop {
                 }
                 let (id, _) = redir.flows.outbound(d.from, d.to, now);
                 let data = buf.get(..d.len).unwrap_or_default();
+                self.dns_query_out(now, id, d.to, data);
                 if !self.direct_flow_send(now, id, d.to, data) {
                     self.send_flow_datagram(&mut redir.flow_slots, id, d.to, data);
                 }

@@ -159,6 +159,7 @@ impl ClientLoop {
                         id, dest, payload, ..
                     } => {
                         let data = packet.get(payload).unwrap_or_default();
+                        self.dns_query_out(now, id, dest, data);
                         if !self.direct_flow_send(now, id, dest, data) {
                             self.send_flow_datagram(&mut tun.flow_slots, id, dest, data);
                         }
@@ -172,14 +173,8 @@ impl ClientLoop {
     }
 
     /// An answer from the tunnel (or a direct socket) for a TUN flow: written to the device as
-    /// an IP/UDP packet. A DNS answer teaches split routing the addresses of excluded names.
+    /// an IP/UDP packet.
     pub(super) fn tun_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
-        let Some(tun) = self.tun.as_ref() else {
-            return;
-        };
-        if tun.front.flow_dest(id).is_some_and(|d| d.port() == 53) {
-            self.learn_from_dns(now, data);
-        }
         let Some(tun) = self.tun.as_mut() else {
             return;
         };

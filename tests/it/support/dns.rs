@@ -62,11 +62,16 @@ pub fn answer(q: &[u8], table: &HashMap<String, Ipv4Addr>) -> Option<Vec<u8>> {
     Some(a)
 }
 
-/// Answers queries on `sock` from `table` until the process ends.
+/// Answers queries on `sock` from `table` until the process ends; `whoami.test` is answered
+/// with the (IPv4) address the query came from.
 pub fn serve_udp(sock: UdpSocket, table: HashMap<String, Ipv4Addr>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
+        let mut table = table;
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if let IpAddr::V4(v4) = from.ip() {
+                table.insert("whoami.test".to_string(), v4);
+            }
             if let Some(a) = answer(&buf[..n], &table) {
                 let _ = sock.send_to(&a, from);
             }
