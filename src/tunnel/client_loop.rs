@@ -2379,12 +2379,24 @@ mod tests {
             slot: None,
             last_active: Instant::now(),
         };
+        let text = r#"{"mode": "client", "server": "127.0.0.1:50000", "access_key": "c8a6fde902b4e23910cde882b7cf1612"}"#;
+        let crate::config::Config::Client(cfg) =
+            crate::config::parse(std::path::Path::new("c.json"), text).unwrap()
+        else {
+            panic!("not a client config")
+        };
+        let options = ClientOptions::from_config(&cfg).unwrap();
+        let (mut learned, mut pending) = (
+            LearnedAddrs::default(),
+            crate::tunnel::learned::PendingQueries::default(),
+        );
         let mut datagram = vec![0, 0, 0, 1, 10, 0, 0, 1, 0, 53];
         datagram.extend_from_slice(b"query");
         AssocUplink {
             slots: &mut slots,
             route: &mut route,
             now: Instant::now(),
+            dns: learn::Teacher::new(&options, &mut learned, &mut pending, Instant::now()),
         }
         .forward(&datagram, owner);
         assert_eq!(
@@ -2399,6 +2411,7 @@ mod tests {
             slots: &mut slots,
             route: &mut route,
             now: Instant::now(),
+            dns: learn::Teacher::new(&options, &mut learned, &mut pending, Instant::now()),
         }
         .forward(&datagram, owner);
         assert_eq!(route.slot, Some(0));
