@@ -25,7 +25,11 @@ const MIN_CWND_PACKETS: u64 = 4;
 /// plus the peer's ACK decimation (it holds up to `DECIMATED_THRESHOLD` delivered packets
 /// unacknowledged, and they count as in flight). Without it a path with a BDP of a few packets
 /// (loopback, a LAN) would wait for the peer's delayed-ACK timer every window.
-const CWND_EXTRA_PACKETS: u64 = 3 + super::ack::DECIMATED_THRESHOLD as u64;
+/// Once the pipe is full, measured ACK aggregation ([`AckAggregation`]) takes the decimation
+/// term's place when it is larger (never both: the decimated ACKs are aggregation too).
+const CWND_EXTRA_PACKETS: u64 = DELAYED_ACK_PACKETS + super::ack::DECIMATED_THRESHOLD as u64;
+/// Packets of the window target's extra for delayed ACKs.
+const DELAYED_ACK_PACKETS: u64 = 3;
 /// ACK aggregation (see [`AckAggregation`]): the largest excess of each window of this many
 /// rounds is remembered (two windows, so the estimate covers the last 5–10 rounds).
 const EXTRA_ACKED_WINDOW_ROUNDS: u64 = 5;
@@ -191,59 +195,71 @@ pub struct AckEvent {
 /// both busy. The allowance is the largest excess seen over the last 5–10 rounds, never more
 /// than the window itself (it can at most double the window per ACK), than
 /// [`EXTRA_ACKED_MAX_TIME`] of sending or than [`EXTRA_ACKED_MAX_PACKETS`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct AckAggregation {
     /// Start of the current epoch (ACKs arriving faster than the bandwidth estimate).
-    epoch_start: Option<Instant>,
-    /// Bytes acknowledged since `epoch_start`.
-    epoch_acked: u64,
-    /// The round in which the epoch started.
-    epoch_round: u64,
+    epoch_start: Instant,
+    /// Bytes acknowledged since `epoch_start` (below [`ACK_EPOCH_RESET_BYTES`]; 0: no epoch).
+    epoch_acked: u32,
+    /// The round in which the epoch started (low 32 bits of the round count).
+    epoch_round: u32,
     /// Largest excess of the current and the previous window.
-    max: [u64; 2],
-    index: usize,
+    max: [u32; 2],
+    /// Which of `max` is the current window.
+    second: bool,
     /// Rounds since the current window started.
-    window_rounds: u64,
+    window_rounds: u8,
 }
 
 impl AckAggregation {
+    fn new(now: Instant) -> Self {
+        Self {
+            epoch_start: now,
+            epoch_acked: 0,
+            epoch_round: 0,
+            max: [0; 2],
+            second: false,
+            window_rounds: 0,
+        }
+    }
+
     fn on_ack(&mut self, now: Instant, acked: u64, bw: u64, cwnd: u64, round: (u64, bool)) {
-        let (round, round_start) = round;
+        let (round, round_start) = (round.0 as u32, round.1);
         if round_start {
             self.window_rounds += 1;
-            if self.window_rounds >= EXTRA_ACKED_WINDOW_ROUNDS {
+            if u64::from(self.window_rounds) >= EXTRA_ACKED_WINDOW_ROUNDS {
                 self.window_rounds = 0;
-                self.index ^= 1;
-                self.max[self.index] = 0;
+                self.second = !self.second;
+                self.max[usize::from(self.second)] = 0;
             }
         }
-        let mut expected = self.epoch_start.map_or(0, |start| {
-            let elapsed = now.saturating_duration_since(start).as_nanos();
-            (u128::from(bw) * elapsed / 1_000_000_000).min(u128::from(u64::MAX)) as u64
-        });
+        let elapsed = now.saturating_duration_since(self.epoch_start).as_nanos();
+        let mut expected =
+            (u128::from(bw) * elapsed / 1_000_000_000).min(u128::from(u64::MAX)) as u64;
         // ACKs at or below the estimated rate start a new epoch here, and so does a stale one
         // (a full round old, or past a megabyte: quiche's and Linux's rules), so the excess of
         // a burst of ACKs long gone does not stay in the estimate.
-        if self.epoch_start.is_none()
-            || self.epoch_acked <= expected
-            || round > self.epoch_round + 1
-            || self.epoch_acked + acked >= ACK_EPOCH_RESET_BYTES
+        let acked_before = u64::from(self.epoch_acked);
+        if acked_before <= expected
+            || round.wrapping_sub(self.epoch_round) > 1
+            || acked_before + acked >= ACK_EPOCH_RESET_BYTES
         {
-            self.epoch_start = Some(now);
+            self.epoch_start = now;
             self.epoch_round = round;
             self.epoch_acked = 0;
             expected = 0;
         }
-        self.epoch_acked += acked;
-        let extra = self.epoch_acked.saturating_sub(expected).min(cwnd);
-        self.max[self.index] = self.max[self.index].max(extra);
+        let epoch_acked = (u64::from(self.epoch_acked) + acked).min(ACK_EPOCH_RESET_BYTES);
+        self.epoch_acked = epoch_acked as u32;
+        let extra = epoch_acked.saturating_sub(expected).min(cwnd) as u32;
+        let slot = &mut self.max[usize::from(self.second)];
+        *slot = (*slot).max(extra);
     }
 
     /// The window allowance for ACK aggregation at bandwidth `bw` with packets of `mss`.
     fn allowance(&self, bw: u64, mss: u64) -> u64 {
         let by_time = u128::from(bw) * EXTRA_ACKED_MAX_TIME.as_nanos() / 1_000_000_000;
-        self.max[0]
-            .max(self.max[1])
+        u64::from(self.max[0].max(self.max[1]))
             .min(by_time.min(u128::from(u64::MAX)) as u64)
             .min(EXTRA_ACKED_MAX_PACKETS * mss)
     }
@@ -309,7 +325,7 @@ impl Bbr {
             cwnd: initial_cwnd,
             pacing_rate: pacing_rate.max(1),
             initial_cwnd,
-            aggregation: AckAggregation::default(),
+            aggregation: AckAggregation::new(now),
         }
     }
 
@@ -530,9 +546,13 @@ impl Bbr {
 
     fn set_cwnd(&mut self, ev: &AckEvent) {
         if let Some(bdp) = self.bdp(self.cwnd_gain) {
-            let mut target = bdp + CWND_EXTRA_PACKETS * self.mss;
+            let mut extra = CWND_EXTRA_PACKETS * self.mss;
             if self.filled_pipe {
-                target += self.aggregation.allowance(self.btl_bw, self.mss);
+                let aggregation = self.aggregation.allowance(self.btl_bw, self.mss);
+                extra = extra.max(DELAYED_ACK_PACKETS * self.mss + aggregation);
+            }
+            let target = bdp + extra;
+            if self.filled_pipe {
                 self.cwnd = (self.cwnd + ev.bytes_acked).min(target);
             } else if self.cwnd < target || ev.delivered < self.initial_cwnd {
                 self.cwnd += ev.bytes_acked;
@@ -612,9 +632,10 @@ mod tests {
         assert_eq!(bbr.bandwidth(), bw);
         let bdp = bw / 20;
         // One ACK per round acknowledges a whole BDP: that much aggregation is allowed for.
-        let aggregation = bdp.min(EXTRA_ACKED_MAX_PACKETS * mss);
+        let extra = (CWND_EXTRA_PACKETS * mss)
+            .max(DELAYED_ACK_PACKETS * mss + bdp.min(EXTRA_ACKED_MAX_PACKETS * mss));
         assert!(
-            bbr.cwnd() <= 2 * bdp + CWND_EXTRA_PACKETS * mss + aggregation && bbr.cwnd() >= bdp,
+            bbr.cwnd() <= 2 * bdp + extra && bbr.cwnd() >= bdp,
             "{}",
             bbr.cwnd()
         );
@@ -700,15 +721,15 @@ mod tests {
         assert_eq!(bbr.state(), BbrState::ProbeBw);
         assert_eq!(
             bbr.cwnd(),
-            base + EXTRA_ACKED_MAX_PACKETS * mss,
-            "2 BDP + the usual extra + one batch (capped)"
+            2 * bdp + (DELAYED_ACK_PACKETS + EXTRA_ACKED_MAX_PACKETS) * mss,
+            "2 BDP + delayed ACKs + one batch (capped)"
         );
         // Smooth ACKs of 2 packets at half the rate: the batch's epoch drains (the ACKs fall
-        // behind what the estimate expects) and 10 rounds later the allowance is one ACK.
+        // behind what the estimate expects) and 10 rounds later the extra is the usual one.
         let smooth = (2 * mss, Duration::from_micros(24), bw / 2);
         for _ in 0..100 {
             feed(&mut bbr, &mut now, &mut delivered, smooth);
         }
-        assert!(bbr.cwnd() <= base + 2 * mss, "{}", bbr.cwnd());
+        assert!(bbr.cwnd() <= base, "{}", bbr.cwnd());
     }
 }
