@@ -54,7 +54,7 @@ use super::driver::ticket::{Ticket, TicketIssuer, TicketKind};
 use super::driver::timeouts::TimeoutQueue;
 use super::driver::token::Tok;
 use super::driver::udp::{
-    self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SendOutcome, UdpOffload, UdpTx,
+    self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SESSION_RECV_BATCH, SendOutcome, UdpOffload, UdpTx,
 };
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
@@ -1321,7 +1321,7 @@ impl ClientLoop {
             *readable = false;
             return;
         };
-        let readiness = sock.drain(&mut self.buf, RECV_BATCH, |datagram, _| {
+        let readiness = sock.drain(&mut self.buf, SESSION_RECV_BATCH, |datagram, _| {
             *last_rx = now;
             client.handle_datagram(now, datagram);
         });

@@ -25,7 +25,23 @@ const MIN_CWND_PACKETS: u64 = 4;
 /// plus the peer's ACK decimation (it holds up to `DECIMATED_THRESHOLD` delivered packets
 /// unacknowledged, and they count as in flight). Without it a path with a BDP of a few packets
 /// (loopback, a LAN) would wait for the peer's delayed-ACK timer every window.
-const CWND_EXTRA_PACKETS: u64 = 3 + super::ack::DECIMATED_THRESHOLD as u64;
+/// Once the pipe is full, measured ACK aggregation ([`AckAggregation`]) takes the decimation
+/// term's place when it is larger (never both: the decimated ACKs are aggregation too).
+const CWND_EXTRA_PACKETS: u64 = DELAYED_ACK_PACKETS + super::ack::DECIMATED_THRESHOLD as u64;
+/// Packets of the window target's extra for delayed ACKs.
+const DELAYED_ACK_PACKETS: u64 = 3;
+/// ACK aggregation (see [`AckAggregation`]): the largest excess of each window of this many
+/// rounds is remembered (two windows, so the estimate covers the last 5–10 rounds).
+const EXTRA_ACKED_WINDOW_ROUNDS: u64 = 5;
+/// The aggregation allowance never exceeds this much sending time at the bandwidth estimate
+/// (Linux BBR's bound)...
+const EXTRA_ACKED_MAX_TIME: Duration = Duration::from_millis(100);
+/// ...nor this many full packets: one GSO batch of the peer's receiver (a GRO read holds up
+/// to 64 KiB). A receiver that acknowledges once per wake-up reads more per wake-up the more
+/// is in flight, so an unbounded allowance would feed on itself and fill its socket buffer.
+const EXTRA_ACKED_MAX_PACKETS: u64 = 64;
+/// An aggregation epoch that acknowledged this many bytes starts over (it is stale).
+const ACK_EPOCH_RESET_BYTES: u64 = 1 << 20;
 /// Absolute RTT inflation tolerated in startup on top of 50 % (jitter on short paths).
 const QUEUE_RTT_MARGIN: Duration = Duration::from_millis(4);
 /// Startup ends after this many rounds without 25 % bandwidth growth.
@@ -170,6 +186,85 @@ pub struct AckEvent {
     pub delivered: u64,
 }
 
+/// ACK aggregation: how much more data one burst of ACKs acknowledged than the bandwidth
+/// estimate explains (Linux BBR's `extra_acked`). A receiver that reads datagrams in batches
+/// (GRO, a receive batch per wake-up) and acknowledges once per batch, or an ACK path that
+/// bunches ACKs, makes the sender wait for ACKs with nothing in flight unless the window has
+/// room for that much on top of the BDP; on a short path (loopback, a LAN, where the BDP is a
+/// few packets) the transfer would otherwise alternate between the two ends instead of keeping
+/// both busy. The allowance is the largest excess seen over the last 5–10 rounds, never more
+/// than the window itself (it can at most double the window per ACK), than
+/// [`EXTRA_ACKED_MAX_TIME`] of sending or than [`EXTRA_ACKED_MAX_PACKETS`].
+#[derive(Debug, Clone)]
+struct AckAggregation {
+    /// Start of the current epoch (ACKs arriving faster than the bandwidth estimate).
+    epoch_start: Instant,
+    /// Bytes acknowledged since `epoch_start` (below [`ACK_EPOCH_RESET_BYTES`]; 0: no epoch).
+    epoch_acked: u32,
+    /// The round in which the epoch started (low 32 bits of the round count).
+    epoch_round: u32,
+    /// Largest excess of the current and the previous window.
+    max: [u32; 2],
+    /// Which of `max` is the current window.
+    second: bool,
+    /// Rounds since the current window started.
+    window_rounds: u8,
+}
+
+impl AckAggregation {
+    fn new(now: Instant) -> Self {
+        Self {
+            epoch_start: now,
+            epoch_acked: 0,
+            epoch_round: 0,
+            max: [0; 2],
+            second: false,
+            window_rounds: 0,
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, acked: u64, bw: u64, cwnd: u64, round: (u64, bool)) {
+        let (round, round_start) = (round.0 as u32, round.1);
+        if round_start {
+            self.window_rounds += 1;
+            if u64::from(self.window_rounds) >= EXTRA_ACKED_WINDOW_ROUNDS {
+                self.window_rounds = 0;
+                self.second = !self.second;
+                self.max[usize::from(self.second)] = 0;
+            }
+        }
+        let elapsed = now.saturating_duration_since(self.epoch_start).as_nanos();
+        let mut expected =
+            (u128::from(bw) * elapsed / 1_000_000_000).min(u128::from(u64::MAX)) as u64;
+        // ACKs at or below the estimated rate start a new epoch here, and so does a stale one
+        // (a full round old, or past a megabyte: quiche's and Linux's rules), so the excess of
+        // a burst of ACKs long gone does not stay in the estimate.
+        let acked_before = u64::from(self.epoch_acked);
+        if acked_before <= expected
+            || round.wrapping_sub(self.epoch_round) > 1
+            || acked_before + acked >= ACK_EPOCH_RESET_BYTES
+        {
+            self.epoch_start = now;
+            self.epoch_round = round;
+            self.epoch_acked = 0;
+            expected = 0;
+        }
+        let epoch_acked = (u64::from(self.epoch_acked) + acked).min(ACK_EPOCH_RESET_BYTES);
+        self.epoch_acked = epoch_acked as u32;
+        let extra = epoch_acked.saturating_sub(expected).min(cwnd) as u32;
+        let slot = &mut self.max[usize::from(self.second)];
+        *slot = (*slot).max(extra);
+    }
+
+    /// The window allowance for ACK aggregation at bandwidth `bw` with packets of `mss`.
+    fn allowance(&self, bw: u64, mss: u64) -> u64 {
+        let by_time = u128::from(bw) * EXTRA_ACKED_MAX_TIME.as_nanos() / 1_000_000_000;
+        u64::from(self.max[0].max(self.max[1]))
+            .min(by_time.min(u128::from(u64::MAX)) as u64)
+            .min(EXTRA_ACKED_MAX_PACKETS * mss)
+    }
+}
+
 /// BBR-style congestion controller.
 #[derive(Debug, Clone)]
 pub struct Bbr {
@@ -196,6 +291,7 @@ pub struct Bbr {
     cwnd: u64,
     pacing_rate: u64,
     initial_cwnd: u64,
+    aggregation: AckAggregation,
 }
 
 impl Bbr {
@@ -229,6 +325,7 @@ impl Bbr {
             cwnd: initial_cwnd,
             pacing_rate: pacing_rate.max(1),
             initial_cwnd,
+            aggregation: AckAggregation::new(now),
         }
     }
 
@@ -281,6 +378,13 @@ impl Bbr {
                 self.update_bw(r.delivery_rate);
             }
         }
+        self.aggregation.on_ack(
+            ev.now,
+            ev.bytes_acked,
+            self.btl_bw,
+            self.cwnd,
+            (self.round_count, round_start),
+        );
         self.update_cycle_phase(ev);
         if round_start {
             self.check_full_pipe(ev.rate.is_some_and(|r| r.is_app_limited));
@@ -442,7 +546,12 @@ impl Bbr {
 
     fn set_cwnd(&mut self, ev: &AckEvent) {
         if let Some(bdp) = self.bdp(self.cwnd_gain) {
-            let target = bdp + CWND_EXTRA_PACKETS * self.mss;
+            let mut extra = CWND_EXTRA_PACKETS * self.mss;
+            if self.filled_pipe {
+                let aggregation = self.aggregation.allowance(self.btl_bw, self.mss);
+                extra = extra.max(DELAYED_ACK_PACKETS * self.mss + aggregation);
+            }
+            let target = bdp + extra;
             if self.filled_pipe {
                 self.cwnd = (self.cwnd + ev.bytes_acked).min(target);
             } else if self.cwnd < target || ev.delivered < self.initial_cwnd {
@@ -522,8 +631,11 @@ mod tests {
         }
         assert_eq!(bbr.bandwidth(), bw);
         let bdp = bw / 20;
+        // One ACK per round acknowledges a whole BDP: that much aggregation is allowed for.
+        let extra = (CWND_EXTRA_PACKETS * mss)
+            .max(DELAYED_ACK_PACKETS * mss + bdp.min(EXTRA_ACKED_MAX_PACKETS * mss));
         assert!(
-            bbr.cwnd() <= 2 * bdp + CWND_EXTRA_PACKETS * mss && bbr.cwnd() >= bdp,
+            bbr.cwnd() <= 2 * bdp + extra && bbr.cwnd() >= bdp,
             "{}",
             bbr.cwnd()
         );
@@ -563,5 +675,61 @@ mod tests {
             assert_eq!(bbr.state(), BbrState::Startup, "round {round}");
             bw *= 2;
         }
+    }
+
+    /// Feeds `count` ACKs of `acked` bytes each, `gap` apart, delivered at `bw` (each ACK starts
+    /// a round, as when every ACK covers everything sent before the previous one).
+    fn feed(bbr: &mut Bbr, now: &mut Instant, delivered: &mut u64, ack: (u64, Duration, u64)) {
+        let (acked, gap, bw) = ack;
+        *now += gap;
+        *delivered += acked;
+        bbr.on_ack(&AckEvent {
+            now: *now,
+            bytes_acked: acked,
+            bytes_in_flight: 0,
+            rtt_sample: Some(Duration::from_micros(100)),
+            ack_delay: Duration::ZERO,
+            rate: Some(RateSample {
+                delivery_rate: bw,
+                is_app_limited: false,
+                prior_delivered: *delivered - acked,
+            }),
+            delivered: *delivered,
+        });
+    }
+
+    /// A receiver that acknowledges once per batch of 80 packets (GRO reads, one ACK per
+    /// wake-up) on a path whose BDP is 17 packets: without room for the batch on top of the BDP
+    /// the sender waits for every ACK with nothing in flight, and the two ends take turns
+    /// instead of working at the same time. The room follows the batches (bounded by
+    /// EXTRA_ACKED_MAX_PACKETS) and goes away within 10 rounds once ACKs come smoothly.
+    #[test]
+    fn aggregated_acks_get_room_in_the_window_while_they_last() {
+        let t0 = Instant::now();
+        let mss = 1200u64;
+        let mut bbr = Bbr::new(t0, mss as usize, 10, Duration::from_millis(1));
+        let bw = 200_000_000u64; // 200 MB/s, min RTT 100 µs: BDP 20,000 bytes
+        let bdp = 20_000;
+        let base = 2 * bdp + CWND_EXTRA_PACKETS * mss;
+        let batch = 80 * mss;
+        let (mut now, mut delivered) = (t0, 0);
+        // One ACK per batch, at the rate the bandwidth explains (480 µs apart).
+        let batched = (batch, Duration::from_micros(480), bw);
+        for _ in 0..40 {
+            feed(&mut bbr, &mut now, &mut delivered, batched);
+        }
+        assert_eq!(bbr.state(), BbrState::ProbeBw);
+        assert_eq!(
+            bbr.cwnd(),
+            2 * bdp + (DELAYED_ACK_PACKETS + EXTRA_ACKED_MAX_PACKETS) * mss,
+            "2 BDP + delayed ACKs + one batch (capped)"
+        );
+        // Smooth ACKs of 2 packets at half the rate: the batch's epoch drains (the ACKs fall
+        // behind what the estimate expects) and 10 rounds later the extra is the usual one.
+        let smooth = (2 * mss, Duration::from_micros(24), bw / 2);
+        for _ in 0..100 {
+            feed(&mut bbr, &mut now, &mut delivered, smooth);
+        }
+        assert!(bbr.cwnd() <= base, "{}", bbr.cwnd());
     }
 }

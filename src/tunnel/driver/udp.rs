@@ -19,6 +19,13 @@ pub use crate::config::UdpOffload;
 
 /// Datagrams read from one socket per wake-up before other work gets a turn.
 pub const RECV_BATCH: usize = 256;
+/// Datagrams of a client session socket read per wake-up (one GRO read of up to 64 KiB): the
+/// loop then hands the bytes on, and the ACK they owe goes out before the next read. Reading
+/// [`RECV_BATCH`] first would acknowledge once per 256 datagrams whatever the decimation rule
+/// says, and the more the server had in flight the larger each read and each ACK would grow
+/// (ACK aggregation the server's window then has to cover, see the transport's congestion
+/// controller).
+pub const SESSION_RECV_BATCH: usize = 32;
 /// Kernel buffer of per-flow UDP sockets (server relays, client UDP ASSOCIATE): the default
 /// (~208 KiB) holds only 256 small datagrams, so a DNS/QUIC burst overflowed it. Memory is used
 /// only while datagrams wait.
