@@ -2299,16 +2299,26 @@ impl ClientLoop {
         data: &[u8],
     ) {
         self.dns_answer_in(now, id, &dest, data);
+        let from = match &dest {
+            Destination::Addr(a) => Some(*a),
+            Destination::Domain { .. } => None,
+        };
         if TunFront::owns(id) {
-            self.tun_datagram_in(now, id, data);
+            if let Some(from) = from {
+                self.tun_datagram_in(now, id, from, data);
+            }
             return;
         }
         if DnsForward::owns(id) {
-            self.dns_datagram_in(now, id, data);
+            if let Some(from) = from {
+                self.dns_datagram_in(now, id, from, data);
+            }
             return;
         }
         if REDIR_FLOW_IDS.contains(&id) {
-            self.redir_datagram_in(now, id, data);
+            if let Some(from) = from {
+                self.redir_datagram_in(now, id, from, data);
+            }
             return;
         }
         let Some(assoc) = self

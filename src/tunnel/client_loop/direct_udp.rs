@@ -217,12 +217,13 @@ impl ClientLoop {
                 if f.readable {
                     let id = f.id;
                     let mut answered = false;
+                    let from = f.dest; // the socket is connected: only its peer answers
                     f.readable = read_batch(&f.sock, &mut buf, f.dest, |data| {
                         answered = true;
                         if TunFront::owns(id) {
-                            self.tun_datagram_in(now, id, data);
+                            self.tun_datagram_in(now, id, from, data);
                         } else if REDIR_FLOW_IDS.contains(&id) {
-                            self.redir_datagram_in(now, id, data);
+                            self.redir_datagram_in(now, id, from, data);
                         }
                     });
                     if answered {

@@ -133,10 +133,24 @@ impl ClientLoop {
     }
 
     /// An answer from the tunnel: to the address that asked.
-    pub(super) fn dns_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+    /// An answer from `from`: only the upstream resolver's go to the application (the server's
+    /// relay takes datagrams from any host; nobody else answers its queries).
+    pub(super) fn dns_datagram_in(
+        &mut self,
+        now: Instant,
+        id: AssocId,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
         let Some(dns) = self.dns.as_mut() else {
             return;
         };
+        let upstream = dns.upstream;
+        if from.port() != upstream.port()
+            || from.ip().to_canonical() != upstream.ip().to_canonical()
+        {
+            return;
+        }
         if let Some(flow) = dns.clients.inbound(id, now) {
             let _ = dns.udp.send_to(data, flow.app);
         }

@@ -247,21 +247,36 @@ impl ClientLoop {
 
     /// An answer from the tunnel for a router-mode flow: sent to the LAN host from the flow's
     /// original destination.
-    pub(super) fn redir_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+    /// An answer from `from` for flow `id` goes to the LAN host from a transparent socket bound
+    /// to `from` itself: the destination's answers come from the destination, anyone else's
+    /// (the server's relay takes datagrams from any host) from their true source, never as the
+    /// destination (endpoint-independent, like a full-cone NAT).
+    pub(super) fn redir_datagram_in(
+        &mut self,
+        now: Instant,
+        id: AssocId,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
         let Some(redir) = self.redir.as_mut() else {
             return;
         };
-        let Some(flow) = redir.flows.inbound(id, now) else {
+        let Some(flow) = redir.flows.get(id) else {
             return;
         };
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if from.is_ipv4() != flow.app.is_ipv4() || is_multicast_or_broadcast(from.ip()) {
+            return;
+        }
+        let _ = redir.flows.inbound(id, now);
         let open = |dest| sys::transparent_udp(dest, TransparentRole::Replier);
-        match redir.repliers.get_or_open(flow.dest, now, open) {
+        match redir.repliers.get_or_open(from, now, open) {
             Ok(sock) => {
                 if let Err(e) = sock.send_to(data, flow.app) {
                     log::debug!("router mode: answer to {}: {e}", flow.app);
                 }
             }
-            Err(e) => log::debug!("router mode: no reply socket on {}: {e}", flow.dest),
+            Err(e) => log::debug!("router mode: no reply socket on {from}: {e}"),
         }
     }
 

@@ -172,14 +172,20 @@ impl ClientLoop {
         self.tun = Some(tun);
     }
 
-    /// An answer from the tunnel (or a direct socket) for a TUN flow: written to the device as
-    /// an IP/UDP packet.
-    pub(super) fn tun_datagram_in(&mut self, now: Instant, id: AssocId, data: &[u8]) {
+    /// An answer from `from` through the tunnel (or a direct socket) for a TUN flow: written to
+    /// the device as an IP/UDP packet (see [`TunFront::reply`] for whose source it carries).
+    pub(super) fn tun_datagram_in(
+        &mut self,
+        now: Instant,
+        id: AssocId,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
         let Some(tun) = self.tun.as_mut() else {
             return;
         };
         let mut packet = std::mem::take(&mut tun.packet);
-        if let Some(n) = tun.front.reply(id, data, &mut packet, now) {
+        if let Some(n) = tun.front.reply(id, from, data, &mut packet, now) {
             tun.write(&packet[..n]);
         }
         tun.packet = packet;

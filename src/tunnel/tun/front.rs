@@ -189,18 +189,37 @@ impl TunFront {
         TUN_FLOW_IDS.contains(&id)
     }
 
-    /// An answer from the tunnel for flow `id`: written into `out` as an IP/UDP packet from the
-    /// flow's original destination to the application; its length, or `None` (flow gone, or it
-    /// does not fit).
+    /// An answer from `from` (the sender the server's relay saw) for flow `id`, written into
+    /// `out` as an IP/UDP packet to the application; its length, or `None` (flow gone, refused,
+    /// or it does not fit). From the address the flow's datagrams went to, it comes from the
+    /// flow's original destination (the DNS server the application asked, when `tun.dns`
+    /// answered). From anyone else — the relay's socket takes datagrams from any host — it keeps
+    /// its true source (endpoint-independent, as a full-cone NAT: the application's socket
+    /// sees who sent it and filters as it would without the tunnel), never the destination's
+    /// address, so an off-path sender cannot speak as the destination. Other senders to a flow
+    /// `tun.dns` answers are dropped (nothing but the resolver answers DNS).
     pub fn reply(
         &mut self,
         id: AssocId,
+        from: SocketAddr,
         data: &[u8],
         out: &mut [u8],
         now: Instant,
     ) -> Option<usize> {
-        let f = self.flows.inbound(id, now)?;
-        wire::write_udp(out, f.dest, f.app, data)
+        let f = self.flows.get(id)?;
+        let sent_to = self.redirect_dns(f.dest);
+        let src = if same_endpoint(from, sent_to) {
+            f.dest
+        } else if sent_to != f.dest {
+            return None;
+        } else {
+            from
+        };
+        if src.is_ipv4() != f.app.is_ipv4() {
+            return None; // a datagram of the other family cannot reach this application
+        }
+        self.flows.inbound(id, now)?;
+        wire::write_udp(out, src, f.app, data)
     }
 
     /// The destination the application of flow `id` addressed (before `tun.dns` replaced a
@@ -239,6 +258,12 @@ fn is_multicast_or_broadcast(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
         IpAddr::V6(v6) => v6.is_multicast(),
     }
+}
+
+/// The same address and port, IPv4-mapped IPv6 and IPv4 alike (the server's relay may report
+/// either form).
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 #[cfg(test)]
@@ -356,12 +381,22 @@ mod tests {
         assert_eq!(dest, sa("1.1.1.1:53"));
         assert_eq!(&q[payload], b"query");
         let mut out = [0u8; 100];
-        let n = f.reply(id, b"answer", &mut out, Instant::now()).unwrap();
+        let n = f
+            .reply(id, sa("1.1.1.1:53"), b"answer", &mut out, Instant::now())
+            .unwrap();
         let p = Packet::parse(&mut out[..n]).unwrap();
         assert_eq!(
             (p.src(), p.dst(), p.udp_payload()),
             (asked, app, &b"answer"[..])
         );
+        // Nobody but the resolver answers a flow `tun.dns` serves (not even the address asked).
+        for forger in ["6.6.6.6:53", "8.8.8.8:53", "1.1.1.1:54"] {
+            assert_eq!(
+                f.reply(id, sa(forger), b"forged", &mut out, Instant::now()),
+                None,
+                "{forger}"
+            );
+        }
         // TCP to port 53 is reflected, and its stream goes to the resolver too.
         let mut syn = tcp(app, sa("9.9.9.9:53"), 0x02);
         assert_eq!(f.handle(&mut syn, Instant::now()), TunVerdict::Reflect);
@@ -388,10 +423,29 @@ mod tests {
             send(&mut f, "172.19.0.1:1000", "224.0.0.251:5353", t0),
             TunVerdict::Drop(TunDrop::Multicast)
         );
+        // Answers from the destination come from it; anyone else's keep their own source (an
+        // off-path sender cannot speak as the destination).
+        let mut out = [0u8; 64];
+        let n = f.reply(id, sa("5.5.5.5:443"), b"ok", &mut out, t0).unwrap();
+        let p = Packet::parse(&mut out[..n]).unwrap();
+        assert_eq!(
+            (p.src(), p.dst()),
+            (sa("5.5.5.5:443"), sa("172.19.0.1:1000"))
+        );
+        let n = f.reply(id, sa("6.6.6.6:443"), b"hi", &mut out, t0).unwrap();
+        let p = Packet::parse(&mut out[..n]).unwrap();
+        assert_eq!(
+            (p.src(), p.dst()),
+            (sa("6.6.6.6:443"), sa("172.19.0.1:1000"))
+        );
+        assert_eq!(
+            f.reply(id, sa("[2001:db8::1]:443"), b"v6", &mut out, t0),
+            None
+        );
         let mut forgotten = Vec::new();
         f.expire(t0 + UDP_IDLE, &mut forgotten);
         assert_eq!(forgotten, vec![id]);
-        assert_eq!(f.reply(id, b"late", &mut [0u8; 64], t0), None);
+        assert_eq!(f.reply(id, sa("5.5.5.5:443"), b"late", &mut out, t0), None);
         let mut icmp = tcp(sa("172.19.0.1:1"), sa("5.5.5.5:2"), 0x02);
         icmp[9] = 1;
         assert_eq!(f.handle(&mut icmp, t0), TunVerdict::Drop(TunDrop::Protocol));
