@@ -32,8 +32,21 @@ pub const PIPE_BUF: usize = 16 * 1024;
 /// Most bytes one socket read moves into the stream. A bulk download's origin sends 64 KiB
 /// segments over loopback and fast LANs; each read of the receiving socket costs a system call
 /// and often a TCP window update back to the origin (measured: the server's reads were 15 % of
-/// its CPU time with 16 KiB reads).
+/// its CPU time with 16 KiB reads). Only with room for four such reads (see [`read_size`]).
 pub const PIPE_READ: usize = 64 * 1024;
+
+/// The most one socket read may take with `read_limit` bytes of buffer room: [`PIPE_READ`] when
+/// the room holds four of them, else [`PIPE_BUF`]. A read reserves its whole size in the
+/// stream's send buffer first (storage rounds up to a power of two), so a large read with
+/// little room took a small share whole: with a 64 KiB share a TCP-carrier download stalled at
+/// 0 bytes (tests/it/tcp_carrier.rs), with 16 KiB reads it moves.
+pub fn read_size(read_limit: usize) -> usize {
+    if read_limit >= 4 * PIPE_READ {
+        PIPE_READ
+    } else {
+        PIPE_BUF
+    }
+}
 
 /// A buffer with a consumed prefix for bytes that cannot move in place (early bytes, the proxy
 /// reply): allocated when first filled, for `capacity` bytes, and kept until the pipe is dropped
@@ -295,7 +308,7 @@ impl Pipe {
             let limit = usize::try_from(*budget)
                 .unwrap_or(usize::MAX)
                 .min(self.read_limit)
-                .min(PIPE_READ);
+                .min(read_size(self.read_limit));
             let room = match tr.stream_write_space(self.stream, limit) {
                 Ok(room) => room,
                 Err(StreamError::Finished) => return Ok(()),
@@ -629,6 +642,15 @@ mod tests {
         assert!(sock.inner.output == data, "bytes reordered or corrupted");
         assert!(sock.inner.shut, "the stream's FIN did not shut the socket");
         assert_eq!(moved, data.len() as u64);
+    }
+
+    /// Large reads only with room for four of them: a small share keeps 16 KiB reads.
+    #[test]
+    fn reads_are_large_only_with_room_for_four() {
+        assert_eq!(read_size(usize::MAX), PIPE_READ);
+        assert_eq!(read_size(4 * PIPE_READ), PIPE_READ);
+        assert_eq!(read_size(4 * PIPE_READ - 1), PIPE_BUF);
+        assert_eq!(read_size(64 * 1024), PIPE_BUF);
     }
 
     /// A bulk socket is read in pieces of up to [`PIPE_READ`]: 256 KiB waiting in the socket
