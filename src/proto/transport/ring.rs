@@ -116,9 +116,14 @@ impl ByteRing {
 
     /// Appends the first `n` bytes of the last [`ByteRing::spare`] slice to the contents.
     /// Returns how many bytes were committed: never more than the storage holds, whatever `n`.
+    /// Committing nothing gives back what the `spare` call grew beyond the contents' needs (a
+    /// socket read that found nothing must not leave its reservation charged to a user).
     pub fn commit(&mut self, n: usize) -> usize {
         let n = n.min(self.buf.len() - self.len);
         self.len += n;
+        if n == 0 {
+            self.shrink_to_fit_contents();
+        }
         n
     }
 

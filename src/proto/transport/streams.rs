@@ -982,13 +982,17 @@ impl StreamsState {
         if s.is_reset() || s.send.fin != FinState::Open {
             return Err(StreamError::Finished);
         }
-        // Accounting follows what the ring took, never a caller's larger `n`.
+        // Accounting follows what the ring took, never a caller's larger `n`; committing
+        // nothing gives back the storage the space request grew (see `ByteRing::commit`).
+        let memory = s.send.memory();
         let n = s.send.commit(n);
+        let released = memory.saturating_sub(s.send.memory());
         s.bytes_written += n as u64;
         if n > 0 {
             self.queue_send(id.0);
         }
         self.send_buffered += n;
+        self.send_memory -= released;
         Ok(n)
     }
 
