@@ -486,6 +486,21 @@ mod tests {
         out
     }
 
+    /// A client and a server transport with stream `id` opened by the client and accepted.
+    fn opened_stream(
+        now: Instant,
+        client_config: TransportConfig,
+    ) -> (Transport, Transport, StreamId) {
+        let mut client = Transport::new(client_config, Side::Client, now);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
+        let id = client
+            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
+            .unwrap();
+        deliver(&mut server, now, transmit(&mut client, now));
+        server.answer_open(id, OpenResult::Ok).unwrap();
+        (client, server, id)
+    }
+
     fn deliver(to: &mut Transport, now: Instant, packets: Vec<(u64, Vec<u8>)>) {
         for (pn, p) in packets {
             to.handle_payload(now, pn, &p).expect("valid payload");
@@ -598,13 +613,7 @@ mod tests {
     #[test]
     fn stream_to_socket_moves_in_place_through_partial_writes() {
         let mut now = Instant::now();
-        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
-        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
-        let id = client
-            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
-            .unwrap();
-        deliver(&mut server, now, transmit(&mut client, now));
-        server.answer_open(id, OpenResult::Ok).unwrap();
+        let (mut client, mut server, id) = opened_stream(now, TransportConfig::default());
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let mut sock = SlowSock {
             inner: MemSock::default(),
@@ -657,13 +666,7 @@ mod tests {
     #[test]
     fn a_read_that_finds_nothing_leaves_no_storage_charged() {
         let now = Instant::now();
-        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
-        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
-        let id = client
-            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
-            .unwrap();
-        deliver(&mut server, now, transmit(&mut client, now));
-        server.answer_open(id, OpenResult::Ok).unwrap();
+        let (_, mut server, id) = opened_stream(now, TransportConfig::default());
         let mut sock = MemSock::default();
         let mut pipe = Pipe::new(id, &[]);
         let mut budget = u64::MAX;
@@ -690,13 +693,7 @@ mod tests {
     #[test]
     fn a_bulk_socket_is_read_64_kib_at_a_time() {
         let now = Instant::now();
-        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
-        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
-        let id = client
-            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
-            .unwrap();
-        deliver(&mut server, now, transmit(&mut client, now));
-        server.answer_open(id, OpenResult::Ok).unwrap();
+        let (_, mut server, id) = opened_stream(now, TransportConfig::default());
         let mut sock = MemSock {
             input: vec![7u8; 256 * 1024],
             ..MemSock::default()
@@ -719,13 +716,7 @@ mod tests {
             session_send_buffer: 8 * 1024,
             ..TransportConfig::default()
         };
-        let mut client = Transport::new(config, Side::Client, now);
-        let mut server = Transport::new(TransportConfig::default(), Side::Server, now);
-        let id = client
-            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
-            .unwrap();
-        deliver(&mut server, now, transmit(&mut client, now));
-        server.answer_open(id, OpenResult::Ok).unwrap();
+        let (mut client, mut server, id) = opened_stream(now, config);
         deliver(&mut client, now, transmit(&mut server, now));
         events(&mut client);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 251) as u8).collect();
