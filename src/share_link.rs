@@ -102,6 +102,29 @@ impl ShareLink {
         }
     }
 
+    /// The link that gives another device `cfg`'s connection: its server, key and carrier
+    /// (`type=uot` for the TCP carrier alone; `auto` as `tcp_port`, which links read as auto),
+    /// and TUN mode with its resolver when `cfg` runs it. `None` when `cfg.server` is not
+    /// `host:port`.
+    pub fn for_client(cfg: &ClientConfig) -> Option<ShareLink> {
+        let (host, port) = crate::config::split_host_port(&cfg.server)?;
+        let mut link = ShareLink::new(&cfg.access_key, &host, port, None);
+        let tcp_port = cfg.transport.tcp_port.unwrap_or(port);
+        match cfg.transport.mode {
+            CarrierMode::Udp => {}
+            CarrierMode::Uot => {
+                link.carrier = Some(CarrierMode::Uot);
+                link.tcp_port = cfg.transport.tcp_port;
+            }
+            CarrierMode::Auto => link.tcp_port = Some(tcp_port),
+        }
+        if cfg.tun.enable {
+            link.tun = Some(true);
+            link.dns = Some(cfg.tun.dns.clone());
+        }
+        Some(link)
+    }
+
     /// Parses `ostp://KEY@HOST:PORT` (a trailing `/` or `#fragment` is ignored). In the query,
     /// `type=udp` and `type=uot` choose the carrier, any other `type` is an error, other
     /// parameters are ignored.
@@ -308,6 +331,41 @@ mod tests {
     use super::*;
 
     const KEY: &str = "c8a6fde902b4e23910cde882b7cf1612";
+
+    #[test]
+    fn a_client_configs_link_gives_back_its_carrier_and_tun_settings() {
+        let cases: [(CarrierMode, Option<u16>, &str); 5] = [
+            (CarrierMode::Udp, None, ""),
+            (CarrierMode::Uot, None, "?type=uot"),
+            (CarrierMode::Uot, Some(443), "?type=uot&tcp_port=443"),
+            (CarrierMode::Auto, None, "?tcp_port=50000"),
+            (CarrierMode::Auto, Some(443), "?tcp_port=443"),
+        ];
+        for (mode, tcp_port, query) in cases {
+            let mut cfg = ClientConfig::for_server("vpn.example:50000".into(), KEY.into());
+            cfg.transport.mode = mode;
+            cfg.transport.tcp_port = tcp_port;
+            let link = ShareLink::for_client(&cfg).expect("host:port");
+            assert_eq!(
+                link.to_string(),
+                format!("ostp://{KEY}@vpn.example:50000{query}")
+            );
+            let back = ShareLink::parse(&link.to_string()).unwrap().client_config();
+            assert_eq!(back.transport, cfg.transport, "{mode:?} {tcp_port:?}");
+            assert_eq!(back.server, cfg.server);
+        }
+        let mut cfg = ClientConfig::for_server("[2001:db8::1]:50000".into(), KEY.into());
+        cfg.tun.enable = true;
+        cfg.tun.dns = "9.9.9.9".into();
+        let back = ShareLink::parse(&ShareLink::for_client(&cfg).unwrap().to_string())
+            .unwrap()
+            .client_config();
+        assert!(back.tun.enable);
+        assert_eq!(back.tun.dns, "9.9.9.9");
+        assert_eq!(back.server, "[2001:db8::1]:50000");
+        cfg.server = "no-port".into();
+        assert!(ShareLink::for_client(&cfg).is_none());
+    }
 
     #[test]
     fn formats_ipv4_names_and_ipv6() {

@@ -279,8 +279,14 @@ fn links(path: &Path) -> Result<(), RunError> {
     let cfg = match config::load(path)? {
         Config::Server(s) => s,
         Config::Client(c) => {
-            let (host, port) = c.server_host_port().unwrap_or_default();
-            println!("{}", share_link::format(&c.access_key, &host, port, None));
+            let link = share_link::ShareLink::for_client(&c).ok_or_else(|| {
+                RunError::Other(format!(
+                    "{}: \"server\" {:?} is not host:port",
+                    path.display(),
+                    c.server
+                ))
+            })?;
+            println!("{link}");
             return Ok(());
         }
     };

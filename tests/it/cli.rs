@@ -253,6 +253,25 @@ fn links_cover_config_keys_with_public_host() {
 }
 
 #[test]
+fn links_of_a_client_config_carry_its_carrier() {
+    let d = TempDir::new("client-links");
+    std::fs::write(
+        d.0.join("config.json"),
+        format!(
+            r#"{{"mode":"client","server":"vpn.example.com:50123","access_key":"{KEY}",
+               "socks5_bind":"127.0.0.1:1080","transport":{{"mode":"uot","tcp_port":443}}}}"#
+        ),
+    )
+    .unwrap();
+    let out = run_in(&d.0, &["--links"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("ostp://{KEY}@vpn.example.com:50123?type=uot&tcp_port=443")
+    );
+}
+
+#[test]
 fn unsupported_client_features_refuse_to_start() {
     let d = TempDir::new("turn");
     std::fs::write(
