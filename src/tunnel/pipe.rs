@@ -9,7 +9,9 @@
 //! allocated per packet. Backpressure runs both
 //! ways: when the stream's send buffer is full the socket is no longer read (the TCP window closes
 //! towards the sender); when the socket cannot take more, the stream is no longer read (the
-//! tunnel's flow-control window closes towards the peer).
+//! tunnel's flow-control window closes towards the peer). The server also stops reading sockets
+//! at its user's share ([`Pipe::read_limit`]) and when the session already holds enough unsent
+//! bytes ([`Pipe::with_read_ahead`]); [`Pipe::read_hold`] tells the driver to pump again later.
 //!
 //! mio is edge-triggered, so the pipe remembers whether each socket direction may still have
 //! work (`sock_readable` / `sock_writable`) and the driver calls [`Pipe::pump`] after any event

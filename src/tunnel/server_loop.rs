@@ -41,7 +41,7 @@ use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, TableView, Verdict};
 use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd, ReadHold};
 use super::quotas::{FdSplit, Limits, Quotas};
-use super::read_ahead::ReadAhead;
+use super::read_ahead::{CWND_MULTIPLE, READ_AHEAD_FLOOR, ReadAhead};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
 use super::stats::{SharedTunnelStats, TunnelStats, lock_stats};
@@ -67,6 +67,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// Send buffer per session on the server (all streams together).
 pub const SERVER_SESSION_SEND_BUFFER: usize = 2 * 1024 * 1024;
+/// How far ahead of a session's congestion window its outbound sockets are read.
+const SERVER_READ_AHEAD: ReadAhead = ReadAhead::new(READ_AHEAD_FLOOR, CWND_MULTIPLE);
 /// Lookups waiting for a resolver thread (beyond one running per thread).
 const DNS_QUEUE: usize = 256;
 /// Fds the loop holds whatever the traffic (epoll, waker, stdio, log) beside its listen sockets.
@@ -910,7 +912,7 @@ impl ServerLoop {
             held: false,
             state: OutState::Resolving,
             sock: None,
-            pipe: Pipe::new(stream, &[]).with_read_ahead(ReadAhead::default()),
+            pipe: Pipe::new(stream, &[]).with_read_ahead(SERVER_READ_AHEAD),
             candidates: Vec::new(),
             next_candidate: 0,
             last_error: OpenResult::Unreachable,
@@ -1232,7 +1234,7 @@ impl ServerLoop {
                 continue;
             };
             if o.ticket != ticket || !o.held {
-                continue; // gone (the slot was reused), or listed twice
+                continue; // gone (its slot reused), or no longer held
             }
             o.held = false;
             let (user, session, hold) = (o.user, o.session, o.pipe.read_hold());
@@ -1270,16 +1272,15 @@ impl ServerLoop {
     }
 
     /// Whether `session`'s pipes may read again (a session found full stays full for the rest
-    /// of the pass: only sending drains it; pumps update the quotas they change themselves). A session gone: yes, the pump drops the outbound.
+    /// of the pass: only sending drains it). A session gone: yes, the pump drops the outbound.
     fn session_may_read(&mut self, pass: &mut HeldPass, session: SessionId) -> bool {
         if pass.full.contains(&session) {
             return false;
         }
-        let policy = ReadAhead::default();
         let may = self
             .endpoint
             .session(session)
-            .is_none_or(|s| policy.allows(s.transport()));
+            .is_none_or(|s| SERVER_READ_AHEAD.allows(s.transport()));
         if !may {
             pass.full.push(session);
         }

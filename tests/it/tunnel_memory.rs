@@ -15,10 +15,11 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// 100 parallel downloads (the benchmark's concurrent row): the server's peak RSS grows by
-/// less than 3 MiB over its RSS before them. Without the read-ahead bound it read every
-/// destination until the session's 2 MiB send buffer was full, whose ring storage (about
-/// 2.5× that with 100 streams) came on top.
+/// 100 parallel downloads (the benchmark's concurrent row): the server's peak RSS grows by at
+/// most 4 MiB over its RSS before them (measured in debug builds: 2.6-2.7 MiB, of which 1.6 MiB
+/// are the 100 send rings' retained floors). Without the read-ahead bound it read every
+/// destination until the session's 2 MiB send buffer was full, with ring storage of about 2.5×
+/// that for 100 streams: the peak grew by 5.4-5.5 MiB.
 #[test]
 fn parallel_downloads_keep_the_servers_peak_memory_low() {
     let _heavy = heavy_lock();
@@ -27,7 +28,7 @@ fn parallel_downloads_keep_the_servers_peak_memory_low() {
     let server = Server::start(ServerSpec::new(&key));
     let client = Client::start(server.udp, &key);
     let (pid, proxy) = (server.proc.pid(), client.proxy);
-    let n = size(5_000_000, 1_000_000);
+    let n = size(5_000_000, 300_000);
     let expected = expected_sum(http, n);
     let origin = SocketAddr::from(([127, 0, 0, 1], http));
     // One download first: what any transfer allocates once is not what this test is about.
@@ -63,7 +64,7 @@ fn parallel_downloads_keep_the_servers_peak_memory_low() {
         t.elapsed()
     );
     assert!(
-        peak.saturating_sub(before) <= 3 * 1024,
+        peak.saturating_sub(before) <= 4 * 1024,
         "the server's peak grew by {} KiB",
         peak - before
     );
