@@ -223,105 +223,119 @@ mod tests {
         }
     }
 
-    /// `streams` downloads of `each` bytes over `link` (both ways), driven like the server loop
-    /// drives its pipes: pumped once when opened, on `StreamWritable`, and, held by
-    /// `policy`, whenever the loop runs and the policy allows again (the socket's readiness is
-    /// an edge already consumed). Every byte is checked at the client.
+    /// The server's side of one loop iteration: datagrams in, stream opens answered, pipes
+    /// pumped the way the server loop pumps them (once when opened, on `StreamWritable`, and,
+    /// held by `policy`, whenever the loop runs and the policy allows again: the socket's
+    /// readiness is an edge already consumed), peaks recorded, datagrams out.
+    fn serve(
+        net: &mut SimNetwork,
+        server: &mut Transport,
+        flows: &mut [Download],
+        policy: Option<ReadAhead>,
+        run: &mut Run,
+        now: Instant,
+    ) {
+        receive(net, Endpoint::B, server, now);
+        server.handle_timeout(now);
+        let mut wake = Vec::new();
+        while let Some(e) = server.poll_event() {
+            match e {
+                TransportEvent::StreamOpened { id, .. } => {
+                    server.answer_open(id, OpenResult::Ok).unwrap();
+                    wake.push(id);
+                }
+                TransportEvent::StreamWritable { id } => wake.push(id),
+                _ => {}
+            }
+        }
+        let mut budget = u64::MAX;
+        for f in flows.iter_mut() {
+            let released = f.pipe.read_hold() == Some(ReadHold::SendAhead)
+                && policy.is_some_and(|p| p.allows(server));
+            if released || wake.contains(&f.id) {
+                let _ = f.pipe.pump(&mut f.source, server, &mut budget);
+            }
+        }
+        run.max_unsent = run.max_unsent.max(server.unsent());
+        run.max_bound = run.max_bound.max(ReadAhead::default().bound(server.cwnd()));
+        run.max_send_memory = run.max_send_memory.max(server.send_memory());
+        transmit(net, Endpoint::B, server, now);
+    }
+
+    /// The client's side: datagrams in, every stream read and each byte checked, ACKs out.
+    fn fetch(net: &mut SimNetwork, client: &mut Transport, flows: &mut [Download], now: Instant) {
+        receive(net, Endpoint::A, client, now);
+        client.handle_timeout(now);
+        while client.poll_event().is_some() {}
+        let mut buf = vec![0u8; 64 * 1024];
+        for f in flows.iter_mut() {
+            while let Ok(n) = client.stream_read(f.id, &mut buf) {
+                if n == 0 {
+                    f.finished = true;
+                    break;
+                }
+                for (k, b) in buf[..n].iter().enumerate() {
+                    let want = pattern(f.source.seed, f.received + k);
+                    assert_eq!(*b, want, "stream {:?} corrupted", f.id);
+                }
+                f.received += n;
+            }
+        }
+        transmit(net, Endpoint::A, client, now);
+    }
+
+    /// `streams` downloads of `each` bytes over `link` (both ways) through one session, to the
+    /// end of the last one (a stall panics); every byte is checked at the client.
     fn download(link: LinkConfig, policy: Option<ReadAhead>, streams: usize, each: usize) -> Run {
-        let start = Instant::now();
-        let mut net = SimNetwork::new(link, 7, start);
+        let mut now = Instant::now();
+        let mut net = SimNetwork::new(link, 7, now);
         let server_config = TransportConfig {
             send_buffer: 2 * 1024 * 1024,
             session_send_buffer: 2 * 1024 * 1024,
             ..TransportConfig::default()
         };
-        let mut client = Transport::new(TransportConfig::default(), Side::Client, start);
-        let mut server = Transport::new(server_config, Side::Server, start);
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
+        let mut server = Transport::new(server_config, Side::Server, now);
         // SETTINGS both ways first: they raise the stream limit above the initial one.
         for _ in 0..2 {
-            transmit(&mut net, Endpoint::A, &mut client, start);
-            transmit(&mut net, Endpoint::B, &mut server, start);
-            let later = start + Duration::from_millis(20);
-            receive(&mut net, Endpoint::B, &mut server, later);
-            receive(&mut net, Endpoint::A, &mut client, later);
+            transmit(&mut net, Endpoint::A, &mut client, now);
+            transmit(&mut net, Endpoint::B, &mut server, now);
+            now += Duration::from_millis(20);
+            receive(&mut net, Endpoint::B, &mut server, now);
+            receive(&mut net, Endpoint::A, &mut client, now);
         }
-        let start = start + Duration::from_millis(20);
-        let mut flows = Vec::new();
-        for i in 0..streams {
-            let dest = Destination::Addr("192.0.2.1:80".parse().unwrap());
-            let id = client.open_stream(dest).unwrap();
-            let mut pipe = Pipe::new(id, &[]);
-            if let Some(p) = policy {
-                pipe = pipe.with_read_ahead(p);
-            }
-            let source = Source {
-                seed: i as u8,
-                offset: 0,
-                len: each,
-            };
-            flows.push(Download {
-                id,
-                pipe,
-                source,
-                received: 0,
-                finished: false,
-            });
-        }
-        transmit(&mut net, Endpoint::A, &mut client, start);
-        let mut now = start;
+        let start = now;
+        let mut flows: Vec<Download> = (0..streams)
+            .map(|i| {
+                let dest = Destination::Addr("192.0.2.1:80".parse().unwrap());
+                let id = client.open_stream(dest).unwrap();
+                let mut pipe = Pipe::new(id, &[]);
+                if let Some(p) = policy {
+                    pipe = pipe.with_read_ahead(p);
+                }
+                Download {
+                    id,
+                    pipe,
+                    source: Source {
+                        seed: i as u8,
+                        offset: 0,
+                        len: each,
+                    },
+                    received: 0,
+                    finished: false,
+                }
+            })
+            .collect();
+        transmit(&mut net, Endpoint::A, &mut client, now);
         let mut run = Run {
             max_unsent: 0,
             max_bound: 0,
             max_send_memory: 0,
             elapsed: Duration::ZERO,
         };
-        let mut opened = false;
-        let mut budget = u64::MAX;
-        let mut buf = vec![0u8; 64 * 1024];
         while !flows.iter().all(|f| f.finished) {
-            receive(&mut net, Endpoint::B, &mut server, now);
-            server.handle_timeout(now);
-            let mut wake = Vec::new();
-            while let Some(e) = server.poll_event() {
-                match e {
-                    TransportEvent::StreamOpened { id, .. } => {
-                        server.answer_open(id, OpenResult::Ok).unwrap();
-                        wake.push(id);
-                    }
-                    TransportEvent::StreamWritable { id } => wake.push(id),
-                    _ => {}
-                }
-            }
-            opened |= !wake.is_empty();
-            for f in flows.iter_mut() {
-                let released = f.pipe.read_hold() == Some(ReadHold::SendAhead)
-                    && policy.is_some_and(|p| p.allows(&server));
-                if opened && (released || wake.contains(&f.id)) {
-                    let _ = f.pipe.pump(&mut f.source, &mut server, &mut budget);
-                }
-            }
-            run.max_unsent = run.max_unsent.max(server.unsent());
-            run.max_bound = run.max_bound.max(ReadAhead::default().bound(server.cwnd()));
-            run.max_send_memory = run.max_send_memory.max(server.send_memory());
-            transmit(&mut net, Endpoint::B, &mut server, now);
-
-            receive(&mut net, Endpoint::A, &mut client, now);
-            client.handle_timeout(now);
-            while client.poll_event().is_some() {}
-            for (i, f) in flows.iter_mut().enumerate() {
-                while let Ok(n) = client.stream_read(f.id, &mut buf) {
-                    if n == 0 {
-                        f.finished = true;
-                        break;
-                    }
-                    for (k, b) in buf[..n].iter().enumerate() {
-                        assert_eq!(*b, pattern(i as u8, f.received + k), "stream {i} corrupted");
-                    }
-                    f.received += n;
-                }
-            }
-            transmit(&mut net, Endpoint::A, &mut client, now);
-
+            serve(&mut net, &mut server, &mut flows, policy, &mut run, now);
+            fetch(&mut net, &mut client, &mut flows, now);
             let next = earliest([
                 net.next_event_time(),
                 server.poll_timeout(),
@@ -332,8 +346,8 @@ mod tests {
                 .max(now);
             assert!(now - start < Duration::from_secs(60), "no progress");
         }
-        for (i, f) in flows.iter().enumerate() {
-            assert_eq!(f.received, each, "stream {i} incomplete");
+        for f in &flows {
+            assert_eq!(f.received, each, "stream {:?} incomplete", f.id);
         }
         run.elapsed = now - start;
         run
