@@ -10,6 +10,8 @@
 //! - [`resolver`]    — a small DNS thread pool that reports results to the event loop via a `mio::Waker`.
 //!
 //! - [`pipe`]        — the socket ↔ stream byte pump (bounded buffers, backpressure both ways).
+//! - [`read_ahead`]  — the server's policy (sans-IO) of how far pipes read destinations ahead of
+//!   what the session's congestion window can send.
 //! - [`slab`]        — stable indices for connections (mio tokens).
 //! - [`ledger`]      — the server's per-user traffic policy (sans-IO): budgets, unsynced traffic,
 //!   the limit cut and drain, the sync with the user table.
@@ -52,6 +54,7 @@ pub mod ledger;
 pub mod pipe;
 pub mod proxy_front;
 pub mod quotas;
+pub mod read_ahead;
 pub mod resolver;
 pub mod router_rules;
 pub mod server_loop;

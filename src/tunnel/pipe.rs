@@ -9,7 +9,9 @@
 //! allocated per packet. Backpressure runs both
 //! ways: when the stream's send buffer is full the socket is no longer read (the TCP window closes
 //! towards the sender); when the socket cannot take more, the stream is no longer read (the
-//! tunnel's flow-control window closes towards the peer).
+//! tunnel's flow-control window closes towards the peer). The server also stops reading sockets
+//! at its user's share ([`Pipe::read_limit`]) and when the session already holds enough unsent
+//! bytes ([`Pipe::with_read_ahead`]); [`Pipe::read_hold`] tells the driver to pump again later.
 //!
 //! mio is edge-triggered, so the pipe remembers whether each socket direction may still have
 //! work (`sock_readable` / `sock_writable`) and the driver calls [`Pipe::pump`] after any event
@@ -23,6 +25,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 
+use super::read_ahead::ReadAhead;
 use crate::proto::transport::{ResetReason, StreamError, StreamId, Transport};
 
 /// The longest proxy reply, and the least buffer room worth a socket read (the server holds a
@@ -125,6 +128,16 @@ pub enum PipeEnd {
     StreamGone,
 }
 
+/// What holds socket → stream back while the socket may still have data (the driver must pump
+/// the pipe again when it is lifted: mio will not report the socket again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadHold {
+    /// [`Pipe::read_limit`] is used up (the user's buffered-bytes share).
+    Share,
+    /// The session already holds enough unsent bytes ([`Pipe::with_read_ahead`]).
+    SendAhead,
+}
+
 /// Why [`Pipe::send_reply`] refused a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyError {
@@ -167,6 +180,10 @@ pub struct Pipe {
     /// Most bytes the next pumps may read from the socket (the server's buffered-bytes share;
     /// `usize::MAX`, no limit, unless the driver sets it); decreased by what is read.
     pub read_limit: usize,
+    /// Reads only while this policy allows them for the stream's session (`None`: always).
+    read_ahead: Option<ReadAhead>,
+    /// Why the last pump stopped reading the socket with data possibly waiting, if it did.
+    hold: Option<ReadHold>,
 }
 
 impl Pipe {
@@ -190,6 +207,8 @@ impl Pipe {
             sock_readable: true,
             sock_writable: true,
             read_limit: usize::MAX,
+            read_ahead: None,
+            hold: None,
         }
     }
 
@@ -200,6 +219,12 @@ impl Pipe {
             awaiting_reply: true,
             ..Pipe::new(stream, early)
         }
+    }
+
+    /// This pipe reads its socket only while `policy` allows it for the stream's session.
+    pub fn with_read_ahead(mut self, policy: ReadAhead) -> Pipe {
+        self.read_ahead = Some(policy);
+        self
     }
 
     /// Whether stream → socket is still held for the proxy reply.
@@ -234,10 +259,12 @@ impl Pipe {
         self.sock_eof || self.stream_eof
     }
 
-    /// Whether socket → stream waits only for [`Pipe::read_limit`]: the socket may hold data,
-    /// nothing is pending for the stream, and the limit is used up.
-    pub fn is_held_by_read_limit(&self) -> bool {
-        self.read_limit == 0 && self.sock_readable && !self.sock_eof && self.to_stream.is_empty()
+    /// What socket → stream waits for after the last pump, if only a limit holds it: the socket
+    /// may hold data, nothing is pending for the stream, and [`Pipe::read_limit`] is used up or
+    /// the read-ahead policy ([`Pipe::with_read_ahead`]) refused the read.
+    pub fn read_hold(&self) -> Option<ReadHold> {
+        self.hold
+            .filter(|_| self.sock_readable && !self.sock_eof && self.to_stream.is_empty())
     }
 
     /// Whether the stream's data was all delivered and the peer finished.
@@ -258,6 +285,7 @@ impl Pipe {
         budget: &mut u64,
     ) -> Result<Moved, (PipeEnd, Moved)> {
         let mut moved = Moved::default();
+        self.hold = None;
         if !self.awaiting_reply {
             if let Err(end) = self.pump_to_socket(sock, transport, budget, &mut moved) {
                 return Err((end, moved));
@@ -302,7 +330,15 @@ impl Pipe {
                 }
                 return Ok(());
             }
-            if !self.sock_readable || *budget == 0 || self.read_limit == 0 {
+            if !self.sock_readable || *budget == 0 {
+                return Ok(());
+            }
+            if self.read_limit == 0 {
+                self.hold = Some(ReadHold::Share);
+                return Ok(());
+            }
+            if self.read_ahead.is_some_and(|p| !p.allows(tr)) {
+                self.hold = Some(ReadHold::SendAhead);
                 return Ok(());
             }
             // The socket's bytes go straight into the stream's send buffer: no copy.
@@ -757,6 +793,44 @@ mod tests {
         assert_eq!(got.len(), data.len(), "the pipe was never woken again");
         assert!(got == data, "bytes reordered or corrupted");
         assert_eq!(moved, data.len() as u64);
+    }
+
+    /// A pipe with a read-ahead policy stops reading when its session holds the bound of
+    /// unsent bytes, says why (the driver must pump it again: the socket's readiness was
+    /// consumed), and reads again once the session sent some; a used-up share is the other hold.
+    #[test]
+    fn a_pipe_held_by_read_ahead_reads_again_once_the_session_sent() {
+        let now = Instant::now();
+        let (_, mut server, id) = opened_stream(now, TransportConfig::default());
+        let mut sock = MemSock {
+            input: vec![1u8; 1024 * 1024],
+            ..MemSock::default()
+        };
+        let policy = ReadAhead::new(2 * PIPE_READ as u64, 1);
+        assert!(policy.bound(server.cwnd()) == 2 * PIPE_READ as u64);
+        let mut pipe = Pipe::new(id, &[]).with_read_ahead(policy);
+        let mut budget = u64::MAX;
+        let moved = pipe.pump(&mut sock, &mut server, &mut budget).unwrap();
+        assert_eq!(moved.to_stream, 2 * PIPE_READ as u64, "stops at the bound");
+        assert_eq!(pipe.read_hold(), Some(ReadHold::SendAhead));
+        let again = pipe.pump(&mut sock, &mut server, &mut budget).unwrap();
+        assert_eq!(again.to_stream, 0, "still at the bound");
+        let sent = transmit(&mut server, now);
+        assert!(!sent.is_empty() && server.unsent() < 2 * PIPE_READ as u64);
+        let moved = pipe.pump(&mut sock, &mut server, &mut budget).unwrap();
+        assert!(moved.to_stream > 0, "reads again once the session sent");
+        pipe.read_limit = 0;
+        pipe.pump(&mut sock, &mut server, &mut budget).unwrap();
+        assert_eq!(pipe.read_hold(), Some(ReadHold::Share));
+        sock.input.clear();
+        pipe.read_limit = usize::MAX;
+        let mut unlimited = Pipe::new(id, &[]);
+        unlimited.pump(&mut sock, &mut server, &mut budget).unwrap();
+        assert_eq!(
+            unlimited.read_hold(),
+            None,
+            "a socket read dry holds nothing"
+        );
     }
 
     #[test]

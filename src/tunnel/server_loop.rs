@@ -39,8 +39,9 @@ use super::driver::token::Tok;
 use super::driver::udp::{MAX_BATCH_BYTES, RECV_BUFFER, SendOutcome, UdpSockets};
 use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, TableView, Verdict};
-use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd};
+use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd, ReadHold};
 use super::quotas::{FdSplit, Limits, Quotas};
+use super::read_ahead::{CWND_MULTIPLE, READ_AHEAD_FLOOR, ReadAhead};
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
 use super::stats::{SharedTunnelStats, TunnelStats, lock_stats};
@@ -66,6 +67,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// Send buffer per session on the server (all streams together).
 pub const SERVER_SESSION_SEND_BUFFER: usize = 2 * 1024 * 1024;
+/// How far ahead of a session's congestion window its outbound sockets are read.
+const SERVER_READ_AHEAD: ReadAhead = ReadAhead::new(READ_AHEAD_FLOOR, CWND_MULTIPLE);
 /// Lookups waiting for a resolver thread (beyond one running per thread).
 const DNS_QUEUE: usize = 256;
 /// Fds the loop holds whatever the traffic (epoll, waker, stdio, log) beside its listen sockets.
@@ -284,7 +287,8 @@ struct Outbound {
     stream: StreamId,
     /// This incarnation of the slab slot: matches its DNS answer and its connect deadline.
     ticket: Ticket,
-    /// In `Outbounds::held` (its socket reads wait for the user's buffered-bytes share).
+    /// In `Outbounds::held` (its socket reads wait for the user's buffered-bytes share or the
+    /// session's read-ahead).
     held: bool,
     state: OutState,
     sock: Option<TcpStream>,
@@ -316,8 +320,10 @@ struct Outbounds {
     lookups: HashMap<Ticket, (UserId, String)>,
     /// Outbound lookups the loop gives up on after the lookup timeout.
     lookup_timeouts: TimeoutQueue<Ticket>,
-    /// Outbounds whose socket reads wait for their user's buffered-bytes share.
-    held: Vec<usize>,
+    /// Outbounds whose socket reads wait for their user's buffered-bytes share or their
+    /// session's read-ahead, in the order they get to read (entries of outbounds since gone are
+    /// skipped by their ticket).
+    held: Vec<Ticket>,
 }
 
 impl Outbounds {
@@ -356,6 +362,16 @@ impl Outbounds {
             }
         }
     }
+}
+
+/// What one [`ServerLoop::release_held`] pass learned, so that many held streams of one user or
+/// session cost one look each.
+#[derive(Default)]
+struct HeldPass {
+    /// Users whose buffered bytes were refreshed from their sessions.
+    refreshed: Vec<UserId>,
+    /// Sessions found at their read-ahead bound.
+    full: Vec<SessionId>,
 }
 
 /// The server loop's state: the sockets it owns (listen sockets, outbounds, relays), the protocol
@@ -896,7 +912,7 @@ impl ServerLoop {
             held: false,
             state: OutState::Resolving,
             sock: None,
-            pipe: Pipe::new(stream, &[]),
+            pipe: Pipe::new(stream, &[]).with_read_ahead(SERVER_READ_AHEAD),
             candidates: Vec::new(),
             next_candidate: 0,
             last_error: OpenResult::Unreachable,
@@ -1129,9 +1145,9 @@ impl ServerLoop {
         }
         let buffered = session.transport().send_memory();
         self.quotas.set_session_buffered(user, o.session, buffered);
-        if end.is_none() && o.pipe.is_held_by_read_limit() && !o.held {
+        if end.is_none() && o.pipe.read_hold().is_some() && !o.held {
             o.held = true;
-            self.out.held.push(idx);
+            self.out.held.push(o.ticket);
         }
         let verdict = self.ledger.charge(now, user, moved);
         match end {
@@ -1203,38 +1219,72 @@ impl ServerLoop {
         }
     }
 
-    /// Pumps again the outbounds held by their user's buffered-bytes share once the user has
-    /// room (the tunnel delivered some of what it held).
+    /// Pumps again the held outbounds whose hold is lifted: their user has room again (the tunnel
+    /// delivered some of what it held) or their session's unsent bytes fell below the read-ahead
+    /// bound (it sent them). Those still held keep their turn ahead of those pumped now (which
+    /// queue again behind them if held again), so reads rotate over a session's streams.
     fn release_held(&mut self, now: Instant) {
         if self.out.held.is_empty() {
             return;
         }
-        let mut refreshed: Vec<UserId> = Vec::new();
-        for idx in std::mem::take(&mut self.out.held) {
-            let Some(o) = self.out.table.get_mut(idx) else {
+        let mut pass = HeldPass::default();
+        let mut waiting = Vec::new();
+        for ticket in std::mem::take(&mut self.out.held) {
+            let Some(o) = self.out.table.get_mut(ticket.index) else {
                 continue;
             };
-            o.held = false;
-            let user = o.user;
-            if !refreshed.contains(&user) {
-                refreshed.push(user);
-                let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
-                for sid in sessions {
-                    if let Some(s) = self.endpoint.session(sid) {
-                        let buffered = s.transport().send_memory();
-                        self.quotas.set_session_buffered(user, sid, buffered);
-                    }
-                }
+            if o.ticket != ticket || !o.held {
+                continue; // gone (its slot reused), or no longer held
             }
-            // Wait for room worth a socket read: pumping for a few bytes at a time would spin
-            // through every held stream on each wake-up.
-            if self.quotas.buffer_room(user) >= PIPE_BUF {
-                self.pump(now, idx); // holds it again if the room did not last
-            } else if let Some(o) = self.out.table.get_mut(idx) {
+            o.held = false;
+            let (user, session, hold) = (o.user, o.session, o.pipe.read_hold());
+            let ready = match hold {
+                None => continue, // pumped since: reading until the socket ran dry
+                Some(ReadHold::Share) => self.share_has_room(&mut pass, user),
+                Some(ReadHold::SendAhead) => self.session_may_read(&mut pass, session),
+            };
+            if ready {
+                self.pump(now, ticket.index); // holds it again if the hold returned
+            } else if let Some(o) = self.out.table.get_mut(ticket.index) {
                 o.held = true;
-                self.out.held.push(idx);
+                waiting.push(ticket);
             }
         }
+        waiting.append(&mut self.out.held);
+        self.out.held = waiting;
+    }
+
+    /// Whether `user`'s share has room worth a socket read (refreshed from its sessions' send
+    /// buffers once per pass): pumping for a few bytes at a time would spin through every held
+    /// stream on each wake-up.
+    fn share_has_room(&mut self, pass: &mut HeldPass, user: UserId) -> bool {
+        if !pass.refreshed.contains(&user) {
+            pass.refreshed.push(user);
+            let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
+            for sid in sessions {
+                if let Some(s) = self.endpoint.session(sid) {
+                    let buffered = s.transport().send_memory();
+                    self.quotas.set_session_buffered(user, sid, buffered);
+                }
+            }
+        }
+        self.quotas.buffer_room(user) >= PIPE_BUF
+    }
+
+    /// Whether `session`'s pipes may read again (a session found full stays full for the rest
+    /// of the pass: only sending drains it). A session gone: yes, the pump drops the outbound.
+    fn session_may_read(&mut self, pass: &mut HeldPass, session: SessionId) -> bool {
+        if pass.full.contains(&session) {
+            return false;
+        }
+        let may = self
+            .endpoint
+            .session(session)
+            .is_none_or(|s| SERVER_READ_AHEAD.allows(s.transport()));
+        if !may {
+            pass.full.push(session);
+        }
+        may
     }
 
     /// Resets open streams that moved nothing for the idle timeout (the half-closed timeout once

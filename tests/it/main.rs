@@ -41,4 +41,5 @@ mod tunnel_e2e;
 mod tunnel_limits;
 mod tunnel_links;
 mod tunnel_lossy;
+mod tunnel_memory;
 mod tunnel_reload_mux;

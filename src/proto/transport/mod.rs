@@ -1381,6 +1381,18 @@ impl Transport {
         self.streams.send_memory()
     }
 
+    /// The congestion window in bytes (what [`Transport::stats`] reports, without its cost).
+    pub fn cwnd(&self) -> u64 {
+        self.cc.cwnd()
+    }
+
+    /// About the stream bytes waiting to be sent (new, or lost and due again): those held in
+    /// send buffers beyond the bytes in flight. The server reads destinations only while this
+    /// is near the congestion window (`tunnel::read_ahead`).
+    pub fn unsent(&self) -> u64 {
+        (self.streams.send_buffered() as u64).saturating_sub(self.bytes_in_flight)
+    }
+
     /// Bytes the peer currently holds in our receive buffers (bounded by the session window).
     pub fn recv_outstanding(&self) -> u64 {
         self.streams.recv_outstanding()
