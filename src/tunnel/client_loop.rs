@@ -589,6 +589,15 @@ struct ClientLoop {
     direct_udp: DirectUdp,
 }
 
+/// Whether a request's success reply may go before the server's open result ([`EarlyReply`]):
+/// proxy CONNECTs only (HTTP forwarding and captured connections have no reply to wait for).
+fn has_early_reply(request: &ProxyRequest) -> bool {
+    matches!(
+        request.protocol(),
+        FrontProtocol::Socks5 | FrontProtocol::HttpConnect
+    )
+}
+
 fn socks_code(result: OpenResult) -> Socks5Reply {
     match result {
         OpenResult::Ok => Socks5Reply::Succeeded,
@@ -1905,10 +1914,8 @@ impl ClientLoop {
         let mut pipe = Pipe::awaiting_reply(stream, &early);
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
-        let replied = matches!(
-            request.protocol(),
-            FrontProtocol::Socks5 | FrontProtocol::HttpConnect
-        ) && self.early_reply.allows(&dest, now)
+        let replied = has_early_reply(&request)
+            && self.early_reply.allows(&dest, now)
             && pipe
                 .send_reply(&request.success_reply(self.local_addr))
                 .is_ok();
@@ -1959,7 +1966,7 @@ impl ClientLoop {
             return;
         };
         let slot = *slot;
-        if let Some(dest) = request.dest() {
+        if let Some(dest) = request.dest().filter(|_| has_early_reply(request)) {
             self.early_reply.opened(dest, now);
         }
         if !*replied {
