@@ -18,6 +18,8 @@
 //!   timeout.
 //! - A stream's proxy reply (SOCKS5 / HTTP CONNECT success) is always the first byte the
 //!   application gets: until the server answers the open, only application → stream moves.
+//!   The success reply waits for that answer unless the destination opened recently
+//!   ([`EarlyReply`]); an early-answered open that fails resets the connection.
 //! - Every failure produces a log line a user understands.
 //! - Carriers (`transport.mode`): a slot's session runs over its own UDP socket or over one TCP
 //!   connection (the TCP carrier, [`CarrierLink`]); everything above the session is the same.
@@ -56,8 +58,9 @@ use super::driver::token::Tok;
 use super::driver::udp::{
     self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SESSION_RECV_BATCH, SendOutcome, UdpOffload, UdpTx,
 };
+use super::early_reply::EarlyReply;
 use super::pipe::{Pipe, PipeEnd};
-use super::proxy_front::{self, Progress, ProxyFront, ProxyRequest, Socks5Reply};
+use super::proxy_front::{self, FrontProtocol, Progress, ProxyFront, ProxyRequest, Socks5Reply};
 use super::resolver::{Lookup, Resolver};
 use super::slab::Slab;
 use super::supervisor::{
@@ -359,6 +362,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         locals: Slab::new(),
         waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
         opening: TimeoutQueue::new(OPEN_TIMEOUT),
+        early_reply: EarlyReply::default(),
         request_deadlines: TimeoutQueue::new(REQUEST_TIMEOUT),
         idle_checks: TimeoutQueue::new(idle_check),
         per_addr: HashMap::new(),
@@ -433,11 +437,14 @@ enum LocalState {
     /// Waiting for a tunnel session (in `ClientLoop::waiting`).
     Waiting { request: ProxyRequest },
     /// Stream opened, waiting for the server's answer (in `ClientLoop::opening`); the pipe
-    /// moves only socket → stream meanwhile.
+    /// moves only socket → stream meanwhile, unless the success reply went early.
     Opening {
         request: ProxyRequest,
         slot: usize,
         stream: StreamId,
+        /// The success reply went before the server's answer ([`EarlyReply`]): a failure can
+        /// only reset the connection.
+        replied: bool,
     },
     /// Splicing.
     Piping { slot: usize },
@@ -542,6 +549,8 @@ struct ClientLoop {
     waiting: TimeoutQueue<usize>,
     /// Requests whose stream waits for the server's answer, oldest first.
     opening: TimeoutQueue<usize>,
+    /// Destinations whose CONNECT is answered before the server's open result.
+    early_reply: EarlyReply,
     /// Every accepted connection by `(index, serial)`: still in `Request` at expiry → closed.
     request_deadlines: TimeoutQueue<(usize, u32)>,
     /// Piping connections and UDP associations by `(index, serial)`, looked at every
@@ -578,6 +587,15 @@ struct ClientLoop {
     dns_queries: super::learned::PendingQueries,
     /// Captured UDP flows to learned addresses, relayed directly.
     direct_udp: DirectUdp,
+}
+
+/// Whether a request's success reply may go before the server's open result ([`EarlyReply`]):
+/// proxy CONNECTs only (HTTP forwarding and captured connections have no reply to wait for).
+fn has_early_reply(request: &ProxyRequest) -> bool {
+    matches!(
+        request.protocol(),
+        FrontProtocol::Socks5 | FrontProtocol::HttpConnect
+    )
 }
 
 fn socks_code(result: OpenResult) -> Socks5Reply {
@@ -1864,7 +1882,7 @@ impl ClientLoop {
         let Some(session) = self.slots[slot].session_mut() else {
             return;
         };
-        let stream = match session.transport_mut().open_stream(dest) {
+        let stream = match session.transport_mut().open_stream(dest.clone()) {
             Ok(s) => s,
             Err(e) => {
                 if e != crate::proto::transport::StreamError::TooManyStreams {
@@ -1891,15 +1909,22 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
-        // Until the open succeeds only socket → stream moves (the reply must come first).
+        // Until the open succeeds only socket → stream moves (the reply must come first); a
+        // destination that opened recently gets its reply at once instead.
         let mut pipe = Pipe::awaiting_reply(stream, &early);
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
+        let replied = has_early_reply(&request)
+            && self.early_reply.allows(&dest, now)
+            && pipe
+                .send_reply(&request.success_reply(self.local_addr))
+                .is_ok();
         l.pipe = Some(pipe);
         l.state = LocalState::Opening {
             request,
             slot,
             stream,
+            replied,
         };
         self.pump_local(now, idx, slot);
     }
@@ -1931,16 +1956,27 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
-        let LocalState::Opening { request, slot, .. } = &l.state else {
+        let LocalState::Opening {
+            request,
+            slot,
+            replied,
+            ..
+        } = &l.state
+        else {
             return;
         };
         let slot = *slot;
-        let reply = request.success_reply(self.local_addr);
-        let sent = l.pipe.as_mut().map(|p| p.send_reply(&reply));
-        if let Some(Err(e)) = sent {
-            log::warn!("local connection: {e}; closing it");
-            self.fail_request(now, idx, Socks5Reply::GeneralFailure);
-            return;
+        if let Some(dest) = request.dest().filter(|_| has_early_reply(request)) {
+            self.early_reply.opened(dest, now);
+        }
+        if !*replied {
+            let reply = request.success_reply(self.local_addr);
+            let sent = l.pipe.as_mut().map(|p| p.send_reply(&reply));
+            if let Some(Err(e)) = sent {
+                log::warn!("local connection: {e}; closing it");
+                self.fail_request(now, idx, Socks5Reply::GeneralFailure);
+                return;
+            }
         }
         l.state = LocalState::Piping { slot };
         l.last_active = now;
@@ -1953,10 +1989,24 @@ impl ClientLoop {
         let Some(l) = self.locals.get_mut(idx) else {
             return;
         };
+        // An early-answered open that fails has no reply left to carry the code: the
+        // connection is reset, and the destination waits for the server's answer next time.
+        let mut reset = false;
         let reply = match &mut l.state {
-            LocalState::Waiting { request, .. } | LocalState::Opening { request, .. } => {
-                request.failure_reply(code)
+            LocalState::Opening {
+                request, replied, ..
+            } => {
+                if let Some(dest) = request.dest() {
+                    self.early_reply.failed(dest);
+                }
+                reset = *replied;
+                if reset {
+                    Vec::new()
+                } else {
+                    request.failure_reply(code)
+                }
             }
+            LocalState::Waiting { request, .. } => request.failure_reply(code),
             LocalState::Direct(d) => {
                 d.close(self.core.registry(), &mut self.learned);
                 self.opening.remove(idx);
@@ -1983,6 +2033,9 @@ impl ClientLoop {
                 l.writable |= p.sock_writable;
             }
             l.state = LocalState::Closing;
+            if reset {
+                crate::sys::reset_on_close(&l.sock);
+            }
         }
         self.waiting.remove(idx);
         self.send_local(idx, &reply);

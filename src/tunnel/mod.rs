@@ -39,6 +39,8 @@
 //! - [`router_rules`] — the nftables ruleset and policy routing of router mode (`--router-rules`).
 //! - [`supervisor`]  — the client's session-slot policy (sans-IO): backoff, refusal retries,
 //!   liveness replacement, demand retries, request and open timeouts.
+//! - [`early_reply`] — the client's early-reply policy (sans-IO): CONNECTs to destinations that
+//!   opened recently get their success reply before the server's open result.
 
 pub mod carrier_choice;
 pub mod carrier_conns;
@@ -47,6 +49,7 @@ pub mod client_loop;
 pub mod dest_guard;
 pub mod dns_wire;
 pub mod driver;
+pub mod early_reply;
 pub mod exclude;
 pub mod hello_record;
 pub mod learned;

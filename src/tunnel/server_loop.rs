@@ -405,6 +405,28 @@ struct ServerLoop {
     published: SharedTunnelStats,
 }
 
+/// Where a non-blocking connect stands.
+#[derive(Debug)]
+enum ConnectState {
+    InProgress,
+    Connected,
+    Failed(io::Error),
+}
+
+/// Asks the socket whether its non-blocking connect has completed (a pending error first; a
+/// peer address means connected).
+fn connect_state(sock: &TcpStream) -> ConnectState {
+    match sock.take_error() {
+        Ok(Some(e)) | Err(e) => return ConnectState::Failed(e),
+        Ok(None) => {}
+    }
+    match sock.peer_addr() {
+        Ok(_) => ConnectState::Connected,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => ConnectState::InProgress,
+        Err(e) => ConnectState::Failed(e),
+    }
+}
+
 fn open_result_for_io(e: &io::Error) -> OpenResult {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => OpenResult::Refused,
@@ -1017,7 +1039,7 @@ impl ServerLoop {
                     o.candidates = allowed;
                     o.next_candidate = 0;
                 }
-                self.connect_next(idx);
+                self.connect_next(now, idx);
             }
             Err(reason) => {
                 log::debug!("destination refused by the guard: {reason:?}");
@@ -1027,7 +1049,11 @@ impl ServerLoop {
         }
     }
 
-    fn connect_next(&mut self, idx: usize) {
+    /// Connects outbound `idx` to its next allowed address (failing the open when none is left).
+    /// A connect that completes at once (loopback, and often a LAN) is taken up right away:
+    /// the open is answered and the stream's early bytes go out in this loop iteration instead
+    /// of after the next `epoll_wait`.
+    fn connect_next(&mut self, now: Instant, idx: usize) {
         loop {
             let Some(o) = self.out.table.get_mut(idx) else {
                 return;
@@ -1052,6 +1078,7 @@ impl ServerLoop {
                     }
                     o.sock = Some(sock);
                     o.state = OutState::Connecting;
+                    self.finish_connect(now, idx);
                     return;
                 }
                 Err(e) => {
@@ -1068,38 +1095,8 @@ impl ServerLoop {
         match o.state {
             OutState::Resolving => {}
             OutState::Connecting => {
-                if !writable && !readable {
-                    return;
-                }
-                let Some(sock) = o.sock.as_mut() else { return };
-                let failed = match sock.take_error() {
-                    Ok(Some(e)) | Err(e) => Some(e),
-                    Ok(None) => None,
-                };
-                if let Some(e) = failed {
-                    o.last_error = open_result_for_io(&e);
-                    if let Some(mut s) = o.sock.take() {
-                        let _ = self.core.poll.registry().deregister(&mut s);
-                    }
-                    self.connect_next(idx);
-                    return;
-                }
-                match sock.peer_addr() {
-                    Ok(_) => {
-                        let _ = sock.set_nodelay(true);
-                        o.state = OutState::Open;
-                        let (session, stream) = (o.session, o.stream);
-                        self.answer(session, stream, OpenResult::Ok);
-                        self.pump(now, idx);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {} // spurious wake-up
-                    Err(e) => {
-                        o.last_error = open_result_for_io(&e);
-                        if let Some(mut s) = o.sock.take() {
-                            let _ = self.core.poll.registry().deregister(&mut s);
-                        }
-                        self.connect_next(idx);
-                    }
+                if writable || readable {
+                    self.finish_connect(now, idx);
                 }
             }
             OutState::Open => {
@@ -1110,6 +1107,36 @@ impl ServerLoop {
                     o.pipe.sock_writable = true;
                 }
                 self.pump(now, idx);
+            }
+        }
+    }
+
+    /// Takes up outbound `idx`'s connect if it has completed: answers the open and starts the
+    /// pipe, or tries the next address after a failure. Still in progress: waits for the
+    /// socket's next event.
+    fn finish_connect(&mut self, now: Instant, idx: usize) {
+        let Some(o) = self.out.table.get_mut(idx) else {
+            return;
+        };
+        if !matches!(o.state, OutState::Connecting) {
+            return;
+        }
+        let Some(sock) = o.sock.as_mut() else { return };
+        match connect_state(sock) {
+            ConnectState::InProgress => {}
+            ConnectState::Connected => {
+                let _ = sock.set_nodelay(true);
+                o.state = OutState::Open;
+                let (session, stream) = (o.session, o.stream);
+                self.answer(session, stream, OpenResult::Ok);
+                self.pump(now, idx);
+            }
+            ConnectState::Failed(e) => {
+                o.last_error = open_result_for_io(&e);
+                if let Some(mut s) = o.sock.take() {
+                    let _ = self.core.poll.registry().deregister(&mut s);
+                }
+                self.connect_next(now, idx);
             }
         }
     }
@@ -1436,6 +1463,48 @@ impl ServerLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polls `connect_state` until the connect is decided (bounded), like the loop's first look
+    /// right after `connect` followed by socket events.
+    fn decided(sock: &TcpStream) -> ConnectState {
+        let t = Instant::now();
+        loop {
+            match connect_state(sock) {
+                ConnectState::InProgress if t.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                state => return state,
+            }
+        }
+    }
+
+    #[test]
+    fn connect_state_tells_connected_refused_and_in_progress_apart() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sock = TcpStream::connect(addr).unwrap();
+        assert!(matches!(decided(&sock), ConnectState::Connected));
+        // A closed port: refused (reported once, as the open's result).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let sock = TcpStream::connect(closed_addr).unwrap();
+        match decided(&sock) {
+            ConnectState::Failed(e) => {
+                assert_eq!(open_result_for_io(&e), OpenResult::Refused, "{e}")
+            }
+            other => panic!("a closed port gave {other:?}"),
+        }
+        // A listener whose accept queue is full drops SYNs: the connect stays in progress.
+        let mut held = Vec::new();
+        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            held.push(s);
+            assert!(held.len() < 10_000, "the accept queue never filled");
+        }
+        let sock = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(connect_state(&sock), ConnectState::InProgress));
+    }
 
     fn server_config(extra: &str) -> ServerConfig {
         let text = format!(

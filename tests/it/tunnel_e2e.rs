@@ -2,8 +2,8 @@
 //! and client, the `bulk_http` test server, and curl or a raw SOCKS5 client in the test.
 //! Covers bulk downloads through SOCKS5 / HTTP CONNECT / HTTP absolute-URI forwarding, many
 //! parallel streams, uploads, UDP ASSOCIATE, the API's traffic counters, the destination guard,
-//! unsupported client features, an unknown key, and requests that wait for a session in vain
-//! failing on time.
+//! unsupported client features, an unknown key, requests that wait for a session in vain
+//! failing on time, and early proxy replies for destinations that opened recently.
 //!
 //! Sizes are full in release builds (`cargo test --release`) and smaller in debug builds.
 
@@ -471,6 +471,52 @@ fn destination_guard_allows_loopback_when_configured() {
         t.elapsed() < Duration::from_secs(5),
         "took {:?}",
         t.elapsed()
+    );
+}
+
+/// A CONNECT to a destination that opened a moment ago is answered at once, before the server's
+/// open result, and the application's first bytes follow the open (one tunnel round trip less
+/// before the first byte). If that open fails after all, the application's connection is reset
+/// (never a clean end that could pass for an empty answer), and the next request waits for the
+/// server again and gets the exact error code.
+#[test]
+fn a_destination_that_opened_recently_is_answered_early_and_a_late_failure_resets() {
+    let (_server, client, _) = setup();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = [0u8; 4];
+            s.read_exact(&mut line).unwrap();
+            s.write_all(&line).unwrap();
+        }
+        // The listener is dropped here: the port refuses connections from now on.
+    });
+    // The first request waits for the server's answer; the second is answered early, and its
+    // bytes (written right after the reply) still reach the destination.
+    for word in [b"one\n", b"two\n"] {
+        let mut s = socks5_connect(client.proxy, Target::Ip(addr)).expect("the echo server is up");
+        s.write_all(word).unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, word);
+    }
+    echo.join().unwrap();
+    // The port is closed now; the destination opened a moment ago, so the reply comes first and
+    // the server's refusal resets the connection.
+    let mut s = socks5_connect(client.proxy, Target::Ip(addr))
+        .expect("a recently opened destination is answered before the server's result");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = s
+        .read(&mut buf)
+        .expect_err("a failed open must not end like a finished answer");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    // Forgotten after the failure: the next request waits and gets "connection refused".
+    assert_eq!(
+        socks5_connect(client.proxy, Target::Ip(addr)).err(),
+        Some(0x05)
     );
 }
 

@@ -213,10 +213,12 @@ fn sighup_applies_allow_private_destinations_and_names_restart_only_fields() {
         cfg["allow_private_destinations"] = json!(false)
     });
     assert!(line.contains("allow_private_destinations"), "{line}");
-    match socks5_connect(client.proxy, local) {
-        Ok(_) => panic!("loopback is still allowed after the reload switched it off"),
-        Err(code) => assert_eq!(code, 0x02, "SOCKS5 reply for a refused destination"),
-    }
+    // Loopback opened a moment ago: the first request may be answered early and reset.
+    assert_eq!(
+        socks5_refused_code(client.proxy, local),
+        0x02,
+        "SOCKS5 reply for a refused destination"
+    );
 
     let from = server.proc.line_count();
     let line = reload_with(&server, |cfg| {

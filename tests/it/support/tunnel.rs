@@ -637,6 +637,7 @@ impl Client {
 // ----- SOCKS5 -----
 
 /// Where a SOCKS5 request goes.
+#[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
     Ip(SocketAddr),
     Name(&'a str, u16),
@@ -659,6 +660,26 @@ pub fn socks5_connect(proxy: SocketAddr, target: Target) -> Result<TcpStream, u8
     read_socks_reply(&mut s)?;
     s.set_read_timeout(None).unwrap();
     Ok(s)
+}
+
+/// The reply code for a request the server now refuses (e.g. after a policy change). A
+/// destination that opened within the last minutes is answered early (before the server's
+/// result): then that connection must be reset, never ended cleanly, and the next request
+/// waits for the server's answer and gets the code. Panics if a connection goes through.
+pub fn socks5_refused_code(proxy: SocketAddr, target: Target) -> u8 {
+    for _ in 0..2 {
+        let mut s = match socks5_connect(proxy, target) {
+            Err(code) => return code,
+            Ok(s) => s,
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a request to a refused destination got through: {other:?}"),
+        }
+    }
+    panic!("a refused destination was answered early twice in a row");
 }
 
 fn push_socks_addr(out: &mut Vec<u8>, target: &Target) {
