@@ -307,6 +307,11 @@ impl Pipe {
         budget: &mut u64,
         moved: &mut Moved,
     ) -> Result<(), PipeEnd> {
+        // After a short read, the next read gets what is left of the space the last one was
+        // given: asking for a fresh PIPE_READ would grow the ring (64 KiB + a few bytes rounds
+        // up to 128 KiB, past the allocator's mmap threshold) only for a read that most likely
+        // finds nothing, and the `WouldBlock` would shrink it back.
+        let mut left_after_short_read = usize::MAX;
         loop {
             if !self.to_stream.is_empty() {
                 let n = match tr.stream_write(self.stream, self.to_stream.data()) {
@@ -345,7 +350,8 @@ impl Pipe {
             let limit = usize::try_from(*budget)
                 .unwrap_or(usize::MAX)
                 .min(self.read_limit)
-                .min(read_size(self.read_limit));
+                .min(read_size(self.read_limit))
+                .min(left_after_short_read);
             let room = match tr.stream_write_space(self.stream, limit) {
                 Ok(room) => room,
                 Err(StreamError::Finished) => return Ok(()),
@@ -354,6 +360,7 @@ impl Pipe {
             if room.is_empty() {
                 return Ok(()); // stream send buffer full: wait for StreamWritable
             }
+            let offered = room.len();
             match sock.read(room) {
                 Ok(0) => {
                     self.sock_eof = true;
@@ -366,6 +373,10 @@ impl Pipe {
                     self.read_limit -= n;
                     moved.to_stream += n as u64;
                     *budget = budget.saturating_sub(n as u64);
+                    left_after_short_read = match offered - n.min(offered) {
+                        0 => usize::MAX,
+                        left => left,
+                    };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.sock_readable = false;
@@ -480,10 +491,13 @@ mod tests {
         shut: bool,
         /// Sizes of the reads that returned data.
         reads: Vec<usize>,
+        /// Sizes of the buffers every read was given.
+        offered: Vec<usize>,
     }
 
     impl Read for MemSock {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.offered.push(buf.len());
             if self.input.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -713,6 +727,31 @@ mod tests {
             "an idle connection holds {} bytes",
             server.send_memory()
         );
+    }
+
+    /// A short read (a request head, a small answer) is followed by a read into what is left of
+    /// the space it was given, not by a fresh 64 KiB: the ring grew past the allocator's mmap
+    /// threshold (64 KiB + a few bytes rounds up to 128 KiB) and shrank back at the `WouldBlock`,
+    /// an mmap and munmap on every small request's first-byte path.
+    #[test]
+    fn a_short_read_is_followed_by_a_read_into_the_space_left() {
+        let now = Instant::now();
+        let (_, mut server, id) = opened_stream(now, TransportConfig::default());
+        let mut sock = MemSock {
+            input: vec![7u8; 79],
+            ..MemSock::default()
+        };
+        let mut pipe = Pipe::new(id, &[]);
+        let mut budget = u64::MAX;
+        let moved = pipe.pump(&mut sock, &mut server, &mut budget);
+        assert_eq!(moved.map(|m| m.to_stream), Ok(79));
+        assert_eq!(sock.offered, vec![PIPE_READ, PIPE_READ - 79]);
+        // More data later: full-size reads again.
+        sock.input = vec![8u8; 2 * PIPE_READ];
+        pipe.sock_readable = true;
+        let moved = pipe.pump(&mut sock, &mut server, &mut budget);
+        assert_eq!(moved.map(|m| m.to_stream), Ok(2 * PIPE_READ as u64));
+        assert!(sock.reads[1..].iter().all(|&n| n <= PIPE_READ));
     }
 
     /// Large reads only with room for four of them: a small share keeps 16 KiB reads.
