@@ -108,6 +108,8 @@ mod tests {
     fn a_transport_holding_a_floor_of_unsent_bytes_reads_no_more() {
         let now = Instant::now();
         let mut t = Transport::new(TransportConfig::default(), Side::Client, now);
+        let mut peer = Transport::new(TransportConfig::default(), Side::Server, now);
+        settle(&mut t, &mut peer, now);
         let id = t
             .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
             .unwrap();
@@ -126,11 +128,55 @@ mod tests {
         assert!(!p.allows(&t));
     }
 
+    /// Both sides have each other's settings (stream windows beyond the initial 64 KiB).
+    fn settle(a: &mut Transport, b: &mut Transport, now: Instant) {
+        let mut buf = [0u8; 2048];
+        for _ in 0..2 {
+            while let Some((pn, len)) = a.poll_transmit(now, &mut buf) {
+                b.handle_payload(now, pn, &buf[..len]).unwrap();
+            }
+            while let Some((pn, len)) = b.poll_transmit(now, &mut buf) {
+                a.handle_payload(now, pn, &buf[..len]).unwrap();
+            }
+        }
+    }
+
+    /// A stream whose reader stopped (a paused download) holds at most a slack beyond the
+    /// reader's flow-control limit, and those bytes do not count as unsent: the session's
+    /// other streams keep reading (they stalled behind it until its idle timeout).
+    #[test]
+    fn bytes_beyond_the_peers_window_neither_pile_up_nor_hold_the_session() {
+        let now = Instant::now();
+        let mut t = Transport::new(TransportConfig::default(), Side::Client, now);
+        let id = t
+            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
+            .unwrap();
+        // No settings from the peer yet: its initial 64 KiB stream window applies.
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        for _ in 0..8 {
+            written += t.stream_write(id, &chunk).unwrap() as u64;
+        }
+        let limit = crate::proto::transport::INITIAL_STREAM_WINDOW;
+        assert_eq!(
+            written,
+            limit + crate::proto::transport::BEYOND_WINDOW_SLACK
+        );
+        assert_eq!(
+            t.unsent(),
+            limit,
+            "only what the peer's window lets go is unsent"
+        );
+        assert!(ReadAhead::default().allows(&t));
+    }
+
     /// Over the TCP carrier the policy never holds reads.
     #[test]
     fn a_reliable_transport_is_never_held() {
         let now = Instant::now();
         let mut t = Transport::new_reliable(TransportConfig::default(), Side::Client, now);
+        let mut peer = Transport::new_reliable(TransportConfig::default(), Side::Server, now);
+        settle(&mut t, &mut peer, now);
         let id = t
             .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
             .unwrap();
@@ -404,5 +450,157 @@ mod tests {
             with.elapsed,
             without.elapsed
         );
+    }
+
+    // ---- a paused download beside an active one
+
+    struct Src(usize);
+    impl std::io::Read for Src {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0);
+            buf[..n].fill(7);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+    impl std::io::Write for Src {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl ShutdownWrite for Src {
+        fn shutdown_write(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn tx_all(net: &mut SimNetwork, from: Endpoint, t: &mut Transport, now: Instant) {
+        let mut buf = [0u8; 2048];
+        while let Some((pn, len)) = t.poll_transmit(now, &mut buf[8..]) {
+            buf[..8].copy_from_slice(&pn.to_be_bytes());
+            net.send(now, from, &buf[..8 + len]);
+        }
+    }
+    fn rx_all(net: &mut SimNetwork, to: Endpoint, t: &mut Transport, now: Instant) {
+        while let Some(d) = net.recv(now, to) {
+            let pn = u64::from_be_bytes(d[..8].try_into().unwrap());
+            t.handle_payload(now, pn, &d[8..]).unwrap();
+        }
+    }
+
+    /// Two downloads in one session; the client application never reads stream 0 (a paused
+    /// download). Returns the bytes of stream 1 received, the server's unsent, in flight.
+    fn run(
+        policy: Option<ReadAhead>,
+        session_send_buffer: usize,
+    ) -> (usize, u64, u64, Option<ReadHold>) {
+        let mut now = Instant::now();
+        let link = LinkConfig {
+            delay: Duration::from_millis(1),
+            rate_bps: Some(100_000_000),
+            mtu: 1500,
+            ..LinkConfig::default()
+        };
+        let mut net = SimNetwork::new(link, 7, now);
+        let sc = TransportConfig {
+            send_buffer: 2 << 20,
+            session_send_buffer,
+            ..TransportConfig::default()
+        };
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, now);
+        let mut server = Transport::new(sc, Side::Server, now);
+        for _ in 0..2 {
+            tx_all(&mut net, Endpoint::A, &mut client, now);
+            tx_all(&mut net, Endpoint::B, &mut server, now);
+            now += Duration::from_millis(20);
+            rx_all(&mut net, Endpoint::B, &mut server, now);
+            rx_all(&mut net, Endpoint::A, &mut client, now);
+        }
+        let dest = || Destination::Addr("192.0.2.1:80".parse().unwrap());
+        let ids = [
+            client.open_stream(dest()).unwrap(),
+            client.open_stream(dest()).unwrap(),
+        ];
+        let mut pipes: Vec<Pipe> = ids
+            .iter()
+            .map(|&id| {
+                let p = Pipe::new(id, &[]);
+                match policy {
+                    Some(r) => p.with_read_ahead(r),
+                    None => p,
+                }
+            })
+            .collect();
+        // stream 0 is endless, stream 1 is 8 MiB
+        let mut srcs = [Src(usize::MAX), Src(8 << 20)];
+        tx_all(&mut net, Endpoint::A, &mut client, now);
+        let start = now;
+        let mut got1 = 0usize;
+        let mut buf = vec![0u8; 65536];
+        while now - start < Duration::from_secs(20) {
+            rx_all(&mut net, Endpoint::B, &mut server, now);
+            server.handle_timeout(now);
+            let mut wake = Vec::new();
+            while let Some(e) = server.poll_event() {
+                match e {
+                    TransportEvent::StreamOpened { id, .. } => {
+                        server.answer_open(id, OpenResult::Ok).unwrap();
+                        wake.push(id);
+                    }
+                    TransportEvent::StreamWritable { id } => wake.push(id),
+                    _ => {}
+                }
+            }
+            let mut budget = u64::MAX;
+            for (i, p) in pipes.iter_mut().enumerate() {
+                let released = p.read_hold() == Some(ReadHold::SendAhead)
+                    && policy.is_some_and(|r| r.allows(&server));
+                if released || wake.contains(&ids[i]) {
+                    let _ = p.pump(&mut srcs[i], &mut server, &mut budget);
+                }
+            }
+            tx_all(&mut net, Endpoint::B, &mut server, now);
+            rx_all(&mut net, Endpoint::A, &mut client, now);
+            client.handle_timeout(now);
+            while client.poll_event().is_some() {}
+            while let Ok(n) = client.stream_read(ids[1], &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got1 += n;
+            }
+            tx_all(&mut net, Endpoint::A, &mut client, now);
+            if got1 == 8 << 20 {
+                break;
+            }
+            let next = earliest([
+                net.next_event_time(),
+                server.poll_timeout(),
+                client.poll_timeout(),
+            ]);
+            now = next.unwrap_or(now + Duration::from_millis(100)).max(now);
+        }
+        (
+            got1,
+            server.unsent(),
+            server.stats().bytes_in_flight,
+            pipes[1].read_hold(),
+        )
+    }
+
+    /// Two downloads on one session with the server's real buffers; the client application
+    /// never reads the first (a paused download). The second still completes: the paused
+    /// stream's bytes beyond the client's window neither fill the session's send buffer nor
+    /// count as unsent (both stalled it until the paused stream's idle timeout).
+    #[test]
+    fn a_paused_download_does_not_stall_its_sessions_other_streams() {
+        let (got, _, _, hold) = run(Some(ReadAhead::default()), 2 << 20);
+        assert_eq!(got, 8 << 20, "stream 1 stalled (hold {hold:?})");
+        let (got, unsent, ..) = run(Some(ReadAhead::default()), 16 << 20);
+        assert_eq!(got, 8 << 20);
+        assert!(unsent <= 64 * 1024, "{unsent} unsent at the end");
     }
 }

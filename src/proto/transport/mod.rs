@@ -43,7 +43,7 @@ pub use congestion::BbrState;
 pub use dest::Destination;
 pub use frame::{AssocId, FrameError};
 pub use pmtu::PmtuStats;
-pub use stream::StreamId;
+pub use stream::{BEYOND_WINDOW_SLACK, StreamId};
 
 use ack::{AckState, AckUrgency};
 use congestion::{AckEvent, Bbr, DeliveryRate};
@@ -603,7 +603,9 @@ impl Transport {
             }
             Frame::MaxData(max) => self.streams.on_max_data(max),
             Frame::MaxStreamData { id, max } => {
-                self.streams.on_max_stream_data(StreamId(id), max)?
+                self.streams.on_max_stream_data(StreamId(id), max)?;
+                // A writer held by the old limit may write again.
+                self.streams.wake_writers(&mut self.events)
             }
             Frame::MaxStreams(n) => self.streams.raise_peer_max_streams(n, &mut self.events),
             Frame::Settings {
@@ -1386,11 +1388,17 @@ impl Transport {
         self.cc.cwnd()
     }
 
-    /// About the stream bytes waiting to be sent (new, or lost and due again): those held in
-    /// send buffers beyond the bytes in flight. The server reads destinations only while this
-    /// is near the congestion window (`tunnel::read_ahead`).
+    /// About the stream bytes waiting to be sent now (new, or lost and due again): those held
+    /// in send buffers beyond the bytes in flight, less those beyond the peer's flow-control
+    /// limits (a stream whose reader stopped cannot send them, so they must not hold back the
+    /// session's other streams). The server reads destinations only while this is near the
+    /// congestion window (`tunnel::read_ahead`).
     pub fn unsent(&self) -> u64 {
-        (self.streams.send_buffered() as u64).saturating_sub(self.bytes_in_flight)
+        let queued = (self.streams.send_buffered() as u64).saturating_sub(self.bytes_in_flight);
+        if queued == 0 {
+            return 0;
+        }
+        queued.saturating_sub(self.streams.beyond_window())
     }
 
     /// Bytes the peer currently holds in our receive buffers (bounded by the session window).
@@ -1465,7 +1473,9 @@ mod tests {
             .open_stream(Destination::domain("bulk.test", 9).unwrap())
             .unwrap();
         let data = vec![7u8; 2 * 1024 * 1024];
-        assert!(client.stream_write(id, &data).unwrap() > 1024 * 1024);
+        // Written as the server's flow-control limit allows (the server never reads).
+        let mut written = client.stream_write(id, &data).unwrap();
+        assert!(written > 0);
         let mut buf = [0u8; 1500];
         // (arrival, packet number, payload) per direction.
         let mut to_server: VecDeque<(Instant, u64, Vec<u8>)> = VecDeque::new();
@@ -1498,6 +1508,7 @@ mod tests {
                     t.handle_timeout(now);
                 }
             }
+            written += client.stream_write(id, &data[written..]).unwrap();
             while let Some((pn, len)) = client.poll_transmit(now, &mut buf) {
                 if !lost.contains(&pn) {
                     to_server.push_back((now + ONE_WAY, pn, buf[..len].to_vec()));

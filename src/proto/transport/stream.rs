@@ -108,6 +108,22 @@ impl SendHalf {
         self.buf.limit() - self.buf.len()
     }
 
+    /// Bytes written beyond the peer's flow-control limit: they cannot be sent until it raises
+    /// the limit (its application reads).
+    pub fn beyond_window(&self) -> u64 {
+        self.end().saturating_sub(self.max_data)
+    }
+
+    /// How much more the application may write: the buffer's free space, and no more than
+    /// [`BEYOND_WINDOW_SLACK`] beyond the peer's flow-control limit. A stream whose reader
+    /// stopped (a paused download) keeps its bytes in the kernel's socket buffers instead of
+    /// filling the session's send buffer, which every other stream of the session shares.
+    pub fn writable_room(&self) -> usize {
+        let flow = (self.max_data + BEYOND_WINDOW_SLACK).saturating_sub(self.end());
+        self.free_space()
+            .min(usize::try_from(flow).unwrap_or(usize::MAX))
+    }
+
     pub fn write(&mut self, data: &[u8]) -> usize {
         self.buf.push(data)
     }
@@ -273,6 +289,10 @@ pub enum RecvError {
 /// and acknowledged in small steps is not reallocated on every step (storage above it follows the
 /// contents down: the server charges a user for it).
 pub const SEND_RETAIN: usize = 16 * 1024;
+
+/// How many bytes a stream's send buffer takes beyond the peer's flow-control limit: one socket
+/// read's worth (`tunnel::pipe::PIPE_READ`), ready to go the moment the limit is raised.
+pub const BEYOND_WINDOW_SLACK: u64 = 64 * 1024;
 
 /// Receive-buffer storage a stream keeps while it drains (freed when the session goes idle or
 /// the stream ends): a batch of datagrams (up to 64 × ~1.4 KB) fits, so a stream whose bytes

@@ -523,6 +523,11 @@ impl StreamsState {
         }
     }
 
+    /// Bytes the streams hold beyond the peer's flow-control limits (unsendable until raised).
+    pub(super) fn beyond_window(&self) -> u64 {
+        self.streams.values().map(|s| s.send.beyond_window()).sum()
+    }
+
     pub(super) fn on_max_data(&mut self, max: u64) {
         if self.send_credit.raise(max) {
             self.requeue_all_sendable();
@@ -726,7 +731,7 @@ impl StreamsState {
                 return false;
             }
             let stream_threshold = threshold.min(s.send.limit() / WAKE_FRACTION).max(1);
-            if s.send.free_space() < stream_threshold {
+            if s.send.writable_room() < stream_threshold {
                 return true;
             }
             s.want_writable = false;
@@ -939,7 +944,8 @@ impl StreamsState {
         let session_free = self.limits.session_send_buffer - self.send_buffered;
         let s = self.writable_stream(id)?;
         let memory = s.send.memory();
-        let n = s.send.write(&data[..data.len().min(session_free)]);
+        let room = s.send.writable_room().min(session_free);
+        let n = s.send.write(&data[..data.len().min(room)]);
         let grown = s.send.memory() - memory;
         s.bytes_written += n as u64;
         let start_waiting = n < data.len() && !s.want_writable;
@@ -964,7 +970,8 @@ impl StreamsState {
         let session_free = self.limits.session_send_buffer - self.send_buffered;
         let s = self.writable_stream(id)?;
         let memory = s.send.memory();
-        let room = s.send.spare(max.min(session_free)).len();
+        let room = max.min(session_free).min(s.send.writable_room());
+        let room = s.send.spare(room).len();
         let grown = s.send.memory() - memory;
         if room == 0 && max > 0 && !s.want_writable {
             s.want_writable = true;
