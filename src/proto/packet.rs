@@ -263,8 +263,9 @@ pub trait TokenSink {
 pub const INITIAL_AHEAD: u64 = 64;
 /// Extra packet numbers registered per received packet while the window is growing.
 pub const WINDOW_GROWTH: u64 = 2;
-/// Largest window (far below 2^32: a token table may keep the low 32 bits of a packet number).
-pub const MAX_WINDOW: usize = 1 << 20;
+/// Largest window: the server's token table keeps the low 16 bits of a packet number, which
+/// identify it within a window at most this wide (32x the default `token_window`).
+pub const MAX_WINDOW: usize = 1 << 16;
 /// Smallest bitmap of a [`TokenWindow`] (slots; one `u64`).
 pub const MIN_BITMAP_SLOTS: u64 = 64;
 

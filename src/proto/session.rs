@@ -227,14 +227,9 @@ fn expand_u32(near: u64, low: u32) -> u64 {
         .unwrap_or(candidate)
 }
 
-/// The smallest value at or above `base` whose low 32 bits are `low`.
-fn at_or_above(base: u64, low: u32) -> u64 {
-    let candidate = (base & !0xFFFF_FFFF) | u64::from(low);
-    if candidate < base {
-        candidate + (1 << 32)
-    } else {
-        candidate
-    }
+/// The smallest value at or above `base` whose low 16 bits are `low`.
+fn at_or_above(base: u64, low: u16) -> u64 {
+    base + u64::from(low.wrapping_sub(base as u16))
 }
 
 impl Session {
@@ -400,9 +395,10 @@ impl Session {
         Some(total)
     }
 
-    /// The packet number in the receive window whose low 32 bits are `low` (a token table may
-    /// keep only those: the window is far narrower than 2^32, so the answer is unique).
-    pub fn rx_packet_number(&self, low: u32) -> u64 {
+    /// The packet number in the receive window whose low 16 bits are `low` (a token table may
+    /// keep only those: the window is at most `MAX_WINDOW` = 2^16 wide, so the answer is
+    /// unique).
+    pub fn rx_packet_number(&self, low: u16) -> u64 {
         at_or_above(self.rx_tokens.base(), low)
     }
 
@@ -636,6 +632,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::packet::MAX_WINDOW;
     use crate::proto::transport::Destination;
     use std::collections::HashMap;
 
@@ -1111,14 +1108,21 @@ mod tests {
     fn packet_numbers_are_restored_from_their_low_bits_above_the_window_base() {
         assert_eq!(at_or_above(0, 63), 63);
         assert_eq!(at_or_above(100, 100), 100);
+        assert_eq!(at_or_above(100, 99), (1 << 16) + 99, "a whole window above");
         let base = (1 << 32) - 10;
-        assert_eq!(at_or_above(base, u32::MAX - 3), (1 << 32) - 4);
+        assert_eq!(at_or_above(base, u16::MAX - 3), (1 << 32) - 4);
         assert_eq!(
             at_or_above(base, 5),
             (1 << 32) + 5,
             "across the 2^32 boundary"
         );
         assert_eq!(at_or_above(7 << 32, 2047), (7 << 32) + 2047);
+        assert_eq!(at_or_above((7 << 32) + 70_000, 4_465), (7 << 32) + 70_001);
+        // Every packet number of a widest window comes back from its low 16 bits.
+        let base = (3 << 32) + 12_345;
+        for pn in (base..base + MAX_WINDOW as u64).step_by(97) {
+            assert_eq!(at_or_above(base, pn as u16), pn);
+        }
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl GlobalSink<'_> {
     fn entry(&self, pn: u64) -> TokenEntry {
         TokenEntry {
             slot: self.slot,
-            pn_low: pn as u32,
+            pn_low: pn as u16,
         }
     }
 }
