@@ -214,20 +214,21 @@ impl Sealer {
 
 /// Opens incoming packets of one direction (the pn comes from the token lookup).
 pub struct Opener {
-    keys: DirectionKeys,
+    keys: GenerationKeys,
 }
 
 impl Opener {
     /// Receiver state for `direction` from the session secret.
     pub fn new(secret: &Key32, direction: Direction) -> Self {
         Opener {
-            keys: DirectionKeys::new(secret, direction),
+            keys: GenerationKeys::new(secret, direction.key_label()),
         }
     }
 
-    /// The token key (for building the receive [`TokenWindow`]).
-    pub fn token_key(&self) -> &Key32 {
-        &self.keys.token_key
+    /// The token key of `direction` (for building the receive [`TokenWindow`], which keeps it:
+    /// the opener does not need it).
+    pub fn token_key(secret: &Key32, direction: Direction) -> Key32 {
+        prf_labeled(secret, direction.token_label(), 0)
     }
 
     /// Decrypts `packet` in place; on success returns the plaintext range `TOKEN_LEN..len-16`.
@@ -439,7 +440,8 @@ mod tests {
         let mut tx = Sealer::new(&secret, Direction::ClientToServer);
         let mut rx = Opener::new(&secret, Direction::ClientToServer);
         let mut sink = MapSink::default();
-        let mut window = TokenWindow::new(*rx.token_key(), 64, 16, &mut sink);
+        let key = Opener::token_key(&secret, Direction::ClientToServer);
+        let mut window = TokenWindow::new(key, 64, 16, &mut sink);
         for pn in [0u64, 1, 2, 7, 5, 40] {
             let mut buf = [0u8; 100];
             buf[TOKEN_LEN..TOKEN_LEN + 10].copy_from_slice(b"0123456789");

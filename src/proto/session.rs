@@ -321,7 +321,7 @@ impl Session {
         let (tx_dir, rx_dir) = directions(side);
         let opener = Opener::new(secret, rx_dir);
         let rx_tokens = TokenWindow::new(
-            *opener.token_key(),
+            Opener::token_key(secret, rx_dir),
             config.token_window,
             config.token_behind,
             sink,

@@ -162,6 +162,35 @@ impl TransportConfig {
     }
 }
 
+/// What a transport reads of its [`TransportConfig`] after it is made (the rest went into its
+/// parts when they were built): 56 bytes kept per session, not 160.
+#[derive(Debug, Clone, Copy)]
+struct KeptConfig {
+    idle_timeout: Duration,
+    keepalive_interval: Duration,
+    session_window: u64,
+    /// At most 2^30 (sanitized).
+    stream_window: u32,
+    /// At most 4,096.
+    max_datagram_queue: u32,
+    /// At most 2^20.
+    max_tracked_packets: u32,
+}
+
+impl KeptConfig {
+    /// From a sanitized config (so every value fits).
+    fn of(config: &TransportConfig) -> Self {
+        KeptConfig {
+            idle_timeout: config.idle_timeout,
+            keepalive_interval: config.keepalive_interval,
+            session_window: config.session_window,
+            stream_window: config.stream_window as u32,
+            max_datagram_queue: config.max_datagram_queue as u32,
+            max_tracked_packets: config.max_tracked_packets as u32,
+        }
+    }
+}
+
 /// Something the application should know about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportEvent {
@@ -347,6 +376,23 @@ pub struct TransportStats {
     pub send_buffered: u64,
 }
 
+/// The counters a transport keeps ([`TransportStats`] adds the estimates and stream figures it
+/// reads from elsewhere when asked, so a session does not store them twice).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    packets_sent: u64,
+    ack_only_sent: u64,
+    ack_frames_sent: u64,
+    packets_received: u64,
+    packets_lost: u64,
+    spurious_losses: u64,
+    packets_dropped: u64,
+    pto_count: u64,
+    datagrams_sent: u64,
+    datagrams_received: u64,
+    datagrams_dropped: u64,
+}
+
 /// Per-stream accounting (for charging users).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamStats {
@@ -381,7 +427,7 @@ enum FrameOutcome {
 /// and one send path; everything about streams is grouped in `StreamsState` (`streams.rs`).
 #[derive(Debug)]
 pub struct Transport {
-    config: TransportConfig,
+    config: KeptConfig,
     side: Side,
     state: State,
     last_now: Instant,
@@ -423,7 +469,7 @@ pub struct Transport {
     datagram_events: usize,
     events: VecDeque<TransportEvent>,
 
-    stats: TransportStats,
+    stats: Counters,
 
     /// Reliable-carrier mode (docs/PROTOCOL.md §7.5): every packet written counts as delivered.
     reliable: bool,
@@ -501,18 +547,14 @@ impl Transport {
             datagrams_out: VecDeque::new(),
             datagram_events: 0,
             events: VecDeque::new(),
-            stats: TransportStats::default(),
-            config,
+            stats: Counters::default(),
+            config: KeptConfig::of(&config),
             reliable: false,
         }
     }
 
     pub fn side(&self) -> Side {
         self.side
-    }
-
-    pub fn config(&self) -> &TransportConfig {
-        &self.config
     }
 
     // ------------------------------------------------------------------ receiving
@@ -617,7 +659,7 @@ impl Transport {
                 &mut self.events,
             ),
             Frame::Datagram { assoc, dest, data } => {
-                if self.datagram_events < self.config.max_datagram_queue {
+                if self.datagram_events < self.config.max_datagram_queue as usize {
                     self.datagram_events += 1;
                     self.stats.datagrams_received += 1;
                     self.events.push_back(TransportEvent::Datagram {
@@ -879,7 +921,8 @@ impl Transport {
     }
 
     fn window_open(&self) -> bool {
-        self.bytes_in_flight < self.cc.cwnd() && self.sent.len() < self.config.max_tracked_packets
+        self.bytes_in_flight < self.cc.cwnd()
+            && self.sent.len() < self.config.max_tracked_packets as usize
     }
 
     /// Writes the next packet payload into `buf` (at most `max_payload` bytes are used) and
@@ -1029,7 +1072,7 @@ impl Transport {
         let start_len = w.len();
         if self.settings_pending {
             let f = Frame::Settings {
-                stream_window: self.config.stream_window,
+                stream_window: u64::from(self.config.stream_window),
                 session_window: self.streams.advertised_max_data(),
                 max_streams: self.streams.local_max_streams(),
             };
@@ -1277,7 +1320,7 @@ impl Transport {
         if frame::datagram_frame_len(assoc, &dest, data.len()) > self.pmtu.current() {
             return Err(DatagramError::TooLarge);
         }
-        if self.datagrams_out.len() >= self.config.max_datagram_queue {
+        if self.datagrams_out.len() >= self.config.max_datagram_queue as usize {
             self.stats.datagrams_dropped += 1;
             return Err(DatagramError::QueueFull);
         }
@@ -1328,14 +1371,28 @@ impl Transport {
     }
 
     pub fn stats(&self) -> TransportStats {
-        let mut s = self.stats.clone();
-        s.smoothed_rtt = self.rtt.smoothed;
-        s.min_rtt = self.rtt.min;
-        s.rtt_var = self.rtt.var;
-        s.cwnd = self.cc.cwnd();
-        s.bytes_in_flight = self.bytes_in_flight;
-        s.pacing_rate = self.cc.pacing_rate();
-        s.bandwidth_estimate = self.cc.bandwidth();
+        let c = self.stats;
+        let mut s = TransportStats {
+            smoothed_rtt: self.rtt.smoothed,
+            min_rtt: self.rtt.min,
+            rtt_var: self.rtt.var,
+            cwnd: self.cc.cwnd(),
+            bytes_in_flight: self.bytes_in_flight,
+            pacing_rate: self.cc.pacing_rate(),
+            bandwidth_estimate: self.cc.bandwidth(),
+            packets_sent: c.packets_sent,
+            ack_only_sent: c.ack_only_sent,
+            ack_frames_sent: c.ack_frames_sent,
+            packets_received: c.packets_received,
+            packets_lost: c.packets_lost,
+            spurious_losses: c.spurious_losses,
+            packets_dropped: c.packets_dropped,
+            pto_count: c.pto_count,
+            datagrams_sent: c.datagrams_sent,
+            datagrams_received: c.datagrams_received,
+            datagrams_dropped: c.datagrams_dropped,
+            ..TransportStats::default()
+        };
         self.streams.fill_stats(&mut s);
         s
     }
