@@ -150,6 +150,7 @@ fn server_bytes_per_idle_session(sessions: usize) -> isize {
         "{sessions} idle sessions: {per_session} server heap bytes each, {} tokens registered",
         server.token_count()
     );
+    std::mem::forget(server);
     per_session
 }
 

@@ -73,9 +73,12 @@ impl std::fmt::Display for RecordError {
 
 impl std::error::Error for RecordError {}
 
+/// 8 bytes, so a table bucket with its tag is 16, not 24 (about 64 tags per user).
 struct TagEntry {
     user: UserId,
-    epoch: u64,
+    /// The epoch (2-minute steps since 1970: 32 bits last for 16,000 years; a clock beyond
+    /// that registers epochs that never match).
+    epoch: u32,
 }
 
 /// The tags of one user and epoch, and the hellos answered with them.
@@ -172,13 +175,14 @@ impl HelloTags {
     /// The user and epoch of `tag`, if it is registered and its epoch is still inside the window.
     pub fn lookup(&self, tag: u64) -> Option<TagMatch> {
         let entry = self.table.get(&tag)?;
-        if self.epoch.is_some_and(|e| entry.epoch + 1 < e) {
+        let epoch = u64::from(entry.epoch);
+        if self.epoch.is_some_and(|e| epoch + 1 < e) {
             // A tag of an epoch that already left the window (not yet cleaned up).
             return None;
         }
         Some(TagMatch {
             user: entry.user,
-            epoch: entry.epoch,
+            epoch,
         })
     }
 
@@ -309,7 +313,10 @@ impl HelloTags {
             let mut tags = [0u64; HELLO_SLOTS as usize];
             for (slot, tag) in tags.iter_mut().enumerate() {
                 *tag = handshake::hello_tag(&user.tag_key, epoch, slot as u16);
-                table.entry(*tag).or_insert(TagEntry { user: id, epoch });
+                table.entry(*tag).or_insert(TagEntry {
+                    user: id,
+                    epoch: u32::try_from(epoch).unwrap_or(u32::MAX),
+                });
             }
             user.epochs.push(EpochTags {
                 epoch,
