@@ -434,7 +434,9 @@ impl Session {
             .last_rx
             .is_some_and(|at| now.saturating_duration_since(at) < DENSE_GAP);
         self.last_rx = Some(now);
-        self.rx_tokens.received(pn, dense, sink);
+        // The token it carried (authenticated with it) is the one to unregister.
+        let token = u64::from_le_bytes(packet[..TOKEN_LEN].try_into().unwrap_or_default());
+        self.rx_tokens.received(pn, token, dense, sink);
         self.stats.packets_received += 1;
         self.stats.bytes_received += packet.len() as u64;
         let plaintext = packet.get(range).ok_or(PacketError::BadLength)?;
