@@ -1246,8 +1246,12 @@ impl Transport {
                 Timer::KeepAlive => {
                     self.ping_pending = true;
                     // Idle session: give back buffer storage of streams with nothing buffered,
-                    // and the congestion state if nothing is in flight (see [`Flow`]).
+                    // the room of collections that were fuller, and the congestion state if
+                    // nothing is in flight (see [`Flow`]).
                     self.streams.release_idle_storage();
+                    self.events.shrink_to_fit();
+                    self.datagrams_out.shrink_to_fit();
+                    self.lost_scratch = Vec::new();
                     if self.bytes_in_flight == 0 {
                         self.flow = None;
                     }
@@ -1647,6 +1651,48 @@ mod tests {
         let mut buf = [0u8; 1500];
         assert!(client.poll_transmit(now, &mut buf).is_some());
         assert!(client.flow.is_some());
+    }
+
+    /// Issue 9: a session whose streams are gone gives back the room its stream map and event
+    /// queue grew to once it is idle (the keep-alive timer).
+    #[test]
+    fn an_idle_session_gives_back_the_room_of_its_closed_streams() {
+        let t0 = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, t0);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        exchange(&mut client, &mut server, t0);
+        let ids: Vec<StreamId> = (0..30)
+            .map(|_| {
+                let id = client
+                    .open_stream(Destination::domain("example.com", 443).unwrap())
+                    .unwrap();
+                client.stream_write(id, &[1; 100]).unwrap();
+                id
+            })
+            .collect();
+        exchange(&mut client, &mut server, t0);
+        assert_eq!(client.stats().streams_open, 30);
+        let grown = client.streams.table_bytes();
+        assert!(grown > 30 * 400, "{grown} bytes for 30 streams");
+        for id in ids {
+            client.stream_reset(id, ResetReason::Cancelled).unwrap();
+        }
+        let mut now = t0;
+        for _ in 0..400 {
+            now += Duration::from_millis(50);
+            for t in [&mut client, &mut server] {
+                if t.poll_timeout().is_some_and(|at| at <= now) {
+                    t.handle_timeout(now);
+                }
+            }
+            exchange(&mut client, &mut server, now);
+        }
+        assert_eq!(client.stats().streams_open, 0);
+        assert_eq!(server.stats().streams_open, 0);
+        assert!(!client.is_closing());
+        assert_eq!(client.streams.table_bytes(), 0);
+        assert_eq!(server.streams.table_bytes(), 0);
+        assert_eq!(client.events.capacity(), 0);
     }
 
     /// A client sending one bulk stream to a server over a 20 ms RTT path without other
