@@ -728,6 +728,10 @@ impl Transport {
         let loss_delay = self.rtt.loss_delay();
         let mut runs = std::mem::take(&mut self.ack_runs);
         runs.clear();
+        if runs.capacity() == 0 {
+            // One run at first, not four: an idle session's ACKs never carry more (issue 9).
+            runs.reserve_exact(1);
+        }
         for (lo, hi) in ack.ranges() {
             self.pmtu.on_ack_range(lo, hi, now);
             self.sent.unresolved_in(lo, hi, |a, b| runs.push((a, b)));
