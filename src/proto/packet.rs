@@ -12,6 +12,7 @@
 
 use super::crypto::{
     AeadError, Key32, PacketAead, TAG_LEN, generation_of, label, prf_labeled, token_block,
+    token_for,
 };
 use super::rng::Drbg;
 
@@ -214,20 +215,21 @@ impl Sealer {
 
 /// Opens incoming packets of one direction (the pn comes from the token lookup).
 pub struct Opener {
-    keys: DirectionKeys,
+    keys: GenerationKeys,
 }
 
 impl Opener {
     /// Receiver state for `direction` from the session secret.
     pub fn new(secret: &Key32, direction: Direction) -> Self {
         Opener {
-            keys: DirectionKeys::new(secret, direction),
+            keys: GenerationKeys::new(secret, direction.key_label()),
         }
     }
 
-    /// The token key (for building the receive [`TokenWindow`]).
-    pub fn token_key(&self) -> &Key32 {
-        &self.keys.token_key
+    /// The token key of `direction` (for building the receive [`TokenWindow`], which keeps it:
+    /// the opener does not need it).
+    pub fn token_key(secret: &Key32, direction: Direction) -> Key32 {
+        prf_labeled(secret, direction.token_label(), 0)
     }
 
     /// Decrypts `packet` in place; on success returns the plaintext range `TOKEN_LEN..len-16`.
@@ -263,8 +265,9 @@ pub trait TokenSink {
 pub const INITIAL_AHEAD: u64 = 64;
 /// Extra packet numbers registered per received packet while the window is growing.
 pub const WINDOW_GROWTH: u64 = 2;
-/// Largest window (far below 2^32: a token table may keep the low 32 bits of a packet number).
-pub const MAX_WINDOW: usize = 1 << 20;
+/// Largest window: the server's token table keeps the low 16 bits of a packet number, which
+/// identify it within a window at most this wide (32x the default `token_window`).
+pub const MAX_WINDOW: usize = 1 << 16;
 /// Smallest bitmap of a [`TokenWindow`] (slots; one `u64`).
 pub const MIN_BITMAP_SLOTS: u64 = 64;
 
@@ -279,14 +282,13 @@ pub const MIN_BITMAP_SLOTS: u64 = 64;
 /// Memory: one bit per packet number of `base .. end`, in a bitmap sized for that span (a power
 /// of two, at least [`MIN_BITMAP_SLOTS`]): it grows with the window and shrinks when the span
 /// falls below 3/8 of it, so an idle session keeps 32 bytes here, not `size / 8` (256 for the
-/// default 2,048). Tokens are not stored: a token being unregistered is recomputed from the token
-/// key (one ChaCha20 block per eight consecutive packet numbers, cached).
+/// default 2,048). Tokens are not stored: a received packet's token is the one it carried, and
+/// the token of a packet number that slides out unreceived (lost) is recomputed from the token
+/// key (one ChaCha20 block; eight at a time at teardown).
 pub struct TokenWindow {
     token_key: Key32,
     /// Tokens being registered, at `end`.
     ahead: TokenCache,
-    /// Tokens being unregistered: received, slid out behind, or at teardown.
-    gone: TokenCache,
     /// Bit per slot (`pn % (64 * live.len())`, a power of two at least `end - base`): the token
     /// of that packet number is registered.
     live: Box<[u64]>,
@@ -305,7 +307,6 @@ impl TokenWindow {
         let mut w = TokenWindow {
             token_key,
             ahead: TokenCache::new(),
-            gone: TokenCache::new(),
             live: bitmap(first_end),
             size: size as u64,
             base: 0,
@@ -351,11 +352,12 @@ impl TokenWindow {
         sink.insert_token(token, pn);
     }
 
-    fn drop_slot(&mut self, pn: u64, sink: &mut impl TokenSink) {
+    /// Unregisters `pn` if it is live; `token` gives its token (called only then).
+    fn drop_slot(&mut self, pn: u64, token: impl FnOnce(&Key32) -> u64, sink: &mut impl TokenSink) {
         let (w, m) = self.slot(pn);
         if self.live[w] & m != 0 {
             self.live[w] &= !m;
-            sink.remove_token(self.gone.token(&self.token_key, pn), pn);
+            sink.remove_token(token(&self.token_key), pn);
         }
     }
 
@@ -369,18 +371,20 @@ impl TokenWindow {
         self.end
     }
 
-    /// Records that `pn` authenticated: unregisters its token (so a replay misses), slides the
-    /// window forward if `pn` is the new highest, keeps [`INITIAL_AHEAD`] look-ahead, and grows
-    /// the look-ahead if `dense` (the peer is sending back to back, see [`TokenWindow`]).
-    pub fn received(&mut self, pn: u64, dense: bool, sink: &mut impl TokenSink) {
+    /// Records that `pn`, which carried `token` (its token: the packet authenticated),
+    /// authenticated: unregisters the token (so a replay misses), slides the window forward if
+    /// `pn` is the new highest, keeps [`INITIAL_AHEAD`] look-ahead, and grows the look-ahead if
+    /// `dense` (the peer is sending back to back, see [`TokenWindow`]).
+    pub fn received(&mut self, pn: u64, token: u64, dense: bool, sink: &mut impl TokenSink) {
         if pn < self.base || pn >= self.end {
             return;
         }
-        self.drop_slot(pn, sink);
+        self.drop_slot(pn, |_| token, sink);
         // pn < end, so new_base <= end.
         let new_base = (pn + 1).saturating_sub(self.behind).max(self.base);
         for old in self.base..new_base {
-            self.drop_slot(old, sink);
+            // Never received (lost): its token is recomputed.
+            self.drop_slot(old, |key| token_for(key, old), sink);
         }
         self.base = new_base;
         let growth = if dense { WINDOW_GROWTH } else { 0 };
@@ -402,8 +406,9 @@ impl TokenWindow {
 
     /// Unregisters every live token (session teardown).
     pub fn clear(&mut self, sink: &mut impl TokenSink) {
+        let mut tokens = TokenCache::new();
         for pn in self.base..self.end {
-            self.drop_slot(pn, sink);
+            self.drop_slot(pn, |key| tokens.token(key, pn), sink);
         }
     }
 }
@@ -432,13 +437,20 @@ mod tests {
         }
     }
 
+    /// [`TokenWindow::received`] with the token the packet carried.
+    fn receive(window: &mut TokenWindow, pn: u64, dense: bool, sink: &mut MapSink) {
+        let token = token_for(&window.token_key, pn);
+        window.received(pn, token, dense, sink);
+    }
+
     #[test]
     fn seal_then_lookup_then_open() {
         let secret = [5u8; 32];
         let mut tx = Sealer::new(&secret, Direction::ClientToServer);
         let mut rx = Opener::new(&secret, Direction::ClientToServer);
         let mut sink = MapSink::default();
-        let mut window = TokenWindow::new(*rx.token_key(), 64, 16, &mut sink);
+        let key = Opener::token_key(&secret, Direction::ClientToServer);
+        let mut window = TokenWindow::new(key, 64, 16, &mut sink);
         for pn in [0u64, 1, 2, 7, 5, 40] {
             let mut buf = [0u8; 100];
             buf[TOKEN_LEN..TOKEN_LEN + 10].copy_from_slice(b"0123456789");
@@ -448,7 +460,7 @@ mod tests {
             assert_eq!(found, pn);
             let range = rx.open(found, &mut buf[..n]).unwrap();
             assert_eq!(&buf[range], b"0123456789");
-            window.received(found, true, &mut sink);
+            receive(&mut window, found, true, &mut sink);
             assert!(!sink.0.contains_key(&token), "used token must be gone");
         }
         // window slid: base = 41 - 16; the 64-slot ring is full again: 25..89 minus the received 40
@@ -463,9 +475,9 @@ mod tests {
         let mut window = TokenWindow::new([1; 32], 32, 8, &mut sink);
         assert_eq!(sink.0.len(), 32);
         assert_eq!(window.end(), 32);
-        window.received(31, true, &mut sink);
+        receive(&mut window, 31, true, &mut sink);
         assert!(sink.0.len() <= 32);
-        window.received(31 + 30, true, &mut sink);
+        receive(&mut window, 31 + 30, true, &mut sink);
         assert!(sink.0.len() <= 32);
         window.clear(&mut sink);
         assert!(sink.0.is_empty());
@@ -477,7 +489,7 @@ mod tests {
         let mut window = TokenWindow::new([2; 32], 512, 128, &mut sink);
         assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
         for pn in 0..400u64 {
-            window.received(pn, true, &mut sink);
+            receive(&mut window, pn, true, &mut sink);
             assert!(sink.0.len() <= 512);
             assert!(window.end() >= pn + 1 + INITIAL_AHEAD);
         }
@@ -508,14 +520,14 @@ mod tests {
         let mut window = TokenWindow::new(key, 2048, 128, &mut sink);
         // Idle: a keep-alive now and then keeps the minimum look-ahead, nothing more.
         for pn in 0..500u64 {
-            window.received(pn, false, &mut sink);
+            receive(&mut window, pn, false, &mut sink);
             assert_eq!(window.end(), pn + 1 + INITIAL_AHEAD);
         }
         assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
         assert_consistent(&window, &key, &sink);
         // Bulk: back-to-back packets grow it to the configured size, never beyond.
         for pn in 500..5000u64 {
-            window.received(pn, true, &mut sink);
+            receive(&mut window, pn, true, &mut sink);
             assert!(window.end() - window.base() <= 2048);
         }
         assert_eq!(window.end() - window.base(), 2048);
@@ -527,7 +539,7 @@ mod tests {
         assert_consistent(&window, &key, &sink);
         // Idle again: the look-ahead already promised stays registered (the peer may use it).
         let end = window.end();
-        window.received(5000, false, &mut sink);
+        receive(&mut window, 5000, false, &mut sink);
         assert_eq!(window.end(), end);
         assert_eq!(sink.0.len(), 2048 - 128 - 1);
         window.clear(&mut sink);
@@ -544,13 +556,13 @@ mod tests {
         let mut window = TokenWindow::new(key, 2048, 128, &mut sink);
         // Idle: 128 behind + 64 ahead in 256 slots (the full 2,048-slot bitmap was 256 bytes).
         for pn in 0..300u64 {
-            window.received(pn, false, &mut sink);
+            receive(&mut window, pn, false, &mut sink);
         }
         assert_eq!(window.end() - window.base(), 192);
         assert_eq!(window.bitmap_bytes(), 32);
         // Bulk: grows with the window, every registered token still the window's own.
         for pn in 300..3000u64 {
-            window.received(pn, true, &mut sink);
+            receive(&mut window, pn, true, &mut sink);
             assert!(window.bitmap_bytes() * 8 >= (window.end() - window.base()) as usize);
         }
         assert_eq!(window.bitmap_bytes(), 256);
@@ -558,7 +570,7 @@ mod tests {
         // The peer uses up the promised look-ahead sparsely: the span and the bitmap shrink.
         let end = window.end();
         for pn in 3000..end + 10 {
-            window.received(pn, false, &mut sink);
+            receive(&mut window, pn, false, &mut sink);
         }
         assert_eq!(window.end() - window.base(), 192);
         assert_eq!(window.bitmap_bytes(), 32);
@@ -566,7 +578,7 @@ mod tests {
         assert_consistent(&window, &key, &sink);
         // A loss burst, then a late packet from behind: both found through the moved bits.
         let late = window.end() - 1;
-        window.received(late, false, &mut sink);
+        receive(&mut window, late, false, &mut sink);
         let behind = late - 100;
         assert!(
             !sink.0.values().any(|pn| *pn == behind),
@@ -582,19 +594,19 @@ mod tests {
         let mut sink = MapSink::default();
         let mut window = TokenWindow::new(key, 256, 32, &mut sink);
         for pn in 0..300u64 {
-            window.received(pn, true, &mut sink);
+            receive(&mut window, pn, true, &mut sink);
         }
         let (base, end) = (window.base(), window.end());
         assert_eq!(end - base, 256);
         // Beyond the window: not registered, and a stray call changes nothing.
         let beyond = crate::proto::crypto::token_for(&key, end);
         assert!(!sink.0.contains_key(&beyond));
-        window.received(end, true, &mut sink);
+        receive(&mut window, end, true, &mut sink);
         assert_eq!((window.base(), window.end()), (base, end));
         // The last packet number inside it (a burst of losses before it) is still recognised.
         let last = crate::proto::crypto::token_for(&key, end - 1);
         assert_eq!(sink.0.get(&last), Some(&(end - 1)));
-        window.received(end - 1, true, &mut sink);
+        receive(&mut window, end - 1, true, &mut sink);
         assert!(!sink.0.contains_key(&last), "used once");
         assert_eq!(window.base(), end - 32);
         assert!(window.end() >= end + INITIAL_AHEAD);
@@ -604,7 +616,7 @@ mod tests {
         let late = end - 5;
         let token = crate::proto::crypto::token_for(&key, late);
         assert_eq!(sink.0.get(&token), Some(&late));
-        window.received(late, true, &mut sink);
+        receive(&mut window, late, true, &mut sink);
         assert!(!sink.0.contains_key(&token));
         let slid_out = crate::proto::crypto::token_for(&key, window.base() - 1);
         assert!(!sink.0.contains_key(&slid_out));

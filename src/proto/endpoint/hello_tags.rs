@@ -73,15 +73,17 @@ impl std::fmt::Display for RecordError {
 
 impl std::error::Error for RecordError {}
 
+/// 8 bytes, so a table bucket with its tag is 16, not 24 (about 64 tags per user).
 struct TagEntry {
     user: UserId,
-    epoch: u64,
+    /// The epoch (2-minute steps since 1970: 32 bits last for 16,000 years; a clock beyond
+    /// that registers epochs that never match).
+    epoch: u32,
 }
 
 /// The tags of one user and epoch, and the hellos answered with them.
 struct EpochTags {
     epoch: u64,
-    tags: [u64; HELLO_SLOTS as usize],
     /// Fingerprints ([`hello_fingerprint`]) of the answered hellos, sorted, at most
     /// [`MAX_HANDSHAKES_PER_EPOCH`].
     answered: Vec<u64>,
@@ -164,7 +166,7 @@ impl HelloTags {
     pub fn remove_user(&mut self, id: UserId) {
         if let Some(user) = self.users.remove(&id.0) {
             for e in &user.epochs {
-                unregister(&mut self.table, id, e);
+                unregister(&mut self.table, id, &user.tag_key, e.epoch);
             }
         }
     }
@@ -172,13 +174,14 @@ impl HelloTags {
     /// The user and epoch of `tag`, if it is registered and its epoch is still inside the window.
     pub fn lookup(&self, tag: u64) -> Option<TagMatch> {
         let entry = self.table.get(&tag)?;
-        if self.epoch.is_some_and(|e| entry.epoch + 1 < e) {
+        let epoch = u64::from(entry.epoch);
+        if self.epoch.is_some_and(|e| epoch + 1 < e) {
             // A tag of an epoch that already left the window (not yet cleaned up).
             return None;
         }
         Some(TagMatch {
             user: entry.user,
-            epoch: entry.epoch,
+            epoch,
         })
     }
 
@@ -237,10 +240,14 @@ impl HelloTags {
         let Some(current) = self.epoch else {
             return out;
         };
-        let live = self.users.values().flat_map(|u| &u.epochs);
-        for e in live.filter(|e| e.epoch + 1 >= current && !e.answered.is_empty()) {
+        let live = self
+            .users
+            .values()
+            .flat_map(|u| u.epochs.iter().map(move |e| (&u.tag_key, e)));
+        for (key, e) in live.filter(|(_, e)| e.epoch + 1 >= current && !e.answered.is_empty()) {
             out.extend_from_slice(&e.epoch.to_le_bytes());
-            out.extend_from_slice(&e.tags[0].to_le_bytes());
+            let tag = handshake::hello_tag(key, e.epoch, 0);
+            out.extend_from_slice(&tag.to_le_bytes());
             out.extend_from_slice(&(e.answered.len() as u16).to_le_bytes());
             for fingerprint in &e.answered {
                 out.extend_from_slice(&fingerprint.to_le_bytes());
@@ -298,7 +305,7 @@ impl HelloTags {
         user.epochs.retain(|e| {
             let keep = (lo..=hi).contains(&e.epoch);
             if !keep {
-                unregister(table, id, e);
+                unregister(table, id, &user.tag_key, e.epoch);
             }
             keep
         });
@@ -306,14 +313,15 @@ impl HelloTags {
             if user.epochs.iter().any(|e| e.epoch == epoch) {
                 continue;
             }
-            let mut tags = [0u64; HELLO_SLOTS as usize];
-            for (slot, tag) in tags.iter_mut().enumerate() {
-                *tag = handshake::hello_tag(&user.tag_key, epoch, slot as u16);
-                table.entry(*tag).or_insert(TagEntry { user: id, epoch });
+            for slot in 0..HELLO_SLOTS {
+                let tag = handshake::hello_tag(&user.tag_key, epoch, slot);
+                table.entry(tag).or_insert(TagEntry {
+                    user: id,
+                    epoch: u32::try_from(epoch).unwrap_or(u32::MAX),
+                });
             }
             user.epochs.push(EpochTags {
                 epoch,
-                tags,
                 answered: Vec::new(),
             });
         }
@@ -400,10 +408,13 @@ fn parse_record(record: &[u8]) -> Result<(bool, Vec<RecordEntry<'_>>), RecordErr
 }
 
 /// Removes one user-epoch's tags from the table (unless another user owns a colliding tag).
-fn unregister(table: &mut IdMap<u64, TagEntry>, id: UserId, epoch: &EpochTags) {
-    for tag in &epoch.tags {
-        if table.get(tag).is_some_and(|entry| entry.user == id) {
-            table.remove(tag);
+/// The tags are derived again (16 per user and epoch, once per epoch), not kept: 512 bytes
+/// less per user.
+fn unregister(table: &mut IdMap<u64, TagEntry>, id: UserId, tag_key: &Key32, epoch: u64) {
+    for slot in 0..HELLO_SLOTS {
+        let tag = handshake::hello_tag(tag_key, epoch, slot);
+        if table.get(&tag).is_some_and(|entry| entry.user == id) {
+            table.remove(&tag);
         }
     }
 }

@@ -229,7 +229,7 @@ impl GlobalSink<'_> {
     fn entry(&self, pn: u64) -> TokenEntry {
         TokenEntry {
             slot: self.slot,
-            pn_low: pn as u32,
+            pn_low: pn as u16,
         }
     }
 }
@@ -667,16 +667,32 @@ impl ServerEndpoint {
         if next != entry.scheduled {
             entry.scheduled = next;
             if let Some(at) = next {
-                self.timers.push(Reverse((at, id)));
+                self.push_timer(at, id);
             }
-        }
-        if self.timers.len() > 4 * self.sessions.len() + 64 {
-            self.rebuild_timers();
         }
     }
 
+    /// Schedules `id` at `at` (already its `scheduled`). Entries whose session has moved its
+    /// deadline since go stale; a full heap with many of them is rebuilt rather than grown, so
+    /// it holds about 1.5 entries per session, not 4.
+    fn push_timer(&mut self, at: Instant, id: SessionId) {
+        let len = self.timers.len();
+        if len == self.timers.capacity() && len > self.sessions.len() * 3 / 2 + 64 {
+            // The rebuild takes every session's `scheduled`, this one's `at` included.
+            self.rebuild_timers();
+            return;
+        }
+        self.timers.push(Reverse((at, id)));
+    }
+
+    /// Keeps only each session's current deadline (and gives back most of the room when far
+    /// fewer sessions are left).
     fn rebuild_timers(&mut self) {
         self.timers.clear();
+        let room = 2 * self.sessions.len() + 64;
+        if self.timers.capacity() > 2 * room {
+            self.timers.shrink_to(room);
+        }
         for (id, entry) in &self.sessions {
             if let Some(at) = entry.scheduled {
                 self.timers.push(Reverse((at, SessionId(*id))));

@@ -162,6 +162,76 @@ impl TransportConfig {
     }
 }
 
+/// What a transport reads of its [`TransportConfig`] after it is made (the rest went into its
+/// parts when they were built): 96 bytes kept per session, not 160.
+#[derive(Debug, Clone, Copy)]
+struct KeptConfig {
+    idle_timeout: Duration,
+    keepalive_interval: Duration,
+    initial_rtt: Duration,
+    pacing_burst: Duration,
+    session_window: u64,
+    /// At most 65,000 (sanitized): the congestion controller's packet size.
+    max_payload: u32,
+    /// At most 1,024.
+    initial_cwnd_packets: u32,
+    /// At most 2^30 (sanitized).
+    stream_window: u32,
+    /// At most 4,096.
+    max_datagram_queue: u32,
+    /// At most 2^20.
+    max_tracked_packets: u32,
+}
+
+impl KeptConfig {
+    /// From a sanitized config (so every value fits).
+    fn of(config: &TransportConfig) -> Self {
+        KeptConfig {
+            idle_timeout: config.idle_timeout,
+            keepalive_interval: config.keepalive_interval,
+            initial_rtt: config.initial_rtt,
+            pacing_burst: config.pacing_burst,
+            session_window: config.session_window,
+            max_payload: config.max_payload as u32,
+            initial_cwnd_packets: config.initial_cwnd_packets as u32,
+            stream_window: config.stream_window as u32,
+            max_datagram_queue: config.max_datagram_queue as u32,
+            max_tracked_packets: config.max_tracked_packets as u32,
+        }
+    }
+}
+
+/// Congestion control, delivery-rate sampling and pacing (552 bytes): only a session that sends
+/// stream data or datagrams needs them. Made when such data is first pending, dropped when the
+/// keep-alive timer finds nothing sent for `keepalive_interval` and nothing in flight, so the
+/// next burst starts from the initial window again (as TCP restarts after an idle period,
+/// RFC 5681 §4.1). Meanwhile control packets (ACK, PING, SETTINGS, MAX_DATA) go unpaced and
+/// outside any window; they are few and small.
+#[derive(Debug)]
+struct Flow {
+    cc: Bbr,
+    rate: DeliveryRate,
+    pacer: Pacer,
+}
+
+impl Flow {
+    fn new(config: &KeptConfig, now: Instant) -> Self {
+        let mss = config.max_payload as usize;
+        let cc = Bbr::new(
+            now,
+            mss,
+            u64::from(config.initial_cwnd_packets),
+            config.initial_rtt,
+        );
+        let pacer = Pacer::new(now, config.pacing_burst, mss, cc.pacing_rate());
+        Flow {
+            cc,
+            rate: DeliveryRate::new(now),
+            pacer,
+        }
+    }
+}
+
 /// Something the application should know about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportEvent {
@@ -347,6 +417,23 @@ pub struct TransportStats {
     pub send_buffered: u64,
 }
 
+/// The counters a transport keeps ([`TransportStats`] adds the estimates and stream figures it
+/// reads from elsewhere when asked, so a session does not store them twice).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    packets_sent: u64,
+    ack_only_sent: u64,
+    ack_frames_sent: u64,
+    packets_received: u64,
+    packets_lost: u64,
+    spurious_losses: u64,
+    packets_dropped: u64,
+    pto_count: u64,
+    datagrams_sent: u64,
+    datagrams_received: u64,
+    datagrams_dropped: u64,
+}
+
 /// Per-stream accounting (for charging users).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamStats {
@@ -381,7 +468,7 @@ enum FrameOutcome {
 /// and one send path; everything about streams is grouped in `StreamsState` (`streams.rs`).
 #[derive(Debug)]
 pub struct Transport {
-    config: TransportConfig,
+    config: KeptConfig,
     side: Side,
     state: State,
     last_now: Instant,
@@ -395,9 +482,8 @@ pub struct Transport {
     rtt: RttEstimator,
     pto_count: u32,
     last_ack_eliciting_sent: Option<Instant>,
-    cc: Bbr,
-    rate: DeliveryRate,
-    pacer: Pacer,
+    /// `None` while no stream data or datagram is being sent ([`Flow`]).
+    flow: Option<Box<Flow>>,
     pmtu: Pmtud,
     lost_scratch: Vec<SentFrame>,
     packet_threshold: u64,
@@ -423,7 +509,7 @@ pub struct Transport {
     datagram_events: usize,
     events: VecDeque<TransportEvent>,
 
-    stats: TransportStats,
+    stats: Counters,
 
     /// Reliable-carrier mode (docs/PROTOCOL.md §7.5): every packet written counts as delivered.
     reliable: bool,
@@ -451,18 +537,6 @@ impl Transport {
 
     pub fn new(config: TransportConfig, side: Side, now: Instant) -> Self {
         let config = config.sanitized();
-        let cc = Bbr::new(
-            now,
-            config.max_payload,
-            config.initial_cwnd_packets,
-            config.initial_rtt,
-        );
-        let pacer = Pacer::new(
-            now,
-            config.pacing_burst,
-            config.max_payload,
-            cc.pacing_rate(),
-        );
         let mut timers = TimerTable::default();
         timers.set(Timer::Idle, now + config.idle_timeout);
         timers.set(Timer::KeepAlive, now + config.keepalive_interval);
@@ -478,9 +552,7 @@ impl Transport {
             rtt: RttEstimator::new(config.initial_rtt),
             pto_count: 0,
             last_ack_eliciting_sent: None,
-            cc,
-            rate: DeliveryRate::new(now),
-            pacer,
+            flow: None,
             pmtu: Pmtud::new(
                 config.pmtu_floor_payload,
                 config.max_payload,
@@ -501,18 +573,14 @@ impl Transport {
             datagrams_out: VecDeque::new(),
             datagram_events: 0,
             events: VecDeque::new(),
-            stats: TransportStats::default(),
-            config,
+            stats: Counters::default(),
+            config: KeptConfig::of(&config),
             reliable: false,
         }
     }
 
     pub fn side(&self) -> Side {
         self.side
-    }
-
-    pub fn config(&self) -> &TransportConfig {
-        &self.config
     }
 
     // ------------------------------------------------------------------ receiving
@@ -619,7 +687,7 @@ impl Transport {
                 &mut self.events,
             ),
             Frame::Datagram { assoc, dest, data } => {
-                if self.datagram_events < self.config.max_datagram_queue {
+                if self.datagram_events < self.config.max_datagram_queue as usize {
                     self.datagram_events += 1;
                     self.stats.datagrams_received += 1;
                     self.events.push_back(TransportEvent::Datagram {
@@ -662,6 +730,10 @@ impl Transport {
         let loss_delay = self.rtt.loss_delay();
         let mut runs = std::mem::take(&mut self.ack_runs);
         runs.clear();
+        if runs.capacity() == 0 {
+            // One run at first, not four: an idle session's ACKs never carry more (issue 9).
+            runs.reserve_exact(1);
+        }
         for (lo, hi) in ack.ranges() {
             self.pmtu.on_ack_range(lo, hi, now);
             self.sent.unresolved_in(lo, hi, |a, b| runs.push((a, b)));
@@ -709,7 +781,9 @@ impl Transport {
                 if eliciting {
                     self.bytes_in_flight -= size;
                     bytes_acked += size;
-                    self.rate.on_acked(now, &snapshot, size);
+                    if let Some(flow) = self.flow.as_deref_mut() {
+                        flow.rate.on_acked(now, &snapshot, size);
+                    }
                 }
                 for f in &frames[..count] {
                     self.streams.on_frame_acked(*f);
@@ -735,20 +809,22 @@ impl Transport {
         }
         if largest_newly_acked.is_some() && self.pto_count > 0 {
             self.pto_count = 0;
-            self.cc.on_recovered();
+            if let Some(flow) = self.flow.as_deref_mut() {
+                flow.cc.on_recovered();
+            }
         }
         self.detect_lost(now);
-        if bytes_acked > 0 {
-            let min_rtt = self.cc.min_rtt();
-            let sample = self.rate.take_sample(min_rtt);
-            self.cc.on_ack(&AckEvent {
+        if let Some(flow) = self.flow.as_deref_mut().filter(|_| bytes_acked > 0) {
+            let min_rtt = flow.cc.min_rtt();
+            let sample = flow.rate.take_sample(min_rtt);
+            flow.cc.on_ack(&AckEvent {
                 now,
                 bytes_acked,
                 bytes_in_flight: self.bytes_in_flight,
                 rtt_sample,
                 ack_delay,
                 rate: sample,
-                delivered: self.rate.delivered(),
+                delivered: flow.rate.delivered(),
             });
         }
         self.sent.pop_resolved(self.lost_cutoff(now));
@@ -842,7 +918,9 @@ impl Transport {
         self.lost_scratch = lost;
         self.sent.pop_resolved(self.lost_cutoff(now));
         self.timers.stop(Timer::LossDetection);
-        self.cc.on_pto();
+        if let Some(flow) = self.flow.as_deref_mut() {
+            flow.cc.on_pto();
+        }
         self.ping_pending = true;
         // The probe itself is armed from its own send time.
         self.last_ack_eliciting_sent = Some(now);
@@ -880,8 +958,23 @@ impl Transport {
             || self.streams.has_pending()
     }
 
+    /// Stream data or datagrams wait to be sent (they need the [`Flow`] state).
+    fn has_pending_data(&self) -> bool {
+        !self.datagrams_out.is_empty() || self.streams.has_pending()
+    }
+
+    /// Without [`Flow`] state only control frames are pending: no congestion window.
     fn window_open(&self) -> bool {
-        self.bytes_in_flight < self.cc.cwnd() && self.sent.len() < self.config.max_tracked_packets
+        self.flow
+            .as_ref()
+            .is_none_or(|flow| self.bytes_in_flight < flow.cc.cwnd())
+            && self.sent.len() < self.config.max_tracked_packets as usize
+    }
+
+    fn can_send_paced(&self, now: Instant) -> bool {
+        self.flow
+            .as_ref()
+            .is_none_or(|flow| flow.pacer.can_send(now))
     }
 
     /// Writes the next packet payload into `buf` (at most `max_payload` bytes are used) and
@@ -897,13 +990,17 @@ impl Transport {
         if self.reliable {
             return self.transmit_reliable(now, &mut buf[..max]);
         }
+        if self.flow.is_none() && self.has_pending_data() {
+            // Once per burst after a quiet period, never per packet.
+            self.flow = Some(Box::new(Flow::new(&self.config, now)));
+        }
         let ack_due = self.acks.is_due()
             || (self.acks.is_needed() && self.timers.is_expired(Timer::AckDelay, now));
         let pending = self.has_pending_eliciting();
         let window_open = self.window_open();
-        let send_data = pending && window_open && self.pacer.can_send(now);
-        if !pending && window_open {
-            self.rate.on_app_limited(self.bytes_in_flight);
+        let send_data = pending && window_open && self.can_send_paced(now);
+        if let Some(flow) = self.flow.as_deref_mut().filter(|_| !pending && window_open) {
+            flow.rate.on_app_limited(self.bytes_in_flight);
         }
         if !send_data && !ack_due {
             return None;
@@ -931,9 +1028,11 @@ impl Transport {
         packet.size = len as u32;
         if eliciting {
             packet.ack_eliciting = true;
-            packet.delivery = self.rate.on_sent(now, self.bytes_in_flight);
+            if let Some(flow) = self.flow.as_deref_mut() {
+                packet.delivery = flow.rate.on_sent(now, self.bytes_in_flight);
+                flow.pacer.on_sent(now, len, flow.cc.pacing_rate());
+            }
             self.bytes_in_flight += len as u64;
-            self.pacer.on_sent(now, len, self.cc.pacing_rate());
             self.last_ack_eliciting_sent = Some(now);
             self.arm_pto();
         } else {
@@ -1031,7 +1130,7 @@ impl Transport {
         let start_len = w.len();
         if self.settings_pending {
             let f = Frame::Settings {
-                stream_window: self.config.stream_window,
+                stream_window: u64::from(self.config.stream_window),
                 session_window: self.streams.advertised_max_data(),
                 max_streams: self.streams.local_max_streams(),
             };
@@ -1109,12 +1208,17 @@ impl Transport {
     /// before the `now` of the last `handle_timeout`, unless a timer was armed that early since.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timers = self.timers.next_timeout();
-        let pacing = (self.state == State::Open
-            && !self.reliable
-            && self.has_pending_eliciting()
-            && self.window_open()
-            && !self.pacer.can_send(self.last_now))
-        .then(|| self.pacer.wake_time());
+        let pacing = self
+            .flow
+            .as_ref()
+            .filter(|flow| {
+                self.state == State::Open
+                    && !self.reliable
+                    && self.has_pending_eliciting()
+                    && self.window_open()
+                    && !flow.pacer.can_send(self.last_now)
+            })
+            .map(|flow| flow.pacer.wake_time());
         match (timers, pacing) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1147,8 +1251,16 @@ impl Transport {
                 Timer::Pto => self.on_pto(now),
                 Timer::KeepAlive => {
                     self.ping_pending = true;
-                    // Idle session: give back buffer storage of streams with nothing buffered.
+                    // Idle session: give back buffer storage of streams with nothing buffered,
+                    // the room of collections that were fuller, and the congestion state if
+                    // nothing is in flight (see [`Flow`]).
                     self.streams.release_idle_storage();
+                    self.events.shrink_to_fit();
+                    self.datagrams_out.shrink_to_fit();
+                    self.lost_scratch = Vec::new();
+                    if self.bytes_in_flight == 0 {
+                        self.flow = None;
+                    }
                 }
             }
         }
@@ -1279,7 +1391,7 @@ impl Transport {
         if frame::datagram_frame_len(assoc, &dest, data.len()) > self.pmtu.current() {
             return Err(DatagramError::TooLarge);
         }
-        if self.datagrams_out.len() >= self.config.max_datagram_queue {
+        if self.datagrams_out.len() >= self.config.max_datagram_queue as usize {
             self.stats.datagrams_dropped += 1;
             return Err(DatagramError::QueueFull);
         }
@@ -1330,21 +1442,46 @@ impl Transport {
     }
 
     pub fn stats(&self) -> TransportStats {
-        let mut s = self.stats.clone();
-        s.smoothed_rtt = self.rtt.smoothed;
-        s.min_rtt = self.rtt.min;
-        s.rtt_var = self.rtt.var;
-        s.cwnd = self.cc.cwnd();
-        s.bytes_in_flight = self.bytes_in_flight;
-        s.pacing_rate = self.cc.pacing_rate();
-        s.bandwidth_estimate = self.cc.bandwidth();
+        let c = self.stats;
+        // Without flow state: what the next burst starts from.
+        let fresh;
+        let cc = match self.flow.as_deref() {
+            Some(flow) => &flow.cc,
+            None => {
+                fresh = Flow::new(&self.config, self.last_now).cc;
+                &fresh
+            }
+        };
+        let mut s = TransportStats {
+            smoothed_rtt: self.rtt.smoothed,
+            min_rtt: self.rtt.min,
+            rtt_var: self.rtt.var,
+            cwnd: cc.cwnd(),
+            bytes_in_flight: self.bytes_in_flight,
+            pacing_rate: cc.pacing_rate(),
+            bandwidth_estimate: cc.bandwidth(),
+            packets_sent: c.packets_sent,
+            ack_only_sent: c.ack_only_sent,
+            ack_frames_sent: c.ack_frames_sent,
+            packets_received: c.packets_received,
+            packets_lost: c.packets_lost,
+            spurious_losses: c.spurious_losses,
+            packets_dropped: c.packets_dropped,
+            pto_count: c.pto_count,
+            datagrams_sent: c.datagrams_sent,
+            datagrams_received: c.datagrams_received,
+            datagrams_dropped: c.datagrams_dropped,
+            ..TransportStats::default()
+        };
         self.streams.fill_stats(&mut s);
         s
     }
 
     /// Congestion controller phase (for diagnostics).
     pub fn congestion_state(&self) -> BbrState {
-        self.cc.state()
+        self.flow
+            .as_ref()
+            .map_or(BbrState::Startup, |flow| flow.cc.state())
     }
 
     /// Bytes held in all stream send buffers (bounded by the session send buffer).
@@ -1458,6 +1595,128 @@ mod tests {
             }
         }
         assert_eq!(peer.stats().ack_frames_sent, 0);
+    }
+
+    /// Delivers packets both ways at `now` (no delay, no loss) until neither side sends; the
+    /// server accepts every stream.
+    fn exchange(client: &mut Transport, server: &mut Transport, now: Instant) {
+        let mut buf = [0u8; 1500];
+        loop {
+            let mut moved = false;
+            while let Some((pn, len)) = client.poll_transmit(now, &mut buf) {
+                server.handle_payload(now, pn, &buf[..len]).unwrap();
+                moved = true;
+            }
+            while let Some(ev) = server.poll_event() {
+                if let TransportEvent::StreamOpened { id, .. } = ev {
+                    server.accept_stream(id).unwrap();
+                }
+            }
+            while let Some((pn, len)) = server.poll_transmit(now, &mut buf) {
+                client.handle_payload(now, pn, &buf[..len]).unwrap();
+                moved = true;
+            }
+            while client.poll_event().is_some() {}
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Issue 9: an idle transport keeps no congestion, rate or pacing state (552 bytes of an
+    /// idle session): SETTINGS, PINGs and ACKs go without it, stream data makes it, and a
+    /// keep-alive period with nothing sent and nothing in flight drops it again, so the next
+    /// burst starts from the initial window.
+    #[test]
+    fn congestion_state_exists_only_while_data_flows() {
+        let t0 = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, t0);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        let initial_cwnd = client.stats().cwnd;
+        exchange(&mut client, &mut server, t0);
+        assert!(
+            client.flow.is_none() && server.flow.is_none(),
+            "SETTINGS only"
+        );
+        let id = client
+            .open_stream(Destination::domain("example.com", 443).unwrap())
+            .unwrap();
+        client.stream_write(id, &[5; 200_000]).unwrap();
+        let mut now = t0;
+        let mut made = false;
+        let mut grown = 0;
+        // 20 s in 50 ms steps: the data and its ACKs, then quiet with keep-alives.
+        for _ in 0..400 {
+            now += Duration::from_millis(50);
+            for t in [&mut client, &mut server] {
+                if t.poll_timeout().is_some_and(|at| at <= now) {
+                    t.handle_timeout(now);
+                }
+            }
+            exchange(&mut client, &mut server, now);
+            made |= client.flow.is_some();
+            grown = grown.max(client.stats().cwnd);
+        }
+        assert!(made, "stream data made the congestion state");
+        assert!(grown > initial_cwnd, "the window grew with the data");
+        assert!(client.stats().packets_sent > 150, "the data went out");
+        assert!(
+            client.flow.is_none(),
+            "dropped after a quiet keep-alive period"
+        );
+        assert_eq!(
+            client.stats().cwnd,
+            initial_cwnd,
+            "the next burst starts afresh"
+        );
+        assert_eq!(client.congestion_state(), BbrState::Startup);
+        assert!(!client.is_closing() && !server.is_closing());
+        client.stream_write(id, &[6; 1000]).unwrap();
+        let mut buf = [0u8; 1500];
+        assert!(client.poll_transmit(now, &mut buf).is_some());
+        assert!(client.flow.is_some());
+    }
+
+    /// Issue 9: a session whose streams are gone gives back the room its stream map and event
+    /// queue grew to once it is idle (the keep-alive timer).
+    #[test]
+    fn an_idle_session_gives_back_the_room_of_its_closed_streams() {
+        let t0 = Instant::now();
+        let mut client = Transport::new(TransportConfig::default(), Side::Client, t0);
+        let mut server = Transport::new(TransportConfig::default(), Side::Server, t0);
+        exchange(&mut client, &mut server, t0);
+        let ids: Vec<StreamId> = (0..30)
+            .map(|_| {
+                let id = client
+                    .open_stream(Destination::domain("example.com", 443).unwrap())
+                    .unwrap();
+                client.stream_write(id, &[1; 100]).unwrap();
+                id
+            })
+            .collect();
+        exchange(&mut client, &mut server, t0);
+        assert_eq!(client.stats().streams_open, 30);
+        let grown = client.streams.table_bytes();
+        assert!(grown > 30 * 400, "{grown} bytes for 30 streams");
+        for id in ids {
+            client.stream_reset(id, ResetReason::Cancelled).unwrap();
+        }
+        let mut now = t0;
+        for _ in 0..400 {
+            now += Duration::from_millis(50);
+            for t in [&mut client, &mut server] {
+                if t.poll_timeout().is_some_and(|at| at <= now) {
+                    t.handle_timeout(now);
+                }
+            }
+            exchange(&mut client, &mut server, now);
+        }
+        assert_eq!(client.stats().streams_open, 0);
+        assert_eq!(server.stats().streams_open, 0);
+        assert!(!client.is_closing());
+        assert_eq!(client.streams.table_bytes(), 0);
+        assert_eq!(server.streams.table_bytes(), 0);
+        assert_eq!(client.events.capacity(), 0);
     }
 
     /// A client sending one bulk stream to a server over a 20 ms RTT path without other

@@ -76,6 +76,11 @@ impl RangeSet {
         let hi = self.ranges.partition_point(|x| x.start <= r.end);
         if lo == hi {
             // No overlap: a new separate range at `lo`.
+            if self.ranges.capacity() == 0 {
+                // Room for one range at first, not four: most sets (an idle session's received
+                // packet numbers) never hold more (issue 9).
+                self.ranges.reserve_exact(1);
+            }
             if self.ranges.len() >= self.limit {
                 if !evict {
                     return false;
@@ -157,6 +162,17 @@ mod tests {
 
     fn set(s: &RangeSet) -> Vec<Range<u64>> {
         s.iter().collect()
+    }
+
+    #[test]
+    fn a_set_of_one_range_keeps_room_for_one() {
+        let mut set = RangeSet::new(8);
+        set.insert(0..5);
+        set.insert(5..9);
+        assert_eq!(set.ranges.capacity(), 1);
+        set.insert(20..30);
+        assert_eq!(set.ranges.len(), 2);
+        assert!(set.ranges.capacity() >= 2);
     }
 
     #[test]
