@@ -295,9 +295,14 @@ pub struct Bbr {
 }
 
 impl Bbr {
+    /// The window a fresh controller starts with.
+    pub fn initial_cwnd(mss: usize, initial_cwnd_packets: u64) -> u64 {
+        initial_cwnd_packets.max(MIN_CWND_PACKETS) * mss as u64
+    }
+
     pub fn new(now: Instant, mss: usize, initial_cwnd_packets: u64, initial_rtt: Duration) -> Self {
+        let initial_cwnd = Self::initial_cwnd(mss, initial_cwnd_packets);
         let mss = mss as u64;
-        let initial_cwnd = initial_cwnd_packets.max(MIN_CWND_PACKETS) * mss;
         let rtt_ns = initial_rtt.as_nanos().max(1);
         let pacing_rate = (u128::from(initial_cwnd) * 1_000_000_000 * u128::from(HIGH_GAIN)
             / u128::from(GAIN_UNIT)

@@ -1521,8 +1521,15 @@ impl Transport {
     }
 
     /// The congestion window in bytes (what [`Transport::stats`] reports, without its cost).
+    /// Without flow state (idle), the window the next burst starts from.
     pub fn cwnd(&self) -> u64 {
-        self.cc.cwnd()
+        match self.flow.as_deref() {
+            Some(flow) => flow.cc.cwnd(),
+            None => Bbr::initial_cwnd(
+                self.config.max_payload as usize,
+                u64::from(self.config.initial_cwnd_packets),
+            ),
+        }
     }
 
     /// About the stream bytes waiting to be sent now (new, or lost and due again): those held
@@ -1627,6 +1634,14 @@ mod tests {
     /// idle session): SETTINGS, PINGs and ACKs go without it, stream data makes it, and a
     /// keep-alive period with nothing sent and nothing in flight drops it again, so the next
     /// burst starts from the initial window.
+    #[test]
+    fn cwnd_without_flow_state_is_the_window_the_next_burst_starts_from() {
+        let t = Transport::new(TransportConfig::default(), Side::Server, Instant::now());
+        assert!(t.flow.is_none());
+        assert_eq!(t.cwnd(), t.stats().cwnd);
+        assert!(t.cwnd() > 0);
+    }
+
     #[test]
     fn congestion_state_exists_only_while_data_flows() {
         let t0 = Instant::now();
