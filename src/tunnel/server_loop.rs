@@ -20,7 +20,7 @@
 
 mod carrier;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::Receiver;
@@ -246,6 +246,7 @@ pub fn start(
             lookups: HashMap::new(),
             lookup_timeouts: TimeoutQueue::new(lookup_timeout),
             held: Vec::new(),
+            held_pass: HeldPass::default(),
         },
         sessions: IdMap::default(),
         carriers,
@@ -324,6 +325,8 @@ struct Outbounds {
     /// session's read-ahead, in the order they get to read (entries of outbounds since gone are
     /// skipped by their ticket).
     held: Vec<Ticket>,
+    /// The scratch of [`ServerLoop::release_held`].
+    held_pass: HeldPass,
 }
 
 impl Outbounds {
@@ -366,12 +369,15 @@ impl Outbounds {
 
 /// What one [`ServerLoop::release_held`] pass learned, so that many held streams of one user or
 /// session cost one look each.
+/// Kept between passes (cleared, not freed): a pass allocates nothing once warm.
 #[derive(Default)]
 struct HeldPass {
     /// Users whose buffered bytes were refreshed from their sessions.
-    refreshed: Vec<UserId>,
+    refreshed: HashSet<UserId>,
     /// Sessions found at their read-ahead bound.
-    full: Vec<SessionId>,
+    full: HashSet<SessionId>,
+    /// Held outbounds still waiting, in their order.
+    waiting: Vec<Ticket>,
 }
 
 /// The server loop's state: the sockets it owns (listen sockets, outbounds, relays), the protocol
@@ -1254,9 +1260,11 @@ impl ServerLoop {
         if self.out.held.is_empty() {
             return;
         }
-        let mut pass = HeldPass::default();
-        let mut waiting = Vec::new();
-        for ticket in std::mem::take(&mut self.out.held) {
+        let mut pass = std::mem::take(&mut self.out.held_pass);
+        pass.refreshed.clear();
+        pass.full.clear();
+        let mut held = std::mem::take(&mut self.out.held);
+        for ticket in held.drain(..) {
             let Some(o) = self.out.table.get_mut(ticket.index) else {
                 continue;
             };
@@ -1274,19 +1282,21 @@ impl ServerLoop {
                 self.pump(now, ticket.index); // holds it again if the hold returned
             } else if let Some(o) = self.out.table.get_mut(ticket.index) {
                 o.held = true;
-                waiting.push(ticket);
+                pass.waiting.push(ticket);
             }
         }
-        waiting.append(&mut self.out.held);
-        self.out.held = waiting;
+        // Those still waiting first, then those pumped in this pass and held again.
+        held.append(&mut pass.waiting);
+        held.append(&mut self.out.held);
+        self.out.held = held;
+        self.out.held_pass = pass;
     }
 
     /// Whether `user`'s share has room worth a socket read (refreshed from its sessions' send
     /// buffers once per pass): pumping for a few bytes at a time would spin through every held
     /// stream on each wake-up.
     fn share_has_room(&mut self, pass: &mut HeldPass, user: UserId) -> bool {
-        if !pass.refreshed.contains(&user) {
-            pass.refreshed.push(user);
+        if pass.refreshed.insert(user) {
             let sessions: Vec<SessionId> = self.quotas.sessions_of(user).collect();
             for sid in sessions {
                 if let Some(s) = self.endpoint.session(sid) {
@@ -1309,7 +1319,7 @@ impl ServerLoop {
             .session(session)
             .is_none_or(|s| SERVER_READ_AHEAD.allows(s.transport()));
         if !may {
-            pass.full.push(session);
+            pass.full.insert(session);
         }
         may
     }
