@@ -147,20 +147,30 @@ mod tests {
     #[test]
     fn bytes_beyond_the_peers_window_neither_pile_up_nor_hold_the_session() {
         let now = Instant::now();
-        let mut t = Transport::new(TransportConfig::default(), Side::Client, now);
-        let id = t
-            .open_stream(Destination::Addr("192.0.2.1:80".parse().unwrap()))
-            .unwrap();
+        let session = 1 << 20;
+        let config = TransportConfig {
+            send_buffer: session,
+            session_send_buffer: session,
+            ..TransportConfig::default()
+        };
+        let mut t = Transport::new(config, Side::Client, now);
+        let dest = || Destination::Addr("192.0.2.1:80".parse().unwrap());
+        let paused = t.open_stream(dest()).unwrap();
         // No settings from the peer yet: its initial 64 KiB stream window applies.
         let chunk = vec![0u8; 64 * 1024];
         let mut written = 0u64;
-        for _ in 0..8 {
-            written += t.stream_write(id, &chunk).unwrap() as u64;
+        for _ in 0..32 {
+            written += t.stream_write(paused, &chunk).unwrap() as u64;
         }
         let limit = crate::proto::transport::INITIAL_STREAM_WINDOW;
-        assert_eq!(
-            written,
-            limit + crate::proto::transport::BEYOND_WINDOW_SLACK
+        let slack = crate::proto::transport::BEYOND_WINDOW_SLACK;
+        assert!(
+            written > limit + slack,
+            "room ahead while the buffer is empty"
+        );
+        assert!(
+            written <= limit + session as u64 / 2,
+            "a stream past its window fills at most half the session buffer: {written}"
         );
         assert_eq!(
             t.unsent(),
@@ -168,6 +178,13 @@ mod tests {
             "only what the peer's window lets go is unsent"
         );
         assert!(ReadAhead::default().allows(&t));
+        // Another stream still gets its whole window and a slack beyond it.
+        let other = t.open_stream(dest()).unwrap();
+        let mut written = 0u64;
+        for _ in 0..32 {
+            written += t.stream_write(other, &chunk).unwrap() as u64;
+        }
+        assert!(written >= limit + slack, "{written}");
     }
 
     /// Over the TCP carrier the policy never holds reads.

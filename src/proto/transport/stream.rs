@@ -115,11 +115,12 @@ impl SendHalf {
     }
 
     /// How much more the application may write: the buffer's free space, and no more than
-    /// [`BEYOND_WINDOW_SLACK`] beyond the peer's flow-control limit. A stream whose reader
-    /// stopped (a paused download) keeps its bytes in the kernel's socket buffers instead of
-    /// filling the session's send buffer, which every other stream of the session shares.
-    pub fn writable_room(&self) -> usize {
-        let flow = (self.max_data + BEYOND_WINDOW_SLACK).saturating_sub(self.end());
+    /// `beyond` bytes beyond the peer's flow-control limit (see `Streams::beyond_window_room`).
+    pub fn writable_room(&self, beyond: u64) -> usize {
+        let flow = self
+            .max_data
+            .saturating_add(beyond)
+            .saturating_sub(self.end());
         self.free_space()
             .min(usize::try_from(flow).unwrap_or(usize::MAX))
     }
@@ -290,8 +291,9 @@ pub enum RecvError {
 /// contents down: the server charges a user for it).
 pub const SEND_RETAIN: usize = 16 * 1024;
 
-/// How many bytes a stream's send buffer takes beyond the peer's flow-control limit: one socket
-/// read's worth (`tunnel::pipe::PIPE_READ`), ready to go the moment the limit is raised.
+/// How many bytes a stream's send buffer takes beyond the peer's flow-control limit once the
+/// session's send buffer is half full: one socket read's worth (`tunnel::pipe::PIPE_READ`),
+/// ready to go the moment the limit is raised.
 pub const BEYOND_WINDOW_SLACK: u64 = 64 * 1024;
 
 /// Receive-buffer storage a stream keeps while it drains (freed when the session goes idle or

@@ -537,6 +537,18 @@ impl StreamsState {
         }
     }
 
+    /// How far beyond the peer's flow-control limit a stream may write: anything while the
+    /// session's send buffer is less than half full (a stream waiting for its window keeps
+    /// bytes ready, and its buffer does not shrink and grow at every window update), then
+    /// [`BEYOND_WINDOW_SLACK`]. A stream whose reader stopped (a paused download) so keeps its
+    /// bytes in the kernel's socket buffers instead of filling the send buffer that every
+    /// other stream of the session shares (they stalled until its idle timeout).
+    fn beyond_window_room(&self) -> u64 {
+        let free = self.limits.session_send_buffer - self.send_buffered;
+        let above_half = free.saturating_sub(self.limits.session_send_buffer / 2);
+        (above_half as u64).max(super::BEYOND_WINDOW_SLACK)
+    }
+
     /// Bytes the streams hold beyond the peer's flow-control limits (unsendable until raised).
     pub(super) fn beyond_window(&self) -> u64 {
         self.streams.values().map(|s| s.send.beyond_window()).sum()
@@ -735,6 +747,7 @@ impl StreamsState {
         if session_free < threshold {
             return;
         }
+        let beyond = self.beyond_window_room();
         let mut waiters = std::mem::take(&mut self.writable_waiters);
         waiters.retain(|&id| {
             let Some(s) = self.streams.get_mut(&id) else {
@@ -745,7 +758,7 @@ impl StreamsState {
                 return false;
             }
             let stream_threshold = threshold.min(s.send.limit() / WAKE_FRACTION).max(1);
-            if s.send.writable_room() < stream_threshold {
+            if s.send.writable_room(beyond) < stream_threshold {
                 return true;
             }
             s.want_writable = false;
@@ -956,9 +969,10 @@ impl StreamsState {
     /// Queues data (see [`super::Transport::stream_write`]).
     pub(super) fn write(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let beyond = self.beyond_window_room();
         let s = self.writable_stream(id)?;
         let memory = s.send.memory();
-        let room = s.send.writable_room().min(session_free);
+        let room = s.send.writable_room(beyond).min(session_free);
         let n = s.send.write(&data[..data.len().min(room)]);
         let grown = s.send.memory() - memory;
         s.bytes_written += n as u64;
@@ -982,9 +996,10 @@ impl StreamsState {
         max: usize,
     ) -> Result<&mut [u8], StreamError> {
         let session_free = self.limits.session_send_buffer - self.send_buffered;
+        let beyond = self.beyond_window_room();
         let s = self.writable_stream(id)?;
         let memory = s.send.memory();
-        let room = max.min(session_free).min(s.send.writable_room());
+        let room = max.min(session_free).min(s.send.writable_room(beyond));
         let room = s.send.spare(room).len();
         let grown = s.send.memory() - memory;
         if room == 0 && max > 0 && !s.want_writable {
