@@ -23,7 +23,7 @@
 # wake-ups" when it stops (its own start-up and 1.2 s of idling are included: a few wake-ups).
 #
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
-# TTFB_N (21), IDLE_SESSIONS (1000), LOSSY_MB (100), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
+# TTFB_N (21), IDLE_SESSIONS (1000), IDLE_SETTLE_S (12), LOSSY_MB (100), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
 # OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
 # build to use), SKIP_NATIVE=1, SKIP_TCP=1, SKIP_TUN=1, TUN_MTU (the TUN
 # client's `tun.mtu`; default: the config default), CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
@@ -385,7 +385,9 @@ EOF
             sleep 0.5
         done
         log "idle sessions online: $online of $IDLE_SESSIONS ($k client processes)"
-        sleep "${IDLE_SETTLE_S:-2}"
+        # Idle means settled: the server gives free heap pages back at most every 10 s
+        # (runtime/malloc.rs HeapTrim), so the reading waits a little longer than that.
+        sleep "${IDLE_SETTLE_S:-12}"
         if alive "$SERVER_PID" && ((online >= IDLE_SESSIONS)); then
             IDLE_SESSIONS_RSS=$(mem_mb "$SERVER_PID" VmRSS)
         fi

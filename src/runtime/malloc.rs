@@ -1,6 +1,7 @@
 //! Process-wide allocator settings (glibc only): a fixed mmap threshold, so buffers of
-//! [`MMAP_THRESHOLD`] and more always come from `mmap` and go back to the system when freed, and
-//! one malloc arena for all threads ([`ARENA_MAX`]).
+//! [`MMAP_THRESHOLD`] and more always come from `mmap` and go back to the system when freed,
+//! one malloc arena for all threads ([`ARENA_MAX`]), and the tunnel loop's occasional trim of
+//! free heap pages ([`HeapTrim`]).
 //!
 //! glibc raises its threshold (128 KiB at start) to the size of every mmapped block freed, up to
 //! 32 MiB: after the first large buffer is freed (a grown token table, a bulk stream's rings or
@@ -15,15 +16,88 @@
 //! (an idle server with the API on held 16 arenas, glibc's cap on a 2-core machine, with 124 KB
 //! of pages besides the main one; measured with `/proc/PID/smaps`).
 //!
-//! `unsafe` is allowed here only: `mallopt` and (in tests) `mallinfo2` are plain libc calls
+//! `unsafe` is allowed here only: `mallopt`, `mallinfo2` and `malloc_trim` are plain libc calls
 //! with integer arguments and results.
 #![allow(unsafe_code)]
+
+use std::time::{Duration, Instant};
 
 /// Allocations at least this large are mmapped (glibc's initial value, made fixed).
 pub const MMAP_THRESHOLD: usize = 128 * 1024;
 
 /// Most malloc arenas: every thread allocates from the main one.
 pub const ARENA_MAX: usize = 1;
+
+/// A trim is considered at most this often.
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+/// Free heap bytes worth a trim (below it, the pages are kept for the next allocations).
+pub const TRIM_THRESHOLD: usize = 512 * 1024;
+
+/// When the tunnel loop gives free heap pages back to the system: after a burst of traffic the
+/// heap keeps the holes its buffers left, resident (a server that had carried 100 concurrent
+/// downloads and then held 1,000 idle sessions kept a megabyte or more of them). Checked from
+/// the loop's once-a-second sweep; the decision is pure, the system calls are in [`trim`].
+#[derive(Debug)]
+pub struct HeapTrim {
+    next_check: Instant,
+}
+
+impl HeapTrim {
+    pub fn new(now: Instant) -> Self {
+        HeapTrim {
+            next_check: now + TRIM_INTERVAL,
+        }
+    }
+
+    /// Whether to look at the heap now (at most once per [`TRIM_INTERVAL`]).
+    pub fn due(&mut self, now: Instant) -> bool {
+        if now < self.next_check {
+            return false;
+        }
+        self.next_check = now + TRIM_INTERVAL;
+        true
+    }
+
+    /// Whether `free` bytes in the heap are worth giving back.
+    pub fn worth(free: usize) -> bool {
+        free >= TRIM_THRESHOLD
+    }
+
+    /// [`HeapTrim::due`], then a trim if the heap holds enough free bytes. Returns whether
+    /// pages were given back.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        self.due(now) && free_heap_bytes().is_some_and(Self::worth) && trim()
+    }
+}
+
+/// Bytes in the heap's free chunks (glibc's `mallinfo2().fordblks`); `None` on other C
+/// libraries.
+pub fn free_heap_bytes() -> Option<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `mallinfo2` takes no arguments and returns a plain struct of counters.
+        Some(unsafe { libc::mallinfo2() }.fordblks)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+/// Gives the heap's free pages back to the system (glibc's `malloc_trim(0)`: the top of the
+/// heap and whole free pages inside it). Returns whether any memory was released.
+pub fn trim() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `malloc_trim` takes an integer (bytes to leave at the top) and works under
+        // the allocator's own lock.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
 
 /// Applies the settings; call once at start, before other threads are started. Returns whether
 /// the allocator took them (always false on other C libraries).
@@ -114,6 +188,51 @@ mod tests {
         }
         // SAFETY: `malloc_stats` takes no arguments; it only prints counters.
         unsafe { libc::malloc_stats() };
+    }
+
+    /// Resident memory of this process, in bytes (`/proc/self/statm`).
+    fn rss() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
+    /// Runs in a child process: 16 MiB of heap buffers freed (all but the last, which keeps
+    /// the heap's top in use, as a live session's buffers do) stay resident until a trim.
+    fn trim_probe() {
+        assert!(tune());
+        let mut blocks: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8; 64 * 1024]).collect();
+        let last = blocks.pop();
+        drop(std::hint::black_box(blocks));
+        let before = rss();
+        assert!(HeapTrim::worth(free_heap_bytes().unwrap()));
+        assert!(trim());
+        let after = rss();
+        println!("rss before {before} after {after}");
+        assert!(before - after >= 8 << 20, "{before} -> {after}");
+        drop(std::hint::black_box(last));
+    }
+
+    #[test]
+    fn a_trim_gives_freed_heap_pages_back() {
+        if std::env::var_os(CHILD).is_some() {
+            trim_probe();
+            return;
+        }
+        run_in_child("runtime::malloc::tests::a_trim_gives_freed_heap_pages_back");
+    }
+
+    #[test]
+    fn trims_are_considered_once_per_interval_and_only_when_worth_it() {
+        let t0 = Instant::now();
+        let mut t = HeapTrim::new(t0);
+        assert!(!t.due(t0));
+        assert!(!t.due(t0 + TRIM_INTERVAL - Duration::from_millis(1)));
+        assert!(t.due(t0 + TRIM_INTERVAL));
+        assert!(!t.due(t0 + TRIM_INTERVAL + Duration::from_secs(1)));
+        assert!(t.due(t0 + 2 * TRIM_INTERVAL));
+        assert!(!HeapTrim::worth(TRIM_THRESHOLD - 1));
+        assert!(HeapTrim::worth(TRIM_THRESHOLD));
     }
 
     #[test]

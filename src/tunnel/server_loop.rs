@@ -57,6 +57,7 @@ use crate::proto::transport::{
 use crate::proto::{
     EndpointConfig, EndpointEvent, RefuseReason, ServerEndpoint, SessionId, SocketIndex, UserState,
 };
+use crate::runtime::malloc::HeapTrim;
 use crate::users::{SharedUsers, UserId, now_unix_ms};
 
 /// Outbound connect timeout (resolution included).
@@ -263,6 +264,7 @@ pub fn start(
         hello_record: None,
         quotas,
         next_idle_sweep: Instant::now() + IDLE_SWEEP,
+        heap_trim: HeapTrim::new(Instant::now()),
         stats: TunnelStats::default(),
         published,
     };
@@ -411,6 +413,8 @@ struct ServerLoop {
     /// Per-user shares and global caps (streams, lookups, buffered bytes), idle timeouts.
     quotas: Quotas,
     next_idle_sweep: Instant,
+    /// Gives free heap pages back after traffic (checked from the idle sweep).
+    heap_trim: HeapTrim,
     /// Counted here without locks; copied into `published` once per second.
     stats: TunnelStats,
     published: SharedTunnelStats,
@@ -633,6 +637,7 @@ impl ServerLoop {
             if now >= self.next_idle_sweep {
                 self.next_idle_sweep = now + IDLE_SWEEP;
                 self.reset_idle_streams(now);
+                self.heap_trim.tick(now);
             }
             self.close_drained(now);
             self.relays.expire(now, &self.core.poll);
