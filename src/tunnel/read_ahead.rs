@@ -471,29 +471,6 @@ mod tests {
 
     // ---- a paused download beside an active one
 
-    struct Src(usize);
-    impl std::io::Read for Src {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = buf.len().min(self.0);
-            buf[..n].fill(7);
-            self.0 -= n;
-            Ok(n)
-        }
-    }
-    impl std::io::Write for Src {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl ShutdownWrite for Src {
-        fn shutdown_write(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     fn tx_all(net: &mut SimNetwork, from: Endpoint, t: &mut Transport, now: Instant) {
         let mut buf = [0u8; 2048];
         while let Some((pn, len)) = t.poll_transmit(now, &mut buf[8..]) {
@@ -551,8 +528,13 @@ mod tests {
                 }
             })
             .collect();
-        // stream 0 is endless, stream 1 is 8 MiB
-        let mut srcs = [Src(usize::MAX), Src(8 << 20)];
+        // Stream 0 is endless, stream 1 is 8 MiB.
+        let source = |seed, len| Source {
+            seed,
+            offset: 0,
+            len,
+        };
+        let mut srcs = [source(0, usize::MAX), source(1, 8 << 20)];
         tx_all(&mut net, Endpoint::A, &mut client, now);
         let start = now;
         let mut got1 = 0usize;
