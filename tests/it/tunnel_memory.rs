@@ -16,10 +16,11 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// 100 parallel downloads (the benchmark's concurrent row): the server's peak RSS grows by at
-/// most 4 MiB over its RSS before them (measured in debug builds: 2.6-2.7 MiB, of which 1.6 MiB
-/// are the 100 send rings' retained floors). Without the read-ahead bound it read every
-/// destination until the session's 2 MiB send buffer was full, with ring storage of about 2.5×
-/// that for 100 streams: the peak grew by 5.4-5.5 MiB.
+/// most 7 MiB over its RSS before them. Measured in release builds (5 MB downloads, what CI
+/// runs): 3.4-5.5 MiB, 4.3 in a CI run, so a 4 MiB bound was flaky; with the read-ahead bound
+/// switched off (`ReadAhead::allows` always true) it read every destination until the
+/// session's 4 MiB send buffer was full and the peak grew by 9.2-9.6 MiB (and the downloads
+/// took twice as long). Debug builds (300 KB downloads): 2.7-3.2 MiB.
 #[test]
 fn parallel_downloads_keep_the_servers_peak_memory_low() {
     let _heavy = heavy_lock();
@@ -64,7 +65,7 @@ fn parallel_downloads_keep_the_servers_peak_memory_low() {
         t.elapsed()
     );
     assert!(
-        peak.saturating_sub(before) <= 4 * 1024,
+        peak.saturating_sub(before) <= 7 * 1024,
         "the server's peak grew by {} KiB",
         peak - before
     );
