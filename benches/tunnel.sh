@@ -22,8 +22,14 @@
 # second client started with RUST_LOG=debug just for this download logs "client loop: N
 # wake-ups" when it stops (its own start-up and 1.2 s of idling are included: a few wake-ups).
 #
+# The two rows that swing most between runs on a shared machine, 100 concurrent streams and TTFB,
+# are measured in ROUNDS rounds (default 5) interleaved across direct, ostp and shadowsocks-libev
+# (round 1 inside each section, the others at the end while all three are up), and each column
+# shows the median of its rounds: a burst of load then hits every column alike instead of one.
+# Peak RSS is read after round 1 (later sections, the lossy ones especially, grow it).
+#
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
-# TTFB_N (21), IDLE_SESSIONS (1000), IDLE_SETTLE_S (12), LOSSY_MB (100), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
+# ROUNDS (5), TTFB_N (21), IDLE_SESSIONS (1000), IDLE_SETTLE_S (12), LOSSY_MB (100), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
 # OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
 # build to use), SKIP_NATIVE=1, SKIP_TCP=1, SKIP_TUN=1, TUN_MTU (the TUN
 # client's `tun.mtu`; default: the config default), CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
@@ -36,6 +42,7 @@ SIZE_MB=${SIZE_MB:-300}
 STREAMS=${STREAMS:-100}
 STREAM_MB=${STREAM_MB:-5}
 TTFB_N=${TTFB_N:-21}
+ROUNDS=${ROUNDS:-5}
 IDLE_SESSIONS=${IDLE_SESSIONS:-1000}
 LOSSY_MB=${LOSSY_MB:-100}
 LOSSY_MAX_S=${LOSSY_MAX_S:-60}
@@ -214,6 +221,14 @@ concurrent() {
         return
     fi
     awk -v n="$((bytes * STREAMS))" -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", n / (b - a) / 1e6}'
+}
+
+# median DECIMALS VALUES...: the median of the numeric values (n/a ones ignored; n/a if none).
+median() {
+    local decimals=$1
+    shift
+    printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | awk -v d="$decimals" '{a[NR] = $1}
+        END {if (NR == 0) print "n/a"; else printf "%." d "f", (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "n/a"}'; }
@@ -592,15 +607,46 @@ if [[ -z ${SKIP_SS:-} ]]; then
             log "shadowsocks: ttfb $TTFB_ss ms, $STREAMS streams $CONC_ss MB/s"
             RSS_PEAK_S_ss=$(mem_mb "$SSS_PID" VmHWM)
             RSS_PEAK_C_ss=$(mem_mb "$SSL_PID" VmHWM)
+            SS_PROXY=("${PROXY[@]}")
         else
             log "shadowsocks did not come up"
         fi
-        stop "$SSL_PID"
-        stop "$SSS_PID"
     else
         log "shadowsocks-libev not available: its column is n/a"
     fi
 fi
+
+# ---------------------------------------------------------------------------------------------
+# rounds 2..ROUNDS of the noisy rows, interleaved: direct, ostp, shadowsocks-libev in turn (each
+# only while it is up), then the median of all rounds per column.
+
+R_CONC_direct=("$CONC_direct") R_TTFB_direct=("$TTFB_direct")
+R_CONC_ostp=("$CONC_ostp") R_TTFB_ostp=("$TTFB_ostp")
+R_CONC_ss=("$CONC_ss") R_TTFB_ss=("$TTFB_ss")
+OSTP_UP=$(alive "$SERVER_PID" && alive "$CLIENT_PID" && [[ $CONC_ostp != n/a ]] && echo 1)
+SS_UP=$(alive "${SSS_PID:-}" && alive "${SSL_PID:-}" && [[ $CONC_ss != n/a ]] && echo 1)
+for ((round = 2; round <= ROUNDS; round++)); do
+    R_CONC_direct+=("$(concurrent)") R_TTFB_direct+=("$(ttfb_median || echo n/a)")
+    if [[ -n $OSTP_UP ]]; then
+        R_CONC_ostp+=("$(concurrent --socks5-hostname "127.0.0.1:$SOCKS_PORT")")
+        R_TTFB_ostp+=("$(ttfb_median --socks5-hostname "127.0.0.1:$SOCKS_PORT" || echo n/a)")
+    fi
+    if [[ -n $SS_UP ]]; then
+        R_CONC_ss+=("$(concurrent "${SS_PROXY[@]}")")
+        R_TTFB_ss+=("$(ttfb_median "${SS_PROXY[@]}" || echo n/a)")
+    fi
+    log "round $round: $STREAMS streams MB/s direct ${R_CONC_direct[-1]}, ostp ${R_CONC_ostp[-1]}, ss ${R_CONC_ss[-1]}; ttfb ms direct ${R_TTFB_direct[-1]}, ostp ${R_TTFB_ostp[-1]}, ss ${R_TTFB_ss[-1]}"
+done
+if ((ROUNDS > 1)); then
+    for k in direct ostp ss; do
+        declare -n conc_rounds="R_CONC_$k" ttfb_rounds="R_TTFB_$k"
+        declare "CONC_$k=$(median 1 "${conc_rounds[@]}")" "TTFB_$k=$(median 2 "${ttfb_rounds[@]}")"
+        unset -n conc_rounds ttfb_rounds
+    done
+    log "medians of $ROUNDS rounds: $STREAMS streams MB/s direct $CONC_direct, ostp $CONC_ostp, ss $CONC_ss; ttfb ms direct $TTFB_direct, ostp $TTFB_ostp, ss $TTFB_ss"
+fi
+stop "${SSL_PID:-}"
+stop "${SSS_PID:-}"
 
 # ---------------------------------------------------------------------------------------------
 # report
@@ -608,7 +654,8 @@ fi
 echo
 echo "## ostp tunnel benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, loopback)"
 echo
-echo "Single stream: $SIZE_MB MB; concurrent: $STREAMS × $STREAM_MB MB; TTFB: median of $TTFB_N \`GET /\`."
+echo "Single stream: $SIZE_MB MB; concurrent: $STREAMS × $STREAM_MB MB; TTFB: median of $TTFB_N \`GET /\`;"
+echo "both of these: median of $ROUNDS interleaved rounds."
 echo
 echo "| metric | ostp | direct | shadowsocks-libev | ostp / direct | ostp / ss |"
 echo "|---|---:|---:|---:|---:|---:|"
