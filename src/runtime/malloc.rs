@@ -36,26 +36,41 @@ pub const TRIM_THRESHOLD: usize = 512 * 1024;
 /// When the tunnel loop gives free heap pages back to the system: after a burst of traffic the
 /// heap keeps the holes its buffers left, resident (a server that had carried 100 concurrent
 /// downloads and then held 1,000 idle sessions kept a megabyte or more of them). Checked from
-/// the loop's once-a-second sweep; the decision is pure, the system calls are in [`trim`].
+/// the server loop's once-a-second sweep, and from every client loop iteration with
+/// [`HeapTrim::deadline`] among the client's timers; the decision is pure, the system calls are
+/// in [`trim`].
 #[derive(Debug)]
 pub struct HeapTrim {
     next_check: Instant,
+    /// The loop ran since the last check: the heap may have changed.
+    armed: bool,
 }
 
 impl HeapTrim {
     pub fn new(now: Instant) -> Self {
         HeapTrim {
             next_check: now + TRIM_INTERVAL,
+            armed: false,
         }
     }
 
-    /// Whether to look at the heap now (at most once per [`TRIM_INTERVAL`]).
+    /// Whether to look at the heap now (at most once per [`TRIM_INTERVAL`]). A call that is not
+    /// due arms [`HeapTrim::deadline`].
     pub fn due(&mut self, now: Instant) -> bool {
         if now < self.next_check {
+            self.armed = true;
             return false;
         }
         self.next_check = now + TRIM_INTERVAL;
+        self.armed = false;
         true
+    }
+
+    /// When a loop that calls [`HeapTrim::tick`] on each iteration should wake for the next
+    /// check: after activity, once, at most [`TRIM_INTERVAL`] later; none while the loop only
+    /// slept since the last check (an idle loop is not woken for nothing).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.armed.then_some(self.next_check)
     }
 
     /// Whether `free` bytes in the heap are worth giving back.
@@ -233,6 +248,29 @@ mod tests {
         assert!(t.due(t0 + 2 * TRIM_INTERVAL));
         assert!(!HeapTrim::worth(TRIM_THRESHOLD - 1));
         assert!(HeapTrim::worth(TRIM_THRESHOLD));
+    }
+
+    /// The client loop sleeps until its next timer: activity schedules one check at most an
+    /// interval later, and a loop that only woke for that check is not woken again.
+    #[test]
+    fn activity_arms_one_check_and_an_idle_loop_sleeps() {
+        let t0 = Instant::now();
+        let mut t = HeapTrim::new(t0);
+        assert_eq!(t.deadline(), None, "nothing happened yet");
+        assert!(!t.due(t0 + Duration::from_secs(1)));
+        assert_eq!(
+            t.deadline(),
+            Some(t0 + TRIM_INTERVAL),
+            "activity arms the check"
+        );
+        assert!(t.due(t0 + TRIM_INTERVAL));
+        assert_eq!(t.deadline(), None, "after the check an idle loop sleeps");
+        // Activity long after: checked at once, then armed again by the next iteration.
+        let later = t0 + 10 * TRIM_INTERVAL;
+        assert!(t.due(later));
+        assert_eq!(t.deadline(), None);
+        assert!(!t.due(later + Duration::from_millis(5)));
+        assert_eq!(t.deadline(), Some(later + TRIM_INTERVAL));
     }
 
     #[test]

@@ -87,6 +87,7 @@ use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
 use crate::proto::{ClientEvent, ClientSession, ConnectorConfig, RefuseReason, Session};
+use crate::runtime::malloc::HeapTrim;
 use direct::Direct;
 use direct_udp::DirectUdp;
 use dns_forward::DnsForward;
@@ -345,6 +346,7 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     };
     let lp = ClientLoop {
         core,
+        heap_trim: HeapTrim::new(Instant::now()),
         tickets: TicketIssuer::new(),
         listener,
         local_addr,
@@ -526,6 +528,8 @@ struct Probe {
 /// them (supervisor, request queues); each field is one of those and documented where not obvious.
 struct ClientLoop {
     core: LoopCore,
+    /// Gives free heap pages back after a burst of traffic (as the server loop does).
+    heap_trim: HeapTrim,
     tickets: TicketIssuer,
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -734,6 +738,7 @@ impl ClientLoop {
             }
             self.drive_probe(now);
             self.retire_idle(now);
+            self.heap_trim.tick(now);
             if let Some(deadline) = self.shutting_down {
                 let done = self
                     .slots
@@ -865,6 +870,7 @@ impl ClientLoop {
                 self.probe.as_ref().and_then(|p| p.client.poll_timeout()),
                 self.redir_deadline(now),
                 self.direct_udp.deadline(now),
+                self.heap_trim.deadline(),
             ])
             .flatten()
             .min()
