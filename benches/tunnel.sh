@@ -6,8 +6,9 @@
 # Builds release, starts the bulk_http example (HTTP origin), an ostp server + client, and (when
 # available) shadowsocks-libev (ss-server + ss-local, chacha20-ietf-poly1305), then prints a
 # markdown table: single-stream download MB/s (ostp / direct / shadowsocks), CPU seconds per GB
-# of server and client, TTFB median, idle and peak RSS, 100 concurrent streams, server RSS with
-# 1,000 idle sessions, goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
+# of server and client, TTFB median, idle and peak RSS (and idle RSS of anonymous pages only: the
+# rest are the binary's and libc's file pages, which the kernel can drop and read again), 100
+# concurrent streams, server RSS with 1,000 idle sessions, goodput through the lossy_relay example at 100 Mbit/s, 50 ms RTT with
 # 1 % and 5 % loss (a 100 MB download on a fresh session: ~9 s, of which the first ~0.3 s are
 # the connect and the congestion controller's start-up; 30 MB runs spent a tenth of their time
 # there and measured 83 / 71 Mbit/s where 100 MB runs measured 90 / 81), ostp's event-loop wake-ups per GB of a single-stream download, and the
@@ -316,6 +317,7 @@ log "bulk_http on 127.0.0.1:$BULK_PORT (pid $BULK_PID)"
 for k in direct ostp ss; do
     declare "MBPS_$k=n/a" "TTFB_$k=n/a" "CONC_$k=n/a" "CPUS_$k=n/a" "CPUC_$k=n/a"
     declare "RSS_IDLE_S_$k=n/a" "RSS_IDLE_C_$k=n/a" "RSS_PEAK_S_$k=n/a" "RSS_PEAK_C_$k=n/a"
+    declare "ANON_IDLE_S_$k=n/a" "ANON_IDLE_C_$k=n/a"
 done
 IDLE_SESSIONS_RSS=n/a
 WAKE_S=n/a
@@ -356,6 +358,8 @@ EOF
         sleep 0.5
         RSS_IDLE_S_ostp=$(mem_mb "$SERVER_PID" VmRSS)
         RSS_IDLE_C_ostp=$(mem_mb "$CLIENT_PID" VmRSS)
+        ANON_IDLE_S_ostp=$(mem_mb "$SERVER_PID" RssAnon)
+        ANON_IDLE_C_ostp=$(mem_mb "$CLIENT_PID" RssAnon)
         PROXY=(--socks5-hostname "127.0.0.1:$SOCKS_PORT")
         single_stream ostp "$SERVER_PID" "$CLIENT_PID" "${PROXY[@]}"
         MBPS_ostp=$SS_MBPS CPUS_ostp=$SS_CPU_SERVER CPUC_ostp=$SS_CPU_CLIENT
@@ -599,6 +603,8 @@ if [[ -z ${SKIP_SS:-} ]]; then
             sleep 0.3
             RSS_IDLE_S_ss=$(mem_mb "$SSS_PID" VmRSS)
             RSS_IDLE_C_ss=$(mem_mb "$SSL_PID" VmRSS)
+            ANON_IDLE_S_ss=$(mem_mb "$SSS_PID" RssAnon)
+            ANON_IDLE_C_ss=$(mem_mb "$SSL_PID" RssAnon)
             PROXY=(--socks5-hostname "127.0.0.1:$SS_LOCAL")
             single_stream shadowsocks "$SSS_PID" "$SSL_PID" "${PROXY[@]}"
             MBPS_ss=$SS_MBPS CPUS_ss=$SS_CPU_SERVER CPUC_ss=$SS_CPU_CLIENT
@@ -679,6 +685,7 @@ row "single stream, same client and namespace via SOCKS5 (MB/s)" "$MBPS_tunsocks
 row "client CPU, TUN mode / via SOCKS5 (s per GB)" "$CPUC_tun / $CPUC_tunsocks" "–" "–" "–" "–"
 row "server RSS idle / peak (MB)" "$RSS_IDLE_S_ostp / $RSS_PEAK_S_ostp" "–" "$RSS_IDLE_S_ss / $RSS_PEAK_S_ss" "–" "–"
 row "client RSS idle / peak (MB)" "$RSS_IDLE_C_ostp / $RSS_PEAK_C_ostp" "–" "$RSS_IDLE_C_ss / $RSS_PEAK_C_ss" "–" "–"
+row "idle RSS, anonymous pages only, server / client (MB)" "$ANON_IDLE_S_ostp / $ANON_IDLE_C_ostp" "–" "$ANON_IDLE_S_ss / $ANON_IDLE_C_ss" "–" "–"
 row "server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_SESSIONS_RSS" "–" "–" "–" "–"
 row "loop wake-ups per GB, server / client" "$WAKE_S / $WAKE_C" "–" "–" "–" "–"
 row "goodput 100 Mbit/s, 50 ms RTT, 1 % loss (MB/s; link max 12.5)" "$LOSSY_1" "–" "–" "–" "–"
