@@ -1915,7 +1915,7 @@ impl ClientLoop {
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
         let replied = has_early_reply(&request)
-            && self.early_reply.allows(&dest, now)
+            && self.early_reply.allows(l.peer.ip(), &dest, now)
             && pipe
                 .send_reply(&request.success_reply(self.local_addr))
                 .is_ok();
@@ -1967,7 +1967,7 @@ impl ClientLoop {
         };
         let slot = *slot;
         if let Some(dest) = request.dest().filter(|_| has_early_reply(request)) {
-            self.early_reply.opened(dest, now);
+            self.early_reply.opened(l.peer.ip(), dest, now);
         }
         if !*replied {
             let reply = request.success_reply(self.local_addr);
@@ -1997,7 +1997,7 @@ impl ClientLoop {
                 request, replied, ..
             } => {
                 if let Some(dest) = request.dest() {
-                    self.early_reply.failed(dest);
+                    self.early_reply.failed(l.peer.ip(), dest);
                 }
                 reset = *replied;
                 if reset {
