@@ -148,6 +148,24 @@ pub fn set_udp_no_fragment(sock: &impl AsRawFd, ipv6: bool) -> bool {
     }
 }
 
+/// Makes the kernel hand a connection on `listener` to `accept` only once its first data has
+/// arrived (`TCP_DEFER_ACCEPT`, Linux; elsewhere a no-op), or after about `secs` seconds without
+/// any. For listeners whose clients always speak first (the SOCKS5 / HTTP proxy port): the loop
+/// wakes once per connection, with the request already there, instead of once for the accept and
+/// again for the first bytes. Returns whether the option is set.
+pub fn defer_accept(listener: &impl AsRawFd, secs: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+        set_int_opt(listener, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (listener, secs);
+        false
+    }
+}
+
 /// The socket's `IP_MTU_DISCOVER` mode (tests).
 #[cfg(target_os = "linux")]
 pub fn udp_pmtu_discover(sock: &impl AsRawFd) -> Option<libc::c_int> {

@@ -103,10 +103,17 @@ const MAX_LOCAL: usize = 4096;
 const MAX_LOCAL_PER_ADDR: u32 = 256;
 /// A local connection must have sent a complete SOCKS5 / HTTP request this soon after accept.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The kernel holds a proxy connection that has sent nothing for about this long before the loop
+/// accepts it anyway (`TCP_DEFER_ACCEPT`; [`REQUEST_TIMEOUT`] runs from the accept).
+const DEFER_ACCEPT_SECS: u32 = 1;
 /// SOCKS5 associations take ids `1 .. 2^29`; the capture modes' and the DNS forwarder's ranges
 /// above it are in [`super::udp_flows`] (all below 2^30: a varint of at most 4 bytes).
 const ASSOC_ID_SPACE: AssocId = 1 << 29;
 const READ_CHUNK: usize = 16 * 1024;
+const _: () = assert!(
+    READ_CHUNK <= MAX_UDP,
+    "requests are read into the datagram buffer"
+);
 const MAX_UDP: usize = 65_535;
 const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 
@@ -273,18 +280,25 @@ impl ClientLoopHandle {
     }
 }
 
+/// The proxy port's listener. Proxy clients speak first (SOCKS5 greeting, HTTP request line),
+/// so the kernel hands a connection over only once its first bytes are there
+/// ([`crate::sys::defer_accept`]): the loop wakes once per connection, with the greeting ready,
+/// instead of once for the accept and again for the greeting (one wake-up less before the first
+/// byte).
+fn bind_proxy(addr: SocketAddr) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| format!("cannot listen on {addr} for the local proxy: {e}"))?;
+    crate::sys::defer_accept(&listener, DEFER_ACCEPT_SECS);
+    Ok(listener)
+}
+
 /// Binds the proxy port and starts the loop thread.
 pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     let (host, port) = crate::config::split_host_port(&options.server)
         .ok_or_else(|| format!("server {:?} is not host:port", options.server))?;
     keys::validate_key(&options.access_key).map_err(|e| e.to_string())?;
     let core = LoopCore::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-    let mut listener = TcpListener::bind(options.listen).map_err(|e| {
-        format!(
-            "cannot listen on {} for the local proxy: {e}",
-            options.listen
-        )
-    })?;
+    let mut listener = bind_proxy(options.listen)?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
     core.registry()
         .register(&mut listener, Tok::Listener.token(), Interest::READABLE)
@@ -1776,15 +1790,18 @@ impl ClientLoop {
     }
 
     fn read_request(&mut self, now: Instant, idx: usize) {
-        let mut scratch = [0u8; READ_CHUNK];
         loop {
-            let Some(l) = self.locals.get_mut(idx) else {
+            // The loop's datagram buffer is free between its uses: no 16 KiB stack buffer to
+            // zero on every request read.
+            let ClientLoop { locals, buf, .. } = self;
+            let scratch = &mut buf[..READ_CHUNK];
+            let Some(l) = locals.get_mut(idx) else {
                 return;
             };
             if !l.readable {
                 return;
             }
-            let n = match l.sock.read(&mut scratch) {
+            let n = match l.sock.read(scratch) {
                 Ok(0) => {
                     self.close_local(idx);
                     return;
@@ -1921,7 +1938,7 @@ impl ClientLoop {
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
         let replied = has_early_reply(&request)
-            && self.early_reply.allows(&dest, now)
+            && self.early_reply.allows(l.peer.ip(), &dest, now)
             && pipe
                 .send_reply(&request.success_reply(self.local_addr))
                 .is_ok();
@@ -1973,7 +1990,7 @@ impl ClientLoop {
         };
         let slot = *slot;
         if let Some(dest) = request.dest().filter(|_| has_early_reply(request)) {
-            self.early_reply.opened(dest, now);
+            self.early_reply.opened(l.peer.ip(), dest, now);
         }
         if !*replied {
             let reply = request.success_reply(self.local_addr);
@@ -2003,7 +2020,7 @@ impl ClientLoop {
                 request, replied, ..
             } => {
                 if let Some(dest) = request.dest() {
-                    self.early_reply.failed(dest);
+                    self.early_reply.failed(l.peer.ip(), dest);
                 }
                 reset = *replied;
                 if reset {
@@ -2411,6 +2428,45 @@ impl ClientLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accepts from `listener` until `deadline`; `None` if nothing was there.
+    fn accept_within(listener: &TcpListener, deadline: Duration) -> Option<TcpStream> {
+        let start = Instant::now();
+        loop {
+            match listener.accept() {
+                Ok((sock, _)) => return Some(sock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+            if start.elapsed() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_proxy_connection_is_handed_over_with_its_first_bytes() {
+        let listener = bind_proxy(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut app = std::net::TcpStream::connect(addr).unwrap();
+        // Connected for the application, but nothing to wake the loop for yet.
+        assert!(
+            accept_within(&listener, Duration::from_millis(200)).is_none(),
+            "a connection that has sent nothing was handed over"
+        );
+        app.write_all(&[5, 1, 0]).unwrap();
+        let mut sock = accept_within(&listener, Duration::from_secs(5))
+            .expect("the connection was not handed over with its greeting");
+        let mut greeting = [0u8; 3];
+        let n = sock.read(&mut greeting).unwrap();
+        assert_eq!(
+            &greeting[..n],
+            &[5, 1, 0],
+            "the greeting is there at the accept"
+        );
+    }
 
     fn slot(retiring: bool, streams: usize) -> Slot {
         let mut s = Slot {

@@ -1094,7 +1094,9 @@ impl ServerLoop {
                     }
                     o.sock = Some(sock);
                     o.state = OutState::Connecting;
-                    self.finish_connect(now, idx);
+                    // Nothing consumed a readiness edge yet: data that arrived since the
+                    // registration is reported by the next poll.
+                    self.finish_connect(now, idx, false);
                     return;
                 }
                 Err(e) => {
@@ -1112,7 +1114,7 @@ impl ServerLoop {
             OutState::Resolving => {}
             OutState::Connecting => {
                 if writable || readable {
-                    self.finish_connect(now, idx);
+                    self.finish_connect(now, idx, readable);
                 }
             }
             OutState::Open => {
@@ -1129,8 +1131,10 @@ impl ServerLoop {
 
     /// Takes up outbound `idx`'s connect if it has completed: answers the open and starts the
     /// pipe, or tries the next address after a failure. Still in progress: waits for the
-    /// socket's next event.
-    fn finish_connect(&mut self, now: Instant, idx: usize) {
+    /// socket's next event. `readable`: the event that got here said the socket has data (a
+    /// just-connected socket is not read before its registration reports data: that read
+    /// would find nothing on the first-byte path, after reserving a whole read in the stream).
+    fn finish_connect(&mut self, now: Instant, idx: usize, readable: bool) {
         let Some(o) = self.out.table.get_mut(idx) else {
             return;
         };
@@ -1143,6 +1147,7 @@ impl ServerLoop {
             ConnectState::Connected => {
                 let _ = sock.set_nodelay(true);
                 o.state = OutState::Open;
+                o.pipe.sock_readable = readable;
                 let (session, stream) = (o.session, o.stream);
                 self.answer(session, stream, OpenResult::Ok);
                 self.pump(now, idx);

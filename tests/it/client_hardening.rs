@@ -433,9 +433,14 @@ fn one_lan_address_cannot_take_every_local_connection() {
         s.write_all(&[5, 1, 0]).is_ok() && s.read_exact(&mut m).is_ok() && m == [5, 0]
     };
     // 256 idle connections from one LAN address are accepted (they last until the 10 s
-    // request deadline)...
+    // request deadline; each sends the first byte of a greeting, since the proxy port hands a
+    // connection over only with its first bytes)...
     let held: Vec<TcpStream> = (0..256)
-        .map(|_| TcpStream::connect((lan_ip, port)).unwrap())
+        .map(|_| {
+            let mut s = TcpStream::connect((lan_ip, port)).unwrap();
+            s.write_all(&[5]).unwrap();
+            s
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     // ...the next one from that address is closed at once, while loopback is still served.
