@@ -34,7 +34,8 @@ const MIN_STREAM_FRAME_ROOM: usize = 12;
 /// turn (about 12 full packets). Turns of one packet each cut every stream's bytes into runs of
 /// a datagram: with 100 downloads in one session the client got a few KB per stream per batch
 /// of datagrams and wrote each to its socket, 5× the writes (and the application's wake-ups) of
-/// one download per byte. A new stream waits at most one such turn per busy stream ahead of it.
+/// one download per byte. A stream's first turn waits only for the turn in progress (see
+/// `StreamsState::enqueue_send`); after it, a stream waits one turn per busy stream ahead.
 const SEND_TURN: usize = 16 * 1024;
 /// Extra send-queue visits per packet beyond two per queued stream (each visit writes a frame
 /// or drops a stream from the queue, so the loop is bounded either way).
@@ -264,6 +265,10 @@ impl StreamsState {
         s.in_send_queue = true;
         if at_front {
             queue.push_front(id);
+        } else if s.send.sent_end() < SEND_TURN as u64 {
+            // A stream's first turn (a request or a response starting, a short exchange) comes
+            // next, after the turn in progress: it does not wait for every busy stream's turn.
+            queue.insert(queue.len().min(1), id);
         } else {
             queue.push_back(id);
         }
@@ -1366,11 +1371,9 @@ mod tests {
         }
         let order: Vec<u64> = runs.iter().map(|r| r.0).collect();
         let (a, b, c) = (ids[0].0, ids[1].0, ids[2].0);
-        assert_eq!(
-            &order[..6],
-            &[a, b, c, a, b, c],
-            "round-robin turns: {runs:?}"
-        );
+        // New streams go next (each after the one queued first): a, c, b, then round-robin.
+        let expect = [a, c, b, a, c, b];
+        assert_eq!(&order[..6], &expect, "round-robin turns: {runs:?}");
         for (i, &(id, bytes)) in runs.iter().enumerate() {
             let left = sizes[ids.iter().position(|s| s.0 == id).unwrap()]
                 - (runs[..i].iter().filter(|r| r.0 == id).map(|r| r.1)).sum::<usize>();
@@ -1381,6 +1384,61 @@ mod tests {
         }
         let sent: usize = runs.iter().map(|r| r.1).sum();
         assert_eq!(sent, sizes.iter().sum::<usize>());
+    }
+
+    /// A stream starting (a request, a response) while busy streams take their turns sends
+    /// right after the turn in progress, not after a turn of every busy stream; once its first
+    /// turn is over it queues behind them like any other.
+    #[test]
+    fn a_new_stream_goes_right_after_the_turn_in_progress() {
+        let now = Instant::now();
+        let config = TransportConfig::default().sanitized();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        streams.on_max_data(u64::MAX / 2);
+        let open = |streams: &mut StreamsState, size: usize| {
+            let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
+            streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
+            assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
+            id
+        };
+        let busy: Vec<StreamId> = (0..8).map(|_| open(&mut streams, 200_000)).collect();
+        let mut buf = vec![0u8; 1200];
+        let mut send = |streams: &mut StreamsState| {
+            let mut w = Writer::new(&mut buf);
+            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+            streams.write_controls(&mut w, &mut packet);
+            streams.write_data(&mut w, &mut packet);
+            (packet.frames().iter())
+                .filter_map(|f| match *f {
+                    SentFrame::Stream { id, len, .. } => Some((id, usize::from(len))),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // Every busy stream past its first turn, one of them in the middle of a turn.
+        for _ in 0..8 * (SEND_TURN / 1100 + 1) + 3 {
+            send(&mut streams);
+        }
+        let fresh = open(&mut streams, 30_000);
+        let (mut before_fresh, mut fresh_sent) = (0, 0);
+        let mut after_first_turn = std::collections::HashSet::new();
+        while fresh_sent < 30_000 {
+            for (id, len) in send(&mut streams) {
+                if id == fresh.0 {
+                    fresh_sent += len;
+                } else if fresh_sent == 0 {
+                    before_fresh += len;
+                } else if fresh_sent >= SEND_TURN {
+                    after_first_turn.insert(id);
+                }
+            }
+        }
+        assert!(before_fresh < SEND_TURN, "{before_fresh} bytes went first");
+        assert_eq!(
+            after_first_turn.len(),
+            busy.len(),
+            "after its first turn, the new stream waited for every busy stream"
+        );
     }
 
     /// Random stream API calls, packets written, acknowledged and lost, flow-control raises and
