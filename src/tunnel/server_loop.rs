@@ -374,15 +374,13 @@ impl Outbounds {
     }
 }
 
-/// What one [`ServerLoop::release_held`] pass learned, so that many held streams of one user or
-/// session cost one look each.
+/// What one [`ServerLoop::release_held`] pass learned, so that many held streams of one user
+/// cost one look each.
 /// Kept between passes (cleared, not freed): a pass allocates nothing once warm.
 #[derive(Default)]
 struct HeldPass {
     /// Users whose buffered bytes were refreshed from their sessions.
     refreshed: HashSet<UserId>,
-    /// Sessions found at their read-ahead bound.
-    full: HashSet<SessionId>,
     /// Held outbounds still waiting, in their order.
     waiting: Vec<Ticket>,
 }
@@ -1277,7 +1275,6 @@ impl ServerLoop {
         }
         let mut pass = std::mem::take(&mut self.out.held_pass);
         pass.refreshed.clear();
-        pass.full.clear();
         let mut held = std::mem::take(&mut self.out.held);
         for ticket in held.drain(..) {
             let Some(o) = self.out.table.get_mut(ticket.index) else {
@@ -1291,7 +1288,7 @@ impl ServerLoop {
             let ready = match hold {
                 None => continue, // pumped since: reading until the socket ran dry
                 Some(ReadHold::Share) => self.share_has_room(&mut pass, user),
-                Some(ReadHold::SendAhead) => self.session_may_read(&mut pass, session),
+                Some(ReadHold::SendAhead) => self.session_may_read(session),
             };
             if ready {
                 self.pump(now, ticket.index); // holds it again if the hold returned
@@ -1323,20 +1320,13 @@ impl ServerLoop {
         self.quotas.buffer_room(user) >= PIPE_BUF
     }
 
-    /// Whether `session`'s pipes may read again (a session found full stays full for the rest
-    /// of the pass: only sending drains it). A session gone: yes, the pump drops the outbound.
-    fn session_may_read(&mut self, pass: &mut HeldPass, session: SessionId) -> bool {
-        if pass.full.contains(&session) {
-            return false;
-        }
-        let may = self
-            .endpoint
+    /// Whether `session`'s pipes may read again (`Transport::unsent` is a counter: asking for
+    /// each held stream costs no more than remembering the answer per session). A session gone:
+    /// yes, the pump drops the outbound.
+    fn session_may_read(&self, session: SessionId) -> bool {
+        self.endpoint
             .session(session)
-            .is_none_or(|s| SERVER_READ_AHEAD.allows(s.transport()));
-        if !may {
-            pass.full.insert(session);
-        }
-        may
+            .is_none_or(|s| SERVER_READ_AHEAD.allows(s.transport()))
     }
 
     /// Resets open streams that moved nothing for the idle timeout (the half-closed timeout once

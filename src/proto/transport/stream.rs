@@ -534,6 +534,9 @@ pub struct Stream {
     pub in_control_queue: bool,
     /// On the transport's send queue (kept by `StreamsState`'s one enqueue path).
     pub in_send_queue: bool,
+    /// Bytes sent in the stream's current turn at the front of the send queue (0 between turns;
+    /// see `streams::SEND_TURN`).
+    pub turn_sent: u32,
     // Event bookkeeping.
     pub readable_notified: bool,
     pub want_writable: bool,
@@ -562,6 +565,7 @@ impl Stream {
             pending: PendingControl::default(),
             in_control_queue: false,
             in_send_queue: false,
+            turn_sent: 0,
             readable_notified: false,
             want_writable: false,
             finished_notified: false,

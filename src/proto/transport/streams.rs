@@ -30,6 +30,13 @@ const WAKE_MAX_BYTES: usize = 64 * 1024;
 /// A STREAM frame is only started when the packet has more room than this: the largest
 /// STREAM header (type, id, offset and length varints) plus at least one data byte.
 const MIN_STREAM_FRAME_ROOM: usize = 12;
+/// Stream bytes one stream sends in a row before the next stream in the send queue gets its
+/// turn (about 12 full packets). Turns of one packet each cut every stream's bytes into runs of
+/// a datagram: with 100 downloads in one session the client got a few KB per stream per batch
+/// of datagrams and wrote each to its socket, 5× the writes (and the application's wake-ups) of
+/// one download per byte. A stream's first turn waits only for the turn in progress (see
+/// `StreamsState::enqueue_send`); after it, a stream waits one turn per busy stream ahead.
+const SEND_TURN: usize = 16 * 1024;
 /// Extra send-queue visits per packet beyond two per queued stream (each visit writes a frame
 /// or drops a stream from the queue, so the loop is bounded either way).
 const SEND_QUEUE_SLACK: usize = 8;
@@ -70,6 +77,10 @@ pub(super) struct StreamsState {
     send_buffered: usize,
     /// Storage allocated for all stream send buffers (what they cost in memory).
     send_memory: usize,
+    /// Bytes the streams hold beyond the peer's flow-control limits, summed (kept in step at
+    /// every write, limit raise and removal: the server asks on every pipe read, and a walk of
+    /// the streams there cost O(streams) per read).
+    beyond_window: u64,
     /// Session-level credit the peer granted us for new stream bytes.
     send_credit: SendCredit,
     /// Session-level window we grant the peer.
@@ -110,6 +121,7 @@ impl StreamsState {
             open_blocked: false,
             send_buffered: 0,
             send_memory: 0,
+            beyond_window: 0,
             send_credit: SendCredit::new(INITIAL_SESSION_WINDOW),
             recv_window: RecvWindow::new(config.session_window),
             max_data_pending: false,
@@ -216,6 +228,7 @@ impl StreamsState {
             if let Some(s) = self.streams.get_mut(&id) {
                 s.in_send_queue = false;
                 s.in_control_queue = false;
+                s.turn_sent = 0;
             }
         }
     }
@@ -252,6 +265,10 @@ impl StreamsState {
         s.in_send_queue = true;
         if at_front {
             queue.push_front(id);
+        } else if s.send.sent_end() < SEND_TURN as u64 {
+            // A stream's first turn (a request or a response starting, a short exchange) comes
+            // next, after the turn in progress: it does not wait for every busy stream's turn.
+            queue.insert(queue.len().min(1), id);
         } else {
             queue.push_back(id);
         }
@@ -298,6 +315,7 @@ impl StreamsState {
             return;
         }
         self.send_memory -= s.send.memory();
+        self.beyond_window -= s.send.beyond_window();
         self.streams.remove(&id.0);
         if !self.is_local(id) {
             self.local_max_streams += 1;
@@ -551,7 +569,7 @@ impl StreamsState {
 
     /// Bytes the streams hold beyond the peer's flow-control limits (unsendable until raised).
     pub(super) fn beyond_window(&self) -> u64 {
-        self.streams.values().map(|s| s.send.beyond_window()).sum()
+        self.beyond_window
     }
 
     pub(super) fn on_max_data(&mut self, max: u64) {
@@ -567,7 +585,10 @@ impl StreamsState {
     ) -> Result<(), TransportError> {
         if let Some(s) = self.stream_for_frame(id)? {
             if max > s.send.max_data {
+                let before = s.send.beyond_window();
                 s.send.max_data = max;
+                let sendable = before - s.send.beyond_window();
+                self.beyond_window -= sendable;
                 self.queue_send(id.0);
             }
         }
@@ -585,7 +606,9 @@ impl StreamsState {
         if stream_window > self.peer_stream_window {
             self.peer_stream_window = stream_window;
             for s in self.streams.values_mut() {
+                let before = s.send.beyond_window();
                 s.send.max_data = s.send.max_data.max(stream_window);
+                self.beyond_window -= before - s.send.beyond_window();
             }
         }
         self.send_credit.raise(session_window);
@@ -828,7 +851,8 @@ impl StreamsState {
         }
     }
 
-    /// Writes STREAM frames from the send queue, round-robin, while the packet has room.
+    /// Writes STREAM frames from the send queue while the packet has room: round-robin, each
+    /// stream sending up to [`SEND_TURN`] bytes (over as many packets) per turn.
     pub(super) fn write_data(&mut self, w: &mut Writer<'_>, packet: &mut SentPacket) {
         // Each iteration either writes a frame (consuming room) or drops a stream from the
         // queue, so this terminates.
@@ -843,12 +867,15 @@ impl StreamsState {
                 continue;
             };
             s.in_send_queue = false;
+            // Its turn ends here unless it goes on below.
+            let turn_sent = std::mem::take(&mut s.turn_sent);
             if s.is_reset() {
                 continue;
             }
             let header = frame::stream_header_len(id, s.send.end(), w.room());
             if header >= w.room() {
                 Self::enqueue_send(&mut self.send_queue, credit, id, s, true);
+                s.turn_sent = turn_sent;
                 break;
             }
             let max_len = w.room() - header;
@@ -870,7 +897,13 @@ impl StreamsState {
                 fin: chunk.fin,
             });
             let credit = self.send_credit.available();
-            Self::enqueue_send(&mut self.send_queue, credit, id, s, false);
+            // Its turn goes on (at the front) while it has bytes and the turn has room.
+            let turn = turn_sent as usize + chunk.len;
+            let goes_on = turn < SEND_TURN;
+            Self::enqueue_send(&mut self.send_queue, credit, id, s, goes_on);
+            if goes_on && s.in_send_queue {
+                s.turn_sent = turn as u32; // below SEND_TURN
+            }
         }
     }
 
@@ -971,10 +1004,11 @@ impl StreamsState {
         let session_free = self.limits.session_send_buffer - self.send_buffered;
         let beyond = self.beyond_window_room();
         let s = self.writable_stream(id)?;
-        let memory = s.send.memory();
+        let (memory, before) = (s.send.memory(), s.send.beyond_window());
         let room = s.send.writable_room(beyond).min(session_free);
         let n = s.send.write(&data[..data.len().min(room)]);
         let grown = s.send.memory() - memory;
+        let beyond_grown = s.send.beyond_window() - before;
         s.bytes_written += n as u64;
         let start_waiting = n < data.len() && !s.want_writable;
         if start_waiting {
@@ -986,6 +1020,7 @@ impl StreamsState {
         }
         self.send_buffered += n;
         self.send_memory += grown;
+        self.beyond_window += beyond_grown;
         Ok(n)
     }
 
@@ -1020,15 +1055,17 @@ impl StreamsState {
         }
         // Accounting follows what the ring took, never a caller's larger `n`; committing
         // nothing gives back the storage the space request grew (see `ByteRing::commit`).
-        let memory = s.send.memory();
+        let (memory, before) = (s.send.memory(), s.send.beyond_window());
         let n = s.send.commit(n);
         let released = memory.saturating_sub(s.send.memory());
+        let beyond_grown = s.send.beyond_window() - before;
         s.bytes_written += n as u64;
         if n > 0 {
             self.queue_send(id.0);
         }
         self.send_buffered += n;
         self.send_memory -= released;
+        self.beyond_window += beyond_grown;
         Ok(n)
     }
 
@@ -1182,7 +1219,226 @@ mod tests {
             assert_eq!(self.send_memory, memory, "send memory accounting");
             let buffered: usize = self.streams.values().map(|s| s.send.buffered()).sum();
             assert_eq!(self.send_buffered, buffered, "send buffered accounting");
+            let beyond: u64 = self.streams.values().map(|s| s.send.beyond_window()).sum();
+            assert_eq!(self.beyond_window, beyond, "beyond-window accounting");
+            for (id, s) in &self.streams {
+                if s.turn_sent > 0 {
+                    assert_eq!(self.send_queue.front(), Some(id), "a turn is at the front");
+                    assert!((s.turn_sent as usize) < SEND_TURN);
+                }
+            }
         }
+    }
+
+    /// The counter behind `Transport::unsent` (bytes beyond the peer's flow-control limits)
+    /// equals the walk over every stream it replaced, under random writes (copied and in place),
+    /// stream and session limit raises, settings, packets acknowledged and lost, resets from
+    /// either side, finishes and removals; streams past their window are common here (64 KiB
+    /// peer windows, 256 KiB stream buffers).
+    #[test]
+    fn beyond_window_counter_equals_the_walk_under_random_operations() {
+        let now = Instant::now();
+        let config = TransportConfig {
+            send_buffer: 256 * 1024,
+            session_send_buffer: 1024 * 1024,
+            ..TransportConfig::default()
+        }
+        .sanitized();
+        let mut rng = SimRng::new(11);
+        let mut events = VecDeque::new();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        let (mut ids, mut in_flight) = (Vec::<StreamId>::new(), Vec::<SentFrame>::new());
+        let (mut buf, data) = (vec![0u8; 1400], vec![0x33u8; 40_000]);
+        let (mut peak, mut settings_window) = (0u64, INITIAL_STREAM_WINDOW);
+        let mut removed_past_window = 0;
+        for _ in 0..60_000 {
+            let pick = |rng: &mut SimRng, ids: &[StreamId]| {
+                ids.get(rng.below(ids.len() as u64) as usize).copied()
+            };
+            let past: Vec<StreamId> = (streams.streams.iter())
+                .filter(|(_, s)| s.send.beyond_window() > 0)
+                .map(|(id, _)| StreamId(*id))
+                .collect();
+            let stream = pick(&mut rng, &ids);
+            match (rng.below(12), stream) {
+                (0, _) if ids.len() < 16 => {
+                    if let Ok(id) = streams.open(Destination::domain("a.test", 1).unwrap()) {
+                        ids.push(id);
+                    }
+                }
+                (1..=2, Some(id)) => {
+                    let len = rng.below(data.len() as u64) as usize;
+                    let _ = streams.write(id, &data[..len]);
+                }
+                (3, Some(id)) => {
+                    let want = rng.below(70_000) as usize;
+                    let got = streams.write_space(id, want).map_or(0, |space| space.len());
+                    let _ = streams.write_commit(id, rng.below(got as u64 + 1) as usize);
+                }
+                (4, _) => {
+                    let mut w = Writer::new(&mut buf);
+                    let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+                    streams.write_controls(&mut w, &mut packet);
+                    streams.write_data(&mut w, &mut packet);
+                    in_flight.extend_from_slice(packet.frames());
+                }
+                (5..=7, _) if !in_flight.is_empty() => {
+                    let f = in_flight.swap_remove(rng.below(in_flight.len() as u64) as usize);
+                    if rng.chance(0.8) {
+                        streams.on_frame_acked(f);
+                    } else {
+                        streams.on_frame_lost(f);
+                    }
+                }
+                (8, Some(id)) if rng.chance(0.3) => {
+                    let max = streams.streams.get(&id.0).map_or(0, |s| s.send.max_data);
+                    let _ = streams.on_max_stream_data(id, max + rng.below(32_000));
+                    streams.on_max_data(streams.send_credit.available() + (1 << 20));
+                }
+                (9, _) if rng.chance(0.05) => {
+                    settings_window = (settings_window + rng.below(16 * 1024)).min(128 * 1024);
+                    streams.on_settings(settings_window, 1 << 30, 1000, &mut events);
+                }
+                (10, Some(id)) if rng.chance(0.3) => {
+                    // Often one past its window (its bytes there leave the count on removal).
+                    let id = match pick(&mut rng, &past) {
+                        Some(past) if rng.chance(0.5) => past,
+                        _ => id,
+                    };
+                    let reason = ResetReason::Cancelled;
+                    match rng.below(3) {
+                        0 => drop(streams.reset(id, reason)),
+                        1 => drop(streams.finish(id)),
+                        _ => drop(streams.on_reset_stream(id, reason, 0, &mut events)),
+                    }
+                }
+                (11, _) if rng.chance(0.01) => streams.release_idle_storage(),
+                _ => {}
+            }
+            events.clear();
+            streams.assert_queues_consistent();
+            ids.retain(|id| streams.streams.contains_key(&id.0));
+            peak = peak.max(streams.beyond_window);
+            removed_past_window += (past.iter())
+                .filter(|id| !streams.streams.contains_key(&id.0))
+                .count();
+        }
+        assert!(peak > 64 * 1024, "streams went past their windows: {peak}");
+        assert!(
+            removed_past_window >= 50,
+            "streams past their windows were removed: {removed_past_window}"
+        );
+    }
+
+    /// Busy streams take turns of [`SEND_TURN`] bytes, over as many packets, in round-robin
+    /// order (turns of one packet each cut every download into one-datagram runs: the client
+    /// then wrote a few KB per stream per batch it received); a stream that runs dry ends its
+    /// turn early.
+    #[test]
+    fn busy_streams_take_turns_of_send_turn_bytes() {
+        let now = Instant::now();
+        let config = TransportConfig::default().sanitized();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        streams.on_max_data(u64::MAX / 2);
+        let sizes = [100_000, 100_000, 20_000];
+        let ids: Vec<StreamId> = (sizes.iter())
+            .map(|&size| {
+                let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
+                streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
+                assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
+                id
+            })
+            .collect();
+        // Runs of consecutive bytes of one stream, in the order sent.
+        let mut runs: Vec<(u64, usize)> = Vec::new();
+        let mut buf = vec![0u8; 1200];
+        loop {
+            let mut w = Writer::new(&mut buf);
+            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+            streams.write_controls(&mut w, &mut packet);
+            streams.write_data(&mut w, &mut packet);
+            if packet.frames().is_empty() {
+                break;
+            }
+            for f in packet.frames() {
+                if let SentFrame::Stream { id, len, .. } = *f {
+                    match runs.last_mut() {
+                        Some((last, bytes)) if *last == id => *bytes += usize::from(len),
+                        _ => runs.push((id, usize::from(len))),
+                    }
+                }
+            }
+        }
+        let order: Vec<u64> = runs.iter().map(|r| r.0).collect();
+        let (a, b, c) = (ids[0].0, ids[1].0, ids[2].0);
+        // New streams go next (each after the one queued first): a, c, b, then round-robin.
+        let expect = [a, c, b, a, c, b];
+        assert_eq!(&order[..6], &expect, "round-robin turns: {runs:?}");
+        for (i, &(id, bytes)) in runs.iter().enumerate() {
+            let left = sizes[ids.iter().position(|s| s.0 == id).unwrap()]
+                - (runs[..i].iter().filter(|r| r.0 == id).map(|r| r.1)).sum::<usize>();
+            assert!(
+                bytes == left || (SEND_TURN..SEND_TURN + 1200).contains(&bytes),
+                "run {i} of stream {id}: {bytes} bytes ({left} left): {runs:?}"
+            );
+        }
+        let sent: usize = runs.iter().map(|r| r.1).sum();
+        assert_eq!(sent, sizes.iter().sum::<usize>());
+    }
+
+    /// A stream starting (a request, a response) while busy streams take their turns sends
+    /// right after the turn in progress, not after a turn of every busy stream; once its first
+    /// turn is over it queues behind them like any other.
+    #[test]
+    fn a_new_stream_goes_right_after_the_turn_in_progress() {
+        let now = Instant::now();
+        let config = TransportConfig::default().sanitized();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        streams.on_max_data(u64::MAX / 2);
+        let open = |streams: &mut StreamsState, size: usize| {
+            let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
+            streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
+            assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
+            id
+        };
+        let busy: Vec<StreamId> = (0..8).map(|_| open(&mut streams, 200_000)).collect();
+        let mut buf = vec![0u8; 1200];
+        let mut send = |streams: &mut StreamsState| {
+            let mut w = Writer::new(&mut buf);
+            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+            streams.write_controls(&mut w, &mut packet);
+            streams.write_data(&mut w, &mut packet);
+            (packet.frames().iter())
+                .filter_map(|f| match *f {
+                    SentFrame::Stream { id, len, .. } => Some((id, usize::from(len))),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // Every busy stream past its first turn, one of them in the middle of a turn.
+        for _ in 0..8 * (SEND_TURN / 1100 + 1) + 3 {
+            send(&mut streams);
+        }
+        let fresh = open(&mut streams, 30_000);
+        let (mut before_fresh, mut fresh_sent) = (0, 0);
+        let mut after_first_turn = std::collections::HashSet::new();
+        while fresh_sent < 30_000 {
+            for (id, len) in send(&mut streams) {
+                if id == fresh.0 {
+                    fresh_sent += len;
+                } else if fresh_sent == 0 {
+                    before_fresh += len;
+                } else if fresh_sent >= SEND_TURN {
+                    after_first_turn.insert(id);
+                }
+            }
+        }
+        assert!(before_fresh < SEND_TURN, "{before_fresh} bytes went first");
+        assert_eq!(
+            after_first_turn.len(),
+            busy.len(),
+            "after its first turn, the new stream waited for every busy stream"
+        );
     }
 
     /// Random stream API calls, packets written, acknowledged and lost, flow-control raises and
