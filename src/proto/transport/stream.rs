@@ -91,6 +91,11 @@ impl SendHalf {
         self.next
     }
 
+    /// Bytes written by the application and never sent yet.
+    pub fn unsent(&self) -> u64 {
+        self.end() - self.next
+    }
+
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }

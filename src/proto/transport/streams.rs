@@ -35,8 +35,27 @@ const MIN_STREAM_FRAME_ROOM: usize = 12;
 /// a datagram: with 100 downloads in one session the client got a few KB per stream per batch
 /// of datagrams and wrote each to its socket, 5× the writes (and the application's wake-ups) of
 /// one download per byte. A stream's first turn waits only for the turn in progress (see
-/// `StreamsState::enqueue_send`); after it, a stream waits one turn per busy stream ahead.
+/// `StreamsState::enqueue_send`), and so does a small write of a stream that had nothing to
+/// send ([`SMALL_WRITE`]); otherwise a stream waits one turn per busy stream ahead.
 const SEND_TURN: usize = 16 * 1024;
+/// New bytes a stream may have queued, after having had nothing to send, and still go right
+/// after the turn in progress: a keystroke, a game update or a small request on a long-lived
+/// stream (SSH, a websocket) waits for one turn, not for 16 KiB of every busy stream of the
+/// session (1.6 MB with 100 downloads). A bulk stream rarely queues this little, and if it
+/// does, it sends no more than this before the others.
+const SMALL_WRITE: u64 = 4 * 1024;
+
+/// Where [`StreamsState::enqueue_send`] puts a stream in the send queue.
+#[derive(Clone, Copy)]
+enum Place {
+    /// First: its turn goes on (or the packet had no room for it).
+    Front,
+    /// Last: its turn is over.
+    Back,
+    /// It has something to send again: last, or next after the turn in progress for a first
+    /// turn or a small write.
+    Arrival,
+}
 /// Extra send-queue visits per packet beyond two per queued stream (each visit writes a frame
 /// or drops a stream from the queue, so the loop is bounded either way).
 const SEND_QUEUE_SLACK: usize = 8;
@@ -252,25 +271,19 @@ impl StreamsState {
 
     /// The one path onto the send queue (owns `in_send_queue ⇔ id ∈ send_queue`): queues
     /// stream `id` if it has something sendable with `credit` bytes of session credit.
-    fn enqueue_send(
-        queue: &mut VecDeque<u64>,
-        credit: u64,
-        id: u64,
-        s: &mut Stream,
-        at_front: bool,
-    ) {
+    fn enqueue_send(queue: &mut VecDeque<u64>, credit: u64, id: u64, s: &mut Stream, place: Place) {
         if s.in_send_queue || s.is_reset() || !s.send.has_sendable(credit) {
             return;
         }
         s.in_send_queue = true;
-        if at_front {
-            queue.push_front(id);
-        } else if s.send.sent_end() < SEND_TURN as u64 {
-            // A stream's first turn (a request or a response starting, a short exchange) comes
-            // next, after the turn in progress: it does not wait for every busy stream's turn.
-            queue.insert(queue.len().min(1), id);
-        } else {
-            queue.push_back(id);
+        let next = s.send.sent_end() < SEND_TURN as u64 || s.send.unsent() <= SMALL_WRITE;
+        match place {
+            Place::Front => queue.push_front(id),
+            // A stream's first turn (a request or a response starting, a short exchange) and a
+            // small write (interactive traffic) come next, after the turn in progress: they do
+            // not wait for every busy stream's turn.
+            Place::Arrival if next => queue.insert(queue.len().min(1), id),
+            Place::Arrival | Place::Back => queue.push_back(id),
         }
     }
 
@@ -278,7 +291,7 @@ impl StreamsState {
     fn queue_send(&mut self, id: u64) {
         let credit = self.send_credit.available();
         if let Some(s) = self.streams.get_mut(&id) {
-            Self::enqueue_send(&mut self.send_queue, credit, id, s, false);
+            Self::enqueue_send(&mut self.send_queue, credit, id, s, Place::Arrival);
         }
     }
 
@@ -286,7 +299,7 @@ impl StreamsState {
     fn requeue_all_sendable(&mut self) {
         let credit = self.send_credit.available();
         for (id, s) in self.streams.iter_mut() {
-            Self::enqueue_send(&mut self.send_queue, credit, *id, s, false);
+            Self::enqueue_send(&mut self.send_queue, credit, *id, s, Place::Arrival);
         }
     }
 
@@ -874,7 +887,7 @@ impl StreamsState {
             }
             let header = frame::stream_header_len(id, s.send.end(), w.room());
             if header >= w.room() {
-                Self::enqueue_send(&mut self.send_queue, credit, id, s, true);
+                Self::enqueue_send(&mut self.send_queue, credit, id, s, Place::Front);
                 s.turn_sent = turn_sent;
                 break;
             }
@@ -900,7 +913,8 @@ impl StreamsState {
             // Its turn goes on (at the front) while it has bytes and the turn has room.
             let turn = turn_sent as usize + chunk.len;
             let goes_on = turn < SEND_TURN;
-            Self::enqueue_send(&mut self.send_queue, credit, id, s, goes_on);
+            let place = if goes_on { Place::Front } else { Place::Back };
+            Self::enqueue_send(&mut self.send_queue, credit, id, s, place);
             if goes_on && s.in_send_queue {
                 s.turn_sent = turn as u32; // below SEND_TURN
             }
@@ -1438,6 +1452,66 @@ mod tests {
             after_first_turn.len(),
             busy.len(),
             "after its first turn, the new stream waited for every busy stream"
+        );
+    }
+
+    /// A long-lived stream (past its first turn) that had nothing to send and then queues a
+    /// few bytes (a keystroke on SSH while downloads run) waits only for the turn in progress;
+    /// a large write of the same stream queues behind every busy stream's turn.
+    #[test]
+    fn a_small_write_goes_right_after_the_turn_in_progress() {
+        let now = Instant::now();
+        let config = TransportConfig::default().sanitized();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        streams.on_max_data(u64::MAX / 2);
+        let open = |streams: &mut StreamsState, size: usize| {
+            let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
+            streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
+            assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
+            id
+        };
+        let chat = open(&mut streams, 2 * SEND_TURN);
+        let busy: Vec<StreamId> = (0..8).map(|_| open(&mut streams, 400_000)).collect();
+        let send = |streams: &mut StreamsState| {
+            let mut buf = [0u8; 1200];
+            let mut w = Writer::new(&mut buf);
+            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+            streams.write_data(&mut w, &mut packet);
+            (packet.frames().iter())
+                .filter_map(|f| match *f {
+                    SentFrame::Stream { id, len, .. } => Some((id, usize::from(len))),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // Until the chat stream has sent everything and every busy stream had turns.
+        for _ in 0..2 * 9 * (SEND_TURN / 1100 + 1) + 5 {
+            send(&mut streams);
+        }
+        assert_eq!(streams.streams[&chat.0].send.unsent(), 0);
+        let bytes_before = |streams: &mut StreamsState, write: usize| {
+            assert_eq!(streams.write(chat, &vec![2u8; write]), Ok(write));
+            let mut before = 0;
+            loop {
+                let frames = send(streams);
+                if let Some(i) = frames.iter().position(|&(id, _)| id == chat.0) {
+                    return before + frames[..i].iter().map(|f| f.1).sum::<usize>();
+                }
+                before += frames.iter().map(|f| f.1).sum::<usize>();
+            }
+        };
+        let small = bytes_before(&mut streams, 100);
+        assert!(
+            small < SEND_TURN,
+            "{small} bytes went before a 100-byte write"
+        );
+        for _ in 0..3 {
+            send(&mut streams);
+        }
+        let large = bytes_before(&mut streams, 60_000);
+        assert!(
+            large >= (busy.len() - 1) * SEND_TURN,
+            "a large write waits for the busy streams' turns: {large} bytes went first"
         );
     }
 
