@@ -637,6 +637,7 @@ impl ServerLoop {
             if now >= self.next_idle_sweep {
                 self.next_idle_sweep = now + IDLE_SWEEP;
                 self.reset_idle_streams(now);
+                self.endpoint.compact(now);
                 self.heap_trim.tick(now);
             }
             self.close_drained(now);
