@@ -1694,8 +1694,10 @@ mod tests {
 
     #[test]
     fn a_token_table_left_grown_by_new_sessions_is_compacted_once_quiet_and_still_finds_them() {
-        let mut config = EndpointConfig::default();
-        config.max_sessions_per_user = 64;
+        let config = EndpointConfig {
+            max_sessions_per_user: 64,
+            ..EndpointConfig::default()
+        };
         let mut s = ServerEndpoint::new(config, [7; 32]);
         s.set_user(USER, KEY, UserState::Active).unwrap();
         let t0 = Instant::now();
@@ -1766,8 +1768,10 @@ mod tests {
 
     #[test]
     fn sessions_are_capped_at_the_token_tables_slots() {
-        let mut config = EndpointConfig::default();
-        config.max_sessions = 1_000_000;
+        let config = EndpointConfig {
+            max_sessions: 1_000_000,
+            ..EndpointConfig::default()
+        };
         assert_eq!(ServerEndpoint::new(config, [7; 32]).session_cap(), 65_535);
         assert_eq!(server(None).session_cap(), 1024);
     }
