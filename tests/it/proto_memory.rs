@@ -169,9 +169,8 @@ fn an_idle_session_costs_the_server_under_2940_bytes() {
     // (1,030 sessions, whose tokens pass the table's growth point at 65,536 as the benchmark's
     // 1,001 sessions did: 1.31 MB of table at 60 % load, not compacted), the token bitmap in its
     // own heap block, key labels as pointers, a kept one-run buffer of ACK runs (2,930 B since).
-    // 1,030 sessions: about 1.9 KB of it is the boxed
-    // session, 0.66 KB its 64 table tokens (8-byte buckets, 78 % full once compacted), 0.15 KB
-    // its user's hello tags (10 sessions per key).
+    // Of it, about 1.9 KB is the boxed session, 0.66 KB its 64 table tokens (8-byte buckets,
+    // 78 % full once compacted), 0.15 KB its user's hello tags (10 sessions per key).
     let per_session = server_bytes_per_idle_session(1030);
     assert!(
         per_session <= 2940,
