@@ -1,6 +1,6 @@
-//! A fast, deterministic hash map for protocol-internal ids (session tokens, user numbers, stream
-//! ids, and tuples of them): no per-process random key, so simulations replay identically from a
-//! seed.
+//! Maps for protocol-internal ids (session tokens, user numbers, stream ids, and tuples of
+//! them): a fast, deterministic hash map (no per-process random key, so simulations replay
+//! identically from a seed), and a sorted map for ids issued in increasing order (no hash slack).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -47,6 +47,84 @@ impl Hasher for IdHasher {
 
 pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+/// A map from ids issued in increasing order (session ids) to values, as one sorted `Vec`:
+/// inserting the newest id appends, a lookup is a binary search, a removal shifts the entries
+/// after it. It holds its entries without a hash map's slack (a power-of-two table with up to
+/// 1/8 empty is half empty just past a power of two: 1,001 sessions took 2,048 buckets), and
+/// gives back room when it empties. Ids may also arrive out of order (then the insertion
+/// shifts too).
+#[derive(Debug, Clone)]
+pub(crate) struct SortedIdMap<K, V> {
+    entries: Vec<(K, V)>,
+}
+
+impl<K, V> Default for SortedIdMap<K, V> {
+    fn default() -> Self {
+        SortedIdMap {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Copy, V> SortedIdMap<K, V> {
+    fn find(&self, key: &K) -> Result<usize, usize> {
+        match self.entries.last() {
+            // The common case, a new id: past every entry.
+            Some((last, _)) if last < key => Err(self.entries.len()),
+            _ => self.entries.binary_search_by(|(k, _)| k.cmp(key)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.find(key).ok().map(|i| &self.entries[i].1)
+    }
+
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.find(key).ok().map(|i| &mut self.entries[i].1)
+    }
+
+    /// Inserts or replaces; returns the value replaced.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
+            Err(i) => {
+                self.entries.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let i = self.find(key).ok()?;
+        let (_, value) = self.entries.remove(i);
+        // Fewer than a quarter of the room used: keep twice the entries (a map that emptied
+        // after a burst does not keep its peak).
+        if self.entries.len() * 4 < self.entries.capacity() && self.entries.capacity() > 16 {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+        Some(value)
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.entries.iter().map(|(k, _)| k)
+    }
+
+    /// Bytes of room held (memory accounting, tests).
+    #[cfg(test)]
+    fn room_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(K, V)>()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +156,47 @@ mod tests {
             "{:?}",
             buckets.iter().max()
         );
+    }
+
+    #[test]
+    fn a_sorted_id_map_matches_a_hash_map_through_inserts_and_removes() {
+        let mut sorted: SortedIdMap<u64, u64> = SortedIdMap::default();
+        let mut model: IdMap<u64, u64> = IdMap::default();
+        // Increasing ids (as sessions are numbered), some out of order, and removals anywhere.
+        for i in 0..3000u64 {
+            let key = if i % 97 == 0 { i / 2 } else { i };
+            assert_eq!(sorted.insert(key, i), model.insert(key, i));
+            if i % 3 == 0 {
+                let gone = (i * 7919) % (i + 1);
+                assert_eq!(sorted.remove(&gone), model.remove(&gone));
+            }
+            assert_eq!(sorted.len(), model.len());
+        }
+        for key in 0..3100u64 {
+            assert_eq!(sorted.get(&key), model.get(&key));
+        }
+        if let Some(v) = sorted.get_mut(&2999) {
+            *v = 7;
+        }
+        assert_eq!(sorted.get(&2999), Some(&7));
+        let keys: Vec<u64> = sorted.keys().copied().collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "in key order");
+        assert_eq!(keys.len(), sorted.iter().count());
+    }
+
+    #[test]
+    fn a_sorted_id_map_holds_1001_entries_in_1024_and_gives_room_back() {
+        let mut m: SortedIdMap<u64, [u8; 48]> = SortedIdMap::default();
+        for id in 1..=1001u64 {
+            m.insert(id, [0; 48]);
+        }
+        // A hash map of these 56-byte entries took 2,048 buckets (116,768 bytes).
+        assert!(m.room_bytes() <= 1024 * 56, "{}", m.room_bytes());
+        for id in 1..=990u64 {
+            m.remove(&id);
+        }
+        assert_eq!(m.len(), 11);
+        assert!(m.room_bytes() <= 64 * 56, "{}", m.room_bytes());
     }
 
     #[test]

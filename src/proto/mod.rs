@@ -10,7 +10,8 @@
 //!   protocol; the carrier itself is not wired up yet).
 //! - [`transport`]: frames, reliability, congestion control, streams (carried inside packets).
 //! - [`session`]: one protected session = packet protection + `Transport`.
-//! - [`id_map`]: the deterministic id-keyed hash map used by the endpoint and the stream table.
+//! - [`id_map`]: the deterministic id-keyed hash map used by the endpoint and the stream table,
+//!   and the sorted map of increasing ids the server loop keeps its sessions in.
 //! - [`endpoint`]: the server endpoint (users, sessions, roaming, caps, rate limits) and the client
 //!   connector — the API the data plane drives.
 //!

@@ -35,11 +35,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn key_label(self) -> &'static [u8; 8] {
-        match self {
-            Direction::ClientToServer => label::C2S_KEY,
-            Direction::ServerToClient => label::S2C_KEY,
-        }
+    fn key_label(self) -> KeyLabel {
+        KeyLabel::Packet(self)
     }
 
     /// Label of the TCP carrier's frame length masks in this direction.
@@ -51,11 +48,8 @@ impl Direction {
     }
 
     /// Label of the TCP carrier's frame keys in this direction.
-    pub(super) fn frame_key_label(self) -> &'static [u8; 8] {
-        match self {
-            Direction::ClientToServer => label::C2S_FRAME_KEY,
-            Direction::ServerToClient => label::S2C_FRAME_KEY,
-        }
+    pub(super) fn frame_key_label(self) -> KeyLabel {
+        KeyLabel::Frame(self)
     }
 
     fn token_label(self) -> &'static [u8; 8] {
@@ -104,23 +98,44 @@ impl Default for PaddingPolicy {
     }
 }
 
+/// Which keys a [`GenerationKeys`] derives: its PRF label, in one byte rather than a pointer
+/// (every session holds two: 16 bytes of `Session`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum KeyLabel {
+    /// Datagram keys of a direction.
+    Packet(Direction),
+    /// The TCP carrier's frame keys of a direction.
+    Frame(Direction),
+}
+
+impl KeyLabel {
+    fn bytes(self) -> &'static [u8; 8] {
+        match self {
+            KeyLabel::Packet(Direction::ClientToServer) => label::C2S_KEY,
+            KeyLabel::Packet(Direction::ServerToClient) => label::S2C_KEY,
+            KeyLabel::Frame(Direction::ClientToServer) => label::C2S_FRAME_KEY,
+            KeyLabel::Frame(Direction::ServerToClient) => label::S2C_FRAME_KEY,
+        }
+    }
+}
+
 /// The AEAD keys of one direction, one per generation of 2^32 packet (or frame) numbers:
 /// `PRFL(secret, label, generation)`. The TCP carrier's frames (`carrier/frames.rs`) use their
 /// own labels, so a frame and a datagram never share a key.
 pub(super) struct GenerationKeys {
     key_base: Key32,
-    label: &'static [u8; 8],
+    label: KeyLabel,
     generation: u32,
     aead: PacketAead,
 }
 
 impl GenerationKeys {
-    pub(super) fn new(secret: &Key32, label: &'static [u8; 8]) -> Self {
+    pub(super) fn new(secret: &Key32, label: KeyLabel) -> Self {
         GenerationKeys {
             key_base: *secret,
             label,
             generation: 0,
-            aead: PacketAead::new(&prf_labeled(secret, label, 0)),
+            aead: PacketAead::new(&prf_labeled(secret, label.bytes(), 0)),
         }
     }
 
@@ -128,7 +143,7 @@ impl GenerationKeys {
     pub(super) fn aead_for(&mut self, pn: u64) -> &PacketAead {
         let generation = generation_of(pn);
         if generation != self.generation {
-            let key = prf_labeled(&self.key_base, self.label, u64::from(generation));
+            let key = prf_labeled(&self.key_base, self.label.bytes(), u64::from(generation));
             self.aead = PacketAead::new(&key);
             self.generation = generation;
         }
@@ -268,8 +283,8 @@ pub const WINDOW_GROWTH: u64 = 2;
 /// Largest window: the server's token table keeps the low 16 bits of a packet number, which
 /// identify it within a window at most this wide (32x the default `token_window`).
 pub const MAX_WINDOW: usize = 1 << 16;
-/// Smallest bitmap of a [`TokenWindow`] (slots; one `u64`).
-pub const MIN_BITMAP_SLOTS: u64 = 64;
+/// Smallest bitmap of a [`TokenWindow`] (slots; four `u64`, kept inline).
+pub const MIN_BITMAP_SLOTS: u64 = 256;
 
 /// The set of packet numbers a receiver currently accepts, registered by their tokens.
 ///
@@ -281,34 +296,37 @@ pub const MIN_BITMAP_SLOTS: u64 = 64;
 ///
 /// Memory: one bit per packet number of `base .. end`, in a bitmap sized for that span (a power
 /// of two, at least [`MIN_BITMAP_SLOTS`]): it grows with the window and shrinks when the span
-/// falls below 3/8 of it, so an idle session keeps 32 bytes here, not `size / 8` (256 for the
-/// default 2,048). Tokens are not stored: a received packet's token is the one it carried, and
+/// falls below 3/8 of it, so an idle session keeps 32 bytes here, inline (no heap block of its
+/// own, which cost 48 bytes with malloc's header), not `size / 8` (256 for the default 2,048). Tokens are not stored: a received packet's token is the one it carried, and
 /// the token of a packet number that slides out unreceived (lost) is recomputed from the token
 /// key (one ChaCha20 block; eight at a time at teardown).
 pub struct TokenWindow {
     token_key: Key32,
     /// Tokens being registered, at `end`.
     ahead: TokenCache,
-    /// Bit per slot (`pn % (64 * live.len())`, a power of two at least `end - base`): the token
+    /// Bit per slot (`pn % (64 * words)`, a power of two at least `end - base`): the token
     /// of that packet number is registered.
-    live: Box<[u64]>,
-    size: u64,
+    live: Bitmap,
     base: u64,
     end: u64,
-    behind: u64,
+    /// At most [`MAX_WINDOW`].
+    size: u32,
+    /// At most `size / 2`.
+    behind: u32,
 }
 
 impl TokenWindow {
     /// Creates the window and registers its first tokens with `sink`.
     pub fn new(token_key: Key32, size: usize, behind: usize, sink: &mut impl TokenSink) -> Self {
         let size = size.clamp(16, MAX_WINDOW).next_power_of_two();
-        let behind = (behind as u64).min(size as u64 / 2);
+        // `size` <= MAX_WINDOW = 2^16, so both fit in 32 bits.
+        let behind = behind.min(size / 2) as u32;
         let first_end = INITIAL_AHEAD.min(size as u64);
         let mut w = TokenWindow {
             token_key,
             ahead: TokenCache::new(),
-            live: bitmap(first_end),
-            size: size as u64,
+            live: Bitmap::for_span(first_end),
+            size: size as u32,
             base: 0,
             end: 0,
             behind,
@@ -321,42 +339,46 @@ impl TokenWindow {
     }
 
     fn slot(&self, pn: u64) -> (usize, u64) {
-        let slots = self.live.len() as u64 * 64;
+        let slots = self.live.slots();
         let i = (pn & (slots - 1)) as usize;
         (i / 64, 1u64 << (i % 64))
     }
 
     /// Moves the live bits of `base .. end` into a bitmap for a span of `span` slots.
     fn resize_bitmap(&mut self, span: u64) {
-        let old = std::mem::replace(&mut self.live, bitmap(span));
-        let old_slots = old.len() as u64 * 64;
+        let old = std::mem::replace(&mut self.live, Bitmap::for_span(span));
+        let (old, old_slots) = (old.words(), old.slots());
         for pn in self.base..self.end {
             let i = pn & (old_slots - 1);
             if old[(i / 64) as usize] & (1 << (i % 64)) != 0 {
                 let (w, m) = self.slot(pn);
-                self.live[w] |= m;
+                self.live.words_mut()[w] |= m;
             }
         }
     }
 
-    /// Bytes of the bitmap (for memory tests).
+    /// Heap bytes of the bitmap (for memory tests).
     #[cfg(test)]
-    fn bitmap_bytes(&self) -> usize {
-        self.live.len() * 8
+    fn bitmap_heap_bytes(&self) -> usize {
+        match &self.live {
+            Bitmap::Inline(_) => 0,
+            Bitmap::Heap(words) => words.len() * 8,
+        }
     }
 
     fn add(&mut self, pn: u64, sink: &mut impl TokenSink) {
         let token = self.ahead.token(&self.token_key, pn);
         let (w, m) = self.slot(pn);
-        self.live[w] |= m;
+        self.live.words_mut()[w] |= m;
         sink.insert_token(token, pn);
     }
 
     /// Unregisters `pn` if it is live; `token` gives its token (called only then).
     fn drop_slot(&mut self, pn: u64, token: impl FnOnce(&Key32) -> u64, sink: &mut impl TokenSink) {
         let (w, m) = self.slot(pn);
-        if self.live[w] & m != 0 {
-            self.live[w] &= !m;
+        let words = self.live.words_mut();
+        if words[w] & m != 0 {
+            words[w] &= !m;
             sink.remove_token(token(&self.token_key), pn);
         }
     }
@@ -381,7 +403,9 @@ impl TokenWindow {
         }
         self.drop_slot(pn, |_| token, sink);
         // pn < end, so new_base <= end.
-        let new_base = (pn + 1).saturating_sub(self.behind).max(self.base);
+        let new_base = (pn + 1)
+            .saturating_sub(u64::from(self.behind))
+            .max(self.base);
         for old in self.base..new_base {
             // Never received (lost): its token is recomputed.
             self.drop_slot(old, |key| token_for(key, old), sink);
@@ -390,9 +414,9 @@ impl TokenWindow {
         let growth = if dense { WINDOW_GROWTH } else { 0 };
         let target = (self.end + growth)
             .max(pn + 1 + INITIAL_AHEAD)
-            .min(new_base + self.size);
+            .min(new_base + u64::from(self.size));
         let span = target.max(self.end) - new_base;
-        let slots = self.live.len() as u64 * 64;
+        let slots = self.live.slots();
         // Shrinks only below 3/8 of the slots (to at most half): a span moving back and forth
         // resizes at most once per 5/8 of the new size in packets, amortised O(1) per packet.
         if span > slots || (span * 8 <= slots * 3 && slots > MIN_BITMAP_SLOTS) {
@@ -413,10 +437,41 @@ impl TokenWindow {
     }
 }
 
-/// A zeroed bitmap for a window spanning `span` packet numbers (a power of two of slots).
-fn bitmap(span: u64) -> Box<[u64]> {
-    let slots = span.max(MIN_BITMAP_SLOTS).next_power_of_two();
-    vec![0; (slots / 64) as usize].into_boxed_slice()
+/// A [`TokenWindow`]'s bitmap: [`MIN_BITMAP_SLOTS`] inline (an idle session's span of up to
+/// 192 packet numbers), more on the heap.
+enum Bitmap {
+    Inline([u64; (MIN_BITMAP_SLOTS / 64) as usize]),
+    Heap(Box<[u64]>),
+}
+
+impl Bitmap {
+    /// A zeroed bitmap for a window spanning `span` packet numbers (a power of two of slots).
+    fn for_span(span: u64) -> Self {
+        let slots = span.max(MIN_BITMAP_SLOTS).next_power_of_two();
+        if slots == MIN_BITMAP_SLOTS {
+            Bitmap::Inline([0; (MIN_BITMAP_SLOTS / 64) as usize])
+        } else {
+            Bitmap::Heap(vec![0; (slots / 64) as usize].into_boxed_slice())
+        }
+    }
+
+    fn words(&self) -> &[u64] {
+        match self {
+            Bitmap::Inline(words) => words,
+            Bitmap::Heap(words) => words,
+        }
+    }
+
+    fn words_mut(&mut self) -> &mut [u64] {
+        match self {
+            Bitmap::Inline(words) => words,
+            Bitmap::Heap(words) => words,
+        }
+    }
+
+    fn slots(&self) -> u64 {
+        self.words().len() as u64 * 64
+    }
 }
 
 #[cfg(test)]
@@ -559,13 +614,13 @@ mod tests {
             receive(&mut window, pn, false, &mut sink);
         }
         assert_eq!(window.end() - window.base(), 192);
-        assert_eq!(window.bitmap_bytes(), 32);
+        assert_eq!(window.bitmap_heap_bytes(), 0);
         // Bulk: grows with the window, every registered token still the window's own.
         for pn in 300..3000u64 {
             receive(&mut window, pn, true, &mut sink);
-            assert!(window.bitmap_bytes() * 8 >= (window.end() - window.base()) as usize);
+            assert!(window.live.slots() >= window.end() - window.base());
         }
-        assert_eq!(window.bitmap_bytes(), 256);
+        assert_eq!(window.bitmap_heap_bytes(), 256);
         assert_consistent(&window, &key, &sink);
         // The peer uses up the promised look-ahead sparsely: the span and the bitmap shrink.
         let end = window.end();
@@ -573,7 +628,7 @@ mod tests {
             receive(&mut window, pn, false, &mut sink);
         }
         assert_eq!(window.end() - window.base(), 192);
-        assert_eq!(window.bitmap_bytes(), 32);
+        assert_eq!(window.bitmap_heap_bytes(), 0);
         assert_eq!(sink.0.len() as u64, INITIAL_AHEAD);
         assert_consistent(&window, &key, &sink);
         // A loss burst, then a late packet from behind: both found through the moved bits.

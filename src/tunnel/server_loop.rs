@@ -50,7 +50,7 @@ use super::{bind_udp, unix_now};
 use crate::config::{ServerConfig, ServerLimits};
 use crate::control::{ControlMsg, ControlSender};
 use crate::keys;
-use crate::proto::id_map::IdMap;
+use crate::proto::id_map::{IdMap, SortedIdMap};
 use crate::proto::transport::{
     AssocId, CloseReason, Destination, OpenResult, ResetReason, StreamId, TransportEvent,
 };
@@ -254,7 +254,7 @@ pub fn start(
             held: Vec::new(),
             held_pass: HeldPass::default(),
         },
-        sessions: IdMap::default(),
+        sessions: SortedIdMap::default(),
         carriers,
         relays: RelayPool::new(max_relays),
         ledger: Ledger::new(Instant::now()),
@@ -398,7 +398,8 @@ struct ServerLoop {
     guard: DestGuard,
     /// Outbound TCP connections of tunnel streams and their bookkeeping.
     out: Outbounds,
-    sessions: IdMap<SessionId, SessionInfo>,
+    /// By session id (issued in increasing order): no hash slack per idle session.
+    sessions: SortedIdMap<SessionId, SessionInfo>,
     /// The TCP carrier: listeners, accepted connections, strangers and fallback splices.
     carriers: Carriers,
     relays: RelayPool,
@@ -635,6 +636,7 @@ impl ServerLoop {
             if now >= self.next_idle_sweep {
                 self.next_idle_sweep = now + IDLE_SWEEP;
                 self.reset_idle_streams(now);
+                self.endpoint.compact(now);
                 self.heap_trim.tick(now);
             }
             self.close_drained(now);

@@ -7,7 +7,7 @@
 //!   record of answered hellos that makes every hello single-use (exported and imported across
 //!   restarts).
 //! - [`rate_limit`]: the handshake token bucket.
-//! - `token_table`: the server's table of registered session tokens (16-byte buckets, sized for
+//! - `token_table`: the server's table of registered session tokens (8-byte buckets, sized for
 //!   its load).
 //! - [`client`]: the client connector (handshake with retries, then one [`Session`]).
 //!

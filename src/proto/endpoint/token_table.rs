@@ -1,11 +1,11 @@
 //! The server's token table: every registered session token to its session slot and packet
-//! number, in one open-addressing array of 12-byte buckets sized for its load (Robin Hood
+//! number, in one open-addressing array of 8-byte buckets sized for its load (Robin Hood
 //! linear probing), not a power-of-two hash map (about 64 entries per idle session).
 
 /// What a registered token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TokenEntry {
-    /// Index in `ServerEndpoint::slots` (never [`FREE`]: sessions are capped far below).
+    /// Index in `ServerEndpoint::slots`, below [`MAX_SLOTS`].
     pub slot: u32,
     /// Low 16 bits of the packet number; the session's receive window (at most
     /// `packet::MAX_WINDOW` = 2^16 wide) restores the rest (`Session::rx_packet_number`).
@@ -13,42 +13,44 @@ pub(super) struct TokenEntry {
 }
 
 /// The slot of an empty bucket.
-const FREE: u32 = u32::MAX;
+const FREE: u16 = u16::MAX;
 
-/// A token is kept as its high 48 bits: two registered tokens (PRF outputs) share them with
-/// probability 2^-48 per pair (then the first registration wins, as for equal tokens, and the
-/// other packet is lost once), and a datagram that is not ours matches one with about
-/// 2^-48 per bucket compared (its AEAD then fails). 12 bytes a bucket, not 16.
+/// Session slots a bucket can name (`0..MAX_SLOTS`): the endpoint holds at most this many
+/// datagram sessions at once.
+pub(super) const MAX_SLOTS: usize = FREE as usize;
+
+/// A token is kept as its high 32 bits: two registered tokens (PRF outputs) share them with
+/// probability 2^-32 per pair (then the first registration wins, as for equal tokens, and the
+/// other packet is lost once: with the 64,000 tokens of 1,000 idle sessions, one token in
+/// 67,000 is shadowed), and a datagram that is not ours matches one with about 2^-32 per
+/// bucket compared (its AEAD then fails). 8 bytes a bucket (was 12 with 48 key bits and a
+/// 32-bit slot: 0.33 KB more per idle session).
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
-    /// Token bits 32..64 (they alone choose the home bucket).
+    /// Token bits 32..64 (they also choose the home bucket).
     hi: u32,
-    /// Token bits 16..32.
-    mid: u16,
     pn_low: u16,
-    slot: u32,
+    slot: u16,
 }
 
 const EMPTY: Bucket = Bucket {
     hi: 0,
-    mid: 0,
     pn_low: 0,
     slot: FREE,
 };
 
-/// The parts of `token` a bucket keeps.
-fn key(token: u64) -> (u32, u16) {
-    ((token >> 32) as u32, (token >> 16) as u16)
+/// The part of `token` a bucket keeps.
+fn key(token: u64) -> u32 {
+    (token >> 32) as u32
 }
 
 impl Bucket {
     fn new(token: u64, entry: TokenEntry) -> Bucket {
-        let (hi, mid) = key(token);
+        debug_assert!((entry.slot as usize) < MAX_SLOTS);
         Bucket {
-            hi,
-            mid,
+            hi: key(token),
             pn_low: entry.pn_low,
-            slot: entry.slot,
+            slot: entry.slot as u16,
         }
     }
 
@@ -56,13 +58,13 @@ impl Bucket {
         self.slot == FREE
     }
 
-    fn holds(&self, (hi, mid): (u32, u16)) -> bool {
-        self.hi == hi && self.mid == mid
+    fn holds(&self, hi: u32) -> bool {
+        self.hi == hi
     }
 
     fn entry(&self) -> TokenEntry {
         TokenEntry {
-            slot: self.slot,
+            slot: u32::from(self.slot),
             pn_low: self.pn_low,
         }
     }
@@ -75,11 +77,15 @@ const MIN_BUCKETS: usize = 16;
 /// shrinks when fewer than 30 % are, and after either holds its entries at 60 % load (a
 /// power-of-two map can be half empty). Higher loads make the clusters that an insertion or a
 /// removal shifts long: at 70-85 % a received packet's lookup, insertion and removal took
-/// about 3x the time they take at 60-80 %.
+/// about 3x the time they take at 60-80 %. Once a burst of new sessions is over, the endpoint
+/// [compacts](TokenTable::compact) it to [`COMPACT_LOAD`]: the growth to 60 % otherwise leaves
+/// a third more buckets than entries behind (1,000 idle sessions: 0.2 MB).
 #[derive(Debug, Default)]
 pub(super) struct TokenTable {
     buckets: Box<[Bucket]>,
     len: usize,
+    /// Resizes so far (wrapping): how the endpoint tells a table that stopped growing.
+    resizes: u32,
 }
 
 /// The bucket where a token's probe starts: a range reduction of its high 32 bits (`hi`) to
@@ -95,10 +101,22 @@ fn buckets_for(len: usize) -> usize {
     (len * 10 / 6 + 1).max(MIN_BUCKETS)
 }
 
+/// Load, in percent, that [`TokenTable::compact`] leaves: below the 80 % that makes the table
+/// grow, so a few more sessions (20 per 1,000 held) still fit without a resize.
+pub(super) const COMPACT_LOAD: usize = 78;
+/// [`TokenTable::compact`] resizes only a table at most this full (percent): the rebuild
+/// moves every entry, so it is worth it only when it frees a sixth of the buckets or more.
+const COMPACT_BELOW: usize = 65;
+
 impl TokenTable {
     /// Number of registered tokens.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Resizes so far (wrapping; any change means the table grew, shrank or was compacted).
+    pub fn resizes(&self) -> u32 {
+        self.resizes
     }
 
     /// Heap bytes held by the table (memory accounting, tests).
@@ -132,7 +150,7 @@ impl TokenTable {
             return None;
         }
         let key = key(token);
-        let mut i = home(key.0, self.buckets.len());
+        let mut i = home(key, self.buckets.len());
         let mut dist = 0;
         loop {
             let bucket = self.buckets[i];
@@ -154,7 +172,6 @@ impl TokenTable {
 
     /// Registers `token` unless its key is registered already (the first registration wins).
     pub fn insert(&mut self, token: u64, entry: TokenEntry) {
-        debug_assert_ne!(entry.slot, FREE);
         if (self.len + 1) * 5 > self.buckets.len() * 4 {
             if self.find(token).is_some() {
                 return;
@@ -166,7 +183,7 @@ impl TokenTable {
 
     /// Puts `carried` into its Robin Hood position (unless its key is there already).
     fn place(&mut self, mut carried: Bucket) {
-        let key = (carried.hi, carried.mid);
+        let key = carried.hi;
         let mut i = home(carried.hi, self.buckets.len());
         let mut dist = 0;
         let mut displaced = false;
@@ -225,9 +242,26 @@ impl TokenTable {
         }
     }
 
+    /// Gives back the slack a growth left (a table at most [`COMPACT_BELOW`] % full is rebuilt
+    /// at [`COMPACT_LOAD`] %). Meant for after a burst of new sessions: a table that keeps
+    /// growing or shrinking resizes itself. Returns whether it was rebuilt.
+    pub fn compact(&mut self) -> bool {
+        let buckets = self.buckets.len();
+        if self.len == 0 || self.len * 100 > buckets * COMPACT_BELOW {
+            return false;
+        }
+        let target = (self.len * 100 / COMPACT_LOAD + 1).max(MIN_BUCKETS);
+        if target >= buckets {
+            return false;
+        }
+        self.resize(target);
+        true
+    }
+
     fn resize(&mut self, buckets: usize) {
         let old = std::mem::replace(&mut self.buckets, vec![EMPTY; buckets].into_boxed_slice());
         self.len = 0;
+        self.resizes = self.resizes.wrapping_add(1);
         for bucket in old.iter().filter(|b| !b.is_free()) {
             self.place(*bucket);
         }
@@ -306,24 +340,32 @@ mod tests {
     }
 
     #[test]
-    fn tokens_differing_only_in_their_low_16_bits_share_a_key_and_the_first_wins() {
+    fn tokens_differing_only_in_their_low_32_bits_share_a_key_and_the_first_wins() {
         let mut table = TokenTable::default();
         let token = 0x1234_5678_9ABC_DEF0;
         table.insert(token, entry(1, 5));
-        table.insert(token ^ 0xFFFF, entry(2, 6));
+        table.insert(token ^ 0xFFFF_FFFF, entry(2, 6));
         assert_eq!(table.len(), 1);
-        assert_eq!(table.get(token ^ 0x0F0F), Some(entry(1, 5)));
-        // Any other of the 48 kept bits tells them apart.
-        for bit in 16..64 {
+        assert_eq!(table.get(token ^ 0x0F0F_0F0F), Some(entry(1, 5)));
+        // Any other of the 32 kept bits tells them apart.
+        for bit in 32..64 {
             assert_eq!(table.get(token ^ (1 << bit)), None, "bit {bit}");
         }
-        table.remove(token ^ 0xFFFF, entry(2, 6));
+        table.remove(token ^ 0xFFFF_FFFF, entry(2, 6));
         assert_eq!(table.get(token), Some(entry(1, 5)));
     }
 
     #[test]
-    fn a_bucket_is_12_bytes() {
-        assert_eq!(std::mem::size_of::<Bucket>(), 12);
+    fn a_bucket_is_8_bytes() {
+        assert_eq!(std::mem::size_of::<Bucket>(), 8);
+    }
+
+    #[test]
+    fn the_highest_slot_round_trips() {
+        let mut table = TokenTable::default();
+        let last = MAX_SLOTS as u32 - 1;
+        table.insert(7 << 32, entry(last, 0xFFFF));
+        assert_eq!(table.get(7 << 32), Some(entry(last, 0xFFFF)));
     }
 
     #[test]
@@ -331,13 +373,14 @@ mod tests {
         let mut table = TokenTable::default();
         table.insert(0, entry(0, 0));
         assert_eq!(table.get(0), Some(entry(0, 0)));
-        assert_eq!(table.get(1 << 16), None);
+        assert_eq!(table.get(1 << 32), None);
     }
 
     #[test]
-    fn holds_64_000_tokens_in_under_1_mb_and_frees_them_all() {
+    fn holds_64_000_tokens_in_under_0_66_mb_once_compacted_and_frees_them_all() {
         // 1,000 idle sessions register 64 tokens each: a power-of-two map with 7/8 load
-        // needs 131,072 buckets of 17 bytes (2.2 MB) for them; 16-byte buckets took 1.31 MB.
+        // needs 131,072 buckets of 17 bytes (2.2 MB) for them; 16-byte buckets took 1.31 MB,
+        // 12-byte ones 0.98-1.31 MB (78 % or 60 % full, depending on when the last growth was).
         let mut table = TokenTable::default();
         let all: Vec<u64> = tokens(3).take(64_000).collect();
         for (i, &t) in all.iter().enumerate() {
@@ -345,7 +388,16 @@ mod tests {
         }
         assert_eq!(table.len(), 64_000);
         assert!(
-            table.heap_bytes() <= 1_000_000,
+            table.heap_bytes() <= 880_000,
+            "{} bytes",
+            table.heap_bytes()
+        );
+        // Grown to 60 % load at 49,152 entries... and compacted only when that slack is there.
+        let grown = table.heap_bytes();
+        let compacted = table.compact();
+        assert_eq!(compacted, grown > 64_000 * 8 * 100 / COMPACT_BELOW);
+        assert!(
+            table.heap_bytes() <= 660_000,
             "{} bytes",
             table.heap_bytes()
         );
@@ -357,5 +409,40 @@ mod tests {
         }
         assert_eq!(table.len(), 0);
         assert_eq!(table.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn compaction_rebuilds_a_table_grown_past_its_contents_and_keeps_every_entry() {
+        let mut table = TokenTable::default();
+        let all: Vec<u64> = tokens(11).take(10_000).collect();
+        for (i, &t) in all.iter().enumerate() {
+            table.insert(t, entry(i as u32 % 500, i as u32));
+        }
+        // Half of them go (a burst of sessions that ended): 30-60 % full, no shrink yet.
+        for (i, &t) in all.iter().enumerate().take(5_000) {
+            table.remove(t, entry(i as u32 % 500, i as u32));
+        }
+        let before = table.heap_bytes();
+        assert!(table.len() * 100 <= before / 8 * COMPACT_BELOW);
+        assert!(table.compact());
+        let buckets = table.heap_bytes() / 8;
+        assert!(buckets < before / 8);
+        assert!(
+            (COMPACT_LOAD - 1..=COMPACT_LOAD).contains(&(table.len() * 100 / buckets)),
+            "{} of {buckets}",
+            table.len()
+        );
+        // Nothing more to give back; a compacted table still grows when it must.
+        assert!(!table.compact());
+        for (i, &t) in all.iter().enumerate() {
+            let expected = (i >= 5_000).then(|| entry(i as u32 % 500, i as u32));
+            assert_eq!(table.get(t), expected);
+        }
+        for t in tokens(12).take(500) {
+            table.insert(t, entry(1, 1));
+        }
+        assert_eq!(table.len(), 5_500);
+        assert!(table.len() * 100 <= table.heap_bytes() / 8 * 80);
+        assert!(!TokenTable::default().compact());
     }
 }

@@ -728,17 +728,24 @@ impl Transport {
         let mut bytes_acked = 0u64;
         let mut largest_newly_acked: Option<(u64, Instant, bool)> = None;
         let loss_delay = self.rtt.loss_delay();
+        // Runs of packets to resolve: the first few on the stack (an idle session's ACKs carry
+        // one: no heap block kept per session), more in `ack_runs` (kept for the next ACK).
+        let mut first = [(0u64, 0u64); 4];
+        let mut first_len = 0;
         let mut runs = std::mem::take(&mut self.ack_runs);
         runs.clear();
-        if runs.capacity() == 0 {
-            // One run at first, not four: an idle session's ACKs never carry more (issue 9).
-            runs.reserve_exact(1);
-        }
         for (lo, hi) in ack.ranges() {
             self.pmtu.on_ack_range(lo, hi, now);
-            self.sent.unresolved_in(lo, hi, |a, b| runs.push((a, b)));
+            self.sent
+                .unresolved_in(lo, hi, |a, b| match first.get_mut(first_len) {
+                    Some(slot) => {
+                        *slot = (a, b);
+                        first_len += 1;
+                    }
+                    None => runs.push((a, b)),
+                });
         }
-        for &(lo, hi) in &runs {
+        for &(lo, hi) in first[..first_len].iter().chain(&runs) {
             for pn in lo..=hi {
                 let Some(p) = self.sent.get_mut(pn) else {
                     break;
