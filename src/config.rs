@@ -1047,6 +1047,13 @@ fn parse_server(ctx: &Ctx, mut obj: Obj) -> Result<ServerConfig, ConfigError> {
     let allow_private_destinations = obj.opt_bool("allow_private_destinations")?.unwrap_or(false);
     let allow_symlinked_state = obj.opt_bool("allow_symlinked_state")?.unwrap_or(false);
     let max_sessions = bounded_u32(&mut obj, "max_sessions", DEFAULT_MAX_SESSIONS, 1, 1_000_000)?;
+    if max_sessions > 65_535 {
+        // Accepted as before (a config that worked keeps starting), but said.
+        log::warn!(
+            "max_sessions {max_sessions}: a server holds at most 65,535 sessions (the token \
+             table's session slots are 16-bit); it acts as 65,535"
+        );
+    }
     let max_sessions_per_user = bounded_u32(
         &mut obj,
         "max_sessions_per_user",

@@ -153,7 +153,10 @@ impl TransportConfig {
             .clamp(INITIAL_SESSION_WINDOW.max(self.stream_window), 1 << 32);
         self.max_streams = self.max_streams.clamp(INITIAL_MAX_STREAMS, 1 << 16);
         self.send_buffer = self.send_buffer.clamp(4096, 1 << 30);
-        self.session_send_buffer = self.session_send_buffer.clamp(self.send_buffer, 1 << 32);
+        // Under 4 GiB: the streams count bytes beyond the peer's windows in 32 bits.
+        let session_send_max = usize::try_from(u32::MAX).unwrap_or(usize::MAX);
+        self.session_send_buffer =
+            (self.session_send_buffer).clamp(self.send_buffer, session_send_max);
         self.max_datagram_queue = self.max_datagram_queue.clamp(1, 4096);
         self.max_recv_ranges = self.max_recv_ranges.clamp(8, 1 << 16);
         self.initial_cwnd_packets = self.initial_cwnd_packets.clamp(4, 1024);

@@ -98,8 +98,10 @@ pub(super) struct StreamsState {
     send_memory: usize,
     /// Bytes the streams hold beyond the peer's flow-control limits, summed (kept in step at
     /// every write, limit raise and removal: the server asks on every pipe read, and a walk of
-    /// the streams there cost O(streams) per read).
-    beyond_window: u64,
+    /// the streams there cost O(streams) per read). At most the bytes buffered, which
+    /// `TransportConfig::session_send_buffer` keeps under 4 GiB: 32 bits (a `Session` is sized
+    /// to a malloc chunk).
+    beyond_window: u32,
     /// Session-level credit the peer granted us for new stream bytes.
     send_credit: SendCredit,
     /// Session-level window we grant the peer.
@@ -328,7 +330,7 @@ impl StreamsState {
             return;
         }
         self.send_memory -= s.send.memory();
-        self.beyond_window -= s.send.beyond_window();
+        self.beyond_window -= s.send.beyond_window() as u32;
         self.streams.remove(&id.0);
         if !self.is_local(id) {
             self.local_max_streams += 1;
@@ -582,7 +584,7 @@ impl StreamsState {
 
     /// Bytes the streams hold beyond the peer's flow-control limits (unsendable until raised).
     pub(super) fn beyond_window(&self) -> u64 {
-        self.beyond_window
+        u64::from(self.beyond_window)
     }
 
     pub(super) fn on_max_data(&mut self, max: u64) {
@@ -601,7 +603,7 @@ impl StreamsState {
                 let before = s.send.beyond_window();
                 s.send.max_data = max;
                 let sendable = before - s.send.beyond_window();
-                self.beyond_window -= sendable;
+                self.beyond_window -= sendable as u32;
                 self.queue_send(id.0);
             }
         }
@@ -621,7 +623,7 @@ impl StreamsState {
             for s in self.streams.values_mut() {
                 let before = s.send.beyond_window();
                 s.send.max_data = s.send.max_data.max(stream_window);
-                self.beyond_window -= before - s.send.beyond_window();
+                self.beyond_window -= (before - s.send.beyond_window()) as u32;
             }
         }
         self.send_credit.raise(session_window);
@@ -1034,7 +1036,7 @@ impl StreamsState {
         }
         self.send_buffered += n;
         self.send_memory += grown;
-        self.beyond_window += beyond_grown;
+        self.beyond_window += beyond_grown as u32;
         Ok(n)
     }
 
@@ -1079,7 +1081,7 @@ impl StreamsState {
         }
         self.send_buffered += n;
         self.send_memory -= released;
-        self.beyond_window += beyond_grown;
+        self.beyond_window += beyond_grown as u32;
         Ok(n)
     }
 
@@ -1234,7 +1236,7 @@ mod tests {
             let buffered: usize = self.streams.values().map(|s| s.send.buffered()).sum();
             assert_eq!(self.send_buffered, buffered, "send buffered accounting");
             let beyond: u64 = self.streams.values().map(|s| s.send.beyond_window()).sum();
-            assert_eq!(self.beyond_window, beyond, "beyond-window accounting");
+            assert_eq!(self.beyond_window(), beyond, "beyond-window accounting");
             for (id, s) in &self.streams {
                 if s.turn_sent > 0 {
                     assert_eq!(self.send_queue.front(), Some(id), "a turn is at the front");
@@ -1332,7 +1334,7 @@ mod tests {
             events.clear();
             streams.assert_queues_consistent();
             ids.retain(|id| streams.streams.contains_key(&id.0));
-            peak = peak.max(streams.beyond_window);
+            peak = peak.max(streams.beyond_window());
             removed_past_window += (past.iter())
                 .filter(|id| !streams.streams.contains_key(&id.0))
                 .count();
