@@ -1,7 +1,8 @@
 //! Process-wide allocator settings (glibc only): a fixed mmap threshold, so buffers of
 //! [`MMAP_THRESHOLD`] and more always come from `mmap` and go back to the system when freed,
-//! one malloc arena for all threads ([`ARENA_MAX`]), and the tunnel loop's occasional trim of
-//! free heap pages ([`HeapTrim`]).
+//! one malloc arena for all threads ([`ARENA_MAX`]), free bytes kept at the heap's top up to
+//! [`HEAP_TOP_KEEP`] rather than trimmed on every `free`, and the tunnel loops' occasional trim
+//! of free heap pages ([`HeapTrim`]).
 //!
 //! glibc raises its threshold (128 KiB at start) to the size of every mmapped block freed, up to
 //! 32 MiB: after the first large buffer is freed (a grown token table, a bulk stream's rings or
@@ -27,6 +28,14 @@ pub const MMAP_THRESHOLD: usize = 128 * 1024;
 
 /// Most malloc arenas: every thread allocates from the main one.
 pub const ARENA_MAX: usize = 1;
+
+/// Free bytes the heap's top may keep before a `free` gives them back (glibc's
+/// `M_TRIM_THRESHOLD`, 128 KiB by default and fixed there once the mmap threshold is set). With
+/// 128 KiB, 100 downloads' stream buffers freed and allocated again across the top of the heap
+/// made the server trim and fault the same pages in over and over: 7-119k page faults per 500 MB
+/// against 3.5-18k with 1 MiB, and 173-209 vs 211-222 MB/s (three interleaved pairs of 100 × 5 MB
+/// downloads, 2026-12-02). Idle memory does not keep it: [`HeapTrim`] gives it back.
+pub const HEAP_TOP_KEEP: usize = 1024 * 1024;
 
 /// A trim is considered at most this often.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
@@ -125,7 +134,9 @@ pub fn tune() -> bool {
         // SAFETY: `mallopt` takes two integers and changes allocator parameters under the
         // allocator's own lock; any value is accepted or refused with 0.
         let set = |param, value: usize| unsafe { libc::mallopt(param, value as libc::c_int) == 1 };
-        set(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) & set(libc::M_ARENA_MAX, ARENA_MAX)
+        set(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            & set(libc::M_ARENA_MAX, ARENA_MAX)
+            & set(libc::M_TRIM_THRESHOLD, HEAP_TOP_KEEP)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
@@ -217,6 +228,41 @@ mod tests {
 
     /// Runs in a child process: 16 MiB of heap buffers freed (all but the last, which keeps
     /// the heap's top in use, as a live session's buffers do) stay resident until a trim.
+    /// Runs in a child process: small blocks freed at the top of the heap stay there (no trim
+    /// on `free`) up to [`HEAP_TOP_KEEP`], and [`trim`] gives them back.
+    fn top_keep_probe() {
+        assert!(tune());
+        // A thread started after `tune` allocates from the main arena (the harness's own test
+        // thread has an arena of its own), whose top `keepcost` reports.
+        let top = || {
+            // SAFETY: `mallinfo2` takes no arguments and returns a plain struct of counters.
+            unsafe { libc::mallinfo2() }.keepcost
+        };
+        std::thread::spawn(move || {
+            let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(96);
+            blocks.extend((0..96).map(|i| vec![i as u8; 8 * 1024]));
+            drop(std::hint::black_box(blocks));
+            let kept = top();
+            assert!(kept >= 700 * 1024, "the heap's top kept {kept} bytes");
+            assert!(trim());
+            let kept = top();
+            assert!(kept < 256 * 1024, "after a trim the top kept {kept} bytes");
+        })
+        .join()
+        .expect("probe thread");
+    }
+
+    #[test]
+    fn freed_bytes_at_the_top_of_the_heap_stay_until_a_trim() {
+        if std::env::var_os(CHILD).is_some() {
+            top_keep_probe();
+            return;
+        }
+        run_in_child(
+            "runtime::malloc::tests::freed_bytes_at_the_top_of_the_heap_stay_until_a_trim",
+        );
+    }
+
     fn trim_probe() {
         assert!(tune());
         let mut blocks: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8; 64 * 1024]).collect();
