@@ -542,6 +542,9 @@ pub struct Stream {
     /// Bytes sent in the stream's current turn at the front of the send queue (0 between turns;
     /// see `streams::SEND_TURN`).
     pub turn_sent: u32,
+    /// In the send queue's run of first turns and small writes right after its front (see
+    /// `StreamsState::enqueue_send`).
+    pub priority: bool,
     // Event bookkeeping.
     pub readable_notified: bool,
     pub want_writable: bool,
@@ -571,6 +574,7 @@ impl Stream {
             in_control_queue: false,
             in_send_queue: false,
             turn_sent: 0,
+            priority: false,
             readable_notified: false,
             want_writable: false,
             finished_notified: false,
