@@ -273,6 +273,9 @@ impl SendHalf {
 
     /// Drops all buffered data (stream reset).
     pub fn abandon(&mut self) {
+        // Nothing of it waits on the peer's window any more (the streams' beyond-window count
+        // drops it here, not when the stream is removed).
+        self.max_data = self.max_data.max(self.end());
         self.base = self.end();
         self.buf = ByteRing::new(0);
         self.acked.clear();
