@@ -1386,42 +1386,67 @@ mod tests {
         );
     }
 
+    /// A client's stream set for the scheduling tests, with unlimited session credit unless
+    /// `credit` is false.
+    fn scheduling_streams(credit: bool) -> StreamsState {
+        let config = TransportConfig::default().sanitized();
+        let mut streams = StreamsState::new(&config, Side::Client);
+        if credit {
+            streams.on_max_data(u64::MAX / 2);
+        }
+        streams
+    }
+
+    /// Opens a stream with an unlimited window and writes `size` bytes to it.
+    fn open_with(streams: &mut StreamsState, size: usize) -> StreamId {
+        let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
+        streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
+        assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
+        id
+    }
+
+    /// Writes one 1,200-byte packet's control and STREAM frames; returns (stream, length) of
+    /// each STREAM frame.
+    fn send_packet(streams: &mut StreamsState) -> Vec<(u64, usize)> {
+        let now = Instant::now();
+        let mut buf = [0u8; 1200];
+        let mut w = Writer::new(&mut buf);
+        let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
+        streams.write_controls(&mut w, &mut packet);
+        streams.write_data(&mut w, &mut packet);
+        (packet.frames().iter())
+            .filter_map(|f| match *f {
+                SentFrame::Stream { id, len, .. } => Some((id, usize::from(len))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Packets enough for `busy` streams to have had a turn each, and then some.
+    fn turns_of(busy: usize) -> usize {
+        busy * (SEND_TURN / 1100 + 1) + 3
+    }
+
     /// Busy streams take turns of [`SEND_TURN`] bytes, over as many packets, in round-robin
     /// order (turns of one packet each cut every download into one-datagram runs: the client
     /// then wrote a few KB per stream per batch it received); a stream that runs dry ends its
     /// turn early.
     #[test]
     fn busy_streams_take_turns_of_send_turn_bytes() {
-        let now = Instant::now();
-        let config = TransportConfig::default().sanitized();
-        let mut streams = StreamsState::new(&config, Side::Client);
-        streams.on_max_data(u64::MAX / 2);
+        let mut streams = scheduling_streams(true);
         let sizes = [100_000, 100_000, 20_000];
-        let ids: Vec<StreamId> = (sizes.iter())
-            .map(|&size| {
-                let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
-                streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
-                assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
-                id
-            })
-            .collect();
+        let ids: Vec<StreamId> = sizes.iter().map(|&n| open_with(&mut streams, n)).collect();
         // Runs of consecutive bytes of one stream, in the order sent.
         let mut runs: Vec<(u64, usize)> = Vec::new();
-        let mut buf = vec![0u8; 1200];
         loop {
-            let mut w = Writer::new(&mut buf);
-            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
-            streams.write_controls(&mut w, &mut packet);
-            streams.write_data(&mut w, &mut packet);
-            if packet.frames().is_empty() {
+            let frames = send_packet(&mut streams);
+            if frames.is_empty() {
                 break;
             }
-            for f in packet.frames() {
-                if let SentFrame::Stream { id, len, .. } = *f {
-                    match runs.last_mut() {
-                        Some((last, bytes)) if *last == id => *bytes += usize::from(len),
-                        _ => runs.push((id, usize::from(len))),
-                    }
+            for (id, len) in frames {
+                match runs.last_mut() {
+                    Some((last, bytes)) if *last == id => *bytes += len,
+                    _ => runs.push((id, len)),
                 }
             }
         }
@@ -1447,39 +1472,17 @@ mod tests {
     /// turn is over it queues behind them like any other.
     #[test]
     fn a_new_stream_goes_right_after_the_turn_in_progress() {
-        let now = Instant::now();
-        let config = TransportConfig::default().sanitized();
-        let mut streams = StreamsState::new(&config, Side::Client);
-        streams.on_max_data(u64::MAX / 2);
-        let open = |streams: &mut StreamsState, size: usize| {
-            let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
-            streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
-            assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
-            id
-        };
-        let busy: Vec<StreamId> = (0..8).map(|_| open(&mut streams, 200_000)).collect();
-        let mut buf = vec![0u8; 1200];
-        let mut send = |streams: &mut StreamsState| {
-            let mut w = Writer::new(&mut buf);
-            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
-            streams.write_controls(&mut w, &mut packet);
-            streams.write_data(&mut w, &mut packet);
-            (packet.frames().iter())
-                .filter_map(|f| match *f {
-                    SentFrame::Stream { id, len, .. } => Some((id, usize::from(len))),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
+        let mut streams = scheduling_streams(true);
+        let busy: Vec<StreamId> = (0..8).map(|_| open_with(&mut streams, 200_000)).collect();
         // Every busy stream past its first turn, one of them in the middle of a turn.
-        for _ in 0..8 * (SEND_TURN / 1100 + 1) + 3 {
-            send(&mut streams);
+        for _ in 0..turns_of(busy.len()) {
+            send_packet(&mut streams);
         }
-        let fresh = open(&mut streams, 30_000);
+        let fresh = open_with(&mut streams, 30_000);
         let (mut before_fresh, mut fresh_sent) = (0, 0);
         let mut after_first_turn = std::collections::HashSet::new();
         while fresh_sent < 30_000 {
-            for (id, len) in send(&mut streams) {
+            for (id, len) in send_packet(&mut streams) {
                 if id == fresh.0 {
                     fresh_sent += len;
                 } else if fresh_sent == 0 {
@@ -1501,38 +1504,17 @@ mod tests {
     /// were opened (each went ahead of the earlier ones before: newest first).
     #[test]
     fn new_streams_start_in_the_order_they_were_opened() {
-        let now = Instant::now();
-        let config = TransportConfig::default().sanitized();
-        let mut streams = StreamsState::new(&config, Side::Client);
-        streams.on_max_data(u64::MAX / 2);
-        let open = |streams: &mut StreamsState, size: usize| {
-            let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
-            streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
-            assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
-            id.0
-        };
-        let send = |streams: &mut StreamsState| {
-            let mut buf = [0u8; 1200];
-            let mut w = Writer::new(&mut buf);
-            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
-            streams.write_data(&mut w, &mut packet);
-            (packet.frames().iter())
-                .filter_map(|f| match *f {
-                    SentFrame::Stream { id, .. } => Some(id),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
+        let mut streams = scheduling_streams(true);
         for _ in 0..4 {
-            open(&mut streams, 400_000);
+            open_with(&mut streams, 400_000);
         }
-        for _ in 0..4 * (SEND_TURN / 1100 + 1) + 3 {
-            send(&mut streams);
+        for _ in 0..turns_of(4) {
+            send_packet(&mut streams);
         }
-        let fresh: Vec<u64> = (0..4).map(|_| open(&mut streams, 2_000)).collect();
+        let fresh: Vec<u64> = (0..4).map(|_| open_with(&mut streams, 2_000).0).collect();
         let mut first = Vec::new();
         while first.len() < fresh.len() {
-            for id in send(&mut streams) {
+            for (id, _) in send_packet(&mut streams) {
                 if fresh.contains(&id) && !first.contains(&id) {
                     first.push(id);
                 }
@@ -1546,42 +1528,22 @@ mod tests {
     /// turns the same 8 streams took each 128 KiB step and the others starved).
     #[test]
     fn streams_share_session_credit_given_a_step_at_a_time() {
-        let now = Instant::now();
-        let config = TransportConfig::default().sanitized();
-        let mut streams = StreamsState::new(&config, Side::Client);
-        let ids: Vec<StreamId> = (0..12)
-            .map(|_| {
-                let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
-                streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
-                assert_eq!(streams.write(id, &vec![1u8; 250_000]), Ok(250_000));
-                id
-            })
-            .collect();
+        let mut streams = scheduling_streams(false);
+        let ids: Vec<StreamId> = (0..12).map(|_| open_with(&mut streams, 250_000)).collect();
         let mut sent = std::collections::HashMap::<u64, usize>::new();
-        let mut credit = 0u64;
-        let mut total = 0;
+        let (mut credit, mut total) = (0u64, 0);
         while total < 1_300_000 {
-            let mut buf = [0u8; 1200];
-            let mut w = Writer::new(&mut buf);
-            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
-            streams.write_data(&mut w, &mut packet);
-            let mut any = false;
-            for f in packet.frames() {
-                if let SentFrame::Stream { id, len, .. } = *f {
-                    *sent.entry(id).or_default() += usize::from(len);
-                    total += usize::from(len);
-                    any = true;
-                }
-            }
-            if !any {
+            let frames = send_packet(&mut streams);
+            if frames.is_empty() {
                 credit += 128 * 1024;
                 streams.on_max_data(credit);
             }
+            for (id, len) in frames {
+                *sent.entry(id).or_default() += len;
+                total += len;
+            }
         }
-        let least = ids
-            .iter()
-            .map(|id| sent.get(&id.0).copied().unwrap_or(0))
-            .min();
+        let least = (ids.iter().map(|id| sent.get(&id.0).copied().unwrap_or(0))).min();
         assert!(
             least.unwrap_or(0) * 4 >= total / ids.len(),
             "a stream got {least:?} of {total} bytes: {sent:?}"
@@ -1593,40 +1555,19 @@ mod tests {
     /// a large write of the same stream queues behind every busy stream's turn.
     #[test]
     fn a_small_write_goes_right_after_the_turn_in_progress() {
-        let now = Instant::now();
-        let config = TransportConfig::default().sanitized();
-        let mut streams = StreamsState::new(&config, Side::Client);
-        streams.on_max_data(u64::MAX / 2);
-        let open = |streams: &mut StreamsState, size: usize| {
-            let id = (streams.open(Destination::domain("a.test", 1).unwrap())).unwrap();
-            streams.on_max_stream_data(id, u64::MAX / 2).unwrap();
-            assert_eq!(streams.write(id, &vec![1u8; size]), Ok(size));
-            id
-        };
-        let chat = open(&mut streams, 2 * SEND_TURN);
-        let busy: Vec<StreamId> = (0..8).map(|_| open(&mut streams, 400_000)).collect();
-        let send = |streams: &mut StreamsState| {
-            let mut buf = [0u8; 1200];
-            let mut w = Writer::new(&mut buf);
-            let mut packet = SentPacket::new(now, DeliverySnapshot::new(now));
-            streams.write_data(&mut w, &mut packet);
-            (packet.frames().iter())
-                .filter_map(|f| match *f {
-                    SentFrame::Stream { id, len, .. } => Some((id, usize::from(len))),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
+        let mut streams = scheduling_streams(true);
+        let chat = open_with(&mut streams, 2 * SEND_TURN);
+        let busy: Vec<StreamId> = (0..8).map(|_| open_with(&mut streams, 400_000)).collect();
         // Until the chat stream has sent everything and every busy stream had turns.
-        for _ in 0..2 * 9 * (SEND_TURN / 1100 + 1) + 5 {
-            send(&mut streams);
+        for _ in 0..2 * turns_of(busy.len() + 1) {
+            send_packet(&mut streams);
         }
         assert_eq!(streams.streams[&chat.0].send.unsent(), 0);
         let bytes_before = |streams: &mut StreamsState, write: usize| {
             assert_eq!(streams.write(chat, &vec![2u8; write]), Ok(write));
             let mut before = 0;
             loop {
-                let frames = send(streams);
+                let frames = send_packet(streams);
                 if let Some(i) = frames.iter().position(|&(id, _)| id == chat.0) {
                     return before + frames[..i].iter().map(|f| f.1).sum::<usize>();
                 }
@@ -1639,7 +1580,7 @@ mod tests {
             "{small} bytes went before a 100-byte write"
         );
         for _ in 0..3 {
-            send(&mut streams);
+            send_packet(&mut streams);
         }
         let large = bytes_before(&mut streams, 60_000);
         assert!(
