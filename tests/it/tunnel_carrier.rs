@@ -187,24 +187,8 @@ fn uot_hundred_parallel_downloads_are_intact() {
     let (_server, tcp) = server_with_tcp(&key);
     let (c, _blackhole) = uot_client(&key, tcp);
     let n = size(2_000_000, 300_000);
-    let expected = expected_sum(http, n);
     let proxy = c.proxy;
-    let workers: Vec<_> = (0..100)
-        .map(|i| {
-            std::thread::spawn(move || {
-                let mut s = socks5_connect(proxy, http_target(http))
-                    .unwrap_or_else(|c| panic!("download {i}: SOCKS5 reply {c:#x}"));
-                let (_, digest, err) = http_get_bytes(&mut s, n);
-                (i, digest, err)
-            })
-        })
-        .collect();
-    for w in workers {
-        let (i, digest, err) = w.join().unwrap();
-        assert!(err.is_none(), "download {i}: {err:?}");
-        assert_eq!(digest.len, n, "download {i}: length");
-        assert_eq!(digest.fnv, expected, "download {i}: checksum");
-    }
+    parallel_downloads(proxy, http, 100, n);
 }
 
 #[test]

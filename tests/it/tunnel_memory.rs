@@ -43,22 +43,7 @@ fn parallel_downloads_keep_the_servers_peak_memory_low() {
     // only makes the bound stricter.
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
     let t = Instant::now();
-    let workers: Vec<_> = (0..100)
-        .map(|i| {
-            std::thread::spawn(move || {
-                let mut s = socks5_connect(proxy, Target::Ip(origin))
-                    .unwrap_or_else(|c| panic!("download {i}: SOCKS5 reply {c:#x}"));
-                let (_, digest, err) = http_get_bytes(&mut s, n);
-                (i, digest, err)
-            })
-        })
-        .collect();
-    for w in workers {
-        let (i, digest, err) = w.join().unwrap();
-        assert!(err.is_none(), "download {i}: {err:?}");
-        assert_eq!(digest.len, n, "download {i}: length");
-        assert_eq!(digest.fnv, expected, "download {i}: checksum");
-    }
+    parallel_downloads(proxy, http, 100, n);
     let peak = status_kib(pid, "VmHWM");
     eprintln!(
         "100 × {n} bytes in {:.2?}: server RSS {before} KiB before, peak {peak} KiB",

@@ -823,6 +823,28 @@ pub fn http_target(http: u16) -> Target<'static> {
     Target::Ip(SocketAddr::from(([127, 0, 0, 1], http)))
 }
 
+/// `count` parallel downloads of `/bytes/n` from the origin on port `http` through the SOCKS5
+/// proxy, each checked intact (length and checksum).
+pub fn parallel_downloads(proxy: SocketAddr, http: u16, count: usize, n: u64) {
+    let expected = expected_sum(http, n);
+    let workers: Vec<_> = (0..count)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = socks5_connect(proxy, http_target(http))
+                    .unwrap_or_else(|c| panic!("download {i}: SOCKS5 reply {c:#x}"));
+                let (_, digest, err) = http_get_bytes(&mut s, n);
+                (i, digest, err)
+            })
+        })
+        .collect();
+    for w in workers {
+        let (i, digest, err) = w.join().unwrap();
+        assert!(err.is_none(), "download {i}: {err:?}");
+        assert_eq!(digest.len, n, "download {i}: length");
+        assert_eq!(digest.fnv, expected, "download {i}: checksum");
+    }
+}
+
 /// Downloads `/bytes/n` through SOCKS5, retrying until `deadline` while the tunnel is not back
 /// (connect refused or cut). Returns the digest of the first complete download and how long it
 /// took to get one.
