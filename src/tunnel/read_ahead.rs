@@ -290,16 +290,9 @@ mod tests {
     /// pumped the way the server loop pumps them (once when opened, on `StreamWritable`, and,
     /// held by `policy`, whenever the loop runs and the policy allows again: the socket's
     /// readiness is an edge already consumed), peaks recorded, datagrams out.
-    fn serve(
-        net: &mut SimNetwork,
-        server: &mut Transport,
-        flows: &mut [Download],
-        policy: Option<ReadAhead>,
-        run: &mut Run,
-        now: Instant,
-    ) {
-        receive(net, Endpoint::B, server, now);
-        server.handle_timeout(now);
+    /// The server's events as its loop takes them: opened streams accepted; returns the streams
+    /// whose pipes are pumped now (opened or writable again).
+    fn accept_and_wake(server: &mut Transport) -> Vec<StreamId> {
         let mut wake = Vec::new();
         while let Some(e) = server.poll_event() {
             match e {
@@ -311,11 +304,28 @@ mod tests {
                 _ => {}
             }
         }
+        wake
+    }
+
+    /// Whether a pipe held by the read-ahead `policy` may read again (the loop's held-pipe pass).
+    fn released(pipe: &Pipe, policy: Option<ReadAhead>, server: &Transport) -> bool {
+        pipe.read_hold() == Some(ReadHold::SendAhead) && policy.is_some_and(|p| p.allows(server))
+    }
+
+    fn serve(
+        net: &mut SimNetwork,
+        server: &mut Transport,
+        flows: &mut [Download],
+        policy: Option<ReadAhead>,
+        run: &mut Run,
+        now: Instant,
+    ) {
+        receive(net, Endpoint::B, server, now);
+        server.handle_timeout(now);
+        let wake = accept_and_wake(server);
         let mut budget = u64::MAX;
         for f in flows.iter_mut() {
-            let released = f.pipe.read_hold() == Some(ReadHold::SendAhead)
-                && policy.is_some_and(|p| p.allows(server));
-            if released || wake.contains(&f.id) {
+            if released(&f.pipe, policy, server) || wake.contains(&f.id) {
                 let _ = f.pipe.pump(&mut f.source, server, &mut budget);
             }
         }
@@ -542,22 +552,10 @@ mod tests {
         while now - start < Duration::from_secs(20) {
             rx_all(&mut net, Endpoint::B, &mut server, now);
             server.handle_timeout(now);
-            let mut wake = Vec::new();
-            while let Some(e) = server.poll_event() {
-                match e {
-                    TransportEvent::StreamOpened { id, .. } => {
-                        server.answer_open(id, OpenResult::Ok).unwrap();
-                        wake.push(id);
-                    }
-                    TransportEvent::StreamWritable { id } => wake.push(id),
-                    _ => {}
-                }
-            }
+            let wake = accept_and_wake(&mut server);
             let mut budget = u64::MAX;
             for (i, p) in pipes.iter_mut().enumerate() {
-                let released = p.read_hold() == Some(ReadHold::SendAhead)
-                    && policy.is_some_and(|r| r.allows(&server));
-                if released || wake.contains(&ids[i]) {
+                if released(p, policy, &server) || wake.contains(&ids[i]) {
                     let _ = p.pump(&mut srcs[i], &mut server, &mut budget);
                 }
             }
