@@ -13,7 +13,8 @@
 # the connect and the congestion controller's start-up; 30 MB runs spent a tenth of their time
 # there and measured 83 / 71 Mbit/s where 100 MB runs measured 90 / 81), ostp's event-loop wake-ups per GB of a single-stream download, and the
 # single stream again with a `-C target-cpu=native` build of ostp and over the TCP carrier
-# (`listen_tcp` on the server, `transport.mode: "uot"` on the client), and (as root) through TUN
+# (`listen_tcp` on the server, `transport.mode: "uot"` on the client), a static musl build's own
+# rows (the libc of OpenWrt routers: throughput, CPU, idle and peak RSS, 1,000 idle sessions), and (as root) through TUN
 # mode beside SOCKS5 in a pair of network namespaces. Every
 # section is independent: a failing one prints "n/a" and the run goes on.
 #
@@ -32,7 +33,7 @@
 # Tunables (environment): SIZE_MB (single stream, default 300), STREAMS (100), STREAM_MB (5),
 # ROUNDS (5), TTFB_N (21), IDLE_SESSIONS (1000), IDLE_SETTLE_S (12), LOSSY_MB (100), LOSSY_MAX_S (60), SKIP_SS=1, NO_BUILD=1,
 # OSTP_BIN (use this ostp binary instead of building one), NATIVE_BIN (a -C target-cpu=native
-# build to use), SKIP_NATIVE=1, SKIP_TCP=1, SKIP_TUN=1, TUN_MTU (the TUN
+# build to use), SKIP_NATIVE=1, MUSL_BIN (a static musl build to use), SKIP_MUSL=1, SKIP_TCP=1, SKIP_TUN=1, TUN_MTU (the TUN
 # client's `tun.mtu`; default: the config default), CARGO_TARGET_DIR. Requires curl; uses /proc for CPU and memory figures (Linux).
 
 set -u
@@ -243,6 +244,45 @@ write_client_config() {
 EOF
 }
 
+# idle_sessions_rss SERVER_PID OSTP_PORT API_PORT LABEL: the server's RSS (MB) with IDLE_SESSIONS
+# idle sessions (hidden client flag), n/a when they do not all come online. A key may complete at
+# most 16 handshakes per 2-minute epoch (single-use hello tags, docs/PROTOCOL.md 3.1), so the
+# sessions are spread over fresh API-created keys, 10 sessions each.
+idle_sessions_rss() {
+    local spid=$1 port=$2 api=$3 label=$4 per_key=10 remaining=$IDLE_SESSIONS k=0 n key online=0 pids=() rss=n/a
+    while ((remaining > 0)); do
+        n=$((remaining < per_key ? remaining : per_key))
+        key=$(curl -s -X POST -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$api/api/users" |
+            grep -o '"key":"[^"]*"' | cut -d'"' -f4)
+        [[ -z $key ]] && break
+        printf '{"mode":"client","server":"127.0.0.1:%s","access_key":"%s","socks5_bind":"127.0.0.1:0"}\n' \
+            "$port" "$key" >"$WORK/idle-$label-$k.json"
+        start "$label-idle-$k" "$OSTP" --bench-idle-sessions "$n" --config "$WORK/idle-$label-$k.json"
+        pids+=("$STARTED_PID")
+        remaining=$((remaining - n))
+        k=$((k + 1))
+    done
+    # Wait until the server reports the sessions online (up to 90 s), then sample it.
+    for _ in $(seq 1 180); do
+        online=$(curl -s -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$api/api/server/status" |
+            grep -o '"online_sessions":[0-9]*' | head -n 1 | cut -d: -f2)
+        online=${online:-0}
+        ((online >= IDLE_SESSIONS)) && break
+        sleep 0.5
+    done
+    log "$label: idle sessions online: $online of $IDLE_SESSIONS ($k client processes)"
+    # Idle means settled: the server gives free heap pages back at most every 10 s
+    # (runtime/malloc.rs HeapTrim), so the reading waits a little longer than that.
+    sleep "${IDLE_SETTLE_S:-12}"
+    if alive "$spid" && ((online >= IDLE_SESSIONS)); then
+        rss=$(mem_mb "$spid" VmRSS)
+    fi
+    for n in "${pids[@]}"; do
+        stop "$n"
+    done
+    echo "$rss"
+}
+
 # metric NAME: the value of an unlabelled series in the ostp server's GET /metrics.
 metric() {
     curl -s --max-time 5 -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT/metrics" |
@@ -374,45 +414,8 @@ EOF
         tail -n 5 "$WORK/ostp-server.log" "$WORK/ostp-client.log" >&2 2>/dev/null
     fi
 
-    # 1,000 idle sessions (hidden client flag; n/a when unsupported). A key may complete at most
-    # 16 handshakes per 2-minute epoch (single-use hello tags, docs/PROTOCOL.md 3.1), so the
-    # sessions are spread over fresh API-created keys, 10 sessions each.
     if alive "$SERVER_PID"; then
-        IDLE_PIDS=()
-        per_key=10
-        remaining=$IDLE_SESSIONS
-        k=0
-        while ((remaining > 0)); do
-            n=$((remaining < per_key ? remaining : per_key))
-            key=$(curl -s -X POST -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT/api/users" |
-                grep -o '"key":"[^"]*"' | cut -d'"' -f4)
-            [[ -z $key ]] && break
-            printf '{"mode":"client","server":"127.0.0.1:%s","access_key":"%s","socks5_bind":"127.0.0.1:0"}\n' \
-                "$OSTP_PORT" "$key" >"$WORK/idle-$k.json"
-            start "ostp-idle-$k" "$OSTP" --bench-idle-sessions "$n" --config "$WORK/idle-$k.json"
-            IDLE_PIDS+=("$STARTED_PID")
-            remaining=$((remaining - n))
-            k=$((k + 1))
-        done
-        # Wait until the server reports the sessions online (up to 90 s), then sample it.
-        online=0
-        for _ in $(seq 1 180); do
-            online=$(curl -s -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$API_PORT/api/server/status" |
-                grep -o '"online_sessions":[0-9]*' | head -n 1 | cut -d: -f2)
-            online=${online:-0}
-            ((online >= IDLE_SESSIONS)) && break
-            sleep 0.5
-        done
-        log "idle sessions online: $online of $IDLE_SESSIONS ($k client processes)"
-        # Idle means settled: the server gives free heap pages back at most every 10 s
-        # (runtime/malloc.rs HeapTrim), so the reading waits a little longer than that.
-        sleep "${IDLE_SETTLE_S:-12}"
-        if alive "$SERVER_PID" && ((online >= IDLE_SESSIONS)); then
-            IDLE_SESSIONS_RSS=$(mem_mb "$SERVER_PID" VmRSS)
-        fi
-        for pid in "${IDLE_PIDS[@]}"; do
-            stop "$pid"
-        done
+        IDLE_SESSIONS_RSS=$(idle_sessions_rss "$SERVER_PID" "$OSTP_PORT" "$API_PORT" ostp)
     fi
 
     # Goodput through the lossy relay: 100 Mbit/s, 25 ms each way (50 ms RTT), 1 % / 5 % loss.
@@ -477,6 +480,58 @@ if [[ -z ${SKIP_NATIVE:-} && ( -n ${NATIVE_BIN:-} || -z ${NO_BUILD:-} ) && -f $W
         fi
         stop "$native_client"
         stop "$native_server"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# ostp as a static musl binary (`--target <arch>-unknown-linux-musl`), the libc OpenWrt routers
+# run: its own server (with the API, for the idle sessions) and client, same origin and run.
+# Idle and peak RSS, single stream, one round of the concurrent streams, 1,000 idle sessions.
+# The target is added with rustup when missing; n/a when it cannot be. Skipped with SKIP_MUSL=1,
+# and with NO_BUILD=1 unless MUSL_BIN names a binary.
+
+MUSL_TARGET="$(uname -m)-unknown-linux-musl"
+for v in MBPS CPUS CPUC CONC RSS_IDLE_S RSS_IDLE_C ANON_IDLE_S ANON_IDLE_C RSS_PEAK_S RSS_PEAK_C IDLE_RSS; do
+    declare "${v}_musl=n/a"
+done
+MUSL=${MUSL_BIN:-$TARGET/$MUSL_TARGET/release/ostp}
+if [[ -z ${SKIP_MUSL:-} && ( -n ${MUSL_BIN:-} || -z ${NO_BUILD:-} ) && -f $WORK/server.json ]]; then
+    if [[ -z ${MUSL_BIN:-} ]]; then
+        log "building ostp for $MUSL_TARGET (static)"
+        if ! (rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET" ||
+            timeout 300 rustup target add "$MUSL_TARGET") >&2 ||
+            ! (cd "$ROOT" && cargo build --release --bin ostp --target "$MUSL_TARGET") >&2; then
+            log "musl build failed: its rows are n/a"
+            MUSL="$WORK/missing-musl"
+        fi
+    fi
+    if [[ -x $MUSL ]]; then
+        MUSL_PORT=$(free_port)
+        MUSL_API=$(free_port)
+        MUSL_SOCKS=$(free_port)
+        sed -e "s/127.0.0.1:$OSTP_PORT/127.0.0.1:$MUSL_PORT/" -e "s/127.0.0.1:$API_PORT/127.0.0.1:$MUSL_API/" \
+            "$WORK/server.json" >"$WORK/musl-server.json"
+        write_client_config "$WORK/musl-client.json" "$MUSL_PORT" "$MUSL_SOCKS"
+        start musl-server "$MUSL" --config "$WORK/musl-server.json"
+        musl_server=$STARTED_PID
+        sleep 0.3
+        start musl-client "$MUSL" --config "$WORK/musl-client.json"
+        musl_client=$STARTED_PID
+        if wait_tcp "$MUSL_SOCKS" 10 && alive "$musl_server" && alive "$musl_client"; then
+            sleep 0.5
+            RSS_IDLE_S_musl=$(mem_mb "$musl_server" VmRSS) RSS_IDLE_C_musl=$(mem_mb "$musl_client" VmRSS)
+            ANON_IDLE_S_musl=$(mem_mb "$musl_server" RssAnon) ANON_IDLE_C_musl=$(mem_mb "$musl_client" RssAnon)
+            single_stream musl "$musl_server" "$musl_client" --socks5-hostname "127.0.0.1:$MUSL_SOCKS"
+            MBPS_musl=$SS_MBPS CPUS_musl=$SS_CPU_SERVER CPUC_musl=$SS_CPU_CLIENT
+            CONC_musl=$(concurrent --socks5-hostname "127.0.0.1:$MUSL_SOCKS")
+            RSS_PEAK_S_musl=$(mem_mb "$musl_server" VmHWM) RSS_PEAK_C_musl=$(mem_mb "$musl_client" VmHWM)
+            IDLE_RSS_musl=$(idle_sessions_rss "$musl_server" "$MUSL_PORT" "$MUSL_API" musl)
+            log "musl: idle RSS $RSS_IDLE_S_musl / $RSS_IDLE_C_musl MB, $STREAMS streams $CONC_musl MB/s"
+        else
+            log "musl ostp did not come up (see $WORK/musl-*.log)"
+        fi
+        stop "$musl_client"
+        stop "$musl_server"
     fi
 fi
 
@@ -677,6 +732,13 @@ row "client CPU (s per GB)" "$CPUC_ostp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_
 row "single stream, \`-C target-cpu=native\` build (MB/s)" "$MBPS_native" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_native" "$MBPS_ss")"
 row "server CPU, native build (s per GB)" "$CPUS_native" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_native" "$CPUS_ss")"
 row "client CPU, native build (s per GB)" "$CPUC_native" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_native" "$CPUC_ss")"
+row "static musl build: single stream (MB/s)" "$MBPS_musl" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_musl" "$MBPS_ss")"
+row "static musl build: server / client CPU (s per GB)" "$CPUS_musl / $CPUC_musl" "–" "$CPUS_ss / $CPUC_ss" "–" "$(ratio "$CPUS_musl" "$CPUS_ss") / $(ratio "$CPUC_musl" "$CPUC_ss")"
+row "static musl build: $STREAMS concurrent streams, one round (MB/s)" "$CONC_musl" "–" "–" "–" "–"
+row "static musl build: server / client RSS idle (MB)" "$RSS_IDLE_S_musl / $RSS_IDLE_C_musl" "–" "$RSS_IDLE_S_ss / $RSS_IDLE_C_ss" "–" "–"
+row "static musl build: server / client RSS peak (MB)" "$RSS_PEAK_S_musl / $RSS_PEAK_C_musl" "–" "$RSS_PEAK_S_ss / $RSS_PEAK_C_ss" "–" "–"
+row "static musl build: idle RSS, anonymous pages only (MB)" "$ANON_IDLE_S_musl / $ANON_IDLE_C_musl" "–" "–" "–" "–"
+row "static musl build: server RSS with $IDLE_SESSIONS idle sessions (MB)" "$IDLE_RSS_musl" "–" "–" "–" "–"
 row "single stream over the TCP carrier (MB/s)" "$MBPS_tcp" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_tcp" "$MBPS_ss")"
 row "server CPU, TCP carrier (s per GB)" "$CPUS_tcp" "–" "$CPUS_ss" "–" "$(ratio "$CPUS_tcp" "$CPUS_ss")"
 row "client CPU, TCP carrier (s per GB)" "$CPUC_tcp" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_tcp" "$CPUC_ss")"

@@ -517,9 +517,11 @@ pub fn netlink_route_socket(timeout: std::time::Duration) -> io::Result<OwnedFd>
             std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
         )
     })?;
+    // The field types are inferred: `libc::time_t` and `suseconds_t` are deprecated aliases on
+    // musl (they become 64-bit there), and the timeouts used here are seconds.
     let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        tv_sec: timeout.as_secs() as _,
+        tv_usec: timeout.subsec_micros() as _,
     };
     // SAFETY: the option value is a timeval of the stated size.
     check(unsafe {

@@ -338,12 +338,15 @@ fn blackhole(host: &str, stop: &AtomicBool) -> bool {
     false
 }
 
-/// One blocking lookup through the system resolver.
+/// One blocking lookup through the system resolver. The name is looked up in lower case: names
+/// are case-insensitive (RFC 4343), DNS servers compare them so, but musl (OpenWrt's libc) reads
+/// `/etc/hosts` case-sensitively: `LocalHost` or `Router.LAN` would not be found there.
 pub fn resolve_blocking(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
     if host.is_empty() || host.len() > Destination::MAX_DOMAIN_LEN || host.contains('\0') {
         return Err(ResolveError::NotFound);
     }
-    match (host, port).to_socket_addrs() {
+    let host = host.to_ascii_lowercase();
+    match (host.as_str(), port).to_socket_addrs() {
         Ok(addrs) => {
             let mut out: Vec<SocketAddr> = Vec::new();
             for addr in addrs {
@@ -396,6 +399,19 @@ mod tests {
             kind: TicketKind::Outbound,
             index: 0,
             serial,
+        }
+    }
+
+    #[test]
+    fn names_in_any_case_resolve_like_their_lower_case_form() {
+        // /etc/hosts names "localhost" on every system the tests run on; musl matches its
+        // entries case-sensitively, so this failed in a musl build before the lookup lowered it.
+        for name in ["localhost", "LocalHost", "LOCALHOST"] {
+            let addrs = resolve_blocking(name, 80).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert!(
+                addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 80),
+                "{name}: {addrs:?}"
+            );
         }
     }
 
