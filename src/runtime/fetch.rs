@@ -2,7 +2,7 @@
 //! `http://` only — the build carries no TLS library) and turning the answer into a client config.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -58,10 +58,8 @@ fn parse_url(url: &str) -> Result<HttpUrl, RunError> {
 }
 
 fn http_get(url: &HttpUrl) -> Result<(u16, Vec<u8>), String> {
-    let addrs: Vec<_> = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
-        .collect();
+    let addrs = crate::tunnel::resolver::resolve_blocking(&url.host, url.port)
+        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?;
     let mut last = String::from("no addresses");
     let mut stream = None;
     for a in addrs {

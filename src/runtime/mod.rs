@@ -338,17 +338,19 @@ fn router_rules(path: &Path, flavor: RulesFlavor) -> Result<(), RunError> {
     let server_addrs: Vec<std::net::IpAddr> = match host.parse() {
         Ok(ip) => vec![ip],
         Err(_) => {
-            use std::net::ToSocketAddrs;
-            let mut addrs: Vec<std::net::IpAddr> = (host.as_str(), server_port)
-                .to_socket_addrs()
-                .map_err(|e| {
-                    RunError::Other(format!(
-                        "cannot resolve the server name {host:?} ({e}); the rules must leave the \
+            let mut addrs: Vec<std::net::IpAddr> = crate::tunnel::resolver::resolve_blocking(
+                &host,
+                server_port,
+            )
+            .map_err(|e| {
+                RunError::Other(format!(
+                    "cannot resolve the server name {host:?} ({e}); the rules must leave the \
                          server's addresses alone, so they need them"
-                    ))
-                })?
-                .map(|a| a.ip())
-                .collect();
+                ))
+            })?
+            .into_iter()
+            .map(|a| a.ip())
+            .collect();
             addrs.sort();
             addrs.dedup();
             addrs

@@ -61,7 +61,7 @@ use super::driver::udp::{
 use super::early_reply::EarlyReply;
 use super::pipe::{Pipe, PipeEnd};
 use super::proxy_front::{self, FrontProtocol, Progress, ProxyFront, ProxyRequest, Socks5Reply};
-use super::resolver::{Lookup, Resolver};
+use super::resolver::{self, Lookup, Resolver};
 use super::slab::Slab;
 use super::supervisor::{
     Failure, LinkSample, NO_ANSWER_TIMEOUT, OPEN_TIMEOUT, Retry, SlotState, SlotSupervisor,
@@ -340,11 +340,9 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
     let mut last_server_addr = None;
     let tun = match &options.tun {
         Some(t) => {
-            use std::net::ToSocketAddrs;
-            last_server_addr = (host.as_str(), port)
-                .to_socket_addrs()
+            last_server_addr = resolver::resolve_blocking(&host, port)
                 .ok()
-                .and_then(|mut a| a.next());
+                .and_then(|a| a.first().copied());
             Some(TunState::open(t, core.registry(), now)?)
         }
         None => None,
