@@ -244,15 +244,18 @@ write_client_config() {
 EOF
 }
 
-# idle_sessions_rss SERVER_PID OSTP_PORT API_PORT LABEL: the server's RSS (MB) with IDLE_SESSIONS
-# idle sessions (hidden client flag), n/a when they do not all come online. A key may complete at
-# most 16 handshakes per 2-minute epoch (single-use hello tags, docs/PROTOCOL.md 3.1), so the
-# sessions are spread over fresh API-created keys, 10 sessions each.
+# idle_sessions_rss SERVER_PID OSTP_PORT API_PORT LABEL: sets IDLE_RSS to the server's RSS (MB) with
+# IDLE_SESSIONS idle sessions (hidden client flag), n/a when they do not all come online. A key may
+# complete at most 16 handshakes per 2-minute epoch (single-use hello tags, docs/PROTOCOL.md 3.1),
+# so the sessions are spread over fresh API-created keys, 10 sessions each. The idle clients are
+# the glibc $OSTP whatever the server is: only the server's RSS is read. Called directly, not in
+# $(...), so the clients it starts are in PIDS for the EXIT trap.
 idle_sessions_rss() {
-    local spid=$1 port=$2 api=$3 label=$4 per_key=10 remaining=$IDLE_SESSIONS k=0 n key online=0 pids=() rss=n/a
+    local spid=$1 port=$2 api=$3 label=$4 per_key=10 remaining=$IDLE_SESSIONS k=0 n key online=0 pids=()
+    IDLE_RSS=n/a
     while ((remaining > 0)); do
         n=$((remaining < per_key ? remaining : per_key))
-        key=$(curl -s -X POST -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$api/api/users" |
+        key=$(curl -s --max-time 5 -X POST -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$api/api/users" |
             grep -o '"key":"[^"]*"' | cut -d'"' -f4)
         [[ -z $key ]] && break
         printf '{"mode":"client","server":"127.0.0.1:%s","access_key":"%s","socks5_bind":"127.0.0.1:0"}\n' \
@@ -264,7 +267,7 @@ idle_sessions_rss() {
     done
     # Wait until the server reports the sessions online (up to 90 s), then sample it.
     for _ in $(seq 1 180); do
-        online=$(curl -s -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$api/api/server/status" |
+        online=$(curl -s --max-time 5 -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$api/api/server/status" |
             grep -o '"online_sessions":[0-9]*' | head -n 1 | cut -d: -f2)
         online=${online:-0}
         ((online >= IDLE_SESSIONS)) && break
@@ -275,12 +278,11 @@ idle_sessions_rss() {
     # (runtime/malloc.rs HeapTrim), so the reading waits a little longer than that.
     sleep "${IDLE_SETTLE_S:-12}"
     if alive "$spid" && ((online >= IDLE_SESSIONS)); then
-        rss=$(mem_mb "$spid" VmRSS)
+        IDLE_RSS=$(mem_mb "$spid" VmRSS)
     fi
     for n in "${pids[@]}"; do
         stop "$n"
     done
-    echo "$rss"
 }
 
 # metric NAME: the value of an unlabelled series in the ostp server's GET /metrics.
@@ -415,7 +417,8 @@ EOF
     fi
 
     if alive "$SERVER_PID"; then
-        IDLE_SESSIONS_RSS=$(idle_sessions_rss "$SERVER_PID" "$OSTP_PORT" "$API_PORT" ostp)
+        idle_sessions_rss "$SERVER_PID" "$OSTP_PORT" "$API_PORT" ostp
+        IDLE_SESSIONS_RSS=$IDLE_RSS
     fi
 
     # Goodput through the lossy relay: 100 Mbit/s, 25 ms each way (50 ms RTT), 1 % / 5 % loss.
@@ -486,7 +489,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # ostp as a static musl binary (`--target <arch>-unknown-linux-musl`), the libc OpenWrt routers
 # run: its own server (with the API, for the idle sessions) and client, same origin and run.
-# Idle and peak RSS, single stream, one round of the concurrent streams, 1,000 idle sessions.
+# Idle and peak RSS, single stream, 1,000 idle sessions, and the concurrent streams (round 1
+# here, the others interleaved with the other columns' rounds at the end).
 # The target is added with rustup when missing; n/a when it cannot be. Skipped with SKIP_MUSL=1,
 # and with NO_BUILD=1 unless MUSL_BIN names a binary.
 
@@ -525,14 +529,22 @@ if [[ -z ${SKIP_MUSL:-} && ( -n ${MUSL_BIN:-} || -z ${NO_BUILD:-} ) && -f $WORK/
             MBPS_musl=$SS_MBPS CPUS_musl=$SS_CPU_SERVER CPUC_musl=$SS_CPU_CLIENT
             CONC_musl=$(concurrent --socks5-hostname "127.0.0.1:$MUSL_SOCKS")
             RSS_PEAK_S_musl=$(mem_mb "$musl_server" VmHWM) RSS_PEAK_C_musl=$(mem_mb "$musl_client" VmHWM)
-            IDLE_RSS_musl=$(idle_sessions_rss "$musl_server" "$MUSL_PORT" "$MUSL_API" musl)
+            idle_sessions_rss "$musl_server" "$MUSL_PORT" "$MUSL_API" musl
+            IDLE_RSS_musl=$IDLE_RSS
             log "musl: idle RSS $RSS_IDLE_S_musl / $RSS_IDLE_C_musl MB, $STREAMS streams $CONC_musl MB/s"
         else
             log "musl ostp did not come up (see $WORK/musl-*.log)"
         fi
-        stop "$musl_client"
-        stop "$musl_server"
+        # Kept up (idle) for the interleaved rounds of the 100-stream row when it worked.
+        if [[ $CONC_musl == n/a ]]; then
+            stop "$musl_client"
+            stop "$musl_server"
+        fi
+    else
+        log "no musl binary at $MUSL: its rows are n/a"
     fi
+elif [[ -z ${SKIP_MUSL:-} ]]; then
+    log "musl rows skipped (NO_BUILD=1 without MUSL_BIN, or the ostp section did not run)"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -684,8 +696,10 @@ fi
 R_CONC_direct=("$CONC_direct") R_TTFB_direct=("$TTFB_direct")
 R_CONC_ostp=("$CONC_ostp") R_TTFB_ostp=("$TTFB_ostp")
 R_CONC_ss=("$CONC_ss") R_TTFB_ss=("$TTFB_ss")
+R_CONC_musl=("$CONC_musl")
 OSTP_UP=$(alive "$SERVER_PID" && alive "$CLIENT_PID" && [[ $CONC_ostp != n/a ]] && echo 1)
 SS_UP=$(alive "${SSS_PID:-}" && alive "${SSL_PID:-}" && [[ $CONC_ss != n/a ]] && echo 1)
+MUSL_UP=$(alive "${musl_server:-}" && alive "${musl_client:-}" && [[ $CONC_musl != n/a ]] && echo 1)
 for ((round = 2; round <= ROUNDS; round++)); do
     R_CONC_direct+=("$(concurrent)") R_TTFB_direct+=("$(ttfb_median || echo n/a)")
     if [[ -n $OSTP_UP ]]; then
@@ -696,7 +710,10 @@ for ((round = 2; round <= ROUNDS; round++)); do
         R_CONC_ss+=("$(concurrent "${SS_PROXY[@]}")")
         R_TTFB_ss+=("$(ttfb_median "${SS_PROXY[@]}" || echo n/a)")
     fi
-    log "round $round: $STREAMS streams MB/s direct ${R_CONC_direct[-1]}, ostp ${R_CONC_ostp[-1]}, ss ${R_CONC_ss[-1]}; ttfb ms direct ${R_TTFB_direct[-1]}, ostp ${R_TTFB_ostp[-1]}, ss ${R_TTFB_ss[-1]}"
+    if [[ -n $MUSL_UP ]]; then
+        R_CONC_musl+=("$(concurrent --socks5-hostname "127.0.0.1:$MUSL_SOCKS")")
+    fi
+    log "round $round: $STREAMS streams MB/s direct ${R_CONC_direct[-1]}, ostp ${R_CONC_ostp[-1]}, ss ${R_CONC_ss[-1]}, musl ${R_CONC_musl[-1]}; ttfb ms direct ${R_TTFB_direct[-1]}, ostp ${R_TTFB_ostp[-1]}, ss ${R_TTFB_ss[-1]}"
 done
 if ((ROUNDS > 1)); then
     for k in direct ostp ss; do
@@ -704,10 +721,13 @@ if ((ROUNDS > 1)); then
         declare "CONC_$k=$(median 1 "${conc_rounds[@]}")" "TTFB_$k=$(median 2 "${ttfb_rounds[@]}")"
         unset -n conc_rounds ttfb_rounds
     done
+    CONC_musl=$(median 1 "${R_CONC_musl[@]}")
     log "medians of $ROUNDS rounds: $STREAMS streams MB/s direct $CONC_direct, ostp $CONC_ostp, ss $CONC_ss; ttfb ms direct $TTFB_direct, ostp $TTFB_ostp, ss $TTFB_ss"
 fi
 stop "${SSL_PID:-}"
 stop "${SSS_PID:-}"
+stop "${musl_client:-}"
+stop "${musl_server:-}"
 
 # ---------------------------------------------------------------------------------------------
 # report
@@ -734,7 +754,7 @@ row "server CPU, native build (s per GB)" "$CPUS_native" "–" "$CPUS_ss" "–" 
 row "client CPU, native build (s per GB)" "$CPUC_native" "–" "$CPUC_ss" "–" "$(ratio "$CPUC_native" "$CPUC_ss")"
 row "static musl build: single stream (MB/s)" "$MBPS_musl" "–" "$MBPS_ss" "–" "$(ratio "$MBPS_musl" "$MBPS_ss")"
 row "static musl build: server / client CPU (s per GB)" "$CPUS_musl / $CPUC_musl" "–" "$CPUS_ss / $CPUC_ss" "–" "$(ratio "$CPUS_musl" "$CPUS_ss") / $(ratio "$CPUC_musl" "$CPUC_ss")"
-row "static musl build: $STREAMS concurrent streams, one round (MB/s)" "$CONC_musl" "–" "–" "–" "–"
+row "static musl build: $STREAMS concurrent streams, aggregate (MB/s)" "$CONC_musl" "–" "$CONC_ss" "–" "$(ratio "$CONC_musl" "$CONC_ss")"
 row "static musl build: server / client RSS idle (MB)" "$RSS_IDLE_S_musl / $RSS_IDLE_C_musl" "–" "$RSS_IDLE_S_ss / $RSS_IDLE_C_ss" "–" "–"
 row "static musl build: server / client RSS peak (MB)" "$RSS_PEAK_S_musl / $RSS_PEAK_C_musl" "–" "$RSS_PEAK_S_ss / $RSS_PEAK_C_ss" "–" "–"
 row "static musl build: idle RSS, anonymous pages only (MB)" "$ANON_IDLE_S_musl / $ANON_IDLE_C_musl" "–" "–" "–" "–"

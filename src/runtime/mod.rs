@@ -338,7 +338,7 @@ fn router_rules(path: &Path, flavor: RulesFlavor) -> Result<(), RunError> {
     let server_addrs: Vec<std::net::IpAddr> = match host.parse() {
         Ok(ip) => vec![ip],
         Err(_) => {
-            let mut addrs: Vec<std::net::IpAddr> = crate::tunnel::resolver::resolve_blocking(
+            let mut addrs: Vec<std::net::IpAddr> = crate::tunnel::resolver::resolve_all(
                 &host,
                 server_port,
             )

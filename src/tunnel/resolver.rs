@@ -21,6 +21,7 @@
 //!   `getaddrinfo` stuck on a dead name server would (up to [`BLACKHOLE_HOLD`], or until shut
 //!   down), so tests can starve the pool deterministically without a real broken DNS server.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
@@ -338,22 +339,43 @@ fn blackhole(host: &str, stop: &AtomicBool) -> bool {
     false
 }
 
-/// One blocking lookup through the system resolver. The name is looked up in lower case: names
-/// are case-insensitive (RFC 4343), DNS servers compare them so, but musl (OpenWrt's libc) reads
-/// `/etc/hosts` case-sensitively: `LocalHost` or `Router.LAN` would not be found there.
+/// One blocking lookup through the system resolver: at most [`MAX_ADDRESSES`] addresses, in
+/// its order, without repeats. The name is looked up in [`lookup_form`].
 pub fn resolve_blocking(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+    resolve_up_to(host, port, MAX_ADDRESSES)
+}
+
+/// [`resolve_blocking`] without the cap: every address of `host`, for callers that must know
+/// them all (router rules leave each of the server's addresses out of the capture).
+pub fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+    resolve_up_to(host, port, usize::MAX)
+}
+
+/// How a host is handed to the system resolver: in lower case, because names are
+/// case-insensitive (RFC 4343) and DNS servers compare them so, but musl (OpenWrt's libc) reads
+/// `/etc/hosts` case-sensitively (`LocalHost` or `Router.LAN` would not be found there). An
+/// IPv6 literal is passed as it is: its zone (`fe80::1%Eth0`) names an interface, and those
+/// names are case-sensitive.
+pub fn lookup_form(host: &str) -> Cow<'_, str> {
+    if host.contains(':') || !host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Borrowed(host)
+    } else {
+        Cow::Owned(host.to_ascii_lowercase())
+    }
+}
+
+fn resolve_up_to(host: &str, port: u16, cap: usize) -> Result<Vec<SocketAddr>, ResolveError> {
     if host.is_empty() || host.len() > Destination::MAX_DOMAIN_LEN || host.contains('\0') {
         return Err(ResolveError::NotFound);
     }
-    let host = host.to_ascii_lowercase();
-    match (host.as_str(), port).to_socket_addrs() {
+    match (&*lookup_form(host), port).to_socket_addrs() {
         Ok(addrs) => {
             let mut out: Vec<SocketAddr> = Vec::new();
             for addr in addrs {
                 if !out.contains(&addr) {
                     out.push(addr);
                 }
-                if out.len() == MAX_ADDRESSES {
+                if out.len() == cap {
                     break;
                 }
             }
@@ -400,6 +422,14 @@ mod tests {
             index: 0,
             serial,
         }
+    }
+
+    #[test]
+    fn names_are_looked_up_in_lower_case_and_ipv6_zones_as_written() {
+        assert_eq!(lookup_form("Router.LAN"), "router.lan");
+        assert!(matches!(lookup_form("example.com"), Cow::Borrowed(_)));
+        assert_eq!(lookup_form("fe80::1%Eth0"), "fe80::1%Eth0");
+        assert_eq!(lookup_form("2001:DB8::1"), "2001:DB8::1");
     }
 
     #[test]
