@@ -59,8 +59,9 @@ use super::driver::udp::{
     self, IoCounts, MAX_BATCH_BYTES, RECV_BATCH, SESSION_RECV_BATCH, SendOutcome, UdpOffload, UdpTx,
 };
 use super::early_reply::EarlyReply;
-use super::pipe::{Pipe, PipeEnd};
+use super::pipe::{Pipe, PipeEnd, ReadHold};
 use super::proxy_front::{self, FrontProtocol, Progress, ProxyFront, ProxyRequest, Socks5Reply};
+use super::read_ahead::READ_AHEAD;
 use super::resolver::{self, Lookup, Resolver};
 use super::slab::Slab;
 use super::supervisor::{
@@ -374,6 +375,8 @@ pub fn start(options: ClientOptions) -> Result<ClientLoopHandle, String> {
         server_addr: None,
         announced: None,
         locals: Slab::new(),
+        held: Vec::new(),
+        held_scratch: Vec::new(),
         waiting: TimeoutQueue::new(WAIT_FOR_SESSION),
         opening: TimeoutQueue::new(OPEN_TIMEOUT),
         early_reply: EarlyReply::default(),
@@ -443,6 +446,10 @@ impl Slot {
     fn session_mut(&mut self) -> Option<&mut Session> {
         self.client.as_mut().and_then(|c| c.session_mut())
     }
+
+    fn session(&self) -> Option<&Session> {
+        self.client.as_ref().and_then(|c| c.session())
+    }
 }
 
 enum LocalState {
@@ -485,6 +492,9 @@ struct Local {
     out_pos: usize,
     readable: bool,
     writable: bool,
+    /// In `ClientLoop::held`: its pipe stopped reading the application because the session
+    /// holds enough unsent bytes (`tunnel::read_ahead`), with the socket still readable.
+    held: bool,
     /// Captured on its way elsewhere (TUN or router mode), not a proxy client.
     captured: Option<Capture>,
     /// DNS over TCP to `tun.dns` or the forwarder's upstream: queries and answers read for
@@ -561,6 +571,11 @@ struct ClientLoop {
     /// The carrier of the last session announced at info level (a change is announced again).
     announced: Option<Carrier>,
     locals: Slab<Local>,
+    /// Piping connections whose reads wait for their session to send (`Local::held`), by
+    /// `(index, serial)`, in the order they were held; pumped again by [`ClientLoop::release_held`].
+    held: Vec<(usize, u32)>,
+    /// The previous `held`, reused so that a pass allocates nothing in steady state.
+    held_scratch: Vec<(usize, u32)>,
     /// Requests waiting for a session, oldest first.
     waiting: TimeoutQueue<usize>,
     /// Requests whose stream waits for the server's answer, oldest first.
@@ -744,6 +759,7 @@ impl ClientLoop {
             self.dns_receive(now);
             self.redir_receive(now);
             self.run_timers(now);
+            self.release_held(now);
             for i in 0..self.slots.len() {
                 self.process_slot_events(now, i);
                 self.flush(now, i);
@@ -1709,6 +1725,7 @@ impl ClientLoop {
                 out_pos: 0,
                 readable: true,
                 writable: true,
+                held: false,
                 captured,
                 dns_tap: None,
             }
@@ -1932,7 +1949,7 @@ impl ClientLoop {
         };
         // Until the open succeeds only socket → stream moves (the reply must come first); a
         // destination that opened recently gets its reply at once instead.
-        let mut pipe = Pipe::awaiting_reply(stream, &early);
+        let mut pipe = Pipe::awaiting_reply(stream, &early).with_read_ahead(READ_AHEAD);
         pipe.sock_readable = l.readable;
         pipe.sock_writable = l.writable;
         let replied = has_early_reply(&request)
@@ -2095,6 +2112,10 @@ impl ClientLoop {
         if moved > 0 {
             l.last_active = now;
         }
+        if result.is_ok() && pipe.read_hold() == Some(ReadHold::SendAhead) && !l.held {
+            l.held = true;
+            self.held.push((idx, l.serial));
+        }
         match result {
             Ok(_) => {}
             Err((PipeEnd::SocketError, _)) => {
@@ -2103,6 +2124,51 @@ impl ClientLoop {
             }
             Err((PipeEnd::Done, _)) | Err((PipeEnd::StreamGone, _)) => self.close_local(idx),
         }
+    }
+
+    /// Pumps again the held connections whose session may read again: it sent enough of what it
+    /// held (`READ_AHEAD`). A session gone: pumped too, which closes the connection. A
+    /// connection leaves the list when it is pumped, closed, or no longer opening or piping. Those still
+    /// waiting keep their turn ahead of those pumped now (queued again behind them if held
+    /// again), so reads rotate over a session's uploads. Runs before the sessions' flush, as the
+    /// server's does: bytes read here leave in the same iteration.
+    fn release_held(&mut self, now: Instant) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.held);
+        let mut waiting = std::mem::take(&mut self.held_scratch);
+        for (idx, serial) in held.drain(..) {
+            let Some(l) = self.locals.get_mut(idx) else {
+                continue;
+            };
+            if l.serial != serial || !l.held {
+                continue; // gone (its slot reused), or no longer held
+            }
+            l.held = false;
+            // An early-answered upload is held while its stream is still opening, too.
+            let (LocalState::Opening { slot, .. } | LocalState::Piping { slot }) = l.state else {
+                continue;
+            };
+            if l.pipe.as_ref().and_then(Pipe::read_hold) != Some(ReadHold::SendAhead) {
+                continue; // pumped since: reading until the socket ran dry
+            }
+            let ready = self
+                .slots
+                .get(slot)
+                .and_then(Slot::session)
+                .is_none_or(|s| READ_AHEAD.allows(s.transport()));
+            if ready {
+                self.pump_local(now, idx, slot); // holds it again if the hold returned
+            } else {
+                l.held = true;
+                waiting.push((idx, serial));
+            }
+        }
+        // Those still waiting first, then those pumped in this pass and held again.
+        waiting.append(&mut self.held);
+        self.held = waiting;
+        self.held_scratch = held;
     }
 
     fn close_local(&mut self, idx: usize) {

@@ -10,8 +10,9 @@
 //! - [`resolver`]    — a small DNS thread pool that reports results to the event loop via a `mio::Waker`.
 //!
 //! - [`pipe`]        — the socket ↔ stream byte pump (bounded buffers, backpressure both ways).
-//! - [`read_ahead`]  — the server's policy (sans-IO) of how far pipes read destinations ahead of
-//!   what the session's congestion window can send.
+//! - [`read_ahead`]  — the policy (sans-IO) of how far pipes read their sockets (destinations on
+//!   the server, applications on the client) ahead of what the session's congestion window can
+//!   send.
 //! - [`slab`]        — stable indices for connections (mio tokens).
 //! - [`ledger`]      — the server's per-user traffic policy (sans-IO): budgets, unsynced traffic,
 //!   the limit cut and drain, the sync with the user table.

@@ -1,6 +1,6 @@
 //! How far a session's pipes may read from their sockets ahead of what its congestion window
-//! can send (sans-IO): the server's policy that keeps destinations' bytes in the kernel's TCP
-//! buffers instead of ours.
+//! can send (sans-IO): the policy that keeps destinations' bytes (server) and applications'
+//! bytes (client) in the kernel's TCP buffers instead of ours.
 //!
 //! A session sends at most its congestion window per round trip, so bytes read beyond it (and
 //! a margin that keeps the sender busy until the next read) only sit in user space: with 100
@@ -26,6 +26,10 @@ pub const READ_AHEAD_FLOOR: u64 = 256 * 1024;
 /// between two loop iterations and still find another queued (measured on the lossy 100 Mbit/s,
 /// 50 ms path: windows of 1.3-1.9 MB, so its 2 MiB stream buffer still binds there).
 pub const CWND_MULTIPLE: u64 = 2;
+
+/// The policy both loops use: the server for destinations' bytes (downloads), the client for
+/// applications' bytes (uploads).
+pub const READ_AHEAD: ReadAhead = ReadAhead::new(READ_AHEAD_FLOOR, CWND_MULTIPLE);
 
 /// The read-ahead policy of one loop (the same for every session).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

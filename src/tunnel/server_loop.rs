@@ -41,7 +41,7 @@ use super::hello_record::{self, HelloRecordFile};
 use super::ledger::{Ledger, TableView, Verdict};
 use super::pipe::{Moved, PIPE_BUF, Pipe, PipeEnd, ReadHold};
 use super::quotas::{FdSplit, Limits, Quotas};
-use super::read_ahead::{CWND_MULTIPLE, READ_AHEAD_FLOOR, ReadAhead};
+use super::read_ahead::READ_AHEAD;
 use super::resolver::{Lookup, Resolved, Resolver};
 use super::slab::Slab;
 use super::stats::{SharedTunnelStats, TunnelStats, lock_stats};
@@ -73,8 +73,6 @@ pub const SERVER_STREAM_SEND_BUFFER: usize = 2 * 1024 * 1024;
 /// download's ring drained to nothing at every window update and grew again through mmapped
 /// sizes: 23-30k page faults per 300 MB instead of 1.2k (+50 % server system time).
 pub const SERVER_SESSION_SEND_BUFFER: usize = 4 * 1024 * 1024;
-/// How far ahead of a session's congestion window its outbound sockets are read.
-const SERVER_READ_AHEAD: ReadAhead = ReadAhead::new(READ_AHEAD_FLOOR, CWND_MULTIPLE);
 /// Lookups waiting for a resolver thread (beyond one running per thread).
 const DNS_QUEUE: usize = 256;
 /// Fds the loop holds whatever the traffic (epoll, waker, stdio, log) beside its listen sockets.
@@ -950,7 +948,7 @@ impl ServerLoop {
             held: false,
             state: OutState::Resolving,
             sock: None,
-            pipe: Pipe::new(stream, &[]).with_read_ahead(SERVER_READ_AHEAD),
+            pipe: Pipe::new(stream, &[]).with_read_ahead(READ_AHEAD),
             candidates: Vec::new(),
             next_candidate: 0,
             last_error: OpenResult::Unreachable,
@@ -1328,7 +1326,7 @@ impl ServerLoop {
     fn session_may_read(&self, session: SessionId) -> bool {
         self.endpoint
             .session(session)
-            .is_none_or(|s| SERVER_READ_AHEAD.allows(s.transport()))
+            .is_none_or(|s| READ_AHEAD.allows(s.transport()))
     }
 
     /// Resets open streams that moved nothing for the idle timeout (the half-closed timeout once

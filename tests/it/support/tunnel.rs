@@ -845,6 +845,42 @@ pub fn parallel_downloads(proxy: SocketAddr, http: u16, count: usize, n: u64) {
     }
 }
 
+/// `count` parallel uploads of `n` bytes each to the origin's `POST /upload` through SOCKS5, one
+/// thread each; every one must arrive whole (the origin's byte count and checksum).
+pub fn parallel_uploads(proxy: SocketAddr, http: u16, count: usize, n: usize) {
+    let data: Arc<Vec<u8>> = Arc::new(
+        (0..n as u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9) >> 11) as u8)
+            .collect(),
+    );
+    let mut digest = Digest::new();
+    digest.update(&data);
+    let expected = format!("bytes={n} fnv1a64={:016x}\n", digest.fnv);
+    let workers: Vec<_> = (0..count)
+        .map(|i| {
+            let data = Arc::clone(&data);
+            std::thread::spawn(move || {
+                let mut s = socks5_connect(proxy, http_target(http))
+                    .unwrap_or_else(|c| panic!("upload {i}: SOCKS5 reply {c:#x}"));
+                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                write!(
+                    s,
+                    "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                s.write_all(&data).unwrap();
+                let mut reply = String::new();
+                let _ = s.read_to_string(&mut reply);
+                (i, reply)
+            })
+        })
+        .collect();
+    for w in workers {
+        let (i, reply) = w.join().unwrap();
+        assert!(reply.ends_with(&expected), "upload {i}: {reply:?}");
+    }
+}
+
 /// Downloads `/bytes/n` through SOCKS5, retrying until `deadline` while the tunnel is not back
 /// (connect refused or cut). Returns the digest of the first complete download and how long it
 /// took to get one.
