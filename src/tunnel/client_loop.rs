@@ -571,10 +571,12 @@ struct ClientLoop {
     /// The carrier of the last session announced at info level (a change is announced again).
     announced: Option<Carrier>,
     locals: Slab<Local>,
-    /// Piping connections whose reads wait for their session to send (`Local::held`), by
-    /// `(index, serial)`, in the order they were held; pumped again by [`ClientLoop::release_held`].
+    /// Piping (or early-answered, still opening) connections whose reads wait for their session
+    /// to send (`Local::held`), by `(index, serial)`, in the order they were held; pumped again
+    /// by [`ClientLoop::release_held`].
     held: Vec<(usize, u32)>,
-    /// The previous `held`, reused so that a pass allocates nothing in steady state.
+    /// Spare storage for `held`, swapped in by each pass, so that a pass allocates nothing in
+    /// steady state.
     held_scratch: Vec<(usize, u32)>,
     /// Requests waiting for a session, oldest first.
     waiting: TimeoutQueue<usize>,
@@ -2136,9 +2138,12 @@ impl ClientLoop {
         if self.held.is_empty() {
             return;
         }
-        let mut held = std::mem::take(&mut self.held);
-        let mut waiting = std::mem::take(&mut self.held_scratch);
-        for (idx, serial) in held.drain(..) {
+        // This pass's list; `self.held` collects the connections pumped here and held again (in
+        // the scratch's storage), and the ones still waiting are compacted to the list's front.
+        let mut held = std::mem::replace(&mut self.held, std::mem::take(&mut self.held_scratch));
+        let mut kept = 0;
+        for i in 0..held.len() {
+            let (idx, serial) = held[i];
             let Some(l) = self.locals.get_mut(idx) else {
                 continue;
             };
@@ -2162,13 +2167,14 @@ impl ClientLoop {
                 self.pump_local(now, idx, slot); // holds it again if the hold returned
             } else {
                 l.held = true;
-                waiting.push((idx, serial));
+                held[kept] = (idx, serial);
+                kept += 1;
             }
         }
         // Those still waiting first, then those pumped in this pass and held again.
-        waiting.append(&mut self.held);
-        self.held = waiting;
-        self.held_scratch = held;
+        held.truncate(kept);
+        held.append(&mut self.held);
+        self.held_scratch = std::mem::replace(&mut self.held, held);
     }
 
     fn close_local(&mut self, idx: usize) {

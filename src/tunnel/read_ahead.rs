@@ -13,8 +13,8 @@
 //!
 //! Waking: a pipe held here keeps its socket's readiness (mio is edge-triggered, nothing more
 //! will come from the socket), so the driver re-checks held pipes on every loop iteration;
-//! unsent bytes fall only by sending, which puts bytes in flight whose ACKs (or loss timers)
-//! wake the loop again.
+//! unsent bytes fall by sending, which puts bytes in flight whose ACKs (or loss timers) wake
+//! the loop again, or by a stream reset, whose RESET frame is acknowledged in turn.
 
 use crate::proto::transport::Transport;
 

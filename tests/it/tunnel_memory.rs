@@ -59,9 +59,10 @@ fn parallel_downloads_keep_the_servers_peak_memory_low() {
 
 /// 100 parallel uploads through one client (a router's LAN sending at once): the client's peak
 /// RSS grows by at most 7 MiB over its RSS before them. Measured in release builds (5 MB
-/// uploads): ~3.3 MiB (client peak 6.8-6.9 MB); before the client held its reads (no read-ahead
-/// bound on its pipes) it read every application until the session's send buffer was full:
-/// peak 14.1-14.4 MB, growth ~10.5 MiB, and the uploads were slower (121 vs 133-142 MB/s).
+/// uploads, what CI runs): 2.8 MiB (client peak 6.7 MB); with the client's pipes created
+/// without the read-ahead bound it read every application until the session's send buffer was
+/// full: growth 10,188 KiB (peak 14.1 MB), and the uploads were slower. Debug builds (300 KB
+/// uploads): 2.4 MiB.
 #[test]
 fn parallel_uploads_keep_the_clients_peak_memory_low() {
     let _heavy = heavy_lock();

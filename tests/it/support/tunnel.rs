@@ -862,22 +862,26 @@ pub fn parallel_uploads(proxy: SocketAddr, http: u16, count: usize, n: usize) {
             std::thread::spawn(move || {
                 let mut s = socks5_connect(proxy, http_target(http))
                     .unwrap_or_else(|c| panic!("upload {i}: SOCKS5 reply {c:#x}"));
+                // A stalled tunnel fails the test instead of hanging it.
                 s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                write!(
+                s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+                let sent = write!(
                     s,
                     "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
                 )
-                .unwrap();
-                s.write_all(&data).unwrap();
+                .and_then(|()| s.write_all(&data));
                 let mut reply = String::new();
-                let _ = s.read_to_string(&mut reply);
-                (i, reply)
+                let read = sent.and_then(|()| s.read_to_string(&mut reply));
+                (i, reply, read.err())
             })
         })
         .collect();
     for w in workers {
-        let (i, reply) = w.join().unwrap();
-        assert!(reply.ends_with(&expected), "upload {i}: {reply:?}");
+        let (i, reply, err) = w.join().unwrap();
+        assert!(
+            reply.ends_with(&expected),
+            "upload {i}: {reply:?} ({err:?})"
+        );
     }
 }
 
