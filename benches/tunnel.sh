@@ -244,6 +244,16 @@ write_client_config() {
 EOF
 }
 
+# start_pair BIN SERVER_NAME SERVER_CONFIG CLIENT_NAME CLIENT_CONFIG: starts an ostp server, then
+# (0.3 s later) its client; sets PAIR_SERVER and PAIR_CLIENT to their PIDs.
+start_pair() {
+    start "$2" "$1" --config "$3"
+    PAIR_SERVER=$STARTED_PID
+    sleep 0.3
+    start "$4" "$1" --config "$5"
+    PAIR_CLIENT=$STARTED_PID
+}
+
 # idle_sessions_rss SERVER_PID OSTP_PORT API_PORT LABEL: sets IDLE_RSS to the server's RSS (MB) with
 # IDLE_SESSIONS idle sessions (hidden client flag), n/a when they do not all come online. A key may
 # complete at most 16 handshakes per 2-minute epoch (single-use hello tags, docs/PROTOCOL.md 3.1),
@@ -391,11 +401,8 @@ if [[ -x $OSTP ]]; then
 {"mode":"server","listen":"127.0.0.1:$OSTP_PORT","access_keys":["$ACCESS_KEY"],"api":{"enabled":true,"bind":"127.0.0.1:$API_PORT","token":"$API_TOKEN"},"allow_private_destinations":true,"max_sessions":4096,"max_sessions_per_user":4096}
 EOF
     write_client_config "$WORK/client.json" "$OSTP_PORT" "$SOCKS_PORT"
-    start ostp-server "$OSTP" --config "$WORK/server.json"
-    SERVER_PID=$STARTED_PID
-    sleep 0.3
-    start ostp-client "$OSTP" --config "$WORK/client.json"
-    CLIENT_PID=$STARTED_PID
+    start_pair "$OSTP" ostp-server "$WORK/server.json" ostp-client "$WORK/client.json"
+    SERVER_PID=$PAIR_SERVER CLIENT_PID=$PAIR_CLIENT
     if wait_tcp "$SOCKS_PORT" 10 && alive "$SERVER_PID" && alive "$CLIENT_PID"; then
         sleep 0.5
         RSS_IDLE_S_ostp=$(mem_mb "$SERVER_PID" VmRSS)
@@ -469,11 +476,8 @@ if [[ -z ${SKIP_NATIVE:-} && ( -n ${NATIVE_BIN:-} || -z ${NO_BUILD:-} ) && -f $W
         sed -e "s/127.0.0.1:$OSTP_PORT/127.0.0.1:$NATIVE_PORT/" -e 's/"api":{[^}]*}/"api":{"enabled":false}/' \
             "$WORK/server.json" >"$WORK/native-server.json"
         write_client_config "$WORK/native-client.json" "$NATIVE_PORT" "$NATIVE_SOCKS"
-        start native-server "$NATIVE" --config "$WORK/native-server.json"
-        native_server=$STARTED_PID
-        sleep 0.3
-        start native-client "$NATIVE" --config "$WORK/native-client.json"
-        native_client=$STARTED_PID
+        start_pair "$NATIVE" native-server "$WORK/native-server.json" native-client "$WORK/native-client.json"
+        native_server=$PAIR_SERVER native_client=$PAIR_CLIENT
         if wait_tcp "$NATIVE_SOCKS" 10 && alive "$native_server"; then
             sleep 0.5
             single_stream native "$native_server" "$native_client" --socks5-hostname "127.0.0.1:$NATIVE_SOCKS"
@@ -516,11 +520,8 @@ if [[ -z ${SKIP_MUSL:-} && ( -n ${MUSL_BIN:-} || -z ${NO_BUILD:-} ) && -f $WORK/
         sed -e "s/127.0.0.1:$OSTP_PORT/127.0.0.1:$MUSL_PORT/" -e "s/127.0.0.1:$API_PORT/127.0.0.1:$MUSL_API/" \
             "$WORK/server.json" >"$WORK/musl-server.json"
         write_client_config "$WORK/musl-client.json" "$MUSL_PORT" "$MUSL_SOCKS"
-        start musl-server "$MUSL" --config "$WORK/musl-server.json"
-        musl_server=$STARTED_PID
-        sleep 0.3
-        start musl-client "$MUSL" --config "$WORK/musl-client.json"
-        musl_client=$STARTED_PID
+        start_pair "$MUSL" musl-server "$WORK/musl-server.json" musl-client "$WORK/musl-client.json"
+        musl_server=$PAIR_SERVER musl_client=$PAIR_CLIENT
         if wait_tcp "$MUSL_SOCKS" 10 && alive "$musl_server" && alive "$musl_client"; then
             sleep 0.5
             RSS_IDLE_S_musl=$(mem_mb "$musl_server" VmRSS) RSS_IDLE_C_musl=$(mem_mb "$musl_client" VmRSS)
@@ -559,11 +560,8 @@ if [[ -z ${SKIP_TCP:-} && -x $OSTP && -f $WORK/server.json ]]; then
         -e 's/"api":{[^}]*}/"api":{"enabled":false}/' "$WORK/server.json" >"$WORK/tcp-server.json"
     write_client_config "$WORK/tcp-client.json" "$TCP_PORT" "$TCP_SOCKS"
     sed -i -e 's/"debug":false}/"debug":false,"transport":{"mode":"uot"}}/' "$WORK/tcp-client.json"
-    start tcp-server "$OSTP" --config "$WORK/tcp-server.json"
-    tcp_server=$STARTED_PID
-    sleep 0.3
-    start tcp-client "$OSTP" --config "$WORK/tcp-client.json"
-    tcp_client=$STARTED_PID
+    start_pair "$OSTP" tcp-server "$WORK/tcp-server.json" tcp-client "$WORK/tcp-client.json"
+    tcp_server=$PAIR_SERVER tcp_client=$PAIR_CLIENT
     if wait_tcp "$TCP_SOCKS" 10 && alive "$tcp_server" && alive "$tcp_client"; then
         sleep 0.5
         single_stream tcp-carrier "$tcp_server" "$tcp_client" --socks5-hostname "127.0.0.1:$TCP_SOCKS"
