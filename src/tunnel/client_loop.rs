@@ -2130,10 +2130,10 @@ impl ClientLoop {
 
     /// Pumps again the held connections whose session may read again: it sent enough of what it
     /// held (`READ_AHEAD`). A session gone: pumped too, which closes the connection. A
-    /// connection leaves the list when it is pumped, closed, or no longer opening or piping. Those still
-    /// waiting keep their turn ahead of those pumped now (queued again behind them if held
-    /// again), so reads rotate over a session's uploads. Runs before the sessions' flush, as the
-    /// server's does: bytes read here leave in the same iteration.
+    /// connection leaves the list when it is pumped, closed, or no longer opening or piping.
+    /// Those still waiting keep their turn ahead of those pumped now (queued again behind them
+    /// if held again), so reads rotate over a session's uploads. Runs before the sessions'
+    /// flush, as the server's does: bytes read here leave in the same iteration.
     fn release_held(&mut self, now: Instant) {
         if self.held.is_empty() {
             return;

@@ -4,7 +4,6 @@
 //! (`tunnel::read_ahead`), so their peaks stay far below what their send buffers may hold, and
 //! every transfer still completes intact.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::support::tunnel::*;
@@ -14,6 +13,25 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// How far (KiB) process `pid`'s peak RSS rises over its RSS while `transfers` runs, after one
+/// `warm_up` transfer (what any transfer allocates once is not what these tests are about).
+fn peak_growth_kib(pid: u32, who: &str, warm_up: impl FnOnce(), transfers: impl FnOnce()) -> u64 {
+    warm_up();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = status_kib(pid, "VmRSS");
+    // Reset the peak to the current RSS (Linux: 5 > clear_refs); without it the peak so far
+    // only makes the bound stricter.
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    let t = Instant::now();
+    transfers();
+    let peak = status_kib(pid, "VmHWM");
+    eprintln!(
+        "{:.2?}: {who} RSS {before} KiB before, peak {peak} KiB",
+        t.elapsed()
+    );
+    peak.saturating_sub(before)
 }
 
 /// 100 parallel downloads (the benchmark's concurrent row): the server's peak RSS grows by at
@@ -29,32 +47,14 @@ fn parallel_downloads_keep_the_servers_peak_memory_low() {
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key));
     let client = Client::start(server.udp, &key);
-    let (pid, proxy) = (server.proc.pid(), client.proxy);
     let n = size(5_000_000, 300_000);
-    let expected = expected_sum(http, n);
-    let origin = SocketAddr::from(([127, 0, 0, 1], http));
-    // One download first: what any transfer allocates once is not what this test is about.
-    let mut s = socks5_connect(proxy, Target::Ip(origin)).expect("SOCKS5");
-    let (_, digest, err) = http_get_bytes(&mut s, n);
-    assert!(err.is_none() && digest.fnv == expected);
-    drop(s);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = status_kib(pid, "VmRSS");
-    // Reset the peak to the current RSS (Linux: 5 > clear_refs); without it the peak so far
-    // only makes the bound stricter.
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-    let t = Instant::now();
-    parallel_downloads(proxy, http, 100, n);
-    let peak = status_kib(pid, "VmHWM");
-    eprintln!(
-        "100 × {n} bytes in {:.2?}: server RSS {before} KiB before, peak {peak} KiB",
-        t.elapsed()
+    let grew = peak_growth_kib(
+        server.proc.pid(),
+        "server",
+        || parallel_downloads(client.proxy, http, 1, n),
+        || parallel_downloads(client.proxy, http, 100, n),
     );
-    assert!(
-        peak.saturating_sub(before) <= 7 * 1024,
-        "the server's peak grew by {} KiB",
-        peak - before
-    );
+    assert!(grew <= 7 * 1024, "the server's peak grew by {grew} KiB");
 }
 
 /// 100 parallel uploads through one client (a router's LAN sending at once): the client's peak
@@ -70,23 +70,12 @@ fn parallel_uploads_keep_the_clients_peak_memory_low() {
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key));
     let client = Client::start(server.udp, &key);
-    let (pid, proxy) = (client.proc.pid(), client.proxy);
     let n = size(5_000_000, 300_000) as usize;
-    // One upload first: what any transfer allocates once is not what this test is about.
-    parallel_uploads(proxy, http, 1, n);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = status_kib(pid, "VmRSS");
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-    let t = Instant::now();
-    parallel_uploads(proxy, http, 100, n);
-    let peak = status_kib(pid, "VmHWM");
-    eprintln!(
-        "100 × {n} bytes up in {:.2?}: client RSS {before} KiB before, peak {peak} KiB",
-        t.elapsed()
+    let grew = peak_growth_kib(
+        client.proc.pid(),
+        "client",
+        || parallel_uploads(client.proxy, http, 1, n),
+        || parallel_uploads(client.proxy, http, 100, n),
     );
-    assert!(
-        peak.saturating_sub(before) <= 7 * 1024,
-        "the client's peak grew by {} KiB",
-        peak - before
-    );
+    assert!(grew <= 7 * 1024, "the client's peak grew by {grew} KiB");
 }
