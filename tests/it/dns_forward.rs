@@ -61,13 +61,7 @@ fn queries_over_udp_and_tcp_reach_the_upstream_through_the_tunnel() {
     let upstream = start_upstream();
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key));
-    let port = free_udp_port();
-    let forwarder = SocketAddr::from(([127, 0, 0, 1], port));
-    let client = Client::spawn(
-        server.udp,
-        &key,
-        json!({"dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()}}),
-    );
+    let (client, forwarder) = Client::spawn_with_dns_forward(server.udp, &key, upstream, json!({}));
     client.wait_connected(0);
     let before = server.counters(&key);
     for q in [&b"q-one"[..], b"q-two"] {
@@ -87,4 +81,24 @@ fn queries_over_udp_and_tcp_reach_the_upstream_through_the_tunnel() {
         moved,
         "the server did not count the queries: {before:?} -> {after:?}"
     );
+}
+
+#[test]
+fn a_forwarder_port_taken_by_another_process_stops_the_client_with_the_address_named() {
+    let upstream = start_upstream();
+    let key = new_key();
+    let server = Server::start(ServerSpec::new(&key));
+    // Only the TCP side is taken: what a CI run hit when another test's connection held it.
+    let port = free_udp_and_tcp_port();
+    let _taken = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let forwarder = SocketAddr::from(([127, 0, 0, 1], port));
+    let Err(log) = Client::try_spawn(
+        server.udp,
+        &key,
+        json!({"dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()}}),
+    ) else {
+        panic!("the client started on a taken forwarder port");
+    };
+    assert!(port_was_taken(&log), "{log}");
+    assert!(log.contains(&format!("tcp {forwarder}")), "{log}");
 }

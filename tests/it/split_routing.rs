@@ -177,9 +177,7 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     let server = Server::start(ServerSpec::new(&key));
     let dir = TempDir::new("learned");
     let path = dir.path().join("client.json");
-    let proxy = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-    let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
-    let config = |domains: &[&str]| {
+    let config = |proxy: SocketAddr, forwarder: SocketAddr, domains: &[&str]| {
         json!({
             "mode": "client",
             "server": server.udp.to_string(),
@@ -190,13 +188,23 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
         })
         .to_string()
     };
-    std::fs::write(&path, config(&["direct.test"])).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"));
-    cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
-    let client = Proc::spawn("client", cmd);
-    client
-        .wait_line(Duration::from_secs(20), |l| l.contains("connected"))
-        .unwrap_or_else(|| panic!("no session:\n{}", client.log_text()));
+    // The ports picked may be taken by the time the client binds them: retry with others.
+    let (client, proxy, forwarder) = (0..5)
+        .find_map(|_| {
+            let proxy = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+            let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_and_tcp_port()));
+            std::fs::write(&path, config(proxy, forwarder, &["direct.test"])).unwrap();
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"));
+            cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
+            let client = Proc::spawn("client", cmd);
+            let line = client
+                .wait_line(Duration::from_secs(20), |l| {
+                    l.contains("connected") || port_was_taken(l)
+                })
+                .unwrap_or_else(|| panic!("no session:\n{}", client.log_text()));
+            (!port_was_taken(&line)).then_some((client, proxy, forwarder))
+        })
+        .expect("the client's ports were taken five times");
     let n = 1_000_000;
     let expected = expected_sum(http, n);
 
@@ -240,7 +248,7 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     assert!(counted < n / 2, "learned over TCP: {counted}");
 
     // SIGHUP with the name no longer excluded: its address goes through the tunnel again.
-    std::fs::write(&path, config(&["else.test"])).unwrap();
+    std::fs::write(&path, config(proxy, forwarder, &["else.test"])).unwrap();
     let from = client.line_count();
     client.signal("HUP");
     client
@@ -329,14 +337,11 @@ fn a_dns_answer_through_a_socks5_udp_association_teaches_only_from_the_configure
     std::thread::spawn(move || bulk_http::serve(dns_port));
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key));
-    let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
-    let client = Client::spawn(
+    let (client, _forwarder) = Client::spawn_with_dns_forward(
         server.udp,
         &key,
-        json!({
-            "exclude": {"domains": ["direct.test"]},
-            "dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()},
-        }),
+        upstream,
+        json!({"exclude": {"domains": ["direct.test"]}}),
     );
     client.wait_connected(0);
     let n = 1_000_000;

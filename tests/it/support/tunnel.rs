@@ -98,6 +98,24 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// A port that was free a moment ago on 127.0.0.1 for both UDP and TCP (the client's DNS
+/// forwarder binds both; so does a server with its TCP carrier on its UDP port). Another process may still take it before the forwarder binds:
+/// [`Client::spawn_with_dns_forward`] retries with another port then.
+pub fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Whether a process's log says one of its ports was taken (so a retry with another may work).
+pub fn port_was_taken(log: &str) -> bool {
+    log.contains("Address already in use")
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -367,11 +385,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 impl Server {
     pub fn start(spec: ServerSpec) -> Server {
         let dir = TempDir::new("server");
-        let api_port = if spec.api { free_tcp_port() } else { 0 };
-        // The port we picked may be taken by the time the server binds: retry with another.
+        // The ports we picked may be taken by the time the server binds: retry with others.
         let mut last = String::new();
         for _ in 0..5 {
-            let port = free_udp_port();
+            let api_port = if spec.api { free_tcp_port() } else { 0 };
+            let port = if spec.tcp_carrier {
+                free_udp_and_tcp_port()
+            } else {
+                free_udp_port()
+            };
             match Self::spawn(&dir, &spec, port, api_port) {
                 Ok((proc, api)) => {
                     return Server {
@@ -590,6 +612,39 @@ impl Client {
     /// Writes a client config (with `extra` fields merged in) and starts it; waits until the
     /// proxy listens. Does not wait for the tunnel.
     pub fn spawn(server: SocketAddr, key: &str, extra: Value) -> Client {
+        Self::try_spawn(server, key, extra)
+            .unwrap_or_else(|log| panic!("the client did not start:\n{log}"))
+    }
+
+    /// Starts a client whose DNS forwarder (`dns_forward` with `upstream`, plus `extra`) listens
+    /// on a port free for UDP and TCP; if another process takes the port before the client binds
+    /// it, tries again with another. Returns the client and the forwarder's address.
+    pub fn spawn_with_dns_forward(
+        server: SocketAddr,
+        key: &str,
+        upstream: SocketAddr,
+        extra: Value,
+    ) -> (Client, SocketAddr) {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_and_tcp_port()));
+            let mut cfg = json!({
+                "dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()},
+            });
+            if let (Value::Object(c), Value::Object(e)) = (&mut cfg, extra.clone()) {
+                c.extend(e);
+            }
+            match Self::try_spawn(server, key, cfg) {
+                Ok(client) => return (client, forwarder),
+                Err(log) if port_was_taken(&log) => last = log,
+                Err(log) => panic!("the client did not start:\n{log}"),
+            }
+        }
+        panic!("the client did not start (its ports were taken five times):\n{last}");
+    }
+
+    /// [`Client::spawn`] that returns the client's log when it does not start.
+    pub fn try_spawn(server: SocketAddr, key: &str, extra: Value) -> Result<Client, String> {
         let dir = TempDir::new("client");
         let mut cfg = json!({
             "mode": "client",
@@ -602,16 +657,22 @@ impl Client {
         }
         let path = dir.path().join("client.json");
         std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-        let proc = Proc::spawn("client", ostp_command(&path));
-        let line = proc
-            .wait_line(START_TIMEOUT, |l| l.contains("HTTP proxy on "))
-            .unwrap_or_else(|| panic!("the client did not start:\n{}", proc.log_text()));
+        let mut proc = Proc::spawn("client", ostp_command(&path));
+        let started = |l: &str| l.contains("HTTP proxy on ");
+        let Some(line) = proc.wait_line(START_TIMEOUT, |l| started(l) || port_was_taken(l)) else {
+            return Err(proc.log_text());
+        };
+        if !started(&line) {
+            // A port was taken: the client exits; hand back its whole log.
+            let _ = proc.wait_exit(Duration::from_secs(5));
+            return Err(proc.log_text());
+        }
         let proxy = addr_after(&line, "HTTP proxy on ");
-        Client {
+        Ok(Client {
             proc,
             proxy,
             _dir: dir,
-        }
+        })
     }
 
     /// Starts a client and waits until its tunnel session is connected.
