@@ -17,7 +17,31 @@ fn server_with_api(
     api_ip: IpAddr,
     token: &str,
 ) -> (Proc, SocketAddr, SocketAddr) {
-    let (udp_port, api_port) = (free_udp_port(), free_tcp_port());
+    // The ports picked may be taken by the time the server binds: retry with others.
+    for _ in 0..5 {
+        let (udp_port, api_port) = (free_udp_port(), free_tcp_port());
+        let proc = spawn_server(dir, key, api_ip, token, udp_port, api_port);
+        let line = proc
+            .wait_line(Duration::from_secs(20), |l| {
+                l.contains("management API") || port_was_taken(l)
+            })
+            .unwrap_or_else(|| panic!("the server did not start:\n{}", proc.log_text()));
+        if !port_was_taken(&line) {
+            let udp = SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port));
+            return (proc, udp, SocketAddr::from((Ipv4Addr::LOCALHOST, api_port)));
+        }
+    }
+    panic!("the server's ports were taken five times");
+}
+
+fn spawn_server(
+    dir: &TempDir,
+    key: &str,
+    api_ip: IpAddr,
+    token: &str,
+    udp_port: u16,
+    api_port: u16,
+) -> Proc {
     let cfg = json!({
         "mode": "server",
         "listen": format!("127.0.0.1:{udp_port}"),
@@ -31,11 +55,7 @@ fn server_with_api(
     std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ostp"));
     cmd.arg("--config").arg(&path).env_remove("RUST_LOG");
-    let proc = Proc::spawn("server", cmd);
-    proc.wait_line(Duration::from_secs(20), |l| l.contains("management API"))
-        .unwrap_or_else(|| panic!("the server did not start:\n{}", proc.log_text()));
-    let udp = SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port));
-    (proc, udp, SocketAddr::from((Ipv4Addr::LOCALHOST, api_port)))
+    Proc::spawn("server", cmd)
 }
 
 /// The host's address on its default route, if it has one that is not loopback.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::tunnel::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// A UDP relay in front of the server that forwards both ways or, while `blocked`, drops
 /// everything (each client address gets its own upstream socket, like a NAT).
@@ -81,12 +81,30 @@ impl Gate {
     }
 }
 
+/// A server listening on UDP and on TCP (the carrier on its own free port), with `extra`
+/// config fields.
+fn server_with_tcp_and(key: &str, extra: Value) -> (Server, SocketAddr) {
+    // The TCP port picked may be taken by the time the server binds: retry with another.
+    let mut last = String::new();
+    for _ in 0..5 {
+        let tcp = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let mut spec = ServerSpec::new(key);
+        spec.extra = json!({ "listen_tcp": tcp.to_string() });
+        if let (Value::Object(c), Value::Object(e)) = (&mut spec.extra, extra.clone()) {
+            c.extend(e);
+        }
+        match Server::try_start(spec) {
+            Ok(server) => return (server, tcp),
+            Err(log) if port_was_taken(&log) => last = log,
+            Err(log) => panic!("the server did not start:\n{log}"),
+        }
+    }
+    panic!("the server did not start (its ports were taken five times):\n{last}");
+}
+
 /// A server listening on UDP and on TCP (the carrier on its own free port).
 fn server_with_tcp(key: &str) -> (Server, SocketAddr) {
-    let tcp = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-    let mut spec = ServerSpec::new(key);
-    spec.extra = json!({ "listen_tcp": tcp.to_string() });
-    (Server::start(spec), tcp)
+    server_with_tcp_and(key, json!({}))
 }
 
 /// A client whose UDP goes to `udp` and whose TCP carrier is `tcp`, in `mode`.
@@ -432,10 +450,7 @@ fn auto_moves_back_to_udp_break_before_make_when_the_key_allows_one_session() {
     let http = start_http();
     let echo = crate::client_hardening::start_tcp_echo();
     let key = new_key();
-    let tcp = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-    let mut spec = ServerSpec::new(&key);
-    spec.extra = json!({ "listen_tcp": tcp.to_string(), "max_sessions_per_user": 1 });
-    let server = Server::start(spec);
+    let (server, tcp) = server_with_tcp_and(&key, json!({ "max_sessions_per_user": 1 }));
     let gate = Gate::start(server.udp, true);
     let c = client(gate.addr, tcp, &key, "auto");
     c.proc

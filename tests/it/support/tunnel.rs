@@ -111,9 +111,10 @@ pub fn free_udp_and_tcp_port() -> u16 {
     }
 }
 
-/// Whether a process's log says one of its ports was taken (so a retry with another may work).
+/// Whether a process's log says one of its ports was taken (so a retry with another may work):
+/// EADDRINUSE in glibc's words or in musl's.
 pub fn port_was_taken(log: &str) -> bool {
-    log.contains("Address already in use")
+    log.contains("Address already in use") || log.contains("Address in use")
 }
 
 /// A temporary directory removed on drop.
@@ -384,6 +385,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Server {
     pub fn start(spec: ServerSpec) -> Server {
+        Self::try_start(spec).unwrap_or_else(|log| panic!("the server did not start:\n{log}"))
+    }
+
+    /// [`Server::start`] that returns the last attempt's log when the server does not start.
+    pub fn try_start(spec: ServerSpec) -> Result<Server, String> {
         let dir = TempDir::new("server");
         // The ports we picked may be taken by the time the server binds: retry with others.
         let mut last = String::new();
@@ -396,19 +402,19 @@ impl Server {
             };
             match Self::spawn(&dir, &spec, port, api_port) {
                 Ok((proc, api)) => {
-                    return Server {
+                    return Ok(Server {
                         proc,
                         dir,
                         udp: SocketAddr::from((spec.host, port)),
                         api,
                         spec,
                         api_port,
-                    };
+                    });
                 }
                 Err(log) => last = log,
             }
         }
-        panic!("the server did not start:\n{last}");
+        Err(last)
     }
 
     fn spawn(
