@@ -20,8 +20,9 @@ fn uot_reports_a_refused_tcp_carrier_at_once() {
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key)); // UDP only
     let transport = json!({ "mode": "uot", "tcp_port": closed_tcp_port() });
-    let t = Instant::now();
     let c = Client::spawn(server.udp, &key, json!({ "transport": transport }));
+    // Timed from the moment the proxy listens (the process's start-up is not what is asserted).
+    let t = Instant::now();
     let line = c
         .proc
         .wait_line(Duration::from_secs(8), |l| l.contains("TCP carrier"))

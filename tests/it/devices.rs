@@ -93,17 +93,17 @@ fn max_devices_one_refuses_a_second_address_until_the_first_leaves() {
     let left_at = unix_now();
     let took = download_eventually(second.proxy, http, 1 << 20, Duration::from_secs(40));
     eprintln!("second device admitted {took:?} after the first left");
+    // A live address is "seen" at the moment of the answer: between the two clock reads (a
+    // second may tick over between the server's and the test's).
+    let asked_at = unix_now();
     let seen = ips(&api, &mut c, &key);
     let now = unix_now();
     assert_eq!(seen.len(), 2, "{seen:?}");
     let (a, b) = (&seen[0], &seen[1]);
     assert_eq!((a.0.as_str(), a.1), ("127.0.0.2", false), "{seen:?}");
     assert!(a.2 >= left_at.saturating_sub(1) && a.2 <= now, "{seen:?}");
-    assert_eq!(
-        (b.0.as_str(), b.1, b.2),
-        ("127.0.0.3", true, now),
-        "{seen:?}"
-    );
+    assert_eq!((b.0.as_str(), b.1), ("127.0.0.3", true), "{seen:?}");
+    assert!(asked_at <= b.2 && b.2 <= now, "{seen:?}");
 
     // Unknown users are 404; the path only answers GET.
     let r = c.send("GET", "/api/users/unknown-key-0123456789/ips", None);

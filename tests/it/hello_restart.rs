@@ -23,10 +23,21 @@ fn fresh_hello(key: &str, seed: u8) -> Vec<u8> {
     buf
 }
 
-/// Sends `datagram` to the server from a fresh socket; true if anything comes back within 1 s.
+/// Sends `datagram` to the server from a fresh socket; true if anything comes back within 5 s
+/// (what a loaded machine may take for an answer that must come).
 fn answered(server: &Server, datagram: &[u8]) -> bool {
+    answered_within(server, datagram, Duration::from_secs(5))
+}
+
+/// Sends `datagram` to the server from a fresh socket; false if nothing comes back within 1 s
+/// (the server answers a hello in well under a millisecond).
+fn silence(server: &Server, datagram: &[u8]) -> bool {
+    !answered_within(server, datagram, Duration::from_secs(1))
+}
+
+fn answered_within(server: &Server, datagram: &[u8], timeout: Duration) -> bool {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    sock.set_read_timeout(Some(timeout)).unwrap();
     sock.send_to(datagram, server.udp).unwrap();
     let mut buf = [0u8; 2048];
     sock.recv_from(&mut buf).is_ok()
@@ -40,7 +51,7 @@ fn a_hello_answered_before_a_restart_gets_silence_after_it() {
     let mut server = Server::start(spec);
     let captured = fresh_hello(&key, 1);
     assert!(answered(&server, &captured), "the hello is answered once");
-    assert!(!answered(&server, &captured), "and its replay gets silence");
+    assert!(silence(&server, &captured), "and its replay gets silence");
     server.proc.signal("TERM");
     assert!(server.proc.wait_exit(Duration::from_secs(10)).is_some());
     let record = server.dir.path().join("state.json.hellos");
@@ -49,7 +60,7 @@ fn a_hello_answered_before_a_restart_gets_silence_after_it() {
     // The restarted server answers fresh hellos, but not the one it answered before.
     assert!(answered(&server, &fresh_hello(&key, 2)), "fresh hello");
     assert!(
-        !answered(&server, &captured),
+        silence(&server, &captured),
         "the captured hello was answered after a restart"
     );
 }
@@ -68,7 +79,7 @@ fn a_hello_answered_just_before_a_crash_gets_silence_after_it() {
     assert!(server.proc.wait_exit(Duration::from_secs(10)).is_some());
     server.restart();
     assert!(
-        !answered(&server, &captured),
+        silence(&server, &captured),
         "a hello answered just before a crash was answered after the restart"
     );
     assert!(
