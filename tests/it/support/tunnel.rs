@@ -80,35 +80,66 @@ pub fn digest_reader(r: &mut impl Read) -> (Digest, Option<std::io::Error>) {
 
 // ----- ports and directories -----
 
-/// A UDP port that was free a moment ago on 127.0.0.1.
-pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Ports the tests hand out: the 10,000 below the kernel's ephemeral range, which neither a
+/// `bind` to port 0 nor an outgoing connection ever takes, so a port handed out stays free until
+/// the process it was meant for binds it (a port picked by binding port 0 and dropping could be
+/// taken meanwhile by another test's connection: a CI run failed so). Each is handed out once
+/// per test process. `None` where the ephemeral range starts too low to leave room.
+fn quiet_port_range() -> Option<std::ops::Range<u32>> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u32 = range.split_whitespace().next()?.parse().ok()?;
+    (low >= 11_024).then(|| low - 10_000..low)
 }
 
-/// A TCP port that was free a moment ago on 127.0.0.1.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A port that was free a moment ago on 127.0.0.1 for both UDP and TCP (the client's DNS
-/// forwarder binds both; so does a server with its TCP carrier on its UDP port). Another process may still take it before the forwarder binds:
-/// [`Client::spawn_with_dns_forward`] retries with another port then.
-pub fn free_udp_and_tcp_port() -> u16 {
+/// A port free for UDP and TCP on 127.0.0.1, from [`quiet_port_range`] (or, without one, one
+/// that the kernel picked and that was free a moment ago).
+fn unused_port() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static RANGE: OnceLock<Option<std::ops::Range<u32>>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let free = |port: u16| {
+        UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+    };
+    if let Some(range) = RANGE.get_or_init(quiet_port_range) {
+        // Start where another test process (the musl build's, after the glibc one) is unlikely
+        // to have been: at an offset taken from the process ID.
+        let len = range.end - range.start;
+        let start = std::process::id().wrapping_mul(101) % len;
+        for _ in 0..len {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (range.start + (start + i) % len) as u16;
+            if free(port) {
+                return port;
+            }
+        }
+    }
     loop {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        drop(udp);
+        if free(port) {
             return port;
         }
     }
+}
+
+/// A UDP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`]).
+pub fn free_udp_port() -> u16 {
+    unused_port()
+}
+
+/// A TCP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`]).
+pub fn free_tcp_port() -> u16 {
+    unused_port()
+}
+
+/// A port free on 127.0.0.1 for both UDP and TCP (the client's DNS forwarder binds both; so
+/// does a server with its TCP carrier on its UDP port). Should another process take it all the
+/// same, [`Client::spawn_with_dns_forward`] and [`Server::start`] retry with another.
+pub fn free_udp_and_tcp_port() -> u16 {
+    unused_port()
 }
 
 /// Whether a process's log says one of its ports was taken (so a retry with another may work):
@@ -972,4 +1003,21 @@ pub fn download_eventually(proxy: SocketAddr, http: u16, n: u64, within: Duratio
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("no complete download within {within:?}; last attempt: {last}");
+}
+
+#[test]
+fn ports_handed_out_are_distinct_and_below_the_ephemeral_range() {
+    let ports: Vec<u16> = (0..64).map(|_| free_udp_and_tcp_port()).collect();
+    let mut distinct = ports.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    let Some(range) = quiet_port_range() else {
+        eprintln!("the ephemeral port range starts too low here: ports are picked by the kernel");
+        return;
+    };
+    assert!(
+        ports.iter().all(|p| range.contains(&u32::from(*p))),
+        "{ports:?} not in {range:?}"
+    );
 }
