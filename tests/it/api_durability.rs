@@ -270,25 +270,11 @@ fn kill_9_during_a_write_storm_in_process_api() {
     );
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn kill_9_during_a_write_storm_real_binary() {
+    use crate::support::tunnel::{free_tcp_port, free_udp_port};
     let dir = temp_dir("api-kill9-bin");
+    // Ports no other test is given: the binary restarts on them 50 times.
     let api_port = free_tcp_port();
     let cfg = write_config(&dir, TOKEN, api_port, json!([CONFIG_KEY]));
     let mut v: serde_json::Value =

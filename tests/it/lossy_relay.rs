@@ -127,7 +127,7 @@ fn loss_and_delay_are_as_configured() {
     rtts.sort();
     let median = rtts[rtts.len() / 2];
     assert!(
-        median >= Duration::from_millis(40) && median < Duration::from_millis(100),
+        median >= Duration::from_millis(40) && median < Duration::from_millis(75),
         "median RTT {median:?}"
     );
     assert!(
@@ -153,9 +153,11 @@ fn bottleneck_rate_is_enforced() {
     // About a second at the bottleneck: a stall of a few tens of ms stays within the band.
     let packets = 2000usize;
     let payload = [0x5au8; 1250];
+    // About twice the bottleneck's rate (the queue builds), not a burst the relay's socket
+    // buffer would have to absorb while its thread is descheduled.
     for _ in 0..packets {
         client.send(&payload).unwrap();
-        std::thread::sleep(Duration::from_micros(100));
+        std::thread::sleep(Duration::from_micros(250));
     }
     let echoes = echoes.join().unwrap();
     assert!(echoes.iter().all(|(_, data)| data[..] == payload[..]));

@@ -84,7 +84,8 @@ pub fn digest_reader(r: &mut impl Read) -> (Digest, Option<std::io::Error>) {
 /// `bind` to port 0 nor an outgoing connection ever takes, so a port handed out stays free until
 /// the process it was meant for binds it (a port picked by binding port 0 and dropping could be
 /// taken meanwhile by another test's connection: a CI run failed so). Each is handed out once
-/// per test process. `None` where the ephemeral range starts too low to leave room.
+/// per test process (a process asking for more than 10,000 panics). `None` where the ephemeral
+/// range starts too low to leave room: then ports are picked by the kernel, racy as before.
 fn quiet_port_range() -> Option<std::ops::Range<u32>> {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
     let low: u32 = range.split_whitespace().next()?.parse().ok()?;
@@ -107,8 +108,12 @@ fn unused_port() -> u16 {
         // to have been: at an offset taken from the process ID.
         let len = range.end - range.start;
         let start = std::process::id().wrapping_mul(101) % len;
-        for _ in 0..len {
+        loop {
             let i = NEXT.fetch_add(1, Ordering::Relaxed);
+            assert!(
+                i < len,
+                "all {len} test ports {range:?} were handed out or busy"
+            );
             let port = (range.start + (start + i) % len) as u16;
             if free(port) {
                 return port;
@@ -125,12 +130,14 @@ fn unused_port() -> u16 {
     }
 }
 
-/// A UDP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`]).
+/// A UDP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`] for the
+/// exception).
 pub fn free_udp_port() -> u16 {
     unused_port()
 }
 
-/// A TCP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`]).
+/// A TCP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`] for the
+/// exception).
 pub fn free_tcp_port() -> u16 {
     unused_port()
 }
@@ -1007,15 +1014,15 @@ pub fn download_eventually(proxy: SocketAddr, http: u16, n: u64, within: Duratio
 
 #[test]
 fn ports_handed_out_are_distinct_and_below_the_ephemeral_range() {
+    let Some(range) = quiet_port_range() else {
+        eprintln!("the ephemeral port range starts too low here: ports are picked by the kernel");
+        return;
+    };
     let ports: Vec<u16> = (0..64).map(|_| free_udp_and_tcp_port()).collect();
     let mut distinct = ports.clone();
     distinct.sort_unstable();
     distinct.dedup();
     assert_eq!(distinct.len(), ports.len(), "{ports:?}");
-    let Some(range) = quiet_port_range() else {
-        eprintln!("the ephemeral port range starts too low here: ports are picked by the kernel");
-        return;
-    };
     assert!(
         ports.iter().all(|p| range.contains(&u32::from(*p))),
         "{ports:?} not in {range:?}"
