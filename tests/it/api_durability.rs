@@ -272,14 +272,14 @@ fn kill_9_during_a_write_storm_in_process_api() {
 
 #[test]
 fn kill_9_during_a_write_storm_real_binary() {
-    use crate::support::tunnel::{free_tcp_port, free_udp_port};
+    use crate::support::tunnel::free_port;
     let dir = temp_dir("api-kill9-bin");
     // Ports no other test is given: the binary restarts on them 50 times.
-    let api_port = free_tcp_port();
+    let api_port = free_port();
     let cfg = write_config(&dir, TOKEN, api_port, json!([CONFIG_KEY]));
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v["listen"] = json!(format!("127.0.0.1:{}", free_udp_port()));
+    v["listen"] = json!(format!("127.0.0.1:{}", free_port()));
     std::fs::write(&cfg, v.to_string()).unwrap();
     run_rounds(&dir, |round| {
         let log = std::fs::File::create(dir.join(format!("bin-{round}.log"))).unwrap();

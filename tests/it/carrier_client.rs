@@ -12,7 +12,7 @@ use serde_json::json;
 
 /// A TCP port nothing listens on.
 fn closed_tcp_port() -> u16 {
-    free_tcp_port()
+    free_port()
 }
 
 #[test]

@@ -38,12 +38,12 @@ fn fake_panel(body: String) -> SocketAddr {
 #[test]
 fn subscribe_answer_cannot_open_the_proxy_to_the_network() {
     let key = new_key();
-    let evil_port = free_tcp_port();
+    let evil_port = free_port();
     let body = json!({
         "ok": true,
         "data": {
             "mode": "client",
-            "server": format!("127.0.0.1:{}", free_udp_port()),
+            "server": format!("127.0.0.1:{}", free_port()),
             "access_key": key,
             "socks5_bind": format!("0.0.0.0:{evil_port}"),
             "allow_open_proxy": true,
@@ -94,7 +94,7 @@ fn spawn_client_config(dir: &TempDir, server: SocketAddr, extra: serde_json::Val
 #[test]
 fn a_non_loopback_proxy_needs_credentials_or_an_explicit_open_flag() {
     let dir = TempDir::new("open-proxy");
-    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let server = SocketAddr::from(([127, 0, 0, 1], free_port()));
     // No credentials: refuses to start, saying why and what to do.
     let mut refused = spawn_client_config(&dir, server, json!({}));
     let status = refused
@@ -401,7 +401,7 @@ fn lan_clients_can_use_udp_associations() {
 #[test]
 fn a_local_connection_that_sends_no_complete_request_is_closed() {
     // No tunnel needed: the request never completes.
-    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let server = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let client = Client::spawn(server, &new_key(), json!({}));
     let proxy = client.proxy;
     let silent = TcpStream::connect(proxy).unwrap();
@@ -433,7 +433,7 @@ fn one_lan_address_cannot_take_every_local_connection() {
         );
         return;
     };
-    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let server = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let client = Client::spawn(
         server,
         &new_key(),

@@ -89,7 +89,7 @@ fn a_forwarder_port_taken_by_another_process_stops_the_client_with_the_address_n
     let key = new_key();
     let server = Server::start(ServerSpec::new(&key));
     // Only the TCP side is taken: what a CI run hit when another test's connection held it.
-    let port = free_udp_and_tcp_port();
+    let port = free_port();
     let _taken = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let forwarder = SocketAddr::from(([127, 0, 0, 1], port));
     let Err(log) = Client::try_spawn(

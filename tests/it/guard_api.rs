@@ -19,7 +19,7 @@ fn server_with_api(
 ) -> (Proc, SocketAddr, SocketAddr) {
     // The ports picked may be taken by the time the server binds: retry with others.
     for _ in 0..5 {
-        let (udp_port, api_port) = (free_udp_port(), free_tcp_port());
+        let (udp_port, api_port) = (free_port(), free_port());
         let proc = spawn_server(dir, key, api_ip, token, udp_port, api_port);
         let line = proc
             .wait_line(Duration::from_secs(20), |l| {

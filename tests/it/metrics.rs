@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::support::api::{self, TestServer};
 use crate::support::tunnel::{
-    self, Client, Server, ServerSpec, Target, TempDir, free_tcp_port, heavy_lock, http_get_bytes,
+    self, Client, Server, ServerSpec, Target, TempDir, free_port, heavy_lock, http_get_bytes,
     new_key, socks5_connect, start_http,
 };
 use ostp::api::Limits;
@@ -321,7 +321,7 @@ impl Prometheus {
              static_configs:\n      - targets: [\"{target}\"]\n"
         );
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))

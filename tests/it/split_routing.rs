@@ -103,7 +103,7 @@ fn excluded_destinations_are_connected_directly_and_the_rest_goes_through_the_tu
     );
 
     // A refused direct connection is reported like a refused tunnel stream.
-    let closed = free_tcp_port();
+    let closed = free_port();
     let err = socks5_connect(
         client.proxy,
         Target::Ip(SocketAddr::from(([127, 0, 0, 2], closed))),
@@ -192,8 +192,8 @@ fn addresses_excluded_names_resolve_to_through_the_dns_forwarder_go_direct_until
     // The ports picked may be taken by the time the client binds them: retry with others.
     let (client, proxy, forwarder) = (0..5)
         .find_map(|_| {
-            let proxy = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-            let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_and_tcp_port()));
+            let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let forwarder = SocketAddr::from(([127, 0, 0, 1], free_port()));
             std::fs::write(&path, config(proxy, forwarder, &["direct.test"])).unwrap();
             let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"));
             cmd.arg("--config").arg(&path).env_remove("RUST_LOG");

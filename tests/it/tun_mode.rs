@@ -297,7 +297,7 @@ fn with_the_kill_switch_nothing_but_the_tunnels_udp_leaves_while_the_server_is_d
     );
     // A server address where nothing answers: the tunnel never comes up. Counted: what leaves
     // through the namespace's only link (the device's own traffic is not on the wire).
-    let server = SocketAddr::new(IpAddr::V4(inside.host_addr), free_udp_port());
+    let server = SocketAddr::new(IpAddr::V4(inside.host_addr), free_port());
     let dir = TempDir::new("tun-kill");
     let client = start_client(
         &inside,

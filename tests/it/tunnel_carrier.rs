@@ -87,7 +87,7 @@ fn server_with_tcp_and(key: &str, extra: Value) -> (Server, SocketAddr) {
     // The TCP port picked may be taken by the time the server binds: retry with another.
     let mut last = String::new();
     for _ in 0..5 {
-        let tcp = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let tcp = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut spec = ServerSpec::new(key);
         spec.extra = json!({ "listen_tcp": tcp.to_string() });
         if let (Value::Object(c), Value::Object(e)) = (&mut spec.extra, extra.clone()) {

@@ -443,7 +443,7 @@ fn destination_guard_allows_loopback_when_configured() {
     let (_, digest, _) = http_get_bytes(&mut s, 1000);
     assert_eq!(digest.len, 1000);
     // A closed port: the server's connect is refused and the client says so (0x05), promptly.
-    let closed = free_tcp_port();
+    let closed = free_port();
     let t = Instant::now();
     let r = socks5_connect(
         client.proxy,
@@ -525,7 +525,7 @@ fn client_config(
 
 #[test]
 fn turn_is_refused_at_start() {
-    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let server = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let dir = TempDir::new("unsupported");
     let path = client_config(&dir, server, json!({"turn": {"enabled": true}}));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ostp"))
@@ -545,7 +545,7 @@ fn turn_is_refused_at_start() {
 #[test]
 fn tun_mode_without_cap_net_admin_says_what_it_needs() {
     // Root without CAP_NET_ADMIN (dropped from the bounding set before exec).
-    let server = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let server = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let dir = TempDir::new("tun-nocap");
     let path = client_config(&dir, server, json!({"tun": {"enable": true}}));
     let out = std::process::Command::new("setpriv")

@@ -84,7 +84,7 @@ fn ipv6_server_address_and_dual_listen() {
     let http = start_http();
     let key = new_key();
     let dir = TempDir::new("v6");
-    let port = free_udp_port();
+    let port = free_port();
     let cfg = serde_json::json!({
         "mode": "server",
         "listen": [format!("127.0.0.1:{port}"), format!("[::1]:{port}")],

@@ -92,9 +92,12 @@ fn quiet_port_range() -> Option<std::ops::Range<u32>> {
     (low >= 11_024).then(|| low - 10_000..low)
 }
 
-/// A port free for UDP and TCP on 127.0.0.1, from [`quiet_port_range`] (or, without one, one
-/// that the kernel picked and that was free a moment ago).
-fn unused_port() -> u16 {
+/// A port free on 127.0.0.1 for UDP and TCP (the client's DNS forwarder binds both, and so does
+/// a server with its TCP carrier on its UDP port) that no other test is given: one from
+/// [`quiet_port_range`] or, without one, one that the kernel picked and that was free a moment
+/// ago. Should another process take it all the same, [`Client::spawn_with_dns_forward`] and
+/// [`Server::start`] retry with another.
+pub fn free_port() -> u16 {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
     static RANGE: OnceLock<Option<std::ops::Range<u32>>> = OnceLock::new();
@@ -128,25 +131,6 @@ fn unused_port() -> u16 {
             return port;
         }
     }
-}
-
-/// A UDP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`] for the
-/// exception).
-pub fn free_udp_port() -> u16 {
-    unused_port()
-}
-
-/// A TCP port free on 127.0.0.1 that no other test is given (see [`quiet_port_range`] for the
-/// exception).
-pub fn free_tcp_port() -> u16 {
-    unused_port()
-}
-
-/// A port free on 127.0.0.1 for both UDP and TCP (the client's DNS forwarder binds both; so
-/// does a server with its TCP carrier on its UDP port). Should another process take it all the
-/// same, [`Client::spawn_with_dns_forward`] and [`Server::start`] retry with another.
-pub fn free_udp_and_tcp_port() -> u16 {
-    unused_port()
 }
 
 /// Whether a process's log says one of its ports was taken (so a retry with another may work):
@@ -432,12 +416,8 @@ impl Server {
         // The ports we picked may be taken by the time the server binds: retry with others.
         let mut last = String::new();
         for _ in 0..5 {
-            let api_port = if spec.api { free_tcp_port() } else { 0 };
-            let port = if spec.tcp_carrier {
-                free_udp_and_tcp_port()
-            } else {
-                free_udp_port()
-            };
+            let api_port = if spec.api { free_port() } else { 0 };
+            let port = free_port();
             match Self::spawn(&dir, &spec, port, api_port) {
                 Ok((proc, api)) => {
                     return Ok(Server {
@@ -671,7 +651,7 @@ impl Client {
     ) -> (Client, SocketAddr) {
         let mut last = String::new();
         for _ in 0..5 {
-            let forwarder = SocketAddr::from(([127, 0, 0, 1], free_udp_and_tcp_port()));
+            let forwarder = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let mut cfg = json!({
                 "dns_forward": {"bind": forwarder.to_string(), "upstream": upstream.to_string()},
             });
@@ -1018,7 +998,7 @@ fn ports_handed_out_are_distinct_and_below_the_ephemeral_range() {
         eprintln!("the ephemeral port range starts too low here: ports are picked by the kernel");
         return;
     };
-    let ports: Vec<u16> = (0..64).map(|_| free_udp_and_tcp_port()).collect();
+    let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
     let mut distinct = ports.clone();
     distinct.sort_unstable();
     distinct.dedup();
